@@ -1,0 +1,98 @@
+// swift-tools-version:6.0
+//
+// Sealpost: a privilege-separated mail transfer agent.
+// One executable per pipeline stage (thin mains); the logic lives in the
+// libraries, which are tested without processes. Each C library is wrapped
+// once, in one module, behind a system-library target with its own shims.
+
+import PackageDescription
+
+let package = Package(
+    name: "Sealpost",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "queue", targets: ["queue"]),
+        .executable(name: "queue-inject", targets: ["queue-inject"]),
+        .executable(name: "local-deliver", targets: ["local-deliver"]),
+        .executable(name: "sealpost", targets: ["sealpost"]),
+        .executable(name: "supervise", targets: ["supervise"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+    ],
+    targets: [
+        // C libraries: one system-library target each, shims in one header.
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl",
+                       providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CSodium", pkgConfig: "libsodium",
+                       providers: [.apt(["libsodium-dev"])]),
+        .systemLibrary(name: "CLMDB", pkgConfig: "lmdb",
+                       providers: [.apt(["liblmdb-dev"])]),
+        // Glibc calls and macros Swift cannot reach (CMSG_*, WIFEXITED, pipe2,
+        // posix_spawn closefrom, stderr); GNU-only calls live in the .c file.
+        .target(name: "CSystemShims"),
+
+        // Wrappers, one per C library.
+        .target(name: "LMDB", dependencies: ["CLMDB"]),
+        .target(name: "Sodium", dependencies: ["CSodium"]),
+
+        // Libraries holding the logic.
+        .target(name: "StageProtocol", dependencies: [
+            "CSystemShims",
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
+        .target(name: "SealpostConfig", dependencies: [
+            .product(name: "TOMLKit", package: "TOMLKit"),
+        ]),
+        .target(name: "StageRuntime", dependencies: [
+            "CSystemShims", "SealpostConfig",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "MailMessage"),
+        .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol"]),
+        .target(name: "QueueService", dependencies: [
+            "Spool", "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "LocalDelivery", dependencies: [
+            "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "Supervision", dependencies: [
+            "CSystemShims", "StageRuntime", "SealpostConfig",
+        ]),
+
+        // Stages: thin mains.
+        .executableTarget(name: "queue", dependencies: [
+            "QueueService", "StageRuntime", "SealpostConfig",
+        ]),
+        .executableTarget(name: "queue-inject", dependencies: [
+            "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
+        ]),
+        .executableTarget(name: "local-deliver", dependencies: [
+            "LocalDelivery", "StageRuntime", "SealpostConfig",
+        ]),
+        .executableTarget(name: "sealpost", dependencies: [
+            "StageProtocol", "StageRuntime", "SealpostConfig",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "supervise", dependencies: [
+            "Supervision", "StageRuntime", "SealpostConfig",
+        ]),
+
+        // Tests.
+        .testTarget(name: "StageProtocolTests", dependencies: ["StageProtocol"]),
+        .testTarget(name: "SpoolTests", dependencies: ["Spool", "LMDB", "Sodium"]),
+        .testTarget(name: "SealpostConfigTests", dependencies: ["SealpostConfig"]),
+        .testTarget(name: "MailMessageTests", dependencies: ["MailMessage"]),
+        .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
+        .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery"]),
+        .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,4 @@
+#define _GNU_SOURCE
+#include "CSystemShims.h"
+
+FILE *sealpost_stderr(void) { return stderr; }
