@@ -52,6 +52,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "MailMessage"),
+        .target(name: "SMTP"),
         .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol"]),
         .target(name: "QueueService", dependencies: [
             "Spool", "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
@@ -92,6 +93,7 @@ let package = Package(
         .testTarget(name: "MailMessageTests", dependencies: ["MailMessage"]),
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery"]),
+        .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
     ],
     swiftLanguageModes: [.v6]
