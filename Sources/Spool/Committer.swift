@@ -23,6 +23,7 @@ final class Committer: @unchecked Sendable {
     private var pending: [Submission] = []
     private var stopping = false
     private var running = false
+    private var thread: pthread_t?
 
     private let statsLock = NSLock()
     private var stats = SpoolStatistics()
@@ -62,15 +63,25 @@ final class Committer: @unchecked Sendable {
     }
 
     /// Lets the thread finish what is queued, then waits for it to exit.
+    /// Called on the committer thread itself (a completion that releases the
+    /// last reference to the Spool), it only asks the thread to stop: waiting
+    /// there would wait forever.
     func stop() {
         condition.lock()
         stopping = true
         condition.broadcast()
+        if let thread, pthread_equal(thread, pthread_self()) != 0 {
+            condition.unlock()
+            return
+        }
         while running { condition.wait() }
         condition.unlock()
     }
 
     private func run() {
+        condition.lock()
+        thread = pthread_self()
+        condition.unlock()
         while true {
             condition.lock()
             while pending.isEmpty && !stopping { condition.wait() }

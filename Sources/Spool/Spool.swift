@@ -334,11 +334,15 @@ public final class Spool: @unchecked Sendable {
     /// Group commit: every write goes through one committer thread, which
     /// takes all submissions waiting and commits them in one synced
     /// transaction, then calls each completion (on the committer thread).
+    /// A completion must be quick and must not wait for another commit
+    /// (e.g. call `submitAndWait`): the committer would wait for itself.
+    /// After `close()`, completions are called at once with `.io("spool closed")`.
     public func submit(_ operations: [SpoolOperation], completion: @escaping @Sendable (Result<Void, SpoolError>) -> Void) {
         committer.submit(operations, completion: completion)
     }
 
-    /// `submit` for callers that can block: waits for the commit.
+    /// `submit` for callers that can block (not on the committer thread):
+    /// waits for the commit.
     public func submitAndWait(_ operations: [SpoolOperation]) -> Result<Void, SpoolError> {
         let done = DispatchSemaphore(value: 0)
         let box = ResultBox()
