@@ -210,6 +210,7 @@ public final class Spool: @unchecked Sendable {
     private let idLock = NSLock()
     private var lastID: UInt64 = 0
     private var closed = false   // guarded by readLock (exclusive to write)
+    private let lockDescriptor: Int32
 
     /// Names of the databases in the environment (the last ones reserved).
     public static let databaseNames = ["envelopes", "bodies", "keys", "meta",
@@ -222,13 +223,26 @@ public final class Spool: @unchecked Sendable {
     public init(directory: String, options: SpoolOptions) throws {
         self.directory = directory
         self.options = options
-        if mkdir(directory, 0o700) != 0 && errno != EEXIST {
+        if mkdir(directory, 0o700) == 0 {
+            let parent = directory.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+            try syncDirectory(parent.isEmpty ? (directory.hasPrefix("/") ? "/" : ".") : parent)
+        } else if errno != EEXIST {
             throw SpoolError.io("\(directory): cannot create: \(errnoText(errno))")
         }
-        var st = stat()
-        guard stat(directory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
-            throw SpoolError.io("\(directory) is not a directory")
+        // One owner: a second queue process (or a second Spool in this
+        // process, which LMDB forbids) is refused instead of sharing the
+        // environment. flock locks belong to the open file description and
+        // vanish with the process.
+        lockDescriptor = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard lockDescriptor >= 0 else { throw SpoolError.io("\(directory): cannot open: \(errnoText(errno))") }
+        guard flock(lockDescriptor, LOCK_EX | LOCK_NB) == 0 else {
+            let e = errno
+            closeDescriptor(lockDescriptor)
+            throw SpoolError.io(e == EWOULDBLOCK ? "\(directory) is in use by another queue process" : "\(directory): flock: \(errnoText(e))")
         }
+        let lockFD = lockDescriptor
+        var initialized = false
+        defer { if !initialized { closeDescriptor(lockFD) } }
         // A missing key may be created only for a spool without data.
         let dataExists = access(directory + "/data.mdb", F_OK) == 0
         let masterKey = try MasterKey.load(directory: directory, mayCreate: !dataExists)
@@ -265,6 +279,7 @@ public final class Spool: @unchecked Sendable {
         }
         self.databases = databases
         self.lastID = lastID
+        initialized = true
         readLock = ReadWriteLock()
         committer = Committer(environment: environment, databases: databases, readLock: readLock,
                               mapSizeLimit: max(options.mapSizeLimit, options.mapSize))
@@ -308,6 +323,7 @@ public final class Spool: @unchecked Sendable {
         if !closed {
             closed = true
             environment.close()
+            closeDescriptor(lockDescriptor)   // releases the flock
         }
     }
 

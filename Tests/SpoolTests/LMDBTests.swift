@@ -122,6 +122,29 @@ import Testing
         #expect(LMDBError(code: ENOSPC, operation: "x").isNoSpace)
     }
 
+    @Test func parentSurvivesMapFullInChild() throws {
+        // The spool relies on this: at the map size limit, a submission that
+        // does not fit fails in its nested transaction and the others commit.
+        let dir = TemporaryDirectory()
+        let env = try open(dir, mapSize: 128 << 10)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        try env.write { txn throws in
+            try txn.put(db, bytes("before"), [UInt8](repeating: 2, count: 1000))
+            let child = try txn.beginChild()
+            do {
+                try child.put(db, bytes("huge"), [UInt8](repeating: 1, count: 1 << 20))
+                Issue.record("1 MiB fit in a 128 KiB map")
+            } catch let e as LMDBError {
+                #expect(e.isMapFull)
+            }
+            child.abort()
+            try txn.put(db, bytes("after"), [UInt8](repeating: 3, count: 1000))
+        }
+        try env.read { txn throws in
+            #expect(try txn.entries(db).map(\.key) == [bytes("after"), bytes("before")])
+        }
+    }
+
     @Test func closedEnvironmentRefusesTransactions() throws {
         let dir = TemporaryDirectory()
         let env = try open(dir)

@@ -145,6 +145,43 @@ import Testing
         #expect(spool.newQueueID() > lastID!)
         #expect(spool.statistics.commits == 0)
     }
+
+    @Test func persistentCountersInMeta() throws {
+        let dir = TemporaryDirectory()
+        do {
+            let spool = try Spool(directory: dir.spool, options: smallOptions)
+            for _ in 0..<3 {
+                try spool.submitAndWait([.insert(sampleEnvelope(spool.newQueueID()), try seal(spool, [1]))]).get()
+            }
+            #expect(spool.statistics.commits == 3)
+            spool.close()
+        }
+        let env = try Environment(path: dir.spool, mapSize: 4 << 20, maxDatabases: 16)
+        defer { env.close() }
+        try env.read { txn throws in
+            let meta = try txn.openDatabase("meta")
+            let u64 = { (name: String) throws -> UInt64 in
+                try #require(try txn.get(meta, Array(name.utf8))).reduce(0) { $0 << 8 | UInt64($1) }
+            }
+            #expect(try u64("commits") == 3)
+            #expect(try u64("operations") == 3)
+            #expect(try u64("messages") == 3)
+            #expect(try txn.get(meta, Array("format".utf8)) == [0, 0, 0, 1])
+            // The reserved databases exist.
+            for name in Spool.databaseNames { _ = try txn.openDatabase(name) }
+        }
+    }
+
+    @Test func secondOwnerIsRefused() throws {
+        let dir = TemporaryDirectory()
+        let spool = try Spool(directory: dir.spool, options: smallOptions)
+        #expect(throws: SpoolError.io("\(dir.spool) is in use by another queue process")) {
+            try Spool(directory: dir.spool, options: smallOptions)
+        }
+        spool.close()
+        let again = try Spool(directory: dir.spool, options: smallOptions)
+        again.close()
+    }
 }
 
 final class ResultCollector: @unchecked Sendable {
