@@ -25,8 +25,9 @@
 //   - MDB_MAP_FULL: the batch is abandoned, the map doubled (up to
 //     mapSizeLimit) and the batch retried. At the limit the submissions
 //     that do not fit fail with `.full`, the others are committed. A disk
-//     full (ENOSPC) at commit fails the whole batch with `.full`. In every
-//     case what was committed before stays as it was.
+//     full at commit (ENOSPC, EDQUOT, or EIO from a short write while the
+//     file system has no room left) fails the whole batch with `.full`.
+//     In every case what was committed before stays as it was.
 //
 // Reads (envelopes, bodies) use short read transactions from any thread.
 // LMDB allows changing the map size only while no transaction is active in
