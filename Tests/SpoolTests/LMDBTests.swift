@@ -39,6 +39,26 @@ import Testing
         }
     }
 
+    @Test func deleteRangeAcrossManyPages() throws {
+        let dir = TemporaryDirectory()
+        let env = try open(dir, mapSize: 16 << 20)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        func key(_ prefix: UInt8, _ n: Int) -> [UInt8] { [prefix, UInt8(n >> 8), UInt8(n & 0xFF)] }
+        try env.write { txn throws in
+            for n in 0..<3000 {
+                for p: UInt8 in [1, 2, 3] { try txn.put(db, key(p, n), [UInt8](repeating: p, count: 100)) }
+            }
+        }
+        let deleted = try env.write { txn throws in try txn.deleteRange(db, from: [2], to: [3]) }
+        #expect(deleted == 3000)
+        try env.read { txn throws in
+            let keys = try txn.entries(db).map { $0.key[0] }
+            #expect(keys.filter { $0 == 1 }.count == 3000)
+            #expect(keys.filter { $0 == 2 }.count == 0)
+            #expect(keys.filter { $0 == 3 }.count == 3000)
+        }
+    }
+
     @Test func uncommittedTransactionsAbort() throws {
         let dir = TemporaryDirectory()
         let env = try open(dir)
