@@ -178,6 +178,10 @@ if checkOnly {
 // MARK: - Setup and run
 
 let asRoot = geteuid() == 0
+// A closed standard output (--foreground into a pipe that went away) must not
+// kill the supervisor; the stages get default dispositions back at spawn.
+signal(SIGPIPE, SIG_IGN)
+umask(0o022)
 if let pid = runningSupervisor(pidFile: layout.pidFile) {
     fail("already running (pid \(pid)) for \(configuration.dataDirectory)", .tempFail)
 }
@@ -190,7 +194,6 @@ do {
 } catch {
     fail("\(error)", .osErr)
 }
-umask(0o022)
 let settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
                                   layout: layout, stages: stages, foreground: foreground)
 let supervisor = Supervisor(settings: settings, log: log)
