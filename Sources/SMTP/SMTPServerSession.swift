@@ -288,7 +288,9 @@ public struct SMTPServerSession: Sendable {
                 let (next, ended) = transaction!.dot!.decode(input, from: pos, upTo: limit, into: &dataBuffer)
                 pos = next
                 noteViolation()
-                flushData(force: false)
+                // At most messageChunkSize input octets were decoded, so the
+                // chunk handed out is never larger than that.
+                flushData(force: true)
                 if ended { finishData() }
             case .bdat(let remaining, let size, let last, let disposition):
                 let available = UInt64(input.count - pos)
@@ -296,7 +298,7 @@ public struct SMTPServerSession: Sendable {
                 if n > 0, disposition == .accept {
                     transaction!.chunk!.decode(input[pos..<(pos + n)], into: &dataBuffer)
                     noteViolation()
-                    flushData(force: false)
+                    flushData(force: true)
                 }
                 pos += n
                 let left = remaining - UInt64(n)
@@ -611,8 +613,11 @@ public struct SMTPServerSession: Sendable {
     /// for logs and Received (where it is escaped anyway).
     static func isAcceptableHeloName(_ name: ArraySlice<UInt8>) -> Bool {
         if SMTPPathParser.parseDomainOrLiteral(name) != nil, name.allSatisfy({ $0 < 0x80 }) { return true }
-        guard name.count <= 255, name.first != UInt8(ascii: "."), name.last != UInt8(ascii: ".") else { return false }
-        return name.allSatisfy { isASCIIAlnum($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") }
+        guard !name.isEmpty, name.count <= 255 else { return false }
+        return name.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false).allSatisfy { label in
+            (1...63).contains(label.count) && label.first != UInt8(ascii: "-") && label.last != UInt8(ascii: "-")
+                && label.allSatisfy { isASCIIAlnum($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") }
+        }
     }
 
     /// "FROM:" / "TO:" prefix, then optional spaces (not in the RFC grammar,
