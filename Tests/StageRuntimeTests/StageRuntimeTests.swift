@@ -1,0 +1,174 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
+import Logging
+import Testing
+import SealpostConfig
+@testable import StageRuntime
+
+@Suite struct LogFormatTests {
+    @Test func levels() {
+        #expect(StageLogHandler.format(stage: "queue", pid: 42, level: .info, message: "started")
+                == "queue[42]: started\n")
+        #expect(StageLogHandler.format(stage: "queue", pid: 42, level: .notice, message: "n") == "queue[42]: n\n")
+        #expect(StageLogHandler.format(stage: "queue", pid: 42, level: .warning, message: "spool 91% full")
+                == "queue[42]: warning: spool 91% full\n")
+        #expect(StageLogHandler.format(stage: "local-deliver", pid: 7, level: .error, message: "x")
+                == "local-deliver[7]: error: x\n")
+        #expect(StageLogHandler.format(stage: "queue", pid: 1, level: .critical, message: "cannot open the spool")
+                == "queue[1]: fatal: cannot open the spool\n")
+        #expect(StageLogHandler.format(stage: "queue", pid: 1, level: .debug, message: "d") == "queue[1]: debug: d\n")
+        #expect(StageLogHandler.format(stage: "queue", pid: 1, level: .trace, message: "t") == "queue[1]: trace: t\n")
+    }
+
+    @Test func metadataIsAppendedSortedByKey() {
+        let line = StageLogHandler.format(stage: "queue", pid: 9, level: .info, message: "0123456789AB: queued",
+                                          metadata: ["size": "1234", "from": "<a@example.org>", "nrcpt": .stringConvertible(2)])
+        #expect(line == "queue[9]: 0123456789AB: queued from=<a@example.org> nrcpt=2 size=1234\n")
+        let nested = StageLogHandler.format(stage: "q", pid: 1, level: .info, message: "m",
+                                            metadata: ["a": ["x", "y"], "b": ["k": "v"]])
+        #expect(nested == "q[1]: m a=[x, y] b=[k: v]\n")
+    }
+
+    @Test func controlCharactersCannotSplitOrForgeLines() {
+        let line = StageLogHandler.format(stage: "smtp-listen", pid: 3, level: .info,
+                                          message: "HELO evil\nqueue[1]: fatal: forged\r\u{1b}[31m\t",
+                                          metadata: ["helo": "a\nb"])
+        #expect(line == "smtp-listen[3]: HELO evil\\nqueue[1]: fatal: forged\\r\\u{1b}[31m\\t helo=a\\nb\n")
+        #expect(line.utf8.filter { $0 == UInt8(ascii: "\n") }.count == 1)
+    }
+
+    @Test func longLinesAreCutToPipeBufOnACharacterBoundary() {
+        let message = String(repeating: "é", count: 5000)   // 2 bytes each
+        let line = StageLogHandler.format(stage: "queue", pid: 12, level: .info, message: message)
+        #expect(line.utf8.count <= StageLogHandler.maximumLineLength)
+        #expect(line.utf8.count >= StageLogHandler.maximumLineLength - 2)
+        #expect(line.hasSuffix("...\n"))
+        #expect(line.hasPrefix("queue[12]: éé"))
+        #expect(String(validating: Array(line.utf8), as: UTF8.self) != nil)
+        let short = StageLogHandler.format(stage: "q", pid: 1, level: .info, message: String(repeating: "a", count: 100))
+        #expect(!short.hasSuffix("...\n"))
+    }
+
+    @Test func handlerMetadataIsValueTypedAndMergedWithEventMetadata() {
+        var handler = StageLogHandler(stage: "queue", logLevel: .info)
+        handler[metadataKey: "queue_id"] = "0123456789AB"
+        var copy = handler
+        copy[metadataKey: "queue_id"] = nil
+        #expect(handler.metadata == ["queue_id": "0123456789AB"])
+        #expect(copy.metadata.isEmpty)
+        #expect(handler.logLevel == .info)
+    }
+
+    @Test func debugFollowsSealpostDebug() {
+        // Read, not set: the environment is process-wide.
+        let debug = getenv("SEALPOST_DEBUG").map { String(cString: $0) } == "1"
+        #expect(StageLogHandler.defaultLevel() == (debug ? .trace : .info))
+    }
+}
+
+@Suite struct ExitCodeTests {
+    @Test func sysexitsValues() {
+        #expect(ExitCode.ok.rawValue == 0)
+        #expect(ExitCode.usage.rawValue == 64)
+        #expect(ExitCode.dataErr.rawValue == 65)
+        #expect(ExitCode.noInput.rawValue == 66)
+        #expect(ExitCode.noUser.rawValue == 67)
+        #expect(ExitCode.noHost.rawValue == 68)
+        #expect(ExitCode.unavailable.rawValue == 69)
+        #expect(ExitCode.software.rawValue == 70)
+        #expect(ExitCode.osErr.rawValue == 71)
+        #expect(ExitCode.canTCreat.rawValue == 73)
+        #expect(ExitCode.ioErr.rawValue == 74)
+        #expect(ExitCode.tempFail.rawValue == 75)
+        #expect(ExitCode.protocolErr.rawValue == 76)
+        #expect(ExitCode.noPerm.rawValue == 77)
+        #expect(ExitCode.config.rawValue == 78)
+    }
+}
+
+@Suite struct RuntimePathsTests {
+    func configuration() throws -> SealpostConfiguration {
+        try SealpostConfiguration.parse(text: "[sealpost]\ndata_directory = \"/srv/sealpost\"\n", file: "/etc/sealpost/sealpost.toml")
+    }
+
+    @Test func pathsFromTheConfiguration() throws {
+        let paths = RuntimePaths(try configuration())
+        #expect(paths.dataDirectory == "/srv/sealpost")
+        #expect(paths.runtimeDirectory == "/srv/sealpost/run")
+        #expect(paths.injectSocket == "/srv/sealpost/run/inject")
+        #expect(paths.deliverSocket == "/srv/sealpost/run/deliver")
+        #expect(paths.controlSocket == "/srv/sealpost/run/control")
+        #expect(paths.spoolDirectory == "/srv/sealpost/queue")
+        #expect(paths.mailbox(user: "alice", template: "mail/{user}/Maildir") == "/srv/sealpost/mail/alice/Maildir")
+    }
+
+    @Test func rebasedToTheChrootRoot() throws {
+        let paths = RuntimePaths(try configuration()).rebased(to: "/")
+        #expect(paths.dataDirectory == "/")
+        #expect(paths.runtimeDirectory == "/run")
+        #expect(paths.injectSocket == "/run/inject")
+        #expect(paths.deliverSocket == "/run/deliver")
+        #expect(paths.controlSocket == "/run/control")
+        #expect(paths.spoolDirectory == "/queue")
+        #expect(paths.mailbox(user: "bob", template: "mail/{user}/Maildir") == "/mail/bob/Maildir")
+    }
+
+    @Test func dropPrivilegesIsANoOpWhenNotRoot() throws {
+        // Root behaviour (SEALPOST_USER, chroot, setuid) changes the whole
+        // process irreversibly; the pipeline tests cover it with real stages.
+        guard geteuid() != 0 else { return }
+        let config = try configuration()
+        let before = ConfigPathProbe.currentDirectory()
+        let paths = try StageRuntime.dropPrivileges(config, chroot: true)
+        #expect(paths == RuntimePaths(config))
+        #expect(ConfigPathProbe.currentDirectory() == before)
+        #expect(getuid() == geteuid())
+    }
+}
+
+enum ConfigPathProbe {
+    static func currentDirectory() -> String {
+        var buffer = [CChar](repeating: 0, count: 4097)
+        return getcwd(&buffer, buffer.count) != nil ? String(cString: buffer) : ""
+    }
+}
+
+@Suite struct SignalEventsTests {
+    @Test func raisedSignalReachesTheCallback() {
+        let events = SignalEvents()
+        let semaphore = DispatchSemaphore(value: 0)
+        events.on(SIGUSR2) { semaphore.signal() }
+        // kill, not raise: raise targets this thread, a dispatch worker that
+        // blocks signals; a process-directed signal (what the supervisor
+        // sends) goes to a thread that accepts it.
+        kill(getpid(), SIGUSR2)
+        // Not a timing assertion: the bound only keeps a broken build from hanging.
+        #expect(semaphore.wait(timeout: .now() + 60) == .success)
+        // Every delivery calls back again.
+        kill(getpid(), SIGUSR2)
+        #expect(semaphore.wait(timeout: .now() + 60) == .success)
+        events.cancel()
+        var action = sigaction()
+        sigaction(SIGUSR2, nil, &action)
+        let handler = unsafeBitCast(action.__sigaction_handler.sa_handler, to: Int.self)
+        #expect(handler == unsafeBitCast(SIG_DFL, to: Int.self))
+    }
+
+    @Test func severalListenersForOneSignal() {
+        let first = SignalEvents()
+        let second = SignalEvents(queue: DispatchQueue(label: "second"))
+        let semaphore = DispatchSemaphore(value: 0)
+        first.on(SIGUSR1) { semaphore.signal() }
+        second.on(SIGUSR1) { semaphore.signal() }
+        kill(getpid(), SIGUSR1)
+        #expect(semaphore.wait(timeout: .now() + 60) == .success)
+        #expect(semaphore.wait(timeout: .now() + 60) == .success)
+        first.cancel()
+        // Still ours (second listens): raising it must not kill the process.
+        kill(getpid(), SIGUSR1)
+        #expect(semaphore.wait(timeout: .now() + 60) == .success)
+        second.cancel()
+    }
+}
