@@ -64,10 +64,18 @@ public enum StageRuntime {
     /// Throws `PrivilegeError` (with the exit code to use) when any step
     /// fails; the caller cannot continue and should `fatal` with it.
     public static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool) throws -> RuntimePaths {
-        let paths = RuntimePaths(config)
-        guard geteuid() == 0 else { return paths }
+        try dropPrivileges(config, chroot: chroot, effectiveUser: geteuid(),
+                           user: getenv("SEALPOST_USER").map { String(cString: $0) })
+    }
 
-        guard let user = getenv("SEALPOST_USER").map({ String(cString: $0) }), !user.isEmpty else {
+    /// The body of `dropPrivileges`, with the process's inputs as arguments
+    /// so that tests can reach the refusals without being someone else.
+    static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool,
+                               effectiveUser: uid_t, user: String?) throws -> RuntimePaths {
+        let paths = RuntimePaths(config)
+        guard effectiveUser == 0 else { return paths }
+
+        guard let user, !user.isEmpty else {
             throw PrivilegeError(message: "refusing to run as root without SEALPOST_USER", exitCode: .noPerm)
         }
         // Look the user up while /etc/passwd is still visible.
@@ -110,7 +118,8 @@ public enum StageRuntime {
         }
         // Trust but verify: real and effective ids changed, and root cannot
         // be regained.
-        guard getuid() == uid, geteuid() == uid, getgid() == gid, getegid() == gid, setuid(0) != 0 else {
+        guard getuid() == uid, geteuid() == uid, getgid() == gid, getegid() == gid,
+              getgroups(0, nil) == 0, setuid(0) != 0 else {
             throw PrivilegeError(message: "privileges were not dropped to \(user) (uid \(uid), gid \(gid))", exitCode: .software)
         }
         return result

@@ -116,19 +116,118 @@ import SealpostConfig
     }
 
     @Test func dropPrivilegesIsANoOpWhenNotRoot() throws {
-        // Root behaviour (SEALPOST_USER, chroot, setuid) changes the whole
-        // process irreversibly; the pipeline tests cover it with real stages.
-        guard geteuid() != 0 else { return }
         let config = try configuration()
         let before = ConfigPathProbe.currentDirectory()
-        let paths = try StageRuntime.dropPrivileges(config, chroot: true)
+        let uid = getuid()
+        // As the process is (the public entry point), when it is not root.
+        if geteuid() != 0 {
+            #expect(try StageRuntime.dropPrivileges(config, chroot: true) == RuntimePaths(config))
+        }
+        // As a non-root user whatever the process is: nothing is touched,
+        // even with SEALPOST_USER set.
+        let paths = try StageRuntime.dropPrivileges(config, chroot: true, effectiveUser: 1000, user: "nobody")
         #expect(paths == RuntimePaths(config))
         #expect(ConfigPathProbe.currentDirectory() == before)
-        #expect(getuid() == geteuid())
+        #expect(getuid() == uid)
+    }
+
+    // The refusals happen before anything changes, so they run in-process
+    // even as root.
+    @Test func rootWithoutSealpostUserIsRefused() throws {
+        let config = try configuration()
+        for user in [nil, ""] as [String?] {
+            #expect {
+                try StageRuntime.dropPrivileges(config, chroot: true, effectiveUser: 0, user: user)
+            } throws: { error in
+                let error = try #require(error as? PrivilegeError)
+                return error.description == "refusing to run as root without SEALPOST_USER" && error.exitCode == .noPerm
+            }
+        }
+    }
+
+    @Test func rootWithAnUnknownUserIsRefused() throws {
+        let config = try configuration()
+        #expect {
+            try StageRuntime.dropPrivileges(config, chroot: true, effectiveUser: 0, user: "sealpost-no-such-user")
+        } throws: { error in
+            let error = try #require(error as? PrivilegeError)
+            return error.description == "SEALPOST_USER sealpost-no-such-user: no such user" && error.exitCode == .noUser
+        }
+    }
+
+    @Test func rootAsSealpostUserIsRefused() throws {
+        let config = try configuration()
+        #expect {
+            try StageRuntime.dropPrivileges(config, chroot: true, effectiveUser: 0, user: "root")
+        } throws: { error in
+            let error = try #require(error as? PrivilegeError)
+            return error.description == "SEALPOST_USER root has uid or gid 0: refusing to run as root"
+        }
+    }
+
+    /// The real drop, as root: this test binary runs itself again with only
+    /// `privilegeDropChild` selected, in a child process that chroots and
+    /// becomes "nobody", checks the result and reports it in its exit status.
+    @Test func privilegeDropInAChildProcess() throws {
+        guard geteuid() == 0, let nobody = getpwnam("nobody") else { return }   // covered by the pipeline tests
+        var template = Array("/tmp/sealpost-drop-XXXXXX".utf8CString)
+        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        let directory = String(cString: try #require(made))
+        defer { rmdir(directory) }
+        let uid = nobody.pointee.pw_uid
+        let gid = nobody.pointee.pw_gid
+
+        let executable = try #require(ConfigPathProbe.realPath("/proc/self/exe"))
+        let arguments = [executable, "--testing-library", "swift-testing", "--filter", "privilegeDropChild"]
+        let environment = ["SEALPOST_USER=nobody", "SEALPOST_TEST_DROP_DIRECTORY=\(directory)",
+                           "SEALPOST_TEST_DROP_IDS=\(uid):\(gid)", "PATH=/usr/bin:/bin"]
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        var cArguments = arguments.map { strdup($0) } + [nil]
+        var cEnvironment = environment.map { strdup($0) } + [nil]
+        defer { (cArguments + cEnvironment).forEach { free($0) } }
+        var pid: pid_t = 0
+        #expect(posix_spawn(&pid, executable, &actions, nil, &cArguments, &cEnvironment) == 0)
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        // WIFEXITED && WEXITSTATUS, spelled out (the macros do not import).
+        #expect(status & 0x7f == 0, "child killed by signal \(status & 0x7f)")
+        #expect((status >> 8) & 0xff == 0, "child check \((status >> 8) & 0xff) failed (see privilegeDropChild)")
+    }
+
+    @Test func privilegeDropChild() throws {
+        guard let directory = getenv("SEALPOST_TEST_DROP_DIRECTORY").map({ String(cString: $0) }),
+              let ids = getenv("SEALPOST_TEST_DROP_IDS").map({ String(cString: $0) })
+        else { return }   // only in the child of privilegeDropInAChildProcess
+        let parts = ids.split(separator: ":").compactMap { UInt32($0) }
+        guard parts.count == 2 else { _exit(10) }
+        let config: SealpostConfiguration
+        do {
+            config = try SealpostConfiguration.parse(text: "[sealpost]\ndata_directory = \"\(directory)\"\n",
+                                                     file: "/etc/sealpost/sealpost.toml")
+        } catch { _exit(11) }
+        guard let paths = try? StageRuntime.dropPrivileges(config, chroot: true) else { _exit(12) }
+        guard paths == RuntimePaths(config).rebased(to: "/") else { _exit(13) }
+        guard getuid() == parts[0], geteuid() == parts[0] else { _exit(14) }
+        guard getgid() == parts[1], getegid() == parts[1] else { _exit(15) }
+        guard getgroups(0, nil) == 0 else { _exit(16) }
+        guard setuid(0) != 0, seteuid(0) != 0 else { _exit(17) }
+        guard ConfigPathProbe.currentDirectory() == "/" else { _exit(18) }
+        guard access("/etc/passwd", F_OK) != 0 else { _exit(19) }   // chrooted into the empty directory
+        _exit(0)
     }
 }
 
 enum ConfigPathProbe {
+    static func realPath(_ path: String) -> String? {
+        guard let resolved = realpath(path, nil) else { return nil }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+
     static func currentDirectory() -> String {
         var buffer = [CChar](repeating: 0, count: 4097)
         return getcwd(&buffer, buffer.count) != nil ? String(cString: buffer) : ""
