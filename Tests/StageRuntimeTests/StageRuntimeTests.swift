@@ -177,25 +177,11 @@ import SealpostConfig
         let uid = nobody.pointee.pw_uid
         let gid = nobody.pointee.pw_gid
 
-        let executable = try #require(ConfigPathProbe.realPath("/proc/self/exe"))
-        let arguments = [executable, "--testing-library", "swift-testing", "--filter", "privilegeDropChild"]
-        let environment = ["SEALPOST_USER=nobody", "SEALPOST_TEST_DROP_DIRECTORY=\(directory)",
-                           "SEALPOST_TEST_DROP_IDS=\(uid):\(gid)", "PATH=/usr/bin:/bin"]
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
-        var cArguments = arguments.map { strdup($0) } + [nil]
-        var cEnvironment = environment.map { strdup($0) } + [nil]
-        defer { (cArguments + cEnvironment).forEach { free($0) } }
-        var pid: pid_t = 0
-        #expect(posix_spawn(&pid, executable, &actions, nil, &cArguments, &cEnvironment) == 0)
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        // WIFEXITED && WEXITSTATUS, spelled out (the macros do not import).
-        #expect(status & 0x7f == 0, "child killed by signal \(status & 0x7f)")
-        #expect((status >> 8) & 0xff == 0, "child check \((status >> 8) & 0xff) failed (see privilegeDropChild)")
+        let child = try runTestInChild("privilegeDropChild", environment: [
+            "SEALPOST_USER=nobody", "SEALPOST_TEST_DROP_DIRECTORY=\(directory)", "SEALPOST_TEST_DROP_IDS=\(uid):\(gid)",
+        ])
+        #expect(child.signal == 0, "child killed by signal \(child.signal)")
+        #expect(child.exit == 0, "child check \(child.exit) failed (see privilegeDropChild)")
     }
 
     @Test func privilegeDropChild() throws {
@@ -269,5 +255,83 @@ enum ConfigPathProbe {
         kill(getpid(), SIGUSR1)
         #expect(semaphore.wait(timeout: .now() + 60) == .success)
         second.cancel()
+    }
+}
+
+/// bootstrap, the log handler and fatal, end to end in child processes (a
+/// process bootstraps swift-log once, and these exit).
+@Suite struct BootstrapTests {
+    @Test func badConfigurationExits78WithTheErrorOnStderr() throws {
+        let directory = ConfigTemporaryFile("[queue]\n\nminimal_backoff_time = \"5x\"\n")
+        let child = try runTestInChild("bootstrapChild", environment: [
+            "SEALPOST_CONFIG=\(directory.file)", "SEALPOST_TEST_BOOTSTRAP=config",
+        ])
+        #expect(child.signal == 0)
+        #expect(child.exit == 78)
+        let lines = child.stderr.split(separator: "\n").filter { $0.hasPrefix("test-stage[") }
+        #expect(lines.count == 1, "\(child.stderr)")
+        let line = try #require(lines.first)
+        #expect(line.hasSuffix("]: fatal: \(directory.file):3: queue.minimal_backoff_time: not a duration: \"5x\""), "\(line)")
+    }
+
+    @Test func logLinesAndFatalExitCode() throws {
+        let directory = ConfigTemporaryFile("")
+        let child = try runTestInChild("bootstrapChild", environment: [
+            "SEALPOST_CONFIG=\(directory.file)", "SEALPOST_TEST_BOOTSTRAP=log",
+        ])
+        #expect(child.signal == 0)
+        #expect(child.exit == 75)
+        let lines = child.stderr.split(separator: "\n").filter { $0.hasPrefix("test-stage[") }
+            .map { line in line[line.firstIndex(of: "]")!...] }
+        #expect(lines == [
+            "]: started hostname=\(try SealpostConfigProbe.hostname(directory.file))",
+            "]: warning: spool nearly full percent=91 queue_id=0123456789AB",
+            "]: error: oops",
+            "]: fatal: giving up",
+        ], "\(child.stderr)")
+        // The pid in the lines is the child's, not ours.
+        #expect(!child.stderr.contains("test-stage[\(getpid())]"))
+    }
+
+    @Test func bootstrapChild() {
+        guard let mode = getenv("SEALPOST_TEST_BOOTSTRAP").map({ String(cString: $0) }) else { return }
+        let config = StageRuntime.bootstrap(stage: "test-stage")
+        guard mode == "log" else { _exit(0) }   // "config" must not get here
+        StageRuntime.setUpLogging(stage: "ignored: logging is bootstrapped once")
+        var logger = Logger(label: "test")
+        logger.info("started", metadata: ["hostname": "\(config.hostname)"])
+        logger.debug("not shown without SEALPOST_DEBUG=1")
+        logger[metadataKey: "queue_id"] = "0123456789AB"
+        logger.warning("spool nearly full", metadata: ["percent": "91"])
+        logger[metadataKey: "queue_id"] = nil
+        logger.error("oops")
+        StageRuntime.fatal("giving up", exit: .tempFail)
+    }
+}
+
+/// A configuration file in a fresh directory, removed at the end.
+final class ConfigTemporaryFile {
+    let directory: String
+    let file: String
+    init(_ text: String) {
+        var template = Array("/tmp/sealpost-runtime-XXXXXX".utf8CString)
+        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        precondition(made != nil)
+        directory = String(cString: template)
+        file = directory + "/sealpost.toml"
+        let descriptor = open(file, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        let bytes = Array(text.utf8)
+        _ = bytes.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
+        close(descriptor)
+    }
+    deinit {
+        unlink(file)
+        rmdir(directory)
+    }
+}
+
+enum SealpostConfigProbe {
+    static func hostname(_ file: String) throws -> String {
+        try SealpostConfiguration.load(path: file).hostname
     }
 }
