@@ -107,7 +107,13 @@ enum ConfigPath {
             throw ConfigError(file: path, line: line, message: "contains a NUL byte")
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
-            throw ConfigError(file: path, message: "not valid UTF-8")
+            // Name the first line that does not decode.
+            var line = 1
+            for content in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false) {
+                if String(validating: content, as: UTF8.self) == nil { break }
+                line += 1
+            }
+            throw ConfigError(file: path, line: line, message: "not valid UTF-8")
         }
         return text
     }

@@ -169,13 +169,11 @@ import SealpostConfig
     /// `privilegeDropChild` selected, in a child process that chroots and
     /// becomes "nobody", checks the result and reports it in its exit status.
     @Test func privilegeDropInAChildProcess() throws {
-        guard geteuid() == 0, let nobody = getpwnam("nobody") else { return }   // covered by the pipeline tests
+        guard geteuid() == 0, let (uid, gid) = try? StageRuntime.lookUpUser("nobody") else { return }   // covered by the pipeline tests
         var template = Array("/tmp/sealpost-drop-XXXXXX".utf8CString)
         let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
         let directory = String(cString: try #require(made))
         defer { rmdir(directory) }
-        let uid = nobody.pointee.pw_uid
-        let gid = nobody.pointee.pw_gid
 
         let child = try runTestInChild("privilegeDropChild", environment: [
             "SEALPOST_USER=nobody", "SEALPOST_TEST_DROP_DIRECTORY=\(directory)", "SEALPOST_TEST_DROP_IDS=\(uid):\(gid)",
