@@ -43,7 +43,7 @@ enum ConfigPath {
     static func currentDirectory() -> String {
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         guard getcwd(&buffer, buffer.count) != nil else { return "/" }
-        return String(cString: buffer)
+        return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
     }
 
     static func absolute(_ path: String) -> String {
@@ -65,7 +65,7 @@ enum ConfigPath {
     static func systemHostname() -> String {
         var buffer = [CChar](repeating: 0, count: 256)
         guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
-        let name = String(cString: buffer).lowercased()
+        let name = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }.lowercased()
         return name.isEmpty ? "localhost" : name
     }
 

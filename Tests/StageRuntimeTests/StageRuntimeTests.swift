@@ -214,7 +214,7 @@ enum ConfigPathProbe {
 
     static func currentDirectory() -> String {
         var buffer = [CChar](repeating: 0, count: 4097)
-        return getcwd(&buffer, buffer.count) != nil ? String(cString: buffer) : ""
+        return getcwd(&buffer, buffer.count) != nil ? buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) } : ""
     }
 }
 
@@ -315,7 +315,7 @@ final class ConfigTemporaryFile {
         var template = Array("/tmp/sealpost-runtime-XXXXXX".utf8CString)
         let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
         precondition(made != nil)
-        directory = String(cString: template)
+        directory = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         file = directory + "/sealpost.toml"
         let descriptor = open(file, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         let bytes = Array(text.utf8)
