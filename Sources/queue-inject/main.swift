@@ -95,6 +95,7 @@ func readInput() -> [UInt8] {
 // MARK: setup
 
 signal(SIGPIPE, SIG_IGN)
+tzset()   // Date: and Received: in local time (localtime_r)
 let options: SendmailOptions
 do {
     options = try SendmailOptions.parse(Array(CommandLine.arguments.dropFirst()))
