@@ -111,15 +111,22 @@ struct ConfigParser {
         try queue.size("map_size_limit", into: &settings.mapSizeLimit)
         // Cross-key rules: a zero backoff or run delay would spin the queue.
         if settings.minimalBackoffTime < 1 { throw queue.error("minimal_backoff_time", "must be at least 1 second") }
+        // A pair in conflict is blamed on a key that is written in the file.
         if settings.maximalBackoffTime < settings.minimalBackoffTime {
-            throw queue.error("maximal_backoff_time", "must not be less than minimal_backoff_time (\(settings.minimalBackoffTime)s)")
+            if queue.contains("maximal_backoff_time") {
+                throw queue.error("maximal_backoff_time", "must not be less than minimal_backoff_time (\(settings.minimalBackoffTime)s)")
+            }
+            throw queue.error("minimal_backoff_time", "must not be more than maximal_backoff_time (\(settings.maximalBackoffTime)s)")
         }
         if settings.queueRunDelay < 1 { throw queue.error("queue_run_delay", "must be at least 1 second") }
         if settings.messageSizeLimit < 1 { throw queue.error("message_size_limit", "must be at least 1 byte") }
         if settings.recipientLimit < 1 { throw queue.error("recipient_limit", "must be at least 1") }
         if settings.mapSize < 1 << 20 { throw queue.error("map_size", "must be at least 1MiB") }
         if settings.mapSizeLimit < settings.mapSize {
-            throw queue.error("map_size_limit", "must not be less than map_size (\(settings.mapSize) bytes)")
+            if queue.contains("map_size_limit") {
+                throw queue.error("map_size_limit", "must not be less than map_size (\(settings.mapSize) bytes)")
+            }
+            throw queue.error("map_size", "must not be more than map_size_limit (\(settings.mapSizeLimit) bytes)")
         }
         configuration.queue = settings
 
@@ -282,6 +289,8 @@ struct Section {
     }
 
     private func value(_ key: String) -> TOMLValueConvertible? { table?[key] }
+
+    func contains(_ key: String) -> Bool { table?[key] != nil }
 
     private func wrongType(_ key: String, _ expected: String, _ value: TOMLValueConvertible) -> ConfigError {
         error(key, "expected \(expected), found \(ConfigParser.describe(value.type))")

@@ -142,8 +142,7 @@ public struct FrameDecoder {
             }
             helloReceived = true
         case .error where schema == nil:
-            try ProtocolSchema(name: "(before HELLO)", clientToServer: [.error: Standard.error],
-                               serverToClient: [.error: Standard.error]).validate(frame, direction: direction)
+            try Standard.beforeHello.validate(frame, direction: direction)
         default:
             // checkAllowed guarantees a schema here, except for ERROR.
             try schema!.validate(frame, direction: direction)

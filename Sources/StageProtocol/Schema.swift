@@ -178,6 +178,13 @@ enum Standard {
         R("text", .text, required: true),
     ])
 
+    /// What is checked before the protocol is known: a HELLO naming none
+    /// of the protocols is refused by its `protocol` rule.
+    static let beforeHello = ProtocolSchema(
+        name: "(before HELLO)",
+        clientToServer: [.hello: helloClient(), .error: error],
+        serverToClient: [.hello: helloServer, .error: error])
+
     static let body = FrameRule([R("data", .bytes, required: true, check: Checks.nonEmptyBytes)])
 
     /// Envelope options shared by MAIL and JOB.

@@ -54,6 +54,8 @@ public final class StageConnection {
     private var receivedBytes: UInt64 = 0
     private var readBuffer = [UInt8](repeating: 0, count: 65_536)
     private var failed: Error?
+    /// Whether this side sent its HELLO: before it, only HELLO or ERROR.
+    private var helloSent: Bool
 
     /// The most descriptors one frame may carry (the receive buffer's size).
     public static let maxDescriptorsPerFrame = Int(SEALPOST_MAX_FDS)
@@ -76,6 +78,7 @@ public final class StageConnection {
     public init(fd: Int32, decoder: FrameDecoder) {
         self.fileDescriptor = fd
         self.decoder = decoder
+        self.helloSent = decoder.helloReceived   // a decoder made after the HELLOs
     }
 
     deinit { close() }
@@ -95,10 +98,16 @@ public final class StageConnection {
         if frame.type == .hello, case .text(let named)? = frame["protocol"], let name = ProtocolName(rawValue: named) {
             decoder.expect(protocol: name)
         }
+        if !helloSent && frame.type != .hello && frame.type != .error {
+            throw ProtocolError("\(frame.type.name): not allowed before HELLO (only HELLO and ERROR are)")
+        }
+        if helloSent && frame.type == .hello {
+            throw ProtocolError("HELLO: allowed only once, as the first frame")
+        }
         if let schema = decoder.schema {
             try schema.validate(frame, direction: sendDirection)
-        } else if frame.type != .error {
-            throw ProtocolError("\(frame.type.name): not allowed before HELLO (only HELLO and ERROR are)")
+        } else {
+            try Standard.beforeHello.validate(frame, direction: sendDirection)
         }
         var fds: [Int32] = []
         for (_, value) in frame.attributes {
@@ -110,6 +119,7 @@ public final class StageConnection {
         var bytes: [UInt8] = []
         FrameEncoder.unsafeEncode(frame, length: length, into: &bytes)
         try write(bytes, fds: fds)
+        if frame.type == .hello { helloSent = true }
     }
 
     private func write(_ bytes: [UInt8], fds: [Int32]) throws {
