@@ -1,5 +1,7 @@
 // What a delivery stage's RESULT does to a recipient's queue state.
 
+import Spool
+
 /// The `status` of a RESULT frame.
 public enum DeliveryStatus: String, Sendable, Equatable {
     case sent, deferred, bounced

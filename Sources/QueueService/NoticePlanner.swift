@@ -4,6 +4,8 @@
 // updates or deletes the original, so that a crash can neither lose nor
 // duplicate a notice.
 
+import Spool
+
 /// The RFC 3464 `Action` of a recipient in a notice.
 public enum NoticeAction: String, Sendable, Equatable {
     case failed, delayed, delivered

@@ -1,5 +1,7 @@
 // RFC 3461 NOTIFY: which delivery status notifications a recipient asked for.
 
+import Spool
+
 public struct NotifyConditions: OptionSet, Sendable, Hashable {
     public let rawValue: UInt8
     public init(rawValue: UInt8) { self.rawValue = rawValue }

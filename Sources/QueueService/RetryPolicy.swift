@@ -2,6 +2,10 @@
 // warning threshold. Pure arithmetic on Unix seconds so that every rule can be
 // tested with chosen clocks and chosen "random" numbers.
 
+import Spool
+
+import Spool
+
 /// The queue's timing rules (Postfix's parameters of the same names).
 public struct RetryPolicy: Sendable, Equatable {
     /// First retry delay; each further failed attempt doubles it...

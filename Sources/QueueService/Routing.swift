@@ -1,6 +1,10 @@
 // Which delivery stage handles a recipient, and how recipients are grouped
 // into jobs.
 
+import Spool
+
+import Spool
+
 /// The delivery transports of PROTOCOL.md 4.3 (`transport` of a deliver HELLO).
 public enum Transport: String, Sendable, CaseIterable, Hashable {
     case local, remote

@@ -7,6 +7,10 @@
 // neither sent nor bounced becomes due again (nothing is "in flight" after a
 // restart).
 
+import Spool
+
+import Spool
+
 /// One job to hand to a delivery stage: some recipients of one message, all
 /// for one destination.
 public struct JobPlan: Sendable, Equatable {

@@ -3,10 +3,11 @@
 
 import Testing
 @testable import QueueService
+import Spool
 
 func qid(_ n: Int) -> QueueID {
     let hex = String(n, radix: 16, uppercase: true)
-    return QueueID(rawValue: String(repeating: "0", count: 12 - hex.count) + hex)
+    return QueueID(rawValue: String(repeating: "0", count: 12 - hex.count) + hex)!
 }
 
 private func envelope(_ n: Int, sender: String = "a@example.org", arrival: UInt64 = 1000,
