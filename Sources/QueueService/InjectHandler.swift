@@ -135,8 +135,10 @@ final class InjectHandler: ChannelInboundHandler {
             if t.recipientCount > engine.config.queue.recipientLimit {
                 if t.refusal == nil { t.refusal = Refusal(code: 452, status: "4.5.3", text: "too many recipients") }
             } else {
+                let address = try frame.text("address")
+                guard !address.isEmpty else { throw ProtocolError("RCPT with an empty address") }
                 t.envelope.recipients.append(RecipientRecord(
-                    address: try frame.text("address"), notify: try frame.optionalText("notify"),
+                    address: address, notify: try frame.optionalText("notify"),
                     orcpt: try frame.optionalText("orcpt"), state: .pending, attempts: 0, nextAttempt: 0,
                     lastError: nil, dsnStatus: nil, remoteMTA: nil, diagnostic: nil, delayNotified: false))
             }

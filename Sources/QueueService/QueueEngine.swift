@@ -57,8 +57,6 @@ final class QueueEngine: @unchecked Sendable {
     private var stages: [DeliverHandler] = []
     /// Messages whose "delivery temporarily suspended" line was logged.
     private var suspendedLogged: Set<QueueID> = []
-    /// Messages being finalized (removed from the schedule, spool write pending).
-    private var finalizing: Set<QueueID> = []
     private var nextMaintenance: UInt64 = 0
     private var stopping = false
 
@@ -99,7 +97,7 @@ final class QueueEngine: @unchecked Sendable {
             scheduler.insert(env, now: t)
             recipients += env.recipients.filter { !$0.state.isFinal }.count
         }
-        logger.info("queue: \(envelopes.count) messages with \(recipients) unfinished recipients in the spool")
+        logger.info("spool: \(envelopes.count) messages with \(recipients) unfinished recipients in the spool")
         maintenance()
     }
 
@@ -316,7 +314,6 @@ final class QueueEngine: @unchecked Sendable {
         guard let env = scheduler.remove(id) else { completion?(.failure(.noSuchMessage)); return }
         let completion = completion.map { NIOLoopBound($0, eventLoop: loop) }
         suspendedLogged.remove(id)
-        finalizing.insert(id)
         var operations: [SpoolOperation] = []
         var built: (EnvelopeRecord, MessageKind)?
         if let plan = NoticePlanner.completionNotice(for: env, router: router, postmaster: config.postmaster) {
@@ -326,7 +323,6 @@ final class QueueEngine: @unchecked Sendable {
                 built = (n, plan.kind)
             } catch {
                 logger.warning("\(id): cannot create the delivery status notification: \(error); will try again")
-                finalizing.remove(id)
                 scheduler.insert(env, now: now)
                 completion?.value(.failure(.io("cannot create the delivery status notification: \(error)")))
                 return
@@ -338,7 +334,6 @@ final class QueueEngine: @unchecked Sendable {
         let noticeBuilt = built
         spool.submit(operations) { [self] result in
             loop.execute { [self] in
-                finalizing.remove(id)
                 switch result {
                 case .success:
                     if let (notice, noticeKind) = noticeBuilt {
@@ -391,8 +386,7 @@ final class QueueEngine: @unchecked Sendable {
         let ret: String? = plan.kind == .doubleBounce ? "FULL" : (plan.returnFullMessage ? original.ret : "HDRS")
         let dsn = DeliveryStatusNotification(kind: kind, reportingMTA: config.hostname, sender: plan.recipient,
                                              envid: original.envid, ret: ret, arrival: Int(original.arrival),
-                                             recipients: recipients, originalMessage: body,
-                                             fullMessageLimit: max(config.queue.messageSizeLimit / 2, 65536))
+                                             recipients: recipients, originalMessage: body)
         let message = dsn.build(unixTime: Int(t), messageID: MessageID.generate(hostname: config.hostname))
         let writer = try spool.makeBodyWriter()
         try writer.append(message)

@@ -480,4 +480,43 @@ func refusal(_ frame: Frame) throws -> String {
         q.service?.runMaintenance()
         #expect(try q.control("list").messages.count == 2)
     }
+
+    @Test func fullSpoolRefusesWith452() throws {
+        let q = try TestQueue { $0.queue.mapSize = 1 << 20; $0.queue.mapSizeLimit = 1 << 20 }
+        let c = try q.injector()
+        try q.sendMessage(c, from: "s@example.org", to: ["a@localhost"],
+                          body: String(repeating: "0123456789abcdef\r\n", count: 200_000))
+        let reply = try #require(try c.receive())
+        #expect(try refusal(reply) == "452 4.3.1")
+        c.close()
+        // What is queued stays queued, and small mail still goes in.
+        try q.inject(to: ["a@localhost"])
+        #expect(try q.control("list").messages.count == 1)
+    }
+
+    @Test func peerUIDAndEnvelopeAreRecorded() throws {
+        let q = try TestQueue()
+        let c = try q.injector()
+        try c.send(Frame(.mail, ["sender": .text("s@example.org"), "ret": .text("HDRS"), "envid": .text("env-1"),
+                                 "client-address": .text("192.0.2.1"), "client-name": .text("client.example"),
+                                 "helo": .text("client.example"), "protocol": .text("ESMTPS")]))
+        try c.send(Frame(.rcpt, ["address": .text("a@localhost"), "notify": .text("SUCCESS,FAILURE"),
+                                 "orcpt": .text("rfc822;a@localhost")]))
+        try c.send(Frame(.body, ["data": .bytes(Array("Subject: x\r\n\r\nx\r\n".utf8))]))
+        try c.send(Frame(.end))
+        let reply = try #require(try c.receive())
+        let id = try #require(QueueID(rawValue: try reply.text("queue-id")))
+        c.close()
+        q.stop()
+        let spool = try Spool(directory: q.config.spoolDirectory, options: SpoolOptions(mapSize: 8 << 20, mapSizeLimit: 64 << 20))
+        defer { spool.close() }
+        let env = try #require(try spool.envelope(id))
+        #expect(env.peerUID == getuid())
+        #expect(env.ret == "HDRS" && env.envid == "env-1" && env.clientAddress == "192.0.2.1" && env.protocolName == "ESMTPS")
+        #expect(env.size == 17 && env.arrival == q.clock.now && env.kind == .normal)
+        #expect(env.recipients.first?.notify == "SUCCESS,FAILURE" && env.recipients.first?.orcpt == "rfc822;a@localhost")
+        var body: [UInt8] = []
+        try spool.readBody(id) { body += $0 }
+        #expect(body == Array("Subject: x\r\n\r\nx\r\n".utf8))
+    }
 }
