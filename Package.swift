@@ -93,6 +93,9 @@ let package = Package(
         ]),
         .testTarget(name: "SpoolTests", dependencies: ["Spool", "LMDB", "Sodium"]),
         .testTarget(name: "SealpostConfigTests", dependencies: ["SealpostConfig"]),
+        .testTarget(name: "StageRuntimeTests", dependencies: [
+            "StageRuntime", "SealpostConfig", .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "MailMessageTests", dependencies: ["MailMessage"]),
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery"]),

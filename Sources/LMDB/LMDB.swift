@@ -428,9 +428,9 @@ public final class WriteTransaction: Transaction {
             while case let (k, _)? = entry, compareBytes(k, upper) < 0 {
                 try cursor.deleteCurrent()
                 deleted += 1
-                // After mdb_cursor_del the cursor sits on the next entry;
-                // MDB_GET_CURRENT reads it (or fails at the end).
-                entry = try cursor.currentRaw()
+                // Seek again rather than rely on where mdb_cursor_del leaves
+                // the cursor at a page boundary: O(log n) and unambiguous.
+                entry = try cursor.seekRaw(atLeast: lower)
             }
             return deleted
         }

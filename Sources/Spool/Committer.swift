@@ -23,6 +23,7 @@ final class Committer: @unchecked Sendable {
     private var pending: [Submission] = []
     private var stopping = false
     private var running = false
+    private var thread: pthread_t?
 
     private let statsLock = NSLock()
     private var stats = SpoolStatistics()
@@ -62,15 +63,25 @@ final class Committer: @unchecked Sendable {
     }
 
     /// Lets the thread finish what is queued, then waits for it to exit.
+    /// Called on the committer thread itself (a completion that releases the
+    /// last reference to the Spool), it only asks the thread to stop: waiting
+    /// there would wait forever.
     func stop() {
         condition.lock()
         stopping = true
         condition.broadcast()
+        if let thread, pthread_equal(thread, pthread_self()) != 0 {
+            condition.unlock()
+            return
+        }
         while running { condition.wait() }
         condition.unlock()
     }
 
     private func run() {
+        condition.lock()
+        thread = pthread_self()
+        condition.unlock()
         while true {
             condition.lock()
             while pending.isEmpty && !stopping { condition.wait() }
@@ -195,11 +206,38 @@ final class Committer: @unchecked Sendable {
             try addToCounter(txn, "messages", totals.messages)
             try txn.commit()
         } catch {
-            let e = classify(error)
             if (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
-            return .failed(e)
+            if let e = error as? LMDBError, e.code == EIO, diskIsFull(needing: batchBytes(batch)) {
+                // LMDB turns a short pwrite (the disk filled in the middle
+                // of a page run) into EIO; the file system tells the truth.
+                return .failed(.full)
+            }
+            return .failed(classify(error))
         }
         return .done(results, committed: true)
+    }
+
+    /// Roughly the bytes a batch writes (bodies and envelopes).
+    private func batchBytes(_ batch: [Submission]) -> Int {
+        var total = 0
+        for submission in batch {
+            for operation in submission.operations {
+                switch operation {
+                case .insert(_, let body): total += body.chunks.reduce(0) { $0 + $1.count } + 4096
+                case .update, .delete: total += 4096
+                }
+            }
+        }
+        return total
+    }
+
+    /// Whether the spool's file system has less room than a batch needs
+    /// (with 1 MiB to spare): a failed write then means "disk full".
+    private func diskIsFull(needing bytes: Int) -> Bool {
+        var fs = statvfs()
+        guard statvfs(environment.path, &fs) == 0 else { return false }
+        let available = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        return available < UInt64(bytes) + (1 << 20)
     }
 
     private func addToCounter(_ txn: WriteTransaction, _ name: String, _ delta: UInt64) throws {

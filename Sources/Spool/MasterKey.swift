@@ -33,6 +33,9 @@ enum MasterKey {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw .io("\(path): fstat: \(errnoText(errno))") }
         guard (st.st_mode & S_IFMT) == S_IFREG else { throw .io("\(path) is not a regular file") }
+        guard st.st_uid == geteuid() else {
+            throw .io("\(path) is owned by uid \(st.st_uid), but the queue runs as uid \(geteuid())")
+        }
         guard st.st_mode & 0o077 == 0 else {
             throw .io("\(path) is accessible by group or others (mode \(String(st.st_mode & 0o777, radix: 8))); it must be 0600 (chmod 600 \(path))")
         }
@@ -83,3 +86,6 @@ func syncDirectory(_ path: String) throws(SpoolError) {
     defer { close(fd) }
     guard fsync(fd) == 0 else { throw .io("\(path): fsync: \(errnoText(errno))") }
 }
+
+/// close(2), reachable from types that have their own `close()`.
+func closeDescriptor(_ fd: Int32) { _ = close(fd) }

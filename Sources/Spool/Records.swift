@@ -3,9 +3,12 @@
 // Encoding (written by hand: a few dozen lines, and it must be strict in
 // ways a general serializer is not):
 //
-//   record  = version:u8 field*
+//   record  = version:u8 length:u32be field*    (length: bytes of the fields)
 //   field   = tag:u8 length:u32be value[length]
 //
+// The record length makes a record cut at a field boundary invalid (without
+// it, an envelope truncated between two recipients would decode, quietly
+// losing recipients).
 // Fields appear in ascending tag order; only tags documented as repeated
 // may occur more than once (consecutively). Decoding fails on an unknown
 // version, an unknown or out-of-order tag, a missing required field, a
@@ -122,15 +125,24 @@ public struct RecordDecodingError: Error, Equatable, Sendable, CustomStringConve
 }
 
 struct RecordWriter {
-    private(set) var bytes: [UInt8]
+    private var fields: [UInt8]
 
-    init(version: UInt8) { bytes = [version] }
+    init(version: UInt8) { fields = [version, 0, 0, 0, 0] }
+
+    /// The finished record, its length filled in.
+    var bytes: [UInt8] {
+        var b = fields
+        let n = UInt32(b.count - 5)
+        b[1] = UInt8(n >> 24); b[2] = UInt8(truncatingIfNeeded: n >> 16)
+        b[3] = UInt8(truncatingIfNeeded: n >> 8); b[4] = UInt8(truncatingIfNeeded: n)
+        return b
+    }
 
     mutating func field(_ tag: UInt8, _ value: some Collection<UInt8>) {
-        bytes.append(tag)
+        fields.append(tag)
         let n = UInt32(value.count)
-        bytes.append(contentsOf: [UInt8(n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n)])
-        bytes.append(contentsOf: value)
+        fields.append(contentsOf: [UInt8(n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n)])
+        fields.append(contentsOf: value)
     }
     mutating func text(_ tag: UInt8, _ s: String) { field(tag, s.utf8) }
     mutating func text(_ tag: UInt8, _ s: String?) { if let s { text(tag, s) } }
@@ -160,7 +172,12 @@ struct RecordReader {
         guard let v = bytes.first else { throw RecordDecodingError(record: record, reason: "empty") }
         guard versions.contains(v) else { throw RecordDecodingError(record: record, reason: "unknown version \(v)") }
         version = v
-        offset = 1
+        guard bytes.count >= 5 else { throw RecordDecodingError(record: record, reason: "truncated record header") }
+        let total = Int(bytes[1]) << 24 | Int(bytes[2]) << 16 | Int(bytes[3]) << 8 | Int(bytes[4])
+        guard total == bytes.count - 5 else {
+            throw RecordDecodingError(record: record, reason: "record length \(total), \(bytes.count - 5) bytes present")
+        }
+        offset = 5
         while offset < bytes.count {
             guard bytes.count - offset >= 5 else {
                 throw RecordDecodingError(record: record, reason: "truncated field header at byte \(offset)")

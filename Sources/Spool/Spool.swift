@@ -25,8 +25,9 @@
 //   - MDB_MAP_FULL: the batch is abandoned, the map doubled (up to
 //     mapSizeLimit) and the batch retried. At the limit the submissions
 //     that do not fit fail with `.full`, the others are committed. A disk
-//     full (ENOSPC) at commit fails the whole batch with `.full`. In every
-//     case what was committed before stays as it was.
+//     full at commit (ENOSPC, EDQUOT, or EIO from a short write while the
+//     file system has no room left) fails the whole batch with `.full`.
+//     In every case what was committed before stays as it was.
 //
 // Reads (envelopes, bodies) use short read transactions from any thread.
 // LMDB allows changing the map size only while no transaction is active in
@@ -210,6 +211,7 @@ public final class Spool: @unchecked Sendable {
     private let idLock = NSLock()
     private var lastID: UInt64 = 0
     private var closed = false   // guarded by readLock (exclusive to write)
+    private let lockDescriptor: Int32
 
     /// Names of the databases in the environment (the last ones reserved).
     public static let databaseNames = ["envelopes", "bodies", "keys", "meta",
@@ -222,13 +224,26 @@ public final class Spool: @unchecked Sendable {
     public init(directory: String, options: SpoolOptions) throws {
         self.directory = directory
         self.options = options
-        if mkdir(directory, 0o700) != 0 && errno != EEXIST {
+        if mkdir(directory, 0o700) == 0 {
+            let parent = directory.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+            try syncDirectory(parent.isEmpty ? (directory.hasPrefix("/") ? "/" : ".") : parent)
+        } else if errno != EEXIST {
             throw SpoolError.io("\(directory): cannot create: \(errnoText(errno))")
         }
-        var st = stat()
-        guard stat(directory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
-            throw SpoolError.io("\(directory) is not a directory")
+        // One owner: a second queue process (or a second Spool in this
+        // process, which LMDB forbids) is refused instead of sharing the
+        // environment. flock locks belong to the open file description and
+        // vanish with the process.
+        lockDescriptor = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard lockDescriptor >= 0 else { throw SpoolError.io("\(directory): cannot open: \(errnoText(errno))") }
+        guard flock(lockDescriptor, LOCK_EX | LOCK_NB) == 0 else {
+            let e = errno
+            closeDescriptor(lockDescriptor)
+            throw SpoolError.io(e == EWOULDBLOCK ? "\(directory) is in use by another queue process" : "\(directory): flock: \(errnoText(e))")
         }
+        let lockFD = lockDescriptor
+        var initialized = false
+        defer { if !initialized { closeDescriptor(lockFD) } }
         // A missing key may be created only for a spool without data.
         let dataExists = access(directory + "/data.mdb", F_OK) == 0
         let masterKey = try MasterKey.load(directory: directory, mayCreate: !dataExists)
@@ -265,6 +280,7 @@ public final class Spool: @unchecked Sendable {
         }
         self.databases = databases
         self.lastID = lastID
+        initialized = true
         readLock = ReadWriteLock()
         committer = Committer(environment: environment, databases: databases, readLock: readLock,
                               mapSizeLimit: max(options.mapSizeLimit, options.mapSize))
@@ -308,6 +324,7 @@ public final class Spool: @unchecked Sendable {
         if !closed {
             closed = true
             environment.close()
+            closeDescriptor(lockDescriptor)   // releases the flock
         }
     }
 
@@ -334,11 +351,15 @@ public final class Spool: @unchecked Sendable {
     /// Group commit: every write goes through one committer thread, which
     /// takes all submissions waiting and commits them in one synced
     /// transaction, then calls each completion (on the committer thread).
+    /// A completion must be quick and must not wait for another commit
+    /// (e.g. call `submitAndWait`): the committer would wait for itself.
+    /// After `close()`, completions are called at once with `.io("spool closed")`.
     public func submit(_ operations: [SpoolOperation], completion: @escaping @Sendable (Result<Void, SpoolError>) -> Void) {
         committer.submit(operations, completion: completion)
     }
 
-    /// `submit` for callers that can block: waits for the commit.
+    /// `submit` for callers that can block (not on the committer thread):
+    /// waits for the commit.
     public func submitAndWait(_ operations: [SpoolOperation]) -> Result<Void, SpoolError> {
         let done = DispatchSemaphore(value: 0)
         let box = ResultBox()

@@ -216,3 +216,27 @@ import Testing
         #expect(!t.needsSMTPUTF8)
     }
 }
+
+@Suite struct InjectionPolicyTests {
+    @Test func refusals() {
+        #expect(InjectionPolicy.refusal(code: 452, status: "4.3.1", text: "queue full")
+                == SubmissionError(.tempFail, "refused: 452 4.3.1 queue full"))
+        #expect(InjectionPolicy.refusal(code: 552, status: "5.3.4", text: "message too large")
+                == SubmissionError(.dataErr, "refused: 552 5.3.4 message too large"))
+        #expect(InjectionPolicy.refusal(code: 554, status: "5.5.1", text: "no recipients").exit == .unavailable)
+    }
+
+    @Test func waits() {
+        #expect(InjectionPolicy.wait(environment: nil) == 30)
+        #expect(InjectionPolicy.wait(environment: "2.5") == 2.5)
+        #expect(InjectionPolicy.wait(environment: "0") == 0)
+        #expect(InjectionPolicy.wait(environment: "-1") == 30)
+        #expect(InjectionPolicy.wait(environment: "soon") == 30)
+        #expect(InjectionPolicy.pauses(total: 0).isEmpty)
+        let one = InjectionPolicy.pauses(total: 1)
+        #expect(one.count == 4 && Array(one.prefix(3)) == [0.1, 0.2, 0.4] && abs(one[3] - 0.3) < 1e-9)
+        let p = InjectionPolicy.pauses(total: 30)
+        #expect(abs(p.reduce(0, +) - 30) < 1e-9)
+        #expect(p.max() == 5)
+    }
+}
