@@ -68,6 +68,15 @@ public enum Destination: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// What makes two destinations the same copy: the mailbox (whatever
+    /// address led to it), or the forwarding address.
+    public var identity: String {
+        switch self {
+        case .mailbox(let u, _): return "mailbox:" + u
+        case .forward(let a): return "forward:" + a
+        }
+    }
+
     public var description: String {
         switch self {
         case .mailbox(let u, let a): return "mailbox \(u) (\(a))"
@@ -177,13 +186,8 @@ public struct RecipientResolver: Sendable {
     /// Adds a destination unless an equal one is there already; one mailbox
     /// gets one copy, however many addresses lead to it.
     private func append(_ destination: Destination, to out: inout [Destination]) {
-        for existing in out {
-            switch (existing, destination) {
-            case (.mailbox(let a, _), .mailbox(let b, _)) where a == b: return
-            case (.forward(let a), .forward(let b)) where a == b: return
-            default: continue
-            }
+        if !out.contains(where: { $0.identity == destination.identity }) {
+            out.append(destination)
         }
-        out.append(destination)
     }
 }
