@@ -87,7 +87,10 @@ let package = Package(
         ]),
 
         // Tests.
-        .testTarget(name: "StageProtocolTests", dependencies: ["StageProtocol"]),
+        .testTarget(name: "StageProtocolTests", dependencies: [
+            "StageProtocol", "CSystemShims",
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+        ]),
         .testTarget(name: "SpoolTests", dependencies: ["Spool", "LMDB", "Sodium"]),
         .testTarget(name: "SealpostConfigTests", dependencies: ["SealpostConfig"]),
         .testTarget(name: "MailMessageTests", dependencies: ["MailMessage"]),

@@ -1,1 +1,176 @@
-// SealpostConfig
+// SealpostConfig: reads Config/sealpost.toml into typed settings.
+//
+// The file is the schema: every key is optional and defaults to the value
+// written in the shipped file, so an empty file is a valid configuration.
+// Strict on purpose: an unknown section or key, a value of the wrong type or
+// a malformed duration, size, domain, address or listener is an error that
+// names the file, the line and the key. A typo must stop the MTA at start-up
+// rather than silently run it with a default.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+public struct SealpostConfiguration: Sendable {
+    /// Absolute path of the file read.
+    public var file: String
+    /// Absolute.
+    public var dataDirectory: String
+    /// Lower-cased; the system's host name when the file leaves it empty.
+    public var hostname: String
+    /// An RFC 5321 address, domain lower-cased.
+    public var postmaster: String
+    public var queue: QueueSettings
+    public var local: LocalSettings
+    public var smtp: SMTPSettings
+
+    // Derived paths (absolute, under dataDirectory).
+    /// data/run
+    public var runtimeDirectory: String
+    /// data/run/inject
+    public var injectSocket: String
+    /// data/run/deliver
+    public var deliverSocket: String
+    /// data/run/control
+    public var controlSocket: String
+    /// data/queue
+    public var spoolDirectory: String
+    /// data/log
+    public var logDirectory: String
+
+    /// The built-in defaults (those of the shipped Config/sealpost.toml) for a
+    /// configuration file at `file` (absolute): data under `../var`.
+    public init(file: String) {
+        self.file = file
+        let directory = ConfigPath.directory(of: file)
+        self.dataDirectory = ConfigPath.resolve("../var", relativeTo: directory)
+        self.hostname = ConfigPath.systemHostname()
+        self.postmaster = "postmaster@localhost"
+        self.queue = QueueSettings()
+        self.local = LocalSettings()
+        self.local.aliasesFile = ConfigPath.resolve("aliases", relativeTo: directory)
+        self.smtp = SMTPSettings()
+        self.runtimeDirectory = ""
+        self.injectSocket = ""
+        self.deliverSocket = ""
+        self.controlSocket = ""
+        self.spoolDirectory = ""
+        self.logDirectory = ""
+        deriveDataPaths()
+    }
+
+    /// Recomputes the derived paths from `dataDirectory`; call after
+    /// changing it.
+    public mutating func deriveDataPaths() {
+        runtimeDirectory = ConfigPath.join(dataDirectory, "run")
+        injectSocket = ConfigPath.join(runtimeDirectory, "inject")
+        deliverSocket = ConfigPath.join(runtimeDirectory, "deliver")
+        controlSocket = ConfigPath.join(runtimeDirectory, "control")
+        spoolDirectory = ConfigPath.join(dataDirectory, "queue")
+        logDirectory = ConfigPath.join(dataDirectory, "log")
+    }
+
+    /// Reads and validates the configuration file at `path`. Errors name
+    /// `path` as given, so that messages read like the command line.
+    public static func load(path: String) throws(ConfigError) -> SealpostConfiguration {
+        let text = try ConfigPath.readText(path)
+        return try parse(text: text, file: path)
+    }
+
+    /// Validates `text` as if it were the content of `file` (relative paths
+    /// resolve against the directory of `file`).
+    public static func parse(text: String, file: String) throws(ConfigError) -> SealpostConfiguration {
+        try ConfigParser(text: text, file: file).parse()
+    }
+
+    /// SEALPOST_CONFIG, else <checkout>/Config/sealpost.toml found from the
+    /// executable's real path (/proc/self/exe), else /etc/sealpost/sealpost.toml.
+    public static func locate() -> String {
+        let environment = getenv("SEALPOST_CONFIG").map { String(cString: $0) }
+        return locate(environment: environment, executable: ConfigPath.realPath("/proc/self/exe"))
+    }
+
+    /// The testable core of `locate()`.
+    static func locate(environment: String?, executable: String?) -> String {
+        if let environment, !environment.isEmpty { return environment }
+        if let executable, executable.hasPrefix("/") {
+            // A checkout: the binaries live in <checkout>/.build/<triple>/<mode>/.
+            var directory = ConfigPath.directory(of: executable)
+            while true {
+                let candidate = ConfigPath.join(directory, "Config/sealpost.toml")
+                if ConfigPath.isRegularFile(candidate),
+                   ConfigPath.isRegularFile(ConfigPath.join(directory, "Package.swift")) {
+                    return candidate
+                }
+                if directory == "/" { break }
+                directory = ConfigPath.directory(of: directory)
+            }
+        }
+        return "/etc/sealpost/sealpost.toml"
+    }
+}
+
+/// Durations in seconds, sizes in bytes.
+public struct QueueSettings: Sendable, Equatable {
+    public var maximalQueueLifetime: Int, bounceQueueLifetime: Int,
+               minimalBackoffTime: Int, maximalBackoffTime: Int,
+               queueRunDelay: Int, delayWarningTime: Int,
+               messageSizeLimit: Int, recipientLimit: Int,
+               mapSize: Int, mapSizeLimit: Int
+
+    /// The defaults of the shipped file (Postfix's).
+    public init() {
+        maximalQueueLifetime = 5 * 86400
+        bounceQueueLifetime = 5 * 86400
+        minimalBackoffTime = 300
+        maximalBackoffTime = 4000
+        queueRunDelay = 300
+        delayWarningTime = 4 * 3600
+        messageSizeLimit = 10_240_000
+        recipientLimit = 1000
+        mapSize = 256 << 20
+        mapSizeLimit = 16 << 30
+    }
+}
+
+public struct LocalSettings: Sendable, Equatable {
+    public enum Accounts: String, Sendable { case system, listed }
+    /// Lower-cased.
+    public var domains: [String]
+    public var accounts: Accounts
+    public var users: [String]
+    /// Template with {user}, relative to dataDirectory.
+    public var mailbox: String
+    /// Absolute.
+    public var aliasesFile: String
+
+    /// The defaults of the shipped file; `aliasesFile` is empty until a
+    /// configuration file gives it a directory.
+    public init() {
+        domains = ["localhost"]
+        accounts = .system
+        users = []
+        mailbox = "mail/{user}/Maildir"
+        aliasesFile = ""
+    }
+
+    /// Case-insensitive; a trailing dot (absolute name) is ignored.
+    public func isLocal(domain: String) -> Bool {
+        var name = domain.lowercased()
+        if name.hasSuffix(".") { name.removeLast() }
+        return domains.contains(name)
+    }
+}
+
+/// Listening addresses, "host:port" or "[v6]:port".
+public struct SMTPSettings: Sendable, Equatable {
+    public var listen, submission, smtps: [String]
+
+    public init() {
+        listen = ["127.0.0.1:2525"]
+        submission = ["127.0.0.1:2587"]
+        smtps = ["127.0.0.1:2465"]
+    }
+}

@@ -1,1 +1,203 @@
-// StageRuntime
+// StageRuntime: what every stage's main does first.
+//
+//   let config = StageRuntime.bootstrap(stage: "queue")   // logging, SIGPIPE, config
+//   ... open what needs privileges (sockets, files) ...
+//   let paths: RuntimePaths
+//   do { paths = try StageRuntime.dropPrivileges(config, chroot: true) }
+//   catch { StageRuntime.fatal("\(error)", exit: .noPerm) }
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Logging
+import SealpostConfig
+
+public enum StageRuntime {
+    /// Sets up logging ("name[pid]: ..." lines on stderr), ignores SIGPIPE,
+    /// loads the configuration (exit 78 with the ConfigError on stderr).
+    public static func bootstrap(stage: String) -> SealpostConfiguration {
+        setUpLogging(stage: stage)
+        // A peer that goes away must be an EPIPE error, not a dead process.
+        signal(SIGPIPE, SIG_IGN)
+        let path = SealpostConfiguration.locate()
+        do {
+            return try SealpostConfiguration.load(path: path)
+        } catch {
+            fatal(error.description, exit: .config)
+        }
+    }
+
+    /// Bootstraps swift-log with `StageLogHandler` for `stage`; only the
+    /// first call in a process has an effect (LoggingSystem allows one).
+    public static func setUpLogging(stage: String) {
+        let first = state.withLock { state -> Bool in
+            if state.stage == nil { state.stage = stage }
+            defer { state.loggingBootstrapped = true }
+            return !state.loggingBootstrapped
+        }
+        guard first else { return }
+        LoggingSystem.bootstrap { _ in StageLogHandler(stage: stage) }
+    }
+
+    /// The stage name given to `bootstrap`, else the program's name.
+    public static var stageName: String {
+        if let stage = state.withLock({ $0.stage }) { return stage }
+        let program = CommandLine.arguments.first ?? "sealpost"
+        return program.split(separator: "/").last.map(String.init) ?? program
+    }
+
+    /// Logs "stage[pid]: fatal: message" and exits with `exit`. Writes the
+    /// line itself, so it works before (or without) `bootstrap`.
+    public static func fatal(_ message: String, exit code: ExitCode) -> Never {
+        StageLogHandler.writeLine(StageLogHandler.format(stage: stageName, pid: getpid(),
+                                                         level: .critical, message: message))
+        exit(code.rawValue)
+    }
+
+    /// When running as root: requires SEALPOST_USER (set by the supervisor),
+    /// calls tzset(), chdir()s into the data directory, optionally chroot()s
+    /// there, then setgroups/setgid/setuid to that user. Returns the paths to
+    /// use from now on (rebased to "/" when chrooted). Not root: no change.
+    ///
+    /// Throws `PrivilegeError` (with the exit code to use) when any step
+    /// fails; the caller cannot continue and should `fatal` with it.
+    public static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool) throws -> RuntimePaths {
+        let paths = RuntimePaths(config)
+        guard geteuid() == 0 else { return paths }
+
+        guard let user = getenv("SEALPOST_USER").map({ String(cString: $0) }), !user.isEmpty else {
+            throw PrivilegeError(message: "refusing to run as root without SEALPOST_USER", exitCode: .noPerm)
+        }
+        // Look the user up while /etc/passwd is still visible.
+        errno = 0
+        guard let entry = getpwnam(user) else {
+            let reason = errno == 0 ? "no such user" : String(cString: strerror(errno))
+            throw PrivilegeError(message: "SEALPOST_USER \(user): \(reason)", exitCode: .noUser)
+        }
+        let uid = entry.pointee.pw_uid
+        let gid = entry.pointee.pw_gid
+        guard uid != 0, gid != 0 else {
+            throw PrivilegeError(message: "SEALPOST_USER \(user) has uid or gid 0: refusing to run as root", exitCode: .noPerm)
+        }
+        // Load the time zone now: /etc/localtime and zoneinfo vanish in a chroot.
+        tzset()
+        let data = config.dataDirectory
+        guard chdir(data) == 0 else {
+            throw PrivilegeError(message: "chdir \(data): \(String(cString: strerror(errno)))", exitCode: .osErr)
+        }
+        var result = paths
+        if chroot {
+            guard Glibc.chroot(data) == 0 else {
+                throw PrivilegeError(message: "chroot \(data): \(String(cString: strerror(errno)))", exitCode: .osErr)
+            }
+            guard chdir("/") == 0 else {
+                throw PrivilegeError(message: "chdir / after chroot: \(String(cString: strerror(errno)))", exitCode: .osErr)
+            }
+            result = paths.rebased(to: "/")
+        }
+        // Supplementary groups first (needs root), then the group, then the
+        // user (after which nothing else can be changed).
+        guard setgroups(0, nil) == 0 else {
+            throw PrivilegeError(message: "setgroups: \(String(cString: strerror(errno)))", exitCode: .osErr)
+        }
+        guard setgid(gid) == 0 else {
+            throw PrivilegeError(message: "setgid \(gid): \(String(cString: strerror(errno)))", exitCode: .osErr)
+        }
+        guard setuid(uid) == 0 else {
+            throw PrivilegeError(message: "setuid \(uid): \(String(cString: strerror(errno)))", exitCode: .osErr)
+        }
+        // Trust but verify: real and effective ids changed, and root cannot
+        // be regained.
+        guard getuid() == uid, geteuid() == uid, getgid() == gid, getegid() == gid, setuid(0) != 0 else {
+            throw PrivilegeError(message: "privileges were not dropped to \(user) (uid \(uid), gid \(gid))", exitCode: .software)
+        }
+        return result
+    }
+
+    // MARK: - Process state
+
+    struct State {
+        var stage: String?
+        var loggingBootstrapped = false
+    }
+
+    static let state = LockedState(State())
+}
+
+/// A failure to drop privileges; `exitCode` is the one to exit with.
+public struct PrivilegeError: Error, CustomStringConvertible {
+    public var message: String
+    public var exitCode: ExitCode
+    public init(message: String, exitCode: ExitCode) {
+        self.message = message
+        self.exitCode = exitCode
+    }
+    public var description: String { message }
+}
+
+/// The paths a stage uses after `dropPrivileges`: the configuration's, or
+/// the same rebased to "/" when the stage chrooted into the data directory.
+public struct RuntimePaths: Sendable, Equatable {
+    public var dataDirectory, runtimeDirectory, injectSocket,
+               deliverSocket, controlSocket, spoolDirectory: String
+
+    public init(_ config: SealpostConfiguration) {
+        dataDirectory = config.dataDirectory
+        runtimeDirectory = config.runtimeDirectory
+        injectSocket = config.injectSocket
+        deliverSocket = config.deliverSocket
+        controlSocket = config.controlSocket
+        spoolDirectory = config.spoolDirectory
+    }
+
+    /// The same paths with the data directory replaced by `root`.
+    public func rebased(to root: String) -> RuntimePaths {
+        var copy = self
+        func rebase(_ path: String) -> String {
+            guard path.hasPrefix(dataDirectory) else { return path }
+            let rest = path.dropFirst(dataDirectory.count).drop(while: { $0 == "/" })
+            if rest.isEmpty { return root }
+            return root.hasSuffix("/") ? root + rest : root + "/" + rest
+        }
+        copy.dataDirectory = root
+        copy.runtimeDirectory = rebase(runtimeDirectory)
+        copy.injectSocket = rebase(injectSocket)
+        copy.deliverSocket = rebase(deliverSocket)
+        copy.controlSocket = rebase(controlSocket)
+        copy.spoolDirectory = rebase(spoolDirectory)
+        return copy
+    }
+
+    /// The mailbox of `user`: `template` (LocalSettings.mailbox) with every
+    /// "{user}" replaced, under the data directory. `user` must already be
+    /// a validated user name (no "/" or ".."): this does not check.
+    public func mailbox(user: String, template: String) -> String {
+        let relative = template.replacing("{user}", with: user)
+        return dataDirectory.hasSuffix("/") ? dataDirectory + relative : dataDirectory + "/" + relative
+    }
+}
+
+/// A value behind a pthread mutex (no Foundation, no macOS 15 Mutex).
+final class LockedState<Value>: @unchecked Sendable {
+    private var value: Value
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    init(_ value: Value) {
+        self.value = value
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    func withLock<Result>(_ body: (inout Value) throws -> Result) rethrows -> Result {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value)
+    }
+}

@@ -5,8 +5,56 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <sys/types.h>
+#include <spawn.h>
 
 /// The C `stderr` stream (a global Swift 6 refuses to touch).
 FILE *sealpost_stderr(void);
+
+// ---- Descriptor passing (SCM_RIGHTS): the CMSG_* macros do not import. ----
+
+/// The most descriptors one frame may carry; a receive buffer holds this many.
+#define SEALPOST_MAX_FDS 16
+
+/// One sendmsg(2) of `len` bytes with `nfds` descriptors (0..SEALPOST_MAX_FDS)
+/// as one SCM_RIGHTS control message, with MSG_NOSIGNAL. Returns the bytes
+/// sent, or -1 with errno (EINVAL when nfds is too large). Not retried on
+/// EINTR: the caller loops.
+ssize_t sealpost_sendmsg_fds(int sock, const void *buf, size_t len,
+                             const int *fds, size_t nfds);
+
+/// One recvmsg(2) into `buf` with MSG_CMSG_CLOEXEC. Descriptors received
+/// (every SCM_RIGHTS message, in order) are stored in `fds`, up to `maxfds`,
+/// their number in `*nfds`; descriptors beyond `maxfds` are closed. `*truncated`
+/// is set to 1 when descriptors were lost (MSG_CTRUNC or more than `maxfds`).
+/// Returns the bytes received (0 at EOF), or -1 with errno.
+ssize_t sealpost_recvmsg_fds(int sock, void *buf, size_t len,
+                             int *fds, size_t maxfds, size_t *nfds, int *truncated);
+
+/// A connected AF_UNIX stream socket (close-on-exec) to `path`, or -1 with
+/// errno (ENAMETOOLONG when the path does not fit in sun_path).
+int sealpost_unix_connect(const char *path);
+
+/// A listening AF_UNIX stream socket (close-on-exec) bound to `path` (which
+/// must not exist), or -1 with errno.
+int sealpost_unix_listen(const char *path, int backlog);
+
+/// accept4(2) with SOCK_CLOEXEC, retried on EINTR.
+int sealpost_accept_cloexec(int sock);
+
+/// socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC); 0 or -1 with errno.
+int sealpost_socketpair_cloexec(int fds[2]);
+
+// ---- Processes: GNU-only calls and wait-status macros. ----
+
+/// pipe2(fds, O_CLOEXEC).
+int sealpost_pipe_cloexec(int fds[2]);
+
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34+).
+int sealpost_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd);
+
+int sealpost_wifexited(int status);
+int sealpost_wexitstatus(int status);
+int sealpost_wifsignaled(int status);
+int sealpost_wtermsig(int status);
 
 #endif

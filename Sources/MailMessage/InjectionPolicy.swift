@@ -1,0 +1,40 @@
+// queue-inject's decisions that need no I/O: how a refusal from the queue
+// becomes an exit status, and how long to keep trying an unreachable queue.
+
+public enum InjectionPolicy {
+    /// The default total time spent retrying an unreachable queue.
+    public static let defaultWait = 30.0
+
+    /// REFUSED (code, status, text) -> sysexits status and the message for
+    /// stderr: 4xx is temporary (EX_TEMPFAIL: the caller keeps the message
+    /// and tries later), 5.3.4 "message too large" is the data's fault
+    /// (EX_DATAERR), any other 5xx is EX_UNAVAILABLE.
+    public static func refusal(code: UInt64, status: String, text: String) -> SubmissionError {
+        let message = "refused: \(code) \(status) \(text)"
+        if code >= 400 && code < 500 || status.hasPrefix("4.") { return SubmissionError(.tempFail, message) }
+        if status == "5.3.4" || status == "5.2.3" { return SubmissionError(.dataErr, message) }
+        return SubmissionError(.unavailable, message)
+    }
+
+    /// SEALPOST_INJECT_WAIT: seconds (a non-negative number); anything
+    /// else, or nothing, is the default.
+    public static func wait(environment value: String?) -> Double {
+        guard let value, let v = Double(value), v >= 0, v.isFinite else { return defaultWait }
+        return v
+    }
+
+    /// The pauses between attempts: 0.1 s doubling up to 5 s, as many as fit
+    /// in `total` seconds (the last one shortened to end exactly there).
+    public static func pauses(total: Double) -> [Double] {
+        var out: [Double] = []
+        var sum = 0.0
+        var next = 0.1
+        while sum < total {
+            let p = min(next, total - sum)
+            out.append(p)
+            sum += p
+            next = min(next * 2, 5)
+        }
+        return out
+    }
+}

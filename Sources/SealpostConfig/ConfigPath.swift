@@ -1,0 +1,114 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Path and file helpers on plain POSIX calls (no Foundation: the stages
+/// may run chrooted, and the rules here must be obvious).
+enum ConfigPath {
+    /// Largest configuration file read: a sane file is a few KiB.
+    static let maximumFileSize = 1 << 20
+
+    static func join(_ directory: String, _ name: String) -> String {
+        directory.hasSuffix("/") ? directory + name : directory + "/" + name
+    }
+
+    /// The directory part of an absolute path ("/a/b" -> "/a", "/a" -> "/").
+    static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let head = String(path[..<slash])
+        return head.isEmpty ? "/" : head
+    }
+
+    /// `path` made absolute against `directory`, then normalised lexically
+    /// ("." and ".." removed, slashes collapsed). Lexical on purpose: the
+    /// directories named need not exist yet.
+    static func resolve(_ path: String, relativeTo directory: String) -> String {
+        normalize(path.hasPrefix("/") ? path : join(directory, path))
+    }
+
+    static func normalize(_ path: String) -> String {
+        var parts: [Substring] = []
+        for part in path.split(separator: "/") {
+            switch part {
+            case ".": continue
+            case "..": if !parts.isEmpty { parts.removeLast() }
+            default: parts.append(part)
+            }
+        }
+        return "/" + parts.joined(separator: "/")
+    }
+
+    static func currentDirectory() -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&buffer, buffer.count) != nil else { return "/" }
+        return String(cString: buffer)
+    }
+
+    static func absolute(_ path: String) -> String {
+        resolve(path, relativeTo: currentDirectory())
+    }
+
+    static func realPath(_ path: String) -> String? {
+        guard let resolved = realpath(path, nil) else { return nil }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+
+    static func isRegularFile(_ path: String) -> Bool {
+        var info = stat()
+        return stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG
+    }
+
+    /// The system's host name, lower-cased; "localhost" if it has none.
+    static func systemHostname() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
+        let name = String(cString: buffer).lowercased()
+        return name.isEmpty ? "localhost" : name
+    }
+
+    static func errorText(_ code: Int32) -> String {
+        String(cString: strerror(code))
+    }
+
+    /// The whole file as UTF-8 text; refuses directories, devices, huge
+    /// files, invalid UTF-8 and NUL bytes (TOMLKit reads a C string).
+    static func readText(_ path: String) throws(ConfigError) -> String {
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else {
+            throw ConfigError(file: path, message: "cannot open: \(errorText(errno))")
+        }
+        defer { close(descriptor) }
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else {
+            throw ConfigError(file: path, message: "cannot stat: \(errorText(errno))")
+        }
+        guard (info.st_mode & S_IFMT) == S_IFREG else {
+            throw ConfigError(file: path, message: "not a regular file")
+        }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
+            if count < 0 {
+                if errno == EINTR { continue }
+                throw ConfigError(file: path, message: "cannot read: \(errorText(errno))")
+            }
+            if count == 0 { break }
+            bytes.append(contentsOf: chunk[..<count])
+            guard bytes.count <= maximumFileSize else {
+                throw ConfigError(file: path, message: "larger than \(maximumFileSize) bytes")
+            }
+        }
+        if let nul = bytes.firstIndex(of: 0) {
+            let line = bytes[..<nul].reduce(1) { $1 == UInt8(ascii: "\n") ? $0 + 1 : $0 }
+            throw ConfigError(file: path, line: line, message: "contains a NUL byte")
+        }
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw ConfigError(file: path, message: "not valid UTF-8")
+        }
+        return text
+    }
+}

@@ -1,0 +1,312 @@
+// The schema of PROTOCOL.md section 4 as data: per protocol and direction,
+// which frame types may travel, which attributes each defines, their value
+// types, which are required, and the few value rules the page states
+// (enumerations, ranges, RFC 3463 status codes). The decoder checks every
+// received frame against it; StageConnection and FrameEncoderHandler check
+// every frame they send, so nothing the peer would reject leaves a stage.
+//
+// The schema is public so that a later protocol (the TLS channel of
+// crypto-negotiate, which will pass descriptors) can be described the same
+// way and decoded by the same decoder.
+
+/// One attribute a frame type defines.
+public struct AttributeRule: Sendable {
+    public var name: String
+    public var type: ValueType
+    public var required: Bool
+    /// Extra check of the value; returns what is wrong, or nil.
+    public var check: (@Sendable (AttributeValue) -> String?)?
+
+    public init(_ name: String, _ type: ValueType, required: Bool = false,
+                check: (@Sendable (AttributeValue) -> String?)? = nil) {
+        self.name = name
+        self.type = type
+        self.required = required
+        self.check = check
+    }
+}
+
+/// The attributes of one frame type in one protocol and direction.
+public struct FrameRule: Sendable {
+    public var attributes: [String: AttributeRule]
+    /// A check across attributes (e.g. `queue-id` required for some verbs);
+    /// returns what is wrong, or nil.
+    public var check: (@Sendable (Frame) -> String?)?
+
+    public init(_ attributes: [AttributeRule], check: (@Sendable (Frame) -> String?)? = nil) {
+        var map: [String: AttributeRule] = [:]
+        for a in attributes { map[a.name] = a }
+        self.attributes = map
+        self.check = check
+    }
+}
+
+/// What may travel in one protocol, per direction.
+public struct ProtocolSchema: Sendable {
+    /// The value of the `protocol` attribute of its HELLO.
+    public var name: String
+    public var clientToServer: [FrameType: FrameRule]
+    public var serverToClient: [FrameType: FrameRule]
+
+    public init(name: String, clientToServer: [FrameType: FrameRule], serverToClient: [FrameType: FrameRule]) {
+        self.name = name
+        self.clientToServer = clientToServer
+        self.serverToClient = serverToClient
+    }
+
+    public func rules(_ direction: Direction) -> [FrameType: FrameRule] {
+        direction == .clientToServer ? clientToServer : serverToClient
+    }
+
+    /// The schema of a version-1 protocol of PROTOCOL.md.
+    public static func standard(_ name: ProtocolName) -> ProtocolSchema {
+        switch name {
+        case .inject: Standard.inject
+        case .deliver: Standard.deliver
+        case .control: Standard.control
+        }
+    }
+
+    /// Checks a complete frame against this schema (not the framing rules,
+    /// see `FrameEncoder.checkFraming`). Messages name frame, attribute, rule.
+    public func validate(_ frame: Frame, direction: Direction) throws(ProtocolError) {
+        let t = frame.type.name
+        guard let rule = rules(direction)[frame.type] else {
+            throw ProtocolError("\(t): not allowed in protocol \(name) from \(direction)")
+        }
+        for (attrName, value) in frame.attributes {
+            guard let a = rule.attributes[attrName] else {
+                throw ProtocolError("\(t): attribute \"\(attrName)\" is not defined for \(t) in protocol \(name) (\(direction))")
+            }
+            guard value.type == a.type else {
+                throw ProtocolError("\(t): attribute \"\(attrName)\": expected \(a.type), got \(value.type)")
+            }
+            if let check = a.check, let problem = check(value) {
+                throw ProtocolError("\(t): attribute \"\(attrName)\": \(problem)")
+            }
+        }
+        // Required attributes, in a stable order for stable messages.
+        for a in rule.attributes.values.sorted(by: { $0.name < $1.name }) where a.required {
+            if frame[a.name] == nil {
+                throw ProtocolError("\(t): required attribute \"\(a.name)\" is missing")
+            }
+        }
+        if let check = rule.check, let problem = check(frame) {
+            throw ProtocolError("\(t): \(problem)")
+        }
+    }
+}
+
+// MARK: - Value checks
+
+/// Value rules shared by the standard schemas; each returns what is wrong.
+enum Checks {
+    static func quoted(_ s: String) -> String {
+        var shown = s.unicodeScalars.prefix(64).map { $0.isASCII && $0.value >= 0x20 && $0 != "\"" && $0 != "\\" ? String($0) : $0.escaped(asASCII: true) }.joined()
+        if s.unicodeScalars.count > 64 { shown += "..." }
+        return "\"\(shown)\""
+    }
+
+    static func oneOf(_ allowed: [String]) -> @Sendable (AttributeValue) -> String? {
+        { value in
+            guard case .text(let s) = value else { return nil }
+            if allowed.contains(s) { return nil }
+            let list = allowed.count == 2 ? "\(allowed[0]) or \(allowed[1])"
+                : allowed.dropLast().joined(separator: ", ") + " or " + allowed.last!
+            return "must be \(list), got \(quoted(s))"
+        }
+    }
+
+    static func range(_ r: ClosedRange<UInt64>) -> @Sendable (AttributeValue) -> String? {
+        { value in
+            guard case .uint(let v) = value else { return nil }
+            return r.contains(v) ? nil : "must be \(r.lowerBound)..\(r.upperBound), got \(v)"
+        }
+    }
+
+    static let nonEmptyText: @Sendable (AttributeValue) -> String? = { value in
+        if case .text(let s) = value, s.isEmpty { return "must not be empty" }
+        return nil
+    }
+
+    static let nonEmptyBytes: @Sendable (AttributeValue) -> String? = { value in
+        if case .bytes(let b) = value, b.isEmpty { return "must hold 1..65536 bytes, got 0" }
+        return nil
+    }
+
+    /// RFC 3463: class "." subject "." detail; class 2, 4 or 5, subject and
+    /// detail 1 to 3 digits.
+    static let enhancedStatus: @Sendable (AttributeValue) -> String? = { value in
+        guard case .text(let s) = value else { return nil }
+        let parts = s.split(separator: ".", omittingEmptySubsequences: false)
+        let ok = parts.count == 3 && ["2", "4", "5"].contains(parts[0])
+            && parts[1...].allSatisfy { (1...3).contains($0.count) && $0.allSatisfy { $0.isASCII && $0.isNumber } }
+        return ok ? nil : "not an RFC 3463 status code (class.subject.detail, e.g. 4.3.0): \(quoted(s))"
+    }
+
+    /// RFC 3461 NOTIFY: NEVER, or a comma-separated subset of SUCCESS,
+    /// FAILURE, DELAY (each at most once).
+    static let notify: @Sendable (AttributeValue) -> String? = { value in
+        guard case .text(let s) = value else { return nil }
+        if s == "NEVER" { return nil }
+        let items = s.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let known = ["SUCCESS", "FAILURE", "DELAY"]
+        if !items.isEmpty, items.allSatisfy(known.contains), Set(items).count == items.count { return nil }
+        return "must be NEVER or a comma-separated subset of SUCCESS, FAILURE, DELAY, got \(quoted(s))"
+    }
+}
+
+// MARK: - The standard schemas (PROTOCOL.md section 4)
+
+enum Standard {
+    typealias R = AttributeRule
+
+    static let protocolNames = ProtocolName.allCases.map(\.rawValue)
+
+    static func helloClient(_ extra: [AttributeRule] = []) -> FrameRule {
+        FrameRule([
+            R("protocol", .text, required: true, check: Checks.oneOf(protocolNames)),
+            R("version", .uint, required: true),
+            R("software", .text),
+        ] + extra)
+    }
+
+    static let helloServer = helloClient()
+
+    static let error = FrameRule([
+        R("status", .text, required: true, check: Checks.enhancedStatus),
+        R("text", .text, required: true),
+    ])
+
+    /// What is checked before the protocol is known: a HELLO naming none
+    /// of the protocols is refused by its `protocol` rule.
+    static let beforeHello = ProtocolSchema(
+        name: "(before HELLO)",
+        clientToServer: [.hello: helloClient(), .error: error],
+        serverToClient: [.hello: helloServer, .error: error])
+
+    static let body = FrameRule([R("data", .bytes, required: true, check: Checks.nonEmptyBytes)])
+
+    /// Envelope options shared by MAIL and JOB.
+    static let envelopeOptions: [AttributeRule] = [
+        R("ret", .text, check: Checks.oneOf(["FULL", "HDRS"])),
+        R("envid", .text),
+        R("requiretls", .bool),
+        R("smtputf8", .bool),
+        R("body-type", .text, check: Checks.oneOf(["7BIT", "8BITMIME", "BINARYMIME"])),
+    ]
+
+    static let recipientOptions: [AttributeRule] = [
+        R("notify", .text, check: Checks.notify),
+        R("orcpt", .text),
+    ]
+
+    static let inject = ProtocolSchema(
+        name: "inject",
+        clientToServer: [
+            .hello: helloClient(),
+            .error: error,
+            .mail: FrameRule([
+                R("sender", .text, required: true),
+                R("client-address", .text), R("client-name", .text), R("helo", .text),
+                R("protocol", .text), R("auth-user", .text), R("size", .uint),
+            ] + envelopeOptions),
+            .rcpt: FrameRule([R("address", .text, required: true, check: Checks.nonEmptyText)] + recipientOptions),
+            .body: body,
+            .end: FrameRule([]),
+            .abort: FrameRule([]),
+        ],
+        serverToClient: [
+            .hello: helloServer,
+            .error: error,
+            .accepted: FrameRule([R("queue-id", .text, required: true, check: Checks.nonEmptyText)]),
+            .refused: FrameRule([
+                R("code", .uint, required: true, check: Checks.range(400...599)),
+                R("status", .text, required: true, check: Checks.enhancedStatus),
+                R("text", .text, required: true),
+            ]),
+        ])
+
+    static let deliver = ProtocolSchema(
+        name: "deliver",
+        clientToServer: [
+            .hello: helloClient([
+                R("transport", .text, required: true, check: Checks.oneOf(["local", "remote"])),
+                R("max-jobs", .uint, check: Checks.range(1...256)),
+            ]),
+            .error: error,
+            .result: FrameRule([
+                R("job", .uint, required: true),
+                R("index", .uint, required: true),
+                R("status", .text, required: true, check: Checks.oneOf(["sent", "deferred", "bounced"])),
+                R("dsn", .text, required: true, check: Checks.enhancedStatus),
+                R("text", .text, required: true),
+                R("relay", .text), R("remote-mta", .text), R("diagnostic", .text),
+            ]),
+            .jobDone: FrameRule([R("job", .uint, required: true)]),
+        ],
+        serverToClient: [
+            .hello: helloServer,
+            .error: error,
+            .job: FrameRule([
+                R("job", .uint, required: true),
+                R("queue-id", .text, required: true, check: Checks.nonEmptyText),
+                R("sender", .text, required: true),
+                R("arrival", .uint, required: true),
+                R("size", .uint, required: true),
+                R("attempt", .uint, required: true, check: Checks.range(1...UInt64.max)),
+                R("nexthop", .text),
+            ] + envelopeOptions),
+            .jobRcpt: FrameRule([
+                R("index", .uint, required: true),
+                R("address", .text, required: true, check: Checks.nonEmptyText),
+            ] + recipientOptions),
+            .body: body,
+            .jobEnd: FrameRule([R("job", .uint, required: true)]),
+        ])
+
+    static let verbsNeedingID: Set<String> = ["show", "delete", "hold", "release"]
+
+    static let control = ProtocolSchema(
+        name: "control",
+        clientToServer: [
+            .hello: helloClient(),
+            .error: error,
+            .request: FrameRule([
+                R("verb", .text, required: true,
+                  check: Checks.oneOf(["list", "show", "flush", "delete", "hold", "release", "stats"])),
+                R("queue-id", .text, check: Checks.nonEmptyText),
+                R("bounce", .bool),
+            ], check: { frame in
+                if case .text(let verb)? = frame["verb"], verbsNeedingID.contains(verb), frame["queue-id"] == nil {
+                    return "attribute \"queue-id\" is required for verb \"\(verb)\""
+                }
+                return nil
+            }),
+        ],
+        serverToClient: [
+            .hello: helloServer,
+            .error: error,
+            .entry: FrameRule([
+                R("queue-id", .text, required: true, check: Checks.nonEmptyText),
+                R("size", .uint, required: true),
+                R("arrival", .uint, required: true),
+                R("sender", .text, required: true),
+                R("held", .bool, required: true),
+                R("envid", .text),
+                R("ret", .text, check: Checks.oneOf(["FULL", "HDRS"])),
+            ]),
+            .entryRcpt: FrameRule([
+                R("address", .text, required: true),
+                R("state", .text, required: true, check: Checks.oneOf(["pending", "deferred", "sent", "bounced"])),
+                R("attempts", .uint, required: true),
+                R("next-attempt", .uint, required: true),
+                R("error", .text),
+            ]),
+            .body: body,
+            .done: FrameRule([
+                R("ok", .bool, required: true),
+                R("text", .text, required: true),
+            ]),
+        ])
+}

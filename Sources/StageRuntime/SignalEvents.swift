@@ -1,0 +1,147 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Dispatch
+
+/// Signal callbacks for the stages' mains, as ordinary closures on a
+/// dispatch queue:
+///
+///     let signals = SignalEvents()
+///     signals.on(SIGTERM) { server.shutDown() }
+///     signals.on(SIGHUP) { reopenLogs() }
+///
+/// Why not DispatchSource.makeSignalSource alone: it needs the signal
+/// ignored (SIG_IGN), and an ignored SIGTERM is inherited by every program
+/// the stage executes. Here a real handler (reset to the default by exec)
+/// writes the signal number to a self-pipe, and a DispatchSource reading
+/// that pipe calls the closures. The handler only calls write(2), which is
+/// async-signal-safe.
+///
+/// Keep the SignalEvents alive as long as the callbacks are wanted; `cancel()`
+/// (or deinit) removes them and restores the default action of signals no
+/// one listens to any more.
+public final class SignalEvents: @unchecked Sendable {
+    private let queue: DispatchQueue
+    private let token: Int
+
+    /// Callbacks run on `queue` (a private serial queue by default).
+    public init(queue: DispatchQueue = DispatchQueue(label: "sealpost.signals")) {
+        self.queue = queue
+        self.token = SignalDispatcher.shared.newToken()
+    }
+
+    /// Calls `handler` on the queue each time `signal` arrives. Signals that
+    /// arrive in a burst may be coalesced into fewer calls; a signal is
+    /// never lost entirely.
+    public func on(_ signal: Int32, _ handler: @escaping @Sendable () -> Void) {
+        SignalDispatcher.shared.register(signal, token: token, queue: queue, handler: handler)
+    }
+
+    public func cancel() {
+        SignalDispatcher.shared.unregister(token: token)
+    }
+
+    deinit { cancel() }
+}
+
+// The write end of the self-pipe, read by the C signal handler. Set once,
+// before any handler is installed, never changed.
+nonisolated(unsafe) private var signalPipeWriteEnd: Int32 = -1
+
+private func signalHandler(_ signal: Int32) {
+    let saved = errno
+    var byte = UInt8(truncatingIfNeeded: signal)
+    _ = write(signalPipeWriteEnd, &byte, 1)   // pipe full: a wake-up is pending anyway
+    errno = saved
+}
+
+/// The process-wide half: one pipe, one read source, the registrations.
+final class SignalDispatcher: @unchecked Sendable {
+    static let shared = SignalDispatcher()
+
+    private struct Registration {
+        var token: Int
+        var queue: DispatchQueue
+        var handler: @Sendable () -> Void
+    }
+
+    private let state = LockedState((nextToken: 0, registrations: [Int32: [Registration]]()))
+    private let readEnd: Int32
+    private let source: DispatchSourceRead
+
+    private init() {
+        var ends: [Int32] = [-1, -1]
+        guard pipe(&ends) == 0 else {
+            StageRuntime.fatal("signal pipe: \(String(cString: strerror(errno)))", exit: .osErr)
+        }
+        for end in ends {
+            _ = fcntl(end, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(end, F_SETFL, fcntl(end, F_GETFL) | O_NONBLOCK)
+        }
+        readEnd = ends[0]
+        signalPipeWriteEnd = ends[1]
+        source = DispatchSource.makeReadSource(fileDescriptor: ends[0],
+                                               queue: DispatchQueue(label: "sealpost.signal-pipe"))
+        source.setEventHandler { [unowned self] in self.drain() }
+        source.activate()
+    }
+
+    func newToken() -> Int {
+        state.withLock { state in
+            state.nextToken += 1
+            return state.nextToken
+        }
+    }
+
+    func register(_ signal: Int32, token: Int, queue: DispatchQueue, handler: @escaping @Sendable () -> Void) {
+        precondition(signal > 0 && signal < 256, "not a signal number: \(signal)")
+        state.withLock { state in
+            if state.registrations[signal, default: []].isEmpty { install(signal, handler: signalHandler) }
+            state.registrations[signal, default: []].append(Registration(token: token, queue: queue, handler: handler))
+        }
+    }
+
+    func unregister(token: Int) {
+        state.withLock { state in
+            for (signal, list) in state.registrations {
+                let kept = list.filter { $0.token != token }
+                if kept.count == list.count { continue }
+                state.registrations[signal] = kept
+                if kept.isEmpty { install(signal, handler: nil) }
+            }
+        }
+    }
+
+    /// Installs our handler, or the default action (`nil`).
+    private func install(_ signal: Int32, handler: (@convention(c) (Int32) -> Void)?) {
+        var action = sigaction()
+        #if canImport(Glibc)
+        action.__sigaction_handler.sa_handler = handler ?? SIG_DFL
+        #else
+        action.__sigaction_u.__sa_handler = handler ?? SIG_DFL
+        #endif
+        sigemptyset(&action.sa_mask)
+        action.sa_flags = SA_RESTART
+        sigaction(signal, &action, nil)
+    }
+
+    private func drain() {
+        var buffer = [UInt8](repeating: 0, count: 64)
+        var arrived = Set<Int32>()
+        while true {
+            let count = read(readEnd, &buffer, buffer.count)
+            if count > 0 {
+                for byte in buffer[..<count] { arrived.insert(Int32(byte)) }
+                continue
+            }
+            if count < 0 && errno == EINTR { continue }
+            break   // EAGAIN: drained
+        }
+        let calls = state.withLock { state in
+            arrived.sorted().flatMap { state.registrations[$0] ?? [] }
+        }
+        for call in calls { call.queue.async(execute: call.handler) }
+    }
+}

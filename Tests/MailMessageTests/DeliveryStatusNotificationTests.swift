@@ -1,0 +1,183 @@
+import Testing
+import Foundation
+@testable import MailMessage
+
+@Suite struct DeliveryStatusNotificationTests {
+    static let original = Array("""
+        Received: from client.example.net by mx.example.org\r
+        From: Alice <alice@example.net>\r
+        To: bob@example.org, carol@example.org\r
+        Subject: lunch\r
+        Message-ID: <1@example.net>\r
+        \r
+        Shall we?\r
+        -- \r
+        Alice\r
+
+        """.utf8)
+
+    func failure(ret: String? = nil, original: [UInt8] = original, limit: Int = 1_048_576) -> DeliveryStatusNotification {
+        DeliveryStatusNotification(
+            kind: .failure, reportingMTA: "mx.example.org", sender: "alice@example.net",
+            envid: "ENV123", ret: ret, arrival: 1795965223,
+            recipients: [
+                .init(address: "bob@example.org", orcpt: "rfc822;Bob@Example.org", action: .failed,
+                      status: "5.1.1", diagnostic: "550 5.1.1 <bob@example.org>: Recipient address rejected: User unknown",
+                      remoteMTA: "mail.example.org", lastAttempt: 1795965300),
+                .init(address: "carol@example.org", action: .failed, status: "5.2.2",
+                      diagnostic: "552 5.2.2 mailbox full", remoteMTA: nil),
+            ],
+            originalMessage: original, fullMessageLimit: limit)
+    }
+
+    /// Splits a multipart body at `boundary` into parts (header, body).
+    func parts(_ message: String, boundary: String) -> [String] {
+        let pieces = message.components(separatedBy: "\r\n--\(boundary)")
+        return Array(pieces.dropFirst().dropLast())
+            .map { $0.hasPrefix("\r\n") ? String($0.dropFirst(1)) : $0 }  // "\r\n" is one Character
+    }
+
+    @Test func bounceStructure() throws {
+        let m = failure().build(unixTime: 1795965400, messageID: "<dsn@mx.example.org>", boundary: "BOUNDARY")
+        let s = String(decoding: m, as: UTF8.self)
+        let (header, term, off) = HeaderBlock.parse(m)
+        #expect(term == .emptyLine)
+        #expect(header.first("From")?.value == "MAILER-DAEMON@mx.example.org (Mail Delivery System)")
+        #expect(header.first("To")?.value == "alice@example.net")
+        #expect(header.first("Subject")?.value == "Undelivered Mail Returned to Sender")
+        #expect(header.first("Auto-Submitted")?.value == "auto-replied")
+        #expect(header.first("Message-ID")?.value == "<dsn@mx.example.org>")
+        #expect(header.first("MIME-Version")?.value == "1.0")
+        #expect(header.first("Content-Type")?.value == "multipart/report; report-type=delivery-status;\tboundary=\"BOUNDARY\"")
+        #expect(header.first("Date") != nil)
+        #expect(!header.contains("Content-Transfer-Encoding"))
+        #expect(s.hasSuffix("\r\n--BOUNDARY--\r\n"))
+        // Only CRLF line ends.
+        for (i, b) in m.enumerated() where b == 10 { #expect(i > 0 && m[i - 1] == 13) }
+
+        let p = parts(String(decoding: m[off...], as: UTF8.self), boundary: "BOUNDARY")
+        try #require(p.count == 3)
+        #expect(p[0].contains("Content-Type: text/plain"))
+        #expect(p[0].contains("<bob@example.org>: delivery failed (host mail.example.org)"))
+        #expect(p[0].contains("mailbox full"))
+
+        #expect(p[1].contains("Content-Type: message/delivery-status\r\n\r\n"))
+        let status = p[1].components(separatedBy: "\r\n\r\n")
+        try #require(status.count >= 4)
+        #expect(status[1] == "Reporting-MTA: dns; mx.example.org\r\nOriginal-Envelope-Id: ENV123\r\nArrival-Date: \(RFC5322Date.format(unixTime: 1795965223))")
+        #expect(status[2] == """
+            Original-Recipient: rfc822; Bob@Example.org\r
+            Final-Recipient: rfc822; bob@example.org\r
+            Action: failed\r
+            Status: 5.1.1\r
+            Remote-MTA: dns; mail.example.org\r
+            Diagnostic-Code: smtp; 550 5.1.1 <bob@example.org>: Recipient address\r
+            \trejected: User unknown\r
+            Last-Attempt-Date: \(RFC5322Date.format(unixTime: 1795965300))
+            """)
+        #expect(status[3].hasPrefix("Final-Recipient: rfc822; carol@example.org\r\nAction: failed\r\nStatus: 5.2.2\r\nDiagnostic-Code: smtp; 552 5.2.2 mailbox full"))
+
+        #expect(p[2].hasPrefix("Content-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n\r\n"))
+        #expect(p[2].hasSuffix(String(decoding: Self.original, as: UTF8.self)))
+    }
+
+    @Test func headersOnlyWhenAskedTooLargeOrDelay() throws {
+        let hdrs = String(decoding: failure(ret: "hdrs").build(boundary: "B"), as: UTF8.self)
+        #expect(hdrs.contains("Content-Type: text/rfc822-headers\r\n\r\nReceived: from client"))
+        #expect(hdrs.contains("Message-ID: <1@example.net>\r\n\r\n--B--\r\n"))
+        #expect(!hdrs.contains("Shall we?"))
+
+        let big = String(decoding: failure(limit: 100).build(boundary: "B"), as: UTF8.self)
+        #expect(big.contains("text/rfc822-headers") && !big.contains("Shall we?"))
+
+        var delay = failure(ret: "FULL")
+        delay.kind = .delay
+        delay.recipients = [.init(address: "bob@example.org", action: .delayed, status: "4.4.1",
+                                  diagnostic: "connect to mail.example.org: Connection refused",
+                                  lastAttempt: 1795965300, willRetryUntil: 1796397223)]
+        let d = String(decoding: delay.build(boundary: "B"), as: UTF8.self)
+        #expect(d.contains("Subject: Delayed Mail (still being retried)\r\n"))
+        #expect(d.contains("Action: delayed\r\nStatus: 4.4.1\r\n"))
+        #expect(d.contains("Will-Retry-Until: \(RFC5322Date.format(unixTime: 1796397223))\r\n"))
+        #expect(d.contains("text/rfc822-headers") && !d.contains("Shall we?"))
+
+        var ok = failure()
+        ok.kind = .success
+        ok.recipients = [.init(address: "bob@example.org", action: .delivered, status: "2.0.0",
+                               diagnostic: "250 2.0.0 Ok: queued as 1234")]
+        let s = String(decoding: ok.build(boundary: "B"), as: UTF8.self)
+        #expect(s.contains("Subject: Successful Mail Delivery Report\r\n"))
+        #expect(s.contains("text/rfc822-headers"))
+        ok.ret = "FULL"
+        #expect(String(decoding: ok.build(boundary: "B"), as: UTF8.self).contains("message/rfc822\r\n\r\n"))
+    }
+
+    @Test func eightBitOriginalIsLabelled() {
+        let orig = Array("Subject: caf\u{e9}\r\n\r\nGr\u{fc}\u{df}e\r\n".utf8)
+        let m = String(decoding: failure(original: orig).build(boundary: "B"), as: UTF8.self)
+        #expect(m.contains("\r\nContent-Transfer-Encoding: 8bit\r\n\r\nThis is a MIME"))
+        #expect(m.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: caf\u{e9}"))
+
+        let nul = failure(original: Array("Subject: x\r\n\r\na\0b\r\n".utf8)).build(boundary: "B")
+        #expect(String(decoding: nul, as: UTF8.self).contains("Content-Transfer-Encoding: binary"))
+    }
+
+    @Test func boundaryNeverOccursInOriginal() {
+        // An original that contains the requested boundary gets another one.
+        let orig = Array("Subject: x\r\n\r\n--B\r\n".utf8)
+        let m = String(decoding: failure(original: orig).build(boundary: "B"), as: UTF8.self)
+        #expect(!m.contains("boundary=\"B\""))
+        #expect(m.contains("boundary=\"=_sealpost_"))
+    }
+
+    @Test func hostileValuesStayInTheirField() {
+        var n = failure()
+        n.recipients = [.init(address: "x@example.org\r\nBcc: evil@example.org", action: .failed,
+                              status: "bogus", diagnostic: "bad\r\nX-Injected: yes \u{e9}")]
+        let m = String(decoding: n.build(boundary: "B"), as: UTF8.self)
+        #expect(!m.contains("\r\nBcc:") && !m.contains("\r\nX-Injected"))
+        #expect(m.contains("Status: 5.0.0\r\n"))
+        #expect(m.contains("Diagnostic-Code: smtp; bad??X-Injected: yes ?"))
+    }
+
+    /// Python's email package reads the notice as multipart/report with a
+    /// delivery-status part holding one block per recipient.
+    @Test func pythonEmailPackageParsesIt() throws {
+        let orig = Array("Subject: caf\u{e9}\r\nFrom: a@example.net\r\n\r\nGr\u{fc}\u{df}e\r\n".utf8)
+        let m = failure(original: orig).build()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("dsn-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let file = dir.appendingPathComponent("dsn.eml")
+        try Data(m).write(to: file)
+        let script = """
+            import sys, email, email.policy
+            m = email.message_from_binary_file(open(sys.argv[1], 'rb'), policy=email.policy.compat32)
+            assert m.get_content_type() == 'multipart/report', m.get_content_type()
+            assert m.get_param('report-type') == 'delivery-status'
+            parts = m.get_payload()
+            assert [p.get_content_type() for p in parts] == ['text/plain', 'message/delivery-status', 'message/rfc822'], [p.get_content_type() for p in parts]
+            blocks = parts[1].get_payload()
+            assert len(blocks) == 3, len(blocks)
+            assert blocks[0]['Reporting-MTA'] == 'dns; mx.example.org'
+            assert blocks[1]['Final-Recipient'] == 'rfc822; bob@example.org'
+            assert blocks[1]['Action'] == 'failed' and blocks[1]['Status'] == '5.1.1'
+            assert blocks[2]['Status'] == '5.2.2'
+            inner = parts[2].get_payload()[0]
+            assert inner['From'] == 'a@example.net'
+            assert not m.defects and not any(p.defects for p in parts), (m.defects, [p.defects for p in parts])
+            print('ok')
+            """
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", "-c", script, file.path]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0, "\(out)")
+        #expect(out == "ok\n")
+    }
+}

@@ -1,0 +1,95 @@
+import Testing
+@testable import MailMessage
+
+func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
+func text(_ b: [UInt8]) -> String { String(decoding: b, as: UTF8.self) }
+
+@Suite struct HeaderBlockTests {
+    @Test func splitUnfoldLookup() {
+        let m = bytes("Subject: hello\r\n  world\r\nTO: a@example.org\r\nX-Empty:\r\nto: b@example.org\r\n\r\nbody\r\nline: 2\r\n")
+        let (block, term, off) = HeaderBlock.parse(m)
+        #expect(term == .emptyLine)
+        #expect(text(Array(m[off...])) == "body\r\nline: 2\r\n")
+        #expect(block.fields.map(\.name) == ["Subject", "TO", "X-Empty", "to"])
+        #expect(block.first("subject")?.value == "hello  world")
+        #expect(block.values("To") == ["a@example.org", "b@example.org"])
+        #expect(block.first("x-empty")?.value == "")
+        #expect(!block.contains("Cc"))
+        // Untouched fields keep their bytes.
+        #expect(block.serialized() == Array(m[..<(off - 2)]))
+    }
+
+    @Test func removeAndAdd() {
+        var (block, _, _) = HeaderBlock.parse(bytes("From: x@y\nBcc: secret@example.org,\n\tother@example.org\nSubject: s\n\n"))
+        #expect(block.removeAll("BCC") == 1)
+        block.append("Date", "Thu, 1 Jan 1970 00:00:00 +0000")
+        block.prepend("Received", "by h; now")
+        #expect(text(block.serialized()) == "Received: by h; now\r\nFrom: x@y\nSubject: s\nDate: Thu, 1 Jan 1970 00:00:00 +0000\r\n")
+    }
+
+    @Test func addedValuesCannotInjectFields() {
+        let f = HeaderField(name: "Subject", value: "a\r\nBcc: evil@example.org")
+        #expect(text(f.raw) == "Subject: a  Bcc: evil@example.org\r\n")
+    }
+
+    @Test func noSeparatorBodyLine() {
+        let m = bytes("Subject: x\r\nThis is not a header\r\nmore\r\n")
+        let (block, term, off) = HeaderBlock.parse(m)
+        #expect(term == .nonHeaderLine)
+        #expect(block.fields.count == 1)
+        #expect(text(Array(m[off...])) == "This is not a header\r\nmore\r\n")
+    }
+
+    @Test func onlyHeadersNoFinalLineEnd() {
+        let (block, term, off) = HeaderBlock.parse(bytes("A: 1\r\nB: 2"))
+        #expect(term == .endOfData)
+        #expect(off == 10)
+        #expect(text(block.serialized()) == "A: 1\r\nB: 2\r\n")
+    }
+
+    @Test func firstLineContinuationIsBody() {
+        let (block, term, off) = HeaderBlock.parse(bytes(" folded: no\r\n"))
+        #expect(block.fields.isEmpty && term == .nonHeaderLine && off == 0)
+    }
+
+    @Test(arguments: [
+        ("Subject: x", HeaderBlock.LineKind.field(name: "Subject")),
+        ("Subject : x\r\n", .field(name: "Subject")),
+        ("X-\u{1}: x\r\n", .other),
+        (": x\r\n", .other),
+        ("Sub ject: x\r\n", .other),
+        ("Sübject: x\r\n", .other),
+        ("\r\n", .empty),
+        ("\n", .empty),
+        ("From user Thu Jan 1 00:00:00 1970\n", .other),
+        ("NoColon\r\n", .other),
+    ])
+    func classify(line: String, kind: HeaderBlock.LineKind) {
+        #expect(HeaderBlock.classify(line: bytes(line)[...], afterField: true) == kind)
+    }
+
+    @Test func hostileInputs() {
+        // NUL, 8-bit bytes, bare CRs, a huge line: parsing terminates and
+        // every byte is accounted for.
+        var m = bytes("X-Nul: a\0b\r\nX-8bit: \u{e9}\u{ff}\r\n")
+        m.append(contentsOf: [0x58, 0x3a, 0xff, 0xfe, 0x0d, 0x0a])
+        m.append(contentsOf: bytes("X-Long: ") + [UInt8](repeating: 65, count: 2_000_000) + [13, 10])
+        m.append(contentsOf: bytes("Y: cr\rZ: lone\r\r\nbody"))
+        let (block, term, off) = HeaderBlock.parse(m)
+        #expect(block.fields.map(\.name) == ["X-Nul", "X-8bit", "X", "X-Long", "Y", "Z"])
+        #expect(term == .emptyLine)
+        #expect(text(Array(m[off...])) == "body")
+        #expect(block.first("x-long")!.value.utf8.count == 2_000_000)
+        #expect(block.serialized().count + 2 + 4 == m.count)  // + "\r\n" + "body"
+
+        // Random bytes never trap.
+        var g = SystemRandomNumberGenerator()
+        for _ in 0..<200 {
+            let n = Int.random(in: 0..<300, using: &g)
+            let r = (0..<n).map { _ in [UInt8(10), 13, 58, 32, 9, 65, 0, 0xff].randomElement(using: &g)! }
+            let (b, _, o) = HeaderBlock.parse(r)
+            #expect(o >= 0 && o <= r.count)
+            _ = b.serialized()
+        }
+    }
+}
