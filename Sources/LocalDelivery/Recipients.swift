@@ -106,8 +106,11 @@ public struct RecipientResolver: Sendable {
         self.defaultDomain = (defaultDomain ?? localDomains.sorted().first ?? "localhost").lowercased()
     }
 
+    /// Case-insensitive; a trailing dot (an absolute name) is ignored.
     public func isLocal(domain: String) -> Bool {
-        localDomains.contains(domain.lowercased())
+        var name = domain.lowercased()
+        if name.hasSuffix(".") { name.removeLast() }
+        return localDomains.contains(name)
     }
 
     /// The destinations of `address`, in order, without duplicates.
