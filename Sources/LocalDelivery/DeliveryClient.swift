@@ -16,6 +16,7 @@ import Glibc
 import Darwin
 #endif
 import StageProtocol
+import Synchronization
 
 public final class DeliveryWorker: Sendable {
     public let socketPath: String
@@ -23,6 +24,7 @@ public final class DeliveryWorker: Sendable {
     /// Largest message body accepted in a job (the body is held in memory).
     public let maximumMessageSize: Int
     public let name: String
+    private let stopRequested = Mutex(false)
     public static let software = "sealpost-local-deliver 0.1"
 
     public init(socketPath: String, agent: LocalDeliveryAgent, maximumMessageSize: Int, name: String = "worker") {
@@ -32,12 +34,13 @@ public final class DeliveryWorker: Sendable {
         self.name = name
     }
 
-    /// Serves the queue forever: sessions, reconnecting after each.
-    public func run() -> Never {
+    /// Serves the queue: sessions, reconnecting after each, until `stop()`
+    /// (checked between sessions; in production nobody calls it).
+    public func run() {
         let minimumPause = 0.1, maximumPause = 5.0
         var pause = minimumPause
         var failing = false
-        while true {
+        while !stopRequested.withLock({ $0 }) {
             do {
                 let jobs = try session(onConnected: {
                     if failing {
@@ -54,9 +57,15 @@ public final class DeliveryWorker: Sendable {
                     failing = true
                 }
             }
+            if stopRequested.withLock({ $0 }) { break }
             sleepSeconds(pause)
             pause = min(pause * 2, maximumPause)
         }
+    }
+
+    /// Makes `run()` return after the current session.
+    public func stop() {
+        stopRequested.withLock { $0 = true }
     }
 
     /// One connection: connect, HELLO, jobs until the queue closes the

@@ -57,6 +57,7 @@ public enum LocalDeliveryService {
             startThread { worker.run() }
         }
         workers[0].run()
+        exit(0)   // only after stop(), which the stage never calls
     }
 }
 
