@@ -98,7 +98,7 @@ let package = Package(
         ]),
         .testTarget(name: "MailMessageTests", dependencies: ["MailMessage"]),
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
-        .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery"]),
+        .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
     ],
