@@ -5,6 +5,7 @@
 import Glibc
 #endif
 import Logging
+import MailMessage
 import NIOCore
 import Spool
 import StageProtocol
@@ -56,7 +57,12 @@ final class InjectHandler: ChannelInboundHandler {
         var size = 0
         var recipientCount = 0
         var refusal: Refusal?
+        /// The start of the message, for the Message-ID of the log line.
+        var head: [UInt8] = []
     }
+
+    /// How much of a message is kept to find its Message-ID.
+    static let headLimit = 16384
 
     private let engine: QueueEngine
     private var greeted = false
@@ -176,6 +182,7 @@ final class InjectHandler: ChannelInboundHandler {
         guard var t = transaction else { return }
         transaction = nil   // no copy-on-write of the writer reference dance
         t.size += data.count
+        if t.head.count < Self.headLimit { t.head += data.prefix(Self.headLimit - t.head.count) }
         if t.refusal == nil {
             if t.size > engine.config.queue.messageSizeLimit {
                 t.refusal = Refusal(code: 552, status: "5.3.4", text: "message size exceeds fixed limit")
@@ -220,6 +227,8 @@ final class InjectHandler: ChannelInboundHandler {
         env.arrival = arrival
         env.size = UInt64(t.size)
         for i in env.recipients.indices { env.recipients[i].nextAttempt = arrival }
+        let messageID = HeaderBlock.parse(t.head).block.first("Message-ID")?.value
+            .trimmingCharacters(in: " \t")
         let client = env.clientAddress.map { "client=\(env.clientName ?? "unknown")[\($0)]" }
             ?? "uid=\(env.peerUID.map(String.init) ?? "unknown")"
         let engine = self.engine
@@ -231,6 +240,9 @@ final class InjectHandler: ChannelInboundHandler {
                 switch result {
                 case .success:
                     engine.logger.info("\(accepted.queueID): \(client) from=<\(accepted.sender)>")
+                    if let messageID {
+                        engine.logger.info("\(accepted.queueID): message-id=\(messageID)")
+                    }
                     engine.accepted(accepted)
                     bound.value.reply(Frame(.accepted, ["queue-id": .text(accepted.queueID.rawValue)]), slot: slot)
                 case .failure(let error):
@@ -266,3 +278,13 @@ final class InjectHandler: ChannelInboundHandler {
 
 @available(*, unavailable)
 extension InjectHandler: Sendable {}
+
+extension String {
+    /// Drops the given characters at both ends (Foundation-free).
+    func trimmingCharacters(in set: String) -> String {
+        let chars = Set(set)
+        guard let start = firstIndex(where: { !chars.contains($0) }),
+              let end = lastIndex(where: { !chars.contains($0) }) else { return "" }
+        return String(self[start...end])
+    }
+}
