@@ -96,9 +96,12 @@ let package = Package(
         ]),
         .testTarget(name: "SpoolTests", dependencies: ["Spool", "LMDB", "Sodium"]),
         .testTarget(name: "SealpostConfigTests", dependencies: ["SealpostConfig"]),
+        .testTarget(name: "StageRuntimeTests", dependencies: [
+            "StageRuntime", "SealpostConfig", .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "MailMessageTests", dependencies: ["MailMessage"]),
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
-        .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery"]),
+        .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
