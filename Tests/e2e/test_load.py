@@ -132,6 +132,7 @@ def test_ten_thousand_messages_from_twenty_injectors_each_delivered_once(pipelin
     assert not duplicates, f"delivered more than once: {list(duplicates.items())[:10]}"
     # Group commit: the injections that arrived together shared a commit.
     commits, messages, text = queue_statistics(pipeline)
+    print(f"sealpost queue stats: {text.strip()}")
     assert messages >= MESSAGES, text
     assert commits < messages, text
 
@@ -173,6 +174,9 @@ def test_kill_minus_nine_of_queue_and_local_deliver_loses_no_accepted_message(pi
     counts = wait_until(lambda: (c := sequences_delivered(pipeline, user)) and set(c) >= load.accepted and c,
                         600, f"{count} messages delivered after {len(kills)} kills", interval=1)
     assert set(counts) >= load.accepted
+    twice = sum(1 for c in counts.values() if c > 1)
+    print(f"{len(kills)} kills, {load.retries} retried injections, {len(load.uncertain)} uncertain, "
+          f"{twice} delivered twice")
     restarts = {name: state[3] for name, state in pipeline.status().items()}
     assert restarts["queue"] >= 1 and restarts["local-deliver"] >= 1, restarts
     assert "killed by signal 9; restarting in" in pipeline.log_text()

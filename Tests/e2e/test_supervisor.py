@@ -103,7 +103,7 @@ def test_a_bad_stages_file_names_file_and_line(workdir):
     result = subprocess.run([executable("supervise"), "--stages", str(stages)], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 78
-    assert f"{stages}:1: stage \"queue\": cannot execute {BUILD}/no-such-program" in result.stderr
+    assert f"{stages}:1: stage \"queue\": cannot execute {os.path.realpath(BUILD)}/no-such-program" in result.stderr
     assert not (workdir / "data").exists()
 
 
