@@ -165,7 +165,8 @@ public final class Supervisor {
         while true {
             let n = readBuffer.withUnsafeMutableBytes { read(pipe.fd, $0.baseAddress, $0.count) }
             if n > 0 {
-                for line in pipe.assembler.append(readBuffer[0..<n]) {
+                // Blank lines (a crash report's spacing) carry nothing.
+                for line in pipe.assembler.append(readBuffer[0..<n]) where !isBlank(line) {
                     log.write(LogFormat.stageLine(line, stage: pipe.stage, pid: pipe.pid))
                 }
                 continue
@@ -331,6 +332,10 @@ public final class Supervisor {
             note("warning: cannot write \(settings.layout.statusFile): \(error)")
         }
     }
+}
+
+func isBlank(_ line: [UInt8]) -> Bool {
+    line.allSatisfy { $0 == 0x20 || $0 == 0x09 || $0 == 0x0d }
 }
 
 /// Writes `path` through a temporary file and rename(2); mode 0644.
