@@ -61,7 +61,21 @@ def test_sigterm_stops_the_stages_and_removes_the_pid_file(pipeline):
     assert all(state[0] == "stopped" for state in pipeline.status().values())
     text = pipeline.log_text()
     # Reverse order of the stages file: local-deliver first, then the queue.
-    assert text.index("stage local-deliver (pid") < text.index("stage queue (pid", text.index("stopping"))
+    after = text[text.index("received signal 15 (SIGTERM); stopping"):]
+    assert after.index(f"stage local-deliver (pid {pids[1]})") < after.index(f"stage queue (pid {pids[0]})")
+    assert "restarting" not in after
+
+
+def test_sighup_is_forwarded_to_the_stages_and_reopens_the_log(pipeline):
+    pids = {name: pipeline.running_pid(name) for name in ("queue", "local-deliver")}
+    rotated = pipeline.log_file.with_suffix(".log.1")
+    pipeline.log_file.rename(rotated)
+    pipeline.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "received SIGHUP" in pipeline.log_text(), 30, "the SIGHUP line in the new log")
+    # Forwarded: each stage got it (and, whatever it does with it, the
+    # supervisor keeps it running or restarts it).
+    wait_until(lambda: all(pipeline.stage_pid(name) for name in pids), 30, "the stages to run")
+    assert "received SIGHUP" not in rotated.read_text()
 
 
 def bad_config(workdir, key, value):
