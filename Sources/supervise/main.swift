@@ -196,6 +196,8 @@ do {
 }
 let settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
                                   layout: layout, stages: stages, foreground: foreground)
+// Every path is absolute by now; hold no directory busy.
+_ = chdir("/")
 let supervisor = Supervisor(settings: settings, log: log)
 for line in created { supervisor.note(line) }
 do {
