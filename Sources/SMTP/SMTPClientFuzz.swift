@@ -113,7 +113,7 @@ public enum SMTPClientFuzz {
         let count = Int(a & 3) + 1
         var recipients: [SMTPClientRecipient] = []
         for i in 0..<count {
-            let address = i == 3 && b & 1 != 0 ? "bad\r\naddress@x" : i == 2 && b & 2 != 0 ? "ü@example.net" : "r\(i)@example.net"
+            let address = i == 3 && b & 128 != 0 ? "bad\r\naddress@x" : i == 2 && b & 2 != 0 ? "ü@example.net" : "r\(i)@example.net"
             recipients.append(SMTPClientRecipient(index: 10 + i, address: address,
                                                   notify: b & 4 != 0 ? DSNNotify(success: true, failure: true) : nil,
                                                   orcpt: b & 8 != 0 ? DSNOriginalRecipient(addressType: "rfc822", address: "o+=\(i)@x") : nil))

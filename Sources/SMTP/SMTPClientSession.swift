@@ -292,7 +292,7 @@ public struct SMTPClientSession: Sendable {
             return
         }
         if reply.code / 100 == 3 && !(state == .transaction && awaiting.first == .data && reply.code == 354) {
-            protocolError("unexpected reply \(SMTPClientText.quote(reply)) (\(phase))")
+            protocolError("unexpected reply \(SMTPClientText.quote(reply))", phase: phase)
             return
         }
         if reply.code == 421 {
@@ -423,7 +423,7 @@ public struct SMTPClientSession: Sendable {
                     awaiting.append(.dataEndIgnored)
                 } else {
                     guard !parser.hasBufferedInput else {
-                        protocolError("server sent data after its 354 reply to DATA")
+                        protocolError("server sent data after its 354 reply to DATA", phase: phase)
                         return
                     }
                     state = .body
@@ -431,7 +431,7 @@ public struct SMTPClientSession: Sendable {
                     emit(.sendBody)
                 }
             } else if positive {
-                protocolError("unexpected reply \(SMTPClientText.quote(reply)) (\(phase))")
+                protocolError("unexpected reply \(SMTPClientText.quote(reply))", phase: phase)
             } else {
                 for pos in accepted { resolve(pos, SMTPDeliveryResult(reply: reply, phase: .dataInit)) }
                 if let refusal = mailRefusal {
@@ -665,8 +665,8 @@ public struct SMTPClientSession: Sendable {
         awaiting = []
     }
 
-    private mutating func protocolError(_ reason: String) {
-        let p = phase
+    private mutating func protocolError(_ reason: String, phase known: SMTPClientPhase? = nil) {
+        let p = known ?? phase
         emit(.protocolError(SMTPClientFailure(.protocolError, EnhancedStatus(4, 5, 0),
                                               "protocol error: \(reason) (\(p))", phase: p)))
         close()
