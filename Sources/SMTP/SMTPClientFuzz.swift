@@ -81,8 +81,12 @@ public enum SMTPClientFuzz {
             }
             if session.isIdle {
                 let choice = reader.byte() ?? 0
-                switch choice % 4 {
+                switch choice % 5 {
                 case 0: checker.check(session.quit(), &session)
+                case 4:
+                    // The server speaks while the connection is idle.
+                    let chunk = reader.take(Int(reader.byte() ?? 0) % 16 + 1)
+                    checker.check(session.receive(chunk), &session)
                 default:
                     let m = makeMessage(choice, reader.byte() ?? 0)
                     checker.begin(m)

@@ -141,7 +141,7 @@ public struct SMTPClientSession: Sendable {
             protocolError("server sent data while the message content was being sent: \(SMTPClientReplyParser.show(Array(bytes.prefix(80))))")
             return take()
         case .ready:
-            protocolError("server sent data when no reply was expected: \(SMTPClientReplyParser.show(Array(bytes.prefix(80))))")
+            idleInput(bytes)
             return take()
         default:
             break
@@ -274,6 +274,23 @@ public struct SMTPClientSession: Sendable {
             sessionFailed(.timeout, EnhancedStatus(4, 4, 2), "conversation timed out \(Self.during(p))", phase: p, quit: false)
         }
         return take()
+    }
+
+    /// A cached connection between messages may hear "421 ... timeout"
+    /// when the server gives up on it: close quietly (no recipient is
+    /// pending). Anything else is out of step.
+    private mutating func idleInput<C: Collection<UInt8>>(_ bytes: C) {
+        parser.append(bytes)
+        do {
+            guard let reply = try parser.next() else { return }
+            if reply.code == 421 && !parser.hasBufferedInput {
+                close()
+            } else {
+                protocolError("server sent a reply when none was expected: \(SMTPClientText.quote(reply))")
+            }
+        } catch {
+            protocolError(error.reason)
+        }
     }
 
     // MARK: - Replies

@@ -491,6 +491,24 @@ import Testing
         #expect(idle.connectionLost() == [.close])
     }
 
+    @Test func idleConnectionTimedOutByTheServer() {
+        var s = SMTPClientSession(policy: clientPolicy(.none), message: message([]))
+        _ = s.receive(Array("220 hi\r\n".utf8))
+        _ = s.receive(Array("250 mx\r\n".utf8))
+        #expect(s.isIdle)
+        #expect(s.receive(Array("421 4.4.2 mx Error: ".utf8)).isEmpty)
+        #expect(s.receive(Array("timeout exceeded\r\n".utf8)) == [.close])
+        #expect(s.isClosed)
+
+        var t = SMTPClientSession(policy: clientPolicy(.none), message: message([]))
+        _ = t.receive(Array("220 hi\r\n".utf8))
+        _ = t.receive(Array("250 mx\r\n".utf8))
+        let a = t.receive(Array("250 what\r\n".utf8))
+        guard case .protocolError(let f) = a.first else { Issue.record("expected a protocol error"); return }
+        #expect(f.phase == .idle)
+        #expect(a.last == .close)
+    }
+
     @Test func quitDuringBodyOnlyCloses() {
         var s = SMTPClientSession(policy: clientPolicy(.none), message: message(["bob@example.net"]))
         _ = s.receive(Array("220 hi\r\n".utf8))
