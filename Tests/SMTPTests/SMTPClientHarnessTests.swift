@@ -22,6 +22,8 @@ struct Peer {
     var rules: [(prefix: String, reply: String)] = []
 
     private(set) var commands: [String] = []
+    /// Both directions, line by line: "C: MAIL FROM:<a@b>", "S: 250 2.1.0 Ok".
+    private(set) var transcript: [String] = []
     /// Each message's content as it arrived on the wire (still dot-stuffed),
     /// without the terminating ".\r\n".
     private(set) var messages: [[UInt8]] = []
@@ -38,6 +40,12 @@ struct Peer {
 
     var greetingBytes: [UInt8] { Self.bytes(greeting) }
 
+    mutating func logServer(_ bytes: [UInt8]) {
+        for line in bytes.split(separator: 10) {
+            transcript.append("S: " + String(decoding: line.last == 13 ? line.dropLast() : line, as: UTF8.self))
+        }
+    }
+
     static func bytes(_ reply: String) -> [UInt8] {
         reply.hasSuffix("\n") ? Array(reply.utf8) : Array((reply + "\r\n").utf8)
     }
@@ -53,11 +61,14 @@ struct Peer {
         while let lf = input.firstIndex(of: 10) {
             let raw = Array(input[...lf])
             input.removeSubrange(...lf)
+            transcript.append("C: " + String(decoding: raw.dropLast(raw.count >= 2 && raw[raw.count - 2] == 13 ? 2 : 1), as: UTF8.self))
             if inData {
                 if raw == [46, 13, 10] {
                     inData = false
                     messages.append(content)
-                    out += Self.bytes(rule("<END-OF-DATA>") ?? "250 2.0.0 Ok: queued as 4F2A9C")
+                    let reply = Self.bytes(rule("<END-OF-DATA>") ?? "250 2.0.0 Ok: queued as 4F2A9C")
+                    logServer(reply)
+                    out += reply
                     mailOK = false
                     rcptOK = 0
                 } else {
@@ -78,6 +89,7 @@ struct Peer {
             if verb.hasPrefix("MAIL") && reply.hasPrefix("2") { mailOK = true }
             if verb.hasPrefix("RCPT") && reply.hasPrefix("2") { rcptOK += 1 }
             if verb == "RSET" { mailOK = false; rcptOK = 0 }
+            logServer(Self.bytes(reply))
             out += Self.bytes(reply)
         }
         return out
@@ -154,6 +166,7 @@ func drive(_ policy: SMTPClientPolicy, _ first: SMTPClientMessage, peer: Peer, f
            more: [SMTPClientMessage] = [], loseConnectionAtEnd: Bool = true) -> Run {
     var run = Run(peer: peer, session: SMTPClientSession(policy: policy, message: first))
     var pendingServer = peer.greetingBytes
+    run.peer.logServer(pendingServer)
     var queue: [SMTPClientAction] = []
     var remaining = more
     var bodyIndex = 0

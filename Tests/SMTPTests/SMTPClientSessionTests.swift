@@ -31,6 +31,37 @@ import Testing
         #expect(run.actions.last == .close)
     }
 
+    /// The whole conversation, both directions, as a golden transcript.
+    @Test(arguments: Feed.allCases)
+    func goldenTranscript(feed: Feed) {
+        var peer = Peer([("RCPT TO:<bob@", "550-5.1.1 <bob@example.net>: no such user\r\n550 5.1.1 try another")])
+        peer.ehlo = ["mx.example.net", "SIZE 5000", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN"]
+        var m = message(["bob@example.net", "carol@example.net"], bodyType: .eightBitMIME)
+        m.recipients[1].notify = .never
+        m.envid = "E1"
+        m.ret = .full
+        let run = drive(clientPolicy(), m, peer: peer, feed: feed, bodies: [[Array(".dot\nend".utf8)]])
+        #expect(run.peer.transcript == [
+            "S: 220 mx.example.net ESMTP ready",
+            "C: EHLO client.example.org",
+            "S: 250-mx.example.net", "S: 250-SIZE 5000", "S: 250-8BITMIME", "S: 250-ENHANCEDSTATUSCODES", "S: 250 DSN",
+            "C: MAIL FROM:<alice@example.org> SIZE=1000 BODY=8BITMIME RET=FULL ENVID=E1",
+            "S: 250 2.1.0 Ok",
+            "C: RCPT TO:<bob@example.net>",
+            "S: 550-5.1.1 <bob@example.net>: no such user", "S: 550 5.1.1 try another",
+            "C: RCPT TO:<carol@example.net> NOTIFY=NEVER",
+            "S: 250 2.1.5 Ok",
+            "C: DATA",
+            "S: 354 End data with <CR><LF>.<CR><LF>",
+            "C: ..dot", "C: end", "C: .",
+            "S: 250 2.0.0 Ok: queued as 4F2A9C",
+            "C: QUIT",
+            "S: 221 2.0.0 Bye",
+        ])
+        #expect(run.results[1]?.text == "550 5.1.1 <bob@example.net>: no such user / try another (in reply to RCPT TO command)")
+        #expect(run.results[2]?.status == .sent)
+    }
+
     @Test(arguments: Feed.allCases)
     func sessionWithoutPipeliningSendsOneCommandAtATime(feed: Feed) {
         var peer = Peer()
