@@ -113,8 +113,16 @@ public final class TLSServerContexts: @unchecked Sendable {
 
     /// Whether any certificate or key file changed on disk since loading
     /// (modification time or size), or can no longer be read.
+    /// Files that cannot be read now (e.g. after a chroot) count as
+    /// unchanged: there is nothing newer to load.
     public func filesChanged() -> Bool {
-        fileStamps.contains { $0 != FileStamp($0.path) }
+        let now = fileStamps.map { FileStamp($0.path) }
+        return now.allSatisfy { $0.size >= 0 } && now != fileStamps
+    }
+
+    /// The current stamps as text, to remember a version that failed to load.
+    public func currentStamps() -> [String] {
+        fileStamps.map { let s = FileStamp($0.path); return "\(s.path) \(s.seconds).\(s.nanoseconds) \(s.size)" }
     }
 
     /// The context for an SNI name: an exact name, then a wildcard

@@ -34,9 +34,21 @@ final class Child: @unchecked Sendable {
         for (k, v) in environment { env[k] = v }
         let argv = args.map { strdup($0) } + [nil]
         let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        // The test runner's threads may block signals, and the mask is
+        // inherited: start the child with an empty mask and default actions.
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        var all = sigset_t()
+        sigfillset(&all)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        posix_spawnattr_setsigdefault(&attr, &all)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         var p: pid_t = 0
-        let rc = posix_spawnp(&p, args[0], &actions, nil, argv, envp)
+        let rc = posix_spawnp(&p, args[0], &actions, &attr, argv, envp)
         posix_spawn_file_actions_destroy(&actions)
+        posix_spawnattr_destroy(&attr)
         for a in argv { free(a) }
         for e in envp { free(e) }
         close(inPipe[0])
@@ -83,7 +95,7 @@ final class Child: @unchecked Sendable {
         return sealpost_wifexited(status) != 0 ? sealpost_wexitstatus(status) : 128 + sealpost_wtermsig(status)
     }
 
-    /// SIGKILL: the test runner may have SIGTERM blocked, and the mask is inherited.
+    /// SIGKILL: no close_notify, no clean-up.
     func kill() { _ = Glibc.kill(pid, SIGKILL) }
 }
 
