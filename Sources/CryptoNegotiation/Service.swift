@@ -71,9 +71,11 @@ public final class NegotiationService: @unchecked Sendable {
 
     /// Loads the certificates again for new handshakes (SIGHUP); sessions
     /// in progress keep theirs. On failure the old ones stay.
-    public func reload() {
+    /// `done` (optional) gets whether the new certificates are in use.
+    public func reload(_ done: (@Sendable (Bool) -> Void)? = nil) {
         loop.execute { [self] in
-            _ = reloadNow()
+            let ok = reloadNow()
+            done?(ok)
         }
     }
 

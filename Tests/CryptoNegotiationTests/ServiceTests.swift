@@ -12,7 +12,8 @@ import Testing
 /// Both roles through one service: a TCP connection whose two ends are
 /// handed over, one as server, one as client; returns the two plaintext
 /// sockets after checking the reports.
-func negotiatePair(_ connection: StageConnection, pkix: Bool = true) throws -> (server: Int32, client: Int32) {
+func negotiatePair(_ connection: StageConnection, pkix: Bool = true,
+                   subject: String = "CN=mx.example.test") throws -> (server: Int32, client: Int32) {
     let listener = try Listener()
     let clientFD = try connectTCP(listener.port)
     let serverFD = listener.accept()
@@ -34,7 +35,7 @@ func negotiatePair(_ connection: StageConnection, pkix: Bool = true) throws -> (
         #expect(try f.text("server-name") == "mx.example.test")
         if try f.uint("session") == 2 {
             #expect(try f.text("authentication") == (pkix ? "pkix" : "encrypted"))
-            #expect(try f.text("peer-subject") == "CN=mx.example.test")
+            #expect(try f.text("peer-subject") == subject)
             #expect(try f.text("peer-spki").count == 64)
         }
     }
@@ -108,6 +109,36 @@ func tlsConfigText(_ pki: TestPKI) -> String {
         #expect(try f.text("text").contains("no CA bundle named \"nonexistent\""))
         var b: UInt8 = 0
         #expect(read(accepted, &b, 1) == 0)
+    }
+
+    @Test func reloadServesNewCertificatesAndKeepsSessions() throws {
+        let pki = try TestPKI.get()
+        let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try shell("cp leaf-ec.pem r-\(tag).pem && cp leaf-ec.key r-\(tag).key", in: pki.dir)
+        let config = try TLSConfiguration.parse(text: """
+            [tls]
+            ca_file = "ca.pem"
+            [[tls.certificate]]
+            cert = "r-\(tag).pem"
+            key = "r-\(tag).key"
+            """, file: pki.path("tls.toml"))
+        let service = try NegotiationService(configuration: config)
+        let path = pki.path("tls-\(tag).sock")
+        try service.listen(path: path)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread { service.run(); done.signal() }
+        defer { service.stop(); done.wait(); unlink(path) }
+        let c = try StageConnection.connect(path: path)
+        try c.clientHello(.tls)
+        let old = try negotiatePair(c)
+        // New files, reload: the session made before goes on...
+        try shell("cp other.pem r-\(tag).pem && cp other.key r-\(tag).key", in: pki.dir)
+        let reloaded = Box<Bool>()
+        service.reload { reloaded.put($0) }
+        #expect(try reloaded.take())
+        try exchangeAndClose(c, old)
+        // ... and new handshakes get the new certificate.
+        try exchangeAndClose(c, try negotiatePair(c, pkix: false, subject: "CN=other.example.test"))
     }
 
     @Test func protocolViolationGetsAnError() throws {

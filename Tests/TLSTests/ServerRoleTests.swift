@@ -21,7 +21,8 @@ import Testing
     /// s_client connects to a listener, the accepted socket goes to the
     /// engine; returns the handshake outcome and s_client's output.
     static func handshake(_ clientArgs: [String], serverName: String? = "mx.example.test",
-                          environment: [String: String] = [:], send: String? = nil)
+                          environment: [String: String] = [:], send: String? = nil,
+                          contexts given: TLSServerContexts? = nil)
         throws -> (Result<HandshakeResult, TLSError>, String, RelaySummary?) {
         let pki = try TestPKI.get()
         let engine = try EngineThread()
@@ -33,7 +34,7 @@ import Testing
         let client = try Child(args + clientArgs, environment: environment)
         let fd = listener.accept()
         #expect(fd >= 0)
-        let session = engine.server(try contexts(), socket: fd)
+        let session = engine.server(try given ?? contexts(), socket: fd)
         let result = try session.handshake.take()
         var summary: RelaySummary?
         if case .success(let h) = result {
@@ -116,6 +117,27 @@ import Testing
         let (result, _, _) = try Self.handshake(["-tls1_2", "-cipher", "AES128-GCM-SHA256"])
         let error = try #require(result.failure)
         #expect(error.message.contains("no shared cipher"))
+    }
+
+    @Test func sessionTicketsResume() throws {
+        let pki = try TestPKI.get()
+        let contexts = try Self.contexts(tickets: true)
+        let file = pki.path("session-\(UInt32.random(in: 0...UInt32.max)).pem")
+        // s_client stores the ticket it received with the data.
+        let (first, _, _) = try Self.handshake(["-tls1_3", "-sess_out", file], send: "one\n", contexts: contexts)
+        #expect(try !first.get().report.resumed)
+        let (second, _, _) = try Self.handshake(["-tls1_3", "-sess_in", file], send: "two\n", contexts: contexts)
+        #expect(try second.get().report.resumed)
+    }
+
+    @Test func noResumptionWithoutTickets() throws {
+        let pki = try TestPKI.get()
+        let contexts = try Self.contexts(tickets: false)
+        let file = pki.path("session-\(UInt32.random(in: 0...UInt32.max)).pem")
+        _ = try Self.handshake(["-tls1_3", "-sess_out", file], send: "one\n", contexts: contexts)
+        guard access(file, F_OK) == 0 else { return }   // no ticket at all: nothing to resume
+        let (second, _, _) = try Self.handshake(["-tls1_3", "-sess_in", file], send: "two\n", contexts: contexts)
+        #expect(try !second.get().report.resumed)
     }
 
     @Test func missingKeyFileIsAConfigurationError() throws {
