@@ -277,6 +277,10 @@ final class ControlConnection: EventHandler {
     private func handle(_ frame: Frame) {
         switch frame.type {
         case .hello:
+            guard case .uint(1)? = frame["version"] else {
+                protocolError("HELLO: attribute \"version\": this server speaks version 1")
+                return
+            }
             send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1),
                                 "software": .text("sealpost-crypto-negotiate 0.1")]), closing: [])
         case .error:
