@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "local-deliver", targets: ["local-deliver"]),
         .executable(name: "sealpost", targets: ["sealpost"]),
         .executable(name: "supervise", targets: ["supervise"]),
+        .executable(name: "crypto-negotiate", targets: ["crypto-negotiate"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -41,6 +42,7 @@ let package = Package(
         // Wrappers, one per C library.
         .target(name: "LMDB", dependencies: ["CLMDB"]),
         .target(name: "Sodium", dependencies: ["CSodium"]),
+        .target(name: "TLS", dependencies: ["COpenSSL", "CSystemShims"]),
 
         // Libraries holding the logic.
         .target(name: "StageProtocol", dependencies: [
@@ -67,6 +69,11 @@ let package = Package(
             "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "CryptoNegotiation", dependencies: [
+            "TLS", "StageProtocol", "StageRuntime", "SealpostConfig", "CSystemShims",
+            .product(name: "TOMLKit", package: "TOMLKit"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "Supervision", dependencies: [
             "CSystemShims", "CSystemSpawn", "StageRuntime", "SealpostConfig",
         ]),
@@ -84,6 +91,9 @@ let package = Package(
         .executableTarget(name: "sealpost", dependencies: [
             "StageProtocol", "StageRuntime", "SealpostConfig",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "crypto-negotiate", dependencies: [
+            "CryptoNegotiation", "StageRuntime", "SealpostConfig",
         ]),
         .executableTarget(name: "supervise", dependencies: [
             "Supervision", "StageRuntime", "SealpostConfig",
@@ -105,6 +115,10 @@ let package = Package(
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS", "CSystemShims"]),
+        .testTarget(name: "CryptoNegotiationTests", dependencies: [
+            "CryptoNegotiation", "TLS", "StageProtocol", "CSystemShims",
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )
