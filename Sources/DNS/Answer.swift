@@ -97,11 +97,14 @@ public enum DNSError: Error, Sendable, Equatable, CustomStringConvertible {
     case invalidName(String, reason: String)
     /// A record's RDATA did not decode.
     case malformed(RDataError)
+    /// DNSSEC validation failed: the records must not be used (RFC 4035
+    /// 5.5); the raw RDATA stays in the answer for diagnostics only.
+    case bogus(name: String, type: RRType, reason: String)
 
     /// True for failures that may go away on retry (RFC 5321 4.4.x deferral).
     public var isTemporary: Bool {
         switch self {
-        case .timeout, .resolver: return true
+        case .timeout, .resolver, .bogus: return true
         case .configuration, .invalidName, .malformed: return false
         }
     }
@@ -113,6 +116,8 @@ public enum DNSError: Error, Sendable, Equatable, CustomStringConvertible {
         case .configuration(let message): return "resolver configuration: \(message)"
         case .invalidName(let name, let reason): return "invalid DNS name \"\(name)\": \(reason)"
         case .malformed(let error): return error.description
+        case .bogus(let name, let type, let reason):
+            return "DNSSEC validation of \(name)/\(type) failed" + (reason.isEmpty ? "" : ": \(reason)")
         }
     }
 }
@@ -175,7 +180,8 @@ public struct DNSAnswer: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// Each TLSA record decoded on its own: RFC 7672 2.2 treats a malformed
-    /// record as unusable, not as a failure of the whole RRset.
+    /// record as unusable, not as a failure of the whole RRset. Check
+    /// `status` first: bogus records must not be used.
     public func eachTLSARecord() -> [Result<TLSARecord, RDataError>] {
         rdata.map { rdata in Result { () throws(RDataError) in try TLSARecord(rdata: rdata) } }
     }
@@ -183,6 +189,9 @@ public struct DNSAnswer: Sendable, Equatable, CustomStringConvertible {
     private func decode<R>(_ expected: RRType, _ decoder: ([UInt8]) throws(RDataError) -> R) throws(DNSError) -> [R] {
         guard type == expected else {
             throw .malformed(RDataError(type: expected, reason: "answer is for type \(type)"))
+        }
+        if case .bogus(let reason) = status {
+            throw .bogus(name: name, type: type, reason: reason)
         }
         var records: [R] = []
         records.reserveCapacity(rdata.count)

@@ -106,6 +106,9 @@ enum DNSTestbed {
     static func stubResolver(timeout: Duration = .seconds(5)) throws -> Resolver {
         let bed = try running()
         return try Resolver(ResolverConfiguration(
+            // Everything outside the stub zones goes to nsd too (refused):
+            // no query may leave loopback.
+            forwarders: [bed.authority],
             stubZones: [StubZone(zone: "dane.test", addresses: [bed.authority]),
                         StubZone(zone: "insecure.test", addresses: [bed.authority])],
             trustAnchorFiles: [bed.trustAnchor],
