@@ -32,6 +32,9 @@ let package = Package(
                        providers: [.apt(["libsodium-dev"])]),
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb",
                        providers: [.apt(["liblmdb-dev"])]),
+        // libunbound's pkg-config file requires libevent's: install libevent-dev too.
+        .systemLibrary(name: "CUnbound", pkgConfig: "libunbound",
+                       providers: [.apt(["libunbound-dev", "libevent-dev"])]),
         // Glibc calls and macros Swift cannot reach (CMSG_*, WIFEXITED, pipe2,
         // posix_spawn closefrom, stderr); GNU-only calls live in the .c file.
         .target(name: "CSystemShims"),
@@ -43,6 +46,7 @@ let package = Package(
         .target(name: "LMDB", dependencies: ["CLMDB"]),
         .target(name: "Sodium", dependencies: ["CSodium"]),
         .target(name: "TLS", dependencies: ["COpenSSL", "CSystemShims"]),
+        .target(name: "DNS", dependencies: ["CUnbound"]),
 
         // Libraries holding the logic.
         .target(name: "StageProtocol", dependencies: [
@@ -113,6 +117,7 @@ let package = Package(
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
+        .testTarget(name: "DNSTests", dependencies: ["DNS"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS", "CSystemShims"]),
