@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "local-deliver", targets: ["local-deliver"]),
         .executable(name: "sealpost", targets: ["sealpost"]),
         .executable(name: "supervise", targets: ["supervise"]),
+        .executable(name: "smtp-listen", targets: ["smtp-listen"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -64,6 +65,13 @@ let package = Package(
             "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "SMTPService", dependencies: [
+            "SMTP", "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "Supervision", dependencies: [
             "CSystemShims", "StageRuntime", "SealpostConfig",
         ]),
@@ -82,6 +90,9 @@ let package = Package(
             "StageProtocol", "StageRuntime", "SealpostConfig",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .executableTarget(name: "smtp-listen", dependencies: [
+            "SMTPService", "StageRuntime", "SealpostConfig",
+        ]),
         .executableTarget(name: "supervise", dependencies: [
             "Supervision", "StageRuntime", "SealpostConfig",
         ]),
@@ -97,6 +108,12 @@ let package = Package(
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
+        .testTarget(name: "SMTPServiceTests", dependencies: [
+            "SMTPService", "SMTP", "StageProtocol", "CSystemShims",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
     ],
     swiftLanguageModes: [.v6]
