@@ -154,6 +154,15 @@ final class LogCapture: Sendable {
     func append(_ line: String) { lines.withLock { $0.append(line) } }
     var all: [String] { lines.withLock { $0 } }
     func contains(_ text: String) -> Bool { all.contains { $0.contains(text) } }
+    /// Whether a line containing `text` appears (within 10 s: lines such as
+    /// "disconnect from" are written after the client already saw EOF).
+    func eventually(_ text: String) -> Bool {
+        for _ in 0..<1000 {
+            if contains(text) { return true }
+            usleep(10_000)
+        }
+        return false
+    }
 }
 
 struct CapturingLogHandler: LogHandler {
