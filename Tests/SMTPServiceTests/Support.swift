@@ -52,6 +52,7 @@ final class FakeQueue: Sendable {
         var protocolErrors: [String] = []
         var nextID = 0x10000
         var stopped = false
+        var stallBodies = false
     }
 
     init(answer: Answer = .accept) throws {
@@ -69,6 +70,11 @@ final class FakeQueue: Sendable {
     var answer: Answer {
         get { state.withLock { $0.answer } }
         set { state.withLock { $0.answer = newValue } }
+    }
+    /// While true, a connection that got its MAIL stops reading.
+    var stallBodies: Bool {
+        get { state.withLock { $0.stallBodies } }
+        set { state.withLock { $0.stallBodies = newValue } }
     }
     var accepted: [InjectedMessage] { state.withLock { $0.accepted } }
     var refused: [InjectedMessage] { state.withLock { $0.refused } }
@@ -107,6 +113,7 @@ final class FakeQueue: Sendable {
             var rcpts: [Frame] = []
             var body: [UInt8] = []
             while true {
+                while mail != nil && stallBodies { usleep(5_000) }
                 guard let f = try c.receive() else {
                     if mail != nil { state.withLock { $0.incomplete += 1 } }
                     return
@@ -261,6 +268,25 @@ final class SMTPTestClient {
             if n <= 0 { return }
             offset += n
         }
+    }
+
+    /// Sends without blocking until the peer stops taking bytes for
+    /// `patienceMilliseconds`; returns how many bytes went out.
+    func sendUntilBlocked(_ bytes: [UInt8], patienceMilliseconds: Int32) -> Int {
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+        defer { _ = fcntl(fd, F_SETFL, flags) }
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes[offset..<min(bytes.count, offset + 65536)].withUnsafeBytes {
+                Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL))
+            }
+            if n > 0 { offset += n; continue }
+            guard errno == EAGAIN || errno == EWOULDBLOCK else { return offset }
+            var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            if poll(&p, 1, patienceMilliseconds) == 0 { return offset }
+        }
+        return offset
     }
 
     func shutdownWrite() { shutdown(fd, Int32(SHUT_WR)) }
