@@ -73,7 +73,8 @@ final class InjectTransaction {
     /// True once failed (data is then dropped).
     var isWritable: Bool {
         if failure != nil || outcome != nil { return true }
-        return channel?.isWritable ?? false
+        guard helloReceived, let channel else { return false }
+        return channel.isWritable
     }
 
     // MARK: - Frames
@@ -158,19 +159,32 @@ final class InjectTransaction {
             return
         }
         self.channel = channel
+        // PROTOCOL.md 4.1: nothing but the HELLOs until both are exchanged;
+        // the rest waits in `pending` for the queue's HELLO.
+        let hello = pending.removeFirst()
+        send(hello, on: channel)
+        channel.flush()
+    }
+
+    private func helloExchanged() {
+        guard let channel else { return }
+        helloReceived = true
         let frames = pending
         pending = []
-        for frame in frames { write(frame) }
+        for frame in frames { send(frame, on: channel) }
         channel.flush()
-        if ended { armTimer() }
         writabilityChanged?()
     }
 
     private func write(_ frame: Frame) {
-        guard let channel else {
+        guard let channel, helloReceived else {
             pending.append(frame)
             return
         }
+        send(frame, on: channel)
+    }
+
+    private func send(_ frame: Frame, on channel: Channel) {
         let promise = eventLoop.makePromise(of: Void.self)
         promise.futureResult.assumeIsolated().whenFailure { error in
             self.fail("sending \(frame.type.name): \(Self.describe(error))")
@@ -197,7 +211,8 @@ final class InjectTransaction {
         if failure == nil, outcome == nil {
             write(Frame(.end))
             channel?.flush()
-            if channel != nil { armTimer() }
+            // Before the connection is up, the queue's silence is timed too.
+            armTimer()
         } else {
             deliverOutcome()
         }
@@ -235,7 +250,7 @@ final class InjectTransaction {
             guard proto == "inject", version == 1 else {
                 return fail("queue answered HELLO with protocol \(proto ?? "?") version \(version.map(String.init) ?? "?")")
             }
-            helloReceived = true
+            helloExchanged()
         case .accepted:
             guard helloReceived, ended, let id = try? frame.text("queue-id"), !id.isEmpty else {
                 return fail("unexpected ACCEPTED from the queue")
