@@ -38,15 +38,22 @@ final class SMTPServerCore: Sendable {
         self.logger = logger
     }
 
-    /// Counts a new session; `ok` false when the client already has the
-    /// maximum (or the server is stopping). Every call is balanced by
-    /// `unregister`.
-    func register(address: String, channel: Channel) -> (ok: Bool, count: Int) {
+    enum Admission: Equatable {
+        case admitted
+        /// The client would have this many sessions, over the limit.
+        case tooMany(Int)
+        case stopping
+    }
+
+    /// Counts a new session and says whether it may proceed. Every call is
+    /// balanced by `unregister`, admitted or not.
+    func register(address: String, channel: Channel) -> Admission {
         state.withLockedValue { s in
             let n = s.perClient[address, default: 0] + 1
             s.perClient[address] = n
             s.channels[ObjectIdentifier(channel)] = channel
-            return (n <= settings.limits.sessionsPerClient && !s.stopping, n)
+            if s.stopping { return .stopping }
+            return n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n)
         }
     }
 

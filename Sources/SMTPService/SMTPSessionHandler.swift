@@ -70,11 +70,16 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         clientAddress = NetworkPrefix.canonicalClientAddress(raw)
         client = SessionLog.client(name: clientName, address: clientAddress)
         let settings = server.settings
-        let admitted = server.register(address: clientAddress, channel: context.channel)
+        let admission = server.register(address: clientAddress, channel: context.channel)
         registered = true
-        guard admitted.ok else {
-            server.logger.warning("\(SessionLog.tooManyConnections(admitted.count, client: client, service: kind))")
-            let reply = SMTPReply(421, "4.7.0", "\(settings.hostname) Error: too many connections from \(clientAddress)")
+        if admission != .admitted {
+            let reply: SMTPReply
+            if case .tooMany(let count) = admission {
+                server.logger.warning("\(SessionLog.tooManyConnections(count, client: client, service: kind))")
+                reply = SMTPReply(421, "4.7.0", "\(settings.hostname) Error: too many connections from \(clientAddress)")
+            } else {
+                reply = SMTPReply(421, "4.3.2", "\(settings.hostname) Service shutting down")
+            }
             closing = true
             context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: reply.rendered)))
                 .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
