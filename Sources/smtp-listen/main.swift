@@ -64,7 +64,6 @@
 //      privileges cannot be dropped; 78 (config) for a bad configuration
 //      or bad LISTEN_* variables.
 
-import Dispatch
 import Logging
 import NIOCore
 import NIOPosix
@@ -97,6 +96,17 @@ if specs.isEmpty {
     StageRuntime.fatal("no listeners: [smtp] listen and submission are empty and no sockets were passed", exit: .config)
 }
 
+// SIGTERM and SIGINT are taken with sigwait(2) by the main thread, not
+// with SignalEvents: that uses libdispatch, whose worker-pool monitor reads
+// /proc/self/task and traps (SIGILL) inside the chroot, where /proc does not
+// exist. Blocked here, before any thread starts, so every thread inherits
+// the mask and the signals wait for sigwait.
+var stopSignals = sigset_t()
+sigemptyset(&stopSignals)
+sigaddset(&stopSignals, SIGTERM)
+sigaddset(&stopSignals, SIGINT)
+pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+
 // The paths the sessions use are those after the chroot; no session runs
 // before privileges are dropped (listeners open with accepting paused).
 let paths: RuntimePaths = geteuid() == 0 ? RuntimePaths(config).rebased(to: "/") : RuntimePaths(config)
@@ -123,12 +133,10 @@ do {
 
 server.startAccepting()
 
-let stop = DispatchSemaphore(value: 0)
-let signals = SignalEvents()
-signals.on(SIGTERM) { stop.signal() }
-signals.on(SIGINT) { stop.signal() }
-stop.wait()
-logger.info("stopping: \(server.sessionCount) sessions open")
+var received: Int32 = 0
+while sigwait(&stopSignals, &received) != 0 {}
+logger.info("stopping on signal \(received): \(server.sessionCount) sessions open")
 try? server.shutdown(grace: .seconds(30)).wait()
-try? group.syncShutdownGracefully()
+// No group shutdown: syncShutdownGracefully would use libdispatch (see
+// above), and the process ends here anyway.
 exit(ExitCode.ok.rawValue)
