@@ -47,13 +47,17 @@ final class SMTPServerCore: Sendable {
 
     /// Counts a new session and says whether it may proceed. Every call is
     /// balanced by `unregister`, admitted or not.
+    /// Trusted clients are exempt from the limit (as Postfix exempts
+    /// $mynetworks with smtpd_client_event_limit_exceptions): a local
+    /// relay or load generator may open as many sessions as it needs.
     func register(address: String, channel: Channel) -> Admission {
-        state.withLockedValue { s in
+        let exempt = settings.isTrusted(address)
+        return state.withLockedValue { s in
             let n = s.perClient[address, default: 0] + 1
             s.perClient[address] = n
             s.channels[ObjectIdentifier(channel)] = channel
             if s.stopping { return .stopping }
-            return n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n)
+            return exempt || n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n)
         }
     }
 

@@ -30,6 +30,7 @@ public struct SMTPLimits: Sendable, Hashable {
     public var errors = 20
     /// Simultaneous sessions from one client address (Postfix's
     /// smtpd_client_connection_count_limit is 50); more get 421 4.7.0.
+    /// Trusted networks are exempt.
     public var sessionsPerClient = 50
 
     public init() {}

@@ -175,7 +175,10 @@ import Testing
     }
 
     @Test func sessionsPerClientAddressAreLimited() throws {
-        let h = try Harness { $0.limits.sessionsPerClient = 2 }
+        let h = try Harness {
+            $0.limits.sessionsPerClient = 2
+            $0.trustedNetworks = []
+        }
         defer { h.stop() }
         let a = try h.client(), b = try h.client()
         #expect(a.reply()?.code == 220)
@@ -191,6 +194,13 @@ import Testing
         #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] quit=1 commands=1"))
         let fourth = try h.client()
         #expect(fourth.reply()?.code == 220)
+    }
+
+    @Test func trustedClientsAreExemptFromTheSessionLimit() throws {
+        let h = try Harness { $0.limits.sessionsPerClient = 1 }
+        defer { h.stop() }
+        let clients = try (0..<3).map { _ in try h.client() }
+        for c in clients { #expect(c.reply()?.code == 220) }
     }
 
     @Test func silentClientTimesOutWith421() throws {
