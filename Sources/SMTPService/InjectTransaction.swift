@@ -224,7 +224,9 @@ final class InjectTransaction {
         guard outcome == nil else { return }
         outcome = .unavailable(reason: "aborted")
         timer?.cancel()
-        if let channel, failure == nil, !ended {
+        // ABORT only where MAIL went out (after the HELLOs); otherwise
+        // closing the connection is all the queue needs to forget it.
+        if let channel, helloReceived, failure == nil, !ended {
             channel.writeAndFlush(Frame(.abort)).assumeIsolated().whenComplete { _ in channel.close(promise: nil) }
         } else {
             channel?.close(promise: nil)

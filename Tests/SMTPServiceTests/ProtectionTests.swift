@@ -151,6 +151,7 @@ import Testing
         let r = try #require(c.command(body + "."))
         #expect(r.last.hasPrefix("552 5.3.4"))
         #expect(h.queue.accepted.isEmpty)
+        #expect(h.queue.connections <= 1)
         #expect(c.command("NOOP")?.code == 250)
     }
 

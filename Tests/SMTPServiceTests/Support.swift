@@ -120,10 +120,16 @@ final class FakeQueue: Sendable {
                 }
                 switch f.type {
                 case .mail:
+                    guard mail == nil else { throw ProtocolError("MAIL inside a transaction") }
                     mail = f; rcpts = []; body = []
-                case .rcpt: rcpts.append(f)
-                case .body: body += try f.bytes("data")
+                case .rcpt:
+                    guard mail != nil, body.isEmpty else { throw ProtocolError("RCPT out of place") }
+                    rcpts.append(f)
+                case .body:
+                    guard mail != nil, !rcpts.isEmpty else { throw ProtocolError("BODY out of place") }
+                    body += try f.bytes("data")
                 case .abort:
+                    guard mail != nil else { throw ProtocolError("ABORT without MAIL") }
                     state.withLock { $0.aborted += 1 }
                     mail = nil
                 case .end:
@@ -148,6 +154,9 @@ final class FakeQueue: Sendable {
                     throw ProtocolError("unexpected \(f.type.name)")
                 }
             }
+        } catch is StageIOError {
+            // The client may close at any moment (a vanished SMTP client);
+            // a reset or a broken pipe is not a protocol violation.
         } catch {
             state.withLock { $0.protocolErrors.append("\(error)") }
         }
@@ -217,7 +226,8 @@ final class Harness: Sendable {
         server.startAccepting()
     }
 
-    func stop() {
+    func stop(sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(queue.protocolErrors.isEmpty, "the inject peer saw: \(queue.protocolErrors)", sourceLocation: sourceLocation)
         try? server.shutdown(grace: .seconds(5)).wait()
         try? group.syncShutdownGracefully()
         queue.stop()
