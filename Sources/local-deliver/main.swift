@@ -1,1 +1,116 @@
-print("todo")
+// NAME
+//      local-deliver - Sealpost local delivery to Maildirs
+//
+// SYNOPSIS
+//      local-deliver      (started by the supervisor, Pipeline/stages)
+//
+// DESCRIPTION
+//      local-deliver delivers mail for the local domains (config
+//      `local.domains`) into Maildirs. It is a client of the queue: it
+//      takes delivery jobs, writes one copy per mailbox, and reports one
+//      result per recipient.
+//
+//      For each recipient: the local part is looked up without regard to
+//      case, first in the aliases file (`local.aliases`), then among the
+//      local users; `user+ext` falls back to `user`. Local users are the
+//      system's accounts plus `local.users` (`local.accounts = "system"`) or
+//      `local.users` alone (`"listed"`). Aliases expand recursively (loops
+//      and chains deeper than 20 are errors, found when the file is loaded);
+//      an alias target outside the local domains is forwarded: a new message
+//      is injected into the queue. Command ("|cmd"), file ("/path") and
+//      ":include:" targets are refused when the file is loaded.
+//
+//      Delivery follows the Maildir specification: the message (CRLF line
+//      ends converted to LF, "Return-Path:" and "Delivered-To:" prepended)
+//      is written to tmp/, fsync'ed, linked into new/, and the new/
+//      directory fsync'ed before the result is reported. Mailboxes are
+//      `local.mailbox` with {user} replaced, under the data directory,
+//      created with mode 0700 when missing. A message that already carries
+//      "Delivered-To:" for its recipient is a mail loop and is bounced
+//      (5.4.6); an unknown user is bounced (5.1.1); a failed write (full
+//      disk, quota, I/O error) is deferred (4.x.x) and retried by the queue.
+//
+// SOCKETS
+//      run/deliver   client, protocol `deliver`, transport `local`
+//                    (Pipeline/PROTOCOL.md section 4.3): one connection per
+//                    worker, one job at a time on each (max-jobs 1).
+//      run/inject    client, protocol `inject` (section 4.2): one short
+//                    connection per forwarded copy.
+//      The queue may restart at any time: workers reconnect with a pause
+//      growing from 0.1 s to 5 s; jobs in flight are retried by the queue.
+//
+// ENVIRONMENT
+//      SEALPOST_CONFIG              the configuration file
+//      SEALPOST_USER                the account to run as (when started as root)
+//      SEALPOST_LOCAL_CONCURRENCY   workers, 1..64 (default 4): deliveries
+//                                   that run at once, so that fsyncs overlap
+//
+// PRIVILEGES
+//      Started as root by the supervisor, it reads the account database and
+//      the aliases file, then chroots into the data directory and runs as
+//      its own user (SEALPOST_USER), which owns the mailboxes (mail/ under
+//      the data directory must be writable by it). It never runs programs
+//      and never writes outside the mailboxes. Started as another user, it
+//      runs as that user without chroot.
+//
+// LOGGING
+//      One line per delivered copy on stderr, as Postfix's local(8):
+//      local-deliver[815]: 4F3A2B1C5D6E: to=<u@localhost>,
+//      orig_to=<postmaster@localhost>, relay=local, delay=0.02, dsn=2.0.0,
+//      status=sent (delivered to maildir)
+//
+// EXIT STATUS
+//      It runs until killed. At start: 78 (EX_CONFIG) for an unreadable
+//      configuration, a malformed aliases file or a bad
+//      SEALPOST_LOCAL_CONCURRENCY; 67 (EX_NOUSER), 77 (EX_NOPERM) or 71
+//      (EX_OSERR) when privileges cannot be dropped.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import LocalDelivery
+import Logging
+import SealpostConfig
+import StageRuntime
+
+let config = StageRuntime.bootstrap(stage: "local-deliver")
+let logger = Logger(label: "local-deliver")
+
+// Files and directories are created 0600/0700; make sure nothing widens them.
+umask(0o077)
+
+let concurrency: Int
+do {
+    concurrency = try LocalDeliveryService.concurrency(environment: getenv("SEALPOST_LOCAL_CONCURRENCY").map { String(cString: $0) })
+} catch {
+    StageRuntime.fatal(error.description, exit: .config)
+}
+
+// Everything from outside the chroot is read now.
+let resolver: RecipientResolver
+do {
+    resolver = try LocalDeliveryService.makeResolver(config)
+} catch {
+    StageRuntime.fatal(error.description, exit: .config)
+}
+let namer = MaildirNamer()
+
+let paths: RuntimePaths
+do {
+    paths = try StageRuntime.dropPrivileges(config, chroot: true)
+} catch let error as PrivilegeError {
+    StageRuntime.fatal(error.message, exit: error.exitCode)
+} catch {
+    StageRuntime.fatal("\(error)", exit: .osErr)
+}
+
+let agent = LocalDeliveryAgent(resolver: resolver, dataDirectory: paths.dataDirectory,
+                               mailboxTemplate: config.local.mailbox, namer: namer,
+                               forwarder: InjectForwarder(socketPath: paths.injectSocket),
+                               log: LocalDeliveryService.log(logger))
+logger.info("starting: \(concurrency) workers, \(resolver.users.count) local users, \(resolver.aliases.entries.count) aliases, domains \(resolver.localDomains.sorted().joined(separator: " "))")
+let workers = (1...concurrency).map {
+    DeliveryWorker(socketPath: paths.deliverSocket, agent: agent,
+                   maximumMessageSize: config.queue.messageSizeLimit + 1_048_576, name: "worker \($0)")
+}
+LocalDeliveryService.run(workers: workers)

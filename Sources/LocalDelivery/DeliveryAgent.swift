@@ -1,0 +1,264 @@
+// One job from the queue -> one result per recipient: resolve each recipient
+// (aliases, users, extensions), refuse loops, write a Maildir copy per local
+// mailbox, re-inject a copy per non-local alias target, log one line per
+// destination in the style of Postfix's local(8).
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A job as the queue sent it (JOB, JOB-RCPT..., BODY..., JOB-END).
+public struct DeliveryJob: Sendable {
+    public struct Recipient: Sendable, Equatable {
+        public var index: UInt64
+        public var address: String
+        public var notify: String?
+        public var orcpt: String?
+        public init(index: UInt64, address: String, notify: String? = nil, orcpt: String? = nil) {
+            self.index = index
+            self.address = address
+            self.notify = notify
+            self.orcpt = orcpt
+        }
+    }
+
+    public var job: UInt64
+    public var queueID: String
+    public var sender: String
+    public var arrival: UInt64
+    public var size: UInt64
+    public var attempt: UInt64
+    public var ret: String?
+    public var envid: String?
+    public var requireTLS = false
+    public var smtputf8 = false
+    public var bodyType: String?
+    public var recipients: [Recipient] = []
+    /// The message as received, CRLF line ends, in the chunks it came in.
+    public var body: [[UInt8]] = []
+
+    public init(job: UInt64, queueID: String, sender: String, arrival: UInt64,
+                size: UInt64 = 0, attempt: UInt64 = 1) {
+        self.job = job
+        self.queueID = queueID
+        self.sender = sender
+        self.arrival = arrival
+        self.size = size
+        self.attempt = attempt
+    }
+}
+
+public struct RecipientResult: Sendable, Equatable {
+    public enum Status: String, Sendable { case sent, deferred, bounced }
+    public var index: UInt64
+    public var status: Status
+    public var dsn: String
+    public var text: String
+    public var relay: String?
+
+    public init(index: UInt64, status: Status, dsn: String, text: String, relay: String? = nil) {
+        self.index = index
+        self.status = status
+        self.dsn = dsn
+        self.text = text
+        self.relay = relay
+    }
+}
+
+/// Re-injects a copy of a message for a non-local alias target. The real one
+/// speaks `inject` to the queue (InjectForwarder); returns the new queue id.
+public protocol MessageForwarder: Sendable {
+    func forward(_ job: DeliveryJob, to address: String, prepending header: [UInt8]) throws(DeliveryError) -> String
+}
+
+/// Where log lines go: lines are "QUEUEID: key=value, ..." without the
+/// "stage[pid]: " prefix, which the logging backend adds.
+public struct DeliveryLog: Sendable {
+    public var info: @Sendable (String) -> Void
+    public var warning: @Sendable (String) -> Void
+
+    public init(info: @escaping @Sendable (String) -> Void, warning: @escaping @Sendable (String) -> Void) {
+        self.info = info
+        self.warning = warning
+    }
+
+    public static let discard = DeliveryLog(info: { _ in }, warning: { _ in })
+}
+
+public final class LocalDeliveryAgent: Sendable {
+    public let resolver: RecipientResolver
+    /// Data directory as seen by this process (after chroot: "/").
+    public let dataDirectory: String
+    /// Mailbox template with "{user}", relative to the data directory.
+    public let mailboxTemplate: String
+    public let namer: MaildirNamer
+    public let forwarder: (any MessageForwarder)?
+    public let log: DeliveryLog
+
+    public init(resolver: RecipientResolver, dataDirectory: String, mailboxTemplate: String,
+                namer: MaildirNamer = MaildirNamer(), forwarder: (any MessageForwarder)?,
+                log: DeliveryLog) {
+        self.resolver = resolver
+        self.dataDirectory = dataDirectory
+        self.mailboxTemplate = mailboxTemplate
+        self.namer = namer
+        self.forwarder = forwarder
+        self.log = log
+    }
+
+    /// The Maildir of `user`.
+    public func maildirPath(user: String) -> String {
+        let relative = mailboxTemplate.replacingAll("{user}", with: user)
+        if relative.hasPrefix("/") { return relative }
+        return dataDirectory.hasSuffix("/") ? dataDirectory + relative : dataDirectory + "/" + relative
+    }
+
+    /// Delivers every recipient of `job` (each destination at most once per
+    /// job) and returns one result per recipient, in the job's order.
+    public func deliver(_ job: DeliveryJob) -> [RecipientResult] {
+        let seen = deliveredToAddresses(in: job.body)
+        // Outcome of each destination already handled in this job: a second
+        // recipient reaching the same mailbox does not get a second copy.
+        var done: [String: Result<String, DeliveryError>] = [:]
+        var results: [RecipientResult] = []
+        for recipient in job.recipients {
+            results.append(deliver(recipient, of: job, seen: seen, done: &done))
+        }
+        return results
+    }
+
+    private func deliver(_ recipient: DeliveryJob.Recipient, of job: DeliveryJob, seen: Set<String>,
+                         done: inout [String: Result<String, DeliveryError>]) -> RecipientResult {
+        let original = recipient.address
+        let destinations: [Destination]
+        do throws(DeliveryError) {
+            destinations = try resolver.resolve(original)
+            if seen.contains(original.lowercased()) {
+                throw DeliveryError.mailLoop(original)
+            }
+            if let looping = destinations.first(where: { seen.contains($0.address.lowercased()) }) {
+                throw DeliveryError.mailLoop(looping.address)
+            }
+        } catch {
+            logLine(job, to: original, origTo: nil, dsn: error.status,
+                    status: error.isTemporary ? "deferred" : "bounced", text: error.text)
+            return RecipientResult(index: recipient.index, status: error.isTemporary ? .deferred : .bounced,
+                                   dsn: error.status, text: error.text)
+        }
+
+        var firstTemporary: DeliveryError? = nil
+        var firstPermanent: DeliveryError? = nil
+        var mailboxes = 0
+        var forwards: [String] = []
+        for destination in destinations {
+            let outcome: Result<String, DeliveryError>
+            var duplicate = false
+            if let previous = done[destination.identity] {
+                outcome = previous
+                duplicate = true
+            } else {
+                outcome = perform(destination, recipient: original, job: job)
+                done[destination.identity] = outcome
+            }
+            let origTo = destination.address.lowercased() == original.lowercased() ? nil : original
+            switch outcome {
+            case .success(let what):
+                switch destination {
+                case .mailbox: mailboxes += 1
+                case .forward(let a): forwards.append(a)
+                }
+                logLine(job, to: destination.address, origTo: origTo, dsn: "2.0.0", status: "sent",
+                        text: duplicate ? "duplicate: \(what) already" : what)
+            case .failure(let error):
+                if error.isTemporary {
+                    if firstTemporary == nil { firstTemporary = error }
+                } else if firstPermanent == nil {
+                    firstPermanent = error
+                }
+                logLine(job, to: destination.address, origTo: origTo, dsn: error.status,
+                        status: error.isTemporary ? "deferred" : "bounced", text: error.text)
+            }
+        }
+
+        // One RESULT per recipient: a temporary failure of any destination
+        // defers the recipient (the queue tries again; destinations that
+        // succeeded may then get a second copy, as with any MTA that expands
+        // aliases), otherwise a permanent one bounces it.
+        if let e = firstTemporary {
+            return RecipientResult(index: recipient.index, status: .deferred, dsn: e.status, text: e.text)
+        }
+        if let e = firstPermanent {
+            return RecipientResult(index: recipient.index, status: .bounced, dsn: e.status, text: e.text)
+        }
+        var parts: [String] = []
+        if mailboxes == 1 { parts.append("delivered to maildir") }
+        if mailboxes > 1 { parts.append("delivered to \(mailboxes) maildirs") }
+        if !forwards.isEmpty { parts.append("forwarded to " + forwards.joined(separator: ", ")) }
+        let relay = forwards.isEmpty ? "maildir" : (mailboxes == 0 ? "forwarded" : "maildir+forwarded")
+        return RecipientResult(index: recipient.index, status: .sent, dsn: "2.0.0",
+                               text: parts.joined(separator: "; "), relay: relay)
+    }
+
+    /// Delivers one copy; the success value is the log text.
+    private func perform(_ destination: Destination, recipient: String, job: DeliveryJob) -> Result<String, DeliveryError> {
+        switch destination {
+        case .mailbox(let user, let address):
+            var header = Array("Return-Path: <\(job.sender)>\n".utf8)
+            header += Array("Delivered-To: \(address)\n".utf8)
+            do {
+                try Maildir(path: maildirPath(user: user)).deliver(header: header, chunks: job.body, namer: namer)
+                return .success("delivered to maildir")
+            } catch {
+                return .failure(error)
+            }
+        case .forward(let address):
+            guard let forwarder else {
+                return .failure(DeliveryError(status: "4.3.5", text: "forwarding to \(address) is not configured"))
+            }
+            // The forwarded copy carries our Delivered-To for the address
+            // that was expanded: if it comes back here, that is a loop.
+            let header = Array("Delivered-To: \(recipient.lowercased())\r\n".utf8)
+            do {
+                let queueID = try forwarder.forward(job, to: address, prepending: header)
+                return .success("forwarded as \(queueID)")
+            } catch {
+                return .failure(error)
+            }
+        }
+    }
+
+    /// `QUEUEID: to=<a>, orig_to=<b>, relay=local, delay=0.02, dsn=2.0.0, status=sent (text)`
+    private func logLine(_ job: DeliveryJob, to: String, origTo: String?, dsn: String, status: String, text: String) {
+        var line = "\(job.queueID): to=<\(to)>"
+        if let origTo { line += ", orig_to=<\(origTo)>" }
+        line += ", relay=local, delay=\(formatDelay(since: job.arrival)), dsn=\(dsn), status=\(status) (\(text))"
+        log.info(line)
+    }
+}
+
+/// Seconds since `arrival` with two decimals, as Postfix prints them.
+func formatDelay(since arrival: UInt64) -> String {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    let nowCentis = Int64(now.tv_sec) * 100 + Int64(now.tv_nsec) / 10_000_000
+    let centis = max(0, nowCentis - Int64(clamping: arrival) * 100)
+    let fraction = centis % 100
+    return "\(centis / 100).\(fraction < 10 ? "0" : "")\(fraction)"
+}
+
+extension String {
+    func replacingAll(_ target: String, with replacement: String) -> String {
+        guard !target.isEmpty else { return self }
+        var out = ""
+        var rest = Substring(self)
+        while let range = rest.firstRange(of: target) {
+            out += rest[..<range.lowerBound]
+            out += replacement
+            rest = rest[range.upperBound...]
+        }
+        out += rest
+        return out
+    }
+}

@@ -1,0 +1,214 @@
+// The `deliver` side of the stage protocol (Pipeline/PROTOCOL.md section
+// 4.3): connect to the queue's deliver socket, say HELLO as transport
+// "local", then take jobs (JOB, JOB-RCPT..., BODY..., JOB-END), deliver them,
+// and answer with one RESULT per recipient and a JOB-DONE.
+//
+// Each worker owns one connection and takes one job at a time (max-jobs 1);
+// several workers run at once so that one delivery's fsyncs overlap with the
+// next one's writes. The queue may restart at any moment (the supervisor
+// restarts it): a worker that loses its connection reconnects with a pause
+// growing from 0.1 s to 5 s, and jobs that were in flight are given back by
+// the queue and retried, so nothing is lost.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import StageProtocol
+import Synchronization
+
+public final class DeliveryWorker: Sendable {
+    public let socketPath: String
+    public let agent: LocalDeliveryAgent
+    /// Largest message body accepted in a job (the body is held in memory).
+    public let maximumMessageSize: Int
+    public let name: String
+    private let stopRequested = Mutex(false)
+    public static let software = "sealpost-local-deliver 0.1"
+
+    public init(socketPath: String, agent: LocalDeliveryAgent, maximumMessageSize: Int, name: String = "worker") {
+        self.socketPath = socketPath
+        self.agent = agent
+        self.maximumMessageSize = maximumMessageSize
+        self.name = name
+    }
+
+    /// Serves the queue: sessions, reconnecting after each, until `stop()`
+    /// (checked between sessions; in production nobody calls it).
+    public func run() {
+        let minimumPause = 0.1, maximumPause = 5.0
+        var pause = minimumPause
+        var failing = false
+        while !stopRequested.withLock({ $0 }) {
+            do {
+                let jobs = try session(onConnected: {
+                    if failing {
+                        agent.log.info("\(name): connected to \(socketPath)")
+                        failing = false
+                    }
+                })
+                // An orderly close by the queue (a restart): come back soon.
+                if jobs > 0 { pause = minimumPause }
+            } catch {
+                // Say it once per outage, not every few seconds.
+                if !failing {
+                    agent.log.warning("\(name): \(socketPath): \(error); reconnecting")
+                    failing = true
+                }
+            }
+            if stopRequested.withLock({ $0 }) { break }
+            sleepSeconds(pause)
+            pause = min(pause * 2, maximumPause)
+        }
+    }
+
+    /// Makes `run()` return after the current session.
+    public func stop() {
+        stopRequested.withLock { $0 = true }
+    }
+
+    /// One connection: connect, HELLO, jobs until the queue closes the
+    /// connection. Returns the number of jobs handled; throws on connection
+    /// and protocol errors (the caller reconnects).
+    @discardableResult
+    public func session(onConnected: () -> Void = {}) throws -> Int {
+        let connection = try StageConnection.connect(path: socketPath)
+        defer { connection.close() }
+        try connection.clientHello(.deliver, extra: [
+            ("software", .text(DeliveryWorker.software)),
+            ("transport", .text("local")),
+            ("max-jobs", .uint(1)),
+        ])
+        onConnected()
+        return try serve(connection)
+    }
+
+    /// Handles jobs on a connection whose HELLOs are done, until EOF.
+    public func serve(_ connection: StageConnection) throws -> Int {
+        var count = 0
+        while let job = try JobReader.receiveJob(from: connection, maximumMessageSize: maximumMessageSize) {
+            let results: [RecipientResult]
+            if job.oversized {
+                results = job.job.recipients.map {
+                    RecipientResult(index: $0.index, status: .bounced, dsn: "5.3.4",
+                                    text: "message larger than the local delivery limit of \(maximumMessageSize) bytes")
+                }
+            } else {
+                results = agent.deliver(job.job)
+            }
+            for result in results {
+                try connection.send(JobReader.resultFrame(job: job.job.job, result))
+            }
+            try connection.send(Frame(.jobDone, ["job": .uint(job.job.job)]))
+            count += 1
+        }
+        return count
+    }
+}
+
+/// Reads one job from the connection and checks the order of its frames
+/// (the schema checks each frame; the sequence is ours to check).
+public enum JobReader {
+    public struct ReceivedJob: Sendable {
+        public var job: DeliveryJob
+        /// The body went over the limit; it was not kept.
+        public var oversized: Bool
+    }
+
+    /// The next job, or nil when the queue closed the connection between jobs.
+    public static func receiveJob(from connection: StageConnection, maximumMessageSize: Int) throws -> ReceivedJob? {
+        guard let first = try connection.receive() else { return nil }
+        switch first.type {
+        case .job: break
+        case .error:
+            throw PeerError(status: try first.text("status"), text: try first.text("text"))
+        default:
+            throw ProtocolError("\(first.type.name): expected JOB")
+        }
+        var job = DeliveryJob(job: try first.uint("job"), queueID: try first.text("queue-id"),
+                              sender: try first.text("sender"), arrival: try first.uint("arrival"),
+                              size: try first.uint("size"), attempt: try first.uint("attempt"))
+        job.ret = try first.optionalText("ret")
+        job.envid = try first.optionalText("envid")
+        job.requireTLS = try first.bool("requiretls", default: false)
+        job.smtputf8 = try first.bool("smtputf8", default: false)
+        job.bodyType = try first.optionalText("body-type")
+
+        var indexes = Set<UInt64>()
+        var bodySize = 0
+        var oversized = false
+        var inBody = false
+        while true {
+            guard let frame = try connection.receive() else {
+                throw ProtocolError("connection closed in the middle of job \(job.job)")
+            }
+            switch frame.type {
+            case .jobRcpt:
+                guard !inBody else { throw ProtocolError("JOB-RCPT after BODY in job \(job.job)") }
+                let index = try frame.uint("index")
+                guard indexes.insert(index).inserted else {
+                    throw ProtocolError("JOB-RCPT: index \(index) twice in job \(job.job)")
+                }
+                job.recipients.append(DeliveryJob.Recipient(index: index, address: try frame.text("address"),
+                                                            notify: try frame.optionalText("notify"),
+                                                            orcpt: try frame.optionalText("orcpt")))
+            case .body:
+                guard !job.recipients.isEmpty else { throw ProtocolError("BODY before any JOB-RCPT in job \(job.job)") }
+                inBody = true
+                let data = try frame.bytes("data")
+                bodySize += data.count
+                if bodySize > maximumMessageSize {
+                    // Keep reading to the JOB-END (the job comes in one
+                    // piece) but let the memory go.
+                    oversized = true
+                    job.body = []
+                } else {
+                    job.body.append(data)
+                }
+            case .jobEnd:
+                let id = try frame.uint("job")
+                guard id == job.job else { throw ProtocolError("JOB-END for job \(id) inside job \(job.job)") }
+                guard !job.recipients.isEmpty else { throw ProtocolError("job \(job.job) has no JOB-RCPT") }
+                return ReceivedJob(job: job, oversized: oversized)
+            case .error:
+                throw PeerError(status: try frame.text("status"), text: try frame.text("text"))
+            default:
+                throw ProtocolError("\(frame.type.name) inside job \(job.job)")
+            }
+        }
+    }
+
+    public static func resultFrame(job: UInt64, _ result: RecipientResult) -> Frame {
+        var frame = Frame(.result, attributes: [
+            ("job", .uint(job)),
+            ("index", .uint(result.index)),
+            ("status", .text(result.status.rawValue)),
+            ("dsn", .text(result.dsn)),
+            ("text", .text(wireText(result.text))),
+        ])
+        if let relay = result.relay { frame.set("relay", .text(relay)) }
+        return frame
+    }
+}
+
+/// Text made fit for a `text` attribute: no NUL, CR or LF (they become
+/// spaces), at most 8192 bytes, cut on a character boundary.
+func wireText(_ string: String) -> String {
+    var out = String.UnicodeScalarView()
+    var size = 0
+    for scalar in string.unicodeScalars {
+        let s: Unicode.Scalar = (scalar == "\0" || scalar == "\r" || scalar == "\n") ? " " : scalar
+        let n = UTF8.width(s)
+        if size + n > 8192 { break }
+        size += n
+        out.append(s)
+    }
+    return String(out)
+}
+
+func sleepSeconds(_ seconds: Double) {
+    var ts = timespec(tv_sec: Int(seconds), tv_nsec: Int((seconds - Double(Int(seconds))) * 1e9))
+    var remaining = timespec()
+    while nanosleep(&ts, &remaining) != 0 && errno == EINTR { ts = remaining }
+}

@@ -1,0 +1,196 @@
+// Who is local, and where a recipient's mail goes.
+//
+// Local users come from the system's accounts (config `accounts = "system"`,
+// read with getpwent once at start: after the chroot /etc/passwd is gone)
+// plus the names listed in the configuration, or from that list alone
+// (`accounts = "listed"`). Lookups ignore case; the mailbox path uses the
+// name as the system or the configuration spells it.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+public struct LocalUsers: Sendable, Equatable {
+    /// lower-cased name -> canonical spelling
+    private var names: [String: String] = [:]
+
+    public init<S: Sequence>(names list: S) where S.Element == String {
+        for name in list where LocalUsers.isUsableName(name) {
+            let key = name.lowercased()
+            if names[key] == nil { names[key] = name }
+        }
+    }
+
+    /// The canonical name of local user `name` (any case), or nil.
+    public func lookup(_ name: String) -> String? {
+        names[name.lowercased()]
+    }
+
+    public var count: Int { names.count }
+
+    /// Every account name in the system's user database (getpwent: files,
+    /// and whatever else nsswitch.conf names). Call before chroot.
+    public static func systemAccountNames() -> [String] {
+        var out: [String] = []
+        setpwent()
+        while let entry = getpwent() {
+            if let name = entry.pointee.pw_name {
+                out.append(String(cString: name))
+            }
+        }
+        endpwent()
+        return out
+    }
+
+    /// A user name becomes a directory name in the mailbox path: refuse
+    /// anything that could climb out of it or confuse it.
+    static func isUsableName(_ name: String) -> Bool {
+        !name.isEmpty && !name.hasPrefix(".") && !name.contains("/")
+            && !name.contains("\0") && !name.contains("{") && !name.contains("}")
+    }
+}
+
+/// Where one recipient's copy goes after alias expansion.
+public enum Destination: Hashable, Sendable, CustomStringConvertible {
+    /// The Maildir of local `user`. `address` is the address that named the
+    /// mailbox (with its extension, lower-cased): the Delivered-To line and
+    /// the log's `to=`.
+    case mailbox(user: String, address: String)
+    /// A copy re-injected into the queue for a non-local address.
+    case forward(address: String)
+
+    public var address: String {
+        switch self {
+        case .mailbox(_, let a): return a
+        case .forward(let a): return a
+        }
+    }
+
+    /// What makes two destinations the same copy: the mailbox (whatever
+    /// address led to it), or the forwarding address.
+    public var identity: String {
+        switch self {
+        case .mailbox(let u, _): return "mailbox:" + u
+        case .forward(let a): return "forward:" + a
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .mailbox(let u, let a): return "mailbox \(u) (\(a))"
+        case .forward(let a): return "forward \(a)"
+        }
+    }
+}
+
+/// Expands a recipient address into destinations: aliases first (recursively,
+/// loop- and depth-checked), then local users; `user+ext` falls back to
+/// `user` (address extensions with the "+" delimiter); local-domain addresses
+/// in aliases are resolved again, other addresses are forwarded.
+public struct RecipientResolver: Sendable {
+    public var users: LocalUsers
+    public var aliases: AliasTable
+    /// Lower-cased local domains.
+    public var localDomains: Set<String>
+    /// Domain used for a recipient given without one (e.g. "postmaster").
+    public var defaultDomain: String
+    public var maximumDepth = AliasTable.maximumDepth
+    public static let extensionDelimiter: Character = "+"
+
+    public init(users: LocalUsers, aliases: AliasTable, localDomains: Set<String>, defaultDomain: String? = nil) {
+        self.users = users
+        self.aliases = aliases
+        self.localDomains = Set(localDomains.map { $0.lowercased() })
+        self.defaultDomain = (defaultDomain ?? localDomains.sorted().first ?? "localhost").lowercased()
+    }
+
+    /// Case-insensitive; a trailing dot (an absolute name) is ignored.
+    public func isLocal(domain: String) -> Bool {
+        var name = domain.lowercased()
+        if name.hasSuffix(".") { name.removeLast() }
+        return localDomains.contains(name)
+    }
+
+    /// The destinations of `address`, in order, without duplicates.
+    public func resolve(_ address: String) throws(DeliveryError) -> [Destination] {
+        let local: String
+        let domain: String
+        if let at = address.lastIndex(of: "@") {
+            local = String(address[..<at])
+            domain = String(address[address.index(after: at)...]).lowercased()
+            guard isLocal(domain: domain) else {
+                throw DeliveryError(status: "5.1.2", text: "domain \"\(domain)\" is not a local domain")
+            }
+        } else {
+            local = address
+            domain = defaultDomain
+        }
+        guard !local.isEmpty else { throw .unknownUser(local) }
+        var out: [Destination] = []
+        try expand(local, domain: domain, chain: [], into: &out)
+        return out
+    }
+
+    private func expand(_ name: String, domain: String, chain: [String],
+                        into out: inout [Destination]) throws(DeliveryError) {
+        if chain.count > maximumDepth {
+            throw DeliveryError(status: "5.4.6", text: "alias expansion deeper than \(maximumDepth) levels: "
+                                + (chain.prefix(4) + ["..."]).joined(separator: " -> "))
+        }
+        let key = name.lowercased()
+        let address = "\(key)@\(domain)"
+
+        // Exact name first, then without the address extension: an alias or
+        // user "list+owner" wins over "list".
+        var candidates = [key]
+        if let plus = key.firstIndex(of: RecipientResolver.extensionDelimiter), plus != key.startIndex {
+            candidates.append(String(key[..<plus]))
+        }
+        for candidate in candidates {
+            // "root: root, ..." - an alias listing its own name means the user.
+            let isSelfReference = chain.last == candidate
+            if !isSelfReference, let targets = aliases.targets(of: candidate) {
+                if chain.contains(candidate) {
+                    let cycle = chain.drop(while: { $0 != candidate }) + [candidate]
+                    throw DeliveryError(status: "5.4.6", text: "alias loop: " + cycle.joined(separator: " -> "))
+                }
+                for target in targets {
+                    switch target {
+                    case .name(let next):
+                        try expand(next, domain: domain, chain: chain + [candidate], into: &out)
+                    case .address(let l, let d):
+                        if isLocal(domain: d) {
+                            try expand(l, domain: d, chain: chain + [candidate], into: &out)
+                        } else {
+                            append(.forward(address: "\(l)@\(d)"), to: &out)
+                        }
+                    }
+                }
+                return
+            }
+            if let user = users.lookup(candidate) {
+                append(.mailbox(user: user, address: address), to: &out)
+                return
+            }
+        }
+        // RFC 5321 section 4.5.1: every domain must accept mail for
+        // postmaster. Without an alias or a user of that name, it goes to root.
+        if key == "postmaster" && !chain.contains("root") {
+            if aliases.targets(of: "root") != nil || users.lookup("root") != nil {
+                try expand("root", domain: domain, chain: chain + ["postmaster"], into: &out)
+                return
+            }
+        }
+        throw .unknownUser(name)
+    }
+
+    /// Adds a destination unless an equal one is there already; one mailbox
+    /// gets one copy, however many addresses lead to it.
+    private func append(_ destination: Destination, to out: inout [Destination]) {
+        if !out.contains(where: { $0.identity == destination.identity }) {
+            out.append(destination)
+        }
+    }
+}
