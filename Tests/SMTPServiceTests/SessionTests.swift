@@ -55,6 +55,21 @@ import Testing
         #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6"))
     }
 
+    @Test func ipv6ClientIsNamedAndTrustedByDefault() throws {
+        let h = try Harness(host: "::1")
+        defer { h.stop() }
+        let c = try SMTPTestClient(ipv6Port: h.port)
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@elsewhere.example>")?.code == 250, "::1 is a trusted network by default")
+        #expect(c.command("DATA")?.code == 354)
+        #expect(c.command("hi\r\n.")?.code == 250)
+        let m = try #require(h.queue.accepted.first)
+        #expect(try m.mail.text("client-address") == "::1")
+        #expect(m.text.hasPrefix("Received: from client.example.org (unknown [IPv6:::1])\r\n"))
+        #expect(h.logs.contains("connect from unknown[::1]"))
+    }
+
     @Test func pipelinedSessionInOneWrite() throws {
         let h = try Harness()
         defer { h.stop() }

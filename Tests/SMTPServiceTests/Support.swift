@@ -206,7 +206,7 @@ final class Harness: Sendable {
     let submissionPort: Int
 
     /// `configure` adjusts the settings (limits, trusted networks...).
-    init(queue: FakeQueue? = nil, injectPath: String? = nil,
+    init(queue: FakeQueue? = nil, injectPath: String? = nil, host: String = "127.0.0.1",
          configure: (inout SMTPServiceSettings) -> Void = { _ in }) throws {
         let q = try queue ?? FakeQueue()
         self.queue = q
@@ -218,8 +218,8 @@ final class Harness: Sendable {
         let logger = Logger(label: "smtp-listen") { _ in CapturingLogHandler(capture: capture) }
         server = SMTPServer(settings: settings, group: group, logger: logger)
         let bound = try server.open([
-            ListenerSpec(kind: .smtp, source: .bind(ListenAddress(host: "127.0.0.1", port: 0))),
-            ListenerSpec(kind: .submission, source: .bind(ListenAddress(host: "127.0.0.1", port: 0))),
+            ListenerSpec(kind: .smtp, source: .bind(ListenAddress(host: host, port: 0))),
+            ListenerSpec(kind: .submission, source: .bind(ListenAddress(host: host, port: 0))),
         ]).wait()
         port = try #require(bound.first { $0.kind == .smtp }?.address?.port)
         submissionPort = try #require(bound.first { $0.kind == .submission }?.address?.port)
@@ -251,6 +251,21 @@ final class SMTPTestClient {
     let fd: Int32
     private var buffer: [UInt8] = []
     private(set) var eof = false
+
+    /// A client over IPv6 loopback.
+    init(ipv6Port port: Int) throws {
+        fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in6()
+        addr.sin6_family = sa_family_t(AF_INET6)
+        addr.sin6_port = in_port_t(UInt16(port).bigEndian)
+        _ = inet_pton(AF_INET6, "::1", &addr.sin6_addr)
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+        }
+        guard r == 0 else { throw StageIOError("connect [::1]:\(port)", code: errno) }
+        var tv = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
 
     init(port: Int) throws {
         fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
