@@ -17,6 +17,7 @@ let package = Package(
         .executable(name: "sealpost", targets: ["sealpost"]),
         .executable(name: "supervise", targets: ["supervise"]),
         .executable(name: "smtp-listen", targets: ["smtp-listen"]),
+        .executable(name: "crypto-negotiate", targets: ["crypto-negotiate"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -32,6 +33,9 @@ let package = Package(
                        providers: [.apt(["libsodium-dev"])]),
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb",
                        providers: [.apt(["liblmdb-dev"])]),
+        // libunbound's pkg-config file requires libevent's: install libevent-dev too.
+        .systemLibrary(name: "CUnbound", pkgConfig: "libunbound",
+                       providers: [.apt(["libunbound-dev", "libevent-dev"])]),
         // Glibc calls and macros Swift cannot reach (CMSG_*, WIFEXITED, pipe2,
         // posix_spawn closefrom, stderr); GNU-only calls live in the .c file.
         .target(name: "CSystemShims"),
@@ -42,6 +46,8 @@ let package = Package(
         // Wrappers, one per C library.
         .target(name: "LMDB", dependencies: ["CLMDB"]),
         .target(name: "Sodium", dependencies: ["CSodium"]),
+        .target(name: "TLS", dependencies: ["COpenSSL", "CSystemShims"]),
+        .target(name: "DNS", dependencies: ["CUnbound"]),
 
         // Libraries holding the logic.
         .target(name: "StageProtocol", dependencies: [
@@ -75,6 +81,11 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "CryptoNegotiation", dependencies: [
+            "TLS", "StageProtocol", "StageRuntime", "SealpostConfig", "CSystemShims",
+            .product(name: "TOMLKit", package: "TOMLKit"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "Supervision", dependencies: [
             "CSystemShims", "CSystemSpawn", "StageRuntime", "SealpostConfig",
         ]),
@@ -95,6 +106,9 @@ let package = Package(
         ]),
         .executableTarget(name: "smtp-listen", dependencies: [
             "SMTPService", "StageRuntime", "SealpostConfig",
+        ]),
+        .executableTarget(name: "crypto-negotiate", dependencies: [
+            "CryptoNegotiation", "StageRuntime", "SealpostConfig",
         ]),
         .executableTarget(name: "supervise", dependencies: [
             "Supervision", "StageRuntime", "SealpostConfig",
@@ -120,8 +134,13 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        .testTarget(name: "DNSTests", dependencies: ["DNS"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS", "CSystemShims"]),
+        .testTarget(name: "CryptoNegotiationTests", dependencies: [
+            "CryptoNegotiation", "TLS", "StageProtocol", "CSystemShims",
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )
