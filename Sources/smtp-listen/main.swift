@@ -54,9 +54,17 @@
 //      "ID: client=...", "NOQUEUE: reject: RCPT from ...", "disconnect from
 //      ... ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5".
 //
+// LIMITS
+//      Command lines 512 octets, text lines 1000, recipients
+//      queue.recipient_limit, message size queue.message_size_limit, 20
+//      errors then 421, 50 sessions per client address (trusted networks
+//      exempt); timeouts 5 min for a command, 3 min for message data, 5 min
+//      for the queue's answer (SMTPServiceSettings.swift has them all).
+//
 // SIGNALS
 //      SIGTERM, SIGINT: stop listening, let sessions finish a message in
-//      progress, say 421 to idle ones, exit (at most 30 s later).
+//      progress, say 421 to idle ones, exit (at most 30 s later). Taken with
+//      sigwait(2), not libdispatch (which traps in the chroot).
 //
 // EXIT STATUS
 //      0 after a signal; 64 (usage) for arguments; 71 (osErr) when a
