@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "local-deliver", targets: ["local-deliver"]),
         .executable(name: "sealpost", targets: ["sealpost"]),
         .executable(name: "supervise", targets: ["supervise"]),
+        .executable(name: "smtp-listen", targets: ["smtp-listen"]),
         .executable(name: "crypto-negotiate", targets: ["crypto-negotiate"]),
     ],
     dependencies: [
@@ -73,6 +74,13 @@ let package = Package(
             "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "SMTPService", dependencies: [
+            "SMTP", "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "CryptoNegotiation", dependencies: [
             "TLS", "StageProtocol", "StageRuntime", "SealpostConfig", "CSystemShims",
             .product(name: "TOMLKit", package: "TOMLKit"),
@@ -96,6 +104,9 @@ let package = Package(
             "StageProtocol", "StageRuntime", "SealpostConfig",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .executableTarget(name: "smtp-listen", dependencies: [
+            "SMTPService", "StageRuntime", "SealpostConfig",
+        ]),
         .executableTarget(name: "crypto-negotiate", dependencies: [
             "CryptoNegotiation", "StageRuntime", "SealpostConfig",
         ]),
@@ -117,6 +128,12 @@ let package = Package(
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
+        .testTarget(name: "SMTPServiceTests", dependencies: [
+            "SMTPService", "SMTP", "StageProtocol", "CSystemShims",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         .testTarget(name: "DNSTests", dependencies: ["DNS"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),

@@ -1,0 +1,360 @@
+// One SMTP transaction streamed into the queue over the inject protocol
+// (Pipeline/PROTOCOL.md section 4.2): a connection to the queue's inject
+// socket per message, opened when the client's DATA (or first BDAT) is
+// accepted, on the session's own event loop (no locks, no thread hops).
+//
+//   HELLO protocol=inject version=1      ->
+//                                         <- HELLO
+//   MAIL sender=... client-address=...   ->
+//   RCPT address=... (one per recipient) ->
+//   BODY data=<Received: header>         ->
+//   BODY data=<message, <= 64 KiB each>  ->   (as the client sends it)
+//   END                                  ->
+//                                         <- ACCEPTED queue-id=... | REFUSED code= status= text=
+//
+// The frames are written as the message arrives; nothing holds a whole
+// message. While the inject socket's send buffer is full (the channel is
+// not writable) the session stops reading from the SMTP client: the queue's
+// pace is the client's pace.
+//
+// Why one connection per transaction rather than a shared one: the inject
+// protocol answers transactions in order on a connection, so a shared
+// connection would make every session wait behind the slowest message, and
+// a protocol error would fail all of them. Unix socket connects are cheap.
+//
+// Outcomes: ACCEPTED -> 250 with the queue ID; REFUSED -> the queue's own
+// reply; anything else (no socket, connection lost, ERROR, a protocol
+// violation, no answer within the timeout) -> 451 4.3.0. Never 250 without
+// ACCEPTED.
+
+import NIOCore
+import NIOPosix
+import SMTP
+import StageProtocol
+
+/// What became of a message handed to the queue.
+enum InjectOutcome: Equatable {
+    case accepted(queueID: String)
+    case refused(SMTPReply)
+    /// The queue could not be reached or failed; the reason is for the log.
+    case unavailable(reason: String)
+}
+
+final class InjectTransaction {
+    typealias Completion = (InjectOutcome) -> Void
+
+    private let eventLoop: EventLoop
+    private let socketPath: String
+    private let replyTimeout: TimeAmount
+    private var channel: Channel?
+    /// Frames produced before the connection is up.
+    private var pending: [Frame] = []
+    private var helloReceived = false
+    /// Set once the transaction cannot succeed any more; later data is dropped.
+    private(set) var failure: String?
+    private var completion: Completion?
+    private var outcome: InjectOutcome?
+    private var ended = false
+    private var timer: Scheduled<Void>?
+    /// Called when `isWritable` may have changed (connected, failed,
+    /// channel writability changed).
+    var writabilityChanged: (() -> Void)?
+
+    static let software = "sealpost-smtp-listen 1"
+
+    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount) {
+        self.eventLoop = eventLoop
+        self.socketPath = socketPath
+        self.replyTimeout = replyTimeout
+    }
+
+    /// False while the inject socket cannot take more (connecting, or its
+    /// send buffer is full): the session should stop reading its client.
+    /// True once failed (data is then dropped).
+    var isWritable: Bool {
+        if failure != nil || outcome != nil { return true }
+        guard helloReceived, let channel else { return false }
+        return channel.isWritable
+    }
+
+    // MARK: - Frames
+
+    static func mailFrame(_ e: SMTPEnvelope, clientName: String) -> Frame {
+        var f = Frame(.mail, ["sender": .text(e.sender.address)])
+        let p = e.parameters
+        f.set("ret", p.ret.map { .text($0.rawValue) })
+        f.set("envid", p.envid.map { AttributeValue.sanitizedText($0) })
+        if p.requireTLS { f.set("requiretls", .bool(true)) }
+        if p.smtputf8 { f.set("smtputf8", .bool(true)) }
+        f.set("body-type", p.body.map { .text($0.rawValue) })
+        f.set("client-address", .text(e.client.address))
+        f.set("client-name", AttributeValue.sanitizedText(clientName))
+        if !e.helo.isEmpty { f.set("helo", AttributeValue.sanitizedText(e.helo)) }
+        f.set("protocol", .text(e.protocolName))
+        f.set("auth-user", e.authenticatedUser.map { AttributeValue.sanitizedText($0) })
+        f.set("size", p.size.map { .uint($0) })
+        return f
+    }
+
+    static func rcptFrame(_ r: SMTPRecipient) -> Frame {
+        var f = Frame(.rcpt, ["address": .text(r.address)])
+        f.set("notify", r.parameters.notify.map { .text($0.description) })
+        f.set("orcpt", r.parameters.orcpt.map { AttributeValue.sanitizedText($0.description) })
+        return f
+    }
+
+    /// BODY frames of at most 64 KiB (the protocol's limit for bytes).
+    static func bodyFrames(_ bytes: [UInt8]) -> [Frame] {
+        var frames: [Frame] = []
+        var start = 0
+        while start < bytes.count {
+            let end = min(bytes.count, start + WireLimits.maxBytes)
+            frames.append(Frame(.body, ["data": .bytes(Array(bytes[start..<end]))]))
+            start = end
+        }
+        return frames
+    }
+
+    /// A frame of this sort can only fail to encode through a bug in the
+    /// SMTP layer's guarantees (e.g. a CR in a path); the write then fails
+    /// and the message is refused with 451, never half-injected.
+
+    // MARK: - Life cycle
+
+    /// Connects and sends the envelope and the first body bytes (the
+    /// Received header).
+    func start(envelope: SMTPEnvelope, clientName: String, prefix: [UInt8]) {
+        pending.append(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1),
+                                      "software": .text(Self.software)]))
+        pending.append(Self.mailFrame(envelope, clientName: clientName))
+        for r in envelope.recipients { pending.append(Self.rcptFrame(r)) }
+        pending.append(contentsOf: Self.bodyFrames(prefix))
+
+        let bound = NIOLoopBound(self, eventLoop: eventLoop)
+        let connect = ClientBootstrap(group: eventLoop)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let handler = InjectResponseHandler(transaction: bound.value)
+                    try channel.pipeline.syncOperations.addHandlers([
+                        ByteToMessageHandler(FrameDecoderHandler(protocol: .inject, direction: .serverToClient)),
+                        MessageToByteHandler(FrameEncoderHandler(protocol: .inject, direction: .clientToServer)),
+                        handler,
+                    ])
+                }
+            }
+            .connect(unixDomainSocketPath: socketPath)
+        connect.assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let channel):
+                self.connected(channel)
+            case .failure(let error):
+                self.fail("connect to \(self.socketPath): \(Self.describe(error))")
+            }
+        }
+    }
+
+    private func connected(_ channel: Channel) {
+        guard failure == nil, outcome == nil else {
+            channel.close(promise: nil)
+            return
+        }
+        self.channel = channel
+        // PROTOCOL.md 4.1: nothing but the HELLOs until both are exchanged;
+        // the rest waits in `pending` for the queue's HELLO.
+        let hello = pending.removeFirst()
+        send(hello, on: channel)
+        channel.flush()
+    }
+
+    private func helloExchanged() {
+        guard let channel else { return }
+        helloReceived = true
+        let frames = pending
+        pending = []
+        for frame in frames { send(frame, on: channel) }
+        channel.flush()
+        writabilityChanged?()
+    }
+
+    private func write(_ frame: Frame) {
+        guard let channel, helloReceived else {
+            pending.append(frame)
+            return
+        }
+        send(frame, on: channel)
+    }
+
+    private func send(_ frame: Frame, on channel: Channel) {
+        let promise = eventLoop.makePromise(of: Void.self)
+        promise.futureResult.assumeIsolated().whenFailure { error in
+            self.fail("sending \(frame.type.name): \(Self.describe(error))")
+        }
+        channel.write(frame, promise: promise)
+    }
+
+    /// Message bytes (dot-unstuffed, CRLF), in pieces as they arrive.
+    func body(_ bytes: [UInt8]) {
+        guard failure == nil, outcome == nil, !ended else { return }
+        for frame in Self.bodyFrames(bytes) { write(frame) }
+    }
+
+    /// Flushes what `body` wrote (once per batch of client input).
+    func flush() {
+        channel?.flush()
+    }
+
+    /// The message is complete: END, then `completion` with the outcome,
+    /// always asynchronously (never from inside this call).
+    func end(_ completion: @escaping Completion) {
+        self.completion = completion
+        ended = true
+        if failure == nil, outcome == nil {
+            write(Frame(.end))
+            channel?.flush()
+            // Before the connection is up, the queue's silence is timed too.
+            armTimer()
+        } else {
+            deliverOutcome()
+        }
+    }
+
+    /// The message was refused while streaming, or the client went away
+    /// before its end: tell the queue to forget it, and close.
+    func abort() {
+        guard outcome == nil else { return }
+        outcome = .unavailable(reason: "aborted")
+        timer?.cancel()
+        // ABORT only where MAIL went out (after the HELLOs); otherwise
+        // closing the connection is all the queue needs to forget it.
+        if let channel, helloReceived, failure == nil, !ended {
+            channel.writeAndFlush(Frame(.abort)).assumeIsolated().whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            channel?.close(promise: nil)
+        }
+        completion = nil
+    }
+
+    private func armTimer() {
+        guard timer == nil else { return }
+        timer = eventLoop.assumeIsolated().scheduleTask(in: replyTimeout) {
+            self.fail("no answer from the queue within \(self.replyTimeout.nanoseconds / 1_000_000_000) s")
+        }
+    }
+
+    // MARK: - Events from the inject channel
+
+    func received(_ frame: Frame) {
+        guard outcome == nil else { return }
+        switch frame.type {
+        case .hello:
+            guard !helloReceived else { return fail("second HELLO from the queue") }
+            let proto = try? frame.text("protocol"), version = try? frame.uint("version")
+            guard proto == "inject", version == 1 else {
+                return fail("queue answered HELLO with protocol \(proto ?? "?") version \(version.map(String.init) ?? "?")")
+            }
+            helloExchanged()
+        case .accepted:
+            guard helloReceived, ended, let id = try? frame.text("queue-id"), !id.isEmpty else {
+                return fail("unexpected ACCEPTED from the queue")
+            }
+            finish(.accepted(queueID: id))
+        case .refused:
+            guard helloReceived, ended else { return fail("unexpected REFUSED from the queue") }
+            finish(.refused(Self.reply(fromRefused: frame)))
+        case .error:
+            let status = (try? frame.text("status")) ?? "?"
+            let text = (try? frame.text("text")) ?? "?"
+            fail("queue sent ERROR \(status) \(text)")
+        default:
+            fail("unexpected \(frame.type.name) from the queue")
+        }
+    }
+
+    /// The queue's REFUSED as an SMTP reply; a malformed one (a code that is
+    /// not 4xx/5xx, a status that does not parse or does not match the
+    /// code's class) becomes 451 4.3.0: never a success, never garbage.
+    static func reply(fromRefused frame: Frame) -> SMTPReply {
+        guard let code = try? frame.uint("code"), (400...599).contains(code),
+              let statusText = try? frame.text("status"), let status = EnhancedStatus(parsing: statusText),
+              status.codeClass == Int(code / 100), let text = try? frame.text("text")
+        else { return SMTPReply(451, "4.3.0", "Queue refused the message") }
+        return SMTPReply(Int(code), status, text.isEmpty ? "Refused" : text)
+    }
+
+    func channelWritabilityChanged() {
+        writabilityChanged?()
+    }
+
+    func channelError(_ error: Error) {
+        fail(Self.describe(error))
+    }
+
+    func channelClosed() {
+        if outcome == nil { fail("queue closed the inject connection") }
+    }
+
+    // MARK: - Outcome
+
+    private func fail(_ reason: String) {
+        guard outcome == nil else { return }
+        if failure == nil { failure = reason }
+        pending = []
+        channel?.close(promise: nil)
+        if ended {
+            finish(.unavailable(reason: reason))
+        } else {
+            writabilityChanged?()
+        }
+    }
+
+    private func finish(_ result: InjectOutcome) {
+        guard outcome == nil else { return }
+        outcome = result
+        timer?.cancel()
+        channel?.close(promise: nil)
+        deliverOutcome()
+    }
+
+    private func deliverOutcome() {
+        if outcome == nil { outcome = .unavailable(reason: failure ?? "unknown failure") }
+        guard let completion, let result = outcome else { return }
+        self.completion = nil
+        eventLoop.assumeIsolated().execute { completion(result) }
+    }
+
+    static func describe(_ error: Error) -> String {
+        if let e = error as? IOError { return "\(e.description)" }
+        if let e = error as? ProtocolError { return "protocol error: \(e.message)" }
+        return "\(error)"
+    }
+}
+
+/// Frames from the queue to the transaction; the end of the pipeline.
+final class InjectResponseHandler: ChannelInboundHandler {
+    typealias InboundIn = Frame
+
+    private let transaction: InjectTransaction
+
+    init(transaction: InjectTransaction) {
+        self.transaction = transaction
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        transaction.received(unwrapInboundIn(data))
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        transaction.channelWritabilityChanged()
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        transaction.channelError(error)
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        transaction.channelClosed()
+        context.fireChannelInactive()
+    }
+}

@@ -1,0 +1,109 @@
+// What smtp-listen needs to know, in one place: names, the inject socket,
+// relay control, limits and timeouts. Built from the configuration by
+// `SMTPServiceSettings(config:injectSocket:)`; tests build it directly.
+//
+// Limits that the configuration file does not have yet are constants here
+// (`SMTPLimits`), documented once. Keys proposed for [smtp] in
+// Config/sealpost.toml (the SealpostConfig module belongs to the lead):
+//   relay_domains = []                       domains we relay for from anyone
+//   trusted_networks = ["127.0.0.0/8", "::1/128"]   may relay anywhere
+//   command_line_limit = 512, text_line_limit = 1000, error_limit = 20,
+//   client_connection_limit = 50, command_timeout = "300s",
+//   data_timeout = "180s", queue_reply_timeout = "300s"
+
+import SMTP
+import SealpostConfig
+
+/// Session limits. The defaults are RFC 5321's minimums (section 4.5.3.1)
+/// and Postfix's habits.
+public struct SMTPLimits: Sendable, Hashable {
+    /// A command line, CRLF included (RFC 5321 4.5.3.1.4).
+    public var commandLine = 512
+    /// A text line of the message, CRLF included (RFC 5321 4.5.3.1.6).
+    public var textLine = 1000
+    /// Recipients per transaction: `queue.recipient_limit`.
+    public var recipients = 1000
+    /// Message size in octets: `queue.message_size_limit`.
+    public var messageSize: UInt64 = 10_240_000
+    /// Error replies before 421 4.7.0 and disconnect (Postfix's
+    /// smtpd_hard_error_limit is 20).
+    public var errors = 20
+    /// Simultaneous sessions from one client address (Postfix's
+    /// smtpd_client_connection_count_limit is 50); more get 421 4.7.0.
+    /// Trusted networks are exempt.
+    public var sessionsPerClient = 50
+
+    public init() {}
+}
+
+/// Timeouts in seconds (RFC 5321 section 4.5.3.2). The RFC's client-side
+/// values tell what the other end tolerates; the server waits at least 5
+/// minutes for a command (4.5.3.2.7).
+public struct SMTPTimeouts: Sendable, Hashable {
+    /// Waiting for the next command line (and the AUTH responses).
+    public var command: Int64 = 300
+    /// Waiting for the next piece of message data (the client's data block
+    /// timeout is 3 minutes: a client that is silent longer is gone).
+    public var dataBlock: Int64 = 180
+    /// Waiting for the queue's answer to END. The client waits 10 minutes
+    /// for the reply to the final dot (4.5.3.2.6): answer 451 well before.
+    public var queueReply: Int64 = 300
+
+    public init() {}
+}
+
+public struct SMTPServiceSettings: Sendable {
+    /// Our name in the greeting, EHLO and Received.
+    public var hostname: String
+    /// The queue's inject socket (a path usable after the chroot).
+    public var injectSocket: String
+    /// Domains delivered here (`local.domains`), lower-cased.
+    public var localDomains: [String]
+    /// Domains we accept mail for from anyone and relay (proposed
+    /// `smtp.relay_domains`); ".example.org" matches every subdomain.
+    public var relayDomains: [String] = []
+    /// Clients that may relay anywhere (proposed `smtp.trusted_networks`).
+    public var trustedNetworks: [NetworkPrefix] = NetworkPrefix.defaultTrusted
+    public var limits = SMTPLimits()
+    public var timeouts = SMTPTimeouts()
+    /// Software name in the greeting and Received.
+    public var softwareName = "Sealpost"
+
+    public init(hostname: String, injectSocket: String, localDomains: [String] = ["localhost"]) {
+        self.hostname = hostname
+        self.injectSocket = injectSocket
+        self.localDomains = localDomains.map { $0.lowercased() }
+    }
+
+    /// From the configuration; `injectSocket` as returned by
+    /// `StageRuntime.dropPrivileges` (rebased when chrooted).
+    public init(config: SealpostConfiguration, injectSocket: String) {
+        self.init(hostname: config.hostname, injectSocket: injectSocket, localDomains: config.local.domains)
+        limits.recipients = config.queue.recipientLimit
+        limits.messageSize = UInt64(max(0, config.queue.messageSizeLimit))
+    }
+
+    /// The session policy for one kind of listener.
+    public func policy(for kind: ListenerKind) -> SMTPServerPolicy {
+        var p = SMTPServerPolicy(hostname: hostname)
+        p.softwareName = softwareName
+        p.commandLineLimit = limits.commandLine
+        p.textLineLimit = limits.textLine
+        p.maxRecipients = limits.recipients
+        p.maxMessageSize = limits.messageSize
+        p.maxErrors = limits.errors
+        p.relay = RelayPolicy(localDomains: Set(localDomains), relayDomains: Set(relayDomains))
+        // No TLS process yet (crypto-negotiate): STARTTLS is not offered,
+        // and AUTH stays off until a password backend exists (see
+        // PasswordFile.swift). A submission port therefore accepts no mail
+        // yet from anyone: RFC 6409 requires authentication there.
+        p.tlsAvailable = false
+        p.auth = .never
+        p.isSubmission = kind != .smtp
+        return p
+    }
+
+    func isTrusted(_ address: String) -> Bool {
+        trustedNetworks.contains { $0.contains(address) }
+    }
+}

@@ -1,0 +1,343 @@
+// One SMTP session on one NIO channel: bytes from the client go into the
+// pure state machine `SMTPServerSession` (module SMTP), whose actions this
+// handler performs: replies, the message stream into the queue
+// (`InjectTransaction`), log lines, closing. No thread per session: every
+// session of an event loop shares its thread, and waits are timers.
+//
+// Back-pressure: this handler sits at the head of the pipeline's outbound
+// side and swallows `read()` requests while it does not want input: the
+// session has too much buffered while it waits for the queue, or the inject
+// socket cannot take more body data. Reading resumes when that changes.
+//
+// Timeouts (RFC 5321 4.5.3.2): a command is awaited for `timeouts.command`
+// (5 min), message data for `timeouts.dataBlock` (3 min); while the queue
+// decides, the client is not timed (the inject transaction has its own
+// timeout). A timeout ends the session with 421 4.4.2.
+
+import Logging
+import MailMessage
+import NIOCore
+import NIOPosix
+import SMTP
+
+final class SMTPSessionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = Never
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let server: SMTPServerCore
+    private let kind: ListenerKind
+    private var session: SMTPServerSession?
+    private var client = "unknown[unknown]"
+    private var clientAddress = "unknown"
+    private var clientName = "unknown"
+    private var registered = false
+    private var context: ChannelHandlerContext?
+
+    private var inject: InjectTransaction?
+    /// Between `.beginMessage` and `.endMessage` / `.abortMessage`.
+    private var inMessage = false
+    /// `.endMessage` done, the queue's answer not yet.
+    private var waitingForQueue = false
+    /// A `read()` was swallowed while paused.
+    private var readPending = false
+    private var inputClosed = false
+    private var closing = false
+    private var timer: Scheduled<Void>?
+    private var lastCommand = "CONNECT"
+    private var out: ByteBuffer?
+    private var shutdownRequested = false
+
+    init(server: SMTPServerCore, kind: ListenerKind) {
+        self.server = server
+        self.kind = kind
+    }
+
+    // MARK: - Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        timer?.cancel()
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let raw = context.channel.remoteAddress?.ipAddress ?? "unknown"
+        clientAddress = NetworkPrefix.canonicalClientAddress(raw)
+        client = SessionLog.client(name: clientName, address: clientAddress)
+        let settings = server.settings
+        let admission = server.register(address: clientAddress, channel: context.channel)
+        registered = true
+        if admission != .admitted {
+            let reply: SMTPReply
+            if case .tooMany(let count) = admission {
+                server.logger.warning("\(SessionLog.tooManyConnections(count, client: client, service: kind))")
+                reply = SMTPReply(421, "4.7.0", "\(settings.hostname) Error: too many connections from \(clientAddress)")
+            } else {
+                reply = SMTPReply(421, "4.3.2", "\(settings.hostname) Service shutting down")
+            }
+            closing = true
+            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: reply.rendered)))
+                .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+            context.fireChannelActive()
+            return
+        }
+        server.logger.info("\(SessionLog.connect(client))")
+        var policy = settings.policy(for: kind)
+        policy.maxPendingInput = 256 * 1024
+        let info = SMTPClientInfo(address: clientAddress, hostname: nil, isTrusted: settings.isTrusted(clientAddress))
+        session = SMTPServerSession(policy: policy, client: info)
+        perform(session!.start())
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard session != nil, !closing else { return }
+        let buffer = unwrapInboundIn(data)
+        let before = session!.counters.total
+        let actions = buffer.withUnsafeReadableBytes { session!.receive($0) }
+        noteCommands(before: before)
+        perform(actions)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        inject?.flush()
+        context.fireChannelReadComplete()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            inputClosed = true
+            // The client will send nothing more. Let a pending queue answer
+            // be written first (pipelined QUIT included), then end.
+            if !waitingForQueue { endSession(lost: true) }
+            return
+        }
+        if event is SMTPServerCore.ShutdownEvent {
+            shutdownRequested = true
+            if !waitingForQueue, !inMessage {
+                perform(session?.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")) ?? [])
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // Resets and the like: the channel closes; channelInactive logs.
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        if let session, !session.isClosed {
+            server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))")
+            perform(self.session!.disconnected())
+        }
+        if session != nil {
+            server.logger.info("\(SessionLog.disconnect(client, counters: session!.counters))")
+        }
+        // A message whose END was sent stays with the queue: the client saw
+        // no 250, so it will send it again (a duplicate, as RFC 5321 6.1
+        // accepts), but the queue may already own it. Anything else in
+        // flight is aborted.
+        if !waitingForQueue { inject?.abort() }
+        if registered {
+            server.unregister(address: clientAddress, channel: context.channel)
+            registered = false
+        }
+        context.fireChannelInactive()
+    }
+
+    // MARK: - Outbound: read control
+
+    func read(context: ChannelHandlerContext) {
+        if wantsInput {
+            context.read()
+        } else {
+            readPending = true
+        }
+    }
+
+    private var wantsInput: Bool {
+        guard let session, !closing else { return false }
+        if !session.wantsInput { return false }
+        if let inject, inMessage, !inject.isWritable { return false }
+        return true
+    }
+
+    private func resumeReadingIfWanted() {
+        guard readPending, wantsInput, let context else { return }
+        readPending = false
+        context.read()
+    }
+
+    // MARK: - Actions
+
+    private func perform(_ actions: [SMTPAction]) {
+        guard let context else { return }
+        for action in actions {
+            switch action {
+            case .reply(let reply):
+                var buffer = out ?? context.channel.allocator.buffer(capacity: 256)
+                buffer.writeBytes(reply.rendered)
+                out = buffer
+            case .close:
+                closing = true
+            case .startTLS:
+                // Never offered (no TLS process yet); refuse safely.
+                perform(session!.tlsFailed())
+            case .beginMessage(let envelope):
+                beginMessage(envelope, context: context)
+            case .messageData(let bytes):
+                inject?.body(bytes)
+            case .endMessage:
+                endMessage()
+            case .abortMessage:
+                inMessage = false
+                inject?.abort()
+                inject = nil
+            case .authenticate:
+                // AUTH is never offered yet (no password backend): a
+                // session cannot get here, but answer safely if it does.
+                perform(session!.authResult(.temporaryFailure))
+            case .log(let event):
+                log(event)
+            }
+        }
+        flushOutput(context: context)
+        armTimer()
+        resumeReadingIfWanted()
+    }
+
+    private func flushOutput(context: ChannelHandlerContext) {
+        if let buffer = out {
+            out = nil
+            if closing {
+                context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in
+                    context.close(promise: nil)
+                }
+                return
+            }
+            context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        } else if closing {
+            context.close(promise: nil)
+        }
+    }
+
+    private func beginMessage(_ envelope: SMTPEnvelope, context: ChannelHandlerContext) {
+        inMessage = true
+        let settings = server.settings
+        let transaction = InjectTransaction(eventLoop: context.eventLoop, socketPath: settings.injectSocket,
+                                            replyTimeout: .seconds(settings.timeouts.queueReply))
+        transaction.writabilityChanged = { [weak self] in self?.resumeReadingIfWanted() }
+        // The queue ID is not known before the queue answers, so the
+        // Received line has no "id" clause (to add when the inject protocol
+        // hands out the ID at MAIL).
+        let received = ReceivedHeader.build(envelope: envelope, hostname: settings.hostname,
+                                            softwareName: settings.softwareName, queueID: nil,
+                                            date: RFC5322Date.now())
+        inject = transaction
+        transaction.start(envelope: envelope, clientName: clientName, prefix: Array(received.utf8))
+    }
+
+    private func endMessage() {
+        inMessage = false
+        guard let transaction = inject else {
+            // Cannot happen (every message began); never claim success.
+            perform(session!.messageFailed(.unavailable))
+            return
+        }
+        waitingForQueue = true
+        transaction.end { [weak self] outcome in self?.queueAnswered(outcome) }
+    }
+
+    private func queueAnswered(_ outcome: InjectOutcome) {
+        waitingForQueue = false
+        inject = nil
+        guard var session else { return }
+        let actions: [SMTPAction]
+        switch outcome {
+        case .accepted(let id):
+            server.logger.info("\(SessionLog.queued(id, client: client, authUser: session.authenticatedUser))")
+            actions = session.messageCommitted(queueID: id)
+        case .refused(let reply):
+            actions = session.messageFailed(.refused(reply))
+        case .unavailable(let reason):
+            server.logger.warning("queue inject failed for \(client): \(reason)")
+            actions = session.messageFailed(.unavailable)
+        }
+        self.session = session
+        guard context != nil, context!.channel.isActive else { return }
+        perform(actions)
+        if inputClosed, !waitingForQueue { endSession(lost: true) }
+        if shutdownRequested, !waitingForQueue, !inMessage, self.session?.isClosed == false {
+            perform(self.session!.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")))
+        }
+    }
+
+    /// The client half-closed, or the session must end now.
+    private func endSession(lost: Bool) {
+        guard let context, var session else { return }
+        if !session.isClosed {
+            if lost { server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))") }
+            let actions = session.disconnected()
+            self.session = session
+            perform(actions)
+        }
+        context.close(promise: nil)
+    }
+
+    private func log(_ event: SMTPEvent) {
+        switch event {
+        case .rejected(let command, let reply, let detail):
+            server.logger.info("\(SessionLog.reject(command: command, client: client, reply: reply, detail: detail, protocolName: session?.protocolName ?? "SMTP"))")
+        case .discardedAfterSTARTTLS(let bytes):
+            server.logger.warning("\(client): \(bytes) bytes sent after STARTTLS discarded")
+        case .authenticated(let user, let mechanism):
+            server.logger.info("\(client): sasl_method=\(mechanism), sasl_username=\(SessionLog.printable(user))")
+        case .authenticationFailed(let user, let mechanism):
+            server.logger.warning("\(client): SASL \(mechanism) authentication failed: user=\(SessionLog.printable(user))")
+        }
+    }
+
+    /// The last command the client sent, for "timeout after X" lines: the
+    /// counter that moved (latest in protocol order when several did).
+    private func noteCommands(before: [String: Int]) {
+        guard let after = session?.counters.total, after != before else {
+            if inMessage { lastCommand = "DATA" }
+            return
+        }
+        for name in SMTPCommandCounters.order.reversed() where after[name, default: 0] > before[name, default: 0] {
+            lastCommand = name.uppercased()
+            break
+        }
+        if inMessage { lastCommand = "DATA" }
+        if waitingForQueue { lastCommand = "END-OF-MESSAGE" }
+    }
+
+    // MARK: - Timeouts
+
+    private func armTimer() {
+        timer?.cancel()
+        timer = nil
+        guard let context, let session, !session.isClosed, !closing, !waitingForQueue else { return }
+        let timeouts = server.settings.timeouts
+        let seconds = inMessage ? timeouts.dataBlock : timeouts.command
+        timer = context.eventLoop.assumeIsolated().scheduleTask(in: .seconds(seconds)) { [weak self] in
+            self?.timedOut()
+        }
+    }
+
+    private func timedOut() {
+        guard var session, !session.isClosed, !waitingForQueue else { return }
+        server.logger.info("\(SessionLog.timeout(after: lastCommand, client: client))")
+        let actions = session.shutdown(SMTPReply(421, "4.4.2", "\(server.settings.hostname) Error: timeout exceeded"))
+        self.session = session
+        perform(actions)
+    }
+}

@@ -1,0 +1,225 @@
+// What an attacker or a broken client tries: relaying, smuggling a second
+// message inside the first, over-long lines, oversized messages, too many
+// connections, silence.
+
+import Foundation
+import SMTP
+@testable import SMTPService
+import StageProtocol
+import Testing
+
+@Suite struct Relay {
+    /// The test client is 127.0.0.1: make it an ordinary Internet client.
+    static func untrusted() throws -> Harness {
+        try Harness { $0.trustedNetworks = [] }
+    }
+
+    @Test(arguments: [
+        "<victim@elsewhere.example>",
+        "<victim%elsewhere.example@example.test>",
+        "<elsewhere.example!victim@example.test>",
+        "<\"victim@elsewhere.example\"@example.test>",
+        "<@example.test:victim@elsewhere.example>",
+        "<@example.test,@relay.example:victim@elsewhere.example>",
+    ])
+    func openRelayFormsAreRefused(_ path: String) throws {
+        let h = try Self.untrusted()
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c, helo: "spammer.example")
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        let r = try #require(c.command("RCPT TO:\(path)"))
+        #expect(r.code == 554)
+        #expect(r.last.hasPrefix("554 5.7.1 "))
+        #expect(c.command("DATA")?.code == 554, "no valid recipients")
+        #expect(h.queue.connections == 0)
+    }
+
+    @Test func relayDeniedIsLoggedLikePostfix() throws {
+        let h = try Self.untrusted()
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c, helo: "h.example")
+        #expect(c.command("MAIL FROM:<a@b.example>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@y.example>")?.code == 554)
+        #expect(h.logs.contains("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 Relay access denied; from=<a@b.example> to=<x@y.example> proto=ESMTP helo=<h.example>"))
+    }
+
+    @Test func localDomainsAndRelayDomainsAreOpenToAnyone() throws {
+        let h = try Harness {
+            $0.trustedNetworks = []
+            $0.relayDomains = ["relayed.example", ".sub.example"]
+        }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<u@EXAMPLE.test>")?.code == 250)
+        #expect(c.command("RCPT TO:<postmaster>")?.code == 250)
+        #expect(c.command("RCPT TO:<u@relayed.example>")?.code == 250)
+        #expect(c.command("RCPT TO:<u@a.sub.example>")?.code == 250)
+        #expect(c.command("RCPT TO:<u@sub.example>")?.code == 554)
+        #expect(c.command("RCPT TO:<u@other.example>")?.code == 554)
+    }
+
+    @Test func trustedNetworksMayRelay() throws {
+        let h = try Harness { $0.trustedNetworks = [NetworkPrefix("127.0.0.0/8")!] }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<u@elsewhere.example>")?.code == 250)
+    }
+}
+
+@Suite struct Smuggling {
+    /// Each variant tries to end DATA with something that is not
+    /// <CRLF>.<CRLF> and start a second transaction inside the first
+    /// message. Whatever the server answers, the queue must never get a
+    /// message from the smuggled MAIL FROM.
+    @Test(arguments: [
+        "\n.\n", "\r\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\r", "\r\n\r.\r\n", "\r\n.\u{0}\r\n",
+    ])
+    func smuggledMessageIsNeverQueued(_ end: String) throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        c.send("MAIL FROM:<honest@example.org>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n")
+        #expect(c.replies(3).map(\.code) == [250, 250, 354])
+        c.send("Subject: first\r\n\r\nbody" + end
+               + "MAIL FROM:<smuggled@evil.example>\r\nRCPT TO:<y@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n")
+        // The real end of the message, then a probe.
+        c.send("\r\n.\r\nNOOP\r\n")
+        var replies: [SMTPReplyText] = []
+        while let r = c.reply() {
+            replies.append(r)
+            if r.last.hasPrefix("250 2.0.0 Ok") && !r.last.contains("queued") { break }   // the NOOP
+        }
+        #expect(h.queue.accepted.allSatisfy { $0.sender == "honest@example.org" })
+        #expect(h.queue.accepted.count <= 1)
+        #expect(!replies.contains { $0.code == 354 }, "a second DATA was started: \(replies)")
+    }
+}
+
+@Suite struct Limits {
+    @Test func overLongCommandLineIsRefusedAndTheSessionResyncs() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        let r = try #require(c.command("MAIL FROM:<" + String(repeating: "a", count: 600) + "@example.org>"))
+        #expect(r.last == "500 5.5.2 Line too long")
+        #expect(c.command("NOOP")?.code == 250)
+    }
+
+    @Test func overLongTextLineRefusesTheMessage() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        let r = try #require(c.command("Subject: long\r\n\r\n" + String(repeating: "y", count: 1200) + "\r\n."))
+        #expect(r.code == 554)
+        #expect(r.last.hasPrefix("554 5.6.0"))
+        #expect(h.queue.accepted.isEmpty)
+        #expect(c.command("NOOP")?.code == 250)
+    }
+
+    @Test func declaredSizeOverTheLimitIsRefusedAtMail() throws {
+        let h = try Harness { $0.limits.messageSize = 1000 }
+        defer { h.stop() }
+        let c = try h.client()
+        let ehlo = try greet(c)
+        #expect(ehlo.lines.contains("250-SIZE 1000"))
+        let r = try #require(c.command("MAIL FROM:<a@example.org> SIZE=1001"))
+        #expect(r.last.hasPrefix("552 5.3.4"))
+    }
+
+    @Test func messageOverTheLimitIsRefusedAndNotQueued() throws {
+        let h = try Harness { $0.limits.messageSize = 1000 }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        var body = "Subject: big\r\n\r\n"
+        for _ in 0..<100 { body += String(repeating: "z", count: 70) + "\r\n" }
+        let r = try #require(c.command(body + "."))
+        #expect(r.last.hasPrefix("552 5.3.4"))
+        #expect(h.queue.accepted.isEmpty)
+        #expect(h.queue.connections <= 1)
+        #expect(c.command("NOOP")?.code == 250)
+    }
+
+    @Test func tooManyRecipients() throws {
+        let h = try Harness { $0.limits.recipients = 3 }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        for i in 0..<3 { #expect(c.command("RCPT TO:<u\(i)@example.test>")?.code == 250) }
+        #expect(c.command("RCPT TO:<u9@example.test>")?.last.hasPrefix("452 4.5.3") == true)
+    }
+
+    @Test func tooManyErrorsEndTheSession() throws {
+        let h = try Harness { $0.limits.errors = 3 }
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try #require(c.reply())
+        c.send("FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n")
+        let replies = c.readToEOF()
+        #expect(replies.map(\.code) == [500, 500, 500, 421])
+    }
+
+    @Test func sessionsPerClientAddressAreLimited() throws {
+        let h = try Harness {
+            $0.limits.sessionsPerClient = 2
+            $0.trustedNetworks = []
+        }
+        defer { h.stop() }
+        let a = try h.client(), b = try h.client()
+        #expect(a.reply()?.code == 220)
+        #expect(b.reply()?.code == 220)
+        let third = try h.client()
+        let r = try #require(third.reply())
+        #expect(r.last.hasPrefix("421 4.7.0"))
+        #expect(third.readToEOF().isEmpty)
+        #expect(h.logs.contains("warning: Connection concurrency limit exceeded: 3 from unknown[127.0.0.1] for service smtp"))
+        // A slot frees when a session ends.
+        #expect(a.command("QUIT")?.code == 221)
+        #expect(a.readToEOF().isEmpty)
+        #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] quit=1 commands=1"))
+        let fourth = try h.client()
+        #expect(fourth.reply()?.code == 220)
+    }
+
+    @Test func trustedClientsAreExemptFromTheSessionLimit() throws {
+        let h = try Harness { $0.limits.sessionsPerClient = 1 }
+        defer { h.stop() }
+        let clients = try (0..<3).map { _ in try h.client() }
+        for c in clients { #expect(c.reply()?.code == 220) }
+    }
+
+    @Test func silentClientTimesOutWith421() throws {
+        let h = try Harness { $0.timeouts.command = 1 }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        let replies = c.readToEOF()
+        #expect(replies.map(\.last) == ["421 4.4.2 mx.example.test Error: timeout exceeded"])
+        #expect(h.logs.eventually("timeout after EHLO from unknown[127.0.0.1]"))
+    }
+
+    @Test func shutdownSays421ToIdleSessions() throws {
+        let h = try Harness()
+        let c = try h.client()
+        try greet(c)
+        try h.server.shutdown(grace: .seconds(10)).wait()
+        #expect(c.readToEOF().map(\.last) == ["421 4.3.2 mx.example.test Service shutting down"])
+        h.stop()
+    }
+}

@@ -1,0 +1,232 @@
+// The server over real TCP with a real inject peer: sessions, what reaches
+// the queue, and the log lines.
+
+import Foundation
+import SMTP
+@testable import SMTPService
+import StageProtocol
+import Testing
+
+@Suite struct Sessions {
+    @Test func fullSessionQueuesOneMessageWithItsEnvelope() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        let ehlo = try greet(c)
+        #expect(ehlo.lines.contains("250-PIPELINING"))
+        #expect(ehlo.lines.contains("250-SIZE 10240000"))
+        #expect(!ehlo.description.contains("STARTTLS"), "no TLS process: STARTTLS must not be offered")
+        #expect(c.command("MAIL FROM:<alice@example.org> SIZE=100 RET=HDRS ENVID=abc+2Bdef BODY=8BITMIME")?.code == 250)
+        #expect(c.command("RCPT TO:<bob@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.test")?.code == 250)
+        #expect(c.command("RCPT TO:<carol@Example.Test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        let done = try #require(c.command("Subject: hi\r\n\r\nHello.\r\n..dot\r\n."))
+        #expect(done.code == 250)
+        #expect(done.last.hasPrefix("250 2.0.0 Ok: queued as "))
+        #expect(c.command("QUIT")?.code == 221)
+        #expect(c.readToEOF().isEmpty)
+
+        let messages = h.queue.accepted
+        try #require(messages.count == 1)
+        let m = messages[0]
+        #expect(m.sender == "alice@example.org")
+        #expect(m.recipients == ["bob@example.test", "carol@Example.Test"])
+        #expect(try m.rcpts[0].optionalText("notify") == "SUCCESS,FAILURE")
+        #expect(try m.rcpts[0].optionalText("orcpt") == "rfc822;bob@example.test")
+        #expect(try m.rcpts[1].optionalText("notify") == nil)
+        #expect(try m.mail.text("client-address") == "127.0.0.1")
+        #expect(try m.mail.text("client-name") == "unknown")
+        #expect(try m.mail.text("helo") == "client.example.org")
+        #expect(try m.mail.text("protocol") == "ESMTP")
+        #expect(try m.mail.optionalText("ret") == "HDRS")
+        #expect(try m.mail.optionalText("envid") == "abc+def")
+        #expect(try m.mail.optionalText("body-type") == "8BITMIME")
+        #expect(try m.mail.optionalUInt("size") == 100)
+        #expect(try m.mail.bool("smtputf8", default: false) == false)
+        // The Received line comes first, then the message, dot-unstuffed.
+        #expect(m.text.hasPrefix("Received: from client.example.org (unknown [127.0.0.1])\r\n\tby mx.example.test (Sealpost) with ESMTP;\r\n\t"))
+        #expect(m.text.hasSuffix("\r\nSubject: hi\r\n\r\nHello.\r\n.dot\r\n"))
+        #expect(!m.text.contains(" id "), "the queue ID is not known when the Received line is written")
+
+        let id = String(done.last.dropFirst("250 2.0.0 Ok: queued as ".count))
+        let logs = h.logs.all
+        #expect(logs.contains("connect from unknown[127.0.0.1]"))
+        #expect(logs.contains("\(id): client=unknown[127.0.0.1]"))
+        #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6"))
+    }
+
+    @Test func ipv6ClientIsNamedAndTrustedByDefault() throws {
+        let h = try Harness(host: "::1")
+        defer { h.stop() }
+        let c = try SMTPTestClient(ipv6Port: h.port)
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@elsewhere.example>")?.code == 250, "::1 is a trusted network by default")
+        #expect(c.command("DATA")?.code == 354)
+        #expect(c.command("hi\r\n.")?.code == 250)
+        let m = try #require(h.queue.accepted.first)
+        #expect(try m.mail.text("client-address") == "::1")
+        #expect(m.text.hasPrefix("Received: from client.example.org (unknown [IPv6:::1])\r\n"))
+        #expect(h.logs.contains("connect from unknown[::1]"))
+    }
+
+    @Test func pipelinedSessionInOneWrite() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try #require(c.reply())
+        c.send("EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@example.test>\r\n"
+               + "RCPT TO:<y@example.test>\r\nDATA\r\nSubject: p\r\n\r\nbody\r\n.\r\n"
+               + "MAIL FROM:<b@example.org>\r\nRCPT TO:<z@example.test>\r\nDATA\r\nSubject: q\r\n\r\nsecond\r\n.\r\nQUIT\r\n")
+        let replies = c.readToEOF()
+        #expect(replies.map(\.code) == [250, 250, 250, 250, 354, 250, 250, 250, 354, 250, 221])
+        let messages = h.queue.accepted
+        #expect(messages.map(\.recipients) == [["x@example.test", "y@example.test"], ["z@example.test"]])
+        #expect(messages.last?.text.hasSuffix("Subject: q\r\n\r\nsecond\r\n") == true)
+    }
+
+    @Test func halfClosedClientStillGetsItsReplies() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        c.send("EHLO c.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@example.test>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n")
+        c.shutdownWrite()
+        let replies = c.readToEOF()
+        #expect(replies.map(\.code) == [220, 250, 250, 250, 354, 250, 221])
+        #expect(h.queue.accepted.count == 1)
+    }
+
+    @Test func bdatChunksReachTheQueueInOrder() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        c.send("BDAT 14\r\nSubject: b\r\n\r\n")
+        #expect(c.reply()?.code == 250)
+        c.send("BDAT 9 LAST\r\nchunked\r\n")
+        let r = try #require(c.reply())
+        #expect(r.code == 250)
+        #expect(r.last.hasPrefix("250 2.0.0 Ok: queued as "))
+        #expect(h.queue.accepted.first?.text.hasSuffix("\r\nSubject: b\r\n\r\nchunked\r\n") == true)
+        #expect(c.command("QUIT")?.code == 221)
+        #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 bdat=2 quit=1 commands=6"))
+    }
+
+    @Test func largeMessageStreamsIntactInBoundedFrames() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        var message = "Subject: big\r\n\r\n"
+        for i in 0..<40_000 { message += "line \(i) " + String(repeating: "x", count: 60) + "\r\n" }
+        c.send(message + ".\r\n")
+        let r = try #require(c.reply())
+        #expect(r.code == 250)
+        let m = try #require(h.queue.accepted.first)
+        #expect(m.text.hasSuffix(message))
+        #expect(message.utf8.count > 2_500_000)
+    }
+
+    @Test func submissionRequiresAuthentication() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client(port: h.submissionPort)
+        let ehlo = try greet(c)
+        #expect(!ehlo.description.contains("AUTH"), "no password backend yet: AUTH is not offered")
+        let r = try #require(c.command("MAIL FROM:<a@example.org>"))
+        #expect(r.code == 530)
+        #expect(r.last.hasPrefix("530 5.7.0"))
+    }
+}
+
+@Suite struct QueueOutcomes {
+    @Test func queueUnreachableGives451AndTheSessionGoesOn() throws {
+        let h = try Harness(injectPath: NSTemporaryDirectory() + "no-such-dir-\(getpid())/inject")
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        let r = try #require(c.command("Subject: x\r\n\r\nbody\r\n."))
+        #expect(r.last == "451 4.3.0 Queue unavailable, try again later")
+        #expect(c.command("RSET")?.code == 250)
+        #expect(c.command("QUIT")?.code == 221)
+        #expect(h.logs.contains("NOQUEUE: reject: DATA from unknown[127.0.0.1]: 451 4.3.0 Queue unavailable, try again later; from=<a@example.org> proto=ESMTP helo=<client.example.org>"))
+    }
+
+    @Test func refused452IsPassedOn() throws {
+        let q = try FakeQueue(answer: .refuse(code: 452, status: "4.3.1", text: "Insufficient system storage"))
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        let r = try #require(c.command("hello\r\n."))
+        #expect(r.last == "452 4.3.1 Insufficient system storage")
+        #expect(h.queue.refused.count == 1)
+        #expect(h.queue.accepted.isEmpty)
+    }
+
+    @Test func refused554IsPassedOn() throws {
+        let q = try FakeQueue(answer: .refuse(code: 554, status: "5.5.1", text: "No recipients"))
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        #expect(c.command("hello\r\n.")?.last == "554 5.5.1 No recipients")
+    }
+
+    @Test func queueHangingUpAfterEndGives451() throws {
+        let q = try FakeQueue(answer: .hangUp)
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        let r = try #require(c.command("hello\r\n."))
+        #expect(r.code == 451)
+        #expect(r.last.hasPrefix("451 4.3.0"))
+    }
+
+    @Test func malformedRefusalNeverBecomesSuccess() {
+        let cases: [Frame] = [
+            Frame(.refused, ["code": .uint(250), "status": .text("2.0.0"), "text": .text("fine")]),
+            Frame(.refused, ["code": .uint(452), "status": .text("5.3.1"), "text": .text("class mismatch")]),
+            Frame(.refused, ["code": .uint(452), "status": .text("4.3"), "text": .text("bad status")]),
+            Frame(.refused, ["code": .uint(999), "status": .text("4.3.1"), "text": .text("bad code")]),
+        ]
+        for f in cases {
+            #expect(InjectTransaction.reply(fromRefused: f) == SMTPReply(451, "4.3.0", "Queue refused the message"))
+        }
+        let good = Frame(.refused, ["code": .uint(452), "status": .text("4.3.1"), "text": .text("full")])
+        #expect(InjectTransaction.reply(fromRefused: good) == SMTPReply(452, "4.3.1", "full"))
+    }
+
+    @Test func clientVanishingMidMessageQueuesNothing() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        do {
+            let c = try h.client()
+            try greet(c)
+            #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+            #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+            #expect(c.command("DATA")?.code == 354)
+            c.send("Subject: cut\r\n\r\nhalf a message")
+        }
+        #expect(h.logs.eventually("lost connection after DATA from unknown[127.0.0.1]"))
+        #expect(h.queue.accepted.isEmpty)
+    }
+}

@@ -1,0 +1,334 @@
+"""smtp-listen as a real process, driven by real SMTP clients.
+
+Two kinds of tests:
+
+- smtp-listen alone, in front of a queue stand-in written here in Python
+  from Pipeline/PROTOCOL.md section 4.2 (a real Unix socket, real frames),
+  driven by Python's smtplib and by swaks: sessions, pipelining, what the
+  queue receives, 451 when the queue is away, privileges, socket activation,
+  SIGTERM.
+- the whole pipeline (supervise, queue, local-deliver): mail sent with
+  smtplib ends in a Maildir.
+"""
+
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import smtplib
+import socket
+import struct
+import subprocess
+import threading
+
+import pytest
+
+from conftest import IS_ROOT, Pipeline, executable, local_user, parse_message, require_build, wait_until
+from stageproto import (ABORT, ACCEPTED, BODY, END, HELLO, MAIL, MAX_FRAME, RCPT, REFUSED,
+                        decode_attributes, encode)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class QueueStandIn:
+    """The queue's side of the inject protocol: answers every END with
+    ACCEPTED (or with `self.refusal`) and keeps what it received."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.messages = []
+        self.aborted = 0
+        self.refusal = None
+        self.errors = []
+        self.next_id = 0xA0000
+        self.lock = threading.Lock()
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        os.chmod(self.path, 0o666)
+        self.server.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.server.close()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection):
+        buffer = b""
+
+        def frames():
+            nonlocal buffer
+            while True:
+                while len(buffer) >= 4:
+                    (length,) = struct.unpack(">I", buffer[:4])
+                    assert 2 <= length <= MAX_FRAME, f"bad frame length {length}"
+                    if len(buffer) < 4 + length:
+                        break
+                    frame, buffer = buffer[4:4 + length], buffer[4 + length:]
+                    (kind,) = struct.unpack(">H", frame[:2])
+                    yield kind, decode_attributes(frame[2:])
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+
+        try:
+            stream = frames()
+            kind, hello = next(stream)
+            assert kind == HELLO and hello["protocol"] == "inject" and hello["version"] == 1, hello
+            connection.sendall(encode(HELLO, [("protocol", "inject"), ("version", 1)]))
+            mail, rcpts, body = None, [], b""
+            for kind, attributes in stream:
+                if kind == MAIL:
+                    mail, rcpts, body = attributes, [], b""
+                elif kind == RCPT:
+                    rcpts.append(attributes)
+                elif kind == BODY:
+                    assert 1 <= len(attributes["data"]) <= 65536
+                    body += attributes["data"]
+                elif kind == ABORT:
+                    with self.lock:
+                        self.aborted += 1
+                    mail = None
+                elif kind == END:
+                    assert mail is not None, "END without MAIL"
+                    if self.refusal:
+                        code, status, text = self.refusal
+                        connection.sendall(encode(REFUSED, [("code", code), ("status", status), ("text", text)]))
+                        continue
+                    with self.lock:
+                        self.next_id += 1
+                        queue_id = f"{self.next_id:012X}"
+                        self.messages.append({"mail": mail, "rcpts": rcpts, "body": body, "id": queue_id})
+                    connection.sendall(encode(ACCEPTED, [("queue-id", queue_id)]))
+                    mail = None
+                else:
+                    raise AssertionError(f"unexpected frame type {kind}")
+        except Exception as error:  # recorded, checked by the tests
+            self.errors.append(repr(error))
+        finally:
+            connection.close()
+
+
+class Listener:
+    """smtp-listen with its own configuration and data directory."""
+
+    def __init__(self, directory, inherited_socket=None):
+        self.directory = pathlib.Path(directory)
+        self.data = self.directory / "data"
+        (self.data / "run").mkdir(parents=True)
+        for path in (self.directory, self.data, self.data / "run"):
+            os.chmod(path, 0o755)
+        self.port = free_port()
+        self.submission_port = free_port()
+        self.config = self.directory / "sealpost.toml"
+        self.config.write_text(
+            "[sealpost]\n"
+            f'data_directory = "{self.data}"\n'
+            'hostname = "mx.e2e.test"\n'
+            "[local]\n"
+            'domains = ["localhost", "e2e.test"]\n'
+            "[smtp]\n"
+            f'listen = ["127.0.0.1:{self.port}"]\n'
+            f'submission = ["127.0.0.1:{self.submission_port}"]\n'
+            f'smtps = ["127.0.0.1:{free_port()}"]\n')
+        self.queue = QueueStandIn(self.data / "run" / "inject")
+        self.log = open(self.directory / "smtp-listen.log", "wb")
+        environment = {"SEALPOST_CONFIG": str(self.config)}
+        if IS_ROOT:
+            environment["SEALPOST_USER"] = "nobody"
+        inherited = inherited_socket
+
+        def prepare_child():
+            # Runs in the child between fork and exec: the systemd
+            # convention puts the listening socket at descriptor 3 and names
+            # the process that must take it.
+            for key, value in environment.items():
+                os.environ[key] = value
+            if inherited is not None:
+                os.dup2(inherited.fileno(), 3)
+                os.set_inheritable(3, True)
+                os.environ["LISTEN_FDS"] = "1"
+                os.environ["LISTEN_FDNAMES"] = "smtp"
+                os.environ["LISTEN_PID"] = str(os.getpid())
+
+        self.process = subprocess.Popen([executable("smtp-listen")], stdout=self.log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, preexec_fn=prepare_child,
+                                        close_fds=inherited is None)
+        if inherited is not None:
+            self.port = inherited.getsockname()[1]
+        wait_until(self.ready, 30, f"smtp-listen to listen on port {self.port}")
+
+    def ready(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"smtp-listen exited with {self.process.returncode}:\n{self.log_text()}")
+        return f"listening for smtp on 127.0.0.1:{self.port}" in self.log_text()
+
+    def log_text(self):
+        return (self.directory / "smtp-listen.log").read_text(errors="replace")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        self.queue.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def listener(workdir):
+    require_build("smtp-listen")
+    instance = Listener(workdir)
+    yield instance
+    code = instance.stop()
+    assert code == 0, f"smtp-listen exited with {code}:\n{instance.log_text()}"
+    assert instance.queue.errors == []
+
+
+def test_smtplib_message_reaches_the_queue_with_envelope_and_received(listener):
+    with smtplib.SMTP("127.0.0.1", listener.port, local_hostname="client.e2e.test", timeout=60) as client:
+        code, text = client.ehlo()
+        assert code == 250
+        assert client.has_extn("pipelining") and client.has_extn("size") and client.has_extn("8bitmime")
+        refused = client.sendmail("alice@example.org", ["bob@e2e.test", "carol@localhost"],
+                                  b"Subject: e2e\r\n\r\nHello over SMTP.\r\n.starts with a dot\r\n",
+                                  mail_options=["BODY=8BITMIME"], rcpt_options=["NOTIFY=FAILURE"])
+        assert refused == {}
+    messages = listener.queue.messages
+    assert len(messages) == 1
+    message = messages[0]
+    assert message["mail"]["sender"] == "alice@example.org"
+    assert message["mail"]["client-address"] == "127.0.0.1"
+    assert message["mail"]["client-name"] == "unknown"
+    assert message["mail"]["helo"] == "client.e2e.test"
+    assert message["mail"]["protocol"] == "ESMTP"
+    assert message["mail"]["body-type"] == "8BITMIME"
+    assert [r["address"] for r in message["rcpts"]] == ["bob@e2e.test", "carol@localhost"]
+    assert all(r["notify"] == "FAILURE" for r in message["rcpts"])
+    body = message["body"]
+    assert body.startswith(b"Received: from client.e2e.test (unknown [127.0.0.1])\r\n\tby mx.e2e.test (Sealpost) with ESMTP;")
+    assert body.endswith(b"\r\nSubject: e2e\r\n\r\nHello over SMTP.\r\n.starts with a dot\r\n")
+    log = wait_until(lambda: "disconnect from" in listener.log_text() and listener.log_text(), 30, "the disconnect line")
+    assert "smtp-listen[" in log
+    assert "connect from unknown[127.0.0.1]" in log
+    assert f"{message['id']}: client=unknown[127.0.0.1]" in log
+    assert "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6" in log
+
+
+def test_swaks_with_pipelining(listener):
+    if not shutil.which("swaks"):
+        pytest.skip("swaks is not installed")
+    result = subprocess.run(["swaks", "--server", f"127.0.0.1:{listener.port}", "--pipeline",
+                             "--from", "sender@example.org", "--to", "user@e2e.test",
+                             "--helo", "swaks.e2e.test", "--header", "Subject: swaks"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "250 2.0.0 Ok: queued as" in result.stdout
+    assert len(listener.queue.messages) == 1
+    assert b"Subject: swaks" in listener.queue.messages[0]["body"]
+
+
+def test_queue_refusal_and_absence_reach_the_client(listener):
+    listener.queue.refusal = (452, "4.3.1", "Insufficient system storage")
+    with smtplib.SMTP("127.0.0.1", listener.port, timeout=60) as client:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: x\r\n\r\nx\r\n")
+        assert refused.value.smtp_code == 452
+        # The queue goes away: 451, never 250.
+        os.unlink(listener.queue.path)
+        with pytest.raises(smtplib.SMTPDataError) as unavailable:
+            client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: y\r\n\r\ny\r\n")
+        assert unavailable.value.smtp_code == 451
+    assert listener.queue.messages == []
+
+
+def test_submission_port_requires_authentication(listener):
+    with smtplib.SMTP("127.0.0.1", listener.submission_port, timeout=60) as client:
+        client.ehlo()
+        assert not client.has_extn("auth")
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("a@example.org", ["b@e2e.test"], b"x\r\n")
+        assert refused.value.smtp_code == 530
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: privilege drop and chroot")
+def test_runs_as_its_user_in_a_chroot(listener):
+    status = pathlib.Path(f"/proc/{listener.process.pid}/status").read_text()
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert uids == [str(nobody)] * 4
+    assert os.readlink(f"/proc/{listener.process.pid}/root") == str(listener.data)
+    # And it still works after the chroot (inject socket path, dates).
+    with smtplib.SMTP("127.0.0.1", listener.port, timeout=60) as client:
+        client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: chroot\r\n\r\nx\r\n")
+    assert len(listener.queue.messages) == 1
+
+
+def test_socket_activation_adopts_descriptor_3(workdir):
+    require_build("smtp-listen")
+    inherited = socket.socket()
+    inherited.bind(("127.0.0.1", 0))
+    inherited.listen(16)
+    instance = Listener(workdir, inherited_socket=inherited)
+    try:
+        inherited.close()   # smtp-listen holds its own copy now
+        with smtplib.SMTP("127.0.0.1", instance.port, timeout=60) as client:
+            assert client.noop()[0] == 250
+            client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: activated\r\n\r\nx\r\n")
+        assert len(instance.queue.messages) == 1
+        # The configured address was not bound: the socket came from outside.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", instance.submission_port), timeout=5).close()
+    finally:
+        assert instance.stop() == 0, instance.log_text()
+
+
+def test_whole_pipeline_smtp_to_maildir(workdir):
+    require_build("queue", "local-deliver", "smtp-listen")
+    port = free_port()
+    pipeline = Pipeline(workdir, config_overrides={
+        "listen": f'["127.0.0.1:{port}"]',
+        "submission": f'["127.0.0.1:{free_port()}"]',
+        "smtps": f'["127.0.0.1:{free_port()}"]',
+    }).start()
+    try:
+        user = local_user()
+
+        def connected():
+            try:
+                return smtplib.SMTP("127.0.0.1", port, timeout=60)
+            except OSError:
+                return None
+
+        client = wait_until(connected, 60, f"smtp-listen on port {port}")
+        with client:
+            client.sendmail("sender@example.org", [f"{user}@localhost"], b"Subject: via smtp\r\n\r\nover the wire\r\n")
+        files = wait_until(lambda: pipeline.delivered(user), 60, f"a message in {pipeline.maildir_new(user)}")
+        message = parse_message(files[0])
+        assert message["Subject"] == "via smtp"
+        received = message.get_all("Received")
+        assert any("(unknown [127.0.0.1])" in value and "with ESMTP" in value for value in received), received
+        assert "over the wire" in message.get_content()
+    finally:
+        code = pipeline.stop()
+        assert code == 0, pipeline.supervisor_output()
