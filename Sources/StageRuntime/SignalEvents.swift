@@ -5,8 +5,8 @@ import Darwin
 #endif
 import Dispatch
 
-/// Signal callbacks for the stages' mains, as ordinary closures on a
-/// dispatch queue:
+/// Signal callbacks for the stages' mains, as ordinary closures run on a
+/// dedicated signal thread (or on a dispatch queue when one is given):
 ///
 ///     let signals = SignalEvents()
 ///     signals.on(SIGTERM) { server.shutDown() }
@@ -15,9 +15,11 @@ import Dispatch
 /// Why not DispatchSource.makeSignalSource alone: it needs the signal
 /// ignored (SIG_IGN), and an ignored SIGTERM is inherited by every program
 /// the stage executes. Here a real handler (reset to the default by exec)
-/// writes the signal number to a self-pipe, and a DispatchSource reading
-/// that pipe calls the closures. The handler only calls write(2), which is
-/// async-signal-safe.
+/// writes the signal number to a self-pipe, and a plain thread blocked in
+/// read(2) on that pipe calls the closures. The handler only calls write(2),
+/// which is async-signal-safe. No libdispatch by default: in a chrooted
+/// stage its worker-pool monitor finds no /proc and traps (SIGILL) now and
+/// then at shutdown.
 ///
 /// Signals must be process-directed (kill(pid), as the supervisor sends
 /// them): raise() targets the calling thread, and dispatch worker threads
@@ -27,11 +29,12 @@ import Dispatch
 /// (or deinit) removes them and restores the default action of signals no
 /// one listens to any more.
 public final class SignalEvents: @unchecked Sendable {
-    private let queue: DispatchQueue
+    private let queue: DispatchQueue?
     private let token: Int
 
-    /// Callbacks run on `queue` (a private serial queue by default).
-    public init(queue: DispatchQueue = DispatchQueue(label: "sealpost.signals")) {
+    /// Callbacks run on `queue`, or, when it is nil (the default), on the
+    /// process's signal thread, one at a time.
+    public init(queue: DispatchQueue? = nil) {
         self.queue = queue
         self.token = SignalDispatcher.shared.newToken()
     }
@@ -67,13 +70,12 @@ final class SignalDispatcher: @unchecked Sendable {
 
     private struct Registration {
         var token: Int
-        var queue: DispatchQueue
+        var queue: DispatchQueue?
         var handler: @Sendable () -> Void
     }
 
     private let state = LockedState((nextToken: 0, registrations: [Int32: [Registration]]()))
     private let readEnd: Int32
-    private let source: DispatchSourceRead
 
     private init() {
         var ends: [Int32] = [-1, -1]
@@ -82,14 +84,21 @@ final class SignalDispatcher: @unchecked Sendable {
         }
         for end in ends {
             _ = fcntl(end, F_SETFD, FD_CLOEXEC)
-            _ = fcntl(end, F_SETFL, fcntl(end, F_GETFL) | O_NONBLOCK)
         }
+        // The write end never blocks the handler; the read end blocks the
+        // signal thread until a signal arrives.
+        _ = fcntl(ends[1], F_SETFL, fcntl(ends[1], F_GETFL) | O_NONBLOCK)
         readEnd = ends[0]
         signalPipeWriteEnd = ends[1]
-        source = DispatchSource.makeReadSource(fileDescriptor: ends[0],
-                                               queue: DispatchQueue(label: "sealpost.signal-pipe"))
-        source.setEventHandler { [unowned self] in self.drain() }
-        source.activate()
+        var thread = pthread_t()
+        let started = pthread_create(&thread, nil, { _ in
+            SignalDispatcher.shared.readLoop()
+            return nil
+        }, nil)
+        guard started == 0 else {
+            StageRuntime.fatal("signal thread: \(String(cString: strerror(started)))", exit: .osErr)
+        }
+        pthread_detach(thread)
     }
 
     func newToken() -> Int {
@@ -99,7 +108,7 @@ final class SignalDispatcher: @unchecked Sendable {
         }
     }
 
-    func register(_ signal: Int32, token: Int, queue: DispatchQueue, handler: @escaping @Sendable () -> Void) {
+    func register(_ signal: Int32, token: Int, queue: DispatchQueue?, handler: @escaping @Sendable () -> Void) {
         precondition(signal > 0 && signal < 256, "not a signal number: \(signal)")
         state.withLock { state in
             if state.registrations[signal, default: []].isEmpty { install(signal, handler: signalHandler) }
@@ -131,21 +140,22 @@ final class SignalDispatcher: @unchecked Sendable {
         sigaction(signal, &action, nil)
     }
 
-    private func drain() {
+    /// The signal thread: blocks in read(2) until the handler writes.
+    fileprivate func readLoop() -> Never {
         var buffer = [UInt8](repeating: 0, count: 64)
-        var arrived = Set<Int32>()
         while true {
             let count = read(readEnd, &buffer, buffer.count)
-            if count > 0 {
-                for byte in buffer[..<count] { arrived.insert(Int32(byte)) }
-                continue
-            }
             if count < 0 && errno == EINTR { continue }
-            break   // EAGAIN: drained
+            guard count > 0 else {
+                StageRuntime.fatal("signal pipe: read: \(count == 0 ? "closed" : String(cString: strerror(errno)))", exit: .osErr)
+            }
+            let arrived = Set(buffer[..<count].map { Int32($0) })
+            let calls = state.withLock { state in
+                arrived.sorted().flatMap { state.registrations[$0] ?? [] }
+            }
+            for call in calls {
+                if let queue = call.queue { queue.async(execute: call.handler) } else { call.handler() }
+            }
         }
-        let calls = state.withLock { state in
-            arrived.sorted().flatMap { state.registrations[$0] ?? [] }
-        }
-        for call in calls { call.queue.async(execute: call.handler) }
     }
 }

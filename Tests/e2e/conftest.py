@@ -54,6 +54,13 @@ def local_user():
     return pwd.getpwuid(os.geteuid()).pw_name if IS_ROOT else getpass.getuser()
 
 
+def free_tcp_port():
+    """A loopback TCP port free at this moment."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def make_config(directory, data_directory, overrides=None):
     """Copies Config/sealpost.toml with data_directory and short timers."""
     text = (CHECKOUT / "Config" / "sealpost.toml").read_text()
@@ -62,6 +69,10 @@ def make_config(directory, data_directory, overrides=None):
         "minimal_backoff_time": '"1s"',
         "maximal_backoff_time": '"2s"',
         "queue_run_delay": '"1s"',
+        # Ports of their own: never the 2525/2587/2465 of a running Sealpost.
+        "listen": f'["127.0.0.1:{free_tcp_port()}"]',
+        "submission": f'["127.0.0.1:{free_tcp_port()}"]',
+        "smtps": f'["127.0.0.1:{free_tcp_port()}"]',
     }
     settings.update(overrides or {})
     for key, value in settings.items():
