@@ -22,6 +22,7 @@ Python 3 standard library only.
 
 import errno
 import os
+import signal
 import socket
 import struct
 import sys
@@ -381,6 +382,9 @@ def main():
     else:
         path = os.path.join(data, "run", "deliver")
     os.umask(0o077)
+    # A parent may have left signals blocked (some process launchers do):
+    # the supervisor must be able to stop this stage with SIGTERM.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     pause = 0.1
     failing = False
     while True:
