@@ -34,6 +34,9 @@ let package = Package(
         // Glibc calls and macros Swift cannot reach (CMSG_*, WIFEXITED, pipe2,
         // posix_spawn closefrom, stderr); GNU-only calls live in the .c file.
         .target(name: "CSystemShims"),
+        // posix_spawn with placed descriptors, wait statuses, signalfd: the
+        // supervisor's own C, apart so that it needs no umbrella-header edit.
+        .target(name: "CSystemSpawn"),
 
         // Wrappers, one per C library.
         .target(name: "LMDB", dependencies: ["CLMDB"]),
@@ -65,7 +68,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "Supervision", dependencies: [
-            "CSystemShims", "StageRuntime", "SealpostConfig",
+            "CSystemShims", "CSystemSpawn", "StageRuntime", "SealpostConfig",
         ]),
 
         // Stages: thin mains.
@@ -93,11 +96,15 @@ let package = Package(
         ]),
         .testTarget(name: "SpoolTests", dependencies: ["Spool", "LMDB", "Sodium"]),
         .testTarget(name: "SealpostConfigTests", dependencies: ["SealpostConfig"]),
+        .testTarget(name: "StageRuntimeTests", dependencies: [
+            "StageRuntime", "SealpostConfig", .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "MailMessageTests", dependencies: ["MailMessage"]),
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
+        .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -158,7 +158,8 @@ public struct DeliveryStatusNotification: Sendable {
             line("Status: \(DeliveryStatusNotification.validStatus(r.status, action: r.action))")
             if let m = r.remoteMTA, !m.isEmpty { line("Remote-MTA: dns; \(DeliveryStatusNotification.ascii(m))") }
             if let d = r.diagnostic, !d.isEmpty {
-                for l in DeliveryStatusNotification.fold("Diagnostic-Code: smtp; " + DeliveryStatusNotification.ascii(d)) { line(l) }
+                let type = DeliveryStatusNotification.diagnosticType(d)
+                for l in DeliveryStatusNotification.fold("Diagnostic-Code: \(type); " + DeliveryStatusNotification.ascii(d)) { line(l) }
             }
             if let t = r.lastAttempt { line("Last-Attempt-Date: \(RFC5322Date.format(unixTime: t))") }
             if r.action == .delayed, let t = r.willRetryUntil {
@@ -291,6 +292,16 @@ public struct DeliveryStatusNotification: Sendable {
             if u == "\t" { out += " " } else if u.value >= 32 && u.value < 127 { out.unicodeScalars.append(u) } else { out += "?" }
         }
         return out
+    }
+
+    /// RFC 3464 diagnostic-type: "smtp" for a reply from an SMTP/LMTP peer
+    /// ("550 5.1.1 ..."), "X-Sealpost" for what went wrong here (a timeout,
+    /// a full mailbox), as the registry has no type for local text.
+    static func diagnosticType(_ d: String) -> String {
+        let u = Array(d.utf8.prefix(4))
+        let isReply = u.count >= 3 && u[0] >= 50 && u[0] <= 53 && u[1] >= 48 && u[1] <= 57 && u[2] >= 48 && u[2] <= 57
+            && (u.count == 3 || u[3] == 32 || u[3] == 45)
+        return isReply ? "smtp" : "X-Sealpost"
     }
 
     /// "rfc822;a@b" -> "rfc822; a@b"; a value without a type is rfc822.

@@ -76,6 +76,9 @@ public struct MessageSubmission: Sendable {
             do { spec = try AddressList.parseSingle(s) }
             catch { throw SubmissionError(.dataErr, "bad sender address syntax: \(error)") }
             sender = MessageSubmission.qualify(spec, context.hostname)
+            if let problem = MessageSubmission.envelopeProblem(sender) {
+                throw SubmissionError(.dataErr, "bad sender address: \(problem)")
+            }
         } else if let s = options.sender {
             sender = s   // "": the null sender
         } else {
@@ -88,6 +91,11 @@ public struct MessageSubmission: Sendable {
             do { list = try AddressList.parse(arg) }
             catch { throw SubmissionError(.dataErr, "bad recipient address syntax: \(error)") }
             rcpts.append(contentsOf: list.map { MessageSubmission.qualify($0, context.qualifyDomain) })
+        }
+        for r in rcpts {
+            if let problem = MessageSubmission.envelopeProblem(r) {
+                throw SubmissionError(.dataErr, "bad recipient address: \(problem)")
+            }
         }
         commandLineRecipients = MessageSubmission.unique(rcpts)
         if commandLineRecipients.isEmpty && !options.extractRecipients {
@@ -222,6 +230,11 @@ public struct MessageSubmission: Sendable {
                 throw SubmissionError(.dataErr, "bad address syntax in \(f.name): header: \(error)")
             }
         }
+        for r in found {
+            if let problem = MessageSubmission.envelopeProblem(r) {
+                throw SubmissionError(.dataErr, "bad address in the message header: \(problem)")
+            }
+        }
         let excluded = Set(commandLineRecipients.map(MessageSubmission.key))
         return MessageSubmission.unique(found).filter { !excluded.contains(MessageSubmission.key($0)) }
     }
@@ -234,6 +247,18 @@ public struct MessageSubmission: Sendable {
     }
 
     // MARK: helpers
+
+    /// Why an address cannot go into an envelope, or nil. The parser lets
+    /// control characters through quoted strings (obs-qtext) and has no
+    /// length limit; an envelope must have neither (RFC 5321 4.5.3.1.3:
+    /// 256 octets for a path; we allow a little slack, not megabytes).
+    static func envelopeProblem(_ address: String) -> String? {
+        if address.utf8.count > 320 { return "longer than 320 bytes" }
+        if address.utf8.contains(where: { $0 < 32 || $0 == 127 }) {
+            return "control character in \"\(DeliveryStatusNotification.ascii(address))\""
+        }
+        return nil
+    }
 
     static func qualify(_ address: String, _ domain: String) -> String {
         AddressList.split(address).domain == nil ? address + "@" + domain : address

@@ -1,1 +1,219 @@
-// QueueService
+// The queue service: the three Unix-socket servers (inject, deliver,
+// control) around one QueueEngine, on one NIO event loop.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import NIOCore
+import NIOPosix
+import SealpostConfig
+import Spool
+import StageProtocol
+import StageRuntime
+
+/// Knobs that tests turn; the defaults are for production.
+public struct QueueServiceOptions: Sendable {
+    /// Unix time in seconds. Tests pass a clock they move by hand, so that
+    /// backoff, expiry and delay notices are tested without waiting.
+    public var clock: @Sendable () -> UInt64 = { UInt64(time(nil)) }
+    /// Uniform in 0..<1, for the backoff jitter.
+    public var random: @Sendable () -> Double = { Double.random(in: 0..<1) }
+    public var jitter: Double = 0.1
+    /// How often due messages are looked for (they are also dispatched at
+    /// once on every event that can make one due).
+    public var tick: TimeAmount = .seconds(1)
+    /// Whole-queue scan (expiry, delay notices) every queue_run_delay, at
+    /// most every `maximumMaintenanceInterval` seconds.
+    public var maximumMaintenanceInterval: UInt64 = 60
+    /// Jobs lost in a row (stage died) before a loss counts as an attempt.
+    public var lostJobLimit = 3
+    /// Postfix's default_destination_recipient_limit.
+    public var maxRecipientsPerJob = 50
+    /// Log the statistics every this many seconds (0: only on demand).
+    public var statisticsInterval: Int64 = 3600
+
+    public init() {}
+
+    func maintenanceInterval(_ settings: QueueSettings) -> UInt64 {
+        max(1, min(UInt64(max(1, settings.queueRunDelay)), maximumMaintenanceInterval))
+    }
+}
+
+public struct QueueServiceError: Error, CustomStringConvertible {
+    public var message: String
+    /// 73 (cannot create) for sockets, 71 (OS error) for the spool.
+    public var exitCode: ExitCode
+    public var description: String { message }
+}
+
+public final class QueueService: @unchecked Sendable {
+    public static let software = "sealpost-queue 0.1"
+
+    private let group: MultiThreadedEventLoopGroup
+    private let engine: QueueEngine
+    private let paths: RuntimePaths
+    private var servers: [Channel] = []
+    private let children: ChannelSet
+    private var timers: [RepeatedTask] = []
+
+    /// `paths`: where the sockets go (StageRuntime.dropPrivileges's answer).
+    /// The spool is opened by the caller and belongs to the service from now
+    /// on (it closes it in `stop`).
+    public init(configuration: SealpostConfiguration, paths: RuntimePaths, spool: Spool,
+                options: QueueServiceOptions = QueueServiceOptions(), logger: Logger = Logger(label: "queue")) {
+        // One loop: the engine's state is confined to it (no locks); the
+        // expensive work (fsync) happens on the spool's committer thread.
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        engine = QueueEngine(loop: group.next(), spool: spool, config: configuration, options: options, logger: logger)
+        self.paths = paths
+        children = ChannelSet(loop: engine.loop)
+    }
+
+    /// Loads the schedule from the spool, then binds the sockets (a stale
+    /// socket file is removed first) and starts the timers.
+    public func start() throws {
+        let engine = self.engine
+        do {
+            try engine.loop.submit { try engine.load() }.wait()
+        } catch {
+            throw QueueServiceError(message: "cannot read the spool: \(error)", exitCode: .osErr)
+        }
+        let children = self.children
+        try bind(paths.injectSocket, mode: 0o666, group: nil) { channel in
+            children.add(channel)
+            return channel.pipeline.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandlers([
+                    ByteToMessageHandler(FrameDecoderHandler(protocol: .inject, direction: .clientToServer)),
+                    MessageToByteHandler(FrameEncoderHandler(protocol: .inject, direction: .serverToClient)),
+                    InjectHandler(engine: engine),
+                ])
+            }
+        }
+        // Delivery stages run as their own users (the supervisor, when
+        // root): the socket is 0660 with the group of the runtime directory
+        // ("sealpost" in an installation), which those users belong to.
+        try bind(paths.deliverSocket, mode: 0o660, group: groupOf(paths.runtimeDirectory)) { channel in
+            children.add(channel)
+            return channel.pipeline.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandlers([
+                    ByteToMessageHandler(FrameDecoderHandler(protocol: .deliver, direction: .clientToServer)),
+                    MessageToByteHandler(FrameEncoderHandler(protocol: .deliver, direction: .serverToClient)),
+                    DeliverHandler(engine: engine),
+                ])
+            }
+        }
+        // Only the queue's user (and root, which file modes do not stop).
+        try bind(paths.controlSocket, mode: 0o600, group: nil) { channel in
+            children.add(channel)
+            return channel.pipeline.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandlers([
+                    ByteToMessageHandler(FrameDecoderHandler(protocol: .control, direction: .clientToServer)),
+                    MessageToByteHandler(FrameEncoderHandler(protocol: .control, direction: .serverToClient)),
+                    ControlHandler(engine: engine),
+                ])
+            }
+        }
+        let options = engine.options
+        timers.append(engine.loop.scheduleRepeatedTask(initialDelay: options.tick, delay: options.tick) { _ in
+            engine.tick()
+        })
+        if options.statisticsInterval > 0 {
+            let every = TimeAmount.seconds(options.statisticsInterval)
+            timers.append(engine.loop.scheduleRepeatedTask(initialDelay: every, delay: every) { _ in
+                engine.logStatistics()
+            })
+        }
+        engine.logger.info("daemon started: \(Self.software), inject=\(paths.injectSocket)")
+    }
+
+    private func groupOf(_ directory: String) -> gid_t? {
+        var st = stat()
+        return stat(directory, &st) == 0 ? st.st_gid : nil
+    }
+
+    private func bind(_ path: String, mode: mode_t, group: gid_t?,
+                      initializer: @escaping @Sendable (Channel) -> EventLoopFuture<Void>) throws {
+        do {
+            let channel = try ServerBootstrap(group: self.group)
+                .serverChannelOption(.backlog, value: 256)
+                .childChannelInitializer(initializer)
+                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
+                .wait()
+            servers.append(channel)
+        } catch {
+            throw QueueServiceError(message: "cannot listen on \(path): \(error)", exitCode: .canTCreat)
+        }
+        if let group, chown(path, uid_t.max, group) != 0 {
+            engine.logger.warning("cannot give \(path) to group \(group): \(String(cString: strerror(errno)))")
+        }
+        if chmod(path, mode) != 0 {
+            throw QueueServiceError(message: "cannot chmod \(path): \(String(cString: strerror(errno)))",
+                                    exitCode: .canTCreat)
+        }
+    }
+
+    /// The counters of the `stats` verb.
+    public func statistics() -> QueueStatistics {
+        let engine = self.engine
+        return (try? engine.loop.submit { engine.statistics() }.wait())
+            ?? QueueStatistics(commits: 0, operations: 0, messages: 0, injected: 0, refused: 0, queued: 0,
+                               activeJobs: 0, sent: 0, deferred: 0, bounced: 0, localStages: 0, remoteStages: 0)
+    }
+
+    /// Logs the counters (SIGUSR1).
+    public func logStatistics() {
+        let engine = self.engine
+        engine.loop.execute { engine.logStatistics() }
+    }
+
+    /// Runs the periodic work now: dispatch and the whole-queue scan. For
+    /// tests that move their clock.
+    public func runMaintenance() {
+        let engine = self.engine
+        try? engine.loop.submit { engine.maintenance() }.wait()
+    }
+
+    /// Stops accepting, closes every connection (delivery stages take their
+    /// jobs back by reconnecting later), lets the spool's committer finish
+    /// what was submitted, logs the statistics, and closes the spool.
+    public func stop() {
+        let engine = self.engine
+        for timer in timers { timer.cancel() }
+        timers = []
+        for server in servers { try? server.close().wait() }
+        servers = []
+        try? engine.loop.submit { engine.stop() }.wait()
+        children.closeAll()
+        // Wait for the committer: completions hop onto the loop, so the loop
+        // must still run while the spool drains.
+        engine.spool.close()
+        try? engine.loop.submit { engine.logStatistics() }.wait()
+        try? group.syncShutdownGracefully()
+        for path in [paths.injectSocket, paths.deliverSocket, paths.controlSocket] { unlink(path) }
+    }
+}
+
+/// The accepted connections, so that `stop` can close them. Confined to
+/// the service's single event loop (every child channel lives on it).
+final class ChannelSet: @unchecked Sendable {
+    private var channels: [ObjectIdentifier: Channel] = [:]
+    private let loop: EventLoop
+
+    init(loop: EventLoop) { self.loop = loop }
+
+    func add(_ channel: Channel) {
+        loop.preconditionInEventLoop()
+        let key = ObjectIdentifier(channel)
+        channels[key] = channel
+        channel.closeFuture.whenComplete { [self] _ in
+            loop.execute { [self] in _ = channels.removeValue(forKey: key) }
+        }
+    }
+
+    /// Closes them all and waits until they are closed.
+    func closeAll() {
+        let futures = (try? loop.submit { [self] in channels.values.map { $0.close() } }.wait()) ?? []
+        for future in futures { try? future.wait() }
+    }
+}

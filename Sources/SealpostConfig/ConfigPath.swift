@@ -43,7 +43,7 @@ enum ConfigPath {
     static func currentDirectory() -> String {
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         guard getcwd(&buffer, buffer.count) != nil else { return "/" }
-        return String(cString: buffer)
+        return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
     }
 
     static func absolute(_ path: String) -> String {
@@ -65,7 +65,7 @@ enum ConfigPath {
     static func systemHostname() -> String {
         var buffer = [CChar](repeating: 0, count: 256)
         guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
-        let name = String(cString: buffer).lowercased()
+        let name = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }.lowercased()
         return name.isEmpty ? "localhost" : name
     }
 
@@ -107,7 +107,13 @@ enum ConfigPath {
             throw ConfigError(file: path, line: line, message: "contains a NUL byte")
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
-            throw ConfigError(file: path, message: "not valid UTF-8")
+            // Name the first line that does not decode.
+            var line = 1
+            for content in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false) {
+                if String(validating: content, as: UTF8.self) == nil { break }
+                line += 1
+            }
+            throw ConfigError(file: path, line: line, message: "not valid UTF-8")
         }
         return text
     }

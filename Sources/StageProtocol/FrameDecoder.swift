@@ -4,7 +4,7 @@
 // protocol and one direction; the stage itself checks the order of the
 // conversation beyond "HELLO first".
 
-public struct FrameDecoder {
+public struct FrameDecoder: Sendable {
     /// Direction of the frames this decoder receives.
     public let direction: Direction
     /// The schema in force: nil until the peer's HELLO names the protocol

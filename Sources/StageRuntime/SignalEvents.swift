@@ -19,6 +19,10 @@ import Dispatch
 /// that pipe calls the closures. The handler only calls write(2), which is
 /// async-signal-safe.
 ///
+/// Signals must be process-directed (kill(pid), as the supervisor sends
+/// them): raise() targets the calling thread, and dispatch worker threads
+/// block signals, so a raise() there stays pending.
+///
 /// Keep the SignalEvents alive as long as the callbacks are wanted; `cancel()`
 /// (or deinit) removes them and restores the default action of signals no
 /// one listens to any more.

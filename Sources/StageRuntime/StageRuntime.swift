@@ -64,20 +64,22 @@ public enum StageRuntime {
     /// Throws `PrivilegeError` (with the exit code to use) when any step
     /// fails; the caller cannot continue and should `fatal` with it.
     public static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool) throws -> RuntimePaths {
-        let paths = RuntimePaths(config)
-        guard geteuid() == 0 else { return paths }
+        try dropPrivileges(config, chroot: chroot, effectiveUser: geteuid(),
+                           user: getenv("SEALPOST_USER").map { String(cString: $0) })
+    }
 
-        guard let user = getenv("SEALPOST_USER").map({ String(cString: $0) }), !user.isEmpty else {
+    /// The body of `dropPrivileges`, with the process's inputs as arguments
+    /// so that tests can reach the refusals without being someone else.
+    static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool,
+                               effectiveUser: uid_t, user: String?) throws -> RuntimePaths {
+        let paths = RuntimePaths(config)
+        guard effectiveUser == 0 else { return paths }
+
+        guard let user, !user.isEmpty else {
             throw PrivilegeError(message: "refusing to run as root without SEALPOST_USER", exitCode: .noPerm)
         }
         // Look the user up while /etc/passwd is still visible.
-        errno = 0
-        guard let entry = getpwnam(user) else {
-            let reason = errno == 0 ? "no such user" : String(cString: strerror(errno))
-            throw PrivilegeError(message: "SEALPOST_USER \(user): \(reason)", exitCode: .noUser)
-        }
-        let uid = entry.pointee.pw_uid
-        let gid = entry.pointee.pw_gid
+        let (uid, gid) = try lookUpUser(user)
         guard uid != 0, gid != 0 else {
             throw PrivilegeError(message: "SEALPOST_USER \(user) has uid or gid 0: refusing to run as root", exitCode: .noPerm)
         }
@@ -110,10 +112,31 @@ public enum StageRuntime {
         }
         // Trust but verify: real and effective ids changed, and root cannot
         // be regained.
-        guard getuid() == uid, geteuid() == uid, getgid() == gid, getegid() == gid, setuid(0) != 0 else {
+        guard getuid() == uid, geteuid() == uid, getgid() == gid, getegid() == gid,
+              getgroups(0, nil) == 0, setuid(0) != 0 else {
             throw PrivilegeError(message: "privileges were not dropped to \(user) (uid \(uid), gid \(gid))", exitCode: .software)
         }
         return result
+    }
+
+    /// uid and gid of `user`, with getpwnam_r: the stage may already have
+    /// threads, and getpwnam's static buffer is shared between them.
+    static func lookUpUser(_ user: String) throws -> (uid_t, gid_t) {
+        var entry = passwd()
+        var found: UnsafeMutablePointer<passwd>? = nil
+        var size = max(Int(sysconf(Int32(_SC_GETPW_R_SIZE_MAX))), 1024)
+        while true {
+            var buffer = [CChar](repeating: 0, count: size)
+            let code = getpwnam_r(user, &entry, &buffer, size, &found)
+            if code == ERANGE && size < 1 << 20 { size *= 2; continue }
+            guard code == 0 else {
+                throw PrivilegeError(message: "SEALPOST_USER \(user): \(String(cString: strerror(code)))", exitCode: .noUser)
+            }
+            guard found != nil else {
+                throw PrivilegeError(message: "SEALPOST_USER \(user): no such user", exitCode: .noUser)
+            }
+            return (entry.pw_uid, entry.pw_gid)
+        }
     }
 
     // MARK: - Process state

@@ -1,1 +1,267 @@
-print("todo")
+// NAME
+//      queue-inject - Sealpost's sendmail-compatible mail injector
+//
+// SYNOPSIS
+//      queue-inject [-t] [-i|-oi] [-f sender] [-F full-name] [-N dsn]
+//                   [-R ret] [-V envid] [-B 7BIT|8BITMIME] [-C config]
+//                   [-bm] [-oX...] [--] [recipient ...]
+//
+// DESCRIPTION
+//      Reads one message from standard input and hands it to the Sealpost
+//      queue, as sendmail(8) does. Line ends are normalized to CRLF; unless
+//      -i (or -oi) is given, a line holding a single "." ends the input.
+//      The header gets a Received: line, and Date:, Message-ID: and From:
+//      when they are missing; Bcc: is removed. With -t the recipients come
+//      from To:, Cc: and Bcc: (Resent-* when present), minus those named on
+//      the command line. The envelope sender is -f/-r, "" or "<>" for the
+//      null sender, else LOGIN@hostname. Command-line parsing and header
+//      completion live in MailMessage (SendmailOptions, MessageSubmission).
+//
+//      The header section is read first (bounded to 1 MiB); the rest is
+//      streamed to the queue in BODY frames of at most 64 KiB as it is read.
+//
+// DESCRIPTORS
+//      0: the message. 2: errors and notes ("queue-inject: ..."). Nothing is
+//      written to standard output.
+//
+// SOCKET AND PROTOCOL
+//      The configuration's inject socket (data/run/inject), protocol
+//      "inject" of Pipeline/PROTOCOL.md: HELLO, MAIL (protocol "local",
+//      client-name the login name), RCPT..., BODY..., END; then ACCEPTED or
+//      REFUSED. The queue records the uid from SO_PEERCRED.
+//
+//      When the queue cannot be reached (no socket, connection refused) or
+//      the connection breaks before ACCEPTED, queue-inject tries again from
+//      the start, with pauses growing from 0.1 s to 5 s, for 30 s in all
+//      (SEALPOST_INJECT_WAIT=seconds changes that), replaying what it has
+//      already read (kept in memory up to 1 MiB, beyond that in an unlinked
+//      file in $TMPDIR or /tmp). A connection lost after END but before
+//      ACCEPTED is retried too: the queue may have committed the message,
+//      so this can deliver it twice, but ACCEPTED is the only proof the
+//      queue owns it, and a duplicate is better than a message lost (the
+//      same trade-off SMTP makes, RFC 1047).
+//
+// PRIVILEGES
+//      Runs as the invoking user, with no privileges: the inject socket is
+//      mode 0666. Nothing is set-uid.
+//
+// CONFIGURATION
+//      SEALPOST_CONFIG, or -C FILE, else the file SealpostConfiguration
+//      .locate() finds.
+//
+// EXIT STATUS (sysexits.h)
+//      0 the queue accepted the message. 64 (EX_USAGE) bad command line, no
+//      recipients. 65 (EX_DATAERR) bad address syntax, message too large.
+//      67 (EX_NOUSER) no account for the invoking uid. 69 (EX_UNAVAILABLE)
+//      permanently refused. 74 (EX_IOERR) reading stdin failed.
+//      75 (EX_TEMPFAIL) temporarily refused, or the queue not reachable:
+//      try again later. 78 (EX_CONFIG) configuration error.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import MailMessage
+import SealpostConfig
+import StageProtocol
+
+let chunkSize = 65_536
+
+func say(_ message: String) {
+    let line = Array("queue-inject: \(message)\n".utf8)
+    var off = 0
+    while off < line.count {
+        let n = line.withUnsafeBytes { write(2, $0.baseAddress! + off, $0.count - off) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { return }
+        off += n
+    }
+}
+
+func die(_ exit: SysExit, _ message: String) -> Never {
+    say(message)
+    Glibc.exit(exit.rawValue)
+}
+
+/// Reads up to 64 KiB from stdin; empty at EOF.
+func readInput() -> [UInt8] {
+    var buffer = [UInt8](repeating: 0, count: chunkSize)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
+        if n >= 0 { return Array(buffer[0..<n]) }
+        if errno != EINTR { die(.ioErr, "cannot read the message from standard input: \(String(cString: strerror(errno)))") }
+    }
+}
+
+// MARK: setup
+
+signal(SIGPIPE, SIG_IGN)
+tzset()   // Date: and Received: in local time (localtime_r)
+let options: SendmailOptions
+do {
+    options = try SendmailOptions.parse(Array(CommandLine.arguments.dropFirst()))
+} catch {
+    if error.message.hasPrefix("unknown option") || error.message.contains("requires an argument") {
+        say(error.message)
+        die(error.exit, SendmailOptions.usageText)
+    }
+    die(error.exit, error.message)
+}
+for note in options.ignored { say("note: option \(note) ignored") }
+
+let configPath = options.configFile ?? SealpostConfiguration.locate()
+let config: SealpostConfiguration
+do {
+    config = try SealpostConfiguration.load(path: configPath)
+} catch {
+    die(.config, "fatal: \(error)")
+}
+
+let uid = getuid()
+var loginName = ""
+var gecos: String? = nil
+if let pw = getpwuid(uid) {
+    loginName = String(cString: pw.pointee.pw_name)
+    let g = String(cString: pw.pointee.pw_gecos)
+    gecos = g.isEmpty ? nil : g
+} else if let env = getenv("LOGNAME") ?? getenv("USER") {
+    // A container user without a passwd entry: the environment's word.
+    loginName = String(cString: env)
+}
+if loginName.isEmpty { die(.noUser, "no login name for user ID \(uid)") }
+
+// Unqualified recipients ("root") go to a local domain: this host's name
+// when it is one, else the first configured local domain.
+let qualifyDomain = config.local.isLocal(domain: config.hostname)
+    ? config.hostname : (config.local.domains.first ?? config.hostname)
+let context = SubmissionContext(hostname: config.hostname, qualifyDomain: qualifyDomain,
+                                loginName: loginName, uid: UInt32(uid), gecos: gecos,
+                                unixTime: Int(time(nil)))
+
+var submission: MessageSubmission
+do {
+    submission = try MessageSubmission(options: options, context: context)
+    // The header section first: -t recipients and the fields to add depend on it.
+    while !submission.isHeaderComplete && !submission.isInputComplete {
+        let chunk = readInput()
+        if chunk.isEmpty { try submission.finish() } else { try submission.feed(chunk) }
+    }
+} catch {
+    die(error.exit, error.message)
+}
+let store = ReplayStore()
+store.append(submission.takeOutput())
+
+// MARK: injection
+
+enum Outcome {
+    case accepted(String)
+    case refused(SubmissionError)
+}
+
+/// A failure after which trying again makes sense.
+struct Transient: Error, CustomStringConvertible {
+    var reason: String
+    var description: String { reason }
+}
+
+func sendBody(_ connection: StageConnection, _ bytes: ArraySlice<UInt8>) throws {
+    var i = bytes.startIndex
+    while i < bytes.endIndex {
+        let end = min(i + chunkSize, bytes.endIndex)
+        try connection.send(Frame(.body, ["data": .bytes(Array(bytes[i..<end]))]))
+        i = end
+    }
+}
+
+@MainActor
+func attempt() throws -> Outcome {
+    let connection: StageConnection
+    do {
+        connection = try StageConnection.connect(path: config.injectSocket)
+    } catch let e as StageIOError {
+        throw Transient(reason: e.reason)
+    }
+    defer { connection.close() }
+    do {
+        try connection.clientHello(.inject, extra: [("software", .text("sealpost-queue-inject 0.1"))])
+
+        var mail = Frame(.mail, ["sender": .text(submission.sender), "protocol": .text("local"),
+                                 "client-name": .text(loginName)])
+        mail.set("ret", options.ret.map { .text($0) })
+        mail.set("envid", options.envid.map { .text($0) })
+        mail.set("body-type", options.bodyType.map { .text($0) })
+        if submission.needsSMTPUTF8 { mail.set("smtputf8", .bool(true)) }
+        try connection.send(mail)
+        for r in submission.recipients {
+            var rcpt = Frame(.rcpt, ["address": .text(r)])
+            rcpt.set("notify", options.notify.map { .text($0) })
+            try connection.send(rcpt)
+        }
+
+        // What was read before (on an earlier attempt too), then the rest of stdin.
+        try store.replay(chunk: chunkSize) { try sendBody(connection, $0) }
+        while !submission.isInputComplete {
+            let chunk = readInput()
+            do {
+                if chunk.isEmpty { try submission.finish() } else { try submission.feed(chunk) }
+            } catch {
+                // Header already complete: nothing left to reject; keep the type checker honest.
+                die(error.exit, error.message)
+            }
+            let out = submission.takeOutput()
+            store.append(out)
+            try sendBody(connection, out[...])
+        }
+        try connection.send(Frame(.end))
+
+        guard let reply = try connection.receive() else {
+            throw Transient(reason: "the queue closed the connection before accepting the message")
+        }
+        switch reply.type {
+        case .accepted:
+            return .accepted(try reply.text("queue-id"))
+        case .refused:
+            return .refused(InjectionPolicy.refusal(code: try reply.uint("code"),
+                                                     status: try reply.text("status"),
+                                                     text: try reply.text("text")))
+        default:
+            throw Transient(reason: "unexpected \(reply.type.name) from the queue")
+        }
+    } catch let e as PeerError {
+        // ERROR from the queue: 4.x.x (e.g. shutting down) is worth another
+        // try, anything else is final.
+        if e.status.hasPrefix("4.") { throw Transient(reason: e.description) }
+        return .refused(SubmissionError(.unavailable, "refused: \(e.description)"))
+    } catch let e as StageIOError {
+        throw Transient(reason: e.description)
+    } catch let e as ProtocolError {
+        throw Transient(reason: "protocol error: \(e.message)")
+    }
+}
+
+let pauses = InjectionPolicy.pauses(total: InjectionPolicy.wait(environment: getenv("SEALPOST_INJECT_WAIT").map { String(cString: $0) }))
+var attemptNumber = 0
+while true {
+    do {
+        switch try attempt() {
+        case .accepted:
+            exit(0)
+        case .refused(let e):
+            die(e.exit, e.message)
+        }
+    } catch let t as Transient {
+        guard store.isComplete else {
+            die(.tempFail, "queue not reachable at \(config.injectSocket): \(t.reason) (and the message could not be kept for another try)")
+        }
+        guard attemptNumber < pauses.count else {
+            die(.tempFail, "queue not reachable at \(config.injectSocket): \(t.reason)")
+        }
+        let pause = pauses[attemptNumber]
+        attemptNumber += 1
+        var ts = timespec(tv_sec: Int(pause), tv_nsec: Int((pause - Double(Int(pause))) * 1e9))
+        var rest = timespec()
+        while nanosleep(&ts, &rest) != 0 && errno == EINTR { ts = rest }
+    } catch {
+        die(.tempFail, "\(error)")
+    }
+}

@@ -1,1 +1,120 @@
-print("todo")
+// NAME
+//      queue - the Sealpost queue manager
+//
+// SYNOPSIS
+//      queue            (started by the supervisor; SEALPOST_CONFIG selects
+//                        the configuration file)
+//
+// DESCRIPTION
+//      The queue is the only process that opens the spool: an LMDB
+//      environment under data/queue holding every message, its body
+//      encrypted at rest (libsodium secretstream, one key per message,
+//      wrapped by the master key data/queue/spool.key, mode 0600).
+//
+//      It accepts mail over the inject socket and answers ACCEPTED only
+//      after the transaction holding the message has been committed with
+//      sync; injections that arrive together share one commit (group
+//      commit). It schedules every recipient that is neither sent nor
+//      bounced: recipients of local domains go to a connected local-deliver
+//      stage, the others, grouped per destination domain, to remote-deliver.
+//      Failed attempts are retried with exponential backoff (minimal to
+//      maximal_backoff_time, with jitter) until maximal_queue_lifetime
+//      (bounce_queue_lifetime for notices); then the recipient fails with
+//      4.4.7. A transport with no connected stage leaves its recipients
+//      deferred ("delivery temporarily suspended") without counting an
+//      attempt. A delivery stage that dies loses nothing: the recipients of
+//      its outstanding jobs are retried at once.
+//
+//      When all recipients of a message are final, the message is deleted
+//      and, in the same spool transaction, the RFC 3464 notice it calls for
+//      is queued: failures (NOTIFY absent or with FAILURE) and local
+//      deliveries with NOTIFY=SUCCESS to the sender; nothing is ever sent to
+//      the null sender; an undeliverable notice goes to the postmaster as a
+//      double bounce; an undeliverable double bounce is logged and dropped.
+//      Recipients still deferred after delay_warning_time get one delay
+//      notice (NOTIFY absent or with DELAY).
+//
+//      After a restart the schedule is rebuilt from the spool.
+//
+// SOCKETS (under data/run, stale socket files are removed at start)
+//      inject   0666   protocol "inject" (Pipeline/PROTOCOL.md 4.2): any
+//                      local user may submit mail; the peer's uid is
+//                      recorded (SO_PEERCRED).
+//      deliver  0660   protocol "deliver" (4.3); group of data/run, so that
+//                      the delivery stages' users (members of that group)
+//                      can connect.
+//      control  0600   protocol "control" (4.4), for the sealpost CLI run by
+//                      the queue's user or root: list, show, flush, delete,
+//                      hold, release, stats.
+//
+// PRIVILEGES
+//      Started as root (by the supervisor), it chroots into the data
+//      directory and becomes SEALPOST_USER before it opens anything.
+//      Started as an ordinary user, it runs as that user. No network access.
+//
+// SIGNALS
+//      SIGTERM, SIGINT  stop accepting, close connections, let the spool's
+//                       committer finish, exit 0.
+//      SIGUSR1          log the statistics (commits, messages, queue size).
+//
+// LOGGING
+//      One line per event on stderr, Postfix style, grep-able by queue ID:
+//        queue[pid]: 4F3A2B1C5D6E: uid=1000 from=<a@example.org>
+//        queue[pid]: 4F3A2B1C5D6E: from=<a@example.org>, size=1234, nrcpt=2 (queue active)
+//        queue[pid]: 4F3A2B1C5D6E: to=<u@localhost>, relay=maildir, delay=0, dsn=2.0.0, status=sent (...)
+//        queue[pid]: 4F3A2B1C5D6E: removed
+//
+// EXIT STATUS
+//      0 clean stop; 78 configuration error; 73 a socket cannot be created;
+//      71 the spool cannot be opened or read; 77 privileges cannot be dropped.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
+import QueueService
+import SealpostConfig
+import Spool
+import StageRuntime
+
+let config = StageRuntime.bootstrap(stage: "queue")
+
+let paths: RuntimePaths
+do {
+    paths = try StageRuntime.dropPrivileges(config, chroot: true)
+} catch let error as PrivilegeError {
+    StageRuntime.fatal("cannot drop privileges: \(error)", exit: error.exitCode)
+} catch {
+    StageRuntime.fatal("cannot drop privileges: \(error)", exit: .noPerm)
+}
+
+// Sockets and spool files are ours alone unless chmod'ed on purpose.
+umask(0o077)
+mkdir(paths.runtimeDirectory, 0o755)
+mkdir(paths.spoolDirectory, 0o700)
+
+let spool: Spool
+do {
+    spool = try Spool(directory: paths.spoolDirectory,
+                      options: SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit))
+} catch {
+    StageRuntime.fatal("cannot open the spool \(paths.spoolDirectory): \(error)", exit: .osErr)
+}
+
+let service = QueueService(configuration: config, paths: paths, spool: spool)
+do {
+    try service.start()
+} catch let error as QueueServiceError {
+    StageRuntime.fatal(error.message, exit: error.exitCode)
+} catch {
+    StageRuntime.fatal("\(error)", exit: .osErr)
+}
+
+let finished = DispatchSemaphore(value: 0)
+let signals = SignalEvents()
+signals.on(SIGTERM) { finished.signal() }
+signals.on(SIGINT) { finished.signal() }
+signals.on(SIGUSR1) { service.logStatistics() }
+finished.wait()
+service.stop()
+exit(ExitCode.ok.rawValue)

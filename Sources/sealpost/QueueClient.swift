@@ -190,7 +190,7 @@ enum QueueFormat {
         for e in entries {
             total += e.size
             out += pad(e.queueID + (e.held ? "!" : ""), 13) + pad(String(e.size), 8, right: true) + " "
-                + pad(shortTime(e.arrival), 20) + "  " + sender(e.sender) + "\n"
+                + pad(shortTime(e.arrival), 20) + " " + sender(e.sender) + "\n"
             for r in e.recipients {
                 if let error = r.error, r.state != "sent" {
                     out += indent + "(" + error + ")\n"

@@ -1,1 +1,208 @@
-print("todo")
+// supervise - start, watch and restart the Sealpost pipeline
+//
+// SYNOPSIS
+//     supervise [--foreground] [--stages FILE] [--bin DIR]
+//     supervise --check [--stages FILE] [--bin DIR]
+//     supervise --paths
+//
+// DESCRIPTION
+//     Reads the configuration (SEALPOST_CONFIG, else the checkout's
+//     Config/sealpost.toml) and the stages file (Pipeline/stages: one
+//     "NAME EXECUTABLE [ARGUMENTS...]" per line), prepares the data
+//     directory, then starts every stage with posix_spawn and keeps it
+//     running: a stage that exits or dies is started again after 1 s,
+//     doubling to 60 s while it keeps failing (back to 1 s after a minute of
+//     uptime).
+//
+//     Every stage gets stdin /dev/null and stdout/stderr on a pipe to the
+//     supervisor, no other descriptor, an empty signal mask and default
+//     signal dispositions, its own process group, and the environment
+//     SEALPOST_CONFIG (absolute), SEALPOST_STAGE=NAME and, as root,
+//     SEALPOST_USER=sealpost-NAME. The supervisor writes every line they
+//     write, and its own, to DATA/log/sealpost.log with a syslog-style
+//     timestamp and host name ("Nov 29 16:13:43 host queue[812]: ...").
+//
+// PRIVILEGES
+//     As root it creates the group "sealpost" and a system user
+//     "sealpost-NAME" per stage when missing, the directories DATA (0755
+//     root), DATA/run (root:sealpost 01775), DATA/queue (sealpost-queue
+//     0700), DATA/mail (sealpost-local-deliver 0700), DATA/log (0755 root),
+//     and starts the stages as root: each drops to its own user (and
+//     chroots) itself, after the setup only root can do. Not root, it
+//     creates the same directories owned by the invoking user. It parses
+//     nothing but its configuration and the stages file.
+//
+// FILES
+//     DATA/run/supervise.pid      its pid, while it runs
+//     DATA/run/supervise.status   one line per stage: name, state (running,
+//                                 restarting, stopped), pid, since (Unix
+//                                 time), restarts; read by Pipeline/status
+//     DATA/log/sealpost.log       the log
+//
+// SIGNALS
+//     SIGTERM, SIGINT: stop the stages in reverse order of the stages file
+//     (SIGTERM, then SIGKILL after 10 s), remove the pid file, exit 0.
+//     SIGHUP: reopen the log file and send SIGHUP to every stage.
+//
+// OPTIONS
+//     --foreground  also copy the log to standard output
+//     --stages FILE the stages file (default: Pipeline/stages of the checkout)
+//     --bin DIR     directory for relative executables (default: the
+//                   directory holding supervise, i.e. .build/release)
+//     --check       check the configuration and the stages file, then exit
+//     --paths       print the paths scripts need as KEY=VALUE lines, then exit
+//
+// EXIT STATUS
+//     0 stopped by a signal; 64 usage; 75 another supervisor runs on this
+//     data directory; 78 the configuration or the stages file is bad (the
+//     message names file, line and key); 71 the setup failed.
+
+import Glibc
+import SealpostConfig
+import StageRuntime
+import Supervision
+
+func fail(_ message: String, _ code: ExitCode) -> Never {
+    let line = "supervise: \(message)\n"
+    _ = line.withCString { write(2, $0, strlen($0)) }
+    exit(code.rawValue)
+}
+
+func usage() -> Never {
+    fail("usage: supervise [--foreground] [--stages FILE] [--bin DIR] | --check | --paths", .usage)
+}
+
+/// The directory holding this executable (resolved through /proc/self/exe).
+func executableDirectory() -> String {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard n > 0 else { return "." }
+    let path = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    guard let slash = path.lastIndex(of: "/") else { return "." }
+    return slash == path.startIndex ? "/" : String(path[..<slash])
+}
+
+/// Pipeline/stages of the checkout the executable was built in, found by
+/// walking up from the build directory; /etc/sealpost/stages otherwise.
+func defaultStagesFile(from directory: String) -> String {
+    var current = directory
+    while !current.isEmpty && current != "/" {
+        let candidate = current + "/Pipeline/stages"
+        if access(candidate, R_OK) == 0 { return candidate }
+        guard let slash = current.lastIndex(of: "/") else { break }
+        current = String(current[..<slash])
+    }
+    return "/etc/sealpost/stages"
+}
+
+func absolute(_ path: String) -> String {
+    if path.hasPrefix("/") { return path }
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    guard getcwd(&buffer, buffer.count) != nil else { return path }
+    let directory = buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }
+    return String(decoding: directory, as: UTF8.self) + "/" + path
+}
+
+// MARK: - Arguments
+
+var foreground = false
+var checkOnly = false
+var printPaths = false
+var stagesFile: String? = nil
+var binDirectory: String? = nil
+var arguments = CommandLine.arguments.dropFirst()
+while let argument = arguments.popFirst() {
+    switch argument {
+    case "--foreground", "-f": foreground = true
+    case "--check": checkOnly = true
+    case "--paths": printPaths = true
+    case "--stages":
+        guard let value = arguments.popFirst() else { usage() }
+        stagesFile = absolute(value)
+    case "--bin":
+        guard let value = arguments.popFirst() else { usage() }
+        binDirectory = absolute(value)
+    case "--help", "-h":
+        print("usage: supervise [--foreground] [--stages FILE] [--bin DIR] | --check | --paths")
+        exit(0)
+    default:
+        fail("unknown argument \"\(argument)\"", .usage)
+    }
+}
+
+// MARK: - Configuration
+
+let configuration: SealpostConfiguration
+do {
+    configuration = try SealpostConfiguration.load(path: SealpostConfiguration.locate())
+} catch {
+    fail("\(error)", .config)
+}
+let layout = DirectoryLayout(dataDirectory: configuration.dataDirectory,
+                             runtimeDirectory: configuration.runtimeDirectory,
+                             spoolDirectory: configuration.spoolDirectory,
+                             logDirectory: configuration.logDirectory,
+                             mailboxTemplate: configuration.local.mailbox)
+
+if printPaths {
+    // For the shell scripts, which must not parse TOML themselves.
+    print("""
+        config=\(configuration.file)
+        data_directory=\(configuration.dataDirectory)
+        runtime_directory=\(configuration.runtimeDirectory)
+        inject_socket=\(configuration.injectSocket)
+        control_socket=\(configuration.controlSocket)
+        log_file=\(layout.logFile)
+        pid_file=\(layout.pidFile)
+        status_file=\(layout.statusFile)
+        mail_directory=\(layout.mailDirectory ?? "")
+        mailbox=\(configuration.local.mailbox)
+        hostname=\(configuration.hostname)
+        """)
+    exit(0)
+}
+
+let bin = binDirectory ?? executableDirectory()
+let stagesPath = stagesFile ?? defaultStagesFile(from: bin)
+let stages: [StageDefinition]
+do {
+    stages = try StagesFile.load(path: stagesPath, binDirectory: bin)
+} catch {
+    fail("\(error)", .config)
+}
+if checkOnly {
+    print("supervise: \(configuration.file) and \(stagesPath) are fine (\(stages.map(\.name).joined(separator: ", ")))")
+    exit(0)
+}
+
+// MARK: - Setup and run
+
+let asRoot = geteuid() == 0
+// A closed standard output (--foreground into a pipe that went away) must not
+// kill the supervisor; the stages get default dispositions back at spawn.
+signal(SIGPIPE, SIG_IGN)
+umask(0o022)
+if let pid = runningSupervisor(pidFile: layout.pidFile) {
+    fail("already running (pid \(pid)) for \(configuration.dataDirectory)", .tempFail)
+}
+let log = LogSink(path: layout.logFile, hostname: configuration.hostname, echo: foreground)
+var created: [String] = []
+do {
+    if asRoot { created = try Setup.ensureUsers(for: stages) }
+    try Setup.ensureDirectories(layout, stages: stages, asRoot: asRoot)
+    try log.open()
+} catch {
+    fail("\(error)", .osErr)
+}
+let settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
+                                  layout: layout, stages: stages, foreground: foreground)
+// Every path is absolute by now; hold no directory busy.
+_ = chdir("/")
+let supervisor = Supervisor(settings: settings, log: log)
+for line in created { supervisor.note(line) }
+do {
+    exit(try supervisor.run())
+} catch {
+    supervisor.note("fatal: \(error)")
+    exit(ExitCode.osErr.rawValue)
+}

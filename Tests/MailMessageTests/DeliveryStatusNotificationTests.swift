@@ -98,6 +98,7 @@ import Foundation
         let d = String(decoding: delay.build(boundary: "B"), as: UTF8.self)
         #expect(d.contains("Subject: Delayed Mail (still being retried)\r\n"))
         #expect(d.contains("Action: delayed\r\nStatus: 4.4.1\r\n"))
+        #expect(d.contains("Diagnostic-Code: X-Sealpost; connect to mail.example.org: Connection refused\r\n"))
         #expect(d.contains("Will-Retry-Until: \(RFC5322Date.format(unixTime: 1796397223))\r\n"))
         #expect(d.contains("text/rfc822-headers") && !d.contains("Shall we?"))
 
@@ -137,7 +138,7 @@ import Foundation
         let m = String(decoding: n.build(boundary: "B"), as: UTF8.self)
         #expect(!m.contains("\r\nBcc:") && !m.contains("\r\nX-Injected"))
         #expect(m.contains("Status: 5.0.0\r\n"))
-        #expect(m.contains("Diagnostic-Code: smtp; bad??X-Injected: yes ?"))
+        #expect(m.contains("Diagnostic-Code: X-Sealpost; bad??X-Injected: yes ?"))
     }
 
     /// Python's email package reads the notice as multipart/report with a

@@ -160,6 +160,16 @@ import Testing
         catch { #expect(error.exit == .dataErr && error.message.contains("sender")) }
     }
 
+    @Test func envelopeAddressesHaveNoControlsAndBoundedLength() {
+        for args in [["\"a\u{0}b\"@example.org"], ["\"a\tb\"@example.org"], [String(repeating: "a", count: 400) + "@example.org"],
+                     ["-f", "\"x\u{7f}\"@example.org", "a@example.org"]] {
+            do { _ = try submit(args, ""); Issue.record("accepted \(args)") }
+            catch { #expect(error.exit == .dataErr) }
+        }
+        do { _ = try submit(["-t"], "To: \"a\u{1}\"@example.org\n\n"); Issue.record("accepted") }
+        catch { #expect(error.exit == .dataErr) }
+    }
+
     @Test func commandLineListsAndQualification() throws {
         let (s, _) = try submit(["root, Bob <bob@example.org>", "root", "-f", "daemon"], "")
         #expect(s.recipients == ["root@localhost", "bob@example.org"])

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Testing
 @testable import SealpostConfig
 
@@ -38,12 +41,6 @@ import Testing
             #expect(error.key == nil)
             #expect(error.description.hasPrefix(file + ":3: TOML syntax error at column "))
         }
-    }
-
-    @Test func duplicateKeyIsASyntaxError() {
-        let directory = TemporaryDirectory()
-        let file = directory.write("sealpost.toml", "[queue]\nmap_size = 1\nmap_size = 2\n")
-        #expect(throws: ConfigError.self) { try SealpostConfiguration.load(path: file) }
     }
 
     @Test func unknownKeyInASection() {
@@ -191,6 +188,27 @@ import Testing
         }
     }
 
+    @Test func invalidUTF8IsRefusedWithItsLine() throws {
+        let directory = TemporaryDirectory()
+        let file = directory.write("sealpost.toml", "")
+        let bytes: [UInt8] = Array("[sealpost]\n# caf".utf8) + [0xE9] + Array("\n".utf8)
+        let descriptor = open(file, O_WRONLY | O_TRUNC)
+        #expect(bytes.withUnsafeBytes { Glibc.write(descriptor, $0.baseAddress, $0.count) } == bytes.count)
+        close(descriptor)
+        #expect(throws: ConfigError(file: file, line: 2, message: "not valid UTF-8")) {
+            try SealpostConfiguration.load(path: file)
+        }
+    }
+
+    @Test func syntaxErrorsCarryTheParsersMessage() {
+        let directory = TemporaryDirectory()
+        let file = directory.write("sealpost.toml", "[queue]\nmap_size = 1\nmap_size = 2\n")
+        #expect(throws: ConfigError(file: file, line: 3, message:
+            "TOML syntax error at column 12: Error while parsing key-value pair: cannot redefine existing integer 'map_size'")) {
+            try SealpostConfiguration.load(path: file)
+        }
+    }
+
     @Test func nulByteIsRefusedWithItsLine() {
         let directory = TemporaryDirectory()
         let file = directory.write("sealpost.toml", "[queue]\n\nmap_size = \"1\u{0}\"\n")
@@ -199,3 +217,4 @@ import Testing
         }
     }
 }
+

@@ -14,7 +14,7 @@ final class TemporaryDirectory {
         var template = Array("/tmp/sealpost-config-XXXXXX".utf8CString)
         let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
         precondition(made != nil, "mkdtemp failed")
-        path = String(cString: template)
+        path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
     }
 
     /// Writes `text` to `name` (relative), creating directories on the way.

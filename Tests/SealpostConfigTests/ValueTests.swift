@@ -168,7 +168,7 @@ import Testing
     @Test func emptyHostnameIsTheSystemName() throws {
         var buffer = [CChar](repeating: 0, count: 256)
         #expect(gethostname(&buffer, 255) == 0)
-        let system = String(cString: buffer).lowercased()
+        let system = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }.lowercased()
         let config = try load("[sealpost]\nhostname = \"\"\n")
         #expect(config.hostname == (system.isEmpty ? "localhost" : system))
     }

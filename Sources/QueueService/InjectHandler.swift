@@ -1,0 +1,290 @@
+// The `inject` server (PROTOCOL.md 4.2): MAIL, RCPT, BODY..., END ->
+// ACCEPTED only once the message is committed with sync.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import MailMessage
+import NIOCore
+import Spool
+import StageProtocol
+
+/// `struct ucred` of <sys/socket.h> (Linux), which Swift does not import
+/// because glibc hides it behind _GNU_SOURCE. Same layout: pid, uid, gid.
+struct PeerCredentials: Sendable {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
+}
+
+/// SO_PEERCRED through NIO's socket option provider: the channel's own fd
+/// is not exposed, but `unsafeGetSocketOption` runs getsockopt(2) on it
+/// with a value type of our choosing (PeerCredentials, 12 bytes like ucred).
+func peerCredentials(of channel: Channel) -> EventLoopFuture<PeerCredentials?> {
+    guard let provider = channel as? SocketOptionProvider else {
+        return channel.eventLoop.makeSucceededFuture(nil)
+    }
+    let future: EventLoopFuture<PeerCredentials> = provider.unsafeGetSocketOption(
+        level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+    return future.map { Optional($0) }.recover { _ in nil }
+}
+
+/// A refusal: the REFUSED frame of an END.
+struct Refusal: Error, Sendable {
+    var code: UInt64
+    var status: String
+    var text: String
+
+    var frame: Frame {
+        Frame(.refused, ["code": .uint(code), "status": .text(status), "text": AttributeValue.sanitizedText(text)])
+    }
+    static func spool(_ error: SpoolError) -> Refusal {
+        switch error {
+        case .full: return Refusal(code: 452, status: "4.3.1", text: "insufficient system storage")
+        default: return Refusal(code: 451, status: "4.3.0", text: "queue file write error")
+        }
+    }
+}
+
+final class InjectHandler: ChannelInboundHandler {
+    typealias InboundIn = Frame
+    typealias OutboundOut = Frame
+
+    private struct Transaction {
+        var envelope: EnvelopeRecord
+        var writer: BodyWriter?
+        var size = 0
+        var recipientCount = 0
+        var refusal: Refusal?
+        /// The start of the message, for the Message-ID of the log line.
+        var head: [UInt8] = []
+    }
+
+    /// How much of a message is kept to find its Message-ID.
+    static let headLimit = 16384
+
+    private let engine: QueueEngine
+    private var greeted = false
+    private var peerUID: UInt32?
+    private var transaction: Transaction?
+    /// Answers in END order, whatever order the commits complete in.
+    private var replies: [Int: Frame] = [:]
+    private var nextReply = 0
+    private var repliesIssued = 0
+    private var context: ChannelHandlerContext?
+
+    init(engine: QueueEngine) { self.engine = engine }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        peerCredentials(of: context.channel).whenSuccess { cred in
+            if let cred { bound.value.peerUID = cred.uid }
+        }
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        do {
+            try handle(frame, context: context)
+        } catch let error as ProtocolError {
+            fail(context: context, status: "5.5.0", text: error.message)
+        } catch {
+            fail(context: context, status: "4.3.0", text: "\(error)")
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let error = error as? ProtocolError {
+            fail(context: context, status: "5.5.0", text: error.message)
+        } else {
+            context.close(promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        transaction = nil   // an unfinished message is forgotten
+        context.fireChannelInactive()
+    }
+
+    private func fail(context: ChannelHandlerContext, status: String, text: String) {
+        engine.logger.warning("inject: protocol error from uid=\(peerUID.map(String.init) ?? "?"): \(text)")
+        transaction = nil
+        let error = Frame(.error, ["status": .text(status), "text": AttributeValue.sanitizedText(text)])
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(error)).whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    private func handle(_ frame: Frame, context: ChannelHandlerContext) throws {
+        guard greeted else {
+            guard frame.type == .hello, try frame.text("protocol") == ProtocolName.inject.rawValue,
+                  try frame.uint("version") == 1 else {
+                throw ProtocolError("expected HELLO protocol=inject version=1")
+            }
+            greeted = true
+            context.writeAndFlush(wrapOutboundOut(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1),
+                                                              "software": .text(QueueService.software)])),
+                                  promise: nil)
+            return
+        }
+        switch frame.type {
+        case .mail:
+            guard transaction == nil else { throw ProtocolError("MAIL inside a transaction") }
+            transaction = Transaction(envelope: try envelope(from: frame))
+        case .rcpt:
+            guard var t = transaction else { throw ProtocolError("RCPT without MAIL") }
+            t.recipientCount += 1
+            if t.recipientCount > engine.config.queue.recipientLimit {
+                if t.refusal == nil { t.refusal = Refusal(code: 452, status: "4.5.3", text: "too many recipients") }
+            } else {
+                let address = try frame.text("address")
+                guard !address.isEmpty else { throw ProtocolError("RCPT with an empty address") }
+                t.envelope.recipients.append(RecipientRecord(
+                    address: address, notify: try frame.optionalText("notify"),
+                    orcpt: try frame.optionalText("orcpt"), state: .pending, attempts: 0, nextAttempt: 0,
+                    lastError: nil, dsnStatus: nil, remoteMTA: nil, diagnostic: nil, delayNotified: false))
+            }
+            transaction = t
+        case .body:
+            guard transaction != nil else { throw ProtocolError("BODY without MAIL") }
+            let data = try frame.bytes("data")
+            appendBody(data)
+        case .end:
+            guard let t = transaction else { throw ProtocolError("END without MAIL") }
+            transaction = nil
+            finish(t)
+        case .abort:
+            guard transaction != nil else { throw ProtocolError("ABORT without MAIL") }
+            transaction = nil
+        default:
+            throw ProtocolError("\(frame.type.name) is not allowed here")
+        }
+    }
+
+    private func envelope(from mail: Frame) throws -> EnvelopeRecord {
+        EnvelopeRecord(
+            queueID: engine.spool.newQueueID(), sender: try mail.text("sender"), arrival: 0, size: 0,
+            ret: try mail.optionalText("ret")?.uppercased(), envid: try mail.optionalText("envid"),
+            requireTLS: try mail.bool("requiretls", default: false), smtputf8: try mail.bool("smtputf8", default: false),
+            bodyType: try mail.optionalText("body-type"), clientAddress: try mail.optionalText("client-address"),
+            clientName: try mail.optionalText("client-name"), helo: try mail.optionalText("helo"),
+            protocolName: try mail.optionalText("protocol"), authUser: try mail.optionalText("auth-user"),
+            peerUID: peerUID, held: false, kind: .normal, recipients: [])
+    }
+
+    /// Encrypts the piece into the spool's body writer as it arrives; past
+    /// the size limit the rest is only counted.
+    private func appendBody(_ data: [UInt8]) {
+        guard var t = transaction else { return }
+        transaction = nil   // no copy-on-write of the writer reference dance
+        t.size += data.count
+        if t.head.count < Self.headLimit { t.head += data.prefix(Self.headLimit - t.head.count) }
+        if t.refusal == nil {
+            if t.size > engine.config.queue.messageSizeLimit {
+                t.refusal = Refusal(code: 552, status: "5.3.4", text: "message size exceeds fixed limit")
+                t.writer = nil
+            } else {
+                do {
+                    if t.writer == nil { t.writer = try engine.spool.makeBodyWriter() }
+                    try t.writer!.append(data)
+                } catch {
+                    engine.logger.warning("\(t.envelope.queueID): cannot write the message body: \(error)")
+                    t.refusal = (error as? SpoolError).map(Refusal.spool)
+                        ?? Refusal(code: 451, status: "4.3.0", text: "queue file write error")
+                    t.writer = nil
+                }
+            }
+        }
+        transaction = t
+    }
+
+    private func finish(_ t: Transaction) {
+        let slot = repliesIssued
+        repliesIssued += 1
+        var t = t
+        if t.refusal == nil && t.envelope.recipients.isEmpty {
+            t.refusal = Refusal(code: 554, status: "5.5.1", text: "no valid recipients")
+        }
+        if let refusal = t.refusal {
+            refuse(t, refusal, slot: slot)
+            return
+        }
+        let sealed: SealedBody
+        do {
+            if t.writer == nil { t.writer = try engine.spool.makeBodyWriter() }
+            sealed = try t.writer!.finish()
+        } catch {
+            engine.logger.warning("\(t.envelope.queueID): cannot seal the message body: \(error)")
+            refuse(t, (error as? SpoolError).map(Refusal.spool) ?? Refusal(code: 451, status: "4.3.0", text: "queue file write error"), slot: slot)
+            return
+        }
+        let arrival = engine.now
+        var env = t.envelope
+        env.arrival = arrival
+        env.size = UInt64(t.size)
+        for i in env.recipients.indices { env.recipients[i].nextAttempt = arrival }
+        let messageID = HeaderBlock.parse(t.head).block.first("Message-ID")?.value
+            .trimmingCharacters(in: " \t")
+        let client = env.clientAddress.map { "client=\(env.clientName ?? "unknown")[\($0)]" }
+            ?? "uid=\(env.peerUID.map(String.init) ?? "unknown")"
+        let engine = self.engine
+        let bound = NIOLoopBound(self, eventLoop: engine.loop)
+        let accepted = env
+        let (recipientCount, size) = (t.recipientCount, t.size)
+        engine.spool.submit([.insert(env, sealed)]) { result in
+            engine.loop.execute {
+                switch result {
+                case .success:
+                    engine.logger.info("\(accepted.queueID): \(client) from=<\(accepted.sender)>")
+                    if let messageID {
+                        engine.logger.info("\(accepted.queueID): message-id=\(messageID)")
+                    }
+                    engine.accepted(accepted)
+                    bound.value.reply(Frame(.accepted, ["queue-id": .text(accepted.queueID.rawValue)]), slot: slot)
+                case .failure(let error):
+                    engine.logger.warning("\(accepted.queueID): cannot queue the message: \(error)")
+                    bound.value.refuse(sender: accepted.sender, recipients: recipientCount, size: size, .spool(error), slot: slot)
+                }
+            }
+        }
+    }
+
+    private func refuse(_ t: Transaction, _ refusal: Refusal, slot: Int) {
+        refuse(sender: t.envelope.sender, recipients: t.recipientCount, size: t.size, refusal, slot: slot)
+    }
+
+    private func refuse(sender: String, recipients: Int, size: Int, _ refusal: Refusal, slot: Int) {
+        engine.refused += 1
+        engine.logger.info("reject: from=<\(sender)>, nrcpt=\(recipients), size=\(size): \(refusal.code) \(refusal.status) \(refusal.text)")
+        reply(refusal.frame, slot: slot)
+    }
+
+    private func reply(_ frame: Frame, slot: Int) {
+        replies[slot] = frame
+        guard let context else { return }   // the client went away; the message stays queued
+        var wrote = false
+        while let next = replies.removeValue(forKey: nextReply) {
+            context.write(wrapOutboundOut(next), promise: nil)
+            nextReply += 1
+            wrote = true
+        }
+        if wrote { context.flush() }
+    }
+}
+
+@available(*, unavailable)
+extension InjectHandler: Sendable {}
+
+extension String {
+    /// Drops the given characters at both ends (Foundation-free).
+    func trimmingCharacters(in set: String) -> String {
+        let chars = Set(set)
+        guard let start = firstIndex(where: { !chars.contains($0) }),
+              let end = lastIndex(where: { !chars.contains($0) }) else { return "" }
+        return String(self[start...end])
+    }
+}

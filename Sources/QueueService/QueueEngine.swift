@@ -1,0 +1,536 @@
+// The queue's state and decisions at run time: the schedule, the connected
+// delivery stages, the spool writes that follow each event, and the log
+// lines. Everything here runs on ONE event loop (the service's); handlers of
+// the three servers call in on that loop, and completions of the spool's
+// committer thread hop back onto it. That confinement is what makes the
+// class safe to mark @unchecked Sendable.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import MailMessage
+import NIOCore
+import SealpostConfig
+import Spool
+import StageProtocol
+
+/// Counters of the running queue (the `stats` control verb).
+public struct QueueStatistics: Sendable, Equatable, CustomStringConvertible {
+    /// Synced LMDB transactions so far (the spool's committer).
+    public var commits: UInt64
+    /// Spool operations committed (inserts, updates, deletes).
+    public var operations: UInt64
+    /// Messages inserted into the spool: injected mail plus notices.
+    public var messages: UInt64
+    /// Messages accepted over the inject socket.
+    public var injected: UInt64
+    /// Transactions refused over the inject socket.
+    public var refused: UInt64
+    /// Messages in the queue now.
+    public var queued: Int
+    /// Jobs sent to delivery stages and not yet done.
+    public var activeJobs: Int
+    /// Recipient results so far.
+    public var sent: UInt64, deferred: UInt64, bounced: UInt64
+    /// Connected delivery stages, per transport.
+    public var localStages: Int, remoteStages: Int
+
+    public var description: String {
+        "commits=\(commits) messages=\(messages) operations=\(operations) injected=\(injected) refused=\(refused) "
+            + "queued=\(queued) active-jobs=\(activeJobs) sent=\(sent) deferred=\(deferred) bounced=\(bounced) "
+            + "local-stages=\(localStages) remote-stages=\(remoteStages)"
+    }
+}
+
+final class QueueEngine: @unchecked Sendable {
+    let loop: EventLoop
+    let spool: Spool
+    let config: SealpostConfiguration
+    let options: QueueServiceOptions
+    let policy: RetryPolicy
+    let router: Router
+    var logger: Logger
+    var scheduler: Scheduler
+
+    /// Connected delivery stages (after their HELLO), in connection order.
+    private var stages: [DeliverHandler] = []
+    /// Messages whose "delivery temporarily suspended" line was logged.
+    private var suspendedLogged: Set<QueueID> = []
+    private var nextMaintenance: UInt64 = 0
+    private var stopping = false
+
+    var injected: UInt64 = 0, refused: UInt64 = 0
+    var sentCount: UInt64 = 0, deferredCount: UInt64 = 0, bouncedCount: UInt64 = 0
+
+    init(loop: EventLoop, spool: Spool, config: SealpostConfiguration, options: QueueServiceOptions, logger: Logger) {
+        self.loop = loop
+        self.spool = spool
+        self.config = config
+        self.options = options
+        self.logger = logger
+        let q = config.queue
+        self.policy = RetryPolicy(minimalBackoff: UInt64(max(1, q.minimalBackoffTime)),
+                                  maximalBackoff: UInt64(max(1, q.maximalBackoffTime)),
+                                  maximalLifetime: UInt64(max(0, q.maximalQueueLifetime)),
+                                  bounceLifetime: UInt64(max(0, q.bounceQueueLifetime)),
+                                  delayWarning: UInt64(max(0, q.delayWarningTime)),
+                                  jitter: options.jitter)
+        let local = config.local
+        self.router = Router(isLocal: { local.isLocal(domain: $0) })
+        self.scheduler = Scheduler(router: router, maxRecipientsPerJob: options.maxRecipientsPerJob)
+    }
+
+    var now: UInt64 { options.clock() }
+
+    // MARK: Start and stop
+
+    /// Rebuilds the schedule from the spool. Nothing is in flight after a
+    /// start: every recipient that is neither sent nor bounced is scheduled
+    /// at its recorded next attempt (pending ones at once).
+    func load() throws {
+        loop.preconditionInEventLoop()
+        let envelopes = try spool.allEnvelopes()
+        let t = now
+        var recipients = 0
+        for env in envelopes {
+            scheduler.insert(env, now: t)
+            recipients += env.recipients.filter { !$0.state.isFinal }.count
+        }
+        logger.info("spool: \(envelopes.count) messages with \(recipients) unfinished recipients in the spool")
+        maintenance()
+    }
+
+    func stop() {
+        loop.preconditionInEventLoop()
+        stopping = true
+    }
+
+    // MARK: Statistics
+
+    func statistics() -> QueueStatistics {
+        let s = spool.statistics
+        return QueueStatistics(commits: s.commits, operations: s.operations, messages: s.messagesInserted,
+                               injected: injected, refused: refused, queued: scheduler.count,
+                               activeJobs: stages.reduce(0) { $0 + $1.outstandingCount },
+                               sent: sentCount, deferred: deferredCount, bounced: bouncedCount,
+                               localStages: stages.filter { $0.transport == .local }.count,
+                               remoteStages: stages.filter { $0.transport == .remote }.count)
+    }
+
+    func logStatistics() {
+        logger.info("statistics: \(statistics())")
+    }
+
+    // MARK: Injection
+
+    /// A message whose insert committed: schedule it and log it.
+    func accepted(_ env: EnvelopeRecord) {
+        loop.preconditionInEventLoop()
+        injected += 1
+        scheduler.insert(env, now: now)
+        logQueued(env)
+        dispatch()
+    }
+
+    func logQueued(_ env: EnvelopeRecord) {
+        logger.info("\(env.queueID): from=<\(env.sender)>, size=\(env.size), nrcpt=\(env.recipients.count) (queue active)")
+    }
+
+    // MARK: Delivery stages
+
+    func stageConnected(_ stage: DeliverHandler) {
+        loop.preconditionInEventLoop()
+        stages.append(stage)
+        logger.info("\(stage.transport?.stageName ?? "delivery stage") connected: max-jobs=\(stage.maxJobs)")
+        dispatch()
+    }
+
+    func stageDisconnected(_ stage: DeliverHandler, lost jobs: [OutstandingJob]) {
+        loop.preconditionInEventLoop()
+        stages.removeAll { $0 === stage }
+        if !jobs.isEmpty {
+            logger.warning("\(stage.transport?.stageName ?? "delivery stage") disconnected with \(jobs.count) jobs outstanding; their recipients without a result are retried")
+        }
+        for job in jobs { jobDone(job) }
+        dispatch()
+    }
+
+    /// Hands due jobs to delivery stages with free capacity, one job per
+    /// stage per round so that the load spreads over all connected stages.
+    func dispatch() {
+        loop.preconditionInEventLoop()
+        guard !stopping else { return }
+        let t = now
+        scheduler.advance(now: t)
+        var progress = true
+        while progress {
+            progress = false
+            for stage in stages where stage.freeCapacity > 0 {
+                guard let transport = stage.transport, let plan = scheduler.nextJob(for: transport, now: t) else { continue }
+                startJob(plan, on: stage)
+                progress = true
+            }
+        }
+        noteSuspended(now: t)
+    }
+
+    /// Messages due for a transport no stage serves: log once per message
+    /// and show the recipients as deferred. Not a failed attempt: they are
+    /// dispatched as soon as such a stage connects.
+    private func noteSuspended(now t: UInt64) {
+        for transport in Transport.allCases {
+            let waiting = scheduler.takeNewlyReady(transport)
+            guard !waiting.isEmpty, !stages.contains(where: { $0.transport == transport }) else { continue }
+            let reason = "delivery temporarily suspended: no \(transport.stageName) stage connected"
+            for id in waiting where !suspendedLogged.contains(id) {
+                let inFlight = scheduler.inFlight(id)
+                guard let env = scheduler.envelope(id) else { continue }
+                var touched = false
+                scheduler.modify(id) { env in
+                    for i in env.recipients.indices
+                    where !env.recipients[i].state.isFinal && !inFlight.contains(i)
+                        && router.destination(of: env.recipients[i].address).transport == transport {
+                        env.recipients[i].state = .deferred
+                        if env.recipients[i].lastError == nil { env.recipients[i].lastError = reason }
+                        touched = true
+                    }
+                }
+                guard touched else { continue }
+                suspendedLogged.insert(id)
+                for r in env.recipients where !r.state.isFinal
+                    && router.destination(of: r.address).transport == transport {
+                    logger.info("\(id): to=<\(r.address)>, relay=none, delay=\(delay(env, t)), dsn=4.3.2, status=deferred (\(reason))")
+                }
+            }
+        }
+    }
+
+    private func delay(_ env: EnvelopeRecord, _ t: UInt64) -> UInt64 { t >= env.arrival ? t - env.arrival : 0 }
+
+    /// Reads the body and sends the job. A body that cannot be read (a
+    /// damaged spool) is a failed attempt: the recipients are deferred.
+    private func startJob(_ plan: JobPlan, on stage: DeliverHandler) {
+        guard let env = scheduler.envelope(plan.queueID) else { return }
+        var chunks: [[UInt8]] = []
+        do {
+            try spool.readBody(plan.queueID) { chunk in
+                var offset = 0
+                while offset < chunk.count {
+                    let end = min(offset + WireLimits.maxBytes, chunk.count)
+                    chunks.append(Array(chunk[offset..<end]))
+                    offset = end
+                }
+            }
+        } catch {
+            logger.warning("\(plan.queueID): cannot read the message body: \(error)")
+            var job = OutstandingJob(number: 0, plan: plan)
+            for i in plan.recipients {
+                job.results[i] = DeliveryResult(status: .deferred, dsn: "4.3.0",
+                                                text: "cannot read the queued message: \(error)", relay: "none")
+            }
+            jobDone(job)
+            return
+        }
+        stage.send(plan: plan, envelope: env, body: chunks)
+    }
+
+    /// Applies the results of a finished (or lost) job: recipients with a
+    /// RESULT get it; the others were lost with the job and come back.
+    func jobDone(_ job: OutstandingJob) {
+        loop.preconditionInEventLoop()
+        let id = job.plan.queueID
+        guard scheduler.envelope(id) != nil else { return }   // deleted meanwhile
+        let t = now
+        var losses: [Int: Int] = [:]
+        for i in job.plan.recipients {
+            if job.results[i] == nil { losses[i] = scheduler.recordLoss(id, index: i) } else { scheduler.clearLosses(id, index: i) }
+        }
+        var lines: [String] = []
+        let limit = options.lostJobLimit
+        let policy = self.policy
+        let random = options.random
+        scheduler.modify(id) { env in
+            for i in job.plan.recipients where i < env.recipients.count && !env.recipients[i].state.isFinal {
+                let outcome: RecipientOutcome
+                let result = job.results[i]
+                if let result {
+                    outcome = RecipientUpdate.apply(result, to: &env.recipients[i], arrival: env.arrival, kind: env.kind,
+                                                    now: t, policy: policy, random: random())
+                } else {
+                    outcome = RecipientUpdate.lost(&env.recipients[i], losses: losses[i] ?? 1, lostJobLimit: limit,
+                                                   arrival: env.arrival, kind: env.kind, now: t, policy: policy,
+                                                   random: random())
+                }
+                let r = env.recipients[i]
+                let relay = result?.relay ?? "none"
+                let head = "\(env.queueID): to=<\(r.address)>, relay=\(relay), delay=\(t >= env.arrival ? t - env.arrival : 0), dsn=\(r.dsnStatus ?? "4.3.0")"
+                switch outcome {
+                case .sent:
+                    sentCount += 1
+                    lines.append("\(head), status=sent (\(r.lastError ?? "delivered"))")
+                case .bounced:
+                    bouncedCount += 1
+                    lines.append("\(head), status=bounced (\(r.lastError ?? "undeliverable"))")
+                case .expired:
+                    bouncedCount += 1
+                    lines.append("\(head), status=expired, returned to sender (\(r.lastError ?? "message expired"))")
+                case .deferred:
+                    deferredCount += 1
+                    lines.append("\(head), status=deferred (\(r.lastError ?? "temporary failure"))")
+                }
+            }
+        }
+        for line in lines { logger.info("\(line)") }
+        scheduler.finish(job.plan, now: t)
+        if scheduler.isComplete(id) {
+            finalize(id)
+        } else if let env = scheduler.envelope(id) {
+            persist(env)
+        }
+    }
+
+    /// Writes the current state of a message; a failure is logged and the
+    /// state is written again with the message's next change (memory stays
+    /// right; after a crash the recipients are simply tried again).
+    func persist(_ env: EnvelopeRecord, then: (@Sendable (Result<Void, SpoolError>) -> Void)? = nil) {
+        let logger = self.logger
+        let id = env.queueID
+        spool.submit([.update(env)]) { result in
+            if case .failure(let error) = result {
+                logger.warning("\(id): cannot update the queue file: \(error)")
+            }
+            then?(result)
+        }
+    }
+
+    // MARK: Completion and notices
+
+    /// A message whose recipients are all final leaves the queue; the notice
+    /// it calls for (if any) enters it in the same spool transaction.
+    func finalize(_ id: QueueID, reason: String? = nil,
+                  completion: ((Result<Void, SpoolError>) -> Void)? = nil) {
+        loop.preconditionInEventLoop()
+        guard let env = scheduler.remove(id) else { completion?(.failure(.noSuchMessage)); return }
+        let completion = completion.map { NIOLoopBound($0, eventLoop: loop) }
+        suspendedLogged.remove(id)
+        var operations: [SpoolOperation] = []
+        var built: (EnvelopeRecord, MessageKind)?
+        if let plan = NoticePlanner.completionNotice(for: env, router: router, postmaster: config.postmaster) {
+            do {
+                let (n, body) = try buildNotice(plan, original: env, now: now)
+                operations.append(.insert(n, body))
+                built = (n, plan.kind)
+            } catch {
+                logger.warning("\(id): cannot create the delivery status notification: \(error); will try again")
+                scheduler.insert(env, now: now)
+                completion?.value(.failure(.io("cannot create the delivery status notification: \(error)")))
+                return
+            }
+        } else if env.kind == .doubleBounce && env.recipients.contains(where: { $0.state == .bounced }) {
+            logger.warning("\(id): undeliverable postmaster notification discarded")
+        }
+        operations.append(.delete(id))
+        let noticeBuilt = built
+        spool.submit(operations) { [self] result in
+            loop.execute { [self] in
+                switch result {
+                case .success:
+                    if let (notice, noticeKind) = noticeBuilt {
+                        let what = noticeKind == .doubleBounce ? "postmaster non-delivery notification"
+                            : "sender delivery status notification"
+                        logger.info("\(id): \(what): \(notice.queueID)")
+                        scheduler.insert(notice, now: now)
+                        logQueued(notice)
+                    }
+                    logger.info("\(id): removed\(reason.map { " (\($0))" } ?? "")")
+                    dispatch()
+                case .failure(let error):
+                    logger.warning("\(id): cannot remove the message from the queue: \(error); will try again")
+                    scheduler.insert(env, now: now)
+                }
+                completion?.value(result)
+            }
+        }
+    }
+
+    /// Builds the RFC 3464 notice of `plan` about `original` as a new
+    /// message from `<>`, sealed for the spool.
+    func buildNotice(_ plan: NoticePlan, original: EnvelopeRecord, now t: UInt64) throws -> (EnvelopeRecord, SealedBody) {
+        var body: [UInt8] = []
+        do {
+            try spool.readBody(original.queueID) { body.append(contentsOf: $0) }
+        } catch {
+            // The report matters more than the copy: send it without one.
+            logger.warning("\(original.queueID): cannot read the message body for the notification: \(error)")
+            body = []
+        }
+        let actions = Set(plan.entries.map(\.action))
+        let kind: DeliveryStatusNotification.Kind = actions.contains(.failed) ? .failure
+            : (actions.contains(.delayed) ? .delay : .success)
+        let recipients = plan.entries.map { entry -> DeliveryStatusNotification.Recipient in
+            let r = original.recipients[entry.index]
+            let action: DeliveryStatusNotification.Action
+            let fallback: String
+            switch entry.action {
+            case .failed: action = .failed; fallback = "5.0.0"
+            case .delayed: action = .delayed; fallback = "4.0.0"
+            case .delivered: action = .delivered; fallback = "2.0.0"
+            }
+            return DeliveryStatusNotification.Recipient(
+                address: r.address, orcpt: r.orcpt, action: action, status: r.dsnStatus ?? fallback,
+                diagnostic: r.diagnostic ?? r.lastError, remoteMTA: r.remoteMTA,
+                lastAttempt: nil,
+                willRetryUntil: entry.action == .delayed ? Int(original.arrival + policy.lifetime(of: original.kind)) : nil)
+        }
+        let ret: String? = plan.kind == .doubleBounce ? "FULL" : (plan.returnFullMessage ? original.ret : "HDRS")
+        let dsn = DeliveryStatusNotification(kind: kind, reportingMTA: config.hostname, sender: plan.recipient,
+                                             envid: original.envid, ret: ret, arrival: Int(original.arrival),
+                                             recipients: recipients, originalMessage: body)
+        let message = dsn.build(unixTime: Int(t), messageID: MessageID.generate(hostname: config.hostname))
+        let writer = try spool.makeBodyWriter()
+        try writer.append(message)
+        let sealed = try writer.finish()
+        let env = EnvelopeRecord(queueID: spool.newQueueID(), sender: "", arrival: t, size: UInt64(message.count),
+                                 ret: nil, envid: nil, requireTLS: false, smtputf8: original.smtputf8,
+                                 bodyType: nil, clientAddress: nil, clientName: nil, helo: nil,
+                                 protocolName: "local", authUser: nil, peerUID: nil, held: false,
+                                 kind: plan.kind,
+                                 recipients: [RecipientRecord(address: plan.recipient, notify: nil, orcpt: nil,
+                                                              state: .pending, attempts: 0, nextAttempt: t,
+                                                              lastError: nil, dsnStatus: nil, remoteMTA: nil,
+                                                              diagnostic: nil, delayNotified: false)])
+        return (env, sealed)
+    }
+
+    // MARK: Periodic work
+
+    /// Called every tick: due jobs out; every maintenance interval the whole
+    /// queue is checked for expiry, delay notices and unfinished completions.
+    func tick() {
+        loop.preconditionInEventLoop()
+        guard !stopping else { return }
+        dispatch()
+        if now >= nextMaintenance { maintenance() }
+    }
+
+    /// Expires what outlived its lifetime (recipients not in flight and due:
+    /// with no stage to try them, they would wait forever), sends delay
+    /// notices, and finalizes messages left complete (e.g. by a crash between
+    /// the last update and the delete).
+    func maintenance() {
+        loop.preconditionInEventLoop()
+        let t = now
+        nextMaintenance = t + options.maintenanceInterval(config.queue)
+        for env in scheduler.envelopes where !env.held {
+            let id = env.queueID
+            let inFlight = scheduler.inFlight(id)
+            var changed = false
+            if policy.isExpired(arrival: env.arrival, kind: env.kind, now: t) {
+                var lines: [String] = []
+                scheduler.modify(id) { env in
+                    for i in env.recipients.indices where !env.recipients[i].state.isFinal
+                        && !inFlight.contains(i) && env.recipients[i].nextAttempt <= t {
+                        RecipientUpdate.expire(&env.recipients[i])
+                        bouncedCount += 1
+                        changed = true
+                        let r = env.recipients[i]
+                        lines.append("\(id): to=<\(r.address)>, relay=none, delay=\(t >= env.arrival ? t - env.arrival : 0), dsn=4.4.7, status=expired, returned to sender (\(r.lastError ?? "message expired"))")
+                    }
+                }
+                for line in lines { logger.info("\(line)") }
+            }
+            if scheduler.isComplete(id) {
+                finalize(id)
+                continue
+            }
+            if let current = scheduler.envelope(id),
+               let plan = NoticePlanner.delayNotice(for: current, now: t, policy: policy, inFlight: inFlight) {
+                sendDelayNotice(plan, for: id)
+                continue
+            }
+            if changed, let current = scheduler.envelope(id) { persist(current) }
+        }
+        dispatch()
+    }
+
+    private func sendDelayNotice(_ plan: NoticePlan, for id: QueueID) {
+        guard let original = scheduler.envelope(id) else { return }
+        let notice: EnvelopeRecord, body: SealedBody
+        do {
+            (notice, body) = try buildNotice(plan, original: original, now: now)
+        } catch {
+            logger.warning("\(id): cannot create the delay notification: \(error)")
+            return
+        }
+        let indexes = plan.entries.map(\.index)
+        scheduler.modify(id) { env in for i in indexes { env.recipients[i].delayNotified = true } }
+        guard let updated = scheduler.envelope(id) else { return }
+        spool.submit([.update(updated), .insert(notice, body)]) { [self] result in
+            loop.execute { [self] in
+                switch result {
+                case .success:
+                    logger.info("\(id): sender delay notification: \(notice.queueID)")
+                    scheduler.insert(notice, now: now)
+                    logQueued(notice)
+                    dispatch()
+                case .failure(let error):
+                    logger.warning("\(id): cannot queue the delay notification: \(error); will try again")
+                    scheduler.modify(id) { env in for i in indexes where i < env.recipients.count { env.recipients[i].delayNotified = false } }
+                }
+            }
+        }
+    }
+
+    // MARK: Administration (control socket)
+
+    func flush(_ id: QueueID?) -> Int {
+        let n = scheduler.flush(id, now: now)
+        dispatch()
+        return n
+    }
+
+    /// Hold or release; the flag is written to the spool before `done`.
+    func setHeld(_ id: QueueID, _ held: Bool, done: @escaping (Result<Void, SpoolError>) -> Void) {
+        scheduler.setHeld(id, held, now: now)
+        guard let env = scheduler.envelope(id) else { return }
+        logger.info("\(id): \(held ? "hold: by administrator" : "released from hold")")
+        let loop = self.loop
+        let done = NIOLoopBound(done, eventLoop: loop)
+        persist(env) { result in loop.execute { done.value(result) } }
+        if !held { dispatch() }
+    }
+
+    /// Deletes a message. `bounce`: its unfinished recipients fail with
+    /// 5.0.0 and the sender gets the usual notice; otherwise it vanishes.
+    func delete(_ id: QueueID, bounce: Bool, done: @escaping (Result<Void, SpoolError>) -> Void) {
+        let loop = self.loop
+        let done = NIOLoopBound(done, eventLoop: loop)
+        if bounce {
+            scheduler.modify(id) { env in
+                for i in env.recipients.indices where !env.recipients[i].state.isFinal {
+                    env.recipients[i].state = .bounced
+                    env.recipients[i].dsnStatus = "5.0.0"
+                    env.recipients[i].lastError = "deleted by the administrator"
+                    env.recipients[i].diagnostic = nil
+                    env.recipients[i].nextAttempt = 0
+                }
+            }
+            if let env = scheduler.envelope(id) {
+                for r in env.recipients where r.lastError == "deleted by the administrator" {
+                    logger.info("\(id): to=<\(r.address)>, relay=none, delay=\(delay(env, now)), dsn=5.0.0, status=bounced (deleted by the administrator)")
+                }
+            }
+            finalize(id, reason: "deleted by administrator") { done.value($0) }
+            return
+        }
+        guard scheduler.remove(id) != nil else { return done.value(.failure(.noSuchMessage)) }
+        suspendedLogged.remove(id)
+        spool.submit([.delete(id)]) { [self] result in
+            loop.execute { [self] in
+                if case .success = result { logger.info("\(id): removed (deleted by administrator)") }
+                done.value(result)
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+/// The Received trace field smtp-listen prepends to each message (RFC 5321
+/// section 4.4, protocol names from RFC 3848 and RFC 6531):
+///
+///     Received: from HELO (RDNS [ADDR])
+///     	(using TLS INFO)
+///     	by HOST (Sealpost) with ESMTPS id QUEUEID
+///     	for <rcpt@example.org>; DATE
+///
+/// Every string that came from the network is checked or escaped so the
+/// field stays one well-formed header field: no CR or LF, no 8-bit octets
+/// (unless the message is SMTPUTF8), parentheses balanced (comment text is
+/// escaped with quoted-pairs), each folded line far under 998 octets. A HELO
+/// name that is not a valid domain or address literal does not appear as the
+/// from-domain: the client's address literal does, and the HELO name goes
+/// into the comment. The date is passed in (formatted with
+/// `RFC5322Date.format`, never with DateFormatter, which fails after chroot).
+public enum ReceivedHeader {
+    /// Builds the whole field, "Received: ..." with CRLF line ends (the last
+    /// line ends with CRLF too).
+    ///
+    /// - Parameters:
+    ///   - helo: the EHLO/HELO argument (untrusted), nil if none was given.
+    ///   - clientAddress: numeric address, "192.0.2.1" or "2001:db8::1".
+    ///   - clientHostname: verified reverse name, if any (escaped anyway).
+    ///   - recipient: the recipient address without brackets when the message
+    ///     has exactly one, else nil (no "for" clause, as Postfix does for privacy).
+    ///   - utf8: the message is SMTPUTF8, non-ASCII may stay in the "for" clause.
+    public static func build(helo: String?, clientAddress: String, clientHostname: String?,
+                             hostname: String, softwareName: String = "Sealpost",
+                             protocolName: String, queueID: String?, recipient: String?,
+                             tls: String? = nil, utf8: Bool = false, date: String) -> String {
+        let literal = addressLiteral(clientAddress)
+        let rdns = clientHostname.flatMap(validDomain) ?? "unknown"
+        var from: String
+        if let helo, let valid = validDomain(helo) ?? validLiteral(helo) {
+            from = "from \(valid) (\(rdns) \(literal))"
+        } else {
+            let heloComment = helo.map { " helo=" + commentText($0) } ?? ""
+            from = "from \(literal) (\(rdns) \(literal)\(heloComment))"
+        }
+        var lines = ["Received: " + from]
+        if let tls, !tls.isEmpty {
+            lines.append("\t(using " + commentText(tls) + ")")
+        }
+        let host = validDomain(hostname) ?? "localhost"
+        var by = "\tby \(host) (\(commentText(softwareName))) with \(atom(protocolName) ?? "ESMTP")"
+        if let queueID, let id = atom(queueID) { by += " id \(id)" }
+        lines.append(by)
+        let dateText = printable(date, max: 80)
+        if let recipient, let path = pathText(recipient, utf8: utf8) {
+            lines.append("\tfor <\(path)>; \(dateText)")
+        } else {
+            lines[lines.count - 1] += ";"
+            lines.append("\t\(dateText)")
+        }
+        return lines.joined(separator: "\r\n") + "\r\n"
+    }
+
+    /// Convenience for a session's envelope.
+    public static func build(envelope: SMTPEnvelope, hostname: String, softwareName: String = "Sealpost",
+                             queueID: String?, tls: String? = nil, date: String) -> String {
+        build(helo: envelope.helo.isEmpty ? nil : envelope.helo, clientAddress: envelope.client.address,
+              clientHostname: envelope.client.hostname, hostname: hostname, softwareName: softwareName,
+              protocolName: envelope.protocolName, queueID: queueID,
+              recipient: envelope.recipients.count == 1 ? envelope.recipients[0].address : nil,
+              tls: tls, utf8: envelope.parameters.smtputf8, date: date)
+    }
+
+    // MARK: - Escaping
+
+    /// "[192.0.2.1]" / "[IPv6:2001:db8::1]"; anything else becomes a comment-safe word.
+    static func addressLiteral(_ address: String) -> String {
+        let bytes = Array(address.utf8)
+        if SMTPPathParser.isIPv4(bytes) { return "[\(address)]" }
+        if SMTPPathParser.isIPv6(bytes) { return "[IPv6:\(address)]" }
+        return "[unknown]"
+    }
+
+    static func validDomain(_ text: String) -> String? {
+        let bytes = Array(text.utf8)
+        guard !bytes.isEmpty, bytes.count <= 255, bytes.allSatisfy({ $0 < 0x80 }),
+              let (d, kind) = SMTPPathParser.parseDomainOrLiteral(bytes), kind == .name else { return nil }
+        return d
+    }
+
+    static func validLiteral(_ text: String) -> String? {
+        let bytes = Array(text.utf8)
+        guard bytes.first == UInt8(ascii: "["), bytes.allSatisfy({ $0 < 0x80 }),
+              let (d, kind) = SMTPPathParser.parseDomainOrLiteral(bytes), kind != .name else { return nil }
+        return d
+    }
+
+    /// Comment content: printable ASCII, "(", ")" and "\" as quoted-pairs,
+    /// at most 200 characters.
+    static func commentText(_ text: String) -> String {
+        var out = ""
+        for scalar in text.unicodeScalars.prefix(200) {
+            switch scalar {
+            case "(", ")", "\\": out.append("\\"); out.unicodeScalars.append(scalar)
+            case " "..."~": out.unicodeScalars.append(scalar)
+            default: out.append("?")
+            }
+        }
+        return out
+    }
+
+    static func printable(_ text: String, max: Int) -> String {
+        String(String.UnicodeScalarView(text.unicodeScalars.prefix(max).map { (0x20...0x7E).contains($0.value) ? $0 : "?" }))
+    }
+
+    /// An RFC 5322 atom (letters, digits, "-", "_", "."), or nil.
+    static func atom(_ text: String) -> String? {
+        guard !text.isEmpty, text.utf8.count <= 64,
+              text.utf8.allSatisfy({ isASCIIAlnum($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") })
+        else { return nil }
+        return text
+    }
+
+    /// The recipient re-parsed as a path, so that only a valid mailbox lands
+    /// between the brackets; non-ASCII only for SMTPUTF8 messages.
+    static func pathText(_ address: String, utf8: Bool) -> String? {
+        let bytes = Array(("<" + address + ">").utf8)
+        guard utf8 || bytes.allSatisfy({ $0 < 0x80 }),
+              let (path, end) = try? SMTPPathParser.parse(ArraySlice(bytes), kind: .forwardPath),
+              end == bytes.count else { return nil }
+        return path.address
+    }
+}

@@ -1,0 +1,141 @@
+/// What the session state machine hands to its I/O layer: actions (replies,
+/// TLS hand-off, message stream, authentication requests, log events), the
+/// envelope of a message, and the per-command counters of the disconnect log
+/// line.
+
+/// One accepted recipient.
+public struct SMTPRecipient: Sendable, Hashable {
+    public var path: SMTPPath
+    public var parameters: SMTPRecipientParameters
+    public var relay: RelayDecision
+    /// Address text for the queue (no angle brackets).
+    public var address: String { path.address }
+}
+
+/// How the message body arrives.
+public enum SMTPTransferMode: Sendable, Hashable { case data, bdat }
+
+/// Everything the queue needs besides the body (PROTOCOL.md MAIL/RCPT frames).
+public struct SMTPEnvelope: Sendable, Hashable {
+    public var sender: SMTPPath
+    public var parameters: SMTPMailParameters
+    public var recipients: [SMTPRecipient]
+    /// The EHLO/HELO argument as given (validated syntax).
+    public var helo: String
+    /// RFC 3848 / RFC 6531 protocol name: SMTP, ESMTP, ESMTPA, ESMTPS,
+    /// ESMTPSA, UTF8SMTP, UTF8SMTPA, UTF8SMTPS, UTF8SMTPSA.
+    public var protocolName: String
+    public var authenticatedUser: String?
+    public var client: SMTPClientInfo
+    public var transfer: SMTPTransferMode
+}
+
+/// Credentials from an AUTH exchange, to be checked by the I/O layer, which
+/// answers with `authResult(_:)`.
+public struct SMTPCredentials: Sendable, Hashable, CustomStringConvertible {
+    public enum Mechanism: String, Sendable, Hashable { case plain = "PLAIN", login = "LOGIN" }
+    public var mechanism: Mechanism
+    /// PLAIN authorization identity (empty or absent: same as the username).
+    public var authorizationIdentity: String?
+    public var username: String
+    public var password: String
+
+    /// Never prints the password.
+    public var description: String { "\(mechanism.rawValue) user=\(username)" }
+}
+
+/// The answer of the password check.
+public enum SMTPAuthResult: Sendable, Hashable {
+    case success
+    /// Wrong credentials, or the authorization identity is not allowed: 535 5.7.8.
+    case failure
+    /// Backend unavailable: 454 4.7.0.
+    case temporaryFailure
+}
+
+/// Why the queue did not take the message (issue item 7).
+public enum SMTPQueueFailure: Sendable, Hashable {
+    /// Queue unreachable or failing: 451 4.3.0.
+    case unavailable
+    /// Queue full: 452 4.3.1.
+    case full
+    /// The queue refused with its own reply (REFUSED frame).
+    case refused(SMTPReply)
+
+    var reply: SMTPReply {
+        switch self {
+        case .unavailable: return SMTPReply(451, "4.3.0", "Queue unavailable, try again later")
+        case .full: return SMTPReply(452, "4.3.1", "Insufficient system storage")
+        case .refused(let r): return r
+        }
+    }
+}
+
+/// Events for the log (issue item 9). Rejections carry the reply sent.
+public enum SMTPEvent: Sendable, Hashable {
+    /// A command (or a message) was refused. `command` is the verb
+    /// ("RCPT", "DATA", "END-OF-MESSAGE", "CONNECT"...); `detail` names the
+    /// envelope addresses when known: "from=<a@b> to=<c@d>".
+    case rejected(command: String, reply: SMTPReply, detail: String)
+    /// Bytes the client sent after STARTTLS in the same flight, discarded
+    /// (CVE-2011-0411 style command injection).
+    case discardedAfterSTARTTLS(bytes: Int)
+    /// Authentication outcome, never with the password.
+    case authenticated(user: String, mechanism: String)
+    case authenticationFailed(user: String, mechanism: String)
+}
+
+public enum SMTPAction: Sendable, Hashable {
+    /// Write this reply.
+    case reply(SMTPReply)
+    /// The 220 reply to STARTTLS precedes this: flush it, then hand the
+    /// socket to the TLS process. Call `tlsEstablished(...)` or `tlsFailed()`.
+    case startTLS
+    /// Flush the replies and close the connection.
+    case close
+    /// A message starts (after 354, or at the first BDAT chunk).
+    case beginMessage(SMTPEnvelope)
+    /// Body bytes, dot-unstuffed, CRLF line ends preserved.
+    case messageData([UInt8])
+    /// The body is complete: commit it to the queue, then call
+    /// `messageCommitted(queueID:)` or `messageFailed(_:)`.
+    case endMessage
+    /// The message was refused while it streamed (size, bare CR/LF, NUL,
+    /// long line, 8-bit header): discard what was sent. The reply follows
+    /// later, when the client ends the data.
+    case abortMessage(SMTPReply)
+    /// Check these credentials, then call `authResult(_:)`.
+    case authenticate(SMTPCredentials)
+    case log(SMTPEvent)
+}
+
+/// Per-command counters for the disconnect line, Postfix style:
+/// "ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6" (successful/total when
+/// they differ).
+public struct SMTPCommandCounters: Sendable, Hashable, CustomStringConvertible {
+    public static let order = ["helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat",
+                               "rset", "noop", "vrfy", "help", "quit", "unknown"]
+    public private(set) var total: [String: Int] = [:]
+    public private(set) var successful: [String: Int] = [:]
+
+    public init() {}
+
+    mutating func record(_ name: String, success: Bool) {
+        total[name, default: 0] += 1
+        if success { successful[name, default: 0] += 1 }
+    }
+
+    public var description: String {
+        var parts: [String] = []
+        var ok = 0, all = 0
+        for name in Self.order {
+            guard let t = total[name] else { continue }
+            let s = successful[name] ?? 0
+            ok += s
+            all += t
+            parts.append(s == t ? "\(name)=\(t)" : "\(name)=\(s)/\(t)")
+        }
+        parts.append(ok == all ? "commands=\(all)" : "commands=\(ok)/\(all)")
+        return parts.joined(separator: " ")
+    }
+}

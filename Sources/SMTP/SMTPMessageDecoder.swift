@@ -1,0 +1,175 @@
+/// Streaming decoders for message content: DATA (dot-unstuffing, end at
+/// <CRLF>.<CRLF> only) and BDAT chunks (RFC 3030, no stuffing), with the
+/// content checks both share.
+///
+/// Smuggling (the 2023 "SMTP smuggling" family): only the exact sequence
+/// CR LF "." CR LF ends DATA. A bare LF or bare CR never starts a line for the
+/// purpose of the end marker, so "\n.\n", "\r.\r", "\n.\r\n", "\r\n.\n",
+/// "\r\n.\r" and the like are ordinary (and illegal) content. A bare CR or LF
+/// marks the message as refused; decoding still continues to the real end
+/// marker, so the client's next commands are read in sync.
+///
+/// Refusals, reported after the end of the data (and as `.abortMessage` as
+/// soon as they are detected, so the I/O layer stops feeding the queue):
+/// - bare CR or LF: 550 5.6.0 (RFC 5321 2.3.8 forbids them);
+/// - NUL: 550 5.6.0;
+/// - a text line over 998 octets plus CRLF: 554 5.6.0. Postfix silently
+///   splits such lines; we refuse, since splitting changes the message and
+///   would break signatures (RFC 5321 4.5.3.1.6);
+/// - 8-bit octets in the header section without SMTPUTF8: 554 5.6.0
+///   (5.6.7 names non-ASCII *addresses*, so the generic media code is used);
+/// - more octets than the size limit: 552 5.3.4.
+
+enum ContentViolation: Sendable, Hashable {
+    case bareLineEnd, nul, longLine, eightBitHeader, tooBig
+
+    var reply: SMTPReply {
+        switch self {
+        case .bareLineEnd: return SMTPReply(550, "5.6.0", "Message contains bare CR or LF")
+        case .nul: return SMTPReply(550, "5.6.0", "Message contains NUL")
+        case .longLine: return SMTPReply(554, "5.6.0", "Message contains a line longer than 998 octets")
+        case .eightBitHeader: return SMTPReply(554, "5.6.0", "8-bit header without SMTPUTF8")
+        case .tooBig: return SMTPReply(552, "5.3.4", "Message size exceeds fixed limit")
+        }
+    }
+}
+
+/// Checks applied to decoded content, line by line.
+struct ContentChecker {
+    /// Longest line without CRLF; nil: unlimited.
+    let maxLineLength: Int?
+    let allow8BitHeaders: Bool
+    let maxSize: UInt64
+    private(set) var size: UInt64 = 0
+    private(set) var lineLength = 0
+    private(set) var inHeaders = true
+    private(set) var violation: ContentViolation?
+
+    init(textLineLimit: Int?, allow8BitHeaders: Bool, maxSize: UInt64) {
+        self.maxLineLength = textLineLimit.map { max(0, $0 - 2) }
+        self.allow8BitHeaders = allow8BitHeaders
+        self.maxSize = maxSize
+    }
+
+    var accepting: Bool { violation == nil }
+
+    mutating func flag(_ v: ContentViolation) {
+        if violation == nil { violation = v }
+    }
+
+    /// A content byte other than a line end.
+    @inline(__always) mutating func byte(_ b: UInt8) {
+        lineLength += 1
+        size += 1
+        if b == 0 { flag(.nul) }
+        if b >= 0x80 && inHeaders && !allow8BitHeaders { flag(.eightBitHeader) }
+        if let m = maxLineLength, lineLength > m { flag(.longLine) }
+        if size > maxSize { flag(.tooBig) }
+    }
+
+    /// A CRLF line end.
+    @inline(__always) mutating func lineEnd() {
+        if inHeaders && lineLength == 0 { inHeaders = false }
+        lineLength = 0
+        size += 2
+        if size > maxSize { flag(.tooBig) }
+    }
+
+    /// A bare CR or LF (kept as content, the message is refused anyway).
+    mutating func bare() {
+        size += 1
+        flag(.bareLineEnd)
+    }
+}
+
+/// DATA decoder: dot-unstuffing and end detection.
+struct DotDecoder {
+    var checker: ContentChecker
+    private var atLineStart = true     // just after CRLF (the DATA command's CRLF counts)
+    private var sawCR = false
+    private var dotLine = false        // the line so far is the single (stuffing) dot
+
+    init(checker: ContentChecker) { self.checker = checker }
+
+    /// Decodes `input[start..<n]`, appending content to `out` while the message
+    /// is acceptable. Returns the index after the last consumed byte and
+    /// whether the end marker was seen (then that index is just after it).
+    mutating func decode(_ input: [UInt8], from start: Int, upTo n: Int, into out: inout [UInt8]) -> (next: Int, ended: Bool) {
+        var i = start
+        while i < n {
+            let b = input[i]
+            i += 1
+            if sawCR {
+                sawCR = false
+                if b == 10 {
+                    if dotLine { return (i, true) }
+                    checker.lineEnd()
+                    if checker.accepting { out.append(13); out.append(10) }
+                    atLineStart = true
+                    continue
+                }
+                // Bare CR: content, never a line start.
+                checker.bare()
+                dotLine = false
+                atLineStart = false
+            }
+            switch b {
+            case 13:
+                sawCR = true
+            case 10:
+                checker.bare()
+                atLineStart = false
+                dotLine = false
+            case UInt8(ascii: ".") where atLineStart:
+                // RFC 5321 4.5.2: the first dot of a line is removed.
+                atLineStart = false
+                dotLine = true
+            default:
+                atLineStart = false
+                dotLine = false
+                checker.byte(b)
+                if checker.accepting { out.append(b) }
+            }
+        }
+        return (i, false)
+    }
+}
+
+/// BDAT decoder: the chunk bytes are the message, verbatim; only checked.
+struct ChunkDecoder {
+    var checker: ContentChecker
+    private var sawCR = false
+
+    init(checker: ContentChecker) { self.checker = checker }
+
+    mutating func decode(_ input: ArraySlice<UInt8>, into out: inout [UInt8]) {
+        for b in input {
+            if sawCR {
+                sawCR = false
+                if b == 10 {
+                    checker.lineEnd()
+                    if checker.accepting { out.append(13); out.append(10) }
+                    continue
+                }
+                checker.bare()
+            }
+            switch b {
+            case 13: sawCR = true
+            case 10: checker.bare()
+            default:
+                checker.byte(b)
+                if checker.accepting { out.append(b) }
+            }
+        }
+    }
+
+    /// After BDAT LAST: a trailing CR is bare; an unterminated last line
+    /// gets its CRLF (the queue stores CRLF-terminated lines).
+    mutating func finish(into out: inout [UInt8]) {
+        if sawCR { checker.bare(); sawCR = false }
+        if checker.lineLength > 0 {
+            checker.lineEnd()
+            if checker.accepting { out.append(13); out.append(10) }
+        }
+    }
+}

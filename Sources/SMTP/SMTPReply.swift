@@ -1,0 +1,108 @@
+/// SMTP replies (RFC 5321 section 4.2) with RFC 3463 enhanced status codes
+/// (RFC 2034), and their wire rendering, single- and multi-line.
+///
+/// Every reply the server sends carries an enhanced status code except where
+/// the RFCs forbid one: the 220 greeting and the EHLO/HELO reply (RFC 2034
+/// section 3: the EHLO reply lists keywords, a code there would be read as
+/// one), and the intermediate 3xx replies (354, 334): RFC 3463 defines only
+/// the classes 2, 4 and 5.
+
+/// An RFC 3463 enhanced status code, `class.subject.detail`.
+public struct EnhancedStatus: Sendable, Hashable, CustomStringConvertible {
+    public var codeClass: Int
+    public var subject: Int
+    public var detail: Int
+
+    public init(_ codeClass: Int, _ subject: Int, _ detail: Int) {
+        precondition([2, 4, 5].contains(codeClass), "RFC 3463 classes are 2, 4 and 5")
+        precondition((0...999).contains(subject) && (0...999).contains(detail))
+        self.codeClass = codeClass
+        self.subject = subject
+        self.detail = detail
+    }
+
+    /// Parses "4.3.1"; nil when malformed.
+    public init?(parsing text: String) {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3,
+              parts.allSatisfy({ !$0.isEmpty && $0.count <= 3 && $0.allSatisfy(\.isASCIIDigit) }),
+              let c = Int(parts[0]), let s = Int(parts[1]), let d = Int(parts[2]),
+              [2, 4, 5].contains(c)
+        else { return nil }
+        self.init(c, s, d)
+    }
+
+    public var description: String { "\(codeClass).\(subject).\(detail)" }
+}
+
+extension Character {
+    var isASCIIDigit: Bool { isASCII && isNumber }
+}
+
+/// One reply: a three-digit code, an optional enhanced status code and one or
+/// more text lines. Text is sanitized on construction: anything but printable
+/// ASCII becomes "?", so an echoed client string can never break the framing.
+public struct SMTPReply: Sendable, Hashable, CustomStringConvertible {
+    public var code: Int
+    public var status: EnhancedStatus?
+    public var lines: [String]
+
+    public init(_ code: Int, _ status: EnhancedStatus?, _ lines: [String]) {
+        precondition((200...599).contains(code), "SMTP reply codes are 2xx-5xx")
+        if let status { precondition(status.codeClass == code / 100, "status class must match the reply code") }
+        self.code = code
+        self.status = status
+        self.lines = (lines.isEmpty ? [""] : lines).map(SMTPReply.sanitize)
+    }
+
+    public init(_ code: Int, _ status: EnhancedStatus?, _ text: String) {
+        self.init(code, status, [text])
+    }
+
+    /// Convenience: `SMTPReply(250, "2.1.0", "Ok")`.
+    public init(_ code: Int, _ status: String, _ text: String) {
+        guard let parsed = EnhancedStatus(parsing: status) else { preconditionFailure("bad status \(status)") }
+        self.init(code, parsed, [text])
+    }
+
+    public var isPositive: Bool { code < 400 }
+    public var isTemporaryFailure: Bool { (400..<500).contains(code) }
+    public var isPermanentFailure: Bool { code >= 500 }
+
+    /// The wire form: "250-first\r\n250 last\r\n", each line prefixed with
+    /// the enhanced status code when there is one.
+    public var rendered: [UInt8] {
+        var out: [UInt8] = []
+        for (i, line) in lines.enumerated() {
+            out.append(contentsOf: String(code).utf8)
+            out.append(i == lines.count - 1 ? UInt8(ascii: " ") : UInt8(ascii: "-"))
+            if let status {
+                out.append(contentsOf: status.description.utf8)
+                if !line.isEmpty { out.append(UInt8(ascii: " ")) }
+            }
+            out.append(contentsOf: line.utf8)
+            out.append(contentsOf: [13, 10])
+        }
+        return out
+    }
+
+    /// One line for logs: "554 5.7.1 Relay access denied" (lines joined by " / ").
+    public var description: String {
+        var s = String(code)
+        if let status { s += " \(status)" }
+        return s + " " + lines.joined(separator: " / ")
+    }
+
+    /// Printable ASCII only; at most 500 characters per line (RFC 5321
+    /// 4.5.3.1.5 allows 512 octets per reply line including code and CRLF).
+    static func sanitize(_ text: String) -> String {
+        var out = String.UnicodeScalarView()
+        for scalar in text.unicodeScalars.prefix(490) {
+            out.append((0x20...0x7E).contains(scalar.value) ? scalar : "?")
+        }
+        return String(out)
+    }
+}
+
+/// A refusal travels as the reply that states it.
+extension SMTPReply: Error {}

@@ -1,0 +1,283 @@
+// The committer thread: group commit for every write to the spool.
+// See the top of Spool.swift for the semantics.
+
+import Foundation
+import LMDB
+
+final class Committer: @unchecked Sendable {
+    // @unchecked Sendable: `pending`, `stopping` and `running` are guarded by
+    // `condition`; `stats` by `statsLock`; the LMDB write transaction lives
+    // on the committer thread only (LMDB's writer lock belongs to a thread).
+
+    struct Submission {
+        let operations: [SpoolOperation]
+        let completion: @Sendable (Result<Void, SpoolError>) -> Void
+    }
+
+    private let environment: Environment
+    private let databases: SpoolDatabases
+    private let readLock: ReadWriteLock
+    private let mapSizeLimit: Int
+
+    private let condition = NSCondition()
+    private var pending: [Submission] = []
+    private var stopping = false
+    private var running = false
+    private var thread: pthread_t?
+
+    private let statsLock = NSLock()
+    private var stats = SpoolStatistics()
+
+    init(environment: Environment, databases: SpoolDatabases, readLock: ReadWriteLock, mapSizeLimit: Int) {
+        self.environment = environment
+        self.databases = databases
+        self.readLock = readLock
+        self.mapSizeLimit = mapSizeLimit
+    }
+
+    var statistics: SpoolStatistics {
+        statsLock.lock()
+        defer { statsLock.unlock() }
+        return stats
+    }
+
+    func start() {
+        condition.lock()
+        running = true
+        condition.unlock()
+        let thread = Thread { [self] in run() }
+        thread.name = "spool-committer"
+        thread.start()
+    }
+
+    func submit(_ operations: [SpoolOperation], completion: @escaping @Sendable (Result<Void, SpoolError>) -> Void) {
+        condition.lock()
+        guard running, !stopping else {
+            condition.unlock()
+            completion(.failure(.io("spool closed")))
+            return
+        }
+        pending.append(Submission(operations: operations, completion: completion))
+        condition.signal()
+        condition.unlock()
+    }
+
+    /// Lets the thread finish what is queued, then waits for it to exit.
+    /// Called on the committer thread itself (a completion that releases the
+    /// last reference to the Spool), it only asks the thread to stop: waiting
+    /// there would wait forever.
+    func stop() {
+        condition.lock()
+        stopping = true
+        condition.broadcast()
+        if let thread, pthread_equal(thread, pthread_self()) != 0 {
+            condition.unlock()
+            return
+        }
+        while running { condition.wait() }
+        condition.unlock()
+    }
+
+    private func run() {
+        condition.lock()
+        thread = pthread_self()
+        condition.unlock()
+        while true {
+            condition.lock()
+            while pending.isEmpty && !stopping { condition.wait() }
+            if pending.isEmpty {
+                running = false
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            let batch = pending
+            pending = []
+            condition.unlock()
+
+            let results = process(batch)
+            for (submission, result) in zip(batch, results) {
+                submission.completion(result)
+            }
+        }
+    }
+
+    // MARK: Applying a batch
+
+    private enum Attempt {
+        case done([Result<Void, SpoolError>], committed: Bool)
+        case mapFull
+        case failed(SpoolError)
+    }
+
+    private func process(_ batch: [Submission]) -> [Result<Void, SpoolError>] {
+        var atLimit = false
+        while true {
+            switch attempt(batch, atLimit: atLimit) {
+            case .done(let results, let committed):
+                record(batch, results, committed: committed)
+                return results
+            case .failed(let error):
+                let results = [Result<Void, SpoolError>](repeating: .failure(error), count: batch.count)
+                record(batch, results, committed: false)
+                return results
+            case .mapFull:
+                // Retry bigger; at the limit, retry once more admitting
+                // only the submissions that still fit.
+                if !grow() { atLimit = true }
+            }
+        }
+    }
+
+    private func record(_ batch: [Submission], _ results: [Result<Void, SpoolError>], committed: Bool) {
+        statsLock.lock()
+        defer { statsLock.unlock() }
+        if committed { stats.commits += 1 }
+        for (submission, result) in zip(batch, results) {
+            switch result {
+            case .success:
+                stats.submissions += 1
+                stats.operations += UInt64(submission.operations.count)
+                stats.messagesInserted += UInt64(submission.operations.filter { if case .insert = $0 { true } else { false } }.count)
+            case .failure:
+                stats.failedSubmissions += 1
+            }
+        }
+    }
+
+    /// Doubles the map up to the limit; false when already at the limit.
+    private func grow() -> Bool {
+        let current = environment.mapSize
+        guard current < mapSizeLimit else { return false }
+        let newSize = current > mapSizeLimit / 2 ? mapSizeLimit : current * 2
+        // LMDB: no transaction may be active in the process during the resize.
+        readLock.lockExclusive()
+        defer { readLock.unlock() }
+        do {
+            try environment.setMapSize(newSize)
+        } catch {
+            return false
+        }
+        statsLock.lock()
+        stats.mapGrowths += 1
+        statsLock.unlock()
+        return true
+    }
+
+    private func classify(_ error: Error) -> SpoolError {
+        if let e = error as? SpoolError { return e }
+        if let e = error as? LMDBError {
+            if e.isMapFull || e.isNoSpace || e.code == EDQUOT { return .full }
+            return .io(e.description)
+        }
+        return .io("\(error)")
+    }
+
+    private func attempt(_ batch: [Submission], atLimit: Bool) -> Attempt {
+        let txn: WriteTransaction
+        do { txn = try environment.beginWrite() } catch { return .failed(classify(error)) }
+        defer { txn.abort() }   // no-op after commit
+
+        var results: [Result<Void, SpoolError>] = []
+        var succeeded = 0
+        var totals = (operations: UInt64(0), messages: UInt64(0))
+        for submission in batch {
+            // A nested transaction per submission: all of its operations or none.
+            let child: WriteTransaction
+            do { child = try txn.beginChild() } catch { return .failed(classify(error)) }
+            do {
+                for operation in submission.operations { try apply(operation, child) }
+                try child.commit()
+                results.append(.success(()))
+                succeeded += 1
+                totals.operations += UInt64(submission.operations.count)
+                totals.messages += UInt64(submission.operations.filter { if case .insert = $0 { true } else { false } }.count)
+            } catch {
+                child.abort()
+                let e = classify(error)
+                if e == .full, (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
+                results.append(.failure(e))
+            }
+        }
+        guard succeeded > 0 else { return .done(results, committed: false) }
+        do {
+            try addToCounter(txn, "commits", 1)
+            try addToCounter(txn, "operations", totals.operations)
+            try addToCounter(txn, "messages", totals.messages)
+            try txn.commit()
+        } catch {
+            if (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
+            if let e = error as? LMDBError, e.code == EIO, diskIsFull(needing: batchBytes(batch)) {
+                // LMDB turns a short pwrite (the disk filled in the middle
+                // of a page run) into EIO; the file system tells the truth.
+                return .failed(.full)
+            }
+            return .failed(classify(error))
+        }
+        return .done(results, committed: true)
+    }
+
+    /// Roughly the bytes a batch writes (bodies and envelopes).
+    private func batchBytes(_ batch: [Submission]) -> Int {
+        var total = 0
+        for submission in batch {
+            for operation in submission.operations {
+                switch operation {
+                case .insert(_, let body): total += body.chunks.reduce(0) { $0 + $1.count } + 4096
+                case .update, .delete: total += 4096
+                }
+            }
+        }
+        return total
+    }
+
+    /// Whether the spool's file system has less room than a batch needs
+    /// (with 1 MiB to spare): a failed write then means "disk full".
+    private func diskIsFull(needing bytes: Int) -> Bool {
+        var fs = statvfs()
+        guard statvfs(environment.path, &fs) == 0 else { return false }
+        let available = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        return available < UInt64(bytes) + (1 << 20)
+    }
+
+    private func addToCounter(_ txn: WriteTransaction, _ name: String, _ delta: UInt64) throws {
+        let key = Array(name.utf8)
+        var value: UInt64 = 0
+        if let old = try txn.get(databases.meta, key) {
+            guard old.count == 8 else { throw SpoolError.corrupt("meta counter \(name) has \(old.count) bytes") }
+            value = old.reduce(0) { $0 << 8 | UInt64($1) }
+        }
+        try txn.put(databases.meta, key, bigEndian(value &+ delta))
+    }
+
+    private func apply(_ operation: SpoolOperation, _ txn: WriteTransaction) throws {
+        let dbs = databases
+        switch operation {
+        case .insert(let envelope, let body):
+            let id = envelope.queueID
+            guard !body.chunks.isEmpty else { throw SpoolError.corrupt("\(id): sealed body without chunks") }
+            guard try txn.insert(dbs.envelopes, id.key, envelope.encoded()) else {
+                throw SpoolError.io("\(id): queue ID already in the spool")
+            }
+            let keyRecord = KeyRecord(wrappedKey: body.wrappedKey, header: body.header,
+                                      chunkCount: UInt32(body.chunks.count), size: body.size)
+            guard try txn.insert(dbs.keys, id.key, keyRecord.encoded()) else {
+                throw SpoolError.corrupt("\(id): key record exists without an envelope")
+            }
+            // Chunks left by an earlier message with this ID would be read
+            // as part of this body; there must be none.
+            try txn.deleteRange(dbs.bodies, from: chunkKey(id, 0), to: id.key + [0xFF, 0xFF, 0xFF, 0xFF, 0xFF])
+            for (number, chunk) in body.chunks.enumerated() {
+                try txn.put(dbs.bodies, chunkKey(id, UInt32(number)), chunk)
+            }
+        case .update(let envelope):
+            let id = envelope.queueID
+            guard try txn.get(dbs.envelopes, id.key) != nil else { throw SpoolError.noSuchMessage }
+            try txn.put(dbs.envelopes, id.key, envelope.encoded())
+        case .delete(let id):
+            guard try txn.delete(dbs.envelopes, id.key) else { throw SpoolError.noSuchMessage }
+            try txn.delete(dbs.keys, id.key)
+            try txn.deleteRange(dbs.bodies, from: chunkKey(id, 0), to: id.key + [0xFF, 0xFF, 0xFF, 0xFF, 0xFF])
+        }
+    }
+}

@@ -1,0 +1,148 @@
+// What the supervisor prepares before it starts stages: the Unix users and
+// group (as root) and the directories under the data directory. It is done
+// here, in one place, and nowhere else (Pipeline/start only calls supervise).
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct SetupError: Error, CustomStringConvertible {
+    public var message: String
+    public var description: String { message }
+}
+
+public enum Setup {
+    public static let groupName = "sealpost"
+
+    /// As root: creates the group "sealpost" and a system user
+    /// "sealpost-NAME" per stage (no login shell, home /nonexistent, primary
+    /// group sealpost) when they are missing. Returns log lines saying what
+    /// it created.
+    public static func ensureUsers(for stages: [StageDefinition]) throws(SetupError) -> [String] {
+        var created: [String] = []
+        if getgrnam(groupName) == nil {
+            try runTool("/usr/sbin/groupadd", ["--system", groupName])
+            created.append("created group \(groupName)")
+        }
+        for stage in stages where getpwnam(stage.userName) == nil {
+            try runTool("/usr/sbin/useradd", [
+                "--system", "--gid", groupName, "--home-dir", "/nonexistent", "--no-create-home",
+                "--shell", "/usr/sbin/nologin", "--comment", "Sealpost stage \(stage.name)",
+                stage.userName,
+            ])
+            created.append("created user \(stage.userName)")
+        }
+        return created
+    }
+
+    /// The directories under the data directory, with owner and mode. As
+    /// root: data 0755 root, run/ root:sealpost 01775 (stages create their
+    /// sockets there), queue/ the queue's user 0700, mail/ local-deliver's
+    /// user 0700, log/ root 0755; existing ones are put right. Not root: the
+    /// same directories and modes, owned by the invoking user.
+    public static func ensureDirectories(_ layout: DirectoryLayout, stages: [StageDefinition],
+                                         asRoot: Bool) throws(SetupError) {
+        let names = Set(stages.map(\.name))
+        func user(_ stage: String) throws(SetupError) -> (uid_t, gid_t) {
+            guard asRoot, names.contains(stage) else { return (0, 0) }
+            guard let entry = getpwnam("sealpost-\(stage)") else {
+                throw SetupError(message: "no user sealpost-\(stage)")
+            }
+            return (entry.pointee.pw_uid, entry.pointee.pw_gid)
+        }
+        var group: gid_t = 0
+        if asRoot {
+            guard let entry = getgrnam(groupName) else { throw SetupError(message: "no group \(groupName)") }
+            group = entry.pointee.gr_gid
+        }
+        try makeParents(of: layout.dataDirectory)
+        try ensure(layout.dataDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
+        try ensure(layout.runtimeDirectory, mode: 0o1775, owner: asRoot ? (0, group) : nil)
+        try ensure(layout.logDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
+        let queueOwner = try user("queue")
+        try ensure(layout.spoolDirectory, mode: 0o700, owner: asRoot ? queueOwner : nil)
+        if let mail = layout.mailDirectory {
+            let mailOwner = try user("local-deliver")
+            try ensure(mail, mode: 0o700, owner: asRoot ? mailOwner : nil)
+        }
+    }
+
+    private static func runTool(_ tool: String, _ arguments: [String]) throws(SetupError) {
+        do {
+            if let failure = try Spawner.run(tool, arguments) {
+                throw SetupError(message: "\(tool) \(arguments.joined(separator: " ")): \(failure)")
+            }
+        } catch let error as SetupError {
+            throw error
+        } catch {
+            throw SetupError(message: "\(tool): \(error)")
+        }
+    }
+
+    private static func makeParents(of path: String) throws(SetupError) {
+        var prefix = ""
+        let components = path.split(separator: "/")
+        for component in components.dropLast() {
+            prefix += "/" + component
+            if mkdir(prefix, 0o755) != 0 && errno != EEXIST {
+                throw SetupError(message: "\(SystemError("mkdir", path: prefix))")
+            }
+        }
+    }
+
+    private static func ensure(_ path: String, mode: mode_t, owner: (uid_t, gid_t)?) throws(SetupError) {
+        if mkdir(path, 0o700) != 0 && errno != EEXIST {
+            throw SetupError(message: "\(SystemError("mkdir", path: path))")
+        }
+        var info = stat()
+        guard lstat(path, &info) == 0 else { throw SetupError(message: "\(SystemError("stat", path: path))") }
+        guard (info.st_mode & S_IFMT) == S_IFDIR else {
+            throw SetupError(message: "\(path) exists and is not a directory")
+        }
+        if let (uid, gid) = owner, info.st_uid != uid || info.st_gid != gid {
+            guard chown(path, uid, gid) == 0 else { throw SetupError(message: "\(SystemError("chown", path: path))") }
+        }
+        if owner == nil && info.st_uid != geteuid() { return }  // not ours: leave it as it is
+        if (info.st_mode & 0o7777) != mode {
+            guard chmod(path, mode) == 0 else { throw SetupError(message: "\(SystemError("chmod", path: path))") }
+        }
+    }
+}
+
+/// Where things live under the data directory (absolute paths).
+public struct DirectoryLayout: Sendable, Equatable {
+    public var dataDirectory: String
+    public var runtimeDirectory: String
+    public var spoolDirectory: String
+    public var logDirectory: String
+    /// The directory that holds the users' mailboxes (the mailbox template up
+    /// to "{user}"), nil when the template starts with "{user}" or is
+    /// absolute (mailboxes outside the data directory, such as
+    /// /home/{user}/Maildir, are not the supervisor's to create or chown).
+    public var mailDirectory: String?
+
+    public init(dataDirectory: String, runtimeDirectory: String, spoolDirectory: String,
+                logDirectory: String, mailboxTemplate: String) {
+        self.dataDirectory = dataDirectory
+        self.runtimeDirectory = runtimeDirectory
+        self.spoolDirectory = spoolDirectory
+        self.logDirectory = logDirectory
+        self.mailDirectory = DirectoryLayout.mailDirectory(dataDirectory: dataDirectory, template: mailboxTemplate)
+    }
+
+    public var logFile: String { joinPath(logDirectory, "sealpost.log") }
+    public var pidFile: String { joinPath(runtimeDirectory, "supervise.pid") }
+    public var statusFile: String { joinPath(runtimeDirectory, "supervise.status") }
+
+    static func mailDirectory(dataDirectory: String, template: String) -> String? {
+        if template.hasPrefix("/") { return nil }
+        var kept: [Substring] = []
+        for component in template.split(separator: "/") {
+            if component.contains("{user}") { break }
+            kept.append(component)
+        }
+        guard !kept.isEmpty else { return nil }
+        let relative = kept.joined(separator: "/")
+        return joinPath(dataDirectory, relative)
+    }
+}

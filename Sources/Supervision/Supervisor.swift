@@ -1,0 +1,370 @@
+// The supervisor: starts every stage of Pipeline/stages, collects their
+// stderr into the log, restarts them when they die, stops them in reverse
+// order on SIGTERM/SIGINT, forwards SIGHUP. Single-threaded: one poll(2) loop
+// over a signalfd and the stages' output pipes.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import CSystemSpawn
+
+public struct SupervisorSettings: Sendable {
+    /// Absolute path of the configuration file, passed to stages as SEALPOST_CONFIG.
+    public var configFile: String
+    public var hostname: String
+    public var layout: DirectoryLayout
+    public var stages: [StageDefinition]
+    /// Also echo log lines to standard output.
+    public var foreground: Bool
+    /// How long a stage may take to exit after SIGTERM before SIGKILL.
+    public var stopTimeout: Double = 10
+
+    public init(configFile: String, hostname: String, layout: DirectoryLayout,
+                stages: [StageDefinition], foreground: Bool) {
+        self.configFile = configFile
+        self.hostname = hostname
+        self.layout = layout
+        self.stages = stages
+        self.foreground = foreground
+    }
+}
+
+/// One stage and its life so far.
+final class StageSlot {
+    enum State: String { case running, restarting, stopped }
+
+    let definition: StageDefinition
+    var state: State = .stopped
+    var pid: pid_t = 0
+    var startedAt: Double = 0          // monotonic, for the uptime
+    var since: time_t = time(nil)      // wall clock, for the status file
+    var restartAt: Double = 0          // monotonic, when restarting
+    var restarts = 0
+    var backoff = Backoff()
+
+    init(_ definition: StageDefinition) { self.definition = definition }
+}
+
+/// The read end of a stage's stderr pipe. It outlives the process until EOF,
+/// so nothing the stage wrote before dying is lost.
+final class OutputPipe {
+    let fd: Int32
+    let stage: String
+    let pid: pid_t
+    var assembler = LineAssembler()
+
+    init(fd: Int32, stage: String, pid: pid_t) {
+        self.fd = fd
+        self.stage = stage
+        self.pid = pid
+    }
+}
+
+public final class Supervisor {
+    private let settings: SupervisorSettings
+    private let log: LogSink
+    private let asRoot: Bool
+    private let ownPID = getpid()
+    private var slots: [StageSlot]
+    private var pipes: [OutputPipe] = []
+    private var signalFD: Int32 = -1
+    private var devNull: Int32 = -1
+    private var stopping = false
+    private var readBuffer = [UInt8](repeating: 0, count: 65536)
+
+    public init(settings: SupervisorSettings, log: LogSink) {
+        self.settings = settings
+        self.log = log
+        self.asRoot = geteuid() == 0
+        self.slots = settings.stages.map(StageSlot.init)
+    }
+
+    /// A line from the supervisor itself.
+    public func note(_ message: String) { log.write("supervise[\(ownPID)]: \(message)") }
+
+    /// Runs until SIGTERM or SIGINT, then stops every stage; returns the exit
+    /// status for the process. The caller has set up users and directories
+    /// and opened the log.
+    public func run() throws -> Int32 {
+        devNull = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        guard devNull >= 0 else { throw SystemError("open", path: "/dev/null") }
+        signalFD = sealpost_spawn_signalfd()
+        guard signalFD >= 0 else { throw SystemError("signalfd") }
+        try writePIDFile()
+        note("starting \(slots.count) stages from configuration \(settings.configFile)" + (asRoot ? "" : " (not root: no privilege separation)"))
+        for slot in slots { start(slot) }
+        writeStatus()
+
+        while !stopping {
+            pollOnce(timeout: nextTimeout())
+            startDueStages()
+        }
+        shutdown()
+        return 0
+    }
+
+    // MARK: - The loop
+
+    /// Milliseconds until the next restart is due, -1 for none.
+    private func nextTimeout() -> Int32 {
+        let now = monotonicNow()
+        var earliest: Double? = nil
+        for slot in slots where slot.state == .restarting {
+            earliest = min(earliest ?? slot.restartAt, slot.restartAt)
+        }
+        guard let earliest else { return -1 }
+        return Int32(max(0, min(60_000, ((earliest - now) * 1000).rounded(.up))))
+    }
+
+    private func pollOnce(timeout: Int32) {
+        var fds = [pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)]
+        for pipe in pipes { fds.append(pollfd(fd: pipe.fd, events: Int16(POLLIN), revents: 0)) }
+        let ready = poll(&fds, nfds_t(fds.count), timeout)
+        if ready < 0 {
+            if errno == EINTR { return }
+            note("warning: poll: \(String(cString: strerror(errno)))")
+            usleep(100_000)
+            return
+        }
+        if ready == 0 { return }
+        // Output first, so that the lines a dying stage wrote precede the
+        // supervisor's line about its death.
+        let readyPipes = zip(fds.dropFirst(), pipes).filter { $0.0.revents != 0 }.map(\.1)
+        for pipe in readyPipes { drain(pipe) }
+        if fds[0].revents != 0 { handleSignals() }
+    }
+
+    private func handleSignals() {
+        while true {
+            let signal = sealpost_spawn_read_signal(signalFD)
+            if signal <= 0 { return }
+            switch signal {
+            case SIGCHLD:
+                reap()
+            case SIGTERM, SIGINT:
+                if !stopping {
+                    note("received signal \(signal) (\(signal == SIGTERM ? "SIGTERM" : "SIGINT")); stopping")
+                }
+                stopping = true
+            case SIGHUP:
+                do {
+                    try log.open()
+                } catch {
+                    note("warning: cannot reopen the log: \(error)")
+                }
+                note("received SIGHUP: log reopened, forwarding to the stages")
+                for slot in slots where slot.state == .running { kill(slot.pid, SIGHUP) }
+            default:
+                break
+            }
+        }
+    }
+
+    /// Reads what a pipe has (non-blocking) and logs its complete lines.
+    private func drain(_ pipe: OutputPipe) {
+        while true {
+            let n = readBuffer.withUnsafeMutableBytes { read(pipe.fd, $0.baseAddress, $0.count) }
+            if n > 0 {
+                // Blank lines (a crash report's spacing) carry nothing.
+                for line in pipe.assembler.append(readBuffer[0..<n]) where !isBlank(line) {
+                    log.write(LogFormat.stageLine(line, stage: pipe.stage, pid: pipe.pid))
+                }
+                continue
+            }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
+            // EOF (or an error): the stage and everything it forked are gone.
+            if let rest = pipe.assembler.finish() {
+                log.write(LogFormat.stageLine(rest, stage: pipe.stage, pid: pipe.pid))
+            }
+            close(pipe.fd)
+            pipes.removeAll { $0 === pipe }
+            return
+        }
+    }
+
+    private func reap() {
+        while true {
+            var status: Int32 = 0
+            let pid = waitpid(-1, &status, WNOHANG)
+            if pid <= 0 { return }
+            guard let slot = slots.first(where: { $0.state == .running && $0.pid == pid }) else { continue }
+            // Log what it wrote before it died first.
+            for pipe in pipes where pipe.pid == pid { drain(pipe) }
+            exited(slot, status: status)
+        }
+    }
+
+    private func exited(_ slot: StageSlot, status: Int32) {
+        let name = slot.definition.name
+        let how = Spawner.describe(status: status)
+        let uptime = monotonicNow() - slot.startedAt
+        let pid = slot.pid
+        slot.pid = 0
+        slot.since = time(nil)
+        if stopping {
+            slot.state = .stopped
+            note("stage \(name) (pid \(pid)) \(how)")
+        } else {
+            let delay = slot.backoff.delayAfterExit(uptime: uptime)
+            slot.state = .restarting
+            slot.restartAt = monotonicNow() + Double(delay)
+            note("warning: stage \(name) (pid \(pid)) \(how); restarting in \(delay) s")
+        }
+        writeStatus()
+    }
+
+    private func startDueStages() {
+        guard !stopping else { return }
+        let now = monotonicNow()
+        var changed = false
+        for slot in slots where slot.state == .restarting && slot.restartAt <= now {
+            slot.restarts += 1
+            start(slot)
+            changed = true
+        }
+        if changed { writeStatus() }
+    }
+
+    /// Starts a stage; a failure to spawn counts as an exit (with backoff).
+    private func start(_ slot: StageSlot) {
+        let definition = slot.definition
+        var fds: [Int32] = [-1, -1]
+        guard sealpost_spawn_pipe(&fds, 1) == 0 else {
+            note("warning: stage \(definition.name): pipe: \(String(cString: strerror(errno)))")
+            scheduleRetry(slot)
+            return
+        }
+        let environment = stageEnvironment(stage: definition, configFile: settings.configFile, asRoot: asRoot)
+        do {
+            let pid = try Spawner.spawn(executable: definition.executable, argumentZero: definition.name,
+                                        arguments: definition.arguments, environment: environment,
+                                        stdinFD: devNull, outputFD: fds[1], newProcessGroup: true)
+            close(fds[1])
+            pipes.append(OutputPipe(fd: fds[0], stage: definition.name, pid: pid))
+            slot.pid = pid
+            slot.state = .running
+            slot.startedAt = monotonicNow()
+            slot.since = time(nil)
+            note("started stage \(definition.name) (pid \(pid)): \(([definition.executable] + definition.arguments).joined(separator: " "))")
+        } catch {
+            close(fds[0])
+            close(fds[1])
+            note("warning: stage \(definition.name): \(error)")
+            scheduleRetry(slot)
+        }
+    }
+
+    private func scheduleRetry(_ slot: StageSlot) {
+        let delay = slot.backoff.delayAfterExit(uptime: 0)
+        slot.state = .restarting
+        slot.restartAt = monotonicNow() + Double(delay)
+        slot.since = time(nil)
+        note("warning: stage \(slot.definition.name): restarting in \(delay) s")
+    }
+
+    // MARK: - Stopping
+
+    /// Stops the stages one by one, last defined first: SIGTERM, up to
+    /// `stopTimeout` seconds, then SIGKILL to its process group.
+    private func shutdown() {
+        for slot in slots.reversed() {
+            guard slot.state == .running else {
+                slot.state = .stopped
+                continue
+            }
+            let name = slot.definition.name
+            let pid = slot.pid
+            kill(pid, SIGTERM)
+            if !wait(for: slot, seconds: settings.stopTimeout) {
+                note("warning: stage \(name) (pid \(pid)) did not stop within \(Int(settings.stopTimeout)) s; killing it")
+                kill(-pid, SIGKILL)
+                kill(pid, SIGKILL)
+                _ = wait(for: slot, seconds: 5)
+            }
+            writeStatus()
+        }
+        // Whatever the stages left in their pipes (bounded: a descendant that
+        // kept the pipe open must not hold the supervisor forever).
+        let deadline = monotonicNow() + 2
+        while !pipes.isEmpty && monotonicNow() < deadline {
+            pollOnce(timeout: 100)
+        }
+        for pipe in pipes {
+            if let rest = pipe.assembler.finish() {
+                log.write(LogFormat.stageLine(rest, stage: pipe.stage, pid: pipe.pid))
+            }
+            close(pipe.fd)
+        }
+        pipes.removeAll()
+        writeStatus()
+        unlink(settings.layout.pidFile)
+        note("stopped")
+    }
+
+    /// Runs the loop until the slot's process was reaped or time is up.
+    private func wait(for slot: StageSlot, seconds: Double) -> Bool {
+        let deadline = monotonicNow() + seconds
+        while slot.state == .running {
+            let left = deadline - monotonicNow()
+            if left <= 0 { return false }
+            pollOnce(timeout: Int32(min(left * 1000, 1000).rounded(.up)))
+        }
+        return true
+    }
+
+    // MARK: - Files for Pipeline/status and Pipeline/stop
+
+    private func writePIDFile() throws {
+        try writeFileAtomically(settings.layout.pidFile, "\(ownPID)\n")
+    }
+
+    /// One line per stage: name, state, pid (0 if none), since (Unix time),
+    /// restarts. Replaced atomically, so a reader never sees half of it.
+    private func writeStatus() {
+        var text = "# supervise \(ownPID): name state pid since restarts\n"
+        for slot in slots {
+            text += "\(slot.definition.name) \(slot.state.rawValue) \(slot.pid) \(slot.since) \(slot.restarts)\n"
+        }
+        do {
+            try writeFileAtomically(settings.layout.statusFile, text)
+        } catch {
+            note("warning: cannot write \(settings.layout.statusFile): \(error)")
+        }
+    }
+}
+
+func isBlank(_ line: [UInt8]) -> Bool {
+    line.allSatisfy { $0 == 0x20 || $0 == 0x09 || $0 == 0x0d }
+}
+
+/// Writes `path` through a temporary file and rename(2); mode 0644.
+func writeFileAtomically(_ path: String, _ text: String) throws {
+    let temporary = path + ".tmp"
+    let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o644)
+    guard fd >= 0 else { throw SystemError("open", path: temporary) }
+    let ok = writeAll(fd, Array(text.utf8))
+    close(fd)
+    guard ok else { throw SystemError("write", path: temporary) }
+    guard rename(temporary, path) == 0 else { throw SystemError("rename", path: path) }
+}
+
+/// The pid in a pid file when that process is alive and is a supervisor.
+public func runningSupervisor(pidFile: String) -> pid_t? {
+    guard let text = try? readWholeFile(pidFile),
+          let pid = pid_t(text.trimmingCharacters(in: " \n")), pid > 0 else { return nil }
+    guard kill(pid, 0) == 0 || errno == EPERM else { return nil }
+    // A recycled pid that belongs to something else is not a supervisor.
+    guard let comm = try? readWholeFile("/proc/\(pid)/comm") else { return pid }
+    return comm.hasPrefix("supervise") ? pid : nil
+}
+
+extension String {
+    func trimmingCharacters(in set: String) -> String {
+        let characters = Set(set)
+        var slice = Substring(self)
+        while let first = slice.first, characters.contains(first) { slice = slice.dropFirst() }
+        while let last = slice.last, characters.contains(last) { slice = slice.dropLast() }
+        return String(slice)
+    }
+}

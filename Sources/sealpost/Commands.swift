@@ -1,0 +1,157 @@
+// The `sealpost` command line (swift-argument-parser). The work is done by
+// QueueClient / QueueFormat; this file maps commands to requests, finds the
+// control socket from the configuration and turns failures into a line on
+// stderr and a sysexits.h exit code.
+
+import ArgumentParser
+#if canImport(Glibc)
+import Glibc
+#endif
+import SealpostConfig
+
+struct SealpostCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sealpost",
+        abstract: "Administer a Sealpost mail system.",
+        subcommands: [QueueCommand.self])
+}
+
+struct GlobalOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("Configuration file (default: $SEALPOST_CONFIG, the checkout's Config/sealpost.toml, /etc/sealpost/sealpost.toml).", valueName: "file"))
+    var config: String?
+
+    @Option(name: .long, help: ArgumentHelp("The queue's control socket (default: from the configuration).", valueName: "path"))
+    var socket: String?
+
+    func controlSocket() throws(AdminFailure) -> String {
+        if let socket { return socket }
+        let file = config ?? SealpostConfiguration.locate()
+        do {
+            return try SealpostConfiguration.load(path: file).controlSocket
+        } catch {
+            throw AdminFailure(message: error.description, exitCode: SysExit.config)
+        }
+    }
+
+    func connect() throws(AdminFailure) -> QueueClient {
+        try QueueClient(path: controlSocket())
+    }
+}
+
+/// Runs `body`; an AdminFailure becomes "sealpost: MESSAGE" on stderr and
+/// its exit code.
+func reporting(_ body: () throws(AdminFailure) -> Void) throws {
+    do {
+        try body()
+    } catch {
+        Output.err("sealpost: \(error.message)\n")
+        throw ExitCode(error.exitCode)
+    }
+}
+
+/// A request that answers only DONE: its text on stdout, or on stderr with
+/// exit 69 when the queue did not do it.
+func simpleRequest(_ options: GlobalOptions, _ verb: String, queueID: String? = nil, bounce: Bool = false) throws {
+    try reporting { () throws(AdminFailure) in
+        let id = try queueID.map { (raw: String) throws(AdminFailure) in try QueueFormat.normalizeID(raw) }
+        let reply = try options.connect().request(verb, queueID: id, bounce: bounce)
+        guard reply.ok else { throw AdminFailure(message: "queue \(verb): \(reply.text)", exitCode: SysExit.unavailable) }
+        Output.out(reply.text.isEmpty ? "" : reply.text + "\n")
+    }
+}
+
+struct QueueCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "queue",
+        abstract: "List, show and act on the messages in the queue.",
+        subcommands: [List.self, Show.self, Flush.self, Delete.self, Hold.self, Release.self, Stats.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List the queue like mailq: ID (\"!\" when held), size, arrival, sender, recipients with their state.")
+        @OptionGroup var options: GlobalOptions
+
+        func run() throws {
+            try reporting { () throws(AdminFailure) in
+                let reply = try options.connect().request("list")
+                guard reply.ok else { throw AdminFailure(message: "queue list: \(reply.text)", exitCode: SysExit.unavailable) }
+                Output.out(QueueFormat.list(reply.entries))
+            }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a message: its envelope and recipients, then the message.")
+        @OptionGroup var options: GlobalOptions
+        @Flag(help: "Print the message exactly as queued (CRLF line ends).") var raw = false
+        @Argument(help: "The queue ID.") var queueID: String
+
+        func run() throws {
+            try reporting { () throws(AdminFailure) in
+                let id = try QueueFormat.normalizeID(queueID)
+                let reply = try options.connect().request("show", queueID: id)
+                guard reply.ok else { throw AdminFailure(message: "queue show \(id): \(reply.text)", exitCode: SysExit.unavailable) }
+                guard let entry = reply.entries.first else {
+                    throw AdminFailure(message: "queue show \(id): the queue sent no entry (\(reply.text))", exitCode: SysExit.protocolErr)
+                }
+                Output.out(QueueFormat.envelope(entry))
+                Output.out(bytes: QueueFormat.message(entry.body, raw: raw))
+            }
+        }
+    }
+
+    struct Flush: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Try to deliver now: one message, or every deferred message.")
+        @OptionGroup var options: GlobalOptions
+        @Argument(help: "The queue ID (default: all messages).") var queueID: String?
+        func run() throws { try simpleRequest(options, "flush", queueID: queueID) }
+    }
+
+    struct Delete: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete a message from the queue.")
+        @OptionGroup var options: GlobalOptions
+        @Flag(help: "Return the message to its sender with a delivery status notification.") var bounce = false
+        @Argument(help: "The queue ID.") var queueID: String
+        func run() throws { try simpleRequest(options, "delete", queueID: queueID, bounce: bounce) }
+    }
+
+    struct Hold: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Put a message on hold: no delivery until released.")
+        @OptionGroup var options: GlobalOptions
+        @Argument(help: "The queue ID.") var queueID: String
+        func run() throws { try simpleRequest(options, "hold", queueID: queueID) }
+    }
+
+    struct Release: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Release a held message.")
+        @OptionGroup var options: GlobalOptions
+        @Argument(help: "The queue ID.") var queueID: String
+        func run() throws { try simpleRequest(options, "release", queueID: queueID) }
+    }
+
+    struct Stats: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the queue's statistics.")
+        @OptionGroup var options: GlobalOptions
+        func run() throws { try simpleRequest(options, "stats") }
+    }
+}
+
+/// stdout and stderr through write(2) (the C globals are not
+/// concurrency-safe in Swift 6), with partial writes and EINTR handled.
+enum Output {
+    static func out(_ s: String) { write(1, Array(s.utf8)) }
+    static func out(bytes: [UInt8]) { write(1, bytes) }
+    static func err(_ s: String) { write(2, Array(s.utf8)) }
+
+    private static func write(_ fd: Int32, _ bytes: [UInt8]) {
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                return   // stdout closed (e.g. a pager quit): nothing better to do
+            }
+            offset += n
+        }
+    }
+}

@@ -1,0 +1,522 @@
+// The queue service with a real LMDB spool in a temporary directory and real
+// Unix sockets; the tests play the clients (queue-inject, a delivery stage,
+// the admin CLI) with StageConnection. The clock is a manual one, so that
+// backoff, expiry and delay notices need no waiting. Waiting for the queue to
+// act on a frame uses `eventually` (polling the control socket), never a
+// timing assertion.
+
+import Foundation
+import Testing
+@testable import QueueService
+import SealpostConfig
+import Spool
+import StageProtocol
+import StageRuntime
+
+final class ManualClock: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: UInt64
+    init(_ start: UInt64 = 1_800_000_000) { value = start }
+    var now: UInt64 { lock.withLock { value } }
+    func advance(_ seconds: UInt64) { lock.withLock { value += seconds } }
+}
+
+struct Received {
+    var number: UInt64
+    var queueID: String
+    var sender: String
+    var attempt: UInt64
+    var nexthop: String?
+    var recipients: [(index: UInt64, address: String)]
+    var body: [UInt8]
+}
+
+struct Listing {
+    struct Message { var id: String; var sender: String; var held: Bool; var rcpts: [(address: String, state: String, attempts: UInt64, error: String?)] }
+    var messages: [Message] = []
+    var body: [UInt8] = []
+    var ok = false
+    var text = ""
+}
+
+final class TestQueue {
+    let directory: String
+    var config: SealpostConfiguration
+    let clock = ManualClock()
+    var service: QueueService?
+
+    init(sizeLimit: Int = 10_240_000, recipientLimit: Int = 1000, _ tweak: (inout SealpostConfiguration) -> Void = { _ in }) throws {
+        let template = FileManager.default.temporaryDirectory.path + "/queuesvc-XXXXXX"
+        var bytes = Array(template.utf8CString)
+        guard mkdtemp(&bytes) != nil else { throw StageIOError("mkdtemp", code: errno) }
+        directory = String(decoding: bytes.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        config = SealpostConfiguration(file: directory + "/sealpost.toml")
+        config.dataDirectory = directory
+        config.deriveDataPaths()
+        config.hostname = "mx.example.test"
+        config.postmaster = "postmaster@localhost"
+        config.local.domains = ["localhost"]
+        config.queue.messageSizeLimit = sizeLimit
+        config.queue.recipientLimit = recipientLimit
+        config.queue.mapSize = 8 << 20
+        config.queue.mapSizeLimit = 64 << 20
+        tweak(&config)
+        mkdir(config.runtimeDirectory, 0o755)
+        try start()
+    }
+
+    func start() throws {
+        let spool = try Spool(directory: config.spoolDirectory,
+                              options: SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit))
+        var options = QueueServiceOptions()
+        let clock = self.clock
+        options.clock = { clock.now }
+        options.random = { 0.5 }
+        options.jitter = 0
+        options.tick = .milliseconds(20)
+        options.statisticsInterval = 0
+        let service = QueueService(configuration: config, paths: RuntimePaths(config), spool: spool, options: options)
+        try service.start()
+        self.service = service
+    }
+
+    func stop() {
+        service?.stop()
+        service = nil
+    }
+
+    deinit {
+        stop()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    // MARK: Clients
+
+    static func connect(_ path: String) throws -> StageConnection {
+        let c = try StageConnection.connect(path: path)
+        // A queue that never answers fails the test instead of hanging it.
+        var tv = timeval(tv_sec: 15, tv_usec: 0)
+        setsockopt(c.fileDescriptor, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        return c
+    }
+
+    func injector() throws -> StageConnection {
+        let c = try Self.connect(config.injectSocket)
+        _ = try c.clientHello(.inject)
+        return c
+    }
+
+    func sendMessage(_ c: StageConnection, from sender: String, to rcpts: [String], notify: String? = nil,
+                     body: String = "Subject: test\r\n\r\nhello\r\n", ret: String? = nil) throws {
+        var mail = Frame(.mail, ["sender": .text(sender)])
+        mail.set("ret", ret.map { .text($0) })
+        try c.send(mail)
+        for r in rcpts {
+            var rcpt = Frame(.rcpt, ["address": .text(r)])
+            rcpt.set("notify", notify.map { .text($0) })
+            try c.send(rcpt)
+        }
+        let bytes = Array(body.utf8)
+        var offset = 0
+        while offset < bytes.count {
+            let end = min(offset + 65536, bytes.count)
+            try c.send(Frame(.body, ["data": .bytes(Array(bytes[offset..<end]))]))
+            offset = end
+        }
+        try c.send(Frame(.end))
+    }
+
+    /// Injects one message; returns its queue ID (throws on REFUSED).
+    @discardableResult
+    func inject(from sender: String = "sender@example.org", to rcpts: [String], notify: String? = nil,
+                body: String = "Subject: test\r\n\r\nhello\r\n", ret: String? = nil) throws -> String {
+        let c = try injector()
+        defer { c.close() }
+        try sendMessage(c, from: sender, to: rcpts, notify: notify, body: body, ret: ret)
+        let reply = try #require(try c.receive())
+        guard reply.type == .accepted else { throw PeerError(status: try reply.text("status"), text: try reply.text("text")) }
+        return try reply.text("queue-id")
+    }
+
+    func deliverer(_ transport: String = "local", maxJobs: UInt64 = 1) throws -> StageConnection {
+        let c = try Self.connect(config.deliverSocket)
+        _ = try c.clientHello(.deliver, extra: [("transport", .text(transport)), ("max-jobs", .uint(maxJobs))])
+        return c
+    }
+
+    static func receiveJob(_ c: StageConnection) throws -> Received {
+        let job = try #require(try c.receive())
+        #expect(job.type == .job)
+        var received = Received(number: try job.uint("job"), queueID: try job.text("queue-id"),
+                                sender: try job.text("sender"), attempt: try job.uint("attempt"),
+                                nexthop: try job.optionalText("nexthop"), recipients: [], body: [])
+        while let frame = try c.receive() {
+            switch frame.type {
+            case .jobRcpt: received.recipients.append((try frame.uint("index"), try frame.text("address")))
+            case .body: received.body += try frame.bytes("data")
+            case .jobEnd:
+                #expect(try frame.uint("job") == received.number)
+                return received
+            default: Issue.record("unexpected \(frame.type)")
+            }
+        }
+        throw StageIOError("job", code: ECONNRESET)
+    }
+
+    static func report(_ c: StageConnection, _ job: Received, _ status: String, dsn: String, text: String,
+                       only: [UInt64]? = nil) throws {
+        for r in job.recipients where only?.contains(r.index) ?? true {
+            try c.send(Frame(.result, ["job": .uint(job.number), "index": .uint(r.index), "status": .text(status),
+                                       "dsn": .text(dsn), "text": .text(text), "relay": .text("maildir")]))
+        }
+        try c.send(Frame(.jobDone, ["job": .uint(job.number)]))
+    }
+
+    func control(_ verb: String, _ id: String? = nil, bounce: Bool? = nil) throws -> Listing {
+        let c = try Self.connect(config.controlSocket)
+        defer { c.close() }
+        _ = try c.clientHello(.control)
+        var request = Frame(.request, ["verb": .text(verb)])
+        request.set("queue-id", id.map { .text($0) })
+        request.set("bounce", bounce.map { .bool($0) })
+        try c.send(request)
+        var listing = Listing()
+        while let frame = try c.receive() {
+            switch frame.type {
+            case .entry:
+                listing.messages.append(.init(id: try frame.text("queue-id"), sender: try frame.text("sender"),
+                                              held: try frame.bool("held", default: false), rcpts: []))
+            case .entryRcpt:
+                listing.messages[listing.messages.count - 1].rcpts.append(
+                    (try frame.text("address"), try frame.text("state"), try frame.uint("attempts"),
+                     try frame.optionalText("error")))
+            case .body: listing.body += try frame.bytes("data")
+            case .done:
+                listing.ok = try frame.bool("ok", default: false)
+                listing.text = try frame.text("text")
+                return listing
+            default: Issue.record("unexpected \(frame.type)")
+            }
+        }
+        throw StageIOError("control", code: ECONNRESET)
+    }
+
+    /// Polls `list` until the condition holds (the queue acts on frames of
+    /// other connections asynchronously). Gives up after ~15 s.
+    func eventually(_ what: String, _ condition: (Listing) -> Bool) throws -> Listing {
+        var last = Listing()
+        for _ in 0..<1500 {
+            last = try control("list")
+            if condition(last) { return last }
+            usleep(10_000)
+        }
+        Issue.record("never happened: \(what); last listing: \(last.messages.map { "\($0.id) \($0.sender) \($0.rcpts)" })")
+        return last
+    }
+}
+
+func refusal(_ frame: Frame) throws -> String {
+    guard frame.type == .refused else { return "\(frame.type)" }
+    return "\(try frame.uint("code")) \(try frame.text("status"))"
+}
+
+
+@Suite(.serialized) struct ServiceTests {
+    @Test func injectDeliverRemove() throws {
+        let q = try TestQueue()
+        let id = try q.inject(to: ["alice@localhost", "bob@localhost"], body: "Subject: hi\r\n\r\nbody\r\n")
+        #expect(id.count == 12)
+        var listing = try q.control("list")
+        #expect(listing.messages.map(\.id) == [id])
+        #expect(listing.messages.first?.rcpts.map(\.state) == ["deferred", "deferred"])   // no stage yet: suspended
+
+        let stage = try q.deliverer()
+        let job = try TestQueue.receiveJob(stage)
+        #expect(job.queueID == id && job.attempt == 1 && job.sender == "sender@example.org")
+        #expect(job.recipients.map(\.address) == ["alice@localhost", "bob@localhost"])
+        #expect(String(decoding: job.body, as: UTF8.self) == "Subject: hi\r\n\r\nbody\r\n")
+        try TestQueue.report(stage, job, "sent", dsn: "2.0.0", text: "delivered to maildir")
+        listing = try q.eventually("message removed") { $0.messages.isEmpty }
+        #expect(listing.messages.isEmpty)
+        let stats = try q.control("stats")
+        #expect(stats.ok && stats.text.contains("sent=2"))
+        stage.close()
+    }
+
+    @Test func groupCommitSharesCommits() throws {
+        let q = try TestQueue()
+        let n = 24
+        let clients = try (0..<n).map { _ in try q.injector() }
+        // Everything but END first, then all ENDs back to back: they wait
+        // together for the committer.
+        for c in clients {
+            try c.send(Frame(.mail, ["sender": .text("s@example.org")]))
+            try c.send(Frame(.rcpt, ["address": .text("u@localhost")]))
+            try c.send(Frame(.body, ["data": .bytes(Array("Subject: x\r\n\r\nx\r\n".utf8))]))
+        }
+        for c in clients { try c.send(Frame(.end)) }
+        var ids = Set<String>()
+        for c in clients {
+            let reply = try #require(try c.receive())
+            #expect(reply.type == .accepted)
+            ids.insert(try reply.text("queue-id"))
+            c.close()
+        }
+        #expect(ids.count == n)
+        let stats = try #require(q.service?.statistics())
+        #expect(stats.injected == UInt64(n) && stats.messages == UInt64(n))
+        #expect(stats.commits < stats.messages, "group commit: \(stats)")
+    }
+
+    @Test func refusals() throws {
+        let q = try TestQueue(sizeLimit: 1000, recipientLimit: 2)
+        let c = try q.injector()
+        try q.sendMessage(c, from: "s@example.org", to: ["a@localhost"], body: String(repeating: "x", count: 1001))
+        var reply = try #require(try c.receive())
+        #expect(try refusal(reply) == "552 5.3.4")
+        try q.sendMessage(c, from: "s@example.org", to: ["a@localhost", "b@localhost", "c@localhost"])
+        reply = try #require(try c.receive())
+        #expect(try refusal(reply) == "452 4.5.3")
+        try q.sendMessage(c, from: "s@example.org", to: [])
+        reply = try #require(try c.receive())
+        #expect(try refusal(reply) == "554 5.5.1")
+        // ABORT gets no answer; the connection still works afterwards.
+        try c.send(Frame(.mail, ["sender": .text("s@example.org")]))
+        try c.send(Frame(.abort))
+        try q.sendMessage(c, from: "s@example.org", to: ["a@localhost"])
+        reply = try #require(try c.receive())
+        #expect(reply.type == .accepted)
+        // A protocol violation: ERROR, then the connection closes.
+        try c.send(Frame(.end))
+        reply = try #require(try c.receive())
+        #expect(reply.type == .error)
+        #expect(try c.receive() == nil)
+        c.close()
+        #expect(try q.control("list").messages.count == 1)
+    }
+
+    @Test func bounceGoesToTheSenderInTheSameBatch() throws {
+        let q = try TestQueue()
+        let id = try q.inject(from: "sender@example.org", to: ["nobody@localhost", "alice@localhost"])
+        let stage = try q.deliverer()
+        let job = try TestQueue.receiveJob(stage)
+        try stage.send(Frame(.result, ["job": .uint(job.number), "index": .uint(0), "status": .text("bounced"),
+                                       "dsn": .text("5.1.1"), "text": .text("unknown user: \"nobody\"")]))
+        try stage.send(Frame(.result, ["job": .uint(job.number), "index": .uint(1), "status": .text("sent"),
+                                       "dsn": .text("2.0.0"), "text": .text("delivered to maildir")]))
+        try stage.send(Frame(.jobDone, ["job": .uint(job.number)]))
+        let listing = try q.eventually("bounce queued") { l in l.messages.count == 1 && l.messages[0].id != id }
+        let bounce = try #require(listing.messages.first)
+        #expect(bounce.sender == "" && bounce.rcpts.map(\.address) == ["sender@example.org"])
+        // No remote-deliver: suspended, not failed.
+        let waiting = try q.eventually("suspended") { $0.messages.first?.rcpts.first?.state == "deferred" }
+        #expect(waiting.messages.first?.rcpts.first?.attempts == 0)
+        #expect(waiting.messages.first?.rcpts.first?.error?.contains("no remote-deliver stage connected") == true)
+        let shown = try q.control("show", bounce.id)
+        let text = String(decoding: shown.body, as: UTF8.self)
+        #expect(text.contains("multipart/report") && text.contains("nobody@localhost") && text.contains("5.1.1"))
+        #expect(!text.contains("Final-Recipient: rfc822; alice@localhost"))
+
+        // A remote stage connects: the bounce goes out with its nexthop;
+        // it bounces too, so the postmaster gets a double bounce.
+        let remote = try q.deliverer("remote")
+        let bjob = try TestQueue.receiveJob(remote)
+        #expect(bjob.queueID == bounce.id && bjob.nexthop == "example.org" && bjob.sender == "")
+        try TestQueue.report(remote, bjob, "bounced", dsn: "5.1.2", text: "host not found")
+        let double = try q.eventually("double bounce") { l in l.messages.count == 1 && l.messages[0].id != bounce.id }
+        #expect(double.messages.first?.rcpts.map(\.address) == ["postmaster@localhost"])
+        // The double bounce itself fails: logged and dropped, nothing more.
+        let djob = try TestQueue.receiveJob(stage)
+        try TestQueue.report(stage, djob, "bounced", dsn: "5.1.1", text: "unknown user")
+        _ = try q.eventually("double bounce discarded") { $0.messages.isEmpty }
+        stage.close(); remote.close()
+    }
+
+    @Test func notifyNeverMeansNoBounce() throws {
+        let q = try TestQueue()
+        try q.inject(to: ["nobody@localhost"], notify: "NEVER")
+        let stage = try q.deliverer()
+        let job = try TestQueue.receiveJob(stage)
+        try TestQueue.report(stage, job, "bounced", dsn: "5.1.1", text: "unknown user")
+        _ = try q.eventually("removed without a bounce") { $0.messages.isEmpty }
+        stage.close()
+    }
+
+    @Test func successNoticeForLocalDelivery() throws {
+        let q = try TestQueue()
+        try q.inject(from: "sender@localhost", to: ["alice@localhost"], notify: "SUCCESS")
+        let stage = try q.deliverer()
+        let job = try TestQueue.receiveJob(stage)
+        try TestQueue.report(stage, job, "sent", dsn: "2.0.0", text: "delivered to maildir")
+        let notice = try TestQueue.receiveJob(stage)
+        #expect(notice.sender == "" && notice.recipients.map(\.address) == ["sender@localhost"])
+        let text = String(decoding: notice.body, as: UTF8.self)
+        #expect(text.contains("Action: delivered"))
+        try TestQueue.report(stage, notice, "sent", dsn: "2.0.0", text: "delivered to maildir")
+        _ = try q.eventually("all gone") { $0.messages.isEmpty }
+        stage.close()
+    }
+
+    @Test func killedStageLosesNothing() throws {
+        let q = try TestQueue()
+        let id = try q.inject(to: ["alice@localhost"])
+        let first = try q.deliverer()
+        let job = try TestQueue.receiveJob(first)
+        #expect(job.queueID == id)
+        first.close()   // as kill -9 would
+        let second = try q.deliverer()
+        let again = try TestQueue.receiveJob(second)
+        #expect(again.queueID == id && again.attempt == 1 && again.recipients.map(\.address) == ["alice@localhost"])
+        // A JOB-DONE without RESULT: the recipient comes back too.
+        try second.send(Frame(.jobDone, ["job": .uint(again.number)]))
+        let third = try TestQueue.receiveJob(second)
+        #expect(third.queueID == id)
+        try TestQueue.report(second, third, "sent", dsn: "2.0.0", text: "ok")
+        _ = try q.eventually("delivered") { $0.messages.isEmpty }
+        second.close()
+    }
+
+    @Test func restartKeepsEverything() throws {
+        let q = try TestQueue()
+        let a = try q.inject(to: ["alice@localhost"])
+        let b = try q.inject(to: ["bob@localhost", "carol@localhost"])
+        // One recipient of b delivered, one deferred, before the restart.
+        let stage = try q.deliverer()
+        _ = try TestQueue.receiveJob(stage)     // a: left in flight
+        stage.close()
+        let stage2 = try q.deliverer(maxJobs: 2)
+        var jobs = [try TestQueue.receiveJob(stage2), try TestQueue.receiveJob(stage2)]
+        jobs.sort { $0.queueID < $1.queueID }
+        let jb = try #require(jobs.first { $0.queueID == b })
+        try TestQueue.report(stage2, jb, "sent", dsn: "2.0.0", text: "ok", only: [0])
+        _ = try q.eventually("b half done") { l in l.messages.first { $0.id == b }?.rcpts.map(\.state) == ["sent", "deferred"] }
+        stage2.close()
+
+        q.stop()
+        try q.start()
+        let listing = try q.control("list")
+        #expect(listing.messages.map(\.id).sorted() == [a, b])
+        #expect(listing.messages.first { $0.id == b }?.rcpts.map(\.state) == ["sent", "deferred"])
+        let stage3 = try q.deliverer(maxJobs: 4)
+        let job = try TestQueue.receiveJob(stage3)
+        #expect(job.queueID == a)
+        try TestQueue.report(stage3, job, "sent", dsn: "2.0.0", text: "ok")
+        // b's carol comes back after the retry delay of the lost job.
+        q.service?.runMaintenance()
+        let jobB = try TestQueue.receiveJob(stage3)
+        #expect(jobB.queueID == b && jobB.recipients.map(\.address) == ["carol@localhost"])
+        try TestQueue.report(stage3, jobB, "sent", dsn: "2.0.0", text: "ok")
+        _ = try q.eventually("all delivered") { $0.messages.isEmpty }
+        stage3.close()
+    }
+
+    @Test func holdReleaseFlushDelete() throws {
+        let q = try TestQueue()
+        let a = try q.inject(to: ["alice@localhost"])
+        let b = try q.inject(to: ["bob@localhost"])
+        #expect(try q.control("hold", a).ok)
+        #expect(try q.control("list").messages.first { $0.id == a }?.held == true)
+        let stage = try q.deliverer()
+        let first = try TestQueue.receiveJob(stage)
+        #expect(first.queueID == b)
+        try TestQueue.report(stage, first, "deferred", dsn: "4.2.2", text: "mailbox full")
+        _ = try q.eventually("b deferred") { $0.messages.first { $0.id == b }?.rcpts.first?.attempts == 1 }
+        #expect(try q.control("release", a).ok)
+        let second = try TestQueue.receiveJob(stage)
+        #expect(second.queueID == a)
+        try TestQueue.report(stage, second, "sent", dsn: "2.0.0", text: "ok")
+        // b waits for its backoff (the clock does not move) until flushed.
+        #expect(try q.control("flush", b).ok)
+        let third = try TestQueue.receiveJob(stage)
+        #expect(third.queueID == b && third.attempt == 2)
+        try TestQueue.report(stage, third, "deferred", dsn: "4.2.2", text: "mailbox full")
+        _ = try q.eventually("b deferred twice") { $0.messages.first { $0.id == b }?.rcpts.first?.attempts == 2 }
+
+        // Silent delete.
+        #expect(try q.control("delete", b).ok)
+        #expect(try q.control("list").messages.isEmpty)
+        #expect(try q.control("delete", b).ok == false)
+
+        // Delete with a bounce: the sender is notified.
+        let c = try q.inject(from: "sender@localhost", to: ["carol@example.net"])
+        #expect(try q.control("delete", c, bounce: true).ok)
+        let notice = try TestQueue.receiveJob(stage)
+        #expect(notice.sender == "" && notice.recipients.map(\.address) == ["sender@localhost"])
+        #expect(String(decoding: notice.body, as: UTF8.self).contains("deleted by the administrator"))
+        stage.close()
+    }
+
+    @Test func expiryBouncesWith447() throws {
+        let q = try TestQueue { $0.queue.maximalQueueLifetime = 3600; $0.queue.minimalBackoffTime = 300 }
+        let id = try q.inject(from: "sender@localhost", to: ["alice@localhost"])
+        let stage = try q.deliverer()
+        let job = try TestQueue.receiveJob(stage)
+        try TestQueue.report(stage, job, "deferred", dsn: "4.4.1", text: "connection refused")
+        _ = try q.eventually("deferred") { $0.messages.first?.rcpts.first?.attempts == 1 }
+        q.clock.advance(3600)
+        let retry = try TestQueue.receiveJob(stage)
+        #expect(retry.queueID == id && retry.attempt == 2)
+        try TestQueue.report(stage, retry, "deferred", dsn: "4.4.1", text: "connection refused")
+        let bounce = try TestQueue.receiveJob(stage)
+        #expect(bounce.sender == "" && bounce.recipients.map(\.address) == ["sender@localhost"])
+        let text = String(decoding: bounce.body, as: UTF8.self)
+        #expect(text.contains("4.4.7") && text.contains("message expired: connection refused"))
+        stage.close()
+    }
+
+    @Test func delayNoticeOnce() throws {
+        let q = try TestQueue { $0.queue.delayWarningTime = 4 * 3600; $0.queue.maximalBackoffTime = 100_000 }
+        let id = try q.inject(from: "sender@localhost", to: ["alice@example.net"])
+        // remote-deliver is not connected: suspended; after 4 hours, a notice.
+        _ = try q.eventually("suspended") { $0.messages.first?.rcpts.first?.state == "deferred" }
+        q.clock.advance(4 * 3600)
+        q.service?.runMaintenance()
+        let listing = try q.eventually("delay notice") { $0.messages.count == 2 }
+        let notice = try #require(listing.messages.first { $0.id != id })
+        #expect(notice.sender == "" && notice.rcpts.map(\.address) == ["sender@localhost"])
+        let shown = try q.control("show", notice.id)
+        #expect(String(decoding: shown.body, as: UTF8.self).contains("Action: delayed"))
+        q.clock.advance(3600)
+        q.service?.runMaintenance()
+        #expect(try q.control("list").messages.count == 2)
+    }
+
+    @Test func fullSpoolRefusesWith452() throws {
+        let q = try TestQueue { $0.queue.mapSize = 1 << 20; $0.queue.mapSizeLimit = 1 << 20 }
+        let c = try q.injector()
+        try q.sendMessage(c, from: "s@example.org", to: ["a@localhost"],
+                          body: String(repeating: "0123456789abcdef\r\n", count: 200_000))
+        let reply = try #require(try c.receive())
+        #expect(try refusal(reply) == "452 4.3.1")
+        c.close()
+        // What is queued stays queued, and small mail still goes in.
+        try q.inject(to: ["a@localhost"])
+        #expect(try q.control("list").messages.count == 1)
+    }
+
+    @Test func peerUIDAndEnvelopeAreRecorded() throws {
+        let q = try TestQueue()
+        let c = try q.injector()
+        try c.send(Frame(.mail, ["sender": .text("s@example.org"), "ret": .text("HDRS"), "envid": .text("env-1"),
+                                 "client-address": .text("192.0.2.1"), "client-name": .text("client.example"),
+                                 "helo": .text("client.example"), "protocol": .text("ESMTPS")]))
+        try c.send(Frame(.rcpt, ["address": .text("a@localhost"), "notify": .text("SUCCESS,FAILURE"),
+                                 "orcpt": .text("rfc822;a@localhost")]))
+        try c.send(Frame(.body, ["data": .bytes(Array("Subject: x\r\n\r\nx\r\n".utf8))]))
+        try c.send(Frame(.end))
+        let reply = try #require(try c.receive())
+        let id = try #require(QueueID(rawValue: try reply.text("queue-id")))
+        c.close()
+        q.stop()
+        let spool = try Spool(directory: q.config.spoolDirectory, options: SpoolOptions(mapSize: 8 << 20, mapSizeLimit: 64 << 20))
+        defer { spool.close() }
+        let env = try #require(try spool.envelope(id))
+        #expect(env.peerUID == getuid())
+        #expect(env.ret == "HDRS" && env.envid == "env-1" && env.clientAddress == "192.0.2.1" && env.protocolName == "ESMTPS")
+        #expect(env.size == 17 && env.arrival == q.clock.now && env.kind == .normal)
+        #expect(env.recipients.first?.notify == "SUCCESS,FAILURE" && env.recipients.first?.orcpt == "rfc822;a@localhost")
+        var body: [UInt8] = []
+        try spool.readBody(id) { body += $0 }
+        #expect(body == Array("Subject: x\r\n\r\nx\r\n".utf8))
+    }
+}

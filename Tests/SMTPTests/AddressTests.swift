@@ -1,0 +1,134 @@
+/// Table-driven tests of the RFC 5321 / RFC 6531 path parser.
+import Testing
+@testable import SMTP
+
+struct AddressCase: CustomTestStringConvertible, Sendable {
+    var input: String
+    var kind: SMTPPathParser.Kind = .forwardPath
+    /// Expected canonical address, or nil when the path must be refused.
+    var expected: String?
+    var route: [String] = []
+    var testDescription: String { input }
+}
+
+let validPaths: [AddressCase] = [
+    AddressCase(input: "<user@example.org>", expected: "user@example.org"),
+    AddressCase(input: "<User.Name+tag@Example.ORG>", expected: "User.Name+tag@Example.ORG"),
+    AddressCase(input: "<!#$%&'*+-/=?^_`{|}~@example.org>", expected: "!#$%&'*+-/=?^_`{|}~@example.org"),
+    AddressCase(input: "<\"john doe\"@example.org>", expected: "\"john doe\"@example.org"),
+    AddressCase(input: "<\"a\\\"b\\\\c\"@example.org>", expected: "\"a\\\"b\\\\c\"@example.org"),
+    AddressCase(input: "<\"plain\"@example.org>", expected: "plain@example.org"),
+    AddressCase(input: "<\"a..b\"@example.org>", expected: "\"a..b\"@example.org"),
+    AddressCase(input: "<\"\"@example.org>", expected: "\"\"@example.org"),
+    AddressCase(input: "<user@[192.0.2.1]>", expected: "user@[192.0.2.1]"),
+    AddressCase(input: "<user@[IPv6:2001:db8::1]>", expected: "user@[IPv6:2001:db8::1]"),
+    AddressCase(input: "<user@[IPv6:::ffff:192.0.2.1]>", expected: "user@[IPv6:::ffff:192.0.2.1]"),
+    AddressCase(input: "<user@[IPv6:1:2:3:4:5:6:7:8]>", expected: "user@[IPv6:1:2:3:4:5:6:7:8]"),
+    AddressCase(input: "<user@localhost>", expected: "user@localhost"),
+    AddressCase(input: "<user@xn--bcher-kva.example>", expected: "user@xn--bcher-kva.example"),
+    AddressCase(input: "<@relay.example:user@example.org>", expected: "user@example.org", route: ["relay.example"]),
+    AddressCase(input: "<@a.example,@b.example:user@example.org>", expected: "user@example.org", route: ["a.example", "b.example"]),
+    AddressCase(input: "<postmaster>", expected: "postmaster"),
+    AddressCase(input: "<PostMaster>", expected: "postmaster"),
+    AddressCase(input: "<>", kind: .reversePath, expected: ""),
+    AddressCase(input: "<jörg@bücher.example>", expected: "jörg@bücher.example"),
+    AddressCase(input: "<\"ünï code\"@example.org>", expected: "\"ünï code\"@example.org"),
+    AddressCase(input: "<" + String(repeating: "a", count: 64) + "@example.org>", expected: String(repeating: "a", count: 64) + "@example.org"),
+    AddressCase(input: "<a@" + String(repeating: "b", count: 63) + ".example>", expected: "a@" + String(repeating: "b", count: 63) + ".example"),
+]
+
+let invalidPaths: [AddressCase] = [
+    AddressCase(input: "user@example.org"),
+    AddressCase(input: "<user@example.org"),
+    AddressCase(input: "<user>"),
+    AddressCase(input: "<>"),                      // null only for MAIL
+    AddressCase(input: "<postmaster>", kind: .reversePath),
+    AddressCase(input: "<@example.org>"),
+    AddressCase(input: "<.user@example.org>"),
+    AddressCase(input: "<user.@example.org>"),
+    AddressCase(input: "<us..er@example.org>"),
+    AddressCase(input: "<us er@example.org>"),
+    AddressCase(input: "<user@@example.org>"),
+    AddressCase(input: "<user@exa_mple.org>"),
+    AddressCase(input: "<user@-example.org>"),
+    AddressCase(input: "<user@example-.org>"),
+    AddressCase(input: "<user@example..org>"),
+    AddressCase(input: "<user@example.org.>"),
+    AddressCase(input: "<user@>"),
+    AddressCase(input: "<user@[192.0.2.256]>"),
+    AddressCase(input: "<user@[192.0.2]>"),
+    AddressCase(input: "<user@[IPv6:1::2::3]>"),
+    AddressCase(input: "<user@[IPv6:12345::1]>"),
+    AddressCase(input: "<user@[IPv6:1:2:3:4:5:6:7:8:9]>"),
+    AddressCase(input: "<user@[x-tag:foo]>"),
+    AddressCase(input: "<user@[192.0.2.1>"),
+    AddressCase(input: "<\"unterminated@example.org>"),
+    AddressCase(input: "<\"bad\\\u{1}\"@example.org>"),
+    AddressCase(input: "<\"tab\there\"@example.org>"),
+    AddressCase(input: "<user(comment)@example.org>"),
+    AddressCase(input: "<user@example.org> "),        // parsed, but params checked elsewhere: see below
+    AddressCase(input: "<@relay.example user@example.org>"),
+    AddressCase(input: "<@relay.example:>"),
+    AddressCase(input: "<" + String(repeating: "a", count: 65) + "@example.org>"),
+    AddressCase(input: "<a@" + String(repeating: "b", count: 64) + ".example>"),
+    AddressCase(input: "<a@" + Array(repeating: String(repeating: "b", count: 60), count: 5).joined(separator: ".") + ">"),
+    AddressCase(input: "<" + String(repeating: "a", count: 60) + "@" + Array(repeating: String(repeating: "b", count: 60), count: 4).joined(separator: ".") + ">"),
+]
+
+@Test("valid paths", arguments: validPaths)
+func validPath(_ c: AddressCase) throws {
+    let bytes = ArraySlice(Array(c.input.utf8))
+    let (path, end) = try SMTPPathParser.parse(bytes, kind: c.kind)
+    #expect(end == bytes.endIndex)
+    #expect(path.address == c.expected)
+    #expect(path.sourceRoute == c.route)
+}
+
+@Test("invalid paths", arguments: invalidPaths)
+func invalidPath(_ c: AddressCase) {
+    let bytes = ArraySlice(Array(c.input.utf8))
+    // A trailing space is not part of the path: it must then be followed by parameters.
+    if let (_, end) = try? SMTPPathParser.parse(bytes, kind: c.kind) {
+        #expect(end != bytes.endIndex, "accepted \(c.input)")
+    }
+}
+
+@Test func invalidUTF8IsRefused() {
+    let bytes: [UInt8] = Array("<us".utf8) + [0xC3, 0x28] + Array("@example.org>".utf8)
+    #expect(throws: SMTPAddressError.self) { try SMTPPathParser.parse(ArraySlice(bytes), kind: .forwardPath) }
+    let domain: [UInt8] = Array("<user@ex".utf8) + [0xFF] + Array(".org>".utf8)
+    #expect(throws: SMTPAddressError.self) { try SMTPPathParser.parse(ArraySlice(domain), kind: .forwardPath) }
+}
+
+@Test func nonASCIIIsReported() throws {
+    let (path, _) = try SMTPPathParser.parse(ArraySlice(Array("<jörg@example.org>".utf8)), kind: .forwardPath)
+    #expect(!path.isASCII)
+    let (ascii, _) = try SMTPPathParser.parse(ArraySlice(Array("<joerg@example.org>".utf8)), kind: .forwardPath)
+    #expect(ascii.isASCII)
+}
+
+@Test func pathLengthLimit() throws {
+    // 256 octets including the brackets is the maximum.
+    let local = String(repeating: "a", count: 64)
+    var labels: [String] = []
+    var domain = ""
+    repeat {
+        labels.append(String(repeating: "b", count: 60))
+        domain = labels.joined(separator: ".")
+    } while 2 + local.count + 1 + domain.count < 256 - 61
+    let pad = 256 - (2 + local.count + 1 + domain.count + 1)
+    let exact = "<\(local)@\(domain).\(String(repeating: "c", count: pad))>"
+    #expect(exact.utf8.count == 256)
+    #expect(throws: Never.self) { try SMTPPathParser.parse(ArraySlice(Array(exact.utf8)), kind: .forwardPath) }
+    let over = "<\(local)@\(domain).\(String(repeating: "c", count: pad + 1))>"
+    #expect(throws: SMTPAddressError.self) { try SMTPPathParser.parse(ArraySlice(Array(over.utf8)), kind: .forwardPath) }
+}
+
+@Test(arguments: [
+    ("mail.example.org", true), ("[192.0.2.1]", true), ("[IPv6:::1]", true), ("localhost", true),
+    ("my_host.example", true), ("bad host", false), ("-bad.example", false), ("ex..ample", false),
+    ("ümlaut.example", false), ("a.", false), ("[300.1.1.1]", false), ("", false),
+])
+func heloNames(_ name: String, _ ok: Bool) {
+    #expect(SMTPServerSession.isAcceptableHeloName(ArraySlice(Array(name.utf8))) == ok)
+}

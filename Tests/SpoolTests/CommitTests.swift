@@ -1,0 +1,124 @@
+import Foundation
+import LMDB
+import Testing
+@testable import Spool
+
+@Suite struct CommitTests {
+    @Test func groupCommitFromManyThreads() throws {
+        let dir = TemporaryDirectory()
+        let spool = try Spool(directory: dir.spool, options: smallOptions)
+        defer { spool.close() }
+        let threads = 20, perThread = 10
+        let results = ResultCollector()
+        let group = DispatchGroup()
+        let ids = (0..<threads * perThread).map { _ in spool.newQueueID() }
+        let sealed = try ids.map { id in try seal(spool, Array("body of \(id)".utf8)) }
+        let payload = Array(zip(ids, sealed))
+        for t in 0..<threads {
+            group.enter()
+            Thread {
+                for i in 0..<perThread {
+                    let n = t * perThread + i
+                    let (id, body) = payload[n]
+                    group.enter()
+                    spool.submit([.insert(sampleEnvelope(id, recipients: 1), body)]) { r in
+                        results.set(n, r)
+                        group.leave()
+                    }
+                }
+                group.leave()
+            }.start()
+        }
+        group.wait()
+        #expect(results.count == 200)
+        #expect(results.all.allSatisfy { failure($0) == nil })
+        let stats = spool.statistics
+        #expect(stats.operations == 200)
+        #expect(stats.messagesInserted == 200)
+        #expect(stats.submissions == 200)
+        #expect(stats.commits >= 1)
+        #expect(stats.commits < 200, "group commit: \(stats.commits) commits for 200 submissions")
+        #expect(try spool.allEnvelopes().map(\.queueID) == ids)
+        for id in ids { #expect(try readAll(spool, id) == Array("body of \(id)".utf8)) }
+    }
+
+    @Test func mapGrowsThenRefusesAtTheLimitKeepingData() throws {
+        let dir = TemporaryDirectory()
+        let spool = try Spool(directory: dir.spool, options: SpoolOptions(mapSize: 256 << 10, mapSizeLimit: 1 << 20))
+        defer { spool.close() }
+        let initial = spool.statistics.mapSize
+        #expect(initial == 256 << 10)
+
+        // 400 KiB does not fit in 256 KiB: the map grows and the insert succeeds.
+        let first = spool.newQueueID()
+        let firstBody = (0..<(400 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        try spool.submitAndWait([.insert(sampleEnvelope(first), try seal(spool, firstBody))]).get()
+        #expect(spool.statistics.mapSize > initial)
+        #expect(spool.statistics.mapGrowths >= 1)
+
+        // 2 MiB can never fit under a 1 MiB limit.
+        let big = spool.newQueueID()
+        let bigBody = [UInt8](repeating: 0x55, count: 2 << 20)
+        let result = spool.submitAndWait([.insert(sampleEnvelope(big), try seal(spool, bigBody))])
+        #expect(failure(result) == .full)
+        #expect(spool.statistics.mapSize == 1 << 20)
+        #expect(try spool.envelope(big) == nil)
+
+        // Earlier data intact, and the spool still takes what fits.
+        #expect(try readAll(spool, first) == firstBody)
+        let small = spool.newQueueID()
+        try spool.submitAndWait([.insert(sampleEnvelope(small), try seal(spool, Array("small".utf8)))]).get()
+        #expect(try readAll(spool, small) == Array("small".utf8))
+        #expect(SpoolError.full.enhancedStatus == "4.3.1")
+        #expect(SpoolError.full.replyCode == 452)
+
+        // Reopen with the original small size: the grown file stays readable.
+        spool.close()
+        let again = try Spool(directory: dir.spool, options: SpoolOptions(mapSize: 256 << 10, mapSizeLimit: 1 << 20))
+        defer { again.close() }
+        #expect(try readAll(again, first) == firstBody)
+    }
+
+    @Test func readersDuringGrowth() throws {
+        // Readers on other threads while the committer resizes the map:
+        // the reader/writer lock must keep them apart (LMDB requires no
+        // active transaction during mdb_env_set_mapsize).
+        let dir = TemporaryDirectory()
+        let spool = try Spool(directory: dir.spool, options: SpoolOptions(mapSize: 128 << 10, mapSizeLimit: 64 << 20))
+        defer { spool.close() }
+        let seed = spool.newQueueID()
+        let seedBody = [UInt8](repeating: 7, count: 100_000)
+        try spool.submitAndWait([.insert(sampleEnvelope(seed), try seal(spool, seedBody))]).get()
+        let stop = Flag()
+        let failures = ResultCollector()
+        let group = DispatchGroup()
+        for r in 0..<4 {
+            group.enter()
+            Thread {
+                var n = 0
+                while !stop.isSet {
+                    do {
+                        if try readAll(spool, seed) != seedBody { failures.set(r * 1_000_000 + n, .failure(.corrupt("mismatch"))) }
+                    } catch { failures.set(r * 1_000_000 + n, .failure(.io("\(error)"))) }
+                    n += 1
+                }
+                group.leave()
+            }.start()
+        }
+        for _ in 0..<20 {
+            let id = spool.newQueueID()
+            try spool.submitAndWait([.insert(sampleEnvelope(id), try seal(spool, [UInt8](repeating: 1, count: 300_000)))]).get()
+        }
+        stop.set()
+        group.wait()
+        #expect(failures.count == 0)
+        #expect(spool.statistics.mapGrowths >= 3)
+    }
+}
+
+final class Flag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.lock(); value = true; lock.unlock() }
+    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
+}

@@ -1,0 +1,176 @@
+import Foundation
+import LMDB
+import Testing
+
+@Suite struct LMDBTests {
+    private func open(_ dir: TemporaryDirectory, mapSize: Int = 1 << 20) throws -> Environment {
+        try Environment(path: dir.path, mapSize: mapSize, maxDatabases: 4)
+    }
+
+    private func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
+
+    @Test func putGetDeleteAndRanges() throws {
+        let dir = TemporaryDirectory()
+        let env = try open(dir)
+        let db = try env.write { txn throws in
+            let db = try txn.openDatabase("t", create: true)
+            for k in ["a", "b1", "b2", "b3", "c"] { try txn.put(db, bytes(k), bytes("v" + k)) }
+            #expect(try txn.insert(db, bytes("a"), bytes("other")) == false)
+            return db
+        }
+        try env.read { txn throws in
+            #expect(try txn.get(db, bytes("b2")) == bytes("vb2"))
+            #expect(try txn.get(db, bytes("zz")) == nil)
+            #expect(try txn.entries(db, from: bytes("b"), to: bytes("c")).map(\.key) == [bytes("b1"), bytes("b2"), bytes("b3")])
+            #expect(try txn.entries(db).count == 5)
+            #expect(try txn.get(db, bytes("a")) == bytes("va"))
+        }
+        try env.write { txn throws in
+            #expect(try txn.deleteRange(db, from: bytes("b"), to: bytes("c")) == 3)
+            #expect(try txn.delete(db, bytes("a")))
+            #expect(try txn.delete(db, bytes("a")) == false)
+        }
+        try env.read { txn throws in
+            #expect(try txn.entries(db).map(\.key) == [bytes("c")])
+            try txn.withCursor(db) { c throws in
+                #expect(try c.last()?.key == bytes("c"))
+                #expect(try c.next() == nil)
+            }
+        }
+    }
+
+    @Test func deleteRangeAcrossManyPages() throws {
+        let dir = TemporaryDirectory()
+        let env = try open(dir, mapSize: 16 << 20)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        func key(_ prefix: UInt8, _ n: Int) -> [UInt8] { [prefix, UInt8(n >> 8), UInt8(n & 0xFF)] }
+        try env.write { txn throws in
+            for n in 0..<3000 {
+                for p: UInt8 in [1, 2, 3] { try txn.put(db, key(p, n), [UInt8](repeating: p, count: 100)) }
+            }
+        }
+        let deleted = try env.write { txn throws in try txn.deleteRange(db, from: [2], to: [3]) }
+        #expect(deleted == 3000)
+        try env.read { txn throws in
+            let keys = try txn.entries(db).map { $0.key[0] }
+            #expect(keys.filter { $0 == 1 }.count == 3000)
+            #expect(keys.filter { $0 == 2 }.count == 0)
+            #expect(keys.filter { $0 == 3 }.count == 3000)
+        }
+    }
+
+    @Test func uncommittedTransactionsAbort() throws {
+        let dir = TemporaryDirectory()
+        let env = try open(dir)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        do {
+            let txn = try env.beginWrite()
+            try txn.put(db, bytes("k"), bytes("v"))
+            // released without commit
+        }
+        // The writer lock was released (else this would block) and nothing was written.
+        try env.write { txn throws in #expect(try txn.get(db, bytes("k")) == nil) }
+        struct Boom: Error {}
+        #expect(throws: Boom.self) {
+            try env.write { txn throws in
+                try txn.put(db, bytes("k"), bytes("v"))
+                throw Boom()
+            }
+        }
+        try env.read { txn throws in #expect(try txn.get(db, bytes("k")) == nil) }
+    }
+
+    @Test func nestedTransactions() throws {
+        let dir = TemporaryDirectory()
+        let env = try open(dir)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        try env.write { txn throws in
+            try txn.put(db, bytes("parent"), bytes("1"))
+            let kept = try txn.beginChild()
+            #expect(throws: LMDBError.self) { try txn.put(db, bytes("x"), bytes("parent busy")) }
+            try kept.put(db, bytes("kept"), bytes("2"))
+            try kept.commit()
+            let dropped = try txn.beginChild()
+            try dropped.put(db, bytes("dropped"), bytes("3"))
+            try dropped.delete(db, bytes("parent"))
+            dropped.abort()
+            #expect(try txn.get(db, bytes("parent")) == bytes("1"))
+        }
+        try env.read { txn throws in
+            #expect(try txn.entries(db).map(\.key) == [bytes("kept"), bytes("parent")])
+        }
+    }
+
+    @Test func readTransactionOnAnotherThread() throws {
+        // MDB_NOTLS: a read transaction begun here may be used and ended elsewhere.
+        let dir = TemporaryDirectory()
+        let env = try open(dir)
+        let db = try env.write { txn throws in
+            let db = try txn.openDatabase("t", create: true)
+            try txn.put(db, bytes("k"), bytes("v"))
+            return db
+        }
+        nonisolated(unsafe) let txn = try env.beginRead()
+        let done = DispatchSemaphore(value: 0)
+        nonisolated(unsafe) var value: [UInt8]?
+        Thread {
+            value = try? txn.get(db, [UInt8]("k".utf8))
+            txn.abort()
+            done.signal()
+        }.start()
+        done.wait()
+        #expect(value == bytes("v"))
+    }
+
+    @Test func mapFullIsDistinguishableAndGrowthHelps() throws {
+        let dir = TemporaryDirectory()
+        let env = try open(dir, mapSize: 64 << 10)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        let big = [UInt8](repeating: 1, count: 200 << 10)
+        do {
+            try env.write { txn throws in try txn.put(db, bytes("big"), big) }
+            Issue.record("200 KiB fit in a 64 KiB map")
+        } catch let e as LMDBError {
+            #expect(e.isMapFull)
+            #expect(!e.isNoSpace)
+            #expect(e.message.contains("MDB_MAP_FULL"))
+        }
+        try env.setMapSize(1 << 20)
+        #expect(env.mapSize == 1 << 20)
+        try env.write { txn throws in try txn.put(db, bytes("big"), big) }
+        try env.read { txn throws in #expect(try txn.get(db, bytes("big")) == big) }
+        #expect(LMDBError(code: ENOSPC, operation: "x").isNoSpace)
+    }
+
+    @Test func parentSurvivesMapFullInChild() throws {
+        // The spool relies on this: at the map size limit, a submission that
+        // does not fit fails in its nested transaction and the others commit.
+        let dir = TemporaryDirectory()
+        let env = try open(dir, mapSize: 128 << 10)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        try env.write { txn throws in
+            try txn.put(db, bytes("before"), [UInt8](repeating: 2, count: 1000))
+            let child = try txn.beginChild()
+            do {
+                try child.put(db, bytes("huge"), [UInt8](repeating: 1, count: 1 << 20))
+                Issue.record("1 MiB fit in a 128 KiB map")
+            } catch let e as LMDBError {
+                #expect(e.isMapFull)
+            }
+            child.abort()
+            try txn.put(db, bytes("after"), [UInt8](repeating: 3, count: 1000))
+        }
+        try env.read { txn throws in
+            #expect(try txn.entries(db).map(\.key) == [bytes("after"), bytes("before")])
+        }
+    }
+
+    @Test func closedEnvironmentRefusesTransactions() throws {
+        let dir = TemporaryDirectory()
+        let env = try open(dir)
+        env.close()
+        #expect(env.isClosed)
+        #expect(throws: LMDBError.self) { try env.beginRead() }
+        #expect(Environment.version.hasPrefix("LMDB 0.9"))
+    }
+}

@@ -1,0 +1,73 @@
+import Testing
+@testable import Supervision
+
+@Suite struct LineAssemblerTests {
+    @Test func splitsLinesAndKeepsPartialOnes() {
+        var assembler = LineAssembler(maximumLength: 100)
+        #expect(assembler.append(Array("one\ntw".utf8)) == [Array("one".utf8)])
+        #expect(assembler.hasPartialLine)
+        #expect(assembler.append(Array("o\n\nthree".utf8)) == [Array("two".utf8), []])
+        #expect(assembler.finish() == Array("three".utf8))
+        #expect(assembler.finish() == nil)
+    }
+
+    @Test func byteAtATimeGivesTheSameLines() {
+        var assembler = LineAssembler(maximumLength: 100)
+        var lines: [[UInt8]] = []
+        for byte in Array("a b\nc\n".utf8) { lines += assembler.append([byte]) }
+        #expect(lines == [Array("a b".utf8), Array("c".utf8)])
+    }
+
+    @Test func splitsOverlongLines() {
+        var assembler = LineAssembler(maximumLength: 4)
+        let lines = assembler.append(Array("abcdefghij\n".utf8))
+        #expect(lines == [Array("abcd".utf8), Array("efgh".utf8), Array("ij".utf8)])
+    }
+}
+
+@Suite struct LogFormatTests {
+    @Test func keepsAProgramPrefixAndAddsOneOtherwise() {
+        #expect(LogFormat.stageLine(Array("queue[812]: 0A1B: from=<a>".utf8), stage: "queue", pid: 9)
+            == "queue[812]: 0A1B: from=<a>")
+        #expect(LogFormat.stageLine(Array("Traceback (most recent call last):".utf8), stage: "local-deliver", pid: 9)
+            == "local-deliver[9]: Traceback (most recent call last):")
+        #expect(LogFormat.stageLine(Array("x[12] no colon".utf8), stage: "s", pid: 1) == "s[1]: x[12] no colon")
+    }
+
+    @Test func neutralisesControlBytes() {
+        #expect(LogFormat.stageLine([0x61, 0x1b, 0x62, 0x09, 0x63, 0x0d], stage: "s", pid: 1) == "s[1]: a?b\tc")
+    }
+
+    @Test func hostnameIsTheFirstLabel() {
+        #expect(LogFormat.shortHostname("mx.example.org") == "mx")
+        #expect(LogFormat.shortHostname("") == "localhost")
+    }
+
+    @Test func timestampLooksLikeSyslog() {
+        let stamp = LogFormat.timestamp(0)
+        #expect(stamp.count == 15)
+        #expect(stamp.split(separator: ":").count == 3)
+    }
+}
+
+@Suite struct BackoffTests {
+    @Test func doublesUpToAMinuteAndStartsOverAfterAHealthyRun() {
+        var backoff = Backoff()
+        let delays = (0..<8).map { _ in backoff.delayAfterExit(uptime: 0.5) }
+        #expect(delays == [1, 2, 4, 8, 16, 32, 60, 60])
+        #expect(backoff.delayAfterExit(uptime: 61) == 1)
+        #expect(backoff.delayAfterExit(uptime: 3) == 2)
+    }
+}
+
+@Suite struct LayoutTests {
+    @Test func mailDirectoryIsTheTemplateUpToTheUser() {
+        let layout = DirectoryLayout(dataDirectory: "/d", runtimeDirectory: "/d/run", spoolDirectory: "/d/queue",
+                                     logDirectory: "/d/log", mailboxTemplate: "mail/{user}/Maildir")
+        #expect(layout.mailDirectory == "/d/mail")
+        #expect(layout.pidFile == "/d/run/supervise.pid")
+        #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "{user}/Maildir") == nil)
+        #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "/home/{user}/Maildir") == nil)
+        #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "boxes/all/{user}") == "/d/boxes/all")
+    }
+}

@@ -1,0 +1,241 @@
+"""End-to-end fixtures: a private Sealpost pipeline per test.
+
+Each test gets a temporary directory holding a copy of Config/sealpost.toml
+(data_directory pointing into the temporary directory, short backoffs) and a
+stages file, and a real `supervise --foreground` started on them. Nothing is
+mocked: the stages are the release executables (SEALPOST_BUILD, default
+.build/release), the sockets and the LMDB files are real.
+"""
+
+import getpass
+import os
+import pathlib
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
+BUILD = pathlib.Path(os.environ.get("SEALPOST_BUILD", CHECKOUT / ".build" / "release"))
+IS_ROOT = os.geteuid() == 0
+
+
+def executable(name):
+    return str(BUILD / name)
+
+
+def require_build(*names):
+    for name in ("supervise",) + names:
+        if not os.access(executable(name), os.X_OK):
+            pytest.skip(f"{executable(name)} is not built (run: swift build -c release)")
+
+
+def wait_until(predicate, timeout, what, interval=0.05):
+    """Polls `predicate` until it returns something true; fails after
+    `timeout` seconds (a bound against hanging, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def local_user():
+    """The local account mail is delivered to in the tests."""
+    return pwd.getpwuid(os.geteuid()).pw_name if IS_ROOT else getpass.getuser()
+
+
+def make_config(directory, data_directory, overrides=None):
+    """Copies Config/sealpost.toml with data_directory and short timers."""
+    text = (CHECKOUT / "Config" / "sealpost.toml").read_text()
+    settings = {
+        "data_directory": f'"{data_directory}"',
+        "minimal_backoff_time": '"1s"',
+        "maximal_backoff_time": '"2s"',
+        "queue_run_delay": '"1s"',
+    }
+    settings.update(overrides or {})
+    for key, value in settings.items():
+        text, count = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {value}", text)
+        assert count == 1, f"{key} not found in Config/sealpost.toml"
+    path = pathlib.Path(directory) / "sealpost.toml"
+    path.write_text(text)
+    aliases = CHECKOUT / "Config" / "aliases"
+    if aliases.exists():
+        shutil.copy(aliases, pathlib.Path(directory) / "aliases")
+    else:
+        (pathlib.Path(directory) / "aliases").write_text("")
+    return path
+
+
+class Pipeline:
+    """A supervisor and its stages on a private data directory."""
+
+    def __init__(self, directory, stages=None, config_overrides=None, run_as=None):
+        self.directory = pathlib.Path(directory)
+        self.data = self.directory / "data"
+        self.config = make_config(self.directory, self.data, config_overrides)
+        self.stages_file = self.directory / "stages"
+        self.stages_file.write_text(stages or (CHECKOUT / "Pipeline" / "stages").read_text())
+        self.run_as = run_as
+        self.process = None
+        self.output = None
+
+    # Paths
+    @property
+    def inject_socket(self):
+        return str(self.data / "run" / "inject")
+
+    @property
+    def control_socket(self):
+        return str(self.data / "run" / "control")
+
+    @property
+    def log_file(self):
+        return self.data / "log" / "sealpost.log"
+
+    @property
+    def status_file(self):
+        return self.data / "run" / "supervise.status"
+
+    def maildir_new(self, user):
+        return self.data / "mail" / user / "Maildir" / "new"
+
+    def delivered(self, user):
+        directory = self.maildir_new(user)
+        try:
+            return sorted(directory.iterdir())
+        except FileNotFoundError:
+            return []
+
+    def env(self, **extra):
+        env = dict(os.environ)
+        env["SEALPOST_CONFIG"] = str(self.config)
+        env.update(extra)
+        return env
+
+    # Life cycle
+    def start(self, wait=True):
+        command = [executable("supervise"), "--foreground", "--stages", str(self.stages_file)]
+        if self.run_as:
+            command = ["setpriv", f"--reuid={self.run_as}", f"--regid={pwd.getpwnam(self.run_as).pw_gid}",
+                       "--clear-groups", "--"] + command
+        self.output = open(self.directory / "supervise.out", "wb")
+        self.process = subprocess.Popen(command, env=self.env(), stdout=self.output,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if wait:
+            self.wait_for_queue()
+        return self
+
+    def accepting(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"supervise exited with {self.process.returncode}:\n{self.supervisor_output()}")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(2)
+            s.connect(self.inject_socket)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def wait_for_queue(self, timeout=60):
+        try:
+            wait_until(self.accepting, timeout, f"{self.inject_socket} to accept connections")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\nlog:\n{self.log_tail()}") from None
+
+    def stop(self):
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.output.close()
+        return self.process.returncode
+
+    def supervisor_output(self):
+        try:
+            return (self.directory / "supervise.out").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_text(self):
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines=40):
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    # Stages
+    def status(self):
+        """{name: (state, pid, since, restarts)} from the status file."""
+        result = {}
+        try:
+            text = self.status_file.read_text()
+        except FileNotFoundError:
+            return result
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, state, pid, since, restarts = line.split()
+            result[name] = (state, int(pid), int(since), int(restarts))
+        return result
+
+    def stage_pid(self, name):
+        state = self.status().get(name)
+        return state[1] if state and state[0] == "running" else None
+
+    def running_pid(self, name, timeout=30):
+        return wait_until(lambda: self.stage_pid(name), timeout, f"stage {name} to run")
+
+    # Injection
+    def queue_inject(self, *arguments, message=b"Subject: test\n\nbody\n", timeout=120, **env):
+        return subprocess.run([executable("queue-inject"), *arguments], input=message,
+                              env=self.env(**env), capture_output=True, timeout=timeout)
+
+    def sealpost(self, *arguments, timeout=60):
+        return subprocess.run([executable("sealpost"), *arguments], env=self.env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def workdir():
+    directory = tempfile.mkdtemp(prefix="sealpost-e2e-")
+    # The stages drop to their own users (as root) and must reach the data
+    # directory: the temporary directory is 0700 by default.
+    os.chmod(directory, 0o755)
+    yield pathlib.Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pipeline(workdir):
+    require_build("queue", "local-deliver", "queue-inject")
+    pipe = Pipeline(workdir).start()
+    yield pipe
+    code = pipe.stop()
+    assert code == 0, f"supervise exited with {code}:\n{pipe.supervisor_output()}"
+
+
+def parse_message(path):
+    import email
+    import email.policy
+    with open(path, "rb") as handle:
+        return email.message_from_binary_file(handle, policy=email.policy.default)

@@ -1,0 +1,204 @@
+"""The supervisor: restarts, status, configuration errors, privileges, and
+queue-inject's patience while the queue is away."""
+
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import (BUILD, CHECKOUT, IS_ROOT, Pipeline, executable, local_user, make_config,
+                      parse_message, require_build, wait_until)
+
+
+def test_a_killed_stage_is_restarted_and_pipeline_status_shows_it(pipeline):
+    old = pipeline.running_pid("queue")
+    os.kill(old, signal.SIGKILL)
+    new = wait_until(lambda: (p := pipeline.stage_pid("queue")) and p != old and p, 30,
+                     "the queue to be restarted")
+    state, pid, _, restarts = pipeline.status()["queue"]
+    assert (state, pid) == ("running", new)
+    assert restarts >= 1
+    assert f"warning: stage queue (pid {old}) killed by signal 9; restarting in 1 s" in pipeline.log_text()
+    pipeline.wait_for_queue()
+    status = subprocess.run([str(CHECKOUT / "Pipeline" / "status")], env=pipeline.env(),
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert f"supervise pid {pipeline.process.pid}" in status.stdout
+    lines = {line.split()[0]: line.split() for line in status.stdout.splitlines() if line.split()}
+    assert lines["queue"][1:3] == ["running", str(new)]
+    assert lines["local-deliver"][1] == "running"
+    # And mail still flows.
+    user = local_user()
+    assert pipeline.queue_inject(f"{user}@localhost").returncode == 0
+    wait_until(lambda: pipeline.delivered(user), 60, "delivery after the restart")
+
+
+def test_log_lines_are_timestamped_and_attributed(pipeline):
+    pipeline.running_pid("local-deliver")
+    text = pipeline.log_text()
+    lines = text.splitlines()
+    assert lines, "empty log"
+    import re
+    syslog = re.compile(r"^[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d \S+ [\w./-]+\[\d+\]: ")
+    bad = [line for line in lines if not syslog.match(line)]
+    assert not bad, bad[:5]
+    assert re.search(r"supervise\[\d+\]: started stage queue \(pid \d+\)", text)
+
+
+def test_sigterm_stops_the_stages_and_removes_the_pid_file(pipeline):
+    pids = [pipeline.running_pid("queue"), pipeline.running_pid("local-deliver")]
+    assert (pipeline.data / "run" / "supervise.pid").read_text().strip() == str(pipeline.process.pid)
+    assert pipeline.stop() == 0
+    for pid in pids:
+        assert not pathlib.Path(f"/proc/{pid}").exists() or \
+            "zombie" in pathlib.Path(f"/proc/{pid}/status").read_text()
+    assert not (pipeline.data / "run" / "supervise.pid").exists()
+    assert all(state[0] == "stopped" for state in pipeline.status().values())
+    text = pipeline.log_text()
+    # Reverse order of the stages file: local-deliver first, then the queue.
+    after = text[text.index("received signal 15 (SIGTERM); stopping"):]
+    assert after.index(f"stage local-deliver (pid {pids[1]})") < after.index(f"stage queue (pid {pids[0]})")
+    assert "restarting" not in after
+
+
+def test_sighup_is_forwarded_to_the_stages_and_reopens_the_log(pipeline):
+    pids = {name: pipeline.running_pid(name) for name in ("queue", "local-deliver")}
+    rotated = pipeline.log_file.with_suffix(".log.1")
+    pipeline.log_file.rename(rotated)
+    pipeline.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "received SIGHUP" in pipeline.log_text(), 30, "the SIGHUP line in the new log")
+    # Forwarded: each stage got it (and, whatever it does with it, the
+    # supervisor keeps it running or restarts it).
+    wait_until(lambda: all(pipeline.stage_pid(name) for name in pids), 30, "the stages to run")
+    assert "received SIGHUP" not in rotated.read_text()
+
+
+def bad_config(workdir, key, value):
+    path = make_config(workdir, workdir / "data", {key: value})
+    lines = path.read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.startswith(f"{key} ="))
+    return path, line
+
+
+def test_a_bad_configuration_names_file_line_and_key_and_starts_nothing(workdir):
+    require_build()
+    path, line = bad_config(workdir, "minimal_backoff_time", '"5x"')
+    env = dict(os.environ, SEALPOST_CONFIG=str(path))
+    result = subprocess.run([executable("supervise"), "--foreground"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert f"{path}:{line}:" in result.stderr
+    assert "queue.minimal_backoff_time" in result.stderr
+    assert not (workdir / "data").exists(), "something started"
+    # Pipeline/start refuses the same way (it builds first: up to date here).
+    start = subprocess.run([str(CHECKOUT / "Pipeline" / "start")], env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert start.returncode != 0
+    assert f"{path}:{line}:" in start.stderr and "queue.minimal_backoff_time" in start.stderr
+    assert not (workdir / "data").exists(), "something started"
+
+
+def test_a_bad_stages_file_names_file_and_line(workdir):
+    require_build()
+    path = make_config(workdir, workdir / "data")
+    stages = workdir / "stages"
+    stages.write_text("# stages\nqueue queue\nQueue queue\n")
+    env = dict(os.environ, SEALPOST_CONFIG=str(path))
+    result = subprocess.run([executable("supervise"), "--stages", str(stages)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert f"{stages}:3: bad stage name" in result.stderr
+    stages.write_text("queue no-such-program\n")
+    result = subprocess.run([executable("supervise"), "--stages", str(stages)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert f"{stages}:1: stage \"queue\": cannot execute {os.path.realpath(BUILD)}/no-such-program" in result.stderr
+    assert not (workdir / "data").exists()
+
+
+def test_queue_inject_waits_for_a_queue_that_comes_late(workdir):
+    require_build("queue", "local-deliver", "queue-inject")
+    late = workdir / "late-queue"
+    late.write_text(f"#!/bin/sh\n# The queue, 3 s late.\nsleep 3\nexec {executable('queue')} \"$@\"\n")
+    late.chmod(0o755)
+    pipeline = Pipeline(workdir, stages=f"queue {late}\nlocal-deliver local-deliver\n").start(wait=False)
+    try:
+        user = local_user()
+        result = pipeline.queue_inject(f"{user}@localhost", message=b"Subject: patience\n\nwaited\n")
+        assert result.returncode == 0, result.stderr.decode()
+        files = wait_until(lambda: pipeline.delivered(user), 60, "the message sent before the queue ran")
+        assert parse_message(files[0])["Subject"] == "patience"
+    finally:
+        assert pipeline.stop() == 0
+
+
+def test_queue_inject_gives_up_with_75_when_no_queue_comes(workdir):
+    require_build("queue-inject")
+    path = make_config(workdir, workdir / "data")
+    (workdir / "data" / "run").mkdir(parents=True)
+    env = dict(os.environ, SEALPOST_CONFIG=str(path), SEALPOST_INJECT_WAIT="2")
+    started = time.monotonic()
+    result = subprocess.run([executable("queue-inject"), "someone@localhost"], input=b"Subject: x\n\ny\n",
+                            env=env, capture_output=True, timeout=120)
+    assert result.returncode == 75, result.stderr
+    assert time.monotonic() - started >= 2
+
+
+def uid_of(pid):
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return [int(value) for value in line.split()[1:]]
+    raise AssertionError(f"no Uid in /proc/{pid}/status")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="privilege separation needs root")
+def test_as_root_each_stage_runs_as_its_own_user(pipeline):
+    for name in ("queue", "local-deliver"):
+        pid = pipeline.running_pid(name)
+        entry = pwd.getpwnam(f"sealpost-{name}")
+        assert uid_of(pid) == [entry.pw_uid] * 4, f"{name} (pid {pid})"
+        assert entry.pw_dir == "/nonexistent"
+        assert entry.pw_shell.endswith("nologin")
+    run = os.stat(pipeline.data / "run")
+    assert oct(run.st_mode & 0o7777) == "0o1775"
+    assert os.stat(pipeline.data / "queue").st_uid == pwd.getpwnam("sealpost-queue").pw_uid
+    assert os.stat(pipeline.data / "mail").st_uid == pwd.getpwnam("sealpost-local-deliver").pw_uid
+    # Still works end to end with the separated users.
+    assert pipeline.queue_inject("root@localhost").returncode == 0
+    wait_until(lambda: pipeline.delivered("root"), 60, "delivery to root")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="switching to an unprivileged user needs root (as a user, every test runs unprivileged)")
+def test_as_a_normal_user_everything_runs_as_that_user(workdir):
+    """The same pipeline started by an unprivileged user: no users created,
+    directories owned by that user, mail delivered to that user."""
+    require_build("queue", "local-deliver", "queue-inject")
+    user = "nobody"
+    entry = pwd.getpwnam(user)
+    os.chown(workdir, entry.pw_uid, entry.pw_gid)
+    if not os.access(executable("supervise"), os.X_OK) or \
+            subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+                            "test", "-x", executable("queue")]).returncode != 0:
+        pytest.skip(f"{BUILD} is not readable by {user}")
+    pipeline = Pipeline(workdir, run_as=user)
+    for path in workdir.iterdir():
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    pipeline.start()
+    try:
+        for name in ("queue", "local-deliver"):
+            assert uid_of(pipeline.running_pid(name))[0] == entry.pw_uid
+        assert os.stat(pipeline.data / "run").st_uid == entry.pw_uid
+        result = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+                                 executable("queue-inject"), f"{user}@localhost"], input=b"Subject: plain\n\nuser\n",
+                                env=pipeline.env(), capture_output=True, timeout=120)
+        assert result.returncode == 0, result.stderr.decode()
+        files = wait_until(lambda: pipeline.delivered(user), 60, f"delivery to {user}")
+        assert parse_message(files[0])["Subject"] == "plain"
+        assert os.stat(files[0]).st_uid == entry.pw_uid
+    finally:
+        assert pipeline.stop() == 0
