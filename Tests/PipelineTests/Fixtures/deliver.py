@@ -22,6 +22,7 @@ Python 3 standard library only.
 
 import errno
 import os
+import pwd
 import signal
 import socket
 import struct
@@ -33,7 +34,8 @@ try:
 except ImportError:  # Python < 3.11: fall back to a minimal reader
     tomllib = None
 
-PROG = "deliver.py"
+# The supervisor names the stage in SEALPOST_STAGE; log lines carry it.
+PROG = os.environ.get("SEALPOST_STAGE") or "deliver.py"
 
 # --- Frames (PROTOCOL.md sections 2 and 4) -------------------------------
 
@@ -291,6 +293,26 @@ def mailbox_user(address):
     return local
 
 
+def drop_privileges():
+    """Started as root by the supervisor: become SEALPOST_USER (the stage's
+    own account, which owns the mailboxes), as local-deliver does (without
+    its chroot)."""
+    if os.geteuid() != 0:
+        return
+    user = os.environ.get("SEALPOST_USER")
+    if not user:
+        log("fatal: refusing to run as root without SEALPOST_USER")
+        sys.exit(77)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        log("fatal: SEALPOST_USER %s: no such user" % user)
+        sys.exit(67)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
 def log(line):
     sys.stderr.write("%s[%d]: %s\n" % (PROG, os.getpid(), line))
     sys.stderr.flush()
@@ -382,6 +404,7 @@ def main():
     else:
         path = os.path.join(data, "run", "deliver")
     os.umask(0o077)
+    drop_privileges()
     # A parent may have left signals blocked (some process launchers do):
     # the supervisor must be able to stop this stage with SIGTERM.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
