@@ -135,7 +135,10 @@ struct ConfigParser {
         if let domains = try local.strings("domains") {
             var seen: [String] = []
             for domain in domains {
-                var name = domain.lowercased()
+                // "$hostname" stands for this host's name, as Postfix's
+                // mydestination default names $myhostname: mail to
+                // login@host (queue-inject's default sender) stays local.
+                var name = domain == "$hostname" ? configuration.hostname : domain.lowercased()
                 if name.hasSuffix(".") && name.count > 1 { name.removeLast() }
                 guard ConfigValues.isValidDomain(name) else {
                     throw local.error("domains", "not a domain: \(Self.quote(domain))")

@@ -150,14 +150,14 @@ import Testing
             hostname = "MX.Example.ORG"
             postmaster = "Hostmaster@Example.ORG"
             [local]
-            domains = ["Example.ORG", "example.org", "LOCALHOST."]
+            domains = ["Example.ORG", "example.org", "LOCALHOST.", "$hostname"]
             accounts = "listed"
             users = ["alice", "bob.smith", "alice"]
             mailbox = "Maildirs/{user}"
             """)
         #expect(config.hostname == "mx.example.org")
         #expect(config.postmaster == "Hostmaster@example.org")   // local part is case-sensitive
-        #expect(config.local.domains == ["example.org", "localhost"])
+        #expect(config.local.domains == ["example.org", "localhost", "mx.example.org"])
         #expect(config.local.accounts == .listed)
         #expect(config.local.users == ["alice", "bob.smith"])
         #expect(config.local.mailbox == "Maildirs/{user}")
