@@ -215,8 +215,15 @@ public struct Maildir: Sendable {
         }
     }
 
+    /// Creates one directory (mode 0700) unless it exists. A new directory
+    /// is made durable at once (its parent is fsync'ed): otherwise the first
+    /// message delivered into a new Maildir could vanish with its directory
+    /// in a crash after success was reported.
     static func makeDirectory(_ path: String) throws(DeliveryError) {
-        if mkdir(path, 0o700) == 0 { return }
+        if mkdir(path, 0o700) == 0 {
+            try syncDirectory(parent(of: path))
+            return
+        }
         let e = errno
         if e == EEXIST {
             var st = stat()
@@ -224,6 +231,12 @@ public struct Maildir: Sendable {
             throw .system("create directory", path: path, errno: ENOTDIR)
         }
         throw .system("create directory", path: path, errno: e)
+    }
+
+    static func parent(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        if slash == path.startIndex { return "/" }
+        return String(path[..<slash])
     }
 
     /// mkdir -p with mode 0700 for every directory it creates.
@@ -236,7 +249,6 @@ public struct Maildir: Sendable {
         var prefix = path.hasPrefix("/") ? "" : "."
         for component in path.split(separator: "/") {
             prefix += "/" + component
-            if prefix == "/." { continue }
             try makeDirectory(prefix)
         }
     }

@@ -22,6 +22,8 @@ Python 3 standard library only.
 
 import errno
 import os
+import pwd
+import signal
 import socket
 import struct
 import sys
@@ -32,7 +34,8 @@ try:
 except ImportError:  # Python < 3.11: fall back to a minimal reader
     tomllib = None
 
-PROG = "deliver.py"
+# The supervisor names the stage in SEALPOST_STAGE; log lines carry it.
+PROG = os.environ.get("SEALPOST_STAGE") or "deliver.py"
 
 # --- Frames (PROTOCOL.md sections 2 and 4) -------------------------------
 
@@ -290,6 +293,23 @@ def mailbox_user(address):
     return local
 
 
+def drop_privileges():
+    """Started as root by the supervisor: become SEALPOST_USER (the stage's
+    own account, which owns the mailboxes), as local-deliver does (without
+    its chroot)."""
+    user = os.environ.get("SEALPOST_USER")
+    if os.geteuid() != 0 or not user:
+        return  # a test fixture: run as whoever started it
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        log("fatal: SEALPOST_USER %s: no such user" % user)
+        sys.exit(67)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
 def log(line):
     sys.stderr.write("%s[%d]: %s\n" % (PROG, os.getpid(), line))
     sys.stderr.flush()
@@ -381,6 +401,10 @@ def main():
     else:
         path = os.path.join(data, "run", "deliver")
     os.umask(0o077)
+    drop_privileges()
+    # A parent may have left signals blocked (some process launchers do):
+    # the supervisor must be able to stop this stage with SIGTERM.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     pause = 0.1
     failing = False
     while True:
