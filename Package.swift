@@ -135,7 +135,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .testTarget(name: "DNSTests", dependencies: ["DNS"]),
-        .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
+        .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"], exclude: ["Fixtures"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS", "CSystemShims"]),
         .testTarget(name: "CryptoNegotiationTests", dependencies: [
