@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "queue", targets: ["queue"]),
         .executable(name: "queue-inject", targets: ["queue-inject"]),
         .executable(name: "local-deliver", targets: ["local-deliver"]),
+        .executable(name: "remote-deliver", targets: ["remote-deliver"]),
         .executable(name: "sealpost", targets: ["sealpost"]),
         .executable(name: "supervise", targets: ["supervise"]),
     ],
@@ -67,6 +68,12 @@ let package = Package(
             "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "RemoteDelivery", dependencies: [
+            "SMTP", "StageProtocol", "StageRuntime", "SealpostConfig",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "Supervision", dependencies: [
             "CSystemShims", "CSystemSpawn", "StageRuntime", "SealpostConfig",
         ]),
@@ -80,6 +87,10 @@ let package = Package(
         ]),
         .executableTarget(name: "local-deliver", dependencies: [
             "LocalDelivery", "StageRuntime", "SealpostConfig",
+        ]),
+        .executableTarget(name: "remote-deliver", dependencies: [
+            "RemoteDelivery", "StageRuntime", "SealpostConfig",
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "sealpost", dependencies: [
             "StageProtocol", "StageRuntime", "SealpostConfig",
@@ -103,6 +114,11 @@ let package = Package(
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
+        .testTarget(name: "RemoteDeliveryTests", dependencies: [
+            "RemoteDelivery", "SMTP", "StageProtocol", "SealpostConfig", "CSystemShims",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
     ],
