@@ -17,6 +17,7 @@ let package = Package(
         .executable(name: "remote-deliver", targets: ["remote-deliver"]),
         .executable(name: "sealpost", targets: ["sealpost"]),
         .executable(name: "supervise", targets: ["supervise"]),
+        .executable(name: "crypto-negotiate", targets: ["crypto-negotiate"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -32,6 +33,9 @@ let package = Package(
                        providers: [.apt(["libsodium-dev"])]),
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb",
                        providers: [.apt(["liblmdb-dev"])]),
+        // libunbound's pkg-config file requires libevent's: install libevent-dev too.
+        .systemLibrary(name: "CUnbound", pkgConfig: "libunbound",
+                       providers: [.apt(["libunbound-dev", "libevent-dev"])]),
         // Glibc calls and macros Swift cannot reach (CMSG_*, WIFEXITED, pipe2,
         // posix_spawn closefrom, stderr); GNU-only calls live in the .c file.
         .target(name: "CSystemShims"),
@@ -42,6 +46,8 @@ let package = Package(
         // Wrappers, one per C library.
         .target(name: "LMDB", dependencies: ["CLMDB"]),
         .target(name: "Sodium", dependencies: ["CSodium"]),
+        .target(name: "TLS", dependencies: ["COpenSSL", "CSystemShims"]),
+        .target(name: "DNS", dependencies: ["CUnbound"]),
 
         // Libraries holding the logic.
         .target(name: "StageProtocol", dependencies: [
@@ -69,9 +75,14 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "RemoteDelivery", dependencies: [
-            "SMTP", "StageProtocol", "StageRuntime", "SealpostConfig",
+            "SMTP", "DNS", "StageProtocol", "StageRuntime", "SealpostConfig",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "CryptoNegotiation", dependencies: [
+            "TLS", "StageProtocol", "StageRuntime", "SealpostConfig", "CSystemShims",
+            .product(name: "TOMLKit", package: "TOMLKit"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "Supervision", dependencies: [
@@ -96,6 +107,9 @@ let package = Package(
             "StageProtocol", "StageRuntime", "SealpostConfig",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .executableTarget(name: "crypto-negotiate", dependencies: [
+            "CryptoNegotiation", "StageRuntime", "SealpostConfig",
+        ]),
         .executableTarget(name: "supervise", dependencies: [
             "Supervision", "StageRuntime", "SealpostConfig",
         ]),
@@ -115,12 +129,17 @@ let package = Package(
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "RemoteDeliveryTests", dependencies: [
-            "RemoteDelivery", "SMTP", "StageProtocol", "SealpostConfig", "CSystemShims",
+            "RemoteDelivery", "SMTP", "DNS", "StageProtocol", "SealpostConfig", "CSystemShims",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        .testTarget(name: "DNSTests", dependencies: ["DNS"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS", "CSystemShims"]),
+        .testTarget(name: "CryptoNegotiationTests", dependencies: [
+            "CryptoNegotiation", "TLS", "StageProtocol", "CSystemShims",
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

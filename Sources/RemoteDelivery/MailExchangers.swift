@@ -25,9 +25,14 @@ import SMTP
 public struct MailExchanger: Sendable, Hashable, CustomStringConvertible {
     public var preference: Int
     public var host: String
-    public init(preference: Int, host: String) {
+    /// Addresses the resolver found along with the MX answer (the DNS
+    /// module looks them up in parallel); nil: the planner asks
+    /// `addresses(of:)`.
+    public var addresses: AddressLookupResult?
+    public init(preference: Int, host: String, addresses: AddressLookupResult? = nil) {
         self.preference = preference
         self.host = host
+        self.addresses = addresses
     }
     public var description: String { "\(preference) \(host)" }
 }
@@ -45,6 +50,8 @@ public enum MXLookupResult: Sendable, Hashable {
     case noSuchDomain(String)
     /// SERVFAIL, timeout, bogus DNSSEC answer: try later.
     case temporaryFailure(String)
+    /// Any other outcome the resolver classified itself.
+    case failure(RoutingFailure)
 }
 
 /// The addresses of one host.
@@ -187,6 +194,8 @@ public enum RoutePlanner {
                 return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 1, 2), text: why))
             case .temporaryFailure(let why):
                 return .failure(RoutingFailure(permanent: false, status: EnhancedStatus(4, 4, 3), text: why))
+            case .failure(let failure):
+                return .failure(failure)
             case .implicit(let s):
                 exchangers = [MailExchanger(preference: 0, host: domain)]
                 secure = s
@@ -202,7 +211,9 @@ public enum RoutePlanner {
             var temporary: String?
             var permanent: String?
             for mx in exchangers {
-                switch await resolver.addresses(of: mx.host) {
+                let lookup: AddressLookupResult
+                if let known = mx.addresses { lookup = known } else { lookup = await resolver.addresses(of: mx.host) }
+                switch lookup {
                 case .addresses(let list, let s):
                     for a in order(list, preference: preference) {
                         candidates.append(DeliveryCandidate(host: mx.host, address: a, port: port,

@@ -67,4 +67,32 @@ public enum RemoteDeliveryService {
         }
         return s
     }
+
+    /// The DNSSEC-validating resolver (DNS module), configured by the
+    /// proposed `[dns]` keys, for now these environment variables:
+    /// SEALPOST_DNS_FORWARDERS ("ADDR[@PORT],..."; empty: full recursion),
+    /// SEALPOST_DNS_TRUST_ANCHORS (files, comma-separated; empty: the root
+    /// key when installed), SEALPOST_DNS_RESOLVE_ZONES (special-use zones
+    /// to resolve anyway, e.g. "test" for a test bed).
+    public static func makeResolver(environment: (String) -> String? = { getenv($0).map { String(cString: $0) } }) throws(RemoteSetupError) -> UnboundMailExchangerResolver {
+        func list(_ name: String) -> [String] {
+            (environment(name) ?? "").split(separator: ",").map { String($0).trimmingSpaces() }.filter { !$0.isEmpty }
+        }
+        do {
+            return try UnboundMailExchangerResolver.make(forwarders: list("SEALPOST_DNS_FORWARDERS"),
+                                                         trustAnchors: list("SEALPOST_DNS_TRUST_ANCHORS"),
+                                                         resolveZones: list("SEALPOST_DNS_RESOLVE_ZONES"))
+        } catch {
+            throw RemoteSetupError("DNS resolver: \(error)")
+        }
+    }
+}
+
+extension String {
+    func trimmingSpaces() -> String {
+        var s = Substring(self)
+        while s.first == " " { s.removeFirst() }
+        while s.last == " " { s.removeLast() }
+        return String(s)
+    }
 }

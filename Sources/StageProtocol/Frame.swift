@@ -7,6 +7,7 @@ public enum FrameType: UInt16, Sendable, CaseIterable {
     case mail = 16, rcpt = 17, body = 18, end = 19, abort = 20, accepted = 21, refused = 22
     case job = 32, jobRcpt = 33, jobEnd = 34, result = 35, jobDone = 36
     case request = 48, entry = 49, entryRcpt = 50, done = 51
+    case negotiate = 64, negotiated = 65, failed = 66, closed = 67
 
     /// The name PROTOCOL.md uses, as it appears in error messages and logs.
     public var name: String {
@@ -29,6 +30,10 @@ public enum FrameType: UInt16, Sendable, CaseIterable {
         case .entry: "ENTRY"
         case .entryRcpt: "ENTRY-RCPT"
         case .done: "DONE"
+        case .negotiate: "NEGOTIATE"
+        case .negotiated: "NEGOTIATED"
+        case .failed: "FAILED"
+        case .closed: "CLOSED"
         }
     }
 }
@@ -106,9 +111,10 @@ public enum Direction: Sendable, Hashable, CustomStringConvertible {
     public var description: String { self == .clientToServer ? "client to server" : "server to client" }
 }
 
-/// The three protocols of version 1.
+/// The protocols of version 1 (`tls`: the channel to crypto-negotiate,
+/// PROTOCOL.md section 4.5).
 public enum ProtocolName: String, Sendable, CaseIterable {
-    case inject, deliver, control
+    case inject, deliver, control, tls
 }
 
 /// A violation of the stage protocol: bad framing, a schema violation, or a

@@ -64,6 +64,7 @@ public struct ProtocolSchema: Sendable {
         case .inject: Standard.inject
         case .deliver: Standard.deliver
         case .control: Standard.control
+        case .tls: Standard.tls
         }
     }
 
@@ -307,6 +308,142 @@ enum Standard {
             .done: FrameRule([
                 R("ok", .bool, required: true),
                 R("text", .text, required: true),
+            ]),
+        ])
+}
+
+// MARK: - The tls protocol (PROTOCOL.md section 4.5)
+
+extension Checks {
+    /// Comma-separated list of non-empty items, each checked by `item`.
+    static func list(_ what: String, _ item: @escaping @Sendable (Substring) -> Bool) -> @Sendable (AttributeValue) -> String? {
+        { value in
+            guard case .text(let s) = value else { return nil }
+            let items = s.split(separator: ",", omittingEmptySubsequences: false)
+            if !items.isEmpty, items.allSatisfy({ !$0.isEmpty && item($0) }) { return nil }
+            return "must be a comma-separated list of \(what), got \(quoted(s))"
+        }
+    }
+
+    /// A DNS name as TLS uses it: LDH labels (and `_` for service names),
+    /// 1..63 bytes each, at most 253 bytes, no trailing dot.
+    static func isHostName(_ s: Substring) -> Bool {
+        guard (1...253).contains(s.utf8.count) else { return false }
+        return s.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { label in
+            (1...63).contains(label.utf8.count) && label.utf8.allSatisfy { b in
+                (b >= 0x61 && b <= 0x7a) || (b >= 0x41 && b <= 0x5a) || (b >= 0x30 && b <= 0x39) || b == 0x2d || b == 0x5f
+            }
+        }
+    }
+
+    static let hostName: @Sendable (AttributeValue) -> String? = { value in
+        guard case .text(let s) = value else { return nil }
+        return isHostName(Substring(s)) ? nil : "not a DNS host name: \(quoted(s))"
+    }
+
+    /// TLSA records back to back: usage, selector, matching type (one byte
+    /// each), a 2-byte big-endian length, then that many bytes of data.
+    static let tlsaRecords: @Sendable (AttributeValue) -> String? = { value in
+        guard case .bytes(let b) = value else { return nil }
+        var p = 0
+        var count = 0
+        while p < b.count {
+            guard b.count - p >= 5 else { return "TLSA record \(count + 1) is cut short" }
+            let n = Int(b[p + 3]) << 8 | Int(b[p + 4])
+            guard n >= 1 else { return "TLSA record \(count + 1) has no data" }
+            guard b.count - p - 5 >= n else { return "TLSA record \(count + 1) runs past the end" }
+            p += 5 + n
+            count += 1
+        }
+        return count == 0 ? "must hold at least one TLSA record" : nil
+    }
+
+    static func isSHA256Hex(_ s: Substring) -> Bool {
+        s.utf8.count == 64 && s.utf8.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }
+    }
+}
+
+extension Standard {
+    static let tlsClientOnly = ["policy", "match-names", "tlsa", "pins", "ca"]
+
+    static let tls = ProtocolSchema(
+        name: "tls",
+        clientToServer: [
+            .hello: helloClient(),
+            .error: error,
+            .negotiate: FrameRule([
+                R("session", .uint, required: true),
+                R("socket", .fd, required: true),
+                R("role", .text, required: true, check: Checks.oneOf(["server", "client"])),
+                R("server-name", .text, check: Checks.hostName),
+                R("policy", .text, check: Checks.oneOf(["none", "pkix", "dane", "pin"])),
+                R("match-names", .text, check: Checks.list("host names", Checks.isHostName)),
+                R("tlsa", .bytes, check: Checks.tlsaRecords),
+                R("pins", .text, check: Checks.list("SPKI SHA-256 digests (64 lower-case hex digits)", Checks.isSHA256Hex)),
+                R("ca", .text, check: Checks.nonEmptyText),
+                R("handshake-timeout", .uint, check: Checks.range(1...3600)),
+                R("idle-timeout", .uint, check: Checks.range(1...86400)),
+                R("peer", .text),
+            ], check: { frame in
+                let role = frame["role"]
+                if role == .text("server") {
+                    for name in tlsClientOnly where frame[name] != nil {
+                        return "attribute \"\(name)\" is only for role \"client\""
+                    }
+                    return nil
+                }
+                let policy: String
+                if case .text(let p)? = frame["policy"] { policy = p } else { policy = "none" }
+                if policy != "dane" && frame["tlsa"] != nil {
+                    return "attribute \"tlsa\" needs policy \"dane\""
+                }
+                if policy != "pin" && frame["pins"] != nil {
+                    return "attribute \"pins\" needs policy \"pin\""
+                }
+                switch policy {
+                case "dane" where frame["tlsa"] == nil:
+                    return "attribute \"tlsa\" is required for policy \"dane\""
+                case "pin" where frame["pins"] == nil:
+                    return "attribute \"pins\" is required for policy \"pin\""
+                case "pkix" where frame["server-name"] == nil && frame["match-names"] == nil:
+                    return "policy \"pkix\" needs \"server-name\" or \"match-names\""
+                default:
+                    return nil
+                }
+            }),
+        ],
+        serverToClient: [
+            .hello: helloServer,
+            .error: error,
+            .negotiated: FrameRule([
+                R("session", .uint, required: true),
+                R("plaintext", .fd, required: true),
+                R("protocol", .text, required: true, check: Checks.oneOf(["TLSv1.2", "TLSv1.3"])),
+                R("cipher", .text, required: true, check: Checks.nonEmptyText),
+                R("group", .text),
+                R("server-name", .text),
+                R("peer-subject", .text),
+                R("peer-spki", .text, check: Checks.list("SPKI SHA-256 digests", Checks.isSHA256Hex)),
+                R("authentication", .text, required: true,
+                  check: Checks.oneOf(["encrypted", "pkix", "dane-ee", "dane-ta", "pin"])),
+                R("verify-error", .text),
+                R("resumed", .bool),
+            ]),
+            .failed: FrameRule([
+                R("session", .uint, required: true),
+                R("status", .text, required: true, check: Checks.enhancedStatus),
+                R("text", .text, required: true),
+                R("verify-error", .text),
+                R("protocol", .text),
+                R("peer-subject", .text),
+                R("peer-spki", .text, check: Checks.list("SPKI SHA-256 digests", Checks.isSHA256Hex)),
+            ]),
+            .closed: FrameRule([
+                R("session", .uint, required: true),
+                R("received", .uint, required: true),
+                R("sent", .uint, required: true),
+                R("close-notify", .bool, required: true),
+                R("reason", .text, required: true),
             ]),
         ])
 }

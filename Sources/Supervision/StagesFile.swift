@@ -16,7 +16,9 @@ public struct StageDefinition: Sendable, Equatable {
     public var name: String
     /// Absolute path of the program.
     public var executable: String
-    /// argv[1...]; argv[0] is the stage name.
+    /// argv[1...]; argv[0] is the executable's path (interpreters such as
+    /// Python find their installation from it; the stage learns its name
+    /// from SEALPOST_STAGE).
     public var arguments: [String]
     /// Where it was defined, for messages.
     public var line: Int

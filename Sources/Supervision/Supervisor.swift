@@ -237,7 +237,7 @@ public final class Supervisor {
         }
         let environment = stageEnvironment(stage: definition, configFile: settings.configFile, asRoot: asRoot)
         do {
-            let pid = try Spawner.spawn(executable: definition.executable, argumentZero: definition.name,
+            let pid = try Spawner.spawn(executable: definition.executable, argumentZero: definition.executable,
                                         arguments: definition.arguments, environment: environment,
                                         stdinFD: devNull, outputFD: fds[1], newProcessGroup: true)
             close(fds[1])

@@ -44,6 +44,12 @@
 // ENVIRONMENT
 //      SEALPOST_CONFIG          the configuration file
 //      SEALPOST_USER            the account to run as (when started as root)
+//      SEALPOST_DNS_FORWARDERS, SEALPOST_DNS_TRUST_ANCHORS,
+//      SEALPOST_DNS_RESOLVE_ZONES   the DNSSEC-validating resolver
+//                               (libunbound): forwarders "ADDR[@PORT],...",
+//                               trust anchor files, special-use zones to
+//                               resolve (test beds); default: full recursion
+//                               from the root with the root trust anchor
 //      SEALPOST_REMOTE_*        settings until sealpost.toml has a [remote]
 //                               section: DESTINATION_CONCURRENCY_LIMIT,
 //                               MAX_JOBS, CONNECT_TIMEOUT,
@@ -84,8 +90,10 @@ let logger = Logger(label: "remote-deliver")
 
 let settings: RemoteSettings
 let transports: TransportTable
+let resolver: UnboundMailExchangerResolver
 do {
     settings = try RemoteDeliveryService.settings(config)
+    resolver = try RemoteDeliveryService.makeResolver()
     transports = try TransportTable.load(path: RemoteDeliveryService.transportTablePath(config))
 } catch let error as RemoteSetupError {
     StageRuntime.fatal(error.description, exit: .config)
@@ -107,7 +115,7 @@ do {
 let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 let agent = RemoteDeliveryAgent(
     eventLoop: group.next(), settings: settings, transports: transports,
-    resolver: SystemAddressResolver(), policy: StaticDestinationPolicy(), tlsHandOff: nil,
+    resolver: resolver, policy: StaticDestinationPolicy(), tlsHandOff: nil,
     log: RemoteDeliveryLog(info: { logger.info("\($0)") }, warning: { logger.warning("\($0)") }))
 let client = QueueClient(socketPath: paths.deliverSocket, agent: agent)
 logger.info("starting: max-jobs=\(settings.maxJobs), destination concurrency \(settings.destinationConcurrencyLimit), \(transports.entries.count) transport table entries, helo=\(settings.hostname)")

@@ -16,9 +16,12 @@
 //
 //     Every stage gets stdin /dev/null and stdout/stderr on a pipe to the
 //     supervisor, no other descriptor, an empty signal mask and default
-//     signal dispositions, its own process group, and the environment
+//     signal dispositions, its own process group, argv[0] = the executable's
+//     path followed by the ARGUMENTS of the stages file, and the environment
 //     SEALPOST_CONFIG (absolute), SEALPOST_STAGE=NAME and, as root,
-//     SEALPOST_USER=sealpost-NAME. The supervisor writes every line they
+//     SEALPOST_USER=sealpost-NAME, plus only PATH, the locale, TZ, TMPDIR
+//     and SEALPOST_* variables of its own (and HOME, USER, LOGNAME when not
+//     root). The supervisor writes every line they
 //     write, and its own, to DATA/log/sealpost.log with a syslog-style
 //     timestamp and host name ("Nov 29 16:13:43 host queue[812]: ...").
 //

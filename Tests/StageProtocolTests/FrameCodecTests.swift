@@ -75,11 +75,42 @@ enum Conversations {
             Frame(.done, ["ok": .bool(true), "text": .text("1 message")]),
         ]),
     ]
+
+    /// Conversations whose frames carry descriptors (`fd` attributes hold
+    /// descriptor 0 here; the decoder yields the placeholder -1).
+    static let withDescriptors: [(ProtocolName, Direction, [Frame])] = [
+        (.tls, .clientToServer, [
+            hello(.tls),
+            Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("server"),
+                               "handshake-timeout": .uint(60), "idle-timeout": .uint(300),
+                               "peer": .text("[192.0.2.1]:4711")]),
+            Frame(.negotiate, ["session": .uint(2), "socket": .fd(0), "role": .text("client"),
+                               "server-name": .text("mx1.example.net"), "policy": .text("dane"),
+                               "match-names": .text("mx1.example.net,example.net"),
+                               "tlsa": .bytes([3, 1, 1, 0, 2, 0xab, 0xcd]), "ca": .text("default")]),
+            Frame(.negotiate, ["session": .uint(3), "socket": .fd(0), "role": .text("client"),
+                               "policy": .text("pin"), "pins": .text(String(repeating: "0f", count: 32))]),
+        ]),
+        (.tls, .serverToClient, [
+            hello(.tls),
+            Frame(.negotiated, ["session": .uint(1), "plaintext": .fd(0), "protocol": .text("TLSv1.3"),
+                                "cipher": .text("TLS_AES_256_GCM_SHA384"), "group": .text("x25519"),
+                                "server-name": .text("mx1.example.net"), "peer-subject": .text("CN=mx1.example.net"),
+                                "peer-spki": .text(String(repeating: "a1", count: 32)),
+                                "authentication": .text("dane-ee"), "verify-error": .text("self-signed certificate"),
+                                "resumed": .bool(false)]),
+            Frame(.failed, ["session": .uint(2), "status": .text("4.7.5"), "text": .text("no TLSA record matched"),
+                            "verify-error": .text("no matching DANE TLSA records"), "protocol": .text("TLSv1.3"),
+                            "peer-subject": .text("CN=x"), "peer-spki": .text(String(repeating: "b2", count: 32))]),
+            Frame(.closed, ["session": .uint(1), "received": .uint(10), "sent": .uint(20),
+                            "close-notify": .bool(true), "reason": .text("closed")]),
+        ]),
+    ]
 }
 
 @Suite struct RoundTrips {
     @Test func everyFrameTypeAppearsInAConversation() {
-        let seen = Set(Conversations.all.flatMap { $0.2.map(\.type) })
+        let seen = Set((Conversations.all + Conversations.withDescriptors).flatMap { $0.2.map(\.type) })
         #expect(seen == Set(FrameType.allCases))
     }
 
@@ -127,6 +158,18 @@ enum Conversations {
             }
             #expect(decoded == frames)
         }
+    }
+
+    @Test(arguments: 0..<Conversations.withDescriptors.count)
+    func conversationsWithDescriptors(_ i: Int) throws {
+        let (p, direction, frames) = Conversations.withDescriptors[i]
+        var wire: [UInt8] = []
+        for f in frames { FrameEncoder.encode(f, into: &wire) }
+        let decoded = try decodeAll(wire, protocol: p, direction: direction, afterHello: false)
+        let expected = frames.map { f in
+            Frame(f.type, attributes: f.attributes.map { ($0.name, $0.value.type == .fd ? AttributeValue.fd(-1) : $0.value) })
+        }
+        #expect(decoded == expected)
     }
 
     @Test func fdAttributeDecodesAsPlaceholder() throws {
@@ -321,7 +364,7 @@ enum Conversations {
         expectRejected(FrameEncoder.encode(Conversations.hello(.control)),
                        "HELLO: attribute \"protocol\": this connection speaks inject, got \"control\"", protocol: .inject, afterHello: false)
         let unknown = Raw.frame(1, [Raw.text("protocol", "smtp"), Raw.uint("version", 1)])
-        expectRejected(unknown, "HELLO: attribute \"protocol\": must be inject, deliver or control, got \"smtp\"",
+        expectRejected(unknown, "HELLO: attribute \"protocol\": must be inject, deliver, control or tls, got \"smtp\"",
                        protocol: nil, afterHello: false)
         expectRejected(Raw.frame(1, [Raw.uint("version", 1)]), "HELLO: required attribute \"protocol\" is missing",
                        protocol: nil, afterHello: false)

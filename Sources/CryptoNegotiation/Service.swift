@@ -1,0 +1,372 @@
+// The crypto-negotiate service: a Unix socket speaking the `tls` protocol
+// (PROTOCOL.md section 4.5), and the relay engine, on one event loop.
+//
+// Each control connection (smtp-listen, remote-deliver) sends NEGOTIATE
+// frames carrying a TCP socket; the engine runs the handshake and answers
+// NEGOTIATED (with the caller's plaintext socket) or FAILED, then CLOSED
+// when the relayed session ends. Sessions do not depend on the control
+// connection: if it goes away, a finished handshake's plaintext end is
+// closed (the session then ends with close_notify).
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import CSystemShims
+import Logging
+import StageProtocol
+import TLS
+
+public final class NegotiationService: @unchecked Sendable {
+    public let loop: EventLoop
+    let engine: RelayEngine
+    let configuration: TLSConfiguration
+    /// Loop thread only (after init).
+    var serverContexts: TLSServerContexts?
+    let clientContexts: [String: TLSClientContext]
+    let logger = Logger(label: "crypto-negotiate")
+    private var listener: ListenerHandler?
+    /// Stamps of a reload that failed, so that a changed file is retried
+    /// only when it changes again.
+    private var failedReloadStamps: [String] = []
+
+    /// Loads every certificate, key and CA bundle now (call before dropping
+    /// privileges). A configuration with no certificate serves the client
+    /// role only.
+    public init(configuration: TLSConfiguration) throws {
+        self.configuration = configuration
+        if !configuration.server.certificates.isEmpty {
+            serverContexts = try TLSServerContexts(configuration.server)
+        }
+        var clients: [String: TLSClientContext] = [:]
+        for (name, path) in configuration.caBundles {
+            clients[name] = try TLSClientContext(caFile: path, common: configuration.common)
+        }
+        if clients["default"] == nil {
+            // DANE, pins and "none" need no trust anchors.
+            clients["default"] = try TLSClientContext(caFile: nil, common: configuration.common)
+        }
+        clientContexts = clients
+        loop = try EventLoop()
+        engine = RelayEngine(loop: loop)
+        loop.every(5) { [weak self] in self?.reloadIfFilesChanged() }
+    }
+
+    /// Listens on `path` (a stale socket is replaced) with `mode`. Call
+    /// before `run()` (the loop's registrations are not thread-safe).
+    public func listen(path: String, mode: mode_t = 0o660) throws {
+        unlink(path)
+        let fd = sealpost_unix_listen(path, 128)
+        guard fd >= 0 else { throw StageIOError("listen on \(path)", code: errno) }
+        chmod(path, mode)
+        setNonBlocking(fd)
+        let handler = ListenerHandler(service: self, fd: fd)
+        listener = handler
+        try loop.register(fd, handler)
+    }
+
+    /// Runs the loop on the calling thread until `stop()`.
+    public func run() { loop.run() }
+
+    public func stop() { loop.stop() }
+
+    /// Loads the certificates again for new handshakes (SIGHUP); sessions
+    /// in progress keep theirs. On failure the old ones stay.
+    /// `done` (optional) gets whether the new certificates are in use.
+    public func reload(_ done: (@Sendable (Bool) -> Void)? = nil) {
+        loop.execute { [self] in
+            let ok = reloadNow()
+            done?(ok)
+        }
+    }
+
+    @discardableResult
+    func reloadNow() -> Bool {
+        guard !configuration.server.certificates.isEmpty else { return true }
+        do {
+            serverContexts = try TLSServerContexts(configuration.server)
+            logger.info("reloaded \(configuration.server.certificates.count) certificate(s)")
+            return true
+        } catch {
+            logger.warning("reload failed, keeping the certificates loaded before: \(error)")
+            return false
+        }
+    }
+
+    private func reloadIfFilesChanged() {
+        guard let current = serverContexts, current.filesChanged() else { return }
+        let stamps = current.currentStamps()
+        guard stamps != failedReloadStamps else { return }
+        if !reloadNow() { failedReloadStamps = stamps }
+    }
+
+    // MARK: Requests (loop thread)
+
+    func start(_ request: NegotiationRequest, for connection: ControlConnection) {
+        let session = request.session
+        var timeouts = configuration.timeouts
+        if let t = request.handshakeTimeout { timeouts.handshake = t }
+        if let t = request.idleTimeout { timeouts.idle = t }
+        let peer = request.peer ?? "unknown"
+        let onHandshake: (Result<HandshakeResult, TLSError>) -> Void = { [weak connection, logger] result in
+            switch result {
+            case .success(let h):
+                let r = h.report
+                logger.info("session=\(session), peer=\(peer), protocol=\(r.protocolVersion), cipher=\(r.cipher), group=\(r.group ?? "none"), sni=\(r.serverName ?? "none"), authentication=\(r.authentication.rawValue)\(r.verifyError.map { ", verify=\"\($0)\"" } ?? "")")
+                if let connection {
+                    connection.send(Replies.negotiated(session: session, plaintext: h.plaintext, r), closing: [h.plaintext])
+                } else {
+                    close(h.plaintext)
+                }
+            case .failure(let e):
+                logger.info("session=\(session), peer=\(peer), status=\(e.enhancedStatus), handshake failed: \(e)")
+                connection?.send(Replies.failed(session: session, e), closing: [])
+            }
+        }
+        let onClose: (RelaySummary) -> Void = { [weak connection, logger] s in
+            logger.info("session=\(session), peer=\(peer), closed: received=\(s.received), sent=\(s.sent), close_notify=\(s.closeNotify), reason=\(s.reason)")
+            connection?.send(Replies.closed(session: session, s), closing: [])
+        }
+        switch request.role {
+        case .server:
+            guard let contexts = serverContexts else {
+                close(request.socket)
+                onHandshake(.failure(TLSError(.configuration, "no certificate configured: the server role is not available")))
+                return
+            }
+            engine.startServer(contexts: contexts, socket: request.socket, timeouts: timeouts,
+                               onHandshake: onHandshake, onClose: onClose)
+        case .client(let serverName, let policy, let bundle):
+            guard let context = clientContexts[bundle] else {
+                close(request.socket)
+                onHandshake(.failure(TLSError(.configuration, "no CA bundle named \"\(bundle)\" (known: \(clientContexts.keys.sorted().joined(separator: ", ")))")))
+                return
+            }
+            engine.startClient(context: context, socket: request.socket, serverName: serverName, policy: policy,
+                               timeouts: timeouts, onHandshake: onHandshake, onClose: onClose)
+        }
+    }
+
+    /// One info line in the stage's log.
+    public func log(_ message: String) { logger.info("\(message)") }
+
+    /// Sessions in handshake or relaying (loop thread).
+    public var activeSessions: Int { engine.activeSessions }
+}
+
+final class ListenerHandler: EventHandler {
+    unowned let service: NegotiationService
+    let fd: Int32
+    var connections: [Int32: ControlConnection] = [:]
+
+    init(service: NegotiationService, fd: Int32) {
+        self.service = service
+        self.fd = fd
+    }
+
+    func ready(fd: Int32, events: UInt32) {
+        while true {
+            let c = sealpost_accept_cloexec(self.fd)
+            if c < 0 {
+                if errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNABORTED {
+                    service.logger.warning("accept: \(String(cString: strerror(errno)))")
+                }
+                if errno == ECONNABORTED { continue }
+                return
+            }
+            setNonBlocking(c)
+            let connection = ControlConnection(service: self.service, listener: self, fd: c)
+            connections[c] = connection
+            do {
+                try service.loop.register(c, connection)
+            } catch {
+                connections[c] = nil
+                close(c)
+                continue
+            }
+            connection.ready(fd: c, events: 0)
+        }
+    }
+}
+
+/// One client of the `tls` socket: non-blocking frame I/O with descriptors.
+final class ControlConnection: EventHandler {
+    unowned let service: NegotiationService
+    unowned let listener: ListenerHandler
+    let fd: Int32
+    private var decoder = FrameDecoder(protocol: .tls, direction: .clientToServer)
+    private var pendingFDs: [(fd: Int32, offset: UInt64)] = []
+    private var receivedBytes: UInt64 = 0
+    private var output: [(bytes: [UInt8], fds: [Int32], offset: Int)] = []
+    private var closed = false
+    private var closeAfterFlush = false
+    private static let schema = ProtocolSchema.standard(.tls)
+
+    init(service: NegotiationService, listener: ListenerHandler, fd: Int32) {
+        self.service = service
+        self.listener = listener
+        self.fd = fd
+    }
+
+    func ready(fd: Int32, events: UInt32) {
+        flush()
+        guard !closed, !closeAfterFlush else { return }
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        while !closed && !closeAfterFlush {
+            var nfds = 0
+            var truncated: Int32 = 0
+            var fds = [Int32](repeating: -1, count: Int(SEALPOST_MAX_FDS))
+            let n = buffer.withUnsafeMutableBytes { raw in
+                fds.withUnsafeMutableBufferPointer { fdp in
+                    sealpost_recvmsg_fds(fd, raw.baseAddress, raw.count, fdp.baseAddress, fdp.count, &nfds, &truncated)
+                }
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { return }
+                shut()
+                return
+            }
+            for i in 0..<nfds { pendingFDs.append((fds[i], receivedBytes)) }
+            if truncated != 0 {
+                protocolError("descriptors were lost in transit")
+                return
+            }
+            if n == 0 {
+                if decoder.bufferedByteCount != 0 || !pendingFDs.isEmpty {
+                    service.logger.warning("tls client closed its connection in the middle of a frame")
+                }
+                shut()
+                return
+            }
+            receivedBytes += UInt64(n)
+            decoder.append(buffer[0..<n])
+            do {
+                while true {
+                    let start = decoder.consumedBytes
+                    guard var frame = try decoder.next() else { break }
+                    try attach(&frame, start: start)
+                    handle(frame)
+                    if closed || closeAfterFlush { return }
+                }
+            } catch {
+                protocolError(error.message)
+                return
+            }
+        }
+    }
+
+    private func attach(_ frame: inout Frame, start: UInt64) throws(ProtocolError) {
+        let wanted = frame.descriptorCount
+        let available = pendingFDs.prefix { $0.offset <= start }.count
+        guard available >= wanted else {
+            throw ProtocolError("\(frame.type.name): \(wanted) fd attribute(s) but \(available) descriptor(s) received with the frame")
+        }
+        if wanted == 0 {
+            if decoder.bufferedByteCount == 0 && !pendingFDs.isEmpty {
+                throw ProtocolError("\(pendingFDs.count) descriptor(s) arrived with no fd attribute to take them")
+            }
+            return
+        }
+        var taken = pendingFDs.prefix(wanted).map(\.fd)
+        pendingFDs.removeFirst(wanted)
+        for i in frame.attributes.indices where frame.attributes[i].value.type == .fd {
+            frame.attributes[i].value = .fd(taken.removeFirst())
+        }
+    }
+
+    private func handle(_ frame: Frame) {
+        switch frame.type {
+        case .hello:
+            guard case .uint(1)? = frame["version"] else {
+                protocolError("HELLO: attribute \"version\": this server speaks version 1")
+                return
+            }
+            send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1),
+                                "software": .text("sealpost-crypto-negotiate 0.1")]), closing: [])
+        case .error:
+            shut()
+        case .negotiate:
+            do {
+                let request = try NegotiationRequest(frame)
+                service.start(request, for: self)
+            } catch {
+                if case .fd(let d)? = frame["socket"], d >= 0 { close(d) }
+                protocolError("\(error)")
+            }
+        default:
+            protocolError("\(frame.type.name): unexpected")
+        }
+    }
+
+    private func protocolError(_ message: String) {
+        service.logger.warning("tls protocol error: \(message)")
+        send(Frame(.error, ["status": .text("5.5.0"), "text": .sanitizedText(message)]), closing: [])
+        closeAfterFlush = true
+        flush()
+    }
+
+    /// Queues a frame (checked against the schema) with its descriptors;
+    /// `closing`: descriptors of ours to close once sent (or dropped).
+    func send(_ frame: Frame, closing: [Int32]) {
+        guard !closed else {
+            for d in closing { close(d) }
+            return
+        }
+        do {
+            try Self.schema.validate(frame, direction: .serverToClient)
+        } catch {
+            service.logger.error("refusing to send an invalid frame: \(error)")
+            for d in closing { close(d) }
+            return
+        }
+        var fds: [Int32] = []
+        for (_, v) in frame.attributes { if case .fd(let d) = v { fds.append(d) } }
+        output.append((FrameEncoder.encode(frame), fds, 0))
+        // The descriptors stay open until sendmsg has passed them.
+        ownedFDs += closing
+        flush()
+    }
+
+    private var ownedFDs: [Int32] = []
+
+    private func flush() {
+        while !closed, !output.isEmpty {
+            var item = output[0]
+            let fdsNow = item.offset == 0 ? item.fds : []
+            let n = item.bytes.withUnsafeBytes { raw in
+                fdsNow.withUnsafeBufferPointer { fdp in
+                    sealpost_sendmsg_fds(fd, raw.baseAddress! + item.offset, raw.count - item.offset, fdp.baseAddress, fdp.count)
+                }
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { return }
+                shut()
+                return
+            }
+            if item.offset == 0 {
+                // Passed: the peer has its own copies now.
+                for d in item.fds where ownedFDs.contains(d) {
+                    close(d)
+                    ownedFDs.removeAll { $0 == d }
+                }
+            }
+            item.offset += n
+            if item.offset == item.bytes.count { output.removeFirst() } else { output[0] = item }
+        }
+        if output.isEmpty && closeAfterFlush { shut() }
+    }
+
+    private func shut() {
+        guard !closed else { return }
+        closed = true
+        service.loop.unregister(fd)
+        close(fd)
+        for p in pendingFDs { close(p.fd) }
+        pendingFDs.removeAll()
+        for d in ownedFDs { close(d) }
+        ownedFDs.removeAll()
+        output.removeAll()
+        listener.connections[fd] = nil
+    }
+}

@@ -1,0 +1,159 @@
+// A single-threaded epoll loop: the relay engine of crypto-negotiate runs
+// thousands of TLS sessions on it. Why not SwiftNIO: the sessions drive
+// OpenSSL directly on the socket (SSL_set_fd), which needs readiness
+// events on raw descriptors and nothing else; NIO's channels would force
+// every byte through memory BIOs and ByteBuffers for no gain.
+//
+// Descriptors are registered edge-triggered: a handler must work until
+// EAGAIN each time it is called (the relay sessions do).
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import COpenSSL
+import CSystemShims
+
+/// Something that reacts to readiness of the descriptors it registered.
+public protocol EventHandler: AnyObject {
+    /// `events`: EPOLLIN/EPOLLOUT/EPOLLHUP/EPOLLERR/EPOLLRDHUP bits.
+    func ready(fd: Int32, events: UInt32)
+}
+
+public final class EventLoop: @unchecked Sendable {
+    private let epfd: Int32
+    private let wakeRead: Int32
+    private let wakeWrite: Int32
+    /// Loop thread only.
+    private var handlers: [Int32: EventHandler] = [:]
+    private var tickers: [(interval: Double, next: Double, body: () -> Void)] = []
+    /// Guarded by `lock`: tasks from other threads.
+    private var lock = pthread_mutex_t()
+    private var tasks: [() -> Void] = []
+    private var stopping = false
+
+    public init() throws {
+        // OpenSSL writes to sockets with write(2), not send(MSG_NOSIGNAL):
+        // a peer that vanished must be EPIPE, not the death of the process.
+        signal(SIGPIPE, SIG_IGN)
+        epfd = epoll_create1(Int32(EPOLL_CLOEXEC))
+        guard epfd >= 0 else { throw TLSError(.configuration, "epoll_create1: \(String(cString: strerror(errno)))") }
+        var p: [Int32] = [-1, -1]
+        guard sealpost_pipe_cloexec(&p) == 0 else {
+            throw TLSError(.configuration, "pipe: \(String(cString: strerror(errno)))")
+        }
+        wakeRead = p[0]
+        wakeWrite = p[1]
+        setNonBlocking(wakeRead)
+        setNonBlocking(wakeWrite)
+        pthread_mutex_init(&lock, nil)
+        var ev = epoll_event()
+        ev.events = EPOLLIN.rawValue
+        ev.data.fd = wakeRead
+        epoll_ctl(epfd, EPOLL_CTL_ADD, wakeRead, &ev)
+    }
+
+    deinit {
+        close(epfd)
+        close(wakeRead)
+        close(wakeWrite)
+        pthread_mutex_destroy(&lock)
+    }
+
+    // MARK: Loop thread API
+
+    /// Watches `fd` (edge-triggered, readable and writable) for `handler`.
+    public func register(_ fd: Int32, _ handler: EventHandler) throws(TLSError) {
+        var ev = epoll_event()
+        ev.events = EPOLLIN.rawValue | EPOLLOUT.rawValue | EPOLLRDHUP.rawValue | EPOLLET.rawValue
+        ev.data.fd = fd
+        guard epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) == 0 else {
+            throw TLSError(.connection, "epoll_ctl add \(fd): \(String(cString: strerror(errno)))")
+        }
+        handlers[fd] = handler
+    }
+
+    /// Stops watching `fd`; call before closing it.
+    public func unregister(_ fd: Int32) {
+        var ev = epoll_event()
+        epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev)
+        handlers[fd] = nil
+    }
+
+    /// Number of descriptors watched (without the wake-up pipe).
+    public var registeredCount: Int { handlers.count }
+
+    /// Calls `body` on the loop thread about every `seconds` (timeouts, file checks).
+    public func every(_ seconds: Double, _ body: @escaping () -> Void) {
+        tickers.append((seconds, monotonicNow() + seconds, body))
+    }
+
+    // MARK: Any thread
+
+    /// Runs `task` on the loop thread, soon.
+    public func execute(_ task: @escaping @Sendable () -> Void) {
+        pthread_mutex_lock(&lock)
+        tasks.append(task)
+        pthread_mutex_unlock(&lock)
+        wake()
+    }
+
+    /// Makes `run()` return after the current iteration.
+    public func stop() {
+        pthread_mutex_lock(&lock)
+        stopping = true
+        pthread_mutex_unlock(&lock)
+        wake()
+    }
+
+    private func wake() {
+        var b: UInt8 = 1
+        _ = write(wakeWrite, &b, 1)   // EAGAIN: a wake-up is already pending
+    }
+
+    /// Runs the loop on the calling thread until `stop()`.
+    public func run() {
+        var events = [epoll_event](repeating: epoll_event(), count: 256)
+        while true {
+            let now = monotonicNow()
+            var timeout: Int32 = 1000
+            for t in tickers { timeout = min(timeout, Int32(max(0, (t.next - now) * 1000))) }
+            let n = epoll_wait(epfd, &events, Int32(events.count), timeout)
+            if n < 0 && errno != EINTR { fatalError("epoll_wait: \(String(cString: strerror(errno)))") }
+            for i in 0..<max(0, Int(n)) {
+                let fd = events[i].data.fd
+                if fd == wakeRead {
+                    var buf = [UInt8](repeating: 0, count: 64)
+                    while read(wakeRead, &buf, buf.count) > 0 {}
+                    continue
+                }
+                // A handler may have closed and unregistered it meanwhile.
+                handlers[fd]?.ready(fd: fd, events: events[i].events)
+            }
+            pthread_mutex_lock(&lock)
+            let pending = tasks
+            tasks.removeAll()
+            let stop = stopping
+            pthread_mutex_unlock(&lock)
+            for task in pending { task() }
+            if stop { return }
+            let after = monotonicNow()
+            for i in tickers.indices where tickers[i].next <= after {
+                tickers[i].next = after + tickers[i].interval
+                tickers[i].body()
+            }
+        }
+    }
+}
+
+/// Seconds on the monotonic clock.
+public func monotonicNow() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// O_NONBLOCK on a descriptor.
+public func setNonBlocking(_ fd: Int32) {
+    let flags = fcntl(fd, F_GETFL)
+    _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+}

@@ -1,0 +1,238 @@
+// The service over its Unix socket: in-process (a loop thread), then the
+// real crypto-negotiate executable, with sockets handed over by the `tls`
+// protocol from the test.
+
+import Foundation
+import Glibc
+import StageProtocol
+import Testing
+@testable import CryptoNegotiation
+@testable import TLS
+
+/// Both roles through one service: a TCP connection whose two ends are
+/// handed over, one as server, one as client; returns the two plaintext
+/// sockets after checking the reports.
+func negotiatePair(_ connection: StageConnection, pkix: Bool = true,
+                   subject: String = "CN=mx.example.test") throws -> (server: Int32, client: Int32) {
+    let listener = try Listener()
+    let clientFD = try connectTCP(listener.port)
+    let serverFD = listener.accept()
+    try connection.send(Frame(.negotiate, ["session": .uint(1), "socket": .fd(serverFD), "role": .text("server"),
+                                           "peer": .text("[127.0.0.1]:test")]))
+    try connection.send(Frame(.negotiate, ["session": .uint(2), "socket": .fd(clientFD), "role": .text("client"),
+                                           "server-name": .text("mx.example.test"),
+                                           "policy": .text(pkix ? "pkix" : "none")]))
+    // Ours are duplicates now: the service holds its own.
+    close(serverFD)
+    close(clientFD)
+    var plain: [UInt64: Int32] = [:]
+    while plain.count < 2 {
+        let f = try #require(try connection.receive())
+        #expect(f.type == .negotiated, "\(f)")
+        guard f.type == .negotiated else { throw TestFailure("\(f)") }
+        plain[try f.uint("session")] = try f.fd("plaintext")
+        #expect(try f.text("protocol") == "TLSv1.3")
+        #expect(try f.text("server-name") == "mx.example.test")
+        if try f.uint("session") == 2 {
+            #expect(try f.text("authentication") == (pkix ? "pkix" : "encrypted"))
+            #expect(try f.text("peer-subject") == subject)
+            #expect(try f.text("peer-spki").count == 64)
+        }
+    }
+    return (plain[1]!, plain[2]!)
+}
+
+/// Exchanges a line each way and closes both; expects two CLOSED frames.
+func exchangeAndClose(_ connection: StageConnection, _ p: (server: Int32, client: Int32)) throws {
+    try writeAll(p.client, Array("EHLO client.example\r\n".utf8))
+    shutdown(p.client, Int32(SHUT_WR))
+    #expect(try readToEOF(p.server) == Array("EHLO client.example\r\n".utf8))
+    try writeAll(p.server, Array("250 mx.example.test\r\n".utf8))
+    close(p.server)
+    #expect(try readToEOF(p.client) == Array("250 mx.example.test\r\n".utf8))
+    close(p.client)
+    var closed: Set<UInt64> = []
+    while closed.count < 2 {
+        let f = try #require(try connection.receive())
+        #expect(f.type == .closed, "\(f)")
+        guard f.type == .closed else { throw TestFailure("\(f)") }
+        closed.insert(try f.uint("session"))
+        #expect(try f.bool("close-notify", default: false))
+        #expect(try f.text("reason") == "closed")
+    }
+}
+
+func tlsConfigText(_ pki: TestPKI) -> String {
+    """
+    [tls]
+    ca_file = "\(pki.path("ca.pem"))"
+    handshake_timeout = 30
+    [[tls.certificate]]
+    cert = "\(pki.path("leaf-ec.pem"))"
+    key = "\(pki.path("leaf-ec.key"))"
+    [[tls.certificate]]
+    cert = "\(pki.path("other.pem"))"
+    key = "\(pki.path("other.key"))"
+    names = ["other.example.test"]
+    """
+}
+
+@Suite struct InProcessServiceTests {
+    @Test func bothRolesThroughTheSocket() throws {
+        let pki = try TestPKI.get()
+        let config = try TLSConfiguration.parse(text: tlsConfigText(pki), file: pki.path("tls.toml"))
+        let service = try NegotiationService(configuration: config)
+        let path = pki.path("tls-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock")
+        try service.listen(path: path)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread { service.run(); done.signal() }
+        defer { service.stop(); done.wait(); unlink(path) }
+
+        var st = stat()
+        #expect(stat(path, &st) == 0 && st.st_mode & 0o777 == 0o660)
+        let c = try StageConnection.connect(path: path)
+        let hello = try c.clientHello(.tls, extra: [("software", .text("sealpost-test"))])
+        #expect(try hello.text("protocol") == "tls")
+        try exchangeAndClose(c, try negotiatePair(c))
+
+        // Unknown CA bundle: FAILED 4.3.5, the socket is closed by the service.
+        let listener = try Listener()
+        let fd = try connectTCP(listener.port)
+        let accepted = listener.accept()
+        defer { close(accepted) }
+        try c.send(Frame(.negotiate, ["session": .uint(3), "socket": .fd(fd), "role": .text("client"),
+                                      "ca": .text("nonexistent")]))
+        close(fd)
+        let f = try #require(try c.receive())
+        #expect(f.type == .failed)
+        #expect(try f.text("status") == "4.3.5")
+        #expect(try f.text("text").contains("no CA bundle named \"nonexistent\""))
+        var b: UInt8 = 0
+        #expect(read(accepted, &b, 1) == 0)
+    }
+
+    @Test func reloadServesNewCertificatesAndKeepsSessions() throws {
+        let pki = try TestPKI.get()
+        let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try shell("cp leaf-ec.pem r-\(tag).pem && cp leaf-ec.key r-\(tag).key", in: pki.dir)
+        let config = try TLSConfiguration.parse(text: """
+            [tls]
+            ca_file = "ca.pem"
+            [[tls.certificate]]
+            cert = "r-\(tag).pem"
+            key = "r-\(tag).key"
+            """, file: pki.path("tls.toml"))
+        let service = try NegotiationService(configuration: config)
+        let path = pki.path("tls-\(tag).sock")
+        try service.listen(path: path)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread { service.run(); done.signal() }
+        defer { service.stop(); done.wait(); unlink(path) }
+        let c = try StageConnection.connect(path: path)
+        try c.clientHello(.tls)
+        let old = try negotiatePair(c)
+        // New files, reload: the session made before goes on...
+        try shell("cp other.pem r-\(tag).pem && cp other.key r-\(tag).key", in: pki.dir)
+        let reloaded = Box<Bool>()
+        service.reload { reloaded.put($0) }
+        #expect(try reloaded.take())
+        try exchangeAndClose(c, old)
+        // ... and new handshakes get the new certificate.
+        try exchangeAndClose(c, try negotiatePair(c, pkix: false, subject: "CN=other.example.test"))
+    }
+
+    @Test func protocolViolationGetsAnError() throws {
+        let pki = try TestPKI.get()
+        let service = try NegotiationService(configuration: try TLSConfiguration.parse(text: tlsConfigText(pki), file: pki.path("tls.toml")))
+        let path = pki.path("tls-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock")
+        try service.listen(path: path)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread { service.run(); done.signal() }
+        defer { service.stop(); done.wait(); unlink(path) }
+        // A NEGOTIATE with an fd attribute but no descriptor: refused.
+        let fd = sealpost_unix_connect_for_test(path)
+        defer { close(fd) }
+        var hello: [UInt8] = []
+        FrameEncoder.encode(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]), into: &hello)
+        FrameEncoder.encode(Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("server")]), into: &hello)
+        try writeAll(fd, hello)
+        let reply = try readToEOF(fd)
+        var d = FrameDecoder(protocol: .tls, direction: .serverToClient)
+        d.append(reply)
+        #expect(try d.next()?.type == .hello)
+        let error = try #require(try d.next())
+        #expect(error.type == .error)
+        #expect(try error.text("text").contains("descriptor"))
+    }
+}
+
+import CSystemShims
+func sealpost_unix_connect_for_test(_ path: String) -> Int32 { sealpost_unix_connect(path) }
+
+@Suite struct ProcessTests {
+    /// The built crypto-negotiate next to the test bundle.
+    static func executable() throws -> String {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        guard n > 0 else { throw TestFailure("readlink /proc/self/exe") }
+        let exe = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        var dir = String(exe[..<exe.lastIndex(of: "/")!])
+        if dir.hasSuffix(".xctest/Contents/MacOS") { dir = String(dir.dropLast(".xctest/Contents/MacOS".count)) }
+        let path = dir + "/crypto-negotiate"
+        guard access(path, X_OK) == 0 else { throw TestFailure("\(path) not built: run swift build first") }
+        return path
+    }
+
+    @Test func realProcessServesBothRolesAndStopsOnSIGTERM() throws {
+        let pki = try TestPKI.get()
+        let data = pki.path("data-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try shell("mkdir -p '\(data)/run'", in: pki.dir)
+        let mainConfig = data + "/sealpost.toml"
+        try "[sealpost]\ndata_directory = \"\(data)\"\n".write(toFile: mainConfig, atomically: true, encoding: .utf8)
+        let tlsConfig = data + "/tls.toml"
+        try tlsConfigText(pki).write(toFile: tlsConfig, atomically: true, encoding: .utf8)
+        // As root, the stage drops to "nobody" and chroots into the data
+        // directory (it must create its socket there as that user).
+        let root = geteuid() == 0
+        if root { try shell("chown nobody '\(data)/run'", in: pki.dir) }
+        let child = try Child([try Self.executable()], environment: ["SEALPOST_CONFIG": mainConfig,
+                                                                   "SEALPOST_TLS_CONFIG": tlsConfig,
+                                                                   "SEALPOST_USER": "nobody"])
+        #expect(child.waitFor(root ? "listening on /run/tls" : "listening on \(data)/run/tls"), "\(child.output)")
+        let c = try StageConnection.connect(path: data + "/run/tls")
+        try c.clientHello(.tls)
+        try exchangeAndClose(c, try negotiatePair(c))
+        // A SIGHUP reloads; sessions after it still work. Chrooted, the
+        // files are out of reach: the certificates loaded at start stay.
+        kill(child.pid, SIGHUP)
+        if root {
+            #expect(child.waitFor("warning: reload failed, keeping the certificates loaded before"), "\(child.output)")
+        } else {
+            #expect(child.waitFor("reloaded 2 certificate(s)"))
+        }
+        try exchangeAndClose(c, try negotiatePair(c, pkix: false))
+        c.close()
+        kill(child.pid, SIGTERM)
+        #expect(child.finish() == 0, "\(child.output)")
+        #expect(child.output.contains("crypto-negotiate["))
+        #expect(child.output.contains("authentication=pkix"))
+        #expect(access(data + "/run/tls", F_OK) != 0)
+        if root {
+            var st = stat()
+            #expect(stat(data + "/run/tls", &st) != 0)
+            #expect(getpwnam("nobody") != nil)
+        }
+    }
+
+    @Test func unreadableKeyIsAConfigurationError() throws {
+        let pki = try TestPKI.get()
+        let data = pki.path("data-bad-\(getpid())")
+        try shell("mkdir -p '\(data)/run'", in: pki.dir)
+        try "[sealpost]\ndata_directory = \"\(data)\"\n".write(toFile: data + "/sealpost.toml", atomically: true, encoding: .utf8)
+        try "[tls]\n[[tls.certificate]]\ncert = \"\(pki.path("leaf-ec.pem"))\"\nkey = \"/nonexistent.key\"\n"
+            .write(toFile: data + "/tls.toml", atomically: true, encoding: .utf8)
+        let child = try Child([try Self.executable()], environment: ["SEALPOST_CONFIG": data + "/sealpost.toml"])
+        #expect(child.finish() == 78)
+        #expect(child.output.contains("fatal: private key /nonexistent.key"), "\(child.output)")
+    }
+}
