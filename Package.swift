@@ -129,7 +129,7 @@ let package = Package(
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "RemoteDeliveryTests", dependencies: [
-            "RemoteDelivery", "SMTP", "DNS", "StageProtocol", "SealpostConfig", "CSystemShims",
+            "RemoteDelivery", "SMTP", "DNS", "CryptoNegotiation", "StageProtocol", "SealpostConfig", "CSystemShims",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),

@@ -286,7 +286,8 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         }
         var clientPolicy = SMTPClientPolicy(hostname: settings.hostname)
         clientPolicy.tls = security.requirement.clientMode
-        if clientPolicy.tls == .opportunistic && (plaintext || tlsHandOff == nil) {
+        let handOff = tlsHandOff.flatMap { $0.isAvailable ? $0 : nil }
+        if clientPolicy.tls == .opportunistic && (plaintext || handOff == nil) {
             // RFC 7435: clear text rather than no delivery.
             clientPolicy.tls = .none
         }
@@ -298,7 +299,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
                                         sourceIPv4: settings.sourceIPv4, sourceIPv6: settings.sourceIPv6)
         let (connection, future) = SMTPConnection.open(on: eventLoop, candidate: candidate, cacheKey: state.key ?? "",
                                                        policy: clientPolicy, message: state.message(), body: state.job.body,
-                                                       options: options, handOff: tlsHandOff, tlsRequest: request)
+                                                       options: options, handOff: handOff, tlsRequest: request)
         future.whenSuccess { [self] outcome in
             apply(outcome, connection: connection, to: state, plaintext: plaintext)
             next(state)

@@ -29,7 +29,7 @@
 //
 //      TLS: the destination policy (static: the transport table's tls=,
 //      default "may") decides the requirement. STARTTLS goes through
-//      crypto-negotiate when a TLS hand-off is configured; without one,
+//      crypto-negotiate (run/tls) when it is running; without it,
 //      opportunistic TLS falls back to clear text and levels that require
 //      TLS defer (4.7.4/4.7.5). A failed handshake under "may" is retried
 //      once in clear text (RFC 7435).
@@ -39,6 +39,10 @@
 //                    (Pipeline/PROTOCOL.md section 4.3), max-jobs 100 by
 //                    default. The queue may restart at any time: the stage
 //                    reconnects with a pause growing from 0.1 s to 5 s.
+//      run/tls       client, protocol `tls` (section 4.5), one short
+//                    connection per STARTTLS: the TCP socket goes to
+//                    crypto-negotiate, a plaintext socket comes back. Used
+//                    while the socket exists; otherwise "may" is clear text.
 //      TCP           outgoing SMTP connections (port 25 or the next hop's).
 //
 // ENVIRONMENT
@@ -115,7 +119,8 @@ do {
 let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 let agent = RemoteDeliveryAgent(
     eventLoop: group.next(), settings: settings, transports: transports,
-    resolver: resolver, policy: StaticDestinationPolicy(), tlsHandOff: nil,
+    resolver: resolver, policy: StaticDestinationPolicy(),
+    tlsHandOff: CryptoNegotiateHandOff(socketPath: paths.runtimeDirectory + "/tls"),
     log: RemoteDeliveryLog(info: { logger.info("\($0)") }, warning: { logger.warning("\($0)") }))
 let client = QueueClient(socketPath: paths.deliverSocket, agent: agent)
 logger.info("starting: max-jobs=\(settings.maxJobs), destination concurrency \(settings.destinationConcurrencyLimit), \(transports.entries.count) transport table entries, helo=\(settings.hostname)")

@@ -47,6 +47,9 @@ struct SinkScript: Sendable {
     var dataEnd = "250 2.0.0 Ok: queued as SINK1"
     /// Close the connection right after the terminating dot, no reply.
     var hangUpAfterDot = false
+    /// STARTTLS support: offered in EHLO, and after "220" the socket goes
+    /// to this function, which returns the plaintext socket (or -1).
+    var startTLS: (@Sendable (Int32) -> Int32)?
 }
 
 /// One message as the sink got it.
@@ -110,7 +113,9 @@ final class TestSink: Sendable {
         }
     }
 
-    private func serve(_ c: Int32) {
+    private func serve(_ socket: Int32) {
+        var c = socket
+        var tlsActive = false
         defer { close(c) }
         var buffer: [UInt8] = []
         func send(_ line: String) { let b = Array((line + "\r\n").utf8); _ = b.withUnsafeBytes { write(c, $0.baseAddress, $0.count) } }
@@ -141,7 +146,20 @@ final class TestSink: Sendable {
             state.withLock { $0.commands.append(command) }
             let upper = command.uppercased()
             if upper.hasPrefix("EHLO") {
-                for l in script.ehlo { send(l) }
+                var lines = script.ehlo
+                if script.startTLS != nil && !tlsActive {
+                    lines[lines.count - 1] = "250-" + lines[lines.count - 1].dropFirst(4)
+                    lines.append("250 STARTTLS")
+                }
+                for l in lines { send(l) }
+            } else if upper == "STARTTLS", let handOff = script.startTLS, !tlsActive {
+                send("220 2.0.0 Ready to start TLS")
+                let plaintext = handOff(c)   // takes the socket
+                guard plaintext >= 0 else { c = -1; return }
+                c = plaintext
+                buffer = []
+                tlsActive = true
+                state.withLock { $0.commands.append("(TLS)") }
             } else if upper.hasPrefix("HELO") {
                 send("250 sink.test")
             } else if upper.hasPrefix("MAIL FROM:") {
@@ -256,4 +274,11 @@ func makeJob(_ id: UInt64 = 1, to recipients: [String], body: String = "Subject:
     job.body = [Array(body.utf8)]
     job.nexthop = nexthop
     return job
+}
+
+/// One event loop for a test.
+struct MultiThreadedEventLoopGroupHolder {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    var loop: EventLoop { group.next() }
+    func shutdown() async { try? await group.shutdownGracefully() }
 }
