@@ -68,6 +68,12 @@ public struct SMTPServiceSettings: Sendable {
     public var timeouts = SMTPTimeouts()
     /// Software name in the greeting and Received.
     public var softwareName = "Sealpost"
+    /// crypto-negotiate's socket (a path usable after the chroot); nil: no
+    /// TLS (no certificate configured): neither STARTTLS nor port 465.
+    public var tlsSocket: String?
+    /// How long a session waits for crypto-negotiate's answer to a
+    /// NEGOTIATE before it gives up (its handshake timeout, plus a margin).
+    public var tlsHandoffTimeout: Int64 = 70
 
     public init(hostname: String, injectSocket: String, localDomains: [String] = ["localhost"]) {
         self.hostname = hostname
@@ -77,10 +83,14 @@ public struct SMTPServiceSettings: Sendable {
 
     /// From the configuration; `injectSocket` as returned by
     /// `StageRuntime.dropPrivileges` (rebased when chrooted).
-    public init(config: SealpostConfiguration, injectSocket: String) {
+    /// `tlsSocket`: crypto-negotiate's socket as usable after the chroot;
+    /// ignored when the configuration has no certificate.
+    public init(config: SealpostConfiguration, injectSocket: String, tlsSocket: String? = nil) {
         self.init(hostname: config.hostname, injectSocket: injectSocket, localDomains: config.local.domains)
         limits.recipients = config.queue.recipientLimit
         limits.messageSize = UInt64(max(0, config.queue.messageSizeLimit))
+        self.tlsSocket = config.tls.certificates.isEmpty ? nil : tlsSocket
+        tlsHandoffTimeout = Int64(config.tls.handshakeTimeout) + 10
     }
 
     /// The session policy for one kind of listener.
@@ -93,10 +103,10 @@ public struct SMTPServiceSettings: Sendable {
         p.maxMessageSize = limits.messageSize
         p.maxErrors = limits.errors
         p.relay = RelayPolicy(localDomains: Set(localDomains), relayDomains: Set(relayDomains))
-        // No TLS process yet (crypto-negotiate): STARTTLS is not offered,
-        // and AUTH stays off until a password backend exists (see
-        // PasswordFile.swift). A submission port therefore accepts no mail
-        // yet from anyone: RFC 6409 requires authentication there.
+        // STARTTLS is offered per session while crypto-negotiate is
+        // reachable (the session handler sets tlsAvailable). AUTH stays off
+        // until a password backend exists: a submission port therefore
+        // accepts no mail yet from anyone (RFC 6409 requires authentication).
         p.tlsAvailable = false
         p.auth = .never
         p.isSubmission = kind != .smtp

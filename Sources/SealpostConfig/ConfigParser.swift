@@ -19,6 +19,7 @@ struct ConfigParser {
                   "message_size_limit", "recipient_limit", "map_size", "map_size_limit"],
         "local": ["domains", "accounts", "users", "mailbox", "aliases"],
         "smtp": ["listen", "submission", "smtps"],
+        "tls": ConfigParser.tlsKeys,
     ]
 
     /// sun_path of struct sockaddr_un holds 108 bytes with the NUL.
@@ -32,7 +33,8 @@ struct ConfigParser {
     }
 
     func error(_ section: String, _ key: String?, _ message: String) -> ConfigError {
-        let path = [section] + (key.map { [$0] } ?? [])
+        // A nested section ("tls.certificates.0") is a path of its own.
+        let path = section.split(separator: ".").map(String.init) + (key.map { [$0] } ?? [])
         return ConfigError(file: file, line: index.line(of: path),
                            key: path.joined(separator: "."), message: message)
     }
@@ -201,6 +203,9 @@ struct ConfigParser {
             default: configuration.smtp.smtps = addresses
             }
         }
+
+        // [tls] (TLSSettings.swift)
+        try parseTLS(root["tls"]?.table, into: &configuration)
         return configuration
     }
 

@@ -4,6 +4,7 @@
 // sink — so the SMTP conversation after STARTTLS really runs over TLS.
 
 import Testing
+import SealpostConfig
 import CryptoNegotiation
 import StageProtocol
 import SMTP
@@ -28,11 +29,11 @@ final class TLSService: @unchecked Sendable {
             [tls]
             ca_file = "\(dir)/mx.pem"
             handshake_timeout = 30
-            [[tls.certificate]]
+            [[tls.certificates]]
             cert = "\(dir)/mx.pem"
             key = "\(dir)/mx.key"
             """
-        service = try NegotiationService(configuration: try TLSConfiguration.parse(text: text, file: dir + "/tls.toml"))
+        service = try NegotiationService(configuration: TLSConfiguration(try SealpostConfiguration.parse(text: text, file: dir + "/sealpost.toml").tls))
         socketPath = dir + "/tls"
         try service.listen(path: socketPath)
         let s = service
