@@ -13,6 +13,12 @@
 // (5 min), message data for `timeouts.dataBlock` (3 min); while the queue
 // decides, the client is not timed (the inject transaction has its own
 // timeout). A timeout ends the session with 421 4.4.2.
+//
+// AUTH: the password check (Argon2id, slow by design) runs on the server's
+// verification thread pool, never on the event loop; the session buffers
+// what the client pipelines meanwhile. A failed check is answered 535 5.7.8
+// after `timeouts.authFailureDelayMilliseconds` (a timer, not a sleep), and
+// counts toward the error limit like any error reply.
 
 import Logging
 import MailMessage
@@ -87,7 +93,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             return
         }
         server.logger.info("\(SessionLog.connect(client))")
-        var policy = settings.policy(for: kind)
+        var policy = settings.policy(for: kind, client: clientAddress)
         policy.maxPendingInput = 256 * 1024
         let info = SMTPClientInfo(address: clientAddress, hostname: nil, isTrusted: settings.isTrusted(clientAddress))
         session = SMTPServerSession(policy: policy, client: info)
@@ -201,10 +207,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
                 inMessage = false
                 inject?.abort()
                 inject = nil
-            case .authenticate:
-                // AUTH is never offered yet (no password backend): a
-                // session cannot get here, but answer safely if it does.
-                perform(session!.authResult(.temporaryFailure))
+            case .authenticate(let credentials):
+                authenticate(credentials, context: context)
             case .log(let event):
                 log(event)
             }
@@ -212,6 +216,48 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         flushOutput(context: context)
         armTimer()
         resumeReadingIfWanted()
+    }
+
+    // MARK: - AUTH
+
+    private func authenticate(_ credentials: SMTPCredentials, context: ChannelHandlerContext) {
+        let server = self.server
+        guard let authenticator = server.settings.authenticator else {
+            // AUTH is offered only with a password file; answer safely anyway.
+            perform(session!.authResult(.temporaryFailure))
+            return
+        }
+        guard server.beginAuthentication() else {
+            server.logger.warning("\(client): SASL \(credentials.mechanism.rawValue) authentication deferred: \(server.settings.maxPendingAuthentications) password checks already pending")
+            perform(session!.authResult(.temporaryFailure))
+            return
+        }
+        let check = SMTPServerCore.verificationPool.runIfActive(eventLoop: context.eventLoop) {
+            authenticator.verify(username: credentials.username, password: credentials.password,
+                                 authorizationIdentity: credentials.authorizationIdentity)
+        }
+        check.assumeIsolated().whenComplete { [weak self] result in
+            server.endAuthentication()
+            guard let self else { return }
+            switch result {
+            case .success(true):
+                self.authAnswered(.success)
+            case .success(false):
+                let delay = server.settings.timeouts.authFailureDelayMilliseconds
+                guard delay > 0, let context = self.context else { return self.authAnswered(.failure) }
+                context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(delay)) { [weak self] in
+                    self?.authAnswered(.failure)
+                }
+            case .failure(let error):
+                server.logger.warning("\(self.client): password check failed: \(error)")
+                self.authAnswered(.temporaryFailure)
+            }
+        }
+    }
+
+    private func authAnswered(_ result: SMTPAuthResult) {
+        guard let context, context.channel.isActive, session != nil else { return }
+        perform(session!.authResult(result))
     }
 
     private func flushOutput(context: ChannelHandlerContext) {
