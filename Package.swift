@@ -64,6 +64,8 @@ let package = Package(
         ]),
         .target(name: "MailMessage"),
         .target(name: "SMTP"),
+        // The SMTP AUTH password file and sender ownership (smtp-listen, sealpost user).
+        .target(name: "Accounts", dependencies: ["Sodium", "SealpostConfig"]),
         .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol"]),
         .target(name: "QueueService", dependencies: [
             "Spool", "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
@@ -76,7 +78,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "SMTPService", dependencies: [
-            "SMTP", "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims",
+            "SMTP", "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims", "Accounts",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -112,7 +114,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "sealpost", dependencies: [
-            "StageProtocol", "StageRuntime", "SealpostConfig",
+            "StageProtocol", "StageRuntime", "SealpostConfig", "Accounts", "Sodium",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "smtp-listen", dependencies: [
@@ -139,8 +141,9 @@ let package = Package(
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
+        .testTarget(name: "AccountsTests", dependencies: ["Accounts", "Sodium"]),
         .testTarget(name: "SMTPServiceTests", dependencies: [
-            "SMTPService", "SMTP", "StageProtocol", "CSystemShims",
+            "SMTPService", "SMTP", "StageProtocol", "CSystemShims", "Accounts", "Sodium",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOPosix", package: "swift-nio"),

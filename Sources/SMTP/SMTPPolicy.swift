@@ -45,6 +45,11 @@ public struct SMTPServerPolicy: Sendable {
     /// while TLS is not active).
     public var tlsAvailable = false
     public var auth: SMTPAuthAvailability = .never
+    /// Whether an authenticated user may use a MAIL FROM path; false
+    /// refuses MAIL with 553 5.7.1 (Postfix's reject_sender_login_mismatch).
+    /// nil: any sender. Called with the authenticated user and the
+    /// reverse-path (null for <>) only once the path parsed.
+    public var senderAllowed: (@Sendable (_ user: String, _ sender: SMTPPath) -> Bool)?
     /// Refuse 8-bit octets in the header section unless SMTPUTF8 was given
     /// (RFC 6532 header fields need SMTPUTF8 transport).
     public var reject8BitHeaders = true

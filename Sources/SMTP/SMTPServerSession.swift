@@ -662,6 +662,10 @@ public struct SMTPServerSession: Sendable {
         guard path.isASCII || params.smtputf8 else {
             return respond("MAIL", SMTPReply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"), detail: "from=\(path)")
         }
+        if let user = authenticatedUser, let allowed = policy.senderAllowed, !allowed(user, path) {
+            return respond("MAIL", SMTPReply(553, "5.7.1", "\(path): Sender address rejected: not owned by the authenticated user"),
+                           detail: "from=\(path)")
+        }
         // RFC 4954 section 5: an AUTH= from an unauthenticated client is not trusted.
         if authenticatedUser == nil { params.auth = nil }
         transaction = Transaction(sender: path, parameters: params)

@@ -27,6 +27,32 @@ final class SMTPServerCore: Sendable {
     let settings: SMTPServiceSettings
     let logger: Logger
     private let state = NIOLockedValueBox(State())
+    private let pendingAuthentications = NIOLockedValueBox(0)
+
+    /// Where AUTH password checks run (Argon2id takes tens of milliseconds
+    /// and 64 MiB each: never on an event loop). One pool per process,
+    /// started on first use and never stopped: stopping a NIOThreadPool
+    /// goes through libdispatch, which traps inside smtp-listen's chroot.
+    /// At most 4 threads, so at most 4 checks hold their memory at once.
+    static let verificationPool: NIOThreadPool = {
+        let pool = NIOThreadPool(numberOfThreads: max(1, min(4, System.coreCount)))
+        pool.start()
+        return pool
+    }()
+
+    /// Reserves a place for a password check; false when
+    /// `maxPendingAuthentications` are already waiting or running.
+    func beginAuthentication() -> Bool {
+        pendingAuthentications.withLockedValue { n in
+            guard n < settings.maxPendingAuthentications else { return false }
+            n += 1
+            return true
+        }
+    }
+
+    func endAuthentication() {
+        pendingAuthentications.withLockedValue { $0 -= 1 }
+    }
 
     struct State {
         var perClient: [String: Int] = [:]

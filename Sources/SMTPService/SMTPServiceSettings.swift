@@ -1,16 +1,18 @@
 // What smtp-listen needs to know, in one place: names, the inject socket,
-// relay control, limits and timeouts. Built from the configuration by
-// `SMTPServiceSettings(config:injectSocket:)`; tests build it directly.
+// relay control, limits, timeouts and SMTP AUTH. Built from the
+// configuration by `SMTPServiceSettings(config:injectSocket:authenticator:)`
+// ([smtp] in Config/sealpost.toml); tests build it directly.
 //
-// Limits that the configuration file does not have yet are constants here
-// (`SMTPLimits`), documented once. Keys proposed for [smtp] in
-// Config/sealpost.toml (the SealpostConfig module belongs to the lead):
-//   relay_domains = []                       domains we relay for from anyone
-//   trusted_networks = ["127.0.0.0/8", "::1/128"]   may relay anywhere
-//   command_line_limit = 512, text_line_limit = 1000, error_limit = 20,
-//   client_connection_limit = 50, command_timeout = "300s",
-//   data_timeout = "180s", queue_reply_timeout = "300s"
+// AUTH (RFC 4954) is offered on the submission listeners only, and only
+// when a password file was loaded (`authenticator`): on port 25 it would
+// only invite password guessing. Where it is offered:
+// - to loopback clients (127.0.0.0/8, ::1) at once: their traffic never
+//   leaves the host, so a password sent in clear text cannot be sniffed;
+// - to everyone else only after STARTTLS (`.afterTLS`), so it stays off
+//   for them while smtp-listen has no TLS, and turns on by itself when
+//   STARTTLS is offered (`tlsAvailable`).
 
+import Accounts
 import SMTP
 import SealpostConfig
 
@@ -48,6 +50,10 @@ public struct SMTPTimeouts: Sendable, Hashable {
     /// Waiting for the queue's answer to END. The client waits 10 minutes
     /// for the reply to the final dot (4.5.3.2.6): answer 451 well before.
     public var queueReply: Int64 = 300
+    /// Milliseconds before a 535 (failed AUTH) is sent, on top of the
+    /// password check itself, as Postfix's smtpd_error_sleep_time slows
+    /// a password guesser down. A timer: the event loop never sleeps.
+    public var authFailureDelayMilliseconds: Int64 = 1000
 
     public init() {}
 }
@@ -59,10 +65,10 @@ public struct SMTPServiceSettings: Sendable {
     public var injectSocket: String
     /// Domains delivered here (`local.domains`), lower-cased.
     public var localDomains: [String]
-    /// Domains we accept mail for from anyone and relay (proposed
-    /// `smtp.relay_domains`); ".example.org" matches every subdomain.
+    /// Domains we accept mail for from anyone and relay
+    /// (`smtp.relay_domains`); ".example.org" matches every subdomain.
     public var relayDomains: [String] = []
-    /// Clients that may relay anywhere (proposed `smtp.trusted_networks`).
+    /// Clients that may relay anywhere (`smtp.trusted_networks`).
     public var trustedNetworks: [NetworkPrefix] = NetworkPrefix.defaultTrusted
     public var limits = SMTPLimits()
     public var timeouts = SMTPTimeouts()
@@ -74,6 +80,16 @@ public struct SMTPServiceSettings: Sendable {
     /// How long a session waits for crypto-negotiate's answer to a
     /// NEGOTIATE before it gives up (its handshake timeout, plus a margin).
     public var tlsHandoffTimeout: Int64 = 70
+    /// The loaded password file; nil: AUTH is not offered anywhere (and
+    /// the submission listeners refuse MAIL with 530 5.7.0).
+    public var authenticator: Authenticator?
+    /// An authenticated client may use only the senders its account owns
+    /// (`smtp.sender_login_match`).
+    public var senderLoginMatch = true
+    /// Password checks waiting or running at once, over all sessions;
+    /// beyond, AUTH gets 454 4.7.0 rather than queueing without bound
+    /// (each check takes ~64 MiB and tens of milliseconds).
+    public var maxPendingAuthentications = 32
 
     public init(hostname: String, injectSocket: String, localDomains: [String] = ["localhost"]) {
         self.hostname = hostname
@@ -85,15 +101,48 @@ public struct SMTPServiceSettings: Sendable {
     /// `StageRuntime.dropPrivileges` (rebased when chrooted).
     /// `tlsSocket`: crypto-negotiate's socket as usable after the chroot;
     /// ignored when the configuration has no certificate.
-    public init(config: SealpostConfiguration, injectSocket: String, tlsSocket: String? = nil) {
+    public init(config: SealpostConfiguration, injectSocket: String, tlsSocket: String? = nil,
+                authenticator: Authenticator? = nil) {
         self.init(hostname: config.hostname, injectSocket: injectSocket, localDomains: config.local.domains)
         limits.recipients = config.queue.recipientLimit
         limits.messageSize = UInt64(max(0, config.queue.messageSizeLimit))
+        let smtp = config.smtp
+        relayDomains = smtp.relayDomains
+        // Validated by SealpostConfig with the same rules.
+        trustedNetworks = smtp.trustedNetworks.compactMap(NetworkPrefix.init)
+        limits.commandLine = smtp.commandLineLimit
+        limits.textLine = smtp.textLineLimit
+        limits.errors = smtp.errorLimit
+        limits.sessionsPerClient = smtp.clientConnectionLimit == 0 ? Int.max : smtp.clientConnectionLimit
+        timeouts.command = Int64(smtp.commandTimeout)
+        timeouts.dataBlock = Int64(smtp.dataTimeout)
+        senderLoginMatch = smtp.senderLoginMatch
+        self.authenticator = authenticator
         self.tlsSocket = config.tls.certificates.isEmpty ? nil : tlsSocket
         tlsHandoffTimeout = Int64(config.tls.handshakeTimeout) + 10
     }
 
-    /// The session policy for one kind of listener.
+    /// The session policy for one kind of listener and client.
+    public func policy(for kind: ListenerKind, client address: String) -> SMTPServerPolicy {
+        var p = policy(for: kind)
+        if kind != .smtp, let authenticator {
+            p.auth = Self.isLoopback(address) ? .always : .afterTLS
+            if senderLoginMatch {
+                p.senderAllowed = { user, sender in authenticator.owns(user: user, sender: sender.address) }
+            }
+        }
+        return p
+    }
+
+    /// 127.0.0.0/8 or ::1 (also as ::ffff:127.x.y.z).
+    static func isLoopback(_ address: String) -> Bool {
+        loopback.contains { $0.contains(address) }
+    }
+
+    private static let loopback = [NetworkPrefix("127.0.0.0/8")!, NetworkPrefix("::1/128")!]
+
+    /// The session policy for one kind of listener, AUTH left out (see
+    /// `policy(for:client:)`).
     public func policy(for kind: ListenerKind) -> SMTPServerPolicy {
         var p = SMTPServerPolicy(hostname: hostname)
         p.softwareName = softwareName
@@ -104,9 +153,10 @@ public struct SMTPServiceSettings: Sendable {
         p.maxErrors = limits.errors
         p.relay = RelayPolicy(localDomains: Set(localDomains), relayDomains: Set(relayDomains))
         // STARTTLS is offered per session while crypto-negotiate is
-        // reachable (the session handler sets tlsAvailable). AUTH stays off
-        // until a password backend exists: a submission port therefore
-        // accepts no mail yet from anyone (RFC 6409 requires authentication).
+        // reachable (the session handler sets tlsAvailable); AUTH is decided
+        // per client in `policy(for:client:)`; without it a submission port
+        // accepts no mail (RFC 6409 requires authentication there): MAIL
+        // gets 530 5.7.0.
         p.tlsAvailable = false
         p.auth = .never
         p.isSubmission = kind != .smtp

@@ -23,6 +23,12 @@
 // (5 min), message data for `timeouts.dataBlock` (3 min); while the queue
 // decides, the client is not timed (the inject transaction has its own
 // timeout). A timeout ends the session with 421 4.4.2.
+//
+// AUTH: the password check (Argon2id, slow by design) runs on the server's
+// verification thread pool, never on the event loop; the session buffers
+// what the client pipelines meanwhile. A failed check is answered 535 5.7.8
+// after `timeouts.authFailureDelayMilliseconds` (a timer, not a sleep), and
+// counts toward the error limit like any error reply.
 
 import Logging
 import MailMessage
@@ -139,7 +145,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         if let tls = tlsAtStart {
             server.logger.info("\(client): TLS: \(tls.summary)\(tls.serverName.map { ", sni=\($0)" } ?? "")")
         }
-        var policy = settings.policy(for: kind)
+        var policy = settings.policy(for: kind, client: clientAddress)
         policy.maxPendingInput = 256 * 1024
         // STARTTLS only on a TCP channel, and only while crypto-negotiate
         // is there to take it (otherwise the verb is not even advertised).
@@ -282,10 +288,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
                 inMessage = false
                 inject?.abort()
                 inject = nil
-            case .authenticate:
-                // AUTH is never offered yet (no password backend): a
-                // session cannot get here, but answer safely if it does.
-                perform(session!.authResult(.temporaryFailure))
+            case .authenticate(let credentials):
+                authenticate(credentials, context: context)
             case .log(let event):
                 log(event)
             }
@@ -299,6 +303,49 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         armTimer()
         resumeReadingIfWanted()
     }
+
+    // MARK: - AUTH
+
+    private func authenticate(_ credentials: SMTPCredentials, context: ChannelHandlerContext) {
+        let server = self.server
+        guard let authenticator = server.settings.authenticator else {
+            // AUTH is offered only with a password file; answer safely anyway.
+            perform(session!.authResult(.temporaryFailure))
+            return
+        }
+        guard server.beginAuthentication() else {
+            server.logger.warning("\(client): SASL \(credentials.mechanism.rawValue) authentication deferred: \(server.settings.maxPendingAuthentications) password checks already pending")
+            perform(session!.authResult(.temporaryFailure))
+            return
+        }
+        let check = SMTPServerCore.verificationPool.runIfActive(eventLoop: context.eventLoop) {
+            authenticator.verify(username: credentials.username, password: credentials.password,
+                                 authorizationIdentity: credentials.authorizationIdentity)
+        }
+        check.assumeIsolated().whenComplete { [weak self] result in
+            server.endAuthentication()
+            guard let self else { return }
+            switch result {
+            case .success(true):
+                self.authAnswered(.success)
+            case .success(false):
+                let delay = server.settings.timeouts.authFailureDelayMilliseconds
+                guard delay > 0, let context = self.context else { return self.authAnswered(.failure) }
+                context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(delay)) { [weak self] in
+                    self?.authAnswered(.failure)
+                }
+            case .failure(let error):
+                server.logger.warning("\(self.client): password check failed: \(error)")
+                self.authAnswered(.temporaryFailure)
+            }
+        }
+    }
+
+    private func authAnswered(_ result: SMTPAuthResult) {
+        guard let context, context.channel.isActive, session != nil else { return }
+        perform(session!.authResult(result))
+    }
+
 
     private var startTLSAfterFlush = false
 

@@ -18,7 +18,9 @@ struct ConfigParser {
                   "maximal_backoff_time", "queue_run_delay", "delay_warning_time",
                   "message_size_limit", "recipient_limit", "map_size", "map_size_limit"],
         "local": ["domains", "accounts", "users", "mailbox", "aliases"],
-        "smtp": ["listen", "submission", "smtps"],
+        "smtp": ["listen", "submission", "smtps", "relay_domains", "trusted_networks", "command_line_limit",
+                 "text_line_limit", "error_limit", "client_connection_limit", "command_timeout",
+                 "data_timeout", "auth_users", "sender_login_match"],
         "tls": ConfigParser.tlsKeys,
     ]
 
@@ -203,6 +205,7 @@ struct ConfigParser {
             default: configuration.smtp.smtps = addresses
             }
         }
+        try parseSMTPPolicy(smtp, directory: directory, into: &configuration.smtp)
 
         // [tls] (TLSSettings.swift)
         try parseTLS(root["tls"]?.table, into: &configuration)

@@ -58,6 +58,7 @@ public struct SealpostConfiguration: Sendable {
         self.local = LocalSettings()
         self.local.aliasesFile = ConfigPath.resolve("aliases", relativeTo: directory)
         self.smtp = SMTPSettings()
+        self.smtp.authUsersFile = ConfigPath.resolve("users", relativeTo: directory)
         self.runtimeDirectory = ""
         self.injectSocket = ""
         self.deliverSocket = ""
@@ -171,13 +172,48 @@ public struct LocalSettings: Sendable, Equatable {
     }
 }
 
-/// Listening addresses, "host:port" or "[v6]:port".
+/// [smtp]: listening addresses ("host:port" or "[v6]:port"), relay
+/// control, limits, timeouts and SMTP AUTH (smtp-listen).
 public struct SMTPSettings: Sendable, Equatable {
     public var listen, submission, smtps: [String]
+    /// Domains relayed for anyone, lower-cased; ".example.org" matches
+    /// every subdomain of example.org.
+    public var relayDomains: [String]
+    /// Client networks that may relay anywhere, "address/length" as
+    /// written (validated: host bits zero).
+    public var trustedNetworks: [String]
+    /// Octets, CRLF included (RFC 5321 4.5.3.1.4: at least 512).
+    public var commandLineLimit: Int
+    /// Octets, CRLF included (RFC 5321 4.5.3.1.6: at least 1000).
+    public var textLineLimit: Int
+    /// Error replies before 421 and disconnect.
+    public var errorLimit: Int
+    /// Simultaneous sessions per client address; 0: no limit.
+    public var clientConnectionLimit: Int
+    /// Seconds.
+    public var commandTimeout: Int
+    /// Seconds.
+    public var dataTimeout: Int
+    /// The SMTP AUTH password file, absolute; empty until a configuration
+    /// file gives it a directory (default "users" beside the file).
+    public var authUsersFile: String
+    /// An authenticated client may use only the sender addresses its
+    /// account owns (Postfix's reject_sender_login_mismatch).
+    public var senderLoginMatch: Bool
 
     public init() {
         listen = ["127.0.0.1:2525"]
         submission = ["127.0.0.1:2587"]
         smtps = ["127.0.0.1:2465"]
+        relayDomains = []
+        trustedNetworks = ["127.0.0.0/8", "::1/128"]
+        commandLineLimit = 512
+        textLineLimit = 1000
+        errorLimit = 20
+        clientConnectionLimit = 50
+        commandTimeout = 300
+        dataTimeout = 180
+        authUsersFile = ""
+        senderLoginMatch = true
     }
 }

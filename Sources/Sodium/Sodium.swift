@@ -1,8 +1,9 @@
 // Sodium: the one Swift wrapper around libsodium (CSodium).
 //
 // What Sealpost needs: random bytes, crypto_secretbox (the spool wraps each
-// per-message key under the master key) and crypto_secretstream_xchacha20poly1305
-// (bodies encrypted chunk by chunk). The types are shaped so that misuse is
+// per-message key under the master key), crypto_secretstream_xchacha20poly1305
+// (bodies encrypted chunk by chunk) and crypto_pwhash_str with Argon2id (the
+// SMTP AUTH password file). The types are shaped so that misuse is
 // hard: keys live in `SecretKey` (zeroed with sodium_memzero when released),
 // a stream can be finished only once, and `SecretStreamPull` treats a stream
 // that ends without TAG_FINAL as an error (libsodium alone would accept a
@@ -69,6 +70,8 @@ public enum SodiumError: Error, Equatable, Sendable, CustomStringConvertible {
     case afterFinal
     /// A length that cannot be right (key, header, box or chunk sizes).
     case invalidLength(String)
+    /// Password hashing could not allocate its memory.
+    case outOfMemory
 
     public var description: String {
         switch self {
@@ -76,6 +79,7 @@ public enum SodiumError: Error, Equatable, Sendable, CustomStringConvertible {
         case .truncated: return "stream truncated: no final chunk"
         case .afterFinal: return "data after the final chunk of the stream"
         case .invalidLength(let what): return "invalid length: \(what)"
+        case .outOfMemory: return "password hashing: out of memory"
         }
     }
 }
@@ -312,5 +316,71 @@ public final class SecretStreamPull {
     /// Call at the end of the input: throws `.truncated` unless the final chunk was seen.
     public func finish() throws(SodiumError) {
         guard finished else { throw .truncated }
+    }
+}
+
+// MARK: - Password hashing
+
+/// Password hashes for the SMTP AUTH password file: crypto_pwhash_str with
+/// Argon2id, the memory-hard function of RFC 9106, in the PHC string
+/// format "$argon2id$v=19$m=65536,t=2,p=1$salt$hash" (salt and parameters
+/// travel inside the string, so verification needs nothing else).
+///
+/// Cost: OPSLIMIT_INTERACTIVE / MEMLIMIT_INTERACTIVE (t=2, 64 MiB), about
+/// 0.05-0.1 s on one core. That is libsodium's advice for online
+/// authentication, and an SMTP server is one: each AUTH attempt from the
+/// network costs a verification, so a costlier setting (MODERATE: 256 MiB,
+/// ~0.7 s) would hand a flood of AUTH commands a lever on the server's
+/// memory and CPU. The hashes themselves sit in a file readable by root
+/// alone. Verification reads the cost from the string: a file whose
+/// hashes were made with other limits keeps working.
+public enum PasswordHash {
+    /// "$argon2id$": the only algorithm produced and accepted.
+    public static let prefix = "$argon2id$"
+    /// Longest string produced (crypto_pwhash_STRBYTES, NUL excluded).
+    public static var maximumLength: Int { Int(crypto_pwhash_argon2id_strbytes()) - 1 }
+    public static var interactiveOpsLimit: Int { Int(crypto_pwhash_argon2id_opslimit_interactive()) }
+    public static var interactiveMemLimit: Int { Int(crypto_pwhash_argon2id_memlimit_interactive()) }
+
+    /// Hashes `password` with a fresh random salt. Throws only when the
+    /// memory cannot be allocated (the limits are libsodium's own).
+    public static func hash(_ password: String, opsLimit: Int = interactiveOpsLimit,
+                            memLimit: Int = interactiveMemLimit) throws(SodiumError) -> String {
+        Sodium.initialize()
+        var out = [CChar](repeating: 0, count: Int(crypto_pwhash_argon2id_strbytes()))
+        // One spare byte: an empty password still has a base address.
+        var bytes = Array(password.utf8) + [0]
+        defer { Sodium.memzero(&bytes) }
+        let rc = bytes.withUnsafeBufferPointer { p in
+            p.withMemoryRebound(to: CChar.self) { c in
+                crypto_pwhash_argon2id_str(&out, c.baseAddress!, UInt64(c.count - 1), UInt64(opsLimit), memLimit)
+            }
+        }
+        guard rc == 0 else { throw .outOfMemory }
+        return out.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+    }
+
+    /// Whether `password` matches `hash` (an "$argon2id$" string). A
+    /// malformed hash never matches. Takes as long as the hash's cost says:
+    /// run it off any event loop.
+    public static func verify(_ password: String, against hash: String) -> Bool {
+        Sodium.initialize()
+        guard hash.hasPrefix(prefix), hash.utf8.count <= maximumLength,
+              !hash.utf8.contains(0) else { return false }
+        var bytes = Array(password.utf8) + [0]
+        defer { Sodium.memzero(&bytes) }
+        return bytes.withUnsafeBufferPointer { p in
+            p.withMemoryRebound(to: CChar.self) { c in
+                crypto_pwhash_argon2id_str_verify(hash, c.baseAddress!, UInt64(c.count - 1)) == 0
+            }
+        }
+    }
+
+    /// Whether `hash` was made with other limits than these (time to
+    /// rehash at the next password change).
+    public static func needsRehash(_ hash: String, opsLimit: Int = interactiveOpsLimit,
+                                   memLimit: Int = interactiveMemLimit) -> Bool {
+        Sodium.initialize()
+        return crypto_pwhash_argon2id_str_needs_rehash(hash, UInt64(opsLimit), memLimit) != 0
     }
 }

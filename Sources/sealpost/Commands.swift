@@ -13,7 +13,7 @@ struct SealpostCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sealpost",
         abstract: "Administer a Sealpost mail system.",
-        subcommands: [QueueCommand.self])
+        subcommands: [QueueCommand.self, UserCommand.self])
 }
 
 struct GlobalOptions: ParsableArguments {

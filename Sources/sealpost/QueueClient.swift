@@ -10,8 +10,11 @@ import StageProtocol
 /// Exit codes of sysexits.h that the CLI uses.
 enum SysExit {
     static let usage: Int32 = 64
+    static let dataErr: Int32 = 65
+    static let noUser: Int32 = 67
     static let unavailable: Int32 = 69
     static let software: Int32 = 70
+    static let canTCreat: Int32 = 73
     static let ioErr: Int32 = 74
     static let tempFail: Int32 = 75
     static let protocolErr: Int32 = 76

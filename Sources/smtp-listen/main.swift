@@ -16,10 +16,31 @@
 //      per core): no thread or process per connection. The protocol
 //      decisions are made by the pure state machine of the SMTP library.
 //
-//      Relay control: recipients in local.domains are accepted from anyone;
-//      other destinations only from trusted networks (127.0.0.0/8 and ::1).
-//      The submission listener requires authentication (RFC 6409), which is
-//      not available yet, so it refuses MAIL with 530 5.7.0 for now.
+//      Relay control: recipients in local.domains and smtp.relay_domains
+//      are accepted from anyone; other destinations only from
+//      smtp.trusted_networks (default 127.0.0.0/8 and ::1) or after AUTH.
+//
+// AUTHENTICATION
+//      The submission listeners require authentication (RFC 6409): MAIL
+//      without AUTH gets 530 5.7.0. AUTH PLAIN and LOGIN (RFC 4954) check
+//      the accounts of the password file smtp.auth_users (default
+//      Config/users, written by "sealpost user add"; Argon2id hashes). It
+//      is offered on the submission listeners only: to loopback clients at
+//      once, to others only after STARTTLS. The check runs on a small
+//      thread pool, off the event loop. A failed AUTH gets 535 5.7.8 after
+//      a one-second delay and counts as an error. With
+//      smtp.sender_login_match (default on), an authenticated client may
+//      use only the envelope senders its account owns (NAME@each local
+//      domain, or the list in its line): others get 553 5.7.1.
+//      Authenticated mail is marked ESMTPA in Received and carries
+//      auth-user to the queue.
+//
+//      The password file is read once, at start, as root and before the
+//      chroot: it lives outside the data directory, readable by root
+//      alone, so it cannot be read again later (no reload on SIGHUP);
+//      restart smtp-listen after "sealpost user" changes. Missing file:
+//      AUTH is not offered (logged). A file that others may read, that the
+//      group may write, or that does not parse stops smtp-listen (exit 78).
 //
 // DESCRIPTORS
 //      Listening sockets are either inherited or bound here:
@@ -70,11 +91,12 @@
 //      ... ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5".
 //
 // LIMITS
-//      Command lines 512 octets, text lines 1000, recipients
-//      queue.recipient_limit, message size queue.message_size_limit, 20
-//      errors then 421, 50 sessions per client address (trusted networks
-//      exempt); timeouts 5 min for a command, 3 min for message data, 5 min
-//      for the queue's answer (SMTPServiceSettings.swift has them all).
+//      From [smtp]: command_line_limit (512 octets), text_line_limit
+//      (1000), error_limit (20, then 421), client_connection_limit (50
+//      sessions per client address, trusted networks exempt),
+//      command_timeout (5 min), data_timeout (3 min); from [queue]:
+//      recipient_limit, message_size_limit. The queue's answer is awaited
+//      5 min (SMTPServiceSettings.swift).
 //
 // SIGNALS
 //      SIGTERM, SIGINT: stop listening, let sessions finish a message in
@@ -87,6 +109,7 @@
 //      privileges cannot be dropped; 78 (config) for a bad configuration
 //      or bad LISTEN_* variables.
 
+import Accounts
 import Logging
 import NIOCore
 import NIOPosix
@@ -133,8 +156,32 @@ pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
 // The paths the sessions use are those after the chroot; no session runs
 // before privileges are dropped (listeners open with accepting paused).
 let paths: RuntimePaths = geteuid() == 0 ? RuntimePaths(config).rebased(to: "/") : RuntimePaths(config)
+// The password file, read now: as root, before the chroot (see
+// AUTHENTICATION above).
+let authenticator: Authenticator?
+let usersFile = config.smtp.authUsersFile
+var usersInfo = stat()
+if lstat(usersFile, &usersInfo) != 0 && errno == ENOENT {
+    if !specs.allSatisfy({ $0.kind == .smtp }) {
+        logger.warning("no password file \(usersFile): AUTH is not offered, submission refuses MAIL (add accounts with: sealpost user add NAME)")
+    }
+    authenticator = nil
+} else {
+    do {
+        let auth = Authenticator(file: try PasswordFile.load(path: usersFile), localDomains: config.local.domains)
+        if auth.userCount == 0 {
+            logger.warning("\(usersFile) holds no accounts: AUTH is not offered")
+            authenticator = nil
+        } else {
+            logger.info("\(auth.userCount) accounts read from \(usersFile)")
+            authenticator = auth
+        }
+    } catch {
+        StageRuntime.fatal("\(error)", exit: .config)
+    }
+}
 let settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
-                                   tlsSocket: paths.runtimeDirectory + "/tls")
+                                   tlsSocket: paths.runtimeDirectory + "/tls", authenticator: authenticator)
 
 let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
 let server = SMTPServer(settings: settings, group: group, logger: logger)

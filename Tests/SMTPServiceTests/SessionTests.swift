@@ -137,7 +137,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client(port: h.submissionPort)
         let ehlo = try greet(c)
-        #expect(!ehlo.description.contains("AUTH"), "no password backend yet: AUTH is not offered")
+        #expect(!ehlo.description.contains("AUTH"), "no password file: AUTH is not offered")
         let r = try #require(c.command("MAIL FROM:<a@example.org>"))
         #expect(r.code == 530)
         #expect(r.last.hasPrefix("530 5.7.0"))

@@ -101,7 +101,9 @@ import Testing
         #expect(config.dataDirectory == directory.path + "/var")
         #expect(config.local.aliasesFile == directory.path + "/etc/aliases")
         #expect(config.queue == QueueSettings())
-        #expect(config.smtp == SMTPSettings())
+        var smtp = SMTPSettings()
+        smtp.authUsersFile = directory.path + "/etc/users"
+        #expect(config.smtp == smtp)
         #expect(config.local.domains == ["localhost"])
         #expect(config.postmaster == "postmaster@localhost")
     }
