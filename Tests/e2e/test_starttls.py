@@ -175,7 +175,7 @@ def test_plaintext_pipelined_after_starttls_is_discarded(tls_pipeline):
     stream = raw.makefile("rb")
     assert read_reply(stream)[0].startswith("220 ")
     raw.sendall(b"EHLO client.example\r\n")
-    assert "250-STARTTLS" in read_reply(stream)
+    assert any(line[4:] == "STARTTLS" for line in read_reply(stream))
     raw.sendall(b"STARTTLS\r\nRSET\r\n")
     assert read_reply(stream) == ["220 2.0.0 Ready to start TLS"]
     # Nothing more comes in clear text: a "250" for RSET here would be read
@@ -204,9 +204,13 @@ def test_starttls_garbage_instead_of_handshake_ends_the_session(tls_pipeline):
         raw.sendall(b"STARTTLS\r\n")
         assert read_reply(stream) == ["220 2.0.0 Ready to start TLS"]
         raw.sendall(b"MAIL FROM:<x@client.example>\r\n")
-        # crypto-negotiate fails the handshake and closes; no SMTP reply
-        # ever comes in clear text.
-        assert stream.read() == b""
+        # crypto-negotiate fails the handshake and closes (perhaps after a
+        # TLS alert, perhaps with a reset); no SMTP reply comes in clear text.
+        try:
+            data = stream.read()
+        except ConnectionResetError:
+            data = b""
+        assert not re.match(rb"\d{3}[ -]", data), data
     wait_until(lambda: "STARTTLS failed" in tls_pipeline.log_text(), 30, "the failed handshake in the log")
 
 
@@ -256,6 +260,7 @@ compatibility_level = 3.6
 queue_directory = {queue}
 data_directory = {data}
 maillog_file = {maillog}
+maillog_file_prefixes = {root}
 myhostname = postfix-client.localdomain
 mydestination =
 inet_interfaces = loopback-only
@@ -271,16 +276,16 @@ smtputf8_enable = no
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="a private Postfix instance needs root")
-def test_postfix_with_mandatory_encryption_delivers_through_sealpost(tls_pipeline, tmp_path):
+def test_postfix_with_mandatory_encryption_delivers_through_sealpost(tls_pipeline, workdir):
     if not os.path.exists("/usr/sbin/postfix"):
         pytest.skip("Postfix is not installed")
     port = port_of(tls_pipeline, "listen")
     user = local_user()
-    root = tmp_path / "postfix"
+    # Under the 0755 work directory: Postfix's own users must reach it.
+    root = workdir / "postfix"
     config, queue, data = root / "etc", root / "spool", root / "data"
     for directory in (config, queue, data):
         directory.mkdir(parents=True)
-    os.chmod(tmp_path, 0o755)
     os.chmod(root, 0o755)
     postfix_user = pwd.getpwnam("postfix")
     os.chown(data, postfix_user.pw_uid, postfix_user.pw_gid)
@@ -289,7 +294,7 @@ def test_postfix_with_mandatory_encryption_delivers_through_sealpost(tls_pipelin
         master = pathlib.Path("/etc/postfix/master.cf")
     shutil.copy(master, config / "master.cf")
     maillog = root / "maillog"
-    (config / "main.cf").write_text(POSTFIX_MAIN.format(queue=queue, data=data, maillog=maillog, port=port))
+    (config / "main.cf").write_text(POSTFIX_MAIN.format(queue=queue, data=data, maillog=maillog, root=root, port=port))
     subprocess.run(["postconf", "-c", str(config), "-F", "*/*/chroot = n"], check=True)
     env = dict(os.environ, MAIL_CONFIG=str(config))
     for verb in ("check", "start"):
@@ -337,7 +342,7 @@ def test_without_crypto_negotiate_no_starttls_and_smtps_refused(workdir):
             assert code == 502, reply
             client.sendmail("sender@client.example", [f"{local_user()}@localhost"], b"Subject: clear\r\n\r\ntext\r\n")
         message = parse_message(delivered_messages(pipe, 1)[0])
-        assert "with ESMTP " in message.get_all("Received")[0]
+        assert re.search(r"with ESMTP\s", message.get_all("Received")[0])
         with socket.create_connection(("127.0.0.1", port_of(pipe, "smtps")), timeout=30) as raw:
             assert raw.recv(100) == b""
         assert "crypto-negotiate unavailable" in pipe.log_text()
