@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "queue", targets: ["queue"]),
         .executable(name: "queue-inject", targets: ["queue-inject"]),
         .executable(name: "local-deliver", targets: ["local-deliver"]),
+        .executable(name: "remote-deliver", targets: ["remote-deliver"]),
         .executable(name: "sealpost", targets: ["sealpost"]),
         .executable(name: "supervise", targets: ["supervise"]),
         .executable(name: "smtp-listen", targets: ["smtp-listen"]),
@@ -83,6 +84,12 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "RemoteDelivery", dependencies: [
+            "SMTP", "DNS", "StageProtocol", "StageRuntime", "SealpostConfig",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "CryptoNegotiation", dependencies: [
             "TLS", "StageProtocol", "StageRuntime", "SealpostConfig", "CSystemShims",
             .product(name: "TOMLKit", package: "TOMLKit"),
@@ -101,6 +108,10 @@ let package = Package(
         ]),
         .executableTarget(name: "local-deliver", dependencies: [
             "LocalDelivery", "StageRuntime", "SealpostConfig",
+        ]),
+        .executableTarget(name: "remote-deliver", dependencies: [
+            "RemoteDelivery", "StageRuntime", "SealpostConfig",
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "sealpost", dependencies: [
             "StageProtocol", "StageRuntime", "SealpostConfig", "Accounts", "Sodium",
@@ -135,6 +146,11 @@ let package = Package(
             "SMTPService", "SMTP", "StageProtocol", "CSystemShims", "Accounts", "Sodium",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        .testTarget(name: "RemoteDeliveryTests", dependencies: [
+            "RemoteDelivery", "SMTP", "DNS", "CryptoNegotiation", "StageProtocol", "SealpostConfig", "CSystemShims",
+            .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .testTarget(name: "DNSTests", dependencies: ["DNS"]),

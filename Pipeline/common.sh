@@ -3,9 +3,10 @@
 # Expects $checkout (the repository's top directory).
 : "${checkout:?}"
 
-# Debian packages the build needs (the C libraries and pkg-config).
+# Debian packages the build needs (the C libraries and pkg-config), and
+# openssl for the self-signed certificates of the first start.
 # shellcheck disable=SC2034 # used by the scripts that source this file
-build_packages="libssl-dev libsodium-dev liblmdb-dev libunbound-dev libcurl4-openssl-dev libevent-dev pkg-config"
+build_packages="libssl-dev libsodium-dev liblmdb-dev libunbound-dev libcurl4-openssl-dev libevent-dev pkg-config openssl"
 
 say() { printf '%s\n' "$*"; }
 die() { printf '%s: %s\n' "${0##*/}" "$*" >&2; exit 1; }
@@ -107,6 +108,40 @@ load_paths() {
     done <<EOF2
 $paths
 EOF2
+}
+
+# Creates in directory $1, when missing, the self-signed certificates the
+# default [tls] configuration names, for host name $2: ECDSA P-256 and RSA
+# 2048 side by side (self-signed-ecdsa.crt/.key, self-signed-rsa.crt/.key),
+# valid ten years. A new installation thus offers STARTTLS from its first
+# start; replace them with CA-signed ones, or publish TLSA records (DANE).
+# The keys are created 0600; the supervisor gives the files of tls/ to
+# crypto-negotiate's user when it runs as root.
+ensure_self_signed_certificates() {
+    tls_directory=$1
+    tls_host=$2
+    mkdir -p "$tls_directory"
+    chmod 0755 "$tls_directory"
+    for tls_kind in ecdsa rsa; do
+        tls_cert="$tls_directory/self-signed-$tls_kind.crt"
+        tls_key="$tls_directory/self-signed-$tls_kind.key"
+        if [ -s "$tls_cert" ] && [ -s "$tls_key" ]; then continue; fi
+        case $tls_kind in
+            ecdsa) set -- -newkey ec -pkeyopt ec_paramgen_curve:P-256 -addext "keyUsage=critical,digitalSignature" ;;
+            rsa) set -- -newkey rsa:2048 -addext "keyUsage=critical,digitalSignature,keyEncipherment" ;;
+        esac
+        if ! (umask 077 && openssl req -x509 "$@" -nodes -sha256 -days 3650 -subj "/CN=$tls_host" \
+            -addext "subjectAltName=DNS:$tls_host" -addext "basicConstraints=critical,CA:FALSE" \
+            -addext "extendedKeyUsage=serverAuth" \
+            -keyout "$tls_key.new" -out "$tls_cert.new") >/dev/null 2>&1; then
+            rm -f "$tls_key.new" "$tls_cert.new"
+            die "openssl could not create a self-signed certificate in $tls_directory"
+        fi
+        chmod 0644 "$tls_cert.new"
+        mv -f "$tls_key.new" "$tls_key"
+        mv -f "$tls_cert.new" "$tls_cert"
+        say "created a self-signed $tls_kind certificate for $tls_host: $tls_cert"
+    done
 }
 
 # The supervisor's pid if it runs, else nothing.

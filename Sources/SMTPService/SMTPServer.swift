@@ -8,10 +8,14 @@
 //   server.startAccepting()                          // now connections are taken
 //   ... on SIGTERM: try server.shutdown(grace: .seconds(30)).wait()
 //
-// Listeners are opened with accepting paused (autoRead off) so that no
-// session starts before the process has dropped root and chrooted: every
-// session then runs with the final privileges and paths.
+// Listeners are opened before accepting starts so that no session starts
+// before the process has dropped root and chrooted: every session then
+// runs with the final privileges and paths. Connections are accepted by a
+// thread of our own (Acceptor) and adopted into NIO, so that the TCP
+// descriptor is known when STARTTLS (or port 465) hands it to
+// crypto-negotiate (TLSHandoff).
 
+import CSystemShims
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -59,9 +63,22 @@ final class SMTPServerCore: Sendable {
     /// Asks a session to end at its next quiet moment (421 4.3.2).
     struct ShutdownEvent: Sendable {}
 
-    init(settings: SMTPServiceSettings, logger: Logger) {
+    /// nil: no TLS (no certificate configured).
+    let handoff: TLSHandoff?
+
+    init(settings: SMTPServiceSettings, logger: Logger, handoff: TLSHandoff? = nil) {
         self.settings = settings
         self.logger = logger
+        self.handoff = handoff
+    }
+
+    /// A session's channel was replaced by the plaintext socket of its TLS
+    /// session: the count per client stays, shutdown reaches the new one.
+    func replace(_ old: Channel, with new: Channel) {
+        state.withLockedValue { s in
+            s.channels[ObjectIdentifier(old)] = nil
+            s.channels[ObjectIdentifier(new)] = new
+        }
     }
 
     enum Admission: Equatable {
@@ -111,17 +128,20 @@ public struct BoundListener: Sendable {
     public var kind: ListenerKind
     /// The local address (with the real port when port 0 was asked for).
     public var address: SocketAddress?
-    let channel: Channel
+    let fd: Int32
 }
 
 public final class SMTPServer: Sendable {
     private let core: SMTPServerCore
     private let group: EventLoopGroup
     private let listeners = NIOLockedValueBox<[BoundListener]>([])
+    private let acceptor: Acceptor
 
     public init(settings: SMTPServiceSettings, group: EventLoopGroup, logger: Logger) {
-        self.core = SMTPServerCore(settings: settings, logger: logger)
+        let handoff = settings.tlsSocket.map { TLSHandoff(socketPath: $0, logger: logger) }
+        self.core = SMTPServerCore(settings: settings, logger: logger, handoff: handoff)
         self.group = group
+        self.acceptor = Acceptor(logger: logger)
     }
 
     public var settings: SMTPServiceSettings { core.settings }
@@ -129,71 +149,177 @@ public final class SMTPServer: Sendable {
     /// Open sessions right now.
     public var sessionCount: Int { core.sessionCount }
 
-    /// Opens (binds, or adopts) the listeners, not yet accepting. smtps
-    /// listeners are skipped: implicit TLS needs crypto-negotiate, which
-    /// does not exist yet (logged once); an inherited smtps descriptor is
-    /// closed so that clients are refused instead of left waiting.
+    /// Opens (binds, or adopts) the listeners, not yet accepting. Without
+    /// a TLS socket in the settings (no certificate configured), smtps
+    /// listeners are skipped (logged once) and an inherited smtps
+    /// descriptor is closed so that clients are refused instead of left
+    /// waiting.
     public func open(_ specs: [ListenerSpec]) -> EventLoopFuture<[BoundListener]> {
-        var futures: [EventLoopFuture<BoundListener>] = []
+        let loop = group.next()
+        var bound: [BoundListener] = []
         var warnedSMTPS = false
         for spec in specs {
-            if spec.kind == .smtps {
+            if spec.kind == .smtps && core.handoff == nil {
                 if !warnedSMTPS {
-                    core.logger.warning("smtps (implicit TLS, RFC 8314) is not served yet: it waits for crypto-negotiate")
+                    core.logger.warning("smtps (implicit TLS, RFC 8314) is not served: no TLS certificate is configured ([tls] certificates)")
                     warnedSMTPS = true
                 }
                 if case .inherited(let fd) = spec.source { _ = closeDescriptor(fd) }
                 continue
             }
-            futures.append(open(spec))
+            do {
+                bound.append(try Self.open(spec))
+            } catch {
+                for b in bound { _ = closeDescriptor(b.fd) }
+                return loop.makeFailedFuture(error)
+            }
         }
-        let loop = group.next()
-        return EventLoopFuture.whenAllSucceed(futures, on: loop).map { bound in
-            self.listeners.withLockedValue { $0.append(contentsOf: bound) }
-            return bound
-        }
+        listeners.withLockedValue { $0.append(contentsOf: bound) }
+        return loop.makeSucceededFuture(bound)
     }
 
-    private func open(_ spec: ListenerSpec) -> EventLoopFuture<BoundListener> {
-        let core = self.core
-        let kind = spec.kind
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 256)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(.autoRead, value: false)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(SMTPSessionHandler(server: core, kind: kind))
-                }
-            }
-        let future: EventLoopFuture<Channel>
+    /// Binds (or adopts) one listening socket. Sealpost accepts on it
+    /// itself rather than through NIO's ServerBootstrap: STARTTLS and port
+    /// 465 hand the connection's descriptor to crypto-negotiate, and NIO
+    /// does not reveal the descriptors of the channels it accepts.
+    private static func open(_ spec: ListenerSpec) throws -> BoundListener {
+        let fd: Int32
         switch spec.source {
-        case .bind(let address):
-            future = bootstrap.bind(host: address.host, port: address.port)
-        case .inherited(let fd):
-            future = bootstrap.withBoundSocket(fd)
-        }
-        return future.flatMap { channel in
-            // After NIO's accept handler, where its errors arrive.
-            channel.pipeline.addHandler(AcceptErrorLogger(logger: core.logger, kind: kind)).map {
-                BoundListener(kind: kind, address: channel.localAddress, channel: channel)
+        case .inherited(let inherited):
+            fd = inherited
+        case .bind(let listenAddress):
+            let address: SocketAddress
+            do {
+                address = try SocketAddress.makeAddressResolvingHost(listenAddress.host, port: listenAddress.port)
+            } catch {
+                throw ListenerError("\(spec): \(error)")
             }
-        }.flatMapErrorThrowing { error in
-            throw ListenerError("\(spec): \(error)")
+            let family = address.protocol.rawValue
+            fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { throw ListenerError("\(spec): socket: \(String(cString: strerror(errno)))") }
+            var one: Int32 = 1
+            _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if family == AF_INET6 {
+                _ = setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size))
+            }
+            let rc = address.withSockAddr { pointer, size in bind(fd, pointer, socklen_t(size)) }
+            guard rc == 0, listen(fd, 256) == 0 else {
+                let reason = String(cString: strerror(errno))
+                _ = closeDescriptor(fd)
+                throw ListenerError("\(spec): bind: \(reason)")
+            }
+        }
+        // The acceptor polls; accepted sockets are made non-blocking by NIO.
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        return BoundListener(kind: spec.kind, address: localAddress(fd), fd: fd)
+    }
+
+    static func localAddress(_ fd: Int32) -> SocketAddress? {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        guard rc == 0 else { return nil }
+        return socketAddress(storage)
+    }
+
+    static func socketAddress(_ storage: sockaddr_storage) -> SocketAddress? {
+        var storage = storage
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            return withUnsafeBytes(of: &storage) { SocketAddress($0.load(as: sockaddr_in.self)) }
+        case AF_INET6:
+            return withUnsafeBytes(of: &storage) { SocketAddress($0.load(as: sockaddr_in6.self)) }
+        default:
+            return nil
         }
     }
 
-    /// Starts taking connections on every open listener.
+    /// Starts taking connections on every open listener (and, when TLS is
+    /// configured, connecting to crypto-negotiate: after the privileges
+    /// were dropped, so the socket path is the chrooted one).
     public func startAccepting() {
-        for listener in listeners.withLockedValue({ $0 }) {
+        core.handoff?.start()
+        let bound = listeners.withLockedValue { $0 }
+        for listener in bound {
             let addr = listener.address.map(Self.describe) ?? "?"
             core.logger.info("listening for \(listener.kind.rawValue) on \(addr)")
-            listener.channel.setOption(.autoRead, value: true).whenComplete { _ in
-                listener.channel.read()
-            }
         }
+        let core = self.core
+        let group = self.group
+        acceptor.run(bound.map { ($0.fd, $0.kind) }) { fd, kind in
+            SMTPServer.adopt(fd, kind: kind, core: core, group: group)
+        }
+    }
+
+    /// A new TCP connection: an SMTP session on a NIO channel, or (465)
+    /// first a TLS handshake by crypto-negotiate, then the session on the
+    /// plaintext socket.
+    static func adopt(_ fd: Int32, kind: ListenerKind, core: SMTPServerCore, group: EventLoopGroup) {
+        if kind == .smtps {
+            let peer = peerAddress(fd)
+            guard let handoff = core.handoff, handoff.isAvailable else {
+                core.logger.warning("smtps connection from \(peer.map { "[\($0)]" } ?? "unknown") refused: crypto-negotiate is not available")
+                _ = closeDescriptor(fd)
+                return
+            }
+            let loop = group.next()
+            handoff.negotiate(socket: fd, peer: peer.map { "[\($0)]" } ?? "unknown") { result in
+                switch result {
+                case .success(let established):
+                    adoptPlaintext(established, kind: kind, peer: peer ?? "unknown", core: core, loop: loop)
+                case .failure(let failure):
+                    core.logger.info("TLS handshake failed on smtps with [\(peer ?? "unknown")]: \(failure.text)")
+                }
+            }
+            return
+        }
+        let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: fd)
+        ClientBootstrap(group: group.next())
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            // One read per read request: after STARTTLS not a byte more is
+            // read here; what follows belongs to crypto-negotiate.
+            .channelOption(.maxMessagesPerRead, value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(handler.make())
+                }
+            }
+            .withConnectedSocket(fd)
+            .whenFailure { error in
+                core.logger.warning("\(kind.rawValue) connection: \(error)")
+            }
+    }
+
+    /// Runs an SMTP session on a plaintext socket from crypto-negotiate
+    /// (implicit TLS): the session starts with TLS active.
+    static func adoptPlaintext(_ established: TLSEstablished, kind: ListenerKind, peer: String,
+                               core: SMTPServerCore, loop: EventLoop) {
+        let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: nil, peer: peer, tls: established)
+        ClientBootstrap(group: loop)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(handler.make())
+                }
+            }
+            .withConnectedSocket(established.plaintext)
+            .whenFailure { error in
+                core.logger.warning("\(kind.rawValue) plaintext socket from crypto-negotiate: \(error)")
+            }
+    }
+
+    /// The numeric address of a connected socket's peer.
+    static func peerAddress(_ fd: Int32) -> String? {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) }
+        }
+        guard rc == 0, let address = socketAddress(storage) else { return nil }
+        return address.ipAddress.map(NetworkPrefix.canonicalClientAddress)
     }
 
     /// "127.0.0.1:25", "[::1]:25".
@@ -208,37 +334,100 @@ public final class SMTPServer: Sendable {
     public func shutdown(grace: TimeAmount) -> EventLoopFuture<Void> {
         let loop = group.next()
         let bound = listeners.withLockedValue { l -> [BoundListener] in defer { l = [] }; return l }
-        let closed = bound.map { $0.channel.close().recover { _ in } }
-        return EventLoopFuture.andAllComplete(closed, on: loop).flatMap {
-            let sessions = self.core.beginStopping()
-            for channel in sessions {
-                channel.pipeline.fireUserInboundEventTriggered(SMTPServerCore.ShutdownEvent())
-            }
-            let done = sessions.map { $0.closeFuture }
-            let all = EventLoopFuture.andAllComplete(done, on: loop)
-            let deadline = loop.scheduleTask(in: grace) {
-                for channel in sessions { channel.close(promise: nil) }
-            }
-            return all.always { _ in deadline.cancel() }
+        acceptor.stop()
+        for listener in bound { _ = closeDescriptor(listener.fd) }
+        let sessions = core.beginStopping()
+        for channel in sessions {
+            channel.pipeline.fireUserInboundEventTriggered(SMTPServerCore.ShutdownEvent())
+        }
+        let done = sessions.map { $0.closeFuture }
+        let all = EventLoopFuture.andAllComplete(done, on: loop)
+        let deadline = loop.scheduleTask(in: grace) {
+            for channel in sessions { channel.close(promise: nil) }
+        }
+        let handoff = core.handoff
+        return all.always { _ in
+            deadline.cancel()
+            handoff?.stop()
         }
     }
 }
 
-/// Logs what goes wrong on a listening socket (accept failing for lack of
-/// descriptors, a child channel that could not be set up); NIO keeps
-/// accepting after such errors.
-final class AcceptErrorLogger: ChannelInboundHandler, Sendable {
-    typealias InboundIn = Any
-    private let logger: Logger
-    private let kind: ListenerKind
+/// Makes a session handler on the channel's event loop (handlers are not
+/// Sendable; this recipe is).
+struct SMTPSessionHandlerFactory: Sendable {
+    let core: SMTPServerCore
+    let kind: ListenerKind
+    let socket: Int32?
+    var peer: String? = nil
+    var tls: TLSEstablished? = nil
 
-    init(logger: Logger, kind: ListenerKind) {
+    func make() -> SMTPSessionHandler {
+        SMTPSessionHandler(server: core, kind: kind, socket: socket, peer: peer, tls: tls)
+    }
+}
+
+/// The accept loop: one thread polling every listening socket. Accepted
+/// sockets go to `adopt` (which hands them to NIO or crypto-negotiate).
+final class Acceptor: Sendable {
+    private let logger: Logger
+    private let wake: (read: Int32, write: Int32)
+    private let stopped = NIOLockedValueBox(false)
+
+    init(logger: Logger) {
         self.logger = logger
-        self.kind = kind
+        var fds: [Int32] = [-1, -1]
+        precondition(sealpost_pipe_cloexec(&fds) == 0, "pipe: \(errno)")
+        wake = (fds[0], fds[1])
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        logger.warning("\(kind.rawValue) listener: \(error)")
+    func run(_ listeners: [(Int32, ListenerKind)], adopt: @escaping @Sendable (Int32, ListenerKind) -> Void) {
+        let logger = self.logger
+        let wake = self.wake
+        let stopped = self.stopped
+        spawnThread {
+            var fds = listeners.map { pollfd(fd: $0.0, events: Int16(POLLIN), revents: 0) }
+            fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
+            var warned = false
+            while !stopped.withLockedValue({ $0 }) {
+                let n = poll(&fds, nfds_t(fds.count), -1)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    logger.error("poll on the listeners: \(String(cString: strerror(errno)))")
+                    return
+                }
+                if fds.last!.revents != 0 { return }
+                for i in 0..<listeners.count where fds[i].revents != 0 {
+                    // Several per wake-up, as many as are waiting.
+                    for _ in 0..<64 {
+                        let client = sealpost_accept_cloexec(listeners[i].0)
+                        if client >= 0 {
+                            warned = false
+                            adopt(client, listeners[i].1)
+                            continue
+                        }
+                        let e = errno
+                        if e == EAGAIN || e == EWOULDBLOCK || e == ECONNABORTED || e == EINTR { break }
+                        if !warned {
+                            logger.warning("\(listeners[i].1.rawValue) listener: accept: \(String(cString: strerror(e)))")
+                            warned = true
+                        }
+                        if e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM {
+                            // Out of descriptors: wait a little, do not spin.
+                            var none = pollfd()
+                            _ = poll(&none, 0, 100)
+                        }
+                        break
+                    }
+                }
+            }
+        }
+    }
+
+    func stop() {
+        stopped.withLockedValue { $0 = true }
+        var byte: UInt8 = 1
+        _ = write(wake.write, &byte, 1)
     }
 }
 

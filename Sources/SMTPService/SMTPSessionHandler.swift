@@ -9,6 +9,16 @@
 // session has too much buffered while it waits for the queue, or the inject
 // socket cannot take more body data. Reading resumes when that changes.
 //
+// STARTTLS (RFC 3207): after the 220 reply is written, a duplicate of the
+// TCP descriptor goes to crypto-negotiate (TLSHandoff); this channel reads
+// nothing more (one read per request, and none is requested), so every
+// byte after STARTTLS is either discarded by the session (pipelined in the
+// same read, CVE-2011-0411) or goes to the TLS handshake. On success the
+// TCP channel is closed (crypto-negotiate keeps its copy) and this same
+// handler, with the same session, moves to a channel on the plaintext
+// socket; the session then expects a new EHLO. On port 465 the session
+// starts on such a plaintext socket with TLS active.
+//
 // Timeouts (RFC 5321 4.5.3.2): a command is awaited for `timeouts.command`
 // (5 min), message data for `timeouts.dataBlock` (3 min); while the queue
 // decides, the client is not timed (the inject transaction has its own
@@ -25,6 +35,11 @@ import MailMessage
 import NIOCore
 import NIOPosix
 import SMTP
+
+#if canImport(Glibc)
+import Glibc
+private func closeFileDescriptor(_ fd: Int32) -> Int32 { Glibc.close(fd) }
+#endif
 
 final class SMTPSessionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
@@ -53,11 +68,35 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var timer: Scheduled<Void>?
     private var lastCommand = "CONNECT"
     private var out: ByteBuffer?
+    /// Where the last reply in `out` begins (to take back a 220 to STARTTLS).
+    private var lastReplyStart = 0
     private var shutdownRequested = false
 
-    init(server: SMTPServerCore, kind: ListenerKind) {
+    /// The TCP descriptor of the channel (owned by NIO); nil on a plaintext
+    /// socket from crypto-negotiate.
+    private var socket: Int32?
+    /// The client's address when the channel's peer is not the client (the
+    /// plaintext socket of implicit TLS).
+    private let peer: String?
+    /// "TLSv1.3 with cipher ..." once TLS is active (Received, logs).
+    private var tlsSummary: String?
+    private var tlsAtStart: TLSEstablished?
+    /// STARTTLS: waiting for crypto-negotiate.
+    private var handingOff = false
+    private var handoffTimer: Scheduled<Void>?
+    /// The TCP channel is being closed after a successful hand-off.
+    private var handedOff = false
+    /// The next channelActive is that of the plaintext channel.
+    private var resuming: Channel?
+
+    init(server: SMTPServerCore, kind: ListenerKind, socket: Int32? = nil, peer: String? = nil,
+         tls: TLSEstablished? = nil) {
         self.server = server
         self.kind = kind
+        self.socket = socket
+        self.peer = peer
+        self.tlsAtStart = tls
+        self.tlsSummary = tls?.summary
     }
 
     // MARK: - Channel events
@@ -67,12 +106,22 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        // After STARTTLS this handler lives on in the plaintext channel.
+        guard context === self.context else { return }
         self.context = nil
         timer?.cancel()
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        let raw = context.channel.remoteAddress?.ipAddress ?? "unknown"
+        if let old = resuming {
+            // The plaintext channel after STARTTLS: same session, TLS on.
+            resuming = nil
+            server.replace(old, with: context.channel)
+            context.fireChannelActive()
+            perform(session!.tlsEstablished())
+            return
+        }
+        let raw = peer ?? context.channel.remoteAddress?.ipAddress ?? "unknown"
         clientAddress = NetworkPrefix.canonicalClientAddress(raw)
         client = SessionLog.client(name: clientName, address: clientAddress)
         let settings = server.settings
@@ -93,9 +142,16 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             return
         }
         server.logger.info("\(SessionLog.connect(client))")
+        if let tls = tlsAtStart {
+            server.logger.info("\(client): TLS: \(tls.summary)\(tls.serverName.map { ", sni=\($0)" } ?? "")")
+        }
         var policy = settings.policy(for: kind, client: clientAddress)
         policy.maxPendingInput = 256 * 1024
-        let info = SMTPClientInfo(address: clientAddress, hostname: nil, isTrusted: settings.isTrusted(clientAddress))
+        // STARTTLS only on a TCP channel, and only while crypto-negotiate
+        // is there to take it (otherwise the verb is not even advertised).
+        policy.tlsAvailable = socket != nil && server.handoff?.isAvailable == true
+        let info = SMTPClientInfo(address: clientAddress, hostname: nil, isTrusted: settings.isTrusted(clientAddress),
+                                  tlsActive: tlsAtStart != nil)
         session = SMTPServerSession(policy: policy, client: info)
         perform(session!.start())
         context.fireChannelActive()
@@ -125,7 +181,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         }
         if event is SMTPServerCore.ShutdownEvent {
             shutdownRequested = true
-            if !waitingForQueue, !inMessage {
+            if !waitingForQueue, !inMessage, !handingOff {
                 perform(session?.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")) ?? [])
             }
             return
@@ -139,6 +195,19 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        if handedOff {
+            // The TCP channel after a successful STARTTLS: the session
+            // continues on the plaintext channel.
+            handedOff = false
+            context.fireChannelInactive()
+            return
+        }
+        if handingOff {
+            // The client went away during the hand-off; crypto-negotiate
+            // reports a failed handshake, which is then ignored.
+            handingOff = false
+            handoffTimer?.cancel()
+        }
         timer?.cancel()
         if let session, !session.isClosed {
             server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))")
@@ -190,13 +259,25 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             switch action {
             case .reply(let reply):
                 var buffer = out ?? context.channel.allocator.buffer(capacity: 256)
+                lastReplyStart = buffer.writerIndex
                 buffer.writeBytes(reply.rendered)
                 out = buffer
             case .close:
                 closing = true
             case .startTLS:
-                // Never offered (no TLS process yet); refuse safely.
-                perform(session!.tlsFailed())
+                guard socket != nil, server.handoff?.isAvailable == true else {
+                    // crypto-negotiate went away since the EHLO: take the
+                    // 220 back, say so, and end (the session cannot go
+                    // back to clear text from here).
+                    out?.moveWriterIndex(to: lastReplyStart)
+                    var buffer = out ?? context.channel.allocator.buffer(capacity: 64)
+                    buffer.writeBytes(SMTPReply(454, "4.7.0", "TLS not available due to local problem").rendered)
+                    out = buffer
+                    server.logger.warning("\(client): STARTTLS refused: crypto-negotiate is not available")
+                    perform(session!.tlsFailed())
+                    return
+                }
+                startTLSAfterFlush = true
             case .beginMessage(let envelope):
                 beginMessage(envelope, context: context)
             case .messageData(let bytes):
@@ -212,6 +293,11 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             case .log(let event):
                 log(event)
             }
+        }
+        if startTLSAfterFlush {
+            startTLSAfterFlush = false
+            handOff(context: context)
+            return
         }
         flushOutput(context: context)
         armTimer()
@@ -260,18 +346,115 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         perform(session!.authResult(result))
     }
 
-    private func flushOutput(context: ChannelHandlerContext) {
+    private var startTLSAfterFlush = false
+
+    @discardableResult
+    private func flushOutput(context: ChannelHandlerContext) -> EventLoopFuture<Void> {
         if let buffer = out {
             out = nil
             if closing {
-                context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in
-                    context.close(promise: nil)
-                }
-                return
+                let written = context.writeAndFlush(wrapOutboundOut(buffer))
+                written.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+                return written
             }
-            context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+            return context.writeAndFlush(wrapOutboundOut(buffer))
         } else if closing {
             context.close(promise: nil)
+        }
+        return context.eventLoop.makeSucceededVoidFuture()
+    }
+
+    // MARK: - STARTTLS
+
+    /// Once the 220 is on the wire, a duplicate of the TCP descriptor goes
+    /// to crypto-negotiate. No timer runs meanwhile (a 421 written now would
+    /// land in the handshake); crypto-negotiate has its handshake timeout,
+    /// and `tlsHandoffTimeout` bounds the wait for its answer.
+    private func handOff(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        handingOff = true
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let written = flushOutput(context: context)
+        written.assumeIsolated().whenComplete { result in
+            let handler = bound.value
+            guard handler.handingOff else { return }
+            guard case .success = result, let fd = handler.socket, let handoff = handler.server.handoff else {
+                handler.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "the 220 reply could not be written")))
+                return
+            }
+            let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+            guard copy >= 0 else {
+                handler.handoffDone(.failure(TLSHandoffFailure(status: "4.3.0", text: "dup: \(String(cString: strerror(errno)))")))
+                return
+            }
+            handler.handoffTimer = loop.assumeIsolated().scheduleTask(in: .seconds(handler.server.settings.tlsHandoffTimeout)) {
+                bound.value.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "no answer from crypto-negotiate")))
+            }
+            handoff.negotiate(socket: copy, peer: handler.client) { result in
+                loop.execute {
+                    let handler = bound.value
+                    if !handler.handingOff, case .success(let established) = result {
+                        _ = closeFileDescriptor(established.plaintext)
+                        return
+                    }
+                    handler.handoffDone(result)
+                }
+            }
+        }
+    }
+
+    private func handoffDone(_ result: Result<TLSEstablished, TLSHandoffFailure>) {
+        guard handingOff else { return }
+        handingOff = false
+        handoffTimer?.cancel()
+        handoffTimer = nil
+        guard let context, var session else {
+            if case .success(let established) = result { _ = closeFileDescriptor(established.plaintext) }
+            return
+        }
+        switch result {
+        case .failure(let failure):
+            server.logger.info("\(client): STARTTLS failed: \(failure.text)")
+            let actions = session.tlsFailed()
+            self.session = session
+            perform(actions)
+        case .success(let established):
+            tlsSummary = established.summary
+            server.logger.info("\(client): STARTTLS: \(established.summary)\(established.serverName.map { ", sni=\($0)" } ?? "")")
+            // Close the TCP channel (crypto-negotiate has its own copy of
+            // the socket), then carry on over the plaintext socket.
+            let old = context.channel
+            let loop = context.eventLoop
+            let bound = NIOLoopBound(self, eventLoop: loop)
+            handedOff = true
+            socket = nil
+            resuming = old
+            old.close().assumeIsolated().whenComplete { _ in
+                ClientBootstrap(group: loop)
+                    .channelOption(.allowRemoteHalfClosure, value: true)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(bound.value)
+                        }
+                    }
+                    .withConnectedSocket(established.plaintext)
+                    .whenFailure { error in
+                        let handler = bound.value
+                        handler.server.logger.warning("\(handler.client): cannot use the plaintext socket from crypto-negotiate: \(error)")
+                        handler.resuming = nil
+                        if var session = handler.session, !session.isClosed {
+                            _ = session.disconnected()
+                            handler.session = session
+                        }
+                        handler.inject?.abort()
+                        if handler.registered {
+                            handler.server.unregister(address: handler.clientAddress, channel: old)
+                            handler.registered = false
+                        }
+                    }
+            }
         }
     }
 
@@ -286,7 +469,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         // hands out the ID at MAIL).
         let received = ReceivedHeader.build(envelope: envelope, hostname: settings.hostname,
                                             softwareName: settings.softwareName, queueID: nil,
-                                            date: RFC5322Date.now())
+                                            tls: tlsSummary, date: RFC5322Date.now())
         inject = transaction
         transaction.start(envelope: envelope, clientName: clientName, prefix: Array(received.utf8))
     }
@@ -371,7 +554,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private func armTimer() {
         timer?.cancel()
         timer = nil
-        guard let context, let session, !session.isClosed, !closing, !waitingForQueue else { return }
+        guard let context, let session, !session.isClosed, !closing, !waitingForQueue, !handingOff else { return }
         let timeouts = server.settings.timeouts
         let seconds = inMessage ? timeouts.dataBlock : timeouts.command
         timer = context.eventLoop.assumeIsolated().scheduleTask(in: .seconds(seconds)) { [weak self] in
@@ -380,7 +563,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     }
 
     private func timedOut() {
-        guard var session, !session.isClosed, !waitingForQueue else { return }
+        guard var session, !session.isClosed, !waitingForQueue, !handingOff else { return }
         server.logger.info("\(SessionLog.timeout(after: lastCommand, client: client))")
         let actions = session.shutdown(SMTPReply(421, "4.4.2", "\(server.settings.hostname) Error: timeout exceeded"))
         self.session = session

@@ -21,6 +21,7 @@ struct ConfigParser {
         "smtp": ["listen", "submission", "smtps", "relay_domains", "trusted_networks", "command_line_limit",
                  "text_line_limit", "error_limit", "client_connection_limit", "command_timeout",
                  "data_timeout", "auth_users", "sender_login_match"],
+        "tls": ConfigParser.tlsKeys,
     ]
 
     /// sun_path of struct sockaddr_un holds 108 bytes with the NUL.
@@ -34,7 +35,8 @@ struct ConfigParser {
     }
 
     func error(_ section: String, _ key: String?, _ message: String) -> ConfigError {
-        let path = [section] + (key.map { [$0] } ?? [])
+        // A nested section ("tls.certificates.0") is a path of its own.
+        let path = section.split(separator: ".").map(String.init) + (key.map { [$0] } ?? [])
         return ConfigError(file: file, line: index.line(of: path),
                            key: path.joined(separator: "."), message: message)
     }
@@ -204,6 +206,9 @@ struct ConfigParser {
             }
         }
         try parseSMTPPolicy(smtp, directory: directory, into: &configuration.smtp)
+
+        // [tls] (TLSSettings.swift)
+        try parseTLS(root["tls"]?.table, into: &configuration)
         return configuration
     }
 

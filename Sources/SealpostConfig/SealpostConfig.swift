@@ -25,6 +25,8 @@ public struct SealpostConfiguration: Sendable {
     public var queue: QueueSettings
     public var local: LocalSettings
     public var smtp: SMTPSettings
+    /// [tls]: crypto-negotiate's certificates, CA bundles, protocols.
+    public var tls: TLSSettings
 
     // Derived paths (absolute, under dataDirectory).
     /// data/run
@@ -39,6 +41,10 @@ public struct SealpostConfiguration: Sendable {
     public var spoolDirectory: String
     /// data/log
     public var logDirectory: String
+    /// data/run/tls: crypto-negotiate's socket (PROTOCOL.md section 4.5)
+    public var tlsSocket: String { ConfigPath.join(runtimeDirectory, "tls") }
+    /// data/tls: where Pipeline/start puts the self-signed certificates
+    public var tlsDirectory: String { ConfigPath.join(dataDirectory, "tls") }
 
     /// The built-in defaults (those of the shipped Config/sealpost.toml) for a
     /// configuration file at `file` (absolute): data under `../var`.
@@ -59,6 +65,7 @@ public struct SealpostConfiguration: Sendable {
         self.controlSocket = ""
         self.spoolDirectory = ""
         self.logDirectory = ""
+        self.tls = TLSSettings(tlsDirectory: ConfigPath.join(dataDirectory, "tls"))
         deriveDataPaths()
     }
 

@@ -13,6 +13,7 @@ struct SourceIndex {
 
     init(text: String) {
         var table: [String] = []
+        var arrayCounts: [String: Int] = [:]
         var multiline: String? = nil   // the open delimiter, """ or '''
         var lineNumber = 0
         for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
@@ -31,6 +32,15 @@ struct SourceIndex {
                 if let path = SourceIndex.parseKey(&rest) {
                     table = path
                     record(path, lineNumber)
+                    if isArray {
+                        // Each [[a.b]] is element N of a.b: its keys are
+                        // "a.b.N.key", so errors find the right table.
+                        let key = path.joined(separator: ".")
+                        let index = arrayCounts[key, default: 0]
+                        arrayCounts[key] = index + 1
+                        table = path + [String(index)]
+                        record(table, lineNumber)
+                    }
                 }
                 continue
             }

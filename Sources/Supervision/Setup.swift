@@ -65,6 +65,33 @@ public enum Setup {
             let mailOwner = try user("local-deliver")
             try ensure(mail, mode: 0o700, owner: asRoot ? mailOwner : nil)
         }
+        if names.contains("crypto-negotiate") {
+            try ensureTLSDirectory(layout.tlsDirectory, owner: asRoot ? try user("crypto-negotiate") : nil)
+        }
+    }
+
+    /// tls/ (the self-signed certificates Pipeline/start creates): the
+    /// directory root's, 0755, so that no stage can place links in it; as
+    /// root, its regular files are given to crypto-negotiate's user (the
+    /// keys are 0600: no other stage can read them).
+    static func ensureTLSDirectory(_ path: String, owner: (uid_t, gid_t)?) throws(SetupError) {
+        try ensure(path, mode: 0o755, owner: owner.map { _ in (0, 0) })
+        guard let (uid, gid) = owner, let directory = opendir(path) else { return }
+        defer { closedir(directory) }
+        let dirfd = Glibc.dirfd(directory)
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            if name == "." || name == ".." { continue }
+            var info = stat()
+            guard fstatat(dirfd, name, &info, AT_SYMLINK_NOFOLLOW) == 0, (info.st_mode & S_IFMT) == S_IFREG else { continue }
+            if info.st_uid != uid || info.st_gid != gid {
+                guard fchownat(dirfd, name, uid, gid, AT_SYMLINK_NOFOLLOW) == 0 else {
+                    throw SetupError(message: "\(SystemError("chown", path: path + "/" + name))")
+                }
+            }
+        }
     }
 
     private static func runTool(_ tool: String, _ arguments: [String]) throws(SetupError) {
@@ -131,6 +158,8 @@ public struct DirectoryLayout: Sendable, Equatable {
     }
 
     public var logFile: String { joinPath(logDirectory, "sealpost.log") }
+    /// Certificates and keys for crypto-negotiate (self-signed by default).
+    public var tlsDirectory: String { joinPath(dataDirectory, "tls") }
     public var pidFile: String { joinPath(runtimeDirectory, "supervise.pid") }
     public var statusFile: String { joinPath(runtimeDirectory, "supervise.status") }
 

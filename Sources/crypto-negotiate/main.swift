@@ -23,9 +23,11 @@
 //     socketpair ends travel with SCM_RIGHTS.
 //
 // CONFIGURATION
-//     Config/sealpost.toml (SEALPOST_CONFIG), and the [tls] settings from
-//     tls.toml next to it (SEALPOST_TLS_CONFIG): certificates and keys,
-//     CA bundles, protocols, session tickets, timeouts.
+//     The [tls] section of Config/sealpost.toml (SEALPOST_CONFIG):
+//     certificates and keys, CA bundles, protocols, session tickets,
+//     timeouts. By default the self-signed pair that Pipeline/start creates
+//     in tls/ under the data directory. With no certificate configured the
+//     server role is off (smtp-listen then offers no STARTTLS).
 //
 // PRIVILEGES
 //     Reads every certificate, key and CA bundle first, then (as root)
@@ -49,14 +51,7 @@ import SealpostConfig
 import StageRuntime
 
 let config = StageRuntime.bootstrap(stage: "crypto-negotiate")
-let tlsFile = TLSConfiguration.locate(mainConfig: config.file,
-                                      environment: getenv("SEALPOST_TLS_CONFIG").map { String(cString: $0) })
-let tlsConfig: TLSConfiguration
-do {
-    tlsConfig = try TLSConfiguration.load(path: tlsFile)
-} catch {
-    StageRuntime.fatal(error.description, exit: .config)
-}
+let tlsConfig = TLSConfiguration(config.tls)
 
 // Keys and CA bundles are read here, before the privileges go.
 let service: NegotiationService

@@ -51,8 +51,23 @@
 //      - otherwise the addresses of [smtp] listen and submission in the
 //        configuration, bound before privileges are dropped (so port 25
 //        works when started as root).
-//      smtps (port 465, implicit TLS) is not served until crypto-negotiate
-//      exists; this is logged once at start.
+//      Connections are accepted by a thread of smtp-listen's own and then
+//      run on NIO event loops (the TCP descriptor must be known to hand it
+//      over for TLS).
+//
+// TLS
+//      When [tls] lists certificates, smtp-listen keeps one connection to
+//      crypto-negotiate (run/tls, the `tls` protocol of Pipeline/PROTOCOL.md
+//      section 4.5), reconnecting every second while it is away. While it is
+//      connected, EHLO offers STARTTLS (and, once TLS is active,
+//      REQUIRETLS); after "220 2.0.0 Ready to start TLS" the client's socket
+//      goes to crypto-negotiate and the session continues on the plaintext
+//      socket it returns, with a new EHLO (RFC 3207). Bytes pipelined after
+//      STARTTLS are discarded (CVE-2011-0411). Connections to smtps
+//      listeners (port 465, RFC 8314) are handed over at once and greeted
+//      over the plaintext socket; while crypto-negotiate is away they are
+//      closed. Received: lines say ESMTPS and "(using TLSv1.3 with cipher
+//      ...)". smtp-listen itself never links TLS nor reads keys.
 //
 // QUEUE
 //      For each message, a connection to the queue's inject socket
@@ -165,7 +180,8 @@ if lstat(usersFile, &usersInfo) != 0 && errno == ENOENT {
         StageRuntime.fatal("\(error)", exit: .config)
     }
 }
-let settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket, authenticator: authenticator)
+let settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
+                                   tlsSocket: paths.runtimeDirectory + "/tls", authenticator: authenticator)
 
 let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
 let server = SMTPServer(settings: settings, group: group, logger: logger)

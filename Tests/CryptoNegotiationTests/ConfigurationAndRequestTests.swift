@@ -5,9 +5,16 @@ import Testing
 @testable import CryptoNegotiation
 @testable import TLS
 
+/// The [tls] section of the main configuration, as crypto-negotiate reads it.
+func tlsConfiguration(_ text: String, file: String) throws -> TLSConfiguration {
+    TLSConfiguration(try SealpostConfiguration.parse(text: text, file: file).tls)
+}
+
 @Suite struct ConfigurationTests {
-    @Test func fullFile() throws {
-        let c = try TLSConfiguration.parse(text: """
+    @Test func fullSection() throws {
+        let c = try tlsConfiguration("""
+            [sealpost]
+            data_directory = "/var/lib/sealpost"
             [tls]
             ca_file = "ca.pem"
             protocols = ["TLSv1.3"]
@@ -16,16 +23,16 @@ import Testing
             idle_timeout = "5m"
             [tls.ca_bundles]
             mta-sts = "/etc/sealpost/sts.pem"
-            [[tls.certificate]]
+            [[tls.certificates]]
             cert = "ec.pem"
-            key = "ec.key"
-            [[tls.certificate]]
+            key = "$data_directory/tls/ec.key"
+            [[tls.certificates]]
             cert = "/abs/rsa.pem"
             key = "/abs/rsa.key"
             names = ["MX.Example.org", "*.example.org"]
-            """, file: "/etc/sealpost/tls.toml")
+            """, file: "/etc/sealpost/sealpost.toml")
         #expect(c.server.certificates == [
-            CertificateKeyPair(certificateFile: "/etc/sealpost/ec.pem", keyFile: "/etc/sealpost/ec.key"),
+            CertificateKeyPair(certificateFile: "/etc/sealpost/ec.pem", keyFile: "/var/lib/sealpost/tls/ec.key"),
             CertificateKeyPair(certificateFile: "/abs/rsa.pem", keyFile: "/abs/rsa.key", names: ["mx.example.org", "*.example.org"]),
         ])
         #expect(c.server.common.protocols == [.tls13])
@@ -35,30 +42,22 @@ import Testing
         #expect(c.timeouts == RelayTimeouts(handshake: 30, idle: 300))
     }
 
-    @Test func defaults() throws {
-        let c = try TLSConfiguration.parse(text: "[tls]\n", file: "/x/tls.toml")
-        #expect(c.server.certificates.isEmpty)
+    @Test func defaultsAreTheSelfSignedPairInTheDataDirectory() throws {
+        let c = try tlsConfiguration("[sealpost]\ndata_directory = \"/d\"\n", file: "/x/sealpost.toml")
+        #expect(c.server.certificates == [
+            CertificateKeyPair(certificateFile: "/d/tls/self-signed-ecdsa.crt", keyFile: "/d/tls/self-signed-ecdsa.key"),
+            CertificateKeyPair(certificateFile: "/d/tls/self-signed-rsa.crt", keyFile: "/d/tls/self-signed-rsa.key"),
+        ])
         #expect(c.server.common.protocols == [.tls12, .tls13])
         #expect(c.server.sessionTickets)
+        #expect(c.caBundles == ["default": "/etc/ssl/certs/ca-certificates.crt"])
         #expect(c.timeouts == RelayTimeouts())
     }
 
-    @Test(arguments: [
-        ("[tls]\nprotocol = []", "tls.protocol: unknown key"),
-        ("[tls]\nprotocols = [\"TLSv1.1\"]", "tls.protocols: unknown protocol TLSv1.1"),
-        ("[tls]\n[[tls.certificate]]\ncert = \"a\"", "tls.certificate[0].key: missing"),
-        ("[tls]\n[[tls.certificate]]\ncert = \"a\"\nkey = \"b\"\nnames = [\"bad name\"]", "tls.certificate[0].names: not a host name"),
-        ("[tls]\nidle_timeout = \"5x\"", "tls.idle_timeout: not a duration"),
-        ("[smtp]\n", "smtp: unknown section"),
-        ("", "tls: missing section [tls]"),
-    ])
-    func rejected(_ text: String, _ message: String) {
-        do {
-            _ = try TLSConfiguration.parse(text: text, file: "tls.toml")
-            Issue.record("accepted: \(text)")
-        } catch {
-            #expect(error.description.contains(message), "\(error.description)")
-        }
+    @Test func noCertificatesNoServerRole() throws {
+        let c = try tlsConfiguration("[tls]\ncertificates = []\nca_file = \"\"\n", file: "/x/sealpost.toml")
+        #expect(c.server.certificates.isEmpty)
+        #expect(c.caBundles.isEmpty)
     }
 }
 

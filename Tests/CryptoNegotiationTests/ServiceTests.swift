@@ -67,10 +67,10 @@ func tlsConfigText(_ pki: TestPKI) -> String {
     [tls]
     ca_file = "\(pki.path("ca.pem"))"
     handshake_timeout = 30
-    [[tls.certificate]]
+    [[tls.certificates]]
     cert = "\(pki.path("leaf-ec.pem"))"
     key = "\(pki.path("leaf-ec.key"))"
-    [[tls.certificate]]
+    [[tls.certificates]]
     cert = "\(pki.path("other.pem"))"
     key = "\(pki.path("other.key"))"
     names = ["other.example.test"]
@@ -80,7 +80,7 @@ func tlsConfigText(_ pki: TestPKI) -> String {
 @Suite struct InProcessServiceTests {
     @Test func bothRolesThroughTheSocket() throws {
         let pki = try TestPKI.get()
-        let config = try TLSConfiguration.parse(text: tlsConfigText(pki), file: pki.path("tls.toml"))
+        let config = try tlsConfiguration(tlsConfigText(pki), file: pki.path("sealpost.toml"))
         let service = try NegotiationService(configuration: config)
         let path = pki.path("tls-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock")
         try service.listen(path: path)
@@ -115,13 +115,13 @@ func tlsConfigText(_ pki: TestPKI) -> String {
         let pki = try TestPKI.get()
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try shell("cp leaf-ec.pem r-\(tag).pem && cp leaf-ec.key r-\(tag).key", in: pki.dir)
-        let config = try TLSConfiguration.parse(text: """
+        let config = try tlsConfiguration("""
             [tls]
             ca_file = "ca.pem"
-            [[tls.certificate]]
+            [[tls.certificates]]
             cert = "r-\(tag).pem"
             key = "r-\(tag).key"
-            """, file: pki.path("tls.toml"))
+            """, file: pki.path("sealpost.toml"))
         let service = try NegotiationService(configuration: config)
         let path = pki.path("tls-\(tag).sock")
         try service.listen(path: path)
@@ -143,7 +143,7 @@ func tlsConfigText(_ pki: TestPKI) -> String {
 
     @Test func protocolViolationGetsAnError() throws {
         let pki = try TestPKI.get()
-        let service = try NegotiationService(configuration: try TLSConfiguration.parse(text: tlsConfigText(pki), file: pki.path("tls.toml")))
+        let service = try NegotiationService(configuration: try tlsConfiguration(tlsConfigText(pki), file: pki.path("sealpost.toml")))
         let path = pki.path("tls-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock")
         try service.listen(path: path)
         let done = DispatchSemaphore(value: 0)
@@ -188,15 +188,12 @@ func sealpost_unix_connect_for_test(_ path: String) -> Int32 { sealpost_unix_con
         let data = pki.path("data-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
         try shell("mkdir -p '\(data)/run'", in: pki.dir)
         let mainConfig = data + "/sealpost.toml"
-        try "[sealpost]\ndata_directory = \"\(data)\"\n".write(toFile: mainConfig, atomically: true, encoding: .utf8)
-        let tlsConfig = data + "/tls.toml"
-        try tlsConfigText(pki).write(toFile: tlsConfig, atomically: true, encoding: .utf8)
+        try ("[sealpost]\ndata_directory = \"\(data)\"\n" + tlsConfigText(pki)).write(toFile: mainConfig, atomically: true, encoding: .utf8)
         // As root, the stage drops to "nobody" and chroots into the data
         // directory (it must create its socket there as that user).
         let root = geteuid() == 0
         if root { try shell("chown nobody '\(data)/run'", in: pki.dir) }
         let child = try Child([try Self.executable()], environment: ["SEALPOST_CONFIG": mainConfig,
-                                                                   "SEALPOST_TLS_CONFIG": tlsConfig,
                                                                    "SEALPOST_USER": "nobody"])
         #expect(child.waitFor(root ? "listening on /run/tls" : "listening on \(data)/run/tls"), "\(child.output)")
         let c = try StageConnection.connect(path: data + "/run/tls")
@@ -228,9 +225,9 @@ func sealpost_unix_connect_for_test(_ path: String) -> Int32 { sealpost_unix_con
         let pki = try TestPKI.get()
         let data = pki.path("data-bad-\(getpid())")
         try shell("mkdir -p '\(data)/run'", in: pki.dir)
-        try "[sealpost]\ndata_directory = \"\(data)\"\n".write(toFile: data + "/sealpost.toml", atomically: true, encoding: .utf8)
-        try "[tls]\n[[tls.certificate]]\ncert = \"\(pki.path("leaf-ec.pem"))\"\nkey = \"/nonexistent.key\"\n"
-            .write(toFile: data + "/tls.toml", atomically: true, encoding: .utf8)
+        try ("[sealpost]\ndata_directory = \"\(data)\"\n"
+             + "[tls]\n[[tls.certificates]]\ncert = \"\(pki.path("leaf-ec.pem"))\"\nkey = \"/nonexistent.key\"\n")
+            .write(toFile: data + "/sealpost.toml", atomically: true, encoding: .utf8)
         let child = try Child([try Self.executable()], environment: ["SEALPOST_CONFIG": data + "/sealpost.toml"])
         #expect(child.finish() == 78)
         #expect(child.output.contains("fatal: private key /nonexistent.key"), "\(child.output)")

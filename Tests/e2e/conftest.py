@@ -135,7 +135,15 @@ class Pipeline:
         return env
 
     # Life cycle
+    def ensure_certificates(self):
+        """What Pipeline/start does before the first start: the self-signed
+        pair the default [tls] section names, in <data>/tls/."""
+        subprocess.run(["bash", "-c", '. "$checkout/Pipeline/common.sh" && ensure_self_signed_certificates "$1" "$2"',
+                        "ensure", str(self.data / "tls"), socket.gethostname().lower()],
+                       env=dict(os.environ, checkout=str(CHECKOUT)), check=True, capture_output=True)
+
     def start(self, wait=True):
+        self.ensure_certificates()
         command = [executable("supervise"), "--foreground", "--stages", str(self.stages_file)]
         if self.run_as:
             command = ["setpriv", f"--reuid={self.run_as}", f"--regid={pwd.getpwnam(self.run_as).pw_gid}",

@@ -1,0 +1,130 @@
+// The TLS hand-off through crypto-negotiate (PROTOCOL.md 4.5, client role):
+// one short connection to run/tls per handshake, HELLO, NEGOTIATE with the
+// TCP socket (SCM_RIGHTS) and the destination's verification policy, then
+// NEGOTIATED (the plaintext socket) or FAILED. The session outlives the
+// control connection (4.5: "Sessions do not depend on the control
+// connection"), so the connection closes right after the answer.
+//
+// StageConnection is blocking: each hand-off runs on a thread of its own,
+// so that a slow handshake holds neither the event loop nor the Swift
+// concurrency pool. Handshakes are short and bounded by handshake-timeout.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import SMTP
+import StageProtocol
+
+public struct CryptoNegotiateHandOff: TLSClientHandOff {
+    public let socketPath: String
+    /// The CA bundle name in crypto-negotiate's configuration, for "pkix".
+    public let caBundle: String?
+
+    public init(socketPath: String, caBundle: String? = nil) {
+        self.socketPath = socketPath
+        self.caBundle = caBundle
+    }
+
+    /// run/tls exists (crypto-negotiate is running, or was).
+    public var isAvailable: Bool {
+        var st = stat()
+        return stat(socketPath, &st) == 0 && (st.st_mode & S_IFMT) == S_IFSOCK
+    }
+
+    public func negotiate(socket: Int32, request: TLSClientRequest) async -> Result<TLSClientHandOffResult, TLSHandOffError> {
+        let path = socketPath, ca = caBundle
+        return await withCheckedContinuation { continuation in
+            detachThread {
+                continuation.resume(returning: Self.blockingNegotiate(path: path, socket: socket, request: request, caBundle: ca))
+            }
+        }
+    }
+
+    /// The NEGOTIATE frame for `request` (without the socket).
+    public static func negotiateFrame(session: UInt64, request: TLSClientRequest, caBundle: String?) -> Frame {
+        var attributes: [(String, AttributeValue)] = [
+            ("session", .uint(session)), ("socket", .fd(-1)), ("role", .text("client")),
+            ("handshake-timeout", .uint(UInt64(max(1, min(3600, request.handshakeTimeout))))),
+            ("peer", AttributeValue.sanitizedText(request.peer)),
+        ]
+        if TransportTable.isDomainName(request.serverName) { attributes.append(("server-name", .text(request.serverName))) }
+        let v = request.verification
+        switch v.method {
+        case .none:
+            break
+        case .pkix:
+            attributes.append(("policy", .text("pkix")))
+            if !v.matchNames.isEmpty { attributes.append(("match-names", .text(v.matchNames.joined(separator: ",")))) }
+            if let caBundle { attributes.append(("ca", .text(caBundle))) }
+        case .dane:
+            attributes.append(("policy", .text("dane")))
+            attributes.append(("tlsa", .bytes(v.tlsa.flatMap { $0 })))
+            if !v.matchNames.isEmpty { attributes.append(("match-names", .text(v.matchNames.joined(separator: ",")))) }
+        case .pin:
+            attributes.append(("policy", .text("pin")))
+            attributes.append(("pins", .text(v.pins.joined(separator: ","))))
+        }
+        return Frame(.negotiate, attributes: attributes)
+    }
+
+    static func blockingNegotiate(path: String, socket: Int32, request: TLSClientRequest,
+                                  caBundle: String?) -> Result<TLSClientHandOffResult, TLSHandOffError> {
+        var owned: Int32? = socket
+        defer { if let fd = owned { close(fd) } }
+        do {
+            let connection = try StageConnection.connect(path: path)
+            defer { connection.close() }
+            _ = try connection.clientHello(.tls, extra: [("software", .text(QueueClient.software))])
+            var frame = negotiateFrame(session: 1, request: request, caBundle: caBundle)
+            frame.set("socket", .fd(socket))
+            try connection.send(frame)
+            // 4.5: the client closes its copy right after sending.
+            close(socket)
+            owned = nil
+            while true {
+                guard let answer = try connection.receive() else {
+                    return .failure(TLSHandOffError("crypto-negotiate closed the connection during the handshake"))
+                }
+                switch answer.type {
+                case .negotiated:
+                    guard case .fd(let plaintext)? = answer["plaintext"] else {
+                        return .failure(TLSHandOffError("NEGOTIATED without a plaintext socket"))
+                    }
+                    let authentication = try answer.text("authentication")
+                    let report = SMTPClientTLSReport(protocolVersion: try answer.text("protocol"), cipher: try answer.text("cipher"),
+                                                     peerAuthenticated: authentication != "encrypted")
+                    return .success(TLSClientHandOffResult(plaintext: plaintext, report: report, authentication: authentication))
+                case .failed:
+                    let status = try answer.text("status")
+                    var text = try answer.text("text")
+                    if let why = try answer.optionalText("verify-error") { text += " (\(why))" }
+                    return .failure(TLSHandOffError("\(status) \(text)"))
+                case .error:
+                    return .failure(TLSHandOffError("crypto-negotiate: \(try answer.text("status")) \(try answer.text("text"))"))
+                default:
+                    continue   // CLOSED of another session cannot come here (one session per connection)
+                }
+            }
+        } catch {
+            return .failure(TLSHandOffError("crypto-negotiate at \(path): \(error)"))
+        }
+    }
+}
+
+/// A detached POSIX thread running `body`.
+func detachThread(_ body: @escaping @Sendable () -> Void) {
+    final class Box: Sendable {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+    let context = Unmanaged.passRetained(Box(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, nil, { raw in
+        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
+        return nil
+    }, context)
+    precondition(rc == 0, "pthread_create: \(rc)")
+    pthread_detach(thread)
+}

@@ -1,0 +1,294 @@
+// From a destination to the list of addresses to try, in order.
+//
+// The DNS work sits behind `MailExchangerResolver`, so that the libunbound
+// resolver (the DNS module, with DNSSEC status) plugs in without touching
+// the rest, and tests use a static table. The rules that do not depend on
+// the resolver live here:
+//
+//   - MX hosts in preference order, random among equal preference
+//     (RFC 5321 5.1), every address of each host tried (IPv6 and IPv4);
+//   - null MX (RFC 7505): bounce at once, 5.1.10;
+//   - the domain does not exist (NXDOMAIN), or has neither MX nor address:
+//     bounce, 5.1.2;
+//   - a lookup that failed for now (SERVFAIL, timeout): defer, 4.4.3;
+//   - MX hosts whose names do not resolve are skipped; none left: bounce
+//     5.4.4 when every lookup said "no such host", defer 4.4.3 when one
+//     failed for now.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOPosix
+import SMTP
+
+/// One MX host (or the implicit MX: the domain itself, preference 0).
+public struct MailExchanger: Sendable, Hashable, CustomStringConvertible {
+    public var preference: Int
+    public var host: String
+    /// Addresses the resolver found along with the MX answer (the DNS
+    /// module looks them up in parallel); nil: the planner asks
+    /// `addresses(of:)`.
+    public var addresses: AddressLookupResult?
+    public init(preference: Int, host: String, addresses: AddressLookupResult? = nil) {
+        self.preference = preference
+        self.host = host
+        self.addresses = addresses
+    }
+    public var description: String { "\(preference) \(host)" }
+}
+
+/// The answer to "where does mail for this domain go?".
+public enum MXLookupResult: Sendable, Hashable {
+    /// MX hosts (any order; the planner sorts them). `secure`: the answer
+    /// was DNSSEC-validated (DANE needs it).
+    case exchangers([MailExchanger], secure: Bool)
+    /// No MX records, but the domain has an address: the implicit MX.
+    case implicit(secure: Bool)
+    /// "MX 0 ." (RFC 7505): the domain accepts no mail.
+    case nullMX
+    /// NXDOMAIN, or neither MX nor address records.
+    case noSuchDomain(String)
+    /// SERVFAIL, timeout, bogus DNSSEC answer: try later.
+    case temporaryFailure(String)
+    /// Any other outcome the resolver classified itself.
+    case failure(RoutingFailure)
+}
+
+/// The addresses of one host.
+public enum AddressLookupResult: Sendable, Hashable {
+    /// IPv4 and IPv6 literals in text form.
+    case addresses([String], secure: Bool)
+    case noSuchHost(String)
+    case temporaryFailure(String)
+}
+
+/// DNS for remote delivery. The DNS module's libunbound resolver conforms
+/// to it once it is in main; tests use `StaticMailExchangerResolver`.
+public protocol MailExchangerResolver: Sendable {
+    func mailExchangers(of domain: String) async -> MXLookupResult
+    func addresses(of host: String) async -> AddressLookupResult
+}
+
+/// A fixed table: tests, and next hops given as IP literals.
+public struct StaticMailExchangerResolver: MailExchangerResolver {
+    public var mx: [String: MXLookupResult]
+    public var hosts: [String: AddressLookupResult]
+
+    public init(mx: [String: MXLookupResult] = [:], hosts: [String: AddressLookupResult] = [:]) {
+        self.mx = mx
+        self.hosts = hosts
+    }
+
+    public func mailExchangers(of domain: String) async -> MXLookupResult {
+        if let r = mx[domain.lowercased()] { return r }
+        if hosts[domain.lowercased()] != nil { return .implicit(secure: false) }
+        return .noSuchDomain("Host or domain name not found. Name service error for name=\(domain) type=MX: Host not found")
+    }
+
+    public func addresses(of host: String) async -> AddressLookupResult {
+        if TransportTable.isIPv4(host) || TransportTable.isIPv6(host) { return .addresses([host], secure: false) }
+        return hosts[host.lowercased()] ?? .noSuchHost("Host or domain name not found. Name service error for name=\(host) type=A: Host not found")
+    }
+}
+
+/// Which address family first when a host has both.
+public enum AddressPreference: String, Sendable, CaseIterable {
+    case ipv6, ipv4, any
+}
+
+/// One address to connect to.
+public struct DeliveryCandidate: Sendable, Hashable, CustomStringConvertible {
+    /// The MX host name (or the next-hop host); names the peer in logs and
+    /// is the TLS server name.
+    public var host: String
+    public var address: String
+    public var port: Int
+    /// nil for a next hop given as "[host]".
+    public var preference: Int?
+    /// The MX answer and the address answer were both DNSSEC-secure.
+    public var secure: Bool
+
+    public init(host: String, address: String, port: Int, preference: Int? = nil, secure: Bool = false) {
+        self.host = host
+        self.address = address
+        self.port = port
+        self.preference = preference
+        self.secure = secure
+    }
+
+    /// "mx.example.net[192.0.2.1]:25", as Postfix writes it.
+    public var description: String { "\(host)[\(address)]:\(port)" }
+}
+
+/// Why no address could be found; the recipients get this result.
+public struct RoutingFailure: Error, Sendable, Hashable, CustomStringConvertible {
+    public var permanent: Bool
+    public var status: EnhancedStatus
+    public var text: String
+    public init(permanent: Bool, status: EnhancedStatus, text: String) {
+        self.permanent = permanent
+        self.status = status
+        self.text = text
+    }
+    public var description: String { "\(status) \(text)" }
+}
+
+/// The route of one job: what the destination policy sees, and the addresses.
+public struct DeliveryRoute: Sendable, Hashable {
+    /// The domain the MX hosts were looked up for (nil for "[host]").
+    public var mxDomain: String?
+    public var exchangers: [MailExchanger]
+    /// The MX answer was DNSSEC-secure.
+    public var mxSecure: Bool
+    public var candidates: [DeliveryCandidate]
+}
+
+public enum RoutePlanner {
+    /// MX hosts by preference, shuffled among equal preferences.
+    public static func order<G: RandomNumberGenerator>(_ mx: [MailExchanger], using rng: inout G) -> [MailExchanger] {
+        let groups = Dictionary(grouping: mx, by: \.preference)
+        return groups.keys.sorted().flatMap { groups[$0]!.shuffled(using: &rng) }
+    }
+
+    /// Addresses of one host in the preferred family order (the resolver's
+    /// order within a family).
+    public static func order(_ addresses: [String], preference: AddressPreference) -> [String] {
+        switch preference {
+        case .any: return addresses
+        case .ipv6: return addresses.filter { $0.contains(":") } + addresses.filter { !$0.contains(":") }
+        case .ipv4: return addresses.filter { !$0.contains(":") } + addresses.filter { $0.contains(":") }
+        }
+    }
+
+    /// Resolves `hop` to the addresses to try, or the failure every
+    /// recipient gets.
+    public static func route(_ hop: NextHop, resolver: any MailExchangerResolver,
+                             preference: AddressPreference) async -> Result<DeliveryRoute, RoutingFailure> {
+        var rng = SystemRandomNumberGenerator()
+        switch hop {
+        case .local:
+            return .failure(RoutingFailure(permanent: false, status: EnhancedStatus(4, 3, 5),
+                                           text: "mail for a local transport was given to remote-deliver (transport table and queue routing disagree)"))
+        case .host(let host, let port):
+            switch await resolver.addresses(of: host) {
+            case .addresses(let list, let secure) where !list.isEmpty:
+                let ordered = order(list, preference: preference)
+                return .success(DeliveryRoute(mxDomain: nil, exchangers: [], mxSecure: false,
+                                              candidates: ordered.map { DeliveryCandidate(host: host, address: $0, port: port, secure: secure) }))
+            case .addresses:
+                return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 4, 4),
+                                               text: "Host or domain name not found. Name service error for name=\(host): no address"))
+            case .noSuchHost(let why):
+                return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 4, 4), text: why))
+            case .temporaryFailure(let why):
+                return .failure(RoutingFailure(permanent: false, status: EnhancedStatus(4, 4, 3), text: why))
+            }
+        case .mailExchangers(let domain, let port):
+            let exchangers: [MailExchanger]
+            let secure: Bool
+            switch await resolver.mailExchangers(of: domain) {
+            case .nullMX:
+                return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 1, 10),
+                                               text: "Domain \(domain) does not accept mail (null MX, RFC 7505)"))
+            case .noSuchDomain(let why):
+                return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 1, 2), text: why))
+            case .temporaryFailure(let why):
+                return .failure(RoutingFailure(permanent: false, status: EnhancedStatus(4, 4, 3), text: why))
+            case .failure(let failure):
+                return .failure(failure)
+            case .implicit(let s):
+                exchangers = [MailExchanger(preference: 0, host: domain)]
+                secure = s
+            case .exchangers(let list, let s):
+                guard !list.isEmpty else {
+                    return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 1, 2),
+                                                   text: "Domain \(domain) has no MX host"))
+                }
+                exchangers = order(list, using: &rng)
+                secure = s
+            }
+            var candidates: [DeliveryCandidate] = []
+            var temporary: String?
+            var permanent: String?
+            for mx in exchangers {
+                let lookup: AddressLookupResult
+                if let known = mx.addresses { lookup = known } else { lookup = await resolver.addresses(of: mx.host) }
+                switch lookup {
+                case .addresses(let list, let s):
+                    for a in order(list, preference: preference) {
+                        candidates.append(DeliveryCandidate(host: mx.host, address: a, port: port,
+                                                            preference: mx.preference, secure: secure && s))
+                    }
+                    if list.isEmpty { permanent = permanent ?? "MX host \(mx.host) has no address" }
+                case .noSuchHost(let why):
+                    permanent = permanent ?? why
+                case .temporaryFailure(let why):
+                    temporary = temporary ?? why
+                }
+            }
+            if candidates.isEmpty {
+                if let temporary {
+                    return .failure(RoutingFailure(permanent: false, status: EnhancedStatus(4, 4, 3), text: temporary))
+                }
+                return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 4, 4),
+                                               text: permanent ?? "no address for any MX host of \(domain)"))
+            }
+            return .success(DeliveryRoute(mxDomain: domain, exchangers: exchangers, mxSecure: secure, candidates: candidates))
+        }
+    }
+}
+
+/// Until the DNS module (libunbound, DNSSEC) is in: host addresses through
+/// the system's getaddrinfo(3) on NIO's thread pool, and no MX lookups (a
+/// destination that needs one is deferred, 4.4.3, rather than delivered to
+/// a guessed host). Next hops from the transport table ("[host]:port")
+/// work with it.
+public struct SystemAddressResolver: MailExchangerResolver {
+    public init() {}
+
+    public func mailExchangers(of domain: String) async -> MXLookupResult {
+        .temporaryFailure("MX lookup for \(domain) unavailable: remote-deliver was built without the DNS resolver; use a transport table next hop")
+    }
+
+    public func addresses(of host: String) async -> AddressLookupResult {
+        if TransportTable.isIPv4(host) || TransportTable.isIPv6(host) { return .addresses([host], secure: false) }
+        do {
+            return try await NIOThreadPool.singleton.runIfActive { Self.getaddrinfo(host) }
+        } catch {
+            return .temporaryFailure("address lookup for \(host) failed: \(error)")
+        }
+    }
+
+    static func getaddrinfo(_ host: String) -> AddressLookupResult {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_family = AF_UNSPEC
+        var list: UnsafeMutablePointer<addrinfo>?
+        let rc = Glibc.getaddrinfo(host, nil, &hints, &list)
+        guard rc == 0 else {
+            let why = "Name service error for name=\(host) type=A: \(String(cString: gai_strerror(rc)))"
+            return rc == EAI_NONAME || rc == -5 /* EAI_NODATA, GNU-only */ ? .noSuchHost("Host or domain name not found. " + why) : .temporaryFailure(why)
+        }
+        defer { freeaddrinfo(list) }
+        var out: [String] = []
+        var p = list
+        while let ai = p {
+            var buffer = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+            if ai.pointee.ai_family == AF_INET {
+                ai.pointee.ai_addr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
+                    var a = sin.pointee.sin_addr
+                    _ = inet_ntop(AF_INET, &a, &buffer, socklen_t(buffer.count))
+                }
+            } else if ai.pointee.ai_family == AF_INET6 {
+                ai.pointee.ai_addr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sin in
+                    var a = sin.pointee.sin6_addr
+                    _ = inet_ntop(AF_INET6, &a, &buffer, socklen_t(buffer.count))
+                }
+            }
+            let text = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if !text.isEmpty && !out.contains(text) { out.append(text) }
+            p = ai.pointee.ai_next
+        }
+        return .addresses(out, secure: false)
+    }
+}

@@ -1,0 +1,514 @@
+// One job from the queue -> one result per recipient, over SMTP.
+//
+// For a job (one destination domain, the `nexthop`): look the domain up in
+// the transport table; wait for a slot under the destination's concurrency
+// limit; reuse a cached connection to the destination if one is idle;
+// otherwise resolve the route (MX hosts in preference order, random among
+// equals, every address of each) and ask the destination policy for the
+// TLS requirement; then try the addresses in turn until every recipient
+// has a result. An address that refuses the connection, times out, greets
+// with 4xx/5xx or fails the session passes the undecided recipients to the
+// next address; those still undecided at the end are deferred with the
+// last error. A TLS handshake that fails under an opportunistic policy is
+// retried once on the same address in clear text (RFC 7435).
+//
+// Everything runs on one event loop: the class is confined to it.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import NIOCore
+import NIOPosix
+import SMTP
+
+/// What remote-deliver is configured with. Keys proposed for a `[remote]`
+/// section of sealpost.toml are named on each field.
+public struct RemoteSettings: Sendable {
+    /// EHLO name (`sealpost.hostname`).
+    public var hostname: String
+    /// `remote.destination_concurrency_limit`: jobs (and so connections)
+    /// at once per destination; Postfix's default_destination_concurrency_limit.
+    public var destinationConcurrencyLimit = 20
+    /// `remote.max_jobs`: jobs taken from the queue at once (HELLO max-jobs, 1-256).
+    public var maxJobs = 100
+    /// `remote.connect_timeout`: seconds for the TCP connection.
+    public var connectTimeout = 30
+    /// `remote.connection_cache_time`: seconds an idle connection is kept
+    /// for the next job to the same destination (Postfix: 2 s).
+    public var connectionCacheTime = 2
+    /// `remote.connection_reuse_limit`: messages per connection.
+    public var connectionReuseLimit = 100
+    /// `remote.source_address` / `remote.source_address_ipv6`: local
+    /// addresses to bind outgoing connections to (nil: the kernel chooses).
+    public var sourceIPv4: String?
+    public var sourceIPv6: String?
+    /// `remote.address_preference`: "ipv6" (default), "ipv4" or "any".
+    public var addressPreference: AddressPreference = .ipv6
+    /// Caps every RFC 5321 phase timeout (tests; nil: the RFC's values).
+    public var maximumPhaseTimeout: Int?
+    /// Largest body held for a job (`queue.message_size_limit` + slack).
+    public var maximumMessageSize = 10_240_000 + 1_048_576
+    /// AUTH may be sent without TLS to a next hop on a loopback address.
+    public var allowLoopbackAuthenticationWithoutTLS = true
+
+    public init(hostname: String) { self.hostname = hostname }
+}
+
+/// A job as the queue sent it (PROTOCOL.md 4.3).
+public struct RemoteJob: Sendable {
+    public struct Recipient: Sendable, Equatable {
+        public var index: UInt64
+        public var address: String
+        public var notify: String?
+        public var orcpt: String?
+        public init(index: UInt64, address: String, notify: String? = nil, orcpt: String? = nil) {
+            self.index = index
+            self.address = address
+            self.notify = notify
+            self.orcpt = orcpt
+        }
+    }
+    public var job: UInt64
+    public var queueID: String
+    public var sender: String
+    public var arrival: UInt64
+    public var size: UInt64
+    public var attempt: UInt64
+    public var ret: String?
+    public var envid: String?
+    public var requireTLS = false
+    public var smtputf8 = false
+    public var bodyType: String?
+    public var nexthop: String?
+    public var recipients: [Recipient] = []
+    /// CRLF line ends, not dot-stuffed, in the chunks it came in.
+    public var body: [[UInt8]] = []
+    /// The body went over `maximumMessageSize` and was not kept.
+    public var oversized = false
+
+    public init(job: UInt64, queueID: String, sender: String, arrival: UInt64, size: UInt64 = 0, attempt: UInt64 = 1) {
+        self.job = job
+        self.queueID = queueID
+        self.sender = sender
+        self.arrival = arrival
+        self.size = size
+        self.attempt = attempt
+    }
+
+    /// The destination domain: `nexthop`, else the first recipient's domain.
+    public var destination: String {
+        if let nexthop, !nexthop.isEmpty { return nexthop.lowercased() }
+        let a = recipients.first?.address ?? ""
+        return a.lastIndex(of: "@").map { String(a[a.index(after: $0)...]).lowercased() } ?? ""
+    }
+}
+
+/// The outcome for one recipient (a RESULT frame, and a log line).
+public struct RemoteResult: Sendable, Equatable {
+    public enum Status: String, Sendable { case sent, deferred, bounced }
+    public var index: UInt64
+    public var status: Status
+    public var dsn: String
+    public var text: String
+    /// "mx.example.net[192.0.2.1]:25", or nil when no host was reached.
+    public var relay: String?
+    public var remoteMTA: String?
+    public var diagnostic: String?
+    public var tls: TLSOutcome
+
+    public init(index: UInt64, status: Status, dsn: String, text: String, relay: String? = nil,
+                remoteMTA: String? = nil, diagnostic: String? = nil, tls: TLSOutcome = .none) {
+        self.index = index
+        self.status = status
+        self.dsn = dsn
+        self.text = text
+        self.relay = relay
+        self.remoteMTA = remoteMTA
+        self.diagnostic = diagnostic
+        self.tls = tls
+    }
+}
+
+/// Where log lines go: "QUEUEID: key=value, ..." without "stage[pid]: ".
+public struct RemoteDeliveryLog: Sendable {
+    public var info: @Sendable (String) -> Void
+    public var warning: @Sendable (String) -> Void
+    public init(info: @escaping @Sendable (String) -> Void, warning: @escaping @Sendable (String) -> Void) {
+        self.info = info
+        self.warning = warning
+    }
+}
+
+public final class RemoteDeliveryAgent: @unchecked Sendable {
+    public let eventLoop: EventLoop
+    public let settings: RemoteSettings
+    public let transports: TransportTable
+    public let resolver: any MailExchangerResolver
+    public let policy: any DestinationPolicy
+    public let tlsHandOff: (any TLSClientHandOff)?
+    public let log: RemoteDeliveryLog
+    /// Current time in seconds (for delay=); replaceable in tests.
+    var clock: @Sendable () -> Double = { RemoteDeliveryAgent.now() }
+
+    private var active: [String: Int] = [:]
+    private var waiting: [String: [() -> Void]] = [:]
+    private var idle: [String: [(SMTPConnection, Scheduled<Void>)]] = [:]
+
+    public init(eventLoop: EventLoop, settings: RemoteSettings, transports: TransportTable = TransportTable(),
+                resolver: any MailExchangerResolver, policy: any DestinationPolicy = StaticDestinationPolicy(),
+                tlsHandOff: (any TLSClientHandOff)? = nil, log: RemoteDeliveryLog) {
+        self.eventLoop = eventLoop
+        self.settings = settings
+        self.transports = transports
+        self.resolver = resolver
+        self.policy = policy
+        self.tlsHandOff = tlsHandOff
+        self.log = log
+    }
+
+    /// Delivers `job`; `completion` gets one result per recipient, on the
+    /// agent's event loop.
+    public func deliver(_ job: RemoteJob, completion: @escaping @Sendable ([RemoteResult]) -> Void) {
+        eventLoop.execute { [self] in
+            let domain = job.destination
+            let entry = transports.lookup(domain)
+            let hop = entry?.nextHop ?? .mailExchangers(domain, port: 25)
+            let state = JobState(job: job, domain: domain, entry: entry, hop: hop, started: clock(), completion: completion)
+            if job.oversized {
+                state.decideAll(RemoteResult(index: 0, status: .bounced, dsn: "5.3.4",
+                                             text: "message larger than remote-deliver's limit of \(settings.maximumMessageSize) bytes"))
+                finish(state, releasing: nil)
+                return
+            }
+            if hop == .local {
+                state.decideAll(RemoteResult(index: 0, status: .deferred, dsn: "4.3.5",
+                                             text: "mail for \(domain) is routed to local delivery by \(entry?.origin ?? "the transport table"), but was given to remote-deliver"))
+                finish(state, releasing: nil)
+                return
+            }
+            let key = "\(hop)|\(entry?.origin ?? "-")"
+            acquire(key) { [self] in start(state, key: key) }
+        }
+    }
+
+    /// Connections kept for reuse (tests, statistics).
+    public var idleConnectionCount: Int {
+        eventLoop.preconditionInEventLoop()
+        return idle.values.reduce(0) { $0 + $1.count }
+    }
+
+    /// Closes every cached connection (QUIT).
+    public func closeIdleConnections() {
+        eventLoop.preconditionInEventLoop()
+        let all = idle.values.flatMap { $0 }
+        idle = [:]
+        for (c, timer) in all {
+            timer.cancel()
+            c.quit()
+        }
+    }
+
+    // MARK: - Concurrency
+
+    private func acquire(_ key: String, _ body: @escaping () -> Void) {
+        if active[key, default: 0] < settings.destinationConcurrencyLimit {
+            active[key, default: 0] += 1
+            body()
+        } else {
+            waiting[key, default: []].append(body)
+        }
+    }
+
+    private func release(_ key: String) {
+        if var queue = waiting[key], !queue.isEmpty {
+            let next = queue.removeFirst()
+            waiting[key] = queue.isEmpty ? nil : queue
+            next()   // the slot passes on
+        } else {
+            active[key, default: 1] -= 1
+            if active[key] == 0 { active[key] = nil }
+        }
+    }
+
+    // MARK: - One job
+
+    private func start(_ state: JobState, key: String) {
+        state.key = key
+        if let connection = takeIdle(key) {
+            attempt(state, on: connection, security: state.security)
+            return
+        }
+        resolve(state)
+    }
+
+    private func resolve(_ state: JobState) {
+        state.resolved = true
+        let hop = state.hop, resolver = self.resolver, preference = settings.addressPreference
+        let policy = self.policy, domain = state.domain, entry = state.entry
+        eventLoop.makeFutureWithTask { () async -> (Result<DeliveryRoute, RoutingFailure>, DestinationSecurity?) in
+            let route = await RoutePlanner.route(hop, resolver: resolver, preference: preference)
+            guard case .success(let r) = route else { return (route, nil) }
+            return (route, await policy.security(domain: domain, route: r, entry: entry))
+        }.whenComplete { [self] result in
+            switch result {
+            case .failure(let error):
+                state.lastFailure = AttemptFailure(status: EnhancedStatus(4, 3, 0), text: "internal error: \(error)", reply: nil,
+                                                   diagnostic: "internal error", peerAnswered: false)
+            case .success((.failure(let failure), _)):
+                state.decidePending(RemoteResult(index: 0, status: failure.permanent ? .bounced : .deferred,
+                                                 dsn: failure.status.description, text: failure.text,
+                                                 diagnostic: failure.text))
+            case .success((.success(let route), let security)):
+                state.candidates = route.candidates.map { ($0, false) }
+                state.security = security ?? DestinationSecurity(requirement: .may, source: "default")
+            }
+            next(state)
+        }
+    }
+
+    /// Tries the next address, or finishes the job.
+    private func next(_ state: JobState) {
+        guard !state.pending.isEmpty else { return finish(state, releasing: state.key) }
+        guard !state.candidates.isEmpty else {
+            if !state.resolved { return resolve(state) }
+            return finish(state, releasing: state.key)
+        }
+        let (candidate, plaintext) = state.candidates.removeFirst()
+        let security = state.security ?? DestinationSecurity(requirement: .may, source: "default")
+        let verification = policy.verification(for: candidate, domain: state.domain, security: security)
+        if security.requirement == .daneOnly && verification.method != .dane {
+            state.lastFailure = AttemptFailure(status: EnhancedStatus(4, 7, 5),
+                                               text: "TLS is required (dane-only, \(security.source)), but \(candidate.host) has no DNSSEC-validated TLSA records",
+                                               reply: nil, diagnostic: "no usable TLSA records for \(candidate.host)", peerAnswered: false)
+            return next(state)
+        }
+        var clientPolicy = SMTPClientPolicy(hostname: settings.hostname)
+        clientPolicy.tls = security.requirement.clientMode
+        let handOff = tlsHandOff.flatMap { $0.isAvailable ? $0 : nil }
+        if clientPolicy.tls == .opportunistic && (plaintext || handOff == nil) {
+            // RFC 7435: clear text rather than no delivery.
+            clientPolicy.tls = .none
+        }
+        clientPolicy.credentials = state.entry?.credentials
+        clientPolicy.allowAuthenticationWithoutTLS = settings.allowLoopbackAuthenticationWithoutTLS && Self.isLoopback(candidate.address)
+        let request = TLSClientRequest(serverName: candidate.host, peer: candidate.description, verification: verification,
+                                       handshakeTimeout: min(SMTPClientPhase.tlsHandshake.timeoutSeconds ?? 300, settings.maximumPhaseTimeout ?? 300))
+        let options = ConnectionOptions(connectTimeout: settings.connectTimeout, maximumPhaseTimeout: settings.maximumPhaseTimeout,
+                                        sourceIPv4: settings.sourceIPv4, sourceIPv6: settings.sourceIPv6)
+        let (connection, future) = SMTPConnection.open(on: eventLoop, candidate: candidate, cacheKey: state.key ?? "",
+                                                       policy: clientPolicy, message: state.message(), body: state.job.body,
+                                                       options: options, handOff: handOff, tlsRequest: request)
+        future.whenSuccess { [self] outcome in
+            apply(outcome, connection: connection, to: state, plaintext: plaintext)
+            next(state)
+        }
+    }
+
+    /// A transaction on a cached connection (then the route, if needed).
+    private func attempt(_ state: JobState, on connection: SMTPConnection, security: DestinationSecurity?) {
+        connection.send(state.message(), body: state.job.body).whenSuccess { [self] outcome in
+            apply(outcome, connection: connection, to: state, plaintext: false)
+            next(state)
+        }
+    }
+
+    private func apply(_ outcome: TransactionOutcome, connection: SMTPConnection, to state: JobState, plaintext: Bool) {
+        let candidate = connection.candidate
+        let relay = candidate.description
+        for (index, r) in outcome.results {
+            let result = RemoteResult(
+                index: UInt64(index), status: RemoteResult.Status(rawValue: r.status.rawValue)!, dsn: r.dsn.description,
+                text: r.reply == nil ? r.text : (r.status == .sent ? r.diagnostic : "host \(candidate.host)[\(candidate.address)] said: \(r.text)"),
+                relay: relay, remoteMTA: r.reply == nil ? nil : candidate.host, diagnostic: r.diagnostic, tls: connection.tls)
+            if r.hostSpecific && r.status == .bounced && !state.candidates.isEmpty {
+                // Another MX may take what this one cannot (SIZE, SMTPUTF8).
+                state.fallback[UInt64(index)] = result
+            } else {
+                state.decide(result)
+            }
+        }
+        if let failure = outcome.failure {
+            state.lastFailure = failure
+            state.lastRelay = failure.peerAnswered ? candidate : nil
+            state.lastTLS = connection.tls
+            if failure.plaintextRetryMayWork && !plaintext {
+                state.candidates.insert((candidate, true), at: 0)
+            }
+        }
+        // Keep the connection for the next job to this destination.
+        if connection.isIdle {
+            if connection.session.messageCount < settings.connectionReuseLimit, let key = state.key {
+                cache(connection, key: key)
+            } else {
+                connection.quit()
+            }
+        }
+    }
+
+    private func finish(_ state: JobState, releasing key: String?) {
+        for index in state.pending {
+            if let fallback = state.fallback[index] {
+                state.decide(fallback)
+            } else if let failure = state.lastFailure {
+                state.decide(RemoteResult(index: index, status: .deferred, dsn: failure.status.description, text: failure.text,
+                                          relay: state.lastRelay?.description, remoteMTA: state.lastRelay?.host,
+                                          diagnostic: failure.diagnostic, tls: state.lastTLS))
+            } else {
+                state.decide(RemoteResult(index: index, status: .deferred, dsn: "4.4.0",
+                                          text: "no address to deliver to"))
+            }
+        }
+        let now = clock()
+        let delay = max(0, now - Double(state.job.arrival))
+        let byIndex = Dictionary(uniqueKeysWithValues: state.job.recipients.map { ($0.index, $0.address) })
+        var results: [RemoteResult] = []
+        for r in state.job.recipients {
+            guard let result = state.results[r.index] else { continue }
+            results.append(result)
+            log.info(Self.logLine(queueID: state.job.queueID, to: byIndex[r.index] ?? "", result: result, delay: delay))
+        }
+        if let key { release(key) }
+        state.completion(results)
+    }
+
+    /// "ID: to=<b@example.net>, relay=mx.example.net[192.0.2.1]:25,
+    /// delay=0.4, dsn=2.0.0, status=sent (250 2.0.0 Ok), tls=none"
+    public static func logLine(queueID: String, to: String, result: RemoteResult, delay: Double) -> String {
+        "\(queueID): to=<\(to)>, relay=\(result.relay ?? "none"), delay=\(formatDelay(delay)), dsn=\(result.dsn), status=\(result.status.rawValue) (\(result.text)), tls=\(result.tls)"
+    }
+
+    static func formatDelay(_ d: Double) -> String {
+        if d >= 10 { return String(Int(d.rounded())) }
+        let tenths = Int((d * 10).rounded())
+        return "\(tenths / 10).\(tenths % 10)"
+    }
+
+    // MARK: - The connection cache
+
+    private func cache(_ connection: SMTPConnection, key: String) {
+        let timer = eventLoop.scheduleTask(in: .seconds(Int64(settings.connectionCacheTime))) { [self] in
+            if let i = idle[key]?.firstIndex(where: { $0.0 === connection }) {
+                idle[key]!.remove(at: i)
+                if idle[key]!.isEmpty { idle[key] = nil }
+            }
+            connection.quit()
+        }
+        connection.onClosed = { [self] c in
+            if let i = idle[key]?.firstIndex(where: { $0.0 === c }) {
+                idle[key]![i].1.cancel()
+                idle[key]!.remove(at: i)
+                if idle[key]!.isEmpty { idle[key] = nil }
+            }
+        }
+        idle[key, default: []].append((connection, timer))
+    }
+
+    private func takeIdle(_ key: String) -> SMTPConnection? {
+        while var list = idle[key], !list.isEmpty {
+            let (c, timer) = list.removeLast()
+            idle[key] = list.isEmpty ? nil : list
+            timer.cancel()
+            c.onClosed = nil
+            if c.isIdle { return c }
+        }
+        return nil
+    }
+
+    // MARK: - Helpers
+
+    static func isLoopback(_ address: String) -> Bool {
+        address.hasPrefix("127.") || address == "::1"
+    }
+
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+}
+
+/// The progress of one job.
+/// Confined to the agent's event loop.
+final class JobState: @unchecked Sendable {
+    let job: RemoteJob
+    let domain: String
+    let entry: TransportEntry?
+    let hop: NextHop
+    let started: Double
+    let completion: @Sendable ([RemoteResult]) -> Void
+    var key: String?
+    var resolved = false
+    var security: DestinationSecurity?
+    /// Addresses still to try; `true`: in clear text (after a failed handshake).
+    var candidates: [(DeliveryCandidate, Bool)] = []
+    var results: [UInt64: RemoteResult] = [:]
+    /// Host-specific bounces held while another address may do better.
+    var fallback: [UInt64: RemoteResult] = [:]
+    var lastFailure: AttemptFailure?
+    var lastRelay: DeliveryCandidate?
+    var lastTLS: TLSOutcome = .none
+
+    init(job: RemoteJob, domain: String, entry: TransportEntry?, hop: NextHop, started: Double,
+         completion: @escaping @Sendable ([RemoteResult]) -> Void) {
+        self.job = job
+        self.domain = domain
+        self.entry = entry
+        self.hop = hop
+        self.started = started
+        self.completion = completion
+    }
+
+    /// Recipients without a result, in job order.
+    var pending: [UInt64] { job.recipients.map(\.index).filter { results[$0] == nil } }
+
+    func decide(_ result: RemoteResult) {
+        if results[result.index] == nil { results[result.index] = result }
+    }
+
+    func decidePending(_ template: RemoteResult) {
+        for i in pending {
+            var r = template
+            r.index = i
+            decide(r)
+        }
+    }
+
+    func decideAll(_ template: RemoteResult) { decidePending(template) }
+
+    /// The message for the recipients still pending.
+    func message() -> SMTPClientMessage {
+        let pendingSet = Set(pending)
+        let recipients = job.recipients.filter { pendingSet.contains($0.index) }.map {
+            SMTPClientRecipient(index: Int($0.index), address: $0.address, notify: $0.notify.flatMap(JobState.notify),
+                                orcpt: $0.orcpt.flatMap(JobState.orcpt))
+        }
+        let body: SMTPBodyType? = job.bodyType.flatMap { SMTPBodyType(rawValue: $0.uppercased()) }
+        return SMTPClientMessage(sender: job.sender, recipients: recipients, size: job.size, bodyType: body,
+                                 smtputf8: job.smtputf8, ret: job.ret.flatMap { DSNReturn(rawValue: $0.uppercased()) },
+                                 envid: job.envid, requireTLS: job.requireTLS)
+    }
+
+    /// "NEVER" or "SUCCESS,FAILURE,DELAY" as the queue protocol carries it.
+    static func notify(_ s: String) -> DSNNotify? {
+        var n = DSNNotify()
+        for part in s.uppercased().split(separator: ",") {
+            switch part {
+            case "NEVER": n.never = true
+            case "SUCCESS": n.success = true
+            case "FAILURE": n.failure = true
+            case "DELAY": n.delay = true
+            default: return nil
+            }
+        }
+        if n.never && (n.success || n.failure || n.delay) { return nil }
+        return (n.never || n.success || n.failure || n.delay) ? n : nil
+    }
+
+    /// "rfc822;user@example.org".
+    static func orcpt(_ s: String) -> DSNOriginalRecipient? {
+        guard let semi = s.firstIndex(of: ";"), semi != s.startIndex else { return nil }
+        return DSNOriginalRecipient(addressType: String(s[..<semi]), address: String(s[s.index(after: semi)...]))
+    }
+}

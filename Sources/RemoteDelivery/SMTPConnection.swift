@@ -1,0 +1,416 @@
+// One outbound SMTP connection: a SwiftNIO TCP channel driving the pure
+// client state machine (`SMTPClientSession`). The machine decides what to
+// send and what every reply means; this layer moves bytes, keeps the
+// RFC 5321 timer of the current phase (`phase.timeoutSeconds`), streams
+// the body, hands the socket to crypto-negotiate on STARTTLS and gathers
+// the per-recipient results of each transaction.
+//
+// Everything here runs on one event loop (the agent's): the class is
+// confined to it, which is why it is `@unchecked Sendable`.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import NIOCore
+import NIOPosix
+import SMTP
+
+/// Why an attempt on one address ended without deciding every recipient.
+public struct AttemptFailure: Sendable, Hashable, CustomStringConvertible {
+    /// Class 4 always: the recipients left undecided are deferred, or tried
+    /// at the next address.
+    public var status: EnhancedStatus
+    /// "connect to mx.example.net[192.0.2.1]:25: Connection refused",
+    /// "host mx.example.net[192.0.2.1] refused to talk to me: 554 ...".
+    public var text: String
+    public var reply: SMTPReply?
+    /// The peer's reply quoted, or `text` (for the DSN's Diagnostic-Code).
+    public var diagnostic: String
+    /// A TLS handshake failed under an opportunistic policy: the same
+    /// address in clear text may work (RFC 7435).
+    public var plaintextRetryMayWork = false
+    /// The failure came from the peer (it answered): remote-mta is set.
+    public var peerAnswered: Bool
+
+    public var description: String { "\(status) \(text)" }
+}
+
+/// What one transaction on a connection decided.
+struct TransactionOutcome: Sendable {
+    /// Results by job recipient index.
+    var results: [Int: SMTPDeliveryResult] = [:]
+    /// Set when the session failed before every recipient had a result.
+    var failure: AttemptFailure?
+    var message: SMTPMessageResult?
+}
+
+/// Knobs of one connection, from `RemoteSettings`.
+struct ConnectionOptions: Sendable {
+    var connectTimeout: Int
+    /// Caps every phase timeout (tests; nil: the RFC's values).
+    var maximumPhaseTimeout: Int?
+    var sourceIPv4: String?
+    var sourceIPv6: String?
+}
+
+final class SMTPConnection: @unchecked Sendable {
+    let eventLoop: EventLoop
+    let candidate: DeliveryCandidate
+    /// The connection cache's key (destination, policy).
+    let cacheKey: String
+    private(set) var session: SMTPClientSession
+    private(set) var tls: TLSOutcome = .none
+    private(set) var closed = false
+    /// Called once, when the connection is gone (the cache forgets it).
+    var onClosed: ((SMTPConnection) -> Void)?
+
+    private let options: ConnectionOptions
+    private let handOff: (any TLSClientHandOff)?
+    private let tlsRequest: TLSClientRequest
+    private var channel: Channel?
+    /// Incremented when a channel is given up (TLS hand-off, close): events
+    /// from an older channel are ignored.
+    private var generation = 0
+    private var body: [[UInt8]] = []
+    private var outcome = TransactionOutcome()
+    private var promise: EventLoopPromise<TransactionOutcome>?
+    private var timer: Scheduled<Void>?
+    private var lastWrite: EventLoopFuture<Void>?
+
+    private init(eventLoop: EventLoop, candidate: DeliveryCandidate, cacheKey: String, policy: SMTPClientPolicy,
+                 message: SMTPClientMessage, options: ConnectionOptions, handOff: (any TLSClientHandOff)?,
+                 tlsRequest: TLSClientRequest) {
+        self.eventLoop = eventLoop
+        self.candidate = candidate
+        self.cacheKey = cacheKey
+        self.session = SMTPClientSession(policy: policy, message: message)
+        self.options = options
+        self.handOff = handOff
+        self.tlsRequest = tlsRequest
+    }
+
+    /// The session is between messages and the connection open: it may
+    /// take `send(_:)` (connection reuse).
+    var isIdle: Bool { !closed && session.isIdle }
+
+    /// Connects to `candidate` and delivers `message`: the future holds the
+    /// outcome of this first transaction. The connection stays open when
+    /// the session is idle afterwards (see `isIdle`).
+    static func open(on eventLoop: EventLoop, candidate: DeliveryCandidate, cacheKey: String, policy: SMTPClientPolicy,
+                     message: SMTPClientMessage, body: [[UInt8]], options: ConnectionOptions,
+                     handOff: (any TLSClientHandOff)?, tlsRequest: TLSClientRequest) -> (SMTPConnection, EventLoopFuture<TransactionOutcome>) {
+        eventLoop.preconditionInEventLoop()
+        let connection = SMTPConnection(eventLoop: eventLoop, candidate: candidate, cacheKey: cacheKey, policy: policy,
+                                        message: message, options: options, handOff: handOff, tlsRequest: tlsRequest)
+        let promise = eventLoop.makePromise(of: TransactionOutcome.self)
+        connection.promise = promise
+        connection.body = body
+        connection.connect()
+        return (connection, promise.futureResult)
+    }
+
+    /// Another message on this idle connection.
+    func send(_ message: SMTPClientMessage, body: [[UInt8]]) -> EventLoopFuture<TransactionOutcome> {
+        eventLoop.preconditionInEventLoop()
+        precondition(isIdle && promise == nil, "send on a busy connection")
+        let promise = eventLoop.makePromise(of: TransactionOutcome.self)
+        self.promise = promise
+        self.body = body
+        step(session.nextMessage(message))
+        return promise.futureResult
+    }
+
+    /// QUIT (politely) and close.
+    func quit() {
+        eventLoop.preconditionInEventLoop()
+        guard !closed else { return }
+        step(session.quit())
+    }
+
+    // MARK: - Connecting
+
+    private func connect() {
+        let address: SocketAddress
+        do {
+            address = try SocketAddress(ipAddress: candidate.address, port: candidate.port)
+        } catch {
+            connectFailed("invalid address: \(error)")
+            return
+        }
+        let generation = self.generation
+        var bootstrap = ClientBootstrap(group: eventLoop)
+            .connectTimeout(.seconds(Int64(options.connectTimeout)))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(SMTPChannelHandler(connection: self, generation: generation))
+                }
+            }
+        let source = address.protocol == .inet6 ? options.sourceIPv6 : options.sourceIPv4
+        if let source, !source.isEmpty {
+            do {
+                bootstrap = bootstrap.bind(to: try SocketAddress(ipAddress: source, port: 0))
+            } catch {
+                connectFailed("invalid source address \(source): \(error)")
+                return
+            }
+        }
+        bootstrap.connect(to: address).whenComplete { [self] result in
+            switch result {
+            case .success(let channel):
+                if self.generation == generation && !closed {
+                    self.channel = channel
+                    rearm()
+                } else {
+                    channel.close(promise: nil)
+                }
+            case .failure(let error):
+                connectFailed(Self.describe(error))
+            }
+        }
+    }
+
+    private func connectFailed(_ reason: String) {
+        guard !closed else { return }
+        let text = "connect to \(candidate): \(reason)"
+        outcome.failure = AttemptFailure(status: EnhancedStatus(4, 4, 1), text: text, reply: nil, diagnostic: text,
+                                         peerAnswered: false)
+        complete()
+        markClosed()
+    }
+
+    static func describe(_ error: Error) -> String {
+        if let e = error as? IOError { return String(cString: strerror(e.errnoCode)) }
+        if case ChannelError.connectTimeout = error { return "Connection timed out" }
+        if let e = error as? NIOConnectionError, let first = e.connectionErrors.first {
+            return describe(first.error)
+        }
+        return "\(error)"
+    }
+
+    // MARK: - Channel events (from SMTPChannelHandler)
+
+    func attached(_ channel: Channel, generation: Int) {
+        guard generation == self.generation, !closed, self.channel == nil else { return }
+        self.channel = channel
+    }
+
+    func received(_ bytes: ByteBufferView, generation: Int) {
+        guard generation == self.generation, !closed else { return }
+        step(session.receive(bytes))
+    }
+
+    func channelClosed(generation: Int) {
+        guard generation == self.generation, !closed else { return }
+        channel = nil
+        step(session.connectionLost())
+    }
+
+    // MARK: - The machine's actions
+
+    /// Runs the actions, then sets the timer for the phase reached.
+    private func step(_ actions: [SMTPClientAction]) {
+        run(actions)
+        rearm()
+    }
+
+    private func run(_ actions: [SMTPClientAction]) {
+        for action in actions {
+            switch action {
+            case .send(let bytes):
+                write(bytes)
+            case .startTLS:
+                startTLS()
+            case .sendBody:
+                let chunks = body
+                body = []
+                for chunk in chunks { run(session.bodyChunk(chunk)) }
+                run(session.bodyEnd())
+            case .recipientResult(let index, let result):
+                outcome.results[index] = result
+            case .messageResult(let result):
+                outcome.message = result
+                complete()
+            case .sessionFailed(let failure), .protocolError(let failure):
+                outcome.failure = AttemptFailure(
+                    status: failure.status,
+                    text: failure.reply != nil ? "host \(candidate.host)[\(candidate.address)] said: \(failure.text)"
+                                               : "host \(candidate.host)[\(candidate.address)] \(failure.text)",
+                    reply: failure.reply, diagnostic: failure.deferral.diagnostic,
+                    plaintextRetryMayWork: failure.plaintextRetryMayWork, peerAnswered: true)
+                complete()
+            case .close:
+                closeChannel()
+            }
+        }
+    }
+
+    private func write(_ bytes: [UInt8]) {
+        guard let channel else { return }
+        lastWrite = channel.writeAndFlush(channel.allocator.buffer(bytes: bytes))
+    }
+
+    private func complete() {
+        guard let promise else { return }
+        self.promise = nil
+        let result = outcome
+        outcome = TransactionOutcome()
+        body = []
+        promise.succeed(result)
+    }
+
+    /// Closes after what was written (QUIT) has gone out.
+    private func closeChannel() {
+        let channel = self.channel
+        self.channel = nil
+        generation += 1
+        if let channel {
+            (lastWrite ?? channel.eventLoop.makeSucceededVoidFuture()).whenComplete { _ in channel.close(promise: nil) }
+        }
+        markClosed()
+    }
+
+    private func markClosed() {
+        guard !closed else { return }
+        closed = true
+        timer?.cancel()
+        timer = nil
+        if promise != nil {
+            // The machine always reports a failure before it closes; this is
+            // a safety net so that no job waits forever.
+            let text = "host \(candidate.host)[\(candidate.address)] closed the connection"
+            outcome.failure = outcome.failure ?? AttemptFailure(status: EnhancedStatus(4, 4, 2), text: text, reply: nil,
+                                                                diagnostic: text, peerAnswered: true)
+            complete()
+        }
+        let callback = onClosed
+        onClosed = nil
+        callback?(self)
+    }
+
+    private func rearm() {
+        timer?.cancel()
+        timer = nil
+        guard !closed, channel != nil || session.awaitingTLS, var seconds = session.phase.timeoutSeconds else { return }
+        if let cap = options.maximumPhaseTimeout { seconds = min(seconds, cap) }
+        timer = eventLoop.scheduleTask(in: .seconds(Int64(seconds))) { [self] in
+            timer = nil
+            step(session.timedOut())
+        }
+    }
+
+    // MARK: - STARTTLS
+
+    /// The server said 220 to STARTTLS: the socket goes to crypto-negotiate
+    /// (a duplicate of its descriptor: NIO closes its own), the plaintext
+    /// end comes back as a new channel, and the machine says EHLO again.
+    private func startTLS() {
+        guard let handOff else {
+            run(session.tlsFailed("no TLS service (crypto-negotiate) is configured"))
+            return
+        }
+        guard let channel else {
+            run(session.tlsFailed("connection gone before the TLS hand-off"))
+            return
+        }
+        var fd: Int32 = -1
+        do {
+            fd = try channel.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+                dup($0)
+            } ?? -1
+        } catch {
+            fd = -1
+        }
+        guard fd >= 0 else {
+            run(session.tlsFailed("cannot take the socket for the TLS hand-off"))
+            return
+        }
+        // From now on the old channel's events do not count; closing it
+        // closes NIO's descriptor only: the TCP connection lives on in `fd`.
+        generation += 1
+        self.channel = nil
+        lastWrite = nil
+        channel.close(promise: nil)
+        let generation = self.generation
+        let request = tlsRequest
+        let loop = eventLoop
+        Task {
+            let result = await handOff.negotiate(socket: fd, request: request)
+            loop.execute { self.tlsDone(result, generation: generation) }
+        }
+    }
+
+    private func tlsDone(_ result: Result<TLSClientHandOffResult, TLSHandOffError>, generation: Int) {
+        guard generation == self.generation, !closed else {
+            if case .success(let s) = result { Glibc.close(s.plaintext) }
+            return
+        }
+        switch result {
+        case .failure(let error):
+            step(session.tlsFailed(error.reason))
+        case .success(let s):
+            let r = s.report
+            tls = r.peerAuthenticated ? .authenticated(protocol: r.protocolVersion, cipher: r.cipher, method: s.authentication)
+                                      : .encrypted(protocol: r.protocolVersion, cipher: r.cipher)
+            ClientBootstrap(group: eventLoop)
+                .channelInitializer { [self] channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(SMTPChannelHandler(connection: self, generation: generation))
+                    }
+                }
+                .withConnectedSocket(s.plaintext)
+                .whenComplete { [self] adopted in
+                    guard generation == self.generation, !closed else {
+                        if case .success(let ch) = adopted { ch.close(promise: nil) }
+                        return
+                    }
+                    switch adopted {
+                    case .success(let channel):
+                        self.channel = channel
+                        step(session.tlsEstablished(r))
+                    case .failure(let error):
+                        Glibc.close(s.plaintext)
+                        step(session.tlsFailed("cannot use the plaintext socket from crypto-negotiate: \(error)"))
+                    }
+                }
+        }
+    }
+}
+
+/// Bytes and close events of one channel, forwarded to its connection.
+final class SMTPChannelHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let connection: SMTPConnection
+    private let generation: Int
+
+    init(connection: SMTPConnection, generation: Int) {
+        self.connection = connection
+        self.generation = generation
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        connection.attached(context.channel, generation: generation)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        connection.received(buffer.readableBytesView, generation: generation)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        connection.channelClosed(generation: generation)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // A read error (ECONNRESET...): the close that follows reports it.
+        context.close(promise: nil)
+    }
+}
+
+@available(*, unavailable)
+extension SMTPChannelHandler: Sendable {}

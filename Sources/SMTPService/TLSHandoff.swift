@@ -1,0 +1,317 @@
+// smtp-listen's side of the `tls` protocol (PROTOCOL.md section 4.5): hands
+// a client's TCP socket to crypto-negotiate (after STARTTLS, or at accept on
+// port 465) and gets back a plaintext socket once the handshake is done.
+//
+// One persistent control connection, served by two threads of its own so
+// that no event loop ever waits on the Unix socket:
+// - the reader connects (again, every second, while crypto-negotiate is
+//   away), exchanges the HELLOs and then blocks in receive(): NEGOTIATED
+//   and FAILED complete the request of their session, CLOSED is ignored
+//   (the session's own channel sees the end);
+// - the writer sends the NEGOTIATE frames queued by the event loops, each
+//   with its socket (SCM_RIGHTS), and closes our copy of the socket.
+// Completions run on the reader (or writer) thread: callers hop back to
+// their event loop. When the connection is down, `isAvailable` is false
+// (smtp-listen then does not offer STARTTLS) and requests fail at once;
+// requests in flight when it drops fail with 4.4.2.
+
+import Logging
+import NIOConcurrencyHelpers
+import SMTP
+import StageProtocol
+import CSystemShims
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A completed server-role handshake: the plaintext socket (ours) and what
+/// crypto-negotiate reported.
+public struct TLSEstablished: Sendable {
+    public var plaintext: Int32
+    public var protocolVersion: String
+    public var cipher: String
+    public var group: String?
+    public var serverName: String?
+
+    public init(plaintext: Int32, protocolVersion: String, cipher: String, group: String? = nil, serverName: String? = nil) {
+        self.plaintext = plaintext
+        self.protocolVersion = protocolVersion
+        self.cipher = cipher
+        self.group = group
+        self.serverName = serverName
+    }
+
+    /// For the Received header's "(using ...)" comment and the log, in
+    /// Postfix's words: "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384
+    /// key-exchange x25519".
+    public var summary: String {
+        var text = "\(protocolVersion) with cipher \(cipher)"
+        if let group { text += " key-exchange \(group)" }
+        return text
+    }
+}
+
+/// Why no plaintext socket came back.
+public struct TLSHandoffFailure: Error, Sendable, CustomStringConvertible {
+    /// RFC 3463, from crypto-negotiate's FAILED or our own.
+    public var status: String
+    public var text: String
+    public init(status: String, text: String) {
+        self.status = status
+        self.text = text
+    }
+    public var description: String { "\(status) \(text)" }
+}
+
+public final class TLSHandoff: Sendable {
+    public typealias Completion = @Sendable (Result<TLSEstablished, TLSHandoffFailure>) -> Void
+
+    private struct Request {
+        var socket: Int32
+        var peer: String
+        var completion: Completion
+    }
+
+    private struct State {
+        var connection: Int32 = -1
+        var available = false
+        var stopped = false
+        var queue: [Request] = []
+        var pending: [UInt64: Completion] = [:]
+        var nextSession: UInt64 = 1
+        var warnedUnavailable = false
+    }
+
+    private let socketPath: String
+    private let logger: Logger
+    /// Seconds between connection attempts while crypto-negotiate is away.
+    private let retryInterval: Int32
+    private let state = NIOLockedValueBox(State())
+    /// Held while the writer uses the connection's descriptor, and by the
+    /// reader to close it: the number is never reused under the writer.
+    private let sendLock = NIOLock()
+    /// 1: the writer has work (or must stop).
+    private let work = ConditionLock(value: 0)
+
+    public init(socketPath: String, logger: Logger, retryInterval: Int32 = 1) {
+        self.socketPath = socketPath
+        self.logger = logger
+        self.retryInterval = retryInterval
+    }
+
+    /// Starts the reader and writer threads.
+    public func start() {
+        spawnThread { [self] in readerLoop() }
+        spawnThread { [self] in writerLoop() }
+    }
+
+    /// Stops both threads (pending requests fail); for tests.
+    public func stop() {
+        let pending = state.withLockedValue { s -> [Completion] in
+            s.stopped = true
+            s.available = false
+            if s.connection >= 0 { _ = shutdown(s.connection, Int32(SHUT_RDWR)) }
+            return Array(s.pending.values) + s.queue.map(\.completion)
+        }
+        work.lock()
+        work.unlock(withValue: 1)
+        for completion in pending { completion(.failure(Self.unavailable)) }
+    }
+
+    /// The control connection is up: STARTTLS may be offered.
+    public var isAvailable: Bool { state.withLockedValue { $0.available } }
+
+    static let unavailable = TLSHandoffFailure(status: "4.7.0", text: "TLS not available: crypto-negotiate is not running")
+
+    /// Hands `socket` (ours no longer, whatever happens) to crypto-negotiate
+    /// for a server-role handshake. Never blocks.
+    public func negotiate(socket: Int32, peer: String, completion: @escaping Completion) {
+        let queued = state.withLockedValue { s -> Bool in
+            guard s.available, !s.stopped else { return false }
+            s.queue.append(Request(socket: socket, peer: peer, completion: completion))
+            return true
+        }
+        guard queued else {
+            close(socket)
+            completion(.failure(Self.unavailable))
+            return
+        }
+        work.lock()
+        work.unlock(withValue: 1)
+    }
+
+    // MARK: Writer
+
+    private func writerLoop() {
+        while true {
+            work.lock(whenValue: 1)
+            let (requests, stopped) = state.withLockedValue { s -> ([Request], Bool) in
+                defer { s.queue = [] }
+                return (s.queue, s.stopped)
+            }
+            work.unlock(withValue: 0)
+            if stopped {
+                for r in requests { close(r.socket) }
+                return
+            }
+            for request in requests { send(request) }
+        }
+    }
+
+    private func send(_ request: Request) {
+        defer { close(request.socket) }   // passed or not, our copy goes
+        let (fd, session) = state.withLockedValue { s -> (Int32, UInt64) in
+            guard s.available else { return (-1, 0) }
+            let session = s.nextSession
+            s.nextSession += 1
+            s.pending[session] = request.completion
+            return (s.connection, session)
+        }
+        guard fd >= 0 else {
+            request.completion(.failure(Self.unavailable))
+            return
+        }
+        var frame = Frame(.negotiate, ["session": .uint(session), "socket": .fd(request.socket),
+                                       "role": .text("server")])
+        frame.set("peer", .sanitizedText(request.peer))
+        let bytes = FrameEncoder.encode(frame)
+        var failure: Int32 = 0
+        sendLock.withLock {
+            // The reader may have closed the connection meanwhile.
+            guard state.withLockedValue({ $0.connection == fd && $0.available }) else {
+                failure = EPIPE
+                return
+            }
+            var offset = 0
+            var fds = [request.socket]
+            while offset < bytes.count {
+                let n = bytes.withUnsafeBytes { raw in
+                    fds.withUnsafeBufferPointer { p in
+                        sealpost_sendmsg_fds(fd, raw.baseAddress! + offset, raw.count - offset, p.baseAddress, p.count)
+                    }
+                }
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    failure = errno
+                    // A stuck peer (send timeout) or a broken connection:
+                    // the reader sees the shutdown and reconnects.
+                    _ = shutdown(fd, Int32(SHUT_RDWR))
+                    return
+                }
+                offset += n
+                fds = []
+            }
+        }
+        if failure != 0 {
+            let completion = state.withLockedValue { $0.pending.removeValue(forKey: session) }
+            completion?(.failure(TLSHandoffFailure(status: "4.7.0", text: "TLS not available: cannot reach crypto-negotiate: \(String(cString: strerror(failure)))")))
+        }
+    }
+
+    // MARK: Reader
+
+    private func readerLoop() {
+        while !state.withLockedValue({ $0.stopped }) {
+            let connection: StageConnection
+            do {
+                connection = try StageConnection.connect(path: socketPath)
+                try connection.clientHello(.tls, extra: [("software", .text("sealpost-smtp-listen 0.1"))])
+            } catch {
+                let warn = state.withLockedValue { s -> Bool in
+                    defer { s.warnedUnavailable = true }
+                    return !s.warnedUnavailable
+                }
+                if warn { logger.warning("warning: crypto-negotiate unavailable (\(socketPath): \(error)): STARTTLS is not offered until it is back") }
+                var none = pollfd()
+                _ = poll(&none, 0, retryInterval * 1000)
+                continue
+            }
+            // Writes must not hang the writer when crypto-negotiate hangs.
+            var timeout = timeval(tv_sec: 10, tv_usec: 0)
+            _ = setsockopt(connection.fileDescriptor, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            let stopped = state.withLockedValue { s -> Bool in
+                guard !s.stopped else { return true }
+                s.connection = connection.fileDescriptor
+                s.available = true
+                s.warnedUnavailable = false
+                return false
+            }
+            if stopped { connection.close(); return }
+            logger.info("connected to crypto-negotiate (\(socketPath)): STARTTLS is offered")
+            var reason = "connection closed"
+            do {
+                while let frame = try connection.receive() {
+                    handle(frame)
+                }
+            } catch {
+                reason = "\(error)"
+            }
+            let pending = state.withLockedValue { s -> [Completion] in
+                s.available = false
+                defer { s.pending = [:] }
+                return Array(s.pending.values)
+            }
+            sendLock.withLock {
+                state.withLockedValue { $0.connection = -1 }
+                connection.close()
+            }
+            if !state.withLockedValue({ $0.stopped }) {
+                logger.warning("warning: lost crypto-negotiate (\(reason)); \(pending.count) handshake(s) in progress failed")
+            }
+            for completion in pending {
+                completion(.failure(TLSHandoffFailure(status: "4.4.2", text: "crypto-negotiate went away during the handshake")))
+            }
+        }
+    }
+
+    private func handle(_ frame: Frame) {
+        guard let session = try? frame.uint("session") else { return }
+        switch frame.type {
+        case .negotiated:
+            guard let completion = state.withLockedValue({ $0.pending.removeValue(forKey: session) }) else {
+                if let fd = try? frame.fd("plaintext") { close(fd) }
+                return
+            }
+            do {
+                let established = TLSEstablished(plaintext: try frame.fd("plaintext"),
+                                                 protocolVersion: try frame.text("protocol"),
+                                                 cipher: try frame.text("cipher"),
+                                                 group: try frame.optionalText("group"),
+                                                 serverName: try frame.optionalText("server-name"))
+                completion(.success(established))
+            } catch {
+                if let fd = try? frame.fd("plaintext") { close(fd) }
+                completion(.failure(TLSHandoffFailure(status: "4.7.0", text: "bad NEGOTIATED frame: \(error)")))
+            }
+        case .failed:
+            guard let completion = state.withLockedValue({ $0.pending.removeValue(forKey: session) }) else { return }
+            let status = (try? frame.text("status")) ?? "4.7.5"
+            let text = (try? frame.text("text")) ?? "handshake failed"
+            completion(.failure(TLSHandoffFailure(status: status, text: text)))
+        default:
+            // CLOSED: the relayed session ended; its plaintext channel
+            // already saw EOF.
+            break
+        }
+    }
+}
+
+/// A detached POSIX thread running `body` (no Foundation: smtp-listen runs
+/// chrooted, and libdispatch traps there).
+private final class ThreadBody {
+    let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+}
+
+func spawnThread(_ body: @escaping @Sendable () -> Void) {
+    let box = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, nil, { argument in
+        let body = Unmanaged<ThreadBody>.fromOpaque(argument!).takeRetainedValue()
+        body.body()
+        return nil
+    }, box)
+    precondition(rc == 0, "pthread_create failed: \(rc)")
+    pthread_detach(thread)
+}

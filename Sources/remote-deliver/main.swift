@@ -1,0 +1,128 @@
+// NAME
+//      remote-deliver - Sealpost SMTP client: delivery to other mail servers
+//
+// SYNOPSIS
+//      remote-deliver     (started by the supervisor, Pipeline/stages)
+//
+// DESCRIPTION
+//      remote-deliver delivers mail for every domain that is not local. It
+//      is a client of the queue: it takes delivery jobs (one destination
+//      domain each, the job's `nexthop`), delivers them over SMTP, and
+//      reports one result per recipient. Many jobs and connections run at
+//      once in one event loop (SwiftNIO).
+//
+//      For a job: the transport table (Config/transport, see
+//      Sources/RemoteDelivery/TransportTable.swift) may name another next
+//      hop ("[host]:port" without MX lookup, "host" with MX lookup, a
+//      smarthost with AUTH credentials); otherwise the domain's MX hosts
+//      are tried in preference order, random among equal preferences,
+//      every address of each (IPv6 first). A connection that is refused,
+//      times out, is greeted with 4xx/5xx or fails mid-session passes the
+//      undecided recipients to the next address; what remains at the end is
+//      deferred with the last error. Null MX (RFC 7505) bounces at once
+//      (5.1.10); a domain that does not exist bounces (5.1.2); a DNS
+//      failure defers (4.4.3). The conversation is the SMTP module's client
+//      state machine: PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN, REQUIRETLS,
+//      AUTH PLAIN, RFC 5321 timeouts per phase; the connect timeout is 30 s.
+//      After a message the connection is kept 2 s for the next job to the
+//      same destination. At most 20 jobs at once go to one destination.
+//
+//      TLS: the destination policy (static: the transport table's tls=,
+//      default "may") decides the requirement. STARTTLS goes through
+//      crypto-negotiate (run/tls) when it is running; without it,
+//      opportunistic TLS falls back to clear text and levels that require
+//      TLS defer (4.7.4/4.7.5). A failed handshake under "may" is retried
+//      once in clear text (RFC 7435).
+//
+// SOCKETS
+//      run/deliver   client, protocol `deliver`, transport `remote`
+//                    (Pipeline/PROTOCOL.md section 4.3), max-jobs 100 by
+//                    default. The queue may restart at any time: the stage
+//                    reconnects with a pause growing from 0.1 s to 5 s.
+//      run/tls       client, protocol `tls` (section 4.5), one short
+//                    connection per STARTTLS: the TCP socket goes to
+//                    crypto-negotiate, a plaintext socket comes back. Used
+//                    while the socket exists; otherwise "may" is clear text.
+//      TCP           outgoing SMTP connections (port 25 or the next hop's).
+//
+// ENVIRONMENT
+//      SEALPOST_CONFIG          the configuration file
+//      SEALPOST_USER            the account to run as (when started as root)
+//      SEALPOST_DNS_FORWARDERS, SEALPOST_DNS_TRUST_ANCHORS,
+//      SEALPOST_DNS_RESOLVE_ZONES   the DNSSEC-validating resolver
+//                               (libunbound): forwarders "ADDR[@PORT],...",
+//                               trust anchor files, special-use zones to
+//                               resolve (test beds); default: full recursion
+//                               from the root with the root trust anchor
+//      SEALPOST_REMOTE_*        settings until sealpost.toml has a [remote]
+//                               section: DESTINATION_CONCURRENCY_LIMIT,
+//                               MAX_JOBS, CONNECT_TIMEOUT,
+//                               CONNECTION_CACHE_TIME, SOURCE_ADDRESS,
+//                               SOURCE_ADDRESS_IPV6, ADDRESS_PREFERENCE,
+//                               MAXIMUM_PHASE_TIMEOUT
+//
+// PRIVILEGES
+//      Started as root by the supervisor, it reads the configuration, the
+//      transport table and the credential files it names, then runs as its
+//      own user (SEALPOST_USER). It does not chroot: name resolution needs
+//      /etc/resolv.conf and friends. It holds no keys and never touches the
+//      spool.
+//
+// LOGGING
+//      One line per recipient on stderr, as Postfix's smtp(8):
+//      remote-deliver[815]: 4F3A2B1C5D6E: to=<b@example.net>,
+//      relay=mx.example.net[192.0.2.1]:25, delay=0.4, dsn=2.0.0,
+//      status=sent (250 2.0.0 Ok: queued as X), tls=none
+//
+// EXIT STATUS
+//      It runs until killed. At start: 78 (EX_CONFIG) for an unreadable
+//      configuration or transport table, or a bad SEALPOST_REMOTE_* value;
+//      67 (EX_NOUSER), 77 (EX_NOPERM) or 71 (EX_OSERR) when privileges
+//      cannot be dropped.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import NIOPosix
+import RemoteDelivery
+import SealpostConfig
+import StageRuntime
+
+let config = StageRuntime.bootstrap(stage: "remote-deliver")
+let logger = Logger(label: "remote-deliver")
+
+let settings: RemoteSettings
+let transports: TransportTable
+let resolver: UnboundMailExchangerResolver
+do {
+    settings = try RemoteDeliveryService.settings(config)
+    resolver = try RemoteDeliveryService.makeResolver()
+    transports = try TransportTable.load(path: RemoteDeliveryService.transportTablePath(config))
+} catch let error as RemoteSetupError {
+    StageRuntime.fatal(error.description, exit: .config)
+} catch let error as TransportTableError {
+    StageRuntime.fatal(error.description, exit: .config)
+} catch {
+    StageRuntime.fatal("\(error)", exit: .config)
+}
+
+let paths: RuntimePaths
+do {
+    paths = try StageRuntime.dropPrivileges(config, chroot: false)
+} catch let error as PrivilegeError {
+    StageRuntime.fatal(error.message, exit: error.exitCode)
+} catch {
+    StageRuntime.fatal("\(error)", exit: .osErr)
+}
+
+let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+let agent = RemoteDeliveryAgent(
+    eventLoop: group.next(), settings: settings, transports: transports,
+    resolver: resolver, policy: StaticDestinationPolicy(),
+    tlsHandOff: CryptoNegotiateHandOff(socketPath: paths.runtimeDirectory + "/tls"),
+    log: RemoteDeliveryLog(info: { logger.info("\($0)") }, warning: { logger.warning("\($0)") }))
+let client = QueueClient(socketPath: paths.deliverSocket, agent: agent)
+logger.info("starting: max-jobs=\(settings.maxJobs), destination concurrency \(settings.destinationConcurrencyLimit), \(transports.entries.count) transport table entries, helo=\(settings.hostname)")
+client.start()
+while true { pause() }

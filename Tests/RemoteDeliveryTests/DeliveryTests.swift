@@ -1,0 +1,280 @@
+// The agent against real SMTP servers on loopback (TestSink): results per
+// recipient, MX/address fail-over, deferrals and bounces with the reply
+// quoted, bytes on the wire, connection reuse, DNS outcomes.
+
+import Testing
+import SMTP
+@testable import RemoteDelivery
+
+private func hostTable(_ domain: String, _ sink: TestSink) -> TransportTable {
+    TransportTable(entries: [TransportEntry(key: domain, nextHop: .host(sink.address, port: sink.port))])
+}
+
+private func mxTable(_ domain: String, port: Int) -> TransportTable {
+    TransportTable(entries: [TransportEntry(key: domain, nextHop: .mailExchangers(domain, port: port))])
+}
+
+@Suite struct DeliveryTests {
+    @Test func delivered() async throws {
+        let sink = try TestSink()
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink))
+        let results = await f.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        let r = try #require(results.first)
+        #expect(results.count == 1)
+        #expect(r.status == .sent)
+        #expect(r.dsn == "2.0.0")
+        #expect(r.text == "250 2.0.0 Ok: queued as SINK1")
+        #expect(r.relay == "127.0.0.1[127.0.0.1]:\(sink.port)")
+        #expect(r.tls == .none)
+        let m = try #require(sink.messages.first)
+        #expect(m.mailFrom == "sender@origin.test")
+        #expect(m.rcptTo == ["b@dest.test"])
+        #expect(m.raw == Array("Subject: test\r\n\r\nHello.\r\n.\r\n".utf8))
+        #expect(sink.commands.first == "EHLO client.test")
+        let line = try #require(f.logs.all.first { $0.contains("to=<b@dest.test>") })
+        #expect(line.hasPrefix("4F3A2B1C5D6E: to=<b@dest.test>, relay=127.0.0.1[127.0.0.1]:\(sink.port), delay="))
+        #expect(line.hasSuffix(", dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as SINK1), tls=none"))
+    }
+
+    @Test func firstAddressRefusesSecondWorks() async throws {
+        let sink = try TestSink(address: "127.0.0.3")
+        defer { sink.stop() }
+        // Nothing listens on 127.0.0.2 at that port: connection refused.
+        let resolver = StaticMailExchangerResolver(
+            mx: ["dest.test": .exchangers([MailExchanger(preference: 10, host: "mx.dest.test")], secure: false)],
+            hosts: ["mx.dest.test": .addresses(["127.0.0.2", "127.0.0.3"], secure: false)])
+        let f = AgentFixture(resolver: resolver, transports: mxTable("dest.test", port: sink.port))
+        let results = await f.deliver(makeJob(to: ["b@dest.test", "c@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        #expect(results.map(\.status) == [.sent, .sent])
+        #expect(results.allSatisfy { $0.relay == "mx.dest.test[127.0.0.3]:\(sink.port)" })
+        #expect(sink.messages.count == 1)
+        #expect(sink.messages.first?.rcptTo == ["b@dest.test", "c@dest.test"])
+    }
+
+    @Test func refusedGreetingMovesToTheNextMX() async throws {
+        let bad = try TestSink(address: "127.0.0.4", script: SinkScript(greeting: "554 5.7.1 No service for you"))
+        defer { bad.stop() }
+        let good = try TestSink(address: "127.0.0.5", port: bad.port)
+        defer { good.stop() }
+        let resolver = StaticMailExchangerResolver(
+            mx: ["dest.test": .exchangers([MailExchanger(preference: 20, host: "backup.dest.test"),
+                                           MailExchanger(preference: 10, host: "primary.dest.test")], secure: false)],
+            hosts: ["primary.dest.test": .addresses(["127.0.0.4"], secure: false),
+                    "backup.dest.test": .addresses(["127.0.0.5"], secure: false)])
+        let f = AgentFixture(resolver: resolver, transports: mxTable("dest.test", port: bad.port))
+        let results = await f.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        #expect(bad.connections == 1)
+        #expect(results.first?.status == .sent)
+        #expect(results.first?.relay == "backup.dest.test[127.0.0.5]:\(bad.port)")
+    }
+
+    @Test func everyAddressFailingDefersWithTheLastError() async throws {
+        let bad = try TestSink(address: "127.0.0.6", script: SinkScript(greeting: "421 4.3.2 Too busy"))
+        defer { bad.stop() }
+        let resolver = StaticMailExchangerResolver(
+            mx: ["dest.test": .exchangers([MailExchanger(preference: 10, host: "mx.dest.test")], secure: false)],
+            hosts: ["mx.dest.test": .addresses(["127.0.0.2", "127.0.0.6"], secure: false)])
+        let f = AgentFixture(resolver: resolver, transports: mxTable("dest.test", port: bad.port))
+        let results = await f.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        let r = try #require(results.first)
+        #expect(r.status == .deferred)
+        #expect(r.dsn == "4.3.2")
+        #expect(r.text.contains("421 4.3.2 Too busy"))
+        #expect(r.relay == "mx.dest.test[127.0.0.6]:\(bad.port)")
+        #expect(r.remoteMTA == "mx.dest.test")
+    }
+
+    @Test func nothingListeningDefersWithTheConnectError() async throws {
+        let resolver = StaticMailExchangerResolver(
+            mx: ["dest.test": .exchangers([MailExchanger(preference: 10, host: "mx.dest.test")], secure: false)],
+            hosts: ["mx.dest.test": .addresses(["127.0.0.2"], secure: false)])
+        // A port from a sink that is stopped at once: nothing listens there.
+        let gone = try TestSink(address: "127.0.0.2")
+        gone.stop()
+        let f = AgentFixture(resolver: resolver, transports: mxTable("dest.test", port: gone.port))
+        let results = await f.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        let r = try #require(results.first)
+        #expect(r.status == .deferred)
+        #expect(r.dsn == "4.4.1")
+        #expect(r.text == "connect to mx.dest.test[127.0.0.2]:\(gone.port): Connection refused")
+        #expect(r.relay == nil)
+    }
+
+    @Test func temporaryRefusalDefers() async throws {
+        var script = SinkScript()
+        script.rcpt = { $0.hasPrefix("busy") ? "450 4.2.0 <\($0)>: Mailbox busy" : "250 2.1.5 Ok" }
+        let sink = try TestSink(script: script)
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink))
+        let results = await f.deliver(makeJob(to: ["busy@dest.test", "ok@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        #expect(results.count == 2)
+        let busy = try #require(results.first { $0.index == 0 })
+        #expect(busy.status == .deferred)
+        #expect(busy.dsn == "4.2.0")
+        #expect(busy.text == "host 127.0.0.1[127.0.0.1] said: 450 4.2.0 <busy@dest.test>: Mailbox busy (in reply to RCPT TO command)")
+        #expect(results.first { $0.index == 1 }?.status == .sent)
+        #expect(sink.messages.first?.rcptTo == ["ok@dest.test"])
+    }
+
+    @Test func permanentRefusalBouncesWithTheReplyQuoted() async throws {
+        var script = SinkScript()
+        script.rcpt = { "550 5.1.1 <\($0)>: Recipient address rejected: User unknown" }
+        let sink = try TestSink(script: script)
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink))
+        let results = await f.deliver(makeJob(to: ["nobody@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        let r = try #require(results.first)
+        #expect(r.status == .bounced)
+        #expect(r.dsn == "5.1.1")
+        #expect(r.remoteMTA == "127.0.0.1")
+        #expect(r.diagnostic == "550 5.1.1 <nobody@dest.test>: Recipient address rejected: User unknown")
+        #expect(r.text.contains("said: 550 5.1.1 <nobody@dest.test>: Recipient address rejected: User unknown (in reply to RCPT TO command)"))
+        #expect(sink.messages.isEmpty)
+        #expect(f.logs.all.contains { $0.contains("status=bounced (host 127.0.0.1[127.0.0.1] said: 550 5.1.1") })
+    }
+
+    @Test func refusedMessageBouncesEveryRecipient() async throws {
+        var script = SinkScript()
+        script.dataEnd = "554 5.7.1 Message rejected: spam"
+        let sink = try TestSink(script: script)
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink))
+        let results = await f.deliver(makeJob(to: ["a@dest.test", "b@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        #expect(results.map(\.status) == [.bounced, .bounced])
+        #expect(results.allSatisfy { $0.dsn == "5.7.1" && $0.diagnostic == "554 5.7.1 Message rejected: spam" })
+        #expect(results.allSatisfy { $0.text.hasSuffix("(in reply to end of DATA command)") })
+    }
+
+    @Test func hangUpAfterTheDotDefers() async throws {
+        var script = SinkScript()
+        script.hangUpAfterDot = true
+        let sink = try TestSink(script: script)
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink))
+        let results = await f.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+
+        let r = try #require(results.first)
+        #expect(r.status == .deferred)
+        #expect(r.dsn.hasPrefix("4."))
+        #expect(r.text.contains("lost connection"))
+        #expect(sink.messages.count == 1)
+    }
+
+    @Test func bodyArrivesWithCRLFAndDotStuffing() async throws {
+        let sink = try TestSink()
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink))
+        var job = makeJob(to: ["b@dest.test"], nexthop: "dest.test")
+        // Bare LF, bare CR, a CR LF split over two chunks, leading dots (one
+        // at a chunk boundary), a lone "." line, and no final line end.
+        job.body = [Array("Subject: dots\n\n.leading\r".utf8), Array("\n..two\rbare cr\n.".utf8),
+                    Array("\n.\r\nlast".utf8)]
+        job.size = UInt64(job.body.reduce(0) { $0 + $1.count })
+        let results = await f.deliver(job)
+        await f.shutdown()
+
+        #expect(results.first?.status == .sent)
+        let raw = try #require(sink.messages.first).raw
+        let expected = "Subject: dots\r\n\r\n..leading\r\n...two\r\nbare cr\r\n..\r\n..\r\nlast\r\n.\r\n"
+        #expect(String(decoding: raw, as: UTF8.self) == expected)
+    }
+
+    @Test func connectionIsReusedForTheNextJob() async throws {
+        let sink = try TestSink()
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink)) { $0.connectionCacheTime = 60 }
+        let first = await f.deliver(makeJob(1, to: ["a@dest.test"], nexthop: "dest.test"))
+        let second = await f.deliver(makeJob(2, to: ["b@dest.test"], nexthop: "dest.test"))
+        let cached = try await f.agent.eventLoop.submit { f.agent.idleConnectionCount }.get()
+        await f.shutdown()
+
+        #expect(first.first?.status == .sent)
+        #expect(second.first?.status == .sent)
+        #expect(sink.connections == 1)
+        #expect(sink.messages.map(\.rcptTo) == [["a@dest.test"], ["b@dest.test"]])
+        #expect(sink.commands.filter { $0.hasPrefix("EHLO") }.count == 1)
+        #expect(cached == 1)
+    }
+
+    @Test func nullMXBouncesAtOnce() async throws {
+        let f = AgentFixture(resolver: StaticMailExchangerResolver(mx: ["null.test": .nullMX]))
+        let results = await f.deliver(makeJob(to: ["a@null.test"], nexthop: "null.test"))
+        await f.shutdown()
+        #expect(results.first?.status == .bounced)
+        #expect(results.first?.dsn == "5.1.10")
+        #expect(results.first?.relay == nil)
+        #expect(f.logs.all.first?.contains("relay=none") == true)
+    }
+
+    @Test func nonexistentDomainBounces() async throws {
+        let f = AgentFixture(resolver: StaticMailExchangerResolver())
+        let results = await f.deliver(makeJob(to: ["a@nowhere.test"], nexthop: "nowhere.test"))
+        await f.shutdown()
+        #expect(results.first?.status == .bounced)
+        #expect(results.first?.dsn == "5.1.2")
+    }
+
+    @Test func dnsFailureDefers() async throws {
+        let f = AgentFixture(resolver: StaticMailExchangerResolver(mx: ["broken.test": .temporaryFailure("SERVFAIL for broken.test/MX")]))
+        let results = await f.deliver(makeJob(to: ["a@broken.test", "b@broken.test"], nexthop: "broken.test"))
+        await f.shutdown()
+        #expect(results.map(\.status) == [.deferred, .deferred])
+        #expect(results.allSatisfy { $0.dsn == "4.4.3" && $0.text == "SERVFAIL for broken.test/MX" })
+    }
+
+    @Test func localTransportEntryDefersAsMisrouted() async throws {
+        let f = AgentFixture(transports: TransportTable(entries: [TransportEntry(key: "here.test", nextHop: .local, origin: "transport:3")]))
+        let results = await f.deliver(makeJob(to: ["a@here.test"], nexthop: "here.test"))
+        await f.shutdown()
+        #expect(results.first?.status == .deferred)
+        #expect(results.first?.dsn == "4.3.5")
+        #expect(results.first?.text.contains("transport:3") == true)
+    }
+
+    @Test func requiredTLSWithoutATLSServiceDefers() async throws {
+        var script = SinkScript()
+        script.ehlo = ["250-sink.test", "250-PIPELINING", "250 STARTTLS"]
+        let sink = try TestSink(script: script)
+        defer { sink.stop() }
+        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.1", port: sink.port), tls: .encrypt)])
+        let f = AgentFixture(transports: table)
+        let results = await f.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+        let r = try #require(results.first)
+        #expect(r.status == .deferred)
+        #expect(r.dsn.hasPrefix("4.7."))
+        #expect(sink.messages.isEmpty)
+        #expect(!sink.commands.contains { $0.hasPrefix("MAIL") })
+    }
+
+    @Test func offeredSTARTTLSIsSkippedWithoutATLSService() async throws {
+        var script = SinkScript()
+        script.ehlo = ["250-sink.test", "250-PIPELINING", "250 STARTTLS"]
+        let sink = try TestSink(script: script)
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink))
+        let results = await f.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+        #expect(results.first?.status == .sent)
+        #expect(results.first?.tls == TLSOutcome.none)
+        #expect(!sink.commands.contains("STARTTLS"))
+    }
+}

@@ -1,0 +1,129 @@
+// STARTTLS through crypto-negotiate: the real NegotiationService in this
+// process, listening on a Unix socket, serves both ends — the client role
+// for remote-deliver (CryptoNegotiateHandOff) and the server role for the
+// sink — so the SMTP conversation after STARTTLS really runs over TLS.
+
+import Testing
+import SealpostConfig
+import CryptoNegotiation
+import StageProtocol
+import SMTP
+@testable import RemoteDelivery
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A self-signed certificate and a running NegotiationService.
+final class TLSService: @unchecked Sendable {
+    let dir: String
+    let socketPath: String
+    let service: NegotiationService
+    private let stopped = Mutex(false)
+
+    init() throws {
+        var template = Array("/tmp/sealpost-rtls-XXXXXX".utf8CString)
+        dir = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+        let rc = system("cd \(dir) && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout mx.key -out mx.pem -days 2 -subj /CN=mx.dest.test -addext subjectAltName=DNS:mx.dest.test >/dev/null 2>&1")
+        guard rc == 0 else { throw SinkError("openssl req failed: \(rc)") }
+        let text = """
+            [tls]
+            ca_file = "\(dir)/mx.pem"
+            handshake_timeout = 30
+            [[tls.certificates]]
+            cert = "\(dir)/mx.pem"
+            key = "\(dir)/mx.key"
+            """
+        service = try NegotiationService(configuration: TLSConfiguration(try SealpostConfiguration.parse(text: text, file: dir + "/sealpost.toml").tls))
+        socketPath = dir + "/tls"
+        try service.listen(path: socketPath)
+        let s = service
+        startThread { s.run() }
+    }
+
+    func stop() {
+        service.stop()
+        _ = system("rm -rf \(dir)")
+    }
+
+    /// The sink's side: server role.
+    func serverHandOff(_ socket: Int32) -> Int32 {
+        do {
+            let c = try StageConnection.connect(path: socketPath)
+            defer { c.close() }
+            _ = try c.clientHello(.tls)
+            try c.send(Frame(.negotiate, attributes: [("session", .uint(1)), ("socket", .fd(socket)), ("role", .text("server"))]))
+            close(socket)
+            while let f = try c.receive() {
+                if f.type == .negotiated, case .fd(let p)? = f["plaintext"] { return p }
+                if f.type == .failed || f.type == .error { return -1 }
+            }
+        } catch {}
+        return -1
+    }
+}
+
+import Synchronization
+
+@Suite(.serialized) struct TLSHandOffTests {
+    @Test func startTLSThroughCryptoNegotiate() async throws {
+        let tls = try TLSService()
+        defer { tls.stop() }
+        var script = SinkScript()
+        script.startTLS = { tls.serverHandOff($0) }
+        let sink = try TestSink(address: "127.0.0.7", script: script)
+        defer { sink.stop() }
+        let resolver = StaticMailExchangerResolver(
+            mx: ["dest.test": .exchangers([MailExchanger(preference: 10, host: "mx.dest.test")], secure: false)],
+            hosts: ["mx.dest.test": .addresses(["127.0.0.7"], secure: false)])
+        let logs = LogRecorder()
+        let group = MultiThreadedEventLoopGroupHolder()
+        var settings = RemoteSettings(hostname: "client.test")
+        settings.maximumPhaseTimeout = 30
+        let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings,
+                                        transports: TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .mailExchangers("dest.test", port: sink.port))]),
+                                        resolver: resolver, tlsHandOff: CryptoNegotiateHandOff(socketPath: tls.socketPath), log: logs.log)
+        let results = await withCheckedContinuation { c in agent.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) } }
+        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
+        await group.shutdown()
+
+        let r = try #require(results.first)
+        #expect(r.status == .sent)
+        guard case .encrypted(let proto, let cipher) = r.tls else {
+            Issue.record("expected an unauthenticated TLS session, got \(r.tls)")
+            return
+        }
+        #expect(proto == "TLSv1.3")
+        #expect(!cipher.isEmpty)
+        // EHLO, STARTTLS, (TLS), EHLO again, then the transaction.
+        let commands = sink.commands
+        #expect(commands.prefix(4) == ["EHLO client.test", "STARTTLS", "(TLS)", "EHLO client.test"])
+        #expect(sink.messages.count == 1)
+        #expect(logs.all.contains { $0.hasSuffix("tls=\(proto) \(cipher) unauthenticated") })
+    }
+
+    @Test func failedHandshakeIsRetriedInClearText() async throws {
+        let tls = try TLSService()
+        defer { tls.stop() }
+        var script = SinkScript()
+        // The "server" drops the connection instead of doing TLS.
+        script.startTLS = { close($0); return -1 }
+        let sink = try TestSink(address: "127.0.0.8", script: script)
+        defer { sink.stop() }
+        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.8", port: sink.port))])
+        let logs = LogRecorder()
+        let group = MultiThreadedEventLoopGroupHolder()
+        var settings = RemoteSettings(hostname: "client.test")
+        settings.maximumPhaseTimeout = 30
+        let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings, transports: table,
+                                        resolver: StaticMailExchangerResolver(),
+                                        tlsHandOff: CryptoNegotiateHandOff(socketPath: tls.socketPath), log: logs.log)
+        let results = await withCheckedContinuation { c in agent.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) } }
+        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
+        await group.shutdown()
+
+        #expect(results.first?.status == .sent)
+        #expect(results.first?.tls == TLSOutcome.none)
+        #expect(sink.connections == 2)
+        #expect(sink.commands.filter { $0 == "STARTTLS" }.count == 1)
+    }
+}
