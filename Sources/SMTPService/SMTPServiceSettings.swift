@@ -1,6 +1,6 @@
 // What smtp-listen needs to know, in one place: names, the inject socket,
 // relay control, limits, timeouts and SMTP AUTH. Built from the
-// configuration by `SMTPServiceSettings(config:injectSocket:authenticator:)`
+// configuration by `SMTPServiceSettings(config:injectSocket:tlsSocket:authenticator:)`
 // ([smtp] in Config/sealpost.toml); tests build it directly.
 //
 // AUTH (RFC 4954) is offered on the submission listeners only, and only
@@ -8,9 +8,9 @@
 // only invite password guessing. Where it is offered:
 // - to loopback clients (127.0.0.0/8, ::1) at once: their traffic never
 //   leaves the host, so a password sent in clear text cannot be sniffed;
-// - to everyone else only after STARTTLS (`.afterTLS`), so it stays off
-//   for them while smtp-listen has no TLS, and turns on by itself when
-//   STARTTLS is offered (`tlsAvailable`).
+// - to everyone else only once TLS is active (`.afterTLS`): after
+//   STARTTLS, or at once on the smtps port (implicit TLS); never while
+//   crypto-negotiate is away.
 
 import Accounts
 import SMTP
@@ -74,12 +74,6 @@ public struct SMTPServiceSettings: Sendable {
     public var timeouts = SMTPTimeouts()
     /// Software name in the greeting and Received.
     public var softwareName = "Sealpost"
-    /// crypto-negotiate's socket (a path usable after the chroot); nil: no
-    /// TLS (no certificate configured): neither STARTTLS nor port 465.
-    public var tlsSocket: String?
-    /// How long a session waits for crypto-negotiate's answer to a
-    /// NEGOTIATE before it gives up (its handshake timeout, plus a margin).
-    public var tlsHandoffTimeout: Int64 = 70
     /// The loaded password file; nil: AUTH is not offered anywhere (and
     /// the submission listeners refuse MAIL with 530 5.7.0).
     public var authenticator: Authenticator?
@@ -90,6 +84,12 @@ public struct SMTPServiceSettings: Sendable {
     /// beyond, AUTH gets 454 4.7.0 rather than queueing without bound
     /// (each check takes ~64 MiB and tens of milliseconds).
     public var maxPendingAuthentications = 32
+    /// crypto-negotiate's socket (a path usable after the chroot); nil: no
+    /// TLS (no certificate configured): neither STARTTLS nor port 465.
+    public var tlsSocket: String?
+    /// How long a session waits for crypto-negotiate's answer to a
+    /// NEGOTIATE before it gives up (its handshake timeout, plus a margin).
+    public var tlsHandoffTimeout: Int64 = 70
 
     public init(hostname: String, injectSocket: String, localDomains: [String] = ["localhost"]) {
         self.hostname = hostname
@@ -100,12 +100,15 @@ public struct SMTPServiceSettings: Sendable {
     /// From the configuration; `injectSocket` as returned by
     /// `StageRuntime.dropPrivileges` (rebased when chrooted).
     /// `tlsSocket`: crypto-negotiate's socket as usable after the chroot;
-    /// ignored when the configuration has no certificate.
+    /// ignored when the configuration has no certificate. `authenticator`:
+    /// the password file, loaded before the chroot (nil: no AUTH).
     public init(config: SealpostConfiguration, injectSocket: String, tlsSocket: String? = nil,
                 authenticator: Authenticator? = nil) {
         self.init(hostname: config.hostname, injectSocket: injectSocket, localDomains: config.local.domains)
         limits.recipients = config.queue.recipientLimit
         limits.messageSize = UInt64(max(0, config.queue.messageSizeLimit))
+        self.tlsSocket = config.tls.certificates.isEmpty ? nil : tlsSocket
+        tlsHandoffTimeout = Int64(config.tls.handshakeTimeout) + 10
         let smtp = config.smtp
         relayDomains = smtp.relayDomains
         // Validated by SealpostConfig with the same rules.
@@ -118,8 +121,6 @@ public struct SMTPServiceSettings: Sendable {
         timeouts.dataBlock = Int64(smtp.dataTimeout)
         senderLoginMatch = smtp.senderLoginMatch
         self.authenticator = authenticator
-        self.tlsSocket = config.tls.certificates.isEmpty ? nil : tlsSocket
-        tlsHandoffTimeout = Int64(config.tls.handshakeTimeout) + 10
     }
 
     /// The session policy for one kind of listener and client.
@@ -153,10 +154,10 @@ public struct SMTPServiceSettings: Sendable {
         p.maxErrors = limits.errors
         p.relay = RelayPolicy(localDomains: Set(localDomains), relayDomains: Set(relayDomains))
         // STARTTLS is offered per session while crypto-negotiate is
-        // reachable (the session handler sets tlsAvailable); AUTH is decided
-        // per client in `policy(for:client:)`; without it a submission port
-        // accepts no mail (RFC 6409 requires authentication there): MAIL
-        // gets 530 5.7.0.
+        // reachable (the session handler sets tlsAvailable). AUTH is
+        // decided per client in `policy(for:client:)`; without it a
+        // submission port accepts no mail (RFC 6409 requires
+        // authentication there): MAIL gets 530 5.7.0.
         p.tlsAvailable = false
         p.auth = .never
         p.isSubmission = kind != .smtp

@@ -346,7 +346,6 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         perform(session!.authResult(result))
     }
 
-
     private var startTLSAfterFlush = false
 
     @discardableResult

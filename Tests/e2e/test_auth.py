@@ -1,0 +1,165 @@
+"""SMTP AUTH end to end: accounts made with `sealpost user add`, the whole
+pipeline (supervise, queue, smtp-listen, local-deliver), Python's smtplib
+as the mail client on the submission port over loopback.
+
+Loopback is taken out of trusted_networks here, so that relaying depends
+on authentication alone.
+"""
+
+import os
+import re
+import smtplib
+import stat
+import subprocess
+
+import pytest
+
+from conftest import Pipeline, executable, local_user, parse_message, require_build, wait_until
+
+PASSWORD = "correct horse battery"
+
+
+def add_user(pipe, name, password, *extra):
+    return subprocess.run([executable("sealpost"), "user", "add", *extra, name], input=password + "\n",
+                          env=pipe.env(), capture_output=True, text=True, timeout=60)
+
+
+def port_of(pipe, key):
+    match = re.search(rf'(?m)^{key} = \["127\.0\.0\.1:(\d+)"\]$', pipe.config.read_text())
+    assert match, f"{key} not in {pipe.config}"
+    return int(match.group(1))
+
+
+def connect(port):
+    def attempt():
+        try:
+            return smtplib.SMTP("127.0.0.1", port, local_hostname="client.e2e.test", timeout=60)
+        except OSError:
+            return None
+    return wait_until(attempt, 60, f"smtp-listen on port {port}")
+
+
+def login(client, mechanism, user="alice", password=PASSWORD):
+    client.ehlo()
+    client.user, client.password = user, password
+    if mechanism == "PLAIN":
+        return client.auth("PLAIN", client.auth_plain)
+    # LOGIN without an initial response: the server prompts for both fields.
+    return client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+
+
+@pytest.fixture
+def auth_pipeline(workdir):
+    require_build("queue", "local-deliver", "smtp-listen", "sealpost")
+    pipe = Pipeline(workdir, config_overrides={"trusted_networks": '["192.0.2.0/24"]'})
+    added = add_user(pipe, "alice", PASSWORD)
+    assert added.returncode == 0, added.stderr
+    assert "user alice added" in added.stdout
+    pipe.start()
+    yield pipe
+    code = pipe.stop()
+    assert code == 0, f"supervise exited with {code}:\n{pipe.supervisor_output()}"
+
+
+def test_user_commands_write_a_private_file(workdir):
+    require_build("sealpost")
+    pipe = Pipeline(workdir)
+    users = workdir / "users"
+    assert add_user(pipe, "alice", PASSWORD).returncode == 0
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
+    line = users.read_text().splitlines()[0]
+    assert line.startswith("alice:$argon2id$v=19$m=65536,t=2,p=1$")
+    again = add_user(pipe, "alice", "other")
+    assert again.returncode == 65 and "already exists" in again.stderr
+    assert add_user(pipe, "bob", "", "--sender", "bob@example.org").returncode == 64   # empty password
+    assert add_user(pipe, "bob", "pw", "--sender", "bob@example.org").returncode == 0
+    listed = pipe.sealpost("user", "list")
+    assert listed.returncode == 0
+    assert "bob\tbob@example.org\n" in listed.stdout
+    assert listed.stdout.startswith("alice\talice@localhost,")
+    changed = subprocess.run([executable("sealpost"), "user", "passwd", "alice"], input="new one\n",
+                             env=pipe.env(), capture_output=True, text=True, timeout=60)
+    assert changed.returncode == 0, changed.stderr
+    assert users.read_text().splitlines()[0] != line
+    assert pipe.sealpost("user", "delete", "bob").returncode == 0
+    assert pipe.sealpost("user", "delete", "bob").returncode == 67
+    assert [l.split(":")[0] for l in users.read_text().splitlines()] == ["alice"]
+
+
+def test_smtp_listen_refuses_a_readable_password_file(workdir):
+    require_build("smtp-listen", "sealpost")
+    pipe = Pipeline(workdir)
+    assert add_user(pipe, "alice", PASSWORD).returncode == 0
+    os.chmod(workdir / "users", 0o644)
+    env = pipe.env(SEALPOST_USER="nobody")
+    result = subprocess.run([executable("smtp-listen")], env=env, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 78, result.stderr
+    assert "mode 0644 lets every user read the password hashes" in result.stderr
+
+
+def test_plain_and_login_relay_and_local_delivery(auth_pipeline):
+    pipe = auth_pipeline
+    submission = port_of(pipe, "submission")
+    user = local_user()
+    with connect(submission) as client:
+        code, _ = login(client, "PLAIN")
+        assert code == 235
+        # Relaying to a remote domain is allowed once authenticated.
+        refused = client.sendmail("alice@localhost", ["someone@remote.example", f"{user}@localhost"],
+                                  b"Subject: via submission\r\n\r\nauthenticated\r\n")
+        assert refused == {}
+    files = wait_until(lambda: pipe.delivered(user), 60, f"a message in {pipe.maildir_new(user)}")
+    message = parse_message(files[0])
+    assert message["Subject"] == "via submission"
+    received = message.get_all("Received")
+    assert any("with ESMTPA" in value for value in received), received
+
+    with connect(submission) as client:
+        code, _ = login(client, "LOGIN")
+        assert code == 235
+        code, _ = client.mail("alice@localhost")
+        assert code == 250
+    log = pipe.log_text()
+    assert "sasl_method=PLAIN, sasl_username=alice" in log
+    assert "sasl_method=LOGIN, sasl_username=alice" in log
+    assert "sasl_username=alice" in log
+
+
+def test_wrong_password_and_unknown_user_get_535(auth_pipeline):
+    submission = port_of(auth_pipeline, "submission")
+    for user, password in (("alice", "wrong"), ("mallory", PASSWORD)):
+        with connect(submission) as client:
+            with pytest.raises(smtplib.SMTPAuthenticationError) as failure:
+                login(client, "PLAIN", user, password)
+            assert failure.value.smtp_code == 535
+            assert failure.value.smtp_error.startswith(b"5.7.8")
+    assert "SASL PLAIN authentication failed: user=mallory" in auth_pipeline.log_text()
+
+
+def test_without_authentication_relay_is_refused(auth_pipeline):
+    pipe = auth_pipeline
+    with connect(port_of(pipe, "listen")) as client:
+        client.ehlo()
+        assert "auth" not in client.esmtp_features   # AUTH only on submission
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            client.sendmail("x@remote.example", ["someone@remote.example"], b"Subject: relay\r\n\r\nno\r\n")
+        code, text = refused.value.recipients["someone@remote.example"]
+        assert (code, text) == (554, b"5.7.1 Relay access denied")
+    with connect(port_of(pipe, "submission")) as client:
+        client.ehlo()
+        assert "PLAIN" in client.esmtp_features["auth"]
+        code, text = client.mail("alice@localhost")
+        assert (code, text) == (530, b"5.7.0 Authentication required")
+
+
+def test_sender_must_belong_to_the_user(auth_pipeline):
+    with connect(port_of(auth_pipeline, "submission")) as client:
+        login(client, "PLAIN")
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("bob@localhost", ["someone@remote.example"], b"Subject: forged\r\n\r\nno\r\n")
+        assert refused.value.smtp_code == 553
+        assert refused.value.smtp_error.startswith(b"5.7.1")
+        client.rset()
+        code, _ = client.mail("ALICE@localhost")
+        assert code == 250
