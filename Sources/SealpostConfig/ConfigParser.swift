@@ -19,6 +19,8 @@ struct ConfigParser {
                   "message_size_limit", "recipient_limit", "map_size", "map_size_limit"],
         "local": ["domains", "accounts", "users", "mailbox", "aliases"],
         "smtp": ["listen", "submission", "smtps"],
+        "dns": dnsKeys,
+        "remote": remoteKeys,
     ]
 
     /// sun_path of struct sockaddr_un holds 108 bytes with the NUL.
@@ -201,6 +203,9 @@ struct ConfigParser {
             default: configuration.smtp.smtps = addresses
             }
         }
+
+        // [dns], [remote]
+        try parseRemoteSections(root, into: &configuration)
         return configuration
     }
 
