@@ -231,13 +231,15 @@ class SmtpSink:
         if IS_ROOT:
             command += ["-u", "nobody"]
         command += list(options)
+        self.dump = pathlib.Path(dump) if dump else None
         if dump:
-            command += ["-D", str(dump)]
+            # A directory of dump files: smtp-sink appends a random suffix to
+            # the name, and runs as nobody (the directory must be its own).
+            self.dump.mkdir(parents=True, exist_ok=True)
             if IS_ROOT:
-                # smtp-sink runs as nobody and opens the dump per transaction.
-                pathlib.Path(dump).touch()
                 user = pwd.getpwnam("nobody")
-                os.chown(dump, user.pw_uid, user.pw_gid)
+                os.chown(self.dump, user.pw_uid, user.pw_gid)
+            command += ["-D", str(self.dump / "dump")]
         if counters:
             command += ["-c"]
         command += [f"inet:{address}:{port}", str(backlog)]
@@ -255,6 +257,12 @@ class SmtpSink:
                                         stdin=subprocess.DEVNULL, env=env)
         wait_for_listener(self.address, self.port, process=self.process)
         return self
+
+    def dumped(self):
+        """Everything dumped so far (every file of the dump directory)."""
+        if not self.dump:
+            return b""
+        return b"".join(path.read_bytes() for path in sorted(self.dump.iterdir()))
 
     def stop(self):
         if self.process and self.process.poll() is None:
