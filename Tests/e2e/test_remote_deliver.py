@@ -337,11 +337,11 @@ def test_relay_load_every_message_delivered(remote, workdir, cleanup):
 
     wait_until(lambda: sink_count() >= RELAY_COUNT, 1800, f"{RELAY_COUNT} messages at smtp-sink", interval=0.5)
     finished = time.monotonic()
-    wait_until(lambda: len(re.findall(r"to=<sink@load.test>.*status=sent", pipe.log_text())) >= RELAY_COUNT,
+    wait_until(lambda: len(re.findall(r"remote-deliver\[\d+\]: \w+: to=<sink@load.test>.*status=sent", pipe.log_text())) >= RELAY_COUNT,
                120, "every result logged", interval=1)
     sink.stop()
     log = pipe.log_text()
-    assert len(re.findall(r"to=<sink@load.test>.*status=sent", log)) == RELAY_COUNT
+    assert len(re.findall(r"remote-deliver\[\d+\]: \w+: to=<sink@load.test>.*status=sent", log)) == RELAY_COUNT
     assert "status=deferred" not in log
     assert "status=bounced" not in log
     # Only SMTP's own duplicates (a lost reply after the dot) could exceed it.
