@@ -1,12 +1,13 @@
-// Wiring for the remote-deliver stage: settings from the configuration and
-// (until sealpost.toml has a [remote] section) the environment, and the
-// transport table next to the configuration file.
+// Wiring for the remote-deliver stage: settings from the configuration's
+// [sealpost], [queue], [dns] and [remote] sections, and the transport table
+// `remote.transport_table` (default: "transport" beside the file).
 
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import DNS
 import SealpostConfig
 
 public struct RemoteSetupError: Error, Sendable, CustomStringConvertible {
@@ -16,74 +17,69 @@ public struct RemoteSetupError: Error, Sendable, CustomStringConvertible {
 }
 
 public enum RemoteDeliveryService {
-    /// `Config/transport`: the file "transport" in the directory of the
-    /// configuration file.
+    /// `remote.transport_table`, absolute.
     public static func transportTablePath(_ config: SealpostConfiguration) -> String {
-        let file = config.file
-        guard let slash = file.lastIndex(of: "/") else { return "transport" }
-        return String(file[..<slash]) + "/transport"
+        config.remote.transportTable
     }
 
-    /// Settings from the configuration and these environment variables
-    /// (each stands for the proposed `[remote]` key of the same name):
-    /// SEALPOST_REMOTE_DESTINATION_CONCURRENCY_LIMIT (1-1000, default 20),
-    /// SEALPOST_REMOTE_MAX_JOBS (1-256, default 100),
-    /// SEALPOST_REMOTE_CONNECT_TIMEOUT (seconds, 1-600, default 30),
-    /// SEALPOST_REMOTE_CONNECTION_CACHE_TIME (seconds, 0-300, default 2),
-    /// SEALPOST_REMOTE_SOURCE_ADDRESS, SEALPOST_REMOTE_SOURCE_ADDRESS_IPV6
-    /// (an IP address each), SEALPOST_REMOTE_ADDRESS_PREFERENCE (ipv6,
-    /// ipv4, any), SEALPOST_REMOTE_MAXIMUM_PHASE_TIMEOUT (seconds; caps the
-    /// RFC 5321 timeouts, for tests).
-    public static func settings(_ config: SealpostConfiguration,
-                                environment: (String) -> String? = { getenv($0).map { String(cString: $0) } }) throws(RemoteSetupError) -> RemoteSettings {
-        var s = RemoteSettings(hostname: config.hostname)
+    /// The agent's settings from `[remote]` (validated by SealpostConfig)
+    /// and `queue.message_size_limit`.
+    public static func settings(_ config: SealpostConfiguration) -> RemoteSettings {
+        let remote = config.remote
+        var s = RemoteSettings(hostname: remote.heloName)
         s.maximumMessageSize = config.queue.messageSizeLimit + 1_048_576
-        func integer(_ name: String, _ range: ClosedRange<Int>) throws(RemoteSetupError) -> Int? {
-            guard let v = environment(name), !v.isEmpty else { return nil }
-            guard let n = Int(v), range.contains(n) else {
-                throw RemoteSetupError("\(name): expected an integer from \(range.lowerBound) to \(range.upperBound), got \"\(v)\"")
-            }
-            return n
-        }
-        func address(_ name: String, ipv6: Bool) throws(RemoteSetupError) -> String? {
-            guard let v = environment(name), !v.isEmpty else { return nil }
-            guard ipv6 ? TransportTable.isIPv6(v) : TransportTable.isIPv4(v) else {
-                throw RemoteSetupError("\(name): not an \(ipv6 ? "IPv6" : "IPv4") address: \"\(v)\"")
-            }
-            return v
-        }
-        if let n = try integer("SEALPOST_REMOTE_DESTINATION_CONCURRENCY_LIMIT", 1...1000) { s.destinationConcurrencyLimit = n }
-        if let n = try integer("SEALPOST_REMOTE_MAX_JOBS", 1...256) { s.maxJobs = n }
-        if let n = try integer("SEALPOST_REMOTE_CONNECT_TIMEOUT", 1...600) { s.connectTimeout = n }
-        if let n = try integer("SEALPOST_REMOTE_CONNECTION_CACHE_TIME", 0...300) { s.connectionCacheTime = n }
-        if let n = try integer("SEALPOST_REMOTE_MAXIMUM_PHASE_TIMEOUT", 1...3600) { s.maximumPhaseTimeout = n }
-        s.sourceIPv4 = try address("SEALPOST_REMOTE_SOURCE_ADDRESS", ipv6: false)
-        s.sourceIPv6 = try address("SEALPOST_REMOTE_SOURCE_ADDRESS_IPV6", ipv6: true)
-        if let v = environment("SEALPOST_REMOTE_ADDRESS_PREFERENCE"), !v.isEmpty {
-            guard let p = AddressPreference(rawValue: v) else {
-                throw RemoteSetupError("SEALPOST_REMOTE_ADDRESS_PREFERENCE: expected ipv6, ipv4 or any, got \"\(v)\"")
-            }
-            s.addressPreference = p
+        s.destinationConcurrencyLimit = remote.destinationConcurrencyLimit
+        s.maxJobs = remote.maxJobs
+        s.connectTimeout = remote.connectTimeout
+        s.connectionCacheTime = remote.connectionCacheTime
+        s.sourceIPv4 = remote.sourceAddress
+        s.sourceIPv6 = remote.sourceAddressIPv6
+        switch remote.addressPreference {
+        case .ipv6: s.addressPreference = .ipv6
+        case .ipv4: s.addressPreference = .ipv4
+        case .any: s.addressPreference = .any
         }
         return s
     }
 
-    /// The DNSSEC-validating resolver (DNS module), configured by the
-    /// proposed `[dns]` keys, for now these environment variables:
-    /// SEALPOST_DNS_FORWARDERS ("ADDR[@PORT],..."; empty: full recursion),
-    /// SEALPOST_DNS_TRUST_ANCHORS (files, comma-separated; empty: the root
-    /// key when installed), SEALPOST_DNS_RESOLVE_ZONES (special-use zones
-    /// to resolve anyway, e.g. "test" for a test bed).
-    public static func makeResolver(environment: (String) -> String? = { getenv($0).map { String(cString: $0) } }) throws(RemoteSetupError) -> UnboundMailExchangerResolver {
-        func list(_ name: String) -> [String] {
-            (environment(name) ?? "").split(separator: ",").map { String($0).trimmingSpaces() }.filter { !$0.isEmpty }
-        }
+    /// The DNS module's configuration from `[dns]`.
+    public static func resolverConfiguration(_ config: SealpostConfiguration) -> ResolverConfiguration {
+        let dns = config.dns
+        return ResolverConfiguration(
+            forwarders: dns.forwarders,
+            stubZones: dns.stubZones.map { StubZone(zone: $0.zone, addresses: $0.addresses) },
+            trustAnchorFiles: dns.trustAnchorFiles,
+            insecureDomains: dns.insecureDomains,
+            resolveReservedZones: dns.resolveReservedZones,
+            timeout: .seconds(dns.timeout))
+    }
+
+    /// The DNSSEC-validating resolver (libunbound) configured by `[dns]`.
+    /// Fails for an unreadable trust anchor or a server unbound refuses.
+    public static func makeResolver(_ config: SealpostConfiguration) throws(RemoteSetupError) -> UnboundMailExchangerResolver {
         do {
-            return try UnboundMailExchangerResolver.make(forwarders: list("SEALPOST_DNS_FORWARDERS"),
-                                                         trustAnchors: list("SEALPOST_DNS_TRUST_ANCHORS"),
-                                                         resolveZones: list("SEALPOST_DNS_RESOLVE_ZONES"))
+            return try UnboundMailExchangerResolver.make(resolverConfiguration(config))
         } catch {
-            throw RemoteSetupError("DNS resolver: \(error)")
+            throw RemoteSetupError("\(config.file): [dns]: \(error)")
+        }
+    }
+
+    /// libunbound reads its trust anchors when it answers its first query,
+    /// not when it is configured. Run before the stage drops privileges:
+    /// one query for "localhost" (answered from unbound's built-in local
+    /// zone, no packet leaves the process) loads them while they are still
+    /// readable, and turns an unreadable anchor into a start-up error
+    /// instead of a "resolver error -7: initialization failure" deferral
+    /// of every message.
+    public static func primeResolver(_ resolver: UnboundMailExchangerResolver, config: SealpostConfiguration) async throws(RemoteSetupError) {
+        do {
+            _ = try await resolver.thread.resolve("localhost", .a, timeout: .seconds(10))
+        } catch {
+            // UB_INITFAIL: a file it could not read, a module that failed.
+            if case .resolver(let code, _) = error, code == -7 {
+                throw RemoteSetupError("\(config.file): [dns]: the resolver failed to initialize (\(error)); is every trust_anchor_files entry readable?")
+            }
+            // Anything else (a timeout) is a lookup's problem, not the setup's.
         }
     }
 }

@@ -142,7 +142,11 @@ final class SMTPConnection: @unchecked Sendable {
         let generation = self.generation
         var bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(.seconds(Int64(options.connectTimeout)))
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            // tcpOption, not socketOption: the latter sets level SOL_SOCKET,
+            // where option 1 is SO_DEBUG, which an unprivileged stage may
+            // not set (EACCES: every connection failed once the stage ran as
+            // its own user).
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(SMTPChannelHandler(connection: self, generation: generation))

@@ -21,7 +21,12 @@ public struct UnboundMailExchangerResolver: MailExchangerResolver {
                             resolveZones: [String] = []) throws(DNSError) -> UnboundMailExchangerResolver {
         let configuration = ResolverConfiguration(forwarders: forwarders, trustAnchorFiles: trustAnchors,
                                                   resolveReservedZones: resolveZones)
-        return UnboundMailExchangerResolver(try ResolverThread(try Resolver(configuration)))
+        return try make(configuration)
+    }
+
+    /// A resolver with its own pumping thread, configured as given.
+    public static func make(_ configuration: ResolverConfiguration) throws(DNSError) -> UnboundMailExchangerResolver {
+        UnboundMailExchangerResolver(try ResolverThread(try Resolver(configuration)))
     }
 
     public func mailExchangers(of domain: String) async -> MXLookupResult {

@@ -22,6 +22,8 @@ struct ConfigParser {
                  "text_line_limit", "error_limit", "client_connection_limit", "command_timeout",
                  "data_timeout", "auth_users", "sender_login_match"],
         "tls": ConfigParser.tlsKeys,
+        "dns": dnsKeys,
+        "remote": remoteKeys,
     ]
 
     /// sun_path of struct sockaddr_un holds 108 bytes with the NUL.
@@ -209,6 +211,9 @@ struct ConfigParser {
 
         // [tls] (TLSSettings.swift)
         try parseTLS(root["tls"]?.table, into: &configuration)
+
+        // [dns], [remote]
+        try parseRemoteSections(root, into: &configuration)
         return configuration
     }
 

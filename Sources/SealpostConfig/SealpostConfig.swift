@@ -27,6 +27,8 @@ public struct SealpostConfiguration: Sendable {
     public var smtp: SMTPSettings
     /// [tls]: crypto-negotiate's certificates, CA bundles, protocols.
     public var tls: TLSSettings
+    public var dns: DNSSettings
+    public var remote: RemoteDeliverySettings
 
     // Derived paths (absolute, under dataDirectory).
     /// data/run
@@ -52,13 +54,17 @@ public struct SealpostConfiguration: Sendable {
         self.file = file
         let directory = ConfigPath.directory(of: file)
         self.dataDirectory = ConfigPath.resolve("../var", relativeTo: directory)
-        self.hostname = ConfigPath.systemHostname()
+        let hostname = ConfigPath.systemHostname()
+        self.hostname = hostname
         self.postmaster = "postmaster@localhost"
         self.queue = QueueSettings()
         self.local = LocalSettings()
         self.local.aliasesFile = ConfigPath.resolve("aliases", relativeTo: directory)
         self.smtp = SMTPSettings()
         self.smtp.authUsersFile = ConfigPath.resolve("users", relativeTo: directory)
+        self.dns = DNSSettings()
+        self.remote = RemoteDeliverySettings(heloName: hostname,
+                                             transportTable: ConfigPath.resolve("transport", relativeTo: directory))
         self.runtimeDirectory = ""
         self.injectSocket = ""
         self.deliverSocket = ""

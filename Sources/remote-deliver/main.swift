@@ -23,9 +23,11 @@
 //      (5.1.10); a domain that does not exist bounces (5.1.2); a DNS
 //      failure defers (4.4.3). The conversation is the SMTP module's client
 //      state machine: PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN, REQUIRETLS,
-//      AUTH PLAIN, RFC 5321 timeouts per phase; the connect timeout is 30 s.
-//      After a message the connection is kept 2 s for the next job to the
-//      same destination. At most 20 jobs at once go to one destination.
+//      AUTH PLAIN, RFC 5321 timeouts per phase; the connect timeout is
+//      remote.connect_timeout (30 s). After a message the connection is
+//      kept remote.connection_cache_time (2 s) for the next job to the same
+//      destination. At most remote.destination_concurrency_limit (20) jobs
+//      at once go to one destination.
 //
 //      TLS: the destination policy (static: the transport table's tls=,
 //      default "may") decides the requirement. STARTTLS goes through
@@ -36,30 +38,27 @@
 //
 // SOCKETS
 //      run/deliver   client, protocol `deliver`, transport `remote`
-//                    (Pipeline/PROTOCOL.md section 4.3), max-jobs 100 by
-//                    default. The queue may restart at any time: the stage
-//                    reconnects with a pause growing from 0.1 s to 5 s.
+//                    (Pipeline/PROTOCOL.md section 4.3), max-jobs
+//                    remote.max_jobs (100). The queue may restart at
+//                    any time: the stage reconnects with a pause growing from 0.1 s to 5 s.
 //      run/tls       client, protocol `tls` (section 4.5), one short
 //                    connection per STARTTLS: the TCP socket goes to
 //                    crypto-negotiate, a plaintext socket comes back. Used
 //                    while the socket exists; otherwise "may" is clear text.
 //      TCP           outgoing SMTP connections (port 25 or the next hop's).
 //
+// CONFIGURATION
+//      Config/sealpost.toml (SEALPOST_CONFIG): [remote] (concurrency per
+//      destination, max jobs, connect timeout, connection cache time,
+//      source addresses, address preference, EHLO name, transport table
+//      path), [dns] (forwarders, trust anchors, query timeout, insecure
+//      domains, reserved zones to resolve, stub zones: the validating
+//      resolver, libunbound in-process; default: full recursion from the
+//      root with the root trust anchor), queue.message_size_limit.
+//
 // ENVIRONMENT
 //      SEALPOST_CONFIG          the configuration file
 //      SEALPOST_USER            the account to run as (when started as root)
-//      SEALPOST_DNS_FORWARDERS, SEALPOST_DNS_TRUST_ANCHORS,
-//      SEALPOST_DNS_RESOLVE_ZONES   the DNSSEC-validating resolver
-//                               (libunbound): forwarders "ADDR[@PORT],...",
-//                               trust anchor files, special-use zones to
-//                               resolve (test beds); default: full recursion
-//                               from the root with the root trust anchor
-//      SEALPOST_REMOTE_*        settings until sealpost.toml has a [remote]
-//                               section: DESTINATION_CONCURRENCY_LIMIT,
-//                               MAX_JOBS, CONNECT_TIMEOUT,
-//                               CONNECTION_CACHE_TIME, SOURCE_ADDRESS,
-//                               SOURCE_ADDRESS_IPV6, ADDRESS_PREFERENCE,
-//                               MAXIMUM_PHASE_TIMEOUT
 //
 // PRIVILEGES
 //      Started as root by the supervisor, it reads the configuration, the
@@ -76,7 +75,8 @@
 //
 // EXIT STATUS
 //      It runs until killed. At start: 78 (EX_CONFIG) for an unreadable
-//      configuration or transport table, or a bad SEALPOST_REMOTE_* value;
+//      configuration, transport table or trust anchor, or a resolver
+//      setting libunbound refuses;
 //      67 (EX_NOUSER), 77 (EX_NOPERM) or 71 (EX_OSERR) when privileges
 //      cannot be dropped.
 
@@ -96,8 +96,10 @@ let settings: RemoteSettings
 let transports: TransportTable
 let resolver: UnboundMailExchangerResolver
 do {
-    settings = try RemoteDeliveryService.settings(config)
-    resolver = try RemoteDeliveryService.makeResolver()
+    settings = RemoteDeliveryService.settings(config)
+    resolver = try RemoteDeliveryService.makeResolver(config)
+    // Loads the trust anchors now, while they are readable.
+    try await RemoteDeliveryService.primeResolver(resolver, config: config)
     transports = try TransportTable.load(path: RemoteDeliveryService.transportTablePath(config))
 } catch let error as RemoteSetupError {
     StageRuntime.fatal(error.description, exit: .config)

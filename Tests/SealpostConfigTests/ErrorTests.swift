@@ -51,18 +51,18 @@ import Testing
 
     @Test func unknownSection() {
         expectError("[sealpost]\npostmaster = \"root@localhost\"\n[quue]\nmap_size = 1\n",
-                    line: 3, key: "quue", "unknown section (known: local, queue, sealpost, smtp, tls)")
+                    line: 3, key: "quue", "unknown section (known: dns, local, queue, remote, sealpost, smtp, tls)")
     }
 
     @Test func earliestUnknownIsReported() {
         // TOMLKit's key order is not the file's; the first in the file wins.
         expectError("[zzz]\n[local]\nzzz = 1\n[aaa]\n", line: 1, key: "zzz",
-                    "unknown section (known: local, queue, sealpost, smtp, tls)")
+                    "unknown section (known: dns, local, queue, remote, sealpost, smtp, tls)")
     }
 
     @Test func topLevelKeyIsUnknown() {
         expectError("hostname = \"x\"\n[sealpost]\n", line: 1, key: "hostname",
-                    "unknown section (known: local, queue, sealpost, smtp, tls)")
+                    "unknown section (known: dns, local, queue, remote, sealpost, smtp, tls)")
     }
 
     @Test func sectionThatIsNotATable() {
