@@ -236,7 +236,15 @@ public final class Spool: @unchecked Sendable {
         // vanish with the process.
         lockDescriptor = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard lockDescriptor >= 0 else { throw SpoolError.io("\(directory): cannot open: \(errnoText(errno))") }
-        guard flock(lockDescriptor, LOCK_EX | LOCK_NB) == 0 else {
+        // A lock held a moment longer by a process that is exiting, or by
+        // a child between fork and exec (the descriptor is close-on-exec),
+        // is waited for, briefly; a live second owner is still refused.
+        var lockAttempts = 0
+        while flock(lockDescriptor, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK && lockAttempts < 60 {
+            lockAttempts += 1
+            usleep(50_000)
+        }
+        guard lockAttempts < 60, flock(lockDescriptor, LOCK_EX | LOCK_NB) == 0 else {
             let e = errno
             closeDescriptor(lockDescriptor)
             throw SpoolError.io(e == EWOULDBLOCK ? "\(directory) is in use by another queue process" : "\(directory): flock: \(errnoText(e))")
