@@ -124,9 +124,17 @@ public enum SMTPFuzz {
     /// before the decision (the checker's "no action while waiting").
     static func pipelinedWhileWaiting(_ reader: inout Reader, _ session: inout SMTPServerSession,
                                       _ checker: inout InvariantChecker) {
+        var fed = 0
         for _ in 0..<(Int(reader.byte() ?? 0) % 4 + 1) {
             let n = Int(reader.byte() ?? 0) % 64 + 1
-            checker.check(session.receive(reader.take(n)), session: session)
+            let bytes = reader.take(n)
+            fed += bytes.count
+            checker.check(session.receive(bytes), session: session)
+            // Back-pressure: the I/O layer stops reading once a bounded
+            // amount is buffered (the overflow path covers its overshoot).
+            if fed >= session.policy.maxPendingInput {
+                precondition(!session.wantsInput, "wantsInput while maxPendingInput bytes are buffered")
+            }
         }
     }
 
