@@ -62,6 +62,17 @@ public enum SMTPClientFuzz {
             steps += 1
             if session.awaitingTLS {
                 let choice = reader.byte() ?? 0
+                // Bit 7: the server speaks during the hand-off (a protocol
+                // error); bit 6: the I/O layer quits then (no QUIT may go out).
+                if choice & 0x80 != 0 {
+                    checker.check(session.receive(reader.take(Int(reader.byte() ?? 0) % 16 + 1)), &session)
+                    continue
+                }
+                if choice & 0x40 != 0 {
+                    checker.check(session.quit(), &session)
+                    precondition(session.isClosed, "quit() during the TLS hand-off closes at once")
+                    continue
+                }
                 let actions = choice % 7 == 0 ? session.tlsFailed("handshake failure \u{1}")
                     : session.tlsEstablished(SMTPClientTLSReport(protocolVersion: "TLSv1.3", cipher: "X",
                                                                  peerAuthenticated: choice & 1 == 0))
@@ -69,12 +80,23 @@ public enum SMTPClientFuzz {
                 continue
             }
             if session.wantsBody {
-                let pieces = Int(reader.byte() ?? 0) % 5
-                for _ in 0..<pieces {
+                let control = reader.byte() ?? 0
+                for _ in 0..<(Int(control) % 5) {
                     let n = Int(reader.byte() ?? 0) % 12
                     let chunk = reader.take(n)
                     checker.bodyInput += chunk
                     checker.check(session.bodyChunk(chunk), &session)
+                }
+                // Bit 7: the server speaks in the middle of the body (a
+                // protocol error); bit 6: the I/O layer quits then.
+                if control & 0x80 != 0 {
+                    checker.check(session.receive(reader.take(Int(reader.byte() ?? 0) % 16 + 1)), &session)
+                    if session.isClosed { continue }
+                }
+                if control & 0x40 != 0 {
+                    checker.check(session.quit(), &session)
+                    precondition(session.isClosed, "quit() during the body closes at once")
+                    continue
                 }
                 checker.check(session.bodyEnd(), &session)
                 continue

@@ -44,8 +44,18 @@ public enum SMTPFuzz {
         var session = SMTPServerSession(policy: policy, client: client)
         var checker = InvariantChecker(maxMessageSize: policy.maxMessageSize)
 
+        // The early-talker byte: its low 3 bits are how many bytes arrive
+        // before the greeting; bit 3 reports them via clientSpokeEarly()
+        // instead; bit 4 ends the session with the I/O layer's shutdown
+        // (a timeout's 421) instead of a disconnect.
+        var endWithShutdown = false
         if flags & 128 != 0, let n = reader.byte() {
-            _ = session.receive(reader.take(Int(n % 8)))
+            if n & 8 != 0 && n % 8 != 0 {
+                session.clientSpokeEarly()
+            } else {
+                _ = session.receive(reader.take(Int(n % 8)))
+            }
+            endWithShutdown = n & 16 != 0
         }
         checker.check(session.start(), session: session)
         while !reader.atEnd && !session.isClosed {
@@ -56,6 +66,15 @@ public enum SMTPFuzz {
                 checker.check(actions, session: session)
                 if checker.awaitingQueue {
                     let choice = reader.byte() ?? 0
+                    if choice & 0x80 != 0 { pipelinedWhileWaiting(&reader, &session, &checker) }
+                    if choice & 0x40 != 0 {
+                        // The I/O layer gives up (timeout, stage shutdown) while the
+                        // queue commits; the queue's late answer must be ignored.
+                        shutdownWhileWaiting(&session, &checker)
+                        precondition(session.messageCommitted(queueID: "0123456789AB").isEmpty,
+                                     "queue answer after close must produce nothing")
+                        break
+                    }
                     switch choice % 4 {
                     case 0: actions = session.messageFailed(.unavailable)
                     case 1: actions = session.messageFailed(.full)
@@ -66,6 +85,12 @@ public enum SMTPFuzz {
                     precondition(!actions.isEmpty, "queue answer must produce a reply")
                 } else if checker.awaitingAuth {
                     let choice = reader.byte() ?? 0
+                    if choice & 0x80 != 0 { pipelinedWhileWaiting(&reader, &session, &checker) }
+                    if choice & 0x40 != 0 {
+                        shutdownWhileWaiting(&session, &checker)
+                        precondition(session.authResult(.success).isEmpty, "auth answer after close must produce nothing")
+                        break
+                    }
                     actions = session.authResult([.success, .failure, .temporaryFailure][Int(choice % 3)])
                     checker.awaitingAuth = false
                     precondition(!actions.isEmpty, "auth answer must produce a reply")
@@ -82,10 +107,43 @@ public enum SMTPFuzz {
                 }
             }
         }
+        if endWithShutdown && !session.isClosed {
+            let actions = session.shutdown(SMTPReply(421, "4.4.2", "mx.example.org Error: timeout exceeded"))
+            precondition(actions.contains { if case .close = $0 { return true } else { return false } },
+                         "shutdown() must close")
+            checker.check(actions, session: session)
+        }
         checker.check(session.disconnected(), session: session)
         checker.outcome.closed = session.isClosed
         precondition(session.isClosed, "disconnected() must close")
         return checker.outcome
+    }
+
+    /// A pipelining client keeps sending while the session waits for the
+    /// queue or the password check: the bytes are buffered, never answered
+    /// before the decision (the checker's "no action while waiting").
+    static func pipelinedWhileWaiting(_ reader: inout Reader, _ session: inout SMTPServerSession,
+                                      _ checker: inout InvariantChecker) {
+        var fed = 0
+        for _ in 0..<(Int(reader.byte() ?? 0) % 4 + 1) {
+            let n = Int(reader.byte() ?? 0) % 64 + 1
+            let bytes = reader.take(n)
+            fed += bytes.count
+            checker.check(session.receive(bytes), session: session)
+            // Back-pressure: the I/O layer stops reading once a bounded
+            // amount is buffered (the overflow path covers its overshoot).
+            if fed >= session.policy.maxPendingInput {
+                precondition(!session.wantsInput, "wantsInput while maxPendingInput bytes are buffered")
+            }
+        }
+    }
+
+    /// The I/O layer's shutdown while a decision is pending: 421 and close.
+    static func shutdownWhileWaiting(_ session: inout SMTPServerSession, _ checker: inout InvariantChecker) {
+        checker.awaitingQueue = false
+        checker.awaitingAuth = false
+        checker.check(session.shutdown(SMTPReply(421, "4.3.2", "mx.example.org Service shutting down")), session: session)
+        precondition(session.isClosed, "shutdown() must close")
     }
 
     struct Reader {
