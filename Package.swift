@@ -81,14 +81,14 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "SMTPService", dependencies: [
-            "SMTP", "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims", "Accounts",
+            "SMTP", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims", "Accounts",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "RemoteDelivery", dependencies: [
-            "SMTP", "DNS", "StageProtocol", "StageRuntime", "SealpostConfig",
+            "SMTP", "DNS", "StageProtocol", "StageProtocolNIO", "StageRuntime", "SealpostConfig",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
