@@ -10,6 +10,7 @@ import NIOPosix
 import SealpostConfig
 import Spool
 import StageProtocol
+import StageProtocolNIO
 import StageRuntime
 
 /// Knobs that tests turn; the defaults are for production.

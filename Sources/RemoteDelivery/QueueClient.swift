@@ -12,6 +12,7 @@
 import NIOCore
 import NIOPosix
 import StageProtocol
+import StageProtocolNIO
 
 public final class QueueClient: @unchecked Sendable {
     public static let software = "sealpost-remote-deliver 0.1"

@@ -31,6 +31,7 @@ import NIOCore
 import NIOPosix
 import SMTP
 import StageProtocol
+import StageProtocolNIO
 
 /// What became of a message handed to the queue.
 enum InjectOutcome: Equatable {

@@ -9,7 +9,9 @@ struct ConfigParser {
     let file: String
     /// Absolute: relative paths resolve against its directory.
     let absoluteFile: String
-    let index: SourceIndex
+    /// Built only for an error message: a valid file (every run of
+    /// queue-inject reads it) never pays for the scan.
+    var index: SourceIndex { SourceIndex(text: text) }
 
     /// The schema: sections and their keys.
     static let schema: [String: [String]] = [
@@ -33,7 +35,6 @@ struct ConfigParser {
         self.text = text
         self.file = file
         self.absoluteFile = ConfigPath.absolute(file)
-        self.index = SourceIndex(text: text)
     }
 
     func error(_ section: String, _ key: String?, _ message: String) -> ConfigError {

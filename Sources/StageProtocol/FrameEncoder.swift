@@ -79,7 +79,7 @@ public enum FrameEncoder {
     }
 
     /// Encodes a frame already checked; `length` from `checkFraming`.
-    static func unsafeEncode(_ frame: Frame, length: Int, into out: inout [UInt8]) {
+    package static func unsafeEncode(_ frame: Frame, length: Int, into out: inout [UInt8]) {
         out.reserveCapacity(out.count + 4 + length)
         appendBE(UInt32(length), &out)
         appendBE(frame.type.rawValue, &out)

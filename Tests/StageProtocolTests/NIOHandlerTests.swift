@@ -2,6 +2,7 @@ import NIOCore
 import NIOEmbedded
 import Testing
 @testable import StageProtocol
+import StageProtocolNIO
 
 @Suite struct NIOHandlers {
     func makeChannel(_ p: ProtocolName? = nil) throws -> EmbeddedChannel {

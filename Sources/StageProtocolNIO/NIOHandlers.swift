@@ -1,9 +1,12 @@
 // SwiftNIO codec for the queue's servers: the same decoder and checks as
-// StageConnection, over a ByteBuffer pipeline. Descriptor passing is not
+// StageConnection, over a ByteBuffer pipeline. A module of its own so that
+// the blocking clients of StageProtocol (queue-inject above all, one process
+// per message) need not link NIOCore. Descriptor passing is not
 // supported over NIO (no version-1 frame carries one): a frame with an `fd`
 // attribute is rejected in both directions.
 
 import NIOCore
+import StageProtocol
 
 /// bytes -> Frame, with the validation of `FrameDecoder`. A violation is
 /// fired as a `ProtocolError` through `errorCaught`; the decoder stays failed
