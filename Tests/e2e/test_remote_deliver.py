@@ -342,7 +342,12 @@ def test_relay_load_every_message_delivered(remote, workdir, cleanup):
     sink.stop()
     log = pipe.log_text()
     assert len(re.findall(r"remote-deliver\[\d+\]: \w+: to=<sink@load.test>.*status=sent", log)) == RELAY_COUNT
-    assert "status=deferred" not in log
+    # A message that arrives before remote-deliver has connected waits in
+    # the queue ("delivery temporarily suspended"); any other deferral is a
+    # failure.
+    deferrals = [line for line in log.splitlines()
+                 if "status=deferred" in line and "temporarily suspended" not in line]
+    assert not deferrals, "\n".join(deferrals[:5])
     assert "status=bounced" not in log
     # Only SMTP's own duplicates (a lost reply after the dot) could exceed it.
     assert sink_count() == RELAY_COUNT
