@@ -1,4 +1,4 @@
-// The DNS test bed (Tests/testbed/dns): nsd serving the signed dane.test and
+// The DNS test bed (Tests/testbed/dns), shared by DNSTests and RemoteDeliveryTests (a link to this file): nsd serving the signed dane.test and
 // the unsigned insecure.test, unbound validating in front of it. Started once
 // per test process, on first use; stopped at exit, and by the test bed's
 // watchdog if this process dies without running exit handlers.

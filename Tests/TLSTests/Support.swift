@@ -1,4 +1,4 @@
-// Test support: a PKI made with the openssl command at test time, child
+// Test support, shared by TLSTests and CryptoNegotiationTests (the latter links this file: test targets cannot share a module): a PKI made with the openssl command at test time, child
 // processes (openssl s_client / s_server) with pipes, loopback TCP, and an
 // EventLoop running on its own thread.
 
