@@ -219,7 +219,12 @@ def test_no_starttls_when_crypto_negotiate_is_gone(tls_pipeline):
     # Kill the stage (the supervisor restarts it): sessions opened while it
     # is down are answered, without STARTTLS or with it, never hang.
     pid = tls_pipeline.running_pid("crypto-negotiate")
+    lost_before = tls_pipeline.log_text().count("lost crypto-negotiate")
     os.kill(pid, 9)
+    # kill() returns before the process is gone: until smtp-listen has seen
+    # the control connection close, it still (rightly) offers STARTTLS.
+    wait_until(lambda: tls_pipeline.log_text().count("lost crypto-negotiate") > lost_before, 30,
+               "smtp-listen to notice that crypto-negotiate is gone")
 
     def plain_only():
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
