@@ -8,6 +8,7 @@
 #include <spawn.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 int sealpost_spawn(pid_t *pid, const char *path, char *const argv[],
@@ -45,6 +46,136 @@ out:
     posix_spawnattr_destroy(&attributes);
     posix_spawn_file_actions_destroy(&actions);
     return error;
+}
+
+/* Closes every descriptor in [from, to]; close_range(2) where the kernel
+ * has it, a loop otherwise. Async-signal-safe. */
+static void close_between(int from, unsigned int to) {
+    if (from < 0 || (unsigned int)from > to)
+        return;
+    if (syscall(SYS_close_range, (unsigned int)from, to, 0) == 0)
+        return;
+    for (unsigned int fd = (unsigned int)from; fd <= to && fd < 65536; fd++)
+        close((int)fd);
+}
+
+/* The child's side of sealpost_spawn_passing; never returns. Only
+ * async-signal-safe calls: the parent may have other threads. */
+static void spawn_child(const char *path, char *const argv[], char *const envp[],
+                        int stdin_fd, int output_fd, int new_process_group,
+                        const int *passed, int passed_count, char *pid_digits,
+                        size_t pid_digits_size, int report_fd) {
+    int floor = 3 + passed_count;
+    int moved[64 + 2];
+    struct sigaction default_action;
+    sigset_t empty;
+    int error;
+
+    if (new_process_group && setpgid(0, 0) != 0)
+        goto fail;
+    /* Default dispositions first, then an empty mask: no handler of the
+     * parent can run in the child. (SIGKILL, SIGSTOP and the two signals
+     * glibc reserves refuse; that is fine.) */
+    memset(&default_action, 0, sizeof default_action);
+    default_action.sa_handler = SIG_DFL;
+    sigemptyset(&default_action.sa_mask);
+    for (int signal = 1; signal < NSIG; signal++)
+        sigaction(signal, &default_action, NULL);
+    sigemptyset(&empty);
+    if (sigprocmask(SIG_SETMASK, &empty, NULL) != 0)
+        goto fail;
+
+    if (pid_digits != NULL) {
+        /* Decimal digits of getpid(), written backwards then turned. */
+        char digits[24];
+        int count = 0;
+        unsigned long value = (unsigned long)getpid();
+        do {
+            digits[count++] = (char)('0' + value % 10);
+            value /= 10;
+        } while (value != 0);
+        if ((size_t)count + 1 > pid_digits_size) {
+            errno = ENAMETOOLONG;
+            goto fail;
+        }
+        for (int i = 0; i < count; i++)
+            pid_digits[i] = digits[count - 1 - i];
+        pid_digits[count] = '\0';
+    }
+
+    /* Every source first to a copy above the targets (close-on-exec), so
+     * that placing one never overwrites another still to be placed (a
+     * listening socket may well be descriptor 4 in the parent). */
+    if (report_fd < floor) {
+        int copy = fcntl(report_fd, F_DUPFD_CLOEXEC, floor);
+        if (copy < 0)
+            goto fail;
+        report_fd = copy;
+    }
+    if ((moved[0] = fcntl(stdin_fd, F_DUPFD_CLOEXEC, floor)) < 0
+        || (moved[1] = fcntl(output_fd, F_DUPFD_CLOEXEC, floor)) < 0)
+        goto fail;
+    for (int i = 0; i < passed_count; i++)
+        if ((moved[2 + i] = fcntl(passed[i], F_DUPFD_CLOEXEC, floor)) < 0)
+            goto fail;
+    /* dup2 clears close-on-exec on the new descriptor. */
+    if (dup2(moved[0], 0) < 0 || dup2(moved[1], 1) < 0 || dup2(moved[1], 2) < 0)
+        goto fail;
+    for (int i = 0; i < passed_count; i++)
+        if (dup2(moved[2 + i], 3 + i) < 0)
+            goto fail;
+    /* Everything else goes, but the report pipe (close-on-exec: it closes
+     * itself at the exec, which tells the parent the exec succeeded). */
+    close_between(floor, (unsigned int)report_fd - 1);
+    close_between(report_fd + 1, ~0U);
+
+    execve(path, argv, envp);
+fail:
+    error = errno;
+    (void)!write(report_fd, &error, sizeof error);
+    _exit(127);
+}
+
+int sealpost_spawn_passing(pid_t *pid, const char *path, char *const argv[],
+                           char *const envp[], int stdin_fd, int output_fd,
+                           int new_process_group, const int *passed,
+                           int passed_count, char *pid_digits,
+                           size_t pid_digits_size) {
+    int report[2];
+    pid_t child;
+    int error = 0;
+    ssize_t n;
+
+    if (passed_count < 0 || passed_count > 64)
+        return EINVAL;
+    if (pipe2(report, O_CLOEXEC) != 0)
+        return errno;
+    child = fork();
+    if (child < 0) {
+        error = errno;
+        close(report[0]);
+        close(report[1]);
+        return error;
+    }
+    if (child == 0) {
+        close(report[0]);
+        spawn_child(path, argv, envp, stdin_fd, output_fd, new_process_group,
+                    passed, passed_count, pid_digits, pid_digits_size, report[1]);
+    }
+    close(report[1]);
+    do {
+        n = read(report[0], &error, sizeof error);
+    } while (n < 0 && errno == EINTR);
+    close(report[0]);
+    if (n == (ssize_t)sizeof error) {
+        /* The exec failed: collect the child, which exited 127. */
+        int status;
+        while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+        }
+        return error != 0 ? error : EIO;
+    }
+    *pid = child;
+    return 0;
 }
 
 int sealpost_spawn_pipe(int fds[2], int nonblocking_read) {

@@ -3,18 +3,35 @@
 // supervisor follows too), or the addresses of [smtp] in the configuration,
 // bound by smtp-listen itself before it drops privileges.
 //
-// Socket activation (sd_listen_fds(3)): LISTEN_PID is our pid, LISTEN_FDS
-// the number of listening sockets, which are descriptors 3, 4, ...;
-// LISTEN_FDNAMES (optional) names them, colon-separated: "smtp",
-// "submission" or "smtps". A socket without a name (or named "unknown", the
-// systemd default) is an SMTP listener. The variables are removed from the
-// environment once read, so that no child inherits them.
+// Socket activation (sd_listen_fds(3)): when LISTEN_PID is our pid,
+// LISTEN_FDS=n says that descriptors 3 .. 3+n-1 are listening sockets, and
+// LISTEN_FDNAMES (colon-separated, optional) names them. As systemd's
+// library does, the variables are ignored when LISTEN_PID is missing or
+// names another process, and removed from the environment once read, so
+// that no child inherits them.
+//
+// Every descriptor must match one configured listener, and every configured
+// listener must get one descriptor (else smtp-listen stops, exit 78): a
+// socket unit and the configuration that disagree are a mistake to report,
+// not to paper over. A descriptor's name (ListenerDefinition.socketName in
+// StageRuntime) says which:
+//   "smtp-25", "submission-587", "smtps-465"   kind and port (what the
+//                                              supervisor passes)
+//   "smtp", "submission", "smtps" ("listen")   the kind, any port
+//   "unknown" or empty (systemd's default)     any kind
+// and the address the socket is bound to (getsockname) must be the
+// listener's: the same port, and the same address when the configuration
+// gives a numeric one (a host name in the configuration matches any
+// address). Among several listeners that fit, the first in the
+// configuration's order not yet taken is used.
 
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import NIOCore
+import StageRuntime
 
 /// The service a listening socket offers.
 public enum ListenerKind: String, Sendable, Hashable, CaseIterable {
@@ -85,61 +102,168 @@ public struct ListenerSpec: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// A descriptor passed by socket activation, before it is matched.
+public struct InheritedDescriptor: Sendable, Hashable {
+    public var fd: Int32
+    /// Its LISTEN_FDNAMES entry ("" when none was given).
+    public var name: String
+    /// Where it is bound (getsockname), nil when unknown.
+    public var address: ListenAddress?
+
+    public init(fd: Int32, name: String, address: ListenAddress?) {
+        self.fd = fd
+        self.name = name
+        self.address = address
+    }
+}
+
 public enum SocketActivation {
     public static let firstDescriptor: Int32 = 3
+    /// More than any sensible server listens on; a bound on what is read.
+    public static let maximumDescriptors = 64
 
-    /// The inherited listeners described by `environment`, or nil when the
-    /// process was not socket-activated (no LISTEN_FDS, or LISTEN_PID names
-    /// another process). Throws for malformed variables.
-    public static func listeners(environment: [String: String], pid: Int32) throws(ListenerError) -> [ListenerSpec]? {
+    /// The descriptors described by `environment` (names, no addresses
+    /// yet), or nil when the process was not socket-activated: no
+    /// LISTEN_FDS, or LISTEN_PID missing or naming another process.
+    /// Throws for malformed variables.
+    public static func descriptors(environment: [String: String], pid: Int32) throws(ListenerError) -> [InheritedDescriptor]? {
         guard let countText = environment["LISTEN_FDS"] else { return nil }
-        if let pidText = environment["LISTEN_PID"] {
-            guard let owner = Int32(pidText) else { throw ListenerError("LISTEN_PID is not a number: \"\(pidText)\"") }
-            guard owner == pid else { return nil }
+        guard let pidText = environment["LISTEN_PID"] else { return nil }
+        guard let owner = Int32(pidText), owner > 0 else { throw ListenerError("LISTEN_PID is not a process id: \"\(pidText)\"") }
+        guard owner == pid else { return nil }
+        guard countText.allSatisfy({ $0.isASCII && $0.isNumber }), let count = Int(countText),
+              (0...maximumDescriptors).contains(count) else {
+            throw ListenerError("LISTEN_FDS is not a number from 0 to \(maximumDescriptors): \"\(countText)\"")
         }
-        guard let count = Int(countText), (0...64).contains(count) else {
-            throw ListenerError("LISTEN_FDS is not a number from 0 to 64: \"\(countText)\"")
-        }
-        var names: [String] = []
+        var names = [String](repeating: "", count: count)
         if let namesText = environment["LISTEN_FDNAMES"] {
-            names = namesText.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
-            guard names.count == count else {
-                throw ListenerError("LISTEN_FDNAMES names \(names.count) descriptors, LISTEN_FDS says \(count)")
+            let given = namesText.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+            guard given.count == count else {
+                throw ListenerError("LISTEN_FDNAMES names \(given.count) descriptors, LISTEN_FDS says \(count)")
+            }
+            names = given
+        }
+        return names.enumerated().map { InheritedDescriptor(fd: firstDescriptor + Int32($0.offset), name: $0.element, address: nil) }
+    }
+
+    /// Pairs each inherited descriptor with the configured listener it
+    /// serves (the rules are at the top of this file). `configured` holds
+    /// `.bind` specs; the result holds one `.inherited` spec per configured
+    /// listener, in the configured order. Throws, naming both sides, when
+    /// a descriptor fits no listener or a listener got no descriptor.
+    public static func match(_ inherited: [InheritedDescriptor], to configured: [ListenerSpec]) throws(ListenerError) -> [ListenerSpec] {
+        var taken: [Int32?] = Array(repeating: nil, count: configured.count)
+        func describe(_ d: InheritedDescriptor) -> String {
+            let name = d.name.isEmpty ? "no name" : "name \"\(d.name)\""
+            return "descriptor \(d.fd) (\(name), bound to \(d.address.map { "\($0)" } ?? "an unknown address"))"
+        }
+        func listing() -> String {
+            configured.isEmpty ? "none" : configured.compactMap { spec -> String? in
+                guard case .bind(let a) = spec.source else { return nil }
+                return "\(ListenerDefinition.socketName(kind: spec.kind.rawValue, port: a.port)) (\(spec.kind.rawValue) on \(a))"
+            }.joined(separator: ", ")
+        }
+        for descriptor in inherited {
+            let wanted = try parseName(descriptor.name)
+            var chosen: Int? = nil
+            for (index, spec) in configured.enumerated() where taken[index] == nil {
+                guard case .bind(let address) = spec.source else { continue }
+                if let kind = wanted.kind, kind != spec.kind { continue }
+                if let port = wanted.port, port != address.port { continue }
+                if let bound = descriptor.address, !fits(bound, address) { continue }
+                chosen = index
+                break
+            }
+            guard let chosen else {
+                throw ListenerError("LISTEN_FDS: \(describe(descriptor)) matches no listener of the configuration's [smtp] section (configured: \(listing()))")
+            }
+            taken[chosen] = descriptor.fd
+        }
+        var result: [ListenerSpec] = []
+        for (index, spec) in configured.enumerated() {
+            guard let fd = taken[index] else {
+                let name: String
+                if case .bind(let a) = spec.source { name = ListenerDefinition.socketName(kind: spec.kind.rawValue, port: a.port) } else { name = "?" }
+                let passed = inherited.isEmpty ? "none" : inherited.map { $0.name.isEmpty ? "(unnamed)" : $0.name }.joined(separator: ":")
+                throw ListenerError("LISTEN_FDS: no descriptor was passed for \(spec) (name \"\(name)\"; passed: \(passed))")
+            }
+            result.append(ListenerSpec(kind: spec.kind, source: .inherited(fd: fd)))
+        }
+        return result
+    }
+
+    /// A LISTEN_FDNAMES entry: which kind and port it asks for (nil: any).
+    static func parseName(_ name: String) throws(ListenerError) -> (kind: ListenerKind?, port: Int?) {
+        switch name {
+        case "", "unknown": return (nil, nil)
+        case "listen": return (.smtp, nil)
+        default: break
+        }
+        if let kind = ListenerKind(rawValue: name) { return (kind, nil) }
+        if let dash = name.lastIndex(of: "-"), let kind = ListenerKind(rawValue: String(name[..<dash])) {
+            let digits = name[name.index(after: dash)...]
+            if (1...5).contains(digits.count), digits.allSatisfy({ $0.isASCII && $0.isNumber }),
+               let port = Int(digits), (1...65535).contains(port) {
+                return (kind, port)
             }
         }
-        var specs: [ListenerSpec] = []
-        for i in 0..<count {
-            let name = i < names.count ? names[i] : "smtp"
-            let kind: ListenerKind
-            switch name {
-            case "", "unknown", "smtp", "listen": kind = .smtp
-            case "submission": kind = .submission
-            case "smtps": kind = .smtps
-            default: throw ListenerError("LISTEN_FDNAMES: unknown service \"\(name)\" (expected smtp, submission or smtps)")
-            }
-            specs.append(ListenerSpec(kind: kind, source: .inherited(fd: firstDescriptor + Int32(i))))
+        throw ListenerError("LISTEN_FDNAMES: \"\(name)\" names no listener (expected KIND-PORT such as smtp-25, submission-587, smtps-465, or a kind alone)")
+    }
+
+    /// Whether a socket bound to `bound` serves the configured `address`:
+    /// same port (port 0 in the configuration: any), same address when the
+    /// configured host is numeric.
+    static func fits(_ bound: ListenAddress, _ address: ListenAddress) -> Bool {
+        if address.port != 0 && bound.port != address.port { return false }
+        guard let configured = numericAddress(address.host) else { return true }
+        return numericAddress(bound.host) == configured
+    }
+
+    /// The bytes of a numeric IPv4 or IPv6 address (an IPv4-mapped IPv6
+    /// address as its IPv4 bytes), nil for a host name.
+    static func numericAddress(_ host: String) -> [UInt8]? {
+        var v4 = in_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, host, &v6) == 1 {
+            let bytes = withUnsafeBytes(of: &v6) { Array($0) }
+            if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xff && bytes[11] == 0xff { return Array(bytes[12...]) }
+            return bytes
         }
-        return specs
+        return nil
     }
 
     /// Reads and removes LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES from the
-    /// process environment; the inherited descriptors are marked
-    /// close-on-exec.
-    public static func takeFromEnvironment() throws(ListenerError) -> [ListenerSpec]? {
+    /// process environment and matches the descriptors to `configured`.
+    /// nil when not socket-activated. Every inherited descriptor must be a
+    /// listening TCP socket; they are marked close-on-exec.
+    public static func takeFromEnvironment(configured: [ListenerSpec]) throws(ListenerError) -> [ListenerSpec]? {
         var environment: [String: String] = [:]
         for key in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
             if let value = getenv(key) { environment[key] = String(cString: value) }
             unsetenv(key)
         }
-        let specs = try listeners(environment: environment, pid: getpid())
-        for spec in specs ?? [] {
-            if case .inherited(let fd) = spec.source {
-                guard fcntl(fd, F_SETFD, FD_CLOEXEC) == 0 else {
-                    throw ListenerError("inherited descriptor \(fd): \(String(cString: strerror(errno)))")
-                }
+        guard var inherited = try descriptors(environment: environment, pid: getpid()) else { return nil }
+        for index in inherited.indices {
+            let fd = inherited[index].fd
+            guard fcntl(fd, F_SETFD, FD_CLOEXEC) == 0 else {
+                throw ListenerError("LISTEN_FDS: descriptor \(fd): \(String(cString: strerror(errno)))")
             }
+            var listening: Int32 = 0
+            var length = socklen_t(MemoryLayout<Int32>.size)
+            guard getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0, listening == 1 else {
+                throw ListenerError("LISTEN_FDS: descriptor \(fd) is not a listening socket")
+            }
+            inherited[index].address = boundAddress(fd)
         }
-        return specs
+        return try match(inherited, to: configured)
+    }
+
+    /// getsockname as a ListenAddress (numeric host), nil for a socket
+    /// that is not IPv4 or IPv6.
+    static func boundAddress(_ fd: Int32) -> ListenAddress? {
+        guard let address = SMTPServer.localAddress(fd), let host = address.ipAddress, let port = address.port else { return nil }
+        return ListenAddress(host: host, port: port)
     }
 }
 

@@ -9,21 +9,41 @@ import CSystemSpawn
 
 enum Spawner {
     /// Starts `executable` with argv[0] = `argumentZero`. Descriptor 0 is
-    /// `stdinFD`, 1 and 2 are `outputFD`, nothing else is inherited.
+    /// `stdinFD`, 1 and 2 are `outputFD`, then the `passing` descriptors
+    /// as 3, 4, ...; nothing else is inherited. When `pidVariable` is
+    /// given (e.g. "LISTEN_PID"), the environment also holds NAME=<the
+    /// child's own pid>, which the child writes itself between fork and
+    /// exec (socket activation needs it; posix_spawn cannot do it).
     static func spawn(executable: String, argumentZero: String, arguments: [String],
                       environment: [String], stdinFD: Int32, outputFD: Int32,
-                      newProcessGroup: Bool) throws -> pid_t {
+                      newProcessGroup: Bool, passing: [Int32] = [], pidVariable: String? = nil) throws -> pid_t {
         var argv = ([argumentZero] + arguments).map { strdup($0) }
         argv.append(nil)
         var envp = environment.map { strdup($0) }
+        // The slot the child fills: "NAME=" and room for the digits of any
+        // pid_t and the NUL (the placeholder is overwritten, never seen).
+        let digitsRoom = 12
+        var slot: UnsafeMutablePointer<CChar>? = nil
+        if let pidVariable {
+            let entry = strdup(pidVariable + "=" + String(repeating: "0", count: digitsRoom - 1))
+            slot = entry.map { $0 + pidVariable.utf8.count + 1 }
+            envp.append(entry)
+        }
         envp.append(nil)
         defer {
             for pointer in argv { free(pointer) }
             for pointer in envp { free(pointer) }
         }
         var pid: pid_t = 0
-        let error = sealpost_spawn(&pid, executable, argv, envp, stdinFD, outputFD, newProcessGroup ? 1 : 0)
-        if error != 0 { throw SystemError("posix_spawn", path: executable, code: error) }
+        let error: Int32
+        if passing.isEmpty && pidVariable == nil {
+            error = sealpost_spawn(&pid, executable, argv, envp, stdinFD, outputFD, newProcessGroup ? 1 : 0)
+        } else {
+            error = sealpost_spawn_passing(&pid, executable, argv, envp, stdinFD, outputFD, newProcessGroup ? 1 : 0,
+                                           passing, Int32(passing.count), slot, slot == nil ? 0 : digitsRoom)
+        }
+        if error != 0 { throw SystemError(passing.isEmpty && pidVariable == nil ? "posix_spawn" : "fork/exec",
+                                          path: executable, code: error) }
         return pid
     }
 

@@ -7,6 +7,7 @@
 import Glibc
 #endif
 import CSystemSpawn
+import StageRuntime
 
 public struct SupervisorSettings: Sendable {
     /// Absolute path of the configuration file, passed to stages as SEALPOST_CONFIG.
@@ -18,6 +19,10 @@ public struct SupervisorSettings: Sendable {
     public var foreground: Bool
     /// How long a stage may take to exit after SIGTERM before SIGKILL.
     public var stopTimeout: Double = 10
+    /// smtp-listen's listening sockets, which the supervisor binds and
+    /// passes to the stage named `listenerStage` (socket activation).
+    public var listeners: [ListenerDefinition] = []
+    public var listenerStage = "smtp-listen"
 
     public init(configFile: String, hostname: String, layout: DirectoryLayout,
                 stages: [StageDefinition], foreground: Bool) {
@@ -71,12 +76,15 @@ public final class Supervisor {
     private var devNull: Int32 = -1
     private var stopping = false
     private var readBuffer = [UInt8](repeating: 0, count: 65536)
+    private let listening: ListeningSockets
 
     public init(settings: SupervisorSettings, log: LogSink) {
         self.settings = settings
         self.log = log
         self.asRoot = geteuid() == 0
         self.slots = settings.stages.map(StageSlot.init)
+        let served = settings.stages.contains { $0.name == settings.listenerStage }
+        self.listening = ListeningSockets(definitions: served ? settings.listeners : [])
     }
 
     /// A line from the supervisor itself.
@@ -235,11 +243,22 @@ public final class Supervisor {
             scheduleRetry(slot)
             return
         }
-        let environment = stageEnvironment(stage: definition, configFile: settings.configFile, asRoot: asRoot)
+        var environment = stageEnvironment(stage: definition, configFile: settings.configFile, asRoot: asRoot)
+        var passing: [Int32] = []
+        var pidVariable: String? = nil
         do {
+            if definition.name == settings.listenerStage && !listening.definitions.isEmpty {
+                // Bound once, before the first start, then kept: every
+                // restart gets the same sockets (and their backlog).
+                for line in try listening.bindAll() { note(line) }
+                environment += listening.environment
+                passing = listening.descriptors
+                pidVariable = "LISTEN_PID"
+            }
             let pid = try Spawner.spawn(executable: definition.executable, argumentZero: definition.executable,
                                         arguments: definition.arguments, environment: environment,
-                                        stdinFD: devNull, outputFD: fds[1], newProcessGroup: true)
+                                        stdinFD: devNull, outputFD: fds[1], newProcessGroup: true,
+                                        passing: passing, pidVariable: pidVariable)
             close(fds[1])
             pipes.append(OutputPipe(fd: fds[0], stage: definition.name, pid: pid))
             slot.pid = pid
@@ -297,6 +316,7 @@ public final class Supervisor {
             close(pipe.fd)
         }
         pipes.removeAll()
+        listening.closeAll()
         writeStatus()
         unlink(settings.layout.pidFile)
         note("stopped")

@@ -47,10 +47,25 @@
 //      - socket activation (the systemd convention, sd_listen_fds(3)):
 //        when LISTEN_PID is this process and LISTEN_FDS=n, descriptors
 //        3 .. 3+n-1 are listening sockets, named by LISTEN_FDNAMES
-//        ("smtp", "submission", "smtps"; unnamed means "smtp");
-//      - otherwise the addresses of [smtp] listen and submission in the
-//        configuration, bound before privileges are dropped (so port 25
-//        works when started as root).
+//        (colon-separated). The supervisor always starts smtp-listen this
+//        way: it binds the [smtp] addresses itself (as root, so port 25
+//        needs no privilege here) and keeps them open across restarts of
+//        smtp-listen, so a connection that arrives while smtp-listen
+//        restarts waits in the backlog instead of being refused. A name is
+//        KIND-PORT ("smtp-25", "submission-587", "smtps-465"); a systemd
+//        socket unit uses the same names (FileDescriptorName=,
+//        Config/systemd/). Each descriptor must be a listening socket
+//        bound to the address of exactly one configured listener (a bare
+//        kind, "unknown" or no name match by address alone), and each
+//        configured listener (smtps only with a certificate) must get
+//        one: otherwise smtp-listen stops with exit 78 naming both. The
+//        variables are removed from the environment; when LISTEN_PID is
+//        missing or names another process they are ignored, as systemd's
+//        library does. Adopted sockets are logged ("adopted listening
+//        socket 3 (smtp-25) for smtp on 127.0.0.1:25");
+//      - otherwise the addresses of [smtp] listen, submission and smtps
+//        in the configuration, bound before privileges are dropped (so
+//        port 25 works when started directly as root).
 //      Connections are accepted by a thread of smtp-listen's own and then
 //      run on NIO event loops (the TCP descriptor must be known to hand it
 //      over for TLS).
@@ -129,11 +144,25 @@ let logger = Logger(label: "smtp-listen")
 
 let specs: [ListenerSpec]
 do {
-    if let inherited = try SocketActivation.takeFromEnvironment() {
+    let configured = try configuredListeners(listen: config.smtp.listen, submission: config.smtp.submission,
+                                             smtps: config.smtp.smtps)
+    // What the supervisor binds and passes (the same rule: no smtps
+    // without a certificate), as .bind specs to match descriptors against.
+    let served = ListenerDefinition.served(by: config).map {
+        ListenerSpec(kind: ListenerKind(rawValue: $0.kind) ?? .smtp, source: .bind(ListenAddress(host: $0.host, port: $0.port)))
+    }
+    if let inherited = try SocketActivation.takeFromEnvironment(configured: served) {
+        for (spec, definition) in zip(inherited, served) {
+            if case .inherited(let fd) = spec.source, case .bind(let address) = definition.source {
+                logger.info("adopted listening socket \(fd) (\(ListenerDefinition.socketName(kind: spec.kind.rawValue, port: address.port))) for \(spec.kind.rawValue) on \(address)")
+            }
+        }
+        if served.count < configured.count {
+            logger.warning("smtps (implicit TLS, RFC 8314) is not served: no TLS certificate is configured ([tls] certificates)")
+        }
         specs = inherited
     } else {
-        specs = try configuredListeners(listen: config.smtp.listen, submission: config.smtp.submission,
-                                        smtps: config.smtp.smtps)
+        specs = configured
     }
 } catch {
     StageRuntime.fatal("\(error)", exit: .config)

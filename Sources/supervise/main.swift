@@ -21,7 +21,22 @@
 //     SEALPOST_CONFIG (absolute), SEALPOST_STAGE=NAME and, as root,
 //     SEALPOST_USER=sealpost-NAME, plus only PATH, the locale, TZ, TMPDIR
 //     and SEALPOST_* variables of its own (and HOME, USER, LOGNAME when not
-//     root). The supervisor writes every line they
+//     root).
+//
+//     smtp-listen also gets its listening sockets, socket-activated as
+//     systemd does it (sd_listen_fds(3)): before its first start the
+//     supervisor binds every [smtp] listen, submission and smtps address
+//     (smtps only when [tls] has a certificate), and hands them to every
+//     instance as descriptors 3, 4, ... with LISTEN_FDS=N,
+//     LISTEN_FDNAMES=KIND-PORT:... (e.g. "smtp-25:submission-587") and
+//     LISTEN_PID=<smtp-listen's pid>, which the child writes into its own
+//     environment between fork and exec. The supervisor keeps the sockets
+//     open, so while smtp-listen restarts connections wait in the backlog
+//     instead of being refused. It binds them whether root or not (as root,
+//     port 25 needs no privilege in smtp-listen); an address it cannot
+//     bind counts as a failed start of smtp-listen (retried with backoff).
+//
+//     The supervisor writes every line they
 //     write, and its own, to DATA/log/sealpost.log with a syslog-style
 //     timestamp and host name ("Nov 29 16:13:43 host queue[812]: ...").
 //
@@ -197,8 +212,9 @@ do {
 } catch {
     fail("\(error)", .osErr)
 }
-let settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
+var settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
                                   layout: layout, stages: stages, foreground: foreground)
+settings.listeners = ListenerDefinition.served(by: configuration)
 // Every path is absolute by now; hold no directory busy.
 _ = chdir("/")
 let supervisor = Supervisor(settings: settings, log: log)

@@ -7,6 +7,7 @@ import NIOPosix
 import SMTP
 @testable import SMTPService
 import StageProtocol
+import StageRuntime
 import Testing
 
 @Suite struct ListenerParsing {
@@ -29,22 +30,93 @@ import Testing
 
     @Test func socketActivationVariables() throws {
         let pid: Int32 = 4242
-        #expect(try SocketActivation.listeners(environment: [:], pid: pid) == nil)
-        #expect(try SocketActivation.listeners(environment: ["LISTEN_FDS": "2", "LISTEN_PID": "1"], pid: pid) == nil,
+        #expect(try SocketActivation.descriptors(environment: [:], pid: pid) == nil)
+        #expect(try SocketActivation.descriptors(environment: ["LISTEN_FDS": "2", "LISTEN_PID": "1"], pid: pid) == nil,
                 "for another process")
-        let named = try #require(try SocketActivation.listeners(
-            environment: ["LISTEN_FDS": "3", "LISTEN_PID": "4242", "LISTEN_FDNAMES": "smtp:submission:smtps"], pid: pid))
-        #expect(named == [ListenerSpec(kind: .smtp, source: .inherited(fd: 3)),
-                          ListenerSpec(kind: .submission, source: .inherited(fd: 4)),
-                          ListenerSpec(kind: .smtps, source: .inherited(fd: 5))])
-        let unnamed = try #require(try SocketActivation.listeners(environment: ["LISTEN_FDS": "1"], pid: pid))
-        #expect(unnamed == [ListenerSpec(kind: .smtp, source: .inherited(fd: 3))])
+        #expect(try SocketActivation.descriptors(environment: ["LISTEN_FDS": "1"], pid: pid) == nil,
+                "without LISTEN_PID, as sd_listen_fds(3)")
+        let named = try #require(try SocketActivation.descriptors(
+            environment: ["LISTEN_FDS": "3", "LISTEN_PID": "4242", "LISTEN_FDNAMES": "smtp-25:submission-587:smtps"], pid: pid))
+        #expect(named == [InheritedDescriptor(fd: 3, name: "smtp-25", address: nil),
+                          InheritedDescriptor(fd: 4, name: "submission-587", address: nil),
+                          InheritedDescriptor(fd: 5, name: "smtps", address: nil)])
+        let unnamed = try #require(try SocketActivation.descriptors(environment: ["LISTEN_FDS": "1", "LISTEN_PID": "4242"], pid: pid))
+        #expect(unnamed == [InheritedDescriptor(fd: 3, name: "", address: nil)])
         for bad: [String: String] in [
-            ["LISTEN_FDS": "x"], ["LISTEN_FDS": "1", "LISTEN_PID": "me"], ["LISTEN_FDS": "65"],
-            ["LISTEN_FDS": "2", "LISTEN_FDNAMES": "smtp"], ["LISTEN_FDS": "1", "LISTEN_FDNAMES": "imap"],
+            ["LISTEN_FDS": "x", "LISTEN_PID": "4242"], ["LISTEN_FDS": "1", "LISTEN_PID": "me"],
+            ["LISTEN_FDS": "65", "LISTEN_PID": "4242"], ["LISTEN_FDS": "+1", "LISTEN_PID": "4242"],
+            ["LISTEN_FDS": "2", "LISTEN_PID": "4242", "LISTEN_FDNAMES": "smtp-25"],
         ] {
-            #expect(throws: ListenerError.self, "\(bad)") { try SocketActivation.listeners(environment: bad, pid: pid) }
+            #expect(throws: ListenerError.self, "\(bad)") { try SocketActivation.descriptors(environment: bad, pid: pid) }
         }
+    }
+
+    func spec(_ kind: ListenerKind, _ address: String) -> ListenerSpec {
+        ListenerSpec(kind: kind, source: .bind(ListenAddress(address)!))
+    }
+
+    func passed(_ fd: Int32, _ name: String, _ address: String?) -> InheritedDescriptor {
+        InheritedDescriptor(fd: fd, name: name, address: address.flatMap(ListenAddress.init))
+    }
+
+    @Test func descriptorsAreMatchedToTheConfiguredListenersByNameAndAddress() throws {
+        let configured = [spec(.smtp, "127.0.0.1:25"), spec(.smtp, "[::1]:25"), spec(.submission, "127.0.0.1:587"),
+                          spec(.smtps, "0.0.0.0:465")]
+        // The supervisor's names, in another order than the configuration.
+        let matched = try SocketActivation.match([
+            passed(3, "submission-587", "127.0.0.1:587"), passed(4, "smtp-25", "[::1]:25"),
+            passed(5, "smtps-465", "0.0.0.0:465"), passed(6, "smtp-25", "127.0.0.1:25"),
+        ], to: configured)
+        #expect(matched == [ListenerSpec(kind: .smtp, source: .inherited(fd: 6)),
+                            ListenerSpec(kind: .smtp, source: .inherited(fd: 4)),
+                            ListenerSpec(kind: .submission, source: .inherited(fd: 3)),
+                            ListenerSpec(kind: .smtps, source: .inherited(fd: 5))])
+        // A bare kind, or no name (systemd's "unknown"), matches by address.
+        let byAddress = try SocketActivation.match([passed(3, "unknown", "127.0.0.1:587"), passed(4, "smtp", "127.0.0.1:25"),
+                                                    passed(5, "", "[::1]:25"), passed(6, "smtps", "0.0.0.0:465")],
+                                                   to: configured)
+        #expect(byAddress.map(\.kind) == [.smtp, .smtp, .submission, .smtps])
+        #expect(byAddress.first == ListenerSpec(kind: .smtp, source: .inherited(fd: 4)))
+        // An IPv4-mapped bound address is its IPv4 address; a host name in
+        // the configuration matches any address on its port.
+        #expect(try SocketActivation.match([passed(3, "smtp-25", "[::ffff:127.0.0.1]:25")], to: [spec(.smtp, "127.0.0.1:25")]).count == 1)
+        #expect(try SocketActivation.match([passed(3, "smtp-25", "192.0.2.7:25")], to: [spec(.smtp, "mx.example.org:25")]).count == 1)
+        #expect(try SocketActivation.match([], to: []) == [])
+    }
+
+    @Test func aDescriptorWithoutListenerOrAListenerWithoutDescriptorIsAnError() {
+        let configured = [spec(.smtp, "127.0.0.1:25"), spec(.submission, "127.0.0.1:587")]
+        func failure(_ inherited: [InheritedDescriptor]) -> String? {
+            do {
+                _ = try SocketActivation.match(inherited, to: configured)
+                return nil
+            } catch {
+                return error.message
+            }
+        }
+        // A listener without a descriptor.
+        let missing = failure([passed(3, "smtp-25", "127.0.0.1:25")])
+        #expect(missing?.contains("no descriptor was passed for submission on 127.0.0.1:587 (name \"submission-587\"") == true, "\(missing ?? "")")
+        // A descriptor for another port, kind or address.
+        for stray in [passed(3, "smtp-2525", "127.0.0.1:2525"), passed(3, "smtps-25", "127.0.0.1:25"),
+                      passed(3, "smtp-25", "127.0.0.2:25"), passed(3, "smtp-25", "127.0.0.1:26")] {
+            let message = failure([stray, passed(4, "submission-587", "127.0.0.1:587")])
+            #expect(message?.contains("descriptor 3 (name \"\(stray.name)\"") == true, "\(message ?? "")")
+            #expect(message?.contains("matches no listener") == true)
+        }
+        // Two descriptors for one listener.
+        #expect(failure([passed(3, "smtp-25", "127.0.0.1:25"), passed(4, "smtp-25", "127.0.0.1:25"),
+                         passed(5, "submission-587", "127.0.0.1:587")]) != nil)
+        // Names that name nothing.
+        for name in ["imap", "smtp-", "smtp-0", "smtp-65536", "smtp-25x", "lmtp-24"] {
+            #expect(failure([passed(3, name, "127.0.0.1:25"), passed(4, "submission-587", "127.0.0.1:587")])?
+                        .contains("names no listener") == true, "\(name)")
+        }
+    }
+
+    @Test func theNameIsKindDashPort() {
+        #expect(ListenerDefinition(kind: "submission", host: "::1", port: 587).socketName == "submission-587")
+        #expect(ListenerDefinition(kind: "submission", host: "::1", port: 587).address == "[::1]:587")
     }
 
     @Test func inheritedListeningSocketIsAdopted() throws {

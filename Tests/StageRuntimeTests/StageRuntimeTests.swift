@@ -333,3 +333,37 @@ enum SealpostConfigProbe {
         try SealpostConfiguration.load(path: file).hostname
     }
 }
+
+@Suite struct ListenerDefinitions {
+    @Test func servedListenersInOrderWithKindDashPortNames() throws {
+        let config = try SealpostConfiguration.parse(text: """
+            [sealpost]
+            data_directory = "/srv/sealpost"
+            [smtp]
+            listen = ["0.0.0.0:25", "[::]:25"]
+            submission = ["mail.example.org:587"]
+            smtps = ["127.0.0.1:465"]
+            [[tls.certificates]]
+            cert = "/etc/ssl/mx.crt"
+            key = "/etc/ssl/mx.key"
+            """, file: "/etc/sealpost/sealpost.toml")
+        let served = ListenerDefinition.served(by: config)
+        #expect(served.map(\.socketName) == ["smtp-25", "smtp-25", "submission-587", "smtps-465"])
+        #expect(served.map(\.host) == ["0.0.0.0", "::", "mail.example.org", "127.0.0.1"])
+        #expect(served.map(\.address) == ["0.0.0.0:25", "[::]:25", "mail.example.org:587", "127.0.0.1:465"])
+    }
+
+    @Test func noSMTPSWithoutACertificate() throws {
+        let config = try SealpostConfiguration.parse(text: """
+            [sealpost]
+            data_directory = "/srv/sealpost"
+            [smtp]
+            listen = ["127.0.0.1:2525"]
+            submission = []
+            smtps = ["127.0.0.1:2465"]
+            [tls]
+            certificates = []
+            """, file: "/etc/sealpost/sealpost.toml")
+        #expect(ListenerDefinition.served(by: config) == [ListenerDefinition(kind: "smtp", host: "127.0.0.1", port: 2525)])
+    }
+}

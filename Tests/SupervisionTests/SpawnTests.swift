@@ -2,6 +2,7 @@ import Glibc
 import Testing
 import CSystemSpawn
 @testable import Supervision
+import StageRuntime
 
 /// The one place where the supervisor forks: what the child really gets.
 @Suite struct SpawnTests {
@@ -25,6 +26,11 @@ import CSystemSpawn
         let pid = try Spawner.spawn(executable: "/bin/sh", argumentZero: "stage-test", arguments: ["-c", script],
                                     environment: environment, stdinFD: devNull, outputFD: fds[1],
                                     newProcessGroup: true)
+        return collect(pid: pid, pipe: fds)
+    }
+
+    /// Reads the child's output to EOF and waits for it.
+    func collect(pid: pid_t, pipe fds: [Int32]) -> (String, Int32) {
         close(fds[1])
         var output: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)
@@ -76,6 +82,50 @@ import CSystemSpawn
         #expect(throws: (any Error).self) {
             _ = try Spawner.spawn(executable: "/nonexistent/stage", argumentZero: "x", arguments: [],
                                   environment: [], stdinFD: 0, outputFD: 2, newProcessGroup: false)
+        }
+    }
+
+    /// Socket activation: the child finds LISTEN_PID = its own pid (written
+    /// between fork and exec) and the passed sockets at 3 and 4, although
+    /// they were other descriptors (and close-on-exec) in the parent.
+    @Test func passedDescriptorsAndTheChildsOwnPid() throws {
+        // Sockets to pass, opened after some filler so that one of them is
+        // likely to sit on a target number (3 or 4) the other must move to.
+        var pair: [Int32] = [-1, -1]
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0)
+        defer { close(pair[0]); close(pair[1]) }
+        let listener = try ListeningSockets.bind(ListenerDefinition(kind: "smtp", host: "127.0.0.1", port: 0))
+        defer { close(listener) }
+        func inode(_ fd: Int32) -> UInt64 {
+            var info = stat()
+            return fstat(fd, &info) == 0 ? UInt64(info.st_ino) : 0
+        }
+        var fds: [Int32] = [-1, -1]
+        #expect(sealpost_spawn_pipe(&fds, 0) == 0)
+        let devNull = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        defer { close(devNull) }
+        let script = "echo pid=$$ listen=$LISTEN_PID fds=$LISTEN_FDS; readlink /proc/self/fd/3 /proc/self/fd/4; exec ls /proc/self/fd"
+        let pid = try Spawner.spawn(executable: "/bin/sh", argumentZero: "listen-test", arguments: ["-c", script],
+                                    environment: ["PATH=/usr/bin:/bin", "LISTEN_FDS=2"], stdinFD: devNull,
+                                    outputFD: fds[1], newProcessGroup: true, passing: [listener, pair[1]],
+                                    pidVariable: "LISTEN_PID")
+        let (text, status) = collect(pid: pid, pipe: fds)
+        #expect(sealpost_spawn_wifexited(status) != 0 && sealpost_spawn_wexitstatus(status) == 0)
+        let lines = text.split(separator: "\n").map(String.init)
+        try #require(lines.count >= 3, "\(lines)")
+        #expect(lines[0] == "pid=\(pid) listen=\(pid) fds=2")
+        #expect(lines[1] == "socket:[\(inode(listener))]")
+        #expect(lines[2] == "socket:[\(inode(pair[1]))]")
+        // 0, 1, 2, the two sockets, and ls's own directory handle.
+        let open = lines.dropFirst(3).compactMap { Int($0) }.sorted()
+        #expect(open.count == 6 && Array(open.prefix(5)) == [0, 1, 2, 3, 4], "descriptors: \(open)")
+    }
+
+    @Test func aMissingExecutableIsAnErrorOnTheForkPathToo() {
+        #expect(throws: (any Error).self) {
+            _ = try Spawner.spawn(executable: "/nonexistent/stage", argumentZero: "x", arguments: [],
+                                  environment: [], stdinFD: 0, outputFD: 2, newProcessGroup: false,
+                                  passing: [0], pidVariable: "LISTEN_PID")
         }
     }
 

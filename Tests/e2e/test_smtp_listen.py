@@ -128,25 +128,30 @@ class QueueStandIn:
 class Listener:
     """smtp-listen with its own configuration and data directory."""
 
-    def __init__(self, directory, inherited_socket=None):
+    def __init__(self, directory, inherited_socket=None, fdnames=None, wait=True):
+        """With `inherited_socket` (a listening socket), smtp-listen is
+        socket-activated with it as descriptor 3, named `fdnames` (default
+        smtp-PORT), and the configuration lists it as the only listener."""
         self.directory = pathlib.Path(directory)
         self.data = self.directory / "data"
         (self.data / "run").mkdir(parents=True)
         for path in (self.directory, self.data, self.data / "run"):
             os.chmod(path, 0o755)
-        self.port = free_port()
+        self.port = free_port() if inherited_socket is None else inherited_socket.getsockname()[1]
         self.submission_port = free_port()
         self.config = self.directory / "sealpost.toml"
+        listeners = (f'listen = ["127.0.0.1:{self.port}"]\n'
+                     f'submission = ["127.0.0.1:{self.submission_port}"]\n'
+                     f'smtps = ["127.0.0.1:{free_port()}"]\n')
+        if inherited_socket is not None:
+            listeners = f'listen = ["127.0.0.1:{self.port}"]\nsubmission = []\nsmtps = []\n'
         self.config.write_text(
             "[sealpost]\n"
             f'data_directory = "{self.data}"\n'
             'hostname = "mx.e2e.test"\n'
             "[local]\n"
             'domains = ["localhost", "e2e.test"]\n'
-            "[smtp]\n"
-            f'listen = ["127.0.0.1:{self.port}"]\n'
-            f'submission = ["127.0.0.1:{self.submission_port}"]\n'
-            f'smtps = ["127.0.0.1:{free_port()}"]\n')
+            "[smtp]\n" + listeners)
         self.queue = QueueStandIn(self.data / "run" / "inject")
         self.log = open(self.directory / "smtp-listen.log", "wb")
         environment = {"SEALPOST_CONFIG": str(self.config)}
@@ -164,15 +169,14 @@ class Listener:
                 os.dup2(inherited.fileno(), 3)
                 os.set_inheritable(3, True)
                 os.environ["LISTEN_FDS"] = "1"
-                os.environ["LISTEN_FDNAMES"] = "smtp"
+                os.environ["LISTEN_FDNAMES"] = fdnames or f"smtp-{self.port}"
                 os.environ["LISTEN_PID"] = str(os.getpid())
 
         self.process = subprocess.Popen([executable("smtp-listen")], stdout=self.log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, preexec_fn=prepare_child,
                                         close_fds=inherited is None)
-        if inherited is not None:
-            self.port = inherited.getsockname()[1]
-        wait_until(self.ready, 30, f"smtp-listen to listen on port {self.port}")
+        if wait:
+            wait_until(self.ready, 30, f"smtp-listen to listen on port {self.port}")
 
     def ready(self):
         if self.process.poll() is not None:
@@ -296,11 +300,30 @@ def test_socket_activation_adopts_descriptor_3(workdir):
             assert client.noop()[0] == 250
             client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: activated\r\n\r\nx\r\n")
         assert len(instance.queue.messages) == 1
-        # The configured address was not bound: the socket came from outside.
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", instance.submission_port), timeout=5).close()
+        assert f"adopted listening socket 3 (smtp-{instance.port}) for smtp on 127.0.0.1:{instance.port}" \
+            in instance.log_text()
     finally:
         assert instance.stop() == 0, instance.log_text()
+
+
+@pytest.mark.parametrize("fdnames, complaint", [
+    ("smtp-1", "matches no listener of the configuration's [smtp] section"),
+    ("submission", "matches no listener"),
+    ("imap", "names no listener"),
+])
+def test_socket_activation_refuses_a_descriptor_no_listener_wants(workdir, fdnames, complaint):
+    require_build("smtp-listen")
+    inherited = socket.socket()
+    inherited.bind(("127.0.0.1", 0))
+    inherited.listen(16)
+    instance = Listener(workdir, inherited_socket=inherited, fdnames=fdnames, wait=False)
+    try:
+        assert instance.process.wait(timeout=60) == 78
+        assert complaint in instance.log_text(), instance.log_text()
+        assert "fatal: LISTEN_" in instance.log_text()
+    finally:
+        inherited.close()
+        instance.stop()
 
 
 def test_whole_pipeline_smtp_to_maildir(workdir):

@@ -202,3 +202,108 @@ def test_as_a_normal_user_everything_runs_as_that_user(workdir):
         assert os.stat(files[0]).st_uid == entry.pw_uid
     finally:
         assert pipeline.stop() == 0
+
+
+def socket_inodes(pid):
+    """{fd: inode} of the sockets a process holds."""
+    result = {}
+    for entry in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            result[int(entry.name)] = int(target[len("socket:["):-1])
+    return result
+
+
+def environ_of(pid):
+    """The environment a process was started with (/proc/PID/environ: what
+    execve gave it, whatever it unset since)."""
+    raw = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def free_privileged_address():
+    """A loopback address where ports 25 and 587 are free (127.0.0.0/8 is
+    all loopback on Linux); each test run takes its own."""
+    import socket
+    for last in range(47, 250):
+        address = f"127.0.{os.getpid() % 200}.{last}"
+        try:
+            for port in (25, 587):
+                with socket.socket() as probe:
+                    probe.bind((address, port))
+            return address
+        except OSError:
+            continue
+    pytest.skip("no loopback address with ports 25 and 587 free")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="binding ports below 1024 needs root")
+def test_smtp_listen_adopts_privileged_sockets_the_supervisor_bound(workdir):
+    """The supervisor (root) binds port 25 and 587 and hands them over as
+    systemd does (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES); smtp-listen runs as
+    its own user and serves them; when it dies, the supervisor keeps the
+    sockets, so a connection made while smtp-listen is down waits instead of
+    being refused, and is served by the next instance."""
+    import smtplib
+    import socket
+    require_build("queue", "local-deliver", "smtp-listen", "crypto-negotiate")
+    address = free_privileged_address()
+    pipeline = Pipeline(workdir, config_overrides={
+        "listen": f'["{address}:25"]', "submission": f'["{address}:587"]'})
+    pipeline.start()
+    try:
+        pid = pipeline.running_pid("smtp-listen")
+        wait_until(lambda: f"listening for submission on {address}:587" in pipeline.log_text(), 60,
+                   "smtp-listen to listen")
+        # Its own user, with no way back to root.
+        entry = pwd.getpwnam("sealpost-smtp-listen")
+        assert uid_of(pid) == [entry.pw_uid] * 4
+        # Socket-activated: LISTEN_PID is its own pid (written by the child
+        # between fork and exec), the names say kind and port.
+        environment = environ_of(pid)
+        assert environment["LISTEN_PID"] == str(pid)
+        assert environment["LISTEN_FDS"] == "3"   # smtp, submission, smtps (a certificate is configured)
+        names = environment["LISTEN_FDNAMES"].split(":")
+        assert names[:2] == ["smtp-25", "submission-587"] and names[2].startswith("smtps-")
+        text = pipeline.log_text()
+        assert f"adopted listening socket 3 (smtp-25) for smtp on {address}:25" in text
+        assert f"adopted listening socket 4 (submission-587) for submission on {address}:587" in text
+        assert f"bound smtp-25 for smtp on {address}:25" in text
+        # The descriptors 3 and 4 of smtp-listen are sockets the supervisor holds.
+        inherited = socket_inodes(pid)
+        held = set(socket_inodes(pipeline.process.pid).values())
+        assert inherited[3] in held and inherited[4] in held
+        # Mail on port 25 flows to the Maildir.
+        with smtplib.SMTP(address, 25, timeout=60) as client:
+            client.sendmail("a@example.org", ["root@localhost"], b"Subject: port 25\r\n\r\nactivated\r\n")
+        files = wait_until(lambda: pipeline.delivered("root"), 60, "delivery to root")
+        assert parse_message(files[0])["Subject"] == "port 25"
+
+        # smtp-listen dies. Every connection attempt until the next one runs
+        # must be accepted by the kernel (the supervisor's socket keeps
+        # listening), and at least one is made while no smtp-listen exists.
+        os.kill(pid, signal.SIGKILL)
+        waiting = []
+        while True:
+            state, current, _, _ = pipeline.status()["smtp-listen"]
+            if state == "running" and current != pid:
+                break
+            connection = socket.create_connection((address, 25), timeout=60)   # refused: ConnectionRefusedError
+            waiting.append((connection, state))
+            time.sleep(0.02)
+        assert any(state == "restarting" for _, state in waiting), "no connection made while smtp-listen was down"
+        for connection, _ in waiting:
+            reader = connection.makefile("rb")
+            assert reader.readline().startswith(b"220 "), "the next smtp-listen greets the waiting client"
+            connection.sendall(b"QUIT\r\n")
+            assert reader.readline().startswith(b"221 ")
+            reader.close()
+            connection.close()
+        new = pipeline.running_pid("smtp-listen")
+        assert environ_of(new)["LISTEN_PID"] == str(new)
+        assert socket_inodes(new)[3] == inherited[3], "the same listening socket again"
+    finally:
+        assert pipeline.stop() == 0

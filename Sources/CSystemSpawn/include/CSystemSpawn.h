@@ -20,6 +20,24 @@ int sealpost_spawn(pid_t *pid, const char *path, char *const argv[],
                    char *const envp[], int stdin_fd, int output_fd,
                    int new_process_group);
 
+/// Like sealpost_spawn, but through fork and execve, for a child that is
+/// handed descriptors (the systemd socket-activation convention): the
+/// `passed_count` descriptors of `passed` become 3, 4, ... in the child
+/// (close-on-exec cleared), every other descriptor from 3 up is closed.
+/// When `pid_digits` is not NULL it points into one of the `envp` strings
+/// (after "LISTEN_PID=") with room for `pid_digits_size` bytes: the child
+/// writes its own pid there in decimal, NUL-terminated, before execve,
+/// which posix_spawn cannot do (the parent learns the pid only after the
+/// exec). Between fork and exec the child calls only async-signal-safe
+/// functions (no malloc, no setenv). An exec failure is reported to the
+/// parent through a close-on-exec pipe, as posix_spawn reports it.
+/// Returns 0 and stores the child's pid, or an errno value.
+int sealpost_spawn_passing(pid_t *pid, const char *path, char *const argv[],
+                           char *const envp[], int stdin_fd, int output_fd,
+                           int new_process_group, const int *passed,
+                           int passed_count, char *pid_digits,
+                           size_t pid_digits_size);
+
 /// pipe2(fds, O_CLOEXEC); the read end (fds[0]) also O_NONBLOCK when
 /// `nonblocking_read` is non-zero. Returns 0 or -1 with errno.
 int sealpost_spawn_pipe(int fds[2], int nonblocking_read);
