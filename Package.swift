@@ -99,7 +99,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "Supervision", dependencies: [
-            "CSystemShims", "CSystemSpawn", "StageRuntime", "SealpostConfig",
+            "CSystemShims", "CSystemSpawn", "StageRuntime", "SealpostConfig", "StageProtocol",
         ]),
 
         // Stages: thin mains.
@@ -174,7 +174,7 @@ let package = Package(
         ]),
         .testTarget(name: "DNSTests", dependencies: ["DNS"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"], exclude: ["Fixtures"]),
-        .testTarget(name: "SupervisionTests", dependencies: ["Supervision"]),
+        .testTarget(name: "SupervisionTests", dependencies: ["Supervision", "StageProtocol", "CSystemShims"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS", "CSystemShims"]),
         .testTarget(name: "CryptoNegotiationTests", dependencies: [
             "CryptoNegotiation", "TLS", "StageProtocol", "CSystemShims",

@@ -25,6 +25,9 @@ public final class NegotiationService: @unchecked Sendable {
     let clientContexts: [String: TLSClientContext]
     let logger = Logger(label: "crypto-negotiate")
     private var listener: ListenerHandler?
+    /// The supervisor's certificate channel, when it gave one: then the
+    /// only source of reloads (CertificateChannel.swift).
+    var certificateChannel: CertificateChannel?
     /// Stamps of a reload that failed, so that a changed file is retried
     /// only when it changes again.
     private var failedReloadStamps: [String] = []
@@ -72,8 +75,15 @@ public final class NegotiationService: @unchecked Sendable {
     /// Loads the certificates again for new handshakes (SIGHUP); sessions
     /// in progress keep theirs. On failure the old ones stay.
     /// `done` (optional) gets whether the new certificates are in use.
+    /// With a certificate channel, SIGHUP reaches the supervisor too,
+    /// which sends the files: nothing is reopened here (`done` gets true).
     public func reload(_ done: (@Sendable (Bool) -> Void)? = nil) {
         loop.execute { [self] in
+            if certificateChannel != nil {
+                logger.info("SIGHUP: the certificates come from the supervisor (certificate channel)")
+                done?(true)
+                return
+            }
             let ok = reloadNow()
             done?(ok)
         }
@@ -93,7 +103,7 @@ public final class NegotiationService: @unchecked Sendable {
     }
 
     private func reloadIfFilesChanged() {
-        guard let current = serverContexts, current.filesChanged() else { return }
+        guard certificateChannel == nil, let current = serverContexts, current.filesChanged() else { return }
         let stamps = current.currentStamps()
         guard stamps != failedReloadStamps else { return }
         if !reloadNow() { failedReloadStamps = stamps }
@@ -151,6 +161,20 @@ public final class NegotiationService: @unchecked Sendable {
 
     /// Sessions in handshake or relaying (loop thread).
     public var activeSessions: Int { engine.activeSessions }
+}
+
+/// One recvmsg(2) into `buffer` with the descriptors that came along
+/// (close-on-exec); `truncated` when descriptors were lost. n < 0: errno.
+func receiveWithDescriptors(_ fd: Int32, into buffer: inout [UInt8]) -> (n: Int, fds: [Int32], truncated: Bool) {
+    var nfds = 0
+    var truncated: Int32 = 0
+    var fds = [Int32](repeating: -1, count: Int(SEALPOST_MAX_FDS))
+    let n = buffer.withUnsafeMutableBytes { raw in
+        fds.withUnsafeMutableBufferPointer { fdp in
+            sealpost_recvmsg_fds(fd, raw.baseAddress, raw.count, fdp.baseAddress, fdp.count, &nfds, &truncated)
+        }
+    }
+    return (n, Array(fds.prefix(nfds)), truncated != 0)
 }
 
 final class ListenerHandler: EventHandler {
@@ -212,22 +236,15 @@ final class ControlConnection: EventHandler {
         guard !closed, !closeAfterFlush else { return }
         var buffer = [UInt8](repeating: 0, count: 65_536)
         while !closed && !closeAfterFlush {
-            var nfds = 0
-            var truncated: Int32 = 0
-            var fds = [Int32](repeating: -1, count: Int(SEALPOST_MAX_FDS))
-            let n = buffer.withUnsafeMutableBytes { raw in
-                fds.withUnsafeMutableBufferPointer { fdp in
-                    sealpost_recvmsg_fds(fd, raw.baseAddress, raw.count, fdp.baseAddress, fdp.count, &nfds, &truncated)
-                }
-            }
+            let (n, fds, truncated) = receiveWithDescriptors(fd, into: &buffer)
             if n < 0 {
                 if errno == EINTR { continue }
                 if errno == EAGAIN || errno == EWOULDBLOCK { return }
                 shut()
                 return
             }
-            for i in 0..<nfds { pendingFDs.append((fds[i], receivedBytes)) }
-            if truncated != 0 {
+            for d in fds { pendingFDs.append((d, receivedBytes)) }
+            if truncated {
                 protocolError("descriptors were lost in transit")
                 return
             }

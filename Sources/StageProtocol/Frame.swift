@@ -8,6 +8,7 @@ public enum FrameType: UInt16, Sendable, CaseIterable {
     case job = 32, jobRcpt = 33, jobEnd = 34, result = 35, jobDone = 36
     case request = 48, entry = 49, entryRcpt = 50, done = 51
     case negotiate = 64, negotiated = 65, failed = 66, closed = 67
+    case certificates = 80
 
     /// The name PROTOCOL.md uses, as it appears in error messages and logs.
     public var name: String {
@@ -34,6 +35,7 @@ public enum FrameType: UInt16, Sendable, CaseIterable {
         case .negotiated: "NEGOTIATED"
         case .failed: "FAILED"
         case .closed: "CLOSED"
+        case .certificates: "CERTIFICATES"
         }
     }
 }

@@ -447,3 +447,40 @@ extension Standard {
             ]),
         ])
 }
+
+// MARK: - The certificate channel (PROTOCOL.md section 7)
+
+extension ProtocolSchema {
+    /// The supervisor -> crypto-negotiate certificate channel: no HELLO
+    /// (the channel is announced by SEALPOST_CERTIFICATE_FD), one frame
+    /// type, from the supervisor only (direction `serverToClient`).
+    public static let certificates = Standard.certificates
+
+    /// Pairs one CERTIFICATES frame may carry: two descriptors each, within
+    /// the 16 descriptors of a frame (section 5).
+    public static let maximumCertificatePairs = 8
+}
+
+extension Standard {
+    static let certificates: ProtocolSchema = {
+        let pairs = ProtocolSchema.maximumCertificatePairs
+        var rules = [R("count", .uint, required: true, check: Checks.range(1...UInt64(pairs))), R("reason", .text)]
+        for i in 1...pairs {
+            rules.append(R("cert-\(i)", .fd))
+            rules.append(R("key-\(i)", .fd))
+        }
+        return ProtocolSchema(name: "certificates", clientToServer: [:], serverToClient: [
+            .certificates: FrameRule(rules, check: { frame in
+                guard case .uint(let count)? = frame["count"] else { return nil }
+                for i in 1...pairs {
+                    let wanted = UInt64(i) <= count
+                    for name in ["cert-\(i)", "key-\(i)"] where (frame[name] != nil) != wanted {
+                        return wanted ? "attribute \"\(name)\" is required with count \(count)"
+                                      : "attribute \"\(name)\" is beyond count \(count)"
+                    }
+                }
+                return nil
+            }),
+        ])
+    }()
+}

@@ -85,7 +85,7 @@ func stageEnvironment(stage: StageDefinition, configFile: String, asRoot: Bool) 
     let kept: Set<String> = ["PATH", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "TMPDIR",
                              "HOME", "USER", "LOGNAME"]
     let rootDropped: Set<String> = ["HOME", "USER", "LOGNAME"]
-    let overridden: Set<String> = ["SEALPOST_CONFIG", "SEALPOST_STAGE", "SEALPOST_USER"]
+    let overridden: Set<String> = ["SEALPOST_CONFIG", "SEALPOST_STAGE", "SEALPOST_USER", "SEALPOST_CERTIFICATE_FD"]
     var result: [String] = []
     var havePath = false
     if var pointer = sealpost_spawn_environ() {

@@ -6,7 +6,9 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CSystemShims
 import CSystemSpawn
+import StageProtocol
 import StageRuntime
 
 public struct SupervisorSettings: Sendable {
@@ -23,6 +25,13 @@ public struct SupervisorSettings: Sendable {
     /// passes to the stage named `listenerStage` (socket activation).
     public var listeners: [ListenerDefinition] = []
     public var listenerStage = "smtp-listen"
+    /// The [tls] certificate and key files, which the supervisor opens for
+    /// the stage named `certificateStage` on SIGHUP and when they change
+    /// (the certificate channel), checking them every
+    /// `certificateCheckInterval` seconds.
+    public var certificates: [CertificatePair] = []
+    public var certificateStage = "crypto-negotiate"
+    public var certificateCheckInterval: Double = 5
 
     public init(configFile: String, hostname: String, layout: DirectoryLayout,
                 stages: [StageDefinition], foreground: Bool) {
@@ -46,6 +55,8 @@ final class StageSlot {
     var restartAt: Double = 0          // monotonic, when restarting
     var restarts = 0
     var backoff = Backoff()
+    /// Our end of the stage's certificate channel, -1 when none.
+    var certificateChannel: Int32 = -1
 
     init(_ definition: StageDefinition) { self.definition = definition }
 }
@@ -77,6 +88,7 @@ public final class Supervisor {
     private var stopping = false
     private var readBuffer = [UInt8](repeating: 0, count: 65536)
     private let listening: ListeningSockets
+    private let certificateWatcher: CertificateWatcher?
 
     public init(settings: SupervisorSettings, log: LogSink) {
         self.settings = settings
@@ -85,6 +97,12 @@ public final class Supervisor {
         self.slots = settings.stages.map(StageSlot.init)
         let served = settings.stages.contains { $0.name == settings.listenerStage }
         self.listening = ListeningSockets(definitions: served ? settings.listeners : [])
+        let tlsStage = settings.stages.contains { $0.name == settings.certificateStage }
+        if tlsStage && !settings.certificates.isEmpty && settings.certificates.count <= ProtocolSchema.maximumCertificatePairs {
+            certificateWatcher = CertificateWatcher(pairs: settings.certificates, interval: settings.certificateCheckInterval)
+        } else {
+            certificateWatcher = nil
+        }
     }
 
     /// A line from the supervisor itself.
@@ -100,12 +118,16 @@ public final class Supervisor {
         guard signalFD >= 0 else { throw SystemError("signalfd") }
         try writePIDFile()
         note("starting \(slots.count) stages from configuration \(settings.configFile)" + (asRoot ? "" : " (not root: no privilege separation)"))
+        if settings.certificates.count > ProtocolSchema.maximumCertificatePairs {
+            note("warning: more than \(ProtocolSchema.maximumCertificatePairs) certificate pairs: \(settings.certificateStage) can reload them only where it can reopen the files (not chrooted)")
+        }
         for slot in slots { start(slot) }
         writeStatus()
 
         while !stopping {
             pollOnce(timeout: nextTimeout())
             startDueStages()
+            checkCertificates()
         }
         shutdown()
         return 0
@@ -119,6 +141,9 @@ public final class Supervisor {
         var earliest: Double? = nil
         for slot in slots where slot.state == .restarting {
             earliest = min(earliest ?? slot.restartAt, slot.restartAt)
+        }
+        if let watcher = certificateWatcher, slots.contains(where: { $0.certificateChannel >= 0 }) {
+            earliest = min(earliest ?? watcher.nextCheck, watcher.nextCheck)
         }
         guard let earliest else { return -1 }
         return Int32(max(0, min(60_000, ((earliest - now) * 1000).rounded(.up))))
@@ -160,8 +185,23 @@ public final class Supervisor {
                 } catch {
                     note("warning: cannot reopen the log: \(error)")
                 }
-                note("received SIGHUP: log reopened, forwarding to the stages")
-                for slot in slots where slot.state == .running { kill(slot.pid, SIGHUP) }
+                // Only to stages that handle it: for the others SIGHUP's
+                // default action is to terminate, which would drop every
+                // session and delivery in progress (a log rotation must
+                // not restart the pipeline).
+                var sent: [String] = []
+                var spared: [String] = []
+                for slot in slots where slot.state == .running {
+                    if handlesSignal(pid: slot.pid, SIGHUP) {
+                        kill(slot.pid, SIGHUP)
+                        sent.append(slot.definition.name)
+                    } else {
+                        spared.append(slot.definition.name)
+                    }
+                }
+                note("received SIGHUP: log reopened, forwarded to " + (sent.isEmpty ? "no stage" : sent.joined(separator: ", "))
+                     + (spared.isEmpty ? "" : " (not to \(spared.joined(separator: ", ")): SIGHUP would terminate them)"))
+                sendCertificates(reason: "SIGHUP")
             default:
                 break
             }
@@ -210,6 +250,10 @@ public final class Supervisor {
         let pid = slot.pid
         slot.pid = 0
         slot.since = time(nil)
+        if slot.certificateChannel >= 0 {
+            close(slot.certificateChannel)
+            slot.certificateChannel = -1
+        }
         if stopping {
             slot.state = .stopped
             note("stage \(name) (pid \(pid)) \(how)")
@@ -246,7 +290,19 @@ public final class Supervisor {
         var environment = stageEnvironment(stage: definition, configFile: settings.configFile, asRoot: asRoot)
         var passing: [Int32] = []
         var pidVariable: String? = nil
+        var channel: [Int32] = [-1, -1]
+        defer { if channel[1] >= 0 { close(channel[1]) } }   // the child's end: its copy is at 3
         do {
+            if definition.name == settings.certificateStage, certificateWatcher != nil {
+                // A fresh channel per instance: nothing sent to a dead one
+                // (descriptors of files since replaced) reaches the next.
+                guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &channel) == 0 else {
+                    throw SystemError("socketpair")
+                }
+                _ = fcntl(channel[0], F_SETFL, fcntl(channel[0], F_GETFL) | O_NONBLOCK)
+                environment.append("SEALPOST_CERTIFICATE_FD=3")
+                passing = [channel[1]]
+            }
             if definition.name == settings.listenerStage && !listening.definitions.isEmpty {
                 // Bound once, before the first start, then kept: every
                 // restart gets the same sockets (and their backlog).
@@ -261,6 +317,10 @@ public final class Supervisor {
                                         passing: passing, pidVariable: pidVariable)
             close(fds[1])
             pipes.append(OutputPipe(fd: fds[0], stage: definition.name, pid: pid))
+            if channel[0] >= 0 {
+                slot.certificateChannel = channel[0]
+                certificateWatcher?.started(now: monotonicNow())
+            }
             slot.pid = pid
             slot.state = .running
             slot.startedAt = monotonicNow()
@@ -269,8 +329,27 @@ public final class Supervisor {
         } catch {
             close(fds[0])
             close(fds[1])
+            if channel[0] >= 0 { close(channel[0]) }
             note("warning: stage \(definition.name): \(error)")
             scheduleRetry(slot)
+        }
+    }
+
+    // MARK: - Certificates
+
+    /// Sends the certificate files when they changed (and the change is
+    /// stable); called after every poll.
+    private func checkCertificates() {
+        guard let watcher = certificateWatcher, !stopping,
+              slots.contains(where: { $0.certificateChannel >= 0 }),
+              let changed = watcher.dueChange(now: monotonicNow()) else { return }
+        sendCertificates(reason: "changed: " + changed.joined(separator: ", "))
+    }
+
+    private func sendCertificates(reason: String) {
+        guard let watcher = certificateWatcher else { return }
+        for slot in slots where slot.certificateChannel >= 0 {
+            note(watcher.send(on: slot.certificateChannel, reason: reason))
         }
     }
 
@@ -352,6 +431,21 @@ public final class Supervisor {
             note("warning: cannot write \(settings.layout.statusFile): \(error)")
         }
     }
+}
+
+/// Whether `signal` would not terminate process `pid`: it is caught,
+/// ignored or blocked (a stage that takes it with sigwait blocks it), by
+/// /proc/PID/status. Unknown (no /proc): true, as if it were handled.
+func handlesSignal(pid: pid_t, _ signal: Int32) -> Bool {
+    guard let text = try? readWholeFile("/proc/\(pid)/status") else { return true }
+    let bit = UInt64(1) << UInt64(signal - 1)
+    for line in text.split(separator: "\n") {
+        for key in ["SigBlk:", "SigIgn:", "SigCgt:"] where line.hasPrefix(key) {
+            let hex = line.dropFirst(key.count).trimmingPrefix(while: { $0 == " " || $0 == "\t" })
+            if let mask = UInt64(hex, radix: 16), mask & bit != 0 { return true }
+        }
+    }
+    return false
 }
 
 func isBlank(_ line: [UInt8]) -> Bool {

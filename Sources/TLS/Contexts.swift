@@ -52,18 +52,35 @@ public final class TLSServerContexts: @unchecked Sendable {
     /// (path, mtime seconds, mtime nanoseconds, size) of every file read, to notice changes.
     let fileStamps: [FileStamp]
 
-    public init(_ settings: TLSServerSettings) throws(TLSError) {
+    /// Reads every certificate chain and key file of `settings`.
+    public convenience init(_ settings: TLSServerSettings) throws(TLSError) {
+        var material: [PEMMaterial] = []
+        for pair in settings.certificates {
+            material.append(PEMMaterial(certificateChain: try PEMFile.read(path: pair.certificateFile, what: "certificate"),
+                                        privateKey: try PEMFile.read(path: pair.keyFile, what: "private key"),
+                                        certificateName: pair.certificateFile, keyName: pair.keyFile))
+        }
+        try self.init(settings, material: material)
+    }
+
+    /// From PEM already read (crypto-negotiate, chrooted, gets the files as
+    /// descriptors from the supervisor): `material[i]` holds the contents
+    /// of `settings.certificates[i]`'s files.
+    public init(_ settings: TLSServerSettings, material: [PEMMaterial]) throws(TLSError) {
         guard !settings.certificates.isEmpty else {
             throw TLSError(.configuration, "no certificate configured for the server role")
         }
+        guard material.count == settings.certificates.count else {
+            throw TLSError(.configuration, "\(material.count) certificate/key pair(s) given for \(settings.certificates.count) configured")
+        }
         self.settings = settings
-        var groups: [(names: [String], pairs: [CertificateKeyPair])] = []
-        for pair in settings.certificates {
+        var groups: [(names: [String], pairs: [PEMMaterial])] = []
+        for (pair, pem) in zip(settings.certificates, material) {
             let names = pair.names.map { $0.lowercased() }.sorted()
             if let i = groups.firstIndex(where: { $0.names == names }) {
-                groups[i].pairs.append(pair)
+                groups[i].pairs.append(pem)
             } else {
-                groups.append((names, [pair]))
+                groups.append((names, [pem]))
             }
         }
         var entries: [Entry] = []
@@ -88,14 +105,10 @@ public final class TLSServerContexts: @unchecked Sendable {
             _ = SSL_CTX_set_session_id_context(ctx, sid, UInt32(sid.count))
             for pair in group.pairs {
                 ERR_clear_error()
-                guard SSL_CTX_use_certificate_chain_file(ctx, pair.certificateFile) == 1 else {
-                    throw TLSError.openSSL(.configuration, "certificate \(pair.certificateFile)")
-                }
-                guard SSL_CTX_use_PrivateKey_file(ctx, pair.keyFile, SSL_FILETYPE_PEM) == 1 else {
-                    throw TLSError.openSSL(.configuration, "private key \(pair.keyFile)")
-                }
+                try useCertificateChain(ctx, pair)
+                try usePrivateKey(ctx, pair)
                 guard SSL_CTX_check_private_key(ctx) == 1 else {
-                    throw TLSError.openSSL(.configuration, "private key \(pair.keyFile) does not match certificate \(pair.certificateFile)")
+                    throw TLSError.openSSL(.configuration, "private key \(pair.keyName) does not match certificate \(pair.certificateName)")
                 }
             }
             entries.append(Entry(names: group.names, handle: handle))
@@ -138,6 +151,121 @@ public final class TLSServerContexts: @unchecked Sendable {
     }
 
     var defaultContext: ContextHandle { entries[defaultIndex].handle }
+}
+
+/// The contents of one certificate/key pair, PEM: the chain (leaf first)
+/// and the private key; the names (paths) are for messages.
+public struct PEMMaterial: Sendable {
+    public var certificateChain: [UInt8]
+    public var privateKey: [UInt8]
+    public var certificateName: String
+    public var keyName: String
+
+    public init(certificateChain: [UInt8], privateKey: [UInt8], certificateName: String, keyName: String) {
+        self.certificateChain = certificateChain
+        self.privateKey = privateKey
+        self.certificateName = certificateName
+        self.keyName = keyName
+    }
+}
+
+/// Reading PEM files whole, by path or from a descriptor.
+public enum PEMFile {
+    /// Far beyond any certificate chain or key; a bound on what is read.
+    public static let maximumSize = 1 << 20
+
+    public static func read(path: String, what: String) throws(TLSError) -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY)
+        guard fd >= 0 else { throw TLSError(.configuration, "\(what) \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        return try read(fd: fd, what: "\(what) \(path)")
+    }
+
+    /// The whole content of a regular file open on `fd`, from offset 0
+    /// (pread: the offset may be shared with the process that opened it).
+    /// Does not close `fd`.
+    public static func read(fd: Int32, what: String) throws(TLSError) -> [UInt8] {
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw TLSError(.configuration, "\(what): \(String(cString: strerror(errno)))") }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { throw TLSError(.configuration, "\(what): not a regular file") }
+        guard info.st_size <= maximumSize else { throw TLSError(.configuration, "\(what): larger than \(maximumSize) bytes") }
+        var bytes = [UInt8](repeating: 0, count: Int(info.st_size) + 1)
+        var filled = 0
+        while true {
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + filled, $0.count - filled, off_t(filled)) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw TLSError(.configuration, "\(what): \(String(cString: strerror(errno)))")
+            }
+            if n == 0 { break }
+            filled += n
+            if filled == bytes.count {
+                // Grew while being read: read on, within the bound.
+                guard bytes.count <= maximumSize else { throw TLSError(.configuration, "\(what): larger than \(maximumSize) bytes") }
+                bytes += [UInt8](repeating: 0, count: 4096)
+            }
+        }
+        bytes.removeSubrange(filled...)
+        guard !bytes.isEmpty else { throw TLSError(.configuration, "\(what): empty file") }
+        return bytes
+    }
+}
+
+/// No passphrase prompt, ever (OpenSSL's default would read the terminal):
+/// an encrypted key is an error.
+private let refusePassphrase: @convention(c) (UnsafeMutablePointer<CChar>?, Int32, Int32, UnsafeMutableRawPointer?) -> Int32 = { _, _, _, _ in -1 }
+
+/// A read-only memory BIO over `bytes` for the duration of `body`.
+private func withMemoryBIO<T>(_ bytes: [UInt8], _ what: String, _ body: (OpaquePointer) throws(TLSError) -> T) throws(TLSError) -> T {
+    let result: Result<T, TLSError> = bytes.withUnsafeBytes { raw in
+        guard let bio = BIO_new_mem_buf(raw.baseAddress, Int32(raw.count)) else {
+            return .failure(TLSError.openSSL(.configuration, "\(what): BIO_new_mem_buf"))
+        }
+        defer { BIO_free(bio) }
+        do throws(TLSError) { return .success(try body(bio)) } catch { return .failure(error) }
+    }
+    return try result.get()
+}
+
+/// What SSL_CTX_use_certificate_chain_file does, from memory: the first
+/// certificate is the leaf, the others its chain (for the current key
+/// type's slot, so RSA and ECDSA chains stay apart).
+private func useCertificateChain(_ ctx: OpaquePointer, _ pem: PEMMaterial) throws(TLSError) {
+    let what = "certificate \(pem.certificateName)"
+    try withMemoryBIO(pem.certificateChain, what) { bio throws(TLSError) in
+        guard let leaf = PEM_read_bio_X509_AUX(bio, nil, refusePassphrase, nil) else {
+            throw TLSError.openSSL(.configuration, "\(what): no PEM certificate")
+        }
+        defer { X509_free(leaf) }
+        guard SSL_CTX_use_certificate(ctx, leaf) == 1 else { throw TLSError.openSSL(.configuration, what) }
+        guard SSL_CTX_ctrl(ctx, SSL_CTRL_CHAIN, 0, nil) == 1 else { throw TLSError.openSSL(.configuration, "\(what): clearing the chain") }
+        while let next = PEM_read_bio_X509(bio, nil, refusePassphrase, nil) {
+            // SSL_CTX_add0_chain_cert (a macro): the context takes the reference.
+            guard SSL_CTX_ctrl(ctx, SSL_CTRL_CHAIN_CERT, 0, UnsafeMutableRawPointer(next)) == 1 else {
+                X509_free(next)
+                throw TLSError.openSSL(.configuration, "\(what): chain certificate refused")
+            }
+        }
+        // The loop ends at the end of the data ("no start line") or at
+        // something that is not a certificate, which is an error.
+        let last = ERR_peek_last_error()
+        if ERR_GET_LIB(last) == ERR_LIB_PEM && ERR_GET_REASON(last) == PEM_R_NO_START_LINE {
+            ERR_clear_error()
+        } else if last != 0 {
+            throw TLSError.openSSL(.configuration, "\(what): bad chain certificate")
+        }
+    }
+}
+
+private func usePrivateKey(_ ctx: OpaquePointer, _ pem: PEMMaterial) throws(TLSError) {
+    let what = "private key \(pem.keyName)"
+    try withMemoryBIO(pem.privateKey, what) { bio throws(TLSError) in
+        guard let key = PEM_read_bio_PrivateKey(bio, nil, refusePassphrase, nil) else {
+            throw TLSError.openSSL(.configuration, "\(what): no PEM private key (or an encrypted one)")
+        }
+        defer { EVP_PKEY_free(key) }
+        guard SSL_CTX_use_PrivateKey(ctx, key) == 1 else { throw TLSError.openSSL(.configuration, what) }
+    }
 }
 
 /// Switches the handshake to the context chosen by the client's SNI.

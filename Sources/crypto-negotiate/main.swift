@@ -32,17 +32,34 @@
 // PRIVILEGES
 //     Reads every certificate, key and CA bundle first, then (as root)
 //     chroots into the data directory and becomes SEALPOST_USER: afterwards
-//     it cannot reopen them. SIGHUP, or a certificate file that changed,
-//     reloads the certificates for new handshakes (only where the files
-//     are still reachable; otherwise restart the stage); sessions in
-//     progress are kept.
+//     it cannot reopen them.
+//
+// CERTIFICATE RELOAD
+//     New certificates serve new handshakes; sessions in progress keep
+//     theirs; a file that does not load keeps the certificates in use (a
+//     warning says why).
+//     - Started by the supervisor: SEALPOST_CERTIFICATE_FD names an
+//       inherited SOCK_SEQPACKET socket (descriptor 3), the certificate
+//       channel of Pipeline/PROTOCOL.md section 7. On SIGHUP, and when it
+//       sees a configured certificate or key file change (checked every
+//       5 s: device, inode, size, times, following symbolic links such as
+//       certbot's live/ links), the supervisor (root) opens every
+//       configured file and sends the descriptors in one CERTIFICATES
+//       frame; crypto-negotiate reads the PEM from them. The variable is
+//       removed from the environment. SIGHUP itself then changes nothing
+//       here.
+//     - Otherwise (started by hand or by tests): SIGHUP, or a file whose
+//       time or size changed (checked every 5 s), reopens the files by
+//       path, which works only where they are still reachable (not
+//       chrooted).
 //
 // SIGNALS
-//     SIGHUP reload certificates; SIGTERM, SIGINT stop.
+//     SIGHUP reload certificates (see above); SIGTERM, SIGINT stop.
 //
 // EXIT STATUS
 //     0 stopped by a signal; 78 configuration error (including unreadable
-//     certificates or keys); 77 privileges could not be dropped; 71 the
+//     certificates or keys, and a SEALPOST_CERTIFICATE_FD that is not an
+//     inherited socket); 77 privileges could not be dropped; 71 the
 //     socket could not be created.
 
 import CryptoNegotiation
@@ -61,6 +78,19 @@ do {
     StageRuntime.fatal("\(error)", exit: .config)
 }
 
+// The certificate channel, taken (and checked) before anything else could
+// inherit it.
+var certificateChannel: Int32? = nil
+if let text = getenv("SEALPOST_CERTIFICATE_FD").map({ String(cString: $0) }) {
+    unsetenv("SEALPOST_CERTIFICATE_FD")
+    var info = stat()
+    guard let fd = Int32(text), fd > 2, fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK else {
+        StageRuntime.fatal("SEALPOST_CERTIFICATE_FD=\(text) is not an inherited socket", exit: .config)
+    }
+    _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+    certificateChannel = fd
+}
+
 let paths: RuntimePaths
 do {
     paths = try StageRuntime.dropPrivileges(config, chroot: true)
@@ -77,12 +107,21 @@ do {
     StageRuntime.fatal("\(error)", exit: .osErr)
 }
 
+if let fd = certificateChannel {
+    do {
+        try service.adoptCertificateChannel(fd: fd)
+    } catch {
+        StageRuntime.fatal("certificate channel: \(error)", exit: .osErr)
+    }
+}
+
 let signals = SignalEvents()
 signals.on(SIGHUP) { service.reload() }
 signals.on(SIGTERM) { service.stop() }
 signals.on(SIGINT) { service.stop() }
 
-service.log("listening on \(socketPath), \(tlsConfig.server.certificates.count) certificate(s), CA bundles: \(tlsConfig.caBundles.keys.sorted().joined(separator: ", "))")
+service.log("listening on \(socketPath), \(tlsConfig.server.certificates.count) certificate(s), CA bundles: \(tlsConfig.caBundles.keys.sorted().joined(separator: ", "))"
+            + (certificateChannel.map { ", reloads through the certificate channel (descriptor \($0))" } ?? ""))
 service.run()
 unlink(socketPath)
 exit(0)

@@ -36,6 +36,16 @@
 //     port 25 needs no privilege in smtp-listen); an address it cannot
 //     bind counts as a failed start of smtp-listen (retried with backoff).
 //
+//     crypto-negotiate gets the certificate channel: a SOCK_SEQPACKET
+//     socketpair end as descriptor 3 (SEALPOST_CERTIFICATE_FD=3), a new
+//     one per instance. Chrooted, crypto-negotiate cannot reopen its
+//     certificate and key files, so the supervisor opens them (it parses
+//     nothing: crypto-negotiate reads the PEM) and sends the descriptors
+//     in one CERTIFICATES frame (Pipeline/PROTOCOL.md section 7) on
+//     SIGHUP and when a [tls] certificate or key file changed: every 5 s
+//     it stat()s them, following symbolic links (device, inode, size,
+//     times), and sends a change once two checks in a row agree.
+//
 //     The supervisor writes every line they
 //     write, and its own, to DATA/log/sealpost.log with a syslog-style
 //     timestamp and host name ("Nov 29 16:13:43 host queue[812]: ...").
@@ -60,7 +70,10 @@
 // SIGNALS
 //     SIGTERM, SIGINT: stop the stages in reverse order of the stages file
 //     (SIGTERM, then SIGKILL after 10 s), remove the pid file, exit 0.
-//     SIGHUP: reopen the log file and send SIGHUP to every stage.
+//     SIGHUP: reopen the log file, send SIGHUP to every stage that handles
+//     it (caught, ignored or blocked, by /proc/PID/status: for the others
+//     it would be fatal, and a log rotation must not restart the pipeline),
+//     and send the certificate files to crypto-negotiate.
 //
 // OPTIONS
 //     --foreground  also copy the log to standard output
@@ -215,6 +228,7 @@ do {
 var settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
                                   layout: layout, stages: stages, foreground: foreground)
 settings.listeners = ListenerDefinition.served(by: configuration)
+settings.certificates = configuration.tls.certificates.map { CertificatePair(certificate: $0.certificateFile, key: $0.keyFile) }
 // Every path is absolute by now; hold no directory busy.
 _ = chdir("/")
 let supervisor = Supervisor(settings: settings, log: log)

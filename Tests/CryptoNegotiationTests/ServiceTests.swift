@@ -12,8 +12,9 @@ import Testing
 /// Both roles through one service: a TCP connection whose two ends are
 /// handed over, one as server, one as client; returns the two plaintext
 /// sockets after checking the reports.
-func negotiatePair(_ connection: StageConnection, pkix: Bool = true,
-                   subject: String = "CN=mx.example.test") throws -> (server: Int32, client: Int32) {
+/// `subject` nil: any (`seen` gets the one presented).
+func negotiatePair(_ connection: StageConnection, pkix: Bool = true, subject: String? = "CN=mx.example.test",
+                   seen: ((String) -> Void)? = nil) throws -> (server: Int32, client: Int32) {
     let listener = try Listener()
     let clientFD = try connectTCP(listener.port)
     let serverFD = listener.accept()
@@ -35,7 +36,8 @@ func negotiatePair(_ connection: StageConnection, pkix: Bool = true,
         #expect(try f.text("server-name") == "mx.example.test")
         if try f.uint("session") == 2 {
             #expect(try f.text("authentication") == (pkix ? "pkix" : "encrypted"))
-            #expect(try f.text("peer-subject") == subject)
+            if let subject { #expect(try f.text("peer-subject") == subject) }
+            seen?(try f.text("peer-subject"))
             #expect(try f.text("peer-spki").count == 64)
         }
     }
@@ -77,6 +79,50 @@ func tlsConfigText(_ pki: TestPKI) -> String {
     """
 }
 
+/// A service on a loop thread of its own, serving one certificate pair
+/// copied to r-TAG.pem / r-TAG.key (which a test may replace), and a
+/// control connection after the HELLOs. `prepare` runs before the loop.
+final class ReloadableService {
+    let pki: TestPKI
+    let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    let service: NegotiationService
+    let connection: StageConnection
+    private let path: String
+    private let done = DispatchSemaphore(value: 0)
+
+    init(prepare: (NegotiationService) throws -> Void = { _ in }) throws {
+        pki = try TestPKI.get()
+        try shell("cp leaf-ec.pem r-\(tag).pem && cp leaf-ec.key r-\(tag).key", in: pki.dir)
+        let config = try tlsConfiguration("""
+            [tls]
+            ca_file = "ca.pem"
+            [[tls.certificates]]
+            cert = "r-\(tag).pem"
+            key = "r-\(tag).key"
+            """, file: pki.path("sealpost.toml"))
+        service = try NegotiationService(configuration: config)
+        path = pki.path("tls-\(tag).sock")
+        try service.listen(path: path)
+        try prepare(service)
+        let (service, done) = (self.service, self.done)
+        Thread.detachNewThread { service.run(); done.signal() }
+        do {
+            connection = try StageConnection.connect(path: path)
+            try connection.clientHello(.tls)
+        } catch {
+            service.stop()
+            done.wait()
+            throw error
+        }
+    }
+
+    deinit {
+        service.stop()
+        done.wait()
+        unlink(path)
+    }
+}
+
 @Suite struct InProcessServiceTests {
     @Test func bothRolesThroughTheSocket() throws {
         let pki = try TestPKI.get()
@@ -112,24 +158,9 @@ func tlsConfigText(_ pki: TestPKI) -> String {
     }
 
     @Test func reloadServesNewCertificatesAndKeepsSessions() throws {
-        let pki = try TestPKI.get()
-        let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try shell("cp leaf-ec.pem r-\(tag).pem && cp leaf-ec.key r-\(tag).key", in: pki.dir)
-        let config = try tlsConfiguration("""
-            [tls]
-            ca_file = "ca.pem"
-            [[tls.certificates]]
-            cert = "r-\(tag).pem"
-            key = "r-\(tag).key"
-            """, file: pki.path("sealpost.toml"))
-        let service = try NegotiationService(configuration: config)
-        let path = pki.path("tls-\(tag).sock")
-        try service.listen(path: path)
-        let done = DispatchSemaphore(value: 0)
-        Thread.detachNewThread { service.run(); done.signal() }
-        defer { service.stop(); done.wait(); unlink(path) }
-        let c = try StageConnection.connect(path: path)
-        try c.clientHello(.tls)
+        let running = try ReloadableService()
+        defer { withExtendedLifetime(running) {} }   // the service runs until the test ends
+        let (pki, tag, service, c) = (running.pki, running.tag, running.service, running.connection)
         let old = try negotiatePair(c)
         // New files, reload: the session made before goes on...
         try shell("cp other.pem r-\(tag).pem && cp other.key r-\(tag).key", in: pki.dir)

@@ -106,12 +106,42 @@ enum Conversations {
                             "close-notify": .bool(true), "reason": .text("closed")]),
         ]),
     ]
+
+    /// The certificate channel (PROTOCOL.md section 7): no HELLO, its own
+    /// schema, supervisor to crypto-negotiate only.
+    static let certificateChannel: [Frame] = [
+        Frame(.certificates, attributes: [("count", .uint(2)), ("reason", .text("SIGHUP")),
+                                          ("cert-1", .fd(0)), ("key-1", .fd(0)), ("cert-2", .fd(0)), ("key-2", .fd(0))]),
+        Frame(.certificates, attributes: [("count", .uint(1)), ("cert-1", .fd(0)), ("key-1", .fd(0))]),
+    ]
 }
 
 @Suite struct RoundTrips {
     @Test func everyFrameTypeAppearsInAConversation() {
-        let seen = Set((Conversations.all + Conversations.withDescriptors).flatMap { $0.2.map(\.type) })
+        let seen = Set((Conversations.all + Conversations.withDescriptors).flatMap { $0.2.map(\.type) }
+                       + Conversations.certificateChannel.map(\.type))
         #expect(seen == Set(FrameType.allCases))
+    }
+
+    @Test func certificateChannelFramesByteAtATime() throws {
+        var decoder = FrameDecoder(schema: .certificates, direction: .serverToClient, afterHello: true)
+        var decoded: [Frame] = []
+        for frame in Conversations.certificateChannel {
+            for byte in FrameEncoder.encode(frame) {
+                decoder.append([byte])
+                if let f = try decoder.next() { decoded.append(f) }
+            }
+        }
+        #expect(decoded.count == Conversations.certificateChannel.count)
+        #expect(decoded.map(\.type) == [.certificates, .certificates])
+        #expect(decoded.first?.attributes.map(\.name) == ["count", "reason", "cert-1", "key-1", "cert-2", "key-2"])
+        // Nothing else travels there: a HELLO, or a frame the other way.
+        var other = FrameDecoder(schema: .certificates, direction: .serverToClient, afterHello: true)
+        other.append(FrameEncoder.encode(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)])))
+        #expect(throws: ProtocolError.self) { _ = try other.next() }
+        var reverse = FrameDecoder(schema: .certificates, direction: .clientToServer, afterHello: true)
+        reverse.append(FrameEncoder.encode(Conversations.certificateChannel[1]))
+        #expect(throws: ProtocolError.self) { _ = try reverse.next() }
     }
 
     @Test(arguments: 0..<Conversations.all.count)
