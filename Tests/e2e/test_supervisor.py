@@ -4,6 +4,7 @@ queue-inject's patience while the queue is away."""
 import os
 import pathlib
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -68,6 +69,10 @@ def test_sigterm_stops_the_stages_and_removes_the_pid_file(pipeline):
 
 def test_sighup_is_forwarded_to_the_stages_and_reopens_the_log(pipeline):
     pids = {name: pipeline.running_pid(name) for name in ("queue", "local-deliver", "crypto-negotiate")}
+    # crypto-negotiate takes SIGHUP once it is ready (before, SIGHUP would
+    # still be fatal to it, and the supervisor rightly spares it).
+    wait_until(lambda: re.search(r"crypto-negotiate\[\d+\]: listening on", pipeline.log_text()), 60,
+               "crypto-negotiate to be ready")
     rotated = pipeline.log_file.with_suffix(".log.1")
     pipeline.log_file.rename(rotated)
     pipeline.process.send_signal(signal.SIGHUP)
@@ -169,7 +174,8 @@ def test_as_root_each_stage_runs_as_its_own_user(pipeline):
     for name in ("queue", "local-deliver"):
         pid = pipeline.running_pid(name)
         entry = pwd.getpwnam(f"sealpost-{name}")
-        assert uid_of(pid) == [entry.pw_uid] * 4, f"{name} (pid {pid})"
+        # A stage starts as root and drops its privileges itself, soon.
+        wait_until(lambda: uid_of(pid) == [entry.pw_uid] * 4, 30, f"{name} (pid {pid}) to become {entry.pw_name}")
         assert entry.pw_dir == "/nonexistent"
         assert entry.pw_shell.endswith("nologin")
     run = os.stat(pipeline.data / "run")
