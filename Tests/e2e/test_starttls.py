@@ -149,8 +149,8 @@ def test_openssl_s_client_implicit_tls_on_smtps(tls_pipeline):
         assert re.search(r"(?m)^220 \S+ ESMTP Sealpost", out), out + result.stderr
         assert "250-REQUIRETLS" in out or "250 REQUIRETLS" in out, out
         assert "STARTTLS" not in out, out
-        # Port 465 is submission (RFC 8314): authentication is required,
-        # and AUTH has no password backend yet.
+        # Port 465 is submission (RFC 8314): authentication is required
+        # (no account here; test_auth.py delivers over 465 with AUTH).
         assert "530 5.7.0 Authentication required" in out, out
         assert "221" in out
     log = tls_pipeline.log_text()
