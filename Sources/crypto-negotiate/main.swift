@@ -30,12 +30,14 @@
 //     server role is off (smtp-listen then offers no STARTTLS).
 //
 // PRIVILEGES
-//     Reads every certificate, key and CA bundle first, then (as root)
-//     chroots into the data directory and becomes SEALPOST_USER: afterwards
-//     it cannot reopen them. SIGHUP, or a certificate file that changed,
-//     reloads the certificates for new handshakes (only where the files
-//     are still reachable; otherwise restart the stage); sessions in
-//     progress are kept.
+//     Reads every certificate, key and CA bundle first and (as root) creates
+//     run/tls (root, group of run/, 0660), then chroots into empty/ under
+//     the data directory (root's, 0755, empty: EmptyRoot) and becomes
+//     SEALPOST_USER: afterwards it cannot reopen any file, and owns and may
+//     write nothing in its file system. SIGHUP, or a certificate file that
+//     changed, reloads the certificates for new handshakes (only where the
+//     files are still reachable, i.e. not when started as root; otherwise
+//     restart the stage); sessions in progress are kept.
 //
 // SIGNALS
 //     SIGHUP reload certificates; SIGTERM, SIGINT stop.
@@ -43,7 +45,8 @@
 // EXIT STATUS
 //     0 stopped by a signal; 78 configuration error (including unreadable
 //     certificates or keys); 77 privileges could not be dropped; 71 the
-//     socket could not be created.
+//     socket could not be created, or the empty chroot directory could not
+//     be prepared.
 
 import CryptoNegotiation
 import Glibc
@@ -61,20 +64,35 @@ do {
     StageRuntime.fatal("\(error)", exit: .config)
 }
 
-let paths: RuntimePaths
-do {
-    paths = try StageRuntime.dropPrivileges(config, chroot: true)
-} catch let e as PrivilegeError {
-    StageRuntime.fatal(e.message, exit: e.exitCode)
-} catch {
-    StageRuntime.fatal("\(error)", exit: .noPerm)
-}
-
-let socketPath = paths.runtimeDirectory + "/tls"
+// The socket, before the privileges go: after them nothing of the file
+// system is left to reach. As root it is root's, with run/'s group (that of
+// the stages), 0660: the stage's own user does not own it either.
+let asRoot = geteuid() == 0
+let socketPath = config.runtimeDirectory + "/tls"
 do {
     try service.listen(path: socketPath)
 } catch {
     StageRuntime.fatal("\(error)", exit: .osErr)
+}
+if asRoot {
+    var run = stat()
+    guard stat(config.runtimeDirectory, &run) == 0, chown(socketPath, 0, run.st_gid) == 0 else {
+        StageRuntime.fatal("chown \(socketPath): \(String(cString: strerror(errno)))", exit: .osErr)
+    }
+}
+
+let emptyRoot = EmptyRoot.path(dataDirectory: config.dataDirectory)
+if asRoot {
+    do throws(EmptyRootError) { try EmptyRoot.prepare(emptyRoot) } catch {
+        StageRuntime.fatal(error.description, exit: .osErr)
+    }
+}
+do {
+    _ = try StageRuntime.dropPrivileges(config, chroot: true, chrootDirectory: emptyRoot)
+} catch let e as PrivilegeError {
+    StageRuntime.fatal(e.message, exit: e.exitCode)
+} catch {
+    StageRuntime.fatal("\(error)", exit: .noPerm)
 }
 
 let signals = SignalEvents()
@@ -84,5 +102,7 @@ signals.on(SIGINT) { service.stop() }
 
 service.log("listening on \(socketPath), \(tlsConfig.server.certificates.count) certificate(s), CA bundles: \(tlsConfig.caBundles.keys.sorted().joined(separator: ", "))")
 service.run()
-unlink(socketPath)
+// Only reachable when not chrooted; a stale socket is replaced at the next
+// start (connections to it are refused meanwhile).
+if !asRoot { unlink(socketPath) }
 exit(0)

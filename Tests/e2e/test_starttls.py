@@ -240,26 +240,6 @@ def test_no_starttls_when_crypto_negotiate_is_gone(tls_pipeline):
     expect_tls_received(delivered_messages(tls_pipeline, 1)[0])
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="key ownership and stage users need root")
-def test_keys_belong_to_crypto_negotiate_only(tls_pipeline):
-    tls = tls_pipeline.data / "tls"
-    owner = pwd.getpwnam("sealpost-crypto-negotiate")
-    for kind in ("ecdsa", "rsa"):
-        key = tls / f"self-signed-{kind}.key"
-        info = key.stat()
-        assert info.st_uid == owner.pw_uid and info.st_mode & 0o777 == 0o600, (key, oct(info.st_mode), info.st_uid)
-    assert tls.stat().st_uid == 0
-    # Read as each stage's user: crypto-negotiate can, smtp-listen cannot.
-    def can_read(user, path):
-        entry = pwd.getpwnam(user)
-        return subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
-                               "--", "head", "-c", "1", str(path)], capture_output=True).returncode == 0
-    key = tls / "self-signed-ecdsa.key"
-    assert can_read("sealpost-crypto-negotiate", key)
-    assert not can_read("sealpost-smtp-listen", key)
-    assert can_read("sealpost-smtp-listen", tls / "self-signed-ecdsa.crt")
-
-
 POSTFIX_MAIN = """\
 compatibility_level = 3.6
 queue_directory = {queue}
