@@ -61,16 +61,23 @@ public enum StageRuntime {
     /// there, then setgroups/setgid/setuid to that user. Returns the paths to
     /// use from now on (rebased to "/" when chrooted). Not root: no change.
     ///
+    /// `chrootDirectory`: chroot there instead of the data directory (a
+    /// stage that needs nothing from the file system after the drop, such as
+    /// crypto-negotiate, goes into an empty directory); the paths returned
+    /// are then those of the data directory rebased to "/", which do not
+    /// exist inside: the stage must have opened what it needs before.
+    ///
     /// Throws `PrivilegeError` (with the exit code to use) when any step
     /// fails; the caller cannot continue and should `fatal` with it.
-    public static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool) throws -> RuntimePaths {
-        try dropPrivileges(config, chroot: chroot, effectiveUser: geteuid(),
+    public static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool,
+                                      chrootDirectory: String? = nil) throws -> RuntimePaths {
+        try dropPrivileges(config, chroot: chroot, chrootDirectory: chrootDirectory, effectiveUser: geteuid(),
                            user: getenv("SEALPOST_USER").map { String(cString: $0) })
     }
 
     /// The body of `dropPrivileges`, with the process's inputs as arguments
     /// so that tests can reach the refusals without being someone else.
-    static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool,
+    static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool, chrootDirectory: String? = nil,
                                effectiveUser: uid_t, user: String?) throws -> RuntimePaths {
         let paths = RuntimePaths(config)
         guard effectiveUser == 0 else { return paths }
@@ -91,8 +98,9 @@ public enum StageRuntime {
         }
         var result = paths
         if chroot {
-            guard Glibc.chroot(data) == 0 else {
-                throw PrivilegeError(message: "chroot \(data): \(String(cString: strerror(errno)))", exitCode: .osErr)
+            let root = chrootDirectory ?? data
+            guard Glibc.chroot(root) == 0 else {
+                throw PrivilegeError(message: "chroot \(root): \(String(cString: strerror(errno)))", exitCode: .osErr)
             }
             guard chdir("/") == 0 else {
                 throw PrivilegeError(message: "chdir / after chroot: \(String(cString: strerror(errno)))", exitCode: .osErr)

@@ -30,9 +30,12 @@
 //     server role is off (smtp-listen then offers no STARTTLS).
 //
 // PRIVILEGES
-//     Reads every certificate, key and CA bundle first, then (as root)
-//     chroots into the data directory and becomes SEALPOST_USER: afterwards
-//     it cannot reopen them.
+//     Reads every certificate, key and CA bundle first and (as root) creates
+//     run/tls (root, group of run/, 0660), then chroots into empty/ under
+//     the data directory (root's, 0755, empty: EmptyRoot) and becomes
+//     SEALPOST_USER: afterwards it cannot reopen any file, and owns and may
+//     write nothing in its file system: new certificates reach it only
+//     through the supervisor's certificate channel (below).
 //
 // CERTIFICATE RELOAD
 //     New certificates serve new handshakes; sessions in progress keep
@@ -60,7 +63,8 @@
 //     0 stopped by a signal; 78 configuration error (including unreadable
 //     certificates or keys, and a SEALPOST_CERTIFICATE_FD that is not an
 //     inherited socket); 77 privileges could not be dropped; 71 the
-//     socket could not be created.
+//     socket could not be created, or the empty chroot directory could not
+//     be prepared.
 
 import CryptoNegotiation
 import Glibc
@@ -91,20 +95,35 @@ if let text = getenv("SEALPOST_CERTIFICATE_FD").map({ String(cString: $0) }) {
     certificateChannel = fd
 }
 
-let paths: RuntimePaths
-do {
-    paths = try StageRuntime.dropPrivileges(config, chroot: true)
-} catch let e as PrivilegeError {
-    StageRuntime.fatal(e.message, exit: e.exitCode)
-} catch {
-    StageRuntime.fatal("\(error)", exit: .noPerm)
-}
-
-let socketPath = paths.runtimeDirectory + "/tls"
+// The socket, before the privileges go: after them nothing of the file
+// system is left to reach. As root it is root's, with run/'s group (that of
+// the stages), 0660: the stage's own user does not own it either.
+let asRoot = geteuid() == 0
+let socketPath = config.runtimeDirectory + "/tls"
 do {
     try service.listen(path: socketPath)
 } catch {
     StageRuntime.fatal("\(error)", exit: .osErr)
+}
+if asRoot {
+    var run = stat()
+    guard stat(config.runtimeDirectory, &run) == 0, chown(socketPath, 0, run.st_gid) == 0 else {
+        StageRuntime.fatal("chown \(socketPath): \(String(cString: strerror(errno)))", exit: .osErr)
+    }
+}
+
+let emptyRoot = EmptyRoot.path(dataDirectory: config.dataDirectory)
+if asRoot {
+    do throws(EmptyRootError) { try EmptyRoot.prepare(emptyRoot) } catch {
+        StageRuntime.fatal(error.description, exit: .osErr)
+    }
+}
+do {
+    _ = try StageRuntime.dropPrivileges(config, chroot: true, chrootDirectory: emptyRoot)
+} catch let e as PrivilegeError {
+    StageRuntime.fatal(e.message, exit: e.exitCode)
+} catch {
+    StageRuntime.fatal("\(error)", exit: .noPerm)
 }
 
 if let fd = certificateChannel {
@@ -123,5 +142,7 @@ signals.on(SIGINT) { service.stop() }
 service.log("listening on \(socketPath), \(tlsConfig.server.certificates.count) certificate(s), CA bundles: \(tlsConfig.caBundles.keys.sorted().joined(separator: ", "))"
             + (certificateChannel.map { ", reloads through the certificate channel (descriptor \($0))" } ?? ""))
 service.run()
-unlink(socketPath)
+// Only reachable when not chrooted; a stale socket is replaced at the next
+// start (connections to it are refused meanwhile).
+if !asRoot { unlink(socketPath) }
 exit(0)

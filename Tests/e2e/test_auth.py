@@ -163,3 +163,149 @@ def test_sender_must_belong_to_the_user(auth_pipeline):
         client.rset()
         code, _ = client.mail("ALICE@localhost")
         assert code == 250
+
+
+# Implicit TLS on port 465 (RFC 8314) with AUTH ----------------------------------
+#
+# The smtps listener hands each connection to crypto-negotiate at accept;
+# the session under TLS offers AUTH (submission) and no STARTTLS. Mail to
+# a local user lands in the Maildir; mail to remote.example is relayed,
+# through the transport table, to an aiosmtpd peer on loopback (no DNS).
+# Both copies carry smtp-listen's Received field, which must say ESMTPSA
+# (RFC 3848: ESMTP, TLS, authenticated) and name the TLS version and cipher.
+
+import base64
+import shutil
+import socket
+import ssl
+import tempfile
+
+from conftest import free_tcp_port
+import mtapeers
+
+
+def smtps_context():
+    # The self-signed pair Pipeline/start makes: encrypt, do not verify.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def expect_esmtpsa(received):
+    assert "with ESMTPSA" in received, received
+    assert re.search(r"\(using TLSv1\.3 with cipher TLS_[A-Z0-9_]+", received), received
+
+
+@pytest.fixture
+def smtps_pipeline(workdir):
+    """auth_pipeline's set-up (alice, loopback not trusted) plus a relay peer
+    for remote.example, waiting until port 465 completes a TLS handshake."""
+    require_build("queue", "local-deliver", "smtp-listen", "sealpost", "crypto-negotiate", "remote-deliver")
+    try:
+        peer = mtapeers.AiosmtpdPeer("127.0.0.1", free_tcp_port(), workdir / "peer").start()
+    except mtapeers.Unavailable as error:
+        pytest.skip(str(error))
+    pipe = Pipeline(workdir, config_overrides={"trusted_networks": '["192.0.2.0/24"]'})
+    (workdir / "transport").write_text(f"remote.example smtp:[127.0.0.1]:{peer.port} tls=none\n")
+    added = add_user(pipe, "alice", PASSWORD)
+    assert added.returncode == 0, added.stderr
+    pipe.peer = peer
+    try:
+        pipe.start()
+        port = port_of(pipe, "smtps")
+
+        def greets():
+            try:
+                with smtplib.SMTP_SSL("127.0.0.1", port, context=smtps_context(), timeout=10) as client:
+                    return client.noop()[0] == 250
+            except (OSError, smtplib.SMTPException):
+                return False
+        try:
+            wait_until(greets, 60, "port 465 to greet over TLS")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{pipe.log_tail()}") from None
+        yield pipe
+    finally:
+        peer.stop()
+        code = pipe.stop()
+    assert code == 0, f"supervise exited with {code}:\n{pipe.supervisor_output()}"
+
+
+def smtps_connect(pipe):
+    return smtplib.SMTP_SSL("127.0.0.1", port_of(pipe, "smtps"), local_hostname="client.e2e.test",
+                            context=smtps_context(), timeout=60)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_smtps_auth_delivers_locally_and_relays(smtps_pipeline, mechanism):
+    pipe = smtps_pipeline
+    user = local_user()
+    with smtps_connect(pipe) as client:
+        assert client.sock.version() == "TLSv1.3"
+        client.ehlo()
+        assert not client.has_extn("starttls"), "no STARTTLS under implicit TLS"
+        assert client.has_extn("requiretls")
+        assert {"PLAIN", "LOGIN"} <= set(client.esmtp_features["auth"].split())
+        # 465 is submission: nothing before AUTH.
+        code, text = client.mail("alice@localhost")
+        assert (code, text) == (530, b"5.7.0 Authentication required")
+        client.rset()
+        code, _ = login(client, mechanism)
+        assert code == 235
+        refused = client.sendmail("alice@localhost", [f"{user}@localhost"],
+                                  f"Subject: 465 local {mechanism}\r\n\r\nover implicit TLS\r\n".encode())
+        assert refused == {}
+        refused = client.sendmail("alice@localhost", ["someone@remote.example"],
+                                  f"Subject: 465 relay {mechanism}\r\n\r\nrelayed\r\n".encode())
+        assert refused == {}
+
+    local = parse_message(wait_until(lambda: pipe.delivered(user), 60, f"a message in {pipe.maildir_new(user)}")[0])
+    assert local["Subject"] == f"465 local {mechanism}"
+    expect_esmtpsa(local.get_all("Received")[0])
+
+    try:
+        relayed_path = wait_until(pipe.peer.messages, 120, "the relayed message at the peer")[0]
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{pipe.log_tail()}") from None
+    relayed = parse_message(relayed_path)
+    assert relayed["X-Peer-Rcpt-To"] == "someone@remote.example"
+    assert relayed["Subject"] == f"465 relay {mechanism}"
+    expect_esmtpsa(relayed.get_all("Received")[0])
+    log = pipe.log_text()
+    assert f"sasl_method={mechanism}, sasl_username=alice" in log, pipe.log_tail()
+    assert re.search(r"TLS: TLSv1\.3 with cipher", log), pipe.log_tail()
+
+
+def test_smtps_auth_with_openssl_s_client(smtps_pipeline):
+    pipe = smtps_pipeline
+    user = local_user()
+    token = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    commands = (f"EHLO client.example\nAUTH PLAIN {token}\nMAIL FROM:<alice@localhost>\nRCPT TO:<{user}@localhost>\n"
+                "DATA\nSubject: s_client on 465\n\nauthenticated, implicit TLS\n.\nQUIT\n")
+    result = subprocess.run(["openssl", "s_client", "-quiet", "-crlf", "-tls1_3",
+                             "-connect", f"127.0.0.1:{port_of(pipe, 'smtps')}"],
+                            input=commands, capture_output=True, text=True, timeout=60)
+    out = result.stdout
+    assert "235 2.7.0" in out, out + result.stderr
+    assert "250 2.0.0 Ok: queued as" in out, out
+    message = parse_message(wait_until(lambda: pipe.delivered(user), 60, "the s_client message")[0])
+    assert message["Subject"] == "s_client on 465"
+    expect_esmtpsa(message.get_all("Received")[0])
+
+
+def test_smtps_auth_with_swaks(smtps_pipeline):
+    if not shutil.which("swaks"):
+        pytest.skip("swaks is not installed")
+    pipe = smtps_pipeline
+    user = local_user()
+    result = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", str(port_of(pipe, "smtps")), "--tlsc",
+                             "--auth", "LOGIN", "--auth-user", "alice", "--auth-password", PASSWORD,
+                             "--from", "alice@localhost", "--to", f"{user}@localhost",
+                             "--header", "Subject: swaks on 465", "--body", "hello"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "=== TLS started with cipher TLSv1.3" in result.stdout, result.stdout
+    assert "<~  235 2.7.0" in result.stdout, result.stdout
+    message = parse_message(wait_until(lambda: pipe.delivered(user), 60, "the swaks message")[0])
+    expect_esmtpsa(message.get_all("Received")[0])
