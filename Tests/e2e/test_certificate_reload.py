@@ -73,9 +73,9 @@ def test_new_certificates_reach_a_chrooted_crypto_negotiate_without_dropping_ses
     port = port_of(pipe, "listen")
     pid = pipe.running_pid("crypto-negotiate")
     if IS_ROOT:
-        # Chrooted into the data directory, its own user: the tls/ files are
-        # out of its reach.
-        assert os.readlink(f"/proc/{pid}/root") == str(pipe.data)
+        # Chrooted into an empty directory, its own user: the tls/ files are
+        # out of its reach (test_isolation checks the confinement itself).
+        assert os.readlink(f"/proc/{pid}/root") == str(pipe.data / "empty")
     environment = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert b"SEALPOST_CERTIFICATE_FD=3" in environment
     original = {fingerprint_of_file(pipe.data / "tls" / cert) for cert, _, _ in PAIRS}
