@@ -97,9 +97,8 @@ let transports: TransportTable
 let resolver: UnboundMailExchangerResolver
 do {
     settings = RemoteDeliveryService.settings(config)
+    // Reads the trust anchors now, while they are readable.
     resolver = try RemoteDeliveryService.makeResolver(config)
-    // Loads the trust anchors now, while they are readable.
-    try await RemoteDeliveryService.primeResolver(resolver, config: config)
     transports = try TransportTable.load(path: RemoteDeliveryService.transportTablePath(config))
 } catch let error as RemoteSetupError {
     StageRuntime.fatal(error.description, exit: .config)
