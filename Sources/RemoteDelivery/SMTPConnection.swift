@@ -69,6 +69,7 @@ final class SMTPConnection: @unchecked Sendable {
     private let options: ConnectionOptions
     private let handOff: (any TLSClientHandOff)?
     private let tlsRequest: TLSClientRequest
+    private let taskExecutor: EventLoopTaskExecutor
     private var channel: Channel?
     /// Incremented when a channel is given up (TLS hand-off, close): events
     /// from an older channel are ignored.
@@ -81,8 +82,9 @@ final class SMTPConnection: @unchecked Sendable {
 
     private init(eventLoop: EventLoop, candidate: DeliveryCandidate, cacheKey: String, policy: SMTPClientPolicy,
                  message: SMTPClientMessage, options: ConnectionOptions, handOff: (any TLSClientHandOff)?,
-                 tlsRequest: TLSClientRequest) {
+                 tlsRequest: TLSClientRequest, taskExecutor: EventLoopTaskExecutor) {
         self.eventLoop = eventLoop
+        self.taskExecutor = taskExecutor
         self.candidate = candidate
         self.cacheKey = cacheKey
         self.session = SMTPClientSession(policy: policy, message: message)
@@ -100,10 +102,12 @@ final class SMTPConnection: @unchecked Sendable {
     /// the session is idle afterwards (see `isIdle`).
     static func open(on eventLoop: EventLoop, candidate: DeliveryCandidate, cacheKey: String, policy: SMTPClientPolicy,
                      message: SMTPClientMessage, body: [[UInt8]], options: ConnectionOptions,
-                     handOff: (any TLSClientHandOff)?, tlsRequest: TLSClientRequest) -> (SMTPConnection, EventLoopFuture<TransactionOutcome>) {
+                     handOff: (any TLSClientHandOff)?, tlsRequest: TLSClientRequest,
+                     taskExecutor: EventLoopTaskExecutor) -> (SMTPConnection, EventLoopFuture<TransactionOutcome>) {
         eventLoop.preconditionInEventLoop()
         let connection = SMTPConnection(eventLoop: eventLoop, candidate: candidate, cacheKey: cacheKey, policy: policy,
-                                        message: message, options: options, handOff: handOff, tlsRequest: tlsRequest)
+                                        message: message, options: options, handOff: handOff, tlsRequest: tlsRequest,
+                                        taskExecutor: taskExecutor)
         let promise = eventLoop.makePromise(of: TransactionOutcome.self)
         connection.promise = promise
         connection.body = body
@@ -339,10 +343,11 @@ final class SMTPConnection: @unchecked Sendable {
         channel.close(promise: nil)
         let generation = self.generation
         let request = tlsRequest
-        let loop = eventLoop
-        Task {
-            let result = await handOff.negotiate(socket: fd, request: request)
-            loop.execute { self.tlsDone(result, generation: generation) }
+        let socket = fd
+        eventLoop.runTask(on: taskExecutor) {
+            await handOff.negotiate(socket: socket, request: request)
+        }.whenSuccess { [self] result in
+            tlsDone(result, generation: generation)
         }
     }
 
