@@ -79,6 +79,13 @@ final class SMTPConnection: @unchecked Sendable {
     private var promise: EventLoopPromise<TransactionOutcome>?
     private var timer: Scheduled<Void>?
     private var lastWrite: EventLoopFuture<Void>?
+    /// Bytes written to the channel and not yet flushed: every write of one
+    /// batch of actions goes out in one flush (one writev), so that a
+    /// pipelined MAIL/RCPT/DATA group, or a body and its terminating dot,
+    /// cost one system call rather than one per command or chunk.
+    private var unflushed = false
+    /// Nesting of `run` (the body is sent from inside it).
+    private var running = 0
 
     private init(eventLoop: EventLoop, candidate: DeliveryCandidate, cacheKey: String, policy: SMTPClientPolicy,
                  message: SMTPClientMessage, options: ConnectionOptions, handOff: (any TLSClientHandOff)?,
@@ -225,6 +232,11 @@ final class SMTPConnection: @unchecked Sendable {
     }
 
     private func run(_ actions: [SMTPClientAction]) {
+        running += 1
+        defer {
+            running -= 1
+            if running == 0 { flush() }
+        }
         for action in actions {
             switch action {
             case .send(let bytes):
@@ -257,7 +269,14 @@ final class SMTPConnection: @unchecked Sendable {
 
     private func write(_ bytes: [UInt8]) {
         guard let channel else { return }
-        lastWrite = channel.writeAndFlush(channel.allocator.buffer(bytes: bytes))
+        lastWrite = channel.write(channel.allocator.buffer(bytes: bytes))
+        unflushed = true
+    }
+
+    private func flush() {
+        guard unflushed else { return }
+        unflushed = false
+        channel?.flush()
     }
 
     private func complete() {
@@ -271,6 +290,7 @@ final class SMTPConnection: @unchecked Sendable {
 
     /// Closes after what was written (QUIT) has gone out.
     private func closeChannel() {
+        flush()
         let channel = self.channel
         self.channel = nil
         generation += 1
@@ -315,6 +335,7 @@ final class SMTPConnection: @unchecked Sendable {
     /// (a duplicate of its descriptor: NIO closes its own), the plaintext
     /// end comes back as a new channel, and the machine says EHLO again.
     private func startTLS() {
+        flush()
         guard let handOff else {
             run(session.tlsFailed("no TLS service (crypto-negotiate) is configured"))
             return
