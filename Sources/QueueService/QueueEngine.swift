@@ -59,14 +59,6 @@ final class QueueEngine: @unchecked Sendable {
     private var suspendedLogged: Set<QueueID> = []
     private var nextMaintenance: UInt64 = 0
     private var stopping = false
-    /// Delivered messages removed from the schedule whose spool delete is
-    /// waiting to be submitted with the others of the same moment (see
-    /// `removeDelivered`), with the "removed" reason to log.
-    private var pendingRemovals: [(id: QueueID, envelope: EnvelopeRecord, reason: String?)] = []
-    private var removalFlush: Scheduled<Void>?
-    /// How long a delivered message's delete waits for others to share its
-    /// submission.
-    static let removalDelay: TimeAmount = .milliseconds(100)
 
     var injected: UInt64 = 0, refused: UInt64 = 0
     var sentCount: UInt64 = 0, deferredCount: UInt64 = 0, bouncedCount: UInt64 = 0
@@ -112,8 +104,6 @@ final class QueueEngine: @unchecked Sendable {
     func stop() {
         loop.preconditionInEventLoop()
         stopping = true
-        // The spool drains what was submitted before it closes.
-        flushRemovals()
     }
 
     // MARK: Statistics
@@ -340,10 +330,6 @@ final class QueueEngine: @unchecked Sendable {
         } else if env.kind == .doubleBounce && env.recipients.contains(where: { $0.state == .bounced }) {
             logger.warning("\(id): undeliverable postmaster notification discarded")
         }
-        if built == nil && completion == nil {
-            removeDelivered(id, env, reason: reason)
-            return
-        }
         operations.append(.delete(id))
         let noticeBuilt = built
         spool.submit(operations) { [self] result in
@@ -364,78 +350,6 @@ final class QueueEngine: @unchecked Sendable {
                     scheduler.insert(env, now: now)
                 }
                 completion?.value(result)
-            }
-        }
-    }
-
-    // MARK: Removal of delivered messages
-
-    /// Deletes a finished message that calls for no notice: the common end
-    /// of every delivered message. Deletes wait up to `removalDelay` and go
-    /// to the spool as one submission (one nested transaction, the B-tree
-    /// pages they touch written once), in whichever group commit comes next.
-    ///
-    /// Why waiting is safe: the delete is the only record that the message
-    /// needs nothing more. If the queue dies before it is committed, the
-    /// message is still in the spool at the next start with the recipient
-    /// states of its last committed update, so the recipients whose
-    /// "sent" was not yet written are delivered again: a duplicate, never
-    /// a loss. That is the failure SMTP itself already has (a reply lost
-    /// after the dot), and Postfix's qmgr has the same window (it unlinks
-    /// the queue file without fsync). A message whose completion creates a
-    /// notice (a bounce, a success DSN) is not delayed: the notice is a new
-    /// message and is committed with the delete in one synced transaction.
-    /// The commit itself stays synced: LMDB without sync (MDB_NOSYNC) may
-    /// leave a corrupt environment after a crash, which no duplicate is
-    /// worth; the deletes simply share the commits of the injections.
-    private func removeDelivered(_ id: QueueID, _ env: EnvelopeRecord, reason: String?) {
-        pendingRemovals.append((id, env, reason))
-        if stopping {
-            flushRemovals()
-        } else if removalFlush == nil {
-            removalFlush = loop.scheduleTask(in: Self.removalDelay) { [self] in
-                removalFlush = nil
-                flushRemovals()
-            }
-        }
-    }
-
-    private func flushRemovals() {
-        removalFlush?.cancel()
-        removalFlush = nil
-        guard !pendingRemovals.isEmpty else { return }
-        let batch = pendingRemovals
-        pendingRemovals = []
-        spool.submit(batch.map { .delete($0.id) }) { [self] result in
-            loop.execute { [self] in
-                switch result {
-                case .success:
-                    for (id, _, reason) in batch {
-                        logger.info("\(id): removed\(reason.map { " (\($0))" } ?? "")")
-                    }
-                    dispatch()
-                case .failure:
-                    // A submission is all or nothing: one failed delete (or
-                    // the disk) failed them all. Each on its own, so that
-                    // one cannot keep the others in the spool.
-                    for (id, env, reason) in batch { removeAlone(id, env, reason: reason) }
-                }
-            }
-        }
-    }
-
-    private func removeAlone(_ id: QueueID, _ env: EnvelopeRecord, reason: String?) {
-        spool.submit([.delete(id)]) { [self] result in
-            loop.execute { [self] in
-                switch result {
-                case .success:
-                    logger.info("\(id): removed\(reason.map { " (\($0))" } ?? "")")
-                case .failure(.noSuchMessage):
-                    logger.info("\(id): removed (already gone from the spool)")
-                case .failure(let error):
-                    logger.warning("\(id): cannot remove the message from the queue: \(error); will try again")
-                    scheduler.insert(env, now: now)
-                }
             }
         }
     }
