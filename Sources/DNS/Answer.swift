@@ -93,6 +93,9 @@ public enum DNSError: Error, Sendable, Equatable, CustomStringConvertible {
     case resolver(code: Int32, message: String)
     /// The resolver could not be configured as asked.
     case configuration(String)
+    /// A file the configuration names (a trust anchor) is missing or
+    /// unreadable; `reason` is strerror's text.
+    case unreadableFile(path: String, reason: String)
     /// The name cannot be queried (not ASCII, bad label, too long).
     case invalidName(String, reason: String)
     /// A record's RDATA did not decode.
@@ -105,7 +108,7 @@ public enum DNSError: Error, Sendable, Equatable, CustomStringConvertible {
     public var isTemporary: Bool {
         switch self {
         case .timeout, .resolver, .bogus: return true
-        case .configuration, .invalidName, .malformed: return false
+        case .configuration, .unreadableFile, .invalidName, .malformed: return false
         }
     }
 
@@ -114,6 +117,7 @@ public enum DNSError: Error, Sendable, Equatable, CustomStringConvertible {
         case .timeout(let name, let type): return "DNS lookup of \(name)/\(type) timed out"
         case .resolver(let code, let message): return "resolver error \(code): \(message)"
         case .configuration(let message): return "resolver configuration: \(message)"
+        case .unreadableFile(let path, let reason): return "resolver configuration: cannot read \(path): \(reason)"
         case .invalidName(let name, let reason): return "invalid DNS name \"\(name)\": \(reason)"
         case .malformed(let error): return error.description
         case .bogus(let name, let type, let reason):

@@ -8,6 +8,19 @@
 // context runs its resolver in a thread (ub_ctx_async(ctx, 1)), never a
 // forked process.
 //
+// Files are read once, when the Resolver is made. libunbound itself reads
+// its trust anchors lazily, when the context answers its first query; a
+// stage that drops privileges or chroots after making its resolver would
+// then fail every lookup ("initialization failure"), and a missing anchor
+// would show up as deferred mail instead of a start-up error. So `init`
+// checks that each file can be read (DNSError.unreadableFile) and then
+// makes libunbound load everything at once with one lookup it answers
+// from a local zone of its own (no packet leaves the process): after
+// `init` returns, the files may disappear. No other file is ever read:
+// neither /etc/resolv.conf nor /etc/hosts (ub_ctx_resolvconf/ub_ctx_hosts
+// are never called; DNS goes to the configured forwarders or the root
+// servers, whose hints are built in), nor an unbound.conf.
+//
 // libunbound gives up on an unreachable server only after about 17 seconds
 // (measured), so every query here has its own deadline: when it passes, the
 // query is cancelled with ub_cancel and completes with DNSError.timeout.
@@ -38,7 +51,8 @@ public struct ResolverConfiguration: Sendable, Equatable {
     public var forwarders: [String]
     /// Zones sent to given authoritative servers instead (test beds).
     public var stubZones: [StubZone]
-    /// Trust anchor files (DS or DNSKEY records in zone-file format).
+    /// Trust anchor files (DS or DNSKEY records in zone-file format),
+    /// read when the Resolver is made (never later).
     /// Empty: `rootTrustAnchorFile` when that file exists, else no
     /// validation (every answer insecure).
     public var trustAnchorFiles: [String]
@@ -185,14 +199,20 @@ public final class Resolver: @unchecked Sendable {
         guard let context = ub_ctx_create() else {
             throw .configuration("ub_ctx_create failed")
         }
-        self.context = context
-        self.configuration = configuration
+        // Configured and loaded before `self` is complete: a failure then
+        // deletes the context here, and deinit (which deletes it too) never
+        // runs for a Resolver that was not made.
+        let validating: Bool
         do {
             validating = try Resolver.configure(context, configuration)
+            try Resolver.loadNow(context, configuration)
         } catch {
             ub_ctx_delete(context)
             throw error
         }
+        self.context = context
+        self.configuration = configuration
+        self.validating = validating
     }
 
     deinit {
@@ -257,12 +277,54 @@ public final class Resolver: @unchecked Sendable {
             anchors = [config.rootTrustAnchorFile]
         }
         for file in anchors {
-            guard access(file, R_OK) == 0 else {
-                throw .configuration("trust anchor file \(file): \(String(cString: strerror(errno)))")
-            }
+            try checkReadable(file)
             try check(ub_ctx_add_ta_file(context, file), "trust anchor file \(file)")
         }
+        // The zone of the lookup that makes libunbound load (see loadNow).
+        try option("local-zone", loadCheckZone + ". static")
         return !anchors.isEmpty
+    }
+
+    /// A zone of the resolver's own, under "invalid." (RFC 6761: never a
+    /// real name), answered locally with NXDOMAIN whatever else is set.
+    static let loadCheckZone = "sealpost-load-check.invalid"
+
+    /// Opens and reads `path` the way libunbound will: a regular file we
+    /// may read. The error names the file and says why.
+    static func checkReadable(_ path: String) throws(DNSError) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw .unreadableFile(path: path, reason: String(cString: strerror(errno)))
+        }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            throw .unreadableFile(path: path, reason: String(cString: strerror(errno)))
+        }
+        guard info.st_mode & S_IFMT == S_IFREG else {
+            throw .unreadableFile(path: path, reason: "not a regular file")
+        }
+        var byte: UInt8 = 0
+        guard read(fd, &byte, 1) >= 0 else {
+            throw .unreadableFile(path: path, reason: String(cString: strerror(errno)))
+        }
+    }
+
+    /// Makes libunbound read its files now rather than at the first real
+    /// query: a synchronous lookup in `loadCheckZone` finalizes the context
+    /// (modules set up, trust anchors parsed) and is answered from that
+    /// local zone without any network traffic. A trust anchor that does not
+    /// parse fails here (UB_INITFAIL) instead of deferring every message.
+    private static func loadNow(_ context: OpaquePointer, _ config: ResolverConfiguration) throws(DNSError) {
+        var result: UnsafeMutablePointer<ub_result>? = nil
+        let code = ub_resolve(context, "check." + loadCheckZone + ".", Int32(RRType.a.rawValue), 1, &result)
+        if let result { ub_resolve_free(result) }
+        guard code == 0 else {
+            var anchors = config.trustAnchorFiles
+            if anchors.isEmpty, access(config.rootTrustAnchorFile, R_OK) == 0 { anchors = [config.rootTrustAnchorFile] }
+            let files = anchors.isEmpty ? "" : " (trust anchors: \(anchors.joined(separator: ", ")); DS or DNSKEY records in zone-file format?)"
+            throw .configuration("libunbound failed to load its configuration: \(String(cString: ub_strerror(code)))\(files)")
+        }
     }
 
     /// Checks "ADDRESS" / "ADDRESS@PORT"; returns whether it is loopback.

@@ -25,6 +25,8 @@ final class DeliverHandler: ChannelInboundHandler {
     private var outstanding: [UInt64: OutstandingJob] = [:]
     private var nextJobNumber: UInt64 = 1
     private var registered = false
+    /// Jobs written and not yet flushed (see `send`).
+    private var flushScheduled = false
 
     init(engine: QueueEngine) { self.engine = engine }
 
@@ -166,7 +168,20 @@ final class DeliverHandler: ChannelInboundHandler {
         for chunk in body where !chunk.isEmpty {
             context.write(wrapOutboundOut(Frame(.body, ["data": .bytes(chunk)])), promise: nil)
         }
-        context.writeAndFlush(wrapOutboundOut(Frame(.jobEnd, ["job": .uint(number)])), promise: nil)
+        context.write(wrapOutboundOut(Frame(.jobEnd, ["job": .uint(number)])), promise: nil)
+        // One flush for all the jobs sent in this turn of the event loop:
+        // a group commit accepts several messages at once, and each
+        // dispatches a job; they reach the stage in one write (and one read
+        // there) instead of one each.
+        if !flushScheduled {
+            flushScheduled = true
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            context.eventLoop.execute {
+                let handler = bound.value
+                handler.flushScheduled = false
+                handler.context?.flush()
+            }
+        }
         engine.logger.debug("\(env.queueID): job \(number) to \(transport?.stageName ?? "?"): \(plan.destination), \(plan.recipients.count) recipients, attempt \(plan.attempt)")
     }
 }

@@ -28,6 +28,8 @@ public final class QueueClient: @unchecked Sendable {
     private var pause = 0.1
     private var stopped = false
     private var failing = false
+    /// RESULT and JOB-DONE frames written and not yet flushed (see report).
+    private var flushPending = false
     /// Jobs received and not yet done on the current connection.
     public private(set) var jobsInFlight = 0
     /// Called after each HELLO from the queue (tests wait on it).
@@ -193,7 +195,11 @@ public final class QueueClient: @unchecked Sendable {
             assembling = nil
             jobsInFlight += 1
             agent.deliver(job) { [self] results in
-                eventLoop.execute { self.report(job: job.job, results, generation: generation) }
+                if eventLoop.inEventLoop {
+                    report(job: job.job, results, generation: generation)
+                } else {
+                    eventLoop.execute { self.report(job: job.job, results, generation: generation) }
+                }
             }
         case .error:
             throw ProtocolError("queue sent ERROR: \(try frame.text("status")) \(try frame.text("text"))")
@@ -215,7 +221,18 @@ public final class QueueClient: @unchecked Sendable {
             frame.set("diagnostic", r.diagnostic.map { AttributeValue.sanitizedText($0) })
             ch.write(frame, promise: nil)
         }
-        ch.writeAndFlush(Frame(.jobDone, ["job": .uint(job)]), promise: nil)
+        ch.write(Frame(.jobDone, ["job": .uint(job)]), promise: nil)
+        // One flush for every job that finishes in this turn of the event
+        // loop (replies read together complete several jobs at once): the
+        // results reach the queue in one write, and the queue decodes them
+        // in one read.
+        if !flushPending {
+            flushPending = true
+            eventLoop.execute { [self] in
+                flushPending = false
+                channel?.flush()
+            }
+        }
     }
 }
 

@@ -149,6 +149,9 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     public let policy: any DestinationPolicy
     public let tlsHandOff: (any TLSClientHandOff)?
     public let log: RemoteDeliveryLog
+    /// Runs the async steps (lookups, policy, TLS hand-off) on `eventLoop`,
+    /// never on Swift's global executor (see EventLoopTaskExecutor).
+    public let taskExecutor: EventLoopTaskExecutor
     /// Current time in seconds (for delay=); replaceable in tests.
     var clock: @Sendable () -> Double = { RemoteDeliveryAgent.now() }
 
@@ -166,6 +169,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         self.policy = policy
         self.tlsHandOff = tlsHandOff
         self.log = log
+        self.taskExecutor = EventLoopTaskExecutor(eventLoop)
     }
 
     /// Delivers `job`; `completion` gets one result per recipient, on the
@@ -247,13 +251,14 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         state.resolved = true
         let hop = state.hop, resolver = self.resolver, preference = settings.addressPreference
         let policy = self.policy, domain = state.domain, entry = state.entry
-        eventLoop.makeFutureWithTask { () async -> (Result<DeliveryRoute, RoutingFailure>, DestinationSecurity?) in
+        eventLoop.runTask(on: taskExecutor) { () async -> (Result<DeliveryRoute, RoutingFailure>, DestinationSecurity?) in
             let route = await RoutePlanner.route(hop, resolver: resolver, preference: preference)
             guard case .success(let r) = route else { return (route, nil) }
             return (route, await policy.security(domain: domain, route: r, entry: entry))
         }.whenComplete { [self] result in
             switch result {
             case .failure(let error):
+                // runTask never fails; kept so that no job waits forever.
                 state.lastFailure = AttemptFailure(status: EnhancedStatus(4, 3, 0), text: "internal error: \(error)", reply: nil,
                                                    diagnostic: "internal error", peerAnswered: false)
             case .success((.failure(let failure), _)):
@@ -299,7 +304,8 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
                                         sourceIPv4: settings.sourceIPv4, sourceIPv6: settings.sourceIPv6)
         let (connection, future) = SMTPConnection.open(on: eventLoop, candidate: candidate, cacheKey: state.key ?? "",
                                                        policy: clientPolicy, message: state.message(), body: state.job.body,
-                                                       options: options, handOff: handOff, tlsRequest: request)
+                                                       options: options, handOff: handOff, tlsRequest: request,
+                                                       taskExecutor: taskExecutor)
         future.whenSuccess { [self] outcome in
             apply(outcome, connection: connection, to: state, plaintext: plaintext)
             next(state)

@@ -56,30 +56,13 @@ public enum RemoteDeliveryService {
 
     /// The DNSSEC-validating resolver (libunbound) configured by `[dns]`.
     /// Fails for an unreadable trust anchor or a server unbound refuses.
+    /// Every file it needs is read here (the DNS module loads eagerly):
+    /// the stage may drop privileges and chroot right after.
     public static func makeResolver(_ config: SealpostConfiguration) throws(RemoteSetupError) -> UnboundMailExchangerResolver {
         do {
             return try UnboundMailExchangerResolver.make(resolverConfiguration(config))
         } catch {
             throw RemoteSetupError("\(config.file): [dns]: \(error)")
-        }
-    }
-
-    /// libunbound reads its trust anchors when it answers its first query,
-    /// not when it is configured. Run before the stage drops privileges:
-    /// one query for "localhost" (answered from unbound's built-in local
-    /// zone, no packet leaves the process) loads them while they are still
-    /// readable, and turns an unreadable anchor into a start-up error
-    /// instead of a "resolver error -7: initialization failure" deferral
-    /// of every message.
-    public static func primeResolver(_ resolver: UnboundMailExchangerResolver, config: SealpostConfiguration) async throws(RemoteSetupError) {
-        do {
-            _ = try await resolver.thread.resolve("localhost", .a, timeout: .seconds(10))
-        } catch {
-            // UB_INITFAIL: a file it could not read, a module that failed.
-            if case .resolver(let code, _) = error, code == -7 {
-                throw RemoteSetupError("\(config.file): [dns]: the resolver failed to initialize (\(error)); is every trust_anchor_files entry readable?")
-            }
-            // Anything else (a timeout) is a lookup's problem, not the setup's.
         }
     }
 }

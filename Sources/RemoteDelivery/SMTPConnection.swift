@@ -69,6 +69,7 @@ final class SMTPConnection: @unchecked Sendable {
     private let options: ConnectionOptions
     private let handOff: (any TLSClientHandOff)?
     private let tlsRequest: TLSClientRequest
+    private let taskExecutor: EventLoopTaskExecutor
     private var channel: Channel?
     /// Incremented when a channel is given up (TLS hand-off, close): events
     /// from an older channel are ignored.
@@ -78,11 +79,19 @@ final class SMTPConnection: @unchecked Sendable {
     private var promise: EventLoopPromise<TransactionOutcome>?
     private var timer: Scheduled<Void>?
     private var lastWrite: EventLoopFuture<Void>?
+    /// Bytes written to the channel and not yet flushed: every write of one
+    /// batch of actions goes out in one flush (one writev), so that a
+    /// pipelined MAIL/RCPT/DATA group, or a body and its terminating dot,
+    /// cost one system call rather than one per command or chunk.
+    private var unflushed = false
+    /// Nesting of `run` (the body is sent from inside it).
+    private var running = 0
 
     private init(eventLoop: EventLoop, candidate: DeliveryCandidate, cacheKey: String, policy: SMTPClientPolicy,
                  message: SMTPClientMessage, options: ConnectionOptions, handOff: (any TLSClientHandOff)?,
-                 tlsRequest: TLSClientRequest) {
+                 tlsRequest: TLSClientRequest, taskExecutor: EventLoopTaskExecutor) {
         self.eventLoop = eventLoop
+        self.taskExecutor = taskExecutor
         self.candidate = candidate
         self.cacheKey = cacheKey
         self.session = SMTPClientSession(policy: policy, message: message)
@@ -100,10 +109,12 @@ final class SMTPConnection: @unchecked Sendable {
     /// the session is idle afterwards (see `isIdle`).
     static func open(on eventLoop: EventLoop, candidate: DeliveryCandidate, cacheKey: String, policy: SMTPClientPolicy,
                      message: SMTPClientMessage, body: [[UInt8]], options: ConnectionOptions,
-                     handOff: (any TLSClientHandOff)?, tlsRequest: TLSClientRequest) -> (SMTPConnection, EventLoopFuture<TransactionOutcome>) {
+                     handOff: (any TLSClientHandOff)?, tlsRequest: TLSClientRequest,
+                     taskExecutor: EventLoopTaskExecutor) -> (SMTPConnection, EventLoopFuture<TransactionOutcome>) {
         eventLoop.preconditionInEventLoop()
         let connection = SMTPConnection(eventLoop: eventLoop, candidate: candidate, cacheKey: cacheKey, policy: policy,
-                                        message: message, options: options, handOff: handOff, tlsRequest: tlsRequest)
+                                        message: message, options: options, handOff: handOff, tlsRequest: tlsRequest,
+                                        taskExecutor: taskExecutor)
         let promise = eventLoop.makePromise(of: TransactionOutcome.self)
         connection.promise = promise
         connection.body = body
@@ -221,6 +232,11 @@ final class SMTPConnection: @unchecked Sendable {
     }
 
     private func run(_ actions: [SMTPClientAction]) {
+        running += 1
+        defer {
+            running -= 1
+            if running == 0 { flush() }
+        }
         for action in actions {
             switch action {
             case .send(let bytes):
@@ -253,7 +269,14 @@ final class SMTPConnection: @unchecked Sendable {
 
     private func write(_ bytes: [UInt8]) {
         guard let channel else { return }
-        lastWrite = channel.writeAndFlush(channel.allocator.buffer(bytes: bytes))
+        lastWrite = channel.write(channel.allocator.buffer(bytes: bytes))
+        unflushed = true
+    }
+
+    private func flush() {
+        guard unflushed else { return }
+        unflushed = false
+        channel?.flush()
     }
 
     private func complete() {
@@ -267,6 +290,7 @@ final class SMTPConnection: @unchecked Sendable {
 
     /// Closes after what was written (QUIT) has gone out.
     private func closeChannel() {
+        flush()
         let channel = self.channel
         self.channel = nil
         generation += 1
@@ -311,6 +335,7 @@ final class SMTPConnection: @unchecked Sendable {
     /// (a duplicate of its descriptor: NIO closes its own), the plaintext
     /// end comes back as a new channel, and the machine says EHLO again.
     private func startTLS() {
+        flush()
         guard let handOff else {
             run(session.tlsFailed("no TLS service (crypto-negotiate) is configured"))
             return
@@ -339,10 +364,11 @@ final class SMTPConnection: @unchecked Sendable {
         channel.close(promise: nil)
         let generation = self.generation
         let request = tlsRequest
-        let loop = eventLoop
-        Task {
-            let result = await handOff.negotiate(socket: fd, request: request)
-            loop.execute { self.tlsDone(result, generation: generation) }
+        let socket = fd
+        eventLoop.runTask(on: taskExecutor) {
+            await handOff.negotiate(socket: socket, request: request)
+        }.whenSuccess { [self] result in
+            tlsDone(result, generation: generation)
         }
     }
 

@@ -200,6 +200,17 @@ public struct SMTPClientSession: Sendable {
     /// write, dot-stuffed with CRLF line ends (nothing when the piece was a
     /// lone CR, held back until the next byte).
     public mutating func bodyChunk<C: Collection<UInt8>>(_ bytes: C) -> [SMTPClientAction] {
+        encodeBody(bytes)
+    }
+
+    /// The same for a byte array (remote-deliver's chunks): a generic
+    /// function called from another module runs unspecialized, element by
+    /// element through protocol witnesses; this one is specialized here.
+    public mutating func bodyChunk(_ bytes: [UInt8]) -> [SMTPClientAction] {
+        encodeBody(bytes)
+    }
+
+    private mutating func encodeBody<C: Collection<UInt8>>(_ bytes: C) -> [SMTPClientAction] {
         guard state == .body else {
             precondition(state == .closed, "bodyChunk outside the body")
             return []

@@ -62,11 +62,20 @@
 //
 // PRIVILEGES
 //      Started as root by the supervisor, it reads the configuration, the
-//      transport table and the credential files it names, then runs as its
-//      own user (SEALPOST_USER). It does not chroot: name resolution needs
-//      /etc/resolv.conf and friends. It holds no keys and never touches the
-//      spool.
-//
+//      transport table and the credential files it names, and makes its
+//      resolver, which reads the DNS trust anchors then (the DNS module
+//      loads every file at once; no other file is ever read: DNS goes to
+//      [dns] forwarders or the root servers, never /etc/resolv.conf or
+//      /etc/hosts). Then it chroots into the runtime directory (run/, owned
+//      by root, holding only the stages' sockets: it reaches run/deliver
+//      and run/tls as /deliver and /tls) and runs as its own user
+//      (SEALPOST_USER). After that it needs no file: outgoing connections
+//      go to IP addresses (no getaddrinfo), randomness comes from
+//      getrandom(2), and no work runs on libdispatch's worker pool (it
+//      traps without /proc; see Sources/RemoteDelivery/
+//      EventLoopTaskExecutor.swift). It holds no keys and never touches the
+//      spool, the mailboxes or the log.
+
 // LOGGING
 //      One line per recipient on stderr, as Postfix's smtp(8):
 //      remote-deliver[815]: 4F3A2B1C5D6E: to=<b@example.net>,
@@ -97,9 +106,8 @@ let transports: TransportTable
 let resolver: UnboundMailExchangerResolver
 do {
     settings = RemoteDeliveryService.settings(config)
+    // Reads the trust anchors now, while they are readable.
     resolver = try RemoteDeliveryService.makeResolver(config)
-    // Loads the trust anchors now, while they are readable.
-    try await RemoteDeliveryService.primeResolver(resolver, config: config)
     transports = try TransportTable.load(path: RemoteDeliveryService.transportTablePath(config))
 } catch let error as RemoteSetupError {
     StageRuntime.fatal(error.description, exit: .config)
@@ -109,16 +117,23 @@ do {
     StageRuntime.fatal("\(error)", exit: .config)
 }
 
+// One event loop for everything: made before the chroot (NIO reads
+// nothing later, but threads are better started while all is visible).
+let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+
 let paths: RuntimePaths
 do {
-    paths = try StageRuntime.dropPrivileges(config, chroot: false)
+    // The chroot is the runtime directory, not the data directory: the
+    // stage that talks to the Internet sees the sockets and nothing else.
+    var jail = config
+    jail.dataDirectory = config.runtimeDirectory
+    paths = try StageRuntime.dropPrivileges(jail, chroot: true)
 } catch let error as PrivilegeError {
     StageRuntime.fatal(error.message, exit: error.exitCode)
 } catch {
     StageRuntime.fatal("\(error)", exit: .osErr)
 }
 
-let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 let agent = RemoteDeliveryAgent(
     eventLoop: group.next(), settings: settings, transports: transports,
     resolver: resolver, policy: StaticDestinationPolicy(),

@@ -168,6 +168,53 @@ struct ResolverTests {
         }
     }
 
+    /// The files are read when the Resolver is made: a stage may then drop
+    /// privileges or chroot, and lookups still validate.
+    @Test func anchorsAreLoadedAtConfiguration() throws {
+        let bed = try DNSTestbed.running()
+        let copy = bed.directory + "/anchor-copy-\(UInt32.random(in: 0...UInt32.max)).key"
+        let text = try String(contentsOfFile: bed.trustAnchor, encoding: .utf8)
+        try text.write(toFile: copy, atomically: false, encoding: .utf8)
+        let r = try Resolver(ResolverConfiguration(forwarders: [bed.resolver], trustAnchorFiles: [copy],
+                                                   insecureDomains: ["insecure.test"], resolveReservedZones: ["test"],
+                                                   timeout: .seconds(5)))
+        #expect(unlink(copy) == 0)
+        #expect(access(copy, F_OK) != 0)
+        let answer = try r.resolve("dane.test", .mx)
+        #expect(answer.status == .secure)
+        let bogus = try r.resolve("_25._tcp.mxbogus.dane.test", .tlsa)
+        #expect(bogus.status.isBogus)
+    }
+
+    @Test func missingAnchorIsATypedError() throws {
+        let path = "/nonexistent-\(getpid())/anchor.key"
+        #expect(throws: DNSError.unreadableFile(path: path, reason: "No such file or directory")) {
+            try Resolver(ResolverConfiguration(trustAnchorFiles: [path]))
+        }
+        #expect(throws: DNSError.unreadableFile(path: "/", reason: "not a regular file")) {
+            try Resolver(ResolverConfiguration(trustAnchorFiles: ["/"]))
+        }
+    }
+
+    /// A file that is readable but holds no trust anchor fails when the
+    /// Resolver is made, not at the first lookup.
+    @Test func garbageAnchorFailsAtConfiguration() throws {
+        let bed = try DNSTestbed.running()
+        let path = bed.directory + "/garbage-\(UInt32.random(in: 0...UInt32.max)).key"
+        try "this is not a DS record\n".write(toFile: path, atomically: false, encoding: .utf8)
+        defer { unlink(path) }
+        do {
+            _ = try Resolver(ResolverConfiguration(forwarders: [bed.resolver], trustAnchorFiles: [path]))
+            Issue.record("a garbage trust anchor was accepted")
+        } catch {
+            guard case .configuration(let text) = error else {
+                Issue.record("unexpected error \(error)")
+                return
+            }
+            #expect(text.contains(path))
+        }
+    }
+
     @Test func invalidNameFailsAtOnce() throws {
         let r = try DNSTestbed.resolver()
         #expect(throws: DNSError.self) { try r.resolve("bad name.dane.test", .a) }

@@ -376,6 +376,23 @@ func refusal(_ frame: Frame) throws -> String {
         second.close()
     }
 
+    /// A delivered message's delete waits briefly to share a spool
+    /// submission with others; stopping the queue commits the waiting ones.
+    @Test func deliveredMessagesStayRemovedAcrossAStop() throws {
+        let q = try TestQueue()
+        let ids = try (0..<3).map { _ in try q.inject(to: ["alice@localhost"]) }
+        let stage = try q.deliverer(maxJobs: 4)
+        for _ in ids {
+            let job = try TestQueue.receiveJob(stage)
+            try TestQueue.report(stage, job, "sent", dsn: "2.0.0", text: "ok")
+        }
+        _ = try q.eventually("all delivered") { $0.messages.isEmpty }
+        stage.close()
+        q.stop()
+        try q.start()
+        #expect(try q.control("list").messages.isEmpty)
+    }
+
     @Test func restartKeepsEverything() throws {
         let q = try TestQueue()
         let a = try q.inject(to: ["alice@localhost"])

@@ -134,6 +134,22 @@ def bounces(pipe):
     return [path.read_bytes() for path in pipe.delivered(local_user())]
 
 
+def assert_confined(pipe):
+    """As root, remote-deliver runs chrooted into the runtime directory (its
+    /proc/PID/root is not /), and no libdispatch worker thread exists in it
+    (their pool traps in a chroot: the stage keeps its async work on its
+    event loop). Checked after deliveries, so every code path ran."""
+    pid = pipe.running_pid("remote-deliver")
+    threads = [pathlib.Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+               for task in os.listdir(f"/proc/{pid}/task")]
+    assert not [name for name in threads if "qos" in name], threads
+    if os.geteuid() != 0:
+        return
+    root = os.readlink(f"/proc/{pid}/root")
+    assert root != "/", "remote-deliver is not chrooted"
+    assert pathlib.Path(root).resolve() == (pipe.data / "run").resolve(), root
+
+
 # Postfix with STARTTLS -------------------------------------------------------
 
 def test_starttls_to_postfix_mx(remote, dns, workdir, cleanup):
@@ -156,6 +172,7 @@ def test_starttls_to_postfix_mx(remote, dns, workdir, cleanup):
                       and re.search(r"to=<tls-user@dane.test>.*status=sent", postfix.log_text())
                       and postfix.log_text(), 60, "Postfix to log the TLS session and the delivery")
     assert re.search(r"TLS connection established from \S+\[127\.", text), text
+    assert_confined(pipe)
 
 
 # MX fail-over ----------------------------------------------------------------
@@ -349,6 +366,7 @@ def test_relay_load_every_message_delivered(remote, workdir, cleanup):
                  if "status=deferred" in line and "temporarily suspended" not in line]
     assert not deferrals, "\n".join(deferrals[:5])
     assert "status=bounced" not in log
+    assert_confined(pipe)
     # Only SMTP's own duplicates (a lost reply after the dot) could exceed it.
     assert sink_count() == RELAY_COUNT
     print(f"\n{RELAY_COUNT} messages: accepted in {accepted - started:.1f} s, "
