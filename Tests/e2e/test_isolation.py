@@ -254,13 +254,10 @@ def test_crypto_negotiate_is_confined(stages):
             assert credentials(f"/proc/{other}/status")[0][0] != uid, name
 
 
-STAGES_KEEPING_ROOT = {
-    # Its main thread is parked by libdispatch (dispatch_main after the
-    # top-level await) before the privileges are dropped, and glibc's
-    # setuid() skips exiting threads: that thread stays root. To be fixed
-    # in remote-deliver (drop privileges before the first await).
-    "remote-deliver": "the main thread, parked by dispatch_main, keeps uid 0",
-}
+# Stages known to keep root in some thread (a strict xfail each, so that the
+# fix is noticed). remote-deliver did, while it dropped privileges after a
+# top-level await (its parked main thread kept uid 0); it no longer awaits.
+STAGES_KEEPING_ROOT: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [
