@@ -233,6 +233,15 @@ public struct FrameDecoder: Sendable {
     /// What is wrong with an attribute name, or nil.
     static func nameProblem(_ name: [UInt8]) -> String? {
         guard !name.isEmpty else { return "attribute name is empty" }
+        // The valid case first and without building the quoted name: this
+        // runs for every attribute of every frame.
+        if name.count <= WireLimits.maxNameLength, (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(name[0]),
+           name.allSatisfy({ b in
+               (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(b)
+                   || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b) || b == UInt8(ascii: "-")
+           }) {
+            return nil
+        }
         let shown = Checks.quoted(String(decoding: name, as: UTF8.self))
         guard name.count <= WireLimits.maxNameLength else {
             return "attribute name \(shown) of \(name.count) bytes exceeds the limit of \(WireLimits.maxNameLength)"
