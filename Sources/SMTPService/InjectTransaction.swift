@@ -5,17 +5,26 @@
 //
 //   HELLO protocol=inject version=1      ->
 //                                         <- HELLO
-//   MAIL sender=... client-address=...   ->
+//   MAIL sender=... announce-id=true ... ->
 //   RCPT address=... (one per recipient) ->
-//   BODY data=<Received: header>         ->
+//                                         <- QUEUE-ID queue-id=ID
+//   BODY data=<Received: ... id ID>      ->
 //   BODY data=<message, <= 64 KiB each>  ->   (as the client sends it)
 //   END                                  ->
-//                                         <- ACCEPTED queue-id=... | REFUSED code= status= text=
+//                                         <- ACCEPTED queue-id=ID | REFUSED code= status= text=
+//
+// The Received header names the queue ID (RFC 5321 4.4, as Postfix does),
+// and it is the first line of the message, so no BODY goes out before the
+// queue announced the ID. The wait is usually hidden: the transaction
+// starts when DATA is accepted, and the client needs a round trip (354,
+// then its first bytes) before there is anything to send; what arrives
+// earlier waits here. The ID is also the one of the "ID: client=" log line,
+// and ACCEPTED must repeat it.
 //
 // The frames are written as the message arrives; nothing holds a whole
 // message. While the inject socket's send buffer is full (the channel is
-// not writable) the session stops reading from the SMTP client: the queue's
-// pace is the client's pace.
+// not writable), or the ID is not known yet, the session stops reading from
+// the SMTP client: the queue's pace is the client's pace.
 //
 // Why one connection per transaction rather than a shared one: the inject
 // protocol answers transactions in order on a connection, so a shared
@@ -48,9 +57,17 @@ final class InjectTransaction {
     private let socketPath: String
     private let replyTimeout: TimeAmount
     private var channel: Channel?
-    /// Frames produced before the connection is up.
+    /// MAIL and RCPT frames, sent once the HELLOs are exchanged.
     private var pending: [Frame] = []
+    /// BODY (and END) frames produced before the queue announced the ID.
+    private var held: [Frame] = []
     private var helloReceived = false
+    /// From QUEUE-ID; nil until then.
+    private(set) var queueID: String?
+    /// The first body bytes (the Received header) for the announced ID.
+    private var prefix: ((String) -> [UInt8])?
+    /// Told the ID as soon as the queue announces it (for the log line).
+    private var announced: ((String) -> Void)?
     /// Set once the transaction cannot succeed any more; later data is dropped.
     private(set) var failure: String?
     private var completion: Completion?
@@ -74,14 +91,14 @@ final class InjectTransaction {
     /// True once failed (data is then dropped).
     var isWritable: Bool {
         if failure != nil || outcome != nil { return true }
-        guard helloReceived, let channel else { return false }
+        guard helloReceived, queueID != nil, let channel else { return false }
         return channel.isWritable
     }
 
     // MARK: - Frames
 
     static func mailFrame(_ e: SMTPEnvelope, clientName: String) -> Frame {
-        var f = Frame(.mail, ["sender": .text(e.sender.address)])
+        var f = Frame(.mail, ["sender": .text(e.sender.address), "announce-id": .bool(true)])
         let p = e.parameters
         f.set("ret", p.ret.map { .text($0.rawValue) })
         f.set("envid", p.envid.map { AttributeValue.sanitizedText($0) })
@@ -122,14 +139,17 @@ final class InjectTransaction {
 
     // MARK: - Life cycle
 
-    /// Connects and sends the envelope and the first body bytes (the
-    /// Received header).
-    func start(envelope: SMTPEnvelope, clientName: String, prefix: [UInt8]) {
-        pending.append(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1),
-                                      "software": .text(Self.software)]))
+    /// Connects and sends the envelope; once the queue announced the ID,
+    /// `announced` is told it and `prefix(ID)` (the Received header) goes
+    /// out as the first body bytes.
+    func start(envelope: SMTPEnvelope, clientName: String, prefix: @escaping (String) -> [UInt8],
+               announced: @escaping (String) -> Void) {
+        self.prefix = prefix
+        self.announced = announced
         pending.append(Self.mailFrame(envelope, clientName: clientName))
         for r in envelope.recipients { pending.append(Self.rcptFrame(r)) }
-        pending.append(contentsOf: Self.bodyFrames(prefix))
+        // The connection, both HELLOs and the ID are timed together.
+        armTimer()
 
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         let connect = ClientBootstrap(group: eventLoop)
@@ -161,9 +181,9 @@ final class InjectTransaction {
         }
         self.channel = channel
         // PROTOCOL.md 4.1: nothing but the HELLOs until both are exchanged;
-        // the rest waits in `pending` for the queue's HELLO.
-        let hello = pending.removeFirst()
-        send(hello, on: channel)
+        // the envelope waits in `pending` for the queue's HELLO.
+        send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1), "software": .text(Self.software)]),
+             on: channel)
         channel.flush()
     }
 
@@ -174,12 +194,30 @@ final class InjectTransaction {
         pending = []
         for frame in frames { send(frame, on: channel) }
         channel.flush()
+    }
+
+    /// QUEUE-ID: the Received header, then what the client sent meanwhile.
+    private func idAnnounced(_ id: String) {
+        guard let channel else { return }
+        queueID = id
+        timer?.cancel()
+        timer = nil
+        announced?(id)
+        announced = nil
+        if let prefix { for frame in Self.bodyFrames(prefix(id)) { send(frame, on: channel) } }
+        prefix = nil
+        let frames = held
+        held = []
+        for frame in frames { send(frame, on: channel) }
+        channel.flush()
+        // END already went out with the held frames: its answer is timed.
+        if ended { armTimer() }
         writabilityChanged?()
     }
 
     private func write(_ frame: Frame) {
-        guard let channel, helloReceived else {
-            pending.append(frame)
+        guard let channel, helloReceived, queueID != nil else {
+            held.append(frame)
             return
         }
         send(frame, on: channel)
@@ -212,7 +250,7 @@ final class InjectTransaction {
         if failure == nil, outcome == nil {
             write(Frame(.end))
             channel?.flush()
-            // Before the connection is up, the queue's silence is timed too.
+            // Before the ID is known, the timer of the start still runs.
             armTimer()
         } else {
             deliverOutcome()
@@ -254,10 +292,18 @@ final class InjectTransaction {
                 return fail("queue answered HELLO with protocol \(proto ?? "?") version \(version.map(String.init) ?? "?")")
             }
             helloExchanged()
+        case .queueID:
+            guard helloReceived, queueID == nil, let id = try? frame.text("queue-id"), !id.isEmpty else {
+                return fail("unexpected QUEUE-ID from the queue")
+            }
+            idAnnounced(id)
         case .accepted:
-            guard helloReceived, ended, let id = try? frame.text("queue-id"), !id.isEmpty else {
+            guard helloReceived, ended, let announced = queueID, let id = try? frame.text("queue-id") else {
                 return fail("unexpected ACCEPTED from the queue")
             }
+            // The ID of the Received header and of the log must be the one
+            // the message is queued under.
+            guard id == announced else { return fail("ACCEPTED queue-id \(id) differs from the announced \(announced)") }
             finish(.accepted(queueID: id))
         case .refused:
             guard helloReceived, ended else { return fail("unexpected REFUSED from the queue") }
@@ -300,6 +346,9 @@ final class InjectTransaction {
         guard outcome == nil else { return }
         if failure == nil { failure = reason }
         pending = []
+        held = []
+        prefix = nil
+        announced = nil
         channel?.close(promise: nil)
         if ended {
             finish(.unavailable(reason: reason))

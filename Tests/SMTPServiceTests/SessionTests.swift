@@ -43,16 +43,56 @@ import Testing
         #expect(try m.mail.optionalText("body-type") == "8BITMIME")
         #expect(try m.mail.optionalUInt("size") == 100)
         #expect(try m.mail.bool("smtputf8", default: false) == false)
-        // The Received line comes first, then the message, dot-unstuffed.
-        #expect(m.text.hasPrefix("Received: from client.example.org (unknown [127.0.0.1])\r\n\tby mx.example.test (Sealpost) with ESMTP;\r\n\t"))
-        #expect(m.text.hasSuffix("\r\nSubject: hi\r\n\r\nHello.\r\n.dot\r\n"))
-        #expect(!m.text.contains(" id "), "the queue ID is not known when the Received line is written")
-
+        #expect(try m.mail.bool("announce-id", default: false) == true)
+        // The Received line comes first, with the queue ID the queue
+        // announced at MAIL (the one of the 250), then the message,
+        // dot-unstuffed.
         let id = String(done.last.dropFirst("250 2.0.0 Ok: queued as ".count))
+        #expect(id.count == 12)
+        #expect(m.text.hasPrefix("Received: from client.example.org (unknown [127.0.0.1])\r\n\tby mx.example.test (Sealpost) with ESMTP id \(id);\r\n\t"))
+        #expect(m.text.hasSuffix("\r\nSubject: hi\r\n\r\nHello.\r\n.dot\r\n"))
+
         let logs = h.logs.all
         #expect(logs.contains("connect from unknown[127.0.0.1]"))
         #expect(logs.contains("\(id): client=unknown[127.0.0.1]"))
         #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6"))
+    }
+
+    @Test func queueIDIsLoggedBeforeTheMessageIsCommitted() throws {
+        let h = try Harness(queue: FakeQueue(answer: .refuse(code: 452, status: "4.3.1", text: "queue full")))
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        #expect(c.command("Subject: hi\r\n\r\nHello.\r\n.")?.code == 452)
+        // The ID was announced (and logged) although the message was refused.
+        let m = try #require(h.queue.refused.first)
+        // "\tby mx.example.test (Sealpost) with ESMTP id ID" (then "for <...>; date").
+        let by = try #require(m.text.split(separator: "\r\n").dropFirst().first)
+        #expect(by.hasPrefix("\tby mx.example.test (Sealpost) with ESMTP id "))
+        let id = String(by.split(separator: " ").last ?? "")
+        #expect(id.count == 12)
+        #expect(h.logs.contains("\(id): client=unknown[127.0.0.1]"))
+        #expect(c.command("QUIT")?.code == 221)
+    }
+
+    @Test func queueThatNeverAnnouncesTheIDGives451() throws {
+        let q = try FakeQueue()
+        q.withholdID = true
+        let h = try Harness(queue: q) { $0.timeouts.queueReply = 1 }
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        let reply = try #require(c.command("Subject: hi\r\n\r\nHello.\r\n."))
+        #expect(reply.code == 451)
+        #expect(h.queue.accepted.isEmpty)
+        #expect(h.logs.contains("warning: queue inject failed for unknown[127.0.0.1]: no answer from the queue within 1 s"))
+        #expect(c.command("QUIT")?.code == 221)
     }
 
     @Test func ipv6ClientIsNamedAndTrustedByDefault() throws {

@@ -53,6 +53,7 @@ final class FakeQueue: Sendable {
         var nextID = 0x10000
         var stopped = false
         var stallBodies = false
+        var withholdID = false
     }
 
     init(answer: Answer = .accept) throws {
@@ -75,6 +76,11 @@ final class FakeQueue: Sendable {
     var stallBodies: Bool {
         get { state.withLock { $0.stallBodies } }
         set { state.withLock { $0.stallBodies = newValue } }
+    }
+    /// While true, MAIL with announce-id gets no QUEUE-ID (a broken queue).
+    var withholdID: Bool {
+        get { state.withLock { $0.withholdID } }
+        set { state.withLock { $0.withholdID = newValue } }
     }
     var accepted: [InjectedMessage] { state.withLock { $0.accepted } }
     var refused: [InjectedMessage] { state.withLock { $0.refused } }
@@ -103,6 +109,13 @@ final class FakeQueue: Sendable {
         }
     }
 
+    private func nextQueueID() -> String {
+        state.withLock { s -> String in
+            s.nextID += 1
+            return String(format: "%012X", s.nextID)
+        }
+    }
+
     private func serve(_ fd: Int32) {
         let c = StageConnection(adopting: fd, protocol: .inject, direction: .clientToServer)
         defer { c.close() }
@@ -110,6 +123,7 @@ final class FakeQueue: Sendable {
             guard let hello = try c.receive(), hello.type == .hello else { return }
             try c.send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1)]))
             var mail: Frame?
+            var announcedID: String?
             var rcpts: [Frame] = []
             var body: [UInt8] = []
             while true {
@@ -121,7 +135,15 @@ final class FakeQueue: Sendable {
                 switch f.type {
                 case .mail:
                     guard mail == nil else { throw ProtocolError("MAIL inside a transaction") }
-                    mail = f; rcpts = []; body = []
+                    mail = f; rcpts = []; body = []; announcedID = nil
+                    if try f.bool("announce-id", default: false) {
+                        // As the queue does: the ID is drawn at MAIL.
+                        let id = nextQueueID()
+                        announcedID = id
+                        if !state.withLock({ $0.withholdID }) {
+                            try c.send(Frame(.queueID, ["queue-id": .text(id)]))
+                        }
+                    }
                 case .rcpt:
                     guard mail != nil, body.isEmpty else { throw ProtocolError("RCPT out of place") }
                     rcpts.append(f)
@@ -138,11 +160,8 @@ final class FakeQueue: Sendable {
                     mail = nil
                     switch answer {
                     case .accept:
-                        let id = state.withLock { s -> String in
-                            s.nextID += 1
-                            s.accepted.append(message)
-                            return String(format: "%012X", s.nextID)
-                        }
+                        let id = announcedID ?? nextQueueID()
+                        state.withLock { $0.accepted.append(message) }
                         try c.send(Frame(.accepted, ["queue-id": .text(id)]))
                     case .refuse(let code, let status, let text):
                         state.withLock { $0.refused.append(message) }
