@@ -1,7 +1,9 @@
 // One SMTP transaction streamed into the queue over the inject protocol
 // (Pipeline/PROTOCOL.md section 4.2): a connection to the queue's inject
-// socket per message, opened when the client's DATA (or first BDAT) is
-// accepted, on the session's own event loop (no locks, no thread hops).
+// socket of its own while it runs, taken from the event loop's pool of idle
+// connections (InjectPool) or opened, when the client's DATA (or first BDAT)
+// is accepted, on the session's own event loop (no locks, no thread hops).
+// A pooled connection has had its HELLOs: the transaction starts at MAIL.
 //
 //   HELLO protocol=inject version=1      ->
 //                                         <- HELLO
@@ -26,10 +28,11 @@
 // not writable), or the ID is not known yet, the session stops reading from
 // the SMTP client: the queue's pace is the client's pace.
 //
-// Why one connection per transaction rather than a shared one: the inject
-// protocol answers transactions in order on a connection, so a shared
-// connection would make every session wait behind the slowest message, and
-// a protocol error would fail all of them. Unix socket connects are cheap.
+// Why one connection per transaction at a time rather than a shared one:
+// the inject protocol answers transactions in order on a connection, so a
+// shared connection would make every session wait behind the slowest
+// message, and a protocol error would fail all of them. A connection goes
+// back to the pool only after a clean ACCEPTED or REFUSED.
 //
 // Outcomes: ACCEPTED -> 250 with the queue ID; REFUSED -> the queue's own
 // reply; anything else (no socket, connection lost, ERROR, a protocol
@@ -56,7 +59,14 @@ final class InjectTransaction {
     private let eventLoop: EventLoop
     private let socketPath: String
     private let replyTimeout: TimeAmount
+    private let pool: InjectPool?
     private var channel: Channel?
+    private var handler: InjectResponseHandler?
+    /// MAIL and RCPT frames, kept for a retry on a fresh connection.
+    private var envelopeFrames: [Frame] = []
+    /// The connection came from the pool (and may have died unnoticed).
+    private(set) var reused = false
+    private var retried = false
     /// MAIL and RCPT frames, sent once the HELLOs are exchanged.
     private var pending: [Frame] = []
     /// BODY (and END) frames produced before the queue announced the ID.
@@ -80,10 +90,11 @@ final class InjectTransaction {
 
     static let software = "sealpost-smtp-listen 1"
 
-    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount) {
+    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount, pool: InjectPool? = nil) {
         self.eventLoop = eventLoop
         self.socketPath = socketPath
         self.replyTimeout = replyTimeout
+        self.pool = pool
     }
 
     /// False while the inject socket cannot take more (connecting, or its
@@ -146,16 +157,31 @@ final class InjectTransaction {
                announced: @escaping (String) -> Void) {
         self.prefix = prefix
         self.announced = announced
-        pending.append(Self.mailFrame(envelope, clientName: clientName))
-        for r in envelope.recipients { pending.append(Self.rcptFrame(r)) }
+        envelopeFrames.append(Self.mailFrame(envelope, clientName: clientName))
+        for r in envelope.recipients { envelopeFrames.append(Self.rcptFrame(r)) }
         // The connection, both HELLOs and the ID are timed together.
         armTimer()
+        if let (channel, handler) = pool?.take() {
+            reused = true
+            self.channel = channel
+            self.handler = handler
+            handler.transaction = self
+            helloReceived = true
+            for frame in envelopeFrames { send(frame, on: channel) }
+            channel.flush()
+        } else {
+            connect()
+        }
+    }
 
+    private func connect() {
+        pending = envelopeFrames
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         let connect = ClientBootstrap(group: eventLoop)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let handler = InjectResponseHandler(transaction: bound.value)
+                    bound.value.handler = handler
                     try channel.pipeline.syncOperations.addHandlers([
                         ByteToMessageHandler(FrameDecoderHandler(protocol: .inject, direction: .serverToClient)),
                         MessageToByteHandler(FrameEncoderHandler(protocol: .inject, direction: .clientToServer)),
@@ -175,7 +201,7 @@ final class InjectTransaction {
     }
 
     private func connected(_ channel: Channel) {
-        guard failure == nil, outcome == nil else {
+        guard failure == nil, outcome == nil, handler?.transaction === self else {
             channel.close(promise: nil)
             return
         }
@@ -226,6 +252,9 @@ final class InjectTransaction {
     private func send(_ frame: Frame, on channel: Channel) {
         let promise = eventLoop.makePromise(of: Void.self)
         promise.futureResult.assumeIsolated().whenFailure { error in
+            // A write that failed on a connection this transaction left
+            // (a retry) is no news.
+            guard self.channel === channel else { return }
             self.fail("sending \(frame.type.name): \(Self.describe(error))")
         }
         channel.write(frame, promise: promise)
@@ -276,7 +305,7 @@ final class InjectTransaction {
     private func armTimer() {
         guard timer == nil else { return }
         timer = eventLoop.assumeIsolated().scheduleTask(in: replyTimeout) {
-            self.fail("no answer from the queue within \(self.replyTimeout.nanoseconds / 1_000_000_000) s")
+            self.fail("no answer from the queue within \(self.replyTimeout.nanoseconds / 1_000_000_000) s", retry: false)
         }
     }
 
@@ -342,8 +371,22 @@ final class InjectTransaction {
 
     // MARK: - Outcome
 
-    private func fail(_ reason: String) {
+    private func fail(_ reason: String, retry: Bool = true) {
         guard outcome == nil else { return }
+        if retry, reused, !retried, failure == nil, queueID == nil {
+            // A pooled connection the queue closed (a restart) before this
+            // transaction noticed: nothing of the message went out yet (no
+            // BODY before QUEUE-ID), so start over on a fresh connection.
+            retried = true
+            reused = false
+            handler?.transaction = nil
+            channel?.close(promise: nil)
+            channel = nil
+            handler = nil
+            helloReceived = false
+            connect()
+            return
+        }
         if failure == nil { failure = reason }
         pending = []
         held = []
@@ -361,7 +404,15 @@ final class InjectTransaction {
         guard outcome == nil else { return }
         outcome = result
         timer?.cancel()
-        channel?.close(promise: nil)
+        // ACCEPTED or REFUSED, read in order with nothing outstanding: the
+        // connection is clean and can carry the next transaction.
+        if let channel, let handler, let pool, failure == nil {
+            pool.giveBack(channel, handler)
+        } else {
+            channel?.close(promise: nil)
+        }
+        channel = nil
+        handler = nil
         deliverOutcome()
     }
 
@@ -379,32 +430,39 @@ final class InjectTransaction {
     }
 }
 
-/// Frames from the queue to the transaction; the end of the pipeline.
+/// Frames from the queue to the transaction using the connection; the end
+/// of the pipeline. With no transaction (idle in the pool), any event
+/// takes the connection out of the pool.
 final class InjectResponseHandler: ChannelInboundHandler {
     typealias InboundIn = Frame
 
-    private let transaction: InjectTransaction
+    var transaction: InjectTransaction?
+    weak var pool: InjectPool?
 
     init(transaction: InjectTransaction) {
         self.transaction = transaction
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        transaction.received(unwrapInboundIn(data))
+        if let transaction {
+            transaction.received(unwrapInboundIn(data))
+        } else {
+            pool?.discard(context.channel)   // nothing is due on an idle connection
+        }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        transaction.channelWritabilityChanged()
+        transaction?.channelWritabilityChanged()
         context.fireChannelWritabilityChanged()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        transaction.channelError(error)
+        if let transaction { transaction.channelError(error) } else { pool?.discard(context.channel) }
         context.close(promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        transaction.channelClosed()
+        if let transaction { transaction.channelClosed() } else { pool?.discard(context.channel) }
         context.fireChannelInactive()
     }
 }

@@ -462,7 +462,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         inMessage = true
         let settings = server.settings
         let transaction = InjectTransaction(eventLoop: context.eventLoop, socketPath: settings.injectSocket,
-                                            replyTimeout: .seconds(settings.timeouts.queueReply))
+                                            replyTimeout: .seconds(settings.timeouts.queueReply),
+                                            pool: server.injectPools.pool(for: context.eventLoop))
         transaction.writabilityChanged = { [weak self] in self?.resumeReadingIfWanted() }
         inject = transaction
         // The queue announces the ID the message will be queued under before

@@ -95,6 +95,50 @@ import Testing
         #expect(c.command("QUIT")?.code == 221)
     }
 
+    @Test func aQueueConnectionCarriesTheNextTransactionToo() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        var ids: [String] = []
+        for i in 0..<3 {
+            #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+            #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+            #expect(c.command("DATA")?.code == 354)
+            let done = try #require(c.command("Subject: \(i)\r\n\r\nHello.\r\n."))
+            #expect(done.code == 250)
+            ids.append(String(done.last.split(separator: " ").last ?? ""))
+        }
+        #expect(c.command("QUIT")?.code == 221)
+        #expect(h.queue.accepted.count == 3)
+        #expect(Set(ids).count == 3)
+        // One inject connection (and one HELLO) for the three messages.
+        #expect(h.queue.connections == 1)
+        for (m, id) in zip(h.queue.accepted, ids) {
+            #expect(m.text.contains(" with ESMTP id \(id)\r\n"))
+        }
+    }
+
+    @Test func aPooledConnectionTheQueueDroppedIsReplacedWithoutLoss() throws {
+        let q = try FakeQueue()
+        q.hangUpOnSecondMail = true
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        for i in 0..<2 {
+            #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+            #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+            #expect(c.command("DATA")?.code == 354)
+            #expect(c.command("Subject: \(i)\r\n\r\nHello.\r\n.")?.code == 250)
+        }
+        #expect(c.command("QUIT")?.code == 221)
+        // The second MAIL went out on the pooled connection, which the queue
+        // closed; the transaction started over on a new one.
+        #expect(h.queue.connections == 2)
+        #expect(h.queue.accepted.map { $0.text.hasSuffix("Subject: 1\r\n\r\nHello.\r\n") } == [false, true])
+    }
+
     @Test func ipv6ClientIsNamedAndTrustedByDefault() throws {
         let h = try Harness(host: "::1")
         defer { h.stop() }

@@ -54,6 +54,7 @@ final class FakeQueue: Sendable {
         var stopped = false
         var stallBodies = false
         var withholdID = false
+        var hangUpOnSecondMail = false
     }
 
     init(answer: Answer = .accept) throws {
@@ -76,6 +77,12 @@ final class FakeQueue: Sendable {
     var stallBodies: Bool {
         get { state.withLock { $0.stallBodies } }
         set { state.withLock { $0.stallBodies = newValue } }
+    }
+    /// While true, a connection that gets a second MAIL is closed instead
+    /// (as by a queue restarting while smtp-listen holds it idle).
+    var hangUpOnSecondMail: Bool {
+        get { state.withLock { $0.hangUpOnSecondMail } }
+        set { state.withLock { $0.hangUpOnSecondMail = newValue } }
     }
     /// While true, MAIL with announce-id gets no QUEUE-ID (a broken queue).
     var withholdID: Bool {
@@ -123,6 +130,7 @@ final class FakeQueue: Sendable {
             guard let hello = try c.receive(), hello.type == .hello else { return }
             try c.send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1)]))
             var mail: Frame?
+            var mails = 0
             var announcedID: String?
             var rcpts: [Frame] = []
             var body: [UInt8] = []
@@ -135,6 +143,8 @@ final class FakeQueue: Sendable {
                 switch f.type {
                 case .mail:
                     guard mail == nil else { throw ProtocolError("MAIL inside a transaction") }
+                    mails += 1
+                    if mails == 2, state.withLock({ $0.hangUpOnSecondMail }) { return }
                     mail = f; rcpts = []; body = []; announcedID = nil
                     if try f.bool("announce-id", default: false) {
                         // As the queue does: the ID is drawn at MAIL.
