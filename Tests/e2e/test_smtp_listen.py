@@ -49,6 +49,7 @@ class QueueStandIn:
         self.errors = []
         self.next_id = 0xA0000
         self.lock = threading.Lock()
+        self.connections = []
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(self.path)
         os.chmod(self.path, 0o666)
@@ -62,12 +63,26 @@ class QueueStandIn:
             pass
         self.server.close()
 
+    def go_away(self):
+        """As the queue process exiting: no socket, and every connection
+        (smtp-listen keeps idle ones for its next transactions) closed."""
+        self.close()
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _accept(self):
         while True:
             try:
                 connection, _ = self.server.accept()
             except OSError:
                 return
+            with self.lock:
+                self.connections.append(connection)
             threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
     def _serve(self, connection):
@@ -266,7 +281,7 @@ def test_queue_refusal_and_absence_reach_the_client(listener):
             client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: x\r\n\r\nx\r\n")
         assert refused.value.smtp_code == 452
         # The queue goes away: 451, never 250.
-        os.unlink(listener.queue.path)
+        listener.queue.go_away()
         with pytest.raises(smtplib.SMTPDataError) as unavailable:
             client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: y\r\n\r\ny\r\n")
         assert unavailable.value.smtp_code == 451
