@@ -299,6 +299,8 @@ final class InjectTransaction {
         } else {
             channel?.close(promise: nil)
         }
+        handler?.transaction = nil
+        handler = nil
         completion = nil
     }
 
@@ -393,6 +395,10 @@ final class InjectTransaction {
         prefix = nil
         announced = nil
         channel?.close(promise: nil)
+        // The connection's handler and this transaction point at each
+        // other: let go, nothing more is wanted from that connection.
+        handler?.transaction = nil
+        handler = nil
         if ended {
             finish(.unavailable(reason: reason))
         } else {
