@@ -97,14 +97,21 @@ final class InjectTransaction {
         self.pool = pool
     }
 
-    /// False while the inject socket cannot take more (connecting, or its
-    /// send buffer is full): the session should stop reading its client.
-    /// True once failed (data is then dropped).
+    /// False while the inject socket cannot take more (its send buffer is
+    /// full, or the ID is not known yet and `holdLimit` bytes are held):
+    /// the session should stop reading its client. True once failed (data
+    /// is then dropped).
     var isWritable: Bool {
         if failure != nil || outcome != nil { return true }
-        guard helloReceived, queueID != nil, let channel else { return false }
+        guard helloReceived, queueID != nil, let channel else { return heldBytes < Self.holdLimit }
         return channel.isWritable
     }
+
+    /// Body bytes kept while waiting for the ID: a small message is read
+    /// whole meanwhile (pausing and resuming the client's reads costs two
+    /// epoll_ctl and a wake-up), a big one waits with at most this much.
+    static let holdLimit = 64 * 1024
+    private var heldBytes = 0
 
     // MARK: - Frames
 
@@ -234,6 +241,7 @@ final class InjectTransaction {
         prefix = nil
         let frames = held
         held = []
+        heldBytes = 0
         for frame in frames { send(frame, on: channel) }
         channel.flush()
         // END already went out with the held frames: its answer is timed.
@@ -244,6 +252,7 @@ final class InjectTransaction {
     private func write(_ frame: Frame) {
         guard let channel, helloReceived, queueID != nil else {
             held.append(frame)
+            if case .bytes(let data)? = frame["data"] { heldBytes += data.count }
             return
         }
         send(frame, on: channel)
@@ -392,15 +401,17 @@ final class InjectTransaction {
         if failure == nil { failure = reason }
         pending = []
         held = []
+        heldBytes = 0
         prefix = nil
         announced = nil
-        channel?.close(promise: nil)
         // The connection's handler and this transaction point at each
-        // other: let go, nothing more is wanted from that connection.
+        // other: let go first (closing delivers channelInactive at once),
+        // nothing more is wanted from that connection.
         handler?.transaction = nil
         handler = nil
+        channel?.close(promise: nil)
         if ended {
-            finish(.unavailable(reason: reason))
+            finish(.unavailable(reason: failure ?? reason))
         } else {
             writabilityChanged?()
         }

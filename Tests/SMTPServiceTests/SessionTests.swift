@@ -91,7 +91,7 @@ import Testing
         let reply = try #require(c.command("Subject: hi\r\n\r\nHello.\r\n."))
         #expect(reply.code == 451)
         #expect(h.queue.accepted.isEmpty)
-        #expect(h.logs.contains("warning: queue inject failed for unknown[127.0.0.1]: no answer from the queue within 1 s"))
+        #expect(h.logs.contains("warning: queue inject failed for unknown[127.0.0.1]: no answer from the queue within 1 s"), "\(h.logs.all)")
         #expect(c.command("QUIT")?.code == 221)
     }
 
@@ -196,6 +196,31 @@ import Testing
         #expect(h.queue.accepted.first?.text.hasSuffix("\r\nSubject: b\r\n\r\nchunked\r\n") == true)
         #expect(c.command("QUIT")?.code == 221)
         #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 bdat=2 quit=1 commands=6"))
+    }
+
+    @Test(arguments: [100, 200_000])
+    func aMessageThatArrivesBeforeTheQueueIDIsHeldThenSentIntact(lines: Int) throws {
+        let q = try FakeQueue()
+        q.idDelayMicroseconds = 300_000
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        // Small: read whole while the ID is awaited. Big (over the hold
+        // limit): reading pauses, then resumes once the ID is known.
+        var message = "Subject: early\r\n\r\n"
+        for i in 0..<lines { message += "line \(i)\r\n" }
+        c.send(message + ".\r\n")
+        let r = try #require(c.reply())
+        #expect(r.code == 250)
+        let id = String(r.last.split(separator: " ").last ?? "")
+        let m = try #require(h.queue.accepted.first)
+        #expect(m.text.hasPrefix("Received: "))
+        #expect(m.text.contains(" id \(id)\r\n"))
+        #expect(m.text.hasSuffix(message))
     }
 
     @Test func largeMessageStreamsIntactInBoundedFrames() throws {

@@ -55,6 +55,7 @@ final class FakeQueue: Sendable {
         var stallBodies = false
         var withholdID = false
         var hangUpOnSecondMail = false
+        var idDelayMicroseconds: UInt32 = 0
     }
 
     init(answer: Answer = .accept) throws {
@@ -83,6 +84,11 @@ final class FakeQueue: Sendable {
     var hangUpOnSecondMail: Bool {
         get { state.withLock { $0.hangUpOnSecondMail } }
         set { state.withLock { $0.hangUpOnSecondMail = newValue } }
+    }
+    /// How long QUEUE-ID takes (a busy queue): the client's body arrives first.
+    var idDelayMicroseconds: UInt32 {
+        get { state.withLock { $0.idDelayMicroseconds } }
+        set { state.withLock { $0.idDelayMicroseconds = newValue } }
     }
     /// While true, MAIL with announce-id gets no QUEUE-ID (a broken queue).
     var withholdID: Bool {
@@ -151,6 +157,8 @@ final class FakeQueue: Sendable {
                         let id = nextQueueID()
                         announcedID = id
                         if !state.withLock({ $0.withholdID }) {
+                            let delay = state.withLock { $0.idDelayMicroseconds }
+                            if delay > 0 { usleep(delay) }
                             try c.send(Frame(.queueID, ["queue-id": .text(id)]))
                         }
                     }
