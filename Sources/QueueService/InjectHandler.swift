@@ -1,5 +1,6 @@
-// The `inject` server (PROTOCOL.md 4.2): MAIL, RCPT, BODY..., END ->
-// ACCEPTED only once the message is committed with sync.
+// The `inject` server (PROTOCOL.md 4.2): MAIL (-> QUEUE-ID when the client
+// asks with announce-id), RCPT, BODY..., END -> ACCEPTED only once the
+// message is committed with sync.
 
 #if canImport(Glibc)
 import Glibc
@@ -134,7 +135,17 @@ final class InjectHandler: ChannelInboundHandler {
         switch frame.type {
         case .mail:
             guard transaction == nil else { throw ProtocolError("MAIL inside a transaction") }
-            transaction = Transaction(envelope: try envelope(from: frame))
+            let t = Transaction(envelope: try envelope(from: frame))
+            transaction = t
+            // The ID is the spool key the message will be committed under
+            // (it is drawn here, at MAIL): a client that asks learns it now,
+            // e.g. smtp-listen for its Received header and log line, and
+            // ACCEPTED repeats it. Sent at once, ahead of the answers to
+            // earlier ENDs that are still being committed.
+            if try frame.bool("announce-id", default: false) {
+                context.writeAndFlush(wrapOutboundOut(Frame(.queueID, ["queue-id": .text(t.envelope.queueID.rawValue)])),
+                                      promise: nil)
+            }
         case .rcpt:
             guard var t = transaction else { throw ProtocolError("RCPT without MAIL") }
             t.recipientCount += 1

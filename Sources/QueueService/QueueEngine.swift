@@ -332,7 +332,14 @@ final class QueueEngine: @unchecked Sendable {
         }
         operations.append(.delete(id))
         let noticeBuilt = built
-        spool.submit(operations) { [self] result in
+        // A plain removal need not start a commit of its own: it rides on
+        // the next one (an acceptance's, under load), synced like every
+        // commit, at most the spool's deferral later. What a crash in that
+        // window costs is a second delivery of this message, the same as a
+        // crash between the delivery and the removal always costs; nothing
+        // accepted can be lost by it. A removal that brings a notice into
+        // the queue is committed at once.
+        spool.submit(operations, urgency: noticeBuilt == nil ? .deferred : .now) { [self] result in
             loop.execute { [self] in
                 switch result {
                 case .success:

@@ -1,26 +1,38 @@
 // One SMTP transaction streamed into the queue over the inject protocol
 // (Pipeline/PROTOCOL.md section 4.2): a connection to the queue's inject
-// socket per message, opened when the client's DATA (or first BDAT) is
-// accepted, on the session's own event loop (no locks, no thread hops).
+// socket of its own while it runs, taken from the event loop's pool of idle
+// connections (InjectPool) or opened, when the client's DATA (or first BDAT)
+// is accepted, on the session's own event loop (no locks, no thread hops).
+// A pooled connection has had its HELLOs: the transaction starts at MAIL.
 //
 //   HELLO protocol=inject version=1      ->
 //                                         <- HELLO
-//   MAIL sender=... client-address=...   ->
+//   MAIL sender=... announce-id=true ... ->
 //   RCPT address=... (one per recipient) ->
-//   BODY data=<Received: header>         ->
+//                                         <- QUEUE-ID queue-id=ID
+//   BODY data=<Received: ... id ID>      ->
 //   BODY data=<message, <= 64 KiB each>  ->   (as the client sends it)
 //   END                                  ->
-//                                         <- ACCEPTED queue-id=... | REFUSED code= status= text=
+//                                         <- ACCEPTED queue-id=ID | REFUSED code= status= text=
+//
+// The Received header names the queue ID (RFC 5321 4.4, as Postfix does),
+// and it is the first line of the message, so no BODY goes out before the
+// queue announced the ID. The wait is usually hidden: the transaction
+// starts when DATA is accepted, and the client needs a round trip (354,
+// then its first bytes) before there is anything to send; what arrives
+// earlier waits here. The ID is also the one of the "ID: client=" log line,
+// and ACCEPTED must repeat it.
 //
 // The frames are written as the message arrives; nothing holds a whole
 // message. While the inject socket's send buffer is full (the channel is
-// not writable) the session stops reading from the SMTP client: the queue's
-// pace is the client's pace.
+// not writable), or the ID is not known yet, the session stops reading from
+// the SMTP client: the queue's pace is the client's pace.
 //
-// Why one connection per transaction rather than a shared one: the inject
-// protocol answers transactions in order on a connection, so a shared
-// connection would make every session wait behind the slowest message, and
-// a protocol error would fail all of them. Unix socket connects are cheap.
+// Why one connection per transaction at a time rather than a shared one:
+// the inject protocol answers transactions in order on a connection, so a
+// shared connection would make every session wait behind the slowest
+// message, and a protocol error would fail all of them. A connection goes
+// back to the pool only after a clean ACCEPTED or REFUSED.
 //
 // Outcomes: ACCEPTED -> 250 with the queue ID; REFUSED -> the queue's own
 // reply; anything else (no socket, connection lost, ERROR, a protocol
@@ -47,10 +59,25 @@ final class InjectTransaction {
     private let eventLoop: EventLoop
     private let socketPath: String
     private let replyTimeout: TimeAmount
+    private let pool: InjectPool?
     private var channel: Channel?
-    /// Frames produced before the connection is up.
+    private var handler: InjectResponseHandler?
+    /// MAIL and RCPT frames, kept for a retry on a fresh connection.
+    private var envelopeFrames: [Frame] = []
+    /// The connection came from the pool (and may have died unnoticed).
+    private(set) var reused = false
+    private var retried = false
+    /// MAIL and RCPT frames, sent once the HELLOs are exchanged.
     private var pending: [Frame] = []
+    /// BODY (and END) frames produced before the queue announced the ID.
+    private var held: [Frame] = []
     private var helloReceived = false
+    /// From QUEUE-ID; nil until then.
+    private(set) var queueID: String?
+    /// The first body bytes (the Received header) for the announced ID.
+    private var prefix: ((String) -> [UInt8])?
+    /// Told the ID as soon as the queue announces it (for the log line).
+    private var announced: ((String) -> Void)?
     /// Set once the transaction cannot succeed any more; later data is dropped.
     private(set) var failure: String?
     private var completion: Completion?
@@ -63,25 +90,33 @@ final class InjectTransaction {
 
     static let software = "sealpost-smtp-listen 1"
 
-    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount) {
+    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount, pool: InjectPool? = nil) {
         self.eventLoop = eventLoop
         self.socketPath = socketPath
         self.replyTimeout = replyTimeout
+        self.pool = pool
     }
 
-    /// False while the inject socket cannot take more (connecting, or its
-    /// send buffer is full): the session should stop reading its client.
-    /// True once failed (data is then dropped).
+    /// False while the inject socket cannot take more (its send buffer is
+    /// full, or the ID is not known yet and `holdLimit` bytes are held):
+    /// the session should stop reading its client. True once failed (data
+    /// is then dropped).
     var isWritable: Bool {
         if failure != nil || outcome != nil { return true }
-        guard helloReceived, let channel else { return false }
+        guard helloReceived, queueID != nil, let channel else { return heldBytes < Self.holdLimit }
         return channel.isWritable
     }
+
+    /// Body bytes kept while waiting for the ID: a small message is read
+    /// whole meanwhile (pausing and resuming the client's reads costs two
+    /// epoll_ctl and a wake-up), a big one waits with at most this much.
+    static let holdLimit = 64 * 1024
+    private var heldBytes = 0
 
     // MARK: - Frames
 
     static func mailFrame(_ e: SMTPEnvelope, clientName: String) -> Frame {
-        var f = Frame(.mail, ["sender": .text(e.sender.address)])
+        var f = Frame(.mail, ["sender": .text(e.sender.address), "announce-id": .bool(true)])
         let p = e.parameters
         f.set("ret", p.ret.map { .text($0.rawValue) })
         f.set("envid", p.envid.map { AttributeValue.sanitizedText($0) })
@@ -122,20 +157,38 @@ final class InjectTransaction {
 
     // MARK: - Life cycle
 
-    /// Connects and sends the envelope and the first body bytes (the
-    /// Received header).
-    func start(envelope: SMTPEnvelope, clientName: String, prefix: [UInt8]) {
-        pending.append(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1),
-                                      "software": .text(Self.software)]))
-        pending.append(Self.mailFrame(envelope, clientName: clientName))
-        for r in envelope.recipients { pending.append(Self.rcptFrame(r)) }
-        pending.append(contentsOf: Self.bodyFrames(prefix))
+    /// Connects and sends the envelope; once the queue announced the ID,
+    /// `announced` is told it and `prefix(ID)` (the Received header) goes
+    /// out as the first body bytes.
+    func start(envelope: SMTPEnvelope, clientName: String, prefix: @escaping (String) -> [UInt8],
+               announced: @escaping (String) -> Void) {
+        self.prefix = prefix
+        self.announced = announced
+        envelopeFrames.append(Self.mailFrame(envelope, clientName: clientName))
+        for r in envelope.recipients { envelopeFrames.append(Self.rcptFrame(r)) }
+        // The connection, both HELLOs and the ID are timed together.
+        armTimer()
+        if let (channel, handler) = pool?.take() {
+            reused = true
+            self.channel = channel
+            self.handler = handler
+            handler.transaction = self
+            helloReceived = true
+            for frame in envelopeFrames { send(frame, on: channel) }
+            channel.flush()
+        } else {
+            connect()
+        }
+    }
 
+    private func connect() {
+        pending = envelopeFrames
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         let connect = ClientBootstrap(group: eventLoop)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let handler = InjectResponseHandler(transaction: bound.value)
+                    bound.value.handler = handler
                     try channel.pipeline.syncOperations.addHandlers([
                         ByteToMessageHandler(FrameDecoderHandler(protocol: .inject, direction: .serverToClient)),
                         MessageToByteHandler(FrameEncoderHandler(protocol: .inject, direction: .clientToServer)),
@@ -155,15 +208,15 @@ final class InjectTransaction {
     }
 
     private func connected(_ channel: Channel) {
-        guard failure == nil, outcome == nil else {
+        guard failure == nil, outcome == nil, handler?.transaction === self else {
             channel.close(promise: nil)
             return
         }
         self.channel = channel
         // PROTOCOL.md 4.1: nothing but the HELLOs until both are exchanged;
-        // the rest waits in `pending` for the queue's HELLO.
-        let hello = pending.removeFirst()
-        send(hello, on: channel)
+        // the envelope waits in `pending` for the queue's HELLO.
+        send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1), "software": .text(Self.software)]),
+             on: channel)
         channel.flush()
     }
 
@@ -174,12 +227,32 @@ final class InjectTransaction {
         pending = []
         for frame in frames { send(frame, on: channel) }
         channel.flush()
+    }
+
+    /// QUEUE-ID: the Received header, then what the client sent meanwhile.
+    private func idAnnounced(_ id: String) {
+        guard let channel else { return }
+        queueID = id
+        timer?.cancel()
+        timer = nil
+        announced?(id)
+        announced = nil
+        if let prefix { for frame in Self.bodyFrames(prefix(id)) { send(frame, on: channel) } }
+        prefix = nil
+        let frames = held
+        held = []
+        heldBytes = 0
+        for frame in frames { send(frame, on: channel) }
+        channel.flush()
+        // END already went out with the held frames: its answer is timed.
+        if ended { armTimer() }
         writabilityChanged?()
     }
 
     private func write(_ frame: Frame) {
-        guard let channel, helloReceived else {
-            pending.append(frame)
+        guard let channel, helloReceived, queueID != nil else {
+            held.append(frame)
+            if case .bytes(let data)? = frame["data"] { heldBytes += data.count }
             return
         }
         send(frame, on: channel)
@@ -188,6 +261,9 @@ final class InjectTransaction {
     private func send(_ frame: Frame, on channel: Channel) {
         let promise = eventLoop.makePromise(of: Void.self)
         promise.futureResult.assumeIsolated().whenFailure { error in
+            // A write that failed on a connection this transaction left
+            // (a retry) is no news.
+            guard self.channel === channel else { return }
             self.fail("sending \(frame.type.name): \(Self.describe(error))")
         }
         channel.write(frame, promise: promise)
@@ -212,7 +288,7 @@ final class InjectTransaction {
         if failure == nil, outcome == nil {
             write(Frame(.end))
             channel?.flush()
-            // Before the connection is up, the queue's silence is timed too.
+            // Before the ID is known, the timer of the start still runs.
             armTimer()
         } else {
             deliverOutcome()
@@ -232,13 +308,15 @@ final class InjectTransaction {
         } else {
             channel?.close(promise: nil)
         }
+        handler?.transaction = nil
+        handler = nil
         completion = nil
     }
 
     private func armTimer() {
         guard timer == nil else { return }
         timer = eventLoop.assumeIsolated().scheduleTask(in: replyTimeout) {
-            self.fail("no answer from the queue within \(self.replyTimeout.nanoseconds / 1_000_000_000) s")
+            self.fail("no answer from the queue within \(self.replyTimeout.nanoseconds / 1_000_000_000) s", retry: false)
         }
     }
 
@@ -254,10 +332,18 @@ final class InjectTransaction {
                 return fail("queue answered HELLO with protocol \(proto ?? "?") version \(version.map(String.init) ?? "?")")
             }
             helloExchanged()
+        case .queueID:
+            guard helloReceived, queueID == nil, let id = try? frame.text("queue-id"), !id.isEmpty else {
+                return fail("unexpected QUEUE-ID from the queue")
+            }
+            idAnnounced(id)
         case .accepted:
-            guard helloReceived, ended, let id = try? frame.text("queue-id"), !id.isEmpty else {
+            guard helloReceived, ended, let announced = queueID, let id = try? frame.text("queue-id") else {
                 return fail("unexpected ACCEPTED from the queue")
             }
+            // The ID of the Received header and of the log must be the one
+            // the message is queued under.
+            guard id == announced else { return fail("ACCEPTED queue-id \(id) differs from the announced \(announced)") }
             finish(.accepted(queueID: id))
         case .refused:
             guard helloReceived, ended else { return fail("unexpected REFUSED from the queue") }
@@ -296,13 +382,36 @@ final class InjectTransaction {
 
     // MARK: - Outcome
 
-    private func fail(_ reason: String) {
+    private func fail(_ reason: String, retry: Bool = true) {
         guard outcome == nil else { return }
+        if retry, reused, !retried, failure == nil, queueID == nil {
+            // A pooled connection the queue closed (a restart) before this
+            // transaction noticed: nothing of the message went out yet (no
+            // BODY before QUEUE-ID), so start over on a fresh connection.
+            retried = true
+            reused = false
+            handler?.transaction = nil
+            channel?.close(promise: nil)
+            channel = nil
+            handler = nil
+            helloReceived = false
+            connect()
+            return
+        }
         if failure == nil { failure = reason }
         pending = []
+        held = []
+        heldBytes = 0
+        prefix = nil
+        announced = nil
+        // The connection's handler and this transaction point at each
+        // other: let go first (closing delivers channelInactive at once),
+        // nothing more is wanted from that connection.
+        handler?.transaction = nil
+        handler = nil
         channel?.close(promise: nil)
         if ended {
-            finish(.unavailable(reason: reason))
+            finish(.unavailable(reason: failure ?? reason))
         } else {
             writabilityChanged?()
         }
@@ -312,7 +421,15 @@ final class InjectTransaction {
         guard outcome == nil else { return }
         outcome = result
         timer?.cancel()
-        channel?.close(promise: nil)
+        // ACCEPTED or REFUSED, read in order with nothing outstanding: the
+        // connection is clean and can carry the next transaction.
+        if let channel, let handler, let pool, failure == nil {
+            pool.giveBack(channel, handler)
+        } else {
+            channel?.close(promise: nil)
+        }
+        channel = nil
+        handler = nil
         deliverOutcome()
     }
 
@@ -330,32 +447,39 @@ final class InjectTransaction {
     }
 }
 
-/// Frames from the queue to the transaction; the end of the pipeline.
+/// Frames from the queue to the transaction using the connection; the end
+/// of the pipeline. With no transaction (idle in the pool), any event
+/// takes the connection out of the pool.
 final class InjectResponseHandler: ChannelInboundHandler {
     typealias InboundIn = Frame
 
-    private let transaction: InjectTransaction
+    var transaction: InjectTransaction?
+    weak var pool: InjectPool?
 
     init(transaction: InjectTransaction) {
         self.transaction = transaction
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        transaction.received(unwrapInboundIn(data))
+        if let transaction {
+            transaction.received(unwrapInboundIn(data))
+        } else {
+            pool?.discard(context.channel)   // nothing is due on an idle connection
+        }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        transaction.channelWritabilityChanged()
+        transaction?.channelWritabilityChanged()
         context.fireChannelWritabilityChanged()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        transaction.channelError(error)
+        if let transaction { transaction.channelError(error) } else { pool?.discard(context.channel) }
         context.close(promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        transaction.channelClosed()
+        if let transaction { transaction.channelClosed() } else { pool?.discard(context.channel) }
         context.fireChannelInactive()
     }
 }

@@ -66,6 +66,9 @@ final class SMTPServerCore: Sendable {
     /// nil: no TLS (no certificate configured).
     let handoff: TLSHandoff?
 
+    /// Idle inject connections per event loop (InjectPool.swift).
+    let injectPools = InjectPools(capacity: 32)
+
     init(settings: SMTPServiceSettings, logger: Logger, handoff: TLSHandoff? = nil) {
         self.settings = settings
         self.logger = logger
@@ -346,10 +349,11 @@ public final class SMTPServer: Sendable {
             for channel in sessions { channel.close(promise: nil) }
         }
         let handoff = core.handoff
+        let pools = core.injectPools
         return all.always { _ in
             deadline.cancel()
             handoff?.stop()
-        }
+        }.flatMap { pools.closeAll(on: loop) }
     }
 }
 

@@ -462,16 +462,24 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         inMessage = true
         let settings = server.settings
         let transaction = InjectTransaction(eventLoop: context.eventLoop, socketPath: settings.injectSocket,
-                                            replyTimeout: .seconds(settings.timeouts.queueReply))
+                                            replyTimeout: .seconds(settings.timeouts.queueReply),
+                                            pool: server.injectPools.pool(for: context.eventLoop))
         transaction.writabilityChanged = { [weak self] in self?.resumeReadingIfWanted() }
-        // The queue ID is not known before the queue answers, so the
-        // Received line has no "id" clause (to add when the inject protocol
-        // hands out the ID at MAIL).
-        let received = ReceivedHeader.build(envelope: envelope, hostname: settings.hostname,
-                                            softwareName: settings.softwareName, queueID: nil,
-                                            tls: tlsSummary, date: RFC5322Date.now())
         inject = transaction
-        transaction.start(envelope: envelope, clientName: clientName, prefix: Array(received.utf8))
+        // The queue announces the ID the message will be queued under before
+        // the first body byte: it goes into the Received header ("id ...")
+        // and into the "ID: client=" line, as Postfix's smtpd logs it when
+        // the queue file is created, so one grep for the ID follows the
+        // message from here to its delivery.
+        let tls = tlsSummary, client = self.client, authUser = session?.authenticatedUser
+        let logger = server.logger
+        transaction.start(envelope: envelope, clientName: clientName, prefix: { id in
+            Array(ReceivedHeader.build(envelope: envelope, hostname: settings.hostname,
+                                       softwareName: settings.softwareName, queueID: id,
+                                       tls: tls, date: RFC5322Date.now()).utf8)
+        }, announced: { id in
+            logger.info("\(SessionLog.queued(id, client: client, authUser: authUser))")
+        })
     }
 
     private func endMessage() {
@@ -492,7 +500,6 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         let actions: [SMTPAction]
         switch outcome {
         case .accepted(let id):
-            server.logger.info("\(SessionLog.queued(id, client: client, authUser: session.authenticatedUser))")
             actions = session.messageCommitted(queueID: id)
         case .refused(let reply):
             actions = session.messageFailed(.refused(reply))

@@ -11,8 +11,13 @@ final class Committer: @unchecked Sendable {
 
     struct Submission {
         let operations: [SpoolOperation]
+        let urgency: SpoolUrgency
         let completion: @Sendable (Result<Void, SpoolError>) -> Void
     }
+
+    /// How long a `.deferred` submission may wait for a commit that
+    /// happens anyway (see SpoolUrgency).
+    let deferral: TimeInterval
 
     private let environment: Environment
     private let databases: SpoolDatabases
@@ -21,6 +26,11 @@ final class Committer: @unchecked Sendable {
 
     private let condition = NSCondition()
     private var pending: [Submission] = []
+    /// How many of `pending` are `.now`; with none, the batch waits for one
+    /// (or for the deferral of the oldest deferred submission to run out).
+    private var urgentPending = 0
+    /// When the oldest deferred submission of `pending` came.
+    private var deferredSince: Date?
     private var stopping = false
     private var running = false
     private var thread: pthread_t?
@@ -28,7 +38,9 @@ final class Committer: @unchecked Sendable {
     private let statsLock = NSLock()
     private var stats = SpoolStatistics()
 
-    init(environment: Environment, databases: SpoolDatabases, readLock: ReadWriteLock, mapSizeLimit: Int) {
+    init(environment: Environment, databases: SpoolDatabases, readLock: ReadWriteLock, mapSizeLimit: Int,
+         deferral: TimeInterval = 0.5) {
+        self.deferral = deferral
         self.environment = environment
         self.databases = databases
         self.readLock = readLock
@@ -50,15 +62,25 @@ final class Committer: @unchecked Sendable {
         thread.start()
     }
 
-    func submit(_ operations: [SpoolOperation], completion: @escaping @Sendable (Result<Void, SpoolError>) -> Void) {
+    func submit(_ operations: [SpoolOperation], urgency: SpoolUrgency = .now,
+                completion: @escaping @Sendable (Result<Void, SpoolError>) -> Void) {
         condition.lock()
         guard running, !stopping else {
             condition.unlock()
             completion(.failure(.io("spool closed")))
             return
         }
-        pending.append(Submission(operations: operations, completion: completion))
-        condition.signal()
+        pending.append(Submission(operations: operations, urgency: urgency, completion: completion))
+        switch urgency {
+        case .now:
+            urgentPending += 1
+            condition.signal()
+        case .deferred:
+            if deferredSince == nil {
+                deferredSince = Date()
+                condition.signal()   // to start the timer
+            }
+        }
         condition.unlock()
     }
 
@@ -84,7 +106,15 @@ final class Committer: @unchecked Sendable {
         condition.unlock()
         while true {
             condition.lock()
-            while pending.isEmpty && !stopping { condition.wait() }
+            while !stopping && urgentPending == 0 {
+                if let since = deferredSince {
+                    let deadline = since.addingTimeInterval(deferral)
+                    if Date() >= deadline { break }
+                    _ = condition.wait(until: deadline)
+                } else {
+                    condition.wait()
+                }
+            }
             if pending.isEmpty {
                 running = false
                 condition.broadcast()
@@ -93,6 +123,8 @@ final class Committer: @unchecked Sendable {
             }
             let batch = pending
             pending = []
+            urgentPending = 0
+            deferredSince = nil
             condition.unlock()
 
             let results = process(batch)

@@ -4,7 +4,7 @@
 /// Frame types, numbered once for all protocols (PROTOCOL.md section 4).
 public enum FrameType: UInt16, Sendable, CaseIterable {
     case hello = 1, error = 2
-    case mail = 16, rcpt = 17, body = 18, end = 19, abort = 20, accepted = 21, refused = 22
+    case mail = 16, rcpt = 17, body = 18, end = 19, abort = 20, accepted = 21, refused = 22, queueID = 23
     case job = 32, jobRcpt = 33, jobEnd = 34, result = 35, jobDone = 36
     case request = 48, entry = 49, entryRcpt = 50, done = 51
     case negotiate = 64, negotiated = 65, failed = 66, closed = 67
@@ -22,6 +22,7 @@ public enum FrameType: UInt16, Sendable, CaseIterable {
         case .abort: "ABORT"
         case .accepted: "ACCEPTED"
         case .refused: "REFUSED"
+        case .queueID: "QUEUE-ID"
         case .job: "JOB"
         case .jobRcpt: "JOB-RCPT"
         case .jobEnd: "JOB-END"

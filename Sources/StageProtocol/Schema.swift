@@ -211,6 +211,8 @@ enum Standard {
                 R("sender", .text, required: true),
                 R("client-address", .text), R("client-name", .text), R("helo", .text),
                 R("protocol", .text), R("auth-user", .text), R("size", .uint),
+                // Opt-in: answer this MAIL with QUEUE-ID (PROTOCOL.md 4.2).
+                R("announce-id", .bool),
             ] + envelopeOptions),
             .rcpt: FrameRule([R("address", .text, required: true, check: Checks.nonEmptyText)] + recipientOptions),
             .body: body,
@@ -221,6 +223,7 @@ enum Standard {
             .hello: helloServer,
             .error: error,
             .accepted: FrameRule([R("queue-id", .text, required: true, check: Checks.nonEmptyText)]),
+            .queueID: FrameRule([R("queue-id", .text, required: true, check: Checks.nonEmptyText)]),
             .refused: FrameRule([
                 R("code", .uint, required: true, check: Checks.range(400...599)),
                 R("status", .text, required: true, check: Checks.enhancedStatus),

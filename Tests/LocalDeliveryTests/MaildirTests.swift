@@ -1,5 +1,6 @@
 import Testing
 import Foundation
+import Synchronization
 @testable import LocalDelivery
 #if canImport(Glibc)
 import Glibc
@@ -117,6 +118,55 @@ import Glibc
         #expect(files.count == 20)
         let subjects = Set(files.map { readText(md.newDirectory + "/" + $0) })
         #expect(subjects.count == 20)
+    }
+
+    @Test func concurrentDeliveriesIntoOneMaildirAllLandAndShareDirectoryFlushes() throws {
+        let dir = TemporaryDirectory()
+        let md = Maildir(path: dir.file("Maildir"))
+        let namer = MaildirNamer(hostname: "h")
+        let sync = DirectorySync()
+        let threads = 8, each = 25
+        let failures = Mutex(0)
+        let group = DispatchGroup()
+        for t in 0..<threads {
+            group.enter()
+            Thread {
+                for i in 0..<each {
+                    do {
+                        try md.deliver(header: [], chunks: [Array("Subject: \(t)-\(i)\r\n\r\n".utf8)], namer: namer)
+                        try sync.sync(md.newDirectory)   // as deliver does, on a counter of our own
+                    } catch {
+                        failures.withLock { $0 += 1 }
+                    }
+                }
+                group.leave()
+            }.start()
+        }
+        group.wait()
+        #expect(failures.withLock { $0 } == 0)
+        let files = listDirectory(md.newDirectory)
+        #expect(files.count == threads * each)
+        #expect(Set(files.map { readText(md.newDirectory + "/" + $0) }).count == threads * each)
+        // Never more than one flush per caller; a shared one counts once.
+        #expect((1...UInt64(threads * each)).contains(sync.flushCount))
+    }
+
+    @Test func aDirectoryFlushThatFailsIsReportedToItsCaller() {
+        #expect(throws: DeliveryError.self) {
+            try DirectorySync().sync("/nonexistent-\(getpid())/new")
+        }
+    }
+
+    @Test func aMaildirRemovedAfterADeliveryIsMadeAgain() throws {
+        let dir = TemporaryDirectory()
+        let md = Maildir(path: dir.file("Maildir"))
+        let namer = MaildirNamer(hostname: "h")
+        try md.deliver(header: [], chunks: [Array("Subject: 1\r\n\r\n".utf8)], namer: namer)
+        try FileManager.default.removeItem(atPath: md.path)
+        try md.deliver(header: [], chunks: [Array("Subject: 2\r\n\r\n".utf8)], namer: namer)
+        let files = listDirectory(md.newDirectory)
+        #expect(files.count == 1)
+        #expect(files.first.map { readText(md.newDirectory + "/" + $0) } == "Subject: 2\n\n")
     }
 
     @Test func aFileWhereTheMaildirShouldBeIsATemporaryFailure() throws {

@@ -243,6 +243,57 @@ func refusal(_ frame: Frame) throws -> String {
         stage.close()
     }
 
+    @Test func announceIDAtMailIsTheIDOfTheCommittedMessage() throws {
+        let q = try TestQueue()
+        let c = try q.injector()
+        defer { c.close() }
+        // Two transactions pipelined on one connection, the first asking for
+        // its ID at MAIL, the second not: one QUEUE-ID (before anything
+        // else), then the two ACCEPTED in END order.
+        func send(announce: Bool) throws {
+            var mail = Frame(.mail, ["sender": .text("s@example.org")])
+            if announce { mail.set("announce-id", .bool(true)) }
+            try c.send(mail)
+            try c.send(Frame(.rcpt, ["address": .text("u@localhost")]))
+            try c.send(Frame(.body, ["data": .bytes(Array("Subject: x\r\n\r\nx\r\n".utf8))]))
+            try c.send(Frame(.end))
+        }
+        try send(announce: true)
+        try send(announce: false)
+        let announced = try #require(try c.receive())
+        #expect(announced.type == .queueID)
+        let id = try announced.text("queue-id")
+        #expect(id.count == 12)
+        let first = try #require(try c.receive())
+        #expect(first.type == .accepted)
+        #expect(try first.text("queue-id") == id)
+        let second = try #require(try c.receive())
+        #expect(second.type == .accepted)
+        #expect(try second.text("queue-id") != id)
+        let listing = try q.control("list")
+        #expect(Set(listing.messages.map(\.id)) == [id, try second.text("queue-id")])
+    }
+
+    @Test func announcedIDOfARefusedMessageIsNotReused() throws {
+        let q = try TestQueue()
+        let c = try q.injector()
+        defer { c.close() }
+        try c.send(Frame(.mail, ["sender": .text("s@example.org"), "announce-id": .bool(true)]))
+        try c.send(Frame(.end))   // no recipient: refused
+        let announced = try #require(try c.receive())
+        #expect(announced.type == .queueID)
+        let refused = try #require(try c.receive())
+        #expect(refused.type == .refused)
+        try c.send(Frame(.mail, ["sender": .text("s@example.org"), "announce-id": .bool(true)]))
+        try c.send(Frame(.rcpt, ["address": .text("u@localhost")]))
+        try c.send(Frame(.end))
+        let next = try #require(try c.receive())
+        #expect(next.type == .queueID)
+        #expect(try next.text("queue-id") != (try announced.text("queue-id")))
+        let accepted = try #require(try c.receive())
+        #expect(try accepted.text("queue-id") == (try next.text("queue-id")))
+    }
+
     @Test func groupCommitSharesCommits() throws {
         let q = try TestQueue()
         let n = 24

@@ -43,16 +43,100 @@ import Testing
         #expect(try m.mail.optionalText("body-type") == "8BITMIME")
         #expect(try m.mail.optionalUInt("size") == 100)
         #expect(try m.mail.bool("smtputf8", default: false) == false)
-        // The Received line comes first, then the message, dot-unstuffed.
-        #expect(m.text.hasPrefix("Received: from client.example.org (unknown [127.0.0.1])\r\n\tby mx.example.test (Sealpost) with ESMTP;\r\n\t"))
-        #expect(m.text.hasSuffix("\r\nSubject: hi\r\n\r\nHello.\r\n.dot\r\n"))
-        #expect(!m.text.contains(" id "), "the queue ID is not known when the Received line is written")
-
+        #expect(try m.mail.bool("announce-id", default: false) == true)
+        // The Received line comes first, with the queue ID the queue
+        // announced at MAIL (the one of the 250), then the message,
+        // dot-unstuffed.
         let id = String(done.last.dropFirst("250 2.0.0 Ok: queued as ".count))
+        #expect(id.count == 12)
+        #expect(m.text.hasPrefix("Received: from client.example.org (unknown [127.0.0.1])\r\n\tby mx.example.test (Sealpost) with ESMTP id \(id);\r\n\t"))
+        #expect(m.text.hasSuffix("\r\nSubject: hi\r\n\r\nHello.\r\n.dot\r\n"))
+
         let logs = h.logs.all
         #expect(logs.contains("connect from unknown[127.0.0.1]"))
         #expect(logs.contains("\(id): client=unknown[127.0.0.1]"))
         #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6"))
+    }
+
+    @Test func queueIDIsLoggedBeforeTheMessageIsCommitted() throws {
+        let h = try Harness(queue: FakeQueue(answer: .refuse(code: 452, status: "4.3.1", text: "queue full")))
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        #expect(c.command("Subject: hi\r\n\r\nHello.\r\n.")?.code == 452)
+        // The ID was announced (and logged) although the message was refused.
+        let m = try #require(h.queue.refused.first)
+        // "\tby mx.example.test (Sealpost) with ESMTP id ID" (then "for <...>; date").
+        let by = try #require(m.text.split(separator: "\r\n").dropFirst().first)
+        #expect(by.hasPrefix("\tby mx.example.test (Sealpost) with ESMTP id "))
+        let id = String(by.split(separator: " ").last ?? "")
+        #expect(id.count == 12)
+        #expect(h.logs.contains("\(id): client=unknown[127.0.0.1]"))
+        #expect(c.command("QUIT")?.code == 221)
+    }
+
+    @Test func queueThatNeverAnnouncesTheIDGives451() throws {
+        let q = try FakeQueue()
+        q.withholdID = true
+        let h = try Harness(queue: q) { $0.timeouts.queueReply = 1 }
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        let reply = try #require(c.command("Subject: hi\r\n\r\nHello.\r\n."))
+        #expect(reply.code == 451)
+        #expect(h.queue.accepted.isEmpty)
+        #expect(h.logs.contains("warning: queue inject failed for unknown[127.0.0.1]: no answer from the queue within 1 s"), "\(h.logs.all)")
+        #expect(c.command("QUIT")?.code == 221)
+    }
+
+    @Test func aQueueConnectionCarriesTheNextTransactionToo() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        var ids: [String] = []
+        for i in 0..<3 {
+            #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+            #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+            #expect(c.command("DATA")?.code == 354)
+            let done = try #require(c.command("Subject: \(i)\r\n\r\nHello.\r\n."))
+            #expect(done.code == 250)
+            ids.append(String(done.last.split(separator: " ").last ?? ""))
+        }
+        #expect(c.command("QUIT")?.code == 221)
+        #expect(h.queue.accepted.count == 3)
+        #expect(Set(ids).count == 3)
+        // One inject connection (and one HELLO) for the three messages.
+        #expect(h.queue.connections == 1)
+        for (m, id) in zip(h.queue.accepted, ids) {
+            #expect(m.text.contains(" with ESMTP id \(id)\r\n"))
+        }
+    }
+
+    @Test func aPooledConnectionTheQueueDroppedIsReplacedWithoutLoss() throws {
+        let q = try FakeQueue()
+        q.hangUpOnSecondMail = true
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        for i in 0..<2 {
+            #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+            #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+            #expect(c.command("DATA")?.code == 354)
+            #expect(c.command("Subject: \(i)\r\n\r\nHello.\r\n.")?.code == 250)
+        }
+        #expect(c.command("QUIT")?.code == 221)
+        // The second MAIL went out on the pooled connection, which the queue
+        // closed; the transaction started over on a new one.
+        #expect(h.queue.connections == 2)
+        #expect(h.queue.accepted.map { $0.text.hasSuffix("Subject: 1\r\n\r\nHello.\r\n") } == [false, true])
     }
 
     @Test func ipv6ClientIsNamedAndTrustedByDefault() throws {
@@ -112,6 +196,31 @@ import Testing
         #expect(h.queue.accepted.first?.text.hasSuffix("\r\nSubject: b\r\n\r\nchunked\r\n") == true)
         #expect(c.command("QUIT")?.code == 221)
         #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 bdat=2 quit=1 commands=6"))
+    }
+
+    @Test(arguments: [100, 200_000])
+    func aMessageThatArrivesBeforeTheQueueIDIsHeldThenSentIntact(lines: Int) throws {
+        let q = try FakeQueue()
+        q.idDelayMicroseconds = 300_000
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        // Small: read whole while the ID is awaited. Big (over the hold
+        // limit): reading pauses, then resumes once the ID is known.
+        var message = "Subject: early\r\n\r\n"
+        for i in 0..<lines { message += "line \(i)\r\n" }
+        c.send(message + ".\r\n")
+        let r = try #require(c.reply())
+        #expect(r.code == 250)
+        let id = String(r.last.split(separator: " ").last ?? "")
+        let m = try #require(h.queue.accepted.first)
+        #expect(m.text.hasPrefix("Received: "))
+        #expect(m.text.contains(" id \(id)\r\n"))
+        #expect(m.text.hasSuffix(message))
     }
 
     @Test func largeMessageStreamsIntactInBoundedFrames() throws {

@@ -53,6 +53,9 @@ final class FakeQueue: Sendable {
         var nextID = 0x10000
         var stopped = false
         var stallBodies = false
+        var withholdID = false
+        var hangUpOnSecondMail = false
+        var idDelayMicroseconds: UInt32 = 0
     }
 
     init(answer: Answer = .accept) throws {
@@ -75,6 +78,22 @@ final class FakeQueue: Sendable {
     var stallBodies: Bool {
         get { state.withLock { $0.stallBodies } }
         set { state.withLock { $0.stallBodies = newValue } }
+    }
+    /// While true, a connection that gets a second MAIL is closed instead
+    /// (as by a queue restarting while smtp-listen holds it idle).
+    var hangUpOnSecondMail: Bool {
+        get { state.withLock { $0.hangUpOnSecondMail } }
+        set { state.withLock { $0.hangUpOnSecondMail = newValue } }
+    }
+    /// How long QUEUE-ID takes (a busy queue): the client's body arrives first.
+    var idDelayMicroseconds: UInt32 {
+        get { state.withLock { $0.idDelayMicroseconds } }
+        set { state.withLock { $0.idDelayMicroseconds = newValue } }
+    }
+    /// While true, MAIL with announce-id gets no QUEUE-ID (a broken queue).
+    var withholdID: Bool {
+        get { state.withLock { $0.withholdID } }
+        set { state.withLock { $0.withholdID = newValue } }
     }
     var accepted: [InjectedMessage] { state.withLock { $0.accepted } }
     var refused: [InjectedMessage] { state.withLock { $0.refused } }
@@ -103,6 +122,13 @@ final class FakeQueue: Sendable {
         }
     }
 
+    private func nextQueueID() -> String {
+        state.withLock { s -> String in
+            s.nextID += 1
+            return String(format: "%012X", s.nextID)
+        }
+    }
+
     private func serve(_ fd: Int32) {
         let c = StageConnection(adopting: fd, protocol: .inject, direction: .clientToServer)
         defer { c.close() }
@@ -110,6 +136,8 @@ final class FakeQueue: Sendable {
             guard let hello = try c.receive(), hello.type == .hello else { return }
             try c.send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1)]))
             var mail: Frame?
+            var mails = 0
+            var announcedID: String?
             var rcpts: [Frame] = []
             var body: [UInt8] = []
             while true {
@@ -121,7 +149,19 @@ final class FakeQueue: Sendable {
                 switch f.type {
                 case .mail:
                     guard mail == nil else { throw ProtocolError("MAIL inside a transaction") }
-                    mail = f; rcpts = []; body = []
+                    mails += 1
+                    if mails == 2, state.withLock({ $0.hangUpOnSecondMail }) { return }
+                    mail = f; rcpts = []; body = []; announcedID = nil
+                    if try f.bool("announce-id", default: false) {
+                        // As the queue does: the ID is drawn at MAIL.
+                        let id = nextQueueID()
+                        announcedID = id
+                        if !state.withLock({ $0.withholdID }) {
+                            let delay = state.withLock { $0.idDelayMicroseconds }
+                            if delay > 0 { usleep(delay) }
+                            try c.send(Frame(.queueID, ["queue-id": .text(id)]))
+                        }
+                    }
                 case .rcpt:
                     guard mail != nil, body.isEmpty else { throw ProtocolError("RCPT out of place") }
                     rcpts.append(f)
@@ -138,11 +178,8 @@ final class FakeQueue: Sendable {
                     mail = nil
                     switch answer {
                     case .accept:
-                        let id = state.withLock { s -> String in
-                            s.nextID += 1
-                            s.accepted.append(message)
-                            return String(format: "%012X", s.nextID)
-                        }
+                        let id = announcedID ?? nextQueueID()
+                        state.withLock { $0.accepted.append(message) }
                         try c.send(Frame(.accepted, ["queue-id": .text(id)]))
                     case .refuse(let code, let status, let text):
                         state.withLock { $0.refused.append(message) }

@@ -42,6 +42,65 @@ import Testing
         for id in ids { #expect(try readAll(spool, id) == Array("body of \(id)".utf8)) }
     }
 
+    @Test func aDeferredRemovalRidesOnTheNextCommit() throws {
+        let dir = TemporaryDirectory()
+        // A deferral far longer than the test: only the urgent insert can
+        // have brought the removal to disk.
+        var options = smallOptions
+        options.deferral = 3600
+        let spool = try Spool(directory: dir.spool, options: options)
+        defer { spool.close() }
+        let first = spool.newQueueID(), second = spool.newQueueID()
+        #expect(failure(spool.submitAndWait([.insert(sampleEnvelope(first), try seal(spool, [1]))])) == nil)
+        let before = spool.statistics.commits
+        let removed = DispatchSemaphore(value: 0)
+        spool.submit([.delete(first)], urgency: .deferred) { result in
+            #expect(failure(result) == nil)
+            removed.signal()
+        }
+        #expect(try spool.envelope(first) != nil, "not committed on its own")
+        #expect(failure(spool.submitAndWait([.insert(sampleEnvelope(second), try seal(spool, [2]))])) == nil)
+        removed.wait()
+        #expect(spool.statistics.commits == before + 1, "one commit for both")
+        #expect(try spool.envelope(first) == nil)
+        #expect(try spool.envelope(second) != nil)
+    }
+
+    @Test func aDeferredRemovalAloneIsCommittedAfterTheDeferral() throws {
+        let dir = TemporaryDirectory()
+        var options = smallOptions
+        options.deferral = 0.05
+        let spool = try Spool(directory: dir.spool, options: options)
+        let id = spool.newQueueID()
+        #expect(failure(spool.submitAndWait([.insert(sampleEnvelope(id), try seal(spool, [1]))])) == nil)
+        let removed = DispatchSemaphore(value: 0)
+        spool.submit([.delete(id)], urgency: .deferred) { _ in removed.signal() }
+        removed.wait()
+        #expect(try spool.envelope(id) == nil)
+        spool.close()
+        // Durable: gone after a reopen too.
+        let again = try Spool(directory: dir.spool, options: options)
+        defer { again.close() }
+        #expect(try again.envelope(id) == nil)
+    }
+
+    @Test func closingCommitsADeferredRemoval() throws {
+        let dir = TemporaryDirectory()
+        var options = smallOptions
+        options.deferral = 3600
+        let id: QueueID
+        do {
+            let spool = try Spool(directory: dir.spool, options: options)
+            id = spool.newQueueID()
+            #expect(failure(spool.submitAndWait([.insert(sampleEnvelope(id), try seal(spool, [1]))])) == nil)
+            spool.submit([.delete(id)], urgency: .deferred) { _ in }
+            spool.close()
+        }
+        let again = try Spool(directory: dir.spool, options: options)
+        defer { again.close() }
+        #expect(try again.envelope(id) == nil)
+    }
+
     @Test func mapGrowsThenRefusesAtTheLimitKeepingData() throws {
         let dir = TemporaryDirectory()
         let spool = try Spool(directory: dir.spool, options: SpoolOptions(mapSize: 256 << 10, mapSizeLimit: 1 << 20))

@@ -21,7 +21,7 @@ enum Conversations {
                           "requiretls": .bool(true), "smtputf8": .bool(false), "body-type": .text("8BITMIME"),
                           "client-address": .text("192.0.2.1"), "client-name": .text("mx.example.net"),
                           "helo": .text("mx.example.net"), "protocol": .text("ESMTPS"),
-                          "auth-user": .text("bob"), "size": .uint(UInt64.max)]),
+                          "auth-user": .text("bob"), "size": .uint(UInt64.max), "announce-id": .bool(true)]),
             Frame(.rcpt, ["address": .text("alice@example.org"), "notify": .text("SUCCESS,DELAY"),
                           "orcpt": .text("rfc822;alice@example.org")]),
             Frame(.rcpt, ["address": .text("дмитрий@пример.рф"), "notify": .text("NEVER")]),
@@ -35,6 +35,7 @@ enum Conversations {
         ]),
         (.inject, .serverToClient, [
             hello(.inject),
+            Frame(.queueID, ["queue-id": .text("0123456789AB")]),
             Frame(.accepted, ["queue-id": .text("0123456789AB")]),
             Frame(.refused, ["code": .uint(452), "status": .text("4.3.1"), "text": .text("queue full")]),
             error,

@@ -14,6 +14,7 @@ Two kinds of tests:
 import os
 import pathlib
 import pwd
+import re
 import shutil
 import signal
 import smtplib
@@ -25,7 +26,7 @@ import threading
 import pytest
 
 from conftest import IS_ROOT, Pipeline, executable, local_user, parse_message, require_build, wait_until
-from stageproto import (ABORT, ACCEPTED, BODY, END, HELLO, MAIL, MAX_FRAME, RCPT, REFUSED,
+from stageproto import (ABORT, ACCEPTED, BODY, END, HELLO, MAIL, MAX_FRAME, QUEUE_ID, RCPT, REFUSED,
                         decode_attributes, encode)
 
 
@@ -36,8 +37,9 @@ def free_port():
 
 
 class QueueStandIn:
-    """The queue's side of the inject protocol: answers every END with
-    ACCEPTED (or with `self.refusal`) and keeps what it received."""
+    """The queue's side of the inject protocol: answers a MAIL with
+    announce-id with QUEUE-ID, every END with ACCEPTED (or with
+    `self.refusal`), and keeps what it received."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -47,6 +49,7 @@ class QueueStandIn:
         self.errors = []
         self.next_id = 0xA0000
         self.lock = threading.Lock()
+        self.connections = []
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(self.path)
         os.chmod(self.path, 0o666)
@@ -60,12 +63,26 @@ class QueueStandIn:
             pass
         self.server.close()
 
+    def go_away(self):
+        """As the queue process exiting: no socket, and every connection
+        (smtp-listen keeps idle ones for its next transactions) closed."""
+        self.close()
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _accept(self):
         while True:
             try:
                 connection, _ = self.server.accept()
             except OSError:
                 return
+            with self.lock:
+                self.connections.append(connection)
             threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
     def _serve(self, connection):
@@ -92,10 +109,15 @@ class QueueStandIn:
             kind, hello = next(stream)
             assert kind == HELLO and hello["protocol"] == "inject" and hello["version"] == 1, hello
             connection.sendall(encode(HELLO, [("protocol", "inject"), ("version", 1)]))
-            mail, rcpts, body = None, [], b""
+            mail, rcpts, body, queue_id = None, [], b"", None
             for kind, attributes in stream:
                 if kind == MAIL:
-                    mail, rcpts, body = attributes, [], b""
+                    mail, rcpts, body, queue_id = attributes, [], b"", None
+                    if attributes.get("announce-id"):
+                        with self.lock:
+                            self.next_id += 1
+                            queue_id = f"{self.next_id:012X}"
+                        connection.sendall(encode(QUEUE_ID, [("queue-id", queue_id)]))
                 elif kind == RCPT:
                     rcpts.append(attributes)
                 elif kind == BODY:
@@ -112,8 +134,9 @@ class QueueStandIn:
                         connection.sendall(encode(REFUSED, [("code", code), ("status", status), ("text", text)]))
                         continue
                     with self.lock:
-                        self.next_id += 1
-                        queue_id = f"{self.next_id:012X}"
+                        if queue_id is None:
+                            self.next_id += 1
+                            queue_id = f"{self.next_id:012X}"
                         self.messages.append({"mail": mail, "rcpts": rcpts, "body": body, "id": queue_id})
                     connection.sendall(encode(ACCEPTED, [("queue-id", queue_id)]))
                     mail = None
@@ -230,7 +253,10 @@ def test_smtplib_message_reaches_the_queue_with_envelope_and_received(listener):
     assert [r["address"] for r in message["rcpts"]] == ["bob@e2e.test", "carol@localhost"]
     assert all(r["notify"] == "FAILURE" for r in message["rcpts"])
     body = message["body"]
-    assert body.startswith(b"Received: from client.e2e.test (unknown [127.0.0.1])\r\n\tby mx.e2e.test (Sealpost) with ESMTP;")
+    assert message["mail"]["announce-id"] is True
+    # The Received line names the ID the queue announced at MAIL.
+    assert body.startswith(b"Received: from client.e2e.test (unknown [127.0.0.1])\r\n"
+                           b"\tby mx.e2e.test (Sealpost) with ESMTP id " + message["id"].encode() + b";")
     assert body.endswith(b"\r\nSubject: e2e\r\n\r\nHello over SMTP.\r\n.starts with a dot\r\n")
     log = wait_until(lambda: "disconnect from" in listener.log_text() and listener.log_text(), 30, "the disconnect line")
     assert "smtp-listen[" in log
@@ -259,7 +285,7 @@ def test_queue_refusal_and_absence_reach_the_client(listener):
             client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: x\r\n\r\nx\r\n")
         assert refused.value.smtp_code == 452
         # The queue goes away: 451, never 250.
-        os.unlink(listener.queue.path)
+        listener.queue.go_away()
         with pytest.raises(smtplib.SMTPDataError) as unavailable:
             client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: y\r\n\r\ny\r\n")
         assert unavailable.value.smtp_code == 451
@@ -345,12 +371,31 @@ def test_whole_pipeline_smtp_to_maildir(workdir):
 
         client = wait_until(connected, 60, f"smtp-listen on port {port}")
         with client:
-            client.sendmail("sender@example.org", [f"{user}@localhost"], b"Subject: via smtp\r\n\r\nover the wire\r\n")
+            client.ehlo()
+            client.mail("sender@example.org")
+            client.rcpt(f"{user}@localhost")
+            code, reply = client.data(b"Subject: via smtp\r\n\r\nover the wire\r\n")
+            assert code == 250, reply
+        queue_id = reply.decode().rsplit(" ", 1)[-1]
+        assert re.fullmatch(r"[0-9A-F]{12}", queue_id), reply
         files = wait_until(lambda: pipeline.delivered(user), 60, f"a message in {pipeline.maildir_new(user)}")
         message = parse_message(files[0])
         assert message["Subject"] == "via smtp"
         received = message.get_all("Received")
-        assert any("(unknown [127.0.0.1])" in value and "with ESMTP" in value for value in received), received
+        # smtp-listen's Received line carries the queue ID of the 250 reply.
+        assert any("(unknown [127.0.0.1])" in value and f"with ESMTP id {queue_id}" in value for value in received), received
+        # One grep for the ID follows the message from the SMTP client to
+        # the Maildir: smtp-listen's client= line, the queue's, the delivery.
+        def log_text():
+            try:
+                return pipeline.log_file.read_text(errors="replace")
+            except FileNotFoundError:
+                return ""
+        log = wait_until(lambda: f"{queue_id}: removed" in log_text() and log_text(), 60, "the removed line")
+        lines = [line for line in log.splitlines() if queue_id in line]
+        assert any("smtp-listen[" in line and f"{queue_id}: client=unknown[127.0.0.1]" in line for line in lines), lines
+        assert any("queue[" in line and f"{queue_id}: client=unknown[127.0.0.1]" in line for line in lines), lines
+        assert any("local-deliver[" in line and "status=sent" in line for line in lines), lines
         assert "over the wire" in message.get_content()
     finally:
         code = pipeline.stop()
