@@ -64,7 +64,7 @@ public final class NegotiationService: @unchecked Sendable {
         setNonBlocking(fd)
         let handler = ListenerHandler(service: self, fd: fd)
         listener = handler
-        try loop.register(fd, handler)
+        try loop.register(fd, handler, writable: false)
     }
 
     /// Runs the loop on the calling thread until `stop()`.
@@ -201,7 +201,7 @@ final class ListenerHandler: EventHandler {
             let connection = ControlConnection(service: self.service, listener: self, fd: c)
             connections[c] = connection
             do {
-                try service.loop.register(c, connection)
+                try service.loop.register(c, connection, writable: false)
             } catch {
                 connections[c] = nil
                 close(c)
@@ -239,7 +239,10 @@ final class ControlConnection: EventHandler {
             let (n, fds, truncated) = receiveWithDescriptors(fd, into: &buffer)
             if n < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { return }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    service.loop.watchWritable(fd)
+                    return
+                }
                 shut()
                 return
             }
@@ -357,7 +360,10 @@ final class ControlConnection: EventHandler {
             }
             if n < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { return }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    service.loop.watchWritable(fd)
+                    return
+                }
                 shut()
                 return
             }
