@@ -224,6 +224,9 @@ final class ControlConnection: EventHandler {
     private var closed = false
     private var closeAfterFlush = false
     private static let schema = ProtocolSchema.standard(.tls)
+    /// The receive buffer, kept: a fresh zeroed 64 KiB array per readiness
+    /// event (two per STARTTLS session) was a malloc and a memset each.
+    private var buffer = [UInt8](repeating: 0, count: 65_536)
 
     init(service: NegotiationService, listener: ListenerHandler, fd: Int32) {
         self.service = service
@@ -234,7 +237,6 @@ final class ControlConnection: EventHandler {
     func ready(fd: Int32, events: UInt32) {
         flush()
         guard !closed, !closeAfterFlush else { return }
-        var buffer = [UInt8](repeating: 0, count: 65_536)
         while !closed && !closeAfterFlush {
             let (n, fds, truncated) = receiveWithDescriptors(fd, into: &buffer)
             if n < 0 {
