@@ -188,5 +188,7 @@ public func monotonicNow() -> Double {
 /// O_NONBLOCK on a descriptor.
 public func setNonBlocking(_ fd: Int32) {
     let flags = fcntl(fd, F_GETFL)
+    // Sockets handed over by smtp-listen are non-blocking already.
+    guard flags >= 0, flags & O_NONBLOCK == 0 else { return }
     _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
 }
