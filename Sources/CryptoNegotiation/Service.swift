@@ -64,7 +64,7 @@ public final class NegotiationService: @unchecked Sendable {
         setNonBlocking(fd)
         let handler = ListenerHandler(service: self, fd: fd)
         listener = handler
-        try loop.register(fd, handler)
+        try loop.register(fd, handler, writable: false)
     }
 
     /// Runs the loop on the calling thread until `stop()`.
@@ -201,7 +201,7 @@ final class ListenerHandler: EventHandler {
             let connection = ControlConnection(service: self.service, listener: self, fd: c)
             connections[c] = connection
             do {
-                try service.loop.register(c, connection)
+                try service.loop.register(c, connection, writable: false)
             } catch {
                 connections[c] = nil
                 close(c)
@@ -224,6 +224,9 @@ final class ControlConnection: EventHandler {
     private var closed = false
     private var closeAfterFlush = false
     private static let schema = ProtocolSchema.standard(.tls)
+    /// The receive buffer, kept: a fresh zeroed 64 KiB array per readiness
+    /// event (two per STARTTLS session) was a malloc and a memset each.
+    private var buffer = [UInt8](repeating: 0, count: 65_536)
 
     init(service: NegotiationService, listener: ListenerHandler, fd: Int32) {
         self.service = service
@@ -234,12 +237,14 @@ final class ControlConnection: EventHandler {
     func ready(fd: Int32, events: UInt32) {
         flush()
         guard !closed, !closeAfterFlush else { return }
-        var buffer = [UInt8](repeating: 0, count: 65_536)
         while !closed && !closeAfterFlush {
             let (n, fds, truncated) = receiveWithDescriptors(fd, into: &buffer)
             if n < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { return }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    service.loop.watchWritable(fd)
+                    return
+                }
                 shut()
                 return
             }
@@ -357,7 +362,10 @@ final class ControlConnection: EventHandler {
             }
             if n < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { return }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    service.loop.watchWritable(fd)
+                    return
+                }
                 shut()
                 return
             }

@@ -209,6 +209,23 @@ public final class TLSConnection {
     /// Whether decrypted bytes are buffered inside OpenSSL.
     public var pending: Bool { SSL_pending(ssl) > 0 }
 
+    /// Whether OpenSSL holds bytes read from the socket that it has not
+    /// returned yet (records, whole or partial, decrypted or not): with read
+    /// ahead, one read(2) may bring several records.
+    var hasBufferedInput: Bool { SSL_has_pending(ssl) == 1 }
+
+    /// Sets `drained.pointee = true` whenever OpenSSL's read(2) on the socket
+    /// returns fewer bytes than asked for, or fails: the socket's receive
+    /// queue was empty at that moment. With an edge-triggered descriptor, any
+    /// byte that arrives later is a new readiness event, so until one comes
+    /// another read would only get EAGAIN (one wasted syscall per record).
+    /// `drained` must outlive the connection.
+    func watchReads(_ drained: UnsafeMutablePointer<Bool>) {
+        guard let bio = SSL_get_rbio(ssl) else { return }
+        BIO_set_callback_arg(bio, UnsafeMutableRawPointer(drained).assumingMemoryBound(to: CChar.self))
+        BIO_set_callback_ex(bio, shortReadCallback)
+    }
+
     // MARK: - Report
 
     /// SHA-256 of the peer's leaf SubjectPublicKeyInfo (DER).
@@ -271,6 +288,17 @@ public final class TLSConnection {
                          peerSubject: subject, peerSPKISHA256: spki, authentication: authentication,
                          verifyError: verifyError, resumed: SSL_session_reused(ssl) == 1)
     }
+}
+
+/// The BIO callback of `watchReads`: after each read on the socket BIO.
+private let shortReadCallback: BIO_callback_fn_ex = { bio, oper, _, len, _, _, ret, processed in
+    // Before an operation: 1 lets it proceed; after it: its result, unchanged.
+    guard oper & Int32(BIO_CB_RETURN) != 0 else { return 1 }
+    guard oper == Int32(BIO_CB_READ | BIO_CB_RETURN) else { return Int(ret) }
+    if let arg = BIO_get_callback_arg(bio), ret <= 0 || (processed?.pointee ?? 0) < len {
+        UnsafeMutableRawPointer(arg).assumingMemoryBound(to: Bool.self).pointee = true
+    }
+    return Int(ret)
 }
 
 /// SHA-256 of a certificate's SubjectPublicKeyInfo in DER (what TLSA

@@ -5,7 +5,10 @@
 // every byte through memory BIOs and ByteBuffers for no gain.
 //
 // Descriptors are registered edge-triggered: a handler must work until
-// EAGAIN each time it is called (the relay sessions do).
+// EAGAIN each time it is called (the relay sessions do). Writability is
+// watched only on request (`watchWritable`): with EPOLLOUT in the mask, every
+// read by the peer that frees buffer space is an edge, and a wake-up of this
+// process for nothing (about four per relayed STARTTLS message).
 
 #if canImport(Glibc)
 import Glibc
@@ -25,6 +28,8 @@ public final class EventLoop: @unchecked Sendable {
     private let wakeWrite: Int32
     /// Loop thread only.
     private var handlers: [Int32: EventHandler] = [:]
+    /// Loop thread only: the descriptors registered with EPOLLOUT.
+    private var writable: Set<Int32> = []
     private var tickers: [(interval: Double, next: Double, body: () -> Void)] = []
     /// Guarded by `lock`: tasks from other threads.
     private var lock = pthread_mutex_t()
@@ -61,15 +66,33 @@ public final class EventLoop: @unchecked Sendable {
 
     // MARK: Loop thread API
 
-    /// Watches `fd` (edge-triggered, readable and writable) for `handler`.
-    public func register(_ fd: Int32, _ handler: EventHandler) throws(TLSError) {
+    /// Watches `fd` (edge-triggered) for `handler`: readable, and writable
+    /// too if `writable` (else see `watchWritable`).
+    public func register(_ fd: Int32, _ handler: EventHandler, writable: Bool = true) throws(TLSError) {
         var ev = epoll_event()
-        ev.events = EPOLLIN.rawValue | EPOLLOUT.rawValue | EPOLLRDHUP.rawValue | EPOLLET.rawValue
+        ev.events = Self.mask(writable: writable)
         ev.data.fd = fd
         guard epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) == 0 else {
             throw TLSError(.connection, "epoll_ctl add \(fd): \(String(cString: strerror(errno)))")
         }
         handlers[fd] = handler
+        if writable { self.writable.insert(fd) }
+    }
+
+    private static func mask(writable: Bool) -> UInt32 {
+        EPOLLIN.rawValue | EPOLLRDHUP.rawValue | EPOLLET.rawValue | (writable ? EPOLLOUT.rawValue : 0)
+    }
+
+    /// Adds writability to the events of registered `fd`, once: call when a
+    /// write would block. It stays on (a descriptor that blocked once may
+    /// well block again; no epoll_ctl churn). Adding EPOLLOUT to an
+    /// edge-triggered descriptor that is writable now reports it at once.
+    public func watchWritable(_ fd: Int32) {
+        guard handlers[fd] != nil, !writable.contains(fd) else { return }
+        var ev = epoll_event()
+        ev.events = Self.mask(writable: true)
+        ev.data.fd = fd
+        if epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev) == 0 { writable.insert(fd) }
     }
 
     /// Stops watching `fd`; call before closing it.
@@ -77,6 +100,16 @@ public final class EventLoop: @unchecked Sendable {
         var ev = epoll_event()
         epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev)
         handlers[fd] = nil
+        writable.remove(fd)
+    }
+
+    /// Forgets `fd` without epoll_ctl, for a descriptor about to be closed
+    /// that is the only reference to its open file (a socketpair end made
+    /// here): closing it removes it from the epoll set. Not for a
+    /// descriptor received from another process, which may still hold it.
+    public func forget(_ fd: Int32) {
+        handlers[fd] = nil
+        writable.remove(fd)
     }
 
     /// Number of descriptors watched (without the wake-up pipe).
@@ -155,5 +188,7 @@ public func monotonicNow() -> Double {
 /// O_NONBLOCK on a descriptor.
 public func setNonBlocking(_ fd: Int32) {
     let flags = fcntl(fd, F_GETFL)
+    // Sockets handed over by smtp-listen are non-blocking already.
+    guard flags >= 0, flags & O_NONBLOCK == 0 else { return }
     _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
 }

@@ -80,6 +80,18 @@ public final class RelaySession: EventHandler {
     private var callerWriteShut = false
     private var received: UInt64 = 0
     private var sent: UInt64 = 0
+    // Readiness, for the edge-triggered loop: a read is tried only when the
+    // descriptor may have bytes, so that relaying a record costs one read(2)
+    // and not one more that gets EAGAIN. Set by readiness events; cleared by
+    // EAGAIN or a short read (the queue was empty then, and any later byte is
+    // a new event). `netDrained` is set by OpenSSL's reads (watchReads).
+    // Except after a hang-up event (RDHUP/HUP/ERR): the EOF or error behind
+    // the last bytes is no new edge, so a short read proves nothing then and
+    // reads go on until they report it.
+    private var plainReadable = false   // nothing can be there before the caller has the other end
+    private let netDrained = UnsafeMutablePointer<Bool>.allocate(capacity: 1)
+    private var plainHangup = false
+    private var netHangup = false
 
     init(engine: RelayEngine, tls: TLSConnection, socket: Int32, timeouts: RelayTimeouts,
          onHandshake: @escaping (Result<HandshakeResult, TLSError>) -> Void,
@@ -90,15 +102,33 @@ public final class RelaySession: EventHandler {
         self.timeouts = timeouts
         self.onHandshake = onHandshake
         self.onClose = onClose
+        netDrained.initialize(to: false)
+        tls.watchReads(netDrained)
     }
 
-    public func ready(fd: Int32, events: UInt32) { pump() }
+    deinit { netDrained.deallocate() }
+
+    public func ready(fd: Int32, events: UInt32) {
+        // EPOLLIN, and also RDHUP/HUP/ERR: a read then reports EOF or the error.
+        if events & (EPOLLIN.rawValue | EPOLLRDHUP.rawValue | EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
+            if fd == net { netDrained.pointee = false }
+            if fd == plain { plainReadable = true }
+        }
+        if events & (EPOLLRDHUP.rawValue | EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
+            if fd == net { netHangup = true }
+            if fd == plain { plainHangup = true }
+        }
+        pump()
+    }
 
     /// Makes every step possible until each descriptor would block.
     func pump() {
         if state == .handshaking {
             switch tls.handshake() {
-            case .wantRead, .wantWrite:
+            case .wantRead:
+                return
+            case .wantWrite:
+                engine.loop.watchWritable(net)
                 return
             case .failed(let error):
                 fail(error)
@@ -115,7 +145,7 @@ public final class RelaySession: EventHandler {
                 plain = pair[0]
                 setNonBlocking(plain)
                 do {
-                    try engine.loop.register(plain, self)
+                    try engine.loop.register(plain, self, writable: false)
                 } catch {
                     close(pair[1])
                     fail(error)
@@ -133,16 +163,20 @@ public final class RelaySession: EventHandler {
         while progress && state == .relaying {
             progress = false
             // Caller -> peer.
-            if toPeer.isEmpty && !callerEOF {
+            if toPeer.isEmpty && !callerEOF && (plainReadable || plainHangup) {
                 toPeer.reset()
                 let n = toPeer.bytes.withUnsafeMutableBytes { read(plain, $0.baseAddress, $0.count) }
                 if n > 0 {
                     toPeer.end = n
+                    // Short: the socket was empty (see plainReadable).
+                    if n < RelayBuffer.capacity { plainReadable = false }
                     progress = true
                 } else if n == 0 {
                     callerEOF = true
                     progress = true
-                } else if errno != EAGAIN && errno != EINTR {
+                } else if errno == EAGAIN {
+                    plainReadable = false
+                } else if errno != EINTR {
                     finish(reason: "plaintext socket: \(String(cString: strerror(errno)))")
                     return
                 }
@@ -156,8 +190,10 @@ public final class RelaySession: EventHandler {
                     toPeer.start += n
                     sent += UInt64(n)
                     progress = true
-                case .wantRead, .wantWrite:
+                case .wantRead:
                     break
+                case .wantWrite:
+                    engine.loop.watchWritable(net)
                 case .closeNotify:
                     finish(reason: "peer closed the connection")
                     return
@@ -171,8 +207,10 @@ public final class RelaySession: EventHandler {
                 case .done:
                     closeNotifySent = true
                     progress = true
-                case .wantRead, .wantWrite:
+                case .wantRead:
                     break
+                case .wantWrite:
+                    engine.loop.watchWritable(net)
                 case .closeNotify, .failed:
                     // The peer is gone: nothing more can be sent.
                     closeNotifySent = true
@@ -180,7 +218,7 @@ public final class RelaySession: EventHandler {
                 }
             }
             // Peer -> caller.
-            if toCaller.isEmpty && !peerEOF {
+            if toCaller.isEmpty && !peerEOF && (!netDrained.pointee || netHangup || tls.hasBufferedInput) {
                 toCaller.reset()
                 let r = toCaller.bytes.withUnsafeMutableBytes { tls.read(into: $0) }
                 switch r {
@@ -188,8 +226,10 @@ public final class RelaySession: EventHandler {
                     toCaller.end = n
                     received += UInt64(n)
                     progress = true
-                case .wantRead, .wantWrite:
+                case .wantRead:
                     break
+                case .wantWrite:   // e.g. answering a key update
+                    engine.loop.watchWritable(net)
                 case .closeNotify:
                     peerEOF = true
                     progress = true
@@ -208,7 +248,9 @@ public final class RelaySession: EventHandler {
                 if n > 0 {
                     toCaller.start += n
                     progress = true
-                } else if n < 0 && errno != EAGAIN && errno != EINTR {
+                } else if n < 0 && errno == EAGAIN {
+                    engine.loop.watchWritable(plain)
+                } else if n < 0 && errno != EINTR {
                     finish(reason: "plaintext socket: \(String(cString: strerror(errno)))")
                     return
                 }
@@ -245,7 +287,7 @@ public final class RelaySession: EventHandler {
         state = .finished
         if !closeNotifySent { _ = tls.shutdown() }   // best effort, e.g. at a timeout
         engine.loop.unregister(net)
-        engine.loop.unregister(plain)
+        engine.loop.forget(plain)   // ours alone: close removes it from the epoll set
         close(net)
         close(plain)
         engine.remove(self)
@@ -267,7 +309,7 @@ public final class RelaySession: EventHandler {
 
     func start() {
         do {
-            try engine.loop.register(net, self)
+            try engine.loop.register(net, self, writable: false)
         } catch {
             fail(error)
             return

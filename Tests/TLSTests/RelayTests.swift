@@ -85,6 +85,33 @@ import Testing
         #expect(try p.client.closed.take().closeNotify)
     }
 
+    /// Bytes and the EOF behind them queued while the loop is busy: one
+    /// readiness event for both, and the read that gets the bytes is short.
+    /// The relay must still see the EOF (no new edge will announce it).
+    @Test func bytesAndEOFInOneEventArePassedOn() throws {
+        let p = try Self.pair()
+        defer { p.engine.stop() }
+        let hold = DispatchSemaphore(value: 0)
+        let held = DispatchSemaphore(value: 0)
+        p.engine.loop.execute { held.signal(); hold.wait() }
+        held.wait()
+        try writeAll(p.clientPlain, Array("QUIT\r\n".utf8))
+        shutdown(p.clientPlain, Int32(SHUT_WR))
+        hold.signal()
+        #expect(try readToEOF(p.serverPlain) == Array("QUIT\r\n".utf8))
+        // The other way, and this time the network side gets a record and
+        // then close_notify and the FIN while the loop is held.
+        p.engine.loop.execute { held.signal(); hold.wait() }
+        held.wait()
+        try writeAll(p.serverPlain, Array("221 2.0.0 Bye\r\n".utf8))
+        close(p.serverPlain)
+        hold.signal()
+        #expect(try readToEOF(p.clientPlain) == Array("221 2.0.0 Bye\r\n".utf8))
+        close(p.clientPlain)
+        #expect(try p.server.closed.take() == RelaySummary(received: 6, sent: 15, closeNotify: true, reason: "closed"))
+        #expect(try p.client.closed.take() == RelaySummary(received: 15, sent: 6, closeNotify: true, reason: "closed"))
+    }
+
     @Test func peerGoneWithoutCloseNotifyIsReported() throws {
         let pki = try TestPKI.get()
         let engine = try EngineThread()
