@@ -164,6 +164,7 @@ public final class Supervisor {
         // supervisor's line about its death.
         let readyPipes = zip(fds.dropFirst(), pipes).filter { $0.0.revents != 0 }.map(\.1)
         for pipe in readyPipes { drain(pipe) }
+        log.flush()
         if fds[0].revents != 0 { handleSignals() }
     }
 
@@ -209,13 +210,15 @@ public final class Supervisor {
     }
 
     /// Reads what a pipe has (non-blocking) and logs its complete lines.
+    /// The lines are queued (LogSink.append): callers flush the log once
+    /// they drained every ready pipe, one write for the whole round.
     private func drain(_ pipe: OutputPipe) {
         while true {
             let n = readBuffer.withUnsafeMutableBytes { read(pipe.fd, $0.baseAddress, $0.count) }
             if n > 0 {
                 // Blank lines (a crash report's spacing) carry nothing.
                 for line in pipe.assembler.append(readBuffer[0..<n]) where !isBlank(line) {
-                    log.write(LogFormat.stageLine(line, stage: pipe.stage, pid: pipe.pid))
+                    log.append(LogFormat.stageLine(line, stage: pipe.stage, pid: pipe.pid))
                 }
                 continue
             }
@@ -239,6 +242,7 @@ public final class Supervisor {
             guard let slot = slots.first(where: { $0.state == .running && $0.pid == pid }) else { continue }
             // Log what it wrote before it died first.
             for pipe in pipes where pipe.pid == pid { drain(pipe) }
+            log.flush()
             exited(slot, status: status)
         }
     }
