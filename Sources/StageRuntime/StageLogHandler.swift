@@ -162,7 +162,34 @@ public struct StageLogHandler: LogHandler {
         writeLine(Array(line.utf8))
     }
 
+    /// Runs `body` collecting the lines this thread logs meanwhile, then
+    /// writes them together: one write(2) for lines that fit PIPE_BUF, cut
+    /// only between lines otherwise (so no line is ever split or mixed with
+    /// another process's). For bursts of events logged at once (the queue's
+    /// lines for an accepted message): every line stays its own event, the
+    /// supervisor gets one read instead of several. Nested calls join the
+    /// outer batch. Keep `body` short: its lines wait until it returns.
+    public static func batchingLines<T>(_ body: () throws -> T) rethrows -> T {
+        let key = lineBatchKey
+        if pthread_getspecific(key) != nil { return try body() }
+        let batch = LineBatch()
+        pthread_setspecific(key, Unmanaged.passUnretained(batch).toOpaque())
+        defer {
+            pthread_setspecific(key, nil)
+            batch.flush()
+        }
+        return try body()
+    }
+
     static func writeLine(_ bytes: [UInt8]) {
+        if let batch = pthread_getspecific(lineBatchKey) {
+            Unmanaged<LineBatch>.fromOpaque(batch).takeUnretainedValue().add(bytes)
+            return
+        }
+        writeBytes(bytes)
+    }
+
+    fileprivate static func writeBytes(_ bytes: [UInt8]) {
         bytes.withUnsafeBytes { buffer in
             var offset = 0
             while offset < buffer.count {
@@ -174,5 +201,30 @@ public struct StageLogHandler: LogHandler {
                 offset += written
             }
         }
+    }
+}
+
+/// The thread-specific key under which `batchingLines` keeps its batch.
+private let lineBatchKey: pthread_key_t = {
+    var key = pthread_key_t()
+    precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+    return key
+}()
+
+/// Lines collected by `StageLogHandler.batchingLines` on one thread.
+private final class LineBatch {
+    private var pending: [UInt8] = []
+
+    func add(_ line: [UInt8]) {
+        // A line is at most maximumLineLength (PIPE_BUF): written with what
+        // is pending only if the two still fit one atomic write.
+        if pending.count + line.count > StageLogHandler.maximumLineLength { flush() }
+        pending.append(contentsOf: line)
+    }
+
+    func flush() {
+        guard !pending.isEmpty else { return }
+        StageLogHandler.writeBytes(pending)
+        pending.removeAll(keepingCapacity: true)
     }
 }
