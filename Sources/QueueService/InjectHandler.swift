@@ -10,6 +10,7 @@ import MailMessage
 import NIOCore
 import Spool
 import StageProtocol
+import StageRuntime
 
 /// `struct ucred` of <sys/socket.h> (Linux), which Swift does not import
 /// because glibc hides it behind _GNU_SOURCE. Same layout: pid, uid, gid.
@@ -250,11 +251,15 @@ final class InjectHandler: ChannelInboundHandler {
             engine.loop.execute {
                 switch result {
                 case .success:
-                    engine.logger.info("\(accepted.queueID): \(client) from=<\(accepted.sender)>")
-                    if let messageID {
-                        engine.logger.info("\(accepted.queueID): message-id=\(messageID)")
+                    // Two to four lines at once (client, message-id, queue
+                    // active, maybe a deferral): one write to the log pipe.
+                    StageLogHandler.batchingLines {
+                        engine.logger.info("\(accepted.queueID): \(client) from=<\(accepted.sender)>")
+                        if let messageID {
+                            engine.logger.info("\(accepted.queueID): message-id=\(messageID)")
+                        }
+                        engine.accepted(accepted)
                     }
-                    engine.accepted(accepted)
                     bound.value.reply(Frame(.accepted, ["queue-id": .text(accepted.queueID.rawValue)]), slot: slot)
                 case .failure(let error):
                     engine.logger.warning("\(accepted.queueID): cannot queue the message: \(error)")

@@ -231,6 +231,17 @@ public struct FrameDecoder: Sendable {
     // MARK: - Rules shared with the encoder
 
     /// What is wrong with an attribute name, or nil.
+    /// Whether `name` is a valid attribute name (nameProblem's valid case,
+    /// without copying the bytes into an Array).
+    static func isValidName(_ name: String.UTF8View) -> Bool {
+        guard let first = name.first, name.count <= WireLimits.maxNameLength,
+              (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(first) else { return false }
+        return name.allSatisfy { b in
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(b)
+                || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b) || b == UInt8(ascii: "-")
+        }
+    }
+
     static func nameProblem(_ name: [UInt8]) -> String? {
         guard !name.isEmpty else { return "attribute name is empty" }
         // The valid case first and without building the quoted name: this

@@ -37,12 +37,18 @@ public enum FrameEncoder {
     public static func checkFraming(_ frame: Frame) throws(ProtocolError) -> Int {
         let t = frame.type.name
         var length = 2
-        var seen = Set<String>()
-        for (name, value) in frame.attributes {
-            if let problem = FrameDecoder.nameProblem(Array(name.utf8)) {
+        // Duplicates: a frame has a handful of attributes, so comparing
+        // with the earlier ones beats hashing every name into a Set (this
+        // runs for every frame sent); a Set only for unusually many.
+        let attributes = frame.attributes
+        var seen: Set<String>? = attributes.count > 16 ? Set() : nil
+        for (index, (name, value)) in attributes.enumerated() {
+            if !FrameDecoder.isValidName(name.utf8), let problem = FrameDecoder.nameProblem(Array(name.utf8)) {
                 throw ProtocolError("\(t): \(problem)")
             }
-            guard seen.insert(name).inserted else {
+            let duplicate = seen != nil ? !seen!.insert(name).inserted
+                : attributes[..<index].contains { $0.name == name }
+            guard !duplicate else {
                 throw ProtocolError("\(t): attribute \"\(name)\" appears twice")
             }
             let valueLength: Int

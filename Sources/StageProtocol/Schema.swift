@@ -86,10 +86,14 @@ public struct ProtocolSchema: Sendable {
                 throw ProtocolError("\(t): attribute \"\(attrName)\": \(problem)")
             }
         }
-        // Required attributes, in a stable order for stable messages.
-        for a in rule.attributes.values.sorted(by: { $0.name < $1.name }) where a.required {
-            if frame[a.name] == nil {
-                throw ProtocolError("\(t): required attribute \"\(a.name)\" is missing")
+        // Required attributes; when one is missing, the first by name is
+        // reported (a stable message), sorting only then: this runs for
+        // every frame.
+        if rule.attributes.values.contains(where: { $0.required && frame[$0.name] == nil }) {
+            for a in rule.attributes.values.sorted(by: { $0.name < $1.name }) where a.required {
+                if frame[a.name] == nil {
+                    throw ProtocolError("\(t): required attribute \"\(a.name)\" is missing")
+                }
             }
         }
         if let check = rule.check, let problem = check(frame) {

@@ -4,6 +4,15 @@ import Glibc
 import Darwin
 #endif
 import Logging
+import Synchronization
+
+/// The process ID for log lines, 0 until first asked (see processID()).
+private let cachedProcessID = Atomic<Int32>(0)
+
+/// Registered once: a forked child must not log with its parent's pid.
+private let registerForkHandler: Void = {
+    _ = pthread_atfork(nil, nil, { cachedProcessID.store(0, ordering: .relaxed) })
+}()
 
 /// A swift-log handler writing one line per event to stderr:
 ///
@@ -46,9 +55,20 @@ public struct StageLogHandler: LogHandler {
         var merged = metadata
         if let provided = metadataProvider?.get() { merged.merge(provided) { _, new in new } }
         if let explicit = event.metadata { merged.merge(explicit) { _, new in new } }
-        let line = StageLogHandler.format(stage: stage, pid: getpid(), level: event.level,
-                                          message: event.message.description, metadata: merged)
+        let line = StageLogHandler.formatBytes(stage: stage, pid: StageLogHandler.processID(), level: event.level,
+                                               message: event.message.description, metadata: merged)
         StageLogHandler.writeLine(line)
+    }
+
+    /// getpid() without a system call per line: the value is cached, and
+    /// forgotten in a forked child (pthread_atfork), which has a pid of its own.
+    static func processID() -> Int32 {
+        let cached = cachedProcessID.load(ordering: .relaxed)
+        if cached != 0 { return cached }
+        _ = registerForkHandler
+        let pid = getpid()
+        cachedProcessID.store(pid, ordering: .relaxed)
+        return pid
     }
 
     /// The line for one event, newline included. Pure.
@@ -59,32 +79,48 @@ public struct StageLogHandler: LogHandler {
     /// `maximumLineLength` bytes on a character boundary, marked with "...".
     public static func format(stage: String, pid: Int32, level: Logger.Level,
                               message: String, metadata: Logger.Metadata = [:]) -> String {
-        var line = "\(stage)[\(pid)]: "
+        String(decoding: formatBytes(stage: stage, pid: pid, level: level, message: message, metadata: metadata),
+               as: UTF8.self)
+    }
+
+    /// `format` as UTF-8 bytes, built in one buffer: no intermediate
+    /// Strings on the path every log line takes.
+    static func formatBytes(stage: String, pid: Int32, level: Logger.Level,
+                            message: String, metadata: Logger.Metadata = [:]) -> [UInt8] {
+        var line: [UInt8] = []
+        line.reserveCapacity(stage.utf8.count + message.utf8.count + 32)
+        line.append(contentsOf: stage.utf8)
+        line.append(UInt8(ascii: "["))
+        line.append(contentsOf: String(pid).utf8)   // a small String: no allocation
+        line.append(contentsOf: "]: ".utf8)
         switch level {
-        case .trace: line += "trace: "
-        case .debug: line += "debug: "
+        case .trace: line.append(contentsOf: "trace: ".utf8)
+        case .debug: line.append(contentsOf: "debug: ".utf8)
         case .info, .notice: break
-        case .warning: line += "warning: "
-        case .error: line += "error: "
-        case .critical: line += "fatal: "
+        case .warning: line.append(contentsOf: "warning: ".utf8)
+        case .error: line.append(contentsOf: "error: ".utf8)
+        case .critical: line.append(contentsOf: "fatal: ".utf8)
         }
         appendEscaped(message, to: &line)
-        for key in metadata.keys.sorted() {
-            line += " "
-            appendEscaped(key, to: &line)
-            line += "="
-            appendEscaped(render(metadata[key]!), to: &line)
+        if !metadata.isEmpty {
+            for key in metadata.keys.sorted() {
+                line.append(UInt8(ascii: " "))
+                appendEscaped(key, to: &line)
+                line.append(UInt8(ascii: "="))
+                appendEscaped(render(metadata[key]!), to: &line)
+            }
         }
         let limit = maximumLineLength - 1
-        if line.utf8.count > limit {
-            var cut = line.utf8.index(line.utf8.startIndex, offsetBy: limit - 3)
-            // Back off to the start of a scalar so the output stays UTF-8.
-            while cut > line.utf8.startIndex, !line.unicodeScalars.indices.contains(cut) {
-                cut = line.utf8.index(before: cut)
-            }
-            line = String(line[..<cut]) + "..."
+        if line.count > limit {
+            var cut = limit - 3
+            // Back off to the start of a scalar (not a continuation byte,
+            // 10xxxxxx) so the output stays UTF-8.
+            while cut > 0, line[cut] & 0xC0 == 0x80 { cut -= 1 }
+            line.removeSubrange(cut...)
+            line.append(contentsOf: "...".utf8)
         }
-        return line + "\n"
+        line.append(UInt8(ascii: "\n"))
+        return line
     }
 
     static func render(_ value: Logger.Metadata.Value) -> String {
@@ -97,14 +133,25 @@ public struct StageLogHandler: LogHandler {
         }
     }
 
-    static func appendEscaped(_ text: String, to line: inout String) {
-        for scalar in text.unicodeScalars {
-            switch scalar.value {
-            case 0x0A: line += "\\n"
-            case 0x0D: line += "\\r"
-            case 0x09: line += "\\t"
-            case 0..<0x20, 0x7F: line += "\\u{\(String(scalar.value, radix: 16))}"
-            default: line.unicodeScalars.append(scalar)
+    /// Appends `text`'s UTF-8 with control characters escaped. Over bytes:
+    /// every control character (C0, DEL) is one byte in UTF-8, and no byte
+    /// of a multi-byte scalar is below 0x80, so this equals escaping scalars.
+    static func appendEscaped(_ text: String, to line: inout [UInt8]) {
+        var text = text
+        text.withUTF8 { bytes in
+            // The common case: nothing to escape, one bulk copy.
+            guard bytes.contains(where: { $0 < 0x20 || $0 == 0x7F }) else {
+                line.append(contentsOf: bytes)
+                return
+            }
+            for byte in bytes {
+                switch byte {
+                case 0x0A: line.append(contentsOf: "\\n".utf8)
+                case 0x0D: line.append(contentsOf: "\\r".utf8)
+                case 0x09: line.append(contentsOf: "\\t".utf8)
+                case 0..<0x20, 0x7F: line.append(contentsOf: "\\u{\(String(byte, radix: 16))}".utf8)
+                default: line.append(byte)
+                }
             }
         }
     }
@@ -112,8 +159,38 @@ public struct StageLogHandler: LogHandler {
     /// One write(2) to fd 2; retried on EINTR. A short write to a pipe of a
     /// line under PIPE_BUF does not happen; to a file it is continued.
     static func writeLine(_ line: String) {
-        var bytes = Array(line.utf8)
-        bytes.withUnsafeMutableBytes { buffer in
+        writeLine(Array(line.utf8))
+    }
+
+    /// Runs `body` collecting the lines this thread logs meanwhile, then
+    /// writes them together: one write(2) for lines that fit PIPE_BUF, cut
+    /// only between lines otherwise (so no line is ever split or mixed with
+    /// another process's). For bursts of events logged at once (the queue's
+    /// lines for an accepted message): every line stays its own event, the
+    /// supervisor gets one read instead of several. Nested calls join the
+    /// outer batch. Keep `body` short: its lines wait until it returns.
+    public static func batchingLines<T>(_ body: () throws -> T) rethrows -> T {
+        let key = lineBatchKey
+        if pthread_getspecific(key) != nil { return try body() }
+        let batch = LineBatch()
+        pthread_setspecific(key, Unmanaged.passUnretained(batch).toOpaque())
+        defer {
+            pthread_setspecific(key, nil)
+            batch.flush()
+        }
+        return try body()
+    }
+
+    static func writeLine(_ bytes: [UInt8]) {
+        if let batch = pthread_getspecific(lineBatchKey) {
+            Unmanaged<LineBatch>.fromOpaque(batch).takeUnretainedValue().add(bytes)
+            return
+        }
+        writeBytes(bytes)
+    }
+
+    fileprivate static func writeBytes(_ bytes: [UInt8]) {
+        bytes.withUnsafeBytes { buffer in
             var offset = 0
             while offset < buffer.count {
                 let written = write(2, buffer.baseAddress! + offset, buffer.count - offset)
@@ -124,5 +201,30 @@ public struct StageLogHandler: LogHandler {
                 offset += written
             }
         }
+    }
+}
+
+/// The thread-specific key under which `batchingLines` keeps its batch.
+private let lineBatchKey: pthread_key_t = {
+    var key = pthread_key_t()
+    precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+    return key
+}()
+
+/// Lines collected by `StageLogHandler.batchingLines` on one thread.
+private final class LineBatch {
+    private var pending: [UInt8] = []
+
+    func add(_ line: [UInt8]) {
+        // A line is at most maximumLineLength (PIPE_BUF): written with what
+        // is pending only if the two still fit one atomic write.
+        if pending.count + line.count > StageLogHandler.maximumLineLength { flush() }
+        pending.append(contentsOf: line)
+    }
+
+    func flush() {
+        guard !pending.isEmpty else { return }
+        StageLogHandler.writeBytes(pending)
+        pending.removeAll(keepingCapacity: true)
     }
 }

@@ -552,3 +552,21 @@ enum Conversations {
         #expect(f.description == "MAIL sender=\"c@d\" smtputf8=false")
     }
 }
+
+/// checkFraming's duplicate check compares names for a few attributes and
+/// hashes them for many: both ways must catch a repeat.
+@Suite struct EncoderDuplicateChecks {
+    private func problem(_ frame: Frame) -> String? {
+        do { _ = try FrameEncoder.checkFraming(frame); return nil } catch { return error.description }
+    }
+
+    @Test func duplicateNamesAmongFewAndManyAttributes() {
+        #expect(problem(Frame(.mail, attributes: [("sender", .text("a")), ("helo", .text("x")), ("sender", .text("b"))]))
+                == "MAIL: attribute \"sender\" appears twice")
+        var many: [(String, AttributeValue)] = (0..<20).map { ("a\($0)", .uint(UInt64($0))) }
+        #expect(problem(Frame(.mail, attributes: many)) == nil)
+        many.append(("a7", .uint(0)))
+        #expect(problem(Frame(.mail, attributes: many)) == "MAIL: attribute \"a7\" appears twice")
+        #expect(problem(Frame(.mail, attributes: [("send_er", .text("a"))]))?.contains("outside [a-z0-9-]") == true)
+    }
+}
