@@ -31,8 +31,16 @@ public final class EventLoop: @unchecked Sendable {
     /// Loop thread only: the descriptors registered with EPOLLOUT.
     private var writable: Set<Int32> = []
     private var tickers: [(interval: Double, next: Double, body: () -> Void)] = []
-    /// Guarded by `lock`: tasks from other threads.
-    private var lock = pthread_mutex_t()
+    /// Guarded by `lock`: tasks from other threads. The mutex lives in
+    /// memory of its own: `&property` may hand pthread a temporary copy
+    /// (Swift promises no stable address for a stored property), and a
+    /// mutex must never move.
+    private let lock: UnsafeMutablePointer<pthread_mutex_t> = {
+        let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+        return mutex
+    }()
     private var tasks: [() -> Void] = []
     private var stopping = false
 
@@ -50,7 +58,6 @@ public final class EventLoop: @unchecked Sendable {
         wakeWrite = p[1]
         setNonBlocking(wakeRead)
         setNonBlocking(wakeWrite)
-        pthread_mutex_init(&lock, nil)
         var ev = epoll_event()
         ev.events = EPOLLIN.rawValue
         ev.data.fd = wakeRead
@@ -61,7 +68,9 @@ public final class EventLoop: @unchecked Sendable {
         close(epfd)
         close(wakeRead)
         close(wakeWrite)
-        pthread_mutex_destroy(&lock)
+        pthread_mutex_destroy(lock)
+        lock.deinitialize(count: 1)
+        lock.deallocate()
     }
 
     // MARK: Loop thread API
@@ -124,17 +133,17 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Runs `task` on the loop thread, soon.
     public func execute(_ task: @escaping @Sendable () -> Void) {
-        pthread_mutex_lock(&lock)
+        pthread_mutex_lock(lock)
         tasks.append(task)
-        pthread_mutex_unlock(&lock)
+        pthread_mutex_unlock(lock)
         wake()
     }
 
     /// Makes `run()` return after the current iteration.
     public func stop() {
-        pthread_mutex_lock(&lock)
+        pthread_mutex_lock(lock)
         stopping = true
-        pthread_mutex_unlock(&lock)
+        pthread_mutex_unlock(lock)
         wake()
     }
 
@@ -162,11 +171,11 @@ public final class EventLoop: @unchecked Sendable {
                 // A handler may have closed and unregistered it meanwhile.
                 handlers[fd]?.ready(fd: fd, events: events[i].events)
             }
-            pthread_mutex_lock(&lock)
+            pthread_mutex_lock(lock)
             let pending = tasks
             tasks.removeAll()
             let stop = stopping
-            pthread_mutex_unlock(&lock)
+            pthread_mutex_unlock(lock)
             for task in pending { task() }
             if stop { return }
             let after = monotonicNow()
