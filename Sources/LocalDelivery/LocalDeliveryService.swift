@@ -3,6 +3,7 @@
 // its workers afterwards (inside the chroot).
 
 #if canImport(Glibc)
+import StageRuntime
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
@@ -54,7 +55,7 @@ public enum LocalDeliveryService {
     public static func run(workers: [DeliveryWorker]) -> Never {
         precondition(!workers.isEmpty)
         for worker in workers.dropFirst() {
-            startThread { worker.run() }
+            StageRuntime.detachThread { worker.run() }
         }
         workers[0].run()
         exit(0)   // only after stop(), which the stage never calls
@@ -67,19 +68,3 @@ public struct LocalSetupError: Error, Sendable, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// A detached POSIX thread running `body` (no Foundation needed).
-func startThread(_ body: @escaping @Sendable () -> Void) {
-    final class Box: Sendable {
-        let body: @Sendable () -> Void
-        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-    }
-    let context = Unmanaged.passRetained(Box(body)).toOpaque()
-    var thread = pthread_t()
-    let rc = pthread_create(&thread, nil, { raw in
-        let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-        box.body()
-        return nil
-    }, context)
-    precondition(rc == 0, "pthread_create: \(rc)")
-    pthread_detach(thread)
-}

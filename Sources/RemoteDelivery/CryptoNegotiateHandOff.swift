@@ -10,6 +10,7 @@
 // concurrency pool. Handshakes are short and bounded by handshake-timeout.
 
 #if canImport(Glibc)
+import StageRuntime
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
@@ -36,7 +37,7 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
     public func negotiate(socket: Int32, request: TLSClientRequest) async -> Result<TLSClientHandOffResult, TLSHandOffError> {
         let path = socketPath, ca = caBundle
         return await withCheckedContinuation { continuation in
-            detachThread {
+            StageRuntime.detachThread {
                 continuation.resume(returning: Self.blockingNegotiate(path: path, socket: socket, request: request, caBundle: ca))
             }
         }
@@ -113,18 +114,3 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
     }
 }
 
-/// A detached POSIX thread running `body`.
-func detachThread(_ body: @escaping @Sendable () -> Void) {
-    final class Box: Sendable {
-        let body: @Sendable () -> Void
-        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-    }
-    let context = Unmanaged.passRetained(Box(body)).toOpaque()
-    var thread = pthread_t()
-    let rc = pthread_create(&thread, nil, { raw in
-        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
-        return nil
-    }, context)
-    precondition(rc == 0, "pthread_create: \(rc)")
-    pthread_detach(thread)
-}

@@ -15,6 +15,7 @@
 // descriptor is known when STARTTLS (or port 465) hands it to
 // crypto-negotiate (TLSHandoff).
 
+import StageRuntime
 import CSystemShims
 import Logging
 import NIOConcurrencyHelpers
@@ -389,7 +390,7 @@ final class Acceptor: Sendable {
         let logger = self.logger
         let wake = self.wake
         let stopped = self.stopped
-        spawnThread {
+        StageRuntime.detachThread {
             var fds = listeners.map { pollfd(fd: $0.0, events: Int16(POLLIN), revents: 0) }
             fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
             var warned = false

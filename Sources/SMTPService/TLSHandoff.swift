@@ -15,6 +15,7 @@
 // (smtp-listen then does not offer STARTTLS) and requests fail at once;
 // requests in flight when it drops fail with 4.4.2.
 
+import StageRuntime
 import Logging
 import NIOConcurrencyHelpers
 import SMTP
@@ -102,8 +103,8 @@ public final class TLSHandoff: Sendable {
 
     /// Starts the reader and writer threads.
     public func start() {
-        spawnThread { [self] in readerLoop() }
-        spawnThread { [self] in writerLoop() }
+        StageRuntime.detachThread { [self] in readerLoop() }
+        StageRuntime.detachThread { [self] in writerLoop() }
     }
 
     /// Stops both threads (pending requests fail); for tests.
@@ -295,23 +296,4 @@ public final class TLSHandoff: Sendable {
             break
         }
     }
-}
-
-/// A detached POSIX thread running `body` (no Foundation: smtp-listen runs
-/// chrooted, and libdispatch traps there).
-private final class ThreadBody {
-    let body: @Sendable () -> Void
-    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-}
-
-func spawnThread(_ body: @escaping @Sendable () -> Void) {
-    let box = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
-    var thread = pthread_t()
-    let rc = pthread_create(&thread, nil, { argument in
-        let body = Unmanaged<ThreadBody>.fromOpaque(argument!).takeRetainedValue()
-        body.body()
-        return nil
-    }, box)
-    precondition(rc == 0, "pthread_create failed: \(rc)")
-    pthread_detach(thread)
 }

@@ -2,6 +2,7 @@
 // sockets, StageConnection on the queue's side) against DeliveryWorker, with
 // a fake inject socket receiving forwarded copies.
 
+import StageRuntime
 import Testing
 import Dispatch
 import Synchronization
@@ -45,7 +46,7 @@ final class Background<T: Sendable>: Sendable {
     private let result = Mutex<Result<T, any Error>?>(nil)
 
     init(_ body: @escaping @Sendable () throws -> T) {
-        startThread { [self] in
+        StageRuntime.detachThread { [self] in
             let r = Result { try body() }
             result.withLock { $0 = r }
             done.signal()

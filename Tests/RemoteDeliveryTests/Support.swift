@@ -4,6 +4,7 @@
 // pool (the agent resolves routes in Tasks: blocking the pool would stall
 // it).
 
+import StageRuntime
 import Synchronization
 import Testing
 import NIOCore
@@ -14,26 +15,10 @@ import CSystemShims
 import Glibc
 #endif
 
-/// A detached POSIX thread.
-func startThread(_ body: @escaping @Sendable () -> Void) {
-    final class Box: Sendable {
-        let body: @Sendable () -> Void
-        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-    }
-    let context = Unmanaged.passRetained(Box(body)).toOpaque()
-    var thread = pthread_t()
-    let rc = pthread_create(&thread, nil, { raw in
-        Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
-        return nil
-    }, context)
-    precondition(rc == 0)
-    pthread_detach(thread)
-}
-
 /// Runs blocking `body` on its own thread and awaits its result.
 func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, any Error>) in
-        startThread { c.resume(with: Result { try body() }) }
+        StageRuntime.detachThread { c.resume(with: Result { try body() }) }
     }
 }
 
@@ -89,7 +74,7 @@ final class TestSink: Sendable {
         _ = withUnsafeMutablePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(s, $0, &len) } }
         self.port = Int(UInt16(bigEndian: sin.sin_port))
         fd = s
-        startThread { [self] in acceptLoop() }
+        StageRuntime.detachThread { [self] in acceptLoop() }
     }
 
     func stop() {
@@ -109,7 +94,7 @@ final class TestSink: Sendable {
                 return
             }
             state.withLock { $0.connections += 1 }
-            startThread { [self] in serve(c) }
+            StageRuntime.detachThread { [self] in serve(c) }
         }
     }
 

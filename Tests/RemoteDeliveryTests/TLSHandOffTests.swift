@@ -3,6 +3,7 @@
 // for remote-deliver (CryptoNegotiateHandOff) and the server role for the
 // sink — so the SMTP conversation after STARTTLS really runs over TLS.
 
+import StageRuntime
 import Testing
 import SealpostConfig
 import CryptoNegotiation
@@ -37,7 +38,7 @@ final class TLSService: @unchecked Sendable {
         socketPath = dir + "/tls"
         try service.listen(path: socketPath)
         let s = service
-        startThread { s.run() }
+        StageRuntime.detachThread { s.run() }
     }
 
     func stop() {
