@@ -13,6 +13,11 @@ FILE *sealpost_stderr(void) { return stderr; }
 
 ssize_t sealpost_sendmsg_fds(int sock, const void *buf, size_t len,
                              const int *fds, size_t nfds) {
+    return sealpost_sendmsg_fds_flags(sock, buf, len, fds, nfds, 0);
+}
+
+ssize_t sealpost_sendmsg_fds_flags(int sock, const void *buf, size_t len,
+                                   const int *fds, size_t nfds, int flags) {
     if (nfds > SEALPOST_MAX_FDS) { errno = EINVAL; return -1; }
     struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
     struct msghdr msg;
@@ -34,7 +39,7 @@ ssize_t sealpost_sendmsg_fds(int sock, const void *buf, size_t len,
         cmsg->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
         memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * nfds);
     }
-    return sendmsg(sock, &msg, MSG_NOSIGNAL);
+    return sendmsg(sock, &msg, MSG_NOSIGNAL | flags);
 }
 
 ssize_t sealpost_recvmsg_fds(int sock, void *buf, size_t len,

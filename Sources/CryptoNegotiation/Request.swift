@@ -17,6 +17,8 @@ public struct NegotiationRequest: Sendable, Equatable {
     public var idleTimeout: Double?
     /// For logs only, e.g. "mx.example.net[192.0.2.1]:25".
     public var peer: String?
+    /// Send CLOSED when the relayed session ends (the default).
+    public var reportClose: Bool
 
     public init(_ frame: Frame) throws(ProtocolError) {
         guard frame.type == .negotiate else { throw ProtocolError("\(frame.type.name): expected NEGOTIATE") }
@@ -25,6 +27,7 @@ public struct NegotiationRequest: Sendable, Equatable {
         peer = try frame.optionalText("peer")
         handshakeTimeout = try frame.optionalUInt("handshake-timeout").map { Double($0) }
         idleTimeout = try frame.optionalUInt("idle-timeout").map { Double($0) }
+        reportClose = try frame.bool("report-close", default: true)
         guard try frame.text("role") == "client" else {
             role = .server
             return

@@ -132,9 +132,10 @@ public final class NegotiationService: @unchecked Sendable {
                 connection?.send(Replies.failed(session: session, e), closing: [])
             }
         }
+        let reportClose = request.reportClose
         let onClose: (RelaySummary) -> Void = { [weak connection, logger] s in
             logger.info("session=\(session), peer=\(peer), closed: received=\(s.received), sent=\(s.sent), close_notify=\(s.closeNotify), reason=\(s.reason)")
-            connection?.send(Replies.closed(session: session, s), closing: [])
+            if reportClose { connection?.send(Replies.closed(session: session, s), closing: []) }
         }
         switch request.role {
         case .server:

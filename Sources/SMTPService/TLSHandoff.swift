@@ -2,14 +2,18 @@
 // a client's TCP socket to crypto-negotiate (after STARTTLS, or at accept on
 // port 465) and gets back a plaintext socket once the handshake is done.
 //
-// One persistent control connection, served by two threads of its own so
-// that no event loop ever waits on the Unix socket:
-// - the reader connects (again, every second, while crypto-negotiate is
-//   away), exchanges the HELLOs and then blocks in receive(): NEGOTIATED
-//   and FAILED complete the request of their session, CLOSED is ignored
-//   (the session's own channel sees the end);
-// - the writer sends the NEGOTIATE frames queued by the event loops, each
-//   with its socket (SCM_RIGHTS), and closes our copy of the socket.
+// One persistent control connection, and no event loop ever waits on it:
+// - a NEGOTIATE frame (with its socket, SCM_RIGHTS) is sent at once from
+//   the event loop that asks, with MSG_DONTWAIT: on a 2-core machine the
+//   wake-up of another thread costs more than the send itself;
+// - the writer thread sends what could not go at once (a full socket
+//   buffer: the rest of a frame, and every frame after it until the
+//   backlog is gone, so frames never interleave);
+// - the reader thread connects (again, every second, while crypto-negotiate
+//   is away), exchanges the HELLOs and then blocks in receive(): NEGOTIATED
+//   and FAILED complete the request of their session. We ask for no CLOSED
+//   frames (`report-close=false`): the session's own channel sees the end,
+//   and crypto-negotiate logs it.
 // Completions run on the reader (or writer) thread: callers hop back to
 // their event loop. When the connection is down, `isAvailable` is false
 // (smtp-listen then does not offer STARTTLS) and requests fail at once;
@@ -79,6 +83,12 @@ public final class TLSHandoff: Sendable {
         var available = false
         var stopped = false
         var queue: [Request] = []
+        /// The writer owns the stream: frames are queued for it, or
+        /// `partial` is not yet sent. Callers then queue too.
+        var writerActive = false
+        /// The unsent end of a frame whose beginning (and descriptor) went
+        /// out from an event loop; the writer sends it before anything else.
+        var partial: [UInt8] = []
         var pending: [UInt64: Completion] = [:]
         var nextSession: UInt64 = 1
         var warnedUnavailable = false
@@ -128,18 +138,120 @@ public final class TLSHandoff: Sendable {
     /// Hands `socket` (ours no longer, whatever happens) to crypto-negotiate
     /// for a server-role handshake. Never blocks.
     public func negotiate(socket: Int32, peer: String, completion: @escaping Completion) {
+        let request = Request(socket: socket, peer: peer, completion: completion)
+        enum Route { case unavailable, writer, now }
+        let route = state.withLockedValue { s -> Route in
+            guard s.available, !s.stopped else { return .unavailable }
+            return s.writerActive ? .writer : .now
+        }
+        switch route {
+        case .unavailable:
+            close(socket)
+            completion(.failure(Self.unavailable))
+        case .now where sendNow(request):
+            break
+        case .now, .writer:
+            queueForWriter(request)
+        }
+    }
+
+    private func queueForWriter(_ request: Request) {
         let queued = state.withLockedValue { s -> Bool in
             guard s.available, !s.stopped else { return false }
-            s.queue.append(Request(socket: socket, peer: peer, completion: completion))
+            s.queue.append(request)
+            s.writerActive = true
             return true
         }
         guard queued else {
-            close(socket)
-            completion(.failure(Self.unavailable))
+            close(request.socket)
+            request.completion(.failure(Self.unavailable))
             return
         }
+        wakeWriter()
+    }
+
+    private func wakeWriter() {
         work.lock()
         work.unlock(withValue: 1)
+    }
+
+    private func frame(_ request: Request, session: UInt64) -> [UInt8] {
+        var frame = Frame(.negotiate, ["session": .uint(session), "socket": .fd(request.socket),
+                                       "role": .text("server"), "report-close": .bool(false)])
+        frame.set("peer", .sanitizedText(request.peer))
+        return FrameEncoder.encode(frame)
+    }
+
+    /// Registers a session for `request`; nil (nothing registered) when the
+    /// connection is down or, with `unlessWriterActive`, the writer owns
+    /// the stream.
+    private func register(_ request: Request, unlessWriterActive: Bool) -> (fd: Int32, session: UInt64)? {
+        state.withLockedValue { s -> (Int32, UInt64)? in
+            guard s.available, s.connection >= 0, !(unlessWriterActive && s.writerActive) else { return nil }
+            let session = s.nextSession
+            s.nextSession += 1
+            s.pending[session] = request.completion
+            return (s.connection, session)
+        }
+    }
+
+    /// The event loop's own send. False: nothing was sent and the request
+    /// is still the caller's (the writer must take it).
+    private func sendNow(_ request: Request) -> Bool {
+        enum Outcome { case writer, sent, partial, failed(Int32) }
+        var outcome = Outcome.writer
+        var session: UInt64 = 0
+        sendLock.withLock {
+            // Checked under the send lock: nobody is in the middle of a frame.
+            guard let (fd, registered) = register(request, unlessWriterActive: true) else { return }
+            session = registered
+            let bytes = frame(request, session: session)
+            var n: Int
+            repeat {
+                n = bytes.withUnsafeBytes { raw in
+                    withUnsafePointer(to: request.socket) { socket in
+                        sealpost_sendmsg_fds_flags(fd, raw.baseAddress!, raw.count, socket, 1, Int32(MSG_DONTWAIT))
+                    }
+                }
+            } while n < 0 && errno == EINTR
+            if n == bytes.count {
+                outcome = .sent
+            } else if n > 0 {
+                // The descriptor went with the first byte; the writer sends the rest.
+                state.withLockedValue {
+                    $0.partial = Array(bytes[n...])
+                    $0.writerActive = true
+                }
+                outcome = .partial
+            } else {
+                let e = errno
+                _ = state.withLockedValue { $0.pending.removeValue(forKey: session) }
+                if e == EAGAIN || e == EWOULDBLOCK {
+                    outcome = .writer
+                } else {
+                    // A broken connection: the reader sees the shutdown and reconnects.
+                    _ = shutdown(fd, Int32(SHUT_RDWR))
+                    outcome = .failed(e)
+                }
+            }
+        }
+        switch outcome {
+        case .writer:
+            return false
+        case .sent:
+            close(request.socket)
+        case .partial:
+            close(request.socket)
+            wakeWriter()
+        case .failed(let e):
+            close(request.socket)
+            request.completion(.failure(Self.unreachable(e)))
+        }
+        return true
+    }
+
+    static func unreachable(_ e: Int32) -> TLSHandoffFailure {
+        TLSHandoffFailure(status: "4.7.0", text: "TLS not available: cannot reach crypto-negotiate: \(String(cString: strerror(e)))")
     }
 
     // MARK: Writer
@@ -156,57 +268,68 @@ public final class TLSHandoff: Sendable {
                 for r in requests { close(r.socket) }
                 return
             }
+            sendLock.withLock { sendPartial() }
             for request in requests { send(request) }
+            state.withLockedValue { s in
+                // More queued meanwhile: `work` is 1 again and the loop goes on.
+                if s.queue.isEmpty && s.partial.isEmpty { s.writerActive = false }
+            }
         }
+    }
+
+    /// Blocking (with the send timeout) writes of `bytes`, `fds` with the
+    /// first byte. The caller holds `sendLock`. Returns 0 or an errno.
+    private func writeAll(_ fd: Int32, _ bytes: [UInt8], fds first: [Int32]) -> Int32 {
+        var offset = 0
+        var fds = first
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { raw in
+                fds.withUnsafeBufferPointer { p in
+                    sealpost_sendmsg_fds(fd, raw.baseAddress! + offset, raw.count - offset, p.baseAddress, p.count)
+                }
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                let e = errno
+                // A stuck peer (send timeout) or a broken connection:
+                // the reader sees the shutdown and reconnects.
+                _ = shutdown(fd, Int32(SHUT_RDWR))
+                return e
+            }
+            offset += n
+            fds = []
+        }
+        return 0
+    }
+
+    /// The caller holds `sendLock`.
+    private func sendPartial() {
+        let (fd, rest) = state.withLockedValue { s -> (Int32, [UInt8]) in
+            defer { s.partial = [] }
+            return (s.connection, s.partial)
+        }
+        guard !rest.isEmpty, fd >= 0 else { return }
+        _ = writeAll(fd, rest, fds: [])
     }
 
     private func send(_ request: Request) {
         defer { close(request.socket) }   // passed or not, our copy goes
-        let (fd, session) = state.withLockedValue { s -> (Int32, UInt64) in
-            guard s.available else { return (-1, 0) }
-            let session = s.nextSession
-            s.nextSession += 1
-            s.pending[session] = request.completion
-            return (s.connection, session)
-        }
-        guard fd >= 0 else {
-            request.completion(.failure(Self.unavailable))
-            return
-        }
-        var frame = Frame(.negotiate, ["session": .uint(session), "socket": .fd(request.socket),
-                                       "role": .text("server")])
-        frame.set("peer", .sanitizedText(request.peer))
-        let bytes = FrameEncoder.encode(frame)
         var failure: Int32 = 0
+        var session: UInt64 = 0
         sendLock.withLock {
             // The reader may have closed the connection meanwhile.
-            guard state.withLockedValue({ $0.connection == fd && $0.available }) else {
+            guard let (fd, registered) = register(request, unlessWriterActive: false) else {
                 failure = EPIPE
                 return
             }
-            var offset = 0
-            var fds = [request.socket]
-            while offset < bytes.count {
-                let n = bytes.withUnsafeBytes { raw in
-                    fds.withUnsafeBufferPointer { p in
-                        sealpost_sendmsg_fds(fd, raw.baseAddress! + offset, raw.count - offset, p.baseAddress, p.count)
-                    }
-                }
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    failure = errno
-                    // A stuck peer (send timeout) or a broken connection:
-                    // the reader sees the shutdown and reconnects.
-                    _ = shutdown(fd, Int32(SHUT_RDWR))
-                    return
-                }
-                offset += n
-                fds = []
-            }
+            session = registered
+            sendPartial()
+            failure = writeAll(fd, frame(request, session: session), fds: [request.socket])
         }
         if failure != 0 {
-            let completion = state.withLockedValue { $0.pending.removeValue(forKey: session) }
-            completion?(.failure(TLSHandoffFailure(status: "4.7.0", text: "TLS not available: cannot reach crypto-negotiate: \(String(cString: strerror(failure)))")))
+            let completion: Completion? = session == 0 ? request.completion
+                : state.withLockedValue { $0.pending.removeValue(forKey: session) }
+            completion?(.failure(failure == EPIPE && session == 0 ? Self.unavailable : Self.unreachable(failure)))
         }
     }
 
@@ -254,7 +377,10 @@ public final class TLSHandoff: Sendable {
                 return Array(s.pending.values)
             }
             sendLock.withLock {
-                state.withLockedValue { $0.connection = -1 }
+                state.withLockedValue {
+                    $0.connection = -1
+                    $0.partial = []   // the rest of a frame for a stream that is gone
+                }
                 connection.close()
             }
             if !state.withLockedValue({ $0.stopped }) {

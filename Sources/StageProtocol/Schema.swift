@@ -391,6 +391,7 @@ extension Standard {
                 R("handshake-timeout", .uint, check: Checks.range(1...3600)),
                 R("idle-timeout", .uint, check: Checks.range(1...86400)),
                 R("peer", .text),
+                R("report-close", .bool),
             ], check: { frame in
                 let role = frame["role"]
                 if role == .text("server") {

@@ -13,13 +13,17 @@ import Testing
 /// handed over, one as server, one as client; returns the two plaintext
 /// sockets after checking the reports.
 /// `subject` nil: any (`seen` gets the one presented).
+/// `serverReportsClose` false: session 1 asks for no CLOSED frame.
 func negotiatePair(_ connection: StageConnection, pkix: Bool = true, subject: String? = "CN=mx.example.test",
+                   serverReportsClose: Bool = true,
                    seen: ((String) -> Void)? = nil) throws -> (server: Int32, client: Int32) {
     let listener = try Listener()
     let clientFD = try connectTCP(listener.port)
     let serverFD = listener.accept()
-    try connection.send(Frame(.negotiate, ["session": .uint(1), "socket": .fd(serverFD), "role": .text("server"),
-                                           "peer": .text("[127.0.0.1]:test")]))
+    var server = Frame(.negotiate, ["session": .uint(1), "socket": .fd(serverFD), "role": .text("server"),
+                                    "peer": .text("[127.0.0.1]:test")])
+    if !serverReportsClose { server.set("report-close", .bool(false)) }
+    try connection.send(server)
     try connection.send(Frame(.negotiate, ["session": .uint(2), "socket": .fd(clientFD), "role": .text("client"),
                                            "server-name": .text("mx.example.test"),
                                            "policy": .text(pkix ? "pkix" : "none")]))
@@ -44,8 +48,10 @@ func negotiatePair(_ connection: StageConnection, pkix: Bool = true, subject: St
     return (plain[1]!, plain[2]!)
 }
 
-/// Exchanges a line each way and closes both; expects two CLOSED frames.
-func exchangeAndClose(_ connection: StageConnection, _ p: (server: Int32, client: Int32)) throws {
+/// Exchanges a line each way and closes both; expects a CLOSED frame for
+/// each session in `sessions`.
+func exchangeAndClose(_ connection: StageConnection, _ p: (server: Int32, client: Int32),
+                      sessions: Set<UInt64> = [1, 2]) throws {
     try writeAll(p.client, Array("EHLO client.example\r\n".utf8))
     shutdown(p.client, Int32(SHUT_WR))
     #expect(try readToEOF(p.server) == Array("EHLO client.example\r\n".utf8))
@@ -54,10 +60,11 @@ func exchangeAndClose(_ connection: StageConnection, _ p: (server: Int32, client
     #expect(try readToEOF(p.client) == Array("250 mx.example.test\r\n".utf8))
     close(p.client)
     var closed: Set<UInt64> = []
-    while closed.count < 2 {
+    while closed.count < sessions.count {
         let f = try #require(try connection.receive())
         #expect(f.type == .closed, "\(f)")
         guard f.type == .closed else { throw TestFailure("\(f)") }
+        #expect(sessions.contains(try f.uint("session")), "\(f)")
         closed.insert(try f.uint("session"))
         #expect(try f.bool("close-notify", default: false))
         #expect(try f.text("reason") == "closed")
@@ -170,6 +177,26 @@ final class ReloadableService {
         try exchangeAndClose(c, old)
         // ... and new handshakes get the new certificate.
         try exchangeAndClose(c, try negotiatePair(c, pkix: false, subject: "CN=other.example.test"))
+    }
+
+    /// smtp-listen asks for no CLOSED (report-close=false): none comes,
+    /// while the other session still gets its own.
+    @Test func noClosedFrameWhenNotAsked() throws {
+        let running = try ReloadableService()
+        defer { withExtendedLifetime(running) {} }
+        let c = running.connection
+        try exchangeAndClose(c, try negotiatePair(c, serverReportsClose: false), sessions: [2])
+        // A later answer comes next, with no CLOSED for session 1 before it.
+        let listener = try Listener()
+        let fd = try connectTCP(listener.port)
+        let accepted = listener.accept()
+        defer { close(accepted) }
+        try c.send(Frame(.negotiate, ["session": .uint(3), "socket": .fd(fd), "role": .text("client"),
+                                      "ca": .text("nonexistent")]))
+        close(fd)
+        let f = try #require(try c.receive())
+        #expect(f.type == .failed, "\(f)")
+        #expect(try f.uint("session") == 3)
     }
 
     @Test func protocolViolationGetsAnError() throws {

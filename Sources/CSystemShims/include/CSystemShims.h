@@ -22,6 +22,11 @@ FILE *sealpost_stderr(void);
 ssize_t sealpost_sendmsg_fds(int sock, const void *buf, size_t len,
                              const int *fds, size_t nfds);
 
+/// As sealpost_sendmsg_fds, with extra sendmsg(2) flags (MSG_DONTWAIT: a
+/// caller that must not block on a full socket buffer).
+ssize_t sealpost_sendmsg_fds_flags(int sock, const void *buf, size_t len,
+                                   const int *fds, size_t nfds, int flags);
+
 /// One recvmsg(2) into `buf` with MSG_CMSG_CLOEXEC. Descriptors received
 /// (every SCM_RIGHTS message, in order) are stored in `fds`, up to `maxfds`,
 /// their number in `*nfds`; descriptors beyond `maxfds` are closed. `*truncated`

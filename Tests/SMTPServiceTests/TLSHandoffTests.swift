@@ -1,0 +1,78 @@
+// TLSHandoff against a crypto-negotiate peer that stops reading for a while:
+// the event loop's own sends (MSG_DONTWAIT) meet a full socket buffer, the
+// writer thread takes the backlog, and crypto-negotiate must still see one
+// clean stream: every NEGOTIATE whole, each with its descriptor.
+
+import CSystemShims
+import Foundation
+import Logging
+@testable import SMTPService
+import StageProtocol
+import Synchronization
+import Testing
+
+@Suite struct TLSHandoffTests {
+    @Test func backlogThroughTheWriterKeepsFramesWhole() throws {
+        let path = NSTemporaryDirectory() + "handoff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let listener = sealpost_unix_listen(path, 8)
+        try #require(listener >= 0)
+        defer { close(listener); unlink(path) }
+        let handoff = TLSHandoff(socketPath: path, logger: Logger(label: "test"))
+        handoff.start()
+        defer { handoff.stop() }
+
+        let peer = StageConnection(adopting: accept(listener, nil, nil), protocol: .tls, direction: .clientToServer)
+        let hello = try #require(try peer.receive())
+        #expect(hello.type == .hello)
+        try peer.send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]))
+        var waited = 0
+        while !handoff.isAvailable && waited < 1000 {
+            usleep(10_000)
+            waited += 1
+        }
+        try #require(handoff.isAvailable)
+
+        // Far more than a Unix socket buffer holds (about 240 frames with a
+        // descriptor each) while nobody reads: none of these calls may block.
+        let count = 600
+        let outcomes = Mutex<[String]>([])
+        for i in 0..<count {
+            let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+            try #require(fd >= 0)
+            handoff.negotiate(socket: fd, peer: "client-\(i)") { result in
+                switch result {
+                case .success(let established): close(established.plaintext); outcomes.withLock { $0.append("success") }
+                case .failure(let failure): outcomes.withLock { $0.append(failure.status) }
+                }
+            }
+        }
+
+        // Now crypto-negotiate reads: every frame decodes (no interleaving),
+        // carries its descriptor, and has a session number of its own.
+        var sessions = Set<UInt64>()
+        var peers = Set<String>()
+        while sessions.count < count {
+            let frame = try #require(try peer.receive())
+            #expect(frame.type == .negotiate)
+            let socket = try frame.fd("socket")
+            #expect(socket >= 0)
+            close(socket)
+            #expect(try frame.text("role") == "server")
+            #expect(try frame.bool("report-close", default: true) == false)
+            #expect(sessions.insert(try frame.uint("session")).inserted)
+            peers.insert(try frame.text("peer"))
+        }
+        #expect(peers.count == count)
+        for session in sessions {
+            try peer.send(Frame(.failed, ["session": .uint(session), "status": .text("4.7.5"), "text": .text("test handshake failure")]))
+        }
+        waited = 0
+        while outcomes.withLock({ $0.count }) < count && waited < 1000 {
+            usleep(10_000)
+            waited += 1
+        }
+        let seen = outcomes.withLock { $0 }
+        #expect(seen.count == count)
+        #expect(seen.allSatisfy { $0 == "4.7.5" }, "\(Set(seen))")
+    }
+}
