@@ -206,6 +206,18 @@ public struct SMTPSettings: Sendable, Equatable {
     /// An authenticated client may use only the sender addresses its
     /// account owns (Postfix's reject_sender_login_mismatch).
     public var senderLoginMatch: Bool
+    /// smtp-listen's event-loop threads; 0: automatic (`eventLoopThreads`).
+    public var eventLoops: Int
+
+    /// The threads smtp-listen runs: `eventLoops`, or when that is 0, half
+    /// the cores (at least one). smtp-listen shares the machine with
+    /// crypto-negotiate, the queue and the delivery stages; on a 2-core
+    /// machine one loop serves more sessions per second than two (more
+    /// events per epoll_wait, fewer thread wake-ups: bench/smtp measured
+    /// 15% less CPU per message).
+    public func eventLoopThreads(cores: Int) -> Int {
+        eventLoops > 0 ? eventLoops : max(1, cores / 2)
+    }
 
     public init() {
         listen = ["127.0.0.1:2525"]
@@ -221,5 +233,6 @@ public struct SMTPSettings: Sendable, Equatable {
         dataTimeout = 180
         authUsersFile = ""
         senderLoginMatch = true
+        eventLoops = 0
     }
 }

@@ -12,8 +12,9 @@
 //      message to disk; if the queue refuses, its reply is passed on; if the
 //      queue cannot be reached, the client gets 451 4.3.0 and tries again.
 //
-//      One process serves every session, event-driven (SwiftNIO, one thread
-//      per core): no thread or process per connection. The protocol
+//      One process serves every session, event-driven (SwiftNIO; threads:
+//      smtp.event_loops, by default half the cores): no thread or process
+//      per connection. The protocol
 //      decisions are made by the pure state machine of the SMTP library.
 //
 //      Relay control: recipients in local.domains and smtp.relay_domains
@@ -212,7 +213,7 @@ if lstat(usersFile, &usersInfo) != 0 && errno == ENOENT {
 let settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
                                    tlsSocket: paths.runtimeDirectory + "/tls", authenticator: authenticator)
 
-let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+let group = MultiThreadedEventLoopGroup(numberOfThreads: config.smtp.eventLoopThreads(cores: System.coreCount))
 let server = SMTPServer(settings: settings, group: group, logger: logger)
 do {
     _ = try server.open(specs).wait()
