@@ -168,17 +168,20 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .testTarget(name: "RemoteDeliveryTests", dependencies: [
-            "RemoteDelivery", "SMTP", "DNS", "CryptoNegotiation", "StageProtocol", "SealpostConfig", "CSystemShims",
+            "RemoteDelivery", "SMTP", "DNS", "DNSTestbed", "CryptoNegotiation", "StageProtocol", "SealpostConfig", "CSystemShims",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
-        .testTarget(name: "DNSTests", dependencies: ["DNS"]),
+        .testTarget(name: "DNSTests", dependencies: ["DNS", "DNSTestbed"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"], exclude: ["Fixtures"]),
         .testTarget(name: "SupervisionTests", dependencies: ["Supervision", "StageProtocol", "CSystemShims"]),
-        .testTarget(name: "TLSTests", dependencies: ["TLS", "CSystemShims"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS", "TLSTestSupport", "CSystemShims"]),
         .testTarget(name: "CryptoNegotiationTests", dependencies: [
-            "CryptoNegotiation", "TLS", "StageProtocol", "CSystemShims",
+            "CryptoNegotiation", "TLS", "TLSTestSupport", "StageProtocol", "CSystemShims",
         ]),
+        // Support shared by test targets (a test target cannot import another).
+        .target(name: "TLSTestSupport", dependencies: ["TLS", "CSystemShims"], path: "Tests/Support/TLSTestSupport"),
+        .target(name: "DNSTestbed", dependencies: ["DNS"], path: "Tests/Support/DNSTestbed"),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,6 +1,7 @@
 // Reloads through the supervisor's certificate channel: the files arrive
 // as descriptors; the configured paths are never reopened.
 
+import TLSTestSupport
 import CSystemShims
 import Foundation
 import Glibc

@@ -2,6 +2,7 @@
 // real crypto-negotiate executable, with sockets handed over by the `tls`
 // protocol from the test.
 
+import TLSTestSupport
 import Foundation
 import Glibc
 import StageProtocol

@@ -1,8 +1,9 @@
 /// RFC 5321 5.1 / RFC 7505 routing against the test bed.
+import DNSTestbed
 import Testing
 import DNS
 
-@Suite(.enabled(if: DNSTestbed.available, DNSTestbed.unavailableReason))
+@Suite(.enabled(if: DNSTestbed.available, Comment(rawValue: DNSTestbed.unavailableReason)))
 struct MailExchangerTests {
     func resolve(_ domain: String) throws -> MailExchangerResolution {
         try DNSTestbed.resolver().resolveMailExchangers(domain)

@@ -1,13 +1,14 @@
 /// Lookups against the real test bed (nsd + validating unbound, see
 /// Tests/testbed/dns): typed answers with their DNSSEC status, bogus and
 /// insecure cases, NXDOMAIN, CNAMEs, deadlines.
+import DNSTestbed
 import Testing
 import DNS
 #if canImport(Glibc)
 import Glibc
 #endif
 
-@Suite(.enabled(if: DNSTestbed.available, DNSTestbed.unavailableReason))
+@Suite(.enabled(if: DNSTestbed.available, Comment(rawValue: DNSTestbed.unavailableReason)))
 struct ResolverTests {
     /// Both ways to reach the test zones: through the validating unbound
     /// (forwarder), and straight to nsd (stub zones); libunbound validates

@@ -1,8 +1,9 @@
 /// The resolver pumped by its own thread, used with async/await.
+import DNSTestbed
 import Testing
 import DNS
 
-@Suite(.enabled(if: DNSTestbed.available, DNSTestbed.unavailableReason))
+@Suite(.enabled(if: DNSTestbed.available, Comment(rawValue: DNSTestbed.unavailableReason)))
 struct ResolverThreadTests {
     @Test func concurrentAsyncLookups() async throws {
         let service = try ResolverThread(DNSTestbed.resolver())

@@ -2,12 +2,13 @@
 // the test bed (nsd serving the DNSSEC-signed dane.test, a validating
 // unbound in front), and a sink listening on the MX host's address.
 
+import DNSTestbed
 import Testing
 import DNS
 import SMTP
 @testable import RemoteDelivery
 
-@Suite(.enabled(if: DNSTestbed.available, DNSTestbed.unavailableReason))
+@Suite(.enabled(if: DNSTestbed.available, Comment(rawValue: DNSTestbed.unavailableReason)))
 struct DNSRoutingTests {
     func adapter() throws -> UnboundMailExchangerResolver {
         UnboundMailExchangerResolver(try ResolverThread(try DNSTestbed.resolver()))

@@ -1,6 +1,7 @@
 // Client role against the openssl s_server command: each verification
 // policy, passing and failing.
 
+import TLSTestSupport
 import Foundation
 import Glibc
 import Testing

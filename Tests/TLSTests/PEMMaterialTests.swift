@@ -1,6 +1,7 @@
 // Certificates and keys loaded from memory / descriptors (what
 // crypto-negotiate does with the files the supervisor opens for it).
 
+import TLSTestSupport
 import Foundation
 import Glibc
 import Testing

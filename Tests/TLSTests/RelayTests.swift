@@ -2,6 +2,7 @@
 // client-role session connected over loopback TCP): volume, half-close,
 // close_notify, truncation, timeouts, nothing relayed before the handshake.
 
+import TLSTestSupport
 import Foundation
 import Glibc
 import Testing

@@ -1,5 +1,6 @@
 // Server role against the openssl s_client command.
 
+import TLSTestSupport
 import Foundation
 import Glibc
 import Testing

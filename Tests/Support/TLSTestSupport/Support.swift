@@ -1,26 +1,27 @@
-// Test support, shared by TLSTests and CryptoNegotiationTests (the latter links this file: test targets cannot share a module): a PKI made with the openssl command at test time, child
+// Test support, a library target of its own shared by TLSTests and
+// CryptoNegotiationTests: a PKI made with the openssl command at test time, child
 // processes (openssl s_client / s_server) with pipes, loopback TCP, and an
 // EventLoop running on its own thread.
 
 import Foundation
 import Glibc
 import CSystemShims
-@testable import TLS
+import TLS
 
-struct TestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ d: String) { description = d }
+public struct TestFailure: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
 }
 
 /// A child process with stdin and (stdout+stderr) pipes, started with
 /// posix_spawn (fds 0-2 placed, everything else closed).
-final class Child: @unchecked Sendable {
-    let pid: pid_t
-    private(set) var stdinFD: Int32
-    let outFD: Int32
-    private(set) var output = ""
+public final class Child: @unchecked Sendable {
+    public let pid: pid_t
+    public private(set) var stdinFD: Int32
+    public let outFD: Int32
+    public private(set) var output = ""
 
-    init(_ args: [String], environment: [String: String] = [:]) throws {
+    public init(_ args: [String], environment: [String: String] = [:]) throws {
         var inPipe: [Int32] = [-1, -1]
         var outPipe: [Int32] = [-1, -1]
         guard sealpost_pipe_cloexec(&inPipe) == 0, sealpost_pipe_cloexec(&outPipe) == 0 else { throw TestFailure("pipe") }
@@ -64,18 +65,18 @@ final class Child: @unchecked Sendable {
         close(outFD)
     }
 
-    func write(_ s: String) {
+    public func write(_ s: String) {
         var bytes = Array(s.utf8)
         _ = Glibc.write(stdinFD, &bytes, bytes.count)
     }
 
-    func closeStdin() {
+    public func closeStdin() {
         if stdinFD >= 0 { close(stdinFD); stdinFD = -1 }
     }
 
     /// Reads until `needle` appears in the output (true) or EOF (false).
     @discardableResult
-    func waitFor(_ needle: String) -> Bool {
+    public func waitFor(_ needle: String) -> Bool {
         while !output.contains(needle) {
             var buf = [UInt8](repeating: 0, count: 4096)
             let n = read(outFD, &buf, buf.count)
@@ -87,7 +88,7 @@ final class Child: @unchecked Sendable {
 
     /// Reads to EOF and waits for the exit; returns the exit status.
     @discardableResult
-    func finish() -> Int32 {
+    public func finish() -> Int32 {
         closeStdin()
         _ = waitFor("\u{0}never\u{0}")
         var status: Int32 = 0
@@ -96,12 +97,12 @@ final class Child: @unchecked Sendable {
     }
 
     /// SIGKILL: no close_notify, no clean-up.
-    func kill() { _ = Glibc.kill(pid, SIGKILL) }
+    public func kill() { _ = Glibc.kill(pid, SIGKILL) }
 }
 
 /// Runs a shell command, returns its output (trimmed); throws on failure.
 @discardableResult
-func shell(_ command: String, in dir: String) throws -> String {
+public func shell(_ command: String, in dir: String) throws -> String {
     let c = try Child(["/bin/sh", "-c", "cd '\(dir)' && \(command)"])
     c.closeStdin()
     let status = c.finish()
@@ -114,13 +115,13 @@ func shell(_ command: String, in dir: String) throws -> String {
 /// - other: other.example.test (P-256), signed by ca;
 /// - selfSigned: CN wrong.name (P-256), self-signed (for DANE-EE);
 /// - rogueCA / rogueLeaf: an untrusted CA and its leaf for mx.example.test.
-final class TestPKI: Sendable {
-    let dir: String
+public final class TestPKI: Sendable {
+    public let dir: String
 
-    static let shared: Result<TestPKI, Error> = Result { try TestPKI() }
-    static func get() throws -> TestPKI { try shared.get() }
+    public static let shared: Result<TestPKI, Error> = Result { try TestPKI() }
+    public static func get() throws -> TestPKI { try shared.get() }
 
-    init() throws {
+    public init() throws {
         var template = Array("/tmp/sealpost-tls-XXXXXX".utf8CString)
         guard let p = mkdtemp(&template) else { throw TestFailure("mkdtemp") }
         let dir = String(cString: p)
@@ -146,21 +147,21 @@ final class TestPKI: Sendable {
         try shell("openssl req -x509 \(ec) -nodes -keyout self.key -out self.pem -days 30 -subj '/CN=wrong.name' 2>&1", in: dir)
     }
 
-    func path(_ name: String) -> String { "\(dir)/\(name)" }
+    public func path(_ name: String) -> String { "\(dir)/\(name)" }
 
     /// SHA-256 of a certificate's SubjectPublicKeyInfo, by the openssl command.
-    func spkiSHA256(_ cert: String) throws -> String {
+    public func spkiSHA256(_ cert: String) throws -> String {
         let out = try shell("openssl x509 -in \(cert) -noout -pubkey | openssl pkey -pubin -outform DER | openssl dgst -sha256 -r", in: dir)
         return String(out.prefix(64))
     }
 }
 
 /// A listening TCP socket on 127.0.0.1 with an ephemeral port.
-final class Listener {
-    let fd: Int32
-    let port: UInt16
+public final class Listener {
+    public let fd: Int32
+    public let port: UInt16
 
-    init() throws {
+    public init() throws {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         self.fd = fd
         var addr = sockaddr_in()
@@ -179,11 +180,11 @@ final class Listener {
 
     deinit { close(fd) }
 
-    func accept() -> Int32 { sealpost_accept_cloexec(fd) }
+    public func accept() -> Int32 { sealpost_accept_cloexec(fd) }
 }
 
 /// A TCP connection to 127.0.0.1:port.
-func connectTCP(_ port: UInt16) throws -> Int32 {
+public func connectTCP(_ port: UInt16) throws -> Int32 {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     var addr = sockaddr_in()
     addr.sin_family = sa_family_t(AF_INET)
@@ -197,12 +198,14 @@ func connectTCP(_ port: UInt16) throws -> Int32 {
 }
 
 /// One value handed from the loop thread to the test.
-final class Box<T>: @unchecked Sendable {
+public final class Box<T>: @unchecked Sendable {
     private let lock = NSLock()
     private let semaphore = DispatchSemaphore(value: 0)
     private var value: T?
 
-    func put(_ v: T) {
+    public init() {}
+
+    public func put(_ v: T) {
         lock.lock()
         value = v
         lock.unlock()
@@ -210,7 +213,7 @@ final class Box<T>: @unchecked Sendable {
     }
 
     /// Waits for the value (a generous limit only guards against a hang).
-    func take() throws -> T {
+    public func take() throws -> T {
         guard semaphore.wait(timeout: .now() + 120) == .success else { throw TestFailure("no result after 120 s") }
         lock.lock()
         defer { lock.unlock() }
@@ -219,12 +222,12 @@ final class Box<T>: @unchecked Sendable {
 }
 
 /// An EventLoop with a RelayEngine on its own thread.
-final class EngineThread: @unchecked Sendable {
-    let loop: EventLoop
-    let engine: RelayEngine
+public final class EngineThread: @unchecked Sendable {
+    public let loop: EventLoop
+    public let engine: RelayEngine
     private let done = DispatchSemaphore(value: 0)
 
-    init() throws {
+    public init() throws {
         loop = try EventLoop()
         engine = RelayEngine(loop: loop)
         let loop = self.loop
@@ -235,17 +238,17 @@ final class EngineThread: @unchecked Sendable {
         }
     }
 
-    func stop() {
+    public func stop() {
         loop.stop()
         done.wait()
     }
 
-    struct Session {
-        let handshake = Box<Result<HandshakeResult, TLSError>>()
-        let closed = Box<RelaySummary>()
+    public struct Session: Sendable {
+        public let handshake = Box<Result<HandshakeResult, TLSError>>()
+        public let closed = Box<RelaySummary>()
     }
 
-    func server(_ contexts: TLSServerContexts, socket: Int32, timeouts: RelayTimeouts = RelayTimeouts()) -> Session {
+    public func server(_ contexts: TLSServerContexts, socket: Int32, timeouts: RelayTimeouts = RelayTimeouts()) -> Session {
         let s = Session()
         let engine = self.engine
         loop.execute {
@@ -255,7 +258,7 @@ final class EngineThread: @unchecked Sendable {
         return s
     }
 
-    func client(_ context: TLSClientContext, socket: Int32, serverName: String?, policy: VerificationPolicy,
+    public func client(_ context: TLSClientContext, socket: Int32, serverName: String?, policy: VerificationPolicy,
                 timeouts: RelayTimeouts = RelayTimeouts()) -> Session {
         let s = Session()
         let engine = self.engine
@@ -268,11 +271,11 @@ final class EngineThread: @unchecked Sendable {
 }
 
 extension Result {
-    var failure: Failure? { if case .failure(let e) = self { return e }; return nil }
+    public var failure: Failure? { if case .failure(let e) = self { return e }; return nil }
 }
 
 /// Blocking helpers on the caller's plaintext socket.
-func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws {
+public func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws {
     var off = 0
     while off < bytes.count {
         let n = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + off, bytes.count - off, Int32(MSG_NOSIGNAL)) }
@@ -281,7 +284,7 @@ func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws {
     }
 }
 
-func readToEOF(_ fd: Int32) throws -> [UInt8] {
+public func readToEOF(_ fd: Int32) throws -> [UInt8] {
     var out: [UInt8] = []
     var buf = [UInt8](repeating: 0, count: 65536)
     while true {

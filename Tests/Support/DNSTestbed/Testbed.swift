@@ -1,43 +1,44 @@
-// The DNS test bed (Tests/testbed/dns), shared by DNSTests and RemoteDeliveryTests (a link to this file): nsd serving the signed dane.test and
+// The DNS test bed (Tests/testbed/dns), a library target of its own shared by
+// DNSTests and RemoteDeliveryTests: nsd serving the signed dane.test and
 // the unsigned insecure.test, unbound validating in front of it. Started once
 // per test process, on first use; stopped at exit, and by the test bed's
 // watchdog if this process dies without running exit handlers.
 import Foundation
-import Testing
 import DNS
 
-enum DNSTestbed {
-    struct Running: Sendable {
-        var directory: String
-        var resolver: String          // "127.0.0.11@PORT"
-        var authority: String         // "127.0.0.10@PORT"
-        var trustAnchor: String
+public enum DNSTestbed {
+    public struct Running: Sendable {
+        public var directory: String
+        public var resolver: String          // "127.0.0.11@PORT"
+        public var authority: String         // "127.0.0.10@PORT"
+        public var trustAnchor: String
     }
 
-    static let scripts: String = {
-        // #filePath: .../Tests/DNSTests/Testbed.swift
+    public static let scripts: String = {
+        // #filePath: .../Tests/Support/DNSTestbed/Testbed.swift
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("testbed/dns").path
+            .deletingLastPathComponent().appendingPathComponent("testbed/dns").path
     }()
 
     /// The daemons and tools the test bed needs; tests are disabled without them.
-    static let available: Bool = {
+    public static let available: Bool = {
         ["nsd", "unbound", "ldns-signzone", "ldns-keygen", "dig", "openssl"].allSatisfy { tool in
             ["/usr/sbin/", "/usr/bin/", "/sbin/", "/bin/"].contains {
                 FileManager.default.isExecutableFile(atPath: $0 + tool)
             }
         }
     }()
-    static let unavailableReason: Comment =
+    /// For `.enabled(if: DNSTestbed.available, Comment(rawValue: Comment(rawValue: DNSTestbed.unavailableReason)))`.
+    public static let unavailableReason =
         "DNS test bed skipped: nsd, unbound, ldnsutils, bind9-dnsutils or openssl not installed"
 
     nonisolated(unsafe) private static var startedDirectory: String?
 
-    static let shared: Result<Running, TestbedError> = start()
+    public static let shared: Result<Running, TestbedError> = start()
 
-    struct TestbedError: Error, CustomStringConvertible { var description: String }
+    public struct TestbedError: Error, CustomStringConvertible { public var description: String }
 
-    static func running() throws -> Running { try shared.get() }
+    public static func running() throws -> Running { try shared.get() }
 
     private static func start() -> Result<Running, TestbedError> {
         let directory = FileManager.default.temporaryDirectory
@@ -71,7 +72,7 @@ enum DNSTestbed {
     /// Runs a script with posix_spawn (Foundation's Process can hang in
     /// waitUntilExit here), stdout to `output`, stderr to `output`.err.
     /// Returns the exit status, or -1.
-    static func run(_ path: String, _ arguments: [String], output: String) -> Int32 {
+    public static func run(_ path: String, _ arguments: [String], output: String) -> Int32 {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -92,7 +93,7 @@ enum DNSTestbed {
 
     /// libunbound forwarding to the test bed's validating unbound, with the
     /// dane.test trust anchor loaded so that it validates itself.
-    static func resolver(timeout: Duration = .seconds(5)) throws -> Resolver {
+    public static func resolver(timeout: Duration = .seconds(5)) throws -> Resolver {
         let bed = try running()
         return try Resolver(ResolverConfiguration(
             forwarders: [bed.resolver],
@@ -103,7 +104,7 @@ enum DNSTestbed {
     }
 
     /// libunbound talking to nsd directly (stub zones), validating itself.
-    static func stubResolver(timeout: Duration = .seconds(5)) throws -> Resolver {
+    public static func stubResolver(timeout: Duration = .seconds(5)) throws -> Resolver {
         let bed = try running()
         return try Resolver(ResolverConfiguration(
             // Everything outside the stub zones goes to nsd too (refused):
