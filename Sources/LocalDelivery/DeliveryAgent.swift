@@ -3,52 +3,13 @@
 // mailbox, re-inject a copy per non-local alias target, log one line per
 // destination in the style of Postfix's local(8).
 
+import StageProtocol
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-
-/// A job as the queue sent it (JOB, JOB-RCPT..., BODY..., JOB-END).
-public struct DeliveryJob: Sendable {
-    public struct Recipient: Sendable, Equatable {
-        public var index: UInt64
-        public var address: String
-        public var notify: String?
-        public var orcpt: String?
-        public init(index: UInt64, address: String, notify: String? = nil, orcpt: String? = nil) {
-            self.index = index
-            self.address = address
-            self.notify = notify
-            self.orcpt = orcpt
-        }
-    }
-
-    public var job: UInt64
-    public var queueID: String
-    public var sender: String
-    public var arrival: UInt64
-    public var size: UInt64
-    public var attempt: UInt64
-    public var ret: String?
-    public var envid: String?
-    public var requireTLS = false
-    public var smtputf8 = false
-    public var bodyType: String?
-    public var recipients: [Recipient] = []
-    /// The message as received, CRLF line ends, in the chunks it came in.
-    public var body: [[UInt8]] = []
-
-    public init(job: UInt64, queueID: String, sender: String, arrival: UInt64,
-                size: UInt64 = 0, attempt: UInt64 = 1) {
-        self.job = job
-        self.queueID = queueID
-        self.sender = sender
-        self.arrival = arrival
-        self.size = size
-        self.attempt = attempt
-    }
-}
 
 public struct RecipientResult: Sendable, Equatable {
     public enum Status: String, Sendable { case sent, deferred, bounced }

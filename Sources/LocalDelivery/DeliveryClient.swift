@@ -90,91 +90,41 @@ public final class DeliveryWorker: Sendable {
         while let job = try JobReader.receiveJob(from: connection, maximumMessageSize: maximumMessageSize) {
             let results: [RecipientResult]
             if job.oversized {
-                results = job.job.recipients.map {
+                results = job.recipients.map {
                     RecipientResult(index: $0.index, status: .bounced, dsn: "5.3.4",
                                     text: "message larger than the local delivery limit of \(maximumMessageSize) bytes")
                 }
             } else {
-                results = agent.deliver(job.job)
+                results = agent.deliver(job)
             }
             for result in results {
-                try connection.send(JobReader.resultFrame(job: job.job.job, result))
+                try connection.send(JobReader.resultFrame(job: job.job, result))
             }
-            try connection.send(Frame(.jobDone, ["job": .uint(job.job.job)]))
+            try connection.send(Frame(.jobDone, ["job": .uint(job.job)]))
             count += 1
         }
         return count
     }
 }
 
-/// Reads one job from the connection and checks the order of its frames
-/// (the schema checks each frame; the sequence is ours to check).
+/// Reads jobs from the connection (DeliveryJobAssembler checks the order of
+/// their frames), and writes RESULT frames.
 public enum JobReader {
-    public struct ReceivedJob: Sendable {
-        public var job: DeliveryJob
-        /// The body went over the limit; it was not kept.
-        public var oversized: Bool
-    }
-
     /// The next job, or nil when the queue closed the connection between jobs.
-    public static func receiveJob(from connection: StageConnection, maximumMessageSize: Int) throws -> ReceivedJob? {
-        guard let first = try connection.receive() else { return nil }
-        switch first.type {
-        case .job: break
-        case .error:
-            throw PeerError(status: try first.text("status"), text: try first.text("text"))
-        default:
-            throw ProtocolError("\(first.type.name): expected JOB")
-        }
-        var job = DeliveryJob(job: try first.uint("job"), queueID: try first.text("queue-id"),
-                              sender: try first.text("sender"), arrival: try first.uint("arrival"),
-                              size: try first.uint("size"), attempt: try first.uint("attempt"))
-        job.ret = try first.optionalText("ret")
-        job.envid = try first.optionalText("envid")
-        job.requireTLS = try first.bool("requiretls", default: false)
-        job.smtputf8 = try first.bool("smtputf8", default: false)
-        job.bodyType = try first.optionalText("body-type")
-
-        var indexes = Set<UInt64>()
-        var bodySize = 0
-        var oversized = false
-        var inBody = false
+    public static func receiveJob(from connection: StageConnection, maximumMessageSize: Int) throws -> DeliveryJob? {
+        var assembler = DeliveryJobAssembler(maximumMessageSize: maximumMessageSize)
         while true {
             guard let frame = try connection.receive() else {
-                throw ProtocolError("connection closed in the middle of job \(job.job)")
+                if assembler.isAssembling { throw ProtocolError("connection closed in the middle of a job") }
+                return nil
             }
             switch frame.type {
-            case .jobRcpt:
-                guard !inBody else { throw ProtocolError("JOB-RCPT after BODY in job \(job.job)") }
-                let index = try frame.uint("index")
-                guard indexes.insert(index).inserted else {
-                    throw ProtocolError("JOB-RCPT: index \(index) twice in job \(job.job)")
-                }
-                job.recipients.append(DeliveryJob.Recipient(index: index, address: try frame.text("address"),
-                                                            notify: try frame.optionalText("notify"),
-                                                            orcpt: try frame.optionalText("orcpt")))
-            case .body:
-                guard !job.recipients.isEmpty else { throw ProtocolError("BODY before any JOB-RCPT in job \(job.job)") }
-                inBody = true
-                let data = try frame.bytes("data")
-                bodySize += data.count
-                if bodySize > maximumMessageSize {
-                    // Keep reading to the JOB-END (the job comes in one
-                    // piece) but let the memory go.
-                    oversized = true
-                    job.body = []
-                } else {
-                    job.body.append(data)
-                }
-            case .jobEnd:
-                let id = try frame.uint("job")
-                guard id == job.job else { throw ProtocolError("JOB-END for job \(id) inside job \(job.job)") }
-                guard !job.recipients.isEmpty else { throw ProtocolError("job \(job.job) has no JOB-RCPT") }
-                return ReceivedJob(job: job, oversized: oversized)
             case .error:
                 throw PeerError(status: try frame.text("status"), text: try frame.text("text"))
+            case .job where !assembler.isAssembling, .jobRcpt, .body, .jobEnd:
+                if let job = try assembler.add(frame) { return job }
             default:
-                throw ProtocolError("\(frame.type.name) inside job \(job.job)")
+                throw ProtocolError("\(frame.type.name): expected \(assembler.isAssembling ? "the rest of the job" : "JOB")")
             }
         }
     }

@@ -23,8 +23,7 @@ public final class QueueClient: @unchecked Sendable {
     private var channel: Channel?
     private var generation = 0
     private var helloReceived = false
-    private var assembling: RemoteJob?
-    private var bodySize = 0
+    private var assembling: DeliveryJobAssembler
     private var pause = 0.1
     private var stopped = false
     private var failing = false
@@ -38,6 +37,7 @@ public final class QueueClient: @unchecked Sendable {
     public init(socketPath: String, agent: RemoteDeliveryAgent) {
         self.socketPath = socketPath
         self.agent = agent
+        self.assembling = DeliveryJobAssembler(maximumMessageSize: agent.settings.maximumMessageSize)
     }
 
     /// Connects, and reconnects whenever the connection ends, until `stop()`.
@@ -61,7 +61,7 @@ public final class QueueClient: @unchecked Sendable {
         generation += 1
         let generation = self.generation
         helloReceived = false
-        assembling = nil
+        assembling = DeliveryJobAssembler(maximumMessageSize: agent.settings.maximumMessageSize)
         jobsInFlight = 0
         ClientBootstrap(group: eventLoop)
             .channelInitializer { [self] channel in
@@ -150,49 +150,10 @@ public final class QueueClient: @unchecked Sendable {
             return
         }
         switch frame.type {
-        case .job:
-            guard assembling == nil else { throw ProtocolError("JOB inside job \(assembling!.job)") }
-            var job = RemoteJob(job: try frame.uint("job"), queueID: try frame.text("queue-id"),
-                                sender: try frame.text("sender"), arrival: try frame.uint("arrival"),
-                                size: try frame.uint("size"), attempt: try frame.uint("attempt"))
-            job.ret = try frame.optionalText("ret")
-            job.envid = try frame.optionalText("envid")
-            job.requireTLS = try frame.bool("requiretls", default: false)
-            job.smtputf8 = try frame.bool("smtputf8", default: false)
-            job.bodyType = try frame.optionalText("body-type")
-            job.nexthop = try frame.optionalText("nexthop")
-            assembling = job
-            bodySize = 0
-        case .jobRcpt:
-            guard var job = assembling else { throw ProtocolError("JOB-RCPT outside a job") }
-            guard job.body.isEmpty && !job.oversized else { throw ProtocolError("JOB-RCPT after BODY in job \(job.job)") }
-            let index = try frame.uint("index")
-            guard !job.recipients.contains(where: { $0.index == index }) else {
-                throw ProtocolError("JOB-RCPT: index \(index) twice in job \(job.job)")
-            }
-            job.recipients.append(RemoteJob.Recipient(index: index, address: try frame.text("address"),
-                                                      notify: try frame.optionalText("notify"),
-                                                      orcpt: try frame.optionalText("orcpt")))
-            assembling = job
-        case .body:
-            guard var job = assembling else { throw ProtocolError("BODY outside a job") }
-            guard !job.recipients.isEmpty else { throw ProtocolError("BODY before any JOB-RCPT in job \(job.job)") }
-            let data = try frame.bytes("data")
-            bodySize += data.count
-            if bodySize > agent.settings.maximumMessageSize {
-                // Read on to JOB-END (a job comes whole) but drop the memory.
-                job.oversized = true
-                job.body = []
-            } else {
-                job.body.append(data)
-            }
-            assembling = job
+        case .job, .jobRcpt, .body:
+            _ = try assembling.add(frame)
         case .jobEnd:
-            guard let job = assembling else { throw ProtocolError("JOB-END outside a job") }
-            let id = try frame.uint("job")
-            guard id == job.job else { throw ProtocolError("JOB-END for job \(id) inside job \(job.job)") }
-            guard !job.recipients.isEmpty else { throw ProtocolError("job \(job.job) has no JOB-RCPT") }
-            assembling = nil
+            guard let job = try assembling.add(frame) else { throw ProtocolError("JOB-END did not end a job") }
             jobsInFlight += 1
             agent.deliver(job) { [self] results in
                 if eventLoop.inEventLoop {

@@ -22,6 +22,7 @@ import Darwin
 import NIOCore
 import NIOPosix
 import SMTP
+import StageProtocol
 
 /// What remote-deliver is configured with. Keys proposed for a `[remote]`
 /// section of sealpost.toml are named on each field.
@@ -56,47 +57,7 @@ public struct RemoteSettings: Sendable {
     public init(hostname: String) { self.hostname = hostname }
 }
 
-/// A job as the queue sent it (PROTOCOL.md 4.3).
-public struct RemoteJob: Sendable {
-    public struct Recipient: Sendable, Equatable {
-        public var index: UInt64
-        public var address: String
-        public var notify: String?
-        public var orcpt: String?
-        public init(index: UInt64, address: String, notify: String? = nil, orcpt: String? = nil) {
-            self.index = index
-            self.address = address
-            self.notify = notify
-            self.orcpt = orcpt
-        }
-    }
-    public var job: UInt64
-    public var queueID: String
-    public var sender: String
-    public var arrival: UInt64
-    public var size: UInt64
-    public var attempt: UInt64
-    public var ret: String?
-    public var envid: String?
-    public var requireTLS = false
-    public var smtputf8 = false
-    public var bodyType: String?
-    public var nexthop: String?
-    public var recipients: [Recipient] = []
-    /// CRLF line ends, not dot-stuffed, in the chunks it came in.
-    public var body: [[UInt8]] = []
-    /// The body went over `maximumMessageSize` and was not kept.
-    public var oversized = false
-
-    public init(job: UInt64, queueID: String, sender: String, arrival: UInt64, size: UInt64 = 0, attempt: UInt64 = 1) {
-        self.job = job
-        self.queueID = queueID
-        self.sender = sender
-        self.arrival = arrival
-        self.size = size
-        self.attempt = attempt
-    }
-
+extension DeliveryJob {
     /// The destination domain: `nexthop`, else the first recipient's domain.
     public var destination: String {
         if let nexthop, !nexthop.isEmpty { return nexthop.lowercased() }
@@ -174,7 +135,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
 
     /// Delivers `job`; `completion` gets one result per recipient, on the
     /// agent's event loop.
-    public func deliver(_ job: RemoteJob, completion: @escaping @Sendable ([RemoteResult]) -> Void) {
+    public func deliver(_ job: DeliveryJob, completion: @escaping @Sendable ([RemoteResult]) -> Void) {
         eventLoop.execute { [self] in
             let domain = job.destination
             let entry = transports.lookup(domain)
@@ -438,7 +399,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
 /// The progress of one job.
 /// Confined to the agent's event loop.
 final class JobState: @unchecked Sendable {
-    let job: RemoteJob
+    let job: DeliveryJob
     let domain: String
     let entry: TransportEntry?
     let hop: NextHop
@@ -456,7 +417,7 @@ final class JobState: @unchecked Sendable {
     var lastRelay: DeliveryCandidate?
     var lastTLS: TLSOutcome = .none
 
-    init(job: RemoteJob, domain: String, entry: TransportEntry?, hop: NextHop, started: Double,
+    init(job: DeliveryJob, domain: String, entry: TransportEntry?, hop: NextHop, started: Double,
          completion: @escaping @Sendable ([RemoteResult]) -> Void) {
         self.job = job
         self.domain = domain

@@ -1,3 +1,4 @@
+import StageProtocol
 import Testing
 import Synchronization
 @testable import LocalDelivery

@@ -2,6 +2,7 @@
 // the test bed (nsd serving the DNSSEC-signed dane.test, a validating
 // unbound in front), and a sink listening on the MX host's address.
 
+import StageProtocol
 import DNSTestbed
 import Testing
 import DNS

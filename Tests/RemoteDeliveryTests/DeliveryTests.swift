@@ -2,6 +2,7 @@
 // recipient, MX/address fail-over, deferrals and bounces with the reply
 // quoted, bytes on the wire, connection reuse, DNS outcomes.
 
+import StageProtocol
 import Testing
 import SMTP
 @testable import RemoteDelivery

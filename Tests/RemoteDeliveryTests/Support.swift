@@ -4,6 +4,7 @@
 // pool (the agent resolves routes in Tasks: blocking the pool would stall
 // it).
 
+import StageProtocol
 import StageRuntime
 import Synchronization
 import Testing
@@ -240,7 +241,7 @@ struct AgentFixture {
                                     resolver: resolver, log: logs.log)
     }
 
-    func deliver(_ job: RemoteJob) async -> [RemoteResult] {
+    func deliver(_ job: DeliveryJob) async -> [RemoteResult] {
         await withCheckedContinuation { c in agent.deliver(job) { c.resume(returning: $0) } }
     }
 
@@ -252,10 +253,10 @@ struct AgentFixture {
 
 /// A job to `domain` with these recipients and body.
 func makeJob(_ id: UInt64 = 1, to recipients: [String], body: String = "Subject: test\r\n\r\nHello.\r\n",
-             nexthop: String? = nil) -> RemoteJob {
-    var job = RemoteJob(job: id, queueID: "4F3A2B1C5D6E", sender: "sender@origin.test",
+             nexthop: String? = nil) -> DeliveryJob {
+    var job = DeliveryJob(job: id, queueID: "4F3A2B1C5D6E", sender: "sender@origin.test",
                         arrival: UInt64(time(nil)), size: UInt64(body.utf8.count))
-    job.recipients = recipients.enumerated().map { RemoteJob.Recipient(index: UInt64($0.offset), address: $0.element) }
+    job.recipients = recipients.enumerated().map { DeliveryJob.Recipient(index: UInt64($0.offset), address: $0.element) }
     job.body = [Array(body.utf8)]
     job.nexthop = nexthop
     return job
