@@ -22,6 +22,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import SealpostConfig
 
 public enum AliasTarget: Hashable, Sendable, CustomStringConvertible {
     /// A local user or another alias; lower-cased.
@@ -38,23 +39,7 @@ public enum AliasTarget: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
-public struct AliasError: Error, Sendable, Equatable, CustomStringConvertible {
-    public var file: String
-    public var line: Int?
-    public var message: String
-
-    public init(file: String, line: Int?, message: String) {
-        self.file = file
-        self.line = line
-        self.message = message
-    }
-
-    /// "aliases:12: message", like compilers and the configuration loader.
-    public var description: String {
-        if let line { return "\(file):\(line): \(message)" }
-        return "\(file): \(message)"
-    }
-}
+public typealias AliasError = TableFileError
 
 public struct AliasTable: Sendable, Equatable {
     public struct Entry: Sendable, Equatable {

@@ -39,19 +39,10 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import SealpostConfig
 import SMTP
 
-public struct TransportTableError: Error, Sendable, Equatable, CustomStringConvertible {
-    public var file: String
-    public var line: Int?
-    public var message: String
-    public init(file: String, line: Int?, message: String) {
-        self.file = file
-        self.line = line
-        self.message = message
-    }
-    public var description: String { line.map { "\(file):\($0): \(message)" } ?? "\(file): \(message)" }
-}
+public typealias TransportTableError = TableFileError
 
 /// Where mail for one destination goes.
 public enum NextHop: Sendable, Hashable, CustomStringConvertible {

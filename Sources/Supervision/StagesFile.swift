@@ -11,6 +11,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import SealpostConfig
 
 public struct StageDefinition: Sendable, Equatable {
     public var name: String
@@ -34,22 +35,7 @@ public struct StageDefinition: Sendable, Equatable {
     public var userName: String { "sealpost-\(name)" }
 }
 
-public struct StagesFileError: Error, CustomStringConvertible, Equatable {
-    public var file: String
-    public var line: Int?
-    public var message: String
-
-    public init(file: String, line: Int?, message: String) {
-        self.file = file
-        self.line = line
-        self.message = message
-    }
-
-    public var description: String {
-        if let line { return "\(file):\(line): \(message)" }
-        return "\(file): \(message)"
-    }
-}
+public typealias StagesFileError = TableFileError
 
 public enum StagesFile {
     /// Longest stage name: "sealpost-" plus the name must fit in 32 bytes.
