@@ -81,7 +81,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "SMTPService", dependencies: [
-            "SMTP", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims", "Accounts",
+            "SMTP", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims", "Accounts", "DNS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -137,7 +137,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "smtp-listen", dependencies: [
-            "SMTPService", "StageRuntime", "SealpostConfig",
+            "SMTPService", "DNS", "StageRuntime", "SealpostConfig",
         ]),
         .executableTarget(name: "crypto-negotiate", dependencies: [
             "CryptoNegotiation", "StageRuntime", "SealpostConfig",

@@ -93,6 +93,13 @@ public final class ResolverThread: Sendable {
         wake()
     }
 
+    /// `Resolver.verifiedName`, pumped by this thread.
+    public func verifiedName(of address: String, timeout: Duration? = nil,
+                             completion: @escaping @Sendable (_ name: String?, _ ttl: UInt32) -> Void) {
+        resolver.verifiedName(of: address, timeout: timeout, completion: completion)
+        wake()
+    }
+
     public func resolve(_ name: String, _ type: RRType, timeout: Duration? = nil) async throws(DNSError) -> DNSAnswer {
         let result: Result<DNSAnswer, DNSError> = await withCheckedContinuation { continuation in
             do throws(DNSError) {

@@ -119,6 +119,13 @@ public struct SMTPServerSession: Sendable {
         return take()
     }
 
+    /// The client's verified name (forward-confirmed reverse DNS), known
+    /// during the greeting delay; it goes into the Received header. Ignored
+    /// after the greeting.
+    public mutating func clientNameResolved(_ hostname: String?) {
+        if phase == .beforeGreeting { client.hostname = hostname }
+    }
+
     /// The I/O layer saw client bytes during the greeting delay.
     public mutating func clientSpokeEarly() {
         if phase == .beforeGreeting { spokeEarly = true }

@@ -90,6 +90,9 @@ public struct SMTPServiceSettings: Sendable {
     /// How long a session waits for crypto-negotiate's answer to a
     /// NEGOTIATE before it gives up (its handshake timeout, plus a margin).
     public var tlsHandoffTimeout: Int64 = 70
+    /// Verified client names (reverse DNS, forward-confirmed); nil: every
+    /// client is "unknown" (`smtp.client_name_lookup = false`, tests).
+    public var clientNames: ClientNames?
 
     public init(hostname: String, injectSocket: String, localDomains: [String] = ["localhost"]) {
         self.hostname = hostname

@@ -88,6 +88,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var handedOff = false
     /// The next channelActive is that of the plaintext channel.
     private var resuming: Channel?
+    /// Waiting for the client's verified name (before the greeting).
+    private var lookingUp = false
+    private var lookupTimer: Scheduled<Void>?
 
     init(server: SMTPServerCore, kind: ListenerKind, socket: Int32? = nil, peer: String? = nil,
          tls: TLSEstablished? = nil) {
@@ -110,6 +113,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         guard context === self.context else { return }
         self.context = nil
         timer?.cancel()
+        lookupTimer?.cancel()
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -141,10 +145,6 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             context.fireChannelActive()
             return
         }
-        server.logger.info("\(SessionLog.connect(client))")
-        if let tls = tlsAtStart {
-            server.logger.info("\(client): TLS: \(tls.summary)\(tls.serverName.map { ", sni=\($0)" } ?? "")")
-        }
         var policy = settings.policy(for: kind, client: clientAddress)
         policy.maxPendingInput = 256 * 1024
         // STARTTLS only on a TCP channel, and only while crypto-negotiate
@@ -152,9 +152,51 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         policy.tlsAvailable = socket != nil && server.handoff?.isAvailable == true
         let info = SMTPClientInfo(address: clientAddress, hostname: nil, isTrusted: settings.isTrusted(clientAddress),
                                   tlsActive: tlsAtStart != nil)
+        // The session exists from here, in its greeting delay: what the
+        // client sends before the greeting makes it an early talker.
         session = SMTPServerSession(policy: policy, client: info)
-        perform(session!.start())
         context.fireChannelActive()
+        guard let names = settings.clientNames, clientAddress != "unknown" else { return greet(name: nil) }
+        if let cached = names.cached(clientAddress) { return greet(name: cached) }
+        lookingUp = true
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        lookupTimer = loop.assumeIsolated().scheduleTask(in: names.lookupTimeout) {
+            bound.value.lookedUp(nil)
+        }
+        names.lookup(clientAddress) { name in
+            loop.execute { bound.value.lookedUp(name) }
+        }
+    }
+
+    private func lookedUp(_ name: String?) {
+        guard lookingUp else { return }
+        lookingUp = false
+        lookupTimer?.cancel()
+        lookupTimer = nil
+        guard let context, context.channel.isActive else { return }
+        greet(name: name)
+    }
+
+    /// The client's name is known (or will not be): log the connection and
+    /// send the greeting (or the 554 for an early talker).
+    private func greet(name: String?) {
+        guard var session else { return }
+        if let name {
+            clientName = name
+            client = SessionLog.client(name: name, address: clientAddress)
+        }
+        server.logger.info("\(SessionLog.connect(client))")
+        if let tls = tlsAtStart {
+            server.logger.info("\(client): TLS: \(tls.summary)\(tls.serverName.map { ", sni=\($0)" } ?? "")")
+        }
+        session.clientNameResolved(name)
+        let actions = session.start()
+        self.session = session
+        perform(actions)
+        if shutdownRequested, self.session?.isClosed == false {
+            perform(self.session!.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")))
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -209,6 +251,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             handoffTimer?.cancel()
         }
         timer?.cancel()
+        if lookingUp {
+            lookingUp = false
+            lookupTimer?.cancel()
+        }
         if let session, !session.isClosed {
             server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))")
             perform(self.session!.disconnected())

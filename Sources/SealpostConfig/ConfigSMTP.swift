@@ -60,11 +60,13 @@ extension ConfigParser {
             guard !users.isEmpty else { throw smtp.error("auth_users", "must not be empty") }
             settings.authUsersFile = ConfigPath.resolve(users, relativeTo: directory)
         }
-        if let value = smtp.value(ofKey: "sender_login_match") {
+        for (key, path) in [("sender_login_match", \SMTPSettings.senderLoginMatch),
+                            ("client_name_lookup", \SMTPSettings.clientNameLookup)] {
+            guard let value = smtp.value(ofKey: key) else { continue }
             guard let flag = value.bool else {
-                throw smtp.error("sender_login_match", "expected a boolean (true or false), found \(Self.describe(value.type))")
+                throw smtp.error(key, "expected a boolean (true or false), found \(Self.describe(value.type))")
             }
-            settings.senderLoginMatch = flag
+            settings[keyPath: path] = flag
         }
     }
 }

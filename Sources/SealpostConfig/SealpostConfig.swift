@@ -208,6 +208,9 @@ public struct SMTPSettings: Sendable, Equatable {
     public var senderLoginMatch: Bool
     /// smtp-listen's event-loop threads; 0: automatic (`eventLoopThreads`).
     public var eventLoops: Int
+    /// Look up each client's verified name (reverse DNS, confirmed by a
+    /// forward lookup), as Postfix's smtpd_peername_lookup.
+    public var clientNameLookup: Bool
 
     /// The threads smtp-listen runs: `eventLoops`, or when that is 0, half
     /// the cores (at least one). smtp-listen shares the machine with
@@ -234,5 +237,6 @@ public struct SMTPSettings: Sendable, Equatable {
         authUsersFile = ""
         senderLoginMatch = true
         eventLoops = 0
+        clientNameLookup = true
     }
 }

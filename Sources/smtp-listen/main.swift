@@ -43,6 +43,16 @@
 //      AUTH is not offered (logged). A file that others may read, that the
 //      group may write, or that does not parse stops smtp-listen (exit 78).
 //
+// CLIENT NAMES
+//      With smtp.client_name_lookup (the default), each client's name is
+//      looked up before the greeting: the PTR names of its address, the
+//      first that resolves back to the address (forward-confirmed reverse
+//      DNS). It is written in the logs, "connect from NAME[ADDRESS]", and in
+//      the Received header; "unknown" when there is none, the lookup failed
+//      or it took more than 10 seconds. Queries go to the [dns] forwarders
+//      (libunbound, no DNSSEC validation) and answers are cached for their
+//      TTL. Nothing is decided on the name.
+//
 // DESCRIPTORS
 //      Listening sockets are either inherited or bound here:
 //      - socket activation (the systemd convention, sd_listen_fds(3)):
@@ -126,6 +136,7 @@
 //      or bad LISTEN_* variables.
 
 import Accounts
+import DNS
 import Logging
 import NIOCore
 import NIOPosix
@@ -210,8 +221,26 @@ if lstat(usersFile, &usersInfo) != 0 && errno == ENOENT {
         StageRuntime.fatal("\(error)", exit: .config)
     }
 }
-let settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
+var settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
                                    tlsSocket: paths.runtimeDirectory + "/tls", authenticator: authenticator)
+// Client names (CLIENT NAMES above): libunbound is set up now, before the
+// chroot, with the [dns] forwarders and no DNSSEC (a PTR answer is only
+// trusted once the forward lookup confirms it).
+if config.smtp.clientNameLookup {
+    let dns = config.dns
+    do {
+        let resolver = try Resolver(ResolverConfiguration(
+            forwarders: dns.forwarders,
+            stubZones: dns.stubZones.map { StubZone(zone: $0.zone, addresses: $0.addresses) },
+            rootTrustAnchorFile: "",
+            resolveReservedZones: dns.resolveReservedZones,
+            timeout: .seconds(dns.timeout)))
+        settings.clientNames = ClientNames(resolver: try ResolverThread(resolver),
+                                           queryTimeout: .seconds(min(dns.timeout, 5)))
+    } catch {
+        StageRuntime.fatal("\(config.file): [dns]: \(error)", exit: .config)
+    }
+}
 
 let group = MultiThreadedEventLoopGroup(numberOfThreads: config.smtp.eventLoopThreads(cores: System.coreCount))
 let server = SMTPServer(settings: settings, group: group, logger: logger)

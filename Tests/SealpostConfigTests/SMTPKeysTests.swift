@@ -18,6 +18,7 @@ import Testing
             auth_users = "../private/users"
             sender_login_match = false
             event_loops = 3
+            client_name_lookup = false
             """)
         let smtp = try SealpostConfiguration.load(path: file).smtp
         #expect(smtp.relayDomains == ["backup.example.org", ".example.net", "example.com"])
@@ -33,6 +34,7 @@ import Testing
         #expect(smtp.eventLoops == 3 && smtp.eventLoopThreads(cores: 8) == 3)
         let automatic = try load("[smtp]\n").smtp
         #expect(automatic.eventLoops == 0)
+        #expect(automatic.clientNameLookup && !smtp.clientNameLookup)
         #expect(automatic.eventLoopThreads(cores: 1) == 1)
         #expect(automatic.eventLoopThreads(cores: 2) == 1)
         #expect(automatic.eventLoopThreads(cores: 8) == 4)
@@ -57,6 +59,8 @@ import Testing
         expectError("[smtp]\ntext_line_limit = 999\n", line: 2, key: "smtp.text_line_limit",
                     "must be between 1000 and 65536: 999")
         expectError("[smtp]\nerror_limit = 0\n", line: 2, key: "smtp.error_limit", "must be between 1 and 1000: 0")
+        expectError("[smtp]\nclient_name_lookup = 1\n", line: 2, key: "smtp.client_name_lookup",
+                    "expected a boolean (true or false), found an integer")
         expectError("[smtp]\nevent_loops = 300\n", line: 2, key: "smtp.event_loops", "must be between 0 and 256: 300")
         expectError("[smtp]\ncommand_timeout = \"0s\"\n", line: 2, key: "smtp.command_timeout", "must be at least 1 second")
         expectError("[smtp]\ndata_timeout = \"3x\"\n", line: 2, key: "smtp.data_timeout", "not a duration: \"3x\"")

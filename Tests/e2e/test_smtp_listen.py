@@ -246,7 +246,7 @@ def test_smtplib_message_reaches_the_queue_with_envelope_and_received(listener):
     message = messages[0]
     assert message["mail"]["sender"] == "alice@example.org"
     assert message["mail"]["client-address"] == "127.0.0.1"
-    assert message["mail"]["client-name"] == "unknown"
+    assert message["mail"]["client-name"] == "localhost"
     assert message["mail"]["helo"] == "client.e2e.test"
     assert message["mail"]["protocol"] == "ESMTP"
     assert message["mail"]["body-type"] == "8BITMIME"
@@ -255,14 +255,29 @@ def test_smtplib_message_reaches_the_queue_with_envelope_and_received(listener):
     body = message["body"]
     assert message["mail"]["announce-id"] is True
     # The Received line names the ID the queue announced at MAIL.
-    assert body.startswith(b"Received: from client.e2e.test (unknown [127.0.0.1])\r\n"
+    assert body.startswith(b"Received: from client.e2e.test (localhost [127.0.0.1])\r\n"
                            b"\tby mx.e2e.test (Sealpost) with ESMTP id " + message["id"].encode() + b";")
     assert body.endswith(b"\r\nSubject: e2e\r\n\r\nHello over SMTP.\r\n.starts with a dot\r\n")
     log = wait_until(lambda: "disconnect from" in listener.log_text() and listener.log_text(), 30, "the disconnect line")
     assert "smtp-listen[" in log
-    assert "connect from unknown[127.0.0.1]" in log
-    assert f"{message['id']}: client=unknown[127.0.0.1]" in log
-    assert "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6" in log
+    assert "connect from localhost[127.0.0.1]" in log
+    assert f"{message['id']}: client=localhost[127.0.0.1]" in log
+    assert "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6" in log
+
+
+def test_client_without_a_verified_name_is_unknown(listener):
+    """127.0.0.5 has no PTR record (libunbound's local 127.in-addr.arpa
+    zone): the logs and the Received header say "unknown", as Postfix does."""
+    with smtplib.SMTP("127.0.0.1", listener.port, local_hostname="nameless.e2e.test", timeout=60,
+                      source_address=("127.0.0.5", 0)) as client:
+        assert client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: x\r\n\r\nx\r\n") == {}
+    message = listener.queue.messages[0]
+    assert message["mail"]["client-address"] == "127.0.0.5"
+    assert message["mail"]["client-name"] == "unknown"
+    assert message["body"].startswith(b"Received: from nameless.e2e.test (unknown [127.0.0.5])\r\n")
+    log = wait_until(lambda: "disconnect from unknown[127.0.0.5]" in listener.log_text() and listener.log_text(),
+                     30, "the disconnect line")
+    assert "connect from unknown[127.0.0.5]" in log
 
 
 def test_swaks_with_pipelining(listener):
@@ -383,7 +398,7 @@ def test_whole_pipeline_smtp_to_maildir(workdir):
         assert message["Subject"] == "via smtp"
         received = message.get_all("Received")
         # smtp-listen's Received line carries the queue ID of the 250 reply.
-        assert any("(unknown [127.0.0.1])" in value and f"with ESMTP id {queue_id}" in value for value in received), received
+        assert any("(localhost [127.0.0.1])" in value and f"with ESMTP id {queue_id}" in value for value in received), received
         # One grep for the ID follows the message from the SMTP client to
         # the Maildir: smtp-listen's client= line, the queue's, the delivery.
         def log_text():
@@ -393,8 +408,8 @@ def test_whole_pipeline_smtp_to_maildir(workdir):
                 return ""
         log = wait_until(lambda: f"{queue_id}: removed" in log_text() and log_text(), 60, "the removed line")
         lines = [line for line in log.splitlines() if queue_id in line]
-        assert any("smtp-listen[" in line and f"{queue_id}: client=unknown[127.0.0.1]" in line for line in lines), lines
-        assert any("queue[" in line and f"{queue_id}: client=unknown[127.0.0.1]" in line for line in lines), lines
+        assert any("smtp-listen[" in line and f"{queue_id}: client=localhost[127.0.0.1]" in line for line in lines), lines
+        assert any("queue[" in line and f"{queue_id}: client=localhost[127.0.0.1]" in line for line in lines), lines
         assert any("local-deliver[" in line and "status=sent" in line for line in lines), lines
         assert "over the wire" in message.get_content()
     finally:
