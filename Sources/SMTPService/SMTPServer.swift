@@ -374,10 +374,15 @@ struct SMTPSessionHandlerFactory: Sendable {
 
 /// The accept loop: one thread polling every listening socket. Accepted
 /// sockets go to `adopt` (which hands them to NIO or crypto-negotiate).
+/// `stop()` returns once the thread is gone: no socket is adopted after
+/// it, so the event loops can be shut down safely (a channel registered on
+/// a loop that is shutting down would leave NIO a promise it cannot fulfil).
 final class Acceptor: Sendable {
     private let logger: Logger
     private let wake: (read: Int32, write: Int32)
     private let stopped = NIOLockedValueBox(false)
+    /// 1 while the thread runs.
+    private let running = ConditionLock(value: 0)
 
     init(logger: Logger) {
         self.logger = logger
@@ -390,7 +395,14 @@ final class Acceptor: Sendable {
         let logger = self.logger
         let wake = self.wake
         let stopped = self.stopped
+        let running = self.running
+        running.lock()
+        running.unlock(withValue: 1)
         StageRuntime.detachThread {
+            defer {
+                running.lock()
+                running.unlock(withValue: 0)
+            }
             var fds = listeners.map { pollfd(fd: $0.0, events: Int16(POLLIN), revents: 0) }
             fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
             var warned = false
@@ -408,6 +420,10 @@ final class Acceptor: Sendable {
                         let client = sealpost_accept_cloexec(listeners[i].0)
                         if client >= 0 {
                             warned = false
+                            if stopped.withLockedValue({ $0 }) {
+                                _ = closeDescriptor(client)
+                                return
+                            }
                             adopt(client, listeners[i].1)
                             continue
                         }
@@ -429,10 +445,13 @@ final class Acceptor: Sendable {
         }
     }
 
+    /// Stops the thread and waits until it has ended.
     func stop() {
         stopped.withLockedValue { $0 = true }
         var byte: UInt8 = 1
         _ = write(wake.write, &byte, 1)
+        running.lock(whenValue: 0)
+        running.unlock()
     }
 }
 
