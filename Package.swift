@@ -162,7 +162,7 @@ let package = Package(
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "Sodium"]),
         .testTarget(name: "SMTPServiceTests", dependencies: [
-            "SMTPService", "SMTP", "StageProtocol", "CSystemShims", "Accounts", "Sodium",
+            "SMTPService", "SMTP", "StageProtocol", "CSystemShims", "Accounts", "Sodium", "DNS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOPosix", package: "swift-nio"),
