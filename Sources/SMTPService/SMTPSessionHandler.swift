@@ -252,8 +252,11 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         }
         timer?.cancel()
         if lookingUp {
+            // Gone before its name was known: the connect line still comes
+            // first, as for every session.
             lookingUp = false
             lookupTimer?.cancel()
+            server.logger.info("\(SessionLog.connect(client))")
         }
         if let session, !session.isClosed {
             server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))")
