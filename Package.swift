@@ -48,7 +48,7 @@ let package = Package(
         .target(name: "LMDB", dependencies: ["CLMDB"]),
         .target(name: "Sodium", dependencies: ["CSodium"]),
         .target(name: "TLS", dependencies: ["COpenSSL", "CSystemShims"]),
-        .target(name: "DNS", dependencies: ["CUnbound"]),
+        .target(name: "DNS", dependencies: ["CUnbound", "SealpostConfig"]),
 
         // Libraries holding the logic.
         .target(name: "StageProtocol", dependencies: ["CSystemShims"]),
@@ -174,7 +174,7 @@ let package = Package(
         ]),
         .testTarget(name: "DNSTests", dependencies: ["DNS", "DNSTestbed"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"], exclude: ["Fixtures"]),
-        .testTarget(name: "SupervisionTests", dependencies: ["Supervision", "StageProtocol", "CSystemShims"]),
+        .testTarget(name: "SupervisionTests", dependencies: ["Supervision", "SealpostConfig", "StageProtocol", "CSystemShims"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS", "TLSTestSupport", "CSystemShims"]),
         .testTarget(name: "CryptoNegotiationTests", dependencies: [
             "CryptoNegotiation", "TLS", "TLSTestSupport", "StageProtocol", "CSystemShims",

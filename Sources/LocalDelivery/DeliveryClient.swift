@@ -135,26 +135,11 @@ public enum JobReader {
             ("index", .uint(result.index)),
             ("status", .text(result.status.rawValue)),
             ("dsn", .text(result.dsn)),
-            ("text", .text(wireText(result.text))),
+            ("text", AttributeValue.sanitizedText(result.text)),
         ])
         if let relay = result.relay { frame.set("relay", .text(relay)) }
         return frame
     }
-}
-
-/// Text made fit for a `text` attribute: no NUL, CR or LF (they become
-/// spaces), at most 8192 bytes, cut on a character boundary.
-func wireText(_ string: String) -> String {
-    var out = String.UnicodeScalarView()
-    var size = 0
-    for scalar in string.unicodeScalars {
-        let s: Unicode.Scalar = (scalar == "\0" || scalar == "\r" || scalar == "\n") ? " " : scalar
-        let n = UTF8.width(s)
-        if size + n > 8192 { break }
-        size += n
-        out.append(s)
-    }
-    return String(out)
 }
 
 func sleepSeconds(_ seconds: Double) {

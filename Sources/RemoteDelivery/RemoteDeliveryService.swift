@@ -42,25 +42,13 @@ public enum RemoteDeliveryService {
         return s
     }
 
-    /// The DNS module's configuration from `[dns]`.
-    public static func resolverConfiguration(_ config: SealpostConfiguration) -> ResolverConfiguration {
-        let dns = config.dns
-        return ResolverConfiguration(
-            forwarders: dns.forwarders,
-            stubZones: dns.stubZones.map { StubZone(zone: $0.zone, addresses: $0.addresses) },
-            trustAnchorFiles: dns.trustAnchorFiles,
-            insecureDomains: dns.insecureDomains,
-            resolveReservedZones: dns.resolveReservedZones,
-            timeout: .seconds(dns.timeout))
-    }
-
     /// The DNSSEC-validating resolver (libunbound) configured by `[dns]`.
     /// Fails for an unreadable trust anchor or a server unbound refuses.
     /// Every file it needs is read here (the DNS module loads eagerly):
     /// the stage may drop privileges and chroot right after.
     public static func makeResolver(_ config: SealpostConfiguration) throws(RemoteSetupError) -> UnboundMailExchangerResolver {
         do {
-            return try UnboundMailExchangerResolver.make(resolverConfiguration(config))
+            return try UnboundMailExchangerResolver.make(ResolverConfiguration(config.dns))
         } catch {
             throw RemoteSetupError("\(config.file): [dns]: \(error)")
         }

@@ -56,24 +56,8 @@ public struct ListenAddress: Sendable, Hashable, CustomStringConvertible {
     /// Parses the configuration's syntax (already validated by
     /// SealpostConfig; port 0, "any free port", is allowed here for tests).
     public init?(_ text: String) {
-        let hostPart: Substring
-        let portPart: Substring
-        if text.hasPrefix("[") {
-            guard let close = text.firstIndex(of: "]") else { return nil }
-            hostPart = text[text.index(after: text.startIndex)..<close]
-            let after = text[text.index(after: close)...]
-            guard after.first == ":" else { return nil }
-            portPart = after.dropFirst()
-        } else {
-            guard let colon = text.lastIndex(of: ":") else { return nil }
-            hostPart = text[..<colon]
-            portPart = text[text.index(after: colon)...]
-            if hostPart.contains(":") { return nil }
-        }
-        guard !hostPart.isEmpty, (1...5).contains(portPart.count), portPart.allSatisfy({ $0.isASCII && $0.isNumber }),
-              let port = Int(portPart), (0...65535).contains(port) else { return nil }
-        self.host = String(hostPart)
-        self.port = port
+        guard let (host, port) = ListenerDefinition.splitHostPort(text) else { return nil }
+        self.init(host: host, port: port)
     }
 
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }

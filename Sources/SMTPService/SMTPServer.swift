@@ -192,25 +192,10 @@ public final class SMTPServer: Sendable {
         case .inherited(let inherited):
             fd = inherited
         case .bind(let listenAddress):
-            let address: SocketAddress
             do {
-                address = try SocketAddress.makeAddressResolvingHost(listenAddress.host, port: listenAddress.port)
+                fd = try bindListeningSocket(host: listenAddress.host, port: listenAddress.port)
             } catch {
                 throw ListenerError("\(spec): \(error)")
-            }
-            let family = address.protocol.rawValue
-            fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard fd >= 0 else { throw ListenerError("\(spec): socket: \(String(cString: strerror(errno)))") }
-            var one: Int32 = 1
-            _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-            if family == AF_INET6 {
-                _ = setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size))
-            }
-            let rc = address.withSockAddr { pointer, size in bind(fd, pointer, socklen_t(size)) }
-            guard rc == 0, listen(fd, 256) == 0 else {
-                let reason = String(cString: strerror(errno))
-                _ = closeDescriptor(fd)
-                throw ListenerError("\(spec): bind: \(reason)")
             }
         }
         // The acceptor polls; accepted sockets are made non-blocking by NIO.

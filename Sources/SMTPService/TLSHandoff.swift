@@ -314,22 +314,19 @@ public final class TLSHandoff: Sendable {
 
     private func send(_ request: Request) {
         defer { close(request.socket) }   // passed or not, our copy goes
+        var session: UInt64?
         var failure: Int32 = 0
-        var session: UInt64 = 0
         sendLock.withLock {
-            // The reader may have closed the connection meanwhile.
-            guard let (fd, registered) = register(request, unlessWriterActive: false) else {
-                failure = EPIPE
-                return
-            }
+            // The reader may have closed the connection meanwhile. No
+            // partial frame can be pending here: sendNow leaves one only
+            // while the writer is idle, and writerLoop sends it first.
+            guard let (fd, registered) = register(request, unlessWriterActive: false) else { return }
             session = registered
-            sendPartial()
-            failure = writeAll(fd, frame(request, session: session), fds: [request.socket])
+            failure = writeAll(fd, frame(request, session: registered), fds: [request.socket])
         }
-        if failure != 0 {
-            let completion: Completion? = session == 0 ? request.completion
-                : state.withLockedValue { $0.pending.removeValue(forKey: session) }
-            completion?(.failure(failure == EPIPE && session == 0 ? Self.unavailable : Self.unreachable(failure)))
+        guard let session else { return request.completion(.failure(Self.unavailable)) }
+        if failure != 0, let completion = state.withLockedValue({ $0.pending.removeValue(forKey: session) }) {
+            completion(.failure(Self.unreachable(failure)))
         }
     }
 

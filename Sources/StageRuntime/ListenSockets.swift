@@ -9,6 +9,9 @@
 // sockets the same way (FileDescriptorName=smtp-25, Config/systemd/).
 
 import SealpostConfig
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One configured listening address of smtp-listen.
 public struct ListenerDefinition: Sendable, Hashable, CustomStringConvertible {
@@ -53,8 +56,9 @@ public struct ListenerDefinition: Sendable, Hashable, CustomStringConvertible {
         return result
     }
 
-    /// "host:port" or "[v6]:port" -> (host, port); nil when malformed.
-    static func splitHostPort(_ text: String) -> (String, Int)? {
+    /// "host:port" or "[v6]:port" -> (host, port); nil when malformed (an
+    /// IPv6 address needs its brackets). Port 0, "any free port", passes.
+    public static func splitHostPort(_ text: String) -> (host: String, port: Int)? {
         let host: Substring
         let port: Substring
         if text.hasPrefix("[") {
@@ -65,8 +69,47 @@ public struct ListenerDefinition: Sendable, Hashable, CustomStringConvertible {
             guard let colon = text.lastIndex(of: ":") else { return nil }
             host = text[..<colon]
             port = text[text.index(after: colon)...]
+            if host.contains(":") { return nil }
         }
-        guard !host.isEmpty, let number = Int(port), (0...65535).contains(number) else { return nil }
+        guard !host.isEmpty, (1...5).contains(port.count), port.allSatisfy({ $0.isASCII && $0.isNumber }),
+              let number = Int(port), (0...65535).contains(number) else { return nil }
         return (String(host), number)
     }
+}
+
+/// Why a listening socket could not be opened ("bind: Address already in use").
+public struct ListenSocketError: Error, Sendable, CustomStringConvertible {
+    public var reason: String
+    public var description: String { reason }
+}
+
+/// A listening TCP socket on `host` (a numeric address or a name) and
+/// `port`, close-on-exec, with SO_REUSEADDR (restarts do not wait for
+/// TIME_WAIT) and IPV6_V6ONLY (an IPv6 listener takes no IPv4 clients:
+/// each address family is configured on its own). Used by the supervisor,
+/// which binds smtp-listen's sockets, and by smtp-listen when started alone.
+public func bindListeningSocket(host: String, port: Int) throws(ListenSocketError) -> Int32 {
+    var hints = addrinfo()
+    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+    hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE
+    var result: UnsafeMutablePointer<addrinfo>? = nil
+    let rc = getaddrinfo(host, String(port), &hints, &result)
+    guard rc == 0, let first = result else {
+        throw ListenSocketError(reason: "cannot resolve \(host): \(String(cString: gai_strerror(rc)))")
+    }
+    defer { freeaddrinfo(result) }
+    let family = first.pointee.ai_family
+    let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw ListenSocketError(reason: "socket: \(String(cString: strerror(errno)))") }
+    var one: Int32 = 1
+    _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+    if family == AF_INET6 {
+        _ = setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+    guard bind(fd, first.pointee.ai_addr, first.pointee.ai_addrlen) == 0, listen(fd, SOMAXCONN) == 0 else {
+        let reason = String(cString: strerror(errno))
+        close(fd)
+        throw ListenSocketError(reason: "bind: \(reason)")
+    }
+    return fd
 }

@@ -17,18 +17,9 @@
 import Glibc
 #endif
 import CSystemShims
+import SealpostConfig
 import StageProtocol
 
-/// A configured certificate chain file and its key file.
-public struct CertificatePair: Sendable, Equatable {
-    public var certificate: String
-    public var key: String
-
-    public init(certificate: String, key: String) {
-        self.certificate = certificate
-        self.key = key
-    }
-}
 
 /// What identifies a version of a file.
 struct FileVersion: Equatable {
@@ -60,17 +51,17 @@ struct FileVersion: Equatable {
 }
 
 final class CertificateWatcher {
-    let pairs: [CertificatePair]
+    let pairs: [TLSCertificateSettings]
     let interval: Double
     /// The files in frame order: certificate 1, key 1, certificate 2, ...
-    var paths: [String] { pairs.flatMap { [$0.certificate, $0.key] } }
+    var paths: [String] { pairs.flatMap { [$0.certificateFile, $0.keyFile] } }
     /// The versions crypto-negotiate has: read at its start, or sent.
     private var delivered: [FileVersion?] = []
     /// The versions seen at the previous check.
     private var previous: [FileVersion?] = []
     private(set) var nextCheck: Double = 0
 
-    init(pairs: [CertificatePair], interval: Double) {
+    init(pairs: [TLSCertificateSettings], interval: Double) {
         self.pairs = pairs
         self.interval = interval
     }

@@ -66,32 +66,12 @@ final class ListeningSockets {
     /// reach smtp-listen), SO_REUSEADDR (a restart of the supervisor must
     /// not wait for TIME_WAIT), IPV6_V6ONLY for IPv6 (so that 0.0.0.0:25
     /// and [::]:25 can both be listed), as smtp-listen binds them itself.
-    static func bind(_ definition: ListenerDefinition) throws -> Int32 {
-        var hints = addrinfo()
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE
-        var result: UnsafeMutablePointer<addrinfo>? = nil
-        let rc = getaddrinfo(definition.host, String(definition.port), &hints, &result)
-        guard rc == 0, let first = result else {
-            throw ListenerBindError(definition: definition, reason: "cannot resolve \(definition.host): \(String(cString: gai_strerror(rc)))")
+    static func bind(_ definition: ListenerDefinition) throws(ListenerBindError) -> Int32 {
+        do {
+            return try bindListeningSocket(host: definition.host, port: definition.port)
+        } catch {
+            throw ListenerBindError(definition: definition, reason: error.reason)
         }
-        defer { freeaddrinfo(result) }
-        let family = first.pointee.ai_family
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw ListenerBindError(definition: definition, reason: "socket: \(String(cString: strerror(errno)))") }
-        var one: Int32 = 1
-        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        if family == AF_INET6 {
-            _ = setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size))
-        }
-        // SOMAXCONN (4096 on current kernels): the backlog is what carries
-        // clients over a restart of smtp-listen.
-        guard Glibc.bind(fd, first.pointee.ai_addr, first.pointee.ai_addrlen) == 0, listen(fd, SOMAXCONN) == 0 else {
-            let reason = String(cString: strerror(errno))
-            close(fd)
-            throw ListenerBindError(definition: definition, reason: "bind: \(reason)")
-        }
-        return fd
     }
 }
 

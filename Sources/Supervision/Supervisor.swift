@@ -8,6 +8,7 @@ import Glibc
 #endif
 import CSystemShims
 import CSystemSpawn
+import SealpostConfig
 import StageProtocol
 import StageRuntime
 
@@ -29,7 +30,7 @@ public struct SupervisorSettings: Sendable {
     /// the stage named `certificateStage` on SIGHUP and when they change
     /// (the certificate channel), checking them every
     /// `certificateCheckInterval` seconds.
-    public var certificates: [CertificatePair] = []
+    public var certificates: [TLSCertificateSettings] = []
     public var certificateStage = "crypto-negotiate"
     public var certificateCheckInterval: Double = 5
 

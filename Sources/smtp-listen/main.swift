@@ -227,16 +227,10 @@ var settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSoc
 // chroot, with the [dns] forwarders and no DNSSEC (a PTR answer is only
 // trusted once the forward lookup confirms it).
 if config.smtp.clientNameLookup {
-    let dns = config.dns
     do {
-        let resolver = try Resolver(ResolverConfiguration(
-            forwarders: dns.forwarders,
-            stubZones: dns.stubZones.map { StubZone(zone: $0.zone, addresses: $0.addresses) },
-            rootTrustAnchorFile: "",
-            resolveReservedZones: dns.resolveReservedZones,
-            timeout: .seconds(dns.timeout)))
+        let resolver = try Resolver(ResolverConfiguration(config.dns, validating: false))
         settings.clientNames = ClientNames(resolver: try ResolverThread(resolver),
-                                           queryTimeout: .seconds(min(dns.timeout, 5)))
+                                           queryTimeout: .seconds(min(config.dns.timeout, 5)))
     } catch {
         StageRuntime.fatal("\(config.file): [dns]: \(error)", exit: .config)
     }

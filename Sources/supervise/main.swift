@@ -228,7 +228,7 @@ do {
 var settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
                                   layout: layout, stages: stages, foreground: foreground)
 settings.listeners = ListenerDefinition.served(by: configuration)
-settings.certificates = configuration.tls.certificates.map { CertificatePair(certificate: $0.certificateFile, key: $0.keyFile) }
+settings.certificates = configuration.tls.certificates
 // Every path is absolute by now; hold no directory busy.
 _ = chdir("/")
 let supervisor = Supervisor(settings: settings, log: log)

@@ -72,6 +72,23 @@ func exchangeAndClose(_ connection: StageConnection, _ p: (server: Int32, client
     }
 }
 
+/// Hands over a loopback TCP socket for the client role with a CA bundle
+/// the service does not know; returns the next frame received and the
+/// other end of that socket (the caller closes it).
+func requestWithUnknownCABundle(_ connection: StageConnection, session: UInt64) throws -> (Frame, Int32) {
+    let listener = try Listener()
+    let fd = try connectTCP(listener.port)
+    let accepted = listener.accept()
+    try connection.send(Frame(.negotiate, ["session": .uint(session), "socket": .fd(fd), "role": .text("client"),
+                                           "ca": .text("nonexistent")]))
+    close(fd)
+    guard let frame = try connection.receive() else {
+        close(accepted)
+        throw TestFailure("the service closed the connection")
+    }
+    return (frame, accepted)
+}
+
 func tlsConfigText(_ pki: TestPKI) -> String {
     """
     [tls]
@@ -150,14 +167,8 @@ final class ReloadableService {
         try exchangeAndClose(c, try negotiatePair(c))
 
         // Unknown CA bundle: FAILED 4.3.5, the socket is closed by the service.
-        let listener = try Listener()
-        let fd = try connectTCP(listener.port)
-        let accepted = listener.accept()
+        let (f, accepted) = try requestWithUnknownCABundle(c, session: 3)
         defer { close(accepted) }
-        try c.send(Frame(.negotiate, ["session": .uint(3), "socket": .fd(fd), "role": .text("client"),
-                                      "ca": .text("nonexistent")]))
-        close(fd)
-        let f = try #require(try c.receive())
         #expect(f.type == .failed)
         #expect(try f.text("status") == "4.3.5")
         #expect(try f.text("text").contains("no CA bundle named \"nonexistent\""))
@@ -188,14 +199,8 @@ final class ReloadableService {
         let c = running.connection
         try exchangeAndClose(c, try negotiatePair(c, serverReportsClose: false), sessions: [2])
         // A later answer comes next, with no CLOSED for session 1 before it.
-        let listener = try Listener()
-        let fd = try connectTCP(listener.port)
-        let accepted = listener.accept()
+        let (f, accepted) = try requestWithUnknownCABundle(c, session: 3)
         defer { close(accepted) }
-        try c.send(Frame(.negotiate, ["session": .uint(3), "socket": .fd(fd), "role": .text("client"),
-                                      "ca": .text("nonexistent")]))
-        close(fd)
-        let f = try #require(try c.receive())
         #expect(f.type == .failed, "\(f)")
         #expect(try f.uint("session") == 3)
     }

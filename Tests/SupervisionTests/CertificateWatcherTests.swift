@@ -4,6 +4,7 @@
 import CSystemShims
 import Glibc
 import StageProtocol
+import SealpostConfig
 import Testing
 @testable import Supervision
 
@@ -31,8 +32,8 @@ import Testing
     }
 
     func watcher(_ files: Files) -> CertificateWatcher {
-        CertificateWatcher(pairs: [CertificatePair(certificate: files.path("a.crt"), key: files.path("a.key")),
-                                   CertificatePair(certificate: files.path("b.crt"), key: files.path("b.key"))],
+        CertificateWatcher(pairs: [TLSCertificateSettings(certificateFile: files.path("a.crt"), keyFile: files.path("a.key")),
+                                   TLSCertificateSettings(certificateFile: files.path("b.crt"), keyFile: files.path("b.key"))],
                            interval: 5)
     }
 
