@@ -78,9 +78,14 @@ final class TestSink: Sendable {
         StageRuntime.detachThread { [self] in acceptLoop() }
     }
 
+    /// Stops listening. Only the accept thread closes the socket: closed
+    /// here, its number could be reused by another test's listener before
+    /// the thread's next accept(), and the thread would then take that
+    /// test's connections and answer them with this sink's script. After
+    /// shutdown() the socket no longer listens (a connect is refused) and
+    /// every accept() on it fails at once.
     func stop() {
         shutdown(fd, Int32(SHUT_RDWR))
-        close(fd)
     }
 
     var messages: [SinkMessage] { state.withLock { $0.messages } }
@@ -92,6 +97,7 @@ final class TestSink: Sendable {
             let c = sealpost_accept_cloexec(fd)
             if c < 0 {
                 if errno == EINTR { continue }
+                close(fd)
                 return
             }
             state.withLock { $0.connections += 1 }
