@@ -36,10 +36,20 @@ public enum Setup {
     }
 
     /// The directories under the data directory, with owner and mode. As
-    /// root: data 0755 root, run/ root:sealpost 01775 (stages create their
-    /// sockets there), queue/ the queue's user 0700, mail/ local-deliver's
-    /// user 0700, log/ root 0755; existing ones are put right. Not root: the
-    /// same directories and modes, owned by the invoking user.
+    /// root: data 0755 root, run/ the queue's user, group sealpost, 0755,
+    /// queue/ the queue's user 0700, mail/ local-deliver's user 0700, log/
+    /// root 0755; existing ones are put right. Not root: the same
+    /// directories and modes, owned by the invoking user.
+    ///
+    /// Why run/ belongs to the queue: the queue binds its sockets there
+    /// after it dropped root, and nothing else but root (the supervisor's
+    /// pid and status files, crypto-negotiate's socket, bound before it
+    /// drops root) creates anything there. No other stage may: a stage
+    /// that talks to the network (smtp-listen, remote-deliver), if taken
+    /// over, could otherwise squat a socket name while the queue restarts
+    /// (run/inject, and smtp-listen's mail would go to it). The group
+    /// (sealpost, which every stage's user is in) is what the queue gives
+    /// its deliver socket and crypto-negotiate its socket.
     public static func ensureDirectories(_ layout: DirectoryLayout, stages: [StageDefinition],
                                          asRoot: Bool) throws(SetupError) {
         let names = Set(stages.map(\.name))
@@ -57,9 +67,9 @@ public enum Setup {
         }
         try makeParents(of: layout.dataDirectory)
         try ensure(layout.dataDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
-        try ensure(layout.runtimeDirectory, mode: 0o1775, owner: asRoot ? (0, group) : nil)
-        try ensure(layout.logDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
         let queueOwner = try user("queue")
+        try ensure(layout.runtimeDirectory, mode: 0o755, owner: asRoot ? (queueOwner.0, group) : nil)
+        try ensure(layout.logDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
         try ensure(layout.spoolDirectory, mode: 0o700, owner: asRoot ? queueOwner : nil)
         if let mail = layout.mailDirectory {
             let mailOwner = try user("local-deliver")

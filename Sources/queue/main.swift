@@ -36,7 +36,9 @@
 //
 //      After a restart the schedule is rebuilt from the spool.
 //
-// SOCKETS (under data/run, stale socket files are removed at start)
+// SOCKETS (under data/run, stale socket files are removed at start; as
+//      root, the supervisor gives data/run to the queue's user, mode 0755,
+//      so no other stage can create a file there and take a socket's name)
 //      inject   0666   protocol "inject" (Pipeline/PROTOCOL.md 4.2): any
 //                      local user may submit mail; the peer's uid is
 //                      recorded (SO_PEERCRED).

@@ -66,9 +66,11 @@
 //      resolver, which reads the DNS trust anchors then (the DNS module
 //      loads every file at once; no other file is ever read: DNS goes to
 //      [dns] forwarders or the root servers, never /etc/resolv.conf or
-//      /etc/hosts). Then it chroots into the runtime directory (run/, owned
-//      by root, holding only the stages' sockets: it reaches run/deliver
-//      and run/tls as /deliver and /tls) and runs as its own user
+//      /etc/hosts). Then it chroots into the runtime directory (run/,
+//      owned by the queue's user, mode 0755, holding only the stages'
+//      sockets and the supervisor's pid and status files; remote-deliver
+//      can create nothing there; it reaches run/deliver and run/tls as
+//      /deliver and /tls) and runs as its own user
 //      (SEALPOST_USER). After that it needs no file: outgoing connections
 //      go to IP addresses (no getaddrinfo), randomness comes from
 //      getrandom(2), and no work runs on libdispatch's worker pool (it

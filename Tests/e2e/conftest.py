@@ -220,6 +220,11 @@ class Pipeline:
             result[name] = (state, int(pid), int(since), int(restarts))
         return result
 
+    def stage_names(self):
+        """The NAMEs of the stages file (each runs as sealpost-NAME as root)."""
+        lines = (line.split("#", 1)[0].split() for line in self.stages_file.read_text().splitlines())
+        return [fields[0] for fields in lines if fields]
+
     def stage_pid(self, name):
         state = self.status().get(name)
         return state[1] if state and state[0] == "running" else None

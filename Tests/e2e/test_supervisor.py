@@ -1,6 +1,7 @@
 """The supervisor: restarts, status, configuration errors, privileges, and
 queue-inject's patience while the queue is away."""
 
+import grp
 import os
 import pathlib
 import pwd
@@ -179,7 +180,22 @@ def test_as_root_each_stage_runs_as_its_own_user(pipeline):
         assert entry.pw_dir == "/nonexistent"
         assert entry.pw_shell.endswith("nologin")
     run = os.stat(pipeline.data / "run")
-    assert oct(run.st_mode & 0o7777) == "0o1775"
+    assert oct(run.st_mode & 0o7777) == "0o755"
+    assert run.st_uid == pwd.getpwnam("sealpost-queue").pw_uid
+    assert run.st_gid == grp.getgrnam("sealpost").gr_gid
+    # The queue made its sockets there after dropping root; no other
+    # stage's user can add a file (and so take a socket's name while the
+    # queue restarts).
+    wait_until(lambda: (pipeline.data / "run" / "inject").is_socket(), 30, "the inject socket")
+    assert os.stat(pipeline.data / "run" / "inject").st_uid == pwd.getpwnam("sealpost-queue").pw_uid
+    others = [name for name in pipeline.stage_names() if name != "queue"]
+    assert "local-deliver" in others
+    for name in others:
+        entry = pwd.getpwnam(f"sealpost-{name}")
+        squat = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
+                                "touch", str(pipeline.data / "run" / "squat")], capture_output=True, text=True)
+        assert squat.returncode != 0 and "Permission denied" in squat.stderr, (name, squat)
+    assert not (pipeline.data / "run" / "squat").exists()
     assert os.stat(pipeline.data / "queue").st_uid == pwd.getpwnam("sealpost-queue").pw_uid
     assert os.stat(pipeline.data / "mail").st_uid == pwd.getpwnam("sealpost-local-deliver").pw_uid
     # Still works end to end with the separated users.
