@@ -265,14 +265,20 @@ public final class SMTPServer: Sendable {
             return
         }
         let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: fd)
+        // Replies are whole and each is awaited by the client: no Nagle.
+        // Set here, on the accepting thread, rather than as a bootstrap
+        // option, which costs the event loop a future per option.
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         ClientBootstrap(group: group.next())
-            .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-            // One read per read request: after STARTTLS not a byte more is
-            // read here; what follows belongs to crypto-negotiate.
-            .channelOption(.maxMessagesPerRead, value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    guard let options = channel.syncOptions else { throw ChannelError.operationUnsupported }
+                    try options.setOption(.allowRemoteHalfClosure, value: true)
+                    // One read per read request: after STARTTLS not a byte
+                    // more is read here; what follows belongs to
+                    // crypto-negotiate.
+                    try options.setOption(.maxMessagesPerRead, value: 1)
                     try channel.pipeline.syncOperations.addHandler(handler.make())
                 }
             }

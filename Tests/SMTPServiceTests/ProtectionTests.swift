@@ -214,6 +214,46 @@ import Testing
         #expect(h.logs.eventually("timeout after EHLO from unknown[127.0.0.1]"))
     }
 
+    /// The timeout counts from the last command, not from the first: a
+    /// client that talks more slowly than the timeout in total, but never
+    /// pauses longer, keeps its session (the timer task, set for the first
+    /// deadline, re-arms itself for the later one).
+    @Test func eachCommandRestartsTheTimeout() throws {
+        let h = try Harness { $0.timeouts.command = 2 }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        for _ in 0..<2 {
+            usleep(1_300_000)
+            c.send("NOOP\r\n")
+            #expect(c.reply()?.code == 250)
+        }
+        let replies = c.readToEOF()
+        #expect(replies.map(\.last) == ["421 4.4.2 mx.example.test Error: timeout exceeded"])
+        #expect(h.logs.eventually("timeout after NOOP from unknown[127.0.0.1]"))
+    }
+
+    /// The data timeout is shorter than the command timeout: it must not
+    /// wait for the command timeout's task (the client's read gives up
+    /// after 30 s, the command timeout is 120 s).
+    @Test func silenceAfterDATATimesOutWithTheDataTimeout() throws {
+        let h = try Harness {
+            $0.timeouts.command = 120
+            $0.timeouts.dataBlock = 1
+        }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@mx.example.test>\r\nDATA\r\n")
+        #expect(c.reply()?.code == 250)
+        #expect(c.reply()?.code == 250)
+        #expect(c.reply()?.code == 354)
+        c.send("Subject: slow\r\n")
+        let replies = c.readToEOF()
+        #expect(replies.map(\.last) == ["421 4.4.2 mx.example.test Error: timeout exceeded"])
+        #expect(h.logs.eventually("timeout after DATA from unknown[127.0.0.1]"))
+    }
+
     @Test func shutdownSays421ToIdleSessions() throws {
         let h = try Harness()
         let c = try h.client()
