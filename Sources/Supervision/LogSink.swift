@@ -30,7 +30,7 @@ public final class LogSink {
 
     /// Opens (or, after SIGHUP, reopens: log rotation) the log file.
     public func open() throws {
-        let newFD = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY, 0o644)
+        let newFD = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY, 0o640)
         guard newFD >= 0 else { throw SystemError("open", path: path) }
         flush()   // queued lines belong to the file being rotated away
         if fd >= 0 { Glibc.close(fd) }

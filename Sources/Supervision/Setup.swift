@@ -38,7 +38,7 @@ public enum Setup {
     /// The directories under the data directory, with owner and mode. As
     /// root: data 0755 root, run/ the queue's user, group sealpost, 0755,
     /// queue/ the queue's user 0700, mail/ local-deliver's user 0700, log/
-    /// root 0755; existing ones are put right. Not root: the same
+    /// root 0750 (the log file 0640); existing ones are put right. Not root: the same
     /// directories and modes, owned by the invoking user.
     ///
     /// Why run/ belongs to the queue: the queue binds its sockets there
@@ -69,7 +69,9 @@ public enum Setup {
         try ensure(layout.dataDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
         let queueOwner = try user("queue")
         try ensure(layout.runtimeDirectory, mode: 0o755, owner: asRoot ? (queueOwner.0, group) : nil)
-        try ensure(layout.logDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
+        // The log names every sender and recipient: no stage's user (smtp-listen
+        // and the queue are chrooted into the data directory) may read it.
+        try ensure(layout.logDirectory, mode: 0o750, owner: asRoot ? (0, 0) : nil)
         try ensure(layout.spoolDirectory, mode: 0o700, owner: asRoot ? queueOwner : nil)
         if let mail = layout.mailDirectory {
             let mailOwner = try user("local-deliver")

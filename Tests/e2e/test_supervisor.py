@@ -196,6 +196,15 @@ def test_as_root_each_stage_runs_as_its_own_user(pipeline):
                                 "touch", str(pipeline.data / "run" / "squat")], capture_output=True, text=True)
         assert squat.returncode != 0 and "Permission denied" in squat.stderr, (name, squat)
     assert not (pipeline.data / "run" / "squat").exists()
+    # The log names every address: root's alone.
+    log = pipeline.data / "log"
+    assert oct(os.stat(log).st_mode & 0o7777) == "0o750" and os.stat(log).st_uid == 0
+    assert oct(os.stat(log / "sealpost.log").st_mode & 0o777) == "0o640"
+    for name in others:
+        entry = pwd.getpwnam(f"sealpost-{name}")
+        peek = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
+                               "cat", str(log / "sealpost.log")], capture_output=True, text=True)
+        assert peek.returncode != 0 and "Permission denied" in peek.stderr, (name, peek)
     assert os.stat(pipeline.data / "queue").st_uid == pwd.getpwnam("sealpost-queue").pw_uid
     assert os.stat(pipeline.data / "mail").st_uid == pwd.getpwnam("sealpost-local-deliver").pw_uid
     # Still works end to end with the separated users.
