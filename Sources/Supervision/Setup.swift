@@ -38,8 +38,9 @@ public enum Setup {
     /// The directories under the data directory, with owner and mode. As
     /// root: data 0755 root, run/ the queue's user, group sealpost, 0755,
     /// queue/ the queue's user 0700, mail/ local-deliver's user 0700, log/
-    /// root 0750 (the log file 0640); existing ones are put right. Not root: the same
-    /// directories and modes, owned by the invoking user.
+    /// root 0750 (LogSink creates the log file 0640); existing ones are put
+    /// right. Not root: the same directories and modes, owned by the
+    /// invoking user.
     ///
     /// Why run/ belongs to the queue: the queue binds its sockets there
     /// after it dropped root, and nothing else but root (the supervisor's
