@@ -32,6 +32,12 @@ public final class LogSink {
     public func open() throws {
         let newFD = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY, 0o640)
         guard newFD >= 0 else { throw SystemError("open", path: path) }
+        // The log names every sender and recipient: never readable by all,
+        // also when an older version (0644) or a rotation tool made it.
+        var info = stat()
+        if fstat(newFD, &info) == 0, info.st_mode & 0o007 != 0 {
+            _ = fchmod(newFD, info.st_mode & 0o770)
+        }
         flush()   // queued lines belong to the file being rotated away
         if fd >= 0 { Glibc.close(fd) }
         fd = newFD

@@ -1,3 +1,4 @@
+import Glibc
 import Testing
 @testable import Supervision
 
@@ -69,5 +70,44 @@ import Testing
         #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "{user}/Maildir") == nil)
         #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "/home/{user}/Maildir") == nil)
         #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "boxes/all/{user}") == "/d/boxes/all")
+    }
+}
+
+/// The log file's mode: it names every sender and recipient.
+@Suite struct LogSinkModeTests {
+    private func temporaryDirectory() throws -> String {
+        var template = Array("/tmp/sealpost-logsink-XXXXXX".utf8CString)
+        guard let p = mkdtemp(&template) else { throw SystemError("mkdtemp") }
+        return String(cString: p)
+    }
+
+    private func mode(_ path: String) -> mode_t {
+        var info = stat()
+        _ = stat(path, &info)
+        return info.st_mode & 0o7777
+    }
+
+    @Test func aNewLogIsNotReadableByOthers() throws {
+        let dir = try temporaryDirectory()
+        defer { _ = unlink(dir + "/sealpost.log"); _ = rmdir(dir) }
+        let sink = LogSink(path: dir + "/sealpost.log", hostname: "mx.example.test", echo: false)
+        try sink.open()
+        sink.write("queue[1]: a line")
+        // 0640 less the umask (not changed here: it is the process's).
+        #expect(mode(dir + "/sealpost.log") & ~0o640 == 0)
+        #expect(mode(dir + "/sealpost.log") & 0o600 == 0o600)
+    }
+
+    @Test func anExistingWorldReadableLogLosesTheOthersBits() throws {
+        let dir = try temporaryDirectory()
+        let path = dir + "/sealpost.log"
+        defer { _ = unlink(path); _ = rmdir(dir) }
+        let fd = open(path, O_WRONLY | O_CREAT, 0o644)
+        try #require(fd >= 0)
+        _ = fchmod(fd, 0o664)   // as an older version or a rotation tool left it
+        close(fd)
+        let sink = LogSink(path: path, hostname: "mx.example.test", echo: false)
+        try sink.open()
+        #expect(mode(path) == 0o660)
     }
 }
