@@ -53,6 +53,15 @@ public struct RemoteSettings: Sendable {
     public var maximumMessageSize = 10_240_000 + 1_048_576
     /// AUTH may be sent without TLS to a next hop on a loopback address.
     public var allowLoopbackAuthenticationWithoutTLS = true
+    /// Seconds a delivery that would use TLS waits for crypto-negotiate's
+    /// socket when it is missing: the supervisor starts crypto-negotiate
+    /// just before remote-deliver and restarts it when it dies, and the
+    /// first mail after either must not go out in clear text to a server
+    /// that offers STARTTLS only because the local TLS stage was a second
+    /// late. Missing for longer (crypto-negotiate not run at all), it is
+    /// no longer waited for until it is back: clear text for "may", a
+    /// deferral where TLS is required.
+    public var tlsHandOffGrace = 10.0
 
     public init(hostname: String) { self.hostname = hostname }
 }
@@ -118,6 +127,9 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
 
     private var active: [String: Int] = [:]
     private var waiting: [String: [() -> Void]] = [:]
+    /// Since when (clock()) crypto-negotiate's socket has been missing;
+    /// nil while it is there.
+    private var handOffMissingSince: Double?
     private var idle: [String: [(SMTPConnection, Scheduled<Void>)]] = [:]
 
     public init(eventLoop: EventLoop, settings: RemoteSettings, transports: TransportTable = TransportTable(),
@@ -253,6 +265,12 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         var clientPolicy = SMTPClientPolicy(hostname: settings.hostname)
         clientPolicy.tls = security.requirement.clientMode
         let handOff = tlsHandOff.flatMap { $0.isAvailable ? $0 : nil }
+        if handOff != nil { handOffMissingSince = nil }
+        if tlsHandOff != nil, handOff == nil, clientPolicy.tls != .none, !plaintext, waitForHandOff() {
+            state.candidates.insert((candidate, plaintext), at: 0)
+            eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(100)) { [self] in next(state) }
+            return
+        }
         if clientPolicy.tls == .opportunistic && (plaintext || handOff == nil) {
             // RFC 7435: clear text rather than no delivery.
             clientPolicy.tls = .none
@@ -271,6 +289,19 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
             apply(outcome, connection: connection, to: state, plaintext: plaintext)
             next(state)
         }
+    }
+
+    /// crypto-negotiate's socket is missing: whether to wait (and look
+    /// again in 100 ms) rather than go on without TLS. See
+    /// `RemoteSettings.tlsHandOffGrace`.
+    private func waitForHandOff() -> Bool {
+        let now = clock()
+        guard let since = handOffMissingSince else {
+            handOffMissingSince = now
+            log.warning("crypto-negotiate is not available (no socket): waiting up to \(settings.tlsHandOffGrace) s before delivering without it")
+            return settings.tlsHandOffGrace > 0
+        }
+        return now - since < settings.tlsHandOffGrace
     }
 
     /// A transaction on a cached connection (then the route, if needed).

@@ -54,8 +54,9 @@ public struct TLSHandOffError: Error, Sendable, CustomStringConvertible {
 /// Hands a connected socket to the TLS service and returns the plaintext.
 public protocol TLSClientHandOff: Sendable {
     /// The service can be asked now (its socket exists). When false, the
-    /// connection is made as if no hand-off were configured: clear text
-    /// for "may", deferral for levels that require TLS.
+    /// agent waits for it (RemoteSettings.tlsHandOffGrace), then makes the
+    /// connection as if no hand-off were configured: clear text for "may",
+    /// deferral for levels that require TLS.
     var isAvailable: Bool { get }
     /// Takes ownership of `socket` (it is closed whatever happens).
     func negotiate(socket: Int32, request: TLSClientRequest) async -> Result<TLSClientHandOffResult, TLSHandOffError>

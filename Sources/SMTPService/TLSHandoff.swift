@@ -343,7 +343,7 @@ public final class TLSHandoff: Sendable {
                     defer { s.warnedUnavailable = true }
                     return !s.warnedUnavailable
                 }
-                if warn { logger.warning("warning: crypto-negotiate unavailable (\(socketPath): \(error)): STARTTLS is not offered until it is back") }
+                if warn { logger.warning("crypto-negotiate unavailable (\(socketPath): \(error)): STARTTLS is not offered until it is back") }
                 var none = pollfd()
                 _ = poll(&none, 0, retryInterval * 1000)
                 continue
@@ -381,7 +381,7 @@ public final class TLSHandoff: Sendable {
                 connection.close()
             }
             if !state.withLockedValue({ $0.stopped }) {
-                logger.warning("warning: lost crypto-negotiate (\(reason)); \(pending.count) handshake(s) in progress failed")
+                logger.warning("lost crypto-negotiate (\(reason)); \(pending.count) handshake(s) in progress failed")
             }
             for completion in pending {
                 completion(.failure(TLSHandoffFailure(status: "4.4.2", text: "crypto-negotiate went away during the handshake")))

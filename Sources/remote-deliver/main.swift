@@ -31,10 +31,12 @@
 //
 //      TLS: the destination policy (static: the transport table's tls=,
 //      default "may") decides the requirement. STARTTLS goes through
-//      crypto-negotiate (run/tls) when it is running; without it,
-//      opportunistic TLS falls back to clear text and levels that require
-//      TLS defer (4.7.4/4.7.5). A failed handshake under "may" is retried
-//      once in clear text (RFC 7435).
+//      crypto-negotiate (run/tls) when it is running. When its socket is
+//      missing (crypto-negotiate starting or restarting), a delivery waits
+//      up to 10 s for it; missing for longer, opportunistic TLS falls back
+//      to clear text and levels that require TLS defer (4.7.4/4.7.5), with
+//      no more waiting until it is back. A failed handshake under "may" is
+//      retried once in clear text (RFC 7435).
 //
 // SOCKETS
 //      run/deliver   client, protocol `deliver`, transport `remote`
@@ -44,7 +46,8 @@
 //      run/tls       client, protocol `tls` (section 4.5), one short
 //                    connection per STARTTLS: the TCP socket goes to
 //                    crypto-negotiate, a plaintext socket comes back. Used
-//                    while the socket exists; otherwise "may" is clear text.
+//                    while the socket exists; after 10 s without it, "may"
+//                    is clear text.
 //      TCP           outgoing SMTP connections (port 25 or the next hop's).
 //
 // CONFIGURATION

@@ -21,7 +21,7 @@ final class TLSService: @unchecked Sendable {
     let service: NegotiationService
     private let stopped = Mutex(false)
 
-    init() throws {
+    init(listening: Bool = true) throws {
         var template = Array("/tmp/sealpost-rtls-XXXXXX".utf8CString)
         dir = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
         let rc = system("cd \(dir) && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout mx.key -out mx.pem -days 2 -subj /CN=mx.dest.test -addext subjectAltName=DNS:mx.dest.test >/dev/null 2>&1")
@@ -36,6 +36,11 @@ final class TLSService: @unchecked Sendable {
             """
         service = try NegotiationService(configuration: TLSConfiguration(try SealpostConfiguration.parse(text: text, file: dir + "/sealpost.toml").tls))
         socketPath = dir + "/tls"
+        if listening { try startListening() }
+    }
+
+    /// Binds the socket and serves (as crypto-negotiate does once started).
+    func startListening() throws {
         try service.listen(path: socketPath)
         let s = service
         StageRuntime.detachThread { s.run() }
@@ -126,5 +131,79 @@ import Synchronization
         #expect(results.first?.tls == TLSOutcome.none)
         #expect(sink.connections == 2)
         #expect(sink.commands.filter { $0 == "STARTTLS" }.count == 1)
+    }
+
+    /// crypto-negotiate is a moment late (the supervisor started it just
+    /// before remote-deliver, or restarts it): the first delivery waits
+    /// for its socket instead of going out in clear text.
+    @Test func aDeliveryWaitsForCryptoNegotiateThatIsStarting() async throws {
+        let tls = try TLSService(listening: false)
+        defer { tls.stop() }
+        var script = SinkScript()
+        script.startTLS = { tls.serverHandOff($0) }
+        let sink = try TestSink(address: "127.0.0.9", script: script)
+        defer { sink.stop() }
+        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.9", port: sink.port))])
+        let logs = LogRecorder()
+        let group = MultiThreadedEventLoopGroupHolder()
+        var settings = RemoteSettings(hostname: "client.test")
+        settings.maximumPhaseTimeout = 30
+        let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings, transports: table,
+                                        resolver: StaticMailExchangerResolver(),
+                                        tlsHandOff: CryptoNegotiateHandOff(socketPath: tls.socketPath), log: logs.log)
+        let delivery = Task {
+            await withCheckedContinuation { c in agent.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) } }
+        }
+        // Started only once the agent noticed the socket missing.
+        for _ in 0..<300 where !logs.all.contains(where: { $0.contains("crypto-negotiate is not available") }) {
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        try tls.startListening()
+        let results = await delivery.value
+        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
+        await group.shutdown()
+
+        #expect(logs.all.contains { $0.contains("crypto-negotiate is not available (no socket): waiting up to 10.0 s") })
+        #expect(results.first?.status == .sent)
+        guard case .encrypted = results.first?.tls else {
+            Issue.record("expected TLS, got \(String(describing: results.first?.tls))")
+            return
+        }
+        #expect(sink.commands.prefix(3) == ["EHLO client.test", "STARTTLS", "(TLS)"])
+    }
+
+    /// Not run at all: the wait is paid once, then deliveries go on at
+    /// once (clear text under "may") until it is back.
+    @Test func aMissingCryptoNegotiateIsWaitedForOnce() async throws {
+        let sink = try TestSink(address: "127.0.0.10", script: {
+            var script = SinkScript()
+            script.startTLS = { close($0); return -1 }
+            return script
+        }())
+        defer { sink.stop() }
+        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.10", port: sink.port))])
+        let logs = LogRecorder()
+        let group = MultiThreadedEventLoopGroupHolder()
+        var settings = RemoteSettings(hostname: "client.test")
+        settings.maximumPhaseTimeout = 30
+        settings.connectionCacheTime = 0
+        settings.tlsHandOffGrace = 0.3
+        let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings, transports: table,
+                                        resolver: StaticMailExchangerResolver(),
+                                        tlsHandOff: CryptoNegotiateHandOff(socketPath: "/nonexistent/sealpost-tls"), log: logs.log)
+        var outcomes: [RemoteResult] = []
+        for id in 1...2 {
+            let results = await withCheckedContinuation { c in
+                agent.deliver(makeJob(UInt64(id), to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) }
+            }
+            outcomes += results
+        }
+        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
+        await group.shutdown()
+
+        #expect(outcomes.map(\.status) == [.sent, .sent])
+        #expect(outcomes.allSatisfy { $0.tls == TLSOutcome.none })
+        #expect(!sink.commands.contains("STARTTLS"))
+        #expect(logs.all.filter { $0.contains("crypto-negotiate is not available") }.count == 1)
     }
 }
