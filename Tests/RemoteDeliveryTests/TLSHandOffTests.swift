@@ -115,17 +115,9 @@ import Synchronization
         script.startTLS = { close($0); return -1 }
         let sink = try TestSink(address: "127.0.0.8", script: script)
         defer { sink.stop() }
-        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.8", port: sink.port))])
-        let logs = LogRecorder()
-        let group = MultiThreadedEventLoopGroupHolder()
-        var settings = RemoteSettings(hostname: "client.test")
-        settings.maximumPhaseTimeout = 30
-        let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings, transports: table,
-                                        resolver: StaticMailExchangerResolver(),
-                                        tlsHandOff: CryptoNegotiateHandOff(socketPath: tls.socketPath), log: logs.log)
-        let results = await withCheckedContinuation { c in agent.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) } }
-        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
-        await group.shutdown()
+        let f = HandOffAgent(sink: sink, tlsSocket: tls.socketPath)
+        let results = await f.deliver()
+        await f.shutdown()
 
         #expect(results.first?.status == .sent)
         #expect(results.first?.tls == TLSOutcome.none)
@@ -143,27 +135,17 @@ import Synchronization
         script.startTLS = { tls.serverHandOff($0) }
         let sink = try TestSink(address: "127.0.0.9", script: script)
         defer { sink.stop() }
-        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.9", port: sink.port))])
-        let logs = LogRecorder()
-        let group = MultiThreadedEventLoopGroupHolder()
-        var settings = RemoteSettings(hostname: "client.test")
-        settings.maximumPhaseTimeout = 30
-        let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings, transports: table,
-                                        resolver: StaticMailExchangerResolver(),
-                                        tlsHandOff: CryptoNegotiateHandOff(socketPath: tls.socketPath), log: logs.log)
-        let delivery = Task {
-            await withCheckedContinuation { c in agent.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) } }
-        }
+        let f = HandOffAgent(sink: sink, tlsSocket: tls.socketPath)
+        let delivery = Task { await f.deliver() }
         // Started only once the agent noticed the socket missing.
-        for _ in 0..<300 where !logs.all.contains(where: { $0.contains("crypto-negotiate is not available") }) {
+        for _ in 0..<300 where !f.logs.all.contains(where: { $0.contains("crypto-negotiate is not available") }) {
             try await Task.sleep(nanoseconds: 10_000_000)
         }
         try tls.startListening()
         let results = await delivery.value
-        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
-        await group.shutdown()
+        await f.shutdown()
 
-        #expect(logs.all.contains { $0.contains("crypto-negotiate is not available (no socket): waiting up to 10.0 s") })
+        #expect(f.logs.all.contains { $0.contains("crypto-negotiate is not available (no socket): waiting up to 10.0 s") })
         #expect(results.first?.status == .sent)
         guard case .encrypted = results.first?.tls else {
             Issue.record("expected TLS, got \(String(describing: results.first?.tls))")
@@ -175,35 +157,49 @@ import Synchronization
     /// Not run at all: the wait is paid once, then deliveries go on at
     /// once (clear text under "may") until it is back.
     @Test func aMissingCryptoNegotiateIsWaitedForOnce() async throws {
-        let sink = try TestSink(address: "127.0.0.10", script: {
-            var script = SinkScript()
-            script.startTLS = { close($0); return -1 }
-            return script
-        }())
+        var script = SinkScript()
+        script.startTLS = { close($0); return -1 }   // offered, never reached
+        let sink = try TestSink(address: "127.0.0.10", script: script)
         defer { sink.stop() }
-        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.10", port: sink.port))])
-        let logs = LogRecorder()
-        let group = MultiThreadedEventLoopGroupHolder()
-        var settings = RemoteSettings(hostname: "client.test")
-        settings.maximumPhaseTimeout = 30
-        settings.connectionCacheTime = 0
-        settings.tlsHandOffGrace = 0.3
-        let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings, transports: table,
-                                        resolver: StaticMailExchangerResolver(),
-                                        tlsHandOff: CryptoNegotiateHandOff(socketPath: "/nonexistent/sealpost-tls"), log: logs.log)
-        var outcomes: [RemoteResult] = []
-        for id in 1...2 {
-            let results = await withCheckedContinuation { c in
-                agent.deliver(makeJob(UInt64(id), to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) }
-            }
-            outcomes += results
+        let f = HandOffAgent(sink: sink, tlsSocket: "/nonexistent/sealpost-tls") {
+            $0.connectionCacheTime = 0
+            $0.tlsHandOffGrace = 0.3
         }
-        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
-        await group.shutdown()
+        let outcomes = await f.deliver(1) + f.deliver(2)
+        await f.shutdown()
 
         #expect(outcomes.map(\.status) == [.sent, .sent])
         #expect(outcomes.allSatisfy { $0.tls == TLSOutcome.none })
         #expect(!sink.commands.contains("STARTTLS"))
-        #expect(logs.all.filter { $0.contains("crypto-negotiate is not available") }.count == 1)
+        #expect(f.logs.all.filter { $0.contains("crypto-negotiate is not available") }.count == 1)
+    }
+}
+
+/// An agent that sends everything for dest.test to `sink`, handing
+/// STARTTLS to the crypto-negotiate socket at `tlsSocket`.
+private struct HandOffAgent {
+    let logs = LogRecorder()
+    let group = MultiThreadedEventLoopGroupHolder()
+    let agent: RemoteDeliveryAgent
+
+    init(sink: TestSink, tlsSocket: String, configure: (inout RemoteSettings) -> Void = { _ in }) {
+        var settings = RemoteSettings(hostname: "client.test")
+        settings.maximumPhaseTimeout = 30
+        configure(&settings)
+        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host(sink.address, port: sink.port))])
+        agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings, transports: table,
+                                    resolver: StaticMailExchangerResolver(),
+                                    tlsHandOff: CryptoNegotiateHandOff(socketPath: tlsSocket), log: logs.log)
+    }
+
+    func deliver(_ id: UInt64 = 1) async -> [RemoteResult] {
+        await withCheckedContinuation { c in
+            agent.deliver(makeJob(id, to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) }
+        }
+    }
+
+    func shutdown() async {
+        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
+        await group.shutdown()
     }
 }
