@@ -237,7 +237,16 @@ public final class SMTPServer: Sendable {
         }
         let core = self.core
         let group = self.group
-        acceptor.run(bound.map { ($0.fd, $0.kind) }) { fd, kind in
+        // The first clients are offered STARTTLS too: accepting waits (they
+        // wait in the listen backlog) until crypto-negotiate, started just
+        // before smtp-listen, has answered, for tlsStartWait at most.
+        acceptor.run(bound.map { ($0.fd, $0.kind) }, first: { stopped in
+            guard let handoff = core.handoff else { return }
+            let wait = core.settings.tlsStartWait
+            if !handoff.waitUntilAvailable(seconds: wait, cancelled: stopped) && !stopped() {
+                core.logger.warning("crypto-negotiate did not answer within \(wait) s of the start: accepting without STARTTLS until it does")
+            }
+        }) { fd, kind in
             SMTPServer.adopt(fd, kind: kind, core: core, group: group)
         }
     }
@@ -382,7 +391,10 @@ final class Acceptor: Sendable {
         wake = (fds[0], fds[1])
     }
 
-    func run(_ listeners: [(Int32, ListenerKind)], adopt: @escaping @Sendable (Int32, ListenerKind) -> Void) {
+    /// `first` runs on the thread before anything is accepted; it is
+    /// told whether `stop()` was called meanwhile.
+    func run(_ listeners: [(Int32, ListenerKind)], first: @escaping @Sendable (_ stopped: () -> Bool) -> Void = { _ in },
+             adopt: @escaping @Sendable (Int32, ListenerKind) -> Void) {
         let logger = self.logger
         let wake = self.wake
         let stopped = self.stopped
@@ -394,6 +406,7 @@ final class Acceptor: Sendable {
                 running.lock()
                 running.unlock(withValue: 0)
             }
+            first { stopped.withLockedValue { $0 } }
             var fds = listeners.map { pollfd(fd: $0.0, events: Int16(POLLIN), revents: 0) }
             fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
             var warned = false

@@ -90,6 +90,12 @@ public struct SMTPServiceSettings: Sendable {
     /// How long a session waits for crypto-negotiate's answer to a
     /// NEGOTIATE before it gives up (its handshake timeout, plus a margin).
     public var tlsHandoffTimeout: Int64 = 70
+    /// At start, how long accepting waits for the connection to
+    /// crypto-negotiate (started by the supervisor just before
+    /// smtp-listen): the first clients must be offered STARTTLS too.
+    /// Clients meanwhile wait in the listen backlog. Not up by then,
+    /// sessions start without STARTTLS until it is.
+    public var tlsStartWait = 10.0
     /// Verified client names (reverse DNS, forward-confirmed); nil: every
     /// client is "unknown" (`smtp.client_name_lookup = false`, tests).
     public var clientNames: ClientNames?

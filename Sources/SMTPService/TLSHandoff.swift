@@ -92,6 +92,9 @@ public final class TLSHandoff: Sendable {
         var pending: [UInt64: Completion] = [:]
         var nextSession: UInt64 = 1
         var warnedUnavailable = false
+        /// Until the first connection, attempts come every 100 ms (the
+        /// start of smtp-listen waits for it, see waitUntilAvailable).
+        var everConnected = false
     }
 
     private let socketPath: String
@@ -132,6 +135,19 @@ public final class TLSHandoff: Sendable {
 
     /// The control connection is up: STARTTLS may be offered.
     public var isAvailable: Bool { state.withLockedValue { $0.available } }
+
+    /// Blocks until the control connection is up, `seconds` have passed
+    /// or `cancelled()` says so; true when it is up.
+    public func waitUntilAvailable(seconds: Double, cancelled: () -> Bool) -> Bool {
+        let clock = ContinuousClock()
+        let deadline = clock.now.advanced(by: .milliseconds(Int(seconds * 1000)))
+        while !isAvailable {
+            if cancelled() || clock.now >= deadline { return false }
+            var none = pollfd()
+            _ = poll(&none, 0, 20)
+        }
+        return true
+    }
 
     static let unavailable = TLSHandoffFailure(status: "4.7.0", text: "TLS not available: crypto-negotiate is not running")
 
@@ -333,19 +349,25 @@ public final class TLSHandoff: Sendable {
     // MARK: Reader
 
     private func readerLoop() {
+        // Failed attempts before the first connection: crypto-negotiate is
+        // usually still starting, so the warning waits for 2 s of them.
+        var startingFailures = 0
         while !state.withLockedValue({ $0.stopped }) {
             let connection: StageConnection
             do {
                 connection = try StageConnection.connect(path: socketPath)
                 try connection.clientHello(.tls, extra: [("software", .text("sealpost-smtp-listen 0.1"))])
             } catch {
+                let starting = state.withLockedValue { !$0.everConnected }
+                if starting { startingFailures += 1 }
                 let warn = state.withLockedValue { s -> Bool in
-                    defer { s.warnedUnavailable = true }
-                    return !s.warnedUnavailable
+                    guard !s.warnedUnavailable, !starting || startingFailures >= 20 else { return false }
+                    s.warnedUnavailable = true
+                    return true
                 }
                 if warn { logger.warning("crypto-negotiate unavailable (\(socketPath): \(error)): STARTTLS is not offered until it is back") }
                 var none = pollfd()
-                _ = poll(&none, 0, retryInterval * 1000)
+                _ = poll(&none, 0, starting ? 100 : retryInterval * 1000)
                 continue
             }
             // Writes must not hang the writer when crypto-negotiate hangs.
@@ -355,6 +377,7 @@ public final class TLSHandoff: Sendable {
                 guard !s.stopped else { return true }
                 s.connection = connection.fileDescriptor
                 s.available = true
+                s.everConnected = true
                 s.warnedUnavailable = false
                 return false
             }

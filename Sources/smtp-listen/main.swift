@@ -84,8 +84,11 @@
 // TLS
 //      When [tls] lists certificates, smtp-listen keeps one connection to
 //      crypto-negotiate (run/tls, the `tls` protocol of Pipeline/PROTOCOL.md
-//      section 4.5), reconnecting every second while it is away. While it is
-//      connected, EHLO offers STARTTLS (and, once TLS is active,
+//      section 4.5), reconnecting every second while it is away. At start,
+//      accepting waits (clients wait in the listen backlog) until that
+//      connection is up, at most 10 s: crypto-negotiate starts just before
+//      smtp-listen, and the first clients must be offered STARTTLS too.
+//      While it is connected, EHLO offers STARTTLS (and, once TLS is active,
 //      REQUIRETLS); after "220 2.0.0 Ready to start TLS" the client's socket
 //      goes to crypto-negotiate and the session continues on the plaintext
 //      socket it returns, with a new EHLO (RFC 3207). Bytes pipelined after

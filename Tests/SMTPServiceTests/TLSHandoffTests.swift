@@ -75,4 +75,30 @@ import Testing
         #expect(seen.count == count)
         #expect(seen.allSatisfy { $0 == "4.7.5" }, "\(Set(seen))")
     }
+
+    /// crypto-negotiate starts just before smtp-listen and may answer a
+    /// moment later: the first clients wait in the backlog for it and are
+    /// then offered STARTTLS, rather than greeted at once without it.
+    @Test func acceptingWaitsAtStartForCryptoNegotiate() throws {
+        let path = NSTemporaryDirectory() + "handoff-start-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let h = try Harness { $0.tlsSocket = path }
+        defer { h.stop(); unlink(path) }
+        let c = try h.client()
+        var ready = pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&ready, 1, 300) == 0, "greeted before crypto-negotiate answered")
+
+        let listener = sealpost_unix_listen(path, 8)
+        try #require(listener >= 0)
+        defer { close(listener) }
+        let peer = StageConnection(adopting: accept(listener, nil, nil), protocol: .tls, direction: .clientToServer)
+        defer { peer.close() }
+        #expect(try peer.receive()?.type == .hello)
+        try peer.send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]))
+
+        #expect(c.reply()?.code == 220)
+        c.send("EHLO client.example.org\r\n")
+        let ehlo = try #require(c.reply())
+        #expect(ehlo.lines.contains { $0.hasSuffix("STARTTLS") })
+        #expect(!h.logs.all.contains { $0.contains("did not answer") })
+    }
 }
