@@ -10,7 +10,7 @@
 //   buffer: the rest of a frame, and every frame after it until the
 //   backlog is gone, so frames never interleave);
 // - the reader thread connects (again, every second, while crypto-negotiate
-//   is away), exchanges the HELLOs and then blocks in receive(): NEGOTIATED
+//   is away; every 100 ms before the first connection), exchanges the HELLOs and then blocks in receive(): NEGOTIATED
 //   and FAILED complete the request of their session. We ask for no CLOSED
 //   frames (`report-close=false`): the session's own channel sees the end,
 //   and crypto-negotiate logs it.
@@ -92,9 +92,6 @@ public final class TLSHandoff: Sendable {
         var pending: [UInt64: Completion] = [:]
         var nextSession: UInt64 = 1
         var warnedUnavailable = false
-        /// Until the first connection, attempts come every 100 ms (the
-        /// start of smtp-listen waits for it, see waitUntilAvailable).
-        var everConnected = false
     }
 
     private let socketPath: String
@@ -349,8 +346,11 @@ public final class TLSHandoff: Sendable {
     // MARK: Reader
 
     private func readerLoop() {
-        // Failed attempts before the first connection: crypto-negotiate is
-        // usually still starting, so the warning waits for 2 s of them.
+        // Until the first connection crypto-negotiate is usually still
+        // starting (and smtp-listen's start waits for it, see
+        // waitUntilAvailable): attempts come every 100 ms, and the warning
+        // only after 2 s of them.
+        var connectedOnce = false
         var startingFailures = 0
         while !state.withLockedValue({ $0.stopped }) {
             let connection: StageConnection
@@ -358,16 +358,14 @@ public final class TLSHandoff: Sendable {
                 connection = try StageConnection.connect(path: socketPath)
                 try connection.clientHello(.tls, extra: [("software", .text("sealpost-smtp-listen 0.1"))])
             } catch {
-                let starting = state.withLockedValue { !$0.everConnected }
-                if starting { startingFailures += 1 }
-                let warn = state.withLockedValue { s -> Bool in
-                    guard !s.warnedUnavailable, !starting || startingFailures >= 20 else { return false }
-                    s.warnedUnavailable = true
-                    return true
+                if !connectedOnce { startingFailures += 1 }
+                let warn = (connectedOnce || startingFailures >= 20) && state.withLockedValue { s -> Bool in
+                    defer { s.warnedUnavailable = true }
+                    return !s.warnedUnavailable
                 }
                 if warn { logger.warning("crypto-negotiate unavailable (\(socketPath): \(error)): STARTTLS is not offered until it is back") }
                 var none = pollfd()
-                _ = poll(&none, 0, starting ? 100 : retryInterval * 1000)
+                _ = poll(&none, 0, connectedOnce ? retryInterval * 1000 : 100)
                 continue
             }
             // Writes must not hang the writer when crypto-negotiate hangs.
@@ -377,11 +375,11 @@ public final class TLSHandoff: Sendable {
                 guard !s.stopped else { return true }
                 s.connection = connection.fileDescriptor
                 s.available = true
-                s.everConnected = true
                 s.warnedUnavailable = false
                 return false
             }
             if stopped { connection.close(); return }
+            connectedOnce = true
             logger.info("connected to crypto-negotiate (\(socketPath)): STARTTLS is offered")
             var reason = "connection closed"
             do {

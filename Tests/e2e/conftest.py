@@ -49,6 +49,14 @@ def wait_until(predicate, timeout, what, interval=0.05):
         time.sleep(interval)
 
 
+def as_user(user, command, groups="clear"):
+    """`command` run as `user` (a name) through setpriv: with no
+    supplementary groups ("clear") or with the user's own ("init", as a
+    stage started by the supervisor has them)."""
+    entry = pwd.getpwnam(user)
+    return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", f"--{groups}-groups", "--"] + list(command)
+
+
 def local_user():
     """The local account mail is delivered to in the tests."""
     return pwd.getpwuid(os.geteuid()).pw_name if IS_ROOT else getpass.getuser()
@@ -141,16 +149,14 @@ class Pipeline:
         command = ["bash", "-c", '. "$checkout/Pipeline/common.sh" && ensure_self_signed_certificates "$1" "$2"',
                    "ensure", str(self.data / "tls"), socket.gethostname().lower()]
         if self.run_as:   # as the user that runs the pipeline, who owns data/
-            command = ["setpriv", f"--reuid={self.run_as}", f"--regid={pwd.getpwnam(self.run_as).pw_gid}",
-                       "--clear-groups", "--"] + command
+            command = as_user(self.run_as, command)
         subprocess.run(command, env=dict(os.environ, checkout=str(CHECKOUT)), check=True, capture_output=True)
 
     def start(self, wait=True):
         self.ensure_certificates()
         command = [executable("supervise"), "--foreground", "--stages", str(self.stages_file)]
         if self.run_as:
-            command = ["setpriv", f"--reuid={self.run_as}", f"--regid={pwd.getpwnam(self.run_as).pw_gid}",
-                       "--clear-groups", "--"] + command
+            command = as_user(self.run_as, command)
         self.output = open(self.directory / "supervise.out", "wb")
         self.process = subprocess.Popen(command, env=self.env(), stdout=self.output,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import (BUILD, CHECKOUT, IS_ROOT, Pipeline, executable, local_user, make_config,
+from conftest import (BUILD, CHECKOUT, IS_ROOT, Pipeline, as_user, executable, local_user, make_config,
                       parse_message, require_build, wait_until)
 
 
@@ -191,9 +191,8 @@ def test_as_root_each_stage_runs_as_its_own_user(pipeline):
     others = [name for name in pipeline.stage_names() if name != "queue"]
     assert "local-deliver" in others
     for name in others:
-        entry = pwd.getpwnam(f"sealpost-{name}")
-        squat = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
-                                "touch", str(pipeline.data / "run" / "squat")], capture_output=True, text=True)
+        squat = subprocess.run(as_user(f"sealpost-{name}", ["touch", str(pipeline.data / "run" / "squat")], "init"),
+                               capture_output=True, text=True)
         assert squat.returncode != 0 and "Permission denied" in squat.stderr, (name, squat)
     assert not (pipeline.data / "run" / "squat").exists()
     # The log names every address: root's alone.
@@ -201,9 +200,8 @@ def test_as_root_each_stage_runs_as_its_own_user(pipeline):
     assert oct(os.stat(log).st_mode & 0o7777) == "0o750" and os.stat(log).st_uid == 0
     assert oct(os.stat(log / "sealpost.log").st_mode & 0o777) == "0o640"
     for name in others:
-        entry = pwd.getpwnam(f"sealpost-{name}")
-        peek = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
-                               "cat", str(log / "sealpost.log")], capture_output=True, text=True)
+        peek = subprocess.run(as_user(f"sealpost-{name}", ["cat", str(log / "sealpost.log")], "init"),
+                              capture_output=True, text=True)
         assert peek.returncode != 0 and "Permission denied" in peek.stderr, (name, peek)
     assert os.stat(pipeline.data / "queue").st_uid == pwd.getpwnam("sealpost-queue").pw_uid
     assert os.stat(pipeline.data / "mail").st_uid == pwd.getpwnam("sealpost-local-deliver").pw_uid
@@ -221,8 +219,7 @@ def test_as_a_normal_user_everything_runs_as_that_user(workdir):
     entry = pwd.getpwnam(user)
     os.chown(workdir, entry.pw_uid, entry.pw_gid)
     if not os.access(executable("supervise"), os.X_OK) or \
-            subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
-                            "test", "-x", executable("queue")]).returncode != 0:
+            subprocess.run(as_user(user, ["test", "-x", executable("queue")])).returncode != 0:
         pytest.skip(f"{BUILD} is not readable by {user}")
     pipeline = Pipeline(workdir, run_as=user)
     for path in workdir.iterdir():
@@ -232,8 +229,8 @@ def test_as_a_normal_user_everything_runs_as_that_user(workdir):
         for name in ("queue", "local-deliver"):
             assert uid_of(pipeline.running_pid(name))[0] == entry.pw_uid
         assert os.stat(pipeline.data / "run").st_uid == entry.pw_uid
-        result = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
-                                 executable("queue-inject"), f"{user}@localhost"], input=b"Subject: plain\n\nuser\n",
+        result = subprocess.run(as_user(user, [executable("queue-inject"), f"{user}@localhost"]),
+                                input=b"Subject: plain\n\nuser\n",
                                 env=pipeline.env(), capture_output=True, timeout=120)
         assert result.returncode == 0, result.stderr.decode()
         files = wait_until(lambda: pipeline.delivered(user), 60, f"delivery to {user}")
