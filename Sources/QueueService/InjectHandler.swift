@@ -68,6 +68,10 @@ final class InjectHandler: ChannelInboundHandler {
 
     private let engine: QueueEngine
     private var greeted = false
+    /// The client's HELLO asked for reserved IDs (PROTOCOL.md 4.2).
+    private var reserveIDs = false
+    /// The ID announced as `next-queue-id` and not used by a MAIL yet.
+    private var reservedID: QueueID?
     private var peerUID: UInt32?
     private var transaction: Transaction?
     /// Answers in END order, whatever order the commits complete in.
@@ -128,15 +132,27 @@ final class InjectHandler: ChannelInboundHandler {
                 throw ProtocolError("expected HELLO protocol=inject version=1")
             }
             greeted = true
-            context.writeAndFlush(wrapOutboundOut(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1),
-                                                              "software": .text(QueueService.software)])),
-                                  promise: nil)
+            reserveIDs = try frame.bool("reserve-ids", default: false)
+            var hello = Frame(.hello, ["protocol": .text("inject"), "version": .uint(1),
+                                       "software": .text(QueueService.software)])
+            announceReservation(in: &hello)
+            context.writeAndFlush(wrapOutboundOut(hello), promise: nil)
             return
         }
         switch frame.type {
         case .mail:
             guard transaction == nil else { throw ProtocolError("MAIL inside a transaction") }
-            let t = Transaction(envelope: try envelope(from: frame))
+            let id: QueueID
+            if let named = try frame.optionalText("queue-id") {
+                guard let reserved = reservedID, reserved.rawValue == named else {
+                    throw ProtocolError("MAIL queue-id \(named) is not the ID reserved for this connection")
+                }
+                reservedID = nil
+                id = reserved
+            } else {
+                id = engine.spool.newQueueID()
+            }
+            let t = Transaction(envelope: try envelope(from: frame, queueID: id))
             transaction = t
             // The ID is the spool key the message will be committed under
             // (it is drawn here, at MAIL): a client that asks learns it now,
@@ -177,9 +193,9 @@ final class InjectHandler: ChannelInboundHandler {
         }
     }
 
-    private func envelope(from mail: Frame) throws -> EnvelopeRecord {
+    private func envelope(from mail: Frame, queueID: QueueID) throws -> EnvelopeRecord {
         EnvelopeRecord(
-            queueID: engine.spool.newQueueID(), sender: try mail.text("sender"), arrival: 0, size: 0,
+            queueID: queueID, sender: try mail.text("sender"), arrival: 0, size: 0,
             ret: try mail.optionalText("ret")?.uppercased(), envid: try mail.optionalText("envid"),
             requireTLS: try mail.bool("requiretls", default: false), smtputf8: try mail.bool("smtputf8", default: false),
             bodyType: try mail.optionalText("body-type"), clientAddress: try mail.optionalText("client-address"),
@@ -279,11 +295,21 @@ final class InjectHandler: ChannelInboundHandler {
         reply(refusal.frame, slot: slot)
     }
 
+    /// Names the connection's reserved ID (drawing one if the last was
+    /// used) in a HELLO, ACCEPTED or REFUSED, if the client asked for them.
+    private func announceReservation(in frame: inout Frame) {
+        guard reserveIDs else { return }
+        let id = reservedID ?? engine.spool.newQueueID()
+        reservedID = id
+        frame.set("next-queue-id", .text(id.rawValue))
+    }
+
     private func reply(_ frame: Frame, slot: Int) {
         replies[slot] = frame
         guard let context else { return }   // the client went away; the message stays queued
         var wrote = false
-        while let next = replies.removeValue(forKey: nextReply) {
+        while var next = replies.removeValue(forKey: nextReply) {
+            announceReservation(in: &next)
             context.write(wrapOutboundOut(next), promise: nil)
             nextReply += 1
             wrote = true

@@ -5,23 +5,27 @@
 // is accepted, on the session's own event loop (no locks, no thread hops).
 // A pooled connection has had its HELLOs: the transaction starts at MAIL.
 //
-//   HELLO protocol=inject version=1      ->
-//                                         <- HELLO
-//   MAIL sender=... announce-id=true ... ->
+//   HELLO protocol=inject version=1 reserve-ids=true ->
+//                                         <- HELLO next-queue-id=ID
+//   MAIL sender=... queue-id=ID ...      ->
 //   RCPT address=... (one per recipient) ->
-//                                         <- QUEUE-ID queue-id=ID
 //   BODY data=<Received: ... id ID>      ->
 //   BODY data=<message, <= 64 KiB each>  ->   (as the client sends it)
 //   END                                  ->
-//                                         <- ACCEPTED queue-id=ID | REFUSED code= status= text=
+//                                         <- ACCEPTED queue-id=ID next-queue-id=ID2
+//                                            | REFUSED code= status= text= next-queue-id=ID2
 //
 // The Received header names the queue ID (RFC 5321 4.4, as Postfix does),
 // and it is the first line of the message, so no BODY goes out before the
-// queue announced the ID. The wait is usually hidden: the transaction
-// starts when DATA is accepted, and the client needs a round trip (354,
-// then its first bytes) before there is anything to send; what arrives
-// earlier waits here. The ID is also the one of the "ID: client=" log line,
-// and ACCEPTED must repeat it.
+// ID is known. The queue reserves the ID of a connection's next message in
+// its HELLO and in each answer to END (PROTOCOL.md 4.2), so on a pooled
+// connection the whole transaction goes out in the writes that carry the
+// message, and the answer to END is the one round trip to the queue. A
+// queue that names no reservation is asked with `announce-id` and answers
+// MAIL with QUEUE-ID; what arrives before that is held here (the wait is
+// usually hidden: the client needs a round trip, 354 then its first bytes,
+// before there is anything to send). The ID is also the one of the
+// "ID: client=" log line, and ACCEPTED must repeat it.
 //
 // The frames are written as the message arrives; nothing holds a whole
 // message. While the inject socket's send buffer is full (the channel is
@@ -67,8 +71,6 @@ final class InjectTransaction {
     /// The connection came from the pool (and may have died unnoticed).
     private(set) var reused = false
     private var retried = false
-    /// MAIL and RCPT frames, sent once the HELLOs are exchanged.
-    private var pending: [Frame] = []
     /// BODY (and END) frames produced before the queue announced the ID.
     private var held: [Frame] = []
     private var helloReceived = false
@@ -78,6 +80,14 @@ final class InjectTransaction {
     private var prefix: ((String) -> [UInt8])?
     /// Told the ID as soon as the queue announces it (for the log line).
     private var announced: ((String) -> Void)?
+    /// What a pooled connection carried under a reserved ID, none of it
+    /// answered yet (at most `holdLimit` bytes; nil past that): if that
+    /// connection turns out dead (the queue restarted), the message goes
+    /// again on a fresh one, under the ID that one names.
+    private var replay: [Frame]?
+    private var replayBytes = 0
+    /// Told the ID abandoned when a message goes again on a fresh connection.
+    var reannounced: ((String) -> Void)?
     /// Set once the transaction cannot succeed any more; later data is dropped.
     private(set) var failure: String?
     private var completion: Completion?
@@ -115,8 +125,9 @@ final class InjectTransaction {
 
     // MARK: - Frames
 
+    /// MAIL without `queue-id` or `announce-id` (set as it goes out).
     static func mailFrame(_ e: SMTPEnvelope, clientName: String) -> Frame {
-        var f = Frame(.mail, ["sender": .text(e.sender.address), "announce-id": .bool(true)])
+        var f = Frame(.mail, ["sender": .text(e.sender.address)])
         let p = e.parameters
         f.set("ret", p.ret.map { .text($0.rawValue) })
         f.set("envid", p.envid.map { AttributeValue.sanitizedText($0) })
@@ -174,15 +185,34 @@ final class InjectTransaction {
             self.handler = handler
             handler.transaction = self
             helloReceived = true
-            for frame in envelopeFrames { send(frame, on: channel) }
-            channel.flush()
+            // Under a reserved ID nothing is flushed here: the session
+            // flushes after each read of client input (the body follows
+            // the 354 this transaction starts with), and END flushes.
+            if !sendEnvelope(on: channel) { channel.flush() }
         } else {
             connect()
         }
     }
 
+    /// MAIL (under the connection's reserved ID if there is one, else
+    /// asking for QUEUE-ID) and the RCPTs. True if the ID is known now.
+    private func sendEnvelope(on channel: Channel) -> Bool {
+        guard var mail = envelopeFrames.first else { return false }
+        let reserved = handler?.takeReservedID()
+        if let reserved {
+            mail.set("queue-id", .text(reserved))
+        } else {
+            mail.set("announce-id", .bool(true))
+        }
+        send(mail, on: channel)
+        for frame in envelopeFrames.dropFirst() { send(frame, on: channel) }
+        guard let reserved else { return false }
+        if reused, !retried { replay = [] }
+        idAnnounced(reserved, flush: false)
+        return true
+    }
+
     private func connect() {
-        pending = envelopeFrames
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         let connect = ClientBootstrap(group: eventLoop)
             .channelInitializer { channel in
@@ -214,8 +244,9 @@ final class InjectTransaction {
         }
         self.channel = channel
         // PROTOCOL.md 4.1: nothing but the HELLOs until both are exchanged;
-        // the envelope waits in `pending` for the queue's HELLO.
-        send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1), "software": .text(Self.software)]),
+        // the envelope waits for the queue's HELLO (and its reservation).
+        send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1), "software": .text(Self.software),
+                            "reserve-ids": .bool(true)]),
              on: channel)
         channel.flush()
     }
@@ -223,27 +254,29 @@ final class InjectTransaction {
     private func helloExchanged() {
         guard let channel else { return }
         helloReceived = true
-        let frames = pending
-        pending = []
-        for frame in frames { send(frame, on: channel) }
+        _ = sendEnvelope(on: channel)
         channel.flush()
     }
 
-    /// QUEUE-ID: the Received header, then what the client sent meanwhile.
-    private func idAnnounced(_ id: String) {
+    /// The ID is known (reserved, or QUEUE-ID): the Received header, then
+    /// what the client sent meanwhile.
+    private func idAnnounced(_ id: String, flush: Bool = true) {
         guard let channel else { return }
         queueID = id
         timer?.cancel()
         timer = nil
         announced?(id)
-        announced = nil
         if let prefix { for frame in Self.bodyFrames(prefix(id)) { send(frame, on: channel) } }
-        prefix = nil
+        if replay == nil {
+            // Needed again only for a replay.
+            announced = nil
+            prefix = nil
+        }
         let frames = held
         held = []
         heldBytes = 0
-        for frame in frames { send(frame, on: channel) }
-        channel.flush()
+        for frame in frames { sendRetained(frame, on: channel) }
+        if flush { channel.flush() }
         // END already went out with the held frames: its answer is timed.
         if ended { armTimer() }
         writabilityChanged?()
@@ -254,6 +287,21 @@ final class InjectTransaction {
             held.append(frame)
             if case .bytes(let data)? = frame["data"] { heldBytes += data.count }
             return
+        }
+        sendRetained(frame, on: channel)
+    }
+
+    /// `send`, keeping a copy for a replay while that is possible.
+    private func sendRetained(_ frame: Frame, on channel: Channel) {
+        if replay != nil {
+            if case .bytes(let data)? = frame["data"] { replayBytes += data.count }
+            if replayBytes > Self.holdLimit {
+                replay = nil
+                prefix = nil
+                announced = nil
+            } else {
+                replay!.append(frame)
+            }
         }
         send(frame, on: channel)
     }
@@ -384,10 +432,12 @@ final class InjectTransaction {
 
     private func fail(_ reason: String, retry: Bool = true) {
         guard outcome == nil else { return }
-        if retry, reused, !retried, failure == nil, queueID == nil {
+        if retry, reused, !retried, failure == nil, queueID == nil || replay != nil {
             // A pooled connection the queue closed (a restart) before this
-            // transaction noticed: nothing of the message went out yet (no
-            // BODY before QUEUE-ID), so start over on a fresh connection.
+            // transaction noticed: nothing was answered, and all that went
+            // out is still here (no BODY before QUEUE-ID, or the replay of
+            // what went under a reserved ID), so start over on a fresh
+            // connection, under the ID that one gives.
             retried = true
             reused = false
             handler?.transaction = nil
@@ -395,13 +445,22 @@ final class InjectTransaction {
             channel = nil
             handler = nil
             helloReceived = false
+            if let abandoned = queueID, let frames = replay {
+                reannounced?(abandoned)
+                queueID = nil
+                held = frames
+                heldBytes = replayBytes
+                replay = nil
+                replayBytes = 0
+                armTimer()   // the new connection, its HELLOs and the ID
+            }
             connect()
             return
         }
         if failure == nil { failure = reason }
-        pending = []
         held = []
         heldBytes = 0
+        replay = nil
         prefix = nil
         announced = nil
         // The connection's handler and this transaction point at each
@@ -421,6 +480,9 @@ final class InjectTransaction {
         guard outcome == nil else { return }
         outcome = result
         timer?.cancel()
+        replay = nil
+        prefix = nil
+        announced = nil
         // ACCEPTED or REFUSED, read in order with nothing outstanding: the
         // connection is clean and can carry the next transaction.
         if let channel, let handler, let pool, failure == nil {
@@ -455,14 +517,24 @@ final class InjectResponseHandler: ChannelInboundHandler {
 
     var transaction: InjectTransaction?
     weak var pool: InjectPool?
+    /// The connection's reserved queue ID (`next-queue-id` of the queue's
+    /// latest HELLO, ACCEPTED or REFUSED), until a MAIL uses it.
+    private var reservedID: String?
 
     init(transaction: InjectTransaction) {
         self.transaction = transaction
     }
 
+    func takeReservedID() -> String? {
+        defer { reservedID = nil }
+        return reservedID
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if let transaction {
-            transaction.received(unwrapInboundIn(data))
+            let frame = unwrapInboundIn(data)
+            if case .text(let id)? = frame["next-queue-id"] { reservedID = id }
+            transaction.received(frame)
         } else {
             pool?.discard(context.channel)   // nothing is due on an idle connection
         }

@@ -520,6 +520,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
                                             replyTimeout: .seconds(settings.timeouts.queueReply),
                                             pool: server.injectPools.pool(for: context.eventLoop))
         transaction.writabilityChanged = { [weak self] in self?.resumeReadingIfWanted() }
+        let lost = server.logger
+        transaction.reannounced = { id in
+            lost.warning("\(id): the queue closed the inject connection before the message was queued; sending it again under a new ID")
+        }
         inject = transaction
         // The queue announces the ID the message will be queued under before
         // the first body byte: it goes into the Received header ("id ...")

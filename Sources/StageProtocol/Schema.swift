@@ -206,10 +206,15 @@ enum Standard {
         R("orcpt", .text),
     ]
 
+    /// The queue ID reserved for the connection's next MAIL.
+    static let nextQueueID = R("next-queue-id", .text, check: Checks.nonEmptyText)
+
     static let inject = ProtocolSchema(
         name: "inject",
         clientToServer: [
-            .hello: helloClient(),
+            // Opt-in: the server reserves queue IDs for this connection's
+            // MAILs (`next-queue-id`, PROTOCOL.md 4.2).
+            .hello: helloClient([R("reserve-ids", .bool)]),
             .error: error,
             .mail: FrameRule([
                 R("sender", .text, required: true),
@@ -217,6 +222,8 @@ enum Standard {
                 R("protocol", .text), R("auth-user", .text), R("size", .uint),
                 // Opt-in: answer this MAIL with QUEUE-ID (PROTOCOL.md 4.2).
                 R("announce-id", .bool),
+                // The ID the server reserved for this connection.
+                R("queue-id", .text, check: Checks.nonEmptyText),
             ] + envelopeOptions),
             .rcpt: FrameRule([R("address", .text, required: true, check: Checks.nonEmptyText)] + recipientOptions),
             .body: body,
@@ -224,14 +231,15 @@ enum Standard {
             .abort: FrameRule([]),
         ],
         serverToClient: [
-            .hello: helloServer,
+            .hello: helloClient([nextQueueID]),
             .error: error,
-            .accepted: FrameRule([R("queue-id", .text, required: true, check: Checks.nonEmptyText)]),
+            .accepted: FrameRule([R("queue-id", .text, required: true, check: Checks.nonEmptyText), nextQueueID]),
             .queueID: FrameRule([R("queue-id", .text, required: true, check: Checks.nonEmptyText)]),
             .refused: FrameRule([
                 R("code", .uint, required: true, check: Checks.range(400...599)),
                 R("status", .text, required: true, check: Checks.enhancedStatus),
                 R("text", .text, required: true),
+                nextQueueID,
             ]),
         ])
 

@@ -294,6 +294,73 @@ func refusal(_ frame: Frame) throws -> String {
         #expect(try accepted.text("queue-id") == (try next.text("queue-id")))
     }
 
+    @Test func reservedIDsSaveTheRoundTripOfQueueID() throws {
+        let q = try TestQueue()
+        // Without reserve-ids, no reservation is named anywhere.
+        let plain = try q.injector()
+        defer { plain.close() }
+        try q.sendMessage(plain, from: "s@example.org", to: ["u@localhost"])
+        let plainAnswer = try #require(try plain.receive())
+        #expect(plainAnswer.type == .accepted)
+        #expect(plainAnswer["next-queue-id"] == nil)
+
+        let c = try TestQueue.connect(q.config.injectSocket)
+        defer { c.close() }
+        let hello = try c.clientHello(.inject, extra: [("reserve-ids", .bool(true))])
+        let first = try hello.text("next-queue-id")
+        #expect(first.count == 12)
+        func send(queueID: String?, recipient: String = "u@localhost") throws {
+            var mail = Frame(.mail, ["sender": .text("s@example.org")])
+            mail.set("queue-id", queueID.map { .text($0) })
+            try c.send(mail)
+            try c.send(Frame(.rcpt, ["address": .text(recipient)]))
+            try c.send(Frame(.body, ["data": .bytes(Array("Subject: x\r\n\r\nx\r\n".utf8))]))
+            try c.send(Frame(.end))
+        }
+        // MAIL under the reservation: no QUEUE-ID; ACCEPTED names the
+        // reserved ID and reserves the next.
+        try send(queueID: first)
+        let accepted = try #require(try c.receive())
+        #expect(accepted.type == .accepted)
+        #expect(try accepted.text("queue-id") == first)
+        let second = try accepted.text("next-queue-id")
+        #expect(second != first)
+        // A MAIL without queue-id gets an ID of its own and leaves the
+        // reservation alone; a refusal names it too.
+        try send(queueID: nil)
+        let own = try #require(try c.receive())
+        #expect(try own.text("queue-id") != second)
+        #expect(try own.text("next-queue-id") == second)
+        try c.send(Frame(.mail, ["sender": .text("s@example.org"), "queue-id": .text(second)]))
+        try c.send(Frame(.end))   // no recipient: refused, the ID stays unused
+        let refused = try #require(try c.receive())
+        #expect(refused.type == .refused)
+        let third = try refused.text("next-queue-id")
+        #expect(![first, second].contains(third))
+        let listing = try q.control("list")
+        #expect(Set(listing.messages.map(\.id)) == [try plainAnswer.text("queue-id"), first, try own.text("queue-id")])
+        // A used reservation is not a reservation any more.
+        try send(queueID: first)
+        let error = try #require(try c.receive())
+        #expect(error.type == .error)
+        #expect(try error.text("status") == "5.5.0")
+        #expect(try error.text("text").contains("not the ID reserved for this connection"))
+    }
+
+    @Test func anotherConnectionsReservationIsRefused() throws {
+        let q = try TestQueue()
+        let a = try TestQueue.connect(q.config.injectSocket)
+        defer { a.close() }
+        let reserved = try a.clientHello(.inject, extra: [("reserve-ids", .bool(true))]).text("next-queue-id")
+        let b = try TestQueue.connect(q.config.injectSocket)
+        defer { b.close() }
+        _ = try b.clientHello(.inject, extra: [("reserve-ids", .bool(true))])
+        try b.send(Frame(.mail, ["sender": .text("s@example.org"), "queue-id": .text(reserved)]))
+        let error = try #require(try b.receive())
+        #expect(error.type == .error)
+        #expect(try q.control("list").messages.isEmpty)
+    }
+
     @Test func groupCommitSharesCommits() throws {
         let q = try TestQueue()
         let n = 24

@@ -43,12 +43,14 @@ import Testing
         #expect(try m.mail.optionalText("body-type") == "8BITMIME")
         #expect(try m.mail.optionalUInt("size") == 100)
         #expect(try m.mail.bool("smtputf8", default: false) == false)
-        #expect(try m.mail.bool("announce-id", default: false) == true)
+        // A fresh inject connection: the queue's HELLO reserved the ID.
+        #expect(try m.mail.bool("announce-id", default: false) == false)
         // The Received line comes first, with the queue ID the queue
-        // announced at MAIL (the one of the 250), then the message,
+        // reserved (the one of the 250 and of the MAIL), then the message,
         // dot-unstuffed.
         let id = String(done.last.dropFirst("250 2.0.0 Ok: queued as ".count))
         #expect(id.count == 12)
+        #expect(try m.mail.optionalText("queue-id") == id)
         #expect(m.text.hasPrefix("Received: from client.example.org (unknown [127.0.0.1])\r\n\tby mx.example.test (Sealpost) with ESMTP id \(id);\r\n\t"))
         #expect(m.text.hasSuffix("\r\nSubject: hi\r\n\r\nHello.\r\n.dot\r\n"))
 
@@ -80,6 +82,7 @@ import Testing
 
     @Test func queueThatNeverAnnouncesTheIDGives451() throws {
         let q = try FakeQueue()
+        q.reserveIDs = false
         q.withholdID = true
         let h = try Harness(queue: q) { $0.timeouts.queueReply = 1 }
         defer { h.stop() }
@@ -119,10 +122,8 @@ import Testing
         }
     }
 
-    @Test func aPooledConnectionTheQueueDroppedIsReplacedWithoutLoss() throws {
-        let q = try FakeQueue()
-        q.hangUpOnSecondMail = true
-        let h = try Harness(queue: q)
+    @Test func theQueueIDNeedsNoRoundTripOnAPooledConnection() throws {
+        let h = try Harness()
         defer { h.stop() }
         let c = try h.client()
         _ = try greet(c)
@@ -133,10 +134,48 @@ import Testing
             #expect(c.command("Subject: \(i)\r\n\r\nHello.\r\n.")?.code == 250)
         }
         #expect(c.command("QUIT")?.code == 221)
+        // Each MAIL named the ID the queue reserved (in its HELLO, then in
+        // the first ACCEPTED) and asked for no QUEUE-ID.
+        let mails = h.queue.accepted.map(\.mail)
+        #expect(mails.map { $0["announce-id"] } == [nil, nil])
+        let ids = mails.compactMap { try? $0.text("queue-id") }
+        #expect(ids.count == 2 && ids[0] != ids[1])
+        for (m, id) in zip(h.queue.accepted, ids) {
+            #expect(m.text.contains(" with ESMTP id \(id)\r\n"))
+            #expect(h.logs.contains("\(id): client=unknown[127.0.0.1]"))
+        }
+    }
+
+    @Test(arguments: [false, true])
+    func aPooledConnectionTheQueueDroppedIsReplacedWithoutLoss(reserveIDs: Bool) throws {
+        let q = try FakeQueue()
+        q.reserveIDs = reserveIDs
+        q.hangUpOnSecondMail = true
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        var ids: [String] = []
+        for i in 0..<2 {
+            #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+            #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+            #expect(c.command("DATA")?.code == 354)
+            let done = try #require(c.command("Subject: \(i)\r\n\r\nHello.\r\n."))
+            #expect(done.code == 250)
+            ids.append(String(done.last.split(separator: " ").last ?? ""))
+        }
+        #expect(c.command("QUIT")?.code == 221)
         // The second MAIL went out on the pooled connection, which the queue
-        // closed; the transaction started over on a new one.
+        // closed; the transaction started over on a new one. Under a
+        // reserved ID, the whole message had gone out with it: it went
+        // again, with a Received header naming the new ID.
         #expect(h.queue.connections == 2)
-        #expect(h.queue.accepted.map { $0.text.hasSuffix("Subject: 1\r\n\r\nHello.\r\n") } == [false, true])
+        let accepted = h.queue.accepted
+        #expect(accepted.map { $0.text.hasSuffix("Subject: 1\r\n\r\nHello.\r\n") } == [false, true])
+        #expect(accepted.last.map { $0.text.components(separatedBy: "Received: ").count } == 2)
+        #expect(accepted.last?.text.contains(" with ESMTP id \(ids[1])\r\n") == true)
+        #expect(h.logs.contains("\(ids[1]): client=unknown[127.0.0.1]"))
+        #expect(h.logs.contains("sending it again under a new ID") == reserveIDs)
     }
 
     @Test func ipv6ClientIsNamedAndTrustedByDefault() throws {
@@ -201,6 +240,7 @@ import Testing
     @Test(arguments: [100, 200_000])
     func aMessageThatArrivesBeforeTheQueueIDIsHeldThenSentIntact(lines: Int) throws {
         let q = try FakeQueue()
+        q.reserveIDs = false
         q.idDelayMicroseconds = 300_000
         let h = try Harness(queue: q)
         defer { h.stop() }

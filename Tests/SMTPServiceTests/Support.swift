@@ -56,6 +56,7 @@ final class FakeQueue: Sendable {
         var withholdID = false
         var hangUpOnSecondMail = false
         var idDelayMicroseconds: UInt32 = 0
+        var reserveIDs = true
     }
 
     init(answer: Answer = .accept) throws {
@@ -94,6 +95,13 @@ final class FakeQueue: Sendable {
     var withholdID: Bool {
         get { state.withLock { $0.withholdID } }
         set { state.withLock { $0.withholdID = newValue } }
+    }
+    /// As the queue does: IDs reserved for a client whose HELLO asks
+    /// (`next-queue-id`, PROTOCOL.md 4.2). False: a queue that does not,
+    /// so smtp-listen asks with announce-id.
+    var reserveIDs: Bool {
+        get { state.withLock { $0.reserveIDs } }
+        set { state.withLock { $0.reserveIDs = newValue } }
     }
     var accepted: [InjectedMessage] { state.withLock { $0.accepted } }
     var refused: [InjectedMessage] { state.withLock { $0.refused } }
@@ -134,7 +142,17 @@ final class FakeQueue: Sendable {
         defer { c.close() }
         do {
             guard let hello = try c.receive(), hello.type == .hello else { return }
-            try c.send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1)]))
+            let reserving = try hello.bool("reserve-ids", default: false) && reserveIDs
+            var reserved: String?
+            func reservation(_ frame: Frame) -> Frame {
+                guard reserving else { return frame }
+                var frame = frame
+                let id = reserved ?? nextQueueID()
+                reserved = id
+                frame.set("next-queue-id", .text(id))
+                return frame
+            }
+            try c.send(reservation(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1)])))
             var mail: Frame?
             var mails = 0
             var announcedID: String?
@@ -152,7 +170,11 @@ final class FakeQueue: Sendable {
                     mails += 1
                     if mails == 2, state.withLock({ $0.hangUpOnSecondMail }) { return }
                     mail = f; rcpts = []; body = []; announcedID = nil
-                    if try f.bool("announce-id", default: false) {
+                    if let named = try f.optionalText("queue-id") {
+                        guard named == reserved else { throw ProtocolError("MAIL queue-id \(named) is not reserved") }
+                        reserved = nil
+                        announcedID = named
+                    } else if try f.bool("announce-id", default: false) {
                         // As the queue does: the ID is drawn at MAIL.
                         let id = nextQueueID()
                         announcedID = id
@@ -180,10 +202,10 @@ final class FakeQueue: Sendable {
                     case .accept:
                         let id = announcedID ?? nextQueueID()
                         state.withLock { $0.accepted.append(message) }
-                        try c.send(Frame(.accepted, ["queue-id": .text(id)]))
+                        try c.send(reservation(Frame(.accepted, ["queue-id": .text(id)])))
                     case .refuse(let code, let status, let text):
                         state.withLock { $0.refused.append(message) }
-                        try c.send(Frame(.refused, ["code": .uint(code), "status": .text(status), "text": .text(text)]))
+                        try c.send(reservation(Frame(.refused, ["code": .uint(code), "status": .text(status), "text": .text(text)])))
                     case .hangUp:
                         return
                     }
