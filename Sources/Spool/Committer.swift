@@ -148,6 +148,7 @@ final class Committer: @unchecked Sendable {
             switch attempt(batch, atLimit: atLimit) {
             case .done(let results, let committed):
                 record(batch, results, committed: committed)
+                if committed { keepZeroedAhead() }
                 return results
             case .failed(let error):
                 let results = [Result<Void, SpoolError>](repeating: .failure(error), count: batch.count)
@@ -174,6 +175,35 @@ final class Committer: @unchecked Sendable {
             case .failure:
                 stats.failedSubmissions += 1
             }
+        }
+    }
+
+    /// How far data.mdb is known to extend (written, synced zeros or data).
+    private var zeroedEnd = 0
+    /// After a failed extension (disk full): not again below this use.
+    private var retryExtensionAt = 0
+
+    /// Keeps zeros on disk ahead of the pages LMDB will write next (see
+    /// Environment.extendDataFile): a quarter of the data in use, 1 to 64
+    /// MiB, written whenever less than half of that is left. Once per
+    /// extension, not per commit: between extensions this only compares
+    /// numbers LMDB keeps in memory.
+    private func keepZeroedAhead() {
+        let used = environment.usedSize
+        let chunk = min(max(used / 4, 1 << 20), 64 << 20)
+        guard used + chunk / 2 > zeroedEnd, used >= retryExtensionAt else { return }
+        do {
+            zeroedEnd = max(zeroedEnd, try environment.dataFileSize)
+            guard used + chunk / 2 > zeroedEnd else { return }
+            try environment.extendDataFile(to: used + chunk)
+            zeroedEnd = try environment.dataFileSize
+            statsLock.lock()
+            stats.fileExtensions += 1
+            statsLock.unlock()
+        } catch {
+            // Most likely a full disk: commits go on as before (LMDB grows
+            // the file itself, or says ENOSPC); try again a chunk later.
+            retryExtensionAt = used + chunk
         }
     }
 

@@ -120,6 +120,8 @@ public struct SpoolStatistics: Sendable, Equatable {
     public var failedSubmissions: UInt64 = 0
     /// Times the map was grown.
     public var mapGrowths: UInt64 = 0
+    /// Times zeros were written ahead at the end of data.mdb.
+    public var fileExtensions: UInt64 = 0
 }
 
 /// What one submission may do. Insert stores an envelope and its encrypted

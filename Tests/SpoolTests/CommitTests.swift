@@ -138,6 +138,27 @@ import Testing
         #expect(try readAll(again, first) == firstBody)
     }
 
+    @Test func commitsKeepZerosAheadOfTheDataInUse() throws {
+        let dir = TemporaryDirectory()
+        let spool = try Spool(directory: dir.spool, options: SpoolOptions(mapSize: 64 << 20, mapSizeLimit: 64 << 20))
+        var ids: [QueueID] = []
+        for i in 0..<40 {
+            let id = spool.newQueueID()
+            ids.append(id)
+            try spool.submitAndWait([.insert(sampleEnvelope(id), try seal(spool, [UInt8](repeating: UInt8(i), count: 50_000)))]).get()
+        }
+        // 2 MB of bodies: the file was extended ahead of them, more than once.
+        let size = try #require(try FileManager.default.attributesOfItem(atPath: dir.spool + "/data.mdb")[.size] as? Int)
+        #expect(spool.statistics.fileExtensions >= 2)
+        #expect(size >= 2_000_000 && size <= 64 << 20)
+        spool.close()
+        let again = try Spool(directory: dir.spool, options: SpoolOptions(mapSize: 64 << 20, mapSizeLimit: 64 << 20))
+        defer { again.close() }
+        for (i, id) in ids.enumerated() {
+            #expect(try readAll(again, id) == [UInt8](repeating: UInt8(i), count: 50_000))
+        }
+    }
+
     @Test func readersDuringGrowth() throws {
         // Readers on other threads while the committer resizes the map:
         // the reader/writer lock must keep them apart (LMDB requires no

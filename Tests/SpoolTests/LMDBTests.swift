@@ -9,6 +9,35 @@ import Testing
 
     private func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
 
+    @Test func dataWrittenIntoTheZeroedTailSurvivesAReopen() throws {
+        let dir = TemporaryDirectory()
+        var env = try open(dir, mapSize: 4 << 20)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        let before = try env.dataFileSize
+        // Zeros up to 2 MiB; asking past the map stops at the map.
+        try env.extendDataFile(to: 2 << 20)
+        #expect(try env.dataFileSize == 2 << 20)
+        #expect(env.usedSize < 2 << 20 && before < 2 << 20)
+        try env.extendDataFile(to: 64 << 20)
+        #expect(try env.dataFileSize == 4 << 20)
+        // LMDB's next pages land in the zeros: overwrites, not growth.
+        let value = [UInt8](repeating: 0xA5, count: 300_000)
+        try env.write { txn throws in
+            for i in 0..<4 { try txn.put(db, bytes("k\(i)"), value) }
+        }
+        #expect(try env.dataFileSize == 4 << 20)
+        env.close()
+        // A map smaller than the file: LMDB maps what the data needs (the
+        // zeros past the last page are nobody's).
+        env = try open(dir, mapSize: 1 << 20)
+        defer { env.close() }
+        #expect(env.mapSize >= env.usedSize)
+        try env.read { txn throws in
+            let db = try txn.openDatabase("t")
+            for i in 0..<4 { #expect(try txn.get(db, bytes("k\(i)")) == value) }
+        }
+    }
+
     @Test func putGetDeleteAndRanges() throws {
         let dir = TemporaryDirectory()
         let env = try open(dir)
