@@ -14,7 +14,11 @@
 // closed, never pooled. An idle connection that the queue closes (a restart)
 // or that receives anything leaves the pool at once; a transaction that took
 // one the queue closed just before it noticed retries once on a fresh
-// connection (nothing is lost: no body byte goes out before QUEUE-ID).
+// connection (nothing is lost: it still has all it sent, whether it waited
+// for QUEUE-ID or replays what went under the connection's reserved ID).
+// The pooled connection also carries the queue ID the queue reserved for
+// its next MAIL (InjectResponseHandler), which is what spares the next
+// transaction the QUEUE-ID round trip.
 //
 // Loop-confined: each pool is used only on its own event loop.
 
