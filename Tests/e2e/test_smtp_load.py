@@ -9,6 +9,10 @@
 - A private Postfix instance whose relayhost is smtp-listen: mail given to
   Postfix's sendmail arrives in Sealpost's Maildir (needs root; skipped
   otherwise).
+- 20 smtplib clients while the queue is killed with SIGKILL again and again
+  (smtp-listen keeps its idle inject connections, each with a queue ID the
+  dead queue had reserved): every message answered 250 is delivered, the
+  others get a 4xx and are sent again, and smtp-listen itself lives on.
 """
 
 import os
@@ -19,7 +23,10 @@ import resource
 import shutil
 import smtplib
 import socket
+import random
+import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -288,4 +295,99 @@ def test_postfix_relays_into_sealpost(workdir):
         assert log.count("status=sent (250 2.0.0 Ok: queued as ") >= messages, log[-3000:]
     finally:
         postfix.stop()
+        stop(pipeline)
+
+
+# The queue killed under SMTP load ----------------------------------------------
+
+SEQUENCE = re.compile(rb"^X-E2E-Sequence: (\d+)\r?$", re.M)
+
+
+def test_queue_killed_under_smtp_load_loses_no_accepted_message(workdir):
+    user = local_user()
+    count, clients = 4000, 20
+    pipeline = smtp_pipeline(workdir)
+    listener = pipeline.stage_pid("smtp-listen")
+    lock = threading.Lock()
+    sequences = iter(range(count))
+    accepted, refusals, errors = set(), [], []
+    done = threading.Event()
+
+    def send_all():
+        while True:
+            with lock:
+                sequence = next(sequences, None)
+            if sequence is None:
+                return
+            message = (f"From: load@example.org\r\nTo: {user}@localhost\r\nSubject: {sequence}\r\n"
+                       f"X-E2E-Sequence: {sequence}\r\n\r\nmessage {sequence}\r\n")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    with smtplib.SMTP("127.0.0.1", pipeline.smtp_port, timeout=60) as smtp:
+                        smtp.sendmail("load@example.org", [f"{user}@localhost"], message)
+                    with lock:
+                        accepted.add(sequence)
+                    break
+                except smtplib.SMTPResponseException as e:
+                    # Only a temporary refusal while the queue is down.
+                    with lock:
+                        refusals.append((e.smtp_code, e.smtp_error))
+                    if e.smtp_code // 100 != 4:
+                        with lock:
+                            errors.append(f"{sequence}: {e.smtp_code} {e.smtp_error!r}")
+                        return
+                    time.sleep(0.05)
+            else:
+                with lock:
+                    errors.append(f"{sequence}: still refused after 120 s")
+
+    def kill_queue(kills):
+        while not done.is_set() and len(kills) < 4:
+            time.sleep(random.uniform(0.3, 0.8))
+            pid = pipeline.stage_pid("queue")
+            if pid and not done.is_set():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
+                except ProcessLookupError:
+                    pass
+
+    try:
+        kills = []
+        killer = threading.Thread(target=kill_queue, args=(kills,))
+        killer.start()
+        threads = [threading.Thread(target=send_all) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        killer.join()
+        assert not errors, errors[:10]
+        assert accepted == set(range(count))
+        assert len(kills) >= 2, f"the load ended after {len(kills)} kills of the queue"
+        assert pipeline.stage_pid("smtp-listen") == listener, "smtp-listen was restarted"
+        assert {code for code, _ in refusals} <= {421, 451, 452}, refusals[:10]
+
+        def delivered():
+            counts = {}
+            for path in pipeline.delivered(user):
+                match = SEQUENCE.search(path.read_bytes())
+                if match:
+                    number = int(match.group(1))
+                    counts[number] = counts.get(number, 0) + 1
+            return counts
+
+        counts = wait_until(lambda: (c := delivered()) and set(c) >= accepted and c, 300,
+                            f"{count} messages delivered after {len(kills)} kills of the queue", interval=1)
+        # Twice only where the queue died between its commit and its
+        # ACCEPTED: smtp-listen then said 451 and the client sent it again,
+        # or it sent it again itself on a fresh inject connection.
+        twice = sum(1 for c in counts.values() if c > 1)
+        replays = pipeline.log_text().count("sending it again under a new ID")
+        print(f"{len(kills)} kills of the queue, {len(refusals)} temporary refusals, "
+              f"{replays} messages replayed on a fresh inject connection, {twice} delivered twice")
+        assert twice <= len(refusals) + replays
+    finally:
         stop(pipeline)
