@@ -69,7 +69,7 @@ let package = Package(
         .target(name: "SMTP"),
         // The SMTP AUTH password file and sender ownership (smtp-listen, sealpost user).
         .target(name: "Accounts", dependencies: ["Sodium", "SealpostConfig"]),
-        .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol"]),
+        .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol", "CSystemShims"]),
         .target(name: "QueueService", dependencies: [
             "Spool", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -141,3 +142,9 @@ int sealpost_wifexited(int status) { return WIFEXITED(status); }
 int sealpost_wexitstatus(int status) { return WEXITSTATUS(status); }
 int sealpost_wifsignaled(int status) { return WIFSIGNALED(status); }
 int sealpost_wtermsig(int status) { return WTERMSIG(status); }
+
+long sealpost_fs_type(const char *path) {
+    struct statfs fs;
+    if (statfs(path, &fs) != 0) return -1;
+    return (long)fs.f_type;
+}

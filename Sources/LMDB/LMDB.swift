@@ -153,12 +153,14 @@ public final class Environment: @unchecked Sendable {
     /// per sync, measured); pages written into zeros already on disk are
     /// overwrites, whose sync flushes data only. Call it only between write
     /// transactions (LMDB writes past the end only inside a commit); readers
-    /// never look beyond the last page in use.
+    /// never look beyond the last page in use. On failure (a full disk) the
+    /// file is cut back to its old size, so the zeros take no space.
     public func extendDataFile(to size: Int) throws(LMDBError) {
         var fd: Int32 = -1
         try LMDBError.check(mdb_env_get_fd(try handle, &fd), "mdb_env_get_fd")
         let target = min(size, mapSize)
-        var offset = try dataFileSize
+        let original = try dataFileSize
+        var offset = original
         guard offset < target else { return }
         let operation = "extending \(path)/data.mdb to \(target) bytes"
         let failure: Int32 = Self.zeros.withUnsafeBytes { zeros in
@@ -172,8 +174,10 @@ public final class Environment: @unchecked Sendable {
             }
             return 0
         }
-        if failure != 0 { throw LMDBError(code: failure, operation: operation) }
-        guard fdatasync(fd) == 0 else { throw LMDBError(code: errno, operation: operation) }
+        if failure == 0, fdatasync(fd) == 0 { return }
+        let code = failure != 0 ? failure : errno
+        _ = ftruncate(fd, off_t(original))
+        throw LMDBError(code: code, operation: operation)
     }
 
     private static let zeros = [UInt8](repeating: 0, count: 1 << 20)

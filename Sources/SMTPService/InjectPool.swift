@@ -87,6 +87,8 @@ final class InjectPool: @unchecked Sendable {
 /// The pools of a server, one per event loop, made on first use.
 final class InjectPools: Sendable {
     let capacity: Int
+    /// Shared by every transaction of the server, pooled or not.
+    let queueCapabilities = QueueCapabilities()
     private let pools = NIOLockedValueBox<[ObjectIdentifier: InjectPool]>([:])
 
     init(capacity: Int) {

@@ -48,6 +48,15 @@ import NIOPosix
 import SMTP
 import StageProtocol
 import StageProtocolNIO
+import Synchronization
+
+/// What a server's transactions learned about its queue, for all of them.
+final class QueueCapabilities: Sendable {
+    /// The queue answered `reserve-ids` with ERROR (a queue from before
+    /// reservations, or another program that speaks protocol version 1
+    /// without them): the transactions ask for each ID instead.
+    let refusesReservations = Atomic<Bool>(false)
+}
 
 /// What became of a message handed to the queue.
 enum InjectOutcome: Equatable {
@@ -71,6 +80,18 @@ final class InjectTransaction {
     /// The connection came from the pool (and may have died unnoticed).
     private(set) var reused = false
     private var retried = false
+    /// A frame came from the queue on this transaction's connection: what
+    /// went out was read, so a failure now is never retried (it could
+    /// queue the message twice).
+    private var heardFromQueue = false
+    /// The SMTP client left while the queue's answer was due: nobody
+    /// would see the outcome of a retry, only a second copy if it had
+    /// been queued already.
+    private var clientGone = false
+    /// This connection's HELLO asked for reserved IDs.
+    private var askedForReservations = false
+    /// What the server's transactions learned about the queue.
+    private let queue: QueueCapabilities
     /// BODY (and END) frames produced before the queue announced the ID.
     private var held: [Frame] = []
     private var helloReceived = false
@@ -86,8 +107,9 @@ final class InjectTransaction {
     /// again on a fresh one, under the ID that one names.
     private var replay: [Frame]?
     private var replayBytes = 0
-    /// Told the ID abandoned when a message goes again on a fresh connection.
-    var reannounced: ((String) -> Void)?
+    /// Told what deserves a warning in the log that no outcome carries (a
+    /// message sent again under a new ID, a queue without reservations).
+    var warn: ((String) -> Void)?
     /// Set once the transaction cannot succeed any more; later data is dropped.
     private(set) var failure: String?
     private var completion: Completion?
@@ -100,11 +122,13 @@ final class InjectTransaction {
 
     static let software = "sealpost-smtp-listen 1"
 
-    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount, pool: InjectPool? = nil) {
+    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount, pool: InjectPool? = nil,
+         queue: QueueCapabilities = QueueCapabilities()) {
         self.eventLoop = eventLoop
         self.socketPath = socketPath
         self.replyTimeout = replyTimeout
         self.pool = pool
+        self.queue = queue
     }
 
     /// False while the inject socket cannot take more (its send buffer is
@@ -212,6 +236,17 @@ final class InjectTransaction {
         return true
     }
 
+    /// Leaves the current connection for a fresh one (the transaction's
+    /// frames go out again from `envelopeFrames` and `held`).
+    private func reconnect() {
+        handler?.transaction = nil
+        channel?.close(promise: nil)
+        channel = nil
+        handler = nil
+        helloReceived = false
+        connect()
+    }
+
     private func connect() {
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         let connect = ClientBootstrap(group: eventLoop)
@@ -245,9 +280,10 @@ final class InjectTransaction {
         self.channel = channel
         // PROTOCOL.md 4.1: nothing but the HELLOs until both are exchanged;
         // the envelope waits for the queue's HELLO (and its reservation).
-        send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1), "software": .text(Self.software),
-                            "reserve-ids": .bool(true)]),
-             on: channel)
+        var hello = Frame(.hello, ["protocol": .text("inject"), "version": .uint(1), "software": .text(Self.software)])
+        askedForReservations = !queue.refusesReservations.load(ordering: .relaxed)
+        if askedForReservations { hello.set("reserve-ids", .bool(true)) }
+        send(hello, on: channel)
         channel.flush()
     }
 
@@ -372,6 +408,7 @@ final class InjectTransaction {
 
     func received(_ frame: Frame) {
         guard outcome == nil else { return }
+        heardFromQueue = true
         switch frame.type {
         case .hello:
             guard !helloReceived else { return fail("second HELLO from the queue") }
@@ -399,6 +436,14 @@ final class InjectTransaction {
         case .error:
             let status = (try? frame.text("status")) ?? "?"
             let text = (try? frame.text("text")) ?? "?"
+            if !helloReceived, askedForReservations {
+                // Strict decoders refuse attributes they do not know: a
+                // queue without reservations refuses the HELLO that asks.
+                if !queue.refusesReservations.exchange(true, ordering: .relaxed) {
+                    warn?("the queue refused reserve-ids (ERROR \(status) \(text)); asking it for each queue ID instead")
+                }
+                return reconnect()
+            }
             fail("queue sent ERROR \(status) \(text)")
         default:
             fail("unexpected \(frame.type.name) from the queue")
@@ -421,7 +466,14 @@ final class InjectTransaction {
     }
 
     func channelError(_ error: Error) {
-        fail(Self.describe(error))
+        // A system error (the queue went away) may be retried; a frame that
+        // does not decode was sent by a queue that read ours.
+        fail(Self.describe(error), retry: error is IOError)
+    }
+
+    /// The SMTP client left while the queue's answer was due.
+    func clientLeft() {
+        clientGone = true
     }
 
     func channelClosed() {
@@ -432,7 +484,7 @@ final class InjectTransaction {
 
     private func fail(_ reason: String, retry: Bool = true) {
         guard outcome == nil else { return }
-        if retry, reused, !retried, failure == nil, queueID == nil || replay != nil {
+        if retry, reused, !retried, !heardFromQueue, !clientGone, failure == nil, queueID == nil || replay != nil {
             // A pooled connection the queue closed (a restart) before this
             // transaction noticed: nothing was answered, and all that went
             // out is still here (no BODY before QUEUE-ID, or the replay of
@@ -440,13 +492,11 @@ final class InjectTransaction {
             // connection, under the ID that one gives.
             retried = true
             reused = false
-            handler?.transaction = nil
-            channel?.close(promise: nil)
-            channel = nil
-            handler = nil
-            helloReceived = false
             if let abandoned = queueID, let frames = replay {
-                reannounced?(abandoned)
+                // Had the old queue read the END and committed before it
+                // died, this is a second copy; a 451 instead would make the
+                // client send one just the same.
+                warn?("\(abandoned): the inject connection closed before the queue answered; sending the message again under a new ID")
                 queueID = nil
                 held = frames
                 heldBytes = replayBytes
@@ -454,8 +504,7 @@ final class InjectTransaction {
                 replayBytes = 0
                 armTimer()   // the new connection, its HELLOs and the ID
             }
-            connect()
-            return
+            return reconnect()
         }
         if failure == nil { failure = reason }
         held = []

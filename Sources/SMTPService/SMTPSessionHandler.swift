@@ -276,7 +276,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         // no 250, so it will send it again (a duplicate, as RFC 5321 6.1
         // accepts), but the queue may already own it. Anything else in
         // flight is aborted.
-        if !waitingForQueue { inject?.abort() }
+        if waitingForQueue { inject?.clientLeft() } else { inject?.abort() }
         if registered {
             server.unregister(address: clientAddress, channel: context.channel)
             registered = false
@@ -518,12 +518,11 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         let settings = server.settings
         let transaction = InjectTransaction(eventLoop: context.eventLoop, socketPath: settings.injectSocket,
                                             replyTimeout: .seconds(settings.timeouts.queueReply),
-                                            pool: server.injectPools.pool(for: context.eventLoop))
+                                            pool: server.injectPools.pool(for: context.eventLoop),
+                                            queue: server.injectPools.queueCapabilities)
         transaction.writabilityChanged = { [weak self] in self?.resumeReadingIfWanted() }
-        let lost = server.logger
-        transaction.reannounced = { id in
-            lost.warning("\(id): the queue closed the inject connection before the message was queued; sending it again under a new ID")
-        }
+        let warnings = server.logger
+        transaction.warn = { text in warnings.warning("\(text)") }
         inject = transaction
         // The queue announces the ID the message will be queued under before
         // the first body byte: it goes into the Received header ("id ...")
@@ -549,12 +548,25 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             return
         }
         waitingForQueue = true
-        transaction.end { [weak self] outcome in self?.queueAnswered(outcome) }
+        let logger = server.logger, client = self.client
+        transaction.end { [weak self] outcome in
+            if let self {
+                self.queueAnswered(outcome)
+            } else if case .unavailable(let reason) = outcome {
+                // The client has gone and its channel with this handler;
+                // the message's fate still goes into the log.
+                logger.warning("queue inject failed for \(client): \(reason)")
+            }
+        }
     }
 
     private func queueAnswered(_ outcome: InjectOutcome) {
         waitingForQueue = false
         inject = nil
+        if case .unavailable(let reason) = outcome {
+            // Logged even when the session has ended meanwhile.
+            server.logger.warning("queue inject failed for \(client): \(reason)")
+        }
         guard var session else { return }
         let actions: [SMTPAction]
         switch outcome {
@@ -562,8 +574,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             actions = session.messageCommitted(queueID: id)
         case .refused(let reply):
             actions = session.messageFailed(.refused(reply))
-        case .unavailable(let reason):
-            server.logger.warning("queue inject failed for \(client): \(reason)")
+        case .unavailable:
             actions = session.messageFailed(.unavailable)
         }
         self.session = session

@@ -2,6 +2,7 @@
 // See the top of Spool.swift for the semantics.
 
 import Foundation
+import CSystemShims
 import LMDB
 
 final class Committer: @unchecked Sendable {
@@ -131,6 +132,11 @@ final class Committer: @unchecked Sendable {
             for (submission, result) in zip(batch, results) {
                 submission.completion(result)
             }
+            // After the completions: the batch's answers do not wait for it.
+            if extendAfterBatch {
+                extendAfterBatch = false
+                keepZeroedAhead()
+            }
         }
     }
 
@@ -148,7 +154,7 @@ final class Committer: @unchecked Sendable {
             switch attempt(batch, atLimit: atLimit) {
             case .done(let results, let committed):
                 record(batch, results, committed: committed)
-                if committed { keepZeroedAhead() }
+                if committed { extendAfterBatch = true }
                 return results
             case .failed(let error):
                 let results = [Result<Void, SpoolError>](repeating: .failure(error), count: batch.count)
@@ -180,21 +186,32 @@ final class Committer: @unchecked Sendable {
 
     /// How far data.mdb is known to extend (written, synced zeros or data).
     private var zeroedEnd = 0
-    /// After a failed extension (disk full): not again below this use.
+    /// After a failed or skipped extension: not again below this use.
     private var retryExtensionAt = 0
+    /// The last batch committed: extend after its completions.
+    private var extendAfterBatch = false
+    /// Whether zeros ahead pay off on the spool's file system (see
+    /// `zerosAheadHelp`).
+    private lazy var extending = Self.zerosAheadHelp(environment.path)
 
     /// Keeps zeros on disk ahead of the pages LMDB will write next (see
     /// Environment.extendDataFile): a quarter of the data in use, 1 to 64
-    /// MiB, written whenever less than half of that is left. Once per
+    /// MiB, written whenever less than half of that is left, and only while
+    /// the file system keeps 5% (at least 64 MiB) free besides. Once per
     /// extension, not per commit: between extensions this only compares
     /// numbers LMDB keeps in memory.
     private func keepZeroedAhead() {
+        guard extending else { return }
         let used = environment.usedSize
         let chunk = min(max(used / 4, 1 << 20), 64 << 20)
         guard used + chunk / 2 > zeroedEnd, used >= retryExtensionAt else { return }
         do {
             zeroedEnd = max(zeroedEnd, try environment.dataFileSize)
             guard used + chunk / 2 > zeroedEnd else { return }
+            guard roomToSpare(beyond: used + chunk - zeroedEnd) else {
+                retryExtensionAt = used + chunk
+                return
+            }
             try environment.extendDataFile(to: used + chunk)
             zeroedEnd = try environment.dataFileSize
             statsLock.lock()
@@ -205,6 +222,25 @@ final class Committer: @unchecked Sendable {
             // the file itself, or says ENOSPC); try again a chunk later.
             retryExtensionAt = used + chunk
         }
+    }
+
+    /// Whether the file system keeps 5% of its size (at least 64 MiB) free
+    /// after `bytes` more are written.
+    private func roomToSpare(beyond bytes: Int) -> Bool {
+        var fs = statvfs()
+        guard statvfs(environment.path, &fs) == 0 else { return false }
+        let size = UInt64(fs.f_blocks) * UInt64(fs.f_frsize)
+        let available = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        return available >= UInt64(bytes) + max(64 << 20, size / 20)
+    }
+
+    /// Zeros ahead spare the journal commit of a growing file on ext2/3/4
+    /// and XFS, which overwrite in place. Elsewhere they cost writes for
+    /// nothing: a copy-on-write file system (btrfs, ZFS) allocates anew on
+    /// every write anyway, tmpfs syncs nothing and would hold them in memory.
+    static func zerosAheadHelp(_ path: String) -> Bool {
+        let ext = 0xEF53, xfs = 0x5846_5342
+        return [ext, xfs].contains(sealpost_fs_type(path))
     }
 
     /// Doubles the map up to the limit; false when already at the limit.

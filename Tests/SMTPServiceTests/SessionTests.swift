@@ -103,15 +103,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         _ = try greet(c)
-        var ids: [String] = []
-        for i in 0..<3 {
-            #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
-            #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
-            #expect(c.command("DATA")?.code == 354)
-            let done = try #require(c.command("Subject: \(i)\r\n\r\nHello.\r\n."))
-            #expect(done.code == 250)
-            ids.append(String(done.last.split(separator: " ").last ?? ""))
-        }
+        let ids = try sendMessages(c, count: 3)
         #expect(c.command("QUIT")?.code == 221)
         #expect(h.queue.accepted.count == 3)
         #expect(Set(ids).count == 3)
@@ -127,12 +119,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         _ = try greet(c)
-        for i in 0..<2 {
-            #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
-            #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
-            #expect(c.command("DATA")?.code == 354)
-            #expect(c.command("Subject: \(i)\r\n\r\nHello.\r\n.")?.code == 250)
-        }
+        _ = try sendMessages(c, count: 2)
         #expect(c.command("QUIT")?.code == 221)
         // Each MAIL named the ID the queue reserved (in its HELLO, then in
         // the first ACCEPTED) and asked for no QUEUE-ID.
@@ -155,15 +142,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         _ = try greet(c)
-        var ids: [String] = []
-        for i in 0..<2 {
-            #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
-            #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
-            #expect(c.command("DATA")?.code == 354)
-            let done = try #require(c.command("Subject: \(i)\r\n\r\nHello.\r\n."))
-            #expect(done.code == 250)
-            ids.append(String(done.last.split(separator: " ").last ?? ""))
-        }
+        let ids = try sendMessages(c, count: 2)
         #expect(c.command("QUIT")?.code == 221)
         // The second MAIL went out on the pooled connection, which the queue
         // closed; the transaction started over on a new one. Under a
@@ -175,7 +154,47 @@ import Testing
         #expect(accepted.last.map { $0.text.components(separatedBy: "Received: ").count } == 2)
         #expect(accepted.last?.text.contains(" with ESMTP id \(ids[1])\r\n") == true)
         #expect(h.logs.contains("\(ids[1]): client=unknown[127.0.0.1]"))
-        #expect(h.logs.contains("sending it again under a new ID") == reserveIDs)
+        #expect(h.logs.contains("sending the message again under a new ID") == reserveIDs)
+    }
+
+    @Test func aQueueWithoutReservationsIsAskedForEachID() throws {
+        let q = try FakeQueue()
+        q.refuseReservations = true
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        _ = try sendMessages(c, count: 2)
+        #expect(c.command("QUIT")?.code == 221)
+        // The HELLO asking for reservations drew an ERROR; the next one did
+        // not ask, and that connection carried both messages with QUEUE-ID.
+        #expect(h.queue.connections == 2)
+        #expect(h.queue.accepted.map { $0.mail["announce-id"] } == [.bool(true), .bool(true)])
+        #expect(h.queue.protocolErrors.isEmpty)
+        #expect(h.logs.all.filter { $0.contains("the queue refused reserve-ids (ERROR 5.5.0") }.count == 1)
+    }
+
+    @Test func noReplayForAClientThatLeftBeforeTheQueueAnswered() throws {
+        let q = try FakeQueue()
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        _ = try sendMessages(c, count: 1)
+        // The second message goes out whole on the pooled connection; the
+        // client leaves at once, and only then does the queue die without
+        // answering. Nobody would see a replay's outcome: there is none.
+        q.hangUpDelayMicroseconds = 300_000
+        q.answer = .hangUp
+        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        c.send("Subject: 1\r\n\r\nHello.\r\n.\r\n")
+        c.reset()
+        #expect(h.logs.eventually("queue inject failed for unknown[127.0.0.1]: queue closed the inject connection"), "\(h.logs.all)")
+        #expect(h.queue.connections == 1)
+        #expect(h.queue.accepted.count == 1)
+        #expect(!h.logs.contains("sending the message again"))
     }
 
     @Test func ipv6ClientIsNamedAndTrustedByDefault() throws {
@@ -378,4 +397,19 @@ import Testing
         #expect(h.logs.eventually("lost connection after DATA from unknown[127.0.0.1]"))
         #expect(h.queue.accepted.isEmpty)
     }
+}
+
+/// `count` messages from alice to bob ("Subject: 0", "Subject: 1", ...),
+/// each expected to get 250; returns the queue IDs of the 250 replies.
+func sendMessages(_ c: SMTPTestClient, count: Int) throws -> [String] {
+    var ids: [String] = []
+    for i in 0..<count {
+        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        let done = try #require(c.command("Subject: \(i)\r\n\r\nHello.\r\n."))
+        #expect(done.code == 250)
+        ids.append(String(done.last.split(separator: " ").last ?? ""))
+    }
+    return ids
 }

@@ -29,6 +29,7 @@ struct InjectedMessage: Sendable {
     var recipients: [String] { rcpts.map { (try? $0.text("address")) ?? "?" } }
 }
 
+@dynamicMemberLookup
 final class FakeQueue: Sendable {
     enum Answer: Sendable {
         case accept
@@ -42,8 +43,30 @@ final class FakeQueue: Sendable {
     private let listenFD: Int32
     private let state = Mutex(State())
 
-    struct State {
+    struct Knobs {
         var answer: Answer = .accept
+        /// While true, a connection that got its MAIL stops reading.
+        var stallBodies = false
+        /// While true, MAIL with announce-id gets no QUEUE-ID (a broken queue).
+        var withholdID = false
+        /// While true, a connection that gets a second MAIL is closed
+        /// instead (as by a queue restarting while smtp-listen holds it idle).
+        var hangUpOnSecondMail = false
+        /// How long QUEUE-ID takes (a busy queue): the client's body arrives first.
+        var idDelayMicroseconds: UInt32 = 0
+        /// As the queue does: IDs reserved for a client whose HELLO asks
+        /// (`next-queue-id`, PROTOCOL.md 4.2). False: a queue that does
+        /// not, so smtp-listen asks with announce-id.
+        var reserveIDs = true
+        /// A strict queue from before reservations: a HELLO with
+        /// reserve-ids gets ERROR (an attribute it does not know).
+        var refuseReservations = false
+        /// How long `.hangUp` waits after END before it closes.
+        var hangUpDelayMicroseconds: UInt32 = 0
+    }
+
+    struct State {
+        var knobs = Knobs()
         var accepted: [InjectedMessage] = []
         var refused: [InjectedMessage] = []
         var connections = 0
@@ -52,11 +75,6 @@ final class FakeQueue: Sendable {
         var protocolErrors: [String] = []
         var nextID = 0x10000
         var stopped = false
-        var stallBodies = false
-        var withholdID = false
-        var hangUpOnSecondMail = false
-        var idDelayMicroseconds: UInt32 = 0
-        var reserveIDs = true
     }
 
     init(answer: Answer = .accept) throws {
@@ -66,42 +84,15 @@ final class FakeQueue: Sendable {
         path = dir + "/inject"
         listenFD = sealpost_unix_listen(path, 64)
         guard listenFD >= 0 else { throw StageIOError("listen \(path)", code: errno) }
-        state.withLock { $0.answer = answer }
+        state.withLock { $0.knobs.answer = answer }
         let fd = listenFD
         Thread { [self] in acceptLoop(fd) }.start()
     }
 
-    var answer: Answer {
-        get { state.withLock { $0.answer } }
-        set { state.withLock { $0.answer = newValue } }
-    }
-    /// While true, a connection that got its MAIL stops reading.
-    var stallBodies: Bool {
-        get { state.withLock { $0.stallBodies } }
-        set { state.withLock { $0.stallBodies = newValue } }
-    }
-    /// While true, a connection that gets a second MAIL is closed instead
-    /// (as by a queue restarting while smtp-listen holds it idle).
-    var hangUpOnSecondMail: Bool {
-        get { state.withLock { $0.hangUpOnSecondMail } }
-        set { state.withLock { $0.hangUpOnSecondMail = newValue } }
-    }
-    /// How long QUEUE-ID takes (a busy queue): the client's body arrives first.
-    var idDelayMicroseconds: UInt32 {
-        get { state.withLock { $0.idDelayMicroseconds } }
-        set { state.withLock { $0.idDelayMicroseconds = newValue } }
-    }
-    /// While true, MAIL with announce-id gets no QUEUE-ID (a broken queue).
-    var withholdID: Bool {
-        get { state.withLock { $0.withholdID } }
-        set { state.withLock { $0.withholdID = newValue } }
-    }
-    /// As the queue does: IDs reserved for a client whose HELLO asks
-    /// (`next-queue-id`, PROTOCOL.md 4.2). False: a queue that does not,
-    /// so smtp-listen asks with announce-id.
-    var reserveIDs: Bool {
-        get { state.withLock { $0.reserveIDs } }
-        set { state.withLock { $0.reserveIDs = newValue } }
+    /// How the queue behaves (`q.stallBodies = true`, ...): see `Knobs`.
+    subscript<T: Sendable>(dynamicMember knob: WritableKeyPath<Knobs, T>) -> T {
+        get { state.withLock { $0.knobs[keyPath: knob] } }
+        set { state.withLock { $0.knobs[keyPath: knob] = newValue } }
     }
     var accepted: [InjectedMessage] { state.withLock { $0.accepted } }
     var refused: [InjectedMessage] { state.withLock { $0.refused } }
@@ -142,7 +133,11 @@ final class FakeQueue: Sendable {
         defer { c.close() }
         do {
             guard let hello = try c.receive(), hello.type == .hello else { return }
-            let reserving = try hello.bool("reserve-ids", default: false) && reserveIDs
+            if hello["reserve-ids"] != nil, self.refuseReservations {
+                try c.send(Frame(.error, ["status": .text("5.5.0"), "text": .text("HELLO: unknown attribute reserve-ids")]))
+                return
+            }
+            let reserving = try hello.bool("reserve-ids", default: false) && self.reserveIDs
             var reserved: String?
             func reservation(_ frame: Frame) -> Frame {
                 guard reserving else { return frame }
@@ -159,7 +154,7 @@ final class FakeQueue: Sendable {
             var rcpts: [Frame] = []
             var body: [UInt8] = []
             while true {
-                while mail != nil && stallBodies { usleep(5_000) }
+                while mail != nil && self.stallBodies { usleep(5_000) }
                 guard let f = try c.receive() else {
                     if mail != nil { state.withLock { $0.incomplete += 1 } }
                     return
@@ -168,7 +163,7 @@ final class FakeQueue: Sendable {
                 case .mail:
                     guard mail == nil else { throw ProtocolError("MAIL inside a transaction") }
                     mails += 1
-                    if mails == 2, state.withLock({ $0.hangUpOnSecondMail }) { return }
+                    if mails == 2, state.withLock({ $0.knobs.hangUpOnSecondMail }) { return }
                     mail = f; rcpts = []; body = []; announcedID = nil
                     if let named = try f.optionalText("queue-id") {
                         guard named == reserved else { throw ProtocolError("MAIL queue-id \(named) is not reserved") }
@@ -178,8 +173,8 @@ final class FakeQueue: Sendable {
                         // As the queue does: the ID is drawn at MAIL.
                         let id = nextQueueID()
                         announcedID = id
-                        if !state.withLock({ $0.withholdID }) {
-                            let delay = state.withLock { $0.idDelayMicroseconds }
+                        if !state.withLock({ $0.knobs.withholdID }) {
+                            let delay = state.withLock { $0.knobs.idDelayMicroseconds }
                             if delay > 0 { usleep(delay) }
                             try c.send(Frame(.queueID, ["queue-id": .text(id)]))
                         }
@@ -198,7 +193,7 @@ final class FakeQueue: Sendable {
                     guard let m = mail else { throw ProtocolError("END without MAIL") }
                     let message = InjectedMessage(mail: m, rcpts: rcpts, body: body)
                     mail = nil
-                    switch answer {
+                    switch self.answer {
                     case .accept:
                         let id = announcedID ?? nextQueueID()
                         state.withLock { $0.accepted.append(message) }
@@ -207,6 +202,8 @@ final class FakeQueue: Sendable {
                         state.withLock { $0.refused.append(message) }
                         try c.send(reservation(Frame(.refused, ["code": .uint(code), "status": .text(status), "text": .text(text)])))
                     case .hangUp:
+                        let delay = state.withLock { $0.knobs.hangUpDelayMicroseconds }
+                        if delay > 0 { usleep(delay) }
                         return
                     }
                 default:
@@ -342,6 +339,17 @@ final class SMTPTestClient {
     }
 
     deinit { close(fd) }
+
+    /// Leaves abruptly: the connection is reset (RST, as by a client that
+    /// crashed), not closed. /dev/null takes the descriptor's place, so
+    /// deinit never closes a number another test may have been given.
+    func reset() {
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        dup2(null, fd)
+        close(null)
+    }
 
     func send(_ text: String) { send(Array(text.utf8)) }
 

@@ -385,7 +385,7 @@ def test_queue_killed_under_smtp_load_loses_no_accepted_message(workdir):
         # ACCEPTED: smtp-listen then said 451 and the client sent it again,
         # or it sent it again itself on a fresh inject connection.
         twice = sum(1 for c in counts.values() if c > 1)
-        replays = pipeline.log_text().count("sending it again under a new ID")
+        replays = pipeline.log_text().count("sending the message again under a new ID")
         print(f"{len(kills)} kills of the queue, {len(refusals)} temporary refusals, "
               f"{replays} messages replayed on a fresh inject connection, {twice} delivered twice")
         assert twice <= len(refusals) + replays

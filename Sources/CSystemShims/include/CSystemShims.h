@@ -10,6 +10,10 @@
 /// The C `stderr` stream (a global Swift 6 refuses to touch).
 FILE *sealpost_stderr(void);
 
+/// The file system type (statfs(2) f_type, e.g. 0xEF53 for ext2/3/4) of the
+/// file system holding `path`, or -1 with errno. <sys/vfs.h> does not import.
+long sealpost_fs_type(const char *path);
+
 // ---- Descriptor passing (SCM_RIGHTS): the CMSG_* macros do not import. ----
 
 /// The most descriptors one frame may carry; a receive buffer holds this many.
