@@ -174,6 +174,27 @@ import Testing
         #expect(h.logs.all.filter { $0.contains("the queue refused reserve-ids (ERROR 5.5.0") }.count == 1)
     }
 
+    @Test func noReplayOnceTheQueueAnswered() throws {
+        let q = try FakeQueue()
+        let h = try Harness(queue: q)
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        _ = try sendMessages(c, count: 1)
+        // The queue read the second message and answered, wrongly: it may
+        // own the message, so smtp-listen says 451 and sends nothing again.
+        q.wrongAcceptedID = true
+        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        #expect(c.command("Subject: 1\r\n\r\nHello.\r\n.")?.code == 451)
+        #expect(c.command("QUIT")?.code == 221)
+        #expect(h.queue.connections == 1)
+        #expect(h.queue.accepted.count == 2)
+        #expect(h.logs.contains("warning: queue inject failed for unknown[127.0.0.1]: ACCEPTED queue-id FFFFFFFFFFFF differs"))
+        #expect(!h.logs.contains("sending the message again"))
+    }
+
     @Test func noReplayForAClientThatLeftBeforeTheQueueAnswered() throws {
         let q = try FakeQueue()
         let h = try Harness(queue: q)

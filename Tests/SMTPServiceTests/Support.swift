@@ -63,6 +63,8 @@ final class FakeQueue: Sendable {
         var refuseReservations = false
         /// How long `.hangUp` waits after END before it closes.
         var hangUpDelayMicroseconds: UInt32 = 0
+        /// ACCEPTED names an ID other than the message's (a broken queue).
+        var wrongAcceptedID = false
     }
 
     struct State {
@@ -195,7 +197,7 @@ final class FakeQueue: Sendable {
                     mail = nil
                     switch self.answer {
                     case .accept:
-                        let id = announcedID ?? nextQueueID()
+                        let id = self.wrongAcceptedID ? "FFFFFFFFFFFF" : announcedID ?? nextQueueID()
                         state.withLock { $0.accepted.append(message) }
                         try c.send(reservation(Frame(.accepted, ["queue-id": .text(id)])))
                     case .refuse(let code, let status, let text):
