@@ -174,13 +174,20 @@ import Testing
         #expect(h.logs.all.filter { $0.contains("the queue refused reserve-ids (ERROR 5.5.0") }.count == 1)
     }
 
-    @Test func noReplayOnceTheQueueAnswered() throws {
+    /// A session whose first message was accepted, so that the next one
+    /// goes out on the pooled inject connection under a reserved ID.
+    private func sessionWithAPooledConnection() throws -> (FakeQueue, Harness, SMTPTestClient) {
         let q = try FakeQueue()
         let h = try Harness(queue: q)
-        defer { h.stop() }
         let c = try h.client()
         _ = try greet(c)
         _ = try sendMessages(c, count: 1)
+        return (q, h, c)
+    }
+
+    @Test func noReplayOnceTheQueueAnswered() throws {
+        let (q, h, c) = try sessionWithAPooledConnection()
+        defer { h.stop() }
         // The queue read the second message and answered, wrongly: it may
         // own the message, so smtp-listen says 451 and sends nothing again.
         q.wrongAcceptedID = true
@@ -196,12 +203,8 @@ import Testing
     }
 
     @Test func noReplayForAClientThatLeftBeforeTheQueueAnswered() throws {
-        let q = try FakeQueue()
-        let h = try Harness(queue: q)
+        let (q, h, c) = try sessionWithAPooledConnection()
         defer { h.stop() }
-        let c = try h.client()
-        _ = try greet(c)
-        _ = try sendMessages(c, count: 1)
         // The second message goes out whole on the pooled connection; the
         // client leaves at once, and only then does the queue die without
         // answering. Nobody would see a replay's outcome: there is none.
