@@ -138,8 +138,7 @@ public final class Environment: @unchecked Sendable {
     /// past its end; it never shrinks).
     public var dataFileSize: Int {
         get throws(LMDBError) {
-            var fd: Int32 = -1
-            try LMDBError.check(mdb_env_get_fd(try handle, &fd), "mdb_env_get_fd")
+            let fd = try dataFileDescriptor
             var st = stat()
             guard fstat(fd, &st) == 0 else { throw LMDBError(code: errno, operation: "fstat \(path)/data.mdb") }
             return Int(st.st_size)
@@ -156,8 +155,7 @@ public final class Environment: @unchecked Sendable {
     /// never look beyond the last page in use. On failure (a full disk) the
     /// file is cut back to its old size, so the zeros take no space.
     public func extendDataFile(to size: Int) throws(LMDBError) {
-        var fd: Int32 = -1
-        try LMDBError.check(mdb_env_get_fd(try handle, &fd), "mdb_env_get_fd")
+        let fd = try dataFileDescriptor
         let target = min(size, mapSize)
         let original = try dataFileSize
         var offset = original
@@ -181,6 +179,15 @@ public final class Environment: @unchecked Sendable {
     }
 
     private static let zeros = [UInt8](repeating: 0, count: 1 << 20)
+
+    /// LMDB's own descriptor of data.mdb (it stays LMDB's: never closed here).
+    private var dataFileDescriptor: Int32 {
+        get throws(LMDBError) {
+            var fd: Int32 = -1
+            try LMDBError.check(mdb_env_get_fd(try handle, &fd), "mdb_env_get_fd")
+            return fd
+        }
+    }
 
     /// Grows (or shrinks) the map. LMDB requires that no transaction is
     /// active in this process while this runs: callers serialize it against

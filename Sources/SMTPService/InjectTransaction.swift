@@ -78,8 +78,9 @@ final class InjectTransaction {
     /// MAIL and RCPT frames, kept for a retry on a fresh connection.
     private var envelopeFrames: [Frame] = []
     /// The connection came from the pool (and may have died unnoticed).
+    /// Cleared when the transaction starts over on a fresh connection:
+    /// it does so at most once.
     private(set) var reused = false
-    private var retried = false
     /// A frame came from the queue on this transaction's connection: what
     /// went out was read, so a failure now is never retried (it could
     /// queue the message twice).
@@ -231,7 +232,7 @@ final class InjectTransaction {
         send(mail, on: channel)
         for frame in envelopeFrames.dropFirst() { send(frame, on: channel) }
         guard let reserved else { return false }
-        if reused, !retried { replay = [] }
+        if reused { replay = [] }
         idAnnounced(reserved, flush: false)
         return true
     }
@@ -303,11 +304,6 @@ final class InjectTransaction {
         timer = nil
         announced?(id)
         if let prefix { for frame in Self.bodyFrames(prefix(id)) { send(frame, on: channel) } }
-        if replay == nil {
-            // Needed again only for a replay.
-            announced = nil
-            prefix = nil
-        }
         let frames = held
         held = []
         heldBytes = 0
@@ -321,7 +317,7 @@ final class InjectTransaction {
     private func write(_ frame: Frame) {
         guard let channel, helloReceived, queueID != nil else {
             held.append(frame)
-            if case .bytes(let data)? = frame["data"] { heldBytes += data.count }
+            heldBytes += Self.dataCount(frame)
             return
         }
         sendRetained(frame, on: channel)
@@ -330,16 +326,16 @@ final class InjectTransaction {
     /// `send`, keeping a copy for a replay while that is possible.
     private func sendRetained(_ frame: Frame, on channel: Channel) {
         if replay != nil {
-            if case .bytes(let data)? = frame["data"] { replayBytes += data.count }
-            if replayBytes > Self.holdLimit {
-                replay = nil
-                prefix = nil
-                announced = nil
-            } else {
-                replay!.append(frame)
-            }
+            replayBytes += Self.dataCount(frame)
+            if replayBytes > Self.holdLimit { replay = nil } else { replay!.append(frame) }
         }
         send(frame, on: channel)
+    }
+
+    /// The message bytes a BODY frame carries (0 for any other frame).
+    private static func dataCount(_ frame: Frame) -> Int {
+        if case .bytes(let data)? = frame["data"] { return data.count }
+        return 0
     }
 
     private func send(_ frame: Frame, on channel: Channel) {
@@ -484,13 +480,12 @@ final class InjectTransaction {
 
     private func fail(_ reason: String, retry: Bool = true) {
         guard outcome == nil else { return }
-        if retry, reused, !retried, !heardFromQueue, !clientGone, failure == nil, queueID == nil || replay != nil {
+        if retry, reused, !heardFromQueue, !clientGone, failure == nil, queueID == nil || replay != nil {
             // A pooled connection the queue closed (a restart) before this
             // transaction noticed: nothing was answered, and all that went
             // out is still here (no BODY before QUEUE-ID, or the replay of
             // what went under a reserved ID), so start over on a fresh
             // connection, under the ID that one gives.
-            retried = true
             reused = false
             if let abandoned = queueID, let frames = replay {
                 // Had the old queue read the END and committed before it

@@ -550,23 +550,19 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         waitingForQueue = true
         let logger = server.logger, client = self.client
         transaction.end { [weak self] outcome in
-            if let self {
-                self.queueAnswered(outcome)
-            } else if case .unavailable(let reason) = outcome {
-                // The client has gone and its channel with this handler;
-                // the message's fate still goes into the log.
+            if case .unavailable(let reason) = outcome {
+                // Here, not in queueAnswered: the client may have gone, and
+                // its channel with this handler; the message's fate still
+                // goes into the log.
                 logger.warning("queue inject failed for \(client): \(reason)")
             }
+            self?.queueAnswered(outcome)
         }
     }
 
     private func queueAnswered(_ outcome: InjectOutcome) {
         waitingForQueue = false
         inject = nil
-        if case .unavailable(let reason) = outcome {
-            // Logged even when the session has ended meanwhile.
-            server.logger.warning("queue inject failed for \(client): \(reason)")
-        }
         guard var session else { return }
         let actions: [SMTPAction]
         switch outcome {

@@ -10,10 +10,11 @@
 //   buffer: the rest of a frame, and every frame after it until the
 //   backlog is gone, so frames never interleave);
 // - the reader thread connects (again, every second, while crypto-negotiate
-//   is away; every 100 ms before the first connection), exchanges the HELLOs and then blocks in receive(): NEGOTIATED
-//   and FAILED complete the request of their session. We ask for no CLOSED
-//   frames (`report-close=false`): the session's own channel sees the end,
-//   and crypto-negotiate logs it.
+//   is away; every 100 ms before the first connection), exchanges the
+//   HELLOs and then blocks in receive(): NEGOTIATED and FAILED complete the
+//   request of their session. We ask for no CLOSED frames
+//   (`report-close=false`): the session's own channel sees the end, and
+//   crypto-negotiate logs it.
 // Completions run on the reader (or writer) thread: callers hop back to
 // their event loop. When the connection is down, `isAvailable` is false
 // (smtp-listen then does not offer STARTTLS) and requests fail at once;

@@ -128,15 +128,12 @@ final class Committer: @unchecked Sendable {
             deferredSince = nil
             condition.unlock()
 
-            let results = process(batch)
+            let (results, committed) = process(batch)
             for (submission, result) in zip(batch, results) {
                 submission.completion(result)
             }
             // After the completions: the batch's answers do not wait for it.
-            if extendAfterBatch {
-                extendAfterBatch = false
-                keepZeroedAhead()
-            }
+            if committed { keepZeroedAhead() }
         }
     }
 
@@ -148,18 +145,18 @@ final class Committer: @unchecked Sendable {
         case failed(SpoolError)
     }
 
-    private func process(_ batch: [Submission]) -> [Result<Void, SpoolError>] {
+    /// The batch's results, and whether a transaction was committed.
+    private func process(_ batch: [Submission]) -> ([Result<Void, SpoolError>], committed: Bool) {
         var atLimit = false
         while true {
             switch attempt(batch, atLimit: atLimit) {
             case .done(let results, let committed):
                 record(batch, results, committed: committed)
-                if committed { extendAfterBatch = true }
-                return results
+                return (results, committed)
             case .failed(let error):
                 let results = [Result<Void, SpoolError>](repeating: .failure(error), count: batch.count)
                 record(batch, results, committed: false)
-                return results
+                return (results, false)
             case .mapFull:
                 // Retry bigger; at the limit, retry once more admitting
                 // only the submissions that still fit.
@@ -188,8 +185,6 @@ final class Committer: @unchecked Sendable {
     private var zeroedEnd = 0
     /// After a failed or skipped extension: not again below this use.
     private var retryExtensionAt = 0
-    /// The last batch committed: extend after its completions.
-    private var extendAfterBatch = false
     /// Whether zeros ahead pay off on the spool's file system (see
     /// `zerosAheadHelp`).
     private lazy var extending = Self.zerosAheadHelp(environment.path)

@@ -36,6 +36,26 @@ def require_build(*names):
             pytest.skip(f"{executable(name)} is not built (run: swift build -c release)")
 
 
+# Numbered messages, for load tests that count what was delivered.
+SEQUENCE = re.compile(rb"^X-E2E-Sequence: (\d+)\r?$", re.M)
+
+
+def make_message(sequence, user):
+    return (f"From: e2e@localhost\r\nTo: {user}@localhost\r\nSubject: load {sequence}\r\n"
+            f"X-E2E-Sequence: {sequence}\r\n\r\nmessage number {sequence}\r\n").encode()
+
+
+def sequences_delivered(pipeline, user):
+    """{sequence number: how many copies} in the user's Maildir."""
+    counts = {}
+    for path in pipeline.delivered(user):
+        match = SEQUENCE.search(path.read_bytes())
+        if match:
+            number = int(match.group(1))
+            counts[number] = counts.get(number, 0) + 1
+    return counts
+
+
 def wait_until(predicate, timeout, what, interval=0.05):
     """Polls `predicate` until it returns something true; fails after
     `timeout` seconds (a bound against hanging, not a speed assertion)."""

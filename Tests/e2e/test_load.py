@@ -8,29 +8,11 @@ import signal
 import threading
 import time
 
-from conftest import local_user, parse_message, wait_until
+from conftest import local_user, make_message, parse_message, sequences_delivered, wait_until
 from stageproto import Injector, Refused
 
 MESSAGES = 10_000
 INJECTORS = 20
-SEQUENCE = re.compile(rb"^X-E2E-Sequence: (\d+)\r?$", re.M)
-
-
-def make_message(sequence, user):
-    return (f"From: e2e@localhost\r\nTo: {user}@localhost\r\nSubject: load {sequence}\r\n"
-            f"X-E2E-Sequence: {sequence}\r\n\r\nmessage number {sequence}\r\n").encode()
-
-
-def sequences_delivered(pipeline, user):
-    counts = {}
-    for path in pipeline.delivered(user):
-        match = SEQUENCE.search(path.read_bytes())
-        if match:
-            number = int(match.group(1))
-            counts[number] = counts.get(number, 0) + 1
-    return counts
-
-
 class Load:
     """INJECTORS threads sharing the sequence numbers 0..count-1. Every
     `every`-th message goes through the queue-inject executable, the rest

@@ -31,7 +31,8 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, Pipeline, local_user, parse_message, require_build, wait_until
+from conftest import (IS_ROOT, Pipeline, local_user, make_message, parse_message, require_build,
+                      sequences_delivered, wait_until)
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -300,9 +301,6 @@ def test_postfix_relays_into_sealpost(workdir):
 
 # The queue killed under SMTP load ----------------------------------------------
 
-SEQUENCE = re.compile(rb"^X-E2E-Sequence: (\d+)\r?$", re.M)
-
-
 def test_queue_killed_under_smtp_load_loses_no_accepted_message(workdir):
     user = local_user()
     count, clients = 4000, 20
@@ -319,8 +317,7 @@ def test_queue_killed_under_smtp_load_loses_no_accepted_message(workdir):
                 sequence = next(sequences, None)
             if sequence is None:
                 return
-            message = (f"From: load@example.org\r\nTo: {user}@localhost\r\nSubject: {sequence}\r\n"
-                       f"X-E2E-Sequence: {sequence}\r\n\r\nmessage {sequence}\r\n")
+            message = make_message(sequence, user)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 try:
@@ -370,16 +367,7 @@ def test_queue_killed_under_smtp_load_loses_no_accepted_message(workdir):
         assert pipeline.stage_pid("smtp-listen") == listener, "smtp-listen was restarted"
         assert {code for code, _ in refusals} <= {421, 451, 452}, refusals[:10]
 
-        def delivered():
-            counts = {}
-            for path in pipeline.delivered(user):
-                match = SEQUENCE.search(path.read_bytes())
-                if match:
-                    number = int(match.group(1))
-                    counts[number] = counts.get(number, 0) + 1
-            return counts
-
-        counts = wait_until(lambda: (c := delivered()) and set(c) >= accepted and c, 300,
+        counts = wait_until(lambda: (c := sequences_delivered(pipeline, user)) and set(c) >= accepted and c, 300,
                             f"{count} messages delivered after {len(kills)} kills of the queue", interval=1)
         # Twice only where the queue died between its commit and its
         # ACCEPTED: smtp-listen then said 451 and the client sent it again,
