@@ -115,22 +115,62 @@ public enum SMTPAction: Sendable, Hashable {
 public struct SMTPCommandCounters: Sendable, Hashable, CustomStringConvertible {
     public static let order = ["helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat",
                                "rset", "noop", "vrfy", "help", "quit", "unknown"]
-    public private(set) var total: [String: Int] = [:]
-    public private(set) var successful: [String: Int] = [:]
+    /// Per name of `order`, in that order: commands received, and those
+    /// answered with success. Counted for every command of every session,
+    /// so arrays rather than dictionaries of strings.
+    private var totals = [Int](repeating: 0, count: order.count)
+    private var successes = [Int](repeating: 0, count: order.count)
+    /// How many commands were counted.
+    public private(set) var count = 0
+    /// The most recent command counted, as named to `record` ("MAIL",
+    /// "EXPN"): what "lost connection after" and "timeout after" name.
+    public private(set) var last: String?
 
     public init() {}
 
-    mutating func record(_ name: String, success: Bool) {
-        total[name, default: 0] += 1
-        if success { successful[name, default: 0] += 1 }
+    public var total: [String: Int] { Self.named(totals) }
+    public var successful: [String: Int] { Self.named(successes) }
+
+    /// `command` upper case, as the session names it; anything not in
+    /// `order` counts as "unknown".
+    mutating func record(_ command: String, success: Bool) {
+        let index = Self.index(command)
+        totals[index] += 1
+        if success { successes[index] += 1 }
+        count += 1
+        last = command
+    }
+
+    private static func index(_ command: String) -> Int {
+        switch command {
+        case "HELO": 0
+        case "EHLO": 1
+        case "STARTTLS": 2
+        case "AUTH": 3
+        case "MAIL": 4
+        case "RCPT": 5
+        case "DATA": 6
+        case "BDAT": 7
+        case "RSET": 8
+        case "NOOP": 9
+        case "VRFY": 10
+        case "HELP": 11
+        case "QUIT": 12
+        default: 13
+        }
+    }
+
+    private static func named(_ counts: [Int]) -> [String: Int] {
+        var named: [String: Int] = [:]
+        for (name, n) in zip(order, counts) where n > 0 { named[name] = n }
+        return named
     }
 
     public var description: String {
         var parts: [String] = []
         var ok = 0, all = 0
-        for name in Self.order {
-            guard let t = total[name] else { continue }
-            let s = successful[name] ?? 0
+        for (i, name) in Self.order.enumerated() where totals[i] > 0 {
+            let t = totals[i], s = successes[i]
             ok += s
             all += t
             parts.append(s == t ? "\(name)=\(t)" : "\(name)=\(s)/\(t)")

@@ -21,22 +21,38 @@ public struct EnhancedStatus: Sendable, Hashable, CustomStringConvertible {
         self.detail = detail
     }
 
-    /// Parses "4.3.1"; nil when malformed.
+    /// Parses "4.3.1"; nil when malformed. Every reply the server builds
+    /// passes here, so it reads the bytes without splitting strings.
     public init?(parsing text: String) {
-        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 3,
-              parts.allSatisfy({ !$0.isEmpty && $0.count <= 3 && $0.allSatisfy(\.isASCIIDigit) }),
-              let c = Int(parts[0]), let s = Int(parts[1]), let d = Int(parts[2]),
-              [2, 4, 5].contains(c)
-        else { return nil }
-        self.init(c, s, d)
+        var parts: [Int] = []
+        var value = 0
+        var digits = 0
+        for byte in text.utf8 {
+            if byte == UInt8(ascii: ".") {
+                guard digits > 0, parts.count < 2 else { return nil }
+                parts.append(value)
+                value = 0
+                digits = 0
+            } else {
+                guard (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte), digits < 3 else { return nil }
+                value = value * 10 + Int(byte - UInt8(ascii: "0"))
+                digits += 1
+            }
+        }
+        guard parts.count == 2, digits > 0, [2, 4, 5].contains(parts[0]) else { return nil }
+        self.init(parts[0], parts[1], value)
+    }
+
+    /// "4.3.1" onto `out`.
+    func render(into out: inout [UInt8]) {
+        SMTPReply.appendDecimal(codeClass, to: &out)
+        out.append(UInt8(ascii: "."))
+        SMTPReply.appendDecimal(subject, to: &out)
+        out.append(UInt8(ascii: "."))
+        SMTPReply.appendDecimal(detail, to: &out)
     }
 
     public var description: String { "\(codeClass).\(subject).\(detail)" }
-}
-
-extension Character {
-    var isASCIIDigit: Bool { isASCII && isNumber }
 }
 
 /// One reply: a three-digit code, an optional enhanced status code and one or
@@ -73,17 +89,26 @@ public struct SMTPReply: Sendable, Hashable, CustomStringConvertible {
     /// the enhanced status code when there is one.
     public var rendered: [UInt8] {
         var out: [UInt8] = []
+        out.reserveCapacity(lines.reduce(0) { $0 + $1.utf8.count + 16 })
         for (i, line) in lines.enumerated() {
-            out.append(contentsOf: String(code).utf8)
+            Self.appendDecimal(code, to: &out)
             out.append(i == lines.count - 1 ? UInt8(ascii: " ") : UInt8(ascii: "-"))
             if let status {
-                out.append(contentsOf: status.description.utf8)
+                status.render(into: &out)
                 if !line.isEmpty { out.append(UInt8(ascii: " ")) }
             }
             out.append(contentsOf: line.utf8)
-            out.append(contentsOf: [13, 10])
+            out.append(13)
+            out.append(10)
         }
         return out
+    }
+
+    /// A non-negative number in decimal (codes and status parts: 0-999).
+    static func appendDecimal(_ value: Int, to out: inout [UInt8]) {
+        if value >= 100 { out.append(UInt8(ascii: "0") + UInt8(value / 100 % 10)) }
+        if value >= 10 { out.append(UInt8(ascii: "0") + UInt8(value / 10 % 10)) }
+        out.append(UInt8(ascii: "0") + UInt8(value % 10))
     }
 
     /// One line for logs: "554 5.7.1 Relay access denied" (lines joined by " / ").
@@ -96,6 +121,8 @@ public struct SMTPReply: Sendable, Hashable, CustomStringConvertible {
     /// Printable ASCII only; at most 500 characters per line (RFC 5321
     /// 4.5.3.1.5 allows 512 octets per reply line including code and CRLF).
     static func sanitize(_ text: String) -> String {
+        // Most text is the server's own: already clean, kept as it is.
+        if text.utf8.count <= 490, text.utf8.allSatisfy({ (0x20...0x7E).contains($0) }) { return text }
         var out = String.UnicodeScalarView()
         for scalar in text.unicodeScalars.prefix(490) {
             out.append((0x20...0x7E).contains(scalar.value) ? scalar : "?")

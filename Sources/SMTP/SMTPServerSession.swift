@@ -416,8 +416,7 @@ public struct SMTPServerSession: Sendable {
     /// Sends a final reply to a command, counts it, logs refusals, and
     /// closes after too many errors.
     private mutating func respond(_ command: String, _ reply: SMTPReply, countsAsError: Bool = true, detail: String? = nil) {
-        let name = command.lowercased()
-        counters.record(SMTPCommandCounters.order.contains(name) ? name : "unknown", success: reply.code < 400)
+        counters.record(command, success: reply.code < 400)
         if reply.code >= 400 {
             output.append(.log(.rejected(command: command, reply: reply, detail: detail ?? envelopeDetail())))
         }

@@ -116,6 +116,8 @@ final class InjectTransaction {
     private var completion: Completion?
     private var outcome: InjectOutcome?
     private var ended = false
+    /// Whether `body` was given any of the client's bytes (see `flush`).
+    private var bodyWritten = false
     private var timer: Scheduled<Void>?
     /// Called when `isWritable` may have changed (connected, failed,
     /// channel writability changed).
@@ -352,11 +354,17 @@ final class InjectTransaction {
     /// Message bytes (dot-unstuffed, CRLF), in pieces as they arrive.
     func body(_ bytes: [UInt8]) {
         guard failure == nil, outcome == nil, !ended else { return }
+        bodyWritten = true
         for frame in Self.bodyFrames(bytes) { write(frame) }
     }
 
-    /// Flushes what `body` wrote (once per batch of client input).
+    /// Flushes what `body` wrote (once per batch of client input). Until
+    /// the client's first body bytes nothing goes: the envelope and the
+    /// Received header, written at DATA, wait to leave with them, so that
+    /// a small message costs one write to the queue (and the queue one
+    /// wake-up) instead of two.
     func flush() {
+        guard bodyWritten else { return }
         channel?.flush()
     }
 

@@ -274,11 +274,8 @@ public final class SMTPServer: Sendable {
             return
         }
         let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: fd)
-        // Replies are whole and each is awaited by the client: no Nagle.
-        // Set here, on the accepting thread, rather than as a bootstrap
-        // option, which costs the event loop a future per option.
-        var one: Int32 = 1
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        // No Nagle (replies are whole, and each is awaited by the client):
+        // ClientBootstrap sets TCP_NODELAY by default.
         ClientBootstrap(group: group.next())
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

@@ -209,7 +209,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard session != nil, !closing else { return }
         let buffer = unwrapInboundIn(data)
-        let before = session!.counters.total
+        let before = session!.counters.count
         let actions = buffer.withUnsafeReadableBytes { session!.receive($0) }
         noteCommands(before: before)
         perform(actions)
@@ -404,20 +404,23 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
 
     private var startTLSAfterFlush = false
 
-    @discardableResult
-    private func flushOutput(context: ChannelHandlerContext) -> EventLoopFuture<Void> {
-        if let buffer = out {
-            out = nil
-            if closing {
-                let written = context.writeAndFlush(wrapOutboundOut(buffer))
-                written.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
-                return written
-            }
-            return context.writeAndFlush(wrapOutboundOut(buffer))
-        } else if closing {
-            context.close(promise: nil)
+    /// Writes the replies gathered. `written`, when given, completes once
+    /// they are on the wire (or failed); without it no promise is made,
+    /// which is every reply but the 220 to STARTTLS and the last.
+    private func flushOutput(context: ChannelHandlerContext, written: EventLoopPromise<Void>? = nil) {
+        guard let buffer = out else {
+            if closing { context.close(promise: nil) }
+            written?.succeed()
+            return
         }
-        return context.eventLoop.makeSucceededVoidFuture()
+        out = nil
+        if closing {
+            let done = written ?? context.eventLoop.makePromise()
+            done.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(buffer), promise: done)
+            return
+        }
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: written)
     }
 
     // MARK: - STARTTLS
@@ -431,8 +434,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         handingOff = true
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
-        let written = flushOutput(context: context)
-        written.assumeIsolated().whenComplete { result in
+        let written = loop.makePromise(of: Void.self)
+        flushOutput(context: context, written: written)
+        written.futureResult.assumeIsolated().whenComplete { result in
             let handler = bound.value
             guard handler.handingOff else { return }
             guard case .success = result, let fd = handler.socket, let handoff = handler.server.handoff else {
@@ -609,15 +613,12 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
 
     /// The last command the client sent, for "timeout after X" lines: the
     /// counter that moved (latest in protocol order when several did).
-    private func noteCommands(before: [String: Int]) {
-        guard let after = session?.counters.total, after != before else {
+    private func noteCommands(before: Int) {
+        guard let counters = session?.counters, counters.count != before, let last = counters.last else {
             if inMessage { lastCommand = "DATA" }
             return
         }
-        for name in SMTPCommandCounters.order.reversed() where after[name, default: 0] > before[name, default: 0] {
-            lastCommand = name.uppercased()
-            break
-        }
+        lastCommand = last
         if inMessage { lastCommand = "DATA" }
         if waitingForQueue { lastCommand = "END-OF-MESSAGE" }
     }
