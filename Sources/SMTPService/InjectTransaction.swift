@@ -340,15 +340,12 @@ final class InjectTransaction {
         return 0
     }
 
+    /// No promise per frame: a frame that does not encode reaches
+    /// `channelError` (the encoder fires it down the pipeline), and a write
+    /// the socket refuses closes the channel (`channelClosed`); both fail
+    /// or retry the transaction as a failed write would.
     private func send(_ frame: Frame, on channel: Channel) {
-        let promise = eventLoop.makePromise(of: Void.self)
-        promise.futureResult.assumeIsolated().whenFailure { error in
-            // A write that failed on a connection this transaction left
-            // (a retry) is no news.
-            guard self.channel === channel else { return }
-            self.fail("sending \(frame.type.name): \(Self.describe(error))")
-        }
-        channel.write(frame, promise: promise)
+        channel.write(frame, promise: nil)
     }
 
     /// Message bytes (dot-unstuffed, CRLF), in pieces as they arrive.
