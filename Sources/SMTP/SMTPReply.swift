@@ -104,8 +104,14 @@ public struct SMTPReply: Sendable, Hashable, CustomStringConvertible {
         return out
     }
 
-    /// A non-negative number in decimal (codes and status parts: 0-999).
+    /// A number in decimal (codes and status parts are 0-999: the fast
+    /// path; anything else, set on the public fields after `init`, the
+    /// slow one).
     static func appendDecimal(_ value: Int, to out: inout [UInt8]) {
+        guard (0...999).contains(value) else {
+            out.append(contentsOf: String(value).utf8)
+            return
+        }
         if value >= 100 { out.append(UInt8(ascii: "0") + UInt8(value / 100 % 10)) }
         if value >= 10 { out.append(UInt8(ascii: "0") + UInt8(value / 10 % 10)) }
         out.append(UInt8(ascii: "0") + UInt8(value % 10))

@@ -212,10 +212,11 @@ final class InjectTransaction {
             self.handler = handler
             handler.transaction = self
             helloReceived = true
-            // Under a reserved ID nothing is flushed here: the session
-            // flushes after each read of client input (the body follows
-            // the 354 this transaction starts with), and END flushes.
-            if !sendEnvelope(on: channel) { channel.flush() }
+            // Under a reserved ID nothing is flushed here (see `flush`):
+            // the session flushes after each read of client input (the
+            // body follows the 354 this transaction starts with), and END
+            // flushes.
+            if !sendEnvelope(on: channel) || !channel.isWritable { channel.flush() }
         } else {
             connect()
         }
@@ -359,10 +360,13 @@ final class InjectTransaction {
     /// the client's first body bytes nothing goes: the envelope and the
     /// Received header, written at DATA, wait to leave with them, so that
     /// a small message costs one write to the queue (and the queue one
-    /// wake-up) instead of two.
+    /// wake-up) instead of two. Except when so much waits that the channel
+    /// stopped being writable (an envelope of many recipients): the
+    /// session stops reading its client while the queue cannot take more,
+    /// so it would never read the body bytes that were to release it.
     func flush() {
-        guard bodyWritten else { return }
-        channel?.flush()
+        guard let channel, bodyWritten || !channel.isWritable else { return }
+        channel.flush()
     }
 
     /// The message is complete: END, then `completion` with the outcome,

@@ -519,6 +519,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
 
     private func beginMessage(_ envelope: SMTPEnvelope, context: ChannelHandlerContext) {
         inMessage = true
+        // DATA (or BDAT) is counted only with its final reply.
+        lastCommand = "DATA"
         let settings = server.settings
         let transaction = InjectTransaction(eventLoop: context.eventLoop, socketPath: settings.injectSocket,
                                             replyTimeout: .seconds(settings.timeouts.queueReply),
@@ -611,8 +613,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// The last command the client sent, for "timeout after X" lines: the
-    /// counter that moved (latest in protocol order when several did).
+    /// The last command the client sent, for "timeout after X" and "lost
+    /// connection after X" lines: the last one counted (DATA while the
+    /// message streams, END-OF-MESSAGE while the queue is awaited).
     private func noteCommands(before: Int) {
         guard let counters = session?.counters, counters.count != before, let last = counters.last else {
             if inMessage { lastCommand = "DATA" }

@@ -176,9 +176,11 @@ import Testing
 
     /// A session whose first message was accepted, so that the next one
     /// goes out on the pooled inject connection under a reserved ID.
-    private func sessionWithAPooledConnection() throws -> (FakeQueue, Harness, SMTPTestClient) {
+    private func sessionWithAPooledConnection(
+        configure: (inout SMTPServiceSettings) -> Void = { _ in }
+    ) throws -> (FakeQueue, Harness, SMTPTestClient) {
         let q = try FakeQueue()
-        let h = try Harness(queue: q)
+        let h = try Harness(queue: q, configure: configure)
         let c = try h.client()
         _ = try greet(c)
         _ = try sendMessages(c, count: 1)
@@ -219,6 +221,50 @@ import Testing
         #expect(h.queue.connections == 1)
         #expect(h.queue.accepted.count == 1)
         #expect(!h.logs.contains("sending the message again"))
+    }
+
+    /// The envelope waits at DATA for the first body bytes (one write to
+    /// the queue per small message), but not when it alone is more than
+    /// the inject channel takes before it stops being writable: the
+    /// session then stops reading its client, and would wait for body
+    /// bytes it no longer reads until the data timeout.
+    @Test(arguments: [false, true])
+    func aLargeEnvelopeOnAPooledConnectionGoesOutAtOnce(bdat: Bool) throws {
+        let (_, h, c) = try sessionWithAPooledConnection { $0.timeouts.dataBlock = 3 }
+        defer { h.stop() }
+        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+        let local = String(repeating: "r", count: 60)
+        var recipients = ""
+        for i in 0..<1000 { recipients += "RCPT TO:<\(local)\(i)@example.test>\r\n" }
+        c.send(recipients)
+        #expect(c.replies(1000).filter { $0.code == 250 }.count == 1000)
+        let reply: SMTPReplyText
+        if bdat {
+            // The chunk in a read of its own, after the command's.
+            c.send("BDAT 14\r\n")
+            usleep(200_000)
+            c.send("Subject: b\r\n\r\n")
+            #expect(c.reply()?.code == 250)
+            reply = try #require(c.command("BDAT 0 LAST"))
+        } else {
+            #expect(c.command("DATA")?.code == 354)
+            reply = try #require(c.command("Subject: many\r\n\r\nHello.\r\n."))
+        }
+        #expect(reply.code == 250, "\(reply)")
+        #expect(h.queue.accepted.last?.recipients.count == 1000)
+        #expect(!h.logs.contains("timeout after"))
+    }
+
+    @Test func aClientStallingAfter354IsLoggedAfterDATA() throws {
+        let h = try Harness { $0.timeouts.dataBlock = 1 }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
+        #expect(c.command("DATA")?.code == 354)
+        #expect(c.reply()?.code == 421)
+        #expect(h.logs.eventually("timeout after DATA from unknown[127.0.0.1]"), "\(h.logs.all)")
     }
 
     @Test func ipv6ClientIsNamedAndTrustedByDefault() throws {
