@@ -21,6 +21,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import SMTP
 
 /// State shared by every session of a server (all event loops): settings,
 /// logger, the sessions per client address.
@@ -98,13 +99,34 @@ final class SMTPServerCore: Sendable {
     /// $mynetworks with smtpd_client_event_limit_exceptions): a local
     /// relay or load generator may open as many sessions as it needs.
     func register(address: String, channel: Channel) -> Admission {
+        attach(channel, admitted: admit(address: address))
+    }
+
+    /// The first half of `register`, on the accepting thread before the
+    /// channel exists: counts the connection and decides. `attach` adds
+    /// the channel (and says `.stopping` if a shutdown began meanwhile);
+    /// `release` undoes the count when no channel came to be.
+    func admit(address: String) -> Admission {
         let exempt = settings.isTrusted(address)
         return state.withLockedValue { s in
             let n = s.perClient[address, default: 0] + 1
             s.perClient[address] = n
-            s.channels[ObjectIdentifier(channel)] = channel
             if s.stopping { return .stopping }
             return exempt || n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n)
+        }
+    }
+
+    func attach(_ channel: Channel, admitted: Admission) -> Admission {
+        state.withLockedValue { s in
+            s.channels[ObjectIdentifier(channel)] = channel
+            return s.stopping ? .stopping : admitted
+        }
+    }
+
+    func release(address: String) {
+        state.withLockedValue { s in
+            let n = s.perClient[address, default: 1] - 1
+            s.perClient[address] = n > 0 ? n : nil
         }
     }
 
@@ -273,7 +295,25 @@ public final class SMTPServer: Sendable {
             }
             return
         }
-        let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: fd)
+        // The connection is counted against its client's limit here, so
+        // that the greeting can go at once (see greetAtOnce).
+        var admitted: (address: String, admission: SMTPServerCore.Admission)?
+        var greeted = false
+        if let address = peerAddress(fd) {
+            let admission = core.admit(address: address)
+            admitted = (address, admission)
+            if admission == .admitted {
+                switch greetAtOnce(fd, address: address, core: core) {
+                case .sent: greeted = true
+                case .notNow: break
+                case .failed:
+                    core.release(address: address)
+                    return
+                }
+            }
+        }
+        let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: fd, admitted: admitted, greeted: greeted)
+        let admittedAddress = admitted?.address
         // No Nagle (replies are whole, and each is awaited by the client):
         // ClientBootstrap sets TCP_NODELAY by default.
         ClientBootstrap(group: group.next())
@@ -290,8 +330,34 @@ public final class SMTPServer: Sendable {
             }
             .withConnectedSocket(fd)
             .whenFailure { error in
+                // No channel became active: no session will release the count.
+                if let admittedAddress { core.release(address: admittedAddress) }
                 core.logger.warning("\(kind.rawValue) connection: \(error)")
             }
+    }
+
+    private enum EarlyGreeting { case sent, notNow, failed }
+
+    /// The 220, written by the accepting thread as soon as the connection
+    /// is there, for an admitted client when nothing is to come before
+    /// the greeting: the client's name is known (cached, or not looked up
+    /// at all). The client then sends its first command while the event
+    /// loop still sets the channel up, instead of waiting for that too.
+    /// Otherwise (`notNow`) the session greets, after the lookup. `failed`:
+    /// the client is gone already; the socket is closed.
+    private static func greetAtOnce(_ fd: Int32, address: String, core: SMTPServerCore) -> EarlyGreeting {
+        if let names = core.settings.clientNames, names.cached(address) == nil { return .notNow }
+        let settings = core.settings
+        let greeting = SMTPServerSession.greeting(hostname: settings.hostname, softwareName: settings.softwareName).rendered
+        // A new socket's send buffer is empty: all of it goes, or the
+        // client has reset the connection already.
+        let sent = greeting.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
+        guard sent == greeting.count else {
+            core.logger.info("\(SessionLog.lostConnection(after: "CONNECT", client: "unknown[\(address)]"))")
+            _ = closeDescriptor(fd)
+            return .failed
+        }
+        return .sent
     }
 
     /// Runs an SMTP session on a plaintext socket from crypto-negotiate
@@ -363,9 +429,14 @@ struct SMTPSessionHandlerFactory: Sendable {
     let socket: Int32?
     var peer: String? = nil
     var tls: TLSEstablished? = nil
+    /// The client's address and the accepting thread's admission of it.
+    var admitted: (address: String, admission: SMTPServerCore.Admission)? = nil
+    /// The accepting thread wrote the 220 already.
+    var greeted = false
 
     func make() -> SMTPSessionHandler {
-        SMTPSessionHandler(server: core, kind: kind, socket: socket, peer: peer, tls: tls)
+        SMTPSessionHandler(server: core, kind: kind, socket: socket, peer: peer, tls: tls,
+                           admitted: admitted, greeted: greeted)
     }
 }
 

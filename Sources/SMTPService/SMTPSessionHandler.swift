@@ -74,6 +74,11 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// message data); nil while nothing is awaited from the client.
     private var deadline: NIODeadline?
     private var lastCommand = "CONNECT"
+    /// The accepting thread wrote the 220 (SMTPServer.greetAtOnce).
+    private let greetedAtAccept: Bool
+    /// The client's address and the accepting thread's admission of it
+    /// (SMTPServerCore.admit), for a connection it accepted.
+    private let admitted: (address: String, admission: SMTPServerCore.Admission)?
     private var out: ByteBuffer?
     /// Where the last reply in `out` begins (to take back a 220 to STARTTLS).
     private var lastReplyStart = 0
@@ -100,7 +105,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var lookupTimer: Scheduled<Void>?
 
     init(server: SMTPServerCore, kind: ListenerKind, socket: Int32? = nil, peer: String? = nil,
-         tls: TLSEstablished? = nil) {
+         tls: TLSEstablished? = nil, admitted: (address: String, admission: SMTPServerCore.Admission)? = nil,
+         greeted: Bool = false) {
+        self.admitted = admitted
+        self.greetedAtAccept = greeted
         self.server = server
         self.kind = kind
         self.socket = socket
@@ -132,11 +140,17 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             perform(session!.tlsEstablished())
             return
         }
-        let raw = peer ?? context.channel.remoteAddress?.ipAddress ?? "unknown"
-        clientAddress = NetworkPrefix.canonicalClientAddress(raw)
-        client = SessionLog.client(name: clientName, address: clientAddress)
         let settings = server.settings
-        let admission = server.register(address: clientAddress, channel: context.channel)
+        let admission: SMTPServerCore.Admission
+        if let admitted {
+            clientAddress = admitted.address
+            admission = server.attach(context.channel, admitted: admitted.admission)
+        } else {
+            let raw = peer ?? context.channel.remoteAddress?.ipAddress ?? "unknown"
+            clientAddress = NetworkPrefix.canonicalClientAddress(raw)
+            admission = server.register(address: clientAddress, channel: context.channel)
+        }
+        client = SessionLog.client(name: clientName, address: clientAddress)
         registered = true
         if admission != .admitted {
             let reply: SMTPReply
@@ -165,6 +179,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         context.fireChannelActive()
         guard let names = settings.clientNames, clientAddress != "unknown" else { return greet(name: nil) }
         if let cached = names.cached(clientAddress) { return greet(name: cached) }
+        // The name expired since the accepting thread found it: the 220 is
+        // out, nothing may wait for a lookup now.
+        if greetedAtAccept { return greet(name: nil) }
         lookingUp = true
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -198,7 +215,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             server.logger.info("\(client): TLS: \(tls.summary)\(tls.serverName.map { ", sni=\($0)" } ?? "")")
         }
         session.clientNameResolved(name)
-        let actions = session.start()
+        let actions = session.start(greetingSent: greetedAtAccept)
         self.session = session
         perform(actions)
         if shutdownRequested, self.session?.isClosed == false {

@@ -61,10 +61,18 @@ import Testing
         let message = try #require(h.queue.accepted.first)
         #expect(message.text.hasPrefix("Received: from client.example (localhost [127.0.0.1])\r\n"))
         #expect((try? message.mail.text("client-name")) == "localhost")
-        // The second session finds the name in the cache.
+        // The second session finds the name in the cache: the accepting
+        // thread greets at once, and the session still knows the name.
+        #expect(names.cached("127.0.0.1") == .some("localhost"))
         let again = try h.client()
         #expect(again.reply()?.code == 220)
-        #expect(names.cached("127.0.0.1") == .some("localhost"))
+        #expect(again.command("EHLO second.example")?.code == 250)
+        #expect(again.command("MAIL FROM:<a@example.org>")?.code == 250)
+        #expect(again.command("RCPT TO:<b@example.test>")?.code == 250)
+        #expect(again.command("DATA")?.code == 354)
+        #expect(again.command("Subject: y\r\n\r\ny\r\n.")?.code == 250)
+        #expect(h.queue.accepted.last?.text.hasPrefix("Received: from second.example (localhost [127.0.0.1])\r\n") == true)
+        #expect(h.logs.all.filter { $0.contains("connect from localhost[127.0.0.1]") && !$0.contains("disconnect") }.count == 2)
     }
 
     /// The greeting waits for the name; a client that talks meanwhile is an
