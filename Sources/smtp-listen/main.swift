@@ -51,7 +51,9 @@
 //      the Received header; "unknown" when there is none, the lookup failed
 //      or it took more than 10 seconds. Queries go to the [dns] forwarders
 //      (libunbound, no DNSSEC validation) and answers are cached for their
-//      TTL. Nothing is decided on the name.
+//      TTL. Nothing is decided on the name. With the name cached (or no
+//      lookup), the accepting thread writes the 220 as soon as it has
+//      counted the connection against the client's session limit.
 //
 // DESCRIPTORS
 //      Listening sockets are either inherited or bound here:
