@@ -141,23 +141,11 @@ public struct SMTPCommandCounters: Sendable, Hashable, CustomStringConvertible {
         last = command
     }
 
+    /// "HELO" -> 0, ... the upper-case names of `order`, and their place.
+    private static let places = Dictionary(uniqueKeysWithValues: order.enumerated().map { ($1.uppercased(), $0) })
+
     private static func index(_ command: String) -> Int {
-        switch command {
-        case "HELO": 0
-        case "EHLO": 1
-        case "STARTTLS": 2
-        case "AUTH": 3
-        case "MAIL": 4
-        case "RCPT": 5
-        case "DATA": 6
-        case "BDAT": 7
-        case "RSET": 8
-        case "NOOP": 9
-        case "VRFY": 10
-        case "HELP": 11
-        case "QUIT": 12
-        default: 13
-        }
+        places[command] ?? order.count - 1   // "unknown", the last
     }
 
     private static func named(_ counts: [Int]) -> [String: Int] {

@@ -93,6 +93,13 @@ final class SMTPServerCore: Sendable {
         case stopping
     }
 
+    /// A connection the accepting thread counted (`admit`) before its
+    /// channel existed.
+    struct Admitted {
+        let address: String
+        let admission: Admission
+    }
+
     /// Counts a new session and says whether it may proceed. Every call is
     /// balanced by `unregister`, admitted or not.
     /// Trusted clients are exempt from the limit (as Postfix exempts
@@ -124,18 +131,19 @@ final class SMTPServerCore: Sendable {
     }
 
     func release(address: String) {
-        state.withLockedValue { s in
-            let n = s.perClient[address, default: 1] - 1
-            s.perClient[address] = n > 0 ? n : nil
-        }
+        state.withLockedValue { Self.uncount(address, in: &$0) }
     }
 
     func unregister(address: String, channel: Channel) {
         state.withLockedValue { s in
-            let n = s.perClient[address, default: 1] - 1
-            s.perClient[address] = n > 0 ? n : nil
+            Self.uncount(address, in: &s)
             s.channels[ObjectIdentifier(channel)] = nil
         }
+    }
+
+    private static func uncount(_ address: String, in s: inout State) {
+        let n = s.perClient[address, default: 1] - 1
+        s.perClient[address] = n > 0 ? n : nil
     }
 
     var sessionCount: Int { state.withLockedValue { $0.channels.count } }
@@ -297,23 +305,18 @@ public final class SMTPServer: Sendable {
         }
         // The connection is counted against its client's limit here, so
         // that the greeting can go at once (see greetAtOnce).
-        var admitted: (address: String, admission: SMTPServerCore.Admission)?
+        let admitted = peerAddress(fd).map { SMTPServerCore.Admitted(address: $0, admission: core.admit(address: $0)) }
         var greeted = false
-        if let address = peerAddress(fd) {
-            let admission = core.admit(address: address)
-            admitted = (address, admission)
-            if admission == .admitted {
-                switch greetAtOnce(fd, address: address, core: core) {
-                case .sent: greeted = true
-                case .notNow: break
-                case .failed:
-                    core.release(address: address)
-                    return
-                }
+        if let admitted, admitted.admission == .admitted {
+            switch greetAtOnce(fd, address: admitted.address, core: core) {
+            case .sent: greeted = true
+            case .notNow: break
+            case .failed:
+                core.release(address: admitted.address)
+                return
             }
         }
         let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: fd, admitted: admitted, greeted: greeted)
-        let admittedAddress = admitted?.address
         // No Nagle (replies are whole, and each is awaited by the client):
         // ClientBootstrap sets TCP_NODELAY by default.
         ClientBootstrap(group: group.next())
@@ -331,7 +334,7 @@ public final class SMTPServer: Sendable {
             .withConnectedSocket(fd)
             .whenFailure { error in
                 // No channel became active: no session will release the count.
-                if let admittedAddress { core.release(address: admittedAddress) }
+                if let admitted { core.release(address: admitted.address) }
                 core.logger.warning("\(kind.rawValue) connection: \(error)")
             }
     }
@@ -429,8 +432,8 @@ struct SMTPSessionHandlerFactory: Sendable {
     let socket: Int32?
     var peer: String? = nil
     var tls: TLSEstablished? = nil
-    /// The client's address and the accepting thread's admission of it.
-    var admitted: (address: String, admission: SMTPServerCore.Admission)? = nil
+    /// The accepting thread's count of the connection.
+    var admitted: SMTPServerCore.Admitted? = nil
     /// The accepting thread wrote the 220 already.
     var greeted = false
 

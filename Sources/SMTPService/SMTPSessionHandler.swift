@@ -76,9 +76,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var lastCommand = "CONNECT"
     /// The accepting thread wrote the 220 (SMTPServer.greetAtOnce).
     private let greetedAtAccept: Bool
-    /// The client's address and the accepting thread's admission of it
-    /// (SMTPServerCore.admit), for a connection it accepted.
-    private let admitted: (address: String, admission: SMTPServerCore.Admission)?
+    /// The accepting thread's count of the connection (nil: a plaintext
+    /// socket from crypto-negotiate, or no peer address), which `attach`
+    /// completes instead of `register`.
+    private let admitted: SMTPServerCore.Admitted?
     private var out: ByteBuffer?
     /// Where the last reply in `out` begins (to take back a 220 to STARTTLS).
     private var lastReplyStart = 0
@@ -105,7 +106,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var lookupTimer: Scheduled<Void>?
 
     init(server: SMTPServerCore, kind: ListenerKind, socket: Int32? = nil, peer: String? = nil,
-         tls: TLSEstablished? = nil, admitted: (address: String, admission: SMTPServerCore.Admission)? = nil,
+         tls: TLSEstablished? = nil, admitted: SMTPServerCore.Admitted? = nil,
          greeted: Bool = false) {
         self.admitted = admitted
         self.greetedAtAccept = greeted
@@ -634,13 +635,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// connection after X" lines: the last one counted (DATA while the
     /// message streams, END-OF-MESSAGE while the queue is awaited).
     private func noteCommands(before: Int) {
-        guard let counters = session?.counters, counters.count != before, let last = counters.last else {
-            if inMessage { lastCommand = "DATA" }
-            return
+        if let counters = session?.counters, counters.count != before, let last = counters.last {
+            lastCommand = waitingForQueue ? "END-OF-MESSAGE" : last
         }
-        lastCommand = last
         if inMessage { lastCommand = "DATA" }
-        if waitingForQueue { lastCommand = "END-OF-MESSAGE" }
     }
 
     // MARK: - Timeouts

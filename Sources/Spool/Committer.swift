@@ -222,11 +222,8 @@ final class Committer: @unchecked Sendable {
     /// Whether the file system keeps 5% of its size (at least 64 MiB) free
     /// after `bytes` more are written.
     private func roomToSpare(beyond bytes: Int) -> Bool {
-        var fs = statvfs()
-        guard statvfs(environment.path, &fs) == 0 else { return false }
-        let size = UInt64(fs.f_blocks) * UInt64(fs.f_frsize)
-        let available = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
-        return available >= UInt64(bytes) + max(64 << 20, size / 20)
+        guard let space = fileSystemSpace() else { return false }
+        return space.available >= UInt64(bytes) + max(64 << 20, space.size / 20)
     }
 
     /// Zeros ahead spare the journal commit of a growing file on ext2/3/4
@@ -327,10 +324,15 @@ final class Committer: @unchecked Sendable {
     /// Whether the spool's file system has less room than a batch needs
     /// (with 1 MiB to spare): a failed write then means "disk full".
     private func diskIsFull(needing bytes: Int) -> Bool {
+        guard let space = fileSystemSpace() else { return false }
+        return space.available < UInt64(bytes) + (1 << 20)
+    }
+
+    /// The spool's file system: its size, and the bytes free to this user.
+    private func fileSystemSpace() -> (size: UInt64, available: UInt64)? {
         var fs = statvfs()
-        guard statvfs(environment.path, &fs) == 0 else { return false }
-        let available = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
-        return available < UInt64(bytes) + (1 << 20)
+        guard statvfs(environment.path, &fs) == 0 else { return nil }
+        return (UInt64(fs.f_blocks) * UInt64(fs.f_frsize), UInt64(fs.f_bavail) * UInt64(fs.f_frsize))
     }
 
     private func addToCounter(_ txn: WriteTransaction, _ name: String, _ delta: UInt64) throws {

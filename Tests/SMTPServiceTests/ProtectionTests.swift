@@ -118,9 +118,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         let r = try #require(c.command("Subject: long\r\n\r\n" + String(repeating: "y", count: 1200) + "\r\n."))
         #expect(r.code == 554)
         #expect(r.last.hasPrefix("554 5.6.0"))
@@ -143,9 +141,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         var body = "Subject: big\r\n\r\n"
         for _ in 0..<100 { body += String(repeating: "z", count: 70) + "\r\n" }
         let r = try #require(c.command(body + "."))

@@ -260,9 +260,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         #expect(c.reply()?.code == 421)
         #expect(h.logs.eventually("timeout after DATA from unknown[127.0.0.1]"), "\(h.logs.all)")
     }
@@ -335,9 +333,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         // Small: read whole while the ID is awaited. Big (over the hold
         // limit): reading pauses, then resumes once the ID is known.
         var message = "Subject: early\r\n\r\n"
@@ -357,9 +353,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         var message = "Subject: big\r\n\r\n"
         for i in 0..<40_000 { message += "line \(i) " + String(repeating: "x", count: 60) + "\r\n" }
         c.send(message + ".\r\n")
@@ -388,9 +382,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         let r = try #require(c.command("Subject: x\r\n\r\nbody\r\n."))
         #expect(r.last == "451 4.3.0 Queue unavailable, try again later")
         #expect(c.command("RSET")?.code == 250)
@@ -404,9 +396,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         let r = try #require(c.command("hello\r\n."))
         #expect(r.last == "452 4.3.1 Insufficient system storage")
         #expect(h.queue.refused.count == 1)
@@ -419,9 +409,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         #expect(c.command("hello\r\n.")?.last == "554 5.5.1 No recipients")
     }
 
@@ -431,9 +419,7 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
+        openData(c)
         let r = try #require(c.command("hello\r\n."))
         #expect(r.code == 451)
         #expect(r.last.hasPrefix("451 4.3.0"))
@@ -459,9 +445,7 @@ import Testing
         do {
             let c = try h.client()
             try greet(c)
-            #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250)
-            #expect(c.command("RCPT TO:<x@example.test>")?.code == 250)
-            #expect(c.command("DATA")?.code == 354)
+            openData(c)
             c.send("Subject: cut\r\n\r\nhalf a message")
         }
         #expect(h.logs.eventually("lost connection after DATA from unknown[127.0.0.1]"))

@@ -436,6 +436,14 @@ final class SMTPTestClient {
     }
 }
 
+/// MAIL FROM:<a@example.org>, RCPT TO:<x@example.test> and DATA, each
+/// expected to succeed: what the client sends next is the message.
+func openData(_ c: SMTPTestClient, sourceLocation: SourceLocation = #_sourceLocation) {
+    #expect(c.command("MAIL FROM:<a@example.org>")?.code == 250, sourceLocation: sourceLocation)
+    #expect(c.command("RCPT TO:<x@example.test>")?.code == 250, sourceLocation: sourceLocation)
+    #expect(c.command("DATA")?.code == 354, sourceLocation: sourceLocation)
+}
+
 /// The greeting, EHLO; returns the EHLO reply.
 @discardableResult
 func greet(_ c: SMTPTestClient, helo: String = "client.example.org") throws -> SMTPReplyText {
