@@ -39,9 +39,14 @@ final class Committer: @unchecked Sendable {
     private let statsLock = NSLock()
     private var stats = SpoolStatistics()
 
+    /// The highest queue ID committed (meta "highest-id", or the highest
+    /// envelope of a spool from before that record). Committer thread only.
+    private var highestID: UInt64
+
     init(environment: Environment, databases: SpoolDatabases, readLock: ReadWriteLock, mapSizeLimit: Int,
-         deferral: TimeInterval = 0.5) {
+         deferral: TimeInterval = 0.5, highestID: UInt64 = 0) {
         self.deferral = deferral
+        self.highestID = highestID
         self.environment = environment
         self.databases = databases
         self.readLock = readLock
@@ -271,6 +276,7 @@ final class Committer: @unchecked Sendable {
         var results: [Result<Void, SpoolError>] = []
         var succeeded = 0
         var totals = (operations: UInt64(0), messages: UInt64(0))
+        var highest = highestID
         for submission in batch {
             // A nested transaction per submission: all of its operations or none.
             let child: WriteTransaction
@@ -281,7 +287,10 @@ final class Committer: @unchecked Sendable {
                 results.append(.success(()))
                 succeeded += 1
                 totals.operations += UInt64(submission.operations.count)
-                totals.messages += UInt64(submission.operations.filter { if case .insert = $0 { true } else { false } }.count)
+                for case .insert(let envelope, _) in submission.operations {
+                    totals.messages += 1
+                    highest = max(highest, envelope.queueID.value)
+                }
             } catch {
                 child.abort()
                 let e = classify(error)
@@ -294,6 +303,8 @@ final class Committer: @unchecked Sendable {
             try addToCounter(txn, "commits", 1)
             try addToCounter(txn, "operations", totals.operations)
             try addToCounter(txn, "messages", totals.messages)
+            // On the meta page the counters dirty anyway: no extra write.
+            if highest > highestID { try txn.put(databases.meta, Self.highestIDKey, bigEndian(highest)) }
             try txn.commit()
         } catch {
             if (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
@@ -304,7 +315,17 @@ final class Committer: @unchecked Sendable {
             }
             return .failed(classify(error))
         }
+        highestID = highest
         return .done(results, committed: true)
+    }
+
+    static let highestIDKey = Array("highest-id".utf8)
+
+    /// meta "highest-id": 0 when missing (a spool from before it).
+    static func highestID(_ txn: Transaction, _ dbs: SpoolDatabases) throws -> UInt64 {
+        guard let value = try txn.get(dbs.meta, highestIDKey) else { return 0 }
+        guard value.count == 8 else { throw SpoolError.corrupt("meta highest-id has \(value.count) bytes") }
+        return value.reduce(0) { $0 << 8 | UInt64($1) }
     }
 
     /// Roughly the bytes a batch writes (bodies and envelopes).

@@ -11,7 +11,9 @@
 //   meta       "format" -> u32 format version; "key-check" -> a secretbox of
 //              a constant under the master key (detects a key that does not
 //              belong to this spool); "commits", "operations", "messages" ->
-//              u64 running totals since the spool was created
+//              u64 running totals since the spool was created;
+//              "highest-id" -> u64, the highest queue ID ever committed
+//              (so IDs are not reused after its message is gone)
 //   schedule, security, sts-cache, tlsrpt, receipts: reserved for later stages
 //
 // Writes go through one committer thread (group commit): `submit` queues a
@@ -298,12 +300,17 @@ public final class Spool: @unchecked Sendable {
                 try Self.checkMeta(txn, dbs, masterKey: masterKey)
                 return dbs
             }
-            // IDs continue above the highest one stored, so a restart within
-            // the same second (or after a clock step back) never reuses one.
+            // IDs continue above the highest one ever committed, so a
+            // restart within the same second (or after a clock step back)
+            // does not reuse the ID of a message delivered and removed
+            // meanwhile: one log search, one message. ("highest-id" is
+            // missing in a spool from before it; its envelopes stand in.)
             lastID = try environment.read { txn throws in
-                try txn.withCursor(databases.envelopes) { c in
+                let stored = try Committer.highestID(txn, databases)
+                let highestEnvelope = try txn.withCursor(databases.envelopes) { c in
                     try c.last().flatMap { String(validating: $0.key, as: UTF8.self) }.flatMap { QueueID(rawValue: $0) }?.value ?? 0
                 }
+                return max(stored, highestEnvelope)
             }
         } catch {
             environment.close()
@@ -317,7 +324,7 @@ public final class Spool: @unchecked Sendable {
         readLock = ReadWriteLock()
         committer = Committer(environment: environment, databases: databases, readLock: readLock,
                               mapSizeLimit: max(options.mapSizeLimit, options.mapSize),
-                              deferral: max(0, options.deferral))
+                              deferral: max(0, options.deferral), highestID: lastID)
         committer.start()
     }
 
@@ -366,8 +373,11 @@ public final class Spool: @unchecked Sendable {
 
     /// A new queue ID: seconds since the epoch (32 bits) and a 16-bit counter,
     /// strictly increasing within the process (a burst of more than 65536 a
-    /// second borrows from the next seconds). Insert refuses an ID that
-    /// exists, so an ID can never overwrite another message.
+    /// second borrows from the next seconds) and across restarts above the
+    /// highest ID ever committed (meta "highest-id"). An ID handed out but
+    /// never committed (a refused message) may come again after a restart.
+    /// Insert refuses an ID that exists, so an ID can never overwrite
+    /// another message.
     public func newQueueID() -> QueueID {
         idLock.lock()
         defer { idLock.unlock() }

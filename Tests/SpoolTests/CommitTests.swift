@@ -84,6 +84,23 @@ import Testing
         #expect(try again.envelope(id) == nil)
     }
 
+    @Test func queueIDsAreNotReusedAfterTheirMessageIsGone() throws {
+        let dir = TemporaryDirectory()
+        // An ID an hour ahead of the clock, as IDs are after a burst outran
+        // the per-second counter or the clock was stepped back.
+        let ahead = QueueID(value: (UInt64(time(nil)) + 3600) << 16)
+        do {
+            let spool = try Spool(directory: dir.spool, options: smallOptions)
+            #expect(failure(spool.submitAndWait([.insert(sampleEnvelope(ahead), try seal(spool, [1]))])) == nil)
+            #expect(failure(spool.submitAndWait([.delete(ahead)])) == nil)
+            spool.close()
+        }
+        let again = try Spool(directory: dir.spool, options: smallOptions)
+        defer { again.close() }
+        #expect(try again.envelope(ahead) == nil)
+        #expect(again.newQueueID() > ahead, "the ID of a removed message came back after a restart")
+    }
+
     @Test func closingCommitsADeferredRemoval() throws {
         let dir = TemporaryDirectory()
         var options = smallOptions
