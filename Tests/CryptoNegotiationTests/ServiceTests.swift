@@ -266,7 +266,7 @@ func sealpost_unix_connect_for_test(_ path: String) -> Int32 { sealpost_unix_con
             #expect(stat(data + "/empty", &st) == 0 && st.st_uid == 0 && st.st_mode & 0o7777 == 0o755)
             var target = [CChar](repeating: 0, count: 4096)
             let n = readlink("/proc/\(child.pid)/root", &target, target.count - 1)
-            #expect(n > 0 && String(cString: target) == data + "/empty")
+            #expect(n > 0 && String(decoding: target.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self) == data + "/empty")
         }
         let c = try StageConnection.connect(path: data + "/run/tls")
         try c.clientHello(.tls)
