@@ -79,6 +79,10 @@ final class InjectHandler: ChannelInboundHandler {
     private var nextReply = 0
     private var repliesIssued = 0
     private var context: ChannelHandlerContext?
+    /// This connection as a submitter to the spool (whose commits wait a
+    /// little for the other connections active lately, see Spool.submit).
+    private var submitter: Int { ObjectIdentifier(self).hashValue }
+    private var submitted = false
 
     init(engine: QueueEngine) { self.engine = engine }
 
@@ -114,6 +118,7 @@ final class InjectHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         transaction = nil   // an unfinished message is forgotten
+        if submitted { engine.spool.submitterLeft(submitter) }
         context.fireChannelInactive()
     }
 
@@ -263,7 +268,8 @@ final class InjectHandler: ChannelInboundHandler {
         let bound = NIOLoopBound(self, eventLoop: engine.loop)
         let accepted = env
         let (recipientCount, size) = (t.recipientCount, t.size)
-        engine.spool.submit([.insert(env, sealed)]) { result in
+        submitted = true
+        engine.spool.submit([.insert(env, sealed)], submitter: submitter) { result in
             engine.loop.execute {
                 switch result {
                 case .success:
