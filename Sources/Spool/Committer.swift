@@ -19,9 +19,9 @@ final class Committer: @unchecked Sendable {
     /// How long an urgent batch may wait for the submitters active lately
     /// to join it (see `gatherSiblings`); 0: never.
     let commitDelay: TimeInterval
-    /// A submitter counts as active lately for this long after its last
-    /// urgent submission.
-    static let activeWindow: UInt64 = 50_000_000   // ns
+    /// A submitter counts as active lately for this long (ns) after its
+    /// last urgent submission.
+    let activeWindow: UInt64
     /// The share of the submitters active lately a delayed batch waits for.
     static let siblingShare = 0.4
 
@@ -55,9 +55,11 @@ final class Committer: @unchecked Sendable {
     private var highestID: UInt64
 
     init(environment: Environment, databases: SpoolDatabases, readLock: ReadWriteLock, mapSizeLimit: Int,
-         deferral: TimeInterval = 0.5, commitDelay: TimeInterval = 0, highestID: UInt64 = 0) {
+         deferral: TimeInterval = 0.5, commitDelay: TimeInterval = 0, siblingWindow: TimeInterval = 0.05,
+         highestID: UInt64 = 0) {
         self.deferral = deferral
         self.commitDelay = commitDelay
+        self.activeWindow = UInt64(max(0, siblingWindow) * 1e9)
         self.highestID = highestID
         self.environment = environment
         self.databases = databases
@@ -178,14 +180,14 @@ final class Committer: @unchecked Sendable {
     private func gatherSiblings() {
         guard commitDelay > 0, !stopping, urgentPending > 0, lastSubmission.count > 2 else { return }
         let now = monotonicNanoseconds()
-        lastSubmission = lastSubmission.filter { now &- $0.value < Self.activeWindow }
+        lastSubmission = lastSubmission.filter { now &- $0.value < activeWindow }
         let target = Int((Double(lastSubmission.count) * Self.siblingShare).rounded(.up))
         guard urgentPending < target else { return }
-        let deadline = Date().addingTimeInterval(commitDelay)
-        while !stopping && urgentPending < target && condition.wait(until: deadline) {}
         statsLock.lock()
         stats.delayedCommits += 1
         statsLock.unlock()
+        let deadline = Date().addingTimeInterval(commitDelay)
+        while !stopping && urgentPending < target && condition.wait(until: deadline) {}
     }
 
     // MARK: Applying a batch

@@ -60,6 +60,10 @@ public struct SpoolOptions: Sendable {
     /// Longest wait of an urgent batch for the other submitters active
     /// lately (group commit under load, see `submit`); 0: none.
     public var commitDelay: Double
+    /// How long after its last urgent submission a submitter counts as
+    /// active (tests lengthen it, so that what waits does not depend on
+    /// the machine's speed).
+    var siblingWindow = 0.05
 
     public init(mapSize: Int = 256 << 20, mapSizeLimit: Int = 16 << 30, deferral: Double = 0.5,
                 commitDelay: Double = 0.001) {
@@ -337,7 +341,7 @@ public final class Spool: @unchecked Sendable {
         committer = Committer(environment: environment, databases: databases, readLock: readLock,
                               mapSizeLimit: max(options.mapSizeLimit, options.mapSize),
                               deferral: max(0, options.deferral),
-                              commitDelay: max(0, options.commitDelay),
+                              commitDelay: max(0, options.commitDelay), siblingWindow: options.siblingWindow,
                               highestID: lastID)
         committer.start()
     }
