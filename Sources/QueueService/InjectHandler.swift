@@ -81,7 +81,7 @@ final class InjectHandler: ChannelInboundHandler {
     private var context: ChannelHandlerContext?
     /// This connection as a submitter to the spool (whose commits wait a
     /// little for the other connections active lately, see Spool.submit).
-    private var submitter: Int { ObjectIdentifier(self).hashValue }
+    private var submitter: Int { Int(bitPattern: UInt(bitPattern: ObjectIdentifier(self))) }
     private var submitted = false
 
     init(engine: QueueEngine) { self.engine = engine }
