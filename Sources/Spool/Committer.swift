@@ -94,7 +94,7 @@ final class Committer: @unchecked Sendable {
         switch urgency {
         case .now:
             urgentPending += 1
-            if let submitter, commitDelay > 0 { lastSubmission[submitter] = monotonicNanoseconds() }
+            if let submitter, commitDelay > 0 { lastSubmission[submitter] = DispatchTime.now().uptimeNanoseconds }
             condition.signal()
         case .deferred:
             if deferredSince == nil {
@@ -179,7 +179,7 @@ final class Committer: @unchecked Sendable {
     /// locked; returns with it locked.
     private func gatherSiblings() {
         guard commitDelay > 0, !stopping, urgentPending > 0, lastSubmission.count > 2 else { return }
-        let now = monotonicNanoseconds()
+        let now = DispatchTime.now().uptimeNanoseconds
         lastSubmission = lastSubmission.filter { now &- $0.value < activeWindow }
         let target = Int((Double(lastSubmission.count) * Self.siblingShare).rounded(.up))
         guard urgentPending < target else { return }
@@ -352,7 +352,7 @@ final class Committer: @unchecked Sendable {
             try addToCounter(txn, "operations", totals.operations)
             try addToCounter(txn, "messages", totals.messages)
             // On the meta page the counters dirty anyway: no extra write.
-            if highest > highestID { try txn.put(databases.meta, Self.highestIDKey, bigEndian(highest)) }
+            if highest > highestID { try txn.put(databases.meta, Array(Self.highestIDName.utf8), bigEndian(highest)) }
             try txn.commit()
         } catch {
             if (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
@@ -367,13 +367,11 @@ final class Committer: @unchecked Sendable {
         return .done(results, committed: true)
     }
 
-    static let highestIDKey = Array("highest-id".utf8)
+    static let highestIDName = "highest-id"
 
     /// meta "highest-id": 0 when missing (a spool from before it).
     static func highestID(_ txn: Transaction, _ dbs: SpoolDatabases) throws -> UInt64 {
-        guard let value = try txn.get(dbs.meta, highestIDKey) else { return 0 }
-        guard value.count == 8 else { throw SpoolError.corrupt("meta highest-id has \(value.count) bytes") }
-        return value.reduce(0) { $0 << 8 | UInt64($1) }
+        try metaNumber(txn, dbs, highestIDName) ?? 0
     }
 
     /// Roughly the bytes a batch writes (bodies and envelopes).
@@ -405,13 +403,15 @@ final class Committer: @unchecked Sendable {
     }
 
     private func addToCounter(_ txn: WriteTransaction, _ name: String, _ delta: UInt64) throws {
-        let key = Array(name.utf8)
-        var value: UInt64 = 0
-        if let old = try txn.get(databases.meta, key) {
-            guard old.count == 8 else { throw SpoolError.corrupt("meta counter \(name) has \(old.count) bytes") }
-            value = old.reduce(0) { $0 << 8 | UInt64($1) }
-        }
-        try txn.put(databases.meta, key, bigEndian(value &+ delta))
+        let value = try Self.metaNumber(txn, databases, name) ?? 0
+        try txn.put(databases.meta, Array(name.utf8), bigEndian(value &+ delta))
+    }
+
+    /// A u64 of `meta` (a counter, "highest-id"); nil when missing.
+    static func metaNumber(_ txn: Transaction, _ dbs: SpoolDatabases, _ name: String) throws -> UInt64? {
+        guard let value = try txn.get(dbs.meta, Array(name.utf8)) else { return nil }
+        guard value.count == 8 else { throw SpoolError.corrupt("meta \(name) has \(value.count) bytes") }
+        return value.reduce(0) { $0 << 8 | UInt64($1) }
     }
 
     private func apply(_ operation: SpoolOperation, _ txn: WriteTransaction) throws {
@@ -444,11 +444,4 @@ final class Committer: @unchecked Sendable {
             try txn.deleteRange(dbs.bodies, from: chunkKey(id, 0), to: id.key + [0xFF, 0xFF, 0xFF, 0xFF, 0xFF])
         }
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds.
-func monotonicNanoseconds() -> UInt64 {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
 }
