@@ -18,7 +18,7 @@ struct ConfigParser {
         "sealpost": ["data_directory", "hostname", "postmaster"],
         "queue": ["maximal_queue_lifetime", "bounce_queue_lifetime", "minimal_backoff_time",
                   "maximal_backoff_time", "queue_run_delay", "delay_warning_time",
-                  "message_size_limit", "recipient_limit", "map_size", "map_size_limit"],
+                  "message_size_limit", "recipient_limit", "map_size", "map_size_limit", "commit_delay"],
         "local": ["domains", "accounts", "users", "mailbox", "aliases"],
         "smtp": ["listen", "submission", "smtps", "relay_domains", "trusted_networks", "command_line_limit",
                  "text_line_limit", "error_limit", "client_connection_limit", "command_timeout",
@@ -116,6 +116,7 @@ struct ConfigParser {
         if let limit = try queue.integer("recipient_limit") { settings.recipientLimit = limit }
         try queue.size("map_size", into: &settings.mapSize)
         try queue.size("map_size_limit", into: &settings.mapSizeLimit)
+        try queue.milliseconds("commit_delay", into: &settings.commitDelayMilliseconds)
         // Cross-key rules: a zero backoff or run delay would spin the queue.
         if settings.minimalBackoffTime < 1 { throw queue.error("minimal_backoff_time", "must be at least 1 second") }
         // A pair in conflict is blamed on a key that is written in the file.
@@ -134,6 +135,11 @@ struct ConfigParser {
                 throw queue.error("map_size_limit", "must not be less than map_size (\(settings.mapSize) bytes)")
             }
             throw queue.error("map_size", "must not be more than map_size_limit (\(settings.mapSizeLimit) bytes)")
+        }
+        // Every urgent commit may wait this long under load: beyond a
+        // tenth of a second it only slows every reply.
+        if settings.commitDelayMilliseconds > QueueSettings.maximumCommitDelayMilliseconds {
+            throw queue.error("commit_delay", "must be at most \(QueueSettings.maximumCommitDelayMilliseconds)ms")
         }
         configuration.queue = settings
 
@@ -352,6 +358,19 @@ struct Section {
         } else {
             throw wrongType(key, "a duration (integer seconds or a string such as \"300s\")", value)
         }
+    }
+
+    /// A string with its unit, "1ms" or "1s": an integer is refused, since
+    /// it would mean seconds in every other duration key.
+    func milliseconds(_ key: String, into target: inout Int) throws(ConfigError) {
+        guard let value = value(key) else { return }
+        guard let text = value.string else {
+            throw wrongType(key, "a duration with its unit (a string such as \"1ms\")", value)
+        }
+        guard let milliseconds = ConfigValues.parseMilliseconds(text) else {
+            throw error(key, "not a duration in ms or s: \(ConfigParser.quote(text))")
+        }
+        target = milliseconds
     }
 
     /// Integer bytes or a size string.

@@ -25,6 +25,20 @@ public enum ConfigValues {
         return scaled(digits, by: multiplier)
     }
 
+    /// A short duration in milliseconds: "1ms", "20ms", or whole seconds
+    /// "1s". The unit is required (a bare number would read as seconds in
+    /// every other duration key); the same strictness as parseDuration.
+    public static func parseMilliseconds(_ text: String) -> Int? {
+        let digits = text.prefix(while: { $0.isASCII && $0.isNumber })
+        let multiplier: Int
+        switch text[digits.endIndex...] {
+        case "ms": multiplier = 1
+        case "s": multiplier = 1000
+        default: return nil
+        }
+        return scaled(digits, by: multiplier)
+    }
+
     /// A size in bytes: "64KiB", "10MiB", "1GiB", "1TiB", or a string of
     /// digits (bytes). Only the 1024-based IEC units: "10MB" is ambiguous
     /// (10^6 or 2^20?) and is refused rather than guessed.

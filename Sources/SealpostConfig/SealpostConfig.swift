@@ -133,6 +133,9 @@ public struct QueueSettings: Sendable, Equatable {
                queueRunDelay: Int, delayWarningTime: Int,
                messageSizeLimit: Int, recipientLimit: Int,
                mapSize: Int, mapSizeLimit: Int
+    /// Group commit under load (Spool's commitDelay); 0: none.
+    public var commitDelayMilliseconds: Int
+    public static let maximumCommitDelayMilliseconds = 100
 
     /// The defaults of the shipped file (Postfix's).
     public init() {
@@ -146,6 +149,7 @@ public struct QueueSettings: Sendable, Equatable {
         recipientLimit = 1000
         mapSize = 256 << 20
         mapSizeLimit = 16 << 30
+        commitDelayMilliseconds = 1
     }
 }
 

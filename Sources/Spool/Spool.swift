@@ -21,7 +21,7 @@
 // each in a nested transaction of one write transaction, commits once with
 // a full sync, then calls the completions. Under load from many submitters
 // (inject connections, named in `submit`), a batch first waits up to
-// `commitDelay` (1 ms by default) for 40% of those active in the last
+// `commitDelay` (1 ms by default, [queue] commit_delay) for 40% of those active in the last
 // 50 ms to join it, as PostgreSQL's commit_delay waits for commit_siblings:
 // twice as many messages per commit for a wait no client notices; a lone
 // submitter, or two taking turns, never waits. A submission marked `.deferred`

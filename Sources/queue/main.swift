@@ -99,7 +99,8 @@ mkdir(paths.spoolDirectory, 0o700)
 let spool: Spool
 do {
     spool = try Spool(directory: paths.spoolDirectory,
-                      options: SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit))
+                      options: SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit,
+                                            commitDelay: Double(config.queue.commitDelayMilliseconds) / 1000))
 } catch {
     StageRuntime.fatal("cannot open the spool \(paths.spoolDirectory): \(error)", exit: .osErr)
 }

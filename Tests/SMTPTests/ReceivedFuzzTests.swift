@@ -201,7 +201,7 @@ func transcript(_ script: String, split: (Int) -> [Int]) -> [Event] {
         var rng = SplitMix(state: 7)
         for _ in 0..<2000 {
             let data = (0..<rng.below(300)).map { _ in UInt8(rng.below(256)) }
-            data.withUnsafeBytes { SMTPFuzz.run(data: $0) }
+            _ = data.withUnsafeBytes { SMTPFuzz.run(data: $0) }
         }
     }
 }

@@ -46,7 +46,7 @@ import Testing
     @Test func unknownKeyInASection() {
         expectError("[sealpost]\nhostname = \"a.example\"\n\n[queue]\nhostname = \"b\"\n",
                     line: 5, key: "queue.hostname",
-                    "unknown key (known in [queue]: maximal_queue_lifetime, bounce_queue_lifetime, minimal_backoff_time, maximal_backoff_time, queue_run_delay, delay_warning_time, message_size_limit, recipient_limit, map_size, map_size_limit)")
+                    "unknown key (known in [queue]: maximal_queue_lifetime, bounce_queue_lifetime, minimal_backoff_time, maximal_backoff_time, queue_run_delay, delay_warning_time, message_size_limit, recipient_limit, map_size, map_size_limit, commit_delay)")
     }
 
     @Test func unknownSection() {
@@ -79,6 +79,8 @@ import Testing
                     "element 2: expected a string, found an integer")
         expectError("[queue]\nqueue_run_delay = 1.5\n", line: 2, key: "queue.queue_run_delay",
                     "expected a duration (integer seconds or a string such as \"300s\"), found a float")
+        expectError("[queue]\ncommit_delay = 1\n", line: 2, key: "queue.commit_delay",
+                    "expected a duration with its unit (a string such as \"1ms\"), found an integer")
         expectError("[queue]\nmap_size = true\n", line: 2, key: "queue.map_size",
                     "expected a size (integer bytes or a string such as \"10MiB\"), found a boolean")
         expectError("[smtp]\nlisten = { a = 1 }\n", line: 2, key: "smtp.listen",

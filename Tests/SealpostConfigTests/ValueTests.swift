@@ -29,6 +29,28 @@ import Testing
     }
 }
 
+@Suite struct MillisecondsTests {
+    @Test(arguments: [("0ms", 0), ("1ms", 1), ("100ms", 100), ("2s", 2000), ("0s", 0), ("007ms", 7)])
+    func accepted(_ text: String, _ milliseconds: Int) {
+        #expect(ConfigValues.parseMilliseconds(text) == milliseconds)
+    }
+
+    @Test(arguments: ["", "1", "ms", "1 ms", "1MS", "1.5ms", "-1ms", "1m", "1us", "1mss", "99999999999999999999ms",
+                      "9223372036854775807s"])
+    func rejected(_ text: String) {
+        #expect(ConfigValues.parseMilliseconds(text) == nil)
+    }
+
+    @Test func commitDelayInTheFile() throws {
+        #expect(try load("[queue]\ncommit_delay = \"0ms\"\n").queue.commitDelayMilliseconds == 0)
+        #expect(try load("[queue]\ncommit_delay = \"100ms\"\n").queue.commitDelayMilliseconds == 100)
+        expectError("[queue]\ncommit_delay = \"101ms\"\n", line: 2, key: "queue.commit_delay", "must be at most 100ms")
+        expectError("[queue]\ncommit_delay = \"1s\"\n", line: 2, key: "queue.commit_delay", "must be at most 100ms")
+        expectError("[queue]\ncommit_delay = \"1\"\n", line: 2, key: "queue.commit_delay",
+                    "not a duration in ms or s: \"1\"")
+    }
+}
+
 @Suite struct SizeTests {
     @Test(arguments: [
         ("0", 0), ("1000", 1000), ("64KiB", 65_536), ("10MiB", 10_485_760), ("1GiB", 1_073_741_824),

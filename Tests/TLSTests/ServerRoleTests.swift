@@ -105,7 +105,7 @@ import Testing
         // security level 0.
         let pki = try TestPKI.get()
         let conf = pki.path("empty.cnf")
-        FileManager.default.createFile(atPath: conf, contents: Data())
+        #expect(FileManager.default.createFile(atPath: conf, contents: Data()))
         let (result, _, _) = try Self.handshake(["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"],
                                                 environment: ["OPENSSL_CONF": conf])
         let error = try #require(result.failure)
