@@ -194,19 +194,9 @@ public final class LocalDeliveryAgent: Sendable {
     private func logLine(_ job: DeliveryJob, to: String, origTo: String?, dsn: String, status: String, text: String) {
         var line = "\(job.queueID): to=<\(to)>"
         if let origTo { line += ", orig_to=<\(origTo)>" }
-        line += ", relay=local, delay=\(formatDelay(since: job.arrival)), dsn=\(dsn), status=\(status) (\(text))"
+        line += ", relay=local, delay=\(job.delay(now: UInt64(time(nil)))), dsn=\(dsn), status=\(status) (\(text))"
         log.info(line)
     }
-}
-
-/// Seconds since `arrival` with two decimals, as Postfix prints them.
-func formatDelay(since arrival: UInt64) -> String {
-    var now = timespec()
-    clock_gettime(CLOCK_REALTIME, &now)
-    let nowCentis = Int64(now.tv_sec) * 100 + Int64(now.tv_nsec) / 10_000_000
-    let centis = max(0, nowCentis - Int64(clamping: arrival) * 100)
-    let fraction = centis % 100
-    return "\(centis / 100).\(fraction < 10 ? "0" : "")\(fraction)"
 }
 
 extension String {

@@ -359,7 +359,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
             }
         }
         let now = clock()
-        let delay = max(0, now - Double(state.job.arrival))
+        let delay = state.job.delay(now: UInt64(max(0, now)))
         let byIndex = Dictionary(uniqueKeysWithValues: state.job.recipients.map { ($0.index, $0.address) })
         var results: [RemoteResult] = []
         for r in state.job.recipients {
@@ -373,14 +373,8 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
 
     /// "ID: to=<b@example.net>, relay=mx.example.net[192.0.2.1]:25,
     /// delay=0.4, dsn=2.0.0, status=sent (250 2.0.0 Ok), tls=none"
-    public static func logLine(queueID: String, to: String, result: RemoteResult, delay: Double) -> String {
-        "\(queueID): to=<\(to)>, relay=\(result.relay ?? "none"), delay=\(formatDelay(delay)), dsn=\(result.dsn), status=\(result.status.rawValue) (\(result.text)), tls=\(result.tls)"
-    }
-
-    static func formatDelay(_ d: Double) -> String {
-        if d >= 10 { return String(Int(d.rounded())) }
-        let tenths = Int((d * 10).rounded())
-        return "\(tenths / 10).\(tenths % 10)"
+    public static func logLine(queueID: String, to: String, result: RemoteResult, delay: UInt64) -> String {
+        "\(queueID): to=<\(to)>, relay=\(result.relay ?? "none"), delay=\(delay), dsn=\(result.dsn), status=\(result.status.rawValue) (\(result.text)), tls=\(result.tls)"
     }
 
     // MARK: - The connection cache

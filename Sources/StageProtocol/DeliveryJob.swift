@@ -40,6 +40,15 @@ public struct DeliveryJob: Sendable {
     /// The body went over the stage's size limit and was not kept.
     public var oversized = false
 
+    /// Whole seconds from arrival to `now` (Unix time), for the `delay=`
+    /// of a delivery's log line, as the queue's own lines print it. The
+    /// arrival is in whole seconds, so a fraction would be noise: a message
+    /// taken at 12:00:00.9 and delivered at 12:00:01.0 would show 1.00 for
+    /// a delivery of a tenth of a second.
+    public func delay(now: UInt64) -> UInt64 {
+        now > arrival ? now - arrival : 0
+    }
+
     public init(job: UInt64, queueID: String, sender: String, arrival: UInt64,
                 size: UInt64 = 0, attempt: UInt64 = 1) {
         self.job = job

@@ -125,9 +125,11 @@ final class RecordingForwarder: MessageForwarder {
         #expect(results == [RecipientResult(index: 0, status: .deferred, dsn: "4.3.1", text: "queue full")])
     }
 
-    @Test func delayHasTwoDecimals() {
-        let d = formatDelay(since: 0)
-        let parts = d.split(separator: ".")
-        #expect(parts.count == 2 && parts[1].count == 2)
+    @Test func delayIsInWholeSecondsAsTheArrival() {
+        let job = DeliveryJob(job: 1, queueID: "4F3A2B1C5D6E", sender: "", arrival: 1_700_000_000)
+        #expect(job.delay(now: 1_700_000_000) == 0)
+        #expect(job.delay(now: 1_700_000_042) == 42)
+        // A clock stepped back shows no negative delay.
+        #expect(job.delay(now: 1_699_999_000) == 0)
     }
 }
