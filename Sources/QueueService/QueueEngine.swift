@@ -262,22 +262,20 @@ final class QueueEngine: @unchecked Sendable {
                                                    arrival: env.arrival, kind: env.kind, now: t, policy: policy,
                                                    random: random())
                 }
+                switch outcome {
+                case .sent: sentCount += 1
+                case .bounced, .expired: bouncedCount += 1
+                case .deferred: deferredCount += 1
+                }
+                guard !Self.stageLogged(result, outcome) else { continue }
                 let r = env.recipients[i]
                 let relay = result?.relay ?? "none"
                 let head = "\(env.queueID): to=<\(r.address)>, relay=\(relay), delay=\(t >= env.arrival ? t - env.arrival : 0), dsn=\(r.dsnStatus ?? "4.3.0")"
                 switch outcome {
-                case .sent:
-                    sentCount += 1
-                    lines.append("\(head), status=sent (\(r.lastError ?? "delivered"))")
-                case .bounced:
-                    bouncedCount += 1
-                    lines.append("\(head), status=bounced (\(r.lastError ?? "undeliverable"))")
-                case .expired:
-                    bouncedCount += 1
-                    lines.append("\(head), status=expired, returned to sender (\(r.lastError ?? "message expired"))")
-                case .deferred:
-                    deferredCount += 1
-                    lines.append("\(head), status=deferred (\(r.lastError ?? "temporary failure"))")
+                case .sent: lines.append("\(head), status=sent (\(r.lastError ?? "delivered"))")
+                case .bounced: lines.append("\(head), status=bounced (\(r.lastError ?? "undeliverable"))")
+                case .expired: lines.append("\(head), status=expired, returned to sender (\(r.lastError ?? "message expired"))")
+                case .deferred: lines.append("\(head), status=deferred (\(r.lastError ?? "temporary failure"))")
                 }
             }
         }
@@ -287,6 +285,19 @@ final class QueueEngine: @unchecked Sendable {
             finalize(id)
         } else if let env = scheduler.envelope(id) {
             persist(env)
+        }
+    }
+
+    /// Whether the delivery stage's own log line (PROTOCOL.md 4.3: a stage
+    /// logs each RESULT it sends, as Postfix's delivery agents do) already
+    /// says what became of the recipient. The queue then adds none: a second
+    /// "status=sent" line would count every delivery twice for whoever
+    /// greps the log or feeds it to pflogsumm. It logs what only it knows:
+    /// a job lost without a RESULT, and a deferral that expired the message.
+    static func stageLogged(_ result: DeliveryResult?, _ outcome: RecipientOutcome) -> Bool {
+        switch (result?.status, outcome) {
+        case (.sent?, .sent), (.bounced?, .bounced), (.deferred?, .deferred): true
+        default: false
         }
     }
 

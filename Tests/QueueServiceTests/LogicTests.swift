@@ -127,6 +127,20 @@ private let router = Router(isLocal: { $0 == "localhost" || $0 == "example.test"
                                      policy: policy, random: 0.5) == .deferred(nextAttempt: 350))
         #expect(r.attempts == 1)
     }
+
+    /// The delivery stage logs each RESULT; the queue logs only what the
+    /// stage could not know, so that every delivery has one log line.
+    @Test func theQueueLogsOnlyWhatTheStageCouldNotKnow() {
+        func result(_ status: DeliveryStatus) -> DeliveryResult { DeliveryResult(status: status, dsn: "2.0.0", text: "x") }
+        #expect(QueueEngine.stageLogged(result(.sent), .sent))
+        #expect(QueueEngine.stageLogged(result(.bounced), .bounced))
+        #expect(QueueEngine.stageLogged(result(.deferred), .deferred(nextAttempt: 60)))
+        // A deferral past the lifetime: the stage said deferred, the queue returns it.
+        #expect(!QueueEngine.stageLogged(result(.deferred), .expired))
+        // A job lost without a RESULT: no stage logged anything.
+        #expect(!QueueEngine.stageLogged(nil, .deferred(nextAttempt: 60)))
+        #expect(!QueueEngine.stageLogged(nil, .expired))
+    }
 }
 
 @Suite struct SchedulerTests {

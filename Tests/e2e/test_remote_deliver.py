@@ -359,6 +359,8 @@ def test_relay_load_every_message_delivered(remote, workdir, cleanup):
     sink.stop()
     log = pipe.log_text()
     assert len(re.findall(r"remote-deliver\[\d+\]: \w+: to=<sink@load.test>.*status=sent", log)) == RELAY_COUNT
+    # Each delivery is logged once (the queue does not repeat the stage's line).
+    assert log.count("status=sent") == RELAY_COUNT
     # A message that arrives before remote-deliver has connected waits in
     # the queue ("delivery temporarily suspended"); any other deferral is a
     # failure.
