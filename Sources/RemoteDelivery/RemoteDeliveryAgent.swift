@@ -372,7 +372,8 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     }
 
     /// "ID: to=<b@example.net>, relay=mx.example.net[192.0.2.1]:25,
-    /// delay=0.4, dsn=2.0.0, status=sent (250 2.0.0 Ok), tls=none"
+    /// delay=0, dsn=2.0.0, status=sent (250 2.0.0 Ok), tls=none" (delay in
+    /// whole seconds, see DeliveryJob.delay)
     public static func logLine(queueID: String, to: String, result: RemoteResult, delay: UInt64) -> String {
         "\(queueID): to=<\(to)>, relay=\(result.relay ?? "none"), delay=\(delay), dsn=\(result.dsn), status=\(result.status.rawValue) (\(result.text)), tls=\(result.tls)"
     }

@@ -1,0 +1,97 @@
+"""A full disk under the spool: every injection path gets 452 4.3.1 (never a
+250, never a lost message), the queue keeps running and takes mail again as
+soon as there is room, and every message it accepted is delivered once.
+
+Needs root: the spool is a small tmpfs mounted for the test, so that the
+disk really fills (ENOSPC from the kernel, not a limit of Sealpost's own)."""
+
+import os
+import re
+import smtplib
+import subprocess
+
+import pytest
+
+from conftest import CHECKOUT, IS_ROOT, Pipeline, local_user, make_message, require_build, \
+    sequences_delivered, wait_until
+
+# 64 KiB of body per message: the 8 MiB spool fills after about a hundred.
+PADDING = (b"x" * 998 + b"\r\n") * 64
+
+
+@pytest.fixture
+def small_spool(workdir):
+    if not IS_ROOT:
+        pytest.skip("needs root: mounts a tmpfs as the spool")
+    spool = workdir / "data" / "queue"
+    spool.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(spool)], check=True)
+    yield spool
+    subprocess.run(["umount", "-l", str(spool)], check=False)
+
+
+def test_a_full_disk_refuses_with_452_and_loses_nothing(workdir, small_spool):
+    require_build("queue", "local-deliver", "queue-inject", "smtp-listen")
+    user = local_user()
+    # Room that the test frees later, as an administrator would.
+    filler = small_spool / "filler"
+    filler.write_bytes(b"\0" * (2 << 20))
+    # No delivery stage: what is accepted stays in the spool and fills it.
+    stages = "\n".join(line for line in (CHECKOUT / "Pipeline" / "stages").read_text().splitlines()
+                       if not line.startswith(("local-deliver", "remote-deliver")))
+    pipe = Pipeline(workdir, stages=stages).start()
+    accepted = []
+    try:
+        sequence = 0
+        refusals = []
+        while len(refusals) < 3:
+            assert sequence < 1000, "8 MiB never filled up"
+            result = pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost",
+                                       message=make_message(sequence, user) + PADDING)
+            if result.returncode == 0:
+                assert not refusals, "accepted after a refusal while the disk is still full"
+                accepted.append(sequence)
+            else:
+                refusals.append((result.returncode, result.stderr.decode(errors="replace")))
+            sequence += 1
+        assert accepted, "nothing fit in the spool"
+        for code, stderr in refusals:
+            assert code == 75, refusals   # EX_TEMPFAIL: the sender keeps it and tries later
+            assert "452 4.3.1" in stderr, refusals
+
+        # The same over SMTP: the reply to the end of data is 452 4.3.1.
+        port = int(re.search(r'(?m)^listen = \["127\.0\.0\.1:(\d+)"\]', pipe.config.read_text()).group(1))
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("sender@localhost", [f"{user}@localhost"], make_message(sequence, user) + PADDING)
+            assert refused.value.smtp_code == 452
+            assert refused.value.smtp_error.startswith(b"4.3.1"), refused.value.smtp_error
+        sequence += 1
+
+        # The queue still runs and answers the administrator.
+        assert pipe.status()["queue"][3] == 0, pipe.status()   # no restart
+        listing = pipe.sealpost("queue", "list")
+        assert listing.returncode == 0, listing.stderr
+        assert "spool full" in pipe.log_text()
+
+        # Room again: the next message is taken without a restart.
+        filler.unlink()
+        result = pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost",
+                                   message=make_message(sequence, user) + PADDING)
+        assert result.returncode == 0, result.stderr
+        accepted.append(sequence)
+    finally:
+        code = pipe.stop()
+    assert code == 0, pipe.supervisor_output()
+
+    # The whole pipeline on the same data: each accepted message once.
+    pipe = Pipeline(workdir).start()
+    try:
+        wait_until(lambda: len(sequences_delivered(pipe, user)) >= len(accepted), 120,
+                   f"{len(accepted)} messages in the Maildir")
+        delivered = sequences_delivered(pipe, user)
+        assert sorted(delivered) == accepted, (sorted(delivered), accepted)
+        assert set(delivered.values()) == {1}, delivered
+    finally:
+        code = pipe.stop()
+    assert code == 0, pipe.supervisor_output()
