@@ -1,18 +1,20 @@
-"""A full disk under the spool: every injection path gets 452 4.3.1 (never a
+"""Full disks. Under the spool: every injection path gets 452 4.3.1 (never a
 250, never a lost message), the queue keeps running and takes mail again as
 soon as there is room, and every message it accepted is delivered once.
+Under the Maildirs: local-deliver defers (4.3.1), leaves nothing half
+written, and delivers each message once when there is room.
 
-Needs root: the spool is a small tmpfs mounted for the test, so that the
-disk really fills (ENOSPC from the kernel, not a limit of Sealpost's own)."""
+Needs root: a small tmpfs is mounted for the test, so that the disk really
+fills (ENOSPC from the kernel, not a limit of Sealpost's own)."""
 
-import os
 import re
+import shutil
 import smtplib
 import subprocess
 
 import pytest
 
-from conftest import CHECKOUT, IS_ROOT, Pipeline, local_user, make_message, require_build, \
+from conftest import CHECKOUT, IS_ROOT, SEQUENCE, Pipeline, local_user, make_message, require_build, \
     sequences_delivered, wait_until
 
 # 64 KiB of body per message: the 8 MiB spool fills after about a hundred.
@@ -94,4 +96,53 @@ def test_a_full_disk_refuses_with_452_and_loses_nothing(workdir, small_spool):
         assert set(delivered.values()) == {1}, delivered
     finally:
         code = pipe.stop()
+    assert code == 0, pipe.supervisor_output()
+
+
+def test_a_full_mailbox_disk_defers_and_delivers_each_message_once_when_there_is_room(workdir):
+    if not IS_ROOT:
+        pytest.skip("needs root: mounts a tmpfs for the Maildirs")
+    require_build("queue", "local-deliver", "queue-inject")
+    user = local_user()
+    mail = workdir / "data" / "mail"
+    mail.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mail)], check=True)
+    pipe, code = None, None
+    try:
+        pipe = Pipeline(workdir).start()
+        count = 30   # 64 KiB each: about 15 fit in 1 MiB
+        for sequence in range(count):
+            result = pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost",
+                                       message=make_message(sequence, user) + PADDING)
+            assert result.returncode == 0, result.stderr
+        deferral = re.compile(r"local-deliver\[\d+\]: \w+: to=<[^>]+>, relay=local, delay=\d+, dsn=4\.3\.1, "
+                              r"status=deferred \(cannot write .*No space left on device\)")
+        wait_until(lambda: deferral.search(pipe.log_text()), 60, "a deferral for the full disk")
+        maildir = pipe.maildir_new(user).parent
+        # Nothing half-written is left behind in tmp/.
+        assert list((maildir / "tmp").iterdir()) == []
+        # The user makes room: the delivered files go elsewhere (another
+        # file system: the tmpfs is what is full).
+        kept = workdir / "kept"
+        kept.mkdir()
+        for path in pipe.delivered(user):
+            shutil.move(str(path), str(kept / path.name))
+        early = {}
+        for path in kept.iterdir():
+            number = int(SEQUENCE.search(path.read_bytes()).group(1))
+            early[number] = early.get(number, 0) + 1
+        assert 0 < len(early) < count and set(early.values()) == {1}, early
+        # A flush retries the deferred ones at once.
+        flushed = pipe.sealpost("queue", "flush")
+        assert flushed.returncode == 0, flushed.stderr
+        wait_until(lambda: len(sequences_delivered(pipe, user)) >= count - len(early), 120,
+                   "the deferred messages in the Maildir")
+        late = sequences_delivered(pipe, user)
+        assert set(early).isdisjoint(late) and set(early) | set(late) == set(range(count)), (early, late)
+        assert set(late.values()) == {1}, late
+        assert list((maildir / "tmp").iterdir()) == []
+    finally:
+        if pipe is not None:
+            code = pipe.stop()
+        subprocess.run(["umount", "-l", str(mail)], check=False)
     assert code == 0, pipe.supervisor_output()
