@@ -1,12 +1,19 @@
-"""Full disks. Under the spool: every injection path gets 452 4.3.1 (never a
+"""Storage that fails under the spool and the Maildirs.
+
+A full disk under the spool: every injection path gets 452 4.3.1 (never a
 250, never a lost message), the queue keeps running and takes mail again as
 soon as there is room, and every message it accepted is delivered once.
-Under the Maildirs: local-deliver defers (4.3.1), leaves nothing half
-written, and delivers each message once when there is room.
+A full disk under the Maildirs: local-deliver defers (4.3.1), leaves nothing
+half written, and delivers each message once when there is room. A failing
+fdatasync (libfiu): 451 4.3.0, never a 250, and the queue goes on once the
+disk syncs again.
 
-Needs root: a small tmpfs is mounted for the test, so that the disk really
-fills (ENOSPC from the kernel, not a limit of Sealpost's own)."""
+Needs root: a small tmpfs is mounted for the disk-full tests, so that the disk
+really fills (ENOSPC from the kernel, not a limit of Sealpost's own); the
+fdatasync test sets up a pipeline that runs as "nobody"."""
 
+import os
+import pwd
 import re
 import shutil
 import smtplib
@@ -14,11 +21,15 @@ import subprocess
 
 import pytest
 
-from conftest import CHECKOUT, IS_ROOT, SEQUENCE, Pipeline, local_user, make_message, require_build, \
-    sequences_delivered, wait_until
+from conftest import CHECKOUT, IS_ROOT, SEQUENCE, Pipeline, as_user, executable, local_user, make_message, \
+    require_build, sequences_delivered, wait_until
 
 # 64 KiB of body per message: the 8 MiB spool fills after about a hundred.
 PADDING = (b"x" * 998 + b"\r\n") * 64
+
+
+def smtp_port(pipe):
+    return int(re.search(r'(?m)^listen = \["127\.0\.0\.1:(\d+)"\]', pipe.config.read_text()).group(1))
 
 
 @pytest.fixture
@@ -62,8 +73,7 @@ def test_a_full_disk_refuses_with_452_and_loses_nothing(workdir, small_spool):
             assert "452 4.3.1" in stderr, refusals
 
         # The same over SMTP: the reply to the end of data is 452 4.3.1.
-        port = int(re.search(r'(?m)^listen = \["127\.0\.0\.1:(\d+)"\]', pipe.config.read_text()).group(1))
-        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        with smtplib.SMTP("127.0.0.1", smtp_port(pipe), timeout=60) as client:
             with pytest.raises(smtplib.SMTPDataError) as refused:
                 client.sendmail("sender@localhost", [f"{user}@localhost"], make_message(sequence, user) + PADDING)
             assert refused.value.smtp_code == 452
@@ -145,4 +155,65 @@ def test_a_full_mailbox_disk_defers_and_delivers_each_message_once_when_there_is
         if pipe is not None:
             code = pipe.stop()
         subprocess.run(["umount", "-l", str(mail)], check=False)
+    assert code == 0, pipe.supervisor_output()
+
+
+FIU_RUN = shutil.which("fiu-run") or "/usr/bin/fiu-run"
+FIU_CTRL = shutil.which("fiu-ctrl") or "/usr/bin/fiu-ctrl"
+FDATASYNC = "posix/io/sync/fdatasync"
+
+
+def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir):
+    """The queue runs under libfiu's fiu-run; fiu-ctrl makes every
+    fdatasync(2) fail (EIO and the other errors POSIX allows), then stops.
+    The pipeline runs as "nobody": a chrooted queue could not reopen
+    fiu-run's control FIFOs, which live outside its root."""
+    if not IS_ROOT:
+        pytest.skip("needs root: runs the pipeline as nobody")
+    if not (os.access(FIU_RUN, os.X_OK) and os.access(FIU_CTRL, os.X_OK)):
+        pytest.skip("libfiu's fiu-run is missing (Debian: fiu-utils, which Pipeline/test installs)")
+    require_build("queue", "local-deliver", "queue-inject", "smtp-listen")
+    user = "nobody"
+    entry = pwd.getpwnam(user)
+    if subprocess.run(as_user(user, ["test", "-x", executable("queue")])).returncode != 0:
+        pytest.skip(f"{executable('queue')} is not readable by {user}")
+    os.chown(workdir, entry.pw_uid, entry.pw_gid)
+    control = workdir / "fiu"
+    stages = "\n".join(f"queue {FIU_RUN} -x -f {control} {executable('queue')}" if line.split()[:1] == ["queue"] else line
+                       for line in (CHECKOUT / "Pipeline" / "stages").read_text().splitlines())
+    pipe = Pipeline(workdir, stages=stages, run_as=user)
+    for path in workdir.iterdir():
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def inject(sequence):
+        return subprocess.run(as_user(user, [executable("queue-inject"), "-f", "sender@localhost", f"{user}@localhost"]),
+                              input=make_message(sequence, user), env=pipe.env(), capture_output=True, timeout=120)
+
+    def fail_syncs(command):
+        result = subprocess.run([FIU_CTRL, "-f", str(control), "-c", f"{command} name={FDATASYNC}",
+                                 str(pipe.running_pid("queue"))], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+
+    pipe.start()
+    try:
+        assert inject(0).returncode == 0
+        fail_syncs("enable")
+        for sequence in (1, 2, 3):
+            result = inject(sequence)
+            assert result.returncode == 75, result   # EX_TEMPFAIL: the sender keeps the message
+            assert b"451 4.3.0" in result.stderr, result.stderr
+        with smtplib.SMTP("127.0.0.1", smtp_port(pipe), timeout=60) as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("sender@localhost", [f"{user}@localhost"], make_message(4, user))
+            assert refused.value.smtp_code == 451 and refused.value.smtp_error.startswith(b"4.3.0"), refused.value
+        assert "cannot queue the message: spool I/O error: mdb_txn_commit" in pipe.log_text()
+        fail_syncs("disable")
+        # The same process, no restart: the disk syncs, mail is taken again.
+        assert pipe.status()["queue"][3] == 0, pipe.status()
+        assert inject(5).returncode == 0
+        wait_until(lambda: len(sequences_delivered(pipe, user)) >= 2, 60, "the two accepted messages")
+        # Only what got its 0 (or 250) is delivered, each once.
+        assert sequences_delivered(pipe, user) == {0: 1, 5: 1}
+    finally:
+        code = pipe.stop()
     assert code == 0, pipe.supervisor_output()
