@@ -1,6 +1,7 @@
-"""Storage that fails under the spool and the Maildirs.
+"""Durable acceptance, and storage that fails under the spool and the Maildirs.
 
-A full disk under the spool: every injection path gets 452 4.3.1 (never a
+The 250 to the end of data follows the queue's completed sync (strace of
+the queue and smtp-listen together). A full disk under the spool: every injection path gets 452 4.3.1 (never a
 250, never a lost message), the queue keeps running and takes mail again as
 soon as there is room, and every message it accepted is delivered once.
 A full disk under the Maildirs: local-deliver defers (4.3.1), leaves nothing
@@ -217,3 +218,77 @@ def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir):
     finally:
         code = pipe.stop()
     assert code == 0, pipe.supervisor_output()
+
+
+STRACE = shutil.which("strace") or "/usr/bin/strace"
+
+
+def o_dsync_descriptors(pid):
+    """The queue's descriptors opened with O_DSYNC (LMDB writes its meta
+    page through one: that write is the commit's last, durable step)."""
+    found = set()
+    for entry in os.listdir(f"/proc/{pid}/fdinfo"):
+        with open(f"/proc/{pid}/fdinfo/{entry}") as info:
+            flags = next(line for line in info if line.startswith("flags:")).split()[1]
+        if int(flags, 8) & os.O_DSYNC:
+            found.add(int(entry))
+    return found
+
+
+def test_the_250_follows_the_queue_s_completed_sync(pipeline):
+    """strace of both processes in one output, in the order the kernel saw
+    the calls: the message reaches the queue (smtp-listen's write to the
+    inject socket), the queue's fdatasync returns 0 and its O_DSYNC meta
+    page write returns, and only then does smtp-listen write the 250."""
+    if not os.access(STRACE, os.X_OK):
+        pytest.skip("strace is missing (Pipeline/test installs it)")
+    queue, listen = pipeline.running_pid("queue"), pipeline.running_pid("smtp-listen")
+    meta = o_dsync_descriptors(queue)
+    assert meta, "the queue holds no O_DSYNC descriptor (LMDB's meta page)"
+    output, messages = pipeline.directory / "strace.out", pipeline.directory / "strace.err"
+    with open(messages, "wb") as errors:
+        tracer = subprocess.Popen([STRACE, "-f", "-s", "128", "-o", str(output),
+                                   "-e", "trace=fdatasync,pwrite64,write,writev,sendmsg",
+                                   "-p", str(queue), "-p", str(listen)], stderr=errors)
+    try:
+        wait_until(lambda: all(f"Process {pid} attached" in messages.read_text() for pid in (queue, listen))
+                   or tracer.poll() is not None, 30, "strace to attach")
+        assert tracer.poll() is None, messages.read_text()
+        marker = "durable-order-" + os.urandom(6).hex()
+        with smtplib.SMTP("127.0.0.1", smtp_port(pipeline), timeout=60) as client:
+            client.sendmail("sender@localhost", [f"{local_user()}@localhost"],
+                            f"Subject: {marker}\r\n\r\nbody\r\n".encode())
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+    lines = output.read_text(errors="replace").splitlines()
+    # strace -f names each thread by its ID.
+    queue_threads, listen_threads = (set(map(int, os.listdir(f"/proc/{pid}/task"))) for pid in (queue, listen))
+
+    def thread(line):
+        return int(line.split(None, 1)[0])
+
+    def completed(index, threads, call, descriptor=None):
+        """Whether line `index` is where `call` of one of `threads`
+        returned a success."""
+        line = lines[index]
+        if thread(line) not in threads:
+            return False
+        whole = re.search(rf"\b{call}\((\d+)\b.*\)\s+=\s+\d+$", line)
+        resumed = re.search(rf"<\.\.\. {call} resumed>.*\s=\s+\d+$", line)
+        if whole:
+            return descriptor is None or int(whole.group(1)) in descriptor
+        if resumed:
+            # The descriptor is on the same thread's "unfinished" line.
+            for earlier in range(index - 1, -1, -1):
+                start = re.match(rf"{thread(line)} +{call}\((\d+)", lines[earlier])
+                if start:
+                    return descriptor is None or int(start.group(1)) in descriptor
+        return False
+
+    sent = next(i for i, line in enumerate(lines) if thread(line) in listen_threads and marker in line)
+    reply = next(i for i, line in enumerate(lines)
+                 if i > sent and thread(line) in listen_threads and "250 2.0.0 Ok: queued as" in line)
+    between = "\n".join(line[:100] for line in lines[sent:reply + 1])
+    assert any(completed(i, queue_threads, "fdatasync") for i in range(sent, reply)), between
+    assert any(completed(i, queue_threads, "pwrite64", meta) for i in range(sent, reply)), between
