@@ -2,6 +2,12 @@
 // only (one write(2) per line, or per batch of lines a drain of the stages'
 // pipes produced), so lines from the supervisor and its stages never
 // interleave mid-line.
+//
+// A disk that is full (or failing) never stops the mail: the supervisor goes
+// on draining the stages' pipes, and the lines it cannot write are counted,
+// not queued. A write cut short leaves no half line behind (the fragment is
+// truncated away, or ended with a newline when that fails), and the first
+// line written afterwards says how many lines were lost, since when and why.
 
 #if canImport(Glibc)
 import Glibc
@@ -20,6 +26,17 @@ public final class LogSink {
     private var stampPrefix: [UInt8] = []
     /// Past this many bytes queued, `append` writes at once.
     static let batchLimit = 32 * 1024
+    /// Lines not written since the last write that succeeded, the time of
+    /// the first of them and the last error.
+    private var lostLines = 0
+    private var lostSince: time_t = 0
+    private var lostReason = ""
+    /// The file ends inside a line (a short write whose fragment could not
+    /// be truncated): the next write starts with a newline.
+    private var torn = false
+
+    /// Lines lost to failed writes and not reported yet (for tests).
+    var unreportedLostLines: Int { lostLines }
 
     /// `echo`: also write every line to standard output (--foreground).
     public init(path: String, hostname: String, echo: Bool) {
@@ -70,24 +87,74 @@ public final class LogSink {
     /// Writes the lines `append` queued.
     public func flush() {
         guard !pending.isEmpty else { return }
-        if fd >= 0 {
-            if !writeAll(fd, pending) && !echo { writeAll(2, pending) }
-            if echo { writeAll(1, pending) }
-        } else {
+        defer { pending.removeAll(keepingCapacity: true) }
+        guard fd >= 0 else {
             writeAll(2, pending)
+            return
         }
-        pending.removeAll(keepingCapacity: true)
+        var batch: [UInt8] = torn ? [UInt8(ascii: "\n")] : []
+        var notice = 0
+        if lostLines > 0 {
+            let line = "supervise[\(getpid())]: warning: \(lostLines) log line\(lostLines == 1 ? "" : "s") lost since "
+                + "\(LogFormat.timestamp(lostSince)): \(lostReason)"
+            addStamped(line, to: &batch)
+            notice = batch.count
+        }
+        batch.append(contentsOf: pending)
+        let (written, error) = writeWholeLines(batch)
+        if let error {
+            let unwritten = batch[written...]
+            // The notice's own line is not one more lost line.
+            let lost = unwritten.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) } - (written < notice ? 1 : 0)
+            if lostLines == 0 { lostSince = time(nil) }
+            lostLines += lost
+            lostReason = String(cString: strerror(error))
+            if !echo { writeAll(2, Array(pending.suffix(min(pending.count, unwritten.count)))) }
+        } else {
+            lostLines = 0
+            torn = false
+        }
+        if echo { writeAll(1, pending) }
+    }
+
+    /// Writes `bytes` (whole lines) to the log; returns how many bytes are
+    /// in the file as whole lines, and the error that stopped the rest.
+    /// After a short write the fragment of a line is truncated away, so
+    /// that no half line is followed by the next one on the same line.
+    private func writeWholeLines(_ bytes: [UInt8]) -> (written: Int, error: Int32?) {
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            if n >= 0 {
+                offset += n
+                continue
+            }
+            let error = errno
+            if error == EINTR { continue }
+            let whole = (bytes[..<offset].lastIndex(of: UInt8(ascii: "\n")) ?? -1) + 1
+            let fragment = offset - whole
+            if fragment > 0 {
+                let end = lseek(fd, 0, SEEK_END)
+                if end < fragment || ftruncate(fd, end - off_t(fragment)) != 0 { torn = true }
+            }
+            return (whole, error)
+        }
+        return (offset, nil)
     }
 
     private func addStamped(_ line: String) {
+        addStamped(line, to: &pending)
+    }
+
+    private func addStamped(_ line: String, to buffer: inout [UInt8]) {
         let now = time(nil)
         if now != stampSecond {
             stampSecond = now
             stampPrefix = Array("\(LogFormat.timestamp(now)) \(host) ".utf8)
         }
-        pending.append(contentsOf: stampPrefix)
-        pending.append(contentsOf: line.utf8)
-        pending.append(UInt8(ascii: "\n"))
+        buffer.append(contentsOf: stampPrefix)
+        buffer.append(contentsOf: line.utf8)
+        buffer.append(UInt8(ascii: "\n"))
     }
 
     public func close() {

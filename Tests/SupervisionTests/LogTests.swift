@@ -111,3 +111,32 @@ import Testing
         #expect(mode(path) == 0o660)
     }
 }
+
+@Suite struct LogSinkFullDiskTests {
+    /// The log on a disk that refuses every write (/dev/full: ENOSPC), then,
+    /// after a reopen (what SIGHUP does), on one that takes them again.
+    @Test func linesThatCannotBeWrittenAreCountedAndReportedByTheNextWrite() throws {
+        var template = Array("/tmp/sealpost-logfull-XXXXXX".utf8CString)
+        let dir = try #require(mkdtemp(&template).map { String(cString: $0) })
+        let path = dir + "/sealpost.log"
+        defer { _ = unlink(path); _ = rmdir(dir) }
+        try #require(symlink("/dev/full", path) == 0)
+        let sink = LogSink(path: path, hostname: "mx.example.test", echo: false)
+        try sink.open()
+        sink.write("queue[1]: first")
+        sink.append("queue[1]: second")
+        sink.append("smtp-listen[2]: third")
+        sink.flush()
+        #expect(sink.unreportedLostLines == 3)
+
+        try #require(unlink(path) == 0)
+        try sink.open()
+        sink.write("queue[1]: fourth")
+        #expect(sink.unreportedLostLines == 0)
+        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
+        try #require(lines.count == 2)
+        #expect(lines[0].contains(" mx supervise[\(getpid())]: warning: 3 log lines lost since "))
+        #expect(lines[0].hasSuffix(": No space left on device"))
+        #expect(lines[1].hasSuffix(" mx queue[1]: fourth"))
+    }
+}

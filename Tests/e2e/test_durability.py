@@ -13,6 +13,7 @@ Needs root: a small tmpfs is mounted for the disk-full tests, so that the disk
 really fills (ENOSPC from the kernel, not a limit of Sealpost's own); the
 fdatasync test sets up a pipeline that runs as "nobody"."""
 
+import contextlib
 import os
 import pwd
 import re
@@ -33,15 +34,34 @@ def smtp_port(pipe):
     return int(re.search(r'(?m)^listen = \["127\.0\.0\.1:(\d+)"\]', pipe.config.read_text()).group(1))
 
 
+@contextlib.contextmanager
+def small_disk(directory, size):
+    """A tmpfs of `size` on `directory` (created), a disk that fills."""
+    if not IS_ROOT:
+        pytest.skip(f"needs root: mounts a tmpfs on {directory.name}/")
+    directory.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@contextlib.contextmanager
+def running(pipe):
+    """`pipe` started for the block, then stopped: it must exit with 0."""
+    pipe.start()
+    try:
+        yield pipe
+    finally:
+        code = pipe.stop()
+    assert code == 0, pipe.supervisor_output()
+
+
 @pytest.fixture
 def small_spool(workdir):
-    if not IS_ROOT:
-        pytest.skip("needs root: mounts a tmpfs as the spool")
-    spool = workdir / "data" / "queue"
-    spool.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(spool)], check=True)
-    yield spool
-    subprocess.run(["umount", "-l", str(spool)], check=False)
+    with small_disk(workdir / "data" / "queue", "8m") as spool:
+        yield spool
 
 
 def test_a_full_disk_refuses_with_452_and_loses_nothing(workdir, small_spool):
@@ -111,16 +131,9 @@ def test_a_full_disk_refuses_with_452_and_loses_nothing(workdir, small_spool):
 
 
 def test_a_full_mailbox_disk_defers_and_delivers_each_message_once_when_there_is_room(workdir):
-    if not IS_ROOT:
-        pytest.skip("needs root: mounts a tmpfs for the Maildirs")
     require_build("queue", "local-deliver", "queue-inject")
     user = local_user()
-    mail = workdir / "data" / "mail"
-    mail.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mail)], check=True)
-    pipe, code = None, None
-    try:
-        pipe = Pipeline(workdir).start()
+    with small_disk(workdir / "data" / "mail", "1m"), running(Pipeline(workdir)) as pipe:
         count = 30   # 64 KiB each: about 15 fit in 1 MiB
         for sequence in range(count):
             result = pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost",
@@ -152,12 +165,6 @@ def test_a_full_mailbox_disk_defers_and_delivers_each_message_once_when_there_is
         assert set(early).isdisjoint(late) and set(early) | set(late) == set(range(count)), (early, late)
         assert set(late.values()) == {1}, late
         assert list((maildir / "tmp").iterdir()) == []
-    finally:
-        if pipe is not None:
-            code = pipe.stop()
-        subprocess.run(["umount", "-l", str(mail)], check=False)
-    assert code == 0, pipe.supervisor_output()
-
 
 FIU_RUN = shutil.which("fiu-run") or "/usr/bin/fiu-run"
 FIU_CTRL = shutil.which("fiu-ctrl") or "/usr/bin/fiu-ctrl"
@@ -292,3 +299,33 @@ def test_the_250_follows_the_queue_s_completed_sync(pipeline):
     between = "\n".join(line[:100] for line in lines[sent:reply + 1])
     assert any(completed(i, queue_threads, "fdatasync") for i in range(sent, reply)), between
     assert any(completed(i, queue_threads, "pwrite64", meta) for i in range(sent, reply)), between
+
+
+def test_a_full_log_disk_does_not_stop_the_mail(workdir):
+    """The log on a full disk: the supervisor keeps draining the stages'
+    output, so mail flows as before; once there is room, the first line
+    says how many lines were lost and the file holds no half line."""
+    require_build("queue", "local-deliver", "queue-inject")
+    user = local_user()
+    with small_disk(workdir / "data" / "log", "64k") as log, running(Pipeline(workdir)) as pipe:
+        filler = log / "filler"
+        with pytest.raises(OSError):   # the disk is full once this fails
+            filler.write_bytes(b"\0" * (1 << 20))
+        count = 300   # a few hundred log lines, far more than the pipes hold
+        for sequence in range(count):
+            result = pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost",
+                                       message=make_message(sequence, user), timeout=60)
+            assert result.returncode == 0, (sequence, result.stderr)
+        wait_until(lambda: len(sequences_delivered(pipe, user)) >= count, 120, f"{count} messages delivered")
+        assert set(sequences_delivered(pipe, user).values()) == {1}
+        filler.unlink()
+        assert pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost",
+                                 message=make_message(count, user)).returncode == 0
+        notice = re.compile(r"supervise\[\d+\]: warning: (\d+) log lines lost since .*: No space left on device$")
+        found = wait_until(lambda: [m for m in map(notice.search, pipe.log_text().splitlines()) if m], 60,
+                           "the lost-lines notice")
+        assert int(found[0].group(1)) > 0
+        stamp = re.compile(r"\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ [\w-]+\[\d+\]: ")
+        for line in pipe.log_text().splitlines():
+            # Each line whole: one stamp at its start, none inside.
+            assert stamp.match(line) and not stamp.search(line, 1), line
