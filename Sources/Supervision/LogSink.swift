@@ -92,8 +92,11 @@ public final class LogSink {
             writeAll(2, pending)
             return
         }
+        // The newline that ends a torn line, then the notice: neither is
+        // one more lost line when it cannot be written either.
         var batch: [UInt8] = torn ? [UInt8(ascii: "\n")] : []
-        var notice = 0
+        let ending = batch.count
+        var notice = ending
         if lostLines > 0 {
             let line = "supervise[\(getpid())]: warning: \(lostLines) log line\(lostLines == 1 ? "" : "s") lost since "
                 + "\(LogFormat.timestamp(lostSince)): \(lostReason)"
@@ -103,9 +106,11 @@ public final class LogSink {
         batch.append(contentsOf: pending)
         let (written, error) = writeWholeLines(batch)
         if let error {
+            // A notice that made it into the file reported what was lost so far.
+            if notice > ending && written >= notice { lostLines = 0 }
             let unwritten = batch[written...]
-            // The notice's own line is not one more lost line.
-            let lost = unwritten.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) } - (written < notice ? 1 : 0)
+            let lost = unwritten.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
+                - (written < ending ? 1 : 0) - (written < notice && notice > ending ? 1 : 0)
             if lostLines == 0 { lostSince = time(nil) }
             lostLines += lost
             lostReason = String(cString: strerror(error))
@@ -125,11 +130,12 @@ public final class LogSink {
         var offset = 0
         while offset < bytes.count {
             let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            if n >= 0 {
+            if n > 0 {
                 offset += n
                 continue
             }
-            let error = errno
+            // write(2) of a regular file returns 0 only when it cannot go on.
+            let error = n == 0 ? EIO : errno
             if error == EINTR { continue }
             let whole = (bytes[..<offset].lastIndex(of: UInt8(ascii: "\n")) ?? -1) + 1
             let fragment = offset - whole
