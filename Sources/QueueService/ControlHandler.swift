@@ -71,6 +71,12 @@ final class ControlHandler: ChannelInboundHandler {
             }
             id = parsed
         }
+        if try frame.bool("all", default: false) {
+            guard id == nil, ["delete", "hold", "release"].contains(verb) else {
+                throw ProtocolError("REQUEST \(verb) cannot take all")
+            }
+            return applyToAll(verb, bounce: try frame.bool("bounce", default: false), context: context)
+        }
         let needsID: Set<String> = ["show", "delete", "hold", "release"]
         if needsID.contains(verb) && id == nil { throw ProtocolError("REQUEST \(verb) needs a queue-id") }
         if let id, verb != "list", verb != "stats", engine.scheduler.envelope(id) == nil {
@@ -128,6 +134,42 @@ final class ControlHandler: ChannelInboundHandler {
         }
     }
 
+    /// `delete`, `hold` or `release` of every message (`all`), as Postfix's
+    /// `postsuper -d ALL`: each change is submitted at once, so the spool's
+    /// group commit takes them together, and one DONE answers once every
+    /// one is committed, with the count and the first failure. Messages
+    /// already held (or not held, for release) are left as they are.
+    private func applyToAll(_ verb: String, bounce: Bool, context: ChannelHandlerContext) {
+        let ids = engine.scheduler.envelopes.filter { verb == "delete" || $0.held != (verb == "hold") }.map(\.queueID)
+        engine.logger.info("\(verb): all \(ids.count) messages by administrator")
+        let past = ["delete": "deleted", "hold": "held", "release": "released"][verb]!
+        guard !ids.isEmpty else { return done(true, "\(past) 0 messages") }
+        busy = true
+        let tally = AllTally(count: ids.count)
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let finished: (QueueID, Result<Void, SpoolError>) -> Void = { id, result in
+            if case .failure(let error) = result {
+                tally.failed += 1
+                if tally.firstFailure == nil { tally.firstFailure = "\(id): \(error)" }
+            }
+            tally.remaining -= 1
+            guard tally.remaining == 0 else { return }
+            let changed = tally.count - tally.failed
+            if let first = tally.firstFailure {
+                bound.value.done(false, "\(past) \(changed) of \(tally.count) messages; \(tally.failed) failed, first: \(first)")
+            } else {
+                bound.value.done(true, "\(past) \(changed) messages\(verb == "delete" && bounce ? ", senders notified" : "")")
+            }
+        }
+        for id in ids {
+            if verb == "delete" {
+                engine.delete(id, bounce: bounce) { finished(id, $0) }
+            } else {
+                engine.setHeld(id, verb == "hold") { finished(id, $0) }
+            }
+        }
+    }
+
     private func writeEntry(_ env: EnvelopeRecord) {
         guard let context else { return }
         var entry = Frame(.entry, ["queue-id": .text(env.queueID.rawValue), "size": .uint(env.size),
@@ -148,3 +190,15 @@ final class ControlHandler: ChannelInboundHandler {
 
 @available(*, unavailable)
 extension ControlHandler: Sendable {}
+
+/// What `applyToAll` has heard back, on the event loop only.
+private final class AllTally {
+    let count: Int
+    var remaining: Int
+    var failed = 0
+    var firstFailure: String?
+    init(count: Int) {
+        self.count = count
+        self.remaining = count
+    }
+}

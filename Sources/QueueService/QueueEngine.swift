@@ -511,7 +511,7 @@ final class QueueEngine: @unchecked Sendable {
     /// Hold or release; the flag is written to the spool before `done`.
     func setHeld(_ id: QueueID, _ held: Bool, done: @escaping (Result<Void, SpoolError>) -> Void) {
         scheduler.setHeld(id, held, now: now)
-        guard let env = scheduler.envelope(id) else { return }
+        guard let env = scheduler.envelope(id) else { return done(.failure(.noSuchMessage)) }
         logger.info("\(id): \(held ? "hold: by administrator" : "released from hold")")
         let loop = self.loop
         let done = NIOLoopBound(done, eventLoop: loop)

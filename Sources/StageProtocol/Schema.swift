@@ -282,6 +282,8 @@ enum Standard {
         ])
 
     static let verbsNeedingID: Set<String> = ["show", "delete", "hold", "release"]
+    /// Verbs that may act on every message at once (`all`).
+    static let verbsForAll: Set<String> = ["delete", "hold", "release"]
 
     static let control = ProtocolSchema(
         name: "control",
@@ -293,8 +295,15 @@ enum Standard {
                   check: Checks.oneOf(["list", "show", "flush", "delete", "hold", "release", "stats"])),
                 R("queue-id", .text, check: Checks.nonEmptyText),
                 R("bounce", .bool),
+                R("all", .bool),
             ], check: { frame in
-                if case .text(let verb)? = frame["verb"], verbsNeedingID.contains(verb), frame["queue-id"] == nil {
+                guard case .text(let verb)? = frame["verb"] else { return nil }
+                if case .bool(true)? = frame["all"] {
+                    guard verbsForAll.contains(verb) else { return "attribute \"all\" is not allowed for verb \"\(verb)\"" }
+                    if frame["queue-id"] != nil { return "attributes \"all\" and \"queue-id\" exclude each other" }
+                    return nil
+                }
+                if verbsNeedingID.contains(verb), frame["queue-id"] == nil {
                     return "attribute \"queue-id\" is required for verb \"\(verb)\""
                 }
                 return nil

@@ -60,6 +60,65 @@ func simpleRequest(_ options: GlobalOptions, _ verb: String, queueID: String? = 
     }
 }
 
+/// delete, hold or release of the messages `arguments` name, as Postfix's
+/// postsuper takes them: queue IDs, "ALL" (every message, one request the
+/// queue answers once all are committed), or "-" (IDs on standard input, one
+/// per line, as `postsuper -d -` reads them). One line
+/// per message on stdout; a message the queue could not change is reported
+/// on stderr and the exit code is 69, after the others were done.
+func requestForEach(_ options: GlobalOptions, _ verb: String, _ arguments: [String], bounce: Bool = false) throws {
+    try reporting { () throws(AdminFailure) in
+        if arguments == ["ALL"] {
+            let reply = try options.connect().request(verb, bounce: bounce, all: true)
+            guard reply.ok else { throw AdminFailure(message: "queue \(verb) ALL: \(reply.text)", exitCode: SysExit.unavailable) }
+            Output.out(reply.text + "\n")
+            return
+        }
+        guard !arguments.contains("ALL") else {
+            throw AdminFailure(message: "ALL stands alone: no queue IDs beside it", exitCode: SysExit.usage)
+        }
+        var ids: [String] = []
+        for argument in arguments {
+            if argument == "-" {
+                for line in readStandardInput().split(whereSeparator: \.isNewline) {
+                    let id = line.trimmingCharacters(in: .whitespaces)
+                    if !id.isEmpty { ids.append(try QueueFormat.normalizeID(id)) }
+                }
+            } else {
+                ids.append(try QueueFormat.normalizeID(argument))
+            }
+        }
+        guard !ids.isEmpty else { throw AdminFailure(message: "no queue ID given", exitCode: SysExit.usage) }
+        let client = try options.connect()
+        var failures = 0
+        for id in ids {
+            let reply = try client.request(verb, queueID: id, bounce: bounce)
+            if reply.ok {
+                Output.out(reply.text + "\n")
+            } else {
+                Output.err("sealpost: queue \(verb) \(id): \(reply.text)\n")
+                failures += 1
+            }
+        }
+        if failures > 0 {
+            throw AdminFailure(message: "queue \(verb): \(failures) of \(ids.count) messages not changed", exitCode: SysExit.unavailable)
+        }
+    }
+}
+
+/// All of standard input (the IDs of `-`).
+private func readStandardInput() -> String {
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(0, &buffer, buffer.count)
+        if n > 0 { bytes += buffer[0..<n]; continue }
+        if n < 0 && errno == EINTR { continue }
+        break
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
 struct QueueCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "queue",
@@ -107,26 +166,29 @@ struct QueueCommand: ParsableCommand {
         func run() throws { try simpleRequest(options, "flush", queueID: queueID) }
     }
 
+    static let idsHelp = ArgumentHelp("Queue IDs; ALL for every message; - to read IDs from standard input, one per line.",
+                                      valueName: "queue-id")
+
     struct Delete: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete a message from the queue.")
+        static let configuration = CommandConfiguration(abstract: "Delete messages from the queue.")
         @OptionGroup var options: GlobalOptions
-        @Flag(help: "Return the message to its sender with a delivery status notification.") var bounce = false
-        @Argument(help: "The queue ID.") var queueID: String
-        func run() throws { try simpleRequest(options, "delete", queueID: queueID, bounce: bounce) }
+        @Flag(help: "Return each message to its sender with a delivery status notification.") var bounce = false
+        @Argument(help: QueueCommand.idsHelp) var queueIDs: [String]
+        func run() throws { try requestForEach(options, "delete", queueIDs, bounce: bounce) }
     }
 
     struct Hold: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Put a message on hold: no delivery until released.")
+        static let configuration = CommandConfiguration(abstract: "Put messages on hold: no delivery until released.")
         @OptionGroup var options: GlobalOptions
-        @Argument(help: "The queue ID.") var queueID: String
-        func run() throws { try simpleRequest(options, "hold", queueID: queueID) }
+        @Argument(help: QueueCommand.idsHelp) var queueIDs: [String]
+        func run() throws { try requestForEach(options, "hold", queueIDs) }
     }
 
     struct Release: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Release a held message.")
+        static let configuration = CommandConfiguration(abstract: "Release held messages.")
         @OptionGroup var options: GlobalOptions
-        @Argument(help: "The queue ID.") var queueID: String
-        func run() throws { try simpleRequest(options, "release", queueID: queueID) }
+        @Argument(help: QueueCommand.idsHelp) var queueIDs: [String]
+        func run() throws { try requestForEach(options, "release", queueIDs) }
     }
 
     struct Stats: ParsableCommand {

@@ -82,10 +82,11 @@ final class QueueClient {
 
     /// Sends one REQUEST and collects the answer up to DONE, checking the
     /// order of section 4.4: ENTRY, its ENTRY-RCPTs, its BODYs, ..., DONE.
-    func request(_ verb: String, queueID: String? = nil, bounce: Bool = false) throws(AdminFailure) -> QueueReply {
+    func request(_ verb: String, queueID: String? = nil, bounce: Bool = false, all: Bool = false) throws(AdminFailure) -> QueueReply {
         var frame = Frame(.request, ["verb": .text(verb)])
         frame.set("queue-id", queueID.map { .text($0) })
         if bounce { frame.set("bounce", .bool(true)) }
+        if all { frame.set("all", .bool(true)) }
         do {
             try connection.send(frame)
             var entries: [QueueEntry] = []

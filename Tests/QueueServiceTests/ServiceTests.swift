@@ -172,13 +172,14 @@ final class TestQueue {
         try c.send(Frame(.jobDone, ["job": .uint(job.number)]))
     }
 
-    func control(_ verb: String, _ id: String? = nil, bounce: Bool? = nil) throws -> Listing {
+    func control(_ verb: String, _ id: String? = nil, bounce: Bool? = nil, all: Bool = false) throws -> Listing {
         let c = try Self.connect(config.controlSocket)
         defer { c.close() }
         _ = try c.clientHello(.control)
         var request = Frame(.request, ["verb": .text(verb)])
         request.set("queue-id", id.map { .text($0) })
         request.set("bounce", bounce.map { .bool($0) })
+        if all { request.set("all", .bool(true)) }
         try c.send(request)
         var listing = Listing()
         while let frame = try c.receive() {
@@ -579,6 +580,29 @@ func refusal(_ frame: Frame) throws -> String {
         #expect(notice.sender == "" && notice.recipients.map(\.address) == ["sender@localhost"])
         #expect(String(decoding: notice.body, as: UTF8.self).contains("deleted by the administrator"))
         stage.close()
+    }
+
+    /// postsuper's ALL: one request for every message, answered once all
+    /// the changes are committed.
+    @Test func holdReleaseAndDeleteAll() throws {
+        let q = try TestQueue()
+        let ids = try (0..<5).map { _ in try q.inject(to: ["alice@localhost"]) }
+        #expect(try q.control("hold", ids[0]).ok)
+        let held = try q.control("hold", all: true)
+        #expect(held.ok && held.text == "held 4 messages")   // the one already held stays as it is
+        #expect(try q.control("list").messages.allSatisfy(\.held))
+        let released = try q.control("release", all: true)
+        #expect(released.ok && released.text == "released 5 messages")
+        #expect(try q.control("list").messages.allSatisfy { !$0.held })
+        let deleted = try q.control("delete", all: true)
+        #expect(deleted.ok && deleted.text == "deleted 5 messages")
+        #expect(try q.control("list").messages.isEmpty)
+        // After a restart too: the deletions were committed before DONE.
+        q.stop()
+        try q.start()
+        #expect(try q.control("list").messages.isEmpty)
+        let none = try q.control("delete", all: true)
+        #expect(none.ok && none.text == "deleted 0 messages")
     }
 
     @Test func expiryBouncesWith447() throws {

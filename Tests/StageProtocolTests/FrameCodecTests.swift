@@ -484,6 +484,13 @@ enum Conversations {
                        "JOB: attribute \"attempt\": must be 1..", protocol: .deliver, direction: .serverToClient)
         expectRejected(FrameEncoder.encode(Frame(.request, ["verb": .text("show")])),
                        "REQUEST: attribute \"queue-id\" is required for verb \"show\"", protocol: .control)
+        expectRejected(FrameEncoder.encode(Frame(.request, ["verb": .text("delete"), "all": .bool(true),
+                                                            "queue-id": .text("0123456789AB")])),
+                       "REQUEST: attributes \"all\" and \"queue-id\" exclude each other", protocol: .control)
+        expectRejected(FrameEncoder.encode(Frame(.request, ["verb": .text("show"), "all": .bool(true)])),
+                       "REQUEST: attribute \"all\" is not allowed for verb \"show\"", protocol: .control)
+        expectRejected(FrameEncoder.encode(Frame(.request, ["verb": .text("hold"), "all": .bool(false)])),
+                       "REQUEST: attribute \"queue-id\" is required for verb \"hold\"", protocol: .control)
         expectRejected(FrameEncoder.encode(Frame(.request, ["verb": .text("purge")])),
                        "REQUEST: attribute \"verb\": must be list, show, flush, delete, hold, release or stats, got \"purge\"",
                        protocol: .control)
