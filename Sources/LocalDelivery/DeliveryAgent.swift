@@ -190,7 +190,18 @@ public final class LocalDeliveryAgent: Sendable {
         }
     }
 
-    /// `QUEUEID: to=<a>, orig_to=<b>, relay=local, delay=0.02, dsn=2.0.0, status=sent (text)`
+    /// Bounces every recipient of a job whose message is over the local
+    /// delivery limit (the queue does not log what a stage reports: the
+    /// stage logs it, PROTOCOL.md 4.3).
+    public func refuseOversized(_ job: DeliveryJob, limit: Int) -> [RecipientResult] {
+        let text = "message larger than the local delivery limit of \(limit) bytes"
+        return job.recipients.map { r in
+            logLine(job, to: r.address, origTo: nil, dsn: "5.3.4", status: "bounced", text: text)
+            return RecipientResult(index: r.index, status: .bounced, dsn: "5.3.4", text: text)
+        }
+    }
+
+    /// `QUEUEID: to=<a>, orig_to=<b>, relay=local, delay=0, dsn=2.0.0, status=sent (text)`
     private func logLine(_ job: DeliveryJob, to: String, origTo: String?, dsn: String, status: String, text: String) {
         var line = "\(job.queueID): to=<\(to)>"
         if let origTo { line += ", orig_to=<\(origTo)>" }

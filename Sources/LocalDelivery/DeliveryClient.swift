@@ -90,10 +90,7 @@ public final class DeliveryWorker: Sendable {
         while let job = try JobReader.receiveJob(from: connection, maximumMessageSize: maximumMessageSize) {
             let results: [RecipientResult]
             if job.oversized {
-                results = job.recipients.map {
-                    RecipientResult(index: $0.index, status: .bounced, dsn: "5.3.4",
-                                    text: "message larger than the local delivery limit of \(maximumMessageSize) bytes")
-                }
+                results = agent.refuseOversized(job, limit: maximumMessageSize)
             } else {
                 results = agent.deliver(job)
             }

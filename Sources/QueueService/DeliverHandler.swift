@@ -12,6 +12,9 @@ struct OutstandingJob {
     var number: UInt64
     var plan: JobPlan
     var results: [Int: DeliveryResult] = [:]
+    /// The results are the queue's own (no stage saw the job): the queue
+    /// logs them, as no stage did.
+    var resultsFromQueue = false
 }
 
 final class DeliverHandler: ChannelInboundHandler {

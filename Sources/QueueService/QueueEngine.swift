@@ -224,7 +224,7 @@ final class QueueEngine: @unchecked Sendable {
             }
         } catch {
             logger.warning("\(plan.queueID): cannot read the message body: \(error)")
-            var job = OutstandingJob(number: 0, plan: plan)
+            var job = OutstandingJob(number: 0, plan: plan, resultsFromQueue: true)
             for i in plan.recipients {
                 job.results[i] = DeliveryResult(status: .deferred, dsn: "4.3.0",
                                                 text: "cannot read the queued message: \(error)", relay: "none")
@@ -267,7 +267,7 @@ final class QueueEngine: @unchecked Sendable {
                 case .bounced, .expired: bouncedCount += 1
                 case .deferred: deferredCount += 1
                 }
-                guard !Self.stageLogged(result, outcome) else { continue }
+                guard !Self.stageLogged(result, outcome, resultsFromQueue: job.resultsFromQueue) else { continue }
                 let r = env.recipients[i]
                 let relay = result?.relay ?? "none"
                 let head = "\(env.queueID): to=<\(r.address)>, relay=\(relay), delay=\(t >= env.arrival ? t - env.arrival : 0), dsn=\(r.dsnStatus ?? "4.3.0")"
@@ -293,9 +293,12 @@ final class QueueEngine: @unchecked Sendable {
     /// says what became of the recipient. The queue then adds none: a second
     /// "status=sent" line would count every delivery twice for whoever
     /// greps the log or feeds it to pflogsumm. It logs what only it knows:
-    /// a job lost without a RESULT, and a deferral that expired the message.
-    static func stageLogged(_ result: DeliveryResult?, _ outcome: RecipientOutcome) -> Bool {
-        switch (result?.status, outcome) {
+    /// a job lost without a RESULT, a deferral that expired the message,
+    /// and results it made itself (a body it could not read: no stage saw
+    /// the job).
+    static func stageLogged(_ result: DeliveryResult?, _ outcome: RecipientOutcome, resultsFromQueue: Bool = false) -> Bool {
+        if resultsFromQueue { return false }
+        return switch (result?.status, outcome) {
         case (.sent?, .sent), (.bounced?, .bounced), (.deferred?, .deferred): true
         default: false
         }

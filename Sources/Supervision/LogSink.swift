@@ -5,9 +5,11 @@
 //
 // A disk that is full (or failing) never stops the mail: the supervisor goes
 // on draining the stages' pipes, and the lines it cannot write are counted,
-// not queued. A write cut short leaves no half line behind (the fragment is
-// truncated away, or ended with a newline when that fails), and the first
-// line written afterwards says how many lines were lost, since when and why.
+// not queued. A line that a write cut short is ended, at the next write that
+// succeeds, with " [cut: log write failed]" (the file never shrinks: log
+// followers such as tail -F or a shipper would take a shrink for a rotation
+// and read it all again), and the first line written afterwards says how
+// many lines did not reach the log, since when and why.
 
 #if canImport(Glibc)
 import Glibc
@@ -31,9 +33,10 @@ public final class LogSink {
     private var lostLines = 0
     private var lostSince: time_t = 0
     private var lostReason = ""
-    /// The file ends inside a line (a short write whose fragment could not
-    /// be truncated): the next write starts with a newline.
+    /// The file ends inside a line (a write cut short): the next write
+    /// starts by ending it.
     private var torn = false
+    static let tornEnding = Array(" [cut: log write failed]\n".utf8)
 
     /// Lines lost to failed writes and not reported yet (for tests).
     var unreportedLostLines: Int { lostLines }
@@ -52,7 +55,7 @@ public final class LogSink {
         // The log names every sender and recipient: never readable by all,
         // also when an older version (0644) or a rotation tool made it.
         var info = stat()
-        if fstat(newFD, &info) == 0, info.st_mode & 0o007 != 0 {
+        if fstat(newFD, &info) == 0, info.st_mode & S_IFMT == S_IFREG, info.st_mode & 0o007 != 0 {
             _ = fchmod(newFD, info.st_mode & 0o770)
         }
         flush()   // queued lines belong to the file being rotated away
@@ -92,41 +95,47 @@ public final class LogSink {
             writeAll(2, pending)
             return
         }
-        // The newline that ends a torn line, then the notice: neither is
-        // one more lost line when it cannot be written either.
-        var batch: [UInt8] = torn ? [UInt8(ascii: "\n")] : []
+        // The ending of a line cut short, then the notice: neither is one
+        // more lost line when it cannot be written either.
+        var batch: [UInt8] = torn ? Self.tornEnding : []
         let ending = batch.count
         var notice = ending
         if lostLines > 0 {
-            let line = "supervise[\(getpid())]: warning: \(lostLines) log line\(lostLines == 1 ? "" : "s") lost since "
-                + "\(LogFormat.timestamp(lostSince)): \(lostReason)"
-            addStamped(line, to: &batch)
+            addStamped(lostNotice(), to: &batch)
             notice = batch.count
         }
         batch.append(contentsOf: pending)
-        let (written, error) = writeWholeLines(batch)
+        let (written, cut, error) = writeWholeLines(batch)
+        if written >= ending { torn = cut > 0 }
         if let error {
             // A notice that made it into the file reported what was lost so far.
             if notice > ending && written >= notice { lostLines = 0 }
-            let unwritten = batch[written...]
-            let lost = unwritten.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
-                - (written < ending ? 1 : 0) - (written < notice && notice > ending ? 1 : 0)
-            if lostLines == 0 { lostSince = time(nil) }
+            // The queued lines not in the file, not even in part (a line
+            // cut short is there in part, and ended later).
+            let newline = UInt8(ascii: "\n")
+            let inFile = written > notice ? batch[notice..<written].reduce(0) { $0 + ($1 == newline ? 1 : 0) } : 0
+            let partly = cut > 0 && written + cut > notice ? 1 : 0
+            let lost = pending.reduce(0) { $0 + ($1 == newline ? 1 : 0) } - inFile - partly
+            let unwritten = batch[(written + cut)...]
+            if lostLines == 0 && lost > 0 { lostSince = time(nil) }
             lostLines += lost
             lostReason = String(cString: strerror(error))
             if !echo { writeAll(2, Array(pending.suffix(min(pending.count, unwritten.count)))) }
         } else {
             lostLines = 0
-            torn = false
         }
         if echo { writeAll(1, pending) }
     }
 
+    private func lostNotice() -> String {
+        "supervise[\(getpid())]: warning: \(lostLines) log line\(lostLines == 1 ? "" : "s") not written since "
+            + "\(LogFormat.timestamp(lostSince)): \(lostReason)"
+    }
+
     /// Writes `bytes` (whole lines) to the log; returns how many bytes are
-    /// in the file as whole lines, and the error that stopped the rest.
-    /// After a short write the fragment of a line is truncated away, so
-    /// that no half line is followed by the next one on the same line.
-    private func writeWholeLines(_ bytes: [UInt8]) -> (written: Int, error: Int32?) {
+    /// in the file as whole lines, how many more of a line cut short, and
+    /// the error that stopped the rest.
+    private func writeWholeLines(_ bytes: [UInt8]) -> (written: Int, cut: Int, error: Int32?) {
         var offset = 0
         while offset < bytes.count {
             let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
@@ -138,14 +147,9 @@ public final class LogSink {
             let error = n == 0 ? EIO : errno
             if error == EINTR { continue }
             let whole = (bytes[..<offset].lastIndex(of: UInt8(ascii: "\n")) ?? -1) + 1
-            let fragment = offset - whole
-            if fragment > 0 {
-                let end = lseek(fd, 0, SEEK_END)
-                if end < fragment || ftruncate(fd, end - off_t(fragment)) != 0 { torn = true }
-            }
-            return (whole, error)
+            return (whole, offset - whole, error)
         }
-        return (offset, nil)
+        return (offset, 0, nil)
     }
 
     private func addStamped(_ line: String) {
@@ -165,6 +169,12 @@ public final class LogSink {
 
     public func close() {
         flush()
+        // Lines lost at the end are reported still, when the disk allows.
+        if fd >= 0 && lostLines > 0 {
+            var batch: [UInt8] = torn ? Self.tornEnding : []
+            addStamped(lostNotice(), to: &batch)
+            if writeWholeLines(batch).error == nil { lostLines = 0 }
+        }
         if fd >= 0 { Glibc.close(fd) }
         fd = -1
     }

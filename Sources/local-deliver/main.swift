@@ -54,9 +54,10 @@
 //      runs as that user without chroot.
 //
 // LOGGING
-//      One line per delivered copy on stderr, as Postfix's local(8):
+//      One line per delivered copy (and per refused recipient) on stderr,
+//      as Postfix's local(8); delay in whole seconds since arrival:
 //      local-deliver[815]: 4F3A2B1C5D6E: to=<u@localhost>,
-//      orig_to=<postmaster@localhost>, relay=local, delay=0.02, dsn=2.0.0,
+//      orig_to=<postmaster@localhost>, relay=local, delay=0, dsn=2.0.0,
 //      status=sent (delivered to maildir)
 //
 // EXIT STATUS

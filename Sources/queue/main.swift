@@ -64,8 +64,10 @@
 //      One line per event on stderr, Postfix style, grep-able by queue ID:
 //        queue[pid]: 4F3A2B1C5D6E: uid=1000 from=<a@example.org>
 //        queue[pid]: 4F3A2B1C5D6E: from=<a@example.org>, size=1234, nrcpt=2 (queue active)
-//        queue[pid]: 4F3A2B1C5D6E: to=<u@localhost>, relay=maildir, delay=0, dsn=2.0.0, status=sent (...)
 //        queue[pid]: 4F3A2B1C5D6E: removed
+//      A delivery is logged by its delivery stage; the queue logs only what
+//      no stage could (a lost job, an expiry: status=expired, returned to
+//      sender).
 //
 // EXIT STATUS
 //      0 clean stop; 78 configuration error; 73 a socket cannot be created;

@@ -84,7 +84,7 @@
 // LOGGING
 //      One line per recipient on stderr, as Postfix's smtp(8):
 //      remote-deliver[815]: 4F3A2B1C5D6E: to=<b@example.net>,
-//      relay=mx.example.net[192.0.2.1]:25, delay=0.4, dsn=2.0.0,
+//      relay=mx.example.net[192.0.2.1]:25, delay=0, dsn=2.0.0,
 //      status=sent (250 2.0.0 Ok: queued as X), tls=none
 //
 // EXIT STATUS

@@ -244,6 +244,9 @@ private func receiveResults(_ c: StageConnection, count: Int) throws -> (results
         c.close()
         _ = try session.wait()
         #expect(mailbox("bob").isEmpty)
+        // The stage logs what it reports (the queue does not repeat it).
+        #expect(logs.all.contains { $0.contains("to=<bob@localhost>, relay=local, delay=") &&
+                                    $0.hasSuffix("dsn=5.3.4, status=bounced (message larger than the local delivery limit of 10 bytes)") })
     }
 
     @Test func aRefusedForwardBouncesOrDefersAsTheQueueSays() throws {

@@ -140,6 +140,8 @@ private let router = Router(isLocal: { $0 == "localhost" || $0 == "example.test"
         // A job lost without a RESULT: no stage logged anything.
         #expect(!QueueEngine.stageLogged(nil, .deferred(nextAttempt: 60)))
         #expect(!QueueEngine.stageLogged(nil, .expired))
+        // A deferral the queue made itself (it could not read the body).
+        #expect(!QueueEngine.stageLogged(result(.deferred), .deferred(nextAttempt: 60), resultsFromQueue: true))
     }
 }
 

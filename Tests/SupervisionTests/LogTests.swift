@@ -121,8 +121,15 @@ import Testing
         let path = dir + "/sealpost.log"
         defer { _ = unlink(path); _ = rmdir(dir) }
         try #require(symlink("/dev/full", path) == 0)
+        var device = stat()
+        try #require(stat("/dev/full", &device) == 0)
         let sink = LogSink(path: path, hostname: "mx.example.test", echo: false)
         try sink.open()
+        // Only a regular file loses its "others" bits (as root, /dev/full
+        // would otherwise become 0660 for the whole machine).
+        var after = stat()
+        try #require(stat("/dev/full", &after) == 0)
+        #expect(after.st_mode == device.st_mode)
         sink.write("queue[1]: first")
         sink.append("queue[1]: second")
         sink.append("smtp-listen[2]: third")
@@ -135,7 +142,7 @@ import Testing
         #expect(sink.unreportedLostLines == 0)
         let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
         try #require(lines.count == 2)
-        #expect(lines[0].contains(" mx supervise[\(getpid())]: warning: 3 log lines lost since "))
+        #expect(lines[0].contains(" mx supervise[\(getpid())]: warning: 3 log lines not written since "))
         #expect(lines[0].hasSuffix(": No space left on device"))
         #expect(lines[1].hasSuffix(" mx queue[1]: fourth"))
     }

@@ -357,8 +357,8 @@ def handle(conn, data, job, recipients, body):
             except OSError as e:
                 status, dsn = "deferred", ("4.3.1" if e.errno == errno.ENOSPC else "4.3.0")
                 text = "cannot deliver to maildir: %s" % os.strerror(e.errno or errno.EIO)
-        delay = max(0.0, time.time() - job["arrival"])
-        log("%s: to=<%s>, relay=local, delay=%.2f, dsn=%s, status=%s (%s)"
+        delay = max(0, int(time.time()) - job["arrival"])   # whole seconds, as the arrival
+        log("%s: to=<%s>, relay=local, delay=%d, dsn=%s, status=%s (%s)"
             % (job["queue-id"], address, delay, dsn, status, text))
         conn.send(RESULT, [("job", UINT, job["job"]), ("index", UINT, index),
                            ("status", TEXT, status), ("dsn", TEXT, dsn), ("text", TEXT, text),
