@@ -59,6 +59,10 @@ public final class LogSink {
             _ = fchmod(newFD, info.st_mode & 0o770)
         }
         flush()   // queued lines belong to the file being rotated away
+        // A line cut short is ended in its own file, not at the top of
+        // the next one.
+        if torn && fd >= 0 { _ = writeWholeLines(Self.tornEnding) }
+        torn = false
         if fd >= 0 { Glibc.close(fd) }
         fd = newFD
     }
