@@ -8,6 +8,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -115,6 +116,27 @@ def test_a_bad_configuration_names_file_line_and_key_and_starts_nothing(workdir)
     assert start.returncode != 0
     assert f"{path}:{line}:" in start.stderr and "queue.minimal_backoff_time" in start.stderr
     assert not (workdir / "data").exists(), "something started"
+
+
+def test_pipeline_start_fails_when_a_stage_cannot_start(workdir):
+    """The SMTP port is held by another program: Pipeline/start says which
+    stage does not run and why, and exits 1 instead of "running"."""
+    require_build("queue", "smtp-listen")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = make_config(workdir, workdir / "data", {"listen": f'["127.0.0.1:{port}"]'})
+        env = dict(os.environ, SEALPOST_CONFIG=str(path))
+        try:
+            start = subprocess.run([str(CHECKOUT / "Pipeline" / "start")], env=env,
+                                   capture_output=True, text=True, timeout=1200)
+            assert start.returncode == 1, start
+            assert "not every stage could start" in start.stderr and "smtp-listen: restarting" in start.stderr, start.stderr
+            assert f"cannot listen for smtp on 127.0.0.1:{port}: bind: Address already in use" in start.stderr, start.stderr
+        finally:
+            stop = subprocess.run([str(CHECKOUT / "Pipeline" / "stop")], env=env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop
 
 
 def test_a_bad_stages_file_names_file_and_line(workdir):
