@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <sys/prctl.h>
 #include "CSystemShims.h"
 
 #include <errno.h>
@@ -137,6 +138,8 @@ int sealpost_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 int sealpost_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd) {
     return posix_spawn_file_actions_addclosefrom_np(actions, lowfd);
 }
+
+int sealpost_set_parent_death_signal(int sig) { return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0); }
 
 int sealpost_wifexited(int status) { return WIFEXITED(status); }
 int sealpost_wexitstatus(int status) { return WEXITSTATUS(status); }

@@ -92,8 +92,7 @@ final class SignalDispatcher: @unchecked Sendable {
         signalPipeWriteEnd = ends[1]
         var thread = pthread_t()
         let started = pthread_create(&thread, nil, { _ in
-            SignalDispatcher.shared.readLoop()
-            return nil
+            SignalDispatcher.shared.readLoop()   // never returns
         }, nil)
         guard started == 0 else {
             StageRuntime.fatal("signal thread: \(String(cString: strerror(started)))", exit: .osErr)

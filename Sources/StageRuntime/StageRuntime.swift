@@ -13,6 +13,7 @@ import Darwin
 #endif
 import Logging
 import SealpostConfig
+import CSystemShims
 
 public enum StageRuntime {
     /// Sets up logging ("name[pid]: ..." lines on stderr), ignores SIGPIPE,
@@ -80,7 +81,10 @@ public enum StageRuntime {
     static func dropPrivileges(_ config: SealpostConfiguration, chroot: Bool, chrootDirectory: String? = nil,
                                effectiveUser: uid_t, user: String?) throws -> RuntimePaths {
         let paths = RuntimePaths(config)
-        guard effectiveUser == 0 else { return paths }
+        guard effectiveUser == 0 else {
+            endWithSupervisor()
+            return paths
+        }
 
         guard let user, !user.isEmpty else {
             throw PrivilegeError(message: "refusing to run as root without SEALPOST_USER", exitCode: .noPerm)
@@ -124,7 +128,21 @@ public enum StageRuntime {
               getgroups(0, nil) == 0, setuid(0) != 0 else {
             throw PrivilegeError(message: "privileges were not dropped to \(user) (uid \(uid), gid \(gid))", exitCode: .software)
         }
+        // After setuid: a change of credentials clears the parent-death signal.
+        endWithSupervisor()
         return result
+    }
+
+    /// A stage started by the supervisor (SEALPOST_SUPERVISOR_PID) gets
+    /// SIGTERM when the supervisor dies, even by SIGKILL, and stops as on
+    /// any SIGTERM: orphaned stages would run unsupervised and keep the
+    /// spool lock and the ports from the next supervisor. Its main thread
+    /// spawns every stage and lives as long as it, so a thread that ends
+    /// sends nothing. A supervisor already gone gets the same SIGTERM now.
+    static func endWithSupervisor() {
+        guard let text = getenv("SEALPOST_SUPERVISOR_PID"), let supervisor = pid_t(String(cString: text)) else { return }
+        _ = sealpost_set_parent_death_signal(SIGTERM)
+        if getppid() != supervisor { kill(getpid(), SIGTERM) }
     }
 
     /// uid and gid of `user`, with getpwnam_r: the stage may already have

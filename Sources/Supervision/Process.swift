@@ -85,7 +85,8 @@ func stageEnvironment(stage: StageDefinition, configFile: String, asRoot: Bool) 
     let kept: Set<String> = ["PATH", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "TMPDIR",
                              "HOME", "USER", "LOGNAME"]
     let rootDropped: Set<String> = ["HOME", "USER", "LOGNAME"]
-    let overridden: Set<String> = ["SEALPOST_CONFIG", "SEALPOST_STAGE", "SEALPOST_USER", "SEALPOST_CERTIFICATE_FD"]
+    let overridden: Set<String> = ["SEALPOST_CONFIG", "SEALPOST_STAGE", "SEALPOST_USER", "SEALPOST_CERTIFICATE_FD",
+                                   "SEALPOST_SUPERVISOR_PID"]
     var result: [String] = []
     var havePath = false
     if var pointer = sealpost_spawn_environ() {
@@ -104,6 +105,8 @@ func stageEnvironment(stage: StageDefinition, configFile: String, asRoot: Bool) 
     if !havePath { result.append("PATH=/usr/local/bin:/usr/bin:/bin") }
     result.append("SEALPOST_CONFIG=\(configFile)")
     result.append("SEALPOST_STAGE=\(stage.name)")
+    // The stage ends with the supervisor (StageRuntime.endWithSupervisor).
+    result.append("SEALPOST_SUPERVISOR_PID=\(getpid())")
     if asRoot { result.append("SEALPOST_USER=\(stage.userName)") }
     return result
 }

@@ -41,6 +41,45 @@ def test_a_killed_stage_is_restarted_and_pipeline_status_shows_it(pipeline):
     wait_until(lambda: pipeline.delivered(user), 60, "delivery after the restart")
 
 
+def test_the_stages_end_with_a_killed_supervisor_and_a_new_one_starts(workdir):
+    """kill -9 of the supervisor: its stages stop too (SIGTERM from the
+    kernel, PR_SET_PDEATHSIG) instead of running unsupervised with the
+    spool lock and the ports, so the next supervisor starts them all."""
+    require_build("queue", "local-deliver", "queue-inject", "smtp-listen")
+    user = local_user()
+    pipe = Pipeline(workdir).start()
+    names = pipe.stage_names()
+    stages = {name: pipe.running_pid(name) for name in names}
+    assert pipe.queue_inject(f"{user}@localhost", message=b"Subject: before\n\nx\n").returncode == 0
+    wait_until(lambda: pipe.delivered(user), 60, "delivery before the kill")
+    pipe.process.kill()
+    pipe.process.wait()
+    pipe.output.close()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie (its parent, pytest's process tree, not reaping) is gone.
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+    wait_until(lambda: not any(alive(pid) for pid in stages.values()), 60, "the stages to end")
+    again = Pipeline(workdir).start()
+    try:
+        def all_running():
+            status = again.status()
+            return sorted(status) == sorted(names) and all(state[0] == "running" for state in status.values())
+
+        wait_until(all_running, 60, "every stage running")
+        assert again.queue_inject(f"{user}@localhost", message=b"Subject: after\n\nx\n").returncode == 0
+        wait_until(lambda: len(again.delivered(user)) == 2, 60, "delivery after the new start")
+    finally:
+        code = again.stop()
+    assert code == 0, again.supervisor_output()
+
+
 def test_log_lines_are_timestamped_and_attributed(pipeline):
     pipeline.running_pid("local-deliver")
     text = pipeline.log_text()

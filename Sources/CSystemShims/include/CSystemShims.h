@@ -61,6 +61,10 @@ int sealpost_pipe_cloexec(int fds[2]);
 /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34+).
 int sealpost_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd);
 
+/// prctl(PR_SET_PDEATHSIG, sig): `sig` when the parent (the thread that
+/// created this process) dies. Cleared by a change of credentials.
+int sealpost_set_parent_death_signal(int sig);
+
 int sealpost_wifexited(int status);
 int sealpost_wexitstatus(int status);
 int sealpost_wifsignaled(int status);
