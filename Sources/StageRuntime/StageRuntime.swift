@@ -19,6 +19,8 @@ public enum StageRuntime {
     /// Sets up logging ("name[pid]: ..." lines on stderr), ignores SIGPIPE,
     /// loads the configuration (exit 78 with the ConfigError on stderr).
     public static func bootstrap(stage: String) -> SealpostConfiguration {
+        let parent = getppid()
+        state.withLock { $0.parentAtStart = parent }
         setUpLogging(stage: stage)
         // A peer that goes away must be an EPIPE error, not a dead process.
         signal(SIGPIPE, SIG_IGN)
@@ -133,16 +135,23 @@ public enum StageRuntime {
         return result
     }
 
-    /// A stage started by the supervisor (SEALPOST_SUPERVISOR_PID) gets
-    /// SIGTERM when the supervisor dies, even by SIGKILL, and stops as on
-    /// any SIGTERM: orphaned stages would run unsupervised and keep the
-    /// spool lock and the ports from the next supervisor. Its main thread
-    /// spawns every stage and lives as long as it, so a thread that ends
-    /// sends nothing. A supervisor already gone gets the same SIGTERM now.
+    /// A stage started by the supervisor (SEALPOST_SUPERVISOR_PID set) gets
+    /// SIGTERM when its parent dies, even by SIGKILL, and stops as on any
+    /// SIGTERM: orphaned stages would run unsupervised and keep the spool
+    /// lock and the ports from the next supervisor. The supervisor's main
+    /// thread spawns every stage and lives as long as it, so no ending
+    /// thread sends it. The parent is the one at `bootstrap`: the
+    /// supervisor, or a wrapper in the stages file that forks (timeout,
+    /// strace -f), which the signal then follows. A parent already gone
+    /// since then gets the same SIGTERM now.
     static func endWithSupervisor() {
-        guard let text = getenv("SEALPOST_SUPERVISOR_PID"), let supervisor = pid_t(String(cString: text)) else { return }
-        _ = sealpost_set_parent_death_signal(SIGTERM)
-        if getppid() != supervisor { kill(getpid(), SIGTERM) }
+        guard getenv("SEALPOST_SUPERVISOR_PID") != nil,
+              let parent = state.withLock({ $0.parentAtStart }) else { return }
+        guard sealpost_set_parent_death_signal(SIGTERM) == 0 else {
+            Logger(label: "stage").warning("prctl(PR_SET_PDEATHSIG): \(String(cString: strerror(errno))); the stage will outlive a killed supervisor")
+            return
+        }
+        if getppid() != parent { kill(getpid(), SIGTERM) }
     }
 
     /// uid and gid of `user`, with getpwnam_r: the stage may already have
@@ -168,6 +177,8 @@ public enum StageRuntime {
     // MARK: - Process state
 
     struct State {
+        /// getppid() at bootstrap (see endWithSupervisor).
+        var parentAtStart: pid_t?
         var stage: String?
         var loggingBootstrapped = false
     }

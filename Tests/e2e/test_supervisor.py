@@ -44,29 +44,40 @@ def test_a_killed_stage_is_restarted_and_pipeline_status_shows_it(pipeline):
 def test_the_stages_end_with_a_killed_supervisor_and_a_new_one_starts(workdir):
     """kill -9 of the supervisor: its stages stop too (SIGTERM from the
     kernel, PR_SET_PDEATHSIG) instead of running unsupervised with the
-    spool lock and the ports, so the next supervisor starts them all."""
-    require_build("queue", "local-deliver", "queue-inject", "smtp-listen")
+    spool lock and the ports, so the next supervisor, on the same
+    configuration and ports, starts them all."""
+    require_build("queue", "local-deliver", "queue-inject", "smtp-listen", "crypto-negotiate", "remote-deliver")
     user = local_user()
     pipe = Pipeline(workdir).start()
     names = pipe.stage_names()
-    stages = {name: pipe.running_pid(name) for name in names}
-    assert pipe.queue_inject(f"{user}@localhost", message=b"Subject: before\n\nx\n").returncode == 0
-    wait_until(lambda: pipe.delivered(user), 60, "delivery before the kill")
-    pipe.process.kill()
-    pipe.process.wait()
-    pipe.output.close()
+    stages = {}
 
     def alive(pid):
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
+            # A zombie (not reaped: its parent is gone) has ended.
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (ProcessLookupError, FileNotFoundError):
             return False
-        # A zombie (its parent, pytest's process tree, not reaping) is gone.
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
-    wait_until(lambda: not any(alive(pid) for pid in stages.values()), 60, "the stages to end")
-    again = Pipeline(workdir).start()
+    try:
+        stages = {name: pipe.running_pid(name) for name in names}
+        assert pipe.queue_inject(f"{user}@localhost", message=b"Subject: before\n\nx\n").returncode == 0
+        wait_until(lambda: pipe.delivered(user), 60, "delivery before the kill")
+        pipe.process.kill()
+        pipe.process.wait()
+        wait_until(lambda: not any(alive(pid) for pid in stages.values()), 60, "the stages to end")
+    finally:
+        pipe.stop()
+        for pid in stages.values():   # what a failure left behind (each has a group of its own)
+            if alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+    config = pipe.config.read_text()   # the same ports: the old stages must have let go of them
+    again = Pipeline(workdir)
+    again.config.write_text(config)
+    again.start()
     try:
         def all_running():
             status = again.status()
