@@ -182,8 +182,13 @@ def test_pipeline_start_fails_when_a_stage_cannot_start(workdir):
             start = subprocess.run([str(CHECKOUT / "Pipeline" / "start")], env=env,
                                    capture_output=True, text=True, timeout=1200)
             assert start.returncode == 1, start
-            assert "not every stage could start" in start.stderr and "smtp-listen: restarting" in start.stderr, start.stderr
+            assert "not every stage is up" in start.stderr and "smtp-listen: restarting" in start.stderr, start.stderr
             assert f"cannot listen for smtp on 127.0.0.1:{port}: bind: Address already in use" in start.stderr, start.stderr
+            # Asked again, it does not call the half-started pipeline fine either.
+            again = subprocess.run([str(CHECKOUT / "Pipeline" / "start")], env=env,
+                                   capture_output=True, text=True, timeout=1200)
+            assert again.returncode == 1 and "already running" in again.stdout, again
+            assert "smtp-listen: restarting" in again.stderr, again.stderr
         finally:
             stop = subprocess.run([str(CHECKOUT / "Pipeline" / "stop")], env=env, capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0, stop
