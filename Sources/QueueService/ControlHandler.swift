@@ -72,13 +72,12 @@ final class ControlHandler: ChannelInboundHandler {
             id = parsed
         }
         if try frame.bool("all", default: false) {
-            guard id == nil, ["delete", "hold", "release"].contains(verb) else {
+            guard id == nil, ControlVerbs.forAll.contains(verb) else {
                 throw ProtocolError("REQUEST \(verb) cannot take all")
             }
             return applyToAll(verb, bounce: try frame.bool("bounce", default: false), context: context)
         }
-        let needsID: Set<String> = ["show", "delete", "hold", "release"]
-        if needsID.contains(verb) && id == nil { throw ProtocolError("REQUEST \(verb) needs a queue-id") }
+        if ControlVerbs.needingID.contains(verb) && id == nil { throw ProtocolError("REQUEST \(verb) needs a queue-id") }
         if let id, verb != "list", verb != "stats", engine.scheduler.envelope(id) == nil {
             return done(false, "no such message: \(id)")
         }

@@ -271,12 +271,13 @@ final class QueueEngine: @unchecked Sendable {
                 let r = env.recipients[i]
                 let relay = result?.relay ?? "none"
                 let head = "\(env.queueID): to=<\(r.address)>, relay=\(relay), delay=\(t >= env.arrival ? t - env.arrival : 0), dsn=\(r.dsnStatus ?? "4.3.0")"
-                switch outcome {
-                case .sent: lines.append("\(head), status=sent (\(r.lastError ?? "delivered"))")
-                case .bounced: lines.append("\(head), status=bounced (\(r.lastError ?? "undeliverable"))")
-                case .expired: lines.append("\(head), status=expired, returned to sender (\(r.lastError ?? "message expired"))")
-                case .deferred: lines.append("\(head), status=deferred (\(r.lastError ?? "temporary failure"))")
+                let (status, otherwise) = switch outcome {
+                case .sent: ("sent", "delivered")
+                case .bounced: ("bounced", "undeliverable")
+                case .expired: ("expired, returned to sender", "message expired")
+                case .deferred: ("deferred", "temporary failure")
                 }
+                lines.append("\(head), status=\(status) (\(r.lastError ?? otherwise))")
             }
         }
         for line in lines { logger.info("\(line)") }

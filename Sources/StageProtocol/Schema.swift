@@ -281,9 +281,6 @@ enum Standard {
             .jobEnd: FrameRule([R("job", .uint, required: true)]),
         ])
 
-    static let verbsNeedingID: Set<String> = ["show", "delete", "hold", "release"]
-    /// Verbs that may act on every message at once (`all`).
-    static let verbsForAll: Set<String> = ["delete", "hold", "release"]
 
     static let control = ProtocolSchema(
         name: "control",
@@ -299,11 +296,11 @@ enum Standard {
             ], check: { frame in
                 guard case .text(let verb)? = frame["verb"] else { return nil }
                 if case .bool(true)? = frame["all"] {
-                    guard verbsForAll.contains(verb) else { return "attribute \"all\" is not allowed for verb \"\(verb)\"" }
+                    guard ControlVerbs.forAll.contains(verb) else { return "attribute \"all\" is not allowed for verb \"\(verb)\"" }
                     if frame["queue-id"] != nil { return "attributes \"all\" and \"queue-id\" exclude each other" }
                     return nil
                 }
-                if verbsNeedingID.contains(verb), frame["queue-id"] == nil {
+                if ControlVerbs.needingID.contains(verb), frame["queue-id"] == nil {
                     return "attribute \"queue-id\" is required for verb \"\(verb)\""
                 }
                 return nil
@@ -508,4 +505,13 @@ extension Standard {
             }),
         ])
     }()
+}
+
+/// The `control` protocol's verbs by what they take (PROTOCOL.md 4.4), for
+/// the schema and the queue's handler alike.
+public enum ControlVerbs {
+    /// A REQUEST with these verbs names its message (`queue-id`)...
+    public static let needingID: Set<String> = ["show", "delete", "hold", "release"]
+    /// ...unless, for these, it sets `all`: every message at once.
+    public static let forAll: Set<String> = ["delete", "hold", "release"]
 }

@@ -93,7 +93,13 @@ public final class LogSink {
 
     /// Writes the lines `append` queued.
     public func flush() {
-        guard !pending.isEmpty else { return }
+        writePending(evenIfNone: false)
+    }
+
+    /// `flush`; with `evenIfNone`, also the notice of lines not written
+    /// (and the ending of a line cut short) when no line is queued.
+    private func writePending(evenIfNone: Bool) {
+        guard !pending.isEmpty || (evenIfNone && lostLines > 0) else { return }
         defer { pending.removeAll(keepingCapacity: true) }
         guard fd >= 0 else {
             writeAll(2, pending)
@@ -116,15 +122,12 @@ public final class LogSink {
             if notice > ending && written >= notice { lostLines = 0 }
             // The queued lines not in the file, not even in part (a line
             // cut short is there in part, and ended later).
-            let newline = UInt8(ascii: "\n")
-            let inFile = written > notice ? batch[notice..<written].reduce(0) { $0 + ($1 == newline ? 1 : 0) } : 0
-            let partly = cut > 0 && written + cut > notice ? 1 : 0
-            let lost = pending.reduce(0) { $0 + ($1 == newline ? 1 : 0) } - inFile - partly
-            let unwritten = batch[(written + cut)...]
+            let unwritten = batch[max(notice, written + cut)...]
+            let lost = unwritten.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) } - (cut > 0 && written >= notice ? 1 : 0)
             if lostLines == 0 && lost > 0 { lostSince = time(nil) }
             lostLines += lost
             lostReason = String(cString: strerror(error))
-            if !echo { writeAll(2, Array(pending.suffix(min(pending.count, unwritten.count)))) }
+            if !echo { writeAll(2, Array(unwritten)) }
         } else {
             lostLines = 0
         }
@@ -172,13 +175,8 @@ public final class LogSink {
     }
 
     public func close() {
-        flush()
         // Lines lost at the end are reported still, when the disk allows.
-        if fd >= 0 && lostLines > 0 {
-            var batch: [UInt8] = torn ? Self.tornEnding : []
-            addStamped(lostNotice(), to: &batch)
-            if writeWholeLines(batch).error == nil { lostLines = 0 }
-        }
+        writePending(evenIfNone: true)
         if fd >= 0 { Glibc.close(fd) }
         fd = -1
     }

@@ -80,7 +80,7 @@ func requestForEach(_ options: GlobalOptions, _ verb: String, _ arguments: [Stri
         var ids: [String] = []
         for argument in arguments {
             if argument == "-" {
-                for line in readStandardInput().split(whereSeparator: \.isNewline) {
+                while let line = Input.line(fd: 0) {
                     let id = line.trimmingCharacters(in: .whitespaces)
                     if !id.isEmpty { ids.append(try QueueFormat.normalizeID(id)) }
                 }
@@ -104,19 +104,6 @@ func requestForEach(_ options: GlobalOptions, _ verb: String, _ arguments: [Stri
             throw AdminFailure(message: "queue \(verb): \(failures) of \(ids.count) messages not changed", exitCode: SysExit.unavailable)
         }
     }
-}
-
-/// All of standard input (the IDs of `-`).
-private func readStandardInput() -> String {
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = read(0, &buffer, buffer.count)
-        if n > 0 { bytes += buffer[0..<n]; continue }
-        if n < 0 && errno == EINTR { continue }
-        break
-    }
-    return String(decoding: bytes, as: UTF8.self)
 }
 
 struct QueueCommand: ParsableCommand {
@@ -200,6 +187,31 @@ struct QueueCommand: ParsableCommand {
 
 /// stdout and stderr through write(2) (the C globals are not
 /// concurrency-safe in Swift 6), with partial writes and EINTR handled.
+enum Input {
+    /// One line (without its LF, or CRLF) read byte by byte, so nothing
+    /// after it is consumed (a password prompt's input, or the IDs of `-`);
+    /// nil at end of input before any byte.
+    static func line(fd: Int32) -> String? {
+        var bytes: [UInt8] = []
+        var byte: UInt8 = 0
+        while true {
+            let n = Glibc.read(fd, &byte, 1)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            if byte == 10 { return decode(bytes) }
+            bytes.append(byte)
+            if bytes.count > 4096 { break }
+        }
+        return bytes.isEmpty ? nil : decode(bytes)
+    }
+
+    private static func decode(_ bytes: [UInt8]) -> String {
+        var line = bytes
+        if line.last == 13 { line.removeLast() }
+        return String(decoding: line, as: UTF8.self)
+    }
+}
+
 enum Output {
     static func out(_ s: String) { write(1, Array(s.utf8)) }
     static func out(bytes: [UInt8]) { write(1, bytes) }

@@ -199,7 +199,7 @@ enum PasswordInput {
                 guard again == password else { throw AdminFailure(message: "the passwords differ; nothing changed", exitCode: SysExit.usage) }
             }
         } else {
-            guard let line = readLine(fd: 0) else {
+            guard let line = Input.line(fd: 0) else {
                 throw AdminFailure(message: "no password on standard input (one line expected)", exitCode: SysExit.usage)
             }
             password = line
@@ -231,31 +231,10 @@ enum PasswordInput {
         quiet.c_lflag |= tcflag_t(ECHONL)
         _ = tcsetattr(0, TCSAFLUSH, &quiet)
         defer { _ = tcsetattr(0, TCSAFLUSH, &saved) }
-        guard let line = readLine(fd: 0) else {
+        guard let line = Input.line(fd: 0) else {
             throw AdminFailure(message: "no password given", exitCode: SysExit.usage)
         }
         return line
     }
 
-    /// One line (without its LF, or CRLF) read byte by byte, so nothing
-    /// after it is consumed; nil at end of input before any byte.
-    private static func readLine(fd: Int32) -> String? {
-        var bytes: [UInt8] = []
-        var byte: UInt8 = 0
-        while true {
-            let n = Glibc.read(fd, &byte, 1)
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            if byte == 10 { return decode(bytes) }
-            bytes.append(byte)
-            if bytes.count > 4096 { break }
-        }
-        return bytes.isEmpty ? nil : decode(bytes)
-    }
-
-    private static func decode(_ bytes: [UInt8]) -> String {
-        var line = bytes
-        if line.last == 13 { line.removeLast() }
-        return String(decoding: line, as: UTF8.self)
-    }
 }

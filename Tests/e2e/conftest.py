@@ -7,6 +7,7 @@ mocked: the stages are the release executables (SEALPOST_BUILD, default
 .build/release), the sockets and the LMDB files are real.
 """
 
+import contextlib
 import getpass
 import os
 import pathlib
@@ -266,6 +267,24 @@ class Pipeline:
     def sealpost(self, *arguments, timeout=60):
         return subprocess.run([executable("sealpost"), *arguments], env=self.env(),
                               capture_output=True, text=True, timeout=timeout)
+
+
+def stages_without(*names):
+    """The default stages file less the stages `names` (say, no delivery
+    stage, so that what is accepted stays in the queue)."""
+    return "\n".join(line for line in (CHECKOUT / "Pipeline" / "stages").read_text().splitlines()
+                     if line.split()[:1] not in ([name] for name in names))
+
+
+@contextlib.contextmanager
+def running(pipe):
+    """`pipe` started for the block, then stopped: it must exit with 0."""
+    pipe.start()
+    try:
+        yield pipe
+    finally:
+        code = pipe.stop()
+    assert code == 0, pipe.supervisor_output()
 
 
 @pytest.fixture

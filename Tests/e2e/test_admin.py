@@ -4,8 +4,8 @@ Postfix's postsuper takes its arguments: several IDs, ALL, or "-"."""
 import re
 import subprocess
 
-from conftest import CHECKOUT, Pipeline, executable, local_user, make_message, require_build, \
-    sequences_delivered, wait_until
+from conftest import Pipeline, executable, local_user, make_message, require_build, running, \
+    sequences_delivered, stages_without, wait_until
 
 ID = re.compile(r"^([0-9A-F]{12})(!?)\s", re.M)
 
@@ -26,10 +26,7 @@ def test_hold_release_and_delete_by_ids_all_and_standard_input(workdir):
     require_build("queue", "local-deliver", "queue-inject", "sealpost")
     user = local_user()
     # No delivery stage at first: the messages wait in the queue.
-    stages = "\n".join(line for line in (CHECKOUT / "Pipeline" / "stages").read_text().splitlines()
-                       if not line.startswith(("local-deliver", "remote-deliver")))
-    pipe = Pipeline(workdir, stages=stages).start()
-    try:
+    with running(Pipeline(workdir, stages=stages_without("local-deliver", "remote-deliver"))) as pipe:
         for sequence in range(6):
             assert pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost",
                                      message=make_message(sequence, user)).returncode == 0
@@ -63,17 +60,10 @@ def test_hold_release_and_delete_by_ids_all_and_standard_input(workdir):
         deleted = pipe.sealpost("queue", "delete", "ALL")
         assert deleted.returncode == 0 and deleted.stdout == "deleted 4 messages\n", deleted
         assert listed(pipe) == {}
-    finally:
-        code = pipe.stop()
-    assert code == 0, pipe.supervisor_output()
 
     # Deleted is gone: the whole pipeline on the same data delivers nothing.
-    pipe = Pipeline(workdir).start()
-    try:
+    with running(Pipeline(workdir)) as pipe:
         assert pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost",
                                  message=make_message(99, user)).returncode == 0
         wait_until(lambda: sequences_delivered(pipe, user), 60, "the new message")
         assert sequences_delivered(pipe, user) == {99: 1}
-    finally:
-        code = pipe.stop()
-    assert code == 0, pipe.supervisor_output()

@@ -24,7 +24,7 @@ import subprocess
 import pytest
 
 from conftest import CHECKOUT, IS_ROOT, SEQUENCE, Pipeline, as_user, executable, local_user, make_message, \
-    require_build, sequences_delivered, wait_until
+    require_build, running, sequences_delivered, stages_without, wait_until
 
 # 64 KiB of body per message: the 8 MiB spool fills after about a hundred.
 PADDING = (b"x" * 998 + b"\r\n") * 64
@@ -47,17 +47,6 @@ def small_disk(directory, size):
         subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
-@contextlib.contextmanager
-def running(pipe):
-    """`pipe` started for the block, then stopped: it must exit with 0."""
-    pipe.start()
-    try:
-        yield pipe
-    finally:
-        code = pipe.stop()
-    assert code == 0, pipe.supervisor_output()
-
-
 @pytest.fixture
 def small_spool(workdir):
     with small_disk(workdir / "data" / "queue", "8m") as spool:
@@ -71,11 +60,8 @@ def test_a_full_disk_refuses_with_452_and_loses_nothing(workdir, small_spool):
     filler = small_spool / "filler"
     filler.write_bytes(b"\0" * (2 << 20))
     # No delivery stage: what is accepted stays in the spool and fills it.
-    stages = "\n".join(line for line in (CHECKOUT / "Pipeline" / "stages").read_text().splitlines()
-                       if not line.startswith(("local-deliver", "remote-deliver")))
-    pipe = Pipeline(workdir, stages=stages).start()
     accepted = []
-    try:
+    with running(Pipeline(workdir, stages=stages_without("local-deliver", "remote-deliver"))) as pipe:
         sequence = 0
         refusals = []
         while len(refusals) < 3:
@@ -113,21 +99,14 @@ def test_a_full_disk_refuses_with_452_and_loses_nothing(workdir, small_spool):
                                    message=make_message(sequence, user) + PADDING)
         assert result.returncode == 0, result.stderr
         accepted.append(sequence)
-    finally:
-        code = pipe.stop()
-    assert code == 0, pipe.supervisor_output()
 
     # The whole pipeline on the same data: each accepted message once.
-    pipe = Pipeline(workdir).start()
-    try:
+    with running(Pipeline(workdir)) as pipe:
         wait_until(lambda: len(sequences_delivered(pipe, user)) >= len(accepted), 120,
                    f"{len(accepted)} messages in the Maildir")
         delivered = sequences_delivered(pipe, user)
         assert sorted(delivered) == accepted, (sorted(delivered), accepted)
         assert set(delivered.values()) == {1}, delivered
-    finally:
-        code = pipe.stop()
-    assert code == 0, pipe.supervisor_output()
 
 
 def test_a_full_mailbox_disk_defers_and_delivers_each_message_once_when_there_is_room(workdir):
@@ -203,8 +182,7 @@ def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir):
                                  str(pipe.running_pid("queue"))], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
 
-    pipe.start()
-    try:
+    with running(pipe):
         assert inject(0).returncode == 0
         fail_syncs("enable")
         for sequence in (1, 2, 3):
@@ -223,9 +201,6 @@ def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir):
         wait_until(lambda: len(sequences_delivered(pipe, user)) >= 2, 60, "the two accepted messages")
         # Only what got its 0 (or 250) is delivered, each once.
         assert sequences_delivered(pipe, user) == {0: 1, 5: 1}
-    finally:
-        code = pipe.stop()
-    assert code == 0, pipe.supervisor_output()
 
 
 STRACE = shutil.which("strace") or "/usr/bin/strace"
