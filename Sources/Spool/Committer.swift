@@ -43,6 +43,11 @@ final class Committer: @unchecked Sendable {
     private var deferredSince: Date?
     /// Submitter -> monotonic time (ns) of its last urgent submission.
     private var lastSubmission: [Int: UInt64] = [:]
+    /// How many urgent submissions the thread waits for: 1, or while it
+    /// gathers siblings their target. A submission below it does not wake
+    /// the thread, which would only find it has to wait on (a wake-up per
+    /// message, most of the queue's context switches under load).
+    private var wakeAtUrgent = 1
     private var stopping = false
     private var running = false
     private var thread: pthread_t?
@@ -95,7 +100,7 @@ final class Committer: @unchecked Sendable {
         case .now:
             urgentPending += 1
             if let submitter, commitDelay > 0 { lastSubmission[submitter] = DispatchTime.now().uptimeNanoseconds }
-            condition.signal()
+            if urgentPending >= wakeAtUrgent { condition.signal() }
         case .deferred:
             if deferredSince == nil {
                 deferredSince = Date()
@@ -187,7 +192,9 @@ final class Committer: @unchecked Sendable {
         stats.delayedCommits += 1
         statsLock.unlock()
         let deadline = Date().addingTimeInterval(commitDelay)
+        wakeAtUrgent = target
         while !stopping && urgentPending < target && condition.wait(until: deadline) {}
+        wakeAtUrgent = 1
     }
 
     // MARK: Applying a batch
