@@ -67,6 +67,45 @@ struct ContentChecker {
         if size > maxSize { flag(.tooBig) }
     }
 
+    /// `count` content bytes that are none of CR, LF, NUL nor (where
+    /// `eightBitStops`) 8-bit: what `byte` would do for each of them,
+    /// flagging the limit that the bytes one at a time would meet first.
+    @inline(__always) mutating func ordinary(_ count: Int) {
+        let oldLine = lineLength, oldSize = size
+        lineLength += count
+        size += UInt64(count)
+        guard violation == nil else { return }
+        // Offsets in the run of the first byte past each limit (byte()
+        // checks the line before the size).
+        var lineAt = Int.max, sizeAt = Int.max
+        if let m = maxLineLength, lineLength > m { lineAt = m - oldLine }
+        if size > maxSize { sizeAt = Int(maxSize - oldSize) }
+        if lineAt != .max || sizeAt != .max { flag(lineAt <= sizeAt ? .longLine : .tooBig) }
+    }
+
+    /// Whether an 8-bit byte must go through `byte` (it may be refused).
+    var eightBitStops: Bool { inHeaders && !allow8BitHeaders }
+
+    /// The end of the run of bytes from `start` that `ordinary` may take:
+    /// up to the next CR, LF, NUL or (where `eightBitStops`) 8-bit byte.
+    @inline(__always) func ordinaryRunEnd(_ input: UnsafeBufferPointer<UInt8>, from start: Int, upTo n: Int) -> Int {
+        var j = start
+        if eightBitStops {
+            while j < n {
+                let b = input[j]
+                if b == 13 || b == 10 || b == 0 || b >= 0x80 { break }
+                j += 1
+            }
+        } else {
+            while j < n {
+                let b = input[j]
+                if b == 13 || b == 10 || b == 0 { break }
+                j += 1
+            }
+        }
+        return j
+    }
+
     /// A CRLF line end.
     @inline(__always) mutating func lineEnd() {
         if inHeaders && lineLength == 0 { inHeaders = false }
@@ -95,6 +134,12 @@ struct DotDecoder {
     /// is acceptable. Returns the index after the last consumed byte and
     /// whether the end marker was seen (then that index is just after it).
     mutating func decode(_ input: [UInt8], from start: Int, upTo n: Int, into out: inout [UInt8]) -> (next: Int, ended: Bool) {
+        precondition(start >= 0 && n <= input.count)
+        return input.withUnsafeBufferPointer { decode($0, from: start, upTo: n, into: &out) }
+    }
+
+    private mutating func decode(_ input: UnsafeBufferPointer<UInt8>, from start: Int, upTo n: Int,
+                                 into out: inout [UInt8]) -> (next: Int, ended: Bool) {
         var i = start
         while i < n {
             let b = input[i]
@@ -129,6 +174,15 @@ struct DotDecoder {
                 dotLine = false
                 checker.byte(b)
                 if checker.accepting { out.append(b) }
+                // The rest of the line's ordinary bytes in one step: most
+                // of a message, which byte by byte was smtp-listen's
+                // costliest own code.
+                let runEnd = checker.ordinaryRunEnd(input, from: i, upTo: n)
+                if runEnd > i {
+                    checker.ordinary(runEnd - i)
+                    if checker.accepting { out.append(contentsOf: UnsafeBufferPointer(rebasing: input[i..<runEnd])) }
+                    i = runEnd
+                }
             }
         }
         return (i, false)
@@ -143,7 +197,15 @@ struct ChunkDecoder {
     init(checker: ContentChecker) { self.checker = checker }
 
     mutating func decode(_ input: ArraySlice<UInt8>, into out: inout [UInt8]) {
-        for b in input {
+        input.withUnsafeBufferPointer { decode($0, into: &out) }
+    }
+
+    private mutating func decode(_ input: UnsafeBufferPointer<UInt8>, into out: inout [UInt8]) {
+        var i = 0
+        let n = input.count
+        while i < n {
+            let b = input[i]
+            i += 1
             if sawCR {
                 sawCR = false
                 if b == 10 {
@@ -159,6 +221,12 @@ struct ChunkDecoder {
             default:
                 checker.byte(b)
                 if checker.accepting { out.append(b) }
+                let runEnd = checker.ordinaryRunEnd(input, from: i, upTo: n)
+                if runEnd > i {
+                    checker.ordinary(runEnd - i)
+                    if checker.accepting { out.append(contentsOf: UnsafeBufferPointer(rebasing: input[i..<runEnd])) }
+                    i = runEnd
+                }
             }
         }
     }
