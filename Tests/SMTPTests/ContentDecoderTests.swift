@@ -75,18 +75,6 @@ private struct ReferenceChunkDecoder {
     }
 }
 
-/// SplitMix64: the same cases on every run, so a failure can be replayed.
-private struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 private struct Case {
     let bytes: [UInt8]
     let pieces: [Int]
@@ -95,7 +83,7 @@ private struct Case {
     let allow8Bit: Bool
 
     init(seed: UInt64) {
-        var g = SeededGenerator(state: seed)
+        var g = SplitMix(state: seed)   // the same cases on every run: a failure can be replayed
         // Mostly letters, in runs, with the bytes the decoders decide on;
         // a third of the cases without what refuses a message (bare CR or
         // LF, NUL, 8-bit, limits).

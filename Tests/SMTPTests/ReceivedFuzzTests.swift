@@ -88,7 +88,7 @@ import Testing
 }
 
 /// Small deterministic PRNG (SplitMix64) so runs are reproducible.
-struct SplitMix {
+struct SplitMix: RandomNumberGenerator {
     var state: UInt64
     mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
