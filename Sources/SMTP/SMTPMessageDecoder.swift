@@ -79,6 +79,8 @@ struct ContentChecker {
         // checks the line before the size).
         var lineAt = Int.max, sizeAt = Int.max
         if let m = maxLineLength, lineLength > m { lineAt = m - oldLine }
+        // No violation yet, so oldSize <= maxSize (any byte past it flags
+        // one): the difference is below count.
         if size > maxSize { sizeAt = Int(maxSize - oldSize) }
         if lineAt != .max || sizeAt != .max { flag(lineAt <= sizeAt ? .longLine : .tooBig) }
     }

@@ -433,9 +433,16 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         }
         out = nil
         if closing {
-            holdLastReplyForFIN(context: context)
+            let corked = holdLastReplyForFIN(context: context)
             let done = written ?? context.eventLoop.makePromise()
-            done.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+            done.futureResult.assumeIsolated().whenComplete { _ in
+                // The FIN first, which sends the corked reply with it: a
+                // close with the client's input unread resets the
+                // connection, and a reset throws away what is still
+                // corked (the 221, or a 250 for a queued message).
+                if corked { context.close(mode: .output, promise: nil) }
+                context.close(promise: nil)
+            }
             context.writeAndFlush(wrapOutboundOut(buffer), promise: done)
             return
         }
@@ -443,16 +450,17 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     }
 
     /// The last reply and the FIN in one segment instead of two: with
-    /// TCP_CORK the kernel keeps the reply until the close that follows at
-    /// once, which puts the FIN on it. Per session that is a segment less
-    /// to send, receive and acknowledge on both ends, as many as a
+    /// TCP_CORK the kernel keeps the reply until the shutdown that follows
+    /// at once, which puts the FIN on it. Per session that is a segment
+    /// less to send, receive and acknowledge on both ends, as many as a
     /// command's round trip costs in the kernel. Only on the client's TCP
     /// socket (`socket`): a session after implicit TLS runs on a Unix
     /// socket from crypto-negotiate, which has no cork; a failure only
-    /// costs the extra segment, so it is not worth a log line.
-    private func holdLastReplyForFIN(context: ChannelHandlerContext) {
-        guard socket != nil, let options = context.channel.syncOptions else { return }
-        try? options.setOption(ChannelOptions.tcpOption(.init(rawValue: TCP_CORK)), value: 1)
+    /// costs the extra segment, so it is not worth a log line. Whether the
+    /// socket is corked (it must then be shut down before it is closed).
+    private func holdLastReplyForFIN(context: ChannelHandlerContext) -> Bool {
+        guard socket != nil, let options = context.channel.syncOptions else { return false }
+        return (try? options.setOption(ChannelOptions.tcpOption(.init(rawValue: TCP_CORK)), value: 1)) != nil
     }
 
     // MARK: - STARTTLS

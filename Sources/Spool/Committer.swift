@@ -6,7 +6,8 @@ import CSystemShims
 import LMDB
 
 final class Committer: @unchecked Sendable {
-    // @unchecked Sendable: `pending`, `stopping` and `running` are guarded by
+    // @unchecked Sendable: `pending`, `urgentPending`, `wakeAtUrgent`,
+    // `deferredSince`, `lastSubmission`, `stopping` and `running` are guarded by
     // `condition`; `stats` by `statsLock`; the LMDB write transaction lives
     // on the committer thread only (LMDB's writer lock belongs to a thread).
 

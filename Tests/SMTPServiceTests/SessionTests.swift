@@ -295,6 +295,38 @@ import Testing
         #expect(messages.last?.text.hasSuffix("Subject: q\r\n\r\nsecond\r\n") == true)
     }
 
+    /// Input the session never reads (sent after QUIT, or after the
+    /// command that ends it with 421) makes the close a reset (RST); the
+    /// last replies must be on their way before it, or the client loses
+    /// them: here the 250 of a queued message with the 221 after it, which
+    /// a client that does not get it sends again.
+    @Test func lastRepliesArriveDespiteInputLeftUnread() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try #require(c.reply())
+        c.send("EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n"
+               + "Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n" + unreadInput)
+        let replies = c.readToEOF()
+        #expect(replies.map(\.code) == [250, 250, 250, 354, 250, 221])
+        #expect(h.queue.accepted.count == 1)
+    }
+
+    /// More than one read of the session takes: most of it stays unread.
+    let unreadInput = String(repeating: "NOOP\r\n", count: 10_000)
+
+    @Test func the421ForTooManyErrorsArrivesDespiteInputLeftUnread() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try #require(c.reply())
+        let errors = SMTPLimits().errors
+        c.send(String(repeating: "BOGUS\r\n", count: errors) + unreadInput)
+        let replies = c.readToEOF()
+        #expect(replies.count == errors + 1)
+        #expect(replies.last?.last.hasPrefix("421 4.7.0") == true, "\(replies.last?.description ?? "no reply")")
+    }
+
     @Test func halfClosedClientStillGetsItsReplies() throws {
         let h = try Harness()
         defer { h.stop() }

@@ -91,14 +91,16 @@ private struct Case {
         let special: [UInt8] = clean ? [UInt8(ascii: "."), UInt8(ascii: " ")]
                                      : [13, 10, UInt8(ascii: "."), 0, 0xC3, 0xA9, UInt8(ascii: " ")]
         var bytes: [UInt8] = []
-        let length = Int.random(in: 0...400, using: &g)
+        // One case in ten long, with long runs and limits near the real ones.
+        let long = Int.random(in: 0..<10, using: &g) == 0
+        let length = Int.random(in: 0...(long ? 6_000 : 400), using: &g)
         while bytes.count < length {
             if Int.random(in: 0..<3, using: &g) == 0 {
                 bytes.append(special.randomElement(using: &g)!)
             } else if Int.random(in: 0..<4, using: &g) == 0 {
                 bytes += [13, 10]
             } else {
-                bytes += (0..<Int.random(in: 1...40, using: &g)).map { _ in UInt8.random(in: 0x21...0x7E, using: &g) }
+                bytes += (0..<Int.random(in: 1...(long ? 1_500 : 40), using: &g)).map { _ in UInt8.random(in: 0x21...0x7E, using: &g) }
             }
         }
         if Bool.random(using: &g) { bytes += Array("\r\n.\r\n".utf8) }
@@ -111,8 +113,11 @@ private struct Case {
             left -= n
         }
         self.pieces = pieces
-        lineLimit = !clean && Bool.random(using: &g) ? Int.random(in: 2...60, using: &g) : nil
-        maxSize = !clean && Bool.random(using: &g) ? UInt64.random(in: 0...300, using: &g) : .max
+        lineLimit = !clean && Bool.random(using: &g) ? Int.random(in: 2...(long ? 1_000 : 60), using: &g) : nil
+        maxSize = !clean && Bool.random(using: &g)
+            ? (long ? [0, 1, 4_000, UInt64(Int.max), UInt64(Int.max) + 1, .max - 1].randomElement(using: &g)!
+                    : UInt64.random(in: 0...300, using: &g))
+            : .max
         allow8Bit = Bool.random(using: &g)
     }
 
@@ -197,5 +202,9 @@ private func same(_ a: ContentChecker, _ b: ContentChecker) -> Bool {
         var none = ContentChecker(textLineLimit: 12, allow8BitHeaders: false, maxSize: 10)
         none.ordinary(10)
         #expect(none.violation == nil && none.size == 10 && none.lineLength == 10)
+        // No limit at all: the largest size is no overflow.
+        var unlimited = ContentChecker(textLineLimit: nil, allow8BitHeaders: false, maxSize: .max)
+        unlimited.ordinary(Int.max)
+        #expect(unlimited.violation == nil && unlimited.size == UInt64(Int.max))
     }
 }
