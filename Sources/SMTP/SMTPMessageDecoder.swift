@@ -67,8 +67,8 @@ struct ContentChecker {
         if size > maxSize { flag(.tooBig) }
     }
 
-    /// `count` content bytes that are none of CR, LF, NUL nor (where
-    /// `eightBitStops`) 8-bit: what `byte` would do for each of them,
+    /// `count` content bytes that are none of CR, LF, NUL nor (in headers
+    /// without SMTPUTF8) 8-bit: what `byte` would do for each of them,
     /// flagging the limit that the bytes one at a time would meet first.
     @inline(__always) mutating func ordinary(_ count: Int) {
         let oldLine = lineLength, oldSize = size
@@ -85,27 +85,25 @@ struct ContentChecker {
         if lineAt != .max || sizeAt != .max { flag(lineAt <= sizeAt ? .longLine : .tooBig) }
     }
 
-    /// Whether an 8-bit byte must go through `byte` (it may be refused).
-    var eightBitStops: Bool { inHeaders && !allow8BitHeaders }
-
-    /// The end of the run of bytes from `start` that `ordinary` may take:
-    /// up to the next CR, LF, NUL or (where `eightBitStops`) 8-bit byte.
-    @inline(__always) func ordinaryRunEnd(_ input: UnsafeBufferPointer<UInt8>, from start: Int, upTo n: Int) -> Int {
-        var j = start
-        if eightBitStops {
-            while j < n {
-                let b = input[j]
-                if b == 13 || b == 10 || b == 0 || b >= 0x80 { break }
-                j += 1
-            }
-        } else {
-            while j < n {
-                let b = input[j]
-                if b == 13 || b == 10 || b == 0 { break }
-                j += 1
-            }
+    /// Takes the run of ordinary bytes from `start` (up to the next CR,
+    /// LF, NUL or, in headers without SMTPUTF8, 8-bit byte) in one step:
+    /// checks it as `byte` would each of them and copies it to `out` while
+    /// the message is acceptable. Returns the index after the run. Most of
+    /// a message is such runs, which byte by byte were smtp-listen's
+    /// costliest own code.
+    @inline(__always) mutating func takeOrdinaryRun(_ input: UnsafeBufferPointer<UInt8>, from start: Int, upTo n: Int,
+                                                    into out: inout [UInt8]) -> Int {
+        let eightBitStops = inHeaders && !allow8BitHeaders
+        var end = start
+        while end < n {
+            let b = input[end]
+            if b == 13 || b == 10 || b == 0 || (eightBitStops && b >= 0x80) { break }
+            end += 1
         }
-        return j
+        guard end > start else { return start }
+        ordinary(end - start)
+        if accepting { out.append(contentsOf: UnsafeBufferPointer(rebasing: input[start..<end])) }
+        return end
     }
 
     /// A CRLF line end.
@@ -176,15 +174,7 @@ struct DotDecoder {
                 dotLine = false
                 checker.byte(b)
                 if checker.accepting { out.append(b) }
-                // The rest of the line's ordinary bytes in one step: most
-                // of a message, which byte by byte was smtp-listen's
-                // costliest own code.
-                let runEnd = checker.ordinaryRunEnd(input, from: i, upTo: n)
-                if runEnd > i {
-                    checker.ordinary(runEnd - i)
-                    if checker.accepting { out.append(contentsOf: UnsafeBufferPointer(rebasing: input[i..<runEnd])) }
-                    i = runEnd
-                }
+                i = checker.takeOrdinaryRun(input, from: i, upTo: n, into: &out)
             }
         }
         return (i, false)
@@ -223,12 +213,7 @@ struct ChunkDecoder {
             default:
                 checker.byte(b)
                 if checker.accepting { out.append(b) }
-                let runEnd = checker.ordinaryRunEnd(input, from: i, upTo: n)
-                if runEnd > i {
-                    checker.ordinary(runEnd - i)
-                    if checker.accepting { out.append(contentsOf: UnsafeBufferPointer(rebasing: input[i..<runEnd])) }
-                    i = runEnd
-                }
+                i = checker.takeOrdinaryRun(input, from: i, upTo: n, into: &out)
             }
         }
     }

@@ -281,7 +281,6 @@ enum Standard {
             .jobEnd: FrameRule([R("job", .uint, required: true)]),
         ])
 
-
     static let control = ProtocolSchema(
         name: "control",
         clientToServer: [

@@ -185,8 +185,7 @@ struct QueueCommand: ParsableCommand {
     }
 }
 
-/// stdout and stderr through write(2) (the C globals are not
-/// concurrency-safe in Swift 6), with partial writes and EINTR handled.
+/// Standard input for the prompts and `-`, through read(2).
 enum Input {
     /// One line (without its LF, or CRLF) read byte by byte, so nothing
     /// after it is consumed (a password prompt's input, or the IDs of `-`);
@@ -212,6 +211,8 @@ enum Input {
     }
 }
 
+/// stdout and stderr through write(2) (the C globals are not
+/// concurrency-safe in Swift 6), with partial writes and EINTR handled.
 enum Output {
     static func out(_ s: String) { write(1, Array(s.utf8)) }
     static func out(bytes: [UInt8]) { write(1, bytes) }

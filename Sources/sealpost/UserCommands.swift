@@ -236,5 +236,4 @@ enum PasswordInput {
         }
         return line
     }
-
 }

@@ -269,6 +269,14 @@ class Pipeline:
                               capture_output=True, text=True, timeout=timeout)
 
 
+def port_of(pipe, key):
+    """The loopback port of `key` (listen, submission, smtps) in `pipe`'s
+    configuration."""
+    match = re.search(rf'(?m)^{key} = \["127\.0\.0\.1:(\d+)"\]', pipe.config.read_text())
+    assert match, f"{key} not in {pipe.config}"
+    return int(match.group(1))
+
+
 def stages_without(*names):
     """The default stages file less the stages `names` (say, no delivery
     stage, so that what is accepted stays in the queue)."""

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import Pipeline, executable, local_user, parse_message, require_build, wait_until
+from conftest import Pipeline, executable, local_user, parse_message, port_of, require_build, wait_until
 
 PASSWORD = "correct horse battery"
 
@@ -22,12 +22,6 @@ PASSWORD = "correct horse battery"
 def add_user(pipe, name, password, *extra):
     return subprocess.run([executable("sealpost"), "user", "add", *extra, name], input=password + "\n",
                           env=pipe.env(), capture_output=True, text=True, timeout=60)
-
-
-def port_of(pipe, key):
-    match = re.search(rf'(?m)^{key} = \["127\.0\.0\.1:(\d+)"\]$', pipe.config.read_text())
-    assert match, f"{key} not in {pipe.config}"
-    return int(match.group(1))
 
 
 def connect(port):

@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 
-from conftest import IS_ROOT, local_user, wait_until
-from test_starttls import client_context, port_of, tls_pipeline  # noqa: F401 (fixture)
+from conftest import IS_ROOT, local_user, port_of, wait_until
+from test_starttls import client_context, tls_pipeline  # noqa: F401 (fixture)
 
 PAIRS = [("self-signed-ecdsa.crt", "self-signed-ecdsa.key", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
          ("self-signed-rsa.crt", "self-signed-rsa.key", ["-newkey", "rsa:2048"])]

@@ -24,14 +24,10 @@ import subprocess
 import pytest
 
 from conftest import CHECKOUT, IS_ROOT, SEQUENCE, Pipeline, as_user, executable, local_user, make_message, \
-    require_build, running, sequences_delivered, stages_without, wait_until
+    port_of, require_build, running, sequences_delivered, stages_without, wait_until
 
 # 64 KiB of body per message: the 8 MiB spool fills after about a hundred.
 PADDING = (b"x" * 998 + b"\r\n") * 64
-
-
-def smtp_port(pipe):
-    return int(re.search(r'(?m)^listen = \["127\.0\.0\.1:(\d+)"\]', pipe.config.read_text()).group(1))
 
 
 @contextlib.contextmanager
@@ -80,7 +76,7 @@ def test_a_full_disk_refuses_with_452_and_loses_nothing(workdir, small_spool):
             assert "452 4.3.1" in stderr, refusals
 
         # The same over SMTP: the reply to the end of data is 452 4.3.1.
-        with smtplib.SMTP("127.0.0.1", smtp_port(pipe), timeout=60) as client:
+        with smtplib.SMTP("127.0.0.1", port_of(pipe, "listen"), timeout=60) as client:
             with pytest.raises(smtplib.SMTPDataError) as refused:
                 client.sendmail("sender@localhost", [f"{user}@localhost"], make_message(sequence, user) + PADDING)
             assert refused.value.smtp_code == 452
@@ -189,7 +185,7 @@ def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir):
             result = inject(sequence)
             assert result.returncode == 75, result   # EX_TEMPFAIL: the sender keeps the message
             assert b"451 4.3.0" in result.stderr, result.stderr
-        with smtplib.SMTP("127.0.0.1", smtp_port(pipe), timeout=60) as client:
+        with smtplib.SMTP("127.0.0.1", port_of(pipe, "listen"), timeout=60) as client:
             with pytest.raises(smtplib.SMTPDataError) as refused:
                 client.sendmail("sender@localhost", [f"{user}@localhost"], make_message(4, user))
             assert refused.value.smtp_code == 451 and refused.value.smtp_error.startswith(b"4.3.0"), refused.value
@@ -251,7 +247,7 @@ def test_the_250_follows_the_queue_s_completed_sync(pipeline):
                 pytest.skip(f"strace may not attach here: {messages.read_text().strip()}")
             raise AssertionError(messages.read_text())
         marker = "durable-order-" + os.urandom(6).hex()
-        with smtplib.SMTP("127.0.0.1", smtp_port(pipeline), timeout=60) as client:
+        with smtplib.SMTP("127.0.0.1", port_of(pipeline, "listen"), timeout=60) as client:
             client.sendmail("sender@localhost", [f"{local_user()}@localhost"],
                             f"Subject: {marker}\r\n\r\nbody\r\n".encode())
     finally:

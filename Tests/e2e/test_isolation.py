@@ -30,8 +30,8 @@ import subprocess
 
 import pytest
 
-from conftest import CHECKOUT, IS_ROOT, executable, local_user, wait_until
-from test_starttls import client_context, delivered_messages, expect_tls_received, port_of, tls_pipeline  # noqa: F401
+from conftest import CHECKOUT, IS_ROOT, executable, local_user, port_of, wait_until
+from test_starttls import client_context, delivered_messages, expect_tls_received, tls_pipeline  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="stage users, chroot and other users' /proc entries need root")
 

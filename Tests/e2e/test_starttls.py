@@ -21,13 +21,7 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, CHECKOUT, local_user, parse_message, require_build, wait_until
-
-
-def port_of(pipe, key):
-    match = re.search(rf'(?m)^{key} = \["127\.0\.0\.1:(\d+)"\]', pipe.config.read_text())
-    assert match, f"{key} not in {pipe.config}"
-    return int(match.group(1))
+from conftest import IS_ROOT, CHECKOUT, local_user, parse_message, port_of, require_build, wait_until
 
 
 def client_context():

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import (BUILD, CHECKOUT, IS_ROOT, Pipeline, as_user, executable, local_user, make_config,
-                      parse_message, require_build, wait_until)
+                      parse_message, require_build, running, wait_until)
 
 
 def test_a_killed_stage_is_restarted_and_pipeline_status_shows_it(pipeline):
@@ -77,8 +77,7 @@ def test_the_stages_end_with_a_killed_supervisor_and_a_new_one_starts(workdir):
     config = pipe.config.read_text()   # the same ports: the old stages must have let go of them
     again = Pipeline(workdir)
     again.config.write_text(config)
-    again.start()
-    try:
+    with running(again):
         def all_running():
             status = again.status()
             return sorted(status) == sorted(names) and all(state[0] == "running" for state in status.values())
@@ -86,9 +85,6 @@ def test_the_stages_end_with_a_killed_supervisor_and_a_new_one_starts(workdir):
         wait_until(all_running, 60, "every stage running")
         assert again.queue_inject(f"{user}@localhost", message=b"Subject: after\n\nx\n").returncode == 0
         wait_until(lambda: len(again.delivered(user)) == 2, 60, "delivery after the new start")
-    finally:
-        code = again.stop()
-    assert code == 0, again.supervisor_output()
 
 
 def test_log_lines_are_timestamped_and_attributed(pipeline):
