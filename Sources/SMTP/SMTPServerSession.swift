@@ -102,24 +102,16 @@ public struct SMTPServerSession: Sendable {
 
     public var isClosed: Bool { phase == .closed }
 
-    /// The 220 greeting of a server named `hostname` (`start` sends it, or
-    /// the I/O layer did already: `start(greetingSent: true)`).
+    /// The 220 greeting of a server named `hostname` (`start` sends it).
     public static func greeting(hostname: String, softwareName: String) -> SMTPReply {
         SMTPReply(220, nil, "\(hostname) ESMTP \(softwareName)")
     }
 
     /// The greeting delay ended without a word from the client: send 220.
     /// If the client spoke first (`clientSpokeEarly()` or bytes passed to
-    /// `receive` before this call), answer 554 5.5.0 and close. With
-    /// `greetingSent`, the I/O layer wrote `greeting` as soon as it
-    /// accepted the connection (there was no greeting delay, so no early
-    /// talker to catch): the session only starts reading commands.
-    public mutating func start(greetingSent: Bool = false) -> [SMTPAction] {
+    /// `receive` before this call), answer 554 5.5.0 and close.
+    public mutating func start() -> [SMTPAction] {
         guard phase == .beforeGreeting else { return [] }
-        if greetingSent {
-            phase = .command
-            return take()
-        }
         if spokeEarly {
             let reply = SMTPReply(554, "5.5.0", "\(policy.hostname) Protocol error: client spoke before the greeting")
             output.append(.log(.rejected(command: "CONNECT", reply: reply, detail: "")))

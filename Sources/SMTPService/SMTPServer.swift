@@ -10,13 +10,13 @@
 //
 // Listeners are opened before accepting starts so that no session starts
 // before the process has dropped root and chrooted: every session then
-// runs with the final privileges and paths. Connections are accepted by a
-// thread of our own (Acceptor) and adopted into NIO, so that the TCP
-// descriptor is known when STARTTLS (or port 465) hands it to
-// crypto-negotiate (TLSHandoff).
+// runs with the final privileges and paths. Connections are accepted on
+// the event loops (NIO's ServerBootstrap on the listening descriptors), so
+// a connection is accepted, set up and greeted in one go, on the thread
+// that serves it; its TCP descriptor, which STARTTLS (or port 465) hands
+// to crypto-negotiate (TLSHandoff), comes from NIO's channel.
 
 import StageRuntime
-import CSystemShims
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -93,45 +93,20 @@ final class SMTPServerCore: Sendable {
         case stopping
     }
 
-    /// A connection the accepting thread counted (`admit`) before its
-    /// channel existed.
-    struct Admitted {
-        let address: String
-        let admission: Admission
-    }
-
     /// Counts a new session and says whether it may proceed. Every call is
     /// balanced by `unregister`, admitted or not.
     /// Trusted clients are exempt from the limit (as Postfix exempts
     /// $mynetworks with smtpd_client_event_limit_exceptions): a local
     /// relay or load generator may open as many sessions as it needs.
     func register(address: String, channel: Channel) -> Admission {
-        attach(channel, admitted: admit(address: address))
-    }
-
-    /// The first half of `register`, on the accepting thread before the
-    /// channel exists: counts the connection and decides. `attach` adds
-    /// the channel (and says `.stopping` if a shutdown began meanwhile);
-    /// `release` undoes the count when no channel came to be.
-    func admit(address: String) -> Admission {
         let exempt = settings.isTrusted(address)
         return state.withLockedValue { s in
             let n = s.perClient[address, default: 0] + 1
             s.perClient[address] = n
+            s.channels[ObjectIdentifier(channel)] = channel
             if s.stopping { return .stopping }
             return exempt || n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n)
         }
-    }
-
-    func attach(_ channel: Channel, admitted: Admission) -> Admission {
-        state.withLockedValue { s in
-            s.channels[ObjectIdentifier(channel)] = channel
-            return s.stopping ? .stopping : admitted
-        }
-    }
-
-    func release(address: String) {
-        state.withLockedValue { Self.uncount(address, in: &$0) }
     }
 
     func unregister(address: String, channel: Channel) {
@@ -169,13 +144,21 @@ public final class SMTPServer: Sendable {
     private let core: SMTPServerCore
     private let group: EventLoopGroup
     private let listeners = NIOLockedValueBox<[BoundListener]>([])
-    private let acceptor: Acceptor
+
+    /// Where accepting stands. Once `serving`, NIO owns the listening
+    /// descriptors (closing a server channel closes its descriptor).
+    private enum Accepting {
+        case notYet
+        /// The server channels, as their registrations complete.
+        case serving([EventLoopFuture<Channel>])
+        case stopped
+    }
+    private let accepting = NIOLockedValueBox(Accepting.notYet)
 
     public init(settings: SMTPServiceSettings, group: EventLoopGroup, logger: Logger) {
         let handoff = settings.tlsSocket.map { TLSHandoff(socketPath: $0, logger: logger) }
         self.core = SMTPServerCore(settings: settings, logger: logger, handoff: handoff)
         self.group = group
-        self.acceptor = Acceptor(logger: logger)
     }
 
     public var settings: SMTPServiceSettings { core.settings }
@@ -228,7 +211,7 @@ public final class SMTPServer: Sendable {
                 throw ListenerError("\(spec): \(error)")
             }
         }
-        // The acceptor polls; accepted sockets are made non-blocking by NIO.
+        // NIO's server channel expects a non-blocking listener.
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
         return BoundListener(kind: spec.kind, address: localAddress(fd), fd: fd)
     }
@@ -265,102 +248,137 @@ public final class SMTPServer: Sendable {
             let addr = listener.address.map(Self.describe) ?? "?"
             core.logger.info("listening for \(listener.kind.rawValue) on \(addr)")
         }
-        let core = self.core
-        let group = self.group
+        guard let handoff = core.handoff else { return serve(bound) }
         // The first clients are offered STARTTLS too: accepting waits (they
         // wait in the listen backlog) until crypto-negotiate, started just
         // before smtp-listen, has answered, for tlsStartWait at most.
-        acceptor.run(bound.map { ($0.fd, $0.kind) }, first: { stopped in
-            guard let handoff = core.handoff else { return }
+        let core = self.core
+        StageRuntime.detachThread { [self] in
             let wait = core.settings.tlsStartWait
+            let stopped = { [self] in if case .stopped = accepting.withLockedValue({ $0 }) { true } else { false } }
             if !handoff.waitUntilAvailable(seconds: wait, cancelled: stopped) && !stopped() {
                 core.logger.warning("crypto-negotiate did not answer within \(wait) s of the start: accepting without STARTTLS until it does")
             }
-        }) { fd, kind in
-            SMTPServer.adopt(fd, kind: kind, core: core, group: group)
+            serve(bound)
         }
     }
 
-    /// A new TCP connection: an SMTP session on a NIO channel, or (465)
-    /// first a TLS handshake by crypto-negotiate, then the session on the
-    /// plaintext socket.
-    static func adopt(_ fd: Int32, kind: ListenerKind, core: SMTPServerCore, group: EventLoopGroup) {
-        if kind == .smtps {
-            let peer = peerAddress(fd)
+    /// Hands the listening descriptors to NIO, unless the server stopped
+    /// meanwhile (`shutdown` then closed them).
+    private func serve(_ bound: [BoundListener]) {
+        accepting.withLockedValue { state in
+            guard case .notYet = state else { return }
+            state = .serving(bound.map { Self.serve($0, core: core, group: group) })
+        }
+    }
+
+    /// One listener's server channel: every connection accepted on it
+    /// becomes a session (`SMTPSessionHandler`) on its child channel, or
+    /// (465) goes to crypto-negotiate first.
+    private static func serve(_ listener: BoundListener, core: SMTPServerCore,
+                              group: EventLoopGroup) -> EventLoopFuture<Channel> {
+        let kind = listener.kind
+        let name = "\(kind.rawValue) listener on \(listener.address.map(describe) ?? "?")"
+        let logger = core.logger
+        // TCP_NODELAY (set on the listener by ServerBootstrap, inherited by
+        // each connection): replies are whole, and each is awaited.
+        let served = ServerBootstrap(group: group)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ListenerErrorLog(listener: name, logger: logger))
+                }
+            }
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            // One read per read request: after STARTTLS not a byte more is
+            // read here; what follows belongs to crypto-negotiate. On 465
+            // nothing is read at all.
+            .childChannelOption(.maxMessagesPerRead, value: 1)
+            .childChannelOption(.autoRead, value: kind != .smtps)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let operations = channel.pipeline.syncOperations
+                    guard let fd = try operations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self, { $0 }) else {
+                        throw ChannelError.operationUnsupported
+                    }
+                    if kind == .smtps {
+                        try operations.addHandler(ImplicitTLSHandoff(core: core, socket: fd))
+                    } else {
+                        try operations.addHandler(SMTPSessionHandler(server: core, kind: kind, socket: fd))
+                    }
+                }
+            }
+            .withBoundSocket(listener.fd)
+        served.whenFailure { error in
+            logger.error("\(name): cannot accept: \(error)")
+        }
+        return served
+    }
+
+    /// A connection to an smtps listener (port 465): TLS from the first
+    /// byte, so its descriptor goes to crypto-negotiate before anything is
+    /// read (the child channel does not read), and the session runs on the
+    /// plaintext socket that comes back.
+    final class ImplicitTLSHandoff: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        private let core: SMTPServerCore
+        private let socket: Int32
+
+        init(core: SMTPServerCore, socket: Int32) {
+            self.core = core
+            self.socket = socket
+        }
+
+        func channelActive(context: ChannelHandlerContext) {
+            let address = context.channel.remoteAddress?.ipAddress.map(NetworkPrefix.canonicalClientAddress)
+            let peer = address.map { "[\($0)]" } ?? "unknown"
+            defer { context.close(promise: nil) }
             guard let handoff = core.handoff, handoff.isAvailable else {
-                core.logger.warning("smtps connection from \(peer.map { "[\($0)]" } ?? "unknown") refused: crypto-negotiate is not available")
-                _ = closeDescriptor(fd)
+                core.logger.warning("smtps connection from \(peer) refused: crypto-negotiate is not available")
                 return
             }
-            let loop = group.next()
-            handoff.negotiate(socket: fd, peer: peer.map { "[\($0)]" } ?? "unknown") { result in
+            // crypto-negotiate gets a copy: closing this channel then
+            // closes only NIO's descriptor, not the connection.
+            let copy = fcntl(socket, F_DUPFD_CLOEXEC, 0)
+            guard copy >= 0 else {
+                core.logger.warning("smtps connection from \(peer) refused: dup: \(String(cString: strerror(errno)))")
+                return
+            }
+            let core = self.core
+            let loop = context.eventLoop
+            handoff.negotiate(socket: copy, peer: peer) { result in
                 switch result {
                 case .success(let established):
-                    adoptPlaintext(established, kind: kind, peer: peer ?? "unknown", core: core, loop: loop)
+                    SMTPServer.adoptPlaintext(established, kind: .smtps, peer: address ?? "unknown", core: core, loop: loop)
                 case .failure(let failure):
-                    core.logger.info("TLS handshake failed on smtps with [\(peer ?? "unknown")]: \(failure.text)")
+                    core.logger.info("TLS handshake failed on smtps with \(peer): \(failure.text)")
                 }
             }
-            return
         }
-        // The connection is counted against its client's limit here, so
-        // that the greeting can go at once (see greetAtOnce).
-        let admitted = peerAddress(fd).map { SMTPServerCore.Admitted(address: $0, admission: core.admit(address: $0)) }
-        var greeted = false
-        if let admitted, admitted.admission == .admitted {
-            switch greetAtOnce(fd, address: admitted.address, core: core) {
-            case .sent: greeted = true
-            case .notNow: break
-            case .failed:
-                core.release(address: admitted.address)
-                return
-            }
-        }
-        let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: fd, admitted: admitted, greeted: greeted)
-        // No Nagle (replies are whole, and each is awaited by the client):
-        // ClientBootstrap sets TCP_NODELAY by default.
-        ClientBootstrap(group: group.next())
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    guard let options = channel.syncOptions else { throw ChannelError.operationUnsupported }
-                    try options.setOption(.allowRemoteHalfClosure, value: true)
-                    // One read per read request: after STARTTLS not a byte
-                    // more is read here; what follows belongs to
-                    // crypto-negotiate.
-                    try options.setOption(.maxMessagesPerRead, value: 1)
-                    try channel.pipeline.syncOperations.addHandler(handler.make())
-                }
-            }
-            .withConnectedSocket(fd)
-            .whenFailure { error in
-                // No channel became active: no session will release the count.
-                if let admitted { core.release(address: admitted.address) }
-                core.logger.warning("\(kind.rawValue) connection: \(error)")
-            }
     }
 
-    private enum EarlyGreeting { case sent, notNow, failed }
+    /// Logs what goes wrong on a listener (descriptors or memory running
+    /// out): once, and again only when it changes or a minute has passed.
+    /// NIO's accept back-off, after this handler, pauses accepting.
+    final class ListenerErrorLog: ChannelInboundHandler {
+        typealias InboundIn = Channel
+        private let listener: String
+        private let logger: Logger
+        private var last: (text: String, at: NIODeadline)?
 
-    /// The 220, written by the accepting thread as soon as the connection
-    /// is there, for an admitted client when nothing is to come before
-    /// the greeting: the client's name is known (cached, or not looked up
-    /// at all). The client then sends its first command while the event
-    /// loop still sets the channel up, instead of waiting for that too.
-    /// Otherwise (`notNow`) the session greets, after the lookup. `failed`:
-    /// the client is gone already; the socket is closed.
-    private static func greetAtOnce(_ fd: Int32, address: String, core: SMTPServerCore) -> EarlyGreeting {
-        if let names = core.settings.clientNames, names.cached(address) == nil { return .notNow }
-        let settings = core.settings
-        let greeting = SMTPServerSession.greeting(hostname: settings.hostname, softwareName: settings.softwareName).rendered
-        // A new socket's send buffer is empty: all of it goes, or the
-        // client has reset the connection already.
-        let sent = greeting.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
-        guard sent == greeting.count else {
-            core.logger.info("\(SessionLog.lostConnection(after: "CONNECT", client: "unknown[\(address)]"))")
-            _ = closeDescriptor(fd)
-            return .failed
+        init(listener: String, logger: Logger) {
+            self.listener = listener
+            self.logger = logger
         }
-        return .sent
+
+        func errorCaught(context: ChannelHandlerContext, error: Error) {
+            let text = (error as? IOError).map { String(cString: strerror($0.errnoCode)) } ?? "\(error)"
+            let now = NIODeadline.now()
+            if last == nil || last!.text != text || now - last!.at > .minutes(1) {
+                logger.warning("\(listener): accept: \(text)")
+                last = (text, now)
+            }
+            context.fireErrorCaught(error)
+        }
     }
 
     /// Runs an SMTP session on a plaintext socket from crypto-negotiate
@@ -381,17 +399,6 @@ public final class SMTPServer: Sendable {
             }
     }
 
-    /// The numeric address of a connected socket's peer.
-    static func peerAddress(_ fd: Int32) -> String? {
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let rc = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) }
-        }
-        guard rc == 0, let address = socketAddress(storage) else { return nil }
-        return address.ipAddress.map(NetworkPrefix.canonicalClientAddress)
-    }
-
     /// "127.0.0.1:25", "[::1]:25".
     static func describe(_ address: SocketAddress) -> String {
         guard let ip = address.ipAddress, let port = address.port else { return "\(address)" }
@@ -404,8 +411,26 @@ public final class SMTPServer: Sendable {
     public func shutdown(grace: TimeAmount) -> EventLoopFuture<Void> {
         let loop = group.next()
         let bound = listeners.withLockedValue { l -> [BoundListener] in defer { l = [] }; return l }
-        acceptor.stop()
-        for listener in bound { _ = closeDescriptor(listener.fd) }
+        let before = accepting.withLockedValue { state -> Accepting in defer { state = .stopped }; return state }
+        let closed: EventLoopFuture<Void>
+        switch before {
+        case .notYet, .stopped:
+            for listener in bound { _ = closeDescriptor(listener.fd) }
+            closed = loop.makeSucceededVoidFuture()
+        case .serving(let servers):
+            // A listener whose registration failed is closed already.
+            let closing = servers.map { server in
+                server.flatMap { $0.close() }.recover { _ in }
+            }
+            closed = EventLoopFuture.andAllComplete(closing, on: loop)
+        }
+        // The sessions are asked to stop once no listener takes more. One
+        // accepted just before, whose channel becomes active only later
+        // (on another event loop), is told 421 by `register`.
+        return closed.flatMap { self.stopSessions(grace: grace, on: loop) }
+    }
+
+    private func stopSessions(grace: TimeAmount, on loop: EventLoop) -> EventLoopFuture<Void> {
         let sessions = core.beginStopping()
         for channel in sessions {
             channel.pipeline.fireUserInboundEventTriggered(SMTPServerCore.ShutdownEvent())
@@ -432,101 +457,9 @@ struct SMTPSessionHandlerFactory: Sendable {
     let socket: Int32?
     var peer: String? = nil
     var tls: TLSEstablished? = nil
-    /// The accepting thread's count of the connection.
-    var admitted: SMTPServerCore.Admitted? = nil
-    /// The accepting thread wrote the 220 already.
-    var greeted = false
 
     func make() -> SMTPSessionHandler {
-        SMTPSessionHandler(server: core, kind: kind, socket: socket, peer: peer, tls: tls,
-                           admitted: admitted, greeted: greeted)
-    }
-}
-
-/// The accept loop: one thread polling every listening socket. Accepted
-/// sockets go to `adopt` (which hands them to NIO or crypto-negotiate).
-/// `stop()` returns once the thread is gone: no socket is adopted after
-/// it, so the event loops can be shut down safely (a channel registered on
-/// a loop that is shutting down would leave NIO a promise it cannot fulfil).
-final class Acceptor: Sendable {
-    private let logger: Logger
-    private let wake: (read: Int32, write: Int32)
-    private let stopped = NIOLockedValueBox(false)
-    /// 1 while the thread runs.
-    private let running = ConditionLock(value: 0)
-
-    init(logger: Logger) {
-        self.logger = logger
-        var fds: [Int32] = [-1, -1]
-        precondition(sealpost_pipe_cloexec(&fds) == 0, "pipe: \(errno)")
-        wake = (fds[0], fds[1])
-    }
-
-    /// `first` runs on the thread before anything is accepted; it is
-    /// told whether `stop()` was called meanwhile.
-    func run(_ listeners: [(Int32, ListenerKind)], first: @escaping @Sendable (_ stopped: () -> Bool) -> Void = { _ in },
-             adopt: @escaping @Sendable (Int32, ListenerKind) -> Void) {
-        let logger = self.logger
-        let wake = self.wake
-        let stopped = self.stopped
-        let running = self.running
-        running.lock()
-        running.unlock(withValue: 1)
-        StageRuntime.detachThread {
-            defer {
-                running.lock()
-                running.unlock(withValue: 0)
-            }
-            first { stopped.withLockedValue { $0 } }
-            var fds = listeners.map { pollfd(fd: $0.0, events: Int16(POLLIN), revents: 0) }
-            fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
-            var warned = false
-            while !stopped.withLockedValue({ $0 }) {
-                let n = poll(&fds, nfds_t(fds.count), -1)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    logger.error("poll on the listeners: \(String(cString: strerror(errno)))")
-                    return
-                }
-                if fds.last!.revents != 0 { return }
-                for i in 0..<listeners.count where fds[i].revents != 0 {
-                    // Several per wake-up, as many as are waiting.
-                    for _ in 0..<64 {
-                        let client = sealpost_accept_cloexec(listeners[i].0)
-                        if client >= 0 {
-                            warned = false
-                            if stopped.withLockedValue({ $0 }) {
-                                _ = closeDescriptor(client)
-                                return
-                            }
-                            adopt(client, listeners[i].1)
-                            continue
-                        }
-                        let e = errno
-                        if e == EAGAIN || e == EWOULDBLOCK || e == ECONNABORTED || e == EINTR { break }
-                        if !warned {
-                            logger.warning("\(listeners[i].1.rawValue) listener: accept: \(String(cString: strerror(e)))")
-                            warned = true
-                        }
-                        if e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM {
-                            // Out of descriptors: wait a little, do not spin.
-                            var none = pollfd()
-                            _ = poll(&none, 0, 100)
-                        }
-                        break
-                    }
-                }
-            }
-        }
-    }
-
-    /// Stops the thread and waits until it has ended.
-    func stop() {
-        stopped.withLockedValue { $0 = true }
-        var byte: UInt8 = 1
-        _ = write(wake.write, &byte, 1)
-        running.lock(whenValue: 0)
-        running.unlock()
+        SMTPSessionHandler(server: core, kind: kind, socket: socket, peer: peer, tls: tls)
     }
 }
 

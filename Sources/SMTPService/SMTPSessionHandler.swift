@@ -74,12 +74,6 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// message data); nil while nothing is awaited from the client.
     private var deadline: NIODeadline?
     private var lastCommand = "CONNECT"
-    /// The accepting thread wrote the 220 (SMTPServer.greetAtOnce).
-    private let greetedAtAccept: Bool
-    /// The accepting thread's count of the connection (nil: a plaintext
-    /// socket from crypto-negotiate, or no peer address), which `attach`
-    /// completes instead of `register`.
-    private let admitted: SMTPServerCore.Admitted?
     private var out: ByteBuffer?
     /// Where the last reply in `out` begins (to take back a 220 to STARTTLS).
     private var lastReplyStart = 0
@@ -106,10 +100,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var lookupTimer: Scheduled<Void>?
 
     init(server: SMTPServerCore, kind: ListenerKind, socket: Int32? = nil, peer: String? = nil,
-         tls: TLSEstablished? = nil, admitted: SMTPServerCore.Admitted? = nil,
-         greeted: Bool = false) {
-        self.admitted = admitted
-        self.greetedAtAccept = greeted
+         tls: TLSEstablished? = nil) {
         self.server = server
         self.kind = kind
         self.socket = socket
@@ -142,15 +133,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             return
         }
         let settings = server.settings
-        let admission: SMTPServerCore.Admission
-        if let admitted {
-            clientAddress = admitted.address
-            admission = server.attach(context.channel, admitted: admitted.admission)
-        } else {
-            let raw = peer ?? context.channel.remoteAddress?.ipAddress ?? "unknown"
-            clientAddress = NetworkPrefix.canonicalClientAddress(raw)
-            admission = server.register(address: clientAddress, channel: context.channel)
-        }
+        let raw = peer ?? context.channel.remoteAddress?.ipAddress ?? "unknown"
+        clientAddress = NetworkPrefix.canonicalClientAddress(raw)
+        let admission = server.register(address: clientAddress, channel: context.channel)
         client = SessionLog.client(name: clientName, address: clientAddress)
         registered = true
         if admission != .admitted {
@@ -180,9 +165,6 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         context.fireChannelActive()
         guard let names = settings.clientNames, clientAddress != "unknown" else { return greet(name: nil) }
         if let cached = names.cached(clientAddress) { return greet(name: cached) }
-        // The name expired since the accepting thread found it: the 220 is
-        // out, nothing may wait for a lookup now.
-        if greetedAtAccept { return greet(name: nil) }
         lookingUp = true
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -216,7 +198,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             server.logger.info("\(client): TLS: \(tls.summary)\(tls.serverName.map { ", sni=\($0)" } ?? "")")
         }
         session.clientNameResolved(name)
-        let actions = session.start(greetingSent: greetedAtAccept)
+        let actions = session.start()
         self.session = session
         perform(actions)
         if shutdownRequested, self.session?.isClosed == false {

@@ -52,8 +52,7 @@
 //      or it took more than 10 seconds. Queries go to the [dns] forwarders
 //      (libunbound, no DNSSEC validation) and answers are cached for their
 //      TTL. Nothing is decided on the name. With the name cached (or no
-//      lookup), the accepting thread writes the 220 as soon as it has
-//      counted the connection against the client's session limit.
+//      lookup), the 220 goes out as the connection is accepted.
 //
 // DESCRIPTORS
 //      Listening sockets are either inherited or bound here:
@@ -79,9 +78,11 @@
 //      - otherwise the addresses of [smtp] listen, submission and smtps
 //        in the configuration, bound before privileges are dropped (so
 //        port 25 works when started directly as root).
-//      Connections are accepted by a thread of smtp-listen's own and then
-//      run on NIO event loops (the TCP descriptor must be known to hand it
-//      over for TLS).
+//      Connections are accepted on the NIO event loops, each on the loop
+//      that then serves it; the TCP descriptor, handed to crypto-negotiate
+//      for TLS, is the channel's own. No descriptor is passed to another
+//      program except those that go to crypto-negotiate (smtp-listen
+//      starts no process), so accepted sockets need no close-on-exec.
 //
 // TLS
 //      When [tls] lists certificates, smtp-listen keeps one connection to

@@ -32,16 +32,6 @@ QUIT\r
         #expect(d.codes == ["554 5.5.0"])
     }
 
-    @Test func greetingSentByTheIOLayer() {
-        var d = Driver(start: false)
-        d.absorb(d.session.start(greetingSent: true))
-        #expect(d.replies.isEmpty)
-        d.send("EHLO c.example\r\nQUIT\r\n")
-        #expect(d.codes == ["250", "221 2.0.0"])
-        #expect(SMTPServerSession.greeting(hostname: "mx.example.org", softwareName: "Sealpost").rendered
-                == Array("220 mx.example.org ESMTP Sealpost\r\n".utf8))
-    }
-
     @Test func clientSpokeEarlySignal() {
         var d = Driver(start: false)
         d.session.clientSpokeEarly()

@@ -229,6 +229,18 @@ class Pipeline:
         except FileNotFoundError:
             return ""
 
+    def log_with(self, *expected, timeout=30):
+        """The log once it holds every expected string or compiled regex:
+        the supervisor writes the stages' lines in rounds (up to
+        logGatherInterval apart), so a line can trail what it reports."""
+        def holds(text):
+            return all(e.search(text) if isinstance(e, re.Pattern) else e in text for e in expected)
+        try:
+            return wait_until(lambda: (text := self.log_text()) and holds(text) and text, timeout,
+                              f"the log to show {expected}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.log_tail()}") from None
+
     def log_tail(self, lines=40):
         return "\n".join(self.log_text().splitlines()[-lines:])
 

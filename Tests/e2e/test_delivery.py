@@ -63,6 +63,6 @@ def test_local_deliver_swapped_for_a_python_program(workdir):
         files = wait_until(lambda: pipeline.delivered(user), 60,
                            f"deliver.py to deliver into {pipeline.maildir_new(user)}")
         assert parse_message(files[0])["Subject"] == "via python"
-        assert "local-deliver" in pipeline.log_text()
+        pipeline.log_with("local-deliver[")
     finally:
         assert pipeline.stop() == 0

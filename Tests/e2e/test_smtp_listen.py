@@ -15,6 +15,7 @@ import os
 import pathlib
 import pwd
 import re
+import resource
 import shutil
 import signal
 import smtplib
@@ -151,10 +152,11 @@ class QueueStandIn:
 class Listener:
     """smtp-listen with its own configuration and data directory."""
 
-    def __init__(self, directory, inherited_socket=None, fdnames=None, wait=True):
+    def __init__(self, directory, inherited_socket=None, fdnames=None, wait=True, descriptors=None):
         """With `inherited_socket` (a listening socket), smtp-listen is
         socket-activated with it as descriptor 3, named `fdnames` (default
-        smtp-PORT), and the configuration lists it as the only listener."""
+        smtp-PORT), and the configuration lists it as the only listener.
+        `descriptors`: its limit of open files (RLIMIT_NOFILE)."""
         self.directory = pathlib.Path(directory)
         self.data = self.directory / "data"
         (self.data / "run").mkdir(parents=True)
@@ -194,6 +196,8 @@ class Listener:
                 os.environ["LISTEN_FDS"] = "1"
                 os.environ["LISTEN_FDNAMES"] = fdnames or f"smtp-{self.port}"
                 os.environ["LISTEN_PID"] = str(os.getpid())
+            if descriptors is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, descriptors))
 
         self.process = subprocess.Popen([executable("smtp-listen")], stdout=self.log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, preexec_fn=prepare_child,
@@ -291,6 +295,45 @@ def test_swaks_with_pipelining(listener):
     assert "250 2.0.0 Ok: queued as" in result.stdout
     assert len(listener.queue.messages) == 1
     assert b"Subject: swaks" in listener.queue.messages[0]["body"]
+
+
+def test_connections_wait_while_descriptors_run_out(workdir):
+    """With no descriptor left, accept fails (EMFILE): logged, and the
+    connections wait in the backlog until sessions end; then they are
+    served, none is dropped."""
+    require_build("smtp-listen")
+    instance = Listener(workdir, descriptors=64)
+    try:
+        held = []
+        def greeted(connection):
+            connection.settimeout(60)
+            return connection.recv(512).startswith(b"220 ")
+        # Idle sessions until one is not greeted: its accept failed.
+        while "Too many open files" not in instance.log_text():
+            assert len(held) < 64, instance.log_text()
+            connection = socket.create_connection(("127.0.0.1", instance.port), timeout=60)
+            held.append(connection)
+            connection.settimeout(0.5)
+            try:
+                connection.recv(512)
+            except TimeoutError:
+                pass
+        waiting = [socket.create_connection(("127.0.0.1", instance.port), timeout=60) for _ in range(3)]
+        for connection in held[:5]:
+            connection.sendall(b"QUIT\r\n")
+            connection.close()
+        assert all(greeted(connection) for connection in waiting)
+        for connection in waiting:
+            connection.sendall(b"QUIT\r\n")
+            assert connection.recv(512).startswith(b"221 ")
+            connection.close()
+        log = instance.log_text()
+        assert re.search(r"warning: smtp listener on 127\.0\.0\.1:\d+: accept: Too many open files", log), log
+    finally:
+        for connection in held:
+            connection.close()
+        code = instance.stop()
+    assert code == 0, instance.log_text()
 
 
 def test_queue_refusal_and_absence_reach_the_client(listener):
