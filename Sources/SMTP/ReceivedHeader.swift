@@ -93,6 +93,12 @@ public enum ReceivedHeader {
     /// Comment content: printable ASCII, "(", ")" and "\" as quoted-pairs,
     /// at most 200 characters.
     static func commentText(_ text: String) -> String {
+        // Usually there is nothing to escape (a software name, a TLS summary).
+        let bytes = text.utf8
+        if bytes.count <= 200, bytes.allSatisfy({ (0x20...0x7E).contains($0) && $0 != UInt8(ascii: "(")
+                                                 && $0 != UInt8(ascii: ")") && $0 != UInt8(ascii: "\\") }) {
+            return text
+        }
         var out = ""
         for scalar in text.unicodeScalars.prefix(200) {
             switch scalar {
@@ -105,7 +111,9 @@ public enum ReceivedHeader {
     }
 
     static func printable(_ text: String, max: Int) -> String {
-        String(String.UnicodeScalarView(text.unicodeScalars.prefix(max).map { (0x20...0x7E).contains($0.value) ? $0 : "?" }))
+        let bytes = text.utf8
+        if bytes.count <= max, bytes.allSatisfy({ (0x20...0x7E).contains($0) }) { return text }
+        return String(String.UnicodeScalarView(text.unicodeScalars.prefix(max).map { (0x20...0x7E).contains($0.value) ? $0 : "?" }))
     }
 
     /// An RFC 5322 atom (letters, digits, "-", "_", "."), or nil.

@@ -49,6 +49,34 @@ import Testing
         check(b)
     }
 
+    /// The escapes take a shortcut when there is nothing to escape; it
+    /// must give what the character-by-character rule gives.
+    @Test func escapesAgreeWithTheRuleCharacterByCharacter() {
+        func comment(_ text: String) -> String {
+            var out = ""
+            for scalar in text.unicodeScalars.prefix(200) {
+                switch scalar {
+                case "(", ")", "\\": out += "\\" + String(scalar)
+                case " "..."~": out += String(scalar)
+                default: out += "?"
+                }
+            }
+            return out
+        }
+        func printable(_ text: String, max: Int) -> String {
+            String(text.unicodeScalars.prefix(max).map { (0x20...0x7E).contains($0.value) ? Character($0) : "?" })
+        }
+        let alphabet: [String] = ["a", "Z", " ", "~", "(", ")", "\\", "\r", "\n", "\t", "\0", "\u{7f}", "é", "\u{202e}", "語"]
+        var rng = SplitMix(state: 11)
+        for _ in 0..<2000 {
+            let count = [0, 1, 5, 79, 80, 81, 199, 200, 201][rng.below(9)]
+            let plain = rng.below(2) == 0
+            let text = (0..<count).map { _ in plain ? alphabet[rng.below(4)] : alphabet[rng.below(alphabet.count)] }.joined()
+            #expect(ReceivedHeader.commentText(text) == comment(text))
+            #expect(ReceivedHeader.printable(text, max: 80) == printable(text, max: 80))
+        }
+    }
+
     @Test func fromASessionEnvelope() {
         var d = Driver()
         d.send("EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nx\r\n.\r\n")
