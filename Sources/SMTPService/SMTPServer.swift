@@ -297,13 +297,10 @@ public final class SMTPServer: Sendable {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let operations = channel.pipeline.syncOperations
-                    guard let fd = try operations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self, { $0 }) else {
-                        throw ChannelError.operationUnsupported
-                    }
                     if kind == .smtps {
-                        try operations.addHandler(ImplicitTLSHandoff(core: core, socket: fd))
+                        try operations.addHandler(ImplicitTLSHandoff(core: core))
                     } else {
-                        try operations.addHandler(SMTPSessionHandler(server: core, kind: kind, socket: fd))
+                        try operations.addHandler(SMTPSessionHandler(server: core, kind: kind, tcp: true))
                     }
                 }
             }
@@ -321,11 +318,9 @@ public final class SMTPServer: Sendable {
     final class ImplicitTLSHandoff: ChannelInboundHandler {
         typealias InboundIn = ByteBuffer
         private let core: SMTPServerCore
-        private let socket: Int32
 
-        init(core: SMTPServerCore, socket: Int32) {
+        init(core: SMTPServerCore) {
             self.core = core
-            self.socket = socket
         }
 
         func channelActive(context: ChannelHandlerContext) {
@@ -338,7 +333,9 @@ public final class SMTPServer: Sendable {
             }
             // crypto-negotiate gets a copy: closing this channel then
             // closes only NIO's descriptor, not the connection.
-            let copy = fcntl(socket, F_DUPFD_CLOEXEC, 0)
+            let copy = (try? context.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+                fcntl($0, F_DUPFD_CLOEXEC, 0)
+            }) ?? -1
             guard copy >= 0 else {
                 core.logger.warning("smtps connection from \(peer) refused: dup: \(String(cString: strerror(errno)))")
                 return
@@ -385,7 +382,7 @@ public final class SMTPServer: Sendable {
     /// (implicit TLS): the session starts with TLS active.
     static func adoptPlaintext(_ established: TLSEstablished, kind: ListenerKind, peer: String,
                                core: SMTPServerCore, loop: EventLoop) {
-        let handler = SMTPSessionHandlerFactory(core: core, kind: kind, socket: nil, peer: peer, tls: established)
+        let handler = SMTPSessionHandlerFactory(core: core, kind: kind, peer: peer, tls: established)
         ClientBootstrap(group: loop)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
@@ -454,12 +451,11 @@ public final class SMTPServer: Sendable {
 struct SMTPSessionHandlerFactory: Sendable {
     let core: SMTPServerCore
     let kind: ListenerKind
-    let socket: Int32?
-    var peer: String? = nil
-    var tls: TLSEstablished? = nil
+    let peer: String
+    let tls: TLSEstablished
 
     func make() -> SMTPSessionHandler {
-        SMTPSessionHandler(server: core, kind: kind, socket: socket, peer: peer, tls: tls)
+        SMTPSessionHandler(server: core, kind: kind, peer: peer, tls: tls)
     }
 }
 

@@ -79,9 +79,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var lastReplyStart = 0
     private var shutdownRequested = false
 
-    /// The TCP descriptor of the channel (owned by NIO); nil on a plaintext
-    /// socket from crypto-negotiate.
-    private var socket: Int32?
+    /// The channel is the client's TCP connection (whose descriptor goes to
+    /// crypto-negotiate on STARTTLS); false on a plaintext socket from
+    /// crypto-negotiate.
+    private var onTCP: Bool
     /// The client's address when the channel's peer is not the client (the
     /// plaintext socket of implicit TLS).
     private let peer: String?
@@ -99,11 +100,11 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var lookingUp = false
     private var lookupTimer: Scheduled<Void>?
 
-    init(server: SMTPServerCore, kind: ListenerKind, socket: Int32? = nil, peer: String? = nil,
+    init(server: SMTPServerCore, kind: ListenerKind, tcp: Bool = false, peer: String? = nil,
          tls: TLSEstablished? = nil) {
         self.server = server
         self.kind = kind
-        self.socket = socket
+        self.onTCP = tcp
         self.peer = peer
         self.tlsAtStart = tls
         self.tlsSummary = tls?.summary
@@ -156,7 +157,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         policy.maxPendingInput = 256 * 1024
         // STARTTLS only on a TCP channel, and only while crypto-negotiate
         // is there to take it (otherwise the verb is not even advertised).
-        policy.tlsAvailable = socket != nil && server.handoff?.isAvailable == true
+        policy.tlsAvailable = onTCP && server.handoff?.isAvailable == true
         let info = SMTPClientInfo(address: clientAddress, hostname: nil, isTrusted: settings.isTrusted(clientAddress),
                                   tlsActive: tlsAtStart != nil)
         // The session exists from here, in its greeting delay: what the
@@ -321,7 +322,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             case .close:
                 closing = true
             case .startTLS:
-                guard socket != nil, server.handoff?.isAvailable == true else {
+                guard onTCP, server.handoff?.isAvailable == true else {
                     // crypto-negotiate went away since the EHLO: take the
                     // 220 back, say so, and end (the session cannot go
                     // back to clear text from here).
@@ -441,7 +442,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// costs the extra segment, so it is not worth a log line. Whether the
     /// socket is corked (it must then be shut down before it is closed).
     private func holdLastReplyForFIN(context: ChannelHandlerContext) -> Bool {
-        guard socket != nil, let options = context.channel.syncOptions else { return false }
+        guard onTCP, let options = context.channel.syncOptions else { return false }
         return (try? options.setOption(ChannelOptions.tcpOption(.init(rawValue: TCP_CORK)), value: 1)) != nil
     }
 
@@ -461,11 +462,16 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         written.futureResult.assumeIsolated().whenComplete { result in
             let handler = bound.value
             guard handler.handingOff else { return }
-            guard case .success = result, let fd = handler.socket, let handoff = handler.server.handoff else {
+            guard case .success = result, handler.onTCP, let context = handler.context,
+                  let handoff = handler.server.handoff else {
                 handler.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "the 220 reply could not be written")))
                 return
             }
-            let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+            // A copy of NIO's descriptor (valid only inside the closure):
+            // crypto-negotiate gets it, and NIO closes its own.
+            let copy = (try? context.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+                fcntl($0, F_DUPFD_CLOEXEC, 0)
+            }) ?? -1
             guard copy >= 0 else {
                 handler.handoffDone(.failure(TLSHandoffFailure(status: "4.3.0", text: "dup: \(String(cString: strerror(errno)))")))
                 return
@@ -510,7 +516,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             let loop = context.eventLoop
             let bound = NIOLoopBound(self, eventLoop: loop)
             handedOff = true
-            socket = nil
+            onTCP = false
             resuming = old
             old.close().assumeIsolated().whenComplete { _ in
                 ClientBootstrap(group: loop)
