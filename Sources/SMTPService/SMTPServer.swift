@@ -195,10 +195,8 @@ public final class SMTPServer: Sendable {
         return loop.makeSucceededFuture(bound)
     }
 
-    /// Binds (or adopts) one listening socket. Sealpost accepts on it
-    /// itself rather than through NIO's ServerBootstrap: STARTTLS and port
-    /// 465 hand the connection's descriptor to crypto-negotiate, and NIO
-    /// does not reveal the descriptors of the channels it accepts.
+    /// Binds (or adopts) one listening socket; NIO takes it over when
+    /// accepting starts (`serve`).
     private static func open(_ spec: ListenerSpec) throws -> BoundListener {
         let fd: Int32
         switch spec.source {

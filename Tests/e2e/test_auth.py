@@ -172,9 +172,7 @@ def test_sender_must_belong_to_the_user(auth_pipeline):
 
 import base64
 import shutil
-import socket
 import ssl
-import tempfile
 
 from conftest import free_tcp_port
 import mtapeers

@@ -13,7 +13,6 @@ import smtplib
 import ssl
 import subprocess
 
-import pytest
 
 from conftest import IS_ROOT, local_user, port_of, wait_until
 from test_starttls import client_context, tls_pipeline  # noqa: F401 (fixture)

@@ -1,12 +1,10 @@
 """Mail through the whole pipeline: queue-inject -> queue -> local-deliver -> Maildir."""
 
-import os
-import pathlib
 import shutil
 
 import pytest
 
-from conftest import CHECKOUT, IS_ROOT, Pipeline, local_user, parse_message, require_build, wait_until
+from conftest import CHECKOUT, Pipeline, local_user, parse_message, require_build, wait_until
 
 
 def test_first_message_lands_in_the_maildir_with_trace_headers(pipeline):

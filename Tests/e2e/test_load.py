@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from conftest import local_user, make_message, parse_message, sequences_delivered, wait_until
+from conftest import local_user, make_message, sequences_delivered, wait_until
 from stageproto import Injector, Refused
 
 MESSAGES = 10_000

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from conftest import Pipeline, executable, local_user, require_build, wait_until, CHECKOUT
+from conftest import Pipeline, local_user, require_build, wait_until, CHECKOUT
 import mtapeers
 from mtapeers import AiosmtpdPeer, DNSTestbed, PostfixPeer, RawSink, SmtpSink, Unavailable
 

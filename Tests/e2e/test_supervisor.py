@@ -6,7 +6,6 @@ import os
 import pathlib
 import pwd
 import re
-import shutil
 import signal
 import socket
 import subprocess
