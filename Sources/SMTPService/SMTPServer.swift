@@ -11,10 +11,11 @@
 // Listeners are opened before accepting starts so that no session starts
 // before the process has dropped root and chrooted: every session then
 // runs with the final privileges and paths. Connections are accepted on
-// the event loops (NIO's ServerBootstrap on the listening descriptors), so
-// a connection is accepted, set up and greeted in one go, on the thread
-// that serves it; its TCP descriptor, which STARTTLS (or port 465) hands
-// to crypto-negotiate (TLSHandoff), comes from NIO's channel.
+// an event loop (NIO's ServerBootstrap on each listening descriptor), and
+// each session runs on the next loop of the group: with one loop (the
+// default up to three cores) a connection is accepted, set up and greeted
+// in one go, on one thread. Its TCP descriptor, which STARTTLS (or port
+// 465) hands to crypto-negotiate (TLSHandoff), comes from NIO's channel.
 
 import StageRuntime
 import Logging
@@ -155,10 +156,18 @@ public final class SMTPServer: Sendable {
     }
     private let accepting = NIOLockedValueBox(Accepting.notYet)
 
-    public init(settings: SMTPServiceSettings, group: EventLoopGroup, logger: Logger) {
+    /// Told when a listener stops taking connections while the server is
+    /// not stopping (NIO closes a server channel on an accept error it
+    /// cannot wait out, or could not register it): smtp-listen exits then,
+    /// so that the supervisor starts it again on its listening sockets.
+    private let listenerLost: (@Sendable (String) -> Void)?
+
+    public init(settings: SMTPServiceSettings, group: EventLoopGroup, logger: Logger,
+                listenerLost: (@Sendable (String) -> Void)? = nil) {
         let handoff = settings.tlsSocket.map { TLSHandoff(socketPath: $0, logger: logger) }
         self.core = SMTPServerCore(settings: settings, logger: logger, handoff: handoff)
         self.group = group
+        self.listenerLost = listenerLost
     }
 
     public var settings: SMTPServiceSettings { core.settings }
@@ -262,28 +271,39 @@ public final class SMTPServer: Sendable {
     }
 
     /// Hands the listening descriptors to NIO, unless the server stopped
-    /// meanwhile (`shutdown` then closed them).
+    /// meanwhile (`shutdown` then closed them). (One server channel per
+    /// listener: NIO does not expect several event loops to wait on one
+    /// socket, where all but one find nothing to accept.)
     private func serve(_ bound: [BoundListener]) {
         accepting.withLockedValue { state in
             guard case .notYet = state else { return }
-            state = .serving(bound.map { Self.serve($0, core: core, group: group) })
+            state = .serving(bound.map { listener in
+                let name = "\(listener.kind.rawValue) listener on \(listener.address.map(Self.describe) ?? "?")"
+                return serve(listener.kind, name: name, fd: listener.fd)
+            })
         }
     }
 
     /// One listener's server channel: every connection accepted on it
-    /// becomes a session (`SMTPSessionHandler`) on its child channel, or
-    /// (465) goes to crypto-negotiate first.
-    private static func serve(_ listener: BoundListener, core: SMTPServerCore,
-                              group: EventLoopGroup) -> EventLoopFuture<Channel> {
-        let kind = listener.kind
-        let name = "\(kind.rawValue) listener on \(listener.address.map(describe) ?? "?")"
+    /// becomes a session (`SMTPSessionHandler`) on the group's next event
+    /// loop, or (465) goes to crypto-negotiate first.
+    private func serve(_ kind: ListenerKind, name: String, fd: Int32) -> EventLoopFuture<Channel> {
+        let core = self.core
         let logger = core.logger
         // TCP_NODELAY (set on the listener by ServerBootstrap, inherited by
         // each connection): replies are whole, and each is awaited.
         let served = ServerBootstrap(group: group)
             .serverChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ListenerErrorLog(listener: name, logger: logger))
+                    let operations = channel.pipeline.syncOperations
+                    // NIO listens again with a backlog of 128 on a socket it
+                    // adopts; the socket keeps the system's maximum, as the
+                    // supervisor set it, for the clients that wait while
+                    // smtp-listen restarts or descriptors run out.
+                    _ = try operations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+                        listen($0, SOMAXCONN)
+                    }
+                    try operations.addHandler(ListenerErrors(listener: name, logger: logger))
                 }
             }
             .childChannelOption(.allowRemoteHalfClosure, value: true)
@@ -302,11 +322,39 @@ public final class SMTPServer: Sendable {
                     }
                 }
             }
-            .withBoundSocket(listener.fd)
-        served.whenFailure { error in
-            logger.error("\(name): cannot accept: \(error)")
+            .withBoundSocket(fd)
+        let lost: @Sendable (String) -> Void = { [self] why in
+            if case .stopped = accepting.withLockedValue({ $0 }) { return }
+            logger.error("\(name): \(why)")
+            listenerLost?("\(name): \(why)")
+        }
+        served.whenComplete { result in
+            switch result {
+            case .success(let channel):
+                channel.closeFuture.whenComplete { _ in lost("no longer accepts connections") }
+            case .failure(let error):
+                lost("cannot accept: \(error)")
+            }
         }
         return served
+    }
+
+    /// A duplicate (close-on-exec) of a TCP channel's descriptor, for
+    /// crypto-negotiate; NIO keeps its own, valid only inside the closure.
+    static func duplicateDescriptor(of channel: ChannelPipeline.SynchronousOperations) -> Result<Int32, TLSHandoffFailure> {
+        let copy: Int32?
+        do {
+            copy = try channel.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+                fcntl($0, F_DUPFD_CLOEXEC, 0)
+            }
+        } catch let error as IOError {
+            return .failure(TLSHandoffFailure(status: "4.4.2", text: "the connection is gone: \(String(cString: strerror(error.errnoCode)))"))
+        } catch {
+            return .failure(TLSHandoffFailure(status: "4.4.2", text: "the connection is gone: \(error)"))
+        }
+        guard let copy else { return .failure(TLSHandoffFailure(status: "4.3.0", text: "not a TCP connection")) }
+        guard copy >= 0 else { return .failure(TLSHandoffFailure(status: "4.3.0", text: "dup: \(String(cString: strerror(errno)))")) }
+        return .success(copy)
     }
 
     /// A connection to an smtps listener (port 465): TLS from the first
@@ -331,11 +379,11 @@ public final class SMTPServer: Sendable {
             }
             // crypto-negotiate gets a copy: closing this channel then
             // closes only NIO's descriptor, not the connection.
-            let copy = (try? context.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
-                fcntl($0, F_DUPFD_CLOEXEC, 0)
-            }) ?? -1
-            guard copy >= 0 else {
-                core.logger.warning("smtps connection from \(peer) refused: dup: \(String(cString: strerror(errno)))")
+            let copy: Int32
+            switch SMTPServer.duplicateDescriptor(of: context.pipeline.syncOperations) {
+            case .success(let fd): copy = fd
+            case .failure(let failure):
+                core.logger.warning("smtps connection from \(peer) refused: \(failure.text)")
                 return
             }
             let core = self.core
@@ -351,14 +399,21 @@ public final class SMTPServer: Sendable {
         }
     }
 
-    /// Logs what goes wrong on a listener (descriptors or memory running
-    /// out): once, and again only when it changes or a minute has passed.
-    /// NIO's accept back-off, after this handler, pauses accepting.
-    final class ListenerErrorLog: ChannelInboundHandler {
+    /// What goes wrong on a listener. Out of descriptors or memory, it
+    /// stops accepting for a second: the connections wait in the backlog,
+    /// and the event loop does not spin on a listener that stays readable
+    /// (NIO's AcceptBackoffHandler does not prevent that: after a failed
+    /// accept NIO keeps its read pending, and the socket registered). Each
+    /// error is logged once a minute at most; a client that gave up before
+    /// its connection was accepted (ECONNABORTED) is not logged. Any other
+    /// error closes the listener (NIO), which `listenerLost` reports.
+    final class ListenerErrors: ChannelInboundHandler {
         typealias InboundIn = Channel
         private let listener: String
         private let logger: Logger
-        private var last: (text: String, at: NIODeadline)?
+        private var logged: [String: NIODeadline] = [:]
+        private var paused = false
+        static let pause = TimeAmount.seconds(1)
 
         init(listener: String, logger: Logger) {
             self.listener = listener
@@ -366,11 +421,22 @@ public final class SMTPServer: Sendable {
         }
 
         func errorCaught(context: ChannelHandlerContext, error: Error) {
-            let text = (error as? IOError).map { String(cString: strerror($0.errnoCode)) } ?? "\(error)"
-            let now = NIODeadline.now()
-            if last == nil || last!.text != text || now - last!.at > .minutes(1) {
-                logger.warning("\(listener): accept: \(text)")
-                last = (text, now)
+            let code = (error as? IOError)?.errnoCode
+            if code != ECONNABORTED {
+                let text = code.map { String(cString: strerror($0)) } ?? "\(error)"
+                let now = NIODeadline.now()
+                if logged[text].map({ now - $0 > .minutes(1) }) ?? true {
+                    logger.warning("\(listener): accept: \(text)")
+                    logged[text] = now
+                }
+            }
+            if let code, [EMFILE, ENFILE, ENOBUFS, ENOMEM].contains(code), !paused,
+               let options = context.channel.syncOptions, (try? options.setOption(.autoRead, value: false)) != nil {
+                paused = true
+                context.eventLoop.assumeIsolated().scheduleTask(in: Self.pause) {
+                    self.paused = false
+                    try? options.setOption(.autoRead, value: true)
+                }
             }
             context.fireErrorCaught(error)
         }

@@ -437,7 +437,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// at once, which puts the FIN on it. Per session that is a segment
     /// less to send, receive and acknowledge on both ends, as many as a
     /// command's round trip costs in the kernel. Only on the client's TCP
-    /// socket (`socket`): a session after implicit TLS runs on a Unix
+    /// socket (`onTCP`): a session after implicit TLS runs on a Unix
     /// socket from crypto-negotiate, which has no cork; a failure only
     /// costs the extra segment, so it is not worth a log line. Whether the
     /// socket is corked (it must then be shut down before it is closed).
@@ -467,14 +467,11 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
                 handler.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "the 220 reply could not be written")))
                 return
             }
-            // A copy of NIO's descriptor (valid only inside the closure):
-            // crypto-negotiate gets it, and NIO closes its own.
-            let copy = (try? context.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
-                fcntl($0, F_DUPFD_CLOEXEC, 0)
-            }) ?? -1
-            guard copy >= 0 else {
-                handler.handoffDone(.failure(TLSHandoffFailure(status: "4.3.0", text: "dup: \(String(cString: strerror(errno)))")))
-                return
+            // crypto-negotiate gets a copy; NIO closes its own.
+            let copy: Int32
+            switch SMTPServer.duplicateDescriptor(of: context.pipeline.syncOperations) {
+            case .success(let fd): copy = fd
+            case .failure(let failure): return handler.handoffDone(.failure(failure))
             }
             handler.handoffTimer = loop.assumeIsolated().scheduleTask(in: .seconds(handler.server.settings.tlsHandoffTimeout)) {
                 bound.value.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "no answer from crypto-negotiate")))

@@ -78,9 +78,10 @@
 //      - otherwise the addresses of [smtp] listen, submission and smtps
 //        in the configuration, bound before privileges are dropped (so
 //        port 25 works when started directly as root).
-//      Connections are accepted on the NIO event loops, each on the loop
-//      that then serves it; the TCP descriptor, handed to crypto-negotiate
-//      for TLS, is the channel's own. No descriptor is passed to another
+//      Connections are accepted on a NIO event loop and served on the
+//      group's loops in turn (with one loop, the default up to three
+//      cores, on the loop that accepted them); the TCP descriptor, handed
+//      to crypto-negotiate for TLS, is the channel's own. No descriptor is passed to another
 //      program except those that go to crypto-negotiate (smtp-listen
 //      starts no process), so accepted sockets need no close-on-exec.
 //
@@ -137,7 +138,9 @@
 //
 // EXIT STATUS
 //      0 after a signal; 64 (usage) for arguments; 71 (osErr) when a
-//      listener cannot be opened; 77 (noPerm) or 67 (noUser) when
+//      listener cannot be opened, or stops accepting connections (an
+//      accept error other than running out of descriptors or memory,
+//      which only pause it); 77 (noPerm) or 67 (noUser) when
 //      privileges cannot be dropped; 78 (config) for a bad configuration
 //      or bad LISTEN_* variables.
 
@@ -243,7 +246,11 @@ if config.smtp.clientNameLookup {
 }
 
 let group = MultiThreadedEventLoopGroup(numberOfThreads: config.smtp.eventLoopThreads(cores: System.coreCount))
-let server = SMTPServer(settings: settings, group: group, logger: logger)
+// A listener that stops accepting (an error NIO cannot wait out): start
+// afresh, on the supervisor's sockets, rather than run on without it.
+let server = SMTPServer(settings: settings, group: group, logger: logger) { why in
+    StageRuntime.fatal("\(why): exiting to be started again", exit: .osErr)
+}
 do {
     _ = try server.open(specs).wait()
 } catch {

@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -319,6 +320,22 @@ def test_connections_wait_while_descriptors_run_out(workdir):
             except TimeoutError:
                 pass
         waiting = [socket.create_connection(("127.0.0.1", instance.port), timeout=60) for _ in range(3)]
+        if shutil.which("ss"):
+            # The backlog they wait in: the system's maximum, also once NIO
+            # took the socket over (it would listen again with 128).
+            listing = subprocess.run(["ss", "-ltnH", f"sport = :{instance.port}"], capture_output=True, text=True)
+            maximum = min(4096, int(pathlib.Path("/proc/sys/net/core/somaxconn").read_text()))
+            assert [line.split()[2] for line in listing.stdout.splitlines()] == [str(maximum)], listing.stdout
+        # While the connections wait, accepting pauses instead of failing
+        # again and again: a busy loop would take a core (a bound against
+        # spinning, far from the CPU a correct pause uses).
+        def cpu_seconds():
+            fields = pathlib.Path(f"/proc/{instance.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        cpu_before, wall_before = cpu_seconds(), time.monotonic()
+        time.sleep(2)
+        spent, elapsed = cpu_seconds() - cpu_before, time.monotonic() - wall_before
+        assert spent < elapsed / 2, f"smtp-listen used {spent:.2f} s of CPU in {elapsed:.2f} s while out of descriptors\n" + instance.log_text()[-3000:]
         for connection in held[:5]:
             connection.sendall(b"QUIT\r\n")
             connection.close()
