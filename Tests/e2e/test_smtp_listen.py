@@ -323,7 +323,7 @@ def test_connections_wait_while_descriptors_run_out(workdir):
             except TimeoutError:
                 pass
         waiting = [socket.create_connection(("127.0.0.1", instance.port), timeout=60) for _ in range(3)]
-        if shutil.which("ss"):
+        if shutil.which("ss"):   # iproute2, which Pipeline/test installs
             # The backlog they wait in: the system's maximum, also once NIO
             # took the socket over (it would listen again with 128).
             listing = subprocess.run(["ss", "-ltnH", f"sport = :{instance.port}"], capture_output=True, text=True)
