@@ -261,7 +261,6 @@ final class InjectHandler: ChannelInboundHandler {
         env.size = UInt64(t.size)
         for i in env.recipients.indices { env.recipients[i].nextAttempt = arrival }
         let messageID = HeaderBlock.parse(t.head).block.first("Message-ID")?.value
-            .trimmingBlanks()
         let client = env.clientAddress.map { "client=\(env.clientName ?? "unknown")[\($0)]" }
             ?? "uid=\(env.peerUID.map(String.init) ?? "unknown")"
         let engine = self.engine
@@ -327,15 +326,3 @@ final class InjectHandler: ChannelInboundHandler {
 @available(*, unavailable)
 extension InjectHandler: Sendable {}
 
-extension String {
-    /// Without the spaces and tabs at either end (Foundation-free). By
-    /// bytes: the cuts are next to ASCII, so they fall between characters.
-    func trimmingBlanks() -> String {
-        let bytes = utf8
-        let blank = { (byte: UInt8) in byte == 0x20 || byte == 0x09 }
-        guard let start = bytes.firstIndex(where: { !blank($0) }),
-              let last = bytes.lastIndex(where: { !blank($0) }) else { return "" }
-        if start == bytes.startIndex && last == bytes.index(before: bytes.endIndex) { return self }
-        return String(decoding: bytes[start...last], as: UTF8.self)
-    }
-}

@@ -277,17 +277,16 @@ public final class SMTPServer: Sendable {
     private func serve(_ bound: [BoundListener]) {
         accepting.withLockedValue { state in
             guard case .notYet = state else { return }
-            state = .serving(bound.map { listener in
-                let name = "\(listener.kind.rawValue) listener on \(listener.address.map(Self.describe) ?? "?")"
-                return serve(listener.kind, name: name, fd: listener.fd)
-            })
+            state = .serving(bound.map(serverChannel))
         }
     }
 
     /// One listener's server channel: every connection accepted on it
     /// becomes a session (`SMTPSessionHandler`) on the group's next event
     /// loop, or (465) goes to crypto-negotiate first.
-    private func serve(_ kind: ListenerKind, name: String, fd: Int32) -> EventLoopFuture<Channel> {
+    private func serverChannel(_ listener: BoundListener) -> EventLoopFuture<Channel> {
+        let kind = listener.kind
+        let name = "\(kind.rawValue) listener on \(listener.address.map(Self.describe) ?? "?")"
         let core = self.core
         let logger = core.logger
         // TCP_NODELAY (set on the listener by ServerBootstrap, inherited by
@@ -322,7 +321,7 @@ public final class SMTPServer: Sendable {
                     }
                 }
             }
-            .withBoundSocket(fd)
+            .withBoundSocket(listener.fd)
         let lost: @Sendable (String) -> Void = { [self] why in
             if case .stopped = accepting.withLockedValue({ $0 }) { return }
             logger.error("\(name): \(why)")
@@ -412,7 +411,6 @@ public final class SMTPServer: Sendable {
         private let listener: String
         private let logger: Logger
         private var logged: [String: NIODeadline] = [:]
-        private var paused = false
         static let pause = TimeAmount.seconds(1)
 
         init(listener: String, logger: Logger) {
@@ -430,11 +428,10 @@ public final class SMTPServer: Sendable {
                     logged[text] = now
                 }
             }
-            if let code, [EMFILE, ENFILE, ENOBUFS, ENOMEM].contains(code), !paused,
-               let options = context.channel.syncOptions, (try? options.setOption(.autoRead, value: false)) != nil {
-                paused = true
+            // Paused: autoRead is off until the scheduled task turns it on.
+            if let code, [EMFILE, ENFILE, ENOBUFS, ENOMEM].contains(code), let options = context.channel.syncOptions,
+               (try? options.getOption(.autoRead)) == true, (try? options.setOption(.autoRead, value: false)) != nil {
                 context.eventLoop.assumeIsolated().scheduleTask(in: Self.pause) {
-                    self.paused = false
                     try? options.setOption(.autoRead, value: true)
                 }
             }
@@ -446,12 +443,12 @@ public final class SMTPServer: Sendable {
     /// (implicit TLS): the session starts with TLS active.
     static func adoptPlaintext(_ established: TLSEstablished, kind: ListenerKind, peer: String,
                                core: SMTPServerCore, loop: EventLoop) {
-        let handler = SMTPSessionHandlerFactory(core: core, kind: kind, peer: peer, tls: established)
         ClientBootstrap(group: loop)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(handler.make())
+                    try channel.pipeline.syncOperations.addHandler(
+                        SMTPSessionHandler(server: core, kind: kind, peer: peer, tls: established))
                 }
             }
             .withConnectedSocket(established.plaintext)
@@ -507,19 +504,6 @@ public final class SMTPServer: Sendable {
             deadline.cancel()
             handoff?.stop()
         }.flatMap { pools.closeAll(on: loop) }
-    }
-}
-
-/// Makes a session handler on the channel's event loop (handlers are not
-/// Sendable; this recipe is).
-struct SMTPSessionHandlerFactory: Sendable {
-    let core: SMTPServerCore
-    let kind: ListenerKind
-    let peer: String
-    let tls: TLSEstablished
-
-    func make() -> SMTPSessionHandler {
-        SMTPSessionHandler(server: core, kind: kind, peer: peer, tls: tls)
     }
 }
 

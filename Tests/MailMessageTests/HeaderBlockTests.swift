@@ -19,6 +19,21 @@ func text(_ b: [UInt8]) -> String { String(decoding: b, as: UTF8.self) }
         #expect(block.serialized() == Array(m[..<(off - 2)]))
     }
 
+    /// A value without the blanks around it (the queue logs the
+    /// Message-ID as `value` gives it).
+    @Test func valueWithoutSurroundingBlanks() {
+        func value(_ v: String) -> String? {
+            HeaderBlock.parse(bytes("Message-ID:\(v)\r\n\r\n")).block.first("Message-ID")?.value
+        }
+        #expect(value(" \t<a@example.org> \t") == "<a@example.org>")
+        #expect(value("<a@example.org>") == "<a@example.org>")
+        #expect(value(" \t \t") == "")
+        #expect(value("") == "")
+        #expect(value(" <jörg@例え.jp>\t") == "<jörg@例え.jp>")
+        #expect(value("\té") == "é")
+        #expect(value("a b") == "a b")
+    }
+
     @Test func removeAndAdd() {
         var (block, _, _) = HeaderBlock.parse(bytes("From: x@y\nBcc: secret@example.org,\n\tother@example.org\nSubject: s\n\n"))
         #expect(block.removeAll("BCC") == 1)

@@ -78,17 +78,6 @@ private let router = Router(isLocal: { $0 == "localhost" || $0 == "example.test"
         #expect(router.destination(of: "\"a@b\"@Example.NET") == Destination(transport: .remote, nexthop: "example.net"))
         #expect(Router.domain(of: "x@") == nil)
     }
-
-    /// The Message-ID of the log line, without the blanks around it.
-    @Test func trimmingBlanks() {
-        #expect(" \t<a@example.org> \t".trimmingBlanks() == "<a@example.org>")
-        #expect("<a@example.org>".trimmingBlanks() == "<a@example.org>")
-        #expect(" \t \t".trimmingBlanks() == "")
-        #expect("".trimmingBlanks() == "")
-        #expect(" <jörg@例え.jp>\t".trimmingBlanks() == "<jörg@例え.jp>")
-        #expect("\té".trimmingBlanks() == "é")
-        #expect("a b".trimmingBlanks() == "a b")
-    }
 }
 
 @Suite struct RecipientUpdateTests {
