@@ -154,16 +154,38 @@ public struct SMTPCommandCounters: Sendable, Hashable, CustomStringConvertible {
         return named
     }
 
+    /// "helo=1 mail=1 rcpt=0/1 commands=2/3": built as bytes, as it is
+    /// for every disconnect line (appending to a string costs several
+    /// times as much).
     public var description: String {
-        var parts: [String] = []
+        var text: [UInt8] = []
+        text.reserveCapacity(80)
         var ok = 0, all = 0
         for (i, name) in Self.order.enumerated() where totals[i] > 0 {
             let t = totals[i], s = successes[i]
             ok += s
             all += t
-            parts.append(s == t ? "\(name)=\(t)" : "\(name)=\(s)/\(t)")
+            text.append(contentsOf: name.utf8)
+            Self.appendCount(s, of: t, to: &text)
+            text.append(UInt8(ascii: " "))
         }
-        parts.append(ok == all ? "commands=\(all)" : "commands=\(ok)/\(all)")
-        return parts.joined(separator: " ")
+        text.append(contentsOf: "commands".utf8)
+        Self.appendCount(ok, of: all, to: &text)
+        return String(decoding: text, as: UTF8.self)
+    }
+
+    /// "=N" when all succeeded, else "=S/N".
+    private static func appendCount(_ successes: Int, of total: Int, to text: inout [UInt8]) {
+        text.append(UInt8(ascii: "="))
+        if successes != total {
+            appendDecimal(successes, to: &text)
+            text.append(UInt8(ascii: "/"))
+        }
+        appendDecimal(total, to: &text)
+    }
+
+    private static func appendDecimal(_ n: Int, to text: inout [UInt8]) {
+        if n >= 10 { appendDecimal(n / 10, to: &text) }
+        text.append(UInt8(ascii: "0") + UInt8(n % 10))
     }
 }

@@ -95,6 +95,21 @@ struct ContentChecker {
                                                     into out: inout [UInt8]) -> Int {
         let eightBitStops = inHeaders && !allow8BitHeaders
         var end = start
+        // Eight bytes at a time while none of them stops the run (most of
+        // a message, by far): a word with a CR, LF or NUL byte, or (when
+        // those stop it) one with its top bit set, goes to the byte loop.
+        if let base = input.baseAddress {
+            let raw = UnsafeRawPointer(base)
+            let ones: UInt64 = 0x0101_0101_0101_0101, highs: UInt64 = 0x8080_8080_8080_8080
+            let highMask = eightBitStops ? highs : 0
+            @inline(__always) func hasZeroByte(_ v: UInt64) -> Bool { (v &- ones) & ~v & highs != 0 }
+            while end + 8 <= n {
+                let word = raw.loadUnaligned(fromByteOffset: end, as: UInt64.self)
+                if word & highMask != 0 || hasZeroByte(word) || hasZeroByte(word ^ (ones &* 13))
+                    || hasZeroByte(word ^ (ones &* 10)) { break }
+                end += 8
+            }
+        }
         while end < n {
             let b = input[end]
             if b == 13 || b == 10 || b == 0 || (eightBitStops && b >= 0x80) { break }

@@ -14,7 +14,7 @@ public struct EnhancedStatus: Sendable, Hashable, CustomStringConvertible {
     public var detail: Int
 
     public init(_ codeClass: Int, _ subject: Int, _ detail: Int) {
-        precondition([2, 4, 5].contains(codeClass), "RFC 3463 classes are 2, 4 and 5")
+        precondition(codeClass == 2 || codeClass == 4 || codeClass == 5, "RFC 3463 classes are 2, 4 and 5")
         precondition((0...999).contains(subject) && (0...999).contains(detail))
         self.codeClass = codeClass
         self.subject = subject
@@ -24,13 +24,14 @@ public struct EnhancedStatus: Sendable, Hashable, CustomStringConvertible {
     /// Parses "4.3.1"; nil when malformed. Every reply the server builds
     /// passes here, so it reads the bytes without splitting strings.
     public init?(parsing text: String) {
-        var parts: [Int] = []
+        // The two numbers before the dots (-1: not yet), then the third.
+        var codeClass = -1, subject = -1
         var value = 0
         var digits = 0
         for byte in text.utf8 {
             if byte == UInt8(ascii: ".") {
-                guard digits > 0, parts.count < 2 else { return nil }
-                parts.append(value)
+                guard digits > 0, subject < 0 else { return nil }
+                if codeClass < 0 { codeClass = value } else { subject = value }
                 value = 0
                 digits = 0
             } else {
@@ -39,8 +40,8 @@ public struct EnhancedStatus: Sendable, Hashable, CustomStringConvertible {
                 digits += 1
             }
         }
-        guard parts.count == 2, digits > 0, [2, 4, 5].contains(parts[0]) else { return nil }
-        self.init(parts[0], parts[1], value)
+        guard subject >= 0, digits > 0, codeClass == 2 || codeClass == 4 || codeClass == 5 else { return nil }
+        self.init(codeClass, subject, value)
     }
 
     /// "4.3.1" onto `out`.
@@ -68,7 +69,10 @@ public struct SMTPReply: Sendable, Hashable, CustomStringConvertible {
         if let status { precondition(status.codeClass == code / 100, "status class must match the reply code") }
         self.code = code
         self.status = status
-        self.lines = (lines.isEmpty ? [""] : lines).map(SMTPReply.sanitize)
+        let given = lines.isEmpty ? [""] : lines
+        // Most replies are the server's own text, clean already: the array
+        // is kept rather than copied line by line.
+        self.lines = given.allSatisfy(SMTPReply.isClean) ? given : given.map(SMTPReply.sanitize)
     }
 
     public init(_ code: Int, _ status: EnhancedStatus?, _ text: String) {
@@ -126,9 +130,14 @@ public struct SMTPReply: Sendable, Hashable, CustomStringConvertible {
 
     /// Printable ASCII only; at most 500 characters per line (RFC 5321
     /// 4.5.3.1.5 allows 512 octets per reply line including code and CRLF).
+    /// What `sanitize` keeps as it is: at most 490 bytes of printable ASCII.
+    static func isClean(_ text: String) -> Bool {
+        text.utf8.count <= 490 && text.utf8.allSatisfy({ (0x20...0x7E).contains($0) })
+    }
+
     static func sanitize(_ text: String) -> String {
         // Most text is the server's own: already clean, kept as it is.
-        if text.utf8.count <= 490, text.utf8.allSatisfy({ (0x20...0x7E).contains($0) }) { return text }
+        if isClean(text) { return text }
         var out = String.UnicodeScalarView()
         for scalar in text.unicodeScalars.prefix(490) {
             out.append((0x20...0x7E).contains(scalar.value) ? scalar : "?")

@@ -72,7 +72,9 @@ public struct SMTPServerSession: Sendable {
         var chunk: ChunkDecoder?
     }
 
-    private(set) var phase: Phase = .beforeGreeting
+    private(set) var phase: Phase = .beforeGreeting {
+        didSet { isClosed = phase == .closed }
+    }
     private var transaction: Transaction?
     private var input: [UInt8] = []
     private var output: [SMTPAction] = []
@@ -100,7 +102,10 @@ public struct SMTPServerSession: Sendable {
         }
     }
 
-    public var isClosed: Bool { phase == .closed }
+    /// `phase == .closed`, stored: the I/O layer asks after every batch of
+    /// input, and a stored property is read in place, where a computed one
+    /// across the module boundary costs a copy of the whole session.
+    public private(set) var isClosed = false
 
     /// The 220 greeting of a server named `hostname` (`start` sends it).
     public static func greeting(hostname: String, softwareName: String) -> SMTPReply {
@@ -696,23 +701,24 @@ public struct SMTPServerSession: Sendable {
         } catch {
             return respond("RCPT", SMTPReply(501, "5.1.3", "Bad recipient address syntax: \(error.reason)"))
         }
-        let detail = envelopeDetail(recipient: path)
+        // Each refusal below logs the envelope (envelopeDetail), built
+        // only then: most recipients are accepted.
         guard let raw = ESMTPParameters.split(pathBytes[end...]) else {
-            return respond("RCPT", ESMTPParameters.badSyntax, detail: detail)
+            return respond("RCPT", ESMTPParameters.badSyntax, detail: envelopeDetail(recipient: path))
         }
         let params: SMTPRecipientParameters
         switch ESMTPParameters.recipient(raw, parameterContext) {
         case .success(let p): params = p
-        case .failure(let reply): return respond("RCPT", reply, detail: detail)
+        case .failure(let reply): return respond("RCPT", reply, detail: envelopeDetail(recipient: path))
         }
         guard path.isASCII || t.parameters.smtputf8 else {
-            return respond("RCPT", SMTPReply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"), detail: detail)
+            return respond("RCPT", SMTPReply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"), detail: envelopeDetail(recipient: path))
         }
         guard t.recipients.count < policy.maxRecipients else {
-            return respond("RCPT", SMTPReply(452, "4.5.3", "Too many recipients"), countsAsError: false, detail: detail)
+            return respond("RCPT", SMTPReply(452, "4.5.3", "Too many recipients"), countsAsError: false, detail: envelopeDetail(recipient: path))
         }
         let decision = policy.relay.decide(path, clientTrusted: client.isTrusted, authenticated: authenticatedUser != nil)
-        if case .denied(let reply) = decision { return respond("RCPT", reply, detail: detail) }
+        if case .denied(let reply) = decision { return respond("RCPT", reply, detail: envelopeDetail(recipient: path)) }
         transaction!.recipients.append(SMTPRecipient(path: path, parameters: params, relay: decision))
         respond("RCPT", SMTPReply(250, "2.1.5", "Ok"))
     }

@@ -260,7 +260,7 @@ final class InjectTransaction {
                     bound.value.handler = handler
                     try channel.pipeline.syncOperations.addHandlers([
                         ByteToMessageHandler(FrameDecoderHandler(protocol: .inject, direction: .serverToClient)),
-                        MessageToByteHandler(FrameEncoderHandler(protocol: .inject, direction: .clientToServer)),
+                        CoalescingFrameEncoder(protocol: .inject, direction: .clientToServer),
                         handler,
                     ])
                 }

@@ -28,6 +28,8 @@ import SMTP
 /// logger, the sessions per client address.
 final class SMTPServerCore: Sendable {
     let settings: SMTPServiceSettings
+    /// "by HOST (SOFTWARE)" of every Received header, made once.
+    let receivedBy: ReceivedHeader.By
     let logger: Logger
     private let state = NIOLockedValueBox(State())
     private let pendingAuthentications = NIOLockedValueBox(0)
@@ -74,6 +76,7 @@ final class SMTPServerCore: Sendable {
 
     init(settings: SMTPServiceSettings, logger: Logger, handoff: TLSHandoff? = nil) {
         self.settings = settings
+        receivedBy = ReceivedHeader.By(hostname: settings.hostname, softwareName: settings.softwareName)
         self.logger = logger
         self.handoff = handoff
     }
@@ -305,14 +308,18 @@ public final class SMTPServer: Sendable {
                     try operations.addHandler(ListenerErrors(listener: name, logger: logger))
                 }
             }
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
-            // One read per read request: after STARTTLS not a byte more is
-            // read here; what follows belongs to crypto-negotiate. On 465
-            // nothing is read at all.
-            .childChannelOption(.maxMessagesPerRead, value: 1)
-            .childChannelOption(.autoRead, value: kind != .smtps)
+            // The options are set here, before the channel is registered,
+            // rather than as childChannelOptions, which NIO applies one
+            // future at a time for every connection.
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    guard let options = channel.syncOptions else { throw ChannelError.operationUnsupported }
+                    try options.setOption(.allowRemoteHalfClosure, value: true)
+                    // One read per read request: after STARTTLS not a byte
+                    // more is read here; what follows belongs to
+                    // crypto-negotiate. On 465 nothing is read at all.
+                    try options.setOption(.maxMessagesPerRead, value: 1)
+                    try options.setOption(.autoRead, value: kind != .smtps)
                     let operations = channel.pipeline.syncOperations
                     if kind == .smtps {
                         try operations.addHandler(ImplicitTLSHandoff(core: core))

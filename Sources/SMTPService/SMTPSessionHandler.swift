@@ -189,7 +189,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// The client's name is known (or will not be): log the connection and
     /// send the greeting (or the 554 for an early talker).
     private func greet(name: String?) {
-        guard var session else { return }
+        guard session != nil else { return }
         if let name {
             clientName = name
             client = SessionLog.client(name: name, address: clientAddress)
@@ -198,10 +198,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         if let tls = tlsAtStart {
             server.logger.info("\(client): TLS: \(tls.summary)\(tls.serverName.map { ", sni=\($0)" } ?? "")")
         }
-        session.clientNameResolved(name)
-        let actions = session.start()
-        self.session = session
-        perform(actions)
+        session!.clientNameResolved(name)
+        perform(session!.start())
         if shutdownRequested, self.session?.isClosed == false {
             perform(self.session!.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")))
         }
@@ -266,7 +264,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             lookupTimer?.cancel()
             server.logger.info("\(SessionLog.connect(client))")
         }
-        if let session, !session.isClosed {
+        if session?.isClosed == false {
             server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))")
             perform(self.session!.disconnected())
         }
@@ -296,8 +294,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     }
 
     private var wantsInput: Bool {
-        guard let session, !closing else { return false }
-        if !session.wantsInput { return false }
+        guard session?.wantsInput == true, !closing else { return false }
         if let inject, inMessage, !inject.isWritable { return false }
         return true
     }
@@ -561,11 +558,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         // the queue file is created, so one grep for the ID follows the
         // message from here to its delivery.
         let tls = tlsSummary, client = self.client, authUser = session?.authenticatedUser
+        let receivedBy = server.receivedBy
         let logger = server.logger
         transaction.start(envelope: envelope, clientName: clientName, prefix: { id in
-            Array(ReceivedHeader.build(envelope: envelope, hostname: settings.hostname,
-                                       softwareName: settings.softwareName, queueID: id,
-                                       tls: tls, date: RFC5322Date.now()).utf8)
+            ReceivedHeader.bytes(envelope: envelope, by: receivedBy, queueID: id, tls: tls, date: RFC5322Date.now())
         }, announced: { id in
             logger.info("\(SessionLog.queued(id, client: client, authUser: authUser))")
         })
@@ -594,17 +590,16 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private func queueAnswered(_ outcome: InjectOutcome) {
         waitingForQueue = false
         inject = nil
-        guard var session else { return }
+        guard session != nil else { return }
         let actions: [SMTPAction]
         switch outcome {
         case .accepted(let id):
-            actions = session.messageCommitted(queueID: id)
+            actions = session!.messageCommitted(queueID: id)
         case .refused(let reply):
-            actions = session.messageFailed(.refused(reply))
+            actions = session!.messageFailed(.refused(reply))
         case .unavailable:
-            actions = session.messageFailed(.unavailable)
+            actions = session!.messageFailed(.unavailable)
         }
-        self.session = session
         guard context != nil, context!.channel.isActive else { return }
         perform(actions)
         if inputClosed, !waitingForQueue { endSession(lost: true) }
@@ -615,12 +610,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
 
     /// The client half-closed, or the session must end now.
     private func endSession(lost: Bool) {
-        guard let context, var session else { return }
-        if !session.isClosed {
+        guard let context, session != nil else { return }
+        if !session!.isClosed {
             if lost { server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))") }
-            let actions = session.disconnected()
-            self.session = session
-            perform(actions)
+            perform(session!.disconnected())
         }
         context.close(promise: nil)
     }
@@ -658,7 +651,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// which re-arms itself when it fires early. An NIO task scheduled and
     /// cancelled per command cost smtp-listen 3% of its CPU.
     private func armTimer() {
-        guard let context, let session, !session.isClosed, !closing, !waitingForQueue, !handingOff else {
+        guard let context, session?.isClosed == false, !closing, !waitingForQueue, !handingOff else {
             deadline = nil
             return
         }
@@ -698,10 +691,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     }
 
     private func timedOut() {
-        guard var session, !session.isClosed, !waitingForQueue, !handingOff else { return }
+        guard session?.isClosed == false, !waitingForQueue, !handingOff else { return }
         server.logger.info("\(SessionLog.timeout(after: lastCommand, client: client))")
-        let actions = session.shutdown(SMTPReply(421, "4.4.2", "\(server.settings.hostname) Error: timeout exceeded"))
-        self.session = session
-        perform(actions)
+        perform(session!.shutdown(SMTPReply(421, "4.4.2", "\(server.settings.hostname) Error: timeout exceeded")))
     }
 }

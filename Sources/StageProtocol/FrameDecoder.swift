@@ -152,7 +152,9 @@ public struct FrameDecoder: Sendable {
     private func parseAttributes(_ type: FrameType, from: Int, to end: Int) throws(ProtocolError) -> Frame {
         let t = type.name
         var frame = Frame(type)
-        var seen = Set<String>()
+        // Duplicates: compared with the earlier names while there are few
+        // (every frame received passes here), a Set only past 16.
+        var seen: Set<String>?
         var p = from
         while p < end {
             let k = Int(buffer[p])
@@ -164,8 +166,10 @@ public struct FrameDecoder: Sendable {
             guard end - p >= k else {
                 throw ProtocolError("\(t): attribute name runs past the end of the frame (\(k) bytes, \(end - p) left)")
             }
-            let nameBytes = Array(buffer[p..<(p + k)])
-            if let problem = Self.nameProblem(nameBytes) { throw ProtocolError("\(t): \(problem)") }
+            let nameBytes = buffer[p..<(p + k)]
+            if !Self.isValidName(nameBytes), let problem = Self.nameProblem(Array(nameBytes)) {
+                throw ProtocolError("\(t): \(problem)")
+            }
             let name = String(decoding: nameBytes, as: UTF8.self)
             p += k
             guard end - p >= 5 else {
@@ -215,7 +219,9 @@ public struct FrameDecoder: Sendable {
                 }
                 value = .text(s)
             }
-            guard seen.insert(name).inserted else {
+            if seen == nil, frame.attributes.count >= 16 { seen = Set(frame.attributes.map(\.name)) }
+            let duplicate = seen != nil ? !seen!.insert(name).inserted : frame.attributes.contains { $0.name == name }
+            guard !duplicate else {
                 throw ProtocolError("\(t): attribute \"\(name)\" appears twice")
             }
             frame.attributes.append((name: name, value: value))
@@ -233,7 +239,7 @@ public struct FrameDecoder: Sendable {
     /// What is wrong with an attribute name, or nil.
     /// Whether `name` is a valid attribute name (nameProblem's valid case,
     /// without copying the bytes into an Array).
-    static func isValidName(_ name: String.UTF8View) -> Bool {
+    static func isValidName<Bytes: Collection<UInt8>>(_ name: Bytes) -> Bool {
         guard let first = name.first, name.count <= WireLimits.maxNameLength,
               (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(first) else { return false }
         return name.allSatisfy { b in

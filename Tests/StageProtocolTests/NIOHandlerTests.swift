@@ -77,4 +77,92 @@ import StageProtocolNIO
         #expect(try c2.readOutbound(as: ByteBuffer.self) == nil)
         _ = try? c2.finish()
     }
+
+    // MARK: CoalescingFrameEncoder
+
+    func makeCoalescingChannel() throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandler(CoalescingFrameEncoder(protocol: .inject, direction: .clientToServer))
+        return channel
+    }
+
+    @Test func coalescesTheFramesOfAFlushIntoOneWrite() throws {
+        let channel = try makeCoalescingChannel()
+        let frames = [Frame(.mail, ["sender": .text("a@example.org")]), Frame(.rcpt, ["address": .text("b@example.org")]),
+                      Frame(.body, ["data": .bytes(Array("Subject: x\r\n\r\nhi\r\n".utf8))]), Frame(.end)]
+        var written: [Bool] = []
+        for frame in frames {
+            let promise = channel.eventLoop.makePromise(of: Void.self)
+            promise.futureResult.whenComplete { written.append((try? $0.get()) != nil) }
+            channel.write(frame, promise: promise)
+        }
+        // Nothing goes down before the flush.
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        #expect(written.isEmpty)
+        channel.flush()
+        let out = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        var expected: [UInt8] = []
+        for frame in frames { FrameEncoder.encode(frame, into: &expected) }
+        #expect(Array(out.readableBytesView) == expected)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        #expect(written == [true, true, true, true])
+        #expect(try channel.finish().isClean)
+    }
+
+    /// Records the writes that pass it (EmbeddedChannel shows only what
+    /// was flushed).
+    final class WriteRecorder: ChannelOutboundHandler {
+        typealias OutboundIn = ByteBuffer
+        var sizes: [Int] = []
+        func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+            sizes.append(unwrapOutboundIn(data).readableBytes)
+            context.write(data, promise: promise)
+        }
+    }
+
+    @Test func coalescingSendsPastTheThresholdWithoutAFlush() throws {
+        let channel = EmbeddedChannel()
+        let recorder = WriteRecorder()
+        try channel.pipeline.syncOperations.addHandler(recorder)
+        try channel.pipeline.syncOperations.addHandler(CoalescingFrameEncoder(protocol: .inject, direction: .clientToServer))
+        let piece = [UInt8](repeating: UInt8(ascii: "x"), count: 40_000)
+        channel.write(Frame(.body, ["data": .bytes(piece)]), promise: nil)
+        #expect(recorder.sizes.isEmpty)
+        channel.write(Frame(.body, ["data": .bytes(piece)]), promise: nil)
+        // Over pushThreshold: down the pipeline (where the channel's
+        // writability counts it), though not flushed.
+        #expect(recorder.sizes.count == 1)
+        #expect(recorder.sizes.first ?? 0 > CoalescingFrameEncoder.pushThreshold)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        channel.flush()
+        #expect(try channel.readOutbound(as: ByteBuffer.self)?.readableBytes == recorder.sizes.first)
+        #expect(try channel.finish().isClean)
+    }
+
+    @Test func coalescingRefusesAnInvalidFrameAndEverythingAfter() throws {
+        let channel = try makeCoalescingChannel()
+        channel.write(Frame(.mail, ["sender": .text("a@example.org")]), promise: nil)
+        var failures: [Error] = []
+        let bad = channel.eventLoop.makePromise(of: Void.self)
+        bad.futureResult.whenFailure { failures.append($0) }
+        channel.write(Frame(.rcpt, ["address": .text("b@example.org\r\nX")]), promise: bad)
+        #expect(failures.map { $0 as? ProtocolError } == [ProtocolError("RCPT: attribute \"address\": text contains CR")])
+        // The error went up the pipeline too.
+        #expect(throws: ProtocolError("RCPT: attribute \"address\": text contains CR")) { try channel.throwIfErrorCaught() }
+        let later = channel.eventLoop.makePromise(of: Void.self)
+        later.futureResult.whenFailure { failures.append($0) }
+        channel.write(Frame(.end), promise: later)
+        #expect(failures.count == 2)
+        _ = try? channel.finish()
+    }
+
+    @Test func coalescingFailsWhatWaitsWhenTheChannelCloses() throws {
+        let channel = try makeCoalescingChannel()
+        var failed = false
+        let promise = channel.eventLoop.makePromise(of: Void.self)
+        promise.futureResult.whenFailure { _ in failed = true }
+        channel.write(Frame(.mail, ["sender": .text("a@example.org")]), promise: promise)
+        _ = try channel.finish()
+        #expect(failed)
+    }
 }

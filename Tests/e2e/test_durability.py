@@ -236,7 +236,10 @@ def test_the_250_follows_the_queue_s_completed_sync(pipeline):
     assert meta, "the queue holds no O_DSYNC descriptor (LMDB's meta page)"
     output, messages = pipeline.directory / "strace.out", pipeline.directory / "strace.err"
     with open(messages, "wb") as errors:
-        tracer = subprocess.Popen([STRACE, "-f", "-s", "256", "-o", str(output),
+        # -s 4096: smtp-listen sends the whole small message to the queue
+        # in one buffer (envelope, Received header, body, END), and the
+        # marker below must be within what strace shows of it.
+        tracer = subprocess.Popen([STRACE, "-f", "-s", "4096", "-o", str(output),
                                    "-e", "trace=fdatasync,pwrite64,write,writev,sendmsg",
                                    "-p", str(queue), "-p", str(listen)], stderr=errors)
     try:
