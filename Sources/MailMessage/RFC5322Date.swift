@@ -8,6 +8,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Synchronization
 
 public enum RFC5322Date {
     static let dayNames = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
@@ -25,10 +26,18 @@ public enum RFC5322Date {
         return format(unixTime: unixTime, utcOffsetSeconds: Int(tmValue.tm_gmtoff))
     }
 
-    /// The current time, formatted as `format(unixTime:)` does.
+    /// The current time, formatted as `format(unixTime:)` does. The text
+    /// of the last second asked for is kept: smtp-listen asks for every
+    /// message (its Received header), many times a second under load.
     public static func now() -> String {
-        format(unixTime: Int(time(nil)))
+        let unixTime = Int(time(nil))
+        if let text = lastSecond.withLock({ $0?.unixTime == unixTime ? $0?.text : nil }) { return text }
+        let text = format(unixTime: unixTime)
+        lastSecond.withLock { $0 = (unixTime, text) }
+        return text
     }
+
+    private static let lastSecond = Mutex<(unixTime: Int, text: String)?>(nil)
 
     /// Pure form: the wall-clock time `utcOffsetSeconds` east of UTC. The
     /// offset is written in whole minutes (RFC 5322 has no seconds there;

@@ -30,6 +30,15 @@ final class SMTPServerCore: Sendable {
     let settings: SMTPServiceSettings
     /// "by HOST (SOFTWARE)" of every Received header, made once.
     let receivedBy: ReceivedHeader.By
+    /// Each kind of listener's session policy, made once (see
+    /// `policy(for:client:)`).
+    private let listenerPolicies: [ListenerKind: SMTPServerPolicy]
+
+    /// The session policy for a client of a listener of `kind`.
+    func policy(for kind: ListenerKind, client address: String) -> SMTPServerPolicy {
+        guard let base = listenerPolicies[kind] else { return settings.policy(for: kind, client: address) }
+        return settings.policy(from: base, kind: kind, client: address)
+    }
     let logger: Logger
     private let state = NIOLockedValueBox(State())
     private let pendingAuthentications = NIOLockedValueBox(0)
@@ -77,6 +86,7 @@ final class SMTPServerCore: Sendable {
     init(settings: SMTPServiceSettings, logger: Logger, handoff: TLSHandoff? = nil) {
         self.settings = settings
         receivedBy = ReceivedHeader.By(hostname: settings.hostname, softwareName: settings.softwareName)
+        listenerPolicies = Dictionary(uniqueKeysWithValues: ListenerKind.allCases.map { ($0, settings.policy(for: $0)) })
         self.logger = logger
         self.handoff = handoff
     }

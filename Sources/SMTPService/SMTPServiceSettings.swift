@@ -134,7 +134,13 @@ public struct SMTPServiceSettings: Sendable {
 
     /// The session policy for one kind of listener and client.
     public func policy(for kind: ListenerKind, client address: String) -> SMTPServerPolicy {
-        var p = policy(for: kind)
+        policy(from: policy(for: kind), kind: kind, client: address)
+    }
+
+    /// `policy(for:client:)` from the listener's policy made beforehand
+    /// (`policy(for:)`, whose domain sets hash every domain).
+    func policy(from base: SMTPServerPolicy, kind: ListenerKind, client address: String) -> SMTPServerPolicy {
+        var p = base
         if kind != .smtp, let authenticator {
             p.auth = Self.isLoopback(address) ? .always : .afterTLS
             if senderLoginMatch {

@@ -153,7 +153,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             context.fireChannelActive()
             return
         }
-        var policy = settings.policy(for: kind, client: clientAddress)
+        var policy = server.policy(for: kind, client: clientAddress)
         policy.maxPendingInput = 256 * 1024
         // STARTTLS only on a TCP channel, and only while crypto-negotiate
         // is there to take it (otherwise the verb is not even advertised).

@@ -28,7 +28,13 @@ public struct AttributeRule: Sendable {
 
 /// The attributes of one frame type in one protocol and direction.
 public struct FrameRule: Sendable {
-    public var attributes: [String: AttributeRule]
+    public var attributes: [String: AttributeRule] {
+        didSet { requiredNames = Self.requiredNames(attributes) }
+    }
+    /// The names of the required attributes, sorted (the first missing
+    /// one is reported): checked for every frame, without going through
+    /// every attribute the type defines.
+    public private(set) var requiredNames: [String]
     /// A check across attributes (e.g. `queue-id` required for some verbs);
     /// returns what is wrong, or nil.
     public var check: (@Sendable (Frame) -> String?)?
@@ -37,7 +43,12 @@ public struct FrameRule: Sendable {
         var map: [String: AttributeRule] = [:]
         for a in attributes { map[a.name] = a }
         self.attributes = map
+        self.requiredNames = Self.requiredNames(map)
         self.check = check
+    }
+
+    private static func requiredNames(_ attributes: [String: AttributeRule]) -> [String] {
+        attributes.values.filter(\.required).map(\.name).sorted()
     }
 }
 
@@ -87,14 +98,9 @@ public struct ProtocolSchema: Sendable {
             }
         }
         // Required attributes; when one is missing, the first by name is
-        // reported (a stable message), sorting only then: this runs for
-        // every frame.
-        if rule.attributes.values.contains(where: { $0.required && frame[$0.name] == nil }) {
-            for a in rule.attributes.values.sorted(by: { $0.name < $1.name }) where a.required {
-                if frame[a.name] == nil {
-                    throw ProtocolError("\(t): required attribute \"\(a.name)\" is missing")
-                }
-            }
+        // reported (a stable message).
+        for name in rule.requiredNames where frame[name] == nil {
+            throw ProtocolError("\(t): required attribute \"\(name)\" is missing")
         }
         if let check = rule.check, let problem = check(frame) {
             throw ProtocolError("\(t): \(problem)")
