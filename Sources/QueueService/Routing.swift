@@ -3,8 +3,6 @@
 
 import Spool
 
-import Spool
-
 /// The delivery transports of PROTOCOL.md 4.3 (`transport` of a deliver HELLO).
 public enum Transport: String, Sendable, CaseIterable, Hashable {
     case local, remote
@@ -34,8 +32,12 @@ public struct Router: Sendable {
     /// The domain of an address: what follows the last "@", lower-cased;
     /// nil for a bare local part such as "postmaster".
     public static func domain(of address: String) -> String? {
-        guard let at = address.lastIndex(of: "@") else { return nil }
-        let domain = address[address.index(after: at)...]
+        // Searched for as a byte, not as a Character: this runs for every
+        // recipient each time it is routed, and a Character search walks
+        // grapheme clusters (a "@" followed by a combining mark, which no
+        // valid domain starts with, now counts as the "@" it is).
+        guard let at = address.utf8.lastIndex(of: UInt8(ascii: "@")) else { return nil }
+        let domain = address[address.utf8.index(after: at)...]
         return domain.isEmpty ? nil : domain.lowercased()
     }
 
