@@ -29,9 +29,10 @@ public enum ReceivedHeader {
                              hostname: String, softwareName: String = "Sealpost",
                              protocolName: String, queueID: String?, recipient: String?,
                              tls: String? = nil, utf8: Bool = false, date: String) -> String {
-        build(helo: helo, clientAddress: clientAddress, clientHostname: clientHostname,
-              by: By(hostname: hostname, softwareName: softwareName), protocolName: protocolName,
-              queueID: queueID, recipient: recipient, tls: tls, utf8: utf8, date: date)
+        String(decoding: bytes(helo: helo, clientAddress: clientAddress, clientHostname: clientHostname,
+                               by: By(hostname: hostname, softwareName: softwareName), protocolName: protocolName,
+                               queueID: queueID, recipient: recipient, tls: tls, utf8: utf8, date: date),
+               as: UTF8.self)
     }
 
     /// The receiving host's part of the field, "HOST (SOFTWARE)", checked
@@ -44,19 +45,10 @@ public enum ReceivedHeader {
         }
     }
 
-    /// `build` with the receiving host's part made beforehand.
-    public static func build(helo: String?, clientAddress: String, clientHostname: String?, by: By,
-                             protocolName: String, queueID: String?, recipient: String?,
-                             tls: String? = nil, utf8: Bool = false, date: String) -> String {
-        String(decoding: bytes(helo: helo, clientAddress: clientAddress, clientHostname: clientHostname, by: by,
-                               protocolName: protocolName, queueID: queueID, recipient: recipient,
-                               tls: tls, utf8: utf8, date: date),
-               as: UTF8.self)
-    }
-
-    /// The field as bytes, what goes into the message. Appended to one
-    /// byte array: this runs for every message, and appending a string's
-    /// bytes costs a fraction of appending the string to another string.
+    /// The field as bytes, what goes into the message, with the receiving
+    /// host's part made beforehand. Appended to one byte array: this runs
+    /// for every message, and appending a string's bytes costs a fraction
+    /// of appending the string to another string.
     public static func bytes(helo: String?, clientAddress: String, clientHostname: String?, by: By,
                              protocolName: String, queueID: String?, recipient: String?,
                              tls: String? = nil, utf8: Bool = false, date: String) -> [UInt8] {

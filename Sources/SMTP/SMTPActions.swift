@@ -178,14 +178,9 @@ public struct SMTPCommandCounters: Sendable, Hashable, CustomStringConvertible {
     private static func appendCount(_ successes: Int, of total: Int, to text: inout [UInt8]) {
         text.append(UInt8(ascii: "="))
         if successes != total {
-            appendDecimal(successes, to: &text)
+            SMTPReply.appendDecimal(successes, to: &text)
             text.append(UInt8(ascii: "/"))
         }
-        appendDecimal(total, to: &text)
-    }
-
-    private static func appendDecimal(_ n: Int, to text: inout [UInt8]) {
-        if n >= 10 { appendDecimal(n / 10, to: &text) }
-        text.append(UInt8(ascii: "0") + UInt8(n % 10))
+        SMTPReply.appendDecimal(total, to: &text)
     }
 }

@@ -128,13 +128,13 @@ public struct SMTPReply: Sendable, Hashable, CustomStringConvertible {
         return s + " " + lines.joined(separator: " / ")
     }
 
-    /// Printable ASCII only; at most 500 characters per line (RFC 5321
-    /// 4.5.3.1.5 allows 512 octets per reply line including code and CRLF).
     /// What `sanitize` keeps as it is: at most 490 bytes of printable ASCII.
     static func isClean(_ text: String) -> Bool {
         text.utf8.count <= 490 && text.utf8.allSatisfy({ (0x20...0x7E).contains($0) })
     }
 
+    /// Printable ASCII only; at most 500 characters per line (RFC 5321
+    /// 4.5.3.1.5 allows 512 octets per reply line including code and CRLF).
     static func sanitize(_ text: String) -> String {
         // Most text is the server's own: already clean, kept as it is.
         if isClean(text) { return text }

@@ -33,12 +33,6 @@ final class SMTPServerCore: Sendable {
     /// Each kind of listener's session policy, made once (see
     /// `policy(for:client:)`).
     private let listenerPolicies: [ListenerKind: SMTPServerPolicy]
-
-    /// The session policy for a client of a listener of `kind`.
-    func policy(for kind: ListenerKind, client address: String) -> SMTPServerPolicy {
-        guard let base = listenerPolicies[kind] else { return settings.policy(for: kind, client: address) }
-        return settings.policy(from: base, kind: kind, client: address)
-    }
     let logger: Logger
     private let state = NIOLockedValueBox(State())
     private let pendingAuthentications = NIOLockedValueBox(0)
@@ -89,6 +83,12 @@ final class SMTPServerCore: Sendable {
         listenerPolicies = Dictionary(uniqueKeysWithValues: ListenerKind.allCases.map { ($0, settings.policy(for: $0)) })
         self.logger = logger
         self.handoff = handoff
+    }
+
+    /// The session policy for a client of a listener of `kind`.
+    func policy(for kind: ListenerKind, client address: String) -> SMTPServerPolicy {
+        // Every kind is in the table (made from ListenerKind.allCases).
+        settings.policy(from: listenerPolicies[kind]!, client: address)
     }
 
     /// A session's channel was replaced by the plaintext socket of its TLS

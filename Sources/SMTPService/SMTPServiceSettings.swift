@@ -134,14 +134,14 @@ public struct SMTPServiceSettings: Sendable {
 
     /// The session policy for one kind of listener and client.
     public func policy(for kind: ListenerKind, client address: String) -> SMTPServerPolicy {
-        policy(from: policy(for: kind), kind: kind, client: address)
+        policy(from: policy(for: kind), client: address)
     }
 
     /// `policy(for:client:)` from the listener's policy made beforehand
     /// (`policy(for:)`, whose domain sets hash every domain).
-    func policy(from base: SMTPServerPolicy, kind: ListenerKind, client address: String) -> SMTPServerPolicy {
+    func policy(from base: SMTPServerPolicy, client address: String) -> SMTPServerPolicy {
         var p = base
-        if kind != .smtp, let authenticator {
+        if base.isSubmission, let authenticator {
             p.auth = Self.isLoopback(address) ? .always : .afterTLS
             if senderLoginMatch {
                 p.senderAllowed = { user, sender in authenticator.owns(user: user, sender: sender.address) }

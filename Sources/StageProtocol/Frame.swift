@@ -79,12 +79,10 @@ public enum AttributeValue: Sendable, Equatable {
         }
     }
 
-    /// A text value made safe for the wire from arbitrary text (a remote
-    /// server's reply, a file name...): NUL, CR and LF become spaces and the
-    /// result is cut, on a character boundary, to the 8192-byte limit.
+    /// `sanitizedText` of a String: usually there is nothing to replace (a
+    /// host name, a HELO), and the text goes as it is, without being
+    /// rebuilt a scalar at a time.
     public static func sanitizedText(_ string: String) -> AttributeValue {
-        // Usually there is nothing to replace (a host name, a HELO): the
-        // text as it is, without rebuilding it a scalar at a time.
         var string = string
         let clean = string.withUTF8 { bytes in
             bytes.count <= WireLimits.maxText && !bytes.contains(where: { $0 == 0 || $0 == 13 || $0 == 10 })
@@ -92,6 +90,9 @@ public enum AttributeValue: Sendable, Equatable {
         return clean ? .text(string) : sanitizedText(Substring(string))
     }
 
+    /// A text value made safe for the wire from arbitrary text (a remote
+    /// server's reply, a file name...): NUL, CR and LF become spaces and the
+    /// result is cut, on a character boundary, to the 8192-byte limit.
     public static func sanitizedText(_ string: some StringProtocol) -> AttributeValue {
         var out = String.UnicodeScalarView()
         var size = 0

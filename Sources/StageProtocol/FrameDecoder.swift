@@ -152,8 +152,6 @@ public struct FrameDecoder: Sendable {
     private func parseAttributes(_ type: FrameType, from: Int, to end: Int) throws(ProtocolError) -> Frame {
         let t = type.name
         var frame = Frame(type)
-        // Duplicates: compared with the earlier names while there are few
-        // (every frame received passes here), a Set only past 16.
         var seen: Set<String>?
         var p = from
         while p < end {
@@ -219,9 +217,7 @@ public struct FrameDecoder: Sendable {
                 }
                 value = .text(s)
             }
-            if seen == nil, frame.attributes.count >= 16 { seen = Set(frame.attributes.map(\.name)) }
-            let duplicate = seen != nil ? !seen!.insert(name).inserted : frame.attributes.contains { $0.name == name }
-            guard !duplicate else {
+            guard !Self.repeats(name, after: frame.attributes[...], seen: &seen) else {
                 throw ProtocolError("\(t): attribute \"\(name)\" appears twice")
             }
             frame.attributes.append((name: name, value: value))
@@ -236,7 +232,17 @@ public struct FrameDecoder: Sendable {
 
     // MARK: - Rules shared with the encoder
 
-    /// What is wrong with an attribute name, or nil.
+    /// Whether `name` is among the `earlier` attributes' names. A frame has
+    /// a handful, so comparing with each beats hashing every name into a
+    /// Set (this runs for every attribute sent or received); past 16 the
+    /// names go into `seen`, made on first need and kept by the caller.
+    static func repeats(_ name: String, after earlier: ArraySlice<(name: String, value: AttributeValue)>,
+                        seen: inout Set<String>?) -> Bool {
+        if seen == nil, earlier.count >= 16 { seen = Set(earlier.map(\.name)) }
+        if seen != nil { return !seen!.insert(name).inserted }
+        return earlier.contains { $0.name == name }
+    }
+
     /// Whether `name` is a valid attribute name (nameProblem's valid case,
     /// without copying the bytes into an Array).
     static func isValidName<Bytes: Collection<UInt8>>(_ name: Bytes) -> Bool {
@@ -248,6 +254,7 @@ public struct FrameDecoder: Sendable {
         }
     }
 
+    /// What is wrong with an attribute name, or nil.
     static func nameProblem(_ name: [UInt8]) -> String? {
         guard !name.isEmpty else { return "attribute name is empty" }
         // The valid case first and without building the quoted name: this

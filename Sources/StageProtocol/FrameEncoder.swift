@@ -37,18 +37,13 @@ public enum FrameEncoder {
     public static func checkFraming(_ frame: Frame) throws(ProtocolError) -> Int {
         let t = frame.type.name
         var length = 2
-        // Duplicates: a frame has a handful of attributes, so comparing
-        // with the earlier ones beats hashing every name into a Set (this
-        // runs for every frame sent); a Set only for unusually many.
         let attributes = frame.attributes
-        var seen: Set<String>? = attributes.count > 16 ? Set() : nil
+        var seen: Set<String>?
         for (index, (name, value)) in attributes.enumerated() {
             if !FrameDecoder.isValidName(name.utf8), let problem = FrameDecoder.nameProblem(Array(name.utf8)) {
                 throw ProtocolError("\(t): \(problem)")
             }
-            let duplicate = seen != nil ? !seen!.insert(name).inserted
-                : attributes[..<index].contains { $0.name == name }
-            guard !duplicate else {
+            guard !FrameDecoder.repeats(name, after: attributes[..<index], seen: &seen) else {
                 throw ProtocolError("\(t): attribute \"\(name)\" appears twice")
             }
             let valueLength: Int

@@ -107,7 +107,7 @@ public final class FrameEncoderHandler: MessageToByteEncoder {
 /// fails with it (the connection is finished), as with
 /// MessageToByteHandler. Frames not flushed when the channel closes are
 /// dropped, their writes failed.
-public final class CoalescingFrameEncoder: ChannelOutboundHandler, RemovableChannelHandler {
+public final class CoalescingFrameEncoder: ChannelOutboundHandler {
     public typealias OutboundIn = Frame
     public typealias OutboundOut = ByteBuffer
 

@@ -81,9 +81,10 @@
 //      Connections are accepted on a NIO event loop and served on the
 //      group's loops in turn (with one loop, the default up to three
 //      cores, on the loop that accepted them); the TCP descriptor, handed
-//      to crypto-negotiate for TLS, is the channel's own. No descriptor is passed to another
-//      program except those that go to crypto-negotiate (smtp-listen
-//      starts no process), so accepted sockets need no close-on-exec.
+//      to crypto-negotiate for TLS, is the channel's own. No descriptor is
+//      passed to another program except those that go to crypto-negotiate
+//      (smtp-listen starts no process), so accepted sockets need no
+//      close-on-exec.
 //
 // TLS
 //      When [tls] lists certificates, smtp-listen keeps one connection to
