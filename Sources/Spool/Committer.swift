@@ -204,13 +204,22 @@ final class Committer: @unchecked Sendable {
         case done([Result<Void, SpoolError>], committed: Bool)
         case mapFull
         case failed(SpoolError)
+        /// A submission failed while the batch was applied without nested
+        /// transactions: apply it again with them, so it fails alone.
+        case isolateFailures
     }
 
     /// The batch's results, and whether a transaction was committed.
     private func process(_ batch: [Submission]) -> ([Result<Void, SpoolError>], committed: Bool) {
         var atLimit = false
+        var isolated = false
         while true {
-            switch attempt(batch, atLimit: atLimit) {
+            switch attempt(batch, atLimit: atLimit, isolated: isolated) {
+            case .isolateFailures:
+                isolated = true
+                statsLock.lock()
+                stats.isolatedBatches += 1
+                statsLock.unlock()
             case .done(let results, let committed):
                 record(batch, results, committed: committed)
                 return (results, committed)
@@ -221,7 +230,7 @@ final class Committer: @unchecked Sendable {
             case .mapFull:
                 // Retry bigger; at the limit, retry once more admitting
                 // only the submissions that still fit.
-                if !grow() { atLimit = true }
+                if !grow() { atLimit = true; isolated = true }
             }
         }
     }
@@ -324,7 +333,18 @@ final class Committer: @unchecked Sendable {
         return .io("\(error)")
     }
 
-    private func attempt(_ batch: [Submission], atLimit: Bool) -> Attempt {
+    /// One write transaction for the batch. Not `isolated`, the
+    /// submissions are applied straight to it, and any failure abandons
+    /// the attempt (`.isolateFailures`): the common case, where every
+    /// submission succeeds, costs no nested transaction. A nested
+    /// transaction is not free in LMDB: each page it touches that its
+    /// parent had dirtied is copied into a newly allocated and zeroed page,
+    /// and the parent's copy is freed at the child's commit (not kept for
+    /// reuse), a malloc, a 4 KiB memset and a free for each of a message's
+    /// half-dozen B-tree pages. `isolated`, each submission gets a nested
+    /// transaction, so that one that fails (validation, or no room at the
+    /// map's limit) fails alone and the others are committed.
+    private func attempt(_ batch: [Submission], atLimit: Bool, isolated: Bool) -> Attempt {
         let txn: WriteTransaction
         do { txn = try environment.beginWrite() } catch { return .failed(classify(error)) }
         defer { txn.abort() }   // no-op after commit
@@ -334,24 +354,34 @@ final class Committer: @unchecked Sendable {
         var totals = (operations: UInt64(0), messages: UInt64(0))
         var highest = highestID
         for submission in batch {
-            // A nested transaction per submission: all of its operations or none.
-            let child: WriteTransaction
-            do { child = try txn.beginChild() } catch { return .failed(classify(error)) }
-            do {
-                for operation in submission.operations { try apply(operation, child) }
-                try child.commit()
-                results.append(.success(()))
-                succeeded += 1
-                totals.operations += UInt64(submission.operations.count)
-                for case .insert(let envelope, _) in submission.operations {
-                    totals.messages += 1
-                    highest = max(highest, envelope.queueID.value)
+            if isolated {
+                // A nested transaction per submission: all of its operations or none.
+                let child: WriteTransaction
+                do { child = try txn.beginChild() } catch { return .failed(classify(error)) }
+                do {
+                    for operation in submission.operations { try apply(operation, child) }
+                    try child.commit()
+                } catch {
+                    child.abort()
+                    let e = classify(error)
+                    if e == .full, (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
+                    results.append(.failure(e))
+                    continue
                 }
-            } catch {
-                child.abort()
-                let e = classify(error)
-                if e == .full, (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
-                results.append(.failure(e))
+            } else {
+                do {
+                    for operation in submission.operations { try apply(operation, txn) }
+                } catch {
+                    if (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
+                    return .isolateFailures
+                }
+            }
+            results.append(.success(()))
+            succeeded += 1
+            totals.operations += UInt64(submission.operations.count)
+            for case .insert(let envelope, _) in submission.operations {
+                totals.messages += 1
+                highest = max(highest, envelope.queueID.value)
             }
         }
         guard succeeded > 0 else { return .done(results, committed: false) }

@@ -18,8 +18,9 @@
 //
 // Writes go through one committer thread (group commit): `submit` queues a
 // list of operations; the thread takes every submission waiting, applies
-// each in a nested transaction of one write transaction, commits once with
-// a full sync, then calls the completions. Under load from many submitters
+// them all in one write transaction, commits once with a full sync, then
+// calls the completions. Should one fail, the batch is applied again with
+// a nested transaction per submission, so that it fails alone. Under load from many submitters
 // (inject connections, named in `submit`), a batch first waits up to
 // `commitDelay` (1 ms by default, [queue] commit_delay) for 40% of those active in the last
 // 50 ms to join it, as PostgreSQL's commit_delay waits for commit_siblings:
@@ -140,6 +141,9 @@ public struct SpoolStatistics: Sendable, Equatable {
     public var fileExtensions: UInt64 = 0
     /// Commits that waited for the submitters active lately (commitDelay).
     public var delayedCommits: UInt64 = 0
+    /// Batches applied a second time, with a nested transaction per
+    /// submission, because one of their submissions failed.
+    public var isolatedBatches: UInt64 = 0
 }
 
 /// What one submission may do. Insert stores an envelope and its encrypted

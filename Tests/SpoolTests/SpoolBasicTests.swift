@@ -119,6 +119,52 @@ import Testing
         #expect(failure(spool.submitAndWait([.update(sampleEnvelope(missing))])) == .noSuchMessage)
     }
 
+    /// A batch is applied without nested transactions until one of its
+    /// submissions fails; then again, with one per submission. Deferred
+    /// submissions ride along with the next urgent one, so these four are
+    /// one batch for certain.
+    @Test func aFailureInABatchFailsAloneAndTheRestIsCommittedOnce() throws {
+        let dir = TemporaryDirectory()
+        var options = smallOptions
+        options.deferral = 3600
+        let spool = try Spool(directory: dir.spool, options: options)
+        defer { spool.close() }
+        let a = sampleEnvelope(spool.newQueueID())
+        let b = sampleEnvelope(spool.newQueueID())
+        let c = sampleEnvelope(spool.newQueueID())
+        let d = sampleEnvelope(spool.newQueueID())
+        let before = spool.statistics
+        let results = ResultCollector()
+        let group = DispatchGroup()
+        for (index, ops) in [[SpoolOperation.insert(a, try seal(spool, [1]))],
+                             [.insert(b, try seal(spool, [2])), .update(sampleEnvelope(spool.newQueueID()))],
+                             [.insert(c, try seal(spool, [3])), .insert(c, try seal(spool, [4]))],
+                             [.insert(d, try seal(spool, [5]))]].enumerated() {
+            group.enter()
+            spool.submit(ops, urgency: index == 3 ? .now : .deferred) { r in results.set(index, r); group.leave() }
+        }
+        group.wait()
+        #expect(failure(results.get(0)) == nil)
+        #expect(failure(results.get(1)) == .noSuchMessage)
+        #expect(failure(results.get(2)) != nil)
+        #expect(failure(results.get(3)) == nil)
+        #expect(try readAll(spool, a.queueID) == [1])
+        #expect(try spool.envelope(b.queueID) == nil)
+        #expect(try spool.envelope(c.queueID) == nil)
+        #expect(throws: SpoolError.noSuchMessage) { try readAll(spool, c.queueID) }
+        #expect(try readAll(spool, d.queueID) == [5])
+        let after = spool.statistics
+        #expect(after.commits == before.commits + 1)
+        #expect(after.isolatedBatches == before.isolatedBatches + 1)
+        #expect(after.messagesInserted == before.messagesInserted + 2)
+        #expect(after.failedSubmissions == before.failedSubmissions + 2)
+
+        // A batch where all succeed goes in without a second pass.
+        let e = sampleEnvelope(spool.newQueueID())
+        #expect(failure(spool.submitAndWait([.insert(e, try seal(spool, [6]))])) == nil)
+        #expect(spool.statistics.isolatedBatches == after.isolatedBatches)
+    }
+
     @Test func reopenKeepsEverything() throws {
         let dir = TemporaryDirectory()
         var envelopes: [EnvelopeRecord] = []
