@@ -149,7 +149,7 @@ public struct QueueSettings: Sendable, Equatable {
         recipientLimit = 1000
         mapSize = 256 << 20
         mapSizeLimit = 16 << 30
-        commitDelayMilliseconds = 1
+        commitDelayMilliseconds = 3
     }
 }
 

@@ -20,15 +20,16 @@
 // list of operations; the thread takes every submission waiting, applies
 // them all in one write transaction, commits once with a full sync, then
 // calls the completions. Should one fail, the batch is applied again with
-// a nested transaction per submission, so that it fails alone. Under load from many submitters
-// (inject connections, named in `submit`), a batch first waits up to
-// `commitDelay` (1 ms by default, [queue] commit_delay) for 40% of those active in the last
-// 50 ms to join it, as PostgreSQL's commit_delay waits for commit_siblings:
-// twice as many messages per commit for a wait no client notices; a lone
-// submitter, or two taking turns, never waits. A submission marked `.deferred`
-// (the removal of a delivered message) does not start a commit of its own
-// at once: it waits, up to `deferral` (0.5 s by default), for the next commit that
-// happens anyway and rides along (see SpoolUrgency). Semantics:
+// a nested transaction per submission, so that it fails alone. Under load
+// from many submitters (inject connections, named in `submit`), a batch
+// first waits up to `commitDelay` (3 ms by default, [queue] commit_delay)
+// for 40% of those active in the last 50 ms to join it, as PostgreSQL's
+// commit_delay waits for commit_siblings: more messages per commit for a
+// wait no client notices; a lone submitter, or two taking turns, never
+// waits. A submission marked `.deferred` (the removal of a delivered
+// message) does not start a commit of its own at once: it waits, up to
+// `deferral` (0.5 s by default), for the next commit that happens anyway
+// and rides along (see SpoolUrgency). Semantics:
 //   - a submission is atomic: all its operations are applied or none;
 //   - a submission that fails validation (insert of an existing queue ID,
 //     update or delete of a missing one) fails alone, with its own error;
@@ -67,7 +68,7 @@ public struct SpoolOptions: Sendable {
     var siblingWindow = 0.05
 
     public init(mapSize: Int = 256 << 20, mapSizeLimit: Int = 16 << 30, deferral: Double = 0.5,
-                commitDelay: Double = 0.001) {
+                commitDelay: Double = 0.003) {
         self.mapSize = mapSize
         self.mapSizeLimit = mapSizeLimit
         self.deferral = deferral

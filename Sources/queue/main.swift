@@ -14,10 +14,12 @@
 //      It accepts mail over the inject socket and answers ACCEPTED only
 //      after the transaction holding the message has been committed with
 //      sync; injections that arrive together share one commit (group
-//      commit; under load from many connections a commit waits up to 1 ms
-//      for more of them, see Sources/Spool/Spool.swift). It schedules every recipient that is neither sent nor
-//      bounced: recipients of local domains go to a connected local-deliver
-//      stage, the others, grouped per destination domain, to remote-deliver.
+//      commit; under load from many connections a commit waits up to
+//      commit_delay, 3 ms by default, for more of them, see
+//      Sources/Spool/Spool.swift). It schedules every recipient that is
+//      neither sent nor bounced: recipients of local domains go to a
+//      connected local-deliver stage, the others, grouped per destination
+//      domain, to remote-deliver.
 //      Failed attempts are retried with exponential backoff (minimal to
 //      maximal_backoff_time, with jitter) until maximal_queue_lifetime
 //      (bounce_queue_lifetime for notices); then the recipient fails with
