@@ -127,30 +127,58 @@ public struct RecordDecodingError: Error, Equatable, Sendable, CustomStringConve
 struct RecordWriter {
     private var fields: [UInt8]
 
-    init(version: UInt8) { fields = [version, 0, 0, 0, 0] }
-
-    /// The finished record, its length filled in.
-    var bytes: [UInt8] {
-        var b = fields
-        let n = UInt32(b.count - 5)
-        b[1] = UInt8(n >> 24); b[2] = UInt8(truncatingIfNeeded: n >> 16)
-        b[3] = UInt8(truncatingIfNeeded: n >> 8); b[4] = UInt8(truncatingIfNeeded: n)
-        return b
+    init(version: UInt8) {
+        fields = [version, 0, 0, 0, 0]
+        // A recipient, or an envelope of one, fits without growing.
+        fields.reserveCapacity(256)
     }
+
+    /// The finished record, its length filled in (in place: no copy).
+    consuming func finish() -> [UInt8] {
+        let n = UInt32(fields.count - 5)
+        fields[1] = UInt8(n >> 24); fields[2] = UInt8(truncatingIfNeeded: n >> 16)
+        fields[3] = UInt8(truncatingIfNeeded: n >> 8); fields[4] = UInt8(truncatingIfNeeded: n)
+        return fields
+    }
+
+    /// Byte by byte: no temporary array per field on the path every
+    /// message takes.
+    private mutating func header(_ tag: UInt8, count: Int) {
+        fields.append(tag)
+        appendBigEndian(UInt32(count), bytes: 4)
+    }
+
+    private mutating func appendBigEndian(_ v: UInt64, bytes: Int) {
+        for shift in stride(from: (bytes - 1) * 8, through: 0, by: -8) {
+            fields.append(UInt8(truncatingIfNeeded: v >> UInt64(shift)))
+        }
+    }
+
+    private mutating func appendBigEndian(_ v: UInt32, bytes: Int) { appendBigEndian(UInt64(v), bytes: bytes) }
 
     mutating func field(_ tag: UInt8, _ value: some Collection<UInt8>) {
-        fields.append(tag)
-        let n = UInt32(value.count)
-        fields.append(contentsOf: [UInt8(n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n)])
+        header(tag, count: value.count)
         fields.append(contentsOf: value)
     }
-    mutating func text(_ tag: UInt8, _ s: String) { field(tag, s.utf8) }
+    mutating func text(_ tag: UInt8, _ s: String) {
+        var s = s
+        s.withUTF8 { field(tag, $0) }
+    }
     mutating func text(_ tag: UInt8, _ s: String?) { if let s { text(tag, s) } }
-    mutating func bool(_ tag: UInt8, _ b: Bool) { field(tag, [b ? 1 : 0]) }
-    mutating func u8(_ tag: UInt8, _ v: UInt8) { field(tag, [v]) }
-    mutating func u32(_ tag: UInt8, _ v: UInt32) { field(tag, (0..<4).reversed().map { UInt8(truncatingIfNeeded: v >> ($0 * 8)) }) }
+    mutating func bool(_ tag: UInt8, _ b: Bool) { u8(tag, b ? 1 : 0) }
+    mutating func u8(_ tag: UInt8, _ v: UInt8) {
+        header(tag, count: 1)
+        fields.append(v)
+    }
+    mutating func u32(_ tag: UInt8, _ v: UInt32) {
+        header(tag, count: 4)
+        appendBigEndian(v, bytes: 4)
+    }
     mutating func u32(_ tag: UInt8, _ v: UInt32?) { if let v { u32(tag, v) } }
-    mutating func u64(_ tag: UInt8, _ v: UInt64) { field(tag, (0..<8).reversed().map { UInt8(truncatingIfNeeded: v >> ($0 * 8)) }) }
+    mutating func u64(_ tag: UInt8, _ v: UInt64) {
+        header(tag, count: 8)
+        appendBigEndian(v, bytes: 8)
+    }
 }
 
 struct RecordReader {
@@ -283,7 +311,7 @@ extension RecipientRecord {
         w.text(T.remoteMTA.rawValue, remoteMTA)
         w.text(T.diagnostic.rawValue, diagnostic)
         w.bool(T.delayNotified.rawValue, delayNotified)
-        return w.bytes
+        return w.finish()
     }
 
     init(decoding bytes: [UInt8]) throws(RecordDecodingError) {
@@ -331,7 +359,7 @@ extension EnvelopeRecord {
         w.bool(T.held.rawValue, held)
         w.u8(T.kind.rawValue, kind.rawValue)
         for r in recipients { w.field(T.recipient.rawValue, r.encoded()) }
-        return w.bytes
+        return w.finish()
     }
 
     /// Decodes the stored form strictly (every byte consumed).
@@ -386,7 +414,7 @@ struct KeyRecord: Equatable {
         w.field(2, header)
         w.u32(3, chunkCount)
         w.u64(4, size)
-        return w.bytes
+        return w.finish()
     }
 
     init(wrappedKey: [UInt8], header: [UInt8], chunkCount: UInt32, size: UInt64) {

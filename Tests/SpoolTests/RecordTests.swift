@@ -43,7 +43,27 @@ import Testing
     private func record(_ fields: [(UInt8, [UInt8])]) -> [UInt8] {
         var w = RecordWriter(version: 1)
         for (t, v) in fields { w.field(t, v) }
-        return w.bytes
+        return w.finish()
+    }
+
+    /// The typed fields' bytes, pinned: tag, u32 length, big-endian value.
+    @Test func writerLayout() {
+        var w = RecordWriter(version: 1)
+        w.text(1, "ab")
+        w.text(2, nil)
+        w.u8(3, 7)
+        w.bool(4, true)
+        w.u32(5, 0x0102_0304)
+        w.u32(6, nil)
+        w.u64(7, 0x0102_0304_0506_0708)
+        w.text(8, "é")
+        #expect(w.finish() == [1, 0, 0, 0, 48,
+                               1, 0, 0, 0, 2, 0x61, 0x62,
+                               3, 0, 0, 0, 1, 7,
+                               4, 0, 0, 0, 1, 1,
+                               5, 0, 0, 0, 4, 1, 2, 3, 4,
+                               7, 0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8,
+                               8, 0, 0, 0, 2, 0xC3, 0xA9])
     }
 
     private var validFields: [(UInt8, [UInt8])] {
