@@ -42,9 +42,27 @@ public final class ClientNames: Sendable {
         }
     }
 
-    /// Looks `address` up; `completion` runs on the resolver's thread.
-    public func lookup(_ address: String, completion: @escaping @Sendable (String?) -> Void) {
+    /// A lookup in progress. Once `cancel()` has returned, its completion
+    /// neither runs nor is running: a session cancels when it closes, so
+    /// that an answer arriving later (the resolver's thread outlives the
+    /// server) never reaches an event loop that may have been shut down.
+    public final class Lookup: Sendable {
+        private let cancelled = NIOLockedValueBox(false)
+
+        public func cancel() { cancelled.withLockedValue { $0 = true } }
+
+        /// Runs `body` unless cancelled, holding the lock: keep it short.
+        func complete(_ body: () -> Void) {
+            cancelled.withLockedValue { cancelled in if !cancelled { body() } }
+        }
+    }
+
+    /// Looks `address` up; `completion` runs on the resolver's thread,
+    /// unless the lookup was cancelled first.
+    @discardableResult
+    public func lookup(_ address: String, completion: @escaping @Sendable (String?) -> Void) -> Lookup {
         let cache = self.cache
+        let lookup = Lookup()
         resolver.verifiedName(of: address, timeout: queryTimeout) { name, ttl in
             let seconds = name == nil ? Int64(ttl) : min(Int64(ttl), 3600)
             if seconds > 0 {
@@ -57,7 +75,8 @@ public final class ClientNames: Sendable {
                     entries[address] = Entry(name: name, expires: now + .seconds(seconds))
                 }
             }
-            completion(name)
+            lookup.complete { completion(name) }
         }
+        return lookup
     }
 }

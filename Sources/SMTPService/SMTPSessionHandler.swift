@@ -99,6 +99,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// Waiting for the client's verified name (before the greeting).
     private var lookingUp = false
     private var lookupTimer: Scheduled<Void>?
+    private var lookup: ClientNames.Lookup?
 
     init(server: SMTPServerCore, kind: ListenerKind, tcp: Bool = false, peer: String? = nil,
          tls: TLSEstablished? = nil) {
@@ -122,6 +123,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         self.context = nil
         cancelTimer()
         lookupTimer?.cancel()
+        lookup?.cancel()
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -172,7 +174,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         lookupTimer = loop.assumeIsolated().scheduleTask(in: names.lookupTimeout) {
             bound.value.lookedUp(nil)
         }
-        names.lookup(clientAddress) { name in
+        lookup = names.lookup(clientAddress) { name in
             loop.execute { bound.value.lookedUp(name) }
         }
     }
@@ -182,6 +184,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         lookingUp = false
         lookupTimer?.cancel()
         lookupTimer = nil
+        lookup?.cancel()
+        lookup = nil
         guard let context, context.channel.isActive else { return }
         greet(name: name)
     }
@@ -262,6 +266,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             // first, as for every session.
             lookingUp = false
             lookupTimer?.cancel()
+            lookup?.cancel()
             server.logger.info("\(SessionLog.connect(client))")
         }
         if session?.isClosed == false {

@@ -75,6 +75,20 @@ import Testing
         #expect(h.logs.all.filter { $0.contains("connect from localhost[127.0.0.1]") && !$0.contains("disconnect") }.count == 2)
     }
 
+    /// A session cancels its lookup when it closes: an answer arriving
+    /// later must not reach its event loop, which may be shut down by then
+    /// (SWIFTNIO_STRICT=1 in Pipeline/test turns that into a crash).
+    @Test func aCancelledLookupNeverCompletes() {
+        let cancelled = ClientNames.Lookup()
+        cancelled.cancel()
+        var ran = false
+        cancelled.complete { ran = true }
+        #expect(!ran)
+        let live = ClientNames.Lookup()
+        live.complete { ran = true }
+        #expect(ran)
+    }
+
     /// The greeting waits for the name; a client that talks meanwhile is an
     /// early talker (554), and when the lookup runs out the session goes on
     /// as "unknown".
