@@ -55,8 +55,14 @@ final class QueueEngine: @unchecked Sendable {
 
     /// Connected delivery stages (after their HELLO), in connection order.
     private var stages: [DeliverHandler] = []
-    /// Messages whose "delivery temporarily suspended" line was logged.
-    private var suspendedLogged: Set<QueueID> = []
+    /// Messages whose "delivery temporarily suspended" lines were logged,
+    /// per transport: a message with local and remote recipients is
+    /// suspended for each transport that has no stage.
+    private struct Suspension: Hashable {
+        var id: QueueID
+        var transport: Transport
+    }
+    private var suspendedLogged: Set<Suspension> = []
     private var nextMaintenance: UInt64 = 0
     private var stopping = false
 
@@ -183,30 +189,35 @@ final class QueueEngine: @unchecked Sendable {
             let waiting = scheduler.takeNewlyReady(transport)
             guard !waiting.isEmpty, !stages.contains(where: { $0.transport == transport }) else { continue }
             let reason = "delivery temporarily suspended: no \(transport.stageName) stage connected"
-            for id in waiting where !suspendedLogged.contains(id) {
+            for id in waiting where !suspendedLogged.contains(Suspension(id: id, transport: transport)) {
                 let inFlight = scheduler.inFlight(id)
-                guard let env = scheduler.envelope(id) else { continue }
-                var touched = false
-                scheduler.modify(id) { env in
+                // The recipients deferred now, for the log lines: one pass,
+                // no copy of the envelope.
+                let deferred = scheduler.modify(id) { env -> (addresses: [String], delay: UInt64) in
+                    var addresses: [String] = []
                     for i in env.recipients.indices
                     where !env.recipients[i].state.isFinal && !inFlight.contains(i)
                         && router.destination(of: env.recipients[i].address).transport == transport {
                         env.recipients[i].state = .deferred
                         if env.recipients[i].lastError == nil { env.recipients[i].lastError = reason }
-                        touched = true
+                        addresses.append(env.recipients[i].address)
                     }
+                    return (addresses, delay(env, t))
                 }
-                guard touched else { continue }
-                suspendedLogged.insert(id)
-                for r in env.recipients where !r.state.isFinal
-                    && router.destination(of: r.address).transport == transport {
-                    logger.info("\(id): to=<\(r.address)>, relay=none, delay=\(delay(env, t)), dsn=4.3.2, status=deferred (\(reason))")
+                guard let deferred, !deferred.addresses.isEmpty else { continue }
+                suspendedLogged.insert(Suspension(id: id, transport: transport))
+                for address in deferred.addresses {
+                    logger.info("\(id): to=<\(address)>, relay=none, delay=\(deferred.delay), dsn=4.3.2, status=deferred (\(reason))")
                 }
             }
         }
     }
 
     private func delay(_ env: EnvelopeRecord, _ t: UInt64) -> UInt64 { t >= env.arrival ? t - env.arrival : 0 }
+
+    private func forgetSuspensions(_ id: QueueID) {
+        for transport in Transport.allCases { suspendedLogged.remove(Suspension(id: id, transport: transport)) }
+    }
 
     /// Reads the body and sends the job. A body that cannot be read (a
     /// damaged spool) is a failed attempt: the recipients are deferred.
@@ -328,7 +339,7 @@ final class QueueEngine: @unchecked Sendable {
         loop.preconditionInEventLoop()
         guard let env = scheduler.remove(id) else { completion?(.failure(.noSuchMessage)); return }
         let completion = completion.map { NIOLoopBound($0, eventLoop: loop) }
-        suspendedLogged.remove(id)
+        forgetSuspensions(id)
         var operations: [SpoolOperation] = []
         var built: (EnvelopeRecord, MessageKind)?
         if let plan = NoticePlanner.completionNotice(for: env, router: router, postmaster: config.postmaster) {
@@ -547,7 +558,7 @@ final class QueueEngine: @unchecked Sendable {
             return
         }
         guard scheduler.remove(id) != nil else { return done.value(.failure(.noSuchMessage)) }
-        suspendedLogged.remove(id)
+        forgetSuspensions(id)
         spool.submit([.delete(id)]) { [self] result in
             loop.execute { [self] in
                 if case .success = result { logger.info("\(id): removed (deleted by administrator)") }

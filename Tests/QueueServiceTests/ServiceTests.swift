@@ -223,6 +223,21 @@ func refusal(_ frame: Frame) throws -> String {
 
 
 @Suite(.serialized) struct ServiceTests {
+    /// With no stage at all, a message's local and remote recipients are
+    /// all suspended: each transport that has no stage defers its own.
+    @Test func everyTransportWithoutAStageSuspendsItsRecipients() throws {
+        let q = try TestQueue()
+        let id = try q.inject(to: ["alice@localhost", "bob@remote.example"])
+        let listing = try q.eventually("both suspended") {
+            $0.messages.first?.rcpts.map(\.state) == ["deferred", "deferred"]
+        }
+        #expect(listing.messages.map(\.id) == [id])
+        let errors = listing.messages.first?.rcpts.map { $0.error ?? "" } ?? []
+        #expect(errors.count == 2)
+        #expect(errors.first?.contains("no local-deliver stage connected") == true)
+        #expect(errors.last?.contains("no remote-deliver stage connected") == true)
+    }
+
     @Test func injectDeliverRemove() throws {
         let q = try TestQueue()
         let id = try q.inject(to: ["alice@localhost", "bob@localhost"], body: "Subject: hi\r\n\r\nbody\r\n")
