@@ -122,8 +122,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         guard context === self.context else { return }
         self.context = nil
         cancelTimer()
-        lookupTimer?.cancel()
-        lookup?.cancel()
+        stopLookingUp()
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -181,13 +180,19 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
 
     private func lookedUp(_ name: String?) {
         guard lookingUp else { return }
+        stopLookingUp()
+        guard let context, context.channel.isActive else { return }
+        greet(name: name)
+    }
+
+    /// No answer is wanted any more: the lookup's timer and an answer still
+    /// to come are cancelled (after `lookup.cancel()` none can arrive).
+    private func stopLookingUp() {
         lookingUp = false
         lookupTimer?.cancel()
         lookupTimer = nil
         lookup?.cancel()
         lookup = nil
-        guard let context, context.channel.isActive else { return }
-        greet(name: name)
     }
 
     /// The client's name is known (or will not be): log the connection and
@@ -264,9 +269,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         if lookingUp {
             // Gone before its name was known: the connect line still comes
             // first, as for every session.
-            lookingUp = false
-            lookupTimer?.cancel()
-            lookup?.cancel()
+            stopLookingUp()
             server.logger.info("\(SessionLog.connect(client))")
         }
         if session?.isClosed == false {

@@ -209,14 +209,21 @@ final class Committer: @unchecked Sendable {
         case isolateFailures
     }
 
+    /// How a batch is applied: straight into its transaction, or with a
+    /// nested transaction per submission (after a failure, and always at
+    /// the map's limit, where the submissions that do not fit fail alone).
+    private enum Pass: Equatable {
+        case direct
+        case isolated(atLimit: Bool)
+    }
+
     /// The batch's results, and whether a transaction was committed.
     private func process(_ batch: [Submission]) -> ([Result<Void, SpoolError>], committed: Bool) {
-        var atLimit = false
-        var isolated = false
+        var pass = Pass.direct
         while true {
-            switch attempt(batch, atLimit: atLimit, isolated: isolated) {
+            switch attempt(batch, pass) {
             case .isolateFailures:
-                isolated = true
+                pass = .isolated(atLimit: false)
                 statsLock.lock()
                 stats.isolatedBatches += 1
                 statsLock.unlock()
@@ -230,7 +237,7 @@ final class Committer: @unchecked Sendable {
             case .mapFull:
                 // Retry bigger; at the limit, retry once more admitting
                 // only the submissions that still fit.
-                if !grow() { atLimit = true; isolated = true }
+                if !grow() { pass = .isolated(atLimit: true) }
             }
         }
     }
@@ -333,7 +340,7 @@ final class Committer: @unchecked Sendable {
         return .io("\(error)")
     }
 
-    /// One write transaction for the batch. Not `isolated`, the
+    /// One write transaction for the batch. In a direct pass the
     /// submissions are applied straight to it, and any failure abandons
     /// the attempt (`.isolateFailures`): the common case, where every
     /// submission succeeds, costs no nested transaction. A nested
@@ -341,10 +348,11 @@ final class Committer: @unchecked Sendable {
     /// parent had dirtied is copied into a newly allocated and zeroed page,
     /// and the parent's copy is freed at the child's commit (not kept for
     /// reuse), a malloc, a 4 KiB memset and a free for each of a message's
-    /// half-dozen B-tree pages. `isolated`, each submission gets a nested
-    /// transaction, so that one that fails (validation, or no room at the
-    /// map's limit) fails alone and the others are committed.
-    private func attempt(_ batch: [Submission], atLimit: Bool, isolated: Bool) -> Attempt {
+    /// half-dozen B-tree pages. In an isolated pass each submission gets a
+    /// nested transaction, so that one that fails (validation, or no room at
+    /// the map's limit) fails alone and the others are committed.
+    private func attempt(_ batch: [Submission], _ pass: Pass) -> Attempt {
+        let atLimit = pass == .isolated(atLimit: true)
         let txn: WriteTransaction
         do { txn = try environment.beginWrite() } catch { return .failed(classify(error)) }
         defer { txn.abort() }   // no-op after commit
@@ -354,7 +362,7 @@ final class Committer: @unchecked Sendable {
         var totals = (operations: UInt64(0), messages: UInt64(0))
         var highest = highestID
         for submission in batch {
-            if isolated {
+            if case .isolated = pass {
                 // A nested transaction per submission: all of its operations or none.
                 let child: WriteTransaction
                 do { child = try txn.beginChild() } catch { return .failed(classify(error)) }
@@ -372,7 +380,8 @@ final class Committer: @unchecked Sendable {
                 do {
                     for operation in submission.operations { try apply(operation, txn) }
                 } catch {
-                    if (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
+                    // A direct pass is never at the map's limit (see Pass): grow.
+                    if (error as? LMDBError)?.isMapFull == true { return .mapFull }
                     return .isolateFailures
                 }
             }

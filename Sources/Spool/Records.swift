@@ -145,7 +145,7 @@ struct RecordWriter {
     /// message takes.
     private mutating func header(_ tag: UInt8, count: Int) {
         fields.append(tag)
-        appendBigEndian(UInt32(count), bytes: 4)
+        appendBigEndian(UInt64(count), bytes: 4)
     }
 
     private mutating func appendBigEndian(_ v: UInt64, bytes: Int) {
@@ -153,8 +153,6 @@ struct RecordWriter {
             fields.append(UInt8(truncatingIfNeeded: v >> UInt64(shift)))
         }
     }
-
-    private mutating func appendBigEndian(_ v: UInt32, bytes: Int) { appendBigEndian(UInt64(v), bytes: bytes) }
 
     mutating func field(_ tag: UInt8, _ value: some Collection<UInt8>) {
         header(tag, count: value.count)
@@ -172,7 +170,7 @@ struct RecordWriter {
     }
     mutating func u32(_ tag: UInt8, _ v: UInt32) {
         header(tag, count: 4)
-        appendBigEndian(v, bytes: 4)
+        appendBigEndian(UInt64(v), bytes: 4)
     }
     mutating func u32(_ tag: UInt8, _ v: UInt32?) { if let v { u32(tag, v) } }
     mutating func u64(_ tag: UInt8, _ v: UInt64) {

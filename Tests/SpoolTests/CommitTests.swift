@@ -44,11 +44,8 @@ import Testing
 
     @Test func aDeferredRemovalRidesOnTheNextCommit() throws {
         let dir = TemporaryDirectory()
-        // A deferral far longer than the test: only the urgent insert can
-        // have brought the removal to disk.
-        var options = smallOptions
-        options.deferral = 3600
-        let spool = try Spool(directory: dir.spool, options: options)
+        // Only the urgent insert can have brought the removal to disk.
+        let spool = try Spool(directory: dir.spool, options: deferringOptions)
         defer { spool.close() }
         let first = spool.newQueueID(), second = spool.newQueueID()
         #expect(failure(spool.submitAndWait([.insert(sampleEnvelope(first), try seal(spool, [1]))])) == nil)
@@ -103,17 +100,15 @@ import Testing
 
     @Test func closingCommitsADeferredRemoval() throws {
         let dir = TemporaryDirectory()
-        var options = smallOptions
-        options.deferral = 3600
         let id: QueueID
         do {
-            let spool = try Spool(directory: dir.spool, options: options)
+            let spool = try Spool(directory: dir.spool, options: deferringOptions)
             id = spool.newQueueID()
             #expect(failure(spool.submitAndWait([.insert(sampleEnvelope(id), try seal(spool, [1]))])) == nil)
             spool.submit([.delete(id)], urgency: .deferred) { _ in }
             spool.close()
         }
-        let again = try Spool(directory: dir.spool, options: options)
+        let again = try Spool(directory: dir.spool, options: deferringOptions)
         defer { again.close() }
         #expect(try again.envelope(id) == nil)
     }

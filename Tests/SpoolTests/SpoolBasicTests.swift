@@ -125,9 +125,7 @@ import Testing
     /// one batch for certain.
     @Test func aFailureInABatchFailsAloneAndTheRestIsCommittedOnce() throws {
         let dir = TemporaryDirectory()
-        var options = smallOptions
-        options.deferral = 3600
-        let spool = try Spool(directory: dir.spool, options: options)
+        let spool = try Spool(directory: dir.spool, options: deferringOptions)
         defer { spool.close() }
         let a = sampleEnvelope(spool.newQueueID())
         let b = sampleEnvelope(spool.newQueueID())

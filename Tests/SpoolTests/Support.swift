@@ -21,6 +21,9 @@ final class TemporaryDirectory {
 }
 
 let smallOptions = SpoolOptions(mapSize: 4 << 20, mapSizeLimit: 64 << 20)
+/// A deferral far longer than any test: a deferred submission reaches the
+/// disk only with an urgent one (or at close).
+let deferringOptions = SpoolOptions(mapSize: 4 << 20, mapSizeLimit: 64 << 20, deferral: 3600)
 
 func sampleEnvelope(_ id: QueueID, recipients: Int = 2) -> EnvelopeRecord {
     EnvelopeRecord(
