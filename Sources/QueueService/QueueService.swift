@@ -175,9 +175,15 @@ public final class QueueService: @unchecked Sendable {
         try? engine.loop.submit { engine.maintenance() }.wait()
     }
 
-    /// Stops accepting, closes every connection (delivery stages take their
-    /// jobs back by reconnecting later), lets the spool's committer finish
-    /// what was submitted, logs the statistics, and closes the spool.
+    /// Stops accepting, lets the spool's committer finish what was
+    /// submitted and answer it, closes every connection (delivery stages
+    /// take their jobs back by reconnecting later), logs the statistics,
+    /// and closes the spool.
+    ///
+    /// The connections close only after the spool has drained: an inject
+    /// connection whose message commits must get its ACCEPTED, or its
+    /// client (smtp-listen, queue-inject) would report a failure for a
+    /// queued message and the message would be sent again, a duplicate.
     public func stop() {
         let engine = self.engine
         for timer in timers { timer.cancel() }
@@ -185,10 +191,14 @@ public final class QueueService: @unchecked Sendable {
         for server in servers { try? server.close().wait() }
         servers = []
         try? engine.loop.submit { engine.stop() }.wait()
-        children.closeAll()
-        // Wait for the committer: completions hop onto the loop, so the loop
-        // must still run while the spool drains.
+        // Completions hop onto the loop, so the loop must still run while
+        // the spool drains; a submission after this fails ("spool closed")
+        // and is refused, never half answered.
         engine.spool.close()
+        // The hopped completions were queued on the loop before this task:
+        // once it ran, every committed message has had its answer written.
+        try? engine.loop.submit {}.wait()
+        children.closeAll()
         try? engine.loop.submit { engine.logStatistics() }.wait()
         try? group.syncShutdownGracefully()
         for path in [paths.injectSocket, paths.deliverSocket, paths.controlSocket] { unlink(path) }

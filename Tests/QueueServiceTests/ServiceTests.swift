@@ -9,7 +9,7 @@ import Foundation
 import Testing
 @testable import QueueService
 import SealpostConfig
-import Spool
+@testable import Spool
 import StageProtocol
 import StageRuntime
 
@@ -44,6 +44,9 @@ final class TestQueue {
     var config: SealpostConfiguration
     let clock = ManualClock()
     var service: QueueService?
+    /// The running service's spool, for its statistics.
+    var spool: Spool?
+    var spoolOptions: SpoolOptions?
 
     init(sizeLimit: Int = 10_240_000, recipientLimit: Int = 1000, _ tweak: (inout SealpostConfiguration) -> Void = { _ in }) throws {
         let template = FileManager.default.temporaryDirectory.path + "/queuesvc-XXXXXX"
@@ -67,7 +70,8 @@ final class TestQueue {
 
     func start() throws {
         let spool = try Spool(directory: config.spoolDirectory,
-                              options: SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit))
+                              options: spoolOptions ?? SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit))
+        self.spool = spool
         var options = QueueServiceOptions()
         let clock = self.clock
         options.clock = { clock.now }
@@ -83,6 +87,7 @@ final class TestQueue {
     func stop() {
         service?.stop()
         service = nil
+        spool = nil
     }
 
     deinit {
@@ -525,6 +530,40 @@ func refusal(_ frame: Frame) throws -> String {
         q.stop()
         try q.start()
         #expect(try q.control("list").messages.isEmpty)
+    }
+
+    /// A stop while a message's commit is pending lets the commit finish
+    /// and answers it before the connection closes: a queued message
+    /// without its ACCEPTED would be sent again by its client, a duplicate.
+    @Test func stopAnswersTheCommitsItWaitsFor() throws {
+        let q = try TestQueue()
+        q.stop()
+        // The third connection's message waits for a sibling (group commit)
+        // long enough for the stop to come first.
+        var options = SpoolOptions(mapSize: q.config.queue.mapSize, mapSizeLimit: q.config.queue.mapSizeLimit,
+                                   commitDelay: 30)
+        options.siblingWindow = 3600
+        q.spoolOptions = options
+        try q.start()
+        let (a, b, c) = (try q.injector(), try q.injector(), try q.injector())
+        defer { a.close(); b.close(); c.close() }
+        for connection in [a, b] {
+            try q.sendMessage(connection, from: "s@example.org", to: ["alice@localhost"])
+            #expect(try #require(try connection.receive()).type == .accepted)
+        }
+        try q.sendMessage(c, from: "s@example.org", to: ["bob@localhost"])
+        let spool = try #require(q.spool)
+        let deadline = Date().addingTimeInterval(15)
+        while spool.statistics.delayedCommits == 0 && Date() < deadline { usleep(5_000) }
+        try #require(spool.statistics.delayedCommits == 1)
+        q.stop()
+        let answer = try #require(try c.receive())
+        #expect(answer.type == .accepted)
+        #expect(try c.receive() == nil)
+        try q.start()
+        let listing = try q.control("list")
+        #expect(listing.messages.count == 3)
+        #expect(listing.messages.contains { $0.id == (try? answer.text("queue-id")) })
     }
 
     @Test func restartKeepsEverything() throws {
