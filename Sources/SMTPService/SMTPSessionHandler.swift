@@ -457,9 +457,16 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// to crypto-negotiate. No timer runs meanwhile (a 421 written now would
     /// land in the handshake); crypto-negotiate has its handshake timeout,
     /// and `tlsHandoffTimeout` bounds the wait for its answer.
+    ///
+    /// Reading stops before the 220 goes out: NIO may hold a read requested
+    /// while an earlier command waited (a pipelined STARTTLS behind a
+    /// message's 250 from the queue), and it would take the ClientHello,
+    /// which belongs to crypto-negotiate. A failed hand-off closes the
+    /// session, so reading never starts again on this channel.
     private func handOff(context: ChannelHandlerContext) {
         cancelTimer()
         handingOff = true
+        _ = try? context.channel.syncOptions?.setOption(.autoRead, value: false)
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
         let written = loop.makePromise(of: Void.self)

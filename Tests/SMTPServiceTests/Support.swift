@@ -72,6 +72,8 @@ final class FakeQueue: Sendable {
         var accepted: [InjectedMessage] = []
         var refused: [InjectedMessage] = []
         var connections = 0
+        /// MAIL frames received, stalled or not.
+        var mails = 0
         var aborted = 0
         var incomplete = 0
         var protocolErrors: [String] = []
@@ -99,6 +101,7 @@ final class FakeQueue: Sendable {
     var accepted: [InjectedMessage] { state.withLock { $0.accepted } }
     var refused: [InjectedMessage] { state.withLock { $0.refused } }
     var connections: Int { state.withLock { $0.connections } }
+    var mails: Int { state.withLock { $0.mails } }
     var aborted: Int { state.withLock { $0.aborted } }
     var protocolErrors: [String] { state.withLock { $0.protocolErrors } }
 
@@ -165,6 +168,7 @@ final class FakeQueue: Sendable {
                 case .mail:
                     guard mail == nil else { throw ProtocolError("MAIL inside a transaction") }
                     mails += 1
+                    state.withLock { $0.mails += 1 }
                     if mails == 2, state.withLock({ $0.knobs.hangUpOnSecondMail }) { return }
                     mail = f; rcpts = []; body = []; announcedID = nil
                     if let named = try f.optionalText("queue-id") {

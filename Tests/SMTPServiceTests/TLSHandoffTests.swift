@@ -101,4 +101,57 @@ import Testing
         #expect(ehlo.lines.contains { $0.hasSuffix("STARTTLS") })
         #expect(!h.logs.all.contains { $0.contains("did not answer") })
     }
+
+    /// A STARTTLS pipelined behind a message (BDAT ... LAST) waits for the
+    /// queue's answer; meanwhile NIO was asked to read on. The ClientHello
+    /// that follows the 220 must reach crypto-negotiate, not be read (and
+    /// dropped) by smtp-listen.
+    @Test func pipelinedStartTLSBehindAMessageLeavesTheHandshakeToCryptoNegotiate() throws {
+        let path = NSTemporaryDirectory() + "handoff-pipelined-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let listener = sealpost_unix_listen(path, 8)
+        try #require(listener >= 0)
+        defer { close(listener); unlink(path) }
+        let h = try Harness { $0.tlsSocket = path }
+        defer { h.stop() }
+        let peer = StageConnection(adopting: accept(listener, nil, nil), protocol: .tls, direction: .clientToServer)
+        defer { peer.close() }
+        #expect(try peer.receive()?.type == .hello)
+        try peer.send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]))
+
+        h.queue.stallBodies = true
+        let c = try h.client()
+        #expect(c.reply()?.code == 220)
+        c.send("EHLO client.example.org\r\n")
+        #expect(c.reply()?.lines.contains { $0.hasSuffix("STARTTLS") } == true)
+        let content = "Subject: t\r\n\r\nhello\r\n"
+        c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\nBDAT \(content.utf8.count) LAST\r\n\(content)STARTTLS\r\n")
+        #expect(c.reply()?.code == 250)
+        #expect(c.reply()?.code == 250)
+        var waited = 0
+        while h.queue.mails == 0 && waited < 1000 {
+            usleep(10_000)
+            waited += 1
+        }
+        try #require(h.queue.mails == 1)
+        h.queue.stallBodies = false
+        #expect(c.reply()?.code == 250)
+        #expect(c.reply()?.code == 220)
+        let clientHello: [UInt8] = [0x16, 0x03, 0x01, 0x00, 0x04, 1, 2, 3, 4]
+        c.send(clientHello)
+
+        let negotiate = try #require(try peer.receive())
+        #expect(negotiate.type == .negotiate)
+        let socket = try negotiate.fd("socket")
+        defer { close(socket) }
+        var ready = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
+        // A guard against a hung test, not a timing assertion.
+        try #require(poll(&ready, 1, 10_000) == 1, "the ClientHello never reached crypto-negotiate")
+        var received = [UInt8](repeating: 0, count: 64)
+        let n = received.withUnsafeMutableBytes { recv(socket, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        #expect(n == clientHello.count && Array(received.prefix(max(n, 0))) == clientHello)
+        #expect(!h.logs.contains("after STARTTLS discarded"))
+        try peer.send(Frame(.failed, ["session": .uint(try negotiate.uint("session")), "status": .text("4.7.5"),
+                                      "text": .text("test handshake failure")]))
+        #expect(h.queue.accepted.count == 1)
+    }
 }
