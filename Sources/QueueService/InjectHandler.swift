@@ -63,6 +63,13 @@ final class InjectHandler: ChannelInboundHandler {
         var head: [UInt8] = []
     }
 
+    /// `message_size_limit` bounds what the client of the injecting stage
+    /// sent (smtp-listen advertises it as SIZE and counts the content
+    /// against it); the stage then adds its own header fields (Received,
+    /// and for queue-inject Date, Message-ID, From), at most a couple of
+    /// KiB. Without this room a message within the advertised SIZE would
+    /// be refused here, permanently.
+    static let traceAllowance = 8192
     /// How much of a message is kept to find its Message-ID.
     static let headLimit = 16384
 
@@ -217,7 +224,7 @@ final class InjectHandler: ChannelInboundHandler {
         t.size += data.count
         if t.head.count < Self.headLimit { t.head += data.prefix(Self.headLimit - t.head.count) }
         if t.refusal == nil {
-            if t.size > engine.config.queue.messageSizeLimit {
+            if t.size > engine.config.queue.messageSizeLimit + Self.traceAllowance {
                 t.refusal = Refusal(code: 552, status: "5.3.4", text: "message size exceeds fixed limit")
                 t.writer = nil
             } else {

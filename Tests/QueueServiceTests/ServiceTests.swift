@@ -410,8 +410,15 @@ func refusal(_ frame: Frame) throws -> String {
     @Test func refusals() throws {
         let q = try TestQueue(sizeLimit: 1000, recipientLimit: 2)
         let c = try q.injector()
-        try q.sendMessage(c, from: "s@example.org", to: ["a@localhost"], body: String(repeating: "x", count: 1001))
+        // The limit is the client's content; the injecting stage's own
+        // header fields (Received...) have room beyond it.
+        let received = "Received: from client.example (unknown [192.0.2.1])\r\n\tby mx.example.test (Sealpost) with ESMTP id 6B0E00BC0009\r\n\tfor <a@localhost>; Mon, 30 Nov 2026 23:18:34 +0000\r\n"
+        try q.sendMessage(c, from: "s@example.org", to: ["a@localhost"], body: received + String(repeating: "x", count: 1000))
         var reply = try #require(try c.receive())
+        #expect(reply.type == .accepted)
+        try q.sendMessage(c, from: "s@example.org", to: ["a@localhost"],
+                          body: String(repeating: "x", count: 1000 + InjectHandler.traceAllowance + 1))
+        reply = try #require(try c.receive())
         #expect(try refusal(reply) == "552 5.3.4")
         try q.sendMessage(c, from: "s@example.org", to: ["a@localhost", "b@localhost", "c@localhost"])
         reply = try #require(try c.receive())
@@ -431,7 +438,7 @@ func refusal(_ frame: Frame) throws -> String {
         #expect(reply.type == .error)
         #expect(try c.receive() == nil)
         c.close()
-        #expect(try q.control("list").messages.count == 1)
+        #expect(try q.control("list").messages.count == 2)
     }
 
     @Test func bounceGoesToTheSenderInTheSameBatch() throws {

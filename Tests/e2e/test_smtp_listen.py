@@ -482,3 +482,39 @@ def test_whole_pipeline_smtp_to_maildir(workdir):
     finally:
         code = pipeline.stop()
         assert code == 0, pipeline.supervisor_output()
+
+
+def test_a_message_of_exactly_the_advertised_size_is_queued(workdir):
+    """SIZE advertises message_size_limit for the client's content; the
+    queue counts smtp-listen's Received field too and must not refuse a
+    message the client was told fits (it did, 552 5.3.4, before)."""
+    require_build("queue", "smtp-listen")
+    port = free_port()
+    pipeline = Pipeline(workdir, stages=f"queue {executable('queue')}\nsmtp-listen {executable('smtp-listen')}\n",
+                        config_overrides={"listen": f'["127.0.0.1:{port}"]', "message_size_limit": "4000"}).start()
+    try:
+        def connected():
+            try:
+                return smtplib.SMTP("127.0.0.1", port, timeout=60)
+            except OSError:
+                return None
+
+        client = wait_until(connected, 60, f"smtp-listen on port {port}")
+        with client:
+            client.ehlo()
+            assert client.esmtp_features.get("size") == "4000"
+            head = b"Subject: exactly the limit\r\n\r\n"
+            lines = b"x" * 78 + b"\r\n"
+            content = head + lines * ((4000 - len(head)) // len(lines))
+            content += b"y" * (4000 - len(content) - 2) + b"\r\n"
+            assert len(content) == 4000
+            client.mail("sender@example.org", ["SIZE=4000"])
+            client.rcpt("someone@localhost")
+            code, reply = client.data(content)
+            assert code == 250, reply
+            client.mail("sender@example.org")
+            client.rcpt("someone@localhost")
+            code, reply = client.data(content + b"z\r\n")
+            assert code == 552, reply
+    finally:
+        pipeline.stop()
