@@ -117,8 +117,9 @@ final class ControlHandler: ChannelInboundHandler {
                 }
             }
         case "delete":
-            busy = true
             let bounce = try frame.bool("bounce", default: false)
+            if bounce, let why = engine.bounceBlocked(id!) { return done(false, why) }
+            busy = true
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
             engine.delete(id!, bounce: bounce) { result in
                 switch result {
@@ -146,10 +147,11 @@ final class ControlHandler: ChannelInboundHandler {
         busy = true
         let tally = AllTally(count: ids.count)
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let finished: (QueueID, Result<Void, SpoolError>) -> Void = { id, result in
-            if case .failure(let error) = result {
+        // A failure's text, or nil; one DONE once every message answered.
+        let finished: (String?) -> Void = { failure in
+            if let failure {
                 tally.failed += 1
-                if tally.firstFailure == nil { tally.firstFailure = "\(id): \(error)" }
+                if tally.firstFailure == nil { tally.firstFailure = failure }
             }
             tally.remaining -= 1
             guard tally.remaining == 0 else { return }
@@ -160,11 +162,19 @@ final class ControlHandler: ChannelInboundHandler {
                 bound.value.done(true, "\(past) \(changed) messages\(verb == "delete" && bounce ? ", senders notified" : "")")
             }
         }
+        func failure(_ id: QueueID, _ result: Result<Void, SpoolError>) -> String? {
+            if case .failure(let error) = result { return "\(id): \(error)" }
+            return nil
+        }
         for id in ids {
             if verb == "delete" {
-                engine.delete(id, bounce: bounce) { finished(id, $0) }
+                if bounce, let why = engine.bounceBlocked(id) {
+                    finished(why)
+                } else {
+                    engine.delete(id, bounce: bounce) { finished(failure(id, $0)) }
+                }
             } else {
-                engine.setHeld(id, verb == "hold") { finished(id, $0) }
+                engine.setHeld(id, verb == "hold") { finished(failure(id, $0)) }
             }
         }
     }

@@ -35,14 +35,16 @@ public enum RecipientOutcome: Sendable, Equatable {
 public enum RecipientUpdate {
     /// Applies a delivery stage's result to a recipient. `lastError` keeps the
     /// latest status text (also for `sent`, where the success DSN quotes it),
-    /// `dsnStatus` the latest RFC 3463 code.
+    /// `dsnStatus` the latest RFC 3463 code, and `remoteMTA` and `diagnostic`
+    /// those of the latest attempt, absent when it reached no server (a DSN
+    /// must not pair this attempt's status with an earlier server's words).
     public static func apply(_ result: DeliveryResult, to rcpt: inout RecipientRecord,
                              arrival: UInt64, kind: MessageKind, now: UInt64,
                              policy: RetryPolicy, random: Double) -> RecipientOutcome {
         rcpt.dsnStatus = result.dsn
         rcpt.lastError = result.text
-        if let mta = result.remoteMTA { rcpt.remoteMTA = mta }
-        if let diagnostic = result.diagnostic { rcpt.diagnostic = diagnostic }
+        rcpt.remoteMTA = result.remoteMTA
+        rcpt.diagnostic = result.diagnostic
         switch result.status {
         case .sent:
             rcpt.state = .sent

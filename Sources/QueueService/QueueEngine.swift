@@ -524,14 +524,36 @@ final class QueueEngine: @unchecked Sendable {
     }
 
     /// Hold or release; the flag is written to the spool before `done`.
+    /// Memory changes first (a later write of the message carries the
+    /// flag); if the write fails, memory goes back to what the spool and
+    /// the administrator's answer say.
     func setHeld(_ id: QueueID, _ held: Bool, done: @escaping (Result<Void, SpoolError>) -> Void) {
+        guard let before = scheduler.envelope(id)?.held else { return done(.failure(.noSuchMessage)) }
         scheduler.setHeld(id, held, now: now)
         guard let env = scheduler.envelope(id) else { return done(.failure(.noSuchMessage)) }
-        logger.info("\(id): \(held ? "hold: by administrator" : "released from hold")")
         let loop = self.loop
         let done = NIOLoopBound(done, eventLoop: loop)
-        persist(env) { result in loop.execute { done.value(result) } }
+        persist(env) { [self] result in
+            loop.execute { [self] in
+                switch result {
+                case .success:
+                    logger.info("\(id): \(held ? "hold: by administrator" : "released from hold")")
+                case .failure:
+                    if scheduler.envelope(id)?.held == held { scheduler.setHeld(id, before, now: now) }
+                }
+                done.value(result)
+            }
+        }
         if !held { dispatch() }
+    }
+
+    /// Why `delete` with bounce must wait, if it must: a recipient in a job
+    /// may be delivered yet, and a notice saying it failed would be false.
+    func bounceBlocked(_ id: QueueID) -> String? {
+        let inFlight = scheduler.inFlight(id).count
+        guard inFlight > 0 else { return nil }
+        return "\(id): a delivery attempt is in progress for \(inFlight) recipient\(inFlight == 1 ? "" : "s"); "
+            + "delete with bounce once it ended (or delete without bounce)"
     }
 
     /// Deletes a message. `bounce`: its unfinished recipients fail with
@@ -546,6 +568,7 @@ final class QueueEngine: @unchecked Sendable {
                     env.recipients[i].dsnStatus = "5.0.0"
                     env.recipients[i].lastError = "deleted by the administrator"
                     env.recipients[i].diagnostic = nil
+                    env.recipients[i].remoteMTA = nil
                     env.recipients[i].nextAttempt = 0
                 }
             }
@@ -557,11 +580,20 @@ final class QueueEngine: @unchecked Sendable {
             finalize(id, reason: "deleted by administrator") { done.value($0) }
             return
         }
-        guard scheduler.remove(id) != nil else { return done.value(.failure(.noSuchMessage)) }
+        guard let env = scheduler.remove(id) else { return done.value(.failure(.noSuchMessage)) }
         forgetSuspensions(id)
         spool.submit([.delete(id)]) { [self] result in
             loop.execute { [self] in
-                if case .success = result { logger.info("\(id): removed (deleted by administrator)") }
+                switch result {
+                case .success:
+                    logger.info("\(id): removed (deleted by administrator)")
+                case .failure(let error):
+                    // Still in the spool: it stays in the queue, as a failed
+                    // removal after delivery does (finalize).
+                    logger.warning("\(id): cannot delete the message: \(error); it stays in the queue")
+                    scheduler.insert(env, now: now)
+                    dispatch()
+                }
                 done.value(result)
             }
         }

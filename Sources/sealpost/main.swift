@@ -30,7 +30,8 @@
 //
 //	queue flush asks for an immediate delivery attempt of one message, or
 //	of every message. queue delete removes a message (with --bounce, its
-//	sender gets a delivery status notification first). queue hold and
+//	sender gets a delivery status notification first; refused while a
+//	delivery attempt is in progress, which may yet succeed). queue hold and
 //	queue release stop and resume the delivery of a message. queue stats
 //	prints the queue's counters.
 //

@@ -96,6 +96,13 @@ private let router = Router(isLocal: { $0 == "localhost" || $0 == "example.test"
         #expect(RecipientUpdate.apply(result, to: &b, arrival: 0, kind: .normal, now: 10, policy: policy, random: 0.5) == .bounced)
         #expect(b.state == .bounced && b.dsnStatus == "5.1.1" && b.remoteMTA == "mx.example.net"
                 && b.diagnostic == "550 5.1.1 no such user" && b.lastError == "unknown user")
+        // A later attempt that reached no server (no MX, say) leaves no
+        // earlier server's name or words behind.
+        var later = b
+        later.state = .deferred
+        #expect(RecipientUpdate.apply(DeliveryResult(status: .bounced, dsn: "5.1.2", text: "domain not found"),
+                                      to: &later, arrival: 0, kind: .normal, now: 20, policy: policy, random: 0.5) == .bounced)
+        #expect(later.dsnStatus == "5.1.2" && later.remoteMTA == nil && later.diagnostic == nil)
 
         var d = RecipientRecord(address: "y@example.net")
         let defer1 = DeliveryResult(status: .deferred, dsn: "4.4.1", text: "connection refused")

@@ -643,6 +643,45 @@ func refusal(_ frame: Frame) throws -> String {
         stage.close()
     }
 
+    /// A delete with bounce while a recipient is in a job would tell the
+    /// sender it failed though it may yet be delivered: it is refused until
+    /// the attempt ends; a delete without bounce is not.
+    @Test func deleteWithBounceWaitsForTheAttemptInProgress() throws {
+        let q = try TestQueue()
+        let a = try q.inject(from: "sender@localhost", to: ["alice@localhost"])
+        let stage = try q.deliverer()
+        defer { stage.close() }
+        let job = try TestQueue.receiveJob(stage)
+        #expect(job.queueID == a)
+        let refused = try q.control("delete", a, bounce: true)
+        #expect(!refused.ok && refused.text.contains("a delivery attempt is in progress"))
+        let all = try q.control("delete", bounce: true, all: true)
+        #expect(!all.ok && all.text.hasPrefix("deleted 0 of 1 messages; 1 failed"))
+        #expect(try q.control("list").messages.map(\.id) == [a])
+        try TestQueue.report(stage, job, "deferred", dsn: "4.2.2", text: "mailbox full")
+        _ = try q.eventually("a deferred") { $0.messages.first?.rcpts.first?.attempts == 1 }
+        #expect(try q.control("delete", a, bounce: true).ok)
+        let notice = try TestQueue.receiveJob(stage)
+        #expect(notice.sender == "" && notice.recipients.map(\.address) == ["sender@localhost"])
+    }
+
+    /// A delete, hold or release whose spool write fails leaves the message
+    /// as the spool (and the failed answer) has it: still queued, and held
+    /// only if it was.
+    @Test func failedDeleteOrHoldLeavesTheMessageAsItWas() throws {
+        let q = try TestQueue()
+        let a = try q.inject(to: ["alice@localhost"])
+        q.spool?.close()   // every later write fails: "spool closed"
+        let hold = try q.control("hold", a)
+        #expect(!hold.ok)
+        #expect(try q.control("list").messages.first?.held == false)
+        let delete = try q.control("delete", a)
+        #expect(!delete.ok)
+        #expect(try q.control("list").messages.map(\.id) == [a])
+        let deleteAgain = try q.control("delete", a)
+        #expect(!deleteAgain.ok && !deleteAgain.text.contains("no such message"))
+    }
+
     /// postsuper's ALL: one request for every message, answered once all
     /// the changes are committed.
     @Test func holdReleaseAndDeleteAll() throws {
