@@ -63,6 +63,13 @@ final class QueueEngine: @unchecked Sendable {
         var transport: Transport
     }
     private var suspendedLogged: Set<Suspension> = []
+    /// Since when each transport has had no stage (the start counts as
+    /// such a moment). Its due recipients are not attempted meanwhile, so
+    /// once that has lasted a maintenance interval the wait counts as a
+    /// deferral, as Postfix's "mail transport unavailable" does, and an
+    /// expired message returns to its sender without an attempt. Any other
+    /// recipient expires only when an attempt fails (RecipientUpdate).
+    private var stagelessSince: [Transport: UInt64] = [:]
     private var nextMaintenance: UInt64 = 0
     private var stopping = false
 
@@ -85,6 +92,8 @@ final class QueueEngine: @unchecked Sendable {
         let local = config.local
         self.router = Router(isLocal: { local.isLocal(domain: $0) })
         self.scheduler = Scheduler(router: router, maxRecipientsPerJob: options.maxRecipientsPerJob)
+        let start = options.clock()
+        for transport in Transport.allCases { stagelessSince[transport] = start }
     }
 
     var now: UInt64 { options.clock() }
@@ -148,6 +157,7 @@ final class QueueEngine: @unchecked Sendable {
     func stageConnected(_ stage: DeliverHandler) {
         loop.preconditionInEventLoop()
         stages.append(stage)
+        if let transport = stage.transport { stagelessSince[transport] = nil }
         logger.info("\(stage.transport?.stageName ?? "delivery stage") connected: max-jobs=\(stage.maxJobs)")
         dispatch()
     }
@@ -155,6 +165,9 @@ final class QueueEngine: @unchecked Sendable {
     func stageDisconnected(_ stage: DeliverHandler, lost jobs: [OutstandingJob]) {
         loop.preconditionInEventLoop()
         stages.removeAll { $0 === stage }
+        if let transport = stage.transport, !stages.contains(where: { $0.transport == transport }) {
+            stagelessSince[transport] = now
+        }
         if !jobs.isEmpty {
             logger.warning("\(stage.transport?.stageName ?? "delivery stage") disconnected with \(jobs.count) jobs outstanding; their recipients without a result are retried")
         }
@@ -454,7 +467,9 @@ final class QueueEngine: @unchecked Sendable {
     func maintenance() {
         loop.preconditionInEventLoop()
         let t = now
-        nextMaintenance = t + options.maintenanceInterval(config.queue)
+        let interval = options.maintenanceInterval(config.queue)
+        nextMaintenance = t + interval
+        let unserved = Set(stagelessSince.compactMap { transport, since in t >= since + interval ? transport : nil })
         for env in scheduler.envelopes where !env.held {
             let id = env.queueID
             let inFlight = scheduler.inFlight(id)
@@ -463,7 +478,8 @@ final class QueueEngine: @unchecked Sendable {
                 var lines: [String] = []
                 scheduler.modify(id) { env in
                     for i in env.recipients.indices where !env.recipients[i].state.isFinal
-                        && !inFlight.contains(i) && env.recipients[i].nextAttempt <= t {
+                        && !inFlight.contains(i) && env.recipients[i].nextAttempt <= t
+                        && unserved.contains(router.destination(of: env.recipients[i].address).transport) {
                         RecipientUpdate.expire(&env.recipients[i])
                         bouncedCount += 1
                         changed = true

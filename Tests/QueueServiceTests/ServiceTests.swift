@@ -723,6 +723,42 @@ func refusal(_ frame: Frame) throws -> String {
         stage.close()
     }
 
+    /// A message expires when an attempt fails past its lifetime, not
+    /// before its attempt: with a lifetime of 0 ("no retries") a restart or
+    /// a stage not yet connected must not return mail never tried. Only a
+    /// transport without a stage for a whole maintenance interval counts
+    /// as a failed attempt.
+    @Test func expiryWaitsForAnAttemptOrAStagelessInterval() throws {
+        let q = try TestQueue { $0.queue.maximalQueueLifetime = 0; $0.queue.queueRunDelay = 300 }
+        let tried = try q.inject(from: "sender@localhost", to: ["alice@localhost"])
+        q.service?.runMaintenance()
+        #expect(try q.control("list").messages.map(\.id) == [tried])
+        q.stop()
+        try q.start()
+        q.service?.runMaintenance()
+        #expect(try q.control("list").messages.map(\.id) == [tried])
+        let stage = try q.deliverer()
+        let job = try TestQueue.receiveJob(stage)
+        #expect(job.queueID == tried)
+        try TestQueue.report(stage, job, "deferred", dsn: "4.4.1", text: "connection refused")
+        let bounce = try TestQueue.receiveJob(stage)
+        #expect(bounce.sender == "" && String(decoding: bounce.body, as: UTF8.self).contains("4.4.7"))
+        try TestQueue.report(stage, bounce, "sent", dsn: "2.0.0", text: "ok")
+        _ = try q.eventually("the first message and its bounce gone") { $0.messages.isEmpty }
+        stage.close()
+
+        // No local stage for a whole interval: the wait is the failure.
+        let waited = try q.inject(from: "sender@localhost", to: ["bob@localhost"])
+        _ = try q.eventually("the stage gone") { _ in q.service?.statistics().localStages == 0 }
+        q.service?.runMaintenance()
+        #expect(try q.control("list").messages.map(\.id) == [waited])
+        q.clock.advance(300)
+        q.service?.runMaintenance()
+        _ = try q.eventually("a bounce instead of the message") { listing in
+            listing.messages.count == 1 && listing.messages[0].id != waited && listing.messages[0].sender == ""
+        }
+    }
+
     @Test func delayNoticeOnce() throws {
         let q = try TestQueue { $0.queue.delayWarningTime = 4 * 3600; $0.queue.maximalBackoffTime = 100_000 }
         let id = try q.inject(from: "sender@localhost", to: ["alice@example.net"])
