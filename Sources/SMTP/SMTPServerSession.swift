@@ -73,7 +73,13 @@ public struct SMTPServerSession: Sendable {
     }
 
     private(set) var phase: Phase = .beforeGreeting {
-        didSet { isClosed = phase == .closed }
+        didSet {
+            isClosed = phase == .closed
+            switch phase {
+            case .data, .bdat: readsMessageData = true
+            default: readsMessageData = false
+            }
+        }
     }
     private var transaction: Transaction?
     private var input: [UInt8] = []
@@ -106,6 +112,10 @@ public struct SMTPServerSession: Sendable {
     /// input, and a stored property is read in place, where a computed one
     /// across the module boundary costs a copy of the whole session.
     public private(set) var isClosed = false
+    /// Whether the bytes awaited are message data (after DATA, or inside a
+    /// BDAT chunk), for the data block timeout; between BDAT chunks the
+    /// client owes a command. Stored, as `isClosed` is.
+    public private(set) var readsMessageData = false
 
     /// The 220 greeting of a server named `hostname` (`start` sends it).
     public static func greeting(hostname: String, softwareName: String) -> SMTPReply {

@@ -671,7 +671,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             return
         }
         let timeouts = server.settings.timeouts
-        let seconds = inMessage ? timeouts.dataBlock : timeouts.command
+        let seconds = session?.readsMessageData == true ? timeouts.dataBlock : timeouts.command
         let next = NIODeadline.now() + .seconds(seconds)
         deadline = next
         if let firesAt = timerFiresAt, firesAt <= next { return }

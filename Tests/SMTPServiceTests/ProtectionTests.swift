@@ -250,6 +250,34 @@ import Testing
         #expect(h.logs.eventually("timeout after DATA from unknown[127.0.0.1]"))
     }
 
+    /// Between BDAT chunks the client owes a command: the command timeout
+    /// applies there (RFC 5321 4.5.3.2.7), the data block timeout only
+    /// inside a chunk.
+    @Test func betweenBDATChunksTheCommandTimeoutApplies() throws {
+        let h = try Harness {
+            $0.timeouts.command = 6
+            $0.timeouts.dataBlock = 1
+        }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        let first = "Subject: chunks\r\n", second = "\r\nhello\r\n"
+        c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@mx.example.test>\r\nBDAT \(first.utf8.count)\r\n\(first)")
+        #expect(c.reply()?.code == 250)
+        #expect(c.reply()?.code == 250)
+        #expect(c.reply()?.code == 250)
+        usleep(2_500_000)
+        c.send("BDAT \(second.utf8.count) LAST\r\n\(second)")
+        let last = c.reply()
+        #expect(last?.code == 250 && last?.last.contains("queued as") == true, "\(String(describing: last))")
+        #expect(h.queue.accepted.count == 1)
+        // Inside a chunk the data block timeout still applies.
+        c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@mx.example.test>\r\nBDAT 100\r\nSubject: slow\r\n")
+        #expect(c.reply()?.code == 250)
+        #expect(c.reply()?.code == 250)
+        #expect(c.readToEOF().map(\.last) == ["421 4.4.2 mx.example.test Error: timeout exceeded"])
+    }
+
     @Test func shutdownSays421ToIdleSessions() throws {
         let h = try Harness()
         let c = try h.client()
