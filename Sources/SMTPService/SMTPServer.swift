@@ -66,6 +66,8 @@ final class SMTPServerCore: Sendable {
         var perClient: [String: Int] = [:]
         var channels: [ObjectIdentifier: Channel] = [:]
         var stopping = false
+        /// Told once no session is left (see `whenNoSessions`).
+        var noSessions: [EventLoopPromise<Void>] = []
     }
 
     /// Asks a session to end at its next quiet moment (421 4.3.2).
@@ -124,11 +126,34 @@ final class SMTPServerCore: Sendable {
     }
 
     func unregister(address: String, channel: Channel) {
-        state.withLockedValue { s in
+        let waiting = state.withLockedValue { s -> [EventLoopPromise<Void>] in
             Self.uncount(address, in: &s)
             s.channels[ObjectIdentifier(channel)] = nil
+            guard s.channels.isEmpty else { return [] }
+            defer { s.noSessions = [] }
+            return s.noSessions
         }
+        for promise in waiting { promise.succeed(()) }
     }
+
+    /// Succeeds once every session has ended: a session lives on after
+    /// STARTTLS in another channel (`replace`), so the channels a stop
+    /// found may all be closed while sessions still run.
+    func whenNoSessions(on loop: EventLoop) -> EventLoopFuture<Void> {
+        let promise = loop.makePromise(of: Void.self)
+        let done = state.withLockedValue { s -> Bool in
+            if s.channels.isEmpty { return true }
+            s.noSessions.append(promise)
+            return false
+        }
+        if done { promise.succeed(()) }
+        return promise.futureResult
+    }
+
+    /// The sessions' channels now (after STARTTLS, the plaintext ones).
+    var sessionChannels: [Channel] { state.withLockedValue { Array($0.channels.values) } }
+
+    var isStopping: Bool { state.withLockedValue { $0.stopping } }
 
     private static func uncount(_ address: String, in s: inout State) {
         let n = s.perClient[address, default: 1] - 1
@@ -168,6 +193,9 @@ public final class SMTPServer: Sendable {
         case stopped
     }
     private let accepting = NIOLockedValueBox(Accepting.notYet)
+
+    /// Whether a shutdown has begun to stop the sessions.
+    var isStopping: Bool { core.isStopping }
 
     /// Told when a listener stops taking connections while the server is
     /// not stopping (NIO closes a server channel on an accept error it
@@ -510,10 +538,10 @@ public final class SMTPServer: Sendable {
         for channel in sessions {
             channel.pipeline.fireUserInboundEventTriggered(SMTPServerCore.ShutdownEvent())
         }
-        let done = sessions.map { $0.closeFuture }
-        let all = EventLoopFuture.andAllComplete(done, on: loop)
+        let all = core.whenNoSessions(on: loop)
+        let core = self.core
         let deadline = loop.scheduleTask(in: grace) {
-            for channel in sessions { channel.close(promise: nil) }
+            for channel in core.sessionChannels { channel.close(promise: nil) }
         }
         let handoff = core.handoff
         let pools = core.injectPools

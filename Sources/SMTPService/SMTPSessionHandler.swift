@@ -132,6 +132,12 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             server.replace(old, with: context.channel)
             context.fireChannelActive()
             perform(session!.tlsEstablished())
+            // A stop that came during the hand-off reached the old channel
+            // only: the session ends now, with its 421, in TLS.
+            if shutdownRequested || server.isStopping {
+                shutdownRequested = true
+                perform(session?.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")) ?? [])
+            }
             return
         }
         let settings = server.settings

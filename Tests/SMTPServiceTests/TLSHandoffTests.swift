@@ -154,4 +154,71 @@ import Testing
                                       "text": .text("test handshake failure")]))
         #expect(h.queue.accepted.count == 1)
     }
+
+    /// A stop while a session hands its socket to crypto-negotiate: the
+    /// session goes on in the plaintext channel, which the stop's event
+    /// never reached. It must still get its 421 there, and the stop must
+    /// wait for it rather than for the closed TCP channel.
+    @Test func stopDuringTheHandOffEndsTheSessionInTLS() throws {
+        let path = NSTemporaryDirectory() + "handoff-stop-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let listener = sealpost_unix_listen(path, 8)
+        try #require(listener >= 0)
+        defer { close(listener); unlink(path) }
+        let h = try Harness { $0.tlsSocket = path }
+        defer { h.stop() }
+        let peer = StageConnection(adopting: accept(listener, nil, nil), protocol: .tls, direction: .clientToServer)
+        defer { peer.close() }
+        #expect(try peer.receive()?.type == .hello)
+        try peer.send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]))
+
+        let c = try h.client()
+        #expect(c.reply()?.code == 220)
+        c.send("EHLO client.example.org\r\n")
+        #expect(c.reply()?.code == 250)
+        c.send("STARTTLS\r\n")
+        #expect(c.reply()?.code == 220)
+        let negotiate = try #require(try peer.receive())
+        #expect(negotiate.type == .negotiate)
+        close(try negotiate.fd("socket"))
+
+        let stopped = Mutex(false)
+        let stopper = Thread {
+            try? h.server.shutdown(grace: .seconds(30)).wait()
+            stopped.withLock { $0 = true }
+        }
+        stopper.start()
+        // The stop's event reaches the session while it hands off.
+        var waited = 0
+        while !h.server.isStopping && waited < 1000 {
+            usleep(10_000)
+            waited += 1
+        }
+        try #require(h.server.isStopping)
+        usleep(100_000)
+
+        var pair: [Int32] = [0, 0]
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        let tlsSide = pair[0]
+        defer { close(tlsSide) }
+        try peer.send(Frame(.negotiated, ["session": .uint(try negotiate.uint("session")), "plaintext": .fd(pair[1]),
+                                          "protocol": .text("TLSv1.3"), "cipher": .text("TLS_AES_128_GCM_SHA256"),
+                                          "authentication": .text("encrypted")]))
+        close(pair[1])
+        var tv = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(tlsSide, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var received: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 512)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { recv(tlsSide, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { break }
+            received += chunk[0..<n]
+        }
+        #expect(String(decoding: received, as: UTF8.self) == "421 4.3.2 mx.example.test Service shutting down\r\n")
+        waited = 0
+        while !stopped.withLock({ $0 }) && waited < 1000 {
+            usleep(10_000)
+            waited += 1
+        }
+        #expect(stopped.withLock { $0 })
+    }
 }
