@@ -157,7 +157,7 @@ let package = Package(
             "StageRuntime", "SealpostConfig", .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MailMessageTests", dependencies: ["MailMessage"]),
-        .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool"]),
+        .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool", "LMDB"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "Sodium"]),

@@ -105,14 +105,18 @@ final class QueueEngine: @unchecked Sendable {
     /// at its recorded next attempt (pending ones at once).
     func load() throws {
         loop.preconditionInEventLoop()
-        let envelopes = try spool.allEnvelopes()
+        let (envelopes, damaged) = try spool.readableEnvelopes()
+        for record in damaged {
+            logger.error("spool: the envelope of \(record.key) cannot be read (\(record.reason)); it stays in the spool, not scheduled")
+        }
         let t = now
         var recipients = 0
         for env in envelopes {
             scheduler.insert(env, now: t)
             recipients += env.recipients.filter { !$0.state.isFinal }.count
         }
-        logger.info("spool: \(envelopes.count) messages with \(recipients) unfinished recipients in the spool")
+        let aside = damaged.isEmpty ? "" : ", \(damaged.count) damaged envelopes left aside"
+        logger.info("spool: \(envelopes.count) messages with \(recipients) unfinished recipients in the spool\(aside)")
         maintenance()
     }
 

@@ -476,15 +476,41 @@ public final class Spool: @unchecked Sendable {
         }
     }
 
-    /// Every envelope, in queue ID order.
+    /// Every envelope, in queue ID order; throws on the first record that
+    /// does not decode.
     public func allEnvelopes() throws -> [EnvelopeRecord] {
+        let (envelopes, damaged) = try readableEnvelopes()
+        if let first = damaged.first { throw SpoolError.corrupt("envelope \(first.key): \(first.reason)") }
+        return envelopes
+    }
+
+    /// An envelope record that does not decode: its key (the queue ID, as
+    /// far as it is text) and why.
+    public struct DamagedRecord: Sendable, Equatable {
+        public var key: String
+        public var reason: String
+    }
+
+    /// Every envelope that decodes, in queue ID order, and the records that
+    /// do not: one damaged record (a disk error, a bug in an old version)
+    /// must not keep the queue from starting and every other message from
+    /// moving. The damaged ones stay in the spool as they are.
+    public func readableEnvelopes() throws -> (envelopes: [EnvelopeRecord], damaged: [DamagedRecord]) {
         try readTransaction { txn in
-            var result: [EnvelopeRecord] = []
-            try txn.forEach(databases.envelopes) { _, value in
-                result.append(try EnvelopeRecord(decoding: Array(value)))
+            var envelopes: [EnvelopeRecord] = []
+            var damaged: [DamagedRecord] = []
+            try txn.forEach(databases.envelopes) { key, value in
+                do {
+                    envelopes.append(try EnvelopeRecord(decoding: Array(value)))
+                } catch {
+                    let text = String(decoding: key, as: UTF8.self)
+                    damaged.append(DamagedRecord(key: text.unicodeScalars.allSatisfy { $0.isASCII && $0.value >= 0x20 && $0.value < 0x7F }
+                                                      ? text : key.map { String(format: "%02x", $0) }.joined(),
+                                                 reason: "\(error)"))
+                }
                 return true
             }
-            return result
+            return (envelopes, damaged)
         }
     }
 

@@ -8,6 +8,7 @@
 import Foundation
 import Testing
 @testable import QueueService
+import LMDB
 import SealpostConfig
 @testable import Spool
 import StageProtocol
@@ -571,6 +572,28 @@ func refusal(_ frame: Frame) throws -> String {
         let listing = try q.control("list")
         #expect(listing.messages.count == 3)
         #expect(listing.messages.contains { $0.id == (try? answer.text("queue-id")) })
+    }
+
+    /// One envelope that cannot be read does not keep the queue from
+    /// starting: it is logged and left aside, the others are delivered.
+    @Test func aDamagedEnvelopeDoesNotStopTheQueue() throws {
+        let q = try TestQueue()
+        let good = try q.inject(to: ["alice@localhost"])
+        let bad = try q.inject(to: ["bob@localhost"])
+        q.stop()
+        do {
+            let env = try Environment(path: q.config.spoolDirectory, mapSize: q.config.queue.mapSize, maxDatabases: 16)
+            try env.write { txn throws in
+                try txn.put(try txn.openDatabase("envelopes"), Array(bad.utf8), [0x01, 0x02])
+            }
+            env.close()
+        }
+        try q.start()
+        #expect(try q.control("list").messages.map(\.id) == [good])
+        let stage = try q.deliverer()
+        defer { stage.close() }
+        let job = try TestQueue.receiveJob(stage)
+        #expect(job.queueID == good)
     }
 
     @Test func restartKeepsEverything() throws {

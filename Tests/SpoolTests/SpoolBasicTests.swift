@@ -236,3 +236,35 @@ final class ResultCollector: @unchecked Sendable {
     var count: Int { lock.lock(); defer { lock.unlock() }; return results.count }
     var all: [Result<Void, SpoolError>] { lock.lock(); defer { lock.unlock() }; return Array(results.values) }
 }
+
+/// A damaged envelope record (a disk error, an old version's bug) is set
+/// aside, named, rather than failing the read of every other envelope:
+/// the queue starts with the readable ones.
+@Suite struct DamagedEnvelopeTests {
+    @Test func readableEnvelopesSetADamagedRecordAside() throws {
+        let dir = TemporaryDirectory()
+        var ids: [QueueID] = []
+        do {
+            let spool = try Spool(directory: dir.spool, options: smallOptions)
+            for _ in 0..<3 {
+                let id = spool.newQueueID()
+                try spool.submitAndWait([.insert(sampleEnvelope(id), try seal(spool, Array("body\r\n".utf8)))]).get()
+                ids.append(id)
+            }
+            spool.close()
+        }
+        do {
+            let env = try Environment(path: dir.spool, mapSize: 4 << 20, maxDatabases: 16)
+            try env.write { txn throws in
+                try txn.put(try txn.openDatabase("envelopes"), ids[1].key, [0xFF, 0x00, 0x13])
+            }
+            env.close()
+        }
+        let spool = try Spool(directory: dir.spool, options: smallOptions)
+        defer { spool.close() }
+        let (envelopes, damaged) = try spool.readableEnvelopes()
+        #expect(envelopes.map(\.queueID) == [ids[0], ids[2]])
+        #expect(damaged.map(\.key) == [ids[1].rawValue])
+        #expect(throws: SpoolError.self) { try spool.allEnvelopes() }
+    }
+}
