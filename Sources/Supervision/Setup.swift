@@ -68,6 +68,7 @@ public enum Setup {
         }
         try makeParents(of: layout.dataDirectory)
         try ensure(layout.dataDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
+        try ensure(layout.superviseDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
         let queueOwner = try user("queue")
         try ensure(layout.runtimeDirectory, mode: 0o755, owner: asRoot ? (queueOwner.0, group) : nil)
         // The log names every sender and recipient: no stage's user (smtp-listen
@@ -173,8 +174,13 @@ public struct DirectoryLayout: Sendable, Equatable {
     public var logFile: String { joinPath(logDirectory, "sealpost.log") }
     /// Certificates and keys for crypto-negotiate (self-signed by default).
     public var tlsDirectory: String { joinPath(dataDirectory, "tls") }
-    public var pidFile: String { joinPath(runtimeDirectory, "supervise.pid") }
-    public var statusFile: String { joinPath(runtimeDirectory, "supervise.status") }
+    /// The supervisor's own files, in a directory of root's when it runs as
+    /// root: run/ belongs to the queue's user, and a stage must not be able
+    /// to replace a file root writes or that root's scripts read
+    /// (Pipeline/status, Pipeline/stop).
+    public var superviseDirectory: String { joinPath(dataDirectory, "supervise") }
+    public var pidFile: String { joinPath(superviseDirectory, "supervise.pid") }
+    public var statusFile: String { joinPath(superviseDirectory, "supervise.status") }
 
     static func mailDirectory(dataDirectory: String, template: String) -> String? {
         if template.hasPrefix("/") { return nil }

@@ -63,8 +63,9 @@
 //     nothing but its configuration and the stages file.
 //
 // FILES
-//     DATA/run/supervise.pid      its pid, while it runs
-//     DATA/run/supervise.status   one line per stage: name, state (running,
+//     DATA/supervise/supervise.pid     its pid, while it runs (a directory
+//                                      of root's: no stage can touch it)
+//     DATA/supervise/supervise.status  one line per stage: name, state (running,
 //                                 restarting, stopped), pid, since (Unix
 //                                 time), restarts; read by Pipeline/status
 //     DATA/log/sealpost.log       the log

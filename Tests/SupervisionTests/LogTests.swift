@@ -66,7 +66,7 @@ import Testing
         let layout = DirectoryLayout(dataDirectory: "/d", runtimeDirectory: "/d/run", spoolDirectory: "/d/queue",
                                      logDirectory: "/d/log", mailboxTemplate: "mail/{user}/Maildir")
         #expect(layout.mailDirectory == "/d/mail")
-        #expect(layout.pidFile == "/d/run/supervise.pid")
+        #expect(layout.pidFile == "/d/supervise/supervise.pid")
         #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "{user}/Maildir") == nil)
         #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "/home/{user}/Maildir") == nil)
         #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "boxes/all/{user}") == "/d/boxes/all")

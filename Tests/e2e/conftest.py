@@ -145,7 +145,7 @@ class Pipeline:
 
     @property
     def status_file(self):
-        return self.data / "run" / "supervise.status"
+        return self.data / "supervise" / "supervise.status"
 
     def maildir_new(self, user):
         return self.data / "mail" / user / "Maildir" / "new"

@@ -300,3 +300,17 @@ def test_killed_crypto_negotiate_comes_back_confined_and_serves_starttls(tls_pip
         client.sendmail("sender@client.example", [f"{local_user()}@localhost"],
                         b"Subject: after SIGKILL\r\n\r\nnew crypto-negotiate\r\n")
     expect_tls_received(delivered_messages(tls_pipeline, 1)[0])
+
+
+def test_no_stage_can_touch_the_files_the_supervisor_writes_as_root(tls_pipeline):
+    """The supervisor runs as root and writes its pid and status files,
+    which root's scripts read (Pipeline/status, Pipeline/stop): no stage
+    user may own or write them or their directory (in run/, the queue's,
+    a stage could swap them for a FIFO, a link, or shell arithmetic)."""
+    wait_until(lambda: tls_pipeline.status_file.exists(), 60, "the status file")
+    directory = tls_pipeline.status_file.parent
+    assert directory == tls_pipeline.data / "supervise"
+    for name in stage_names():
+        user = pwd.getpwnam(f"sealpost-{name}")
+        problems = writable_or_owned(str(directory), user.pw_uid, {user.pw_gid})
+        assert problems == [], f"{name} may write or owns: {problems}"

@@ -100,12 +100,12 @@ def test_log_lines_are_timestamped_and_attributed(pipeline):
 
 def test_sigterm_stops_the_stages_and_removes_the_pid_file(pipeline):
     pids = [pipeline.running_pid("queue"), pipeline.running_pid("local-deliver")]
-    assert (pipeline.data / "run" / "supervise.pid").read_text().strip() == str(pipeline.process.pid)
+    assert (pipeline.data / "supervise" / "supervise.pid").read_text().strip() == str(pipeline.process.pid)
     assert pipeline.stop() == 0
     for pid in pids:
         assert not pathlib.Path(f"/proc/{pid}").exists() or \
             "zombie" in pathlib.Path(f"/proc/{pid}/status").read_text()
-    assert not (pipeline.data / "run" / "supervise.pid").exists()
+    assert not (pipeline.data / "supervise" / "supervise.pid").exists()
     assert all(state[0] == "stopped" for state in pipeline.status().values())
     text = pipeline.log_text()
     # Reverse order of the stages file: local-deliver first, then the queue.
