@@ -38,6 +38,26 @@ final class DeliverHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
+    /// A stage that must not take jobs (see QueueServiceOptions) is turned
+    /// away before it can say anything. The credentials are read on the
+    /// loop, so the check completes before the first frame.
+    func channelActive(context: ChannelHandlerContext) {
+        let refused = engine.options.refusedDeliveryPeers
+        guard !refused.isEmpty else { return context.fireChannelActive() }
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        peerCredentials(of: context.channel).whenComplete { result in
+            let handler = bound.value
+            guard let context = handler.context else { return }
+            if case .success(let cred?) = result, let stage = refused[cred.uid] {
+                handler.engine.logger.warning("deliver: refused a connection from uid \(cred.uid) (\(stage)): not a delivery stage")
+                handler.context = nil
+                context.close(promise: nil)
+                return
+            }
+            context.fireChannelActive()
+        }
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         do {
             try handle(unwrapInboundIn(data), context: context)

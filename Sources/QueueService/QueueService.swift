@@ -33,6 +33,9 @@ public struct QueueServiceOptions: Sendable {
     public var maxRecipientsPerJob = 50
     /// Log the statistics every this many seconds (0: only on demand).
     public var statisticsInterval: Int64 = 3600
+    /// Peers the deliver socket refuses, by uid (the users of stages that
+    /// face the network and deliver nothing), with the stage's name.
+    public var refusedDeliveryPeers: [UInt32: String] = [:]
 
     public init() {}
 

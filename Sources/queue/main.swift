@@ -47,7 +47,8 @@
 //                      recorded (SO_PEERCRED).
 //      deliver  0660   protocol "deliver" (4.3); group of data/run, so that
 //                      the delivery stages' users (members of that group)
-//                      can connect.
+//                      can connect; a peer running as smtp-listen's or
+//                      crypto-negotiate's user (SO_PEERCRED) is refused.
 //      control  0600   protocol "control" (4.4), for the sealpost CLI run by
 //                      the queue's user or root: list, show, flush, delete,
 //                      hold, release, stats.
@@ -86,6 +87,17 @@ import StageRuntime
 
 let config = StageRuntime.bootstrap(stage: "queue")
 
+// The stages that face the network and are no delivery stage may not take
+// jobs (message bodies, decrypted) from the deliver socket, though their
+// users share its group: their uids, looked up while /etc/passwd is still
+// in reach (before the chroot).
+var options = QueueServiceOptions()
+if geteuid() == 0 {
+    for stage in ["smtp-listen", "crypto-negotiate"] {
+        if let entry = getpwnam("sealpost-\(stage)") { options.refusedDeliveryPeers[entry.pointee.pw_uid] = stage }
+    }
+}
+
 let paths: RuntimePaths
 do {
     paths = try StageRuntime.dropPrivileges(config, chroot: true)
@@ -109,7 +121,7 @@ do {
     StageRuntime.fatal("cannot open the spool \(paths.spoolDirectory): \(error)", exit: .osErr)
 }
 
-let service = QueueService(configuration: config, paths: paths, spool: spool)
+let service = QueueService(configuration: config, paths: paths, spool: spool, options: options)
 do {
     try service.start()
 } catch let error as QueueServiceError {

@@ -27,6 +27,7 @@ import re
 import smtplib
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -314,3 +315,26 @@ def test_no_stage_can_touch_the_files_the_supervisor_writes_as_root(tls_pipeline
         user = pwd.getpwnam(f"sealpost-{name}")
         problems = writable_or_owned(str(directory), user.pw_uid, {user.pw_gid})
         assert problems == [], f"{name} may write or owns: {problems}"
+
+
+@pytest.mark.parametrize("name", ["smtp-listen", "crypto-negotiate"])
+def test_a_network_stage_cannot_take_delivery_jobs(tls_pipeline, name):
+    """The deliver socket is open to the group every stage user has, but
+    the queue turns away smtp-listen's and crypto-negotiate's users: a
+    compromised network parser must not receive the queued messages."""
+    socket_path = tls_pipeline.data / "run" / "deliver"
+    wait_until(lambda: socket_path.exists(), 60, "the deliver socket")
+    user = pwd.getpwnam(f"sealpost-{name}")
+    probe = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             f"s.connect({str(socket_path)!r})\n"
+             "s.settimeout(30)\n"
+             "print(repr(s.recv(100)))\n")
+    # Debian's python3: the test's own may live where the user cannot reach.
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    result = subprocess.run([python, "-c", probe], user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "b''", result.stdout
+    wait_until(lambda: f"refused a connection from uid {user.pw_uid} ({name})" in tls_pipeline.log_file.read_text(errors="replace"),
+               30, "the refusal in the log")
