@@ -144,6 +144,25 @@ public struct DeliveryRoute: Sendable, Hashable {
 }
 
 public enum RoutePlanner {
+    /// A host name as compared with another: lower case, no final dot.
+    static func canonicalHostname(_ name: String) -> String {
+        let lower = name.lowercased()
+        return lower.hasSuffix(".") ? String(lower.dropLast()) : lower
+    }
+
+    /// The next hop of a recipient domain with no transport table entry:
+    /// its MX hosts, or for an address literal ("[192.0.2.1]",
+    /// "[IPv6:2001:db8::1]", RFC 5321 4.1.3) that address, with no lookup.
+    public static func defaultHop(for domain: String) -> NextHop {
+        guard domain.hasPrefix("["), domain.hasSuffix("]") else { return .mailExchangers(domain, port: 25) }
+        let inner = String(domain.dropFirst().dropLast())
+        if TransportTable.isIPv4(inner) { return .host(inner, port: 25) }
+        if inner.lowercased().hasPrefix("ipv6:"), TransportTable.isIPv6(String(inner.dropFirst(5))) {
+            return .host(String(inner.dropFirst(5)), port: 25)
+        }
+        return .mailExchangers(domain, port: 25)
+    }
+
     /// MX hosts by preference, shuffled among equal preferences.
     public static func order<G: RandomNumberGenerator>(_ mx: [MailExchanger], using rng: inout G) -> [MailExchanger] {
         let groups = Dictionary(grouping: mx, by: \.preference)
@@ -162,8 +181,14 @@ public enum RoutePlanner {
 
     /// Resolves `hop` to the addresses to try, or the failure every
     /// recipient gets.
+    /// `myHostnames`: this host's names (`sealpost.hostname`). An MX host
+    /// among them means the mail would come back here (RFC 5321 5.1):
+    /// only the MX hosts preferred over it are tried, and with none the
+    /// mail loops back to myself (5.4.6), as a backup MX's must when the
+    /// primaries are down.
     public static func route(_ hop: NextHop, resolver: any MailExchangerResolver,
-                             preference: AddressPreference) async -> Result<DeliveryRoute, RoutingFailure> {
+                             preference: AddressPreference,
+                             myHostnames: Set<String> = []) async -> Result<DeliveryRoute, RoutingFailure> {
         var rng = SystemRandomNumberGenerator()
         switch hop {
         case .local:
@@ -184,7 +209,7 @@ public enum RoutePlanner {
                 return .failure(RoutingFailure(permanent: false, status: EnhancedStatus(4, 4, 3), text: why))
             }
         case .mailExchangers(let domain, let port):
-            let exchangers: [MailExchanger]
+            var exchangers: [MailExchanger]
             let secure: Bool
             switch await resolver.mailExchangers(of: domain) {
             case .nullMX:
@@ -206,6 +231,14 @@ public enum RoutePlanner {
                 }
                 exchangers = order(list, using: &rng)
                 secure = s
+            }
+            let mine = Set(myHostnames.map(canonicalHostname))
+            if let ours = exchangers.filter({ mine.contains(canonicalHostname($0.host)) }).map(\.preference).min() {
+                exchangers = exchangers.filter { $0.preference < ours }
+                if exchangers.isEmpty {
+                    return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 4, 6),
+                                                   text: "mail for \(domain) loops back to myself"))
+                }
             }
             var candidates: [DeliveryCandidate] = []
             var temporary: String?

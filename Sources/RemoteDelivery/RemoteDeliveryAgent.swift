@@ -151,7 +151,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         eventLoop.execute { [self] in
             let domain = job.destination
             let entry = transports.lookup(domain)
-            let hop = entry?.nextHop ?? .mailExchangers(domain, port: 25)
+            let hop = entry?.nextHop ?? RoutePlanner.defaultHop(for: domain)
             let state = JobState(job: job, domain: domain, entry: entry, hop: hop, started: clock(), completion: completion)
             if job.oversized {
                 state.decideAll(RemoteResult(index: 0, status: .bounced, dsn: "5.3.4",
@@ -223,9 +223,9 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     private func resolve(_ state: JobState) {
         state.resolved = true
         let hop = state.hop, resolver = self.resolver, preference = settings.addressPreference
-        let policy = self.policy, domain = state.domain, entry = state.entry
+        let policy = self.policy, domain = state.domain, entry = state.entry, me: Set = [settings.hostname]
         eventLoop.runTask(on: taskExecutor) { () async -> (Result<DeliveryRoute, RoutingFailure>, DestinationSecurity?) in
-            let route = await RoutePlanner.route(hop, resolver: resolver, preference: preference)
+            let route = await RoutePlanner.route(hop, resolver: resolver, preference: preference, myHostnames: me)
             guard case .success(let r) = route else { return (route, nil) }
             return (route, await policy.security(domain: domain, route: r, entry: entry))
         }.whenComplete { [self] result in
@@ -234,7 +234,16 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
                 // runTask never fails; kept so that no job waits forever.
                 state.lastFailure = AttemptFailure(status: EnhancedStatus(4, 3, 0), text: "internal error: \(error)", reply: nil,
                                                    diagnostic: "internal error", peerAnswered: false)
-            case .success((.failure(let failure), _)):
+            case .success((.failure(var failure), _)):
+                if failure.permanent, let origin = entry?.origin, entry?.nextHop != nil,
+                   failure.status.subject == 4 || failure.status.subject == 1 {
+                    // A next hop from the transport table that does not
+                    // resolve is a configuration error (or a passing DNS
+                    // fault), not the recipient's: defer, as Postfix does for
+                    // its relayhost, rather than bounce all mail routed there.
+                    failure = RoutingFailure(permanent: false, status: EnhancedStatus(4, 3, 5),
+                                             text: "next hop \(hop) (\(origin)): \(failure.text)")
+                }
                 state.decidePending(RemoteResult(index: 0, status: failure.permanent ? .bounced : .deferred,
                                                  dsn: failure.status.description, text: failure.text,
                                                  diagnostic: failure.text))
@@ -320,7 +329,9 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
                 index: UInt64(index), status: RemoteResult.Status(rawValue: r.status.rawValue)!, dsn: r.dsn.description,
                 text: r.reply == nil ? r.text : (r.status == .sent ? r.diagnostic : "host \(candidate.host)[\(candidate.address)] said: \(r.text)"),
                 relay: relay, remoteMTA: r.reply == nil ? nil : candidate.host, diagnostic: r.diagnostic, tls: connection.tls)
-            if r.hostSpecific && r.status == .bounced && !state.candidates.isEmpty {
+            // A connection from the cache came before any lookup: the
+            // route's other hosts are still to be tried (`next` resolves).
+            if r.hostSpecific && r.status == .bounced && (!state.candidates.isEmpty || !state.resolved) {
                 // Another MX may take what this one cannot (SIZE, SMTPUTF8).
                 state.fallback[UInt64(index)] = result
             } else {

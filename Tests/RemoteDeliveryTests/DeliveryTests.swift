@@ -279,3 +279,91 @@ private func mxTable(_ domain: String, port: Int) -> TransportTable {
         #expect(!sink.commands.contains("STARTTLS"))
     }
 }
+
+/// Routing decisions that need no server: mail that would come back to
+/// this host, address literals, next hops from the transport table.
+@Suite struct RoutingEdgeTests {
+    let hosts: [String: AddressLookupResult] = [
+        "mx1.b.test": .addresses(["192.0.2.1"], secure: false),
+        "mx3.b.test": .addresses(["192.0.2.3"], secure: false),
+        "client.test": .addresses(["192.0.2.2"], secure: false),
+    ]
+
+    /// RFC 5321 5.1: a backup MX (this host, by its name) tries only the
+    /// hosts preferred over it, and without one the mail loops back to
+    /// myself (5.4.6) instead of being sent to our own listener.
+    @Test func anMXThatIsThisHostEndsTheList() async throws {
+        let resolver = StaticMailExchangerResolver(mx: [
+            "b.test": .exchangers([MailExchanger(preference: 10, host: "mx1.b.test"),
+                                   MailExchanger(preference: 20, host: "client.test"),
+                                   MailExchanger(preference: 30, host: "mx3.b.test")], secure: false),
+            "primary.test": .exchangers([MailExchanger(preference: 10, host: "client.test"),
+                                         MailExchanger(preference: 20, host: "mx3.b.test")], secure: false),
+        ], hosts: hosts)
+        let route = try await RoutePlanner.route(.mailExchangers("b.test", port: 25), resolver: resolver, preference: .any,
+                                                 myHostnames: ["Client.Test."]).get()
+        #expect(route.candidates.map(\.host) == ["mx1.b.test"])
+        guard case .failure(let failure) = await RoutePlanner.route(.mailExchangers("primary.test", port: 25), resolver: resolver,
+                                                                    preference: .any, myHostnames: ["client.test"]) else {
+            Issue.record("primary.test: routed to itself")
+            return
+        }
+        #expect(failure.permanent && failure.status == EnhancedStatus(5, 4, 6) && failure.text.contains("loops back to myself"))
+        // Without our name among the MX hosts, nothing changes.
+        let all = try await RoutePlanner.route(.mailExchangers("b.test", port: 25), resolver: resolver, preference: .any,
+                                               myHostnames: ["other.test"]).get()
+        #expect(all.candidates.map(\.host) == ["mx1.b.test", "client.test", "mx3.b.test"])
+    }
+
+    /// An address literal domain is that address (RFC 5321 4.1.3), no MX
+    /// lookup, where it had been bounced as "domain not found".
+    @Test func addressLiteralsAreNextHops() {
+        #expect(RoutePlanner.defaultHop(for: "[192.0.2.1]") == .host("192.0.2.1", port: 25))
+        #expect(RoutePlanner.defaultHop(for: "[IPv6:2001:db8::1]") == .host("2001:db8::1", port: 25))
+        #expect(RoutePlanner.defaultHop(for: "example.org") == .mailExchangers("example.org", port: 25))
+        #expect(RoutePlanner.defaultHop(for: "[not an address]") == .mailExchangers("[not an address]", port: 25))
+    }
+
+    /// A next hop from the transport table that does not resolve is a
+    /// configuration error: every message routed there would bounce.
+    @Test func anUnresolvableTransportNextHopDefers() async throws {
+        let table = TransportTable(entries: [TransportEntry(key: "*", nextHop: .host("smarthost.invalid", port: 587),
+                                                            origin: "transport:7")])
+        let f = AgentFixture(resolver: StaticMailExchangerResolver(hosts: ["smarthost.invalid": .noSuchHost("Host or domain name not found")]),
+                             transports: table)
+        let results = await f.deliver(makeJob(to: ["a@elsewhere.test"], nexthop: "elsewhere.test"))
+        await f.shutdown()
+        #expect(results.first?.status == .deferred)
+        #expect(results.first?.dsn == "4.3.5")
+        #expect(results.first?.text.contains("transport:7") == true)
+    }
+
+    /// A cached connection is taken before any lookup: a refusal that is
+    /// this host's own (no SMTPUTF8 here) must still let the other MX
+    /// hosts try, as it does on a fresh route.
+    @Test func aCachedConnectionsHostSpecificRefusalTriesTheOtherMX() async throws {
+        var plain = SinkScript()
+        plain.ehlo = ["250-sink.test", "250-PIPELINING", "250-8BITMIME", "250 ENHANCEDSTATUSCODES"]
+        let first = try TestSink(address: "127.0.0.1", script: plain)
+        defer { first.stop() }
+        var utf8 = SinkScript()
+        utf8.ehlo = ["250-sink.test", "250-PIPELINING", "250-8BITMIME", "250-SMTPUTF8", "250 ENHANCEDSTATUSCODES"]
+        let second = try TestSink(address: "127.0.0.2", port: first.port, script: utf8)
+        defer { second.stop() }
+        let resolver = StaticMailExchangerResolver(
+            mx: ["u.test": .exchangers([MailExchanger(preference: 10, host: "mx1.u.test"),
+                                        MailExchanger(preference: 20, host: "mx2.u.test")], secure: false)],
+            hosts: ["mx1.u.test": .addresses(["127.0.0.1"], secure: false),
+                    "mx2.u.test": .addresses(["127.0.0.2"], secure: false)])
+        let table = TransportTable(entries: [TransportEntry(key: "u.test", nextHop: .mailExchangers("u.test", port: first.port))])
+        let f = AgentFixture(resolver: resolver, transports: table) { $0.connectionCacheTime = 60 }
+        let ascii = await f.deliver(makeJob(1, to: ["a@u.test"], nexthop: "u.test"))
+        #expect(ascii.first?.status == .sent)
+        var job = makeJob(2, to: ["b@u.test"], body: "Subject: caf\u{e9}\r\n\r\nHello.\r\n", nexthop: "u.test")
+        job.smtputf8 = true
+        let international = await f.deliver(job)
+        await f.shutdown()
+        #expect(international.first?.status == .sent, "\(String(describing: international.first))")
+        #expect(second.messages.map(\.rcptTo) == [["b@u.test"]])
+    }
+}
