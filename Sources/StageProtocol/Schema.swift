@@ -362,6 +362,14 @@ extension Checks {
         }
     }
 
+    /// A reference name for certificate checks: a host name, or one with a
+    /// leading dot for "any name under it" (OpenSSL's X509_check_host;
+    /// Postfix's "secure" level matches the next-hop domain and
+    /// ".domain").
+    static func isMatchName(_ s: Substring) -> Bool {
+        isHostName(s.hasPrefix(".") ? s.dropFirst() : s)
+    }
+
     static let hostName: @Sendable (AttributeValue) -> String? = { value in
         guard case .text(let s) = value else { return nil }
         return isHostName(Substring(s)) ? nil : "not a DNS host name: \(quoted(s))"
@@ -403,7 +411,7 @@ extension Standard {
                 R("role", .text, required: true, check: Checks.oneOf(["server", "client"])),
                 R("server-name", .text, check: Checks.hostName),
                 R("policy", .text, check: Checks.oneOf(["none", "pkix", "dane", "pin"])),
-                R("match-names", .text, check: Checks.list("host names", Checks.isHostName)),
+                R("match-names", .text, check: Checks.list("host names (a leading dot: any name under it)", Checks.isMatchName)),
                 R("tlsa", .bytes, check: Checks.tlsaRecords),
                 R("pins", .text, check: Checks.list("SPKI SHA-256 digests (64 lower-case hex digits)", Checks.isSHA256Hex)),
                 R("ca", .text, check: Checks.nonEmptyText),

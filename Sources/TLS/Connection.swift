@@ -77,7 +77,7 @@ public final class TLSConnection {
             if let serverName { _ = SSL_set1_host(ssl, serverName) }
         case .pkix(let names):
             SSL_set_verify(ssl, SSL_VERIFY_PEER, nil)
-            SSL_set_hostflags(ssl, UInt32(X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS))
+            SSL_set_hostflags(ssl, Self.hostFlags)
             try Self.setNames(ssl, names)
         case .dane(let records, let names):
             guard let base = names.first ?? serverName else {
@@ -86,7 +86,7 @@ public final class TLSConnection {
             guard SSL_dane_enable(ssl, base) > 0 else { throw TLSError.openSSL(.configuration, "SSL_dane_enable") }
             // RFC 7672 section 3.1.1: no name checks for DANE-EE(3).
             _ = SSL_dane_set_flags(ssl, UInt(DANE_FLAG_NO_DANE_EE_NAMECHECKS))
-            SSL_set_hostflags(ssl, UInt32(X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS))
+            SSL_set_hostflags(ssl, Self.hostFlags)
             for name in names.dropFirst() where SSL_add1_host(ssl, name) != 1 {
                 throw TLSError.openSSL(.configuration, "reference name \(name)")
             }
@@ -137,7 +137,10 @@ public final class TLSConnection {
             let verify = SSL_get_verify_result(ssl)
             let queued = drainErrorQueue()
             var message = queued.isEmpty ? "\(what) failed" : "\(what): \(queued.joined(separator: "; "))"
-            if !handshakeDone && verify != X509_V_OK {
+            // Only a verifying handshake fails for its verify result; under
+            // SSL_VERIFY_NONE (policies none and pin) the result is recorded
+            // for the report and the handshake failed for another reason.
+            if !handshakeDone && verify != X509_V_OK && SSL_get_verify_mode(ssl) & SSL_VERIFY_PEER != 0 {
                 let reason = String(cString: X509_verify_cert_error_string(verify))
                 message = "certificate verification failed: \(reason)"
                 return .failed(TLSError(.verification, message, verifyError: reason))
@@ -145,6 +148,11 @@ public final class TLSConnection {
             return .failed(TLSError(handshakeDone ? .connection : .handshake, message))
         }
     }
+
+    /// Name checks: no partial wildcards ("mx*.example.org"), and names
+    /// from the subjectAltName only, never the subject's CN (RFC 6125
+    /// 6.4.4 once a DNS-ID is required; RFC 8461 4.2 for MTA-STS).
+    static let hostFlags = UInt32(X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | X509_CHECK_FLAG_NEVER_CHECK_SUBJECT)
 
     /// Drives the handshake; `.done(0)` once complete and the policy is satisfied.
     public func handshake() -> TLSIOResult {

@@ -507,6 +507,20 @@ enum Conversations {
         }
         #expect(throws: Never.self) { try schema.validate(Frame(.mail, ["sender": .text("")]), direction: .clientToServer) }
     }
+
+    /// remote-deliver's "secure" level names the next-hop domain and, with
+    /// a leading dot, any name under it; an empty name stays refused.
+    @Test func matchNamesMayNameADomainsSubdomains() {
+        let schema = ProtocolSchema.standard(.tls)
+        func negotiate(_ names: String) -> Frame {
+            Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("client"),
+                               "policy": .text("pkix"), "match-names": .text(names)])
+        }
+        #expect(throws: Never.self) { try schema.validate(negotiate("example.org,.example.org"), direction: .clientToServer) }
+        for bad in ["example.org,", ".", "..example.org", "example..org"] {
+            #expect(throws: ProtocolError.self) { try schema.validate(negotiate(bad), direction: .clientToServer) }
+        }
+    }
 }
 
 @Suite struct EncoderChecks {

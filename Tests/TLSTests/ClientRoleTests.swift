@@ -11,10 +11,11 @@ import Testing
     /// s_server with `cert`/`key` (and `chain`), the engine connects with
     /// `policy`; on success a line goes through to s_server.
     static func handshake(cert: String, key: String, chain: String? = nil, serverName: String? = "mx.example.test",
-                          policy: VerificationPolicy, caFile: String? = "ca.pem") throws -> Result<HandshakeResult, TLSError> {
+                          policy: VerificationPolicy, caFile: String? = "ca.pem",
+                          serverOptions: [String] = []) throws -> Result<HandshakeResult, TLSError> {
         let pki = try TestPKI.get()
         var args = ["openssl", "s_server", "-accept", "127.0.0.1:0", "-naccept", "1",
-                    "-cert", pki.path(cert), "-key", pki.path(key)]
+                    "-cert", pki.path(cert), "-key", pki.path(key)] + serverOptions
         if let chain { args += ["-cert_chain", pki.path(chain)] }
         let server = try Child(args)
         defer { server.kill(); server.finish() }
@@ -51,6 +52,18 @@ import Testing
         #expect(h.report.serverName == "mx.example.test")
     }
 
+    /// Under policy none the verify result is only reported: a handshake
+    /// that fails for another reason (here the server demands a client
+    /// certificate) says so, not "certificate verification failed".
+    @Test func noneReportsTheHandshakesOwnFailure() throws {
+        let result = try Self.handshake(cert: "self.pem", key: "self.key", policy: .none,
+                                        serverOptions: ["-tls1_2", "-Verify", "1"])
+        let e = try #require(result.failure)
+        #expect(e.kind == .handshake, "\(e)")
+        #expect(e.verifyError == nil)
+        #expect(!"\(e)".contains("certificate verification failed"))
+    }
+
     @Test func noneWithAGoodCertificateHasNoVerifyError() throws {
         let h = try Self.handshake(cert: "leaf-ec.pem", key: "leaf-ec.key", policy: .none).get()
         #expect(h.report.authentication == .encrypted)
@@ -76,6 +89,23 @@ import Testing
         #expect(e.kind == .verification)
         #expect(e.verifyError == "hostname mismatch")
         #expect(e.enhancedStatus == "4.7.5")
+    }
+
+    /// The "secure" level's reference names: the domain and, with a
+    /// leading dot, any name under it.
+    @Test func pkixParentDomainName() throws {
+        let h = try Self.handshake(cert: "other.pem", key: "other.key", serverName: "other.example.test",
+                                   policy: .pkix(names: ["example.test", ".example.test"])).get()
+        #expect(h.report.authentication == .pkix)
+    }
+
+    /// A name only in the subject's CN is not a name (RFC 6125, RFC 8461 4.2).
+    @Test func pkixIgnoresTheCommonName() throws {
+        let result = try Self.handshake(cert: "cn-only.pem", key: "cn-only.key", serverName: "cnonly.example.test",
+                                        policy: .pkix(names: ["cnonly.example.test"]))
+        let e = try #require(result.failure)
+        #expect(e.kind == .verification)
+        #expect(e.verifyError == "hostname mismatch")
     }
 
     @Test func pkixUntrustedCA() throws {

@@ -145,6 +145,10 @@ public final class TestPKI: Sendable {
         try leaf("other", "other.example.test", ["other.example.test"], key: ec, ca: "ca")
         try leaf("rogue-leaf", "mx.example.test", ["mx.example.test"], key: ec, ca: "rogue")
         try shell("openssl req -x509 \(ec) -nodes -keyout self.key -out self.pem -days 30 -subj '/CN=wrong.name' 2>&1", in: dir)
+        // Signed by the CA, its name only in the CN (no subjectAltName).
+        try shell("openssl req \(ec) -nodes -keyout cn-only.key -out cn-only.csr -subj '/CN=cnonly.example.test' 2>&1 && "
+                  + "openssl x509 -req -in cn-only.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cn-only.pem -days 30 2>&1",
+                  in: dir)
     }
 
     public func path(_ name: String) -> String { "\(dir)/\(name)" }
