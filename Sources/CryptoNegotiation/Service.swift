@@ -129,12 +129,14 @@ public final class NegotiationService: @unchecked Sendable {
                 }
             case .failure(let e):
                 logger.info("session=\(session), peer=\(peer), status=\(e.enhancedStatus), handshake failed: \(e)")
+                connection?.sessionEnded(session)
                 connection?.send(Replies.failed(session: session, e), closing: [])
             }
         }
         let reportClose = request.reportClose
         let onClose: (RelaySummary) -> Void = { [weak connection, logger] s in
             logger.info("session=\(session), peer=\(peer), closed: received=\(s.received), sent=\(s.sent), close_notify=\(s.closeNotify), reason=\(s.reason)")
+            connection?.sessionEnded(session)
             if reportClose { connection?.send(Replies.closed(session: session, s), closing: []) }
         }
         switch request.role {
@@ -225,6 +227,12 @@ final class ControlConnection: EventHandler {
     private var closed = false
     private var closeAfterFlush = false
     private static let schema = ProtocolSchema.standard(.tls)
+    private static let maximumPendingDescriptors = 32
+    /// The sessions of this client that have not ended (their numbers must
+    /// stay unique while they run: the answers are matched by them).
+    private var sessions = Set<UInt64>()
+
+    func sessionEnded(_ session: UInt64) { sessions.remove(session) }
     /// The receive buffer, kept: a fresh zeroed 64 KiB array per readiness
     /// event (two per STARTTLS session) was a malloc and a memset each.
     private var buffer = [UInt8](repeating: 0, count: 65_536)
@@ -250,6 +258,12 @@ final class ControlConnection: EventHandler {
                 return
             }
             for d in fds { pendingFDs.append((d, receivedBytes)) }
+            // A frame has one descriptor; more waiting than this is a client
+            // that sends descriptors without their frames.
+            if pendingFDs.count > Self.maximumPendingDescriptors {
+                protocolError("\(pendingFDs.count) descriptors received ahead of their frames")
+                return
+            }
             if truncated {
                 protocolError("descriptors were lost in transit")
                 return
@@ -295,6 +309,14 @@ final class ControlConnection: EventHandler {
         for i in frame.attributes.indices where frame.attributes[i].value.type == .fd {
             frame.attributes[i].value = .fd(taken.removeFirst())
         }
+        // Descriptors that came with this frame (or before it) beyond its fd
+        // attributes would otherwise go to the next frame: the next
+        // session's socket would be this one's extra, and so on.
+        let extra = pendingFDs.prefix { $0.offset <= start }.count
+        if extra > 0 {
+            for d in frame.attributes.compactMap({ if case .fd(let d) = $0.value { d } else { nil } }) { close(d) }
+            throw ProtocolError("\(frame.type.name): \(extra) descriptor(s) more than its \(wanted) fd attribute(s)")
+        }
     }
 
     private func handle(_ frame: Frame) {
@@ -311,6 +333,11 @@ final class ControlConnection: EventHandler {
         case .negotiate:
             do {
                 let request = try NegotiationRequest(frame)
+                guard sessions.insert(request.session).inserted else {
+                    close(request.socket)
+                    protocolError("NEGOTIATE: session \(request.session) is still in progress")
+                    return
+                }
                 service.start(request, for: self)
             } catch {
                 if case .fd(let d)? = frame["socket"], d >= 0 { close(d) }

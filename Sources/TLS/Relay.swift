@@ -148,6 +148,8 @@ public final class RelaySession: EventHandler {
                     try engine.loop.register(plain, self, writable: false)
                 } catch {
                     close(pair[1])
+                    close(plain)
+                    plain = -1
                     fail(error)
                     return
                 }

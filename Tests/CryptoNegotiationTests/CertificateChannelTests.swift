@@ -32,7 +32,7 @@ import Testing
         let running = try ReloadableService { try $0.adoptCertificateChannel(fd: pair[1]) }
         defer { withExtendedLifetime(running) {} }   // the service runs until the test ends
         let (pki, tag, service, c) = (running.pki, running.tag, running.service, running.connection)
-        let old = try negotiatePair(c)
+        let old = try negotiatePair(c, first: 101)
 
         // The configured files go away (as if out of reach in a chroot):
         // SIGHUP's reload does nothing by path with a channel...
@@ -44,7 +44,7 @@ import Testing
         try sendCertificates(pair[0], pki.path("other.pem"), pki.path("other.key"))
         try waitForSubject(c, "CN=other.example.test")
         // The session made before goes on with its certificate.
-        try exchangeAndClose(c, old)
+        try exchangeAndClose(c, old, sessions: [101, 102])
 
         // Refused: a file that is no certificate, a key of another; the
         // certificates in use stay.

@@ -15,17 +15,19 @@ import Testing
 /// sockets after checking the reports.
 /// `subject` nil: any (`seen` gets the one presented).
 /// `serverReportsClose` false: session 1 asks for no CLOSED frame.
+/// `first`: the server session's number, the client's is the next one
+/// (numbers must differ from those of sessions still running).
 func negotiatePair(_ connection: StageConnection, pkix: Bool = true, subject: String? = "CN=mx.example.test",
-                   serverReportsClose: Bool = true,
+                   serverReportsClose: Bool = true, first: UInt64 = 1,
                    seen: ((String) -> Void)? = nil) throws -> (server: Int32, client: Int32) {
     let listener = try Listener()
     let clientFD = try connectTCP(listener.port)
     let serverFD = listener.accept()
-    var server = Frame(.negotiate, ["session": .uint(1), "socket": .fd(serverFD), "role": .text("server"),
+    var server = Frame(.negotiate, ["session": .uint(first), "socket": .fd(serverFD), "role": .text("server"),
                                     "peer": .text("[127.0.0.1]:test")])
     if !serverReportsClose { server.set("report-close", .bool(false)) }
     try connection.send(server)
-    try connection.send(Frame(.negotiate, ["session": .uint(2), "socket": .fd(clientFD), "role": .text("client"),
+    try connection.send(Frame(.negotiate, ["session": .uint(first + 1), "socket": .fd(clientFD), "role": .text("client"),
                                            "server-name": .text("mx.example.test"),
                                            "policy": .text(pkix ? "pkix" : "none")]))
     // Ours are duplicates now: the service holds its own.
@@ -39,14 +41,14 @@ func negotiatePair(_ connection: StageConnection, pkix: Bool = true, subject: St
         plain[try f.uint("session")] = try f.fd("plaintext")
         #expect(try f.text("protocol") == "TLSv1.3")
         #expect(try f.text("server-name") == "mx.example.test")
-        if try f.uint("session") == 2 {
+        if try f.uint("session") == first + 1 {
             #expect(try f.text("authentication") == (pkix ? "pkix" : "encrypted"))
             if let subject { #expect(try f.text("peer-subject") == subject) }
             seen?(try f.text("peer-subject"))
             #expect(try f.text("peer-spki").count == 64)
         }
     }
-    return (plain[1]!, plain[2]!)
+    return (plain[first]!, plain[first + 1]!)
 }
 
 /// Exchanges a line each way and closes both; expects a CLOSED frame for
@@ -227,6 +229,79 @@ final class ReloadableService {
         let error = try #require(try d.next())
         #expect(error.type == .error)
         #expect(try error.text("text").contains("descriptor"))
+    }
+}
+
+/// A service on a socket of its own, for a raw client.
+private func withRawClient(_ body: (Int32) throws -> Void) throws {
+    let pki = try TestPKI.get()
+    let service = try NegotiationService(configuration: try tlsConfiguration(tlsConfigText(pki), file: pki.path("sealpost.toml")))
+    let path = pki.path("tls-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock")
+    try service.listen(path: path)
+    let done = DispatchSemaphore(value: 0)
+    Thread.detachNewThread { service.run(); done.signal() }
+    defer { service.stop(); done.wait(); unlink(path) }
+    let fd = sealpost_unix_connect_for_test(path)
+    defer { close(fd) }
+    // A service that never answers fails the test instead of hanging it.
+    var tv = timeval(tv_sec: 15, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    try body(fd)
+}
+
+/// Sends one frame with these descriptors attached (as one sendmsg).
+private func sendFrame(_ fd: Int32, _ frame: Frame, descriptors: [Int32]) throws {
+    var bytes: [UInt8] = []
+    FrameEncoder.encode(frame, into: &bytes)
+    let sent = bytes.withUnsafeBytes { raw in
+        descriptors.withUnsafeBufferPointer { sealpost_sendmsg_fds(fd, raw.baseAddress!, raw.count, $0.baseAddress, $0.count) }
+    }
+    guard sent == bytes.count else { throw TestFailure("sendmsg sent \(sent) of \(bytes.count)") }
+}
+
+/// The frames the service sent until it closed the connection.
+private func answers(_ fd: Int32) throws -> [Frame] {
+    var d = FrameDecoder(protocol: .tls, direction: .serverToClient)
+    d.append(try readToEOF(fd))
+    var frames: [Frame] = []
+    while let f = try d.next() { frames.append(f) }
+    return frames
+}
+
+@Suite struct DescriptorDisciplineTests {
+    /// A NEGOTIATE with two descriptors for its one fd attribute: the
+    /// second must not become the next session's socket.
+    @Test func extraDescriptorsAreAProtocolError() throws {
+        try withRawClient { fd in
+            try sendFrame(fd, Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]), descriptors: [])
+            let a = open("/dev/null", O_RDONLY | O_CLOEXEC), b = open("/dev/null", O_RDONLY | O_CLOEXEC)
+            defer { close(a); close(b) }
+            try sendFrame(fd, Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("server")]),
+                          descriptors: [a, b])
+            let frames = try answers(fd)
+            #expect(frames.map(\.type) == [.hello, .error])
+            #expect(try frames.last?.text("text").contains("more than its 1 fd attribute") == true)
+        }
+    }
+
+    /// A session number may not be used again while its session runs: the
+    /// answers are matched to the requests by it.
+    @Test func aSessionNumberInUseIsAProtocolError() throws {
+        try withRawClient { fd in
+            try sendFrame(fd, Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]), descriptors: [])
+            // Server role on a connection whose client never says a word:
+            // the handshake waits (for its timeout).
+            let listener = try Listener()
+            let silent = try connectTCP(listener.port)
+            let accepted = listener.accept()
+            defer { close(silent); close(accepted) }
+            let negotiate = Frame(.negotiate, ["session": .uint(7), "socket": .fd(0), "role": .text("server")])
+            try sendFrame(fd, negotiate, descriptors: [accepted])
+            try sendFrame(fd, negotiate, descriptors: [accepted])
+            let frames = try answers(fd)
+            #expect(frames.map(\.type) == [.hello, .error])
+            #expect(try frames.last?.text("text").contains("session 7 is still in progress") == true)
+        }
     }
 }
 
