@@ -99,7 +99,12 @@ public final class LocalDeliveryAgent: Sendable {
             if seen.contains(original.lowercased()) {
                 throw DeliveryError.mailLoop(original)
             }
-            if let looping = destinations.first(where: { seen.contains($0.address.lowercased()) }) {
+            // A member of an alias that already had this message is left
+            // out (below), as Postfix refuses only the looping address: one
+            // member that redirected the message to its alias must not cost
+            // the others their copy. Only when every member loops does the
+            // recipient bounce.
+            if let looping = destinations.first, destinations.allSatisfy({ seen.contains($0.address.lowercased()) }) {
                 throw DeliveryError.mailLoop(looping.address)
             }
         } catch {
@@ -114,6 +119,12 @@ public final class LocalDeliveryAgent: Sendable {
         var mailboxes = 0
         var forwards: [String] = []
         for destination in destinations {
+            let origTo = destination.address.lowercased() == original.lowercased() ? nil : original
+            if seen.contains(destination.address.lowercased()) {
+                let loop = DeliveryError.mailLoop(destination.address)
+                logLine(job, to: destination.address, origTo: origTo, dsn: loop.status, status: "bounced", text: loop.text)
+                continue
+            }
             let outcome: Result<String, DeliveryError>
             var duplicate = false
             if let previous = done[destination.identity] {
@@ -123,7 +134,6 @@ public final class LocalDeliveryAgent: Sendable {
                 outcome = perform(destination, recipient: original, job: job)
                 done[destination.identity] = outcome
             }
-            let origTo = destination.address.lowercased() == original.lowercased() ? nil : original
             switch outcome {
             case .success(let what):
                 switch destination {

@@ -154,7 +154,14 @@ public struct Maildir: Sendable {
             }
             let finalName = try linkIntoNew(tmpPath: tmpPath, name: name, namer: namer)
             unlink(tmpPath)
-            try DirectorySync.shared.sync(newDirectory)
+            do throws(DeliveryError) {
+                try DirectorySync.shared.sync(newDirectory)
+            } catch {
+                // The recipient is deferred, so the copy in new/ must go:
+                // kept, the next attempt would deliver a second one.
+                unlink(newDirectory + "/" + finalName)
+                throw error
+            }
             return finalName
         } catch {
             if fd >= 0 { close(fd) }
@@ -169,6 +176,7 @@ public struct Maildir: Sendable {
     /// free (the name is unique to this process, so nobody else creates it).
     private func linkIntoNew(tmpPath: String, name: String, namer: MaildirNamer) throws(DeliveryError) -> String {
         var candidate = name
+        var remade = false
         for _ in 0..<8 {
             let newPath = newDirectory + "/" + candidate
             if link(tmpPath, newPath) == 0 { return candidate }
@@ -176,6 +184,12 @@ public struct Maildir: Sendable {
             switch e {
             case EEXIST:
                 candidate = namer.next()
+            case ENOENT where !remade:
+                // new/ (or cur/) was removed while tmp/ stayed: make the
+                // Maildir whole again, once, rather than fail every
+                // delivery until the stage restarts.
+                remade = true
+                try prepare()
             case EPERM, ENOSYS, EOPNOTSUPP:
                 var st = stat()
                 if lstat(newPath, &st) == 0 {

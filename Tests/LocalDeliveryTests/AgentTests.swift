@@ -104,6 +104,20 @@ final class RecordingForwarder: MessageForwarder {
         #expect(mailbox("alice").isEmpty)
     }
 
+    /// Alice redirected a message she had received to her team's alias:
+    /// she is left out, the other members still get it (it bounced for all).
+    @Test func aLoopingAliasMemberIsLeftOutAlone() throws {
+        let message = "Delivered-To: alice@localhost\r\nSubject: redirected\r\n\r\nx\r\n"
+        let results = try agent(aliases: "team: alice, bob\n").deliver(job(["team@localhost"], message: message))
+        #expect(results.map(\.status) == [.sent])
+        #expect(mailbox("alice").isEmpty)
+        #expect(mailbox("bob").count == 1)
+        #expect(logs.all.contains { $0.contains("to=<alice@localhost>") && $0.contains("dsn=5.4.6, status=bounced") })
+        // Every member looping: the alias bounces.
+        let all = try agent(aliases: "solo: alice\n").deliver(job(["solo@localhost"], message: message))
+        #expect(all.map(\.status) == [.bounced] && all.first?.dsn == "5.4.6")
+    }
+
     @Test func eachMailboxGetsOneCopyPerJob() throws {
         let results = try agent(aliases: "admins: alice\n").deliver(job(["alice@localhost", "ALICE+x@localhost", "admins@localhost"]))
         #expect(results.map(\.status) == [.sent, .sent, .sent])

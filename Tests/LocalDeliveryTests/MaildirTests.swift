@@ -107,6 +107,21 @@ import Glibc
         #expect(fileMode(md.newDirectory + "/" + name) == 0o600)
     }
 
+    /// new/ removed while tmp/ stays (a user's cleanup, a broken client):
+    /// the Maildir is made whole again instead of every delivery failing
+    /// until the stage restarts.
+    @Test func aRemovedNewDirectoryIsMadeAgain() throws {
+        let dir = TemporaryDirectory()
+        let md = Maildir(path: dir.file("Maildir"))
+        let namer = MaildirNamer(hostname: "h")
+        try md.deliver(header: [], chunks: [Array("Subject: 1\r\n\r\n".utf8)], namer: namer)
+        for name in listDirectory(md.newDirectory) { unlink(md.newDirectory + "/" + name) }
+        #expect(rmdir(md.newDirectory) == 0)
+        let name = try md.deliver(header: [], chunks: [Array("Subject: 2\r\n\r\n".utf8)], namer: namer)
+        #expect(listDirectory(md.newDirectory) == [name])
+        #expect(listDirectory(md.tmpDirectory).isEmpty)
+    }
+
     @Test func deliveriesNeverOverwriteEachOther() throws {
         let dir = TemporaryDirectory()
         let md = Maildir(path: dir.file("Maildir"))
