@@ -9,6 +9,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/bio.h>
+#include <openssl/rand.h>
 // The TLS relay engine is an epoll loop; Glibc's Swift module does not
 // include <sys/epoll.h>, and the engine is the only user, so it rides here.
 #include <sys/epoll.h>
@@ -33,6 +34,10 @@ static inline long sealpost_ssl_ctx_set_servername_callback(SSL_CTX *ctx, sealpo
 static inline uint64_t sealpost_ssl_op_no_compression(void) { return SSL_OP_NO_COMPRESSION; }
 static inline uint64_t sealpost_ssl_op_no_renegotiation(void) { return SSL_OP_NO_RENEGOTIATION; }
 static inline uint64_t sealpost_ssl_op_no_ticket(void) { return SSL_OP_NO_TICKET; }
+/* 80 bytes: key name (16), HMAC secret (32), AES key (32). */
+static inline int sealpost_ssl_ctx_set_tlsext_ticket_keys(SSL_CTX *ctx, unsigned char *keys, long length) {
+    return (int)SSL_CTX_set_tlsext_ticket_keys(ctx, keys, length);
+}
 static inline uint64_t sealpost_ssl_op_cipher_server_preference(void) { return SSL_OP_CIPHER_SERVER_PREFERENCE; }
 static inline long sealpost_ssl_mode_relay(void) {
     return SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS;

@@ -52,6 +52,18 @@ public final class NegotiationService: @unchecked Sendable {
         loop = try EventLoop()
         engine = RelayEngine(loop: loop)
         loop.every(5) { [weak self] in self?.reloadIfFilesChanged() }
+        if configuration.server.sessionTickets {
+            loop.every(TLSServerContexts.ticketKeyLifetime) { [weak self] in self?.rotateTicketKeys() }
+        }
+    }
+
+    /// On the loop, where the handshakes run (see TLSServerContexts).
+    private func rotateTicketKeys() {
+        do {
+            try serverContexts?.rotateTicketKeys()
+        } catch {
+            logger.warning("cannot rotate the session ticket keys: \(error)")
+        }
     }
 
     /// Listens on `path` (a stale socket is replaced) with `mode`. Call

@@ -127,14 +127,14 @@ public struct SendmailOptions: Sendable, Equatable {
                     case "m": break
                     case "p": throw usage("-bp (mailq) is not supported; use sealpost queue list")
                     case "s": throw usage("-bs (SMTP on stdin) is not supported; use the SMTP listener")
-                    case "i": throw usage("-bi (newaliases) is not supported; the aliases file is read as it changes")
+                    case "i": throw usage("-bi (newaliases) is not supported; local-deliver reads the aliases file (and the accounts) when it starts: after a change, stop its process and the supervisor starts it again")
                     case "d", "D": throw usage("-b\(mode) (daemon mode) is not supported; use Pipeline/start")
                     default: throw usage("-b\(mode) is not supported; only -bm (read a message from stdin)")
                     }
                 case "q":
                     throw usage("-q is not supported; use sealpost queue flush")
                 case "I":
-                    throw usage("-I (newaliases) is not supported; the aliases file is read as it changes")
+                    throw usage("-I (newaliases) is not supported; local-deliver reads the aliases file (and the accounts) when it starts: after a change, stop its process and the supervisor starts it again")
                 default:
                     throw usage("unknown option -\(flag)")
                 }

@@ -129,6 +129,27 @@ public final class TLSServerContexts: @unchecked Sendable {
         }
     }
 
+    /// How often crypto-negotiate gives its contexts new session ticket
+    /// keys (as Postfix rotates its ticket keys).
+    public static let ticketKeyLifetime: Double = 3600
+
+    /// New random session ticket keys for every context. A ticket encrypts
+    /// the session's secret under these keys: kept for the life of the
+    /// process, one disclosure of them would open every recorded TLS 1.2
+    /// session since the start, which ECDHE alone was meant to prevent. A
+    /// ticket issued before a rotation no longer resumes (a full handshake
+    /// instead). Call on the thread that runs the handshakes.
+    public func rotateTicketKeys() throws(TLSError) {
+        for e in entries {
+            var keys = [UInt8](repeating: 0, count: 80)
+            defer { OPENSSL_cleanse(&keys, keys.count) }
+            guard RAND_bytes(&keys, Int32(keys.count)) == 1 else { throw TLSError.openSSL(.configuration, "RAND_bytes") }
+            guard sealpost_ssl_ctx_set_tlsext_ticket_keys(e.handle.ctx, &keys, keys.count) == 1 else {
+                throw TLSError.openSSL(.configuration, "SSL_CTX_set_tlsext_ticket_keys")
+            }
+        }
+    }
+
     /// Whether any certificate or key file changed on disk since loading
     /// (modification time or size), or can no longer be read.
     /// Files that cannot be read now (e.g. after a chroot) count as

@@ -131,6 +131,18 @@ import Testing
         #expect(try second.get().report.resumed)
     }
 
+    /// After the ticket keys rotate, a ticket from before does not resume.
+    @Test func rotatedTicketKeysEndResumptionOfOlderTickets() throws {
+        let pki = try TestPKI.get()
+        let contexts = try Self.contexts(tickets: true)
+        let file = pki.path("session-\(UInt32.random(in: 0...UInt32.max)).pem")
+        let (first, _, _) = try Self.handshake(["-tls1_3", "-sess_out", file], send: "one\n", contexts: contexts)
+        #expect(try !first.get().report.resumed)
+        try contexts.rotateTicketKeys()
+        let (second, _, _) = try Self.handshake(["-tls1_3", "-sess_in", file], send: "two\n", contexts: contexts)
+        #expect(try !second.get().report.resumed)
+    }
+
     @Test func noResumptionWithoutTickets() throws {
         let pki = try TestPKI.get()
         let contexts = try Self.contexts(tickets: false)
