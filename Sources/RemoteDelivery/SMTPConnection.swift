@@ -83,6 +83,9 @@ final class SMTPConnection: @unchecked Sendable {
     /// batch of actions goes out in one flush (one writev), so that a
     /// pipelined MAIL/RCPT/DATA group, or a body and its terminating dot,
     /// cost one system call rather than one per command or chunk.
+    /// Writes of the message body not yet completed (see `rearm`).
+    private var bodyWritesPending = 0
+    private var countingBodyWrites = false
     private var unflushed = false
     /// Nesting of `run` (the body is sent from inside it).
     private var running = 0
@@ -246,8 +249,10 @@ final class SMTPConnection: @unchecked Sendable {
             case .sendBody:
                 let chunks = body
                 body = []
+                countingBodyWrites = true
                 for chunk in chunks { run(session.bodyChunk(chunk)) }
                 run(session.bodyEnd())
+                countingBodyWrites = false
             case .recipientResult(let index, let result):
                 outcome.results[index] = result
             case .messageResult(let result):
@@ -269,8 +274,16 @@ final class SMTPConnection: @unchecked Sendable {
 
     private func write(_ bytes: [UInt8]) {
         guard let channel else { return }
-        lastWrite = channel.write(channel.allocator.buffer(bytes: bytes))
+        let written = channel.write(channel.allocator.buffer(bytes: bytes))
+        lastWrite = written
         unflushed = true
+        if countingBodyWrites {
+            bodyWritesPending += 1
+            written.whenComplete { [self] _ in
+                bodyWritesPending -= 1
+                rearm()   // progress: a new data block period, or the reply's
+            }
+        }
     }
 
     private func flush() {
@@ -322,6 +335,12 @@ final class SMTPConnection: @unchecked Sendable {
         timer?.cancel()
         timer = nil
         guard !closed, channel != nil || session.awaitingTLS, var seconds = session.phase.timeoutSeconds else { return }
+        // The machine awaits the end-of-data reply as soon as it has handed
+        // over the body, but the reply's 10 minutes (RFC 5321 4.5.3.2.6)
+        // start once the body is on the wire; until then each write has
+        // the data block's 3 minutes (4.5.3.2.5), renewed as writes
+        // complete: a large message to a slow receiver is not cut off.
+        if bodyWritesPending > 0, let block = SMTPClientPhase.dataBlock.timeoutSeconds { seconds = block }
         if let cap = options.maximumPhaseTimeout { seconds = min(seconds, cap) }
         timer = eventLoop.scheduleTask(in: .seconds(Int64(seconds))) { [self] in
             timer = nil

@@ -33,6 +33,10 @@ struct SinkScript: Sendable {
     var dataEnd = "250 2.0.0 Ok: queued as SINK1"
     /// Close the connection right after the terminating dot, no reply.
     var hangUpAfterDot = false
+    /// A slow receiver: the message data is read in reads of at most this
+    /// many bytes, each after this pause (0: at once), with a small
+    /// receive buffer (set on the listening socket).
+    var dataReadPause: (bytes: Int, microseconds: UInt32)?
     /// STARTTLS support: offered in EHLO, and after "220" the socket goes
     /// to this function, which returns the plaintext socket (or -1).
     var startTLS: (@Sendable (Int32) -> Int32)?
@@ -61,6 +65,10 @@ final class TestSink: Sendable {
         precondition(s >= 0)
         var one: Int32 = 1
         setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        if script.dataReadPause != nil {
+            var small: Int32 = 65536
+            setsockopt(s, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        }
         var sin = sockaddr_in()
         sin.sin_family = sa_family_t(AF_INET)
         sin.sin_port = in_port_t(UInt16(port).bigEndian)
@@ -111,8 +119,9 @@ final class TestSink: Sendable {
         defer { close(c) }
         var buffer: [UInt8] = []
         func send(_ line: String) { let b = Array((line + "\r\n").utf8); _ = b.withUnsafeBytes { write(c, $0.baseAddress, $0.count) } }
-        func fill() -> Bool {
-            var chunk = [UInt8](repeating: 0, count: 65536)
+        func fill(pause: (bytes: Int, microseconds: UInt32)? = nil) -> Bool {
+            if let pause { usleep(pause.microseconds) }
+            var chunk = [UInt8](repeating: 0, count: pause?.bytes ?? 65536)
             let n = chunk.withUnsafeMutableBytes { read(c, $0.baseAddress, $0.count) }
             if n <= 0 { return false }
             buffer += chunk[0..<n]
@@ -169,10 +178,11 @@ final class TestSink: Sendable {
                 let terminator: [UInt8] = [13, 10, 46, 13, 10]
                 var raw: [UInt8] = []
                 while true {
+                    let searched = max(0, raw.count - terminator.count + 1)
                     raw += buffer
                     buffer = []
                     // The terminator is CRLF.CRLF, or ".\r\n" at the very start.
-                    if let end = Self.find(terminator, in: raw) {
+                    if let end = Self.find(terminator, in: raw, from: searched) {
                         buffer = Array(raw[(end + terminator.count)...])
                         raw = Array(raw[..<(end + terminator.count)])
                         break
@@ -182,7 +192,7 @@ final class TestSink: Sendable {
                         raw = [46, 13, 10]
                         break
                     }
-                    if !fill() { return }
+                    if !fill(pause: script.dataReadPause) { return }
                 }
                 state.withLock { $0.messages.append(SinkMessage(mailFrom: from, rcptTo: to, raw: raw)) }
                 if script.hangUpAfterDot { return }
@@ -205,9 +215,11 @@ final class TestSink: Sendable {
         return String(command[command.index(after: open)..<close])
     }
 
-    static func find(_ needle: [UInt8], in hay: [UInt8]) -> Int? {
-        guard hay.count >= needle.count else { return nil }
-        for i in 0...(hay.count - needle.count) where hay[i] == needle[0] && Array(hay[i..<(i + needle.count)]) == needle {
+    /// The first `needle` in `hay` at or after `from` (a large message is
+    /// searched only where new bytes came, not from its start each time).
+    static func find(_ needle: [UInt8], in hay: [UInt8], from: Int = 0) -> Int? {
+        guard hay.count >= needle.count, from <= hay.count - needle.count else { return nil }
+        for i in max(0, from)...(hay.count - needle.count) where hay[i] == needle[0] && hay[i..<(i + needle.count)].elementsEqual(needle) {
             return i
         }
         return nil
