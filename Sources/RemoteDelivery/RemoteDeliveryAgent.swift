@@ -19,6 +19,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import DNS
 import NIOCore
 import NIOPosix
 import SMTP
@@ -149,7 +150,9 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     /// agent's event loop.
     public func deliver(_ job: DeliveryJob, completion: @escaping @Sendable ([RemoteResult]) -> Void) {
         eventLoop.execute { [self] in
-            let domain = job.destination
+            // An internationalized domain (SMTPUTF8) is looked up, matched
+            // in the transport table and named in policies by its A-labels.
+            let domain = IDNA.asciiDomain(job.destination) ?? job.destination
             let entry = transports.lookup(domain)
             let hop = entry?.nextHop ?? RoutePlanner.defaultHop(for: domain)
             let state = JobState(job: job, domain: domain, entry: entry, hop: hop, started: clock(), completion: completion)

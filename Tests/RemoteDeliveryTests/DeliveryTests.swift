@@ -352,6 +352,28 @@ private func mxTable(_ domain: String, port: Int) -> TransportTable {
         #expect(RoutePlanner.defaultHop(for: "[not an address]") == .mailExchangers("[not an address]", port: 25))
     }
 
+    /// An SMTPUTF8 recipient in an internationalized domain: the domain is
+    /// looked up (and matched in the transport table) by its A-labels; it
+    /// bounced as "domain not found" before.
+    @Test func anInternationalizedDomainIsLookedUpByItsALabels() async throws {
+        var utf8 = SinkScript()
+        utf8.ehlo = ["250-sink.test", "250-PIPELINING", "250-8BITMIME", "250-SMTPUTF8", "250 ENHANCEDSTATUSCODES"]
+        let sink = try TestSink(script: utf8)
+        defer { sink.stop() }
+        let resolver = StaticMailExchangerResolver(
+            mx: ["xn--bcher-kva.test": .exchangers([MailExchanger(preference: 10, host: "mx.xn--bcher-kva.test")], secure: false)],
+            hosts: ["mx.xn--bcher-kva.test": .addresses(["127.0.0.1"], secure: false)])
+        let table = TransportTable(entries: [TransportEntry(key: "xn--bcher-kva.test",
+                                                            nextHop: .mailExchangers("xn--bcher-kva.test", port: sink.port))])
+        let f = AgentFixture(resolver: resolver, transports: table)
+        var job = makeJob(to: ["jörg@bücher.test"], nexthop: "bücher.test")
+        job.smtputf8 = true
+        let results = await f.deliver(job)
+        await f.shutdown()
+        #expect(results.first?.status == .sent, "\(String(describing: results.first))")
+        #expect(sink.messages.first?.rcptTo == ["jörg@bücher.test"])
+    }
+
     /// A next hop from the transport table that does not resolve is a
     /// configuration error: every message routed there would bounce.
     @Test func anUnresolvableTransportNextHopDefers() async throws {
