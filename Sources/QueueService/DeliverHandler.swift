@@ -48,7 +48,14 @@ final class DeliverHandler: ChannelInboundHandler {
         peerCredentials(of: context.channel).whenComplete { result in
             let handler = bound.value
             guard let context = handler.context else { return }
-            if case .success(let cred?) = result, let stage = refused[cred.uid] {
+            guard case .success(let cred?) = result else {
+                // Who it is cannot be told: refused, as the check is on.
+                handler.engine.logger.warning("deliver: refused a connection whose peer credentials cannot be read")
+                handler.context = nil
+                context.close(promise: nil)
+                return
+            }
+            if let stage = refused[cred.uid] {
                 handler.engine.logger.warning("deliver: refused a connection from uid \(cred.uid) (\(stage)): not a delivery stage")
                 handler.context = nil
                 context.close(promise: nil)

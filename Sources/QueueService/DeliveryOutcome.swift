@@ -90,6 +90,8 @@ public enum RecipientUpdate {
             rcpt.state = .deferred
             rcpt.nextAttempt = now
             rcpt.lastError = "delivery stage lost the job; retrying"
+            rcpt.remoteMTA = nil
+            rcpt.diagnostic = nil
             return .deferred(nextAttempt: now)
         }
         return apply(DeliveryResult(status: .deferred, dsn: "4.3.0",

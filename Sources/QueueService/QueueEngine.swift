@@ -558,13 +558,13 @@ final class QueueEngine: @unchecked Sendable {
                 switch result {
                 case .success:
                     logger.info("\(id): \(held ? "hold: by administrator" : "released from hold")")
+                    if !held { dispatch() }
                 case .failure:
                     if scheduler.envelope(id)?.held == held { scheduler.setHeld(id, before, now: now) }
                 }
                 done.value(result)
             }
         }
-        if !held { dispatch() }
     }
 
     /// Why `delete` with bounce must wait, if it must: a recipient in a job
@@ -600,7 +600,7 @@ final class QueueEngine: @unchecked Sendable {
             finalize(id, reason: "deleted by administrator") { done.value($0) }
             return
         }
-        guard let env = scheduler.remove(id) else { return done.value(.failure(.noSuchMessage)) }
+        guard let entry = scheduler.takeEntry(id) else { return done.value(.failure(.noSuchMessage)) }
         forgetSuspensions(id)
         spool.submit([.delete(id)]) { [self] result in
             loop.execute { [self] in
@@ -609,10 +609,11 @@ final class QueueEngine: @unchecked Sendable {
                     logger.info("\(id): removed (deleted by administrator)")
                 case .failure(let error):
                     // Still in the spool: it stays in the queue, as a failed
-                    // removal after delivery does (finalize).
+                    // removal after delivery does (finalize), with its jobs
+                    // still in flight (a result that came meanwhile was
+                    // dropped: that recipient is tried again).
                     logger.warning("\(id): cannot delete the message: \(error); it stays in the queue")
-                    scheduler.insert(env, now: now)
-                    dispatch()
+                    scheduler.restore(entry, now: now)
                 }
                 done.value(result)
             }

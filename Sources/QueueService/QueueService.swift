@@ -85,7 +85,7 @@ public final class QueueService: @unchecked Sendable {
         }
         let children = self.children
         try bind(paths.injectSocket, mode: 0o666, group: nil) { channel in
-            children.add(channel)
+            children.add(channel, inject: true)
             return channel.pipeline.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandlers([
                     ByteToMessageHandler(FrameDecoderHandler(protocol: .inject, direction: .clientToServer)),
@@ -197,11 +197,15 @@ public final class QueueService: @unchecked Sendable {
         // Completions hop onto the loop, so the loop must still run while
         // the spool drains; a submission after this fails ("spool closed")
         // and is refused, never half answered.
+        // The delivery stages and admin clients go first: a stage's
+        // disconnection writes its jobs' outcomes (results already received,
+        // lost jobs), which must reach the spool before it closes.
+        children.closeAll(inject: false)
         engine.spool.close()
         // The hopped completions were queued on the loop before this task:
         // once it ran, every committed message has had its answer written.
         try? engine.loop.submit {}.wait()
-        children.closeAll()
+        children.closeAll(inject: true)
         try? engine.loop.submit { engine.logStatistics() }.wait()
         try? group.syncShutdownGracefully()
         for path in [paths.injectSocket, paths.deliverSocket, paths.controlSocket] { unlink(path) }
@@ -211,23 +215,29 @@ public final class QueueService: @unchecked Sendable {
 /// The accepted connections, so that `stop` can close them. Confined to
 /// the service's single event loop (every child channel lives on it).
 final class ChannelSet: @unchecked Sendable {
-    private var channels: [ObjectIdentifier: Channel] = [:]
+    private var channels: [ObjectIdentifier: (channel: Channel, inject: Bool)] = [:]
     private let loop: EventLoop
 
     init(loop: EventLoop) { self.loop = loop }
 
-    func add(_ channel: Channel) {
+    func add(_ channel: Channel, inject: Bool = false) {
         loop.preconditionInEventLoop()
         let key = ObjectIdentifier(channel)
-        channels[key] = channel
+        channels[key] = (channel, inject)
         channel.closeFuture.whenComplete { [self] _ in
             loop.execute { [self] in _ = channels.removeValue(forKey: key) }
         }
     }
 
-    /// Closes them all and waits until they are closed.
-    func closeAll() {
-        let futures = (try? loop.submit { [self] in channels.values.map { $0.close() } }.wait()) ?? []
+    /// Closes the inject connections (or all the others) and waits until
+    /// they are closed.
+    func closeAll(inject: Bool) {
+        let futures = (try? loop.submit { [self] in
+            channels.values.filter { $0.inject == inject }.map { $0.channel.close() }
+        }.wait()) ?? []
         for future in futures { try? future.wait() }
+        // The disconnections' own work (a stage's outcomes) ran on the loop
+        // as each channel closed; this waits for anything it scheduled there.
+        try? loop.submit {}.wait()
     }
 }

@@ -75,9 +75,22 @@ public struct Scheduler {
 
     @discardableResult
     public mutating func remove(_ id: QueueID) -> EnvelopeRecord? {
+        takeEntry(id)?.envelope
+    }
+
+    /// Removes a message and returns its whole entry (jobs in flight
+    /// included), for `restore` if the removal cannot be committed.
+    mutating func takeEntry(_ id: QueueID) -> Entry? {
         scheduledAt[id] = nil
         for t in Transport.allCases { readySet[t]?.remove(id) }
-        return entries.removeValue(forKey: id)?.envelope
+        return entries.removeValue(forKey: id)
+    }
+
+    /// Puts back an entry `takeEntry` took: its recipients in jobs stay in
+    /// flight, so none is sent a second time while that job runs.
+    mutating func restore(_ entry: Entry, now: UInt64) {
+        entries[entry.envelope.queueID] = entry
+        reschedule(entry.envelope.queueID, now: now)
     }
 
     /// Changes a message in place. The caller reschedules when it changed
