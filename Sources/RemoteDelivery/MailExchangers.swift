@@ -186,9 +186,13 @@ public enum RoutePlanner {
     /// only the MX hosts preferred over it are tried, and with none the
     /// mail loops back to myself (5.4.6), as a backup MX's must when the
     /// primaries are down.
+    /// `isSelf`: whether an address and port reach this host's own SMTP
+    /// listener (see SelfRecognition), the other way to tell an MX host is
+    /// this one; a next hop that is this host is a loop as well.
     public static func route(_ hop: NextHop, resolver: any MailExchangerResolver,
                              preference: AddressPreference,
-                             myHostnames: Set<String> = []) async -> Result<DeliveryRoute, RoutingFailure> {
+                             myHostnames: Set<String> = [],
+                             isSelf: @Sendable (String, Int) -> Bool = { _, _ in false }) async -> Result<DeliveryRoute, RoutingFailure> {
         var rng = SystemRandomNumberGenerator()
         switch hop {
         case .local:
@@ -196,6 +200,9 @@ public enum RoutePlanner {
                                            text: "mail for a local transport was given to remote-deliver (transport table and queue routing disagree)"))
         case .host(let host, let port):
             switch await resolver.addresses(of: host) {
+            case .addresses(let list, _) where list.contains(where: { isSelf($0, port) }):
+                return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 4, 6),
+                                               text: "mail for [\(host)]:\(port) loops back to myself"))
             case .addresses(let list, let secure) where !list.isEmpty:
                 let ordered = order(list, preference: preference)
                 return .success(DeliveryRoute(mxDomain: nil, exchangers: [], mxSecure: false,
@@ -232,9 +239,22 @@ public enum RoutePlanner {
                 exchangers = order(list, using: &rng)
                 secure = s
             }
+            var lookups: [AddressLookupResult] = []
+            for mx in exchangers {
+                if let known = mx.addresses { lookups.append(known) } else { lookups.append(await resolver.addresses(of: mx.host)) }
+            }
+            // This host among the MX hosts, by name or by an address its
+            // listener answers on: only the hosts preferred over it.
             let mine = Set(myHostnames.map(canonicalHostname))
-            if let ours = exchangers.filter({ mine.contains(canonicalHostname($0.host)) }).map(\.preference).min() {
-                exchangers = exchangers.filter { $0.preference < ours }
+            let ours = zip(exchangers, lookups).filter { mx, lookup in
+                if mine.contains(canonicalHostname(mx.host)) { return true }
+                if case .addresses(let list, _) = lookup { return list.contains { isSelf($0, port) } }
+                return false
+            }.map(\.0.preference).min()
+            if let ours {
+                let kept = zip(exchangers, lookups).filter { $0.0.preference < ours }
+                exchangers = kept.map(\.0)
+                lookups = kept.map(\.1)
                 if exchangers.isEmpty {
                     return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 4, 6),
                                                    text: "mail for \(domain) loops back to myself"))
@@ -243,9 +263,7 @@ public enum RoutePlanner {
             var candidates: [DeliveryCandidate] = []
             var temporary: String?
             var permanent: String?
-            for mx in exchangers {
-                let lookup: AddressLookupResult
-                if let known = mx.addresses { lookup = known } else { lookup = await resolver.addresses(of: mx.host) }
+            for (mx, lookup) in zip(exchangers, lookups) {
                 switch lookup {
                 case .addresses(let list, let s):
                     for a in order(list, preference: preference) {
@@ -323,5 +341,74 @@ public struct SystemAddressResolver: MailExchangerResolver {
             p = ai.pointee.ai_next
         }
         return .addresses(out, secure: false)
+    }
+}
+
+/// Whether an address and port are this host's own SMTP listener: the
+/// configured `smtp.listen` endpoints, a wildcard host standing for every
+/// address of this host's interfaces (and loopback).
+public struct SelfRecognition: Sendable {
+    public struct Endpoint: Sendable, Hashable {
+        public var host: String
+        public var port: Int
+        public init(host: String, port: Int) {
+            self.host = host
+            self.port = port
+        }
+
+        /// "host:port", "[v6]:port" (the configuration's syntax); nil if not.
+        public init?(_ text: String) {
+            guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]) else { return nil }
+            var host = String(text[..<colon])
+            if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            self.init(host: host, port: port)
+        }
+
+        var isWildcard: Bool { ["", "*", "0.0.0.0", "::"].contains(host) }
+    }
+
+    let endpoints: [Endpoint]
+    let localAddresses: Set<String>
+
+    public init(endpoints: [Endpoint]) {
+        self.endpoints = endpoints
+        localAddresses = endpoints.contains(where: \.isWildcard) ? Self.interfaceAddresses() : []
+    }
+
+    public func isSelf(_ address: String, _ port: Int) -> Bool {
+        endpoints.contains { e in
+            e.port == port && (e.host == address || (e.isWildcard && (localAddresses.contains(address)
+                                                                         || address.hasPrefix("127.") || address == "::1")))
+        }
+    }
+
+    /// Every address of this host's interfaces, by getifaddrs(3).
+    static func interfaceAddresses() -> Set<String> {
+        var result: Set<String> = []
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0 else { return result }
+        defer { freeifaddrs(list) }
+        var p = list
+        while let entry = p {
+            defer { p = entry.pointee.ifa_next }
+            guard let sa = entry.pointee.ifa_addr else { continue }
+            var buffer = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+            switch Int32(sa.pointee.sa_family) {
+            case AF_INET:
+                sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
+                    var a = sin.pointee.sin_addr
+                    _ = inet_ntop(AF_INET, &a, &buffer, socklen_t(buffer.count))
+                }
+            case AF_INET6:
+                sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sin6 in
+                    var a = sin6.pointee.sin6_addr
+                    _ = inet_ntop(AF_INET6, &a, &buffer, socklen_t(buffer.count))
+                }
+            default:
+                continue
+            }
+            result.insert(String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
+        }
+        return result
     }
 }

@@ -63,6 +63,13 @@ public struct RemoteSettings: Sendable {
     /// no longer waited for until it is back: clear text for "may", a
     /// deferral where TLS is required.
     public var tlsHandOffGrace = 10.0
+    /// This host's names (`sealpost.hostname`, the EHLO name): an MX host
+    /// of that name is this host.
+    public var myHostnames: Set<String> = []
+    /// Where this host's SMTP listener accepts mail (`smtp.listen`; a
+    /// wildcard host, 0.0.0.0 or ::, stands for every local address): an
+    /// address and port among them is this host, whatever its name.
+    public var ownEndpoints: [SelfRecognition.Endpoint] = []
 
     public init(hostname: String) { self.hostname = hostname }
 }
@@ -226,9 +233,12 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     private func resolve(_ state: JobState) {
         state.resolved = true
         let hop = state.hop, resolver = self.resolver, preference = settings.addressPreference
-        let policy = self.policy, domain = state.domain, entry = state.entry, me: Set = [settings.hostname]
+        let policy = self.policy, domain = state.domain, entry = state.entry
+        let me = settings.myHostnames.union([settings.hostname])
+        let recognition = SelfRecognition(endpoints: settings.ownEndpoints)
         eventLoop.runTask(on: taskExecutor) { () async -> (Result<DeliveryRoute, RoutingFailure>, DestinationSecurity?) in
-            let route = await RoutePlanner.route(hop, resolver: resolver, preference: preference, myHostnames: me)
+            let route = await RoutePlanner.route(hop, resolver: resolver, preference: preference, myHostnames: me,
+                                                 isSelf: recognition.isSelf)
             guard case .success(let r) = route else { return (route, nil) }
             return (route, await policy.security(domain: domain, route: r, entry: entry))
         }.whenComplete { [self] result in

@@ -27,6 +27,8 @@ public enum RemoteDeliveryService {
     public static func settings(_ config: SealpostConfiguration) -> RemoteSettings {
         let remote = config.remote
         var s = RemoteSettings(hostname: remote.heloName)
+        s.myHostnames = [config.hostname, remote.heloName]
+        s.ownEndpoints = config.smtp.listen.compactMap(SelfRecognition.Endpoint.init)
         s.maximumMessageSize = config.queue.messageSizeLimit + 1_048_576
         s.destinationConcurrencyLimit = remote.destinationConcurrencyLimit
         s.maxJobs = remote.maxJobs

@@ -345,6 +345,40 @@ private func mxTable(_ domain: String, port: Int) -> TransportTable {
         #expect(all.candidates.map(\.host) == ["mx1.b.test", "client.test", "mx3.b.test"])
     }
 
+    /// This host is also recognized by where its listener answers (a
+    /// short host name never equals an MX name): an MX whose address is
+    /// one of ours ends the list, and a next hop that is ours (an address
+    /// literal, say) is a loop, instead of mail sent to our own listener.
+    @Test func anMXOrNextHopThatReachesOurListenerIsThisHost() async throws {
+        let resolver = StaticMailExchangerResolver(mx: [
+            "b.test": .exchangers([MailExchanger(preference: 10, host: "mx1.b.test"),
+                                   MailExchanger(preference: 20, host: "backup.b.test")], secure: false),
+            "only.test": .exchangers([MailExchanger(preference: 10, host: "backup.b.test")], secure: false),
+        ], hosts: ["mx1.b.test": .addresses(["192.0.2.1"], secure: false),
+                   "backup.b.test": .addresses(["192.0.2.2"], secure: false)])
+        let ours = SelfRecognition(endpoints: [SelfRecognition.Endpoint("192.0.2.2:25")!])
+        let route = try await RoutePlanner.route(.mailExchangers("b.test", port: 25), resolver: resolver, preference: .any,
+                                                 isSelf: ours.isSelf).get()
+        #expect(route.candidates.map(\.host) == ["mx1.b.test"])
+        guard case .failure(let loop) = await RoutePlanner.route(.mailExchangers("only.test", port: 25), resolver: resolver,
+                                                                 preference: .any, isSelf: ours.isSelf) else {
+            Issue.record("only.test: routed to itself")
+            return
+        }
+        #expect(loop.status == EnhancedStatus(5, 4, 6))
+        // A wildcard listener is every local address, loopback included;
+        // another port is another service.
+        let wildcard = SelfRecognition(endpoints: [SelfRecognition.Endpoint("0.0.0.0:25")!, SelfRecognition.Endpoint("[::]:25")!])
+        #expect(wildcard.isSelf("127.0.0.1", 25) && wildcard.isSelf("::1", 25) && !wildcard.isSelf("127.0.0.1", 2525))
+        guard case .failure(let literal) = await RoutePlanner.route(RoutePlanner.defaultHop(for: "[127.0.0.1]"), resolver: resolver,
+                                                                    preference: .any, isSelf: wildcard.isSelf) else {
+            Issue.record("[127.0.0.1]: routed to itself")
+            return
+        }
+        #expect(literal.permanent && literal.status == EnhancedStatus(5, 4, 6))
+        #expect(SelfRecognition.Endpoint("[2001:db8::1]:587") == SelfRecognition.Endpoint(host: "2001:db8::1", port: 587))
+    }
+
     /// An address literal domain is that address (RFC 5321 4.1.3), no MX
     /// lookup, where it had been bounced as "domain not found".
     @Test func addressLiteralsAreNextHops() {
