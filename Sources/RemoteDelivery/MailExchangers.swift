@@ -20,6 +20,7 @@ import Glibc
 #endif
 import NIOPosix
 import SMTP
+import StageRuntime
 
 /// One MX host (or the implicit MX: the domain itself, preference 0).
 public struct MailExchanger: Sendable, Hashable, CustomStringConvertible {
@@ -348,39 +349,25 @@ public struct SystemAddressResolver: MailExchangerResolver {
 /// configured `smtp.listen` endpoints, a wildcard host standing for every
 /// address of this host's interfaces (and loopback).
 public struct SelfRecognition: Sendable {
-    public struct Endpoint: Sendable, Hashable {
-        public var host: String
-        public var port: Int
-        public init(host: String, port: Int) {
-            self.host = host
-            self.port = port
-        }
-
-        /// "host:port", "[v6]:port" (the configuration's syntax); nil if not.
-        public init?(_ text: String) {
-            guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]) else { return nil }
-            var host = String(text[..<colon])
-            if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-            self.init(host: host, port: port)
-        }
-
-        var isWildcard: Bool { ["", "*", "0.0.0.0", "::"].contains(host) }
-    }
+    /// "host:port" or "[v6]:port", as `smtp.listen` writes them.
+    public typealias Endpoint = ListenAddress
 
     let endpoints: [Endpoint]
     let localAddresses: Set<String>
 
     public init(endpoints: [Endpoint]) {
         self.endpoints = endpoints
-        localAddresses = endpoints.contains(where: \.isWildcard) ? Self.interfaceAddresses() : []
+        localAddresses = endpoints.contains(where: Self.isWildcard) ? Self.interfaceAddresses() : []
     }
 
     public func isSelf(_ address: String, _ port: Int) -> Bool {
         endpoints.contains { e in
-            e.port == port && (e.host == address || (e.isWildcard && (localAddresses.contains(address)
+            e.port == port && (e.host == address || (Self.isWildcard(e) && (localAddresses.contains(address)
                                                                          || address.hasPrefix("127.") || address == "::1")))
         }
     }
+
+    static func isWildcard(_ e: Endpoint) -> Bool { ["", "*", "0.0.0.0", "::"].contains(e.host) }
 
     /// Every address of this host's interfaces, by getifaddrs(3).
     static func interfaceAddresses() -> Set<String> {

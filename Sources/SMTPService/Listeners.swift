@@ -43,26 +43,6 @@ public enum ListenerKind: String, Sendable, Hashable, CaseIterable {
     case smtps
 }
 
-/// "host:port", "[ipv6]:port".
-public struct ListenAddress: Sendable, Hashable, CustomStringConvertible {
-    public var host: String
-    public var port: Int
-
-    public init(host: String, port: Int) {
-        self.host = host
-        self.port = port
-    }
-
-    /// Parses the configuration's syntax (already validated by
-    /// SealpostConfig; port 0, "any free port", is allowed here for tests).
-    public init?(_ text: String) {
-        guard let (host, port) = ListenerDefinition.splitHostPort(text) else { return nil }
-        self.init(host: host, port: port)
-    }
-
-    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
-}
-
 /// One listening socket to open or adopt.
 public struct ListenerSpec: Sendable, Hashable, CustomStringConvertible {
     public enum Source: Sendable, Hashable {

@@ -113,3 +113,23 @@ public func bindListeningSocket(host: String, port: Int) throws(ListenSocketErro
     }
     return fd
 }
+
+/// "host:port", "[ipv6]:port".
+public struct ListenAddress: Sendable, Hashable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Parses the configuration's syntax (already validated by
+    /// SealpostConfig; port 0, "any free port", is allowed here for tests).
+    public init?(_ text: String) {
+        guard let (host, port) = ListenerDefinition.splitHostPort(text) else { return nil }
+        self.init(host: host, port: port)
+    }
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}

@@ -14,6 +14,7 @@ import NIOPosix
 import SMTP
 @testable import SMTPService
 import StageProtocol
+import StageRuntime
 import Synchronization
 import Testing
 
