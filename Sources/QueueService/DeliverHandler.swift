@@ -48,20 +48,18 @@ final class DeliverHandler: ChannelInboundHandler {
         peerCredentials(of: context.channel).whenComplete { result in
             let handler = bound.value
             guard let context = handler.context else { return }
-            guard case .success(let cred?) = result else {
+            let why: String
+            switch result {
+            case .success(let cred?):
+                guard let stage = refused[cred.uid] else { return context.fireChannelActive() }
+                why = "from uid \(cred.uid) (\(stage)): not a delivery stage"
+            default:
                 // Who it is cannot be told: refused, as the check is on.
-                handler.engine.logger.warning("deliver: refused a connection whose peer credentials cannot be read")
-                handler.context = nil
-                context.close(promise: nil)
-                return
+                why = "whose peer credentials cannot be read"
             }
-            if let stage = refused[cred.uid] {
-                handler.engine.logger.warning("deliver: refused a connection from uid \(cred.uid) (\(stage)): not a delivery stage")
-                handler.context = nil
-                context.close(promise: nil)
-                return
-            }
-            context.fireChannelActive()
+            handler.engine.logger.warning("deliver: refused a connection \(why)")
+            handler.context = nil
+            context.close(promise: nil)
         }
     }
 

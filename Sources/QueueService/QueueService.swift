@@ -178,15 +178,17 @@ public final class QueueService: @unchecked Sendable {
         try? engine.loop.submit { engine.maintenance() }.wait()
     }
 
-    /// Stops accepting, lets the spool's committer finish what was
-    /// submitted and answer it, closes every connection (delivery stages
-    /// take their jobs back by reconnecting later), logs the statistics,
-    /// and closes the spool.
+    /// Stops accepting and dispatching, closes the delivery stages' and
+    /// admin connections (a stage's disconnection records the outcomes of
+    /// its open jobs; stages take their jobs back by reconnecting later),
+    /// lets the spool's committer finish what was submitted and answer it,
+    /// then closes the inject connections, logs the statistics, and closes
+    /// the spool.
     ///
-    /// The connections close only after the spool has drained: an inject
-    /// connection whose message commits must get its ACCEPTED, or its
-    /// client (smtp-listen, queue-inject) would report a failure for a
-    /// queued message and the message would be sent again, a duplicate.
+    /// The inject connections close only after the spool has drained: one
+    /// whose message commits must get its ACCEPTED, or its client
+    /// (smtp-listen, queue-inject) would report a failure for a queued
+    /// message and send it again, a duplicate.
     public func stop() {
         let engine = self.engine
         for timer in timers { timer.cancel() }
@@ -194,13 +196,10 @@ public final class QueueService: @unchecked Sendable {
         for server in servers { try? server.close().wait() }
         servers = []
         try? engine.loop.submit { engine.stop() }.wait()
+        children.closeAll(inject: false)
         // Completions hop onto the loop, so the loop must still run while
         // the spool drains; a submission after this fails ("spool closed")
         // and is refused, never half answered.
-        // The delivery stages and admin clients go first: a stage's
-        // disconnection writes its jobs' outcomes (results already received,
-        // lost jobs), which must reach the spool before it closes.
-        children.closeAll(inject: false)
         engine.spool.close()
         // The hopped completions were queued on the loop before this task:
         // once it ran, every committed message has had its answer written.

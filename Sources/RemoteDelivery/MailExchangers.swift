@@ -18,6 +18,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import DNS
+import NIOCore
 import NIOPosix
 import SMTP
 import StageRuntime
@@ -145,12 +147,6 @@ public struct DeliveryRoute: Sendable, Hashable {
 }
 
 public enum RoutePlanner {
-    /// A host name as compared with another: lower case, no final dot.
-    static func canonicalHostname(_ name: String) -> String {
-        let lower = name.lowercased()
-        return lower.hasSuffix(".") ? String(lower.dropLast()) : lower
-    }
-
     /// The next hop of a recipient domain with no transport table entry:
     /// its MX hosts, or for an address literal ("[192.0.2.1]",
     /// "[IPv6:2001:db8::1]", RFC 5321 4.1.3) that address, with no lookup.
@@ -246,9 +242,9 @@ public enum RoutePlanner {
             }
             // This host among the MX hosts, by name or by an address its
             // listener answers on: only the hosts preferred over it.
-            let mine = Set(myHostnames.map(canonicalHostname))
+            let mine = Set(myHostnames.map { DNSName.trimmed($0.lowercased()) })
             let ours = zip(exchangers, lookups).filter { mx, lookup in
-                if mine.contains(canonicalHostname(mx.host)) { return true }
+                if mine.contains(DNSName.trimmed(mx.host.lowercased())) { return true }
                 if case .addresses(let list, _) = lookup { return list.contains { isSelf($0, port) } }
                 return false
             }.map(\.0.preference).min()
@@ -369,33 +365,8 @@ public struct SelfRecognition: Sendable {
 
     static func isWildcard(_ e: Endpoint) -> Bool { ["", "*", "0.0.0.0", "::"].contains(e.host) }
 
-    /// Every address of this host's interfaces, by getifaddrs(3).
+    /// Every address of this host's interfaces (NIO's getifaddrs wrapper).
     static func interfaceAddresses() -> Set<String> {
-        var result: Set<String> = []
-        var list: UnsafeMutablePointer<ifaddrs>?
-        guard getifaddrs(&list) == 0 else { return result }
-        defer { freeifaddrs(list) }
-        var p = list
-        while let entry = p {
-            defer { p = entry.pointee.ifa_next }
-            guard let sa = entry.pointee.ifa_addr else { continue }
-            var buffer = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
-            switch Int32(sa.pointee.sa_family) {
-            case AF_INET:
-                sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
-                    var a = sin.pointee.sin_addr
-                    _ = inet_ntop(AF_INET, &a, &buffer, socklen_t(buffer.count))
-                }
-            case AF_INET6:
-                sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sin6 in
-                    var a = sin6.pointee.sin6_addr
-                    _ = inet_ntop(AF_INET6, &a, &buffer, socklen_t(buffer.count))
-                }
-            default:
-                continue
-            }
-            result.insert(String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
-        }
-        return result
+        Set(((try? System.enumerateDevices()) ?? []).compactMap { $0.address?.ipAddress })
     }
 }

@@ -63,8 +63,8 @@ public struct RemoteSettings: Sendable {
     /// no longer waited for until it is back: clear text for "may", a
     /// deferral where TLS is required.
     public var tlsHandOffGrace = 10.0
-    /// This host's names (`sealpost.hostname`, the EHLO name): an MX host
-    /// of that name is this host.
+    /// This host's names besides `hostname` (`sealpost.hostname` when
+    /// the EHLO name differs): an MX host of such a name is this host.
     public var myHostnames: Set<String> = []
     /// Where this host's SMTP listener accepts mail (`smtp.listen`; a
     /// wildcard host, 0.0.0.0 or ::, stands for every local address): an
@@ -139,6 +139,9 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     /// nil while it is there.
     private var handOffMissingSince: Double?
     private var idle: [String: [(SMTPConnection, Scheduled<Void>)]] = [:]
+    /// This host, for the loop check of every route (RoutePlanner.route).
+    private let myHostnames: Set<String>
+    private let selfRecognition: SelfRecognition
 
     public init(eventLoop: EventLoop, settings: RemoteSettings, transports: TransportTable = TransportTable(),
                 resolver: any MailExchangerResolver, policy: any DestinationPolicy = StaticDestinationPolicy(),
@@ -151,6 +154,9 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         self.tlsHandOff = tlsHandOff
         self.log = log
         self.taskExecutor = EventLoopTaskExecutor(eventLoop)
+        // Once: the interfaces' addresses are read at start, not per job.
+        self.myHostnames = settings.myHostnames.union([settings.hostname])
+        self.selfRecognition = SelfRecognition(endpoints: settings.ownEndpoints)
     }
 
     /// Delivers `job`; `completion` gets one result per recipient, on the
@@ -234,11 +240,10 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         state.resolved = true
         let hop = state.hop, resolver = self.resolver, preference = settings.addressPreference
         let policy = self.policy, domain = state.domain, entry = state.entry
-        let me = settings.myHostnames.union([settings.hostname])
-        let recognition = SelfRecognition(endpoints: settings.ownEndpoints)
+        let me = myHostnames, isSelf = selfRecognition.isSelf
         eventLoop.runTask(on: taskExecutor) { () async -> (Result<DeliveryRoute, RoutingFailure>, DestinationSecurity?) in
             let route = await RoutePlanner.route(hop, resolver: resolver, preference: preference, myHostnames: me,
-                                                 isSelf: recognition.isSelf)
+                                                 isSelf: isSelf)
             guard case .success(let r) = route else { return (route, nil) }
             return (route, await policy.security(domain: domain, route: r, entry: entry))
         }.whenComplete { [self] result in

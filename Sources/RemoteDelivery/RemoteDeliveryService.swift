@@ -27,7 +27,7 @@ public enum RemoteDeliveryService {
     public static func settings(_ config: SealpostConfiguration) -> RemoteSettings {
         let remote = config.remote
         var s = RemoteSettings(hostname: remote.heloName)
-        s.myHostnames = [config.hostname, remote.heloName]
+        s.myHostnames = [config.hostname]   // and the EHLO name, `hostname`
         s.ownEndpoints = config.smtp.listen.compactMap(SelfRecognition.Endpoint.init)
         s.maximumMessageSize = config.queue.messageSizeLimit + 1_048_576
         s.destinationConcurrencyLimit = remote.destinationConcurrencyLimit

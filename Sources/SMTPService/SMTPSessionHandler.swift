@@ -136,7 +136,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             // only: the session ends now, with its 421, in TLS.
             if shutdownRequested || server.isStopping {
                 shutdownRequested = true
-                perform(session?.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")) ?? [])
+                endForShutdown()
             }
             return
         }
@@ -152,7 +152,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
                 server.logger.warning("\(SessionLog.tooManyConnections(count, client: client, service: kind))")
                 reply = SMTPReply(421, "4.7.0", "\(settings.hostname) Error: too many connections from \(clientAddress)")
             } else {
-                reply = SMTPReply(421, "4.3.2", "\(settings.hostname) Service shutting down")
+                reply = shuttingDown
             }
             closing = true
             context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: reply.rendered)))
@@ -215,9 +215,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         }
         session!.clientNameResolved(name)
         perform(session!.start())
-        if shutdownRequested, self.session?.isClosed == false {
-            perform(self.session!.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")))
-        }
+        if shutdownRequested { endForShutdown() }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -244,9 +242,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         }
         if event is SMTPServerCore.ShutdownEvent {
             shutdownRequested = true
-            if !waitingForQueue, !inMessage, !handingOff {
-                perform(session?.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")) ?? [])
-            }
+            if !waitingForQueue, !inMessage, !handingOff { endForShutdown() }
             return
         }
         context.fireUserInboundEventTriggered(event)
@@ -624,9 +620,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         guard context != nil, context!.channel.isActive else { return }
         perform(actions)
         if inputClosed, !waitingForQueue { endSession(lost: true) }
-        if shutdownRequested, !waitingForQueue, !inMessage, self.session?.isClosed == false {
-            perform(self.session!.shutdown(SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down")))
-        }
+        if shutdownRequested, !waitingForQueue, !inMessage { endForShutdown() }
     }
 
     /// The client half-closed, or the session must end now.
@@ -660,6 +654,15 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             lastCommand = waitingForQueue ? "END-OF-MESSAGE" : last
         }
         if inMessage { lastCommand = "DATA" }
+    }
+
+    /// The reply of a server that stops (RFC 5321 3.8).
+    private var shuttingDown: SMTPReply { SMTPReply(421, "4.3.2", "\(server.settings.hostname) Service shutting down") }
+
+    /// A stop asked for: the open session ends with `shuttingDown`.
+    private func endForShutdown() {
+        guard session?.isClosed == false else { return }
+        perform(session!.shutdown(shuttingDown))
     }
 
     // MARK: - Timeouts

@@ -484,8 +484,8 @@ public final class Spool: @unchecked Sendable {
         return envelopes
     }
 
-    /// An envelope record that does not decode: its key (the queue ID, as
-    /// far as it is text) and why.
+    /// An envelope record that does not decode: its key (the queue ID, or
+    /// the key in hex if it is none) and why.
     public struct DamagedRecord: Sendable, Equatable {
         public var key: String
         public var reason: String
@@ -503,10 +503,10 @@ public final class Spool: @unchecked Sendable {
                 do {
                     envelopes.append(try EnvelopeRecord(decoding: Array(value)))
                 } catch {
-                    let text = String(decoding: key, as: UTF8.self)
-                    damaged.append(DamagedRecord(key: text.unicodeScalars.allSatisfy { $0.isASCII && $0.value >= 0x20 && $0.value < 0x7F }
-                                                      ? text : key.map { String(format: "%02x", $0) }.joined(),
-                                                 reason: "\(error)"))
+                    // A key that is no queue ID is shown in hex.
+                    let name = QueueID(rawValue: String(decoding: key, as: UTF8.self))?.rawValue
+                        ?? key.map { String(format: "%02x", $0) }.joined()
+                    damaged.append(DamagedRecord(key: name, reason: "\(error)"))
                 }
                 return true
             }

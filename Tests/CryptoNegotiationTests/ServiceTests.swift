@@ -208,27 +208,18 @@ final class ReloadableService {
     }
 
     @Test func protocolViolationGetsAnError() throws {
-        let pki = try TestPKI.get()
-        let service = try NegotiationService(configuration: try tlsConfiguration(tlsConfigText(pki), file: pki.path("sealpost.toml")))
-        let path = pki.path("tls-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock")
-        try service.listen(path: path)
-        let done = DispatchSemaphore(value: 0)
-        Thread.detachNewThread { service.run(); done.signal() }
-        defer { service.stop(); done.wait(); unlink(path) }
         // A NEGOTIATE with an fd attribute but no descriptor: refused.
-        let fd = sealpost_unix_connect_for_test(path)
-        defer { close(fd) }
-        var hello: [UInt8] = []
-        FrameEncoder.encode(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]), into: &hello)
-        FrameEncoder.encode(Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("server")]), into: &hello)
-        try writeAll(fd, hello)
-        let reply = try readToEOF(fd)
-        var d = FrameDecoder(protocol: .tls, direction: .serverToClient)
-        d.append(reply)
-        #expect(try d.next()?.type == .hello)
-        let error = try #require(try d.next())
-        #expect(error.type == .error)
-        #expect(try error.text("text").contains("descriptor"))
+        try withRawClient { fd in
+            var hello: [UInt8] = []
+            FrameEncoder.encode(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]), into: &hello)
+            FrameEncoder.encode(Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("server")]), into: &hello)
+            try writeAll(fd, hello)
+            let frames = try answers(fd)
+            #expect(frames.first?.type == .hello)
+            let error = try #require(frames.dropFirst().first)
+            #expect(error.type == .error)
+            #expect(try error.text("text").contains("descriptor"))
+        }
     }
 }
 

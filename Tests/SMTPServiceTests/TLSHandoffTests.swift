@@ -11,6 +11,21 @@ import StageProtocol
 import Synchronization
 import Testing
 
+/// A Harness whose crypto-negotiate is the test (`peer`, past its HELLO).
+private func withCryptoNegotiatePeer(_ tag: String, _ body: (Harness, StageConnection) throws -> Void) throws {
+    let path = NSTemporaryDirectory() + "handoff-\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+    let listener = sealpost_unix_listen(path, 8)
+    try #require(listener >= 0)
+    defer { close(listener); unlink(path) }
+    let h = try Harness { $0.tlsSocket = path }
+    defer { h.stop() }
+    let peer = StageConnection(adopting: accept(listener, nil, nil), protocol: .tls, direction: .clientToServer)
+    defer { peer.close() }
+    #expect(try peer.receive()?.type == .hello)
+    try peer.send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]))
+    try body(h, peer)
+}
+
 @Suite struct TLSHandoffTests {
     @Test func backlogThroughTheWriterKeepsFramesWhole() throws {
         let path = NSTemporaryDirectory() + "handoff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
@@ -107,52 +122,43 @@ import Testing
     /// that follows the 220 must reach crypto-negotiate, not be read (and
     /// dropped) by smtp-listen.
     @Test func pipelinedStartTLSBehindAMessageLeavesTheHandshakeToCryptoNegotiate() throws {
-        let path = NSTemporaryDirectory() + "handoff-pipelined-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-        let listener = sealpost_unix_listen(path, 8)
-        try #require(listener >= 0)
-        defer { close(listener); unlink(path) }
-        let h = try Harness { $0.tlsSocket = path }
-        defer { h.stop() }
-        let peer = StageConnection(adopting: accept(listener, nil, nil), protocol: .tls, direction: .clientToServer)
-        defer { peer.close() }
-        #expect(try peer.receive()?.type == .hello)
-        try peer.send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]))
+        try withCryptoNegotiatePeer("pipelined") { h, peer in
+            h.queue.stallBodies = true
+            let c = try h.client()
+            #expect(c.reply()?.code == 220)
+            c.send("EHLO client.example.org\r\n")
+            #expect(c.reply()?.lines.contains { $0.hasSuffix("STARTTLS") } == true)
+            let content = "Subject: t\r\n\r\nhello\r\n"
+            c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\nBDAT \(content.utf8.count) LAST\r\n\(content)STARTTLS\r\n")
+            #expect(c.reply()?.code == 250)
+            #expect(c.reply()?.code == 250)
+            var waited = 0
+            while h.queue.mails == 0 && waited < 1000 {
+                usleep(10_000)
+                waited += 1
+            }
+            try #require(h.queue.mails == 1)
+            h.queue.stallBodies = false
+            #expect(c.reply()?.code == 250)
+            #expect(c.reply()?.code == 220)
+            let clientHello: [UInt8] = [0x16, 0x03, 0x01, 0x00, 0x04, 1, 2, 3, 4]
+            c.send(clientHello)
 
-        h.queue.stallBodies = true
-        let c = try h.client()
-        #expect(c.reply()?.code == 220)
-        c.send("EHLO client.example.org\r\n")
-        #expect(c.reply()?.lines.contains { $0.hasSuffix("STARTTLS") } == true)
-        let content = "Subject: t\r\n\r\nhello\r\n"
-        c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\nBDAT \(content.utf8.count) LAST\r\n\(content)STARTTLS\r\n")
-        #expect(c.reply()?.code == 250)
-        #expect(c.reply()?.code == 250)
-        var waited = 0
-        while h.queue.mails == 0 && waited < 1000 {
-            usleep(10_000)
-            waited += 1
+            let negotiate = try #require(try peer.receive())
+            #expect(negotiate.type == .negotiate)
+            let socket = try negotiate.fd("socket")
+            defer { close(socket) }
+            var ready = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
+            // A guard against a hung test, not a timing assertion.
+            try #require(poll(&ready, 1, 10_000) == 1, "the ClientHello never reached crypto-negotiate")
+            var received = [UInt8](repeating: 0, count: 64)
+            let n = received.withUnsafeMutableBytes { recv(socket, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            #expect(n == clientHello.count && Array(received.prefix(max(n, 0))) == clientHello)
+            #expect(!h.logs.contains("after STARTTLS discarded"))
+            try peer.send(Frame(.failed, ["session": .uint(try negotiate.uint("session")), "status": .text("4.7.5"),
+                                          "text": .text("test handshake failure")]))
+            #expect(h.queue.accepted.count == 1)
         }
-        try #require(h.queue.mails == 1)
-        h.queue.stallBodies = false
-        #expect(c.reply()?.code == 250)
-        #expect(c.reply()?.code == 220)
-        let clientHello: [UInt8] = [0x16, 0x03, 0x01, 0x00, 0x04, 1, 2, 3, 4]
-        c.send(clientHello)
-
-        let negotiate = try #require(try peer.receive())
-        #expect(negotiate.type == .negotiate)
-        let socket = try negotiate.fd("socket")
-        defer { close(socket) }
-        var ready = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
-        // A guard against a hung test, not a timing assertion.
-        try #require(poll(&ready, 1, 10_000) == 1, "the ClientHello never reached crypto-negotiate")
-        var received = [UInt8](repeating: 0, count: 64)
-        let n = received.withUnsafeMutableBytes { recv(socket, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
-        #expect(n == clientHello.count && Array(received.prefix(max(n, 0))) == clientHello)
-        #expect(!h.logs.contains("after STARTTLS discarded"))
-        try peer.send(Frame(.failed, ["session": .uint(try negotiate.uint("session")), "status": .text("4.7.5"),
-                                      "text": .text("test handshake failure")]))
-        #expect(h.queue.accepted.count == 1)
     }
 
     /// A stop while a session hands its socket to crypto-negotiate: the
@@ -160,65 +166,56 @@ import Testing
     /// never reached. It must still get its 421 there, and the stop must
     /// wait for it rather than for the closed TCP channel.
     @Test func stopDuringTheHandOffEndsTheSessionInTLS() throws {
-        let path = NSTemporaryDirectory() + "handoff-stop-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-        let listener = sealpost_unix_listen(path, 8)
-        try #require(listener >= 0)
-        defer { close(listener); unlink(path) }
-        let h = try Harness { $0.tlsSocket = path }
-        defer { h.stop() }
-        let peer = StageConnection(adopting: accept(listener, nil, nil), protocol: .tls, direction: .clientToServer)
-        defer { peer.close() }
-        #expect(try peer.receive()?.type == .hello)
-        try peer.send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]))
+        try withCryptoNegotiatePeer("stop") { h, peer in
+            let c = try h.client()
+            #expect(c.reply()?.code == 220)
+            c.send("EHLO client.example.org\r\n")
+            #expect(c.reply()?.code == 250)
+            c.send("STARTTLS\r\n")
+            #expect(c.reply()?.code == 220)
+            let negotiate = try #require(try peer.receive())
+            #expect(negotiate.type == .negotiate)
+            close(try negotiate.fd("socket"))
 
-        let c = try h.client()
-        #expect(c.reply()?.code == 220)
-        c.send("EHLO client.example.org\r\n")
-        #expect(c.reply()?.code == 250)
-        c.send("STARTTLS\r\n")
-        #expect(c.reply()?.code == 220)
-        let negotiate = try #require(try peer.receive())
-        #expect(negotiate.type == .negotiate)
-        close(try negotiate.fd("socket"))
+            let stopped = Mutex(false)
+            let stopper = Thread {
+                try? h.server.shutdown(grace: .seconds(30)).wait()
+                stopped.withLock { $0 = true }
+            }
+            stopper.start()
+            // The stop's event reaches the session while it hands off.
+            var waited = 0
+            while !h.server.isStopping && waited < 1000 {
+                usleep(10_000)
+                waited += 1
+            }
+            try #require(h.server.isStopping)
+            usleep(100_000)
 
-        let stopped = Mutex(false)
-        let stopper = Thread {
-            try? h.server.shutdown(grace: .seconds(30)).wait()
-            stopped.withLock { $0 = true }
+            var pair: [Int32] = [0, 0]
+            try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+            let tlsSide = pair[0]
+            defer { close(tlsSide) }
+            try peer.send(Frame(.negotiated, ["session": .uint(try negotiate.uint("session")), "plaintext": .fd(pair[1]),
+                                              "protocol": .text("TLSv1.3"), "cipher": .text("TLS_AES_128_GCM_SHA256"),
+                                              "authentication": .text("encrypted")]))
+            close(pair[1])
+            var tv = timeval(tv_sec: 30, tv_usec: 0)
+            setsockopt(tlsSide, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            var received: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 512)
+            while true {
+                let n = chunk.withUnsafeMutableBytes { recv(tlsSide, $0.baseAddress, $0.count, 0) }
+                if n <= 0 { break }
+                received += chunk[0..<n]
+            }
+            #expect(String(decoding: received, as: UTF8.self) == "421 4.3.2 mx.example.test Service shutting down\r\n")
+            waited = 0
+            while !stopped.withLock({ $0 }) && waited < 1000 {
+                usleep(10_000)
+                waited += 1
+            }
+            #expect(stopped.withLock { $0 })
         }
-        stopper.start()
-        // The stop's event reaches the session while it hands off.
-        var waited = 0
-        while !h.server.isStopping && waited < 1000 {
-            usleep(10_000)
-            waited += 1
-        }
-        try #require(h.server.isStopping)
-        usleep(100_000)
-
-        var pair: [Int32] = [0, 0]
-        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
-        let tlsSide = pair[0]
-        defer { close(tlsSide) }
-        try peer.send(Frame(.negotiated, ["session": .uint(try negotiate.uint("session")), "plaintext": .fd(pair[1]),
-                                          "protocol": .text("TLSv1.3"), "cipher": .text("TLS_AES_128_GCM_SHA256"),
-                                          "authentication": .text("encrypted")]))
-        close(pair[1])
-        var tv = timeval(tv_sec: 30, tv_usec: 0)
-        setsockopt(tlsSide, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var received: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 512)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { recv(tlsSide, $0.baseAddress, $0.count, 0) }
-            if n <= 0 { break }
-            received += chunk[0..<n]
-        }
-        #expect(String(decoding: received, as: UTF8.self) == "421 4.3.2 mx.example.test Service shutting down\r\n")
-        waited = 0
-        while !stopped.withLock({ $0 }) && waited < 1000 {
-            usleep(10_000)
-            waited += 1
-        }
-        #expect(stopped.withLock { $0 })
     }
 }

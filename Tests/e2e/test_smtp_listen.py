@@ -28,6 +28,7 @@ import time
 import pytest
 
 from conftest import IS_ROOT, Pipeline, executable, local_user, parse_message, require_build, wait_until
+from mtapeers import wait_for_listener
 from stageproto import (ABORT, ACCEPTED, BODY, END, HELLO, MAIL, MAX_FRAME, QUEUE_ID, RCPT, REFUSED,
                         decode_attributes, encode)
 
@@ -493,14 +494,8 @@ def test_a_message_of_exactly_the_advertised_size_is_queued(workdir):
     pipeline = Pipeline(workdir, stages=f"queue {executable('queue')}\nsmtp-listen {executable('smtp-listen')}\n",
                         config_overrides={"listen": f'["127.0.0.1:{port}"]', "message_size_limit": "4000"}).start()
     try:
-        def connected():
-            try:
-                return smtplib.SMTP("127.0.0.1", port, timeout=60)
-            except OSError:
-                return None
-
-        client = wait_until(connected, 60, f"smtp-listen on port {port}")
-        with client:
+        wait_for_listener("127.0.0.1", port, timeout=60, process=pipeline.process)
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
             client.ehlo()
             assert client.esmtp_features.get("size") == "4000"
             head = b"Subject: exactly the limit\r\n\r\n"
