@@ -72,6 +72,10 @@ public final class QueueService: @unchecked Sendable {
         engine = QueueEngine(loop: group.next(), spool: spool, config: configuration, options: options, logger: logger)
         self.paths = paths
         children = ChannelSet(loop: engine.loop)
+        // The lines of a tick (a commit's accepted messages, say) go out
+        // in one write.
+        let loop = engine.loop
+        loop.execute { StageLogHandler.holdLinesOnThisThread { flush in loop.execute(flush) } }
     }
 
     /// Loads the schedule from the spool, then binds the sockets (a stale

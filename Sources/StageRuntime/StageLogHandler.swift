@@ -57,7 +57,7 @@ public struct StageLogHandler: LogHandler {
         if let explicit = event.metadata { merged.merge(explicit) { _, new in new } }
         let line = StageLogHandler.formatBytes(stage: stage, pid: StageLogHandler.processID(), level: event.level,
                                                message: event.message.description, metadata: merged)
-        StageLogHandler.writeLine(line)
+        StageLogHandler.writeLine(line, urgent: event.level >= .error)
     }
 
     /// getpid() without a system call per line: the value is cached, and
@@ -158,8 +158,31 @@ public struct StageLogHandler: LogHandler {
 
     /// One write(2) to fd 2; retried on EINTR. A short write to a pipe of a
     /// line under PIPE_BUF does not happen; to a file it is continued.
-    static func writeLine(_ line: String) {
-        writeLine(Array(line.utf8))
+    static func writeLine(_ line: String, urgent: Bool = false) {
+        writeLine(Array(line.utf8), urgent: urgent)
+    }
+
+    /// Makes the calling thread hold the lines it logs and write them
+    /// together once `schedule` runs the closure it is given, which it
+    /// must do soon, on this thread or any other. For an event loop:
+    /// `schedule` queues a task on the loop, which runs after the events of
+    /// the current tick, so that every line logged in one tick, from every
+    /// session it served, goes out in one write(2) instead of one each.
+    /// Lines of level error and above are written at once, after those held
+    /// before them, as is a fatal line; what is held when the process calls
+    /// exit(3) is written then (an atexit handler). A line is never split,
+    /// reordered or mixed with another process's; the supervisor's
+    /// timestamps come later by at most a tick. Call it once per thread.
+    public static func holdLinesOnThisThread(flushingWith schedule: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void) {
+        let hold = LineHold(schedule: schedule)
+        LineHold.all.withLock { $0.append(hold) }
+        _ = registerExitFlush
+        pthread_setspecific(lineHoldKey, Unmanaged.passRetained(hold).toOpaque())
+    }
+
+    /// Writes what every thread holds (see holdLinesOnThisThread).
+    public static func flushHeldLines() {
+        for hold in LineHold.all.withLock({ $0 }) { hold.flush() }
     }
 
     /// Runs `body` collecting the lines this thread logs meanwhile, then
@@ -171,7 +194,8 @@ public struct StageLogHandler: LogHandler {
     /// outer batch. Keep `body` short: its lines wait until it returns.
     public static func batchingLines<T>(_ body: () throws -> T) rethrows -> T {
         let key = lineBatchKey
-        if pthread_getspecific(key) != nil { return try body() }
+        // A thread that holds its lines batches them already.
+        if pthread_getspecific(key) != nil || pthread_getspecific(lineHoldKey) != nil { return try body() }
         let batch = LineBatch()
         pthread_setspecific(key, Unmanaged.passUnretained(batch).toOpaque())
         defer {
@@ -181,7 +205,11 @@ public struct StageLogHandler: LogHandler {
         return try body()
     }
 
-    static func writeLine(_ bytes: [UInt8]) {
+    static func writeLine(_ bytes: [UInt8], urgent: Bool = false) {
+        if let hold = pthread_getspecific(lineHoldKey) {
+            Unmanaged<LineHold>.fromOpaque(hold).takeUnretainedValue().add(bytes, urgent: urgent)
+            return
+        }
         if let batch = pthread_getspecific(lineBatchKey) {
             Unmanaged<LineBatch>.fromOpaque(batch).takeUnretainedValue().add(bytes)
             return
@@ -210,6 +238,66 @@ private let lineBatchKey: pthread_key_t = {
     precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
     return key
 }()
+
+/// The thread-specific key under which a thread that holds its lines
+/// keeps its LineHold (retained for the life of the process).
+private let lineHoldKey: pthread_key_t = {
+    var key = pthread_key_t()
+    precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+    return key
+}()
+
+/// Registered once: exit(3) writes what the holding threads still hold.
+private let registerExitFlush: Void = {
+    atexit { StageLogHandler.flushHeldLines() }
+}()
+
+/// The lines one thread holds until its scheduled flush runs (see
+/// `StageLogHandler.holdLinesOnThisThread`). Locked, because the flush at
+/// exit may run on another thread.
+private final class LineHold: Sendable {
+    static let all = Mutex<[LineHold]>([])
+
+    private struct State {
+        var pending: [UInt8] = []
+        var flushScheduled = false
+    }
+    private let state = Mutex(State())
+    private let schedule: @Sendable (@escaping @Sendable () -> Void) -> Void
+
+    init(schedule: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void) {
+        self.schedule = schedule
+    }
+
+    func add(_ line: [UInt8], urgent: Bool) {
+        let scheduleFlush = state.withLock { state in
+            // At most maximumLineLength (PIPE_BUF) per write: one atomic
+            // write, never split between lines of another process.
+            if state.pending.count + line.count > StageLogHandler.maximumLineLength {
+                StageLogHandler.writeBytes(state.pending)
+                state.pending.removeAll(keepingCapacity: true)
+            }
+            state.pending.append(contentsOf: line)
+            if urgent {
+                StageLogHandler.writeBytes(state.pending)
+                state.pending.removeAll(keepingCapacity: true)
+                return false
+            }
+            defer { state.flushScheduled = true }
+            return !state.flushScheduled
+        }
+        if scheduleFlush { schedule { [self] in flush() } }
+    }
+
+    func flush() {
+        state.withLock { state in
+            state.flushScheduled = false
+            guard !state.pending.isEmpty else { return }
+            StageLogHandler.writeBytes(state.pending)
+            state.pending.removeAll(keepingCapacity: true)
+        }
+    }
+}
 
 /// Lines collected by `StageLogHandler.batchingLines` on one thread.
 private final class LineBatch {

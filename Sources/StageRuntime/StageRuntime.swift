@@ -55,7 +55,7 @@ public enum StageRuntime {
     /// line itself, so it works before (or without) `bootstrap`.
     public static func fatal(_ message: String, exit code: ExitCode) -> Never {
         StageLogHandler.writeLine(StageLogHandler.format(stage: stageName, pid: getpid(),
-                                                         level: .critical, message: message))
+                                                         level: .critical, message: message), urgent: true)
         exit(code.rawValue)
     }
 

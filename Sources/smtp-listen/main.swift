@@ -247,6 +247,11 @@ if config.smtp.clientNameLookup {
 }
 
 let group = MultiThreadedEventLoopGroup(numberOfThreads: config.smtp.eventLoopThreads(cores: System.coreCount))
+// The lines of a tick (connects, queue IDs and disconnects of all the
+// sessions it served) go out in one write, not one each.
+for loop in group.makeIterator() {
+    loop.execute { StageLogHandler.holdLinesOnThisThread { flush in loop.execute(flush) } }
+}
 // A listener that stops accepting (an error NIO cannot wait out): start
 // afresh, on the supervisor's sockets, rather than run on without it.
 let server = SMTPServer(settings: settings, group: group, logger: logger) { why in

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Dispatch
 import Logging
+import Synchronization
 import Testing
 import SealpostConfig
 @testable import StageRuntime
@@ -291,9 +292,28 @@ enum ConfigPathProbe {
         #expect(!child.stderr.contains("test-stage[\(getpid())]"))
     }
 
+    /// A thread that holds its lines (an event loop's, in smtp-listen and
+    /// the queue) writes them when the flush it scheduled runs, at once for
+    /// an error, and at exit what it still holds; never out of order.
+    @Test func heldLinesWaitForTheirFlushExceptErrorsAndExit() throws {
+        let directory = ConfigTemporaryFile("")
+        let child = try runTestInChild("bootstrapChild", environment: [
+            "SEALPOST_CONFIG=\(directory.file)", "SEALPOST_TEST_BOOTSTRAP=hold",
+        ])
+        #expect(child.signal == 0)
+        #expect(child.exit == 75)
+        let lines = child.stderr.split(separator: "\n").filter { $0.hasPrefix("test-stage[") || $0.hasPrefix("marker") }
+            .map { line in line.firstIndex(of: "]").map { line[$0...] } ?? line }
+        #expect(lines == [
+            "marker 1", "]: one", "]: two", "marker 2", "]: three", "]: error: urgent", "marker 3",
+            "]: four",
+        ], "\(child.stderr)")
+    }
+
     @Test func bootstrapChild() {
         guard let mode = getenv("SEALPOST_TEST_BOOTSTRAP").map({ String(cString: $0) }) else { return }
         let config = StageRuntime.bootstrap(stage: "test-stage")
+        if mode == "hold" { heldLinesChild() }
         guard mode == "log" else { _exit(0) }   // "config" must not get here
         StageRuntime.setUpLogging(stage: "ignored: logging is bootstrapped once")
         var logger = Logger(label: "test")
@@ -305,6 +325,27 @@ enum ConfigPathProbe {
         logger.error("oops")
         StageRuntime.fatal("giving up", exit: .tempFail)
     }
+}
+
+/// The child of heldLinesWaitForTheirFlushExceptErrorsAndExit: markers
+/// go straight to fd 2, beside the held lines.
+private func heldLinesChild() -> Never {
+    let flushes = Mutex<[@Sendable () -> Void]>([])
+    StageLogHandler.holdLinesOnThisThread { flush in flushes.withLock { $0.append(flush) } }
+    func marker(_ text: String) { _ = Array("\(text)\n".utf8).withUnsafeBytes { write(2, $0.baseAddress, $0.count) } }
+    let logger = Logger(label: "test")
+    logger.info("one")
+    logger.info("two")
+    marker("marker 1")
+    let scheduled = flushes.withLock { queued in defer { queued = [] }; return queued }
+    if scheduled.count != 1 { marker("scheduled \(scheduled.count) flushes, not 1") }
+    scheduled.forEach { $0() }
+    marker("marker 2")
+    logger.info("three")
+    logger.error("urgent")
+    marker("marker 3")
+    logger.info("four")   // held until exit
+    exit(ExitCode.tempFail.rawValue)
 }
 
 /// A configuration file in a fresh directory, removed at the end.
