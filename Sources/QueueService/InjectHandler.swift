@@ -61,6 +61,9 @@ final class InjectHandler: ChannelInboundHandler {
         var refusal: Refusal?
         /// The start of the message, for the Message-ID of the log line.
         var head: [UInt8] = []
+        /// Body bytes counted in the engine's PendingBodies, and for whom.
+        var reserved = 0
+        var reservedPeer: UInt32?
     }
 
     /// `message_size_limit` bounds what the client of the injecting stage
@@ -124,14 +127,14 @@ final class InjectHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        transaction = nil   // an unfinished message is forgotten
+        forgetTransaction()   // an unfinished message is forgotten
         if submitted { engine.spool.submitterLeft(submitter) }
         context.fireChannelInactive()
     }
 
     private func fail(context: ChannelHandlerContext, status: String, text: String) {
         engine.logger.warning("inject: protocol error from uid=\(peerUID.map(String.init) ?? "?"): \(text)")
-        transaction = nil
+        forgetTransaction()
         let error = Frame(.error, ["status": .text(status), "text": AttributeValue.sanitizedText(text)])
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(error)).whenComplete { _ in channel.close(promise: nil) }
@@ -194,12 +197,14 @@ final class InjectHandler: ChannelInboundHandler {
             let data = try frame.bytes("data")
             appendBody(data)
         case .end:
-            guard let t = transaction else { throw ProtocolError("END without MAIL") }
+            guard var t = transaction else { throw ProtocolError("END without MAIL") }
             transaction = nil
+            // The chunks go to the committer now, and are gone in a moment.
+            releaseBody(&t)
             finish(t)
         case .abort:
             guard transaction != nil else { throw ProtocolError("ABORT without MAIL") }
-            transaction = nil
+            forgetTransaction()
         default:
             throw ProtocolError("\(frame.type.name) is not allowed here")
         }
@@ -227,6 +232,13 @@ final class InjectHandler: ChannelInboundHandler {
             if t.size > engine.config.queue.messageSizeLimit + Self.traceAllowance {
                 t.refusal = Refusal(code: 552, status: "5.3.4", text: "message size exceeds fixed limit")
                 t.writer = nil
+                releaseBody(&t)
+            } else if !reserveBody(data.count, in: &t) {
+                let pending = engine.pendingBodies
+                engine.logger.warning("\(t.envelope.queueID): refused: unfinished messages hold \(pending.total) bytes in memory (limit \(pending.limit), \(pending.perPeerLimit) per peer uid), uid=\(peerUID.map(String.init) ?? "?")")
+                t.refusal = Refusal(code: 452, status: "4.3.1", text: "insufficient system storage: too many messages in transfer")
+                t.writer = nil
+                releaseBody(&t)
             } else {
                 do {
                     if t.writer == nil { t.writer = try engine.spool.makeBodyWriter() }
@@ -236,10 +248,31 @@ final class InjectHandler: ChannelInboundHandler {
                     t.refusal = (error as? SpoolError).map(Refusal.spool)
                         ?? Refusal(code: 451, status: "4.3.0", text: "queue file write error")
                     t.writer = nil
+                    releaseBody(&t)
                 }
             }
         }
         transaction = t
+    }
+
+    /// Counts `bytes` more of the body against PendingBodies.
+    private func reserveBody(_ bytes: Int, in t: inout Transaction) -> Bool {
+        if t.reserved == 0 { t.reservedPeer = peerUID }
+        guard engine.pendingBodies.reserve(bytes, peer: t.reservedPeer) else { return false }
+        t.reserved += bytes
+        return true
+    }
+
+    private func releaseBody(_ t: inout Transaction) {
+        engine.pendingBodies.release(t.reserved, peer: t.reservedPeer)
+        t.reserved = 0
+    }
+
+    /// Drops the open transaction, if any, and what its body held.
+    private func forgetTransaction() {
+        guard var t = transaction else { return }
+        transaction = nil
+        releaseBody(&t)
     }
 
     private func finish(_ t: Transaction) {

@@ -52,6 +52,8 @@ final class QueueEngine: @unchecked Sendable {
     let router: Router
     var logger: Logger
     var scheduler: Scheduler
+    /// Message bodies held by unfinished inject transactions.
+    let pendingBodies: PendingBodies
 
     /// Connected delivery stages (after their HELLO), in connection order.
     private var stages: [DeliverHandler] = []
@@ -92,6 +94,7 @@ final class QueueEngine: @unchecked Sendable {
         let local = config.local
         self.router = Router(isLocal: { local.isLocal(domain: $0) })
         self.scheduler = Scheduler(router: router, maxRecipientsPerJob: options.maxRecipientsPerJob)
+        self.pendingBodies = PendingBodies(limit: options.pendingBodyLimit)
         let start = options.clock()
         for transport in Transport.allCases { stagelessSince[transport] = start }
     }

@@ -48,6 +48,7 @@ final class TestQueue {
     /// The running service's spool, for its statistics.
     var spool: Spool?
     var spoolOptions: SpoolOptions?
+    var pendingBodyLimit: Int?
 
     init(sizeLimit: Int = 10_240_000, recipientLimit: Int = 1000, _ tweak: (inout SealpostConfiguration) -> Void = { _ in }) throws {
         let template = FileManager.default.temporaryDirectory.path + "/queuesvc-XXXXXX"
@@ -80,6 +81,7 @@ final class TestQueue {
         options.jitter = 0
         options.tick = .milliseconds(20)
         options.statisticsInterval = 0
+        if let pendingBodyLimit { options.pendingBodyLimit = pendingBodyLimit }
         let service = QueueService(configuration: config, paths: RuntimePaths(config), spool: spool, options: options)
         try service.start()
         self.service = service
@@ -406,6 +408,53 @@ func refusal(_ frame: Frame) throws -> String {
         let stats = try #require(q.service?.statistics())
         #expect(stats.injected == UInt64(n) && stats.messages == UInt64(n))
         #expect(stats.commits < stats.messages, "group commit: \(stats)")
+    }
+
+    /// Unfinished messages hold their bodies in memory until END: past the
+    /// bound (here 200,000 bytes, so 100,000 per peer uid) a transaction is
+    /// refused 452 4.3.1, and what ends one (END, a refusal, ABORT, a
+    /// closed connection) gives its bytes back. One connection at a time,
+    /// or one after another's answer, so the order is the queue's too.
+    @Test func unfinishedBodiesAreBounded() throws {
+        let q = try TestQueue(sizeLimit: 1_000_000)
+        q.stop()
+        q.pendingBodyLimit = 200_000
+        try q.start()
+        let piece = Array(repeating: UInt8(ascii: "x"), count: 45_000)
+        func open(_ c: StageConnection, pieces: Int = 2) throws {
+            try c.send(Frame(.mail, ["sender": .text("s@example.org")]))
+            try c.send(Frame(.rcpt, ["address": .text("a@localhost")]))
+            for _ in 0..<pieces { try c.send(Frame(.body, ["data": .bytes(piece)])) }
+        }
+        func end(_ c: StageConnection) throws -> String {
+            try c.send(Frame(.end))
+            return try refusal(try #require(try c.receive()))
+        }
+        let a = try q.injector()
+        try open(a, pieces: 3)   // 135,000: past this uid's 100,000
+        #expect(try end(a) == "452 4.3.1")
+        try open(a)              // 90,000 fit: the refusal gave its bytes back
+        #expect(try end(a) == "accepted")
+        try open(a)              // and so did END
+        #expect(try end(a) == "accepted")
+        try open(a)
+        try a.send(Frame(.abort))
+        try open(a)              // and ABORT
+        #expect(try end(a) == "accepted")
+        // A connection that closes mid-message gives its bytes back once
+        // the queue sees the close; the next connection's message may come
+        // first: a bounded number of tries, no timing.
+        try open(a)
+        a.close()
+        var answer = ""
+        for _ in 0..<100 where answer != "accepted" {
+            let b = try q.injector()
+            try open(b)
+            answer = try end(b)
+            b.close()
+            if answer != "accepted" { usleep(10_000) }
+        }
+        #expect(answer == "accepted")
     }
 
     @Test func refusals() throws {
