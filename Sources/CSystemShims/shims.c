@@ -90,10 +90,25 @@ static int fill_sockaddr(struct sockaddr_un *sun, const char *path) {
 }
 
 int sealpost_unix_connect(const char *path) {
+    return sealpost_unix_connect_timeout(path, 0);
+}
+
+int sealpost_unix_connect_timeout(const char *path, int timeout_ms) {
     struct sockaddr_un sun;
     if (fill_sockaddr(&sun, path) < 0) return -1;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
+    if (timeout_ms > 0) {
+        /* connect(2) on AF_UNIX waits for room in the listener's backlog
+           for as long as SO_SNDTIMEO allows, then fails with EAGAIN. */
+        struct timeval tv = { timeout_ms / 1000, (timeout_ms % 1000) * 1000 };
+        if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0) {
+            int saved = errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+    }
     int r;
     do {
         r = connect(fd, (struct sockaddr *)&sun, sizeof sun);

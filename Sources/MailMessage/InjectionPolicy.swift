@@ -16,11 +16,26 @@ public enum InjectionPolicy {
         return SubmissionError(.unavailable, message)
     }
 
-    /// SEALPOST_INJECT_WAIT: seconds (a non-negative number); anything
-    /// else, or nothing, is the default.
+    /// SEALPOST_INJECT_WAIT: seconds (a non-negative number, at most a
+    /// day); anything else, or nothing, is the default.
     public static func wait(environment value: String?) -> Double {
         guard let value, let v = Double(value), v >= 0, v.isFinite else { return defaultWait }
-        return v
+        return min(v, 86_400)
+    }
+
+    /// How long queue-inject waits for the queue at each step (the
+    /// connect, each write, the answer to END) before it gives up on this
+    /// attempt: a queue that is alive but stuck (stopped, a hung disk) must
+    /// not keep cron jobs and web requests waiting forever. Long, because
+    /// an answer that comes late is still an answer, and one given up on
+    /// may leave the message queued twice (see the retry after END).
+    public static let defaultTimeout = 300.0
+
+    /// SEALPOST_INJECT_TIMEOUT: seconds (a positive number, at most a day);
+    /// anything else, or nothing, is the default.
+    public static func timeout(environment value: String?) -> Double {
+        guard let value, let v = Double(value), v > 0, v.isFinite else { return defaultTimeout }
+        return min(v, 86_400)
     }
 
     /// The pauses between attempts: 0.1 s doubling up to 5 s, as many as fit

@@ -56,15 +56,34 @@ public final class StageConnection {
     private var failed: Error?
     /// Whether this side sent its HELLO: before it, only HELLO or ERROR.
     private var helloSent: Bool
+    /// How long one wait for the socket may take (ms); -1: no limit.
+    private var waitLimit: Int32 = -1
 
     /// The most descriptors one frame may carry (the receive buffer's size).
     public static let maxDescriptorsPerFrame = Int(SEALPOST_MAX_FDS)
 
     /// Connects to a stage's socket; the protocol is set by `clientHello`.
-    public static func connect(path: String) throws -> StageConnection {
-        let fd = sealpost_unix_connect(path)
+    ///
+    /// `timeout` (seconds): for a client that must not wait forever on a
+    /// stage that is alive but stuck (stopped, or wedged on a hung disk):
+    /// the connect, and then every wait for the socket to take or give
+    /// bytes, gives up after that long with ETIMEDOUT (EAGAIN for a connect
+    /// that found the backlog full). nil: wait as long as it takes.
+    public static func connect(path: String, timeout: Double? = nil) throws -> StageConnection {
+        let milliseconds = timeout.map { Int32(clamping: Int(($0 * 1000).rounded(.up))) }.map { max(1, $0) }
+        let fd = sealpost_unix_connect_timeout(path, milliseconds ?? 0)
         guard fd >= 0 else { throw StageIOError("connect to \(path)", code: errno) }
-        return StageConnection(fd: fd, decoder: FrameDecoder(protocol: nil, direction: .serverToClient))
+        let connection = StageConnection(fd: fd, decoder: FrameDecoder(protocol: nil, direction: .serverToClient))
+        if let milliseconds {
+            // Non-blocking from now on: every wait goes through poll(2),
+            // which keeps the time limit.
+            let flags = fcntl(fd, F_GETFL)
+            guard flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else {
+                throw StageIOError("fcntl O_NONBLOCK", code: errno)
+            }
+            connection.waitLimit = milliseconds
+        }
+        return connection
     }
 
     /// Takes ownership of a connected socket. `direction`: of the frames
@@ -145,11 +164,16 @@ public final class StageConnection {
         }
     }
 
-    /// Blocks until the socket is ready (only for a non-blocking socket that
-    /// was adopted).
+    /// Blocks until the socket is ready (a non-blocking socket: adopted, or
+    /// connected with a timeout, which this wait keeps).
     private func wait(for events: Int16) throws {
         var p = pollfd(fd: fileDescriptor, events: events, revents: 0)
-        while poll(&p, 1, -1) < 0 {
+        while true {
+            let ready = poll(&p, 1, waitLimit)
+            if ready > 0 { return }
+            if ready == 0 {
+                throw StageIOError(events == Int16(POLLIN) ? "receive" : "send", code: ETIMEDOUT)
+            }
             guard errno == EINTR else { throw StageIOError("poll", code: errno) }
         }
     }

@@ -39,7 +39,10 @@
 //      ACCEPTED is retried too: the queue may have committed the message,
 //      so this can deliver it twice, but ACCEPTED is the only proof the
 //      queue owns it, and a duplicate is better than a message lost (the
-//      same trade-off SMTP makes, RFC 1047).
+//      same trade-off SMTP makes, RFC 1047). A queue that is alive but
+//      does not answer (stopped, a hung disk) counts as unreachable once a
+//      step (the connect, a write, the answer to END) has waited 300 s
+//      (SEALPOST_INJECT_TIMEOUT=seconds changes that).
 //
 // PRIVILEGES
 //      Runs as the invoking user, with no privileges: the inject socket is
@@ -177,7 +180,7 @@ func sendBody(_ connection: StageConnection, _ bytes: ArraySlice<UInt8>) throws 
 func attempt() throws -> Outcome {
     let connection: StageConnection
     do {
-        connection = try StageConnection.connect(path: config.injectSocket)
+        connection = try StageConnection.connect(path: config.injectSocket, timeout: stepTimeout)
     } catch let e as StageIOError {
         throw Transient(reason: e.reason)
     }
@@ -239,6 +242,7 @@ func attempt() throws -> Outcome {
     }
 }
 
+let stepTimeout = InjectionPolicy.timeout(environment: getenv("SEALPOST_INJECT_TIMEOUT").map { String(cString: $0) })
 let pauses = InjectionPolicy.pauses(total: InjectionPolicy.wait(environment: getenv("SEALPOST_INJECT_WAIT").map { String(cString: $0) }))
 var attemptNumber = 0
 while true {

@@ -65,7 +65,8 @@ final class QueueClient {
     init(path: String) throws(AdminFailure) {
         self.path = path
         do {
-            connection = try StageConnection.connect(path: path)
+            // A queue that is alive but stuck must not hang the command.
+            connection = try StageConnection.connect(path: path, timeout: 120)
         } catch let e as StageIOError {
             throw AdminFailure(message: "cannot reach the queue at \(path): \(e.reason)", exitCode: SysExit.tempFail)
         } catch {

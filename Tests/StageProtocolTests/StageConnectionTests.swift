@@ -300,6 +300,38 @@ func readSome(_ fd: Int32) -> String {
     }
 }
 
+/// A client with a timeout gives up on a stage that is alive but does not
+/// answer, instead of waiting forever (queue-inject from cron against a
+/// stopped queue): the connect when the backlog is full, and a receive.
+@Suite struct ConnectionTimeouts {
+    @Test func silentPeerAndFullBacklog() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("sp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/inject"
+        // A listener that never accepts: connections wait in its backlog,
+        // where the kernel already lets them write, and nothing answers.
+        let listener = sealpost_unix_listen(path, 1)
+        #expect(listener >= 0)
+        defer { close(listener) }
+        let first = try StageConnection.connect(path: path, timeout: 0.05)
+        try first.send(Frame(.hello, ["protocol": .text("inject"), "version": .uint(1)]))
+        #expect(throws: StageIOError("receive", code: ETIMEDOUT)) { try first.receive() }
+        // The backlog fills; the connect that finds no room gives up.
+        var refused: StageIOError?
+        var held: [StageConnection] = [first]
+        for _ in 0..<16 where refused == nil {
+            do {
+                held.append(try StageConnection.connect(path: path, timeout: 0.05))
+            } catch let error as StageIOError {
+                refused = error
+            }
+        }
+        #expect(refused == StageIOError("connect to \(path)", code: EAGAIN))
+        #expect(held.count >= 2)
+    }
+}
+
 extension StageConnection {
     /// Sends a client HELLO without waiting for the answer (tests only).
     func clientHelloRequestOnly() throws {

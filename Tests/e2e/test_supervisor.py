@@ -235,6 +235,22 @@ def test_queue_inject_gives_up_with_75_when_no_queue_comes(workdir):
     assert time.monotonic() - started >= 2
 
 
+def test_queue_inject_gives_up_on_a_queue_that_does_not_answer(pipeline):
+    # A queue that is alive but stuck (here stopped) must not keep a cron
+    # job waiting forever: each step waits SEALPOST_INJECT_TIMEOUT, then
+    # the attempt counts as failed, and after SEALPOST_INJECT_WAIT of
+    # attempts queue-inject exits 75 (EX_TEMPFAIL).
+    queue = pipeline.running_pid("queue")
+    os.kill(queue, signal.SIGSTOP)
+    try:
+        result = pipeline.queue_inject(f"{local_user()}@localhost", timeout=60,
+                                       SEALPOST_INJECT_TIMEOUT="0.5", SEALPOST_INJECT_WAIT="1")
+    finally:
+        os.kill(queue, signal.SIGCONT)
+    assert result.returncode == 75, result.stderr
+    assert b"Connection timed out" in result.stderr or b"Resource temporarily unavailable" in result.stderr, result.stderr
+
+
 def uid_of(pid):
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):

@@ -43,6 +43,10 @@ ssize_t sealpost_recvmsg_fds(int sock, void *buf, size_t len,
 /// errno (ENAMETOOLONG when the path does not fit in sun_path).
 int sealpost_unix_connect(const char *path);
 
+/// The same, but a connect that waits for room in a full listen backlog
+/// gives up after `timeout_ms` (> 0) with EAGAIN; 0: wait as long as it takes.
+int sealpost_unix_connect_timeout(const char *path, int timeout_ms);
+
 /// A listening AF_UNIX stream socket (close-on-exec) bound to `path` (which
 /// must not exist), or -1 with errno.
 int sealpost_unix_listen(const char *path, int backlog);
