@@ -129,7 +129,7 @@ struct QueueCommand: ParsableCommand {
     struct Show: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Show a message: its envelope and recipients, then the message.")
         @OptionGroup var options: GlobalOptions
-        @Flag(help: "Print the message exactly as queued (CRLF line ends).") var raw = false
+        @Flag(help: "Print the message exactly as queued (CRLF line ends, control characters unescaped: not for a terminal).") var raw = false
         @Argument(help: "The queue ID.") var queueID: String
 
         func run() throws {

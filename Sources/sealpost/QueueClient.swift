@@ -176,7 +176,7 @@ enum QueueFormat {
         return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
-    static func sender(_ s: String) -> String { s.isEmpty ? "MAILER-DAEMON" : s }
+    static func sender(_ s: String) -> String { s.isEmpty ? "MAILER-DAEMON" : Printable.text(s) }
 
     static func pad(_ s: String, _ width: Int, right: Bool = false) -> String {
         let n = s.count
@@ -198,12 +198,12 @@ enum QueueFormat {
                 + pad(shortTime(e.arrival), 20) + " " + sender(e.sender) + "\n"
             for r in e.recipients {
                 if let error = r.error, r.state != "sent" {
-                    out += indent + "(" + error + ")\n"
+                    out += indent + "(" + Printable.text(error) + ")\n"
                 }
                 var state = r.state
                 if r.attempts > 0 { state += ", \(r.attempts) attempt\(r.attempts == 1 ? "" : "s")" }
                 if r.state == "deferred" && r.nextAttempt > 0 { state += ", next " + shortTime(r.nextAttempt) }
-                out += indent + r.address + "  [" + state + "]\n"
+                out += indent + Printable.text(r.address) + "  [" + state + "]\n"
             }
             out += "\n"
         }
@@ -218,22 +218,27 @@ enum QueueFormat {
         out += "Queue ID:   \(e.queueID)\(e.held ? " (held)" : "")\n"
         out += "Arrival:    \(longTime(e.arrival))\n"
         out += "Size:       \(e.size)\n"
-        out += "Sender:     <\(e.sender)>\n"
-        if let envid = e.envid { out += "ENVID:      \(envid)\n" }
-        if let ret = e.ret { out += "RET:        \(ret)\n" }
+        out += "Sender:     <\(Printable.text(e.sender))>\n"
+        if let envid = e.envid { out += "ENVID:      \(Printable.text(envid))\n" }
+        if let ret = e.ret { out += "RET:        \(Printable.text(ret))\n" }
         for r in e.recipients {
-            var line = "Recipient:  <\(r.address)> \(r.state)"
+            var line = "Recipient:  <\(Printable.text(r.address))> \(Printable.text(r.state))"
             if r.attempts > 0 { line += ", \(r.attempts) attempt\(r.attempts == 1 ? "" : "s")" }
             if r.state == "deferred" && r.nextAttempt > 0 { line += ", next attempt \(longTime(r.nextAttempt))" }
-            if let error = r.error { line += ": \(error)" }
+            if let error = r.error { line += ": \(Printable.text(error))" }
             out += line + "\n"
         }
         return out + "\n"
     }
 
-    /// The message with CRLF line ends turned into the local LF, unless raw.
+    /// The message with CRLF line ends turned into the local LF and every
+    /// control character escaped (Printable), unless raw.
     static func message(_ body: [UInt8], raw: Bool) -> [UInt8] {
         guard !raw else { return body }
+        return Printable.message(lineFeeds(body))
+    }
+
+    private static func lineFeeds(_ body: [UInt8]) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(body.count)
         var i = 0

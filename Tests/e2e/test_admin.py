@@ -67,3 +67,26 @@ def test_hold_release_and_delete_by_ids_all_and_standard_input(workdir):
                                  message=make_message(99, user)).returncode == 0
         wait_until(lambda: sequences_delivered(pipe, user), 60, "the new message")
         assert sequences_delivered(pipe, user) == {99: 1}
+
+
+def test_show_escapes_what_a_terminal_would_obey(workdir):
+    # A message body is the sender's: ESC sequences in it would reach the
+    # administrator's terminal (retitle it, rewrite the screen), bidi
+    # controls reorder what is shown. `queue show` escapes them all;
+    # --raw prints the message exactly as queued.
+    require_build("queue", "queue-inject", "sealpost")
+    user = local_user()
+    body = "Subject: \u202etxt.exe\n\nred \x1b[31mtext\x1b]0;owned\x07 and \x9b bell\n".encode() + b"bad \xff byte\n"
+    with running(Pipeline(workdir, stages=stages_without("local-deliver", "remote-deliver"))) as pipe:
+        assert pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost", message=body).returncode == 0
+        (queue_id,) = listed(pipe)
+        shown = subprocess.run([executable("sealpost"), "queue", "show", queue_id], env=pipe.env(),
+                               capture_output=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        out = shown.stdout
+        assert b"\x1b" not in out and b"\x07" not in out and "\u202e".encode() not in out and b"\xff" not in out, out
+        assert b"red \\u{1b}[31mtext\\u{1b}]0;owned\\u{7} and \\u{9b} bell\n" in out, out
+        assert b"Subject: \\u{202e}txt.exe\n" in out and b"bad \\xff byte\n" in out, out
+        raw = subprocess.run([executable("sealpost"), "queue", "show", "--raw", queue_id], env=pipe.env(),
+                             capture_output=True, timeout=60)
+        assert raw.returncode == 0 and b"red \x1b[31mtext\x1b]0;owned\x07" in raw.stdout, raw
