@@ -7,10 +7,15 @@ public enum InjectionPolicy {
 
     /// REFUSED (code, status, text) -> sysexits status and the message for
     /// stderr: 4xx is temporary (EX_TEMPFAIL: the caller keeps the message
-    /// and tries later), 5.3.4 "message too large" is the data's fault
-    /// (EX_DATAERR), any other 5xx is EX_UNAVAILABLE.
+    /// and tries later) but for 4.5.3 "too many recipients", which is the
+    /// data's fault (EX_DATAERR) as 5.3.4 "message too large" is; any other
+    /// 5xx is EX_UNAVAILABLE.
     public static func refusal(code: UInt64, status: String, text: String) -> SubmissionError {
         let message = "refused: \(code) \(status) \(text)"
+        // More recipients than the queue takes in one message: temporary
+        // in SMTP (the client sends the rest in another transaction), but
+        // the same submission would be refused again forever.
+        if status == "4.5.3" { return SubmissionError(.dataErr, message + " (send the message to fewer recipients at a time)") }
         if code >= 400 && code < 500 || status.hasPrefix("4.") { return SubmissionError(.tempFail, message) }
         if status == "5.3.4" || status == "5.2.3" { return SubmissionError(.dataErr, message) }
         return SubmissionError(.unavailable, message)

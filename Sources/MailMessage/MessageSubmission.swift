@@ -15,8 +15,9 @@
 //   other recipients, with or without -t;
 // - a leading "From " line (mbox envelope line) is dropped;
 // - a header section that ends without an empty line (a line that is not a
-//   field, or the header size limit) gets one, so the message stays
-//   well-formed.
+//   field) gets one, so the message stays well-formed; header fields past
+//   the size limit are refused (EX_DATAERR), and input that reaches it
+//   before any field is all body.
 
 public struct SubmissionContext: Sendable {
     /// This host (Received, Message-ID, default sender domain).
@@ -171,6 +172,13 @@ public struct MessageSubmission: Sendable {
                 // Only header fields (or nothing at all): no body.
                 try completeHeader(headerEnd: scanPosition, bodyStart: headerBuffer.count)
             } else if headerBuffer.count > headerLimit {
+                // Past the limit inside header fields: refused. Ending the
+                // header section here would move the fields after the limit
+                // into the body, a Bcc: field where every recipient reads
+                // it, and -t would not see their recipients.
+                guard !sawField else {
+                    throw SubmissionError(.dataErr, "the header section is over \(headerLimit) bytes")
+                }
                 try completeHeader(headerEnd: scanPosition, bodyStart: scanPosition)
             }
         }

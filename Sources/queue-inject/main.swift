@@ -54,7 +54,9 @@
 //
 // EXIT STATUS (sysexits.h)
 //      0 the queue accepted the message. 64 (EX_USAGE) bad command line, no
-//      recipients. 65 (EX_DATAERR) bad address syntax, message too large.
+//      recipients. 65 (EX_DATAERR) bad address syntax, message too large
+//      (found while reading: it stops there), a header section over 1 MiB,
+//      more recipients than the queue takes in one message.
 //      67 (EX_NOUSER) no account for the invoking uid. 69 (EX_UNAVAILABLE)
 //      permanently refused. 74 (EX_IOERR) reading stdin failed.
 //      75 (EX_TEMPFAIL) temporarily refused, or the queue not reachable:
@@ -153,6 +155,9 @@ do {
 }
 let store = ReplayStore()
 store.append(submission.takeOutput())
+/// What the queue takes: message_size_limit plus the room it leaves for
+/// the header fields the injecting stage adds (InjectHandler.traceAllowance).
+let sizeLimit = config.queue.messageSizeLimit + 8192
 
 // MARK: injection
 
@@ -213,6 +218,11 @@ func attempt() throws -> Outcome {
             }
             let out = submission.takeOutput()
             store.append(out)
+            // The queue would refuse it at END (552 5.3.4); stop reading
+            // now rather than spool endless input into $TMPDIR first.
+            if store.count > sizeLimit {
+                die(.dataErr, "message too large: over \(sizeLimit) bytes (message_size_limit \(config.queue.messageSizeLimit) and room for the header fields added)")
+            }
             try sendBody(connection, out[...])
         }
         try connection.send(Frame(.end))

@@ -90,3 +90,22 @@ def test_show_escapes_what_a_terminal_would_obey(workdir):
         raw = subprocess.run([executable("sealpost"), "queue", "show", "--raw", queue_id], env=pipe.env(),
                              capture_output=True, timeout=60)
         assert raw.returncode == 0 and b"red \x1b[31mtext\x1b]0;owned\x07" in raw.stdout, raw
+
+
+def test_queue_inject_stops_reading_a_message_over_the_size_limit(workdir):
+    # The queue would refuse it at END; queue-inject stops at the limit
+    # instead of spooling endless input (`yes | sendmail`) into $TMPDIR.
+    require_build("queue", "queue-inject", "sealpost")
+    user = local_user()
+    with running(Pipeline(workdir, stages=stages_without("local-deliver", "remote-deliver"),
+                          config_overrides={"message_size_limit": "100000"})) as pipe:
+        endless = subprocess.Popen(["yes", "a line of a message that never ends"], stdout=subprocess.PIPE)
+        try:
+            result = subprocess.run([executable("queue-inject"), f"{user}@localhost"], stdin=endless.stdout,
+                                    env=pipe.env(), capture_output=True, timeout=60)
+        finally:
+            endless.kill()
+            endless.wait()
+        assert result.returncode == 65, result.stderr
+        assert b"message too large: over 108192 bytes" in result.stderr, result.stderr
+        assert listed(pipe) == {}
