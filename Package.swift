@@ -168,7 +168,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .testTarget(name: "RemoteDeliveryTests", dependencies: [
-            "RemoteDelivery", "SMTP", "DNS", "DNSTestbed", "CryptoNegotiation", "StageProtocol", "SealpostConfig", "CSystemShims",
+            "RemoteDelivery", "SMTP", "DNS", "DNSTestbed", "CryptoNegotiation", "TLS", "StageProtocol", "SealpostConfig", "CSystemShims",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),

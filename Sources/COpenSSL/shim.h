@@ -57,9 +57,11 @@ static inline unsigned long sealpost_xn_flag_rfc2253(void) { return XN_FLAG_RFC2
 static inline long sealpost_bio_get_mem_data(BIO *bio, char **data) { return BIO_get_mem_data(bio, data); }
 static inline void sealpost_openssl_free(void *p) { OPENSSL_free(p); }
 
-// ---- Certificate stacks (sk_X509_* are macros). ----
+// ---- Certificate and cipher stacks (sk_X509_*, sk_SSL_CIPHER_* are macros). ----
 
 static inline int sealpost_sk_x509_num(const STACK_OF(X509) *sk) { return sk_X509_num(sk); }
 static inline X509 *sealpost_sk_x509_value(const STACK_OF(X509) *sk, int i) { return sk_X509_value(sk, i); }
+static inline int sealpost_sk_ssl_cipher_num(const STACK_OF(SSL_CIPHER) *sk) { return sk_SSL_CIPHER_num(sk); }
+static inline const SSL_CIPHER *sealpost_sk_ssl_cipher_value(const STACK_OF(SSL_CIPHER) *sk, int i) { return sk_SSL_CIPHER_value(sk, i); }
 
 #endif

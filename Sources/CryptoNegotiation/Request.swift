@@ -8,7 +8,9 @@ import TLS
 public struct NegotiationRequest: Sendable, Equatable {
     public enum Role: Sendable, Equatable {
         case server
-        case client(serverName: String?, policy: VerificationPolicy, caBundle: String)
+        /// `ciphers`: `.opportunistic` when the request says the client
+        /// falls back to clear text (`opportunistic`, policy `none`).
+        case client(serverName: String?, policy: VerificationPolicy, caBundle: String, ciphers: TLSClientCiphers)
     }
     public var session: UInt64
     public var socket: Int32
@@ -47,7 +49,10 @@ public struct NegotiationRequest: Sendable, Equatable {
         default:
             policy = .none
         }
-        role = .client(serverName: serverName, policy: policy, caBundle: try frame.optionalText("ca") ?? "default")
+        // The schema allows `opportunistic` only with policy none.
+        let ciphers: TLSClientCiphers = try frame.bool("opportunistic", default: false) ? .opportunistic : .strict
+        role = .client(serverName: serverName, policy: policy, caBundle: try frame.optionalText("ca") ?? "default",
+                       ciphers: ciphers)
     }
 
     /// The `tlsa` attribute: records back to back (usage, selector,

@@ -42,11 +42,13 @@ public final class NegotiationService: @unchecked Sendable {
         }
         var clients: [String: TLSClientContext] = [:]
         for (name, path) in configuration.caBundles {
-            clients[name] = try TLSClientContext(caFile: path, common: configuration.common)
+            clients[name] = try TLSClientContext(caFile: path, common: configuration.common,
+                                                 opportunisticCipherList: configuration.opportunisticCipherList)
         }
         if clients["default"] == nil {
             // DANE, pins and "none" need no trust anchors.
-            clients["default"] = try TLSClientContext(caFile: nil, common: configuration.common)
+            clients["default"] = try TLSClientContext(caFile: nil, common: configuration.common,
+                                                      opportunisticCipherList: configuration.opportunisticCipherList)
         }
         clientContexts = clients
         loop = try EventLoop()
@@ -129,18 +131,22 @@ public final class NegotiationService: @unchecked Sendable {
         if let t = request.handshakeTimeout { timeouts.handshake = t }
         if let t = request.idleTimeout { timeouts.idle = t }
         let peer = request.peer ?? "unknown"
+        // Says why a client session has an older suite, or why a strict
+        // handshake found no suite in common with an old server.
+        let cipherNote: String
+        if case .client(_, _, _, let ciphers) = request.role { cipherNote = ", ciphers=\(ciphers.rawValue)" } else { cipherNote = "" }
         let onHandshake: (Result<HandshakeResult, TLSError>) -> Void = { [weak connection, logger] result in
             switch result {
             case .success(let h):
                 let r = h.report
-                logger.info("session=\(session), peer=\(peer), protocol=\(r.protocolVersion), cipher=\(r.cipher), group=\(r.group ?? "none"), sni=\(r.serverName ?? "none"), authentication=\(r.authentication.rawValue)\(r.verifyError.map { ", verify=\"\($0)\"" } ?? "")")
+                logger.info("session=\(session), peer=\(peer), protocol=\(r.protocolVersion), cipher=\(r.cipher), group=\(r.group ?? "none"), sni=\(r.serverName ?? "none"), authentication=\(r.authentication.rawValue)\(cipherNote)\(r.verifyError.map { ", verify=\"\($0)\"" } ?? "")")
                 if let connection {
                     connection.send(Replies.negotiated(session: session, plaintext: h.plaintext, r), closing: [h.plaintext])
                 } else {
                     close(h.plaintext)
                 }
             case .failure(let e):
-                logger.info("session=\(session), peer=\(peer), status=\(e.enhancedStatus), handshake failed: \(e)")
+                logger.info("session=\(session), peer=\(peer), status=\(e.enhancedStatus)\(cipherNote), handshake failed: \(e)")
                 connection?.sessionEnded(session)
                 connection?.send(Replies.failed(session: session, e), closing: [])
             }
@@ -160,14 +166,14 @@ public final class NegotiationService: @unchecked Sendable {
             }
             engine.startServer(contexts: contexts, socket: request.socket, timeouts: timeouts,
                                onHandshake: onHandshake, onClose: onClose)
-        case .client(let serverName, let policy, let bundle):
+        case .client(let serverName, let policy, let bundle, let ciphers):
             guard let context = clientContexts[bundle] else {
                 close(request.socket)
                 onHandshake(.failure(TLSError(.configuration, "no CA bundle named \"\(bundle)\" (known: \(clientContexts.keys.sorted().joined(separator: ", ")))")))
                 return
             }
             engine.startClient(context: context, socket: request.socket, serverName: serverName, policy: policy,
-                               timeouts: timeouts, onHandshake: onHandshake, onClose: onClose)
+                               ciphers: ciphers, timeouts: timeouts, onHandshake: onHandshake, onClose: onClose)
         }
     }
 

@@ -11,6 +11,9 @@ public struct TLSConfiguration: Sendable, Equatable {
     /// CA bundles by name; "default" is `ca_file`.
     public var caBundles: [String: String]
     public var common: TLSCommonSettings
+    /// The client role's TLS 1.2 list for opportunistic handshakes
+    /// (`opportunistic` in NEGOTIATE); `common.cipherList` is the strict one.
+    public var opportunisticCipherList = TLSClientCiphers.opportunisticDefault
     public var timeouts: RelayTimeouts
 
     public init(server: TLSServerSettings, caBundles: [String: String] = [:], timeouts: RelayTimeouts = RelayTimeouts()) {
@@ -29,5 +32,6 @@ public struct TLSConfiguration: Sendable, Equatable {
         server.sessionTickets = settings.sessionTickets
         self.init(server: server, caBundles: settings.allCABundles,
                   timeouts: RelayTimeouts(handshake: Double(settings.handshakeTimeout), idle: Double(settings.idleTimeout)))
+        if let list = settings.clientOpportunisticCiphers { opportunisticCipherList = list }
     }
 }

@@ -54,7 +54,7 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
         let v = request.verification
         switch v.method {
         case .none:
-            break
+            if request.opportunistic { attributes.append(("opportunistic", .bool(true))) }
         case .pkix:
             attributes.append(("policy", .text("pkix")))
             if !v.matchNames.isEmpty { attributes.append(("match-names", .text(v.matchNames.joined(separator: ",")))) }

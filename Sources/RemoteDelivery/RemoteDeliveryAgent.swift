@@ -304,8 +304,22 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         }
         clientPolicy.credentials = state.entry?.credentials
         clientPolicy.allowAuthenticationWithoutTLS = settings.allowLoopbackAuthenticationWithoutTLS && Self.isLoopback(candidate.address)
+        // The wider cipher list exactly when a failed handshake is retried
+        // in clear text (SMTPClientSession's plaintextRetryMayWork): level
+        // "may", or "dane" without TLSA records (RFC 7672 then falls back to
+        // opportunistic TLS, as Postfix's effective level "may"), and no
+        // REQUIRETLS. Everything else keeps the strict list: "encrypt"
+        // (a failure defers, so nothing is lost by insisting), "verify" and
+        // "secure" (PKIX), and DANE with TLSA records, where RFC 7672 forbids
+        // clear text and Postfix uses its mandatory ciphers: servers that
+        // publish TLSA records are maintained, and the strict suites are
+        // the non-anonymous set such servers negotiate. A REQUIRETLS message
+        // on a connection cached from an opportunistic job is still refused
+        // there: it needs an authenticated peer, which policy none never gives.
+        let opportunistic = clientPolicy.tls == .opportunistic && verification.method == .none && !state.job.requireTLS
         let request = TLSClientRequest(serverName: candidate.host, peer: candidate.description, verification: verification,
-                                       handshakeTimeout: min(SMTPClientPhase.tlsHandshake.timeoutSeconds ?? 300, settings.maximumPhaseTimeout ?? 300))
+                                       handshakeTimeout: min(SMTPClientPhase.tlsHandshake.timeoutSeconds ?? 300, settings.maximumPhaseTimeout ?? 300),
+                                       opportunistic: opportunistic)
         let options = ConnectionOptions(connectTimeout: settings.connectTimeout, maximumPhaseTimeout: settings.maximumPhaseTimeout,
                                         sourceIPv4: settings.sourceIPv4, sourceIPv6: settings.sourceIPv6)
         let (connection, future) = SMTPConnection.open(on: eventLoop, candidate: candidate, cacheKey: state.key ?? "",

@@ -20,12 +20,19 @@ public struct TLSClientRequest: Sendable, Hashable {
     public var verification: TLSVerification
     /// RFC 5321-style limit for the handshake, seconds.
     public var handshakeTimeout: Int
+    /// A failed handshake means the message goes in clear text (RFC 7435:
+    /// level "may", no verification, no REQUIRETLS): crypto-negotiate then
+    /// offers its wider cipher list, since older encryption is better than
+    /// none. Only with verification method `none`.
+    public var opportunistic: Bool
 
-    public init(serverName: String, peer: String, verification: TLSVerification, handshakeTimeout: Int = 300) {
+    public init(serverName: String, peer: String, verification: TLSVerification, handshakeTimeout: Int = 300,
+                opportunistic: Bool = false) {
         self.serverName = serverName
         self.peer = peer
         self.verification = verification
         self.handshakeTimeout = handshakeTimeout
+        self.opportunistic = opportunistic
     }
 }
 

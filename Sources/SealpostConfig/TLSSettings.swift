@@ -8,6 +8,7 @@
 //   ca_file = "/etc/ssl/certs/ca-certificates.crt"   CA bundle "default" (client role)
 //   ca_bundles = { mta-sts = "..." }     more bundles, by name
 //   protocols = ["TLSv1.2", "TLSv1.3"]
+//   client_opportunistic_ciphers = "..."  TLS 1.2 list for opportunistic delivery
 //   session_tickets = true
 //   handshake_timeout = "60s"
 //   idle_timeout = "300s"
@@ -48,6 +49,12 @@ public struct TLSSettings: Sendable, Equatable {
     /// "TLSv1.2" and/or "TLSv1.3"; older versions are not supported
     /// (RFC 8996).
     public var protocols: [String]
+    /// The OpenSSL TLS 1.2 cipher list remote delivery offers where a
+    /// failed handshake means clear text (opportunistic TLS); nil: the TLS
+    /// module's default (TLSClientCiphers.opportunisticDefault). Checked
+    /// here for its syntax only; crypto-negotiate refuses at start a list
+    /// OpenSSL does not take or one that enables weak suites.
+    public var clientOpportunisticCiphers: String?
     /// Resumption with stateless tickets (server role).
     public var sessionTickets: Bool
     /// Seconds a handshake may take (1..3600).
@@ -70,6 +77,7 @@ public struct TLSSettings: Sendable, Equatable {
         caFile = "/etc/ssl/certs/ca-certificates.crt"
         caBundles = [:]
         protocols = Self.knownProtocols
+        clientOpportunisticCiphers = nil
         sessionTickets = true
         handshakeTimeout = 60
         idleTimeout = 300
@@ -84,8 +92,8 @@ public struct TLSSettings: Sendable, Equatable {
 }
 
 extension ConfigParser {
-    static let tlsKeys = ["certificates", "ca_file", "ca_bundles", "protocols", "session_tickets",
-                          "handshake_timeout", "idle_timeout"]
+    static let tlsKeys = ["certificates", "ca_file", "ca_bundles", "protocols", "client_opportunistic_ciphers",
+                          "session_tickets", "handshake_timeout", "idle_timeout"]
     static let certificateKeys = ["cert", "key", "names"]
 
     /// Reads [tls] into `configuration.tls` (whose defaults are set).
@@ -168,6 +176,10 @@ extension ConfigParser {
             }
             settings.protocols = seen
         }
+        if let ciphers = try tls.string("client_opportunistic_ciphers") {
+            try Self.checkCipherList(ciphers, in: tls, key: "client_opportunistic_ciphers")
+            settings.clientOpportunisticCiphers = ciphers
+        }
         if let value = table?["session_tickets"] {
             guard let flag = value.bool else {
                 throw tls.error("session_tickets", "expected true or false, found \(Self.describe(value.type))")
@@ -183,6 +195,24 @@ extension ConfigParser {
             throw tls.error("idle_timeout", "must be between 1s and 1d")
         }
         configuration.tls = settings
+    }
+
+    /// The syntax of an OpenSSL cipher list (ciphers(1)): names and
+    /// aliases joined by "+", with "!", "-" or "+" before them, separated
+    /// by ":", "," or spaces. "@" directives are refused: "@SECLEVEL"
+    /// would lower the security level of the whole context (certificate
+    /// key sizes, signature algorithms), not just choose suites.
+    static func checkCipherList(_ list: String, in section: Section, key: String) throws(ConfigError) {
+        guard !list.allSatisfy({ $0 == " " }) else {
+            throw section.error(key, "must not be empty (leave the key out for the default list)")
+        }
+        if list.contains("@") {
+            throw section.error(key, "\"@\" directives (@SECLEVEL, @STRENGTH) are not allowed: \(Self.quote(list))")
+        }
+        let allowed = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-!:,._ ")
+        if let bad = list.first(where: { !allowed.contains($0) }) {
+            throw section.error(key, "not an OpenSSL cipher list (character \(Self.quote(String(bad)))): \(Self.quote(list))")
+        }
     }
 
     /// A DNS name, or one with "*." as its whole first label.

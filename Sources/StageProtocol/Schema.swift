@@ -398,7 +398,7 @@ extension Checks {
 }
 
 extension Standard {
-    static let tlsClientOnly = ["policy", "match-names", "tlsa", "pins", "ca"]
+    static let tlsClientOnly = ["policy", "match-names", "tlsa", "pins", "ca", "opportunistic"]
 
     static let tls = ProtocolSchema(
         name: "tls",
@@ -419,6 +419,7 @@ extension Standard {
                 R("idle-timeout", .uint, check: Checks.range(1...86400)),
                 R("peer", .text),
                 R("report-close", .bool),
+                R("opportunistic", .bool),
             ], check: { frame in
                 let role = frame["role"]
                 if role == .text("server") {
@@ -434,6 +435,11 @@ extension Standard {
                 }
                 if policy != "pin" && frame["pins"] != nil {
                     return "attribute \"pins\" needs policy \"pin\""
+                }
+                // The wider cipher list is for encryption in place of
+                // clear text, never for a handshake that authenticates.
+                if policy != "none" && frame["opportunistic"] == .bool(true) {
+                    return "attribute \"opportunistic\" needs policy \"none\""
                 }
                 switch policy {
                 case "dane" where frame["tlsa"] == nil:

@@ -52,11 +52,16 @@ public final class TLSConnection {
 
     /// Client role on connected socket `fd` (not owned). `serverName`: sent
     /// as SNI. The policy is enforced by OpenSSL during the handshake (PKIX,
-    /// DANE) or right after it (pins).
+    /// DANE) or right after it (pins). `ciphers`: `.opportunistic` only with
+    /// policy `.none`: a handshake that authenticates its peer keeps the
+    /// strict list (see TLSClientCiphers).
     public init(client context: TLSClientContext, fd: Int32, serverName: String?,
-                policy: VerificationPolicy) throws(TLSError) {
+                policy: VerificationPolicy, ciphers: TLSClientCiphers = .strict) throws(TLSError) {
+        if ciphers == .opportunistic && policy != .none {
+            throw TLSError(.configuration, "the opportunistic cipher list is only for handshakes that do not authenticate the peer")
+        }
         ERR_clear_error()
-        guard let ssl = SSL_new(context.handle.ctx) else {
+        guard let ssl = SSL_new(context.handle(ciphers).ctx) else {
             throw TLSError.openSSL(.configuration, "SSL_new")
         }
         self.ssl = ssl

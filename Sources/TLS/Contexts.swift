@@ -16,7 +16,7 @@ final class ContextHandle {
 
 /// Settings common to both roles: versions, ciphers, groups, no
 /// compression, no renegotiation, relay-friendly write modes.
-func applyCommon(_ ctx: OpaquePointer, _ common: TLSCommonSettings) throws(TLSError) {
+func applyCommon(_ ctx: OpaquePointer, _ common: TLSCommonSettings, what: String = "cipher list") throws(TLSError) {
     guard let low = common.protocols.min(), let high = common.protocols.max() else {
         throw TLSError(.configuration, "no TLS protocol version enabled")
     }
@@ -26,7 +26,7 @@ func applyCommon(_ ctx: OpaquePointer, _ common: TLSCommonSettings) throws(TLSEr
     }
     SSL_CTX_set_options(ctx, sealpost_ssl_op_no_compression() | sealpost_ssl_op_no_renegotiation())
     guard SSL_CTX_set_cipher_list(ctx, common.cipherList) == 1 else {
-        throw TLSError.openSSL(.configuration, "cipher list \"\(common.cipherList)\" refused")
+        throw TLSError.openSSL(.configuration, "\(what) \"\(common.cipherList)\" refused")
     }
     guard sealpost_ssl_ctx_set1_groups_list(ctx, common.groups) == 1 else {
         throw TLSError.openSSL(.configuration, "groups \"\(common.groups)\" refused")
@@ -306,30 +306,87 @@ private let serverNameCallback: sealpost_servername_cb = { ssl, _, arg in
     return SSL_TLSEXT_ERR_OK
 }
 
-/// The client role: one SSL_CTX per CA bundle (or none), loaded at start.
+/// The client role for one CA bundle (or none), loaded at start: two
+/// SSL_CTXs that differ only in their TLS 1.2 cipher list (strict and
+/// opportunistic, `TLSClientCiphers`) and share one certificate store, so
+/// the bundle is read and held once.
 public final class TLSClientContext: @unchecked Sendable {
-    let handle: ContextHandle
+    let strict: ContextHandle
+    let opportunistic: ContextHandle
     public let caFile: String?
 
     /// `caFile`: PEM bundle of trust anchors for PKIX (nil: PKIX always fails,
-    /// DANE and pins still work).
-    public init(caFile: String?, common: TLSCommonSettings = TLSCommonSettings()) throws(TLSError) {
-        guard let ctx = SSL_CTX_new(TLS_client_method()) else {
-            throw TLSError.openSSL(.configuration, "SSL_CTX_new")
-        }
-        handle = ContextHandle(ctx)
+    /// DANE and pins still work). `common.cipherList` is the strict list;
+    /// `opportunisticCipherList` the one for opportunistic handshakes.
+    /// A list OpenSSL refuses, or one that enables a suite without
+    /// encryption or authentication, under 128 bits (export, DES, 3DES),
+    /// with RC4 or an MD5 MAC, is a configuration error.
+    public init(caFile: String?, common: TLSCommonSettings = TLSCommonSettings(),
+                opportunisticCipherList: String = TLSClientCiphers.opportunisticDefault) throws(TLSError) {
         self.caFile = caFile
-        try applyCommon(ctx, common)
-        // No ticket storage here: every session is a fresh handshake.
-        _ = sealpost_ssl_ctx_set_session_cache_mode(ctx, Int(SSL_SESS_CACHE_OFF))
+        strict = try Self.makeContext(common, cipherList: common.cipherList, what: "cipher list")
+        opportunistic = try Self.makeContext(common, cipherList: opportunisticCipherList, what: "opportunistic cipher list")
         if let caFile {
             ERR_clear_error()
-            guard SSL_CTX_load_verify_locations(ctx, caFile, nil) == 1 else {
+            guard SSL_CTX_load_verify_locations(strict.ctx, caFile, nil) == 1 else {
                 throw TLSError.openSSL(.configuration, "CA file \(caFile)")
             }
         }
+        // Under policy none the chain is still verified for the report
+        // (verify-error): the opportunistic context needs the anchors too.
+        SSL_CTX_set1_cert_store(opportunistic.ctx, SSL_CTX_get_cert_store(strict.ctx))
+    }
+
+    func handle(_ ciphers: TLSClientCiphers) -> ContextHandle {
+        ciphers == .strict ? strict : opportunistic
+    }
+
+    /// OpenSSL's names of the suites a handshake with `ciphers` offers, in
+    /// order (TLS 1.3's first, named "TLS_..."), as `openssl ciphers` lists them.
+    func suiteNames(_ ciphers: TLSClientCiphers) -> [String] {
+        Self.suites(of: handle(ciphers).ctx).map { String(cString: SSL_CIPHER_get_name($0)) }
+    }
+
+    private static func suites(of ctx: OpaquePointer) -> [OpaquePointer] {
+        guard let stack = SSL_CTX_get_ciphers(ctx) else { return [] }
+        return (0..<sealpost_sk_ssl_cipher_num(stack)).compactMap { sealpost_sk_ssl_cipher_value(stack, $0) }
+    }
+
+    private static func makeContext(_ common: TLSCommonSettings, cipherList: String, what: String) throws(TLSError) -> ContextHandle {
+        guard let ctx = SSL_CTX_new(TLS_client_method()) else {
+            throw TLSError.openSSL(.configuration, "SSL_CTX_new")
+        }
+        let handle = ContextHandle(ctx)
+        var settings = common
+        settings.cipherList = cipherList
+        try applyCommon(ctx, settings, what: what)
+        try refuseWeakSuites(ctx, cipherList, what: what)
+        // No ticket storage here: every session is a fresh handshake.
+        _ = sealpost_ssl_ctx_set_session_cache_mode(ctx, Int(SSL_SESS_CACHE_OFF))
         guard SSL_CTX_dane_enable(ctx) > 0 else {
             throw TLSError.openSSL(.configuration, "SSL_CTX_dane_enable")
+        }
+        return handle
+    }
+
+    /// OpenSSL takes any suite a list names (its security level drops some
+    /// of them only when the ClientHello is built): a configured list that
+    /// asks for what no peer should be offered is refused at start, with
+    /// the first such suite named.
+    private static func refuseWeakSuites(_ ctx: OpaquePointer, _ list: String, what: String) throws(TLSError) {
+        for suite in suites(of: ctx) {
+            var algorithmBits: Int32 = 0
+            let reason: String? =
+                SSL_CIPHER_get_cipher_nid(suite) == NID_undef ? "no encryption"
+                : SSL_CIPHER_get_auth_nid(suite) == NID_auth_null ? "no authentication (anonymous)"
+                : SSL_CIPHER_get_bits(suite, &algorithmBits) < 128 ? "fewer than 128 bits of strength"
+                : SSL_CIPHER_get_cipher_nid(suite) == NID_rc4 ? "RC4"
+                : SSL_CIPHER_get_digest_nid(suite) == NID_md5 ? "an MD5 MAC"
+                : nil
+            if let reason {
+                let name = String(cString: SSL_CIPHER_get_name(suite))
+                throw TLSError(.configuration, "\(what) \"\(list)\" enables \(name): \(reason)")
+            }
         }
     }
 }

@@ -359,15 +359,17 @@ public final class RelayEngine: @unchecked Sendable {
         start(tls, socket, timeouts, onHandshake, onClose)
     }
 
-    /// As `startServer`, for the client role with a verification policy.
+    /// As `startServer`, for the client role with a verification policy
+    /// and the cipher list for it (TLSConnection.init(client:...)).
     public func startClient(context: TLSClientContext, socket: Int32, serverName: String?,
-                            policy: VerificationPolicy, timeouts: RelayTimeouts = RelayTimeouts(),
+                            policy: VerificationPolicy, ciphers: TLSClientCiphers = .strict,
+                            timeouts: RelayTimeouts = RelayTimeouts(),
                             onHandshake: @escaping (Result<HandshakeResult, TLSError>) -> Void,
                             onClose: @escaping (RelaySummary) -> Void) {
         setNonBlocking(socket)
         let tls: TLSConnection
         do {
-            tls = try TLSConnection(client: context, fd: socket, serverName: serverName, policy: policy)
+            tls = try TLSConnection(client: context, fd: socket, serverName: serverName, policy: policy, ciphers: ciphers)
         } catch {
             close(socket)
             onHandshake(.failure(error))

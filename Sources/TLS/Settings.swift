@@ -37,7 +37,10 @@ public struct TLSCommonSettings: Sendable, Equatable {
     public var protocols: Set<TLSProtocolVersion> = [.tls12, .tls13]
     /// TLS 1.2 cipher list: forward-secret (ECDHE) AEAD suites only. TLS 1.3
     /// suites are all AEAD and forward secret; OpenSSL's default set is kept.
-    public var cipherList = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+    /// The server role and every client handshake that authenticates the
+    /// peer or requires TLS use it; opportunistic client handshakes use
+    /// `TLSClientCiphers.opportunisticDefault` instead.
+    public var cipherList = TLSClientCiphers.strictDefault
     /// Key exchange groups, in preference order.
     public var groups = "X25519:P-256"
 
@@ -53,6 +56,39 @@ public struct TLSServerSettings: Sendable, Equatable {
     public init(certificates: [CertificateKeyPair]) {
         self.certificates = certificates
     }
+}
+
+/// Which TLS 1.2 cipher list a client handshake offers. The versions stay
+/// TLS 1.2 and 1.3 either way, and TLS 1.3's suites are the same.
+public enum TLSClientCiphers: String, Sendable, Equatable {
+    /// The server role's list (forward-secret AEAD only): for handshakes
+    /// that authenticate the peer (PKIX, DANE, pins) or whose failure
+    /// defers the mail (TLS required, `encrypt`).
+    case strict
+    /// For opportunistic TLS (RFC 7435), where a failed handshake means
+    /// clear text: any reasonable encryption is better than none, so older
+    /// servers' suites are offered too (Postfix's smtp_tls_ciphers =
+    /// medium for its `may` level does the same).
+    case opportunistic
+
+    /// ECDHE with AES-GCM or ChaCha20-Poly1305.
+    public static let strictDefault = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+    /// In order of preference: the strict suites, ECDHE with AES-CBC, then
+    /// RSA key exchange with AES-GCM and AES-CBC (`openssl ciphers -v` lists
+    /// 20 TLS 1.2 suites, from ECDHE-ECDSA-AES256-GCM-SHA384 to AES128-SHA).
+    /// Left out: RC4, 3DES, DES, NULL encryption, anonymous (aNULL), export,
+    /// MD5 MACs, Camellia/ARIA/SEED (no AES-less MX in practice), AES-CCM
+    /// (no MX offers it; CCM8's tag is short), PSK/SRP (no such
+    /// credentials here), and DHE: an old server with DHE often has
+    /// 1024-bit groups, which OpenSSL 3 refuses at its default security
+    /// level (2: "dh key too small"), so a DHE suite the server picks would
+    /// fail a handshake that RSA key exchange would have completed.
+    /// TLS 1.0 and 1.1 stay off (RFC 8996; `protocols` refuses them): with
+    /// OpenSSL 3 at security level 1 or more their ECDHE handshakes fail
+    /// anyway (MD5+SHA-1 signatures), and only RSA key exchange would work.
+    public static let opportunisticDefault =
+        "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:RSA+AESGCM:RSA+AES:!AESCCM:!aNULL:!eNULL:!PSK:!SRP:!DSS:!MD5:!3DES:!RC4:!EXP"
 }
 
 /// One TLSA record (RFC 6698) as OpenSSL's DANE verifier takes it.

@@ -24,8 +24,10 @@
 //
 // CONFIGURATION
 //     The [tls] section of Config/sealpost.toml (SEALPOST_CONFIG):
-//     certificates and keys, CA bundles, protocols, session tickets,
-//     timeouts. By default the self-signed pair that Pipeline/start creates
+//     certificates and keys, CA bundles, protocols, the TLS 1.2 cipher
+//     list of opportunistic client handshakes (client_opportunistic_ciphers,
+//     for NEGOTIATE requests with opportunistic=true; all others use the
+//     server role's strict list), session tickets, timeouts. By default the self-signed pair that Pipeline/start creates
 //     in tls/ under the data directory. With no certificate configured the
 //     server role is off (smtp-listen then offers no STARTTLS).
 //
@@ -61,7 +63,8 @@
 //
 // EXIT STATUS
 //     0 stopped by a signal; 78 configuration error (including unreadable
-//     certificates or keys, and a SEALPOST_CERTIFICATE_FD that is not an
+//     certificates or keys, a cipher list OpenSSL refuses or one enabling
+//     a weak suite, and a SEALPOST_CERTIFICATE_FD that is not an
 //     inherited socket); 77 privileges could not be dropped; 71 the
 //     socket could not be created, or the empty chroot directory could not
 //     be prepared.

@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import SealpostConfig
 import StageProtocol
@@ -54,6 +55,22 @@ func tlsConfiguration(_ text: String, file: String) throws -> TLSConfiguration {
         #expect(c.timeouts == RelayTimeouts())
     }
 
+    @Test func opportunisticCipherList() throws {
+        #expect(try tlsConfiguration("[tls]\n", file: "/x/sealpost.toml").opportunisticCipherList
+                == TLSClientCiphers.opportunisticDefault)
+        let c = try tlsConfiguration("[tls]\nclient_opportunistic_ciphers = \"ECDHE+AESGCM:RSA+AESGCM\"\n", file: "/x/sealpost.toml")
+        #expect(c.opportunisticCipherList == "ECDHE+AESGCM:RSA+AESGCM")
+        #expect(c.common.cipherList == TLSClientCiphers.strictDefault)
+    }
+
+    /// The shipped file shows the default list (commented out: the key's
+    /// absence means the TLS module's default), and it is that list.
+    @Test func shippedFileShowsTheDefaultOpportunisticList() throws {
+        let checkout = String(#filePath).split(separator: "/").dropLast(3).joined(separator: "/")
+        let text = try String(contentsOfFile: "/\(checkout)/Config/sealpost.toml", encoding: .utf8)
+        #expect(text.contains("# client_opportunistic_ciphers = \"\(TLSClientCiphers.opportunisticDefault)\"\n"))
+    }
+
     @Test func noCertificatesNoServerRole() throws {
         let c = try tlsConfiguration("[tls]\ncertificates = []\nca_file = \"\"\n", file: "/x/sealpost.toml")
         #expect(c.server.certificates.isEmpty)
@@ -87,7 +104,7 @@ func tlsConfiguration(_ text: String, file: String) throws -> TLSConfiguration {
             "session": .uint(1), "socket": .fd(0), "role": .text("client"), "server-name": .text("MX1.example.net"),
             "policy": .text("dane"), "tlsa": .bytes(NegotiationRequest.encodeTLSA(records))])))
         #expect(r.role == .client(serverName: "MX1.example.net", policy: .dane(records: records, names: ["mx1.example.net"]),
-                                  caBundle: "default"))
+                                  caBundle: "default", ciphers: .strict))
     }
 
     @Test func clientPKIXWithNamesAndPins() throws {
@@ -95,15 +112,34 @@ func tlsConfiguration(_ text: String, file: String) throws -> TLSConfiguration {
             "session": .uint(1), "socket": .fd(0), "role": .text("client"), "server-name": .text("mx.example.net"),
             "policy": .text("pkix"), "match-names": .text("example.net,mx.example.net"), "ca": .text("mta-sts")])))
         #expect(r.role == .client(serverName: "mx.example.net", policy: .pkix(names: ["example.net", "mx.example.net"]),
-                                  caBundle: "mta-sts"))
+                                  caBundle: "mta-sts", ciphers: .strict))
         let pin = String(repeating: "ab", count: 32)
         let p = try NegotiationRequest(try Self.decode(Frame(.negotiate, [
             "session": .uint(1), "socket": .fd(0), "role": .text("client"), "policy": .text("pin"), "pins": .text(pin)])))
-        #expect(p.role == .client(serverName: nil, policy: .pin(spkiSHA256: [Array(repeating: 0xab, count: 32)]), caBundle: "default"))
+        #expect(p.role == .client(serverName: nil, policy: .pin(spkiSHA256: [Array(repeating: 0xab, count: 32)]), caBundle: "default",
+                                  ciphers: .strict))
+    }
+
+    /// remote-deliver's opportunistic request (level "may") gets the wider
+    /// list; without the attribute, or with false, the strict one.
+    @Test func clientOpportunistic() throws {
+        let r = try NegotiationRequest(try Self.decode(Frame(.negotiate, [
+            "session": .uint(1), "socket": .fd(0), "role": .text("client"), "server-name": .text("mx.example.net"),
+            "opportunistic": .bool(true)])))
+        #expect(r.role == .client(serverName: "mx.example.net", policy: .none, caBundle: "default", ciphers: .opportunistic))
+        let plain = try NegotiationRequest(try Self.decode(Frame(.negotiate, [
+            "session": .uint(1), "socket": .fd(0), "role": .text("client"), "opportunistic": .bool(false)])))
+        #expect(plain.role == .client(serverName: nil, policy: .none, caBundle: "default", ciphers: .strict))
     }
 
     @Test(arguments: [
         (["role": .text("server"), "policy": .text("pkix")], "attribute \"policy\" is only for role \"client\""),
+        (["role": .text("server"), "opportunistic": .bool(true)], "attribute \"opportunistic\" is only for role \"client\""),
+        (["role": .text("client"), "policy": .text("pkix"), "server-name": .text("mx.example.net"), "opportunistic": .bool(true)],
+         "attribute \"opportunistic\" needs policy \"none\""),
+        (["role": .text("client"), "policy": .text("pin"), "pins": .text(String(repeating: "ab", count: 32)),
+          "opportunistic": .bool(true)], "attribute \"opportunistic\" needs policy \"none\""),
+        (["role": .text("client"), "opportunistic": .text("yes")], "opportunistic"),
         (["role": .text("client"), "policy": .text("dane")], "attribute \"tlsa\" is required for policy \"dane\""),
         (["role": .text("client"), "policy": .text("pkix")], "policy \"pkix\" needs \"server-name\" or \"match-names\""),
         (["role": .text("client"), "policy": .text("pin"), "pins": .text("ABCD")], "attribute \"pins\": must be a comma-separated list"),

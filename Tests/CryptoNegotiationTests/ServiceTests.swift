@@ -207,6 +207,37 @@ final class ReloadableService {
         #expect(try f.uint("session") == 3)
     }
 
+    /// remote-deliver's request for an older MX (TLS 1.2 with one suite,
+    /// RSA key exchange): FAILED without `opportunistic` (level "encrypt"
+    /// asks so), NEGOTIATED with that suite with it (level "may").
+    @Test func opportunisticRequestReachesAnOlderServer() throws {
+        let running = try ReloadableService()
+        defer { withExtendedLifetime(running) {} }
+        let pki = running.pki
+        let server = try OpenSSLServer(["-cert", pki.path("leaf-rsa.pem"), "-key", pki.path("leaf-rsa.key"),
+                                        "-tls1_2", "-cipher", "AES128-GCM-SHA256"], accepts: 2)
+        defer { server.stop() }
+        func negotiate(session: UInt64, opportunistic: Bool?) throws -> Frame {
+            let fd = try connectTCP(server.port)
+            var request = Frame(.negotiate, ["session": .uint(session), "socket": .fd(fd), "role": .text("client"),
+                                             "server-name": .text("mx.example.test")])
+            if let opportunistic { request.set("opportunistic", .bool(opportunistic)) }
+            try running.connection.send(request)
+            close(fd)
+            return try #require(try running.connection.receive())
+        }
+        let strict = try negotiate(session: 1, opportunistic: nil)
+        #expect(strict.type == .failed, "\(strict)")
+        #expect(try strict.text("status") == "4.7.5")
+        let wide = try negotiate(session: 2, opportunistic: true)
+        #expect(wide.type == .negotiated, "\(wide)")
+        guard wide.type == .negotiated else { return }
+        #expect(try wide.text("protocol") == "TLSv1.2")
+        #expect(try wide.text("cipher") == "AES128-GCM-SHA256")
+        #expect(try wide.text("authentication") == "encrypted")
+        close(try wide.fd("plaintext"))
+    }
+
     @Test func protocolViolationGetsAnError() throws {
         // A NEGOTIATE with an fd attribute but no descriptor: refused.
         try withRawClient { fd in
@@ -354,6 +385,22 @@ func sealpost_unix_connect_for_test(_ path: String) -> Int32 { sealpost_unix_con
         // Not root, it removes its socket; chrooted, it cannot (the next
         // start replaces it).
         #expect((access(data + "/run/tls", F_OK) == 0) == root)
+    }
+
+    /// A configured opportunistic list with an anonymous suite stops the
+    /// stage at start (exit 78), naming the suite.
+    @Test func aWeakOpportunisticCipherListIsAConfigurationError() throws {
+        let pki = try TestPKI.get()
+        let data = pki.path("data-ciphers-\(getpid())")
+        try shell("mkdir -p '\(data)/run'", in: pki.dir)
+        try ("[sealpost]\ndata_directory = \"\(data)\"\n"
+             + "[tls]\ncertificates = []\nclient_opportunistic_ciphers = \"AES128-SHA:ADH-AES128-SHA\"\n")
+            .write(toFile: data + "/sealpost.toml", atomically: true, encoding: .utf8)
+        let child = try Child([try Self.executable()], environment: ["SEALPOST_CONFIG": data + "/sealpost.toml"])
+        #expect(child.finish() == 78)
+        #expect(child.output.contains(
+            "fatal: opportunistic cipher list \"AES128-SHA:ADH-AES128-SHA\" enables ADH-AES128-SHA: no authentication (anonymous)"),
+            "\(child.output)")
     }
 
     @Test func unreadableKeyIsAConfigurationError() throws {

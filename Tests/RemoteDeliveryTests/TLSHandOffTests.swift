@@ -7,6 +7,7 @@ import StageRuntime
 import Testing
 import SealpostConfig
 import CryptoNegotiation
+import TLS
 import StageProtocol
 import SMTP
 @testable import RemoteDelivery
@@ -21,10 +22,14 @@ final class TLSService: @unchecked Sendable {
     let service: NegotiationService
     private let stopped = Mutex(false)
 
-    init(listening: Bool = true) throws {
+    /// `olderServerSuite`: the server role (the sink's side) is an older
+    /// MX: TLS 1.2 with only this suite, an RSA certificate. The client
+    /// role (remote-deliver's side) keeps the configured lists.
+    init(listening: Bool = true, olderServerSuite: String? = nil) throws {
         var template = Array("/tmp/sealpost-rtls-XXXXXX".utf8CString)
         dir = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
-        let rc = system("cd \(dir) && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout mx.key -out mx.pem -days 2 -subj /CN=mx.dest.test -addext subjectAltName=DNS:mx.dest.test >/dev/null 2>&1")
+        let key = olderServerSuite == nil ? "ec -pkeyopt ec_paramgen_curve:P-256" : "rsa:2048"
+        let rc = system("cd \(dir) && openssl req -x509 -newkey \(key) -nodes -keyout mx.key -out mx.pem -days 2 -subj /CN=mx.dest.test -addext subjectAltName=DNS:mx.dest.test >/dev/null 2>&1")
         guard rc == 0 else { throw SinkError("openssl req failed: \(rc)") }
         let text = """
             [tls]
@@ -34,7 +39,12 @@ final class TLSService: @unchecked Sendable {
             cert = "\(dir)/mx.pem"
             key = "\(dir)/mx.key"
             """
-        service = try NegotiationService(configuration: TLSConfiguration(try SealpostConfiguration.parse(text: text, file: dir + "/sealpost.toml").tls))
+        var configuration = TLSConfiguration(try SealpostConfiguration.parse(text: text, file: dir + "/sealpost.toml").tls)
+        if let olderServerSuite {
+            configuration.server.common.protocols = [.tls12]
+            configuration.server.common.cipherList = olderServerSuite
+        }
+        service = try NegotiationService(configuration: configuration)
         socketPath = dir + "/tls"
         if listening { try startListening() }
     }
@@ -125,6 +135,46 @@ import Synchronization
         #expect(sink.commands.filter { $0 == "STARTTLS" }.count == 1)
     }
 
+    /// One delivery with TLS level `level` to a sink at `address` whose
+    /// STARTTLS is an older MX's: TLS 1.2 with RSA key exchange only
+    /// (AES128-GCM-SHA256, not in the strict list).
+    private func deliverToAnOlderServer(at address: String, level: TLSRequirement?) async throws
+        -> (result: RemoteResult?, sink: TestSink, log: [String]) {
+        let tls = try TLSService(olderServerSuite: "AES128-GCM-SHA256")
+        defer { tls.stop() }
+        var script = SinkScript()
+        script.startTLS = { tls.serverHandOff($0) }
+        let sink = try TestSink(address: address, script: script)
+        defer { sink.stop() }
+        let f = HandOffAgent(sink: sink, tlsSocket: tls.socketPath, tls: level)
+        let results = await f.deliver()
+        await f.shutdown()
+        return (results.first, sink, f.logs.all)
+    }
+
+    /// Level "may": remote-deliver asks for the opportunistic list and the
+    /// message goes encrypted with that suite, logged as such, instead of
+    /// in clear text after a failed handshake.
+    @Test func opportunisticTLSReachesAnOlderServer() async throws {
+        let (result, sink, log) = try await deliverToAnOlderServer(at: "127.0.0.11", level: nil)
+        #expect(result?.status == .sent)
+        #expect(result?.tls == .encrypted(protocol: "TLSv1.2", cipher: "AES128-GCM-SHA256"))
+        #expect(sink.connections == 1)
+        #expect(sink.commands.prefix(4) == ["EHLO client.test", "STARTTLS", "(TLS)", "EHLO client.test"])
+        #expect(log.contains { $0.contains("status=sent") && $0.hasSuffix("tls=TLSv1.2 AES128-GCM-SHA256 unauthenticated") }, "\(log)")
+    }
+
+    /// Level "encrypt" (TLS required, a failure defers): the strict list,
+    /// so the same older MX gets no message.
+    @Test func requiredTLSKeepsTheStrictList() async throws {
+        let (result, sink, _) = try await deliverToAnOlderServer(at: "127.0.0.12", level: .encrypt)
+        #expect(result?.status == .deferred)
+        #expect(result?.dsn.hasPrefix("4.") == true)
+        #expect(sink.messages.isEmpty)
+        #expect(!sink.commands.contains { $0.hasPrefix("MAIL FROM") })
+        #expect(sink.commands.filter { $0 == "STARTTLS" }.count == 1)
+    }
+
     /// crypto-negotiate is a moment late (the supervisor started it just
     /// before remote-deliver, or restarts it): the first delivery waits
     /// for its socket instead of going out in clear text.
@@ -182,11 +232,11 @@ private struct HandOffAgent {
     let group = MultiThreadedEventLoopGroupHolder()
     let agent: RemoteDeliveryAgent
 
-    init(sink: TestSink, tlsSocket: String, configure: (inout RemoteSettings) -> Void = { _ in }) {
+    init(sink: TestSink, tlsSocket: String, tls: TLSRequirement? = nil, configure: (inout RemoteSettings) -> Void = { _ in }) {
         var settings = RemoteSettings(hostname: "client.test")
         settings.maximumPhaseTimeout = 30
         configure(&settings)
-        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host(sink.address, port: sink.port))])
+        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host(sink.address, port: sink.port), tls: tls)])
         agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings, transports: table,
                                     resolver: StaticMailExchangerResolver(),
                                     tlsHandOff: CryptoNegotiateHandOff(socketPath: tlsSocket), log: logs.log)

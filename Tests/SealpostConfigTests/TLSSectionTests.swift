@@ -70,7 +70,7 @@ import Testing
 
     @Test func unknownKey() {
         expectError("[tls]\nprotocols = [\"TLSv1.2\"]\nsession_ticket = true\n", line: 3, key: "tls.session_ticket",
-                    "unknown key (known in [tls]: certificates, ca_file, ca_bundles, protocols, session_tickets, handshake_timeout, idle_timeout)")
+                    "unknown key (known in [tls]: certificates, ca_file, ca_bundles, protocols, client_opportunistic_ciphers, session_tickets, handshake_timeout, idle_timeout)")
     }
 
     @Test func deprecatedProtocol() {
@@ -100,6 +100,25 @@ import Testing
                     line: 3, key: "tls.certificates.0.cert", "expected a string, found an integer")
         expectError("[tls]\ncertificates = \"x.pem\"\n", line: 2, key: "tls.certificates",
                     "expected [[tls.certificates]] tables, found a string")
+    }
+
+    /// The list is OpenSSL's to judge (crypto-negotiate, at start); here
+    /// only what cannot be a cipher list, and "@" directives, which would
+    /// lower the security level of the whole context.
+    @Test func clientOpportunisticCiphers() throws {
+        let directory = TemporaryDirectory()
+        let file = directory.write("sealpost.toml", "[tls]\nclient_opportunistic_ciphers = \"ECDHE+AESGCM:RSA+AES:!aNULL\"\n")
+        #expect(try SealpostConfiguration.load(path: file).tls.clientOpportunisticCiphers == "ECDHE+AESGCM:RSA+AES:!aNULL")
+        let absent = directory.write("absent.toml", "[tls]\n")
+        #expect(try SealpostConfiguration.load(path: absent).tls.clientOpportunisticCiphers == nil)
+        expectError("[tls]\nclient_opportunistic_ciphers = \"\"\n", line: 2, key: "tls.client_opportunistic_ciphers",
+                    "must not be empty (leave the key out for the default list)")
+        expectError("[tls]\nclient_opportunistic_ciphers = \"ALL@SECLEVEL=0\"\n", line: 2, key: "tls.client_opportunistic_ciphers",
+                    "\"@\" directives (@SECLEVEL, @STRENGTH) are not allowed: \"ALL@SECLEVEL=0\"")
+        expectError("[tls]\nclient_opportunistic_ciphers = \"AES128-SHA;rm\"\n", line: 2, key: "tls.client_opportunistic_ciphers",
+                    "not an OpenSSL cipher list (character \";\"): \"AES128-SHA;rm\"")
+        expectError("[tls]\nclient_opportunistic_ciphers = [\"AES128-SHA\"]\n", line: 2, key: "tls.client_opportunistic_ciphers",
+                    "expected a string, found an array")
     }
 
     @Test func pathsAndTimeouts() {

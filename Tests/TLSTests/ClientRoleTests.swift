@@ -11,28 +11,22 @@ import Testing
     /// s_server with `cert`/`key` (and `chain`), the engine connects with
     /// `policy`; on success a line goes through to s_server.
     static func handshake(cert: String, key: String, chain: String? = nil, serverName: String? = "mx.example.test",
-                          policy: VerificationPolicy, caFile: String? = "ca.pem",
+                          policy: VerificationPolicy, ciphers: TLSClientCiphers = .strict, caFile: String? = "ca.pem",
                           serverOptions: [String] = []) throws -> Result<HandshakeResult, TLSError> {
         let pki = try TestPKI.get()
-        var args = ["openssl", "s_server", "-accept", "127.0.0.1:0", "-naccept", "1",
-                    "-cert", pki.path(cert), "-key", pki.path(key)] + serverOptions
-        if let chain { args += ["-cert_chain", pki.path(chain)] }
-        let server = try Child(args)
-        defer { server.kill(); server.finish() }
-        guard server.waitFor("ACCEPT 127.0.0.1:"), server.waitFor("\n"),
-              let line = server.output.split(separator: "\n").first(where: { $0.hasPrefix("ACCEPT 127.0.0.1:") }),
-              let port = UInt16(line.split(separator: ":").last!) else {
-            throw TestFailure("s_server did not start: \(server.output)")
-        }
+        var options = ["-cert", pki.path(cert), "-key", pki.path(key)] + serverOptions
+        if let chain { options += ["-cert_chain", pki.path(chain)] }
+        let server = try OpenSSLServer(options)
+        defer { server.stop() }
         let engine = try EngineThread()
         defer { engine.stop() }
         let context = try TLSClientContext(caFile: caFile.map { pki.path($0) })
-        let fd = try connectTCP(port)
-        let session = engine.client(context, socket: fd, serverName: serverName, policy: policy)
+        let fd = try connectTCP(server.port)
+        let session = engine.client(context, socket: fd, serverName: serverName, policy: policy, ciphers: ciphers)
         let result = try session.handshake.take()
         if case .success(let h) = result {
             try writeAll(h.plaintext, Array("ping through the relay\n".utf8))
-            #expect(server.waitFor("ping through the relay"))
+            #expect(server.child.waitFor("ping through the relay"))
             close(h.plaintext)
             let summary = try session.closed.take()
             #expect(summary.sent == 23)

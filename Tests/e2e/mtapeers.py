@@ -284,6 +284,7 @@ from aiosmtpd.controller import Controller
 host, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cert = sys.argv[4] if len(sys.argv) > 5 else None
 key = sys.argv[5] if len(sys.argv) > 5 else None
+tls12_ciphers = sys.argv[6] if len(sys.argv) > 6 else None
 counter = [0]
 lock = threading.Lock()
 class Handler:
@@ -303,6 +304,10 @@ context = None
 if cert:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
+    if tls12_ciphers:
+        # An older MX: TLS 1.2 with only these suites.
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(tls12_ciphers)
 controller = Controller(Handler(), hostname=host, port=port, tls_context=context,
                         require_starttls=False, decode_data=False, server_hostname="mx2.dane.test")
 controller.start()
@@ -315,7 +320,12 @@ controller.stop()
 
 
 class AiosmtpdPeer:
-    def __init__(self, address, port, directory, cert=None, key=None):
+    """aiosmtpd on ADDRESS:PORT storing each message in `directory` with
+    X-Peer-* header fields (envelope, whether TLS was on); STARTTLS with
+    `cert`/`key`, restricted to TLS 1.2 and the OpenSSL cipher list
+    `tls12_ciphers` when given."""
+
+    def __init__(self, address, port, directory, cert=None, key=None, tls12_ciphers=None):
         if not os.access(SYSTEM_PYTHON, os.X_OK):
             raise Unavailable(f"{SYSTEM_PYTHON} is missing")
         check = subprocess.run([SYSTEM_PYTHON, "-c", "import aiosmtpd"], capture_output=True)
@@ -324,7 +334,8 @@ class AiosmtpdPeer:
         self.address, self.port = address, port
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.arguments = [address, str(port), str(self.directory)] + ([cert, key] if cert else [])
+        self.arguments = ([address, str(port), str(self.directory)] + ([str(cert), str(key)] if cert else [])
+                          + ([tls12_ciphers] if cert and tls12_ciphers else []))
         self.process = None
 
     def start(self):

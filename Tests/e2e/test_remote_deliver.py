@@ -175,6 +175,45 @@ def test_starttls_to_postfix_mx(remote, dns, workdir, cleanup):
     assert_confined(pipe)
 
 
+# An older MX under opportunistic TLS ---------------------------------------
+
+def test_opportunistic_tls_to_an_older_mx(remote, workdir, cleanup):
+    """aiosmtpd offering TLS 1.2 with RSA key exchange only (AES128-GCM-SHA256,
+    not in the strict list): under level "may" the message goes encrypted
+    with that suite and the log says so; under "encrypt" (TLS required, the
+    strict list) it is deferred, never sent in clear text."""
+    port = mtapeers.free_port_on(MX1)
+    certs = workdir / "older-mx"
+    certs.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(certs / "mx.key"),
+                    "-out", str(certs / "mx.pem"), "-days", "2", "-subj", "/CN=mx.older.test"],
+                   check=True, capture_output=True)
+    try:
+        peer = AiosmtpdPeer(MX1, port, workdir / "aiosmtpd", cert=certs / "mx.pem", key=certs / "mx.key",
+                            tls12_ciphers="AES128-GCM-SHA256")
+    except Unavailable as error:
+        unavailable(error)
+    cleanup(peer)
+    peer.start()
+    pipe = remote(f"older.test smtp:[{MX1}]:{port}\n"
+                  f"required.test smtp:[{MX1}]:{port} tls=encrypt\n")
+    inject(pipe, "old@older.test", "older MX")
+    [sent] = wait_for_status(pipe, "old@older.test", "sent")
+    assert sent["tls"] == "TLSv1.2 AES128-GCM-SHA256 unauthenticated", sent
+    [message] = wait_until(peer.messages, 30, "the message at aiosmtpd")
+    data = message.read_bytes()
+    assert b"X-Peer-Rcpt-To: old@older.test\r\n" in data
+    assert b"X-Peer-TLS: yes\r\n" in data
+    assert re.search(r"crypto-negotiate\[\d+\]: .*cipher=AES128-GCM-SHA256, .*ciphers=opportunistic", pipe.log_text())
+
+    inject(pipe, "strict@required.test", "TLS required")
+    [deferred] = wait_for_status(pipe, "strict@required.test", "deferred")
+    assert deferred["dsn"].startswith("4."), deferred
+    assert re.search(r"crypto-negotiate\[\d+\]: .*ciphers=strict, handshake failed", pipe.log_text())
+    assert len(peer.messages()) == 1
+    assert not [line for line in log_lines(pipe, "strict@required.test") if line["status"] == "sent"]
+
+
 # MX fail-over ----------------------------------------------------------------
 
 def test_first_mx_refuses_second_delivers(remote, workdir, cleanup):

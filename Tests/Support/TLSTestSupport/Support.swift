@@ -100,6 +100,31 @@ public final class Child: @unchecked Sendable {
     public func kill() { _ = Glibc.kill(pid, SIGKILL) }
 }
 
+/// `openssl s_server` on 127.0.0.1, an ephemeral port, for `accepts`
+/// connections; `options` as on its command line (certificate, versions,
+/// ciphers). Stopped (SIGKILL) by `stop()`.
+public final class OpenSSLServer {
+    public let child: Child
+    public let port: UInt16
+
+    public init(_ options: [String], accepts: Int = 1) throws {
+        child = try Child(["openssl", "s_server", "-accept", "127.0.0.1:0", "-naccept", String(accepts)] + options)
+        guard child.waitFor("ACCEPT 127.0.0.1:"), child.waitFor("\n"),
+              let line = child.output.split(separator: "\n").first(where: { $0.hasPrefix("ACCEPT 127.0.0.1:") }),
+              let port = UInt16(line.split(separator: ":").last!) else {
+            child.kill()
+            child.finish()
+            throw TestFailure("s_server did not start: \(child.output)")
+        }
+        self.port = port
+    }
+
+    public func stop() {
+        child.kill()
+        child.finish()
+    }
+}
+
 /// Runs a shell command, returns its output (trimmed); throws on failure.
 @discardableResult
 public func shell(_ command: String, in dir: String) throws -> String {
@@ -263,11 +288,12 @@ public final class EngineThread: @unchecked Sendable {
     }
 
     public func client(_ context: TLSClientContext, socket: Int32, serverName: String?, policy: VerificationPolicy,
-                timeouts: RelayTimeouts = RelayTimeouts()) -> Session {
+                       ciphers: TLSClientCiphers = .strict, timeouts: RelayTimeouts = RelayTimeouts()) -> Session {
         let s = Session()
         let engine = self.engine
         loop.execute {
-            engine.startClient(context: context, socket: socket, serverName: serverName, policy: policy, timeouts: timeouts,
+            engine.startClient(context: context, socket: socket, serverName: serverName, policy: policy,
+                               ciphers: ciphers, timeouts: timeouts,
                                onHandshake: { s.handshake.put($0) }, onClose: { s.closed.put($0) })
         }
         return s
