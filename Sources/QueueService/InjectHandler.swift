@@ -301,8 +301,18 @@ final class InjectHandler: ChannelInboundHandler {
         env.size = UInt64(t.size)
         for i in env.recipients.indices { env.recipients[i].nextAttempt = arrival }
         let messageID = HeaderBlock.parse(t.head).block.first("Message-ID")?.value
-        let client = env.clientAddress.map { "client=\(env.clientName ?? "unknown")[\($0)]" }
+        var claimedClient = env.clientAddress.map { "client=\(env.clientName ?? "unknown")[\($0)]" }
             ?? "uid=\(env.peerUID.map(String.init) ?? "unknown")"
+        // The client's address and name are the injecting peer's claim, and
+        // the inject socket is open to every local user: unless the peer is
+        // smtp-listen (known by its uid when the stages run as their own
+        // users), the line names the uid too, so that a local user cannot
+        // pass a message off as one from the network without a trace.
+        if env.clientAddress != nil, let uid = env.peerUID, !engine.options.refusedDeliveryPeers.isEmpty,
+           engine.options.refusedDeliveryPeers[uid] != "smtp-listen" {
+            claimedClient += " uid=\(uid)"
+        }
+        let client = claimedClient
         let engine = self.engine
         let bound = NIOLoopBound(self, eventLoop: engine.loop)
         let accepted = env

@@ -431,3 +431,30 @@ def test_smtp_listen_adopts_privileged_sockets_the_supervisor_bound(workdir):
         assert socket_inodes(new)[3] == inherited[3], "the same listening socket again"
     finally:
         assert pipeline.stop() == 0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="stage users need root")
+def test_a_local_user_cannot_pass_a_message_off_as_one_from_the_network(pipeline):
+    # The inject socket is open to every local user, who may claim any
+    # client address: the queue's log line then names the uid as well.
+    from stageproto import ACCEPTED, BODY, END, MAIL, RCPT, Injector
+    nobody = pwd.getpwnam("nobody").pw_uid
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgroups([])
+            os.setgid(pwd.getpwnam("nobody").pw_gid)
+            os.setuid(nobody)
+            injector = Injector(str(pipeline.inject_socket))
+            injector.send(MAIL, [("sender", "forged@example.org"), ("protocol", "ESMTP"),
+                              ("client-address", "203.0.113.5"), ("client-name", "mx.example.net")])
+            injector.send(RCPT, [("address", f"{local_user()}@localhost")])
+            injector.send(BODY, [("data", b"Subject: forged\r\n\r\nbody\r\n")])
+            injector.send(END)
+            frame_type, _ = injector.receive()
+            os._exit(0 if frame_type == ACCEPTED else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(child, 0)
+    assert os.WEXITSTATUS(status) == 0
+    pipeline.log_with(f"client=mx.example.net[203.0.113.5] uid={nobody} from=<forged@example.org>")
