@@ -88,7 +88,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "RemoteDelivery", dependencies: [
-            "SMTP", "DNS", "StageProtocol", "StageProtocolNIO", "StageRuntime", "SealpostConfig",
+            "SMTP", "DNS", "MailMessage", "StageProtocol", "StageProtocolNIO", "StageRuntime", "SealpostConfig",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),

@@ -48,6 +48,10 @@ public struct RemoteSettings: Sendable {
     public var sourceIPv6: String?
     /// `remote.address_preference`: "ipv6" (default), "ipv4" or "any".
     public var addressPreference: AddressPreference = .ipv6
+    /// `remote.eight_bit_without_8bitmime`: a message declared
+    /// BODY=8BITMIME to a host without 8BITMIME is converted to 7 bit
+    /// (default), sent unchanged, or bounced (RFC 6152 section 3).
+    public var eightBitWithout8BITMIME: SMTPEightBitPolicy = .convert
     /// Caps every RFC 5321 phase timeout (tests; nil: the RFC's values).
     public var maximumPhaseTimeout: Int?
     /// Largest body held for a job (`queue.message_size_limit` + slack).
@@ -95,9 +99,12 @@ public struct RemoteResult: Sendable, Equatable {
     public var remoteMTA: String?
     public var diagnostic: String?
     public var tls: TLSOutcome
+    /// Remarks of the transaction for the log line (the 8-bit body
+    /// converted for a host without 8BITMIME, what stayed 8-bit).
+    public var notes: [String]
 
     public init(index: UInt64, status: Status, dsn: String, text: String, relay: String? = nil,
-                remoteMTA: String? = nil, diagnostic: String? = nil, tls: TLSOutcome = .none) {
+                remoteMTA: String? = nil, diagnostic: String? = nil, tls: TLSOutcome = .none, notes: [String] = []) {
         self.index = index
         self.status = status
         self.dsn = dsn
@@ -106,6 +113,7 @@ public struct RemoteResult: Sendable, Equatable {
         self.remoteMTA = remoteMTA
         self.diagnostic = diagnostic
         self.tls = tls
+        self.notes = notes
     }
 }
 
@@ -291,6 +299,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         }
         var clientPolicy = SMTPClientPolicy(hostname: settings.hostname)
         clientPolicy.tls = security.requirement.clientMode
+        clientPolicy.eightBitWithout8BITMIME = settings.eightBitWithout8BITMIME
         let handOff = tlsHandOff.flatMap { $0.isAvailable ? $0 : nil }
         if handOff != nil { handOffMissingSince = nil }
         if tlsHandOff != nil, handOff == nil, clientPolicy.tls != .none, !plaintext, waitForHandOff() {
@@ -360,7 +369,8 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
             let result = RemoteResult(
                 index: UInt64(index), status: RemoteResult.Status(rawValue: r.status.rawValue)!, dsn: r.dsn.description,
                 text: r.reply == nil ? r.text : (r.status == .sent ? r.diagnostic : "host \(candidate.host)[\(candidate.address)] said: \(r.text)"),
-                relay: relay, remoteMTA: r.reply == nil ? nil : candidate.host, diagnostic: r.diagnostic, tls: connection.tls)
+                relay: relay, remoteMTA: r.reply == nil ? nil : candidate.host, diagnostic: r.diagnostic, tls: connection.tls,
+                notes: outcome.message?.notes ?? [])
             // A connection from the cache came before any lookup: the
             // route's other hosts are still to be tried (`next` resolves).
             if r.hostSpecific && r.status == .bounced && (!state.candidates.isEmpty || !state.resolved) {
@@ -416,9 +426,12 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
 
     /// "ID: to=<b@example.net>, relay=mx.example.net[192.0.2.1]:25,
     /// delay=0, dsn=2.0.0, status=sent (250 2.0.0 Ok), tls=none" (delay in
-    /// whole seconds, see DeliveryJob.delay)
+    /// whole seconds, see DeliveryJob.delay), and at the end the
+    /// transaction's notes when it has any: ", notes=(8-bit content
+    /// converted to quoted-printable for a host without 8BITMIME; ...)".
     public static func logLine(queueID: String, to: String, result: RemoteResult, delay: UInt64) -> String {
-        "\(queueID): to=<\(to)>, relay=\(result.relay ?? "none"), delay=\(delay), dsn=\(result.dsn), status=\(result.status.rawValue) (\(result.text)), tls=\(result.tls)"
+        let line = "\(queueID): to=<\(to)>, relay=\(result.relay ?? "none"), delay=\(delay), dsn=\(result.dsn), status=\(result.status.rawValue) (\(result.text)), tls=\(result.tls)"
+        return result.notes.isEmpty ? line : line + ", notes=(\(result.notes.joined(separator: "; ")))"
     }
 
     // MARK: - The connection cache

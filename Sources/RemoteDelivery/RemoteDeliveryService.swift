@@ -36,6 +36,11 @@ public enum RemoteDeliveryService {
         s.connectionCacheTime = remote.connectionCacheTime
         s.sourceIPv4 = remote.sourceAddress
         s.sourceIPv6 = remote.sourceAddressIPv6
+        switch remote.eightBitWithout8BITMIME {
+        case .convert: s.eightBitWithout8BITMIME = .convert
+        case .send: s.eightBitWithout8BITMIME = .send
+        case .bounce: s.eightBitWithout8BITMIME = .bounce
+        }
         switch remote.addressPreference {
         case .ipv6: s.addressPreference = .ipv6
         case .ipv4: s.addressPreference = .ipv4

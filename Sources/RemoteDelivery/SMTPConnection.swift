@@ -13,6 +13,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import MailMessage
 import NIOCore
 import NIOPosix
 import SMTP
@@ -246,6 +247,8 @@ final class SMTPConnection: @unchecked Sendable {
                 write(bytes)
             case .startTLS:
                 startTLS()
+            case .downgradeBody:
+                run(downgradeBody())
             case .sendBody:
                 let chunks = body
                 body = []
@@ -270,6 +273,33 @@ final class SMTPConnection: @unchecked Sendable {
                 closeChannel()
             }
         }
+    }
+
+    /// RFC 6152 section 3: the body in 7 bit for a host without 8BITMIME
+    /// (MailMessage's MIMEDowngrade). This transaction sends the converted
+    /// body; the job keeps the original for the next host. Done on the
+    /// event loop: it is rare (nearly every server offers 8BITMIME) and
+    /// linear in the size, at most queue.message_size_limit.
+    private func downgradeBody() -> [SMTPClientAction] {
+        let original = body.count == 1 ? body[0] : Array(body.joined())
+        let result: MIMEDowngrade.Result
+        do {
+            result = try MIMEDowngrade.convert(original)
+        } catch {
+            return session.bodyDowngradeFailed(error.reason)
+        }
+        var remarks = result.remarks
+        // UTF-8 header fields are what SMTPUTF8 (which the host offers) is for.
+        if session.message.needsSMTPUTF8 { remarks.removeAll { $0 == .headerFields } }
+        guard result.convertedParts > 0 else {
+            return session.bodyDowngraded(SMTPBodyDowngrade(size: session.message.size, convertedParts: 0,
+                                                            remarks: remarks.map { $0.description }))
+        }
+        let converted = result.body
+        let piece = 65536
+        body = stride(from: 0, to: converted.count, by: piece).map { Array(converted[$0..<min($0 + piece, converted.count)]) }
+        return session.bodyDowngraded(SMTPBodyDowngrade(size: UInt64(converted.count), convertedParts: result.convertedParts,
+                                                        remarks: remarks.map { $0.description }))
     }
 
     private func write(_ bytes: [UInt8]) {

@@ -1,7 +1,8 @@
 /// A libFuzzer-compatible driver for `SMTPClientSession`: arbitrary bytes
 /// choose the policy and the message, play the server (its bytes, split at
-/// arbitrary points), the TLS hand-off's outcome, the body's chunks and the
-/// I/O layer's choices (next message, QUIT, lost connection, timeout).
+/// arbitrary points), the TLS hand-off's outcome, the body's chunks, the
+/// 8-bit body's conversion and the I/O layer's choices (next message, QUIT,
+/// lost connection, timeout).
 /// Invariants are checked with `precondition`, so a violation crashes the
 /// fuzzer with a finding:
 ///
@@ -14,7 +15,9 @@
 ///   before `.messageResult`; counts add up; a result's class matches its
 ///   status; texts are printable and bounded;
 /// - `.protocolError` is followed by `.close`; memory held for replies
-///   stays within the limits.
+///   stays within the limits;
+/// - SIZE= is the size of the body that goes out (the converted one after
+///   `.downgradeBody`), and no BODY= goes to a host without 8BITMIME.
 ///
 ///     @_cdecl("LLVMFuzzerTestOneInput")
 ///     func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
@@ -47,7 +50,11 @@ public enum SMTPClientFuzz {
         policy.tls = [.none, .opportunistic, .required, .opportunistic][Int(flags >> 1 & 3)]
         if flags & 8 != 0 { policy.credentials = SMTPClientCredentials(username: "u", password: "p") }
         policy.allowAuthenticationWithoutTLS = flags & 16 != 0
-        policy.bounceEightBitWithout8BITMIME = more & 64 != 0
+        // 8-bit to a host without 8BITMIME: bit 6 bounces, bit 7 sends
+        // unchanged, neither converts; the conversion's answer is flags'
+        // bits 6-7 (no input byte, so that older seeds keep their meaning).
+        policy.eightBitWithout8BITMIME = more & 64 != 0 ? .bounce : more & 128 != 0 ? .send : .convert
+        let downgradeAnswer = Int(flags >> 6)
         if flags & 32 != 0 {
             policy.limits.maxLines = 4
             policy.limits.maxBytes = 200
@@ -76,6 +83,19 @@ public enum SMTPClientFuzz {
                 let actions = choice % 7 == 0 ? session.tlsFailed("handshake failure \u{1}")
                     : session.tlsEstablished(SMTPClientTLSReport(protocolVersion: "TLSv1.3", cipher: "X",
                                                                  peerAuthenticated: choice & 1 == 0))
+                checker.check(actions, &session)
+                continue
+            }
+            if session.awaitingDowngrade {
+                let size = session.message.size
+                let actions: [SMTPClientAction]
+                switch downgradeAnswer {
+                case 0: actions = session.bodyDowngraded(SMTPBodyDowngrade(size: size + size / 10, convertedParts: 1))
+                case 1: actions = session.bodyDowngraded(SMTPBodyDowngrade(size: size, convertedParts: 0,
+                                                                           remarks: ["8-bit header fields sent unchanged\u{7}"]))
+                case 2: actions = session.bodyDowngradeFailed("binary \r\n content")
+                default: actions = session.bodyDowngraded(SMTPBodyDowngrade(size: size * 3, convertedParts: 2))
+                }
                 checker.check(actions, &session)
                 continue
             }
@@ -198,10 +218,16 @@ public enum SMTPClientFuzz {
                         if !session.wantsBody { finishBody() }
                     } else {
                         Self.checkLines(bytes)
+                        Self.checkMail(bytes, session)
                     }
                 case .startTLS:
                     outcome.tlsStarted += 1
                     precondition(session.awaitingTLS)
+                case .downgradeBody:
+                    precondition(session.awaitingDowngrade)
+                    guard let message else { preconditionFailure("conversion without a message") }
+                    precondition(message.bodyType == .eightBitMIME && !session.capabilities.extensions.contains(.eightBitMIME),
+                                 "conversion only for 8-bit to a host without 8BITMIME")
                 case .sendBody:
                     precondition(session.wantsBody)
                     inBody = true
@@ -252,6 +278,20 @@ public enum SMTPClientFuzz {
             for (i, b) in bytes.enumerated() {
                 if b == 13 { precondition(i + 1 < bytes.count && bytes[i + 1] == 10, "bare CR in a command") }
                 if b == 10 { precondition(i > 0 && bytes[i - 1] == 13, "bare LF in a command") }
+            }
+        }
+
+        /// MAIL: SIZE= the size that goes out; BODY= only to a host that
+        /// offers 8BITMIME.
+        static func checkMail(_ bytes: [UInt8], _ session: SMTPClientSession) {
+            for line in bytes.split(separator: 10) where line.starts(with: Array("MAIL FROM:".utf8)) {
+                let text = String(decoding: line.dropLast(), as: UTF8.self)
+                if !session.capabilities.extensions.contains(.eightBitMIME) {
+                    precondition(!text.contains(" BODY="), "BODY= to a host without 8BITMIME")
+                }
+                for word in text.split(separator: " ") where word.hasPrefix("SIZE=") {
+                    precondition(UInt64(word.dropFirst(5)) == session.transferSize, "SIZE= is not the size sent")
+                }
             }
         }
 

@@ -29,7 +29,14 @@
 /// (`hostSpecific`: another MX may do better): REQUIRETLS without
 /// authenticated TLS or without the REQUIRETLS keyword (5.7.30, RFC 8689
 /// section 4.2.1), a size over the host's SIZE limit (5.3.4, RFC 1870),
-/// SMTPUTF8 needed but not offered (5.6.7, RFC 6531 section 3.4).
+/// SMTPUTF8 needed but not offered (5.6.7, RFC 6531 section 3.4), an
+/// 8-bit message to a host without 8BITMIME when it cannot be converted to
+/// 7 bit or the policy says bounce (5.6.3, RFC 6152 section 3).
+///
+/// 8-bit to a host without 8BITMIME, policy `.convert` (the default): the
+/// machine asks its I/O layer for a 7-bit body (`.downgradeBody`) before
+/// MAIL; SIZE= and the host's limit then apply to the converted size, and
+/// no BODY= goes out (the host does not know the parameter).
 public struct SMTPClientSession: Sendable {
     public let policy: SMTPClientPolicy
     /// What the server offered in its last EHLO reply (empty after HELO).
@@ -46,6 +53,8 @@ public struct SMTPClientSession: Sendable {
 
     private enum State: Equatable {
         case greeting, ehlo, helo, startTLS, tlsHandshake, auth, transaction, body, ready, quit, closed
+        /// Waiting for `bodyDowngraded(_:)` or `bodyDowngradeFailed(_:)`.
+        case downgrade
     }
     private enum Expect: Equatable {
         case rset, mail, rcpt(Int), data, dataEnd, dataEndIgnored
@@ -67,6 +76,10 @@ public struct SMTPClientSession: Sendable {
     private var encoder = SMTPDataEncoder()
     private var bodyStarted = false
     private var current = SMTPMessageResult(phase: .mailFrom)
+    /// The current message's body was converted to 7 bit, to this size.
+    private var downgradedSize: UInt64?
+    /// Why the current message's body could not be converted.
+    private var downgradeFailure: String?
 
     private var output: [UInt8] = []
     private var actions: [SMTPClientAction] = []
@@ -90,6 +103,14 @@ public struct SMTPClientSession: Sendable {
     /// Waiting for `tlsEstablished(_:)` or `tlsFailed(_:)` (after `.startTLS`).
     public var awaitingTLS: Bool { state == .tlsHandshake }
 
+    /// Waiting for `bodyDowngraded(_:)` or `bodyDowngradeFailed(_:)`
+    /// (after `.downgradeBody`).
+    public var awaitingDowngrade: Bool { state == .downgrade }
+
+    /// The size of the body as it goes out: the converted size after a
+    /// downgrade, else the message's.
+    public var transferSize: UInt64 { downgradedSize ?? message.size }
+
     /// Server bytes held by the reply parser (bounded by the reply limits
     /// plus the last piece handed to `receive(_:)`).
     public var bufferedInputBytes: Int { parser.bufferedByteCount }
@@ -112,6 +133,7 @@ public struct SMTPClientSession: Sendable {
         case .auth: return .auth
         case .body: return .dataBlock
         case .ready: return .idle
+        case .downgrade: return .mailFrom
         case .quit: return .quit
         case .closed: return .closed
         case .transaction:
@@ -139,6 +161,9 @@ public struct SMTPClientSession: Sendable {
             return take()
         case .body:
             protocolError("server sent data while the message content was being sent: \(SMTPClientReplyParser.show(Array(bytes.prefix(80))))")
+            return take()
+        case .downgrade:
+            protocolError("server sent data when no reply was expected: \(SMTPClientReplyParser.show(Array(bytes.prefix(80))))")
             return take()
         case .ready:
             idleInput(bytes)
@@ -193,6 +218,35 @@ public struct SMTPClientSession: Sendable {
         failure.plaintextRetryMayWork = policy.tls == .opportunistic && !message.requireTLS
         emit(.sessionFailed(failure))
         close()
+        return take()
+    }
+
+    /// The body is converted (after `.downgradeBody`): the transaction
+    /// begins, with SIZE= the converted size.
+    public mutating func bodyDowngraded(_ result: SMTPBodyDowngrade) -> [SMTPClientAction] {
+        var notes = result.convertedParts > 0 ? ["8-bit content converted to quoted-printable for a host without 8BITMIME"] : []
+        notes += result.remarks.map { Self.printable($0, max: 200) }
+        return downgradeAnswered(size: result.size, notes: notes, failure: nil)
+    }
+
+    /// The body cannot be converted (after `.downgradeBody`): every
+    /// recipient bounces with 5.6.3 for this host (another MX may offer
+    /// 8BITMIME).
+    public mutating func bodyDowngradeFailed(_ reason: String) -> [SMTPClientAction] {
+        downgradeAnswered(size: nil, notes: [], failure: Self.printable(reason, max: 300))
+    }
+
+    private mutating func downgradeAnswered(size: UInt64?, notes: [String], failure: String?) -> [SMTPClientAction] {
+        actions = []
+        guard state == .downgrade else {
+            precondition(state == .closed, "a conversion's answer without .downgradeBody")
+            return []
+        }
+        downgradedSize = size
+        downgradeFailure = failure
+        current.notes += notes
+        state = .transaction
+        sendEnvelope()
         return take()
     }
 
@@ -309,7 +363,7 @@ public struct SMTPClientSession: Sendable {
     private var expectsReply: Bool {
         switch state {
         case .greeting, .ehlo, .helo, .startTLS, .auth, .transaction, .quit: return true
-        case .tlsHandshake, .body, .ready, .closed: return false
+        case .tlsHandshake, .body, .ready, .closed, .downgrade: return false
         }
     }
 
@@ -393,7 +447,7 @@ public struct SMTPClientSession: Sendable {
             }
         case .transaction:
             transactionReply(reply, phase: phase)
-        case .tlsHandshake, .body, .ready, .quit, .closed:
+        case .tlsHandshake, .body, .ready, .quit, .closed, .downgrade:
             protocolError("unexpected reply \(SMTPClientText.quote(reply))")
         }
     }
@@ -541,8 +595,20 @@ public struct SMTPClientSession: Sendable {
         awaiting = []
         unsent = []
         current = SMTPMessageResult(phase: .mailFrom)
+        downgradedSize = nil
+        downgradeFailure = nil
         state = .transaction
+        if message.bodyType == .eightBitMIME && !capabilities.extensions.contains(.eightBitMIME)
+            && policy.eightBitWithout8BITMIME == .convert && refusal(checkingSize: false) == nil {
+            state = .downgrade
+            emit(.downgradeBody)
+            return
+        }
+        sendEnvelope()
+    }
 
+    /// The checks before MAIL, then [RSET,] MAIL, RCPT... [DATA].
+    private mutating func sendEnvelope() {
         if let (status, reason) = refusal() {
             for pos in message.recipients.indices {
                 resolve(pos, SMTPDeliveryResult(local: .bounced, status, reason, phase: .mailFrom, hostSpecific: true))
@@ -588,7 +654,8 @@ public struct SMTPClientSession: Sendable {
     }
 
     /// Why this host cannot take the message at all, checked before MAIL.
-    private func refusal() -> (EnhancedStatus, String)? {
+    /// Without `checkingSize`: whether converting the body is worth it.
+    private func refusal(checkingSize: Bool = true) -> (EnhancedStatus, String)? {
         if message.requireTLS {
             guard let report = tlsReport else {
                 return (EnhancedStatus(5, 7, 30), "REQUIRETLS: message requires TLS, but the connection is not encrypted")
@@ -600,15 +667,19 @@ public struct SMTPClientSession: Sendable {
                 return (EnhancedStatus(5, 7, 30), "REQUIRETLS support required, but host does not offer REQUIRETLS")
             }
         }
-        if let limit = capabilities.sizeLimit, message.size > limit {
-            return (EnhancedStatus(5, 3, 4), "message size \(message.size) exceeds size limit \(limit) of host")
+        if checkingSize, let limit = capabilities.sizeLimit, transferSize > limit {
+            return (EnhancedStatus(5, 3, 4), "message size \(transferSize) exceeds size limit \(limit) of host")
         }
         if message.needsSMTPUTF8 && !capabilities.extensions.contains(.smtputf8) {
             return (EnhancedStatus(5, 6, 7), "message requires SMTPUTF8, but host does not offer SMTPUTF8")
         }
-        if message.bodyType == .eightBitMIME && !capabilities.extensions.contains(.eightBitMIME)
-            && policy.bounceEightBitWithout8BITMIME {
-            return (EnhancedStatus(5, 6, 3), "8-bit message content, but host does not offer 8BITMIME")
+        if message.bodyType == .eightBitMIME && !capabilities.extensions.contains(.eightBitMIME) {
+            if policy.eightBitWithout8BITMIME == .bounce {
+                return (EnhancedStatus(5, 6, 3), "8-bit message content, but host does not offer 8BITMIME")
+            }
+            if let reason = downgradeFailure {
+                return (EnhancedStatus(5, 6, 3), "\(reason) (host does not offer 8BITMIME)")
+            }
         }
         return nil
     }
@@ -616,11 +687,12 @@ public struct SMTPClientSession: Sendable {
     private mutating func mailCommand() -> [UInt8] {
         let ext = capabilities.extensions
         var s = "MAIL FROM:<\(message.sender)>"
-        if ext.contains(.size) { s += " SIZE=\(message.size)" }
+        if ext.contains(.size) { s += " SIZE=\(transferSize)" }
         if let body = message.bodyType {
             if ext.contains(.eightBitMIME) {
                 s += " BODY=\(body.rawValue)"
-            } else if body == .eightBitMIME {
+            } else if body == .eightBitMIME && downgradedSize == nil {
+                // Policy .send (.convert reaches here converted, .bounce not at all).
                 current.notes.append("8-bit content sent unchanged to a host that does not offer 8BITMIME")
             }
         }

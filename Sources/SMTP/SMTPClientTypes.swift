@@ -61,16 +61,48 @@ public struct SMTPClientPolicy: Sendable, Hashable {
     /// Use PIPELINING (RFC 2920) when the host offers it.
     public var pipelining = true
     /// A message declared BODY=8BITMIME, to a host that does not offer
-    /// 8BITMIME: false (default) sends it unchanged without BODY=, as
-    /// Postfix does by default (almost every server takes 8-bit data and
-    /// converting to quoted-printable would break DKIM signatures); the
-    /// message result carries a note for the log. true bounces it with
-    /// 5.6.3 as RFC 6152 section 3 would have it.
-    public var bounceEightBitWithout8BITMIME = false
+    /// 8BITMIME (RFC 6152 section 3: downgrade to 7 bit or return it).
+    public var eightBitWithout8BITMIME: SMTPEightBitPolicy = .convert
     public var limits = SMTPClientReplyLimits()
 
     public init(hostname: String) {
         self.hostname = hostname
+    }
+}
+
+/// What the client does with a message declared BODY=8BITMIME when the
+/// host does not offer 8BITMIME (`[remote] eight_bit_without_8bitmime`).
+public enum SMTPEightBitPolicy: String, Sendable, Hashable, CaseIterable {
+    /// Convert the 8-bit MIME parts to quoted-printable (`.downgradeBody`),
+    /// what RFC 6152 section 3 asks and what Postfix does by default
+    /// (disable_mime_output_conversion = no). DKIM signatures over the
+    /// converted parts break; that is the accepted price.
+    case convert
+    /// Send the 8-bit data unchanged, without BODY= (Postfix with
+    /// disable_mime_output_conversion = yes): most servers take it, but it
+    /// violates RFC 6152. The message result carries a note for the log.
+    case send
+    /// Bounce with 5.6.3 ("conversion required but not supported").
+    case bounce
+}
+
+/// The I/O layer's answer to `.downgradeBody` when the body could be made
+/// 7-bit (`SMTPClientSession.bodyDowngraded(_:)`).
+public struct SMTPBodyDowngrade: Sendable, Hashable {
+    /// The size of the body that will be streamed (SIZE=, and the check
+    /// against the host's limit).
+    public var size: UInt64
+    /// Parts re-encoded as quoted-printable (0: the body had nothing to
+    /// convert and goes as it was).
+    public var convertedParts: Int
+    /// What stayed 8-bit and why, for the log ("8-bit header fields sent
+    /// unchanged").
+    public var remarks: [String]
+
+    public init(size: UInt64, convertedParts: Int, remarks: [String] = []) {
+        self.size = size
+        self.convertedParts = convertedParts
+        self.remarks = remarks
     }
 }
 
@@ -268,7 +300,8 @@ public struct SMTPMessageResult: Sendable, Hashable {
     /// Message bytes written after dot-stuffing and line-end repair,
     /// terminating ".\r\n" included (0 when no data was sent).
     public var bytesSent: UInt64 = 0
-    /// Remarks for the log, e.g. 8-bit data sent to a host without 8BITMIME.
+    /// Remarks for the log, e.g. 8-bit content converted to
+    /// quoted-printable for a host without 8BITMIME.
     public var notes: [String] = []
 
     public init(phase: SMTPClientPhase) { self.phase = phase }
@@ -338,6 +371,11 @@ public enum SMTPClientAction: Sendable, Hashable {
     /// The server said 354: stream the body with `bodyChunk(_:)` (each call
     /// returns the bytes to write) and finish with `bodyEnd()`.
     case sendBody
+    /// The message is 8-bit and the host does not offer 8BITMIME (policy
+    /// `.convert`): convert the body to 7 bit (MailMessage's
+    /// `MIMEDowngrade`), then call `bodyDowngraded(_:)` or
+    /// `bodyDowngradeFailed(_:)`; on `.sendBody`, stream the converted body.
+    case downgradeBody
     /// The final result for the recipient with this job index.
     case recipientResult(index: Int, SMTPDeliveryResult)
     /// Every recipient of the current message has its result; the session

@@ -41,6 +41,16 @@ public struct DNSSettings: Sendable, Equatable {
 /// `[remote]`: remote-deliver, the SMTP client. Durations in seconds.
 public struct RemoteDeliverySettings: Sendable, Equatable {
     public enum AddressPreference: String, Sendable, CaseIterable { case ipv6, ipv4, any }
+    /// A message declared BODY=8BITMIME to a host that does not offer
+    /// 8BITMIME (RFC 6152 section 3).
+    public enum EightBitWithout8BITMIME: String, Sendable, CaseIterable {
+        /// Convert the 8-bit MIME parts to quoted-printable (Postfix's default).
+        case convert
+        /// Send unchanged (Postfix's disable_mime_output_conversion = yes).
+        case send
+        /// Bounce with 5.6.3.
+        case bounce
+    }
 
     /// Jobs (and so connections) at once to one destination (Postfix's
     /// default_destination_concurrency_limit).
@@ -55,6 +65,8 @@ public struct RemoteDeliverySettings: Sendable, Equatable {
     public var sourceAddress: String?
     public var sourceAddressIPv6: String?
     public var addressPreference: AddressPreference = .ipv6
+    /// `eight_bit_without_8bitmime`: "convert" (default), "send" or "bounce".
+    public var eightBitWithout8BITMIME: EightBitWithout8BITMIME = .convert
     /// The EHLO name: `sealpost.hostname` unless set.
     public var heloName: String
     /// Absolute: the transport table (default "transport" beside the file).
@@ -71,7 +83,7 @@ extension ConfigParser {
                           "resolve_reserved_zones", "stub_zones"]
     static let remoteKeys = ["destination_concurrency_limit", "max_jobs", "connect_timeout",
                              "connection_cache_time", "source_address", "source_address_ipv6",
-                             "address_preference", "helo_name", "transport_table"]
+                             "address_preference", "helo_name", "transport_table", "eight_bit_without_8bitmime"]
 
     /// [dns] and [remote]; runs after [sealpost] (helo_name defaults to the
     /// host name resolved there).
@@ -174,6 +186,13 @@ extension ConfigParser {
                 throw remote.error("address_preference", "expected \"ipv6\", \"ipv4\" or \"any\", found \(Self.quote(preference))")
             }
             settings.addressPreference = value
+        }
+        if let choice = try remote.string("eight_bit_without_8bitmime") {
+            guard let value = RemoteDeliverySettings.EightBitWithout8BITMIME(rawValue: choice) else {
+                throw remote.error("eight_bit_without_8bitmime",
+                                   "expected \"convert\", \"send\" or \"bounce\", found \(Self.quote(choice))")
+            }
+            settings.eightBitWithout8BITMIME = value
         }
         if let name = try remote.string("helo_name"), !name.isEmpty {
             let lower = name.lowercased()

@@ -86,6 +86,8 @@
 //      remote-deliver[815]: 4F3A2B1C5D6E: to=<b@example.net>,
 //      relay=mx.example.net[192.0.2.1]:25, delay=0, dsn=2.0.0,
 //      status=sent (250 2.0.0 Ok: queued as X), tls=none
+//      and, when the transaction had any, its notes: ", notes=(8-bit
+//      content converted to quoted-printable for a host without 8BITMIME)"
 //
 // EXIT STATUS
 //      It runs until killed. At start: 78 (EX_CONFIG) for an unreadable

@@ -169,16 +169,8 @@ import Foundation
             assert not m.defects and not any(p.defects for p in parts), (m.defects, [p.defects for p in parts])
             print('ok')
             """
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", "-c", script, file.path]
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "\(out)")
+        let (status, out) = try runPython(script, [file.path])
+        #expect(status == 0, "\(out)")
         #expect(out == "ok\n")
     }
 }

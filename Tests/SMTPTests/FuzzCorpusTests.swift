@@ -36,6 +36,7 @@ import SMTP
         "pipelined-tls-auth": (2, 2, 0, 0), "lockstep": (1, 1, 0, 0), "helo-fallback": (1, 1, 0, 0),
         "tls-required-missing": (0, 0, 1, 0), "tls-failed": (0, 0, 1, 0), "transient-failures": (1, 1, 1, 0),
         "small-limits-timeout": (1, 0, 0, 0), "server-speaks-in-body": (0, 0, 0, 1), "quit-in-tls": (0, 0, 0, 0),
+        "eight-bit-converted": (1, 1, 0, 0), "eight-bit-unconvertible": (1, 0, 0, 0),
     ]
 
     @Test func serverSeedsReachTheirStates() throws {

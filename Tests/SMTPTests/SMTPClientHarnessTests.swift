@@ -160,9 +160,16 @@ func clientPolicy(_ tls: SMTPClientTLSMode = .opportunistic, pipelining: Bool = 
     return p
 }
 
+/// The I/O layer's answer to `.downgradeBody`.
+enum DowngradeAnswer {
+    case converted(SMTPBodyDowngrade)
+    case failed(String)
+}
+
 /// Plays the I/O layer until the session closes or nothing more happens.
 func drive(_ policy: SMTPClientPolicy, _ first: SMTPClientMessage, peer: Peer, feed: Feed = .whole,
            tls: TLSOutcome = .established(authenticated: true), bodies: [[[UInt8]]] = [defaultBody],
+           downgrade: DowngradeAnswer = .converted(SMTPBodyDowngrade(size: 1200, convertedParts: 1)),
            more: [SMTPClientMessage] = [], loseConnectionAtEnd: Bool = true) -> Run {
     var run = Run(peer: peer, session: SMTPClientSession(policy: policy, message: first))
     var pendingServer = peer.greetingBytes
@@ -203,6 +210,11 @@ func drive(_ policy: SMTPClientPolicy, _ first: SMTPClientMessage, peer: Peer, f
                     case .failed:
                         queue += run.session.tlsFailed("certificate verify failed")
                     }
+                }
+            case .downgradeBody:
+                switch downgrade {
+                case .converted(let result): queue += run.session.bodyDowngraded(result)
+                case .failed(let reason): queue += run.session.bodyDowngradeFailed(reason)
                 }
             case .sendBody:
                 run.phases.append(run.session.phase)

@@ -107,8 +107,10 @@ import Testing
                                  "MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>", "DATA", "QUIT"])
         #expect(run.session.usedHELO)
         #expect(run.status(1) == .sent)
-        // 8-bit content to a host without 8BITMIME: sent unchanged, noted.
-        #expect(run.messageResults.first?.notes == ["8-bit content sent unchanged to a host that does not offer 8BITMIME"])
+        // 8-bit content to a host without 8BITMIME (HELO: no extensions):
+        // converted to 7 bit first, noted.
+        #expect(run.actions.contains(.downgradeBody))
+        #expect(run.messageResults.first?.notes == ["8-bit content converted to quoted-printable for a host without 8BITMIME"])
     }
 
     @Test func ehloTemporaryFailureFailsTheSession() throws {
@@ -398,11 +400,76 @@ import Testing
 
     @Test func eightBitWithout8BITMIMECanBounceByPolicy() {
         var p = clientPolicy(.none)
-        p.bounceEightBitWithout8BITMIME = true
+        p.eightBitWithout8BITMIME = .bounce
         var peer = Peer()
         peer.ehlo = ["mx.example.net"]
         let run = drive(p, message(["bob@example.net"], bodyType: .eightBitMIME), peer: peer)
         #expect(run.results[1]?.dsn == EnhancedStatus(5, 6, 3))
+        #expect(run.results[1]?.hostSpecific == true)
+        #expect(!run.actions.contains(.downgradeBody))
+    }
+
+    /// RFC 6152 section 3, by default: the I/O layer converts the body
+    /// before MAIL; SIZE= is the converted size and no BODY= goes out.
+    @Test func eightBitWithout8BITMIMEIsConvertedByDefault() throws {
+        var peer = Peer()
+        peer.ehlo = ["mx.example.net", "PIPELINING", "SIZE 10240000"]
+        let converted = SMTPBodyDowngrade(size: 1234, convertedParts: 2, remarks: ["8-bit header fields sent unchanged"])
+        let run = drive(clientPolicy(.none), message(["bob@example.net"], bodyType: .eightBitMIME), peer: peer,
+                        downgrade: .converted(converted))
+        let downgrade = try #require(run.actions.firstIndex(of: .downgradeBody))
+        let mail = try #require(run.actions.firstIndex { if case .send(let b) = $0 { b.starts(with: Array("MAIL".utf8)) } else { false } })
+        #expect(downgrade < mail)
+        #expect(run.commands.contains("MAIL FROM:<alice@example.org> SIZE=1234"))
+        #expect(run.session.transferSize == 1234)
+        #expect(run.status(1) == .sent)
+        #expect(run.messageResults.first?.notes == ["8-bit content converted to quoted-printable for a host without 8BITMIME",
+                                                    "8-bit header fields sent unchanged"])
+    }
+
+    @Test func convertedSizeIsCheckedAgainstTheHostsLimit() {
+        var peer = Peer()
+        peer.ehlo = ["mx.example.net", "SIZE 1100"]
+        let run = drive(clientPolicy(.none), message(["bob@example.net"], size: 1000, bodyType: .eightBitMIME), peer: peer,
+                        downgrade: .converted(SMTPBodyDowngrade(size: 1200, convertedParts: 1)))
+        #expect(run.results[1]?.dsn == EnhancedStatus(5, 3, 4))
+        #expect(run.results[1]?.text == "message size 1200 exceeds size limit 1100 of host")
+        #expect(!run.commands.contains { $0.hasPrefix("MAIL") })
+    }
+
+    @Test func unconvertibleBodyBouncesForThisHost() {
+        var peer = Peer()
+        peer.ehlo = ["mx.example.net"]
+        let run = drive(clientPolicy(.none), message(["bob@example.net"], bodyType: .eightBitMIME), peer: peer,
+                        downgrade: .failed("8-bit data in a application/octet-stream part with Content-Transfer-Encoding: binary cannot be converted to 7 bit"))
+        #expect(run.results[1]?.status == .bounced)
+        #expect(run.results[1]?.dsn == EnhancedStatus(5, 6, 3))
+        #expect(run.results[1]?.hostSpecific == true)
+        #expect(run.results[1]?.text.hasSuffix("binary cannot be converted to 7 bit (host does not offer 8BITMIME)") == true)
+        #expect(!run.commands.contains { $0.hasPrefix("MAIL") })
+    }
+
+    @Test func eightBitSentUnchangedByPolicy() {
+        var p = clientPolicy(.none)
+        p.eightBitWithout8BITMIME = .send
+        var peer = Peer()
+        peer.ehlo = ["mx.example.net", "SIZE 10240000"]
+        let run = drive(p, message(["bob@example.net"], bodyType: .eightBitMIME), peer: peer)
+        #expect(!run.actions.contains(.downgradeBody))
+        #expect(run.commands.contains("MAIL FROM:<alice@example.org> SIZE=1000"))
+        #expect(run.status(1) == .sent)
+        #expect(run.messageResults.first?.notes == ["8-bit content sent unchanged to a host that does not offer 8BITMIME"])
+    }
+
+    @Test func noConversionForAHostWith8BITMIMEOrA7BitMessage() {
+        let offered = drive(clientPolicy(.none), message(["bob@example.net"], bodyType: .eightBitMIME), peer: Peer())
+        #expect(!offered.actions.contains(.downgradeBody))
+        #expect(offered.commands.contains("MAIL FROM:<alice@example.org> SIZE=1000 BODY=8BITMIME"))
+        var peer = Peer()
+        peer.ehlo = ["mx.example.net"]
+        let sevenBit = drive(clientPolicy(.none), message(["bob@example.net"], bodyType: .sevenBit), peer: peer)
+        #expect(!sevenBit.actions.contains(.downgradeBody))
+        #expect(sevenBit.status(1) == .sent)
     }
 
     @Test func requireTLSDelivered() {

@@ -16,6 +16,7 @@ import Testing
         #expect(config.remote.sourceAddress == nil)
         #expect(config.remote.sourceAddressIPv6 == nil)
         #expect(config.remote.addressPreference == .ipv6)
+        #expect(config.remote.eightBitWithout8BITMIME == .convert)
         #expect(config.remote.heloName == config.hostname)
         #expect(config.remote.transportTable == checkoutRoot + "/Config/transport")
     }
@@ -58,6 +59,7 @@ import Testing
             source_address = "127.0.0.5"
             source_address_ipv6 = "::1"
             address_preference = "ipv4"
+            eight_bit_without_8bitmime = "bounce"
             helo_name = "Out.Example.ORG"
             transport_table = "../transport.map"
             """)
@@ -76,6 +78,7 @@ import Testing
         #expect(config.remote.sourceAddress == "127.0.0.5")
         #expect(config.remote.sourceAddressIPv6 == "::1")
         #expect(config.remote.addressPreference == .ipv4)
+        #expect(config.remote.eightBitWithout8BITMIME == .bounce)
         #expect(config.remote.heloName == "out.example.org")
         #expect(config.remote.transportTable == directory.path + "/transport.map")
     }
@@ -131,11 +134,15 @@ import Testing
                     "not an IPv6 address: \"127.0.0.1\"")
         expectError("[remote]\naddress_preference = \"IPv6\"\n", line: 2, key: "remote.address_preference",
                     "expected \"ipv6\", \"ipv4\" or \"any\", found \"IPv6\"")
+        expectError("[remote]\neight_bit_without_8bitmime = \"Convert\"\n", line: 2, key: "remote.eight_bit_without_8bitmime",
+                    "expected \"convert\", \"send\" or \"bounce\", found \"Convert\"")
+        expectError("[remote]\neight_bit_without_8bitmime = true\n", line: 2, key: "remote.eight_bit_without_8bitmime",
+                    "expected a string, found a boolean")
         expectError("[remote]\nhelo_name = \"bad_name\"\n", line: 2, key: "remote.helo_name",
                     "not a host name: \"bad_name\"")
         expectError("[remote]\ntransport_table = \"\"\n", line: 2, key: "remote.transport_table", "must not be empty")
         expectError("[remote]\nmax_job = 1\n", line: 2, key: "remote.max_job",
-                    "unknown key (known in [remote]: destination_concurrency_limit, max_jobs, connect_timeout, connection_cache_time, source_address, source_address_ipv6, address_preference, helo_name, transport_table)")
+                    "unknown key (known in [remote]: destination_concurrency_limit, max_jobs, connect_timeout, connection_cache_time, source_address, source_address_ipv6, address_preference, helo_name, transport_table, eight_bit_without_8bitmime)")
     }
 
     @Test func nameServerSyntax() {

@@ -364,10 +364,13 @@ class AiosmtpdPeer:
 class RawSink:
     """An SMTP server that records the DATA bytes exactly as sent, up to and
     including the terminating CRLF.CRLF, one entry per transaction. No
-    PIPELINING, no extensions beyond 8BITMIME: the client's plainest path."""
+    PIPELINING, no extensions beyond 8BITMIME: the client's plainest path.
+    eight_bit_mime=False: not even 8BITMIME (an RFC 821 server, as far as
+    8-bit data goes)."""
 
-    def __init__(self, address, port):
+    def __init__(self, address, port, eight_bit_mime=True):
         self.address, self.port = address, port
+        self.ehlo = b"250-raw.sink\r\n250 8BITMIME\r\n" if eight_bit_mime else b"250 raw.sink\r\n"
         self.transactions = []
         self.lock = threading.Lock()
         self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -412,7 +415,7 @@ class RawSink:
                 command = line()
                 verb = command[:4].upper()
                 if verb in (b"EHLO",):
-                    connection.sendall(b"250-raw.sink\r\n250 8BITMIME\r\n")
+                    connection.sendall(self.ehlo)
                 elif verb == b"HELO":
                     connection.sendall(b"250 raw.sink\r\n")
                 elif verb == b"MAIL":

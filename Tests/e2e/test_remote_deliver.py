@@ -363,6 +363,85 @@ def test_line_ends_and_dot_stuffing_on_the_wire(remote, workdir, cleanup):
     assert b"bare CR here" in joined and b"and more" in joined
 
 
+# RFC 6152 section 3: 8-bit mail to a server without 8BITMIME -----------------
+
+EIGHT_BIT_MESSAGE = """\
+From: <x@localhost>
+To: <old@seven.test>
+Subject: 8-bit to an old server
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="outer"
+
+--outer
+Content-Type: multipart/alternative; boundary="inner"
+
+--inner
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: 8bit
+
+Grüße aus Köln: 1 € = 100 ¢, trailing space 
+{long}
+--inner
+Content-Type: text/html; charset=utf-8
+
+<p>Grüße — no Content-Transfer-Encoding field, 8-bit all the same</p>
+--inner--
+--outer
+Content-Type: message/rfc822
+Content-Transfer-Encoding: 8bit
+
+From: inner@example.net
+Subject: inner
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: 8bit
+
+Inner: ½ ü
+.a line with a leading dot
+--outer--
+""".format(long="é" * 60 + "=" * 30).encode()
+
+
+def test_8bit_mime_converted_for_a_server_without_8bitmime(remote, workdir, cleanup):
+    """The sink offers no 8BITMIME: every byte it gets is 7-bit, no BODY=,
+    and Python's email package decodes each part to the original text."""
+    import email
+    port = mtapeers.free_port_on(MX1)
+    sink = RawSink(MX1, port, eight_bit_mime=False).start()
+    cleanup(sink)
+    pipe = remote(f"seven.test smtp:[{MX1}]:{port}\n")
+    sender = f"{local_user()}@localhost"
+    result = pipe.queue_inject("-B", "8BITMIME", "-f", sender, "old@seven.test", message=EIGHT_BIT_MESSAGE)
+    assert result.returncode == 0, result.stderr
+    wait_for_status(pipe, "old@seven.test", "sent")
+    [transaction] = sink.transactions
+    assert b"BODY=" not in transaction["mail"], transaction["mail"]
+    data = transaction["data"]
+    assert all(byte < 0x80 for byte in data), [line for line in data.split(b"\r\n") if max(line, default=0) >= 0x80]
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    lines = data[:-len(b".\r\n")].split(b"\r\n")
+    received = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+    original = email.message_from_bytes(EIGHT_BIT_MESSAGE)
+    converted = email.message_from_bytes(received)
+    sent_parts, got_parts = list(original.walk()), list(converted.walk())
+    assert [p.get_content_type() for p in sent_parts] == [p.get_content_type() for p in got_parts]
+    assert [p.get_content_type() for p in got_parts] == [
+        "multipart/mixed", "multipart/alternative", "text/plain", "text/html", "message/rfc822", "text/plain"]
+    for before, after in zip(sent_parts, got_parts):
+        if before.is_multipart():
+            continue
+        assert after["Content-Transfer-Encoding"] == "quoted-printable", after.as_string()
+        # The queue stores CRLF line ends; the original here has LF.
+        assert after.get_payload(decode=True).replace(b"\r\n", b"\n") == before.get_payload(decode=True)
+        for line in after.get_payload().split("\r\n"):
+            assert len(line) <= 76, line
+    assert got_parts[4]["Content-Transfer-Encoding"] == "7bit"
+    assert "Grüße aus Köln: 1 € = 100 ¢, trailing space \r\n" in got_parts[2].get_payload(decode=True).decode()
+    [line] = [line for line in pipe.log_text().splitlines()
+              if "to=<old@seven.test>" in line and "status=sent" in line]
+    assert line.endswith(", notes=(8-bit content converted to quoted-printable for a host without 8BITMIME)"), line
+
+
 # Load: smtp-source -> smtp-listen -> queue -> remote-deliver -> smtp-sink --
 
 def test_relay_load_every_message_delivered(remote, workdir, cleanup):
