@@ -7,7 +7,8 @@
 // off; otherwise one line is read from standard input, for scripts
 // ("echo secret | sealpost user add alice"). Each change rewrites the file
 // atomically (Accounts: temporary file, fsync, rename); a new file is
-// created 0600, an existing one keeps its owner, group and mode.
+// created 0600, an existing one keeps its owner, group and mode. A change
+// takes PATH.lock first (another change at the same time exits 75).
 // smtp-listen reads the file at start only: restart it to apply a change.
 
 import Accounts
@@ -37,9 +38,14 @@ struct UserCommand: ParsableCommand {
         }
 
         /// The file's path and its accounts (none yet when it does not exist).
-        func passwordFile() throws(AdminFailure) -> (String, PasswordFile, SealpostConfiguration) {
+        /// `forChange`: first takes PATH.lock (flock, held until the command
+        /// exits), so that two changes at once cannot both read the old file
+        /// and the second rename drop the first one's account: the O_EXCL
+        /// of PATH.tmp only guards the write, not the read before it.
+        func passwordFile(forChange: Bool = false) throws(AdminFailure) -> (String, PasswordFile, SealpostConfiguration) {
             let config = try configuration()
             let path = config.smtp.authUsersFile
+            if forChange { try UserCommand.lockForChange(path) }
             do {
                 return (path, try PasswordFile.loadOrEmpty(path: path), config)
             } catch {
@@ -60,7 +66,7 @@ struct UserCommand: ParsableCommand {
             try reporting { () throws(AdminFailure) in
                 try UserCommand.checkName(name)
                 let list = try UserCommand.parseSenders(senders)
-                let (path, file, _) = try options.passwordFile()
+                let (path, file, _) = try options.passwordFile(forChange: true)
                 guard file.entry(named: name) == nil else {
                     throw AdminFailure(message: "user \(name) already exists in \(path) (change its password with: sealpost user passwd \(name))", exitCode: SysExit.dataErr)
                 }
@@ -80,7 +86,7 @@ struct UserCommand: ParsableCommand {
 
         func run() throws {
             try reporting { () throws(AdminFailure) in
-                let (path, file, _) = try options.passwordFile()
+                let (path, file, _) = try options.passwordFile(forChange: true)
                 guard var entry = file.entry(named: name) else {
                     throw AdminFailure(message: "no user \(name) in \(path)", exitCode: SysExit.noUser)
                 }
@@ -100,7 +106,7 @@ struct UserCommand: ParsableCommand {
 
         func run() throws {
             try reporting { () throws(AdminFailure) in
-                let (path, file, _) = try options.passwordFile()
+                let (path, file, _) = try options.passwordFile(forChange: true)
                 var updated = file
                 guard updated.remove(named: name) else {
                     throw AdminFailure(message: "no user \(name) in \(path)", exitCode: SysExit.noUser)
@@ -139,7 +145,7 @@ struct UserCommand: ParsableCommand {
         func run() throws {
             try reporting { () throws(AdminFailure) in
                 let list = try UserCommand.parseSenders(senders)
-                let (path, file, _) = try options.passwordFile()
+                let (path, file, _) = try options.passwordFile(forChange: true)
                 guard var entry = file.entry(named: name) else {
                     throw AdminFailure(message: "no user \(name) in \(path)", exitCode: SysExit.noUser)
                 }
@@ -174,6 +180,25 @@ struct UserCommand: ParsableCommand {
         } catch {
             throw AdminFailure(message: "cannot hash the password: \(error)", exitCode: SysExit.software)
         }
+    }
+
+    /// The lock of `lockForChange`, open until the process exits.
+    nonisolated(unsafe) private static var changeLock: Int32 = -1
+
+    static func lockForChange(_ path: String) throws(AdminFailure) {
+        let lockPath = path + ".lock"
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else {
+            throw AdminFailure(message: "cannot open \(lockPath): \(String(cString: strerror(errno)))", exitCode: SysExit.canTCreat)
+        }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let busy = errno == EWOULDBLOCK
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw AdminFailure(message: busy ? "another sealpost user command is changing \(path); try again when it is done"
+                                             : "cannot lock \(lockPath): \(reason)", exitCode: SysExit.tempFail)
+        }
+        changeLock = fd
     }
 
     static func save(_ file: PasswordFile, path: String) throws(AdminFailure) {

@@ -80,6 +80,26 @@ def test_user_commands_write_a_private_file(workdir):
     assert [l.split(":")[0] for l in users.read_text().splitlines()] == ["alice"]
 
 
+def test_user_changes_take_turns(workdir):
+    # Two changes at once would both read the old file, and the second
+    # rename would drop the first one's account: a change holds
+    # users.lock from before it reads until it exits. Here the test holds
+    # it, as a change in progress would.
+    import fcntl
+    require_build("sealpost")
+    pipe = Pipeline(workdir)
+    assert add_user(pipe, "alice", PASSWORD).returncode == 0
+    with open(workdir / "users.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        busy = add_user(pipe, "bob", PASSWORD)
+        assert busy.returncode == 75 and "another sealpost user command is changing" in busy.stderr, busy
+        assert pipe.sealpost("user", "delete", "alice").returncode == 75
+        assert pipe.sealpost("user", "list").returncode == 0   # reading needs no turn
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert add_user(pipe, "bob", PASSWORD).returncode == 0
+    assert [l.split(":")[0] for l in (workdir / "users").read_text().splitlines()] == ["alice", "bob"]
+
+
 def test_smtp_listen_refuses_a_readable_password_file(workdir):
     require_build("smtp-listen", "sealpost")
     pipe = Pipeline(workdir)
