@@ -254,11 +254,33 @@ enum PasswordInput {
         var quiet = saved
         quiet.c_lflag &= ~tcflag_t(ECHO)
         quiet.c_lflag |= tcflag_t(ECHONL)
-        _ = tcsetattr(0, TCSAFLUSH, &quiet)
-        defer { _ = tcsetattr(0, TCSAFLUSH, &saved) }
+        // A signal (Ctrl-C) while echo is off must not leave the terminal
+        // so: the handlers put the settings back, then die of the signal.
+        terminalToRestore = saved
+        let signals = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGTSTP]
+        let previous = signals.map { signal($0, restoreTerminalAndDie) }
+        defer {
+            _ = tcsetattr(0, TCSAFLUSH, &saved)
+            for (sig, handler) in zip(signals, previous) { signal(sig, handler) }
+            terminalToRestore = nil
+        }
+        guard tcsetattr(0, TCSAFLUSH, &quiet) == 0 else {
+            // Never ask for a password the terminal would show.
+            throw AdminFailure(message: "cannot turn off the terminal's echo: \(String(cString: strerror(errno)))", exitCode: SysExit.ioErr)
+        }
         guard let line = Input.line(fd: 0) else {
             throw AdminFailure(message: "no password given", exitCode: SysExit.usage)
         }
         return line
     }
+}
+
+/// The terminal settings from before the password prompt, for the signal
+/// handler (a C function: no captures, async-signal-safe calls only).
+nonisolated(unsafe) private var terminalToRestore: termios?
+
+private func restoreTerminalAndDie(_ sig: Int32) {
+    if var settings = terminalToRestore { _ = tcsetattr(0, TCSAFLUSH, &settings) }
+    signal(sig, SIG_DFL)
+    raise(sig)
 }

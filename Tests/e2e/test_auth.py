@@ -100,6 +100,40 @@ def test_user_changes_take_turns(workdir):
     assert [l.split(":")[0] for l in (workdir / "users").read_text().splitlines()] == ["alice", "bob"]
 
 
+def test_ctrl_c_at_the_password_prompt_gives_the_terminal_its_echo_back(workdir):
+    # The prompt turns echo off; Ctrl-C there used to leave it off.
+    import fcntl
+    import pty
+    import select
+    import termios
+    require_build("sealpost")
+    pipe = Pipeline(workdir)
+    master, slave = pty.openpty()
+
+    def controlling_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    child = subprocess.Popen([executable("sealpost"), "user", "add", "carol"], stdin=slave, stdout=slave,
+                             stderr=slave, env=pipe.env(), preexec_fn=controlling_terminal)
+    try:
+        seen = b""
+        while b"Password: " not in seen:
+            assert child.poll() is None, seen
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 1024)
+        # Echo is off once the prompt is out and the process reads.
+        wait_until(lambda: not termios.tcgetattr(slave)[3] & termios.ECHO, 30, "echo to be off")
+        os.write(master, b"\x03")
+        assert child.wait(timeout=30) == -2   # died of SIGINT
+        assert termios.tcgetattr(slave)[3] & termios.ECHO, "echo still off after Ctrl-C"
+    finally:
+        child.kill()
+        os.close(master)
+        os.close(slave)
+    assert not (workdir / "users").exists() or "carol" not in (workdir / "users").read_text()
+
+
 def test_smtp_listen_refuses_a_readable_password_file(workdir):
     require_build("smtp-listen", "sealpost")
     pipe = Pipeline(workdir)
