@@ -9,7 +9,9 @@
 // Header completion, as sendmail and Postfix do it:
 // - prepend "Received: by HOST (Sealpost queue-inject, from userid UID); DATE"
 //   (no queue ID: the queue assigns it after this was written);
-// - add Date, Message-ID and From when missing; From is
+// - add Date, Message-ID and From when missing, and for a message being
+//   re-sent (it has Resent- fields) Resent-Date, Resent-From and
+//   Resent-Message-ID when missing; From (and Resent-From) is
 //   "Full Name <sender>" with -F, else the account's GECOS name, else bare;
 // - remove Bcc and Resent-Bcc, always: they exist to be hidden from the
 //   other recipients, with or without -t;
@@ -212,6 +214,25 @@ public struct MessageSubmission: Sendable {
             block.append("Message-ID", MessageID.generate(hostname: context.hostname,
                                                           unixTime: context.unixTime, using: &rng))
             addedFields.append("Message-ID")
+        }
+        // A message being re-sent (RFC 5322 3.6.6: it has Resent- fields)
+        // needs its own Resent-Date and Resent-From, and gets a
+        // Resent-Message-ID, as Postfix's cleanup adds them.
+        if block.fields.contains(where: { $0.name.lowercased().hasPrefix("resent-") }) {
+            if !block.contains("Resent-From") {
+                block.append("Resent-From", fromValue())
+                addedFields.append("Resent-From")
+            }
+            if !block.contains("Resent-Date") {
+                block.append("Resent-Date", date)
+                addedFields.append("Resent-Date")
+            }
+            if !block.contains("Resent-Message-ID") {
+                var rng = SystemRandomNumberGenerator()
+                block.append("Resent-Message-ID", MessageID.generate(hostname: context.hostname,
+                                                                     unixTime: context.unixTime, using: &rng))
+                addedFields.append("Resent-Message-ID")
+            }
         }
         block.prepend("Received", "by \(MessageID.domainPart(context.hostname)) (Sealpost queue-inject, from userid \(context.uid)); \(date)")
 

@@ -144,6 +144,12 @@ import Testing
         #expect(s.recipients == ["new@example.org", "hidden@example.org"])
         #expect(!out.contains("hidden"))
         #expect(out.contains("To: old@example.org\r\n"))
+        // Re-sent: the Resent- trio of RFC 5322 3.6.6, beside the original's fields.
+        #expect(out.contains("\r\nResent-From: "))
+        #expect(out.contains("\r\nResent-Date: "))
+        #expect(out.contains("\r\nResent-Message-ID: <"))
+        let (_, plain) = try submit(["-t"], "To: a@example.org\n\nbody\n")
+        #expect(!plain.contains("Resent-"))
     }
 
     @Test func bccRemovedEvenWithoutDashT() throws {
