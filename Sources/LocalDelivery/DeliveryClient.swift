@@ -9,6 +9,14 @@
 // restarts it): a worker that loses its connection reconnects with a pause
 // growing from 0.1 s to 5 s, and jobs that were in flight are given back by
 // the queue and retried, so nothing is lost.
+//
+// Stopping (SIGTERM: a shutdown, or the instance a reload replaced) drains:
+// a worker in the middle of a delivery finishes it and reports its results,
+// then closes; an idle worker's connection is shut down at once. A job that
+// arrives at that very moment is not delivered but dropped with the
+// connection, and the queue, which has no result for it, tries it again:
+// never a copy written without its result reported (a duplicate), never a
+// job lost.
 
 #if canImport(Glibc)
 import Glibc
@@ -24,7 +32,7 @@ public final class DeliveryWorker: Sendable {
     /// Largest message body accepted in a job (the body is held in memory).
     public let maximumMessageSize: Int
     public let name: String
-    private let stopRequested = Mutex(false)
+    private let state = Mutex(WorkerState())
     public static let software = "sealpost-local-deliver 0.1"
 
     public init(socketPath: String, agent: LocalDeliveryAgent, maximumMessageSize: Int, name: String = "worker") {
@@ -34,13 +42,22 @@ public final class DeliveryWorker: Sendable {
         self.name = name
     }
 
-    /// Serves the queue: sessions, reconnecting after each, until `stop()`
-    /// (checked between sessions; in production nobody calls it).
+    /// What `stop()` must know: whether a delivery is under way, and the
+    /// connection to shut down when none is.
+    private struct WorkerState {
+        var stopRequested = false
+        var delivering = false
+        var connection: Int32 = -1
+    }
+
+    private var stopRequested: Bool { state.withLock { $0.stopRequested } }
+
+    /// Serves the queue: sessions, reconnecting after each, until `stop()`.
     public func run() {
         let minimumPause = 0.1, maximumPause = 5.0
         var pause = minimumPause
         var failing = false
-        while !stopRequested.withLock({ $0 }) {
+        while !stopRequested {
             do {
                 let jobs = try session(onConnected: {
                     if failing {
@@ -51,21 +68,60 @@ public final class DeliveryWorker: Sendable {
                 // An orderly close by the queue (a restart): come back soon.
                 if jobs > 0 { pause = minimumPause }
             } catch {
-                // Say it once per outage, not every few seconds.
-                if !failing {
+                // Say it once per outage, not every few seconds; the end of
+                // a connection that stop() shut down is no outage.
+                if !failing && !stopRequested {
                     agent.log.warning("\(name): \(socketPath): \(error); reconnecting")
                     failing = true
                 }
             }
-            if stopRequested.withLock({ $0 }) { break }
-            sleepSeconds(pause)
+            if stopRequested { break }
+            // In steps, so that a stop during a queue outage is not kept
+            // waiting for the whole pause.
+            var slept = 0.0
+            while slept < pause && !stopRequested {
+                sleepSeconds(min(minimumPause, pause - slept))
+                slept += minimumPause
+            }
             pause = min(pause * 2, maximumPause)
         }
     }
 
-    /// Makes `run()` return after the current session.
+    /// Makes `run()` return once the delivery in progress, if any, is done
+    /// and answered; an idle connection is shut down now. Safe from any
+    /// thread (the stage calls it from its signal thread).
     public func stop() {
-        stopRequested.withLock { $0 = true }
+        state.withLock { state in
+            state.stopRequested = true
+            if !state.delivering && state.connection >= 0 {
+                // Wakes the receive(2) the worker is blocked in; the queue
+                // sees the connection end with nothing outstanding.
+                shutdown(state.connection, Int32(SHUT_RDWR))
+            }
+        }
+    }
+
+    /// Marks the start of a delivery; false when the worker is stopping
+    /// (the job is dropped unopened and the queue tries it again).
+    private func beginDelivery() -> Bool {
+        state.withLock { state in
+            guard !state.stopRequested else { return false }
+            state.delivering = true
+            return true
+        }
+    }
+
+    /// Marks its end (results sent, or the connection failed).
+    private func endDelivery() {
+        state.withLock { $0.delivering = false }
+    }
+
+    private func attach(_ connection: StageConnection?) {
+        state.withLock { state in
+            state.connection = connection?.fileDescriptor ?? -1
+            // Stopped while connecting: nothing to wait for.
+            if state.stopRequested, let fd = connection?.fileDescriptor { shutdown(fd, Int32(SHUT_RDWR)) }
+        }
     }
 
     /// One connection: connect, HELLO, jobs until the queue closes the
@@ -74,7 +130,11 @@ public final class DeliveryWorker: Sendable {
     @discardableResult
     public func session(onConnected: () -> Void = {}) throws -> Int {
         let connection = try StageConnection.connect(path: socketPath)
-        defer { connection.close() }
+        attach(connection)
+        defer {
+            attach(nil)
+            connection.close()
+        }
         try connection.clientHello(.deliver, extra: [
             ("software", .text(DeliveryWorker.software)),
             ("transport", .text("local")),
@@ -84,10 +144,13 @@ public final class DeliveryWorker: Sendable {
         return try serve(connection)
     }
 
-    /// Handles jobs on a connection whose HELLOs are done, until EOF.
+    /// Handles jobs on a connection whose HELLOs are done, until EOF or
+    /// `stop()`.
     public func serve(_ connection: StageConnection) throws -> Int {
         var count = 0
-        while let job = try JobReader.receiveJob(from: connection, maximumMessageSize: maximumMessageSize) {
+        while !stopRequested, let job = try JobReader.receiveJob(from: connection, maximumMessageSize: maximumMessageSize) {
+            guard beginDelivery() else { break }
+            defer { endDelivery() }
             let results: [RecipientResult]
             if job.oversized {
                 results = agent.refuseOversized(job, limit: maximumMessageSize)

@@ -1,6 +1,15 @@
 // Wiring for the local-deliver stage: what it loads at start (while it still
 // sees the whole file system: /etc/passwd, the aliases file) and how it runs
 // its workers afterwards (inside the chroot).
+//
+// Reloading: a chrooted, unprivileged instance can read neither the aliases
+// file nor the account database again, so it never reloads itself. The
+// supervisor starts a new instance instead (SEALPOST_RELOAD), which loads
+// everything as a first start does and then reports on SEALPOST_READY_FD;
+// only then does the supervisor stop the old one (SIGTERM: it finishes the
+// deliveries in progress). A new instance that cannot load its tables logs
+// why, as a warning, and exits: the old instance never stopped, so mail goes
+// on with the last tables that loaded.
 
 #if canImport(Glibc)
 import StageRuntime
@@ -50,15 +59,87 @@ public enum LocalDeliveryService {
         DeliveryLog(info: { logger.info("\($0)") }, warning: { logger.warning("\($0)") })
     }
 
-    /// Starts `concurrency` workers on their own threads and serves on the
-    /// calling thread too; never returns.
-    public static func run(workers: [DeliveryWorker]) -> Never {
+    /// Runs the workers, each on its own thread (the first on the calling
+    /// thread), and returns once every one has stopped (`stop()`: SIGTERM).
+    public static func run(workers: [DeliveryWorker]) {
         precondition(!workers.isEmpty)
-        for worker in workers.dropFirst() {
-            StageRuntime.detachThread { worker.run() }
+        StageRuntime.runOnThreads(workers.map { worker in { worker.run() } })
+    }
+
+    /// SIGTERM (the supervisor stopping, or retiring this instance after a
+    /// reload): the workers finish the deliveries in progress and stop, so
+    /// that `run(workers:)` returns. Keep the result alive.
+    public static func drainOnSIGTERM(_ workers: [DeliveryWorker], log: DeliveryLog) -> SignalEvents {
+        let signals = SignalEvents()
+        signals.on(SIGTERM) {
+            log.info("stopping: finishing the deliveries in progress")
+            for worker in workers { worker.stop() }
         }
-        workers[0].run()
-        exit(0)   // only after stop(), which the stage never calls
+        // Only the supervisor can reload this stage (it starts a new
+        // instance); SIGHUP's default action would end this one and every
+        // delivery in progress.
+        signals.on(SIGHUP) {
+            log.warning("SIGHUP ignored: send it to the supervisor, which starts a local-deliver with the files read anew")
+        }
+        return signals
+    }
+
+    /// The line that says what the instance serves with: at a first start,
+    /// or after a reload (the one line an administrator looks for after a
+    /// SIGHUP).
+    public static func startLine(_ resolver: RecipientResolver, concurrency: Int, reload: ReloadRequest?) -> String {
+        let what = reload.map { "reloaded (\($0.reason))" } ?? "starting"
+        return "\(what): \(concurrency) workers, \(resolver.users.count) local users, \(resolver.aliases.entries.count) aliases, domains \(resolver.localDomains.sorted().joined(separator: " "))"
+    }
+
+    /// The warning of a reload whose aliases file does not load: file, line
+    /// and reason, and what happens instead.
+    public static func reloadRefusal(_ error: AliasError) -> String {
+        "aliases not reloaded: \(error) (the running local-deliver keeps the tables it has)"
+    }
+}
+
+/// This instance replaces a running one to reload its tables: started by
+/// the supervisor with SEALPOST_RELOAD (the reason, for the log) and
+/// SEALPOST_READY_FD (a pipe to the supervisor, Pipeline/PROTOCOL.md
+/// section 7).
+public struct ReloadRequest: Sendable, Equatable {
+    public var reason: String
+    public var readyDescriptor: Int32
+
+    public init(reason: String, readyDescriptor: Int32) {
+        self.reason = reason
+        self.readyDescriptor = readyDescriptor
+    }
+
+    /// From the environment's SEALPOST_RELOAD and SEALPOST_READY_FD; nil for
+    /// an ordinary start (neither set). The descriptor must be an inherited
+    /// pipe.
+    public static func from(reload: String?, readyFD: String?) throws(LocalSetupError) -> ReloadRequest? {
+        guard reload != nil || readyFD != nil else { return nil }
+        guard let reload, let readyFD else {
+            throw LocalSetupError("SEALPOST_RELOAD and SEALPOST_READY_FD go together")
+        }
+        var info = stat()
+        guard let fd = Int32(readyFD), fd > 2, fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFIFO else {
+            throw LocalSetupError("SEALPOST_READY_FD=\(readyFD) is not an inherited pipe")
+        }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return ReloadRequest(reason: reload.isEmpty ? "reload" : reload, readyDescriptor: fd)
+    }
+
+    /// Tells the supervisor that this instance loaded its tables and dropped
+    /// its privileges: it stops the instance this one replaces. One byte,
+    /// then the pipe is closed.
+    public func reportReady() throws(LocalSetupError) {
+        var byte: UInt8 = 0x2E
+        var n: Int
+        repeat { n = write(readyDescriptor, &byte, 1) } while n < 0 && errno == EINTR
+        let failure = n == 1 ? nil : String(cString: strerror(errno))
+        close(readyDescriptor)
+        if let failure {
+            throw LocalSetupError("SEALPOST_READY_FD: \(failure)")
+        }
     }
 }
 

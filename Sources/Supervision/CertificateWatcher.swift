@@ -50,39 +50,75 @@ struct FileVersion: Equatable {
     }
 }
 
-final class CertificateWatcher {
-    let pairs: [TLSCertificateSettings]
+/// Which of a set of files changed since a stage read them, once the change
+/// is stable: the same versions at two checks in a row, so that a file
+/// being written is not taken half-written. The supervisor's file checks
+/// for the certificate channel and for local-deliver's reload.
+struct FileWatch {
+    let paths: [String]
     let interval: Double
-    /// The files in frame order: certificate 1, key 1, certificate 2, ...
-    var paths: [String] { pairs.flatMap { [$0.certificateFile, $0.keyFile] } }
-    /// The versions crypto-negotiate has: read at its start, or sent.
+    /// Whether a missing file is a version like any other (an aliases file
+    /// may be removed), or keeps a change from being due (a certificate
+    /// pair must be complete).
+    let missingIsAChange: Bool
+    /// The versions the stage has: read at its start, or sent.
     private var delivered: [FileVersion?] = []
     /// The versions seen at the previous check.
     private var previous: [FileVersion?] = []
     private(set) var nextCheck: Double = 0
 
-    init(pairs: [TLSCertificateSettings], interval: Double) {
-        self.pairs = pairs
+    init(paths: [String], interval: Double, missingIsAChange: Bool) {
+        self.paths = paths
         self.interval = interval
+        self.missingIsAChange = missingIsAChange
     }
 
-    /// crypto-negotiate (re)started: it reads the files itself now.
-    func started(now: Double) {
-        delivered = paths.map(FileVersion.of(path:))
+    static func versions(of paths: [String]) -> [FileVersion?] { paths.map(FileVersion.of(path:)) }
+
+    /// The stage (re)started: it reads the files as they are now.
+    mutating func started(now: Double) {
+        delivered = Self.versions(of: paths)
         previous = delivered
         nextCheck = now + interval
     }
 
-    /// The changed files once a change is stable (the same versions as at
-    /// the previous check, all present, not yet delivered); nil otherwise.
-    func dueChange(now: Double) -> [String]? {
+    /// The stage was sent these versions.
+    mutating func markDelivered(_ versions: [FileVersion?]) {
+        delivered = versions
+    }
+
+    /// The changed files once a change is stable and not yet delivered; nil
+    /// otherwise (and before `interval` has passed since the last check).
+    mutating func dueChange(now: Double) -> [String]? {
         guard now >= nextCheck else { return nil }
         nextCheck = now + interval
-        let current = paths.map(FileVersion.of(path:))
+        let current = Self.versions(of: paths)
         defer { previous = current }
-        guard current != delivered, current == previous, current.allSatisfy({ $0 != nil }) else { return nil }
+        guard current != delivered, current == previous,
+              missingIsAChange || current.allSatisfy({ $0 != nil }) else { return nil }
         return zip(paths, zip(current, delivered)).filter { $0.1.0 != $0.1.1 }.map(\.0)
     }
+}
+
+final class CertificateWatcher {
+    let pairs: [TLSCertificateSettings]
+    /// The files in frame order: certificate 1, key 1, certificate 2, ...
+    var paths: [String] { watch.paths }
+    private var watch: FileWatch
+    var nextCheck: Double { watch.nextCheck }
+
+    init(pairs: [TLSCertificateSettings], interval: Double) {
+        self.pairs = pairs
+        watch = FileWatch(paths: pairs.flatMap { [$0.certificateFile, $0.keyFile] }, interval: interval,
+                          missingIsAChange: false)
+    }
+
+    /// crypto-negotiate (re)started: it reads the files itself now.
+    func started(now: Double) { watch.started(now: now) }
+
+    /// The changed files once a change is stable (the same versions as at
+    /// the previous check, all present, not yet delivered); nil otherwise.
+    func dueChange(now: Double) -> [String]? { watch.dueChange(now: now) }
 
     /// Opens every file and sends them in one CERTIFICATES frame on
     /// `channel` (non-blocking SOCK_SEQPACKET: all of it or nothing).
@@ -126,7 +162,7 @@ final class CertificateWatcher {
             let why = n < 0 ? String(cString: strerror(errno)) : "short write"
             return "warning: certificates not reloaded (\(reason)): sending to crypto-negotiate: \(why)"
         }
-        delivered = versions
+        watch.markDelivered(versions)
         return "sent \(pairs.count) certificate/key pair(s) to crypto-negotiate (\(reason))"
     }
 }

@@ -86,7 +86,7 @@ func stageEnvironment(stage: StageDefinition, configFile: String, asRoot: Bool) 
                              "HOME", "USER", "LOGNAME"]
     let rootDropped: Set<String> = ["HOME", "USER", "LOGNAME"]
     let overridden: Set<String> = ["SEALPOST_CONFIG", "SEALPOST_STAGE", "SEALPOST_USER", "SEALPOST_CERTIFICATE_FD",
-                                   "SEALPOST_SUPERVISOR_PID"]
+                                   "SEALPOST_SUPERVISOR_PID", "SEALPOST_RELOAD", "SEALPOST_READY_FD"]
     var result: [String] = []
     var havePath = false
     if var pointer = sealpost_spawn_environ() {

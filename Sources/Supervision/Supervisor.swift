@@ -1,7 +1,8 @@
 // The supervisor: starts every stage of Pipeline/stages, collects their
 // stderr into the log, restarts them when they die, stops them in reverse
-// order on SIGTERM/SIGINT, forwards SIGHUP. Single-threaded: one poll(2) loop
-// over a signalfd and the stages' output pipes.
+// order on SIGTERM/SIGINT, forwards SIGHUP, reloads local-deliver by
+// replacing it. Single-threaded: one poll(2) loop over a signalfd, the
+// stages' output pipes and the ready pipes of replacements.
 
 #if canImport(Glibc)
 import Glibc
@@ -33,6 +34,15 @@ public struct SupervisorSettings: Sendable {
     public var certificates: [TLSCertificateSettings] = []
     public var certificateStage = "crypto-negotiate"
     public var certificateCheckInterval: Double = 5
+    /// The stage reloaded by replacement (see "Reloads" below): on SIGHUP,
+    /// and when one of `reloadFiles` changed (checked every
+    /// `reloadCheckInterval` seconds), a new instance starts, and the
+    /// running one stops once the new one reported ready, within
+    /// `reloadReadyTimeout` seconds.
+    public var reloadStage = "local-deliver"
+    public var reloadFiles: [String] = []
+    public var reloadCheckInterval: Double = 5
+    public var reloadReadyTimeout: Double = 60
 
     public init(configFile: String, hostname: String, layout: DirectoryLayout,
                 stages: [StageDefinition], foreground: Bool) {
@@ -58,6 +68,22 @@ final class StageSlot {
     var backoff = Backoff()
     /// Our end of the stage's certificate channel, -1 when none.
     var certificateChannel: Int32 = -1
+    /// A new instance started to replace this one (a reload), until it
+    /// reports ready (it becomes `pid`) or exits.
+    var replacement: Replacement?
+    /// Instances a reload replaced: stopping (SIGTERM sent), finishing
+    /// their work.
+    var retiring: [pid_t] = []
+
+    struct Replacement {
+        var pid: pid_t
+        /// Our end of its ready pipe (SEALPOST_READY_FD), -1 once closed.
+        var ready: Int32
+        var startedAt: Double
+        var deadline: Double
+        /// Killed for not reporting ready in time (already logged).
+        var abandoned = false
+    }
 
     init(_ definition: StageDefinition) { self.definition = definition }
 }
@@ -95,6 +121,8 @@ public final class Supervisor {
     static let logGatherInterval = 0.005
     private let listening: ListeningSockets
     private let certificateWatcher: CertificateWatcher?
+    /// The files of the reload stage, checked for changes; nil without them.
+    private var reloadWatch: FileWatch?
 
     public init(settings: SupervisorSettings, log: LogSink) {
         self.settings = settings
@@ -108,6 +136,10 @@ public final class Supervisor {
             certificateWatcher = CertificateWatcher(pairs: settings.certificates, interval: settings.certificateCheckInterval)
         } else {
             certificateWatcher = nil
+        }
+        if settings.stages.contains(where: { $0.name == settings.reloadStage }) && !settings.reloadFiles.isEmpty {
+            // A missing aliases file is an empty table: its removal is a change.
+            reloadWatch = FileWatch(paths: settings.reloadFiles, interval: settings.reloadCheckInterval, missingIsAChange: true)
         }
     }
 
@@ -134,6 +166,7 @@ public final class Supervisor {
             pollOnce(timeout: nextTimeout())
             startDueStages()
             checkCertificates()
+            checkReloads()
         }
         shutdown()
         return 0
@@ -151,6 +184,14 @@ public final class Supervisor {
         if let watcher = certificateWatcher, slots.contains(where: { $0.certificateChannel >= 0 }) {
             earliest = min(earliest ?? watcher.nextCheck, watcher.nextCheck)
         }
+        if let watch = reloadWatch, slots.contains(where: { $0.definition.name == settings.reloadStage && $0.state == .running }) {
+            earliest = min(earliest ?? watch.nextCheck, watch.nextCheck)
+        }
+        for slot in slots {
+            if let replacement = slot.replacement, !replacement.abandoned {
+                earliest = min(earliest ?? replacement.deadline, replacement.deadline)
+            }
+        }
         guard let earliest else { return -1 }
         return Int32(max(0, min(60_000, ((earliest - now) * 1000).rounded(.up))))
     }
@@ -158,6 +199,8 @@ public final class Supervisor {
     private func pollOnce(timeout: Int32) {
         var fds = [pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)]
         for pipe in pipes { fds.append(pollfd(fd: pipe.fd, events: Int16(POLLIN), revents: 0)) }
+        let awaited = slots.filter { ($0.replacement?.ready ?? -1) >= 0 }
+        for slot in awaited { fds.append(pollfd(fd: slot.replacement!.ready, events: Int16(POLLIN), revents: 0)) }
         var ready = poll(&fds, nfds_t(fds.count), timeout)
         if ready < 0 {
             if errno == EINTR { return }
@@ -186,6 +229,9 @@ public final class Supervisor {
         let readyPipes = zip(fds.dropFirst(), pipes).filter { $0.0.revents != 0 }.map(\.1)
         for pipe in readyPipes { drain(pipe) }
         log.flush()
+        for (slot, fd) in zip(awaited, fds.suffix(awaited.count)) where fd.revents != 0 {
+            replacementReported(slot)
+        }
         if fds[0].revents != 0 { handleSignals() }
     }
 
@@ -213,8 +259,11 @@ public final class Supervisor {
                 // not restart the pipeline).
                 var sent: [String] = []
                 var spared: [String] = []
+                var replaced: [StageSlot] = []
                 for slot in slots where slot.state == .running {
-                    if handlesSignal(pid: slot.pid, SIGHUP) {
+                    if slot.definition.name == settings.reloadStage {
+                        replaced.append(slot)
+                    } else if handlesSignal(pid: slot.pid, SIGHUP) {
                         kill(slot.pid, SIGHUP)
                         sent.append(slot.definition.name)
                     } else {
@@ -222,8 +271,10 @@ public final class Supervisor {
                     }
                 }
                 note("received SIGHUP: log reopened, forwarded to " + (sent.isEmpty ? "no stage" : sent.joined(separator: ", "))
-                     + (spared.isEmpty ? "" : " (not to \(spared.joined(separator: ", ")): SIGHUP would terminate them)"))
+                     + (spared.isEmpty ? "" : " (not to \(spared.joined(separator: ", ")): SIGHUP would terminate them)")
+                     + replaced.map { "; reloading \($0.definition.name) by replacing it" }.joined())
                 sendCertificates(reason: "SIGHUP")
+                for slot in replaced { replace(slot, reason: "SIGHUP") }
             default:
                 break
             }
@@ -260,11 +311,17 @@ public final class Supervisor {
             var status: Int32 = 0
             let pid = waitpid(-1, &status, WNOHANG)
             if pid <= 0 { return }
-            guard let slot = slots.first(where: { $0.state == .running && $0.pid == pid }) else { continue }
             // Log what it wrote before it died first.
             for pipe in pipes where pipe.pid == pid { drain(pipe) }
             log.flush()
-            exited(slot, status: status)
+            if let slot = slots.first(where: { $0.state == .running && $0.pid == pid }) {
+                exited(slot, status: status)
+            } else if let slot = slots.first(where: { $0.replacement?.pid == pid }) {
+                replacementExited(slot, status: status)
+            } else if let slot = slots.first(where: { $0.retiring.contains(pid) }) {
+                slot.retiring.removeAll { $0 == pid }
+                note("stage \(slot.definition.name) (pid \(pid)), replaced by a reload, \(Spawner.describe(status: status))")
+            }
         }
     }
 
@@ -306,12 +363,6 @@ public final class Supervisor {
     /// Starts a stage; a failure to spawn counts as an exit (with backoff).
     private func start(_ slot: StageSlot) {
         let definition = slot.definition
-        var fds: [Int32] = [-1, -1]
-        guard sealpost_spawn_pipe(&fds, 1) == 0 else {
-            note("warning: stage \(definition.name): pipe: \(String(cString: strerror(errno)))")
-            scheduleRetry(slot)
-            return
-        }
         var environment = stageEnvironment(stage: definition, configFile: settings.configFile, asRoot: asRoot)
         var passing: [Int32] = []
         var pidVariable: String? = nil
@@ -336,28 +387,142 @@ public final class Supervisor {
                 passing = listening.descriptors
                 pidVariable = "LISTEN_PID"
             }
-            let pid = try Spawner.spawn(executable: definition.executable, argumentZero: definition.executable,
-                                        arguments: definition.arguments, environment: environment,
-                                        stdinFD: devNull, outputFD: fds[1], newProcessGroup: true,
-                                        passing: passing, pidVariable: pidVariable)
-            close(fds[1])
-            pipes.append(OutputPipe(fd: fds[0], stage: definition.name, pid: pid))
+            let pid = try spawn(definition, environment: environment, passing: passing, pidVariable: pidVariable)
             if channel[0] >= 0 {
                 slot.certificateChannel = channel[0]
                 certificateWatcher?.started(now: monotonicNow())
             }
+            if definition.name == settings.reloadStage { reloadWatch?.started(now: monotonicNow()) }
             slot.pid = pid
             slot.state = .running
             slot.startedAt = monotonicNow()
             slot.since = time(nil)
             note("started stage \(definition.name) (pid \(pid)): \(([definition.executable] + definition.arguments).joined(separator: " "))")
         } catch {
-            close(fds[0])
-            close(fds[1])
             if channel[0] >= 0 { close(channel[0]) }
             note("warning: stage \(definition.name): \(error)")
             scheduleRetry(slot)
         }
+    }
+
+    /// Spawns an instance of a stage with its output on a new pipe to us.
+    private func spawn(_ definition: StageDefinition, environment: [String], passing: [Int32],
+                       pidVariable: String?) throws -> pid_t {
+        var fds: [Int32] = [-1, -1]
+        guard sealpost_spawn_pipe(&fds, 1) == 0 else { throw SystemError("pipe") }
+        defer { close(fds[1]) }
+        do {
+            let pid = try Spawner.spawn(executable: definition.executable, argumentZero: definition.executable,
+                                        arguments: definition.arguments, environment: environment,
+                                        stdinFD: devNull, outputFD: fds[1], newProcessGroup: true,
+                                        passing: passing, pidVariable: pidVariable)
+            pipes.append(OutputPipe(fd: fds[0], stage: definition.name, pid: pid))
+            return pid
+        } catch {
+            close(fds[0])
+            throw error
+        }
+    }
+
+    // MARK: - Reloads
+
+    // local-deliver reads the aliases file and the account database at start,
+    // as root, then chroots and runs unprivileged: it cannot read them again.
+    // So a reload is a new start: the supervisor starts a second instance
+    // with SEALPOST_RELOAD (the reason) and a pipe as SEALPOST_READY_FD=3.
+    // The new instance loads everything as any start does (the supervisor
+    // reads and parses nothing of it: it only stat()s the files to notice a
+    // change) and writes one byte once it is ready; then the supervisor
+    // sends SIGTERM to the old instance, which finishes the deliveries in
+    // progress and exits, and the new one is the stage's from now on. A new
+    // instance that cannot load (a malformed aliases file) logs why and
+    // exits before that: the old one was never told to stop, so mail goes
+    // on with the tables that loaded last. Both run for a moment; the queue
+    // gives each connection its own jobs, and Maildir delivery is safe from
+    // several processes.
+
+    /// Starts an instance to replace the running one (SIGHUP, files changed).
+    private func replace(_ slot: StageSlot, reason: String) {
+        let definition = slot.definition
+        guard !stopping else { return }
+        guard slot.replacement == nil else {
+            note("\(definition.name): a reload is already under way (pid \(slot.replacement!.pid)); \(reason) not acted on")
+            return
+        }
+        var ready: [Int32] = [-1, -1]
+        guard sealpost_spawn_pipe(&ready, 1) == 0 else {
+            note("warning: \(definition.name) not reloaded (\(reason)): pipe: \(String(cString: strerror(errno)))")
+            return
+        }
+        defer { close(ready[1]) }   // the child's end: its copy is at 3
+        let printable = String(reason.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7F ? "?" : Character($0) })
+        let environment = stageEnvironment(stage: definition, configFile: settings.configFile, asRoot: asRoot)
+            + ["SEALPOST_RELOAD=\(printable)", "SEALPOST_READY_FD=3"]
+        do {
+            let pid = try spawn(definition, environment: environment, passing: [ready[1]], pidVariable: nil)
+            let now = monotonicNow()
+            slot.replacement = StageSlot.Replacement(pid: pid, ready: ready[0], startedAt: now,
+                                                     deadline: now + settings.reloadReadyTimeout)
+            reloadWatch?.started(now: now)
+            note("started stage \(definition.name) (pid \(pid)) to replace pid \(slot.pid) (\(printable)): \(([definition.executable] + definition.arguments).joined(separator: " "))")
+        } catch {
+            close(ready[0])
+            note("warning: \(definition.name) not reloaded (\(reason)): \(error)")
+        }
+    }
+
+    /// The replacement's ready pipe is readable: a byte (ready), or its end
+    /// (it is exiting without being ready; `replacementExited` follows).
+    private func replacementReported(_ slot: StageSlot) {
+        guard var replacement = slot.replacement, replacement.ready >= 0 else { return }
+        var byte: UInt8 = 0
+        let n = read(replacement.ready, &byte, 1)
+        if n < 0 && (errno == EINTR || errno == EAGAIN) { return }
+        close(replacement.ready)
+        replacement.ready = -1
+        slot.replacement = replacement
+        guard n == 1, !stopping else { return }
+        slot.replacement = nil
+        let old = slot.pid
+        if slot.state == .running && old > 0 {
+            kill(old, SIGTERM)
+            slot.retiring.append(old)
+        }
+        slot.pid = replacement.pid
+        slot.state = .running
+        slot.startedAt = replacement.startedAt
+        slot.since = time(nil)
+        note("reloaded stage \(slot.definition.name): pid \(replacement.pid) replaces pid \(old), which finishes its work and stops")
+        writeStatus()
+    }
+
+    private func replacementExited(_ slot: StageSlot, status: Int32) {
+        guard let replacement = slot.replacement else { return }
+        if replacement.ready >= 0 { close(replacement.ready) }
+        slot.replacement = nil
+        guard !replacement.abandoned, !stopping else { return }
+        // Not a warning of ours: the new instance logged why.
+        note("\(slot.definition.name) not reloaded: the new instance (pid \(replacement.pid)) \(Spawner.describe(status: status)); pid \(slot.pid) goes on with what it loaded before")
+    }
+
+    /// Starts a reload when the stage's files changed; kills a replacement
+    /// that did not report ready in time. Called after every poll.
+    private func checkReloads() {
+        guard !stopping else { return }
+        let now = monotonicNow()
+        for slot in slots {
+            guard var replacement = slot.replacement, !replacement.abandoned, now >= replacement.deadline else { continue }
+            replacement.abandoned = true
+            slot.replacement = replacement
+            kill(-replacement.pid, SIGKILL)
+            kill(replacement.pid, SIGKILL)
+            note("warning: \(slot.definition.name) not reloaded: the new instance (pid \(replacement.pid)) did not report ready within \(Int(settings.reloadReadyTimeout)) s; killed it; pid \(slot.pid) goes on")
+        }
+        guard reloadWatch != nil,
+              let slot = slots.first(where: { $0.definition.name == settings.reloadStage && $0.state == .running }),
+              slot.replacement == nil,
+              let changed = reloadWatch!.dueChange(now: now) else { return }
+        replace(slot, reason: "changed: " + changed.joined(separator: ", "))
     }
 
     // MARK: - Certificates
@@ -392,19 +557,27 @@ public final class Supervisor {
     /// `stopTimeout` seconds, then SIGKILL to its process group.
     private func shutdown() {
         for slot in slots.reversed() {
-            guard slot.state == .running else {
+            // A replacement not yet ready and instances a reload replaced
+            // (already told to stop) end with the stage.
+            let others = (slot.replacement.map { [$0.pid] } ?? []) + slot.retiring
+            if let replacement = slot.replacement { kill(replacement.pid, SIGTERM) }
+            guard slot.state == .running || !others.isEmpty else {
                 slot.state = .stopped
                 continue
             }
             let name = slot.definition.name
             let pid = slot.pid
-            kill(pid, SIGTERM)
+            if slot.state == .running { kill(pid, SIGTERM) }
             if !wait(for: slot, seconds: settings.stopTimeout) {
-                note("warning: stage \(name) (pid \(pid)) did not stop within \(Int(settings.stopTimeout)) s; killing it")
-                kill(-pid, SIGKILL)
-                kill(pid, SIGKILL)
+                let all = (slot.state == .running ? [pid] : []) + others
+                note("warning: stage \(name) (pid \(all.map(String.init).joined(separator: ", "))) did not stop within \(Int(settings.stopTimeout)) s; killing it")
+                for target in all {
+                    kill(-target, SIGKILL)
+                    kill(target, SIGKILL)
+                }
                 _ = wait(for: slot, seconds: 5)
             }
+            slot.state = .stopped
             writeStatus()
         }
         // Whatever the stages left in their pipes (bounded: a descendant that
@@ -426,10 +599,10 @@ public final class Supervisor {
         note("stopped")
     }
 
-    /// Runs the loop until the slot's process was reaped or time is up.
+    /// Runs the loop until the slot's processes were reaped or time is up.
     private func wait(for slot: StageSlot, seconds: Double) -> Bool {
         let deadline = monotonicNow() + seconds
-        while slot.state == .running {
+        while slot.state == .running || slot.replacement != nil || !slot.retiring.isEmpty {
             let left = deadline - monotonicNow()
             if left <= 0 { return false }
             pollOnce(timeout: Int32(min(left * 1000, 1000).rounded(.up)))

@@ -42,6 +42,9 @@
 // ENVIRONMENT
 //      SEALPOST_CONFIG              the configuration file
 //      SEALPOST_USER                the account to run as (when started as root)
+//      SEALPOST_RELOAD              set by the supervisor for an instance
+//                                   that replaces a running one (RELOADING)
+//      SEALPOST_READY_FD            with it: the pipe to report ready on
 //      SEALPOST_LOCAL_CONCURRENCY   workers, 1..64 (default 4): deliveries
 //                                   that run at once, so that fsyncs overlap
 //
@@ -53,6 +56,39 @@
 //      and never writes outside the mailboxes. Started as another user, it
 //      runs as that user without chroot.
 //
+// SIGNALS
+//      SIGTERM   stop: each worker finishes the delivery it has in progress
+//                (its results are reported), idle connections to the queue
+//                are closed at once, then exit 0. A job that reaches a
+//                worker at that moment is not delivered; the queue, which
+//                got no result for it, tries it again.
+//      SIGHUP    ignored (with a warning). Reloads go through the
+//                supervisor: send it SIGHUP.
+//
+// RELOADING
+//      Chrooted and unprivileged, local-deliver cannot read the aliases
+//      file or the account database again, so it never reloads itself: on
+//      SIGHUP, and when the aliases file, the configuration or /etc/passwd
+//      changes, the supervisor starts a new local-deliver with
+//      SEALPOST_RELOAD (the reason) and SEALPOST_READY_FD (a pipe,
+//      Pipeline/PROTOCOL.md section 7). The new one reads everything as at
+//      any start, drops its privileges, writes one byte to that pipe and
+//      logs one line:
+//      local-deliver[4211]: reloaded (SIGHUP): 4 workers, 35 local users,
+//      12 aliases, domains localhost
+//      and the supervisor stops the old one (SIGTERM, above). When the
+//      aliases file does not load, the new one logs one warning and exits
+//      78 without writing; the old one was never told to stop and goes on
+//      with the tables it has:
+//      local-deliver[4230]: warning: aliases not reloaded:
+//      /etc/sealpost/aliases:7: alias loop: a -> b -> a (the running
+//      local-deliver keeps the tables it has)
+//      Why a new process rather than the supervisor sending the files'
+//      bytes: a new start reads exactly what a restart would (the
+//      configuration's users, accounts from every NSS source, not only
+//      /etc/passwd), the supervisor parses nothing, and no descriptor
+//      outside the chroot is kept open.
+//
 // LOGGING
 //      One line per delivered copy (and per refused recipient) on stderr,
 //      as Postfix's local(8); delay in whole seconds since arrival:
@@ -61,10 +97,12 @@
 //      status=sent (delivered to maildir)
 //
 // EXIT STATUS
-//      It runs until killed. At start: 78 (EX_CONFIG) for an unreadable
-//      configuration, a malformed aliases file or a bad
-//      SEALPOST_LOCAL_CONCURRENCY; 67 (EX_NOUSER), 77 (EX_NOPERM) or 71
-//      (EX_OSERR) when privileges cannot be dropped.
+//      0 after SIGTERM, once the deliveries in progress are done. At start:
+//      78 (EX_CONFIG) for an unreadable configuration, a malformed aliases
+//      file (a warning rather than a fatal error when reloading) or a bad
+//      SEALPOST_LOCAL_CONCURRENCY, SEALPOST_RELOAD or SEALPOST_READY_FD; 67
+//      (EX_NOUSER), 77 (EX_NOPERM) or 71 (EX_OSERR) when privileges cannot
+//      be dropped.
 
 #if canImport(Glibc)
 import Glibc
@@ -81,8 +119,11 @@ let logger = Logger(label: "local-deliver")
 umask(0o077)
 
 let concurrency: Int
+let reload: ReloadRequest?
 do {
     concurrency = try LocalDeliveryService.concurrency(environment: getenv("SEALPOST_LOCAL_CONCURRENCY").map { String(cString: $0) })
+    reload = try ReloadRequest.from(reload: getenv("SEALPOST_RELOAD").map { String(cString: $0) },
+                                    readyFD: getenv("SEALPOST_READY_FD").map { String(cString: $0) })
 } catch {
     StageRuntime.fatal(error.description, exit: .config)
 }
@@ -92,7 +133,11 @@ let resolver: RecipientResolver
 do {
     resolver = try LocalDeliveryService.makeResolver(config)
 } catch {
-    StageRuntime.fatal(error.description, exit: .config)
+    guard reload != nil else { StageRuntime.fatal(error.description, exit: .config) }
+    // A reload: the instance this one was to replace runs on, with the
+    // tables that loaded before. A warning, not a fatal error: nothing stops.
+    logger.warning("\(LocalDeliveryService.reloadRefusal(error))")
+    exit(ExitCode.config.rawValue)
 }
 let namer = MaildirNamer()
 
@@ -105,13 +150,23 @@ do {
     StageRuntime.fatal("\(error)", exit: .osErr)
 }
 
+let log = LocalDeliveryService.log(logger)
 let agent = LocalDeliveryAgent(resolver: resolver, dataDirectory: paths.dataDirectory,
                                mailboxTemplate: config.local.mailbox, namer: namer,
-                               forwarder: InjectForwarder(socketPath: paths.injectSocket),
-                               log: LocalDeliveryService.log(logger))
-logger.info("starting: \(concurrency) workers, \(resolver.users.count) local users, \(resolver.aliases.entries.count) aliases, domains \(resolver.localDomains.sorted().joined(separator: " "))")
+                               forwarder: InjectForwarder(socketPath: paths.injectSocket), log: log)
 let workers = (1...concurrency).map {
     DeliveryWorker(socketPath: paths.deliverSocket, agent: agent,
                    maximumMessageSize: config.queue.messageSizeLimit + 1_048_576, name: "worker \($0)")
 }
+let signals = LocalDeliveryService.drainOnSIGTERM(workers, log: log)
+if let reload {
+    do {
+        try reload.reportReady()
+    } catch {
+        StageRuntime.fatal(error.description, exit: .osErr)
+    }
+}
+logger.info("\(LocalDeliveryService.startLine(resolver, concurrency: concurrency, reload: reload))")
 LocalDeliveryService.run(workers: workers)
+withExtendedLifetime(signals) {}
+exit(ExitCode.ok.rawValue)

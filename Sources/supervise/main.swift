@@ -76,7 +76,15 @@
 //     SIGHUP: reopen the log file, send SIGHUP to every stage that handles
 //     it (caught, ignored or blocked, by /proc/PID/status: for the others
 //     it would be fatal, and a log rotation must not restart the pipeline),
-//     and send the certificate files to crypto-negotiate.
+//     send the certificate files to crypto-negotiate, and reload
+//     local-deliver by replacing it: a new instance (SEALPOST_RELOAD,
+//     SEALPOST_READY_FD=3: Pipeline/PROTOCOL.md section 7) reads the
+//     aliases file and the accounts, and once it reports ready the old one
+//     gets SIGTERM and finishes its deliveries; a new instance that cannot
+//     load exits and the old one goes on. The same reload happens when the
+//     aliases file, the configuration file or /etc/passwd changed (every
+//     5 s a stat(), as for the certificates); the supervisor reads none of
+//     them.
 //
 // OPTIONS
 //     --foreground  also copy the log to standard output
@@ -232,6 +240,11 @@ var settings = SupervisorSettings(configFile: configuration.file, hostname: conf
                                   layout: layout, stages: stages, foreground: foreground)
 settings.listeners = ListenerDefinition.served(by: configuration)
 settings.certificates = configuration.tls.certificates
+// What local-deliver reads at start: a change to any of them reloads it.
+// The system's account database is watched where it is a file; other
+// sources (NSS: LDAP, sssd) change unseen, and SIGHUP reloads them.
+settings.reloadFiles = [configuration.local.aliasesFile, configuration.file]
+    + (configuration.local.accounts == .system ? ["/etc/passwd"] : [])
 // Every path is absolute by now; hold no directory busy.
 _ = chdir("/")
 let supervisor = Supervisor(settings: settings, log: log)

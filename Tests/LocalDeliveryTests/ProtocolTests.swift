@@ -289,3 +289,72 @@ private func receiveResults(_ c: StageConnection, count: Int) throws -> (results
         _ = try session.wait()
     }
 }
+
+/// A forwarder that holds the delivery in progress until the test lets it
+/// go: a worker caught in the middle of a job.
+final class HeldForwarder: MessageForwarder {
+    let entered = DispatchSemaphore(value: 0)
+    let release = DispatchSemaphore(value: 0)
+    func forward(_ job: DeliveryJob, to address: String, prepending header: [UInt8]) throws(DeliveryError) -> String {
+        entered.signal()
+        release.wait()
+        return "0A1B2C3D4E5F"
+    }
+}
+
+/// Whether the peer closed `connection` within 30 s (a bound against
+/// hanging, not a timing assertion): readable, and nothing more to read.
+private func closedByPeer(_ connection: StageConnection) throws -> Bool {
+    var p = pollfd(fd: connection.fileDescriptor, events: Int16(POLLIN), revents: 0)
+    guard poll(&p, 1, 30_000) == 1 else { return false }
+    return try connection.receive() == nil
+}
+
+/// Stopping (SIGTERM: shutdown, or the instance a reload replaced) drains:
+/// no delivery is cut short, and an idle worker lets go of the queue at once.
+@Suite struct DrainTests {
+    let dir = TemporaryDirectory()
+    let logs = LogRecorder()
+
+    func makeWorker(forwarder: any MessageForwarder) throws -> DeliveryWorker {
+        mkdir(dir.file("run"), 0o700)
+        let table = try AliasTable.parse("fwd: carol@remote.test\n", file: "aliases", localDomains: ["localhost"])
+        let resolver = RecipientResolver(users: LocalUsers(names: ["bob"]), aliases: table, localDomains: ["localhost"])
+        let agent = LocalDeliveryAgent(resolver: resolver, dataDirectory: dir.path, mailboxTemplate: "mail/{user}/Maildir",
+                                       namer: MaildirNamer(hostname: "test"), forwarder: forwarder, log: logs.log)
+        return DeliveryWorker(socketPath: dir.file("run/deliver"), agent: agent, maximumMessageSize: 1 << 20)
+    }
+
+    @Test func anIdleWorkerClosesItsConnectionAndReturnsWhenStopped() throws {
+        let worker = try makeWorker(forwarder: HeldForwarder())
+        let deliver = try Listener(path: dir.file("run/deliver"))
+        let running = Background { worker.run() }
+        let c = try deliver.accept(.deliver)
+        _ = try serverHello(c)
+        worker.stop()
+        try #require(try closedByPeer(c), "the idle worker kept its connection after stop()")
+        try running.wait()
+        #expect(!logs.all.contains { $0.hasPrefix("warning: ") }, "a stop is no outage: \(logs.all)")
+    }
+
+    @Test func aDeliveryInProgressIsFinishedAndAnsweredBeforeTheWorkerStops() throws {
+        let held = HeldForwarder()
+        let worker = try makeWorker(forwarder: held)
+        let deliver = try Listener(path: dir.file("run/deliver"))
+        let running = Background { worker.run() }
+        let c = try deliver.accept(.deliver)
+        _ = try serverHello(c)
+        try sendJob(c, job: 4, recipients: ["bob@localhost", "fwd@localhost"], body: ["Subject: drain\r\n\r\nx\r\n"])
+        held.entered.wait()      // bob's copy is written; the forward is under way
+        worker.stop()
+        held.release.signal()
+        let (results, done) = try receiveResults(c, count: 2)
+        #expect(done == 4)
+        #expect(try results[0]?.text("status") == "sent")
+        #expect(try results[1]?.text("status") == "sent")
+        // Then it lets go instead of waiting for the next job.
+        try #require(try closedByPeer(c), "the worker took more jobs after stop()")
+        try running.wait()
+        #expect(listDirectory(dir.file("mail/bob/Maildir/new")).count == 1)
+    }
+}

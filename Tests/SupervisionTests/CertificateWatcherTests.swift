@@ -135,3 +135,26 @@ import Testing
         }
     }
 }
+
+/// The supervisor's check of local-deliver's files (the aliases file, the
+/// configuration, /etc/passwd): a stable change starts a reload once; a
+/// removed aliases file is a change too (it is an empty table).
+@Suite struct ReloadWatchTests {
+    @Test func aStableChangeIsDueOnceAndARemovalCounts() throws {
+        let files = try CertificateWatcherTests.Files()
+        var watch = FileWatch(paths: [files.path("a.crt"), files.path("b.crt")], interval: 5, missingIsAChange: true)
+        watch.started(now: 0)
+        #expect(watch.dueChange(now: 5) == nil)
+        try files.write("a.crt", "edited\n")
+        #expect(watch.dueChange(now: 10) == nil, "seen once: maybe still being written")
+        #expect(watch.dueChange(now: 15) == [files.path("a.crt")])
+        // The reload starts a new instance, which reads the files now: a
+        // change it refuses is not tried again until the files change again.
+        watch.started(now: 15)
+        #expect(watch.dueChange(now: 20) == nil)
+        #expect(watch.dueChange(now: 25) == nil)
+        unlink(files.path("b.crt"))
+        #expect(watch.dueChange(now: 30) == nil)
+        #expect(watch.dueChange(now: 35) == [files.path("b.crt")])
+    }
+}
