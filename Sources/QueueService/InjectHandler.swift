@@ -83,6 +83,10 @@ final class InjectHandler: ChannelInboundHandler {
     /// The ID announced as `next-queue-id` and not used by a MAIL yet.
     private var reservedID: QueueID?
     private var peerUID: UInt32?
+    /// The uid this connection is counted against (admitInjectConnection).
+    private var countedUID: UInt32?
+    /// Refused for too many connections: what it sends is ignored.
+    private var refusedConnection = false
     private var transaction: Transaction?
     /// Answers in END order, whatever order the commits complete in.
     private var replies: [Int: Frame] = [:]
@@ -102,12 +106,27 @@ final class InjectHandler: ChannelInboundHandler {
     func channelActive(context: ChannelHandlerContext) {
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         peerCredentials(of: context.channel).whenSuccess { cred in
-            if let cred { bound.value.peerUID = cred.uid }
+            guard let cred else { return }
+            let handler = bound.value
+            handler.peerUID = cred.uid
+            guard handler.engine.admitInjectConnection(uid: cred.uid) else {
+                handler.refusedConnection = true
+                handler.engine.logger.warning("inject: connection from uid=\(cred.uid) refused: it has \(handler.engine.options.injectConnectionLimit?.perUser ?? 0) open already")
+                let error = Frame(.error, ["status": .text("4.3.2"),
+                                           "text": .text("too many connections from uid \(cred.uid)")])
+                if let context = handler.context {
+                    let channel = context.channel
+                    context.writeAndFlush(handler.wrapOutboundOut(error)).whenComplete { _ in channel.close(promise: nil) }
+                }
+                return
+            }
+            handler.countedUID = cred.uid
         }
         context.fireChannelActive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !refusedConnection else { return }
         let frame = unwrapInboundIn(data)
         do {
             try handle(frame, context: context)
@@ -128,6 +147,10 @@ final class InjectHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         forgetTransaction()   // an unfinished message is forgotten
+        if let uid = countedUID {
+            engine.releaseInjectConnection(uid: uid)
+            countedUID = nil
+        }
         if submitted { engine.spool.submitterLeft(submitter) }
         context.fireChannelInactive()
     }

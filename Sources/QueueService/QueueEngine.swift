@@ -54,6 +54,8 @@ final class QueueEngine: @unchecked Sendable {
     var scheduler: Scheduler
     /// Message bodies held by unfinished inject transactions.
     let pendingBodies: PendingBodies
+    /// Open inject connections by peer uid, for those counted.
+    private var injectConnections: [UInt32: Int] = [:]
 
     /// Connected delivery stages (after their HELLO), in connection order.
     private var stages: [DeliverHandler] = []
@@ -77,6 +79,25 @@ final class QueueEngine: @unchecked Sendable {
 
     var injected: UInt64 = 0, refused: UInt64 = 0
     var sentCount: UInt64 = 0, deferredCount: UInt64 = 0, bouncedCount: UInt64 = 0
+
+    /// Whether a new inject connection from `uid` may stay. The socket is
+    /// open to every local user, and each connection holds a descriptor of
+    /// the queue's: without a bound one user could take them all, and
+    /// smtp-listen could then hand in no more mail. The uids in
+    /// `injectConnectionLimit.unbounded` (root, smtp-listen) are not
+    /// bounded. Counted until `releaseInjectConnection`.
+    func admitInjectConnection(uid: UInt32) -> Bool {
+        guard let limit = options.injectConnectionLimit, !limit.unbounded.contains(uid) else { return true }
+        let open = injectConnections[uid, default: 0]
+        guard open < limit.perUser else { return false }
+        injectConnections[uid] = open + 1
+        return true
+    }
+
+    func releaseInjectConnection(uid: UInt32) {
+        guard let open = injectConnections[uid] else { return }
+        injectConnections[uid] = open > 1 ? open - 1 : nil
+    }
 
     init(loop: EventLoop, spool: Spool, config: SealpostConfiguration, options: QueueServiceOptions, logger: Logger) {
         self.loop = loop

@@ -39,6 +39,11 @@ public struct QueueServiceOptions: Sendable {
     /// Bytes of message bodies the inject connections may hold before END
     /// (see PendingBodies); one peer uid at most half of it.
     public var pendingBodyLimit = PendingBodies.defaultLimit()
+    /// Inject connections one local user may hold open at once, and the
+    /// uids not bounded (see QueueEngine.admitInjectConnection). nil: no
+    /// bound (when the stages share one user, the queue cannot tell
+    /// smtp-listen from the others); the queue sets it when it runs as root.
+    public var injectConnectionLimit: (perUser: Int, unbounded: Set<UInt32>)?
 
     public init() {}
 

@@ -96,6 +96,11 @@ if geteuid() == 0 {
     for stage in ["smtp-listen", "crypto-negotiate"] {
         if let entry = getpwnam("sealpost-\(stage)") { options.refusedDeliveryPeers[entry.pointee.pw_uid] = stage }
     }
+    // A local user may hold at most 100 inject connections at once (each
+    // is a descriptor of the queue's); smtp-listen and root are not bounded.
+    var unbounded: Set<UInt32> = [0]
+    if let entry = getpwnam("sealpost-smtp-listen") { unbounded.insert(entry.pointee.pw_uid) }
+    options.injectConnectionLimit = (perUser: 100, unbounded: unbounded)
 }
 
 let paths: RuntimePaths

@@ -49,6 +49,7 @@ final class TestQueue {
     var spool: Spool?
     var spoolOptions: SpoolOptions?
     var pendingBodyLimit: Int?
+    var injectConnectionLimit: (perUser: Int, unbounded: Set<UInt32>)?
 
     init(sizeLimit: Int = 10_240_000, recipientLimit: Int = 1000, _ tweak: (inout SealpostConfiguration) -> Void = { _ in }) throws {
         let template = FileManager.default.temporaryDirectory.path + "/queuesvc-XXXXXX"
@@ -82,6 +83,7 @@ final class TestQueue {
         options.tick = .milliseconds(20)
         options.statisticsInterval = 0
         if let pendingBodyLimit { options.pendingBodyLimit = pendingBodyLimit }
+        options.injectConnectionLimit = injectConnectionLimit
         let service = QueueService(configuration: config, paths: RuntimePaths(config), spool: spool, options: options)
         try service.start()
         self.service = service
@@ -132,6 +134,12 @@ final class TestQueue {
             offset = end
         }
         try c.send(Frame(.end))
+    }
+
+    /// One message on `c`; the answer's type, or the refusal ("452 4.3.1").
+    func sendAndAnswer(_ c: StageConnection) throws -> String {
+        try sendMessage(c, from: "s@example.org", to: ["a@localhost"])
+        return try refusal(try #require(try c.receive()))
     }
 
     /// Injects one message; returns its queue ID (throws on REFUSED).
@@ -455,6 +463,40 @@ func refusal(_ frame: Frame) throws -> String {
             if answer != "accepted" { usleep(10_000) }
         }
         #expect(answer == "accepted")
+    }
+
+    /// One local user may hold only so many inject connections (each is a
+    /// descriptor of the queue's); the uids marked unbounded may hold more.
+    @Test func injectConnectionsPerUserAreBounded() throws {
+        let q = try TestQueue()
+        q.stop()
+        q.injectConnectionLimit = (perUser: 2, unbounded: [])
+        try q.start()
+        let a = try q.injector(), b = try q.injector()
+        var refused: PeerError?
+        do {
+            _ = try q.injector()
+        } catch let error as PeerError {
+            refused = error
+        }
+        #expect(refused?.status == "4.3.2")
+        // The others still work, and a closed one makes room (once the
+        // queue has seen the close: a bounded number of tries).
+        #expect(try q.sendAndAnswer(b) == "accepted")
+        a.close()
+        var admitted: StageConnection?
+        for _ in 0..<100 where admitted == nil {
+            admitted = try? q.injector()
+            if admitted == nil { usleep(10_000) }
+        }
+        let c = try #require(admitted)
+        #expect(try q.sendAndAnswer(c) == "accepted")
+        // Unbounded uids (root and smtp-listen in an installation).
+        q.stop()
+        q.injectConnectionLimit = (perUser: 2, unbounded: [getuid()])
+        try q.start()
+        let many = try (0..<4).map { _ in try q.injector() }
+        #expect(try q.sendAndAnswer(many[3]) == "accepted")
     }
 
     @Test func refusals() throws {
