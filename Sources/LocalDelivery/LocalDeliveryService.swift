@@ -120,11 +120,9 @@ public struct ReloadRequest: Sendable, Equatable {
         guard let reload, let readyFD else {
             throw LocalSetupError("SEALPOST_RELOAD and SEALPOST_READY_FD go together")
         }
-        var info = stat()
-        guard let fd = Int32(readyFD), fd > 2, fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFIFO else {
+        guard let fd = StageRuntime.inheritedDescriptor(readyFD, type: S_IFIFO) else {
             throw LocalSetupError("SEALPOST_READY_FD=\(readyFD) is not an inherited pipe")
         }
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         return ReloadRequest(reason: reload.isEmpty ? "reload" : reload, readyDescriptor: fd)
     }
 

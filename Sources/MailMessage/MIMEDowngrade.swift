@@ -135,6 +135,11 @@ struct MIMEEntityLabel: Equatable {
     /// A Content-Transfer-Encoding field was present.
     var encodingGiven: Bool
 
+    /// The Content-Transfer-Encoding a composite entity gets once what it
+    /// holds is 7 bit: "7bit" in place of a given 8bit or binary, nil (the
+    /// field as it was) otherwise.
+    var relabeledSevenBit: String? { encodingGiven && encoding != .sevenBit ? "7bit" : nil }
+
     var isIdentityEncoding: Bool {
         switch encoding {
         case .sevenBit, .eightBit, .binary: return true
@@ -396,7 +401,7 @@ struct MIMEDowngradeConverter {
     /// in it stay, with a remark.)
     mutating func encapsulated(_ range: Range<Int>, header: ParsedHeader, label: MIMEEntityLabel, depth: Int) throws(Failure) {
         guard depth + 1 < limits.maximumDepth else { throw tooDeep() }
-        writeHeader(header, encoding: label.encodingGiven && label.encoding != .sevenBit ? "7bit" : nil)
+        writeHeader(header, encoding: label.relabeledSevenBit)
         try entity(header.bodyStart..<range.upperBound, depth: depth + 1, defaultType: ("text", "plain"))
     }
 
@@ -414,7 +419,7 @@ struct MIMEDowngradeConverter {
         }
         let delimiter = Array("--".utf8) + Array(boundary.utf8)
         let partType = label.subtype == "digest" ? ("message", "rfc822") : ("text", "plain")
-        writeHeader(header, encoding: label.encodingGiven && label.encoding != .sevenBit ? "7bit" : nil)
+        writeHeader(header, encoding: label.relabeledSevenBit)
 
         var segmentStart = header.bodyStart      // the preamble, then each part
         var inPreamble = true

@@ -201,37 +201,21 @@ public struct MessageSubmission: Sendable {
         block.removeAll("Bcc")
         block.removeAll("Resent-Bcc")
         let date = RFC5322Date.format(unixTime: context.unixTime)
-        if !block.contains("From") {
-            block.append("From", fromValue())
-            addedFields.append("From")
+        // The originator fields when missing, and for a message being
+        // re-sent (it has Resent- fields, RFC 5322 3.6.6) the resent ones
+        // too, as Postfix's cleanup adds them.
+        func addIfMissing(_ name: String, _ value: () -> String) {
+            guard !block.contains(name) else { return }
+            block.append(name, value())
+            addedFields.append(name)
         }
-        if !block.contains("Date") {
-            block.append("Date", date)
-            addedFields.append("Date")
-        }
-        if !block.contains("Message-ID") {
-            var rng = SystemRandomNumberGenerator()
-            block.append("Message-ID", MessageID.generate(hostname: context.hostname,
-                                                          unixTime: context.unixTime, using: &rng))
-            addedFields.append("Message-ID")
-        }
-        // A message being re-sent (RFC 5322 3.6.6: it has Resent- fields)
-        // needs its own Resent-Date and Resent-From, and gets a
-        // Resent-Message-ID, as Postfix's cleanup adds them.
-        if block.fields.contains(where: { $0.name.lowercased().hasPrefix("resent-") }) {
-            if !block.contains("Resent-From") {
-                block.append("Resent-From", fromValue())
-                addedFields.append("Resent-From")
-            }
-            if !block.contains("Resent-Date") {
-                block.append("Resent-Date", date)
-                addedFields.append("Resent-Date")
-            }
-            if !block.contains("Resent-Message-ID") {
+        let resent = block.fields.contains { $0.name.lowercased().hasPrefix("resent-") }
+        for prefix in resent ? ["", "Resent-"] : [""] {
+            addIfMissing(prefix + "From") { fromValue() }
+            addIfMissing(prefix + "Date") { date }
+            addIfMissing(prefix + "Message-ID") {
                 var rng = SystemRandomNumberGenerator()
-                block.append("Resent-Message-ID", MessageID.generate(hostname: context.hostname,
-                                                                     unixTime: context.unixTime, using: &rng))
-                addedFields.append("Resent-Message-ID")
+                return MessageID.generate(hostname: context.hostname, unixTime: context.unixTime, using: &rng)
             }
         }
         block.prepend("Received", "by \(MessageID.domainPart(context.hostname)) (Sealpost queue-inject, from userid \(context.uid)); \(date)")

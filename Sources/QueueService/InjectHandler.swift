@@ -66,13 +66,6 @@ final class InjectHandler: ChannelInboundHandler {
         var reservedPeer: UInt32?
     }
 
-    /// `message_size_limit` bounds what the client of the injecting stage
-    /// sent (smtp-listen advertises it as SIZE and counts the content
-    /// against it); the stage then adds its own header fields (Received,
-    /// and for queue-inject Date, Message-ID, From), at most a couple of
-    /// KiB. Without this room a message within the advertised SIZE would
-    /// be refused here, permanently.
-    static let traceAllowance = 8192
     /// How much of a message is kept to find its Message-ID.
     static let headLimit = 16384
 
@@ -252,7 +245,7 @@ final class InjectHandler: ChannelInboundHandler {
         t.size += data.count
         if t.head.count < Self.headLimit { t.head += data.prefix(Self.headLimit - t.head.count) }
         if t.refusal == nil {
-            if t.size > engine.config.queue.messageSizeLimit + Self.traceAllowance {
+            if t.size > engine.config.queue.acceptedSizeLimit {
                 t.refusal = Refusal(code: 552, status: "5.3.4", text: "message size exceeds fixed limit")
                 t.writer = nil
                 releaseBody(&t)
@@ -324,18 +317,15 @@ final class InjectHandler: ChannelInboundHandler {
         env.size = UInt64(t.size)
         for i in env.recipients.indices { env.recipients[i].nextAttempt = arrival }
         let messageID = HeaderBlock.parse(t.head).block.first("Message-ID")?.value
-        var claimedClient = env.clientAddress.map { "client=\(env.clientName ?? "unknown")[\($0)]" }
-            ?? "uid=\(env.peerUID.map(String.init) ?? "unknown")"
         // The client's address and name are the injecting peer's claim, and
         // the inject socket is open to every local user: unless the peer is
         // smtp-listen (known by its uid when the stages run as their own
         // users), the line names the uid too, so that a local user cannot
         // pass a message off as one from the network without a trace.
-        if env.clientAddress != nil, let uid = env.peerUID, !engine.options.refusedDeliveryPeers.isEmpty,
-           engine.options.refusedDeliveryPeers[uid] != "smtp-listen" {
-            claimedClient += " uid=\(uid)"
-        }
-        let client = claimedClient
+        let uid = env.peerUID.map(String.init) ?? "unknown"
+        let vouched = engine.options.smtpListenUID.map { $0 == env.peerUID } ?? true
+        let client = env.clientAddress.map { "client=\(env.clientName ?? "unknown")[\($0)]" + (vouched ? "" : " uid=\(uid)") }
+            ?? "uid=\(uid)"
         let engine = self.engine
         let bound = NIOLoopBound(self, eventLoop: engine.loop)
         let accepted = env

@@ -36,6 +36,9 @@ public struct QueueServiceOptions: Sendable {
     /// Peers the deliver socket refuses, by uid (the users of stages that
     /// face the network and deliver nothing), with the stage's name.
     public var refusedDeliveryPeers: [UInt32: String] = [:]
+    /// smtp-listen's uid, known when the stages run as their own users:
+    /// the one peer whose client address the queue takes at its word.
+    public var smtpListenUID: UInt32?
     /// Bytes of message bodies the inject connections may hold before END
     /// (see PendingBodies); one peer uid at most half of it.
     public var pendingBodyLimit = PendingBodies.defaultLimit()

@@ -128,6 +128,16 @@ public struct SealpostConfiguration: Sendable {
 
 /// Durations in seconds, sizes in bytes.
 public struct QueueSettings: Sendable, Equatable {
+    /// `message_size_limit` bounds what the client of the injecting stage
+    /// sent (smtp-listen advertises it as SIZE and counts the content
+    /// against it); the stage then adds its own header fields (Received,
+    /// and for queue-inject Date, Message-ID, From), at most a couple of
+    /// KiB. Without this room a message within the advertised SIZE would
+    /// be refused by the queue, permanently.
+    public static let traceAllowance = 8192
+    /// What the queue takes: `messageSizeLimit` plus `traceAllowance`.
+    public var acceptedSizeLimit: Int { messageSizeLimit + Self.traceAllowance }
+
     public var maximalQueueLifetime: Int, bounceQueueLifetime: Int,
                minimalBackoffTime: Int, maximalBackoffTime: Int,
                queueRunDelay: Int, delayWarningTime: Int,

@@ -259,7 +259,7 @@ private final class LineHold: Sendable {
     static let all = Mutex<[LineHold]>([])
 
     private struct State {
-        var pending: [UInt8] = []
+        var lines = PendingLines()
         var flushScheduled = false
     }
     private let state = Mutex(State())
@@ -271,16 +271,9 @@ private final class LineHold: Sendable {
 
     func add(_ line: [UInt8], urgent: Bool) {
         let scheduleFlush = state.withLock { state in
-            // At most maximumLineLength (PIPE_BUF) per write: one atomic
-            // write, never split between lines of another process.
-            if state.pending.count + line.count > StageLogHandler.maximumLineLength {
-                StageLogHandler.writeBytes(state.pending)
-                state.pending.removeAll(keepingCapacity: true)
-            }
-            state.pending.append(contentsOf: line)
+            state.lines.add(line)
             if urgent {
-                StageLogHandler.writeBytes(state.pending)
-                state.pending.removeAll(keepingCapacity: true)
+                state.lines.flush()
                 return false
             }
             defer { state.flushScheduled = true }
@@ -292,27 +285,36 @@ private final class LineHold: Sendable {
     func flush() {
         state.withLock { state in
             state.flushScheduled = false
-            guard !state.pending.isEmpty else { return }
-            StageLogHandler.writeBytes(state.pending)
-            state.pending.removeAll(keepingCapacity: true)
+            state.lines.flush()
         }
+    }
+}
+
+/// Lines waiting to go out together, in writes of at most
+/// maximumLineLength (PIPE_BUF): each one atomic, never split between
+/// lines of another process.
+private struct PendingLines {
+    private var pending: [UInt8] = []
+
+    mutating func add(_ line: [UInt8]) {
+        // A line is at most maximumLineLength: written with what is
+        // pending only if the two still fit one atomic write.
+        if pending.count + line.count > StageLogHandler.maximumLineLength { flush() }
+        pending.append(contentsOf: line)
+    }
+
+    mutating func flush() {
+        guard !pending.isEmpty else { return }
+        StageLogHandler.writeBytes(pending)
+        pending.removeAll(keepingCapacity: true)
     }
 }
 
 /// Lines collected by `StageLogHandler.batchingLines` on one thread.
 private final class LineBatch {
-    private var pending: [UInt8] = []
+    private var lines = PendingLines()
 
-    func add(_ line: [UInt8]) {
-        // A line is at most maximumLineLength (PIPE_BUF): written with what
-        // is pending only if the two still fit one atomic write.
-        if pending.count + line.count > StageLogHandler.maximumLineLength { flush() }
-        pending.append(contentsOf: line)
-    }
+    func add(_ line: [UInt8]) { lines.add(line) }
 
-    func flush() {
-        guard !pending.isEmpty else { return }
-        StageLogHandler.writeBytes(pending)
-        pending.removeAll(keepingCapacity: true)
-    }
+    func flush() { lines.flush() }
 }

@@ -53,6 +53,17 @@ public enum StageRuntime {
 
     /// Logs "stage[pid]: fatal: message" and exits with `exit`. Writes the
     /// line itself, so it works before (or without) `bootstrap`.
+    /// The descriptor an environment variable's value names (the
+    /// supervisor's SEALPOST_CERTIFICATE_FD, SEALPOST_READY_FD): a number
+    /// above 2, open, of file `type` (S_IFSOCK, S_IFIFO), made close-on-exec
+    /// so that nothing started later inherits it; nil when it is not one.
+    public static func inheritedDescriptor(_ text: String, type: mode_t) -> Int32? {
+        var info = stat()
+        guard let fd = Int32(text), fd > 2, fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == type else { return nil }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return fd
+    }
+
     public static func fatal(_ message: String, exit code: ExitCode) -> Never {
         StageLogHandler.writeLine(StageLogHandler.format(stage: stageName, pid: getpid(),
                                                          level: .critical, message: message), urgent: true)

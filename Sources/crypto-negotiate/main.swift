@@ -90,11 +90,9 @@ do {
 var certificateChannel: Int32? = nil
 if let text = getenv("SEALPOST_CERTIFICATE_FD").map({ String(cString: $0) }) {
     unsetenv("SEALPOST_CERTIFICATE_FD")
-    var info = stat()
-    guard let fd = Int32(text), fd > 2, fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK else {
+    guard let fd = StageRuntime.inheritedDescriptor(text, type: S_IFSOCK) else {
         StageRuntime.fatal("SEALPOST_CERTIFICATE_FD=\(text) is not an inherited socket", exit: .config)
     }
-    _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
     certificateChannel = fd
 }
 

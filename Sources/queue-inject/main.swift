@@ -155,9 +155,7 @@ do {
 }
 let store = ReplayStore()
 store.append(submission.takeOutput())
-/// What the queue takes: message_size_limit plus the room it leaves for
-/// the header fields the injecting stage adds (InjectHandler.traceAllowance).
-let sizeLimit = config.queue.messageSizeLimit + 8192
+let sizeLimit = config.queue.acceptedSizeLimit
 
 // MARK: injection
 

@@ -96,11 +96,10 @@ if geteuid() == 0 {
     for stage in ["smtp-listen", "crypto-negotiate"] {
         if let entry = getpwnam("sealpost-\(stage)") { options.refusedDeliveryPeers[entry.pointee.pw_uid] = stage }
     }
+    options.smtpListenUID = options.refusedDeliveryPeers.first { $0.value == "smtp-listen" }?.key
     // A local user may hold at most 100 inject connections at once (each
     // is a descriptor of the queue's); smtp-listen and root are not bounded.
-    var unbounded: Set<UInt32> = [0]
-    if let entry = getpwnam("sealpost-smtp-listen") { unbounded.insert(entry.pointee.pw_uid) }
-    options.injectConnectionLimit = (perUser: 100, unbounded: unbounded)
+    options.injectConnectionLimit = (perUser: 100, unbounded: Set([0] + [options.smtpListenUID].compactMap { $0 }))
 }
 
 let paths: RuntimePaths

@@ -509,7 +509,7 @@ func refusal(_ frame: Frame) throws -> String {
         var reply = try #require(try c.receive())
         #expect(reply.type == .accepted)
         try q.sendMessage(c, from: "s@example.org", to: ["a@localhost"],
-                          body: String(repeating: "x", count: 1000 + InjectHandler.traceAllowance + 1))
+                          body: String(repeating: "x", count: 1000 + QueueSettings.traceAllowance + 1))
         reply = try #require(try c.receive())
         #expect(try refusal(reply) == "552 5.3.4")
         try q.sendMessage(c, from: "s@example.org", to: ["a@localhost", "b@localhost", "c@localhost"])
