@@ -57,6 +57,38 @@ final class ListeningSockets {
 
     var descriptors: [Int32] { bound.map(\.fd) }
 
+    /// Binds again, in place, each socket that no longer listens. The
+    /// kernel can end a listening socket under the supervisor's feet (`ss
+    /// -K`, SOCK_DESTROY): accept(2) then fails with EINVAL for good,
+    /// smtp-listen exits 71 to be started again, and a restart on the same
+    /// socket would only fail the same way, for ever. So before each start
+    /// of smtp-listen every socket is asked whether it still accepts
+    /// connections (SO_ACCEPTCONN); a dead one is closed and bound anew.
+    /// One that cannot be bound again is kept (the restart fails as before,
+    /// with the supervisor's backoff, and tries again) and its error is
+    /// returned for the log.
+    func renewDead() -> (notes: [String], failures: [String]) {
+        var notes: [String] = [], failures: [String] = []
+        for (index, old) in bound.enumerated() where !Self.accepts(old.fd) {
+            do {
+                let fd = try Self.bind(old.definition)
+                close(old.fd)
+                bound[index] = Bound(definition: old.definition, fd: fd)
+                notes.append("\(old.definition.socketName) for \(old.definition.kind) on \(old.definition.address) no longer listened: bound again")
+            } catch {
+                failures.append("\(old.definition.socketName) no longer listens and \(error)")
+            }
+        }
+        return (notes, failures)
+    }
+
+    /// Whether `fd` is a socket in the listening state.
+    static func accepts(_ fd: Int32) -> Bool {
+        var value: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &value, &length) == 0 && value != 0
+    }
+
     func closeAll() {
         for b in bound { close(b.fd) }
         bound = []

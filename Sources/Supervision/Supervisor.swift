@@ -381,8 +381,12 @@ public final class Supervisor {
             }
             if definition.name == settings.listenerStage && !listening.definitions.isEmpty {
                 // Bound once, before the first start, then kept: every
-                // restart gets the same sockets (and their backlog).
+                // restart gets the same sockets (and their backlog), unless
+                // one stopped listening (see renewDead).
                 for line in try listening.bindAll() { note(line) }
+                let renewed = listening.renewDead()
+                for line in renewed.notes { note("warning: \(line)") }
+                for line in renewed.failures { note("warning: \(line)") }
                 environment += listening.environment
                 passing = listening.descriptors
                 pidVariable = "LISTEN_PID"

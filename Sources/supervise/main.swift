@@ -32,7 +32,9 @@
 //     LISTEN_PID=<smtp-listen's pid>, which the child writes into its own
 //     environment between fork and exec. The supervisor keeps the sockets
 //     open, so while smtp-listen restarts connections wait in the backlog
-//     instead of being refused. It binds them whether root or not (as root,
+//     instead of being refused; one that no longer listens (the kernel
+//     ended it: ss -K) is bound again before the next start, not handed on
+//     dead. It binds them whether root or not (as root,
 //     port 25 needs no privilege in smtp-listen); an address it cannot
 //     bind counts as a failed start of smtp-listen (retried with backoff).
 //

@@ -6,6 +6,7 @@ import os
 import pathlib
 import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from conftest import (BUILD, CHECKOUT, IS_ROOT, Pipeline, as_user, executable, local_user, make_config,
-                      parse_message, require_build, running, wait_until)
+                      parse_message, port_of, require_build, running, wait_until)
 
 
 def test_a_killed_stage_is_restarted_and_pipeline_status_shows_it(pipeline):
@@ -463,3 +464,38 @@ def test_a_local_user_cannot_pass_a_message_off_as_one_from_the_network(pipeline
     _, status = os.waitpid(child, 0)
     assert os.WEXITSTATUS(status) == 0
     pipeline.log_with(f"client=mx.example.net[203.0.113.5] uid={nobody} from=<forged@example.org>")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="destroying another process's socket (ss -K) needs CAP_NET_ADMIN")
+def test_a_listening_socket_the_kernel_ended_is_bound_again(pipeline):
+    """`ss -K` (SOCK_DESTROY) ends smtp-listen's SMTP listener, which the
+    supervisor holds: accept(2) fails with EINVAL from then on, smtp-listen
+    exits 71 to be started again, and the supervisor, instead of handing
+    the dead socket to every next instance for ever, binds the port again.
+    Mail then flows on that port as before."""
+    import smtplib
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    port = port_of(pipeline, "listen")
+    old = pipeline.running_pid("smtp-listen")
+    # A session first: smtp-listen's accept loop is running (a socket
+    # destroyed before it is polled goes unnoticed until a restart).
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.noop()
+    killed = subprocess.run(["ss", "-K", "-t", "-l", "src", f"127.0.0.1:{port}"],
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == 0, killed.stderr
+    if f":{port}" not in killed.stdout:
+        pytest.skip("the kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY)")
+    wait_until(lambda: f"stage smtp-listen (pid {old}) exited with status 71" in pipeline.log_text(), 60,
+               "smtp-listen to exit 71")
+    wait_until(lambda: "no longer listened: bound again" in pipeline.log_text(), 60,
+               "the supervisor to bind the port again")
+    new = wait_until(lambda: (p := pipeline.stage_pid("smtp-listen")) and p != old and p, 60,
+                     "smtp-listen to be started again")
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.sendmail("a@example.org", [f"{local_user()}@localhost"],
+                        b"Subject: after ss -K\r\n\r\nthe port was bound again\r\n")
+    files = wait_until(lambda: pipeline.delivered(local_user()), 60, "delivery")
+    assert parse_message(files[0])["Subject"] == "after ss -K"
+    assert pipeline.running_pid("smtp-listen") == new, "no restart loop"
