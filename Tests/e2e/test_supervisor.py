@@ -478,8 +478,9 @@ def test_a_listening_socket_the_kernel_ended_is_bound_again(pipeline):
         pytest.skip("ss (iproute2) is not installed")
     port = port_of(pipeline, "listen")
     old = pipeline.running_pid("smtp-listen")
-    # A session first: smtp-listen's accept loop is running (a socket
-    # destroyed before it is polled goes unnoticed until a restart).
+    # A session first: smtp-listen's accept loop is running. (A socket
+    # destroyed before smtp-listen starts accepting is listened on again by
+    # its own listen(2) at adoption, and no restart happens.)
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
         client.noop()
     killed = subprocess.run(["ss", "-K", "-t", "-l", "src", f"127.0.0.1:{port}"],
