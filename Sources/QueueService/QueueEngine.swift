@@ -224,9 +224,13 @@ final class QueueEngine: @unchecked Sendable {
 
     /// Messages due for a transport no stage serves: log once per message
     /// and show the recipients as deferred. Not a failed attempt: they are
-    /// dispatched as soon as such a stage connects.
+    /// dispatched as soon as such a stage connects. Only once the transport
+    /// has been without a stage for `suspensionGrace` seconds: until then
+    /// the messages stay among the newly ready (a tick looks again), and a
+    /// stage that connects meanwhile simply takes them.
     private func noteSuspended(now t: UInt64) {
         for transport in Transport.allCases {
+            if let since = stagelessSince[transport], t < since &+ options.suspensionGrace { continue }
             let waiting = scheduler.takeNewlyReady(transport)
             guard !waiting.isEmpty, !stages.contains(where: { $0.transport == transport }) else { continue }
             let reason = "delivery temporarily suspended: no \(transport.stageName) stage connected"

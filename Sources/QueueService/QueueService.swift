@@ -27,6 +27,14 @@ public struct QueueServiceOptions: Sendable {
     /// Whole-queue scan (expiry, delay notices) every queue_run_delay, at
     /// most every `maximumMaintenanceInterval` seconds.
     public var maximumMaintenanceInterval: UInt64 = 60
+    /// Seconds a transport may go without a delivery stage before its due
+    /// messages are reported as suspended ("delivery temporarily
+    /// suspended", recipients shown deferred). The delivery stages start
+    /// after the queue and a dead one is restarted within seconds: without
+    /// the grace every start with a backlog logged each message as
+    /// deferred, and so did a message that came in before the stages
+    /// connected.
+    public var suspensionGrace: UInt64 = 10
     /// Jobs lost in a row (stage died) before a loss counts as an attempt.
     public var lostJobLimit = 3
     /// Postfix's default_destination_recipient_limit.

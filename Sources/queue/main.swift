@@ -23,9 +23,10 @@
 //      Failed attempts are retried with exponential backoff (minimal to
 //      maximal_backoff_time, with jitter) until maximal_queue_lifetime
 //      (bounce_queue_lifetime for notices); then the recipient fails with
-//      4.4.7. A transport with no connected stage leaves its recipients
-//      deferred ("delivery temporarily suspended") without counting an
-//      attempt. A delivery stage that dies loses nothing: the recipients of
+//      4.4.7. A transport with no connected stage for 10 s (the stages
+//      start after the queue, and a dead one is back within seconds) leaves
+//      its recipients deferred ("delivery temporarily suspended") without
+//      counting an attempt. A delivery stage that dies loses nothing: the recipients of
 //      its outstanding jobs are retried at once.
 //
 //      When all recipients of a message are final, the message is deleted

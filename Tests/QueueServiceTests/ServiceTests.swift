@@ -50,6 +50,9 @@ final class TestQueue {
     var spoolOptions: SpoolOptions?
     var pendingBodyLimit: Int?
     var injectConnectionLimit: (perUser: Int, unbounded: Set<UInt32>)?
+    /// 0: a transport without a stage suspends its messages at once (most
+    /// tests look at that state); the production default is 10 s.
+    var suspensionGrace: UInt64 = 0
 
     init(sizeLimit: Int = 10_240_000, recipientLimit: Int = 1000, _ tweak: (inout SealpostConfiguration) -> Void = { _ in }) throws {
         let template = FileManager.default.temporaryDirectory.path + "/queuesvc-XXXXXX"
@@ -80,6 +83,7 @@ final class TestQueue {
         options.clock = { clock.now }
         options.random = { 0.5 }
         options.jitter = 0
+        options.suspensionGrace = suspensionGrace
         options.tick = .milliseconds(20)
         options.statisticsInterval = 0
         if let pendingBodyLimit { options.pendingBodyLimit = pendingBodyLimit }
@@ -252,6 +256,37 @@ func refusal(_ frame: Frame) throws -> String {
         #expect(errors.count == 2)
         #expect(errors.first?.contains("no local-deliver stage connected") == true)
         #expect(errors.last?.contains("no remote-deliver stage connected") == true)
+    }
+
+    /// The delivery stages start after the queue: a message due before
+    /// they connect is not reported suspended (no "deferred" line, no
+    /// deferred state) until the transport has had no stage for the grace
+    /// period, and a stage that connects within it simply gets the job.
+    @Test func suspensionWaitsForTheGracePeriod() throws {
+        let q = try TestQueue()
+        q.stop()
+        q.suspensionGrace = 10
+        try q.start()
+        // ACCEPTED comes after the message was scheduled and dispatched.
+        let early = try q.inject(to: ["alice@localhost"])
+        var listing = try q.control("list")
+        #expect(listing.messages.first?.rcpts.map(\.state) == ["pending"])
+        #expect(listing.messages.first?.rcpts.first?.error == nil)
+        q.clock.advance(9)
+        listing = try q.control("list")
+        #expect(listing.messages.first?.rcpts.map(\.state) == ["pending"])
+
+        // Past the grace: suspended, with the reason.
+        q.clock.advance(1)
+        listing = try q.eventually("suspended after the grace") { $0.messages.first?.rcpts.first?.state == "deferred" }
+        #expect(listing.messages.first?.rcpts.first?.error?.contains("no local-deliver stage connected") == true)
+
+        // A stage connects: the job goes out.
+        let stage = try q.deliverer()
+        let job = try TestQueue.receiveJob(stage)
+        #expect(job.queueID == early)
+        try TestQueue.report(stage, job, "sent", dsn: "2.0.0", text: "delivered")
+        _ = try q.eventually("delivered and removed") { $0.messages.isEmpty }
     }
 
     @Test func injectDeliverRemove() throws {

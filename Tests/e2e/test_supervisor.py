@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import (BUILD, CHECKOUT, IS_ROOT, Pipeline, as_user, executable, local_user, make_config,
-                      parse_message, port_of, require_build, running, wait_until)
+                      parse_message, port_of, require_build, running, stages_without, wait_until)
 
 
 def test_a_killed_stage_is_restarted_and_pipeline_status_shows_it(pipeline):
@@ -500,3 +500,21 @@ def test_a_listening_socket_the_kernel_ended_is_bound_again(pipeline):
     files = wait_until(lambda: pipeline.delivered(local_user()), 60, "delivery")
     assert parse_message(files[0])["Subject"] == "after ss -K"
     assert pipeline.running_pid("smtp-listen") == new, "no restart loop"
+
+
+def test_a_restart_with_a_backlog_does_not_report_every_message_suspended(workdir):
+    """The delivery stages start after the queue. A start with messages
+    waiting used to log each of them as deferred ("delivery temporarily
+    suspended: no local-deliver stage connected") in the moment before
+    local-deliver connected; the queue now waits for a transport to have no
+    stage for 10 s before saying so."""
+    require_build("queue", "local-deliver", "queue-inject", "smtp-listen", "crypto-negotiate", "remote-deliver")
+    user = local_user()
+    with running(Pipeline(workdir, stages=stages_without("local-deliver", "remote-deliver"))) as pipe:
+        for n in range(3):
+            assert pipe.queue_inject(f"{user}@localhost").returncode == 0
+        assert "temporarily suspended" not in pipe.log_text()
+    with running(Pipeline(workdir)) as pipe:
+        files = wait_until(lambda: (f := pipe.delivered(user)) and len(f) == 3 and f, 60, "the backlog delivered")
+        assert len(files) == 3
+        assert "temporarily suspended" not in pipe.log_text()
