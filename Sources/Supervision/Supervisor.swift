@@ -441,7 +441,11 @@ public final class Supervisor {
     // progress and exits, and the new one is the stage's from now on. A new
     // instance that cannot load (a malformed aliases file) logs why and
     // exits before that: the old one was never told to stop, so mail goes
-    // on with the tables that loaded last. Both run for a moment; the queue
+    // on with the tables that loaded last. The change counts as handled
+    // when the new instance starts, whether it comes up or not: a file that
+    // does not load is not tried again every check interval (a failed
+    // start and a warning each time), only when it changes again or on
+    // SIGHUP, as with Postfix's postalias and postfix reload. Both run for a moment; the queue
     // gives each connection its own jobs, and Maildir delivery is safe from
     // several processes.
 
