@@ -8,9 +8,24 @@
 // TLS requirement; then try the addresses in turn until every recipient
 // has a result. An address that refuses the connection, times out, greets
 // with 4xx/5xx or fails the session passes the undecided recipients to the
-// next address; those still undecided at the end are deferred with the
-// last error. A TLS handshake that fails under an opportunistic policy is
-// retried once on the same address in clear text (RFC 7435).
+// next address. So does a host's 4xx reply, as Postfix's smtp(8) does for
+// any server but the last (RFC 5321 section 5.1): a 4xx to MAIL, DATA or
+// the end of the data keeps every recipient of the transaction for the
+// next address, a 4xx to RCPT that recipient (the others go to this host,
+// and the kept ones to the next in a transaction of their own). A 5xx is
+// final, but a host-specific bounce (SIZE, SMTPUTF8, REQUIRETLS, 8BITMIME)
+// also lets the next address try. Each recipient kept is logged ("kept
+// for the next address") when the next address is tried. When no address
+// is left, a recipient still undecided is deferred with the last 4xx a host
+// gave it, or with the last error if one came after (connect, greeting,
+// lost connection, ...); it is bounced only when the hosts that answered
+// it all refused it host-specifically. At most 5 addresses, and 2
+// sessions that reached a transaction, are tried per job (Postfix's
+// smtp_mx_address_limit and smtp_mx_session_limit; RemoteSettings), a
+// cached connection counting as both; the route resolved after a cached
+// connection's transaction leaves that address out. A TLS handshake that
+// fails under an opportunistic policy is retried once on the same address
+// in clear text (RFC 7435), not counted as another address.
 //
 // Everything runs on one event loop: the class is confined to it.
 
@@ -42,6 +57,16 @@ public struct RemoteSettings: Sendable {
     public var connectionCacheTime = 2
     /// `remote.connection_reuse_limit`: messages per connection.
     public var connectionReuseLimit = 100
+    /// `remote.mx_address_limit`: addresses tried per job, a cached
+    /// connection's included (Postfix's smtp_mx_address_limit, 5). RFC 5321
+    /// section 5.1 allows such a limit and asks for at least two. 0: none.
+    public var mxAddressLimit = 5
+    /// `remote.mx_session_limit`: sessions per job that reached a
+    /// transaction, past greeting, EHLO, TLS and AUTH (Postfix's
+    /// smtp_mx_session_limit, 2). A host that answers 4xx has taken a
+    /// whole transaction, perhaps the body: a destination whose hosts all
+    /// refuse for now is not sent the message by each. 0: no limit.
+    public var mxSessionLimit = 2
     /// `remote.source_address` / `remote.source_address_ipv6`: local
     /// addresses to bind outgoing connections to (nil: the kernel chooses).
     public var sourceIPv4: String?
@@ -238,6 +263,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     private func start(_ state: JobState, key: String) {
         state.key = key
         if let connection = takeIdle(key) {
+            state.addressesTried += 1
             attempt(state, on: connection, security: state.security)
             return
         }
@@ -258,8 +284,8 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
             switch result {
             case .failure(let error):
                 // runTask never fails; kept so that no job waits forever.
-                state.lastFailure = AttemptFailure(status: EnhancedStatus(4, 3, 0), text: "internal error: \(error)", reply: nil,
-                                                   diagnostic: "internal error", peerAnswered: false)
+                state.failed(AttemptFailure(status: EnhancedStatus(4, 3, 0), text: "internal error: \(error)", reply: nil,
+                                            diagnostic: "internal error", peerAnswered: false), at: nil, tls: .none)
             case .success((.failure(var failure), _)):
                 if failure.permanent, let origin = entry?.origin, entry?.nextHop != nil,
                    failure.status.subject == 4 || failure.status.subject == 1 {
@@ -270,11 +296,15 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
                     failure = RoutingFailure(permanent: false, status: EnhancedStatus(4, 3, 5),
                                              text: "next hop \(hop) (\(origin)): \(failure.text)")
                 }
+                // After a cached connection's attempt: what a host said
+                // to a recipient is its answer, not the lookup's.
                 state.decidePending(RemoteResult(index: 0, status: failure.permanent ? .bounced : .deferred,
                                                  dsn: failure.status.description, text: failure.text,
-                                                 diagnostic: failure.text))
+                                                 diagnostic: failure.text), exceptHeld: true)
             case .success((.success(let route), let security)):
-                state.candidates = route.candidates.map { ($0, false) }
+                // Postfix too drops the address a cached connection
+                // reached from the route: that host has answered.
+                state.candidates = route.candidates.filter { !state.visited.contains(JobState.endpoint($0)) }.map { ($0, false) }
                 state.security = security ?? DestinationSecurity(requirement: .may, source: "default")
             }
             next(state)
@@ -284,17 +314,25 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     /// Tries the next address, or finishes the job.
     private func next(_ state: JobState) {
         guard !state.pending.isEmpty else { return finish(state, releasing: state.key) }
+        // The clear-text retry is the address just tried, not another one.
+        let retry = state.candidates.first?.1 == true
+        guard retry || state.mayTryAnotherAddress(addressLimit: settings.mxAddressLimit, sessionLimit: settings.mxSessionLimit) else {
+            return finish(state, releasing: state.key)
+        }
         guard !state.candidates.isEmpty else {
             if !state.resolved { return resolve(state) }
             return finish(state, releasing: state.key)
         }
+        for line in state.keptLines { log.info(line) }
+        state.keptLines = []
         let (candidate, plaintext) = state.candidates.removeFirst()
         let security = state.security ?? DestinationSecurity(requirement: .may, source: "default")
         let verification = policy.verification(for: candidate, domain: state.domain, security: security)
         if security.requirement == .daneOnly && verification.method != .dane {
-            state.lastFailure = AttemptFailure(status: EnhancedStatus(4, 7, 5),
-                                               text: "TLS is required (dane-only, \(security.source)), but \(candidate.host) has no DNSSEC-validated TLSA records",
-                                               reply: nil, diagnostic: "no usable TLSA records for \(candidate.host)", peerAnswered: false)
+            state.failed(AttemptFailure(status: EnhancedStatus(4, 7, 5),
+                                        text: "TLS is required (dane-only, \(security.source)), but \(candidate.host) has no DNSSEC-validated TLSA records",
+                                        reply: nil, diagnostic: "no usable TLSA records for \(candidate.host)", peerAnswered: false),
+                         at: nil, tls: .none)
             return next(state)
         }
         var clientPolicy = SMTPClientPolicy(hostname: settings.hostname)
@@ -331,12 +369,13 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
                                        opportunistic: opportunistic)
         let options = ConnectionOptions(connectTimeout: settings.connectTimeout, maximumPhaseTimeout: settings.maximumPhaseTimeout,
                                         sourceIPv4: settings.sourceIPv4, sourceIPv6: settings.sourceIPv6)
+        if !plaintext { state.addressesTried += 1 }
         let (connection, future) = SMTPConnection.open(on: eventLoop, candidate: candidate, cacheKey: state.key ?? "",
                                                        policy: clientPolicy, message: state.message(), body: state.job.body,
                                                        options: options, handOff: handOff, tlsRequest: request,
                                                        taskExecutor: taskExecutor)
         future.whenSuccess { [self] outcome in
-            apply(outcome, connection: connection, to: state, plaintext: plaintext)
+            apply(outcome, connection: connection, to: state, plaintext: plaintext, cached: false)
             next(state)
         }
     }
@@ -357,36 +396,49 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     /// A transaction on a cached connection (then the route, if needed).
     private func attempt(_ state: JobState, on connection: SMTPConnection, security: DestinationSecurity?) {
         connection.send(state.message(), body: state.job.body).whenSuccess { [self] outcome in
-            apply(outcome, connection: connection, to: state, plaintext: false)
+            apply(outcome, connection: connection, to: state, plaintext: false, cached: true)
             next(state)
         }
     }
 
-    private func apply(_ outcome: TransactionOutcome, connection: SMTPConnection, to state: JobState, plaintext: Bool) {
+    private func apply(_ outcome: TransactionOutcome, connection: SMTPConnection, to state: JobState, plaintext: Bool,
+                       cached: Bool) {
         let candidate = connection.candidate
         let relay = candidate.description
+        if cached || connection.session.messageCount > 0 { state.sessions += 1 }
+        // The failure first: it replaces what earlier hosts said to the
+        // recipients still pending, not what this one said before it.
+        let retryInClearText = outcome.failure?.plaintextRetryMayWork == true && !plaintext
+        if let failure = outcome.failure {
+            state.failed(failure, at: candidate, tls: connection.tls)
+            if retryInClearText {
+                state.candidates.insert((candidate, true), at: 0)
+            }
+        } else if cached {
+            state.visited.insert(JobState.endpoint(candidate))
+        }
+        var kept: [UInt64: RemoteResult] = [:]
         for (index, r) in outcome.results {
             let result = RemoteResult(
                 index: UInt64(index), status: RemoteResult.Status(rawValue: r.status.rawValue)!, dsn: r.dsn.description,
                 text: r.reply == nil ? r.text : (r.status == .sent ? r.diagnostic : "host \(candidate.host)[\(candidate.address)] said: \(r.text)"),
                 relay: relay, remoteMTA: r.reply == nil ? nil : candidate.host, diagnostic: r.diagnostic, tls: connection.tls,
                 notes: outcome.message?.notes ?? [])
-            // A connection from the cache came before any lookup: the
-            // route's other hosts are still to be tried (`next` resolves).
-            if r.hostSpecific && r.status == .bounced && (!state.candidates.isEmpty || !state.resolved) {
-                // Another MX may take what this one cannot (SIZE, SMTPUTF8).
-                state.fallback[UInt64(index)] = result
+            if r.mayTryAnotherHost {
+                state.hold(result)
+                kept[result.index] = result
             } else {
                 state.decide(result)
             }
         }
-        if let failure = outcome.failure {
-            state.lastFailure = failure
-            state.lastRelay = failure.peerAnswered ? candidate : nil
-            state.lastTLS = connection.tls
-            if failure.plaintextRetryMayWork && !plaintext {
-                state.candidates.insert((candidate, true), at: 0)
-            }
+        // Every pending recipient was in this transaction: this host
+        // either answered it or failed before it had a result. Nothing
+        // for a retry in clear text: the same address, and crypto-negotiate
+        // logs the handshake that failed.
+        state.keptLines = retryInClearText ? [] : state.pending.compactMap { index in
+            guard let (dsn, text) = kept[index].map({ ($0.dsn, $0.text) }) ?? outcome.failure.map({ ($0.status.description, $0.text) })
+            else { return nil }
+            return Self.keptLine(queueID: state.job.queueID, to: state.address(of: index), relay: relay, dsn: dsn, text: text)
         }
         // Keep the connection for the next job to this destination.
         if connection.isIdle {
@@ -399,9 +451,12 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     }
 
     private func finish(_ state: JobState, releasing key: String?) {
+        // The last attempt's kept recipients are decided below: their
+        // results say what that host said.
+        state.keptLines = []
         for index in state.pending {
-            if let fallback = state.fallback[index] {
-                state.decide(fallback)
+            if let kept = state.held[index] {
+                state.decide(kept)
             } else if let failure = state.lastFailure {
                 state.decide(RemoteResult(index: index, status: .deferred, dsn: failure.status.description, text: failure.text,
                                           relay: state.lastRelay?.description, remoteMTA: state.lastRelay?.host,
@@ -432,6 +487,16 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     public static func logLine(queueID: String, to: String, result: RemoteResult, delay: UInt64) -> String {
         let line = "\(queueID): to=<\(to)>, relay=\(result.relay ?? "none"), delay=\(delay), dsn=\(result.dsn), status=\(result.status.rawValue) (\(result.text)), tls=\(result.tls)"
         return result.notes.isEmpty ? line : line + ", notes=(\(result.notes.joined(separator: "; ")))"
+    }
+
+    /// "ID: to=<b@example.net>, relay=mx1.example.net[192.0.2.1]:25,
+    /// dsn=4.3.0, kept for the next address (host mx1.example.net[192.0.2.1]
+    /// said: 451 4.3.0 Try later (in reply to MAIL FROM command))": a
+    /// recipient this host did not take, on its way to the next address.
+    /// No status=: the recipient has no result yet (its one result line
+    /// follows), as Postfix logs a server it skips.
+    public static func keptLine(queueID: String, to: String, relay: String, dsn: String, text: String) -> String {
+        "\(queueID): to=<\(to)>, relay=\(relay), dsn=\(dsn), kept for the next address (\(text))"
     }
 
     // MARK: - The connection cache
@@ -493,11 +558,22 @@ final class JobState: @unchecked Sendable {
     /// Addresses still to try; `true`: in clear text (after a failed handshake).
     var candidates: [(DeliveryCandidate, Bool)] = []
     var results: [UInt64: RemoteResult] = [:]
-    /// Host-specific bounces held while another address may do better.
-    var fallback: [UInt64: RemoteResult] = [:]
+    /// What a host said to a recipient still pending when another address
+    /// may do better (`SMTPDeliveryResult.mayTryAnotherHost`): its 4xx, or
+    /// a host-specific bounce. The result when no address is left.
+    var held: [UInt64: RemoteResult] = [:]
     var lastFailure: AttemptFailure?
     var lastRelay: DeliveryCandidate?
     var lastTLS: TLSOutcome = .none
+    /// For RemoteSettings.mxAddressLimit and mxSessionLimit.
+    var addressesTried = 0
+    var sessions = 0
+    /// Endpoints (`endpoint(_:)`) a cached connection completed a
+    /// transaction with: left out of the route resolved after it.
+    var visited: Set<String> = []
+    /// The last attempt's "kept for the next address" lines: logged when
+    /// the next address is tried; at the end the results say it instead.
+    var keptLines: [String] = []
 
     init(job: DeliveryJob, domain: String, entry: TransportEntry?, hop: NextHop, started: Double,
          completion: @escaping @Sendable ([RemoteResult]) -> Void) {
@@ -516,8 +592,9 @@ final class JobState: @unchecked Sendable {
         if results[result.index] == nil { results[result.index] = result }
     }
 
-    func decidePending(_ template: RemoteResult) {
-        for i in pending {
+    /// `exceptHeld`: recipients with a held result keep it.
+    func decidePending(_ template: RemoteResult, exceptHeld: Bool = false) {
+        for i in pending where !exceptHeld || held[i] == nil {
             var r = template
             r.index = i
             decide(r)
@@ -525,6 +602,39 @@ final class JobState: @unchecked Sendable {
     }
 
     func decideAll(_ template: RemoteResult) { decidePending(template) }
+
+    /// Keeps a host's answer to a recipient another address may take. A
+    /// later host's deferral replaces it (the last host's reply); a
+    /// host-specific bounce does not replace a deferral: the host that
+    /// deferred may take the message on a later attempt.
+    func hold(_ result: RemoteResult) {
+        if result.status == .bounced && held[result.index]?.status == .deferred { return }
+        held[result.index] = result
+    }
+
+    /// An attempt ended before deciding the pending recipients: the last
+    /// error, which replaces the deferrals held from earlier hosts. A
+    /// host-specific bounce held stays: the mail is not kept queued, for
+    /// days perhaps, on the chance that a host not reached now would take
+    /// what the one that answered cannot.
+    func failed(_ failure: AttemptFailure, at candidate: DeliveryCandidate?, tls: TLSOutcome) {
+        lastFailure = failure
+        lastRelay = failure.peerAnswered ? candidate : nil
+        lastTLS = tls
+        held = held.filter { $0.value.status == .bounced }
+    }
+
+    /// Whether the limits leave room for another address.
+    func mayTryAnotherAddress(addressLimit: Int, sessionLimit: Int) -> Bool {
+        (addressLimit <= 0 || addressesTried < addressLimit) && (sessionLimit <= 0 || sessions < sessionLimit)
+    }
+
+    func address(of index: UInt64) -> String {
+        job.recipients.first { $0.index == index }?.address ?? ""
+    }
+
+    /// An address and port, to recognize the same endpoint on a route.
+    static func endpoint(_ c: DeliveryCandidate) -> String { "[\(c.address)]:\(c.port)" }
 
     /// The message for the recipients still pending.
     func message() -> SMTPClientMessage {

@@ -20,10 +20,13 @@
 ///
 /// Results: each recipient gets exactly one `.recipientResult` per message
 /// (2xx sent, 4xx deferred, 5xx bounced, with the phase and the sanitized
-/// reply), then `.messageResult`. When the session fails instead
-/// (`.sessionFailed` or `.protocolError`), the recipients without a result
-/// are undecided: `pendingRecipients` lists them, and the I/O layer tries
-/// the next MX or defers them with the failure's `deferral`.
+/// reply), then `.messageResult`. A 4xx result is this host's answer only
+/// (`mayTryAnotherHost`): the I/O layer keeps the recipient for the next
+/// MX, and the session stays usable for another message (an RSET first
+/// when the refused transaction was left open). When the session fails
+/// instead (`.sessionFailed` or `.protocolError`), the recipients without
+/// a result are undecided: `pendingRecipients` lists them, and the I/O
+/// layer tries the next MX or defers them with the failure's `deferral`.
 ///
 /// Per-message checks before MAIL, each a bounce for this host
 /// (`hostSpecific`: another MX may do better): REQUIRETLS without

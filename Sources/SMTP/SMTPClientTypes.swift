@@ -251,6 +251,17 @@ public struct SMTPDeliveryResult: Sendable, Hashable, CustomStringConvertible {
     /// the message. The I/O layer may try it before reporting the result.
     public var hostSpecific: Bool
 
+    /// Another address of the destination may do better: a temporary
+    /// refusal by this host (4xx to MAIL, RCPT, DATA or the end of data),
+    /// or a `hostSpecific` bounce. The I/O layer keeps the recipient for
+    /// the next address and reports this result only when no address is
+    /// left (RFC 5321 section 5.1; Postfix's smtp(8) keeps soft-failed
+    /// recipients for a backup server unless this one is the final
+    /// server). Final: a sent recipient, and any other bounce: a 5xx is
+    /// the destination's permanent answer (RFC 5321 section 4.2.1), which
+    /// Postfix does not take to a backup server either.
+    public var mayTryAnotherHost: Bool { hostSpecific || (status == .deferred && reply != nil) }
+
     public init(status: Status, dsn: EnhancedStatus, reply: SMTPReply?, phase: SMTPClientPhase,
                 text: String, diagnostic: String, hostSpecific: Bool = false) {
         self.status = status

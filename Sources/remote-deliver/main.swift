@@ -18,8 +18,15 @@
 //      are tried in preference order, random among equal preferences,
 //      every address of each (IPv6 first). A connection that is refused,
 //      times out, is greeted with 4xx/5xx or fails mid-session passes the
-//      undecided recipients to the next address; what remains at the end is
-//      deferred with the last error. Null MX (RFC 7505) bounces at once
+//      undecided recipients to the next address; so does a 4xx reply to
+//      MAIL, DATA or the end of data (every recipient of the transaction)
+//      or to RCPT (that recipient; the host gets the message for the
+//      others), as Postfix's smtp(8) does for every server but the last.
+//      A 5xx is final. At most 5 addresses, and 2 sessions that reached a
+//      transaction, are tried per job (Postfix's smtp_mx_address_limit and
+//      smtp_mx_session_limit). What remains at the end is deferred with
+//      the last host's 4xx to it, or the last error when that came later
+//      (a connection refused, ...). Null MX (RFC 7505) bounces at once
 //      (5.1.10); a domain that does not exist bounces (5.1.2); a DNS
 //      failure defers (4.4.3). The conversation is the SMTP module's client
 //      state machine: PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN, REQUIRETLS,
@@ -87,7 +94,13 @@
 //      relay=mx.example.net[192.0.2.1]:25, delay=0, dsn=2.0.0,
 //      status=sent (250 2.0.0 Ok: queued as X), tls=none
 //      and, when the transaction had any, its notes: ", notes=(8-bit
-//      content converted to quoted-printable for a host without 8BITMIME)"
+//      content converted to quoted-printable for a host without 8BITMIME)".
+//      A recipient an address did not take, when the next address is
+//      tried (no status=: its one result line comes later):
+//      remote-deliver[815]: 4F3A2B1C5D6E: to=<b@example.net>,
+//      relay=mx1.example.net[192.0.2.1]:25, dsn=4.3.0, kept for the next
+//      address (host mx1.example.net[192.0.2.1] said: 451 4.3.0 Try again
+//      later (in reply to MAIL FROM command))
 //
 // EXIT STATUS
 //      It runs until killed. At start: 78 (EX_CONFIG) for an unreadable

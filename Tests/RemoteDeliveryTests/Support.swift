@@ -30,6 +30,8 @@ struct SinkScript: Sendable {
     var mail = "250 2.1.0 Ok"
     /// Reply to RCPT TO for an address.
     var rcpt: @Sendable (String) -> String = { _ in "250 2.1.5 Ok" }
+    /// Reply to DATA when a recipient was accepted; only "354" reads data.
+    var data = "354 End data with <CR><LF>.<CR><LF>"
     var dataEnd = "250 2.0.0 Ok: queued as SINK1"
     /// Close the connection right after the terminating dot, no reply.
     var hangUpAfterDot = false
@@ -174,7 +176,8 @@ final class TestSink: Sendable {
                 send(reply)
             } else if upper == "DATA" {
                 guard !to.isEmpty else { send("554 5.5.1 Error: no valid recipients"); continue }
-                send("354 End data with <CR><LF>.<CR><LF>")
+                send(script.data)
+                guard script.data.hasPrefix("354") else { continue }
                 let terminator: [UInt8] = [13, 10, 46, 13, 10]
                 var raw: [UInt8] = []
                 while true {

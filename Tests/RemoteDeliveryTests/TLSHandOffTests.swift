@@ -133,6 +133,8 @@ import Synchronization
         #expect(results.first?.tls == TLSOutcome.none)
         #expect(sink.connections == 2)
         #expect(sink.commands.filter { $0 == "STARTTLS" }.count == 1)
+        // The retry is the same address: nothing was passed on.
+        #expect(!f.logs.all.contains { $0.contains("kept for the next address") })
     }
 
     /// One delivery with TLS level `level` to a sink at `address` whose

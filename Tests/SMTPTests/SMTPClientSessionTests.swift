@@ -314,19 +314,22 @@ import Testing
         var reply: String
         var expected: SMTPDeliveryResult.Status
         var phase: SMTPClientPhase
+        /// `mayTryAnotherHost`: a 4xx is this host's answer only.
+        var anotherHost: Bool
         var description: String { "\(rule) -> \(reply)" }
     }
 
     static let stageCases: [StageCase] = [
-        StageCase(rule: "MAIL", reply: "451 4.3.0 Try later", expected: .deferred, phase: .mailFrom),
-        StageCase(rule: "MAIL", reply: "553 5.1.8 Sender rejected", expected: .bounced, phase: .mailFrom),
-        StageCase(rule: "RCPT", reply: "450 4.2.1 Greylisted", expected: .deferred, phase: .rcptTo),
-        StageCase(rule: "RCPT", reply: "550 5.1.1 Unknown", expected: .bounced, phase: .rcptTo),
-        StageCase(rule: "DATA", reply: "451 4.3.0 Not now", expected: .deferred, phase: .dataInit),
-        StageCase(rule: "DATA", reply: "554 5.7.1 No", expected: .bounced, phase: .dataInit),
-        StageCase(rule: "<END-OF-DATA>", reply: "452 4.3.1 Insufficient storage", expected: .deferred, phase: .dataTermination),
-        StageCase(rule: "<END-OF-DATA>", reply: "554 5.7.1 Spam", expected: .bounced, phase: .dataTermination),
-        StageCase(rule: "<END-OF-DATA>", reply: "550 Rejected", expected: .bounced, phase: .dataTermination),
+        StageCase(rule: "MAIL", reply: "451 4.3.0 Try later", expected: .deferred, phase: .mailFrom, anotherHost: true),
+        StageCase(rule: "MAIL", reply: "553 5.1.8 Sender rejected", expected: .bounced, phase: .mailFrom, anotherHost: false),
+        StageCase(rule: "RCPT", reply: "450 4.2.1 Greylisted", expected: .deferred, phase: .rcptTo, anotherHost: true),
+        StageCase(rule: "RCPT", reply: "550 5.1.1 Unknown", expected: .bounced, phase: .rcptTo, anotherHost: false),
+        StageCase(rule: "DATA", reply: "451 4.3.0 Not now", expected: .deferred, phase: .dataInit, anotherHost: true),
+        StageCase(rule: "DATA", reply: "554 5.7.1 No", expected: .bounced, phase: .dataInit, anotherHost: false),
+        StageCase(rule: "<END-OF-DATA>", reply: "452 4.3.1 Insufficient storage", expected: .deferred, phase: .dataTermination,
+                  anotherHost: true),
+        StageCase(rule: "<END-OF-DATA>", reply: "554 5.7.1 Spam", expected: .bounced, phase: .dataTermination, anotherHost: false),
+        StageCase(rule: "<END-OF-DATA>", reply: "550 Rejected", expected: .bounced, phase: .dataTermination, anotherHost: false),
     ]
 
     @Test(arguments: stageCases, [true, false])
@@ -335,6 +338,7 @@ import Testing
         let r = try #require(run.results[1])
         #expect(r.status == c.expected)
         #expect(r.phase == c.phase)
+        #expect(r.mayTryAnotherHost == c.anotherHost)
         #expect(r.reply?.code == Int(c.reply.prefix(3)))
         #expect(r.dsn.codeClass == c.reply.first!.wholeNumberValue!)
         if !c.reply.contains(".") { #expect(r.dsn == EnhancedStatus(5, 0, 0)) }
@@ -343,6 +347,53 @@ import Testing
         #expect(run.failures.isEmpty && run.protocolErrors.isEmpty)
         #expect(run.commands.last == "QUIT")
         #expect(run.peer.messages.count == (c.rule == "<END-OF-DATA>" ? 1 : 0))
+    }
+
+    /// After a 4xx the I/O layer takes the recipients to the next MX and
+    /// may cache this connection for the next job: the session must be
+    /// in step for another message, with RSET first where the refused
+    /// transaction was left open (accepted MAIL, no end of data).
+    @Test(arguments: stageCases.filter(\.anotherHost), [true, false])
+    func theSessionStaysUsableAfterATemporaryRefusal(c: StageCase, pipelining: Bool) throws {
+        let run = drive(clientPolicy(.none, pipelining: pipelining), message(["bob@example.net"]), peer: Peer([(c.rule, c.reply)]),
+                        more: [message(["carol@example.net"], first: 10)])
+        #expect(run.status(1) == .deferred)
+        #expect(run.status(10) == .sent)
+        #expect(run.failures.isEmpty && run.protocolErrors.isEmpty)
+        let transactionLeftOpen = c.rule == "RCPT" || c.rule == "DATA"
+        #expect(run.commands.filter { $0.hasPrefix("MAIL") || $0 == "RSET" }
+                == ["MAIL FROM:<alice@example.org> SIZE=1000"] + (transactionLeftOpen ? ["RSET"] : [])
+                   + ["MAIL FROM:<alice@example.org> SIZE=1000"])
+        #expect(run.peer.messages.count == (c.rule == "<END-OF-DATA>" ? 2 : 1))
+        #expect(run.commands.last == "QUIT")
+    }
+
+    struct HostCase: Sendable, CustomStringConvertible {
+        var result: SMTPDeliveryResult
+        var anotherHost: Bool
+        var description: String { "\(result.status) \(result.dsn) reply=\(result.reply != nil) hostSpecific=\(result.hostSpecific)" }
+    }
+
+    /// Which results another MX may improve on: a peer's 4xx and a
+    /// refusal for this host's abilities; never a sent recipient, a
+    /// peer's 5xx or a local refusal of the address itself.
+    static let hostCases: [HostCase] = [
+        HostCase(result: SMTPDeliveryResult(reply: SMTPReply(250, EnhancedStatus(2, 0, 0), "Ok"), phase: .dataTermination),
+                 anotherHost: false),
+        HostCase(result: SMTPDeliveryResult(reply: SMTPReply(451, EnhancedStatus(4, 3, 0), "Later"), phase: .mailFrom),
+                 anotherHost: true),
+        HostCase(result: SMTPDeliveryResult(reply: SMTPReply(450, nil, "Greylisted"), phase: .rcptTo), anotherHost: true),
+        HostCase(result: SMTPDeliveryResult(reply: SMTPReply(550, EnhancedStatus(5, 1, 1), "Unknown"), phase: .rcptTo),
+                 anotherHost: false),
+        HostCase(result: SMTPDeliveryResult(local: .bounced, EnhancedStatus(5, 3, 4), "too large", phase: .mailFrom, hostSpecific: true),
+                 anotherHost: true),
+        HostCase(result: SMTPDeliveryResult(local: .bounced, EnhancedStatus(5, 1, 3), "bad address", phase: .rcptTo, hostSpecific: false),
+                 anotherHost: false),
+    ]
+
+    @Test(arguments: hostCases)
+    func whichResultsAnotherHostMayImprove(c: HostCase) {
+        #expect(c.result.mayTryAnotherHost == c.anotherHost)
     }
 
     @Test(arguments: ["MAIL", "RCPT", "DATA", "<END-OF-DATA>"])

@@ -13,6 +13,7 @@
 Nothing here talks to anything but loopback addresses.
 """
 
+import json
 import os
 import pathlib
 import pwd
@@ -279,16 +280,41 @@ class SmtpSink:
 # aiosmtpd -----------------------------------------------------------------------
 
 AIOSMTPD_PEER = r'''
-import asyncio, os, signal, ssl, sys, threading
+import asyncio, json, os, signal, ssl, sys, threading
 from aiosmtpd.controller import Controller
 host, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cert = sys.argv[4] if len(sys.argv) > 5 else None
 key = sys.argv[5] if len(sys.argv) > 5 else None
 tls12_ciphers = sys.argv[6] if len(sys.argv) > 6 else None
+refuse = json.loads(os.environ.get("PEER_REFUSE") or "{}")
 counter = [0]
 lock = threading.Lock()
+def refusal(stage, address):
+    """The reply refusing this stage (for this address), noted in refused.log."""
+    if refuse.get("stage") != stage or refuse.get("only", "") not in address:
+        return None
+    with lock, open(os.path.join(out, "refused.log"), "a") as f:
+        f.write("%s %s\n" % (stage, address))
+    return refuse["reply"]
 class Handler:
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        reply = refusal("MAIL", address)
+        if reply:
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = refusal("RCPT", address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
     async def handle_DATA(self, server, session, envelope):
+        reply = refusal("DATA", ",".join(envelope.rcpt_tos))
+        if reply:
+            return reply
         with lock:
             counter[0] += 1
             n = counter[0]
@@ -323,9 +349,12 @@ class AiosmtpdPeer:
     """aiosmtpd on ADDRESS:PORT storing each message in `directory` with
     X-Peer-* header fields (envelope, whether TLS was on); STARTTLS with
     `cert`/`key`, restricted to TLS 1.2 and the OpenSSL cipher list
-    `tls12_ciphers` when given."""
+    `tls12_ciphers` when given. `refuse`: (stage, reply) or (stage, reply,
+    substring): the peer answers `reply` to MAIL, RCPT or the end of data
+    ("DATA"), for a RCPT only when its address contains `substring`, and
+    lists what it refused in `refused()`."""
 
-    def __init__(self, address, port, directory, cert=None, key=None, tls12_ciphers=None):
+    def __init__(self, address, port, directory, cert=None, key=None, tls12_ciphers=None, refuse=None):
         if not os.access(SYSTEM_PYTHON, os.X_OK):
             raise Unavailable(f"{SYSTEM_PYTHON} is missing")
         check = subprocess.run([SYSTEM_PYTHON, "-c", "import aiosmtpd"], capture_output=True)
@@ -336,10 +365,12 @@ class AiosmtpdPeer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.arguments = ([address, str(port), str(self.directory)] + ([str(cert), str(key)] if cert else [])
                           + ([tls12_ciphers] if cert and tls12_ciphers else []))
+        self.refuse = dict(zip(("stage", "reply", "only"), refuse)) if refuse else {}
         self.process = None
 
     def start(self):
-        self.process = subprocess.Popen([SYSTEM_PYTHON, "-c", AIOSMTPD_PEER, *self.arguments],
+        env = dict(os.environ, PEER_REFUSE=json.dumps(self.refuse))
+        self.process = subprocess.Popen([SYSTEM_PYTHON, "-c", AIOSMTPD_PEER, *self.arguments], env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         line = self.process.stdout.readline()
         if line.strip() != b"ready":
@@ -348,6 +379,11 @@ class AiosmtpdPeer:
 
     def messages(self):
         return sorted(p for p in self.directory.iterdir() if p.suffix == ".eml")
+
+    def refused(self):
+        """"STAGE address" for each refusal so far ("DATA" lists the recipients)."""
+        log = self.directory / "refused.log"
+        return log.read_text().splitlines() if log.exists() else []
 
     def stop(self):
         if self.process and self.process.poll() is None:

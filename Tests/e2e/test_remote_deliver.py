@@ -7,8 +7,9 @@ their own loopback addresses, on a port chosen per test that the transport
 table gives for the domain ("dane.test smtp:dane.test:PORT": the MX lookup
 still happens, only the port differs), so that nothing collides with
 another test run or a system MTA on port 25. The peers: a private Postfix
-with STARTTLS, aiosmtpd, Postfix's smtp-sink with fault injection, and a
-raw socket sink that keeps the bytes on the wire.
+with STARTTLS, aiosmtpd (as mx1 and mx2, one answering 4xx at a stage when
+asked), Postfix's smtp-sink with fault injection, and a raw socket sink
+that keeps the bytes on the wire.
 
 Needs: the release build (SEALPOST_BUILD), nsd/unbound/ldnsutils/dig (else
 skipped), Postfix (smtp-sink, smtp-source; Postfix itself needs root),
@@ -235,6 +236,102 @@ def test_first_mx_refuses_second_delivers(remote, workdir, cleanup):
     assert f"X-Peer-Mail-From: {local_user()}@localhost".encode() in data
     assert b"Through the second MX.\r\n" in data
     assert not [line for line in log_lines(pipe, "second@dane.test") if line["status"] != "sent"]
+
+
+# A host's 4xx: the next MX (RFC 5321 section 5.1, as Postfix's smtp(8)) -----
+
+PHASES = {"MAIL": "in reply to MAIL FROM command", "RCPT": "in reply to RCPT TO command",
+          "DATA": "in reply to end of DATA command"}
+
+
+def two_mx(workdir, cleanup, first_refuses, second_refuses=None):
+    """aiosmtpd as mx1 and mx2 of dane.test on one port; mx1 refuses as
+    `first_refuses` says (AiosmtpdPeer's refuse), mx2 as `second_refuses`."""
+    port = mtapeers.free_port_on(MX1, MX2)
+    peers = []
+    for address, name, refuse in ((MX1, "mx1", first_refuses), (MX2, "mx2", second_refuses)):
+        try:
+            peer = AiosmtpdPeer(address, port, workdir / name, refuse=refuse)
+        except Unavailable as error:
+            unavailable(error)
+        cleanup(peer)
+        peers.append(peer.start())
+    return port, peers
+
+
+def kept_lines(pipe, recipient):
+    return [line for line in pipe.log_text().splitlines()
+            if f"to=<{recipient}>" in line and "kept for the next address" in line]
+
+
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
+def test_a_4xx_from_the_first_mx_goes_on_to_the_second(remote, workdir, cleanup, stage):
+    """mx1 answers 451 at one stage (DATA: the end of the data), mx2
+    accepts: the message reaches mx2, and the log says what each did. The
+    build before deferred the recipient with mx1's reply."""
+    reply = "451 4.3.0 mx1 is busy, try again later"
+    port, (first, second) = two_mx(workdir, cleanup, (stage, reply))
+    pipe = remote(f"dane.test smtp:dane.test:{port}\n")
+    inject(pipe, "onward@dane.test", f"4xx at {stage}", body="Through the second MX.\n")
+    [sent] = wait_for_status(pipe, "onward@dane.test", "sent")
+    assert sent["relay"] == f"mx2.dane.test[{MX2}]:{port}"
+    [message] = wait_until(second.messages, 30, "the message at mx2")
+    data = message.read_bytes()
+    assert b"X-Peer-Rcpt-To: onward@dane.test\r\n" in data
+    assert b"Through the second MX.\r\n" in data
+    assert not first.messages()
+    assert [line.split()[0] for line in first.refused()] == [stage]
+    log = pipe.log_text().splitlines()
+    [kept] = kept_lines(pipe, "onward@dane.test")
+    assert re.search(r"remote-deliver\[\d+\]: \w+: to=<onward@dane\.test>, relay=" + re.escape(f"mx1.dane.test[{MX1}]:{port}")
+                     + r", dsn=4\.3\.0, kept for the next address \(host " + re.escape(f"mx1.dane.test[{MX1}] said: {reply} ({PHASES[stage]}))")
+                     + "$", kept), kept
+    [result] = [line for line in log if "to=<onward@dane.test>" in line and "status=" in line]
+    assert log.index(kept) < log.index(result)
+    assert not [line for line in log_lines(pipe, "onward@dane.test") if line["status"] != "sent"]
+
+
+def test_recipients_the_first_mx_defers_go_to_the_second_in_a_transaction_of_their_own(remote, workdir, cleanup):
+    """mx1 takes one recipient and answers 450 for the other: the message
+    goes to mx1 for the first and to mx2 for the second, once each."""
+    port, (first, second) = two_mx(workdir, cleanup, ("RCPT", "450 4.2.1 greylisted, come back later", "grey"))
+    pipe = remote(f"dane.test smtp:dane.test:{port}\n")
+    sender = f"{local_user()}@localhost"
+    message = f"From: <{sender}>\nTo: <now@dane.test>, <grey@dane.test>\nSubject: split\n\nHello.\n".encode()
+    result = pipe.queue_inject("-f", sender, "now@dane.test", "grey@dane.test", message=message)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    [now] = wait_for_status(pipe, "now@dane.test", "sent")
+    [grey] = wait_for_status(pipe, "grey@dane.test", "sent")
+    assert now["relay"] == f"mx1.dane.test[{MX1}]:{port}"
+    assert grey["relay"] == f"mx2.dane.test[{MX2}]:{port}"
+    [at_first] = wait_until(first.messages, 30, "the message at mx1")
+    [at_second] = wait_until(second.messages, 30, "the message at mx2")
+    assert b"X-Peer-Rcpt-To: now@dane.test\r\n" in at_first.read_bytes()
+    assert b"X-Peer-Rcpt-To: grey@dane.test\r\n" in at_second.read_bytes()
+    assert first.refused() == ["RCPT grey@dane.test"]
+    [kept] = kept_lines(pipe, "grey@dane.test")
+    assert "said: 450 4.2.1 greylisted, come back later (in reply to RCPT TO command))" in kept, kept
+    assert not kept_lines(pipe, "now@dane.test")
+
+
+def test_every_mx_answering_4xx_defers_with_the_last_reply(remote, workdir, cleanup):
+    """Both MX hosts refuse for now: deferred with mx2's reply (the last
+    host's), mx1's logged as it was passed over."""
+    port, (first, second) = two_mx(workdir, cleanup, ("MAIL", "451 4.3.0 mx1 is busy"),
+                                   ("RCPT", "452 4.3.1 mx2 is out of space"))
+    pipe = remote(f"dane.test smtp:dane.test:{port}\n")
+    inject(pipe, "nowhere@dane.test", "every MX busy")
+    deferred = wait_for_status(pipe, "nowhere@dane.test", "deferred")
+    assert deferred[0]["relay"] == f"mx2.dane.test[{MX2}]:{port}", deferred
+    assert deferred[0]["dsn"] == "4.3.1"
+    assert deferred[0]["text"] == (f"host mx2.dane.test[{MX2}] said: 452 4.3.1 mx2 is out of space "
+                                   "(in reply to RCPT TO command)")
+    kept = kept_lines(pipe, "nowhere@dane.test")
+    assert kept and f"relay=mx1.dane.test[{MX1}]:{port}, dsn=4.3.0, kept for the next address" in kept[0], kept
+    assert not first.messages() and not second.messages()
+    assert first.refused()[0] == f"MAIL {local_user()}@localhost"
+    assert second.refused()[0] == "RCPT nowhere@dane.test"
+    assert not bounces(pipe)
 
 
 # Temporary and permanent failures --------------------------------------------
