@@ -161,8 +161,10 @@ let package = Package(
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "Sodium"]),
+        // QueueService and Spool: the real queue, for its idle timeout on
+        // smtp-listen's pooled inject connections.
         .testTarget(name: "SMTPServiceTests", dependencies: [
-            "SMTPService", "SMTP", "StageProtocol", "CSystemShims", "Accounts", "Sodium", "DNS",
+            "SMTPService", "SMTP", "StageProtocol", "CSystemShims", "Accounts", "Sodium", "DNS", "QueueService", "Spool",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOPosix", package: "swift-nio"),

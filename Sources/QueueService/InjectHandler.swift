@@ -1,6 +1,7 @@
 // The `inject` server (PROTOCOL.md 4.2): MAIL (-> QUEUE-ID when the client
 // asks with announce-id), RCPT, BODY..., END -> ACCEPTED only once the
-// message is committed with sync.
+// message is committed with sync. A connection idle between transactions
+// for QueueServiceOptions.injectIdleTimeout is closed.
 
 #if canImport(Glibc)
 import Glibc
@@ -90,13 +91,25 @@ final class InjectHandler: ChannelInboundHandler {
     /// little for the other connections active lately, see Spool.submit).
     private var submitter: Int { Int(bitPattern: UInt(bitPattern: ObjectIdentifier(self))) }
     private var submitted = false
+    /// Since when nothing was received with no transaction open and no
+    /// answer due; nil while a transaction or its answer is outstanding.
+    private var idleSince: NIODeadline?
+    /// Looks at `idleSince` every injectIdleTimeout at least (one task per
+    /// connection, not one set and cancelled per frame or transaction).
+    private var idleCheck: Scheduled<Void>?
 
     init(engine: QueueEngine) { self.engine = engine }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
-    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+    func handlerRemoved(context: ChannelHandlerContext) {
+        idleCheck?.cancel()
+        idleCheck = nil
+        self.context = nil
+    }
 
     func channelActive(context: ChannelHandlerContext) {
+        idleSince = .now()
+        scheduleIdleCheck(in: engine.options.injectIdleTimeout)
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         peerCredentials(of: context.channel).whenSuccess { cred in
             guard let cred else { return }
@@ -128,6 +141,32 @@ final class InjectHandler: ChannelInboundHandler {
         } catch {
             fail(context: context, status: "4.3.0", text: "\(error)")
         }
+        // A HELLO, an ABORT: idle from now; a MAIL: busy until its answer.
+        idleSince = isIdle ? .now() : nil
+    }
+
+    /// No transaction open, no answer to an END still due.
+    private var isIdle: Bool { transaction == nil && nextReply == repliesIssued }
+
+    private func scheduleIdleCheck(in delay: TimeAmount) {
+        idleCheck = context?.eventLoop.assumeIsolated().scheduleTask(in: delay) { [self] in checkIdle() }
+    }
+
+    /// Closes the connection if it has been idle for injectIdleTimeout,
+    /// else looks again when it could have been. Only between
+    /// transactions: inside one the client's pace is its SMTP client's
+    /// (PROTOCOL.md 4.2). No ERROR is sent: smtp-listen retries a pooled
+    /// connection that closes before the queue said anything (a MAIL that
+    /// crossed the close), never one that got an ERROR.
+    private func checkIdle() {
+        idleCheck = nil
+        guard let context else { return }
+        let timeout = engine.options.injectIdleTimeout
+        guard let since = idleSince else { return scheduleIdleCheck(in: timeout) }
+        let idle = NIODeadline.now() - since
+        guard idle >= timeout else { return scheduleIdleCheck(in: timeout - idle) }
+        engine.logger.info("inject: connection from uid=\(peerUID.map(String.init) ?? "?") closed: idle for \(timeout.nanoseconds / 1_000_000_000) s")
+        context.close(promise: nil)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -139,6 +178,8 @@ final class InjectHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        idleCheck?.cancel()
+        idleCheck = nil
         forgetTransaction()   // an unfinished message is forgotten
         if let uid = countedUID {
             engine.releaseInjectConnection(uid: uid)
@@ -383,6 +424,7 @@ final class InjectHandler: ChannelInboundHandler {
             wrote = true
         }
         if wrote { context.flush() }
+        if isIdle { idleSince = .now() }
     }
 }
 

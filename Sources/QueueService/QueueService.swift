@@ -55,6 +55,13 @@ public struct QueueServiceOptions: Sendable {
     /// bound (when the stages share one user, the queue cannot tell
     /// smtp-listen from the others); the queue sets it when it runs as root.
     public var injectConnectionLimit: (perUser: Int, unbounded: Set<UInt32>)?
+    /// An inject connection idle this long (no transaction open, no answer
+    /// due, nothing received) is closed: each holds a descriptor, and the
+    /// socket is open to every local user. Never inside a transaction
+    /// (PROTOCOL.md 4.2 says why). 300 s, as Postfix's ipc_idle and
+    /// smtpd_timeout; smtp-listen's pool lets its idle connections go
+    /// sooner (SMTPTimeouts.injectPoolIdle).
+    public var injectIdleTimeout: TimeAmount = .seconds(300)
 
     public init() {}
 

@@ -20,6 +20,11 @@
 // its next MAIL (InjectResponseHandler), which is what spares the next
 // transaction the QUEUE-ID round trip.
 //
+// A connection idle in the pool for `idleTime` (60 s) is closed: the queue
+// closes inject connections idle for 300 s, and one closed here first is
+// never taken by a transaction as the queue closes it. Only the ones left
+// over from a burst age out: a busy loop reuses the newest (LIFO).
+//
 // Loop-confined: each pool is used only on its own event loop.
 
 import NIOConcurrencyHelpers
@@ -30,13 +35,20 @@ final class InjectPool: @unchecked Sendable {
     let eventLoop: EventLoop
     /// At most this many idle connections are kept (the rest are closed).
     let capacity: Int
-    private var idle: [(channel: Channel, handler: InjectResponseHandler)] = []
+    /// An idle connection is closed after this long in the pool.
+    let idleTime: TimeAmount
+    /// In the order they came back (`since`, oldest first): `take` pops
+    /// the newest, `expire` closes from the front.
+    private var idle: [(channel: Channel, handler: InjectResponseHandler, since: NIODeadline)] = []
+    /// The next `expire`, while anything is idle.
+    private var expiry: Scheduled<Void>?
     /// After closeAll (shutdown): nothing is pooled any more.
     private var closed = false
 
-    init(eventLoop: EventLoop, capacity: Int) {
+    init(eventLoop: EventLoop, capacity: Int, idleTime: TimeAmount) {
         self.eventLoop = eventLoop
         self.capacity = capacity
+        self.idleTime = idleTime
     }
 
     var idleCount: Int {
@@ -48,7 +60,7 @@ final class InjectPool: @unchecked Sendable {
     func take() -> (channel: Channel, handler: InjectResponseHandler)? {
         eventLoop.preconditionInEventLoop()
         while let entry = idle.popLast() {
-            if entry.channel.isActive { return entry }
+            if entry.channel.isActive { return (entry.channel, entry.handler) }
             entry.channel.close(promise: nil)
         }
         return nil
@@ -63,7 +75,26 @@ final class InjectPool: @unchecked Sendable {
             return
         }
         handler.pool = self
-        idle.append((channel, handler))
+        let now = NIODeadline.now()
+        idle.append((channel, handler, now))
+        if expiry == nil { scheduleExpiry(at: now + idleTime) }
+    }
+
+    private func scheduleExpiry(at deadline: NIODeadline) {
+        expiry = eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in expire() }
+    }
+
+    /// Closes the connections idle for `idleTime`; looks again when the
+    /// oldest left will have been.
+    private func expire() {
+        expiry = nil
+        let cutoff = NIODeadline.now() - idleTime
+        let count = idle.prefix { $0.since <= cutoff }.count
+        // Out of the list before closing: a close calls `discard` at once.
+        let expired = idle.prefix(count).map(\.channel)
+        idle.removeFirst(count)
+        for channel in expired { channel.close(promise: nil) }
+        if let oldest = idle.first { scheduleExpiry(at: oldest.since + idleTime) }
     }
 
     /// An idle connection closed or spoke out of turn: drop it.
@@ -79,6 +110,8 @@ final class InjectPool: @unchecked Sendable {
         let channels = idle.map(\.channel)
         idle = []
         closed = true
+        expiry?.cancel()
+        expiry = nil
         for channel in channels { channel.close(promise: nil) }
         return EventLoopFuture.andAllComplete(channels.map(\.closeFuture), on: eventLoop)
     }
@@ -87,12 +120,14 @@ final class InjectPool: @unchecked Sendable {
 /// The pools of a server, one per event loop, made on first use.
 final class InjectPools: Sendable {
     let capacity: Int
+    let idleTime: TimeAmount
     /// Shared by every transaction of the server, pooled or not.
     let queueCapabilities = QueueCapabilities()
     private let pools = NIOLockedValueBox<[ObjectIdentifier: InjectPool]>([:])
 
-    init(capacity: Int) {
+    init(capacity: Int, idleTime: TimeAmount) {
         self.capacity = capacity
+        self.idleTime = idleTime
     }
 
     func pool(for loop: EventLoop) -> InjectPool? {
@@ -100,7 +135,7 @@ final class InjectPools: Sendable {
         return pools.withLockedValue { pools in
             let key = ObjectIdentifier(loop)
             if let pool = pools[key] { return pool }
-            let pool = InjectPool(eventLoop: loop, capacity: capacity)
+            let pool = InjectPool(eventLoop: loop, capacity: capacity, idleTime: idleTime)
             pools[key] = pool
             return pool
         }

@@ -77,10 +77,11 @@ final class SMTPServerCore: Sendable {
     let handoff: TLSHandoff?
 
     /// Idle inject connections per event loop (InjectPool.swift).
-    let injectPools = InjectPools(capacity: 32)
+    let injectPools: InjectPools
 
     init(settings: SMTPServiceSettings, logger: Logger, handoff: TLSHandoff? = nil) {
         self.settings = settings
+        injectPools = InjectPools(capacity: 32, idleTime: .seconds(settings.timeouts.injectPoolIdle))
         receivedBy = ReceivedHeader.By(hostname: settings.hostname, softwareName: settings.softwareName)
         listenerPolicies = Dictionary(uniqueKeysWithValues: ListenerKind.allCases.map { ($0, settings.policy(for: $0)) })
         self.logger = logger

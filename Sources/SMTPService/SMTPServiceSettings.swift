@@ -54,6 +54,13 @@ public struct SMTPTimeouts: Sendable, Hashable {
     /// password check itself, as Postfix's smtpd_error_sleep_time slows
     /// a password guesser down. A timer: the event loop never sleeps.
     public var authFailureDelayMilliseconds: Int64 = 1000
+    /// An inject connection left idle in the pool this long is closed
+    /// (InjectPool). The queue closes one idle for 300 s
+    /// (PROTOCOL.md 4.2): letting it go well before means a transaction
+    /// does not take one the queue is closing (which would be retried on a
+    /// fresh connection, but a message of more than 64 KiB under a
+    /// reserved ID would get 451).
+    public var injectPoolIdle: Int64 = 60
 
     public init() {}
 }

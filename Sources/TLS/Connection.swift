@@ -32,7 +32,8 @@ public final class TLSConnection {
     /// Keeps the contexts (and the SNI callback's argument) alive.
     private let owner: AnyObject
     private let policy: VerificationPolicy
-    private let serverName: String?
+    /// The SNI this client sent (nil for an address literal: not sent).
+    private let sentServerName: String?
     public private(set) var handshakeDone = false
 
     /// Server role on connected socket `fd` (not owned: the caller closes it).
@@ -45,14 +46,18 @@ public final class TLSConnection {
         self.role = .server
         self.owner = contexts
         self.policy = .none
-        self.serverName = nil
+        self.sentServerName = nil
         guard SSL_set_fd(ssl, fd) == 1 else { throw TLSError.openSSL(.configuration, "SSL_set_fd") }
         SSL_set_accept_state(ssl)
     }
 
     /// Client role on connected socket `fd` (not owned). `serverName`: sent
-    /// as SNI. The policy is enforced by OpenSSL during the handshake (PKIX,
-    /// DANE) or right after it (pins). `ciphers`: `.opportunistic` only with
+    /// as SNI when it is a host name, never when it is an IPv4 or IPv6
+    /// address literal (RFC 6066 section 3 forbids them in HostName; a
+    /// relayhost or an address-literal next hop is one); either way the
+    /// reference identity of the certificate checks below. The policy is
+    /// enforced by OpenSSL during the handshake (PKIX, DANE) or right after
+    /// it (pins). `ciphers`: `.opportunistic` only with
     /// policy `.none`: a handshake that authenticates its peer keeps the
     /// strict list (see TLSClientCiphers).
     public init(client context: TLSClientContext, fd: Int32, serverName: String?,
@@ -68,12 +73,17 @@ public final class TLSConnection {
         self.role = .client
         self.owner = context
         self.policy = policy
-        self.serverName = serverName
+        let sni = serverName.flatMap { Self.isAddressLiteral($0) ? nil : $0 }
+        self.sentServerName = sni
         guard SSL_set_fd(ssl, fd) == 1 else { throw TLSError.openSSL(.configuration, "SSL_set_fd") }
         SSL_set_connect_state(ssl)
-        if let serverName, sealpost_ssl_set_tlsext_host_name(ssl, serverName) != 1 {
-            throw TLSError.openSSL(.configuration, "SNI \(serverName)")
+        if let sni, sealpost_ssl_set_tlsext_host_name(ssl, sni) != 1 {
+            throw TLSError.openSSL(.configuration, "SNI \(sni)")
         }
+        // Reference names go through SSL_set1_host/SSL_add1_host, which since
+        // OpenSSL 3.0 take an address literal as an IP address (matched
+        // against iPAddress subjectAltNames, X509_VERIFY_PARAM_set1_ip_asc),
+        // a name as a DNS name.
         switch policy {
         case .none, .pin:
             // OpenSSL still verifies the chain and records the result, which
@@ -85,7 +95,10 @@ public final class TLSConnection {
             SSL_set_hostflags(ssl, Self.hostFlags)
             try Self.setNames(ssl, names)
         case .dane(let records, let names):
-            guard let base = names.first ?? serverName else {
+            // The TLSA base domain is a host name (TLSA records live under
+            // names), and SSL_dane_enable would send an address given as
+            // one as SNI.
+            guard let base = names.first ?? serverName, !Self.isAddressLiteral(base) else {
                 throw TLSError(.configuration, "DANE needs a host name")
             }
             guard SSL_dane_enable(ssl, base) > 0 else { throw TLSError.openSSL(.configuration, "SSL_dane_enable") }
@@ -111,6 +124,12 @@ public final class TLSConnection {
             }
             SSL_set_verify(ssl, SSL_VERIFY_PEER, nil)
         }
+    }
+
+    /// An IPv4 or IPv6 address in text form (inet_pton's: no brackets).
+    static func isAddressLiteral(_ name: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, name, &v4) == 1 || inet_pton(AF_INET6, name, &v6) == 1
     }
 
     private static func setNames(_ ssl: OpaquePointer, _ names: [String]) throws(TLSError) {
@@ -262,7 +281,7 @@ public final class TLSConnection {
         if role == .server {
             sni = SSL_get_servername(ssl, Int32(TLSEXT_NAMETYPE_host_name)).map { String(cString: $0) }
         } else {
-            sni = serverName
+            sni = sentServerName
         }
         var subject: String?
         var spki: String?

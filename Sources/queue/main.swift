@@ -45,7 +45,8 @@
 //      so no other stage can create a file there and take a socket's name)
 //      inject   0666   protocol "inject" (Pipeline/PROTOCOL.md 4.2): any
 //                      local user may submit mail; the peer's uid is
-//                      recorded (SO_PEERCRED).
+//                      recorded (SO_PEERCRED). A connection idle for 300 s
+//                      between transactions is closed.
 //      deliver  0660   protocol "deliver" (4.3); group of data/run, so that
 //                      the delivery stages' users (members of that group)
 //                      can connect; a peer running as smtp-listen's or
@@ -87,6 +88,9 @@ import Spool
 import StageRuntime
 
 let config = StageRuntime.bootstrap(stage: "queue")
+// Soft RLIMIT_NOFILE up to the hard limit: a descriptor per session or
+// connection, past 1024 under load (Sources/StageRuntime/DescriptorLimit.swift).
+StageRuntime.raiseDescriptorLimit()
 
 // The stages that face the network and are no delivery stage may not take
 // jobs (message bodies, decrypted) from the deliver socket, though their

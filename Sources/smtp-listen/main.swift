@@ -110,7 +110,10 @@
 //      address, name, HELO, protocol, SIZE, RET, ENVID, SMTPUTF8, BODY,
 //      REQUIRETLS), one RCPT per recipient (NOTIFY, ORCPT), BODY frames of
 //      at most 64 KiB (the first holds the Received: header smtp-listen
-//      adds), END; the queue answers ACCEPTED or REFUSED.
+//      adds), END; the queue answers ACCEPTED or REFUSED. A connection
+//      whose transaction ended cleanly is kept for the next one of its
+//      event loop (at most 32 per loop, each closed after 60 s idle: the
+//      queue closes them after 300 s).
 //
 // PRIVILEGES
 //      Started as root, smtp-listen opens its listeners, then chroots into
@@ -159,6 +162,9 @@ import Glibc
 #endif
 
 let config = StageRuntime.bootstrap(stage: "smtp-listen")
+// Soft RLIMIT_NOFILE up to the hard limit: a descriptor per session or
+// connection, past 1024 under load (Sources/StageRuntime/DescriptorLimit.swift).
+StageRuntime.raiseDescriptorLimit()
 if CommandLine.arguments.count > 1 {
     StageRuntime.fatal("usage: smtp-listen (takes no arguments; see SEALPOST_CONFIG)", exit: .usage)
 }

@@ -53,6 +53,7 @@ final class TestQueue {
     /// 0: a transport without a stage suspends its messages at once (most
     /// tests look at that state); the production default is 10 s.
     var suspensionGrace: UInt64 = 0
+    var injectIdleSeconds: Int64?
 
     init(sizeLimit: Int = 10_240_000, recipientLimit: Int = 1000, _ tweak: (inout SealpostConfiguration) -> Void = { _ in }) throws {
         let template = FileManager.default.temporaryDirectory.path + "/queuesvc-XXXXXX"
@@ -88,6 +89,7 @@ final class TestQueue {
         options.statisticsInterval = 0
         if let pendingBodyLimit { options.pendingBodyLimit = pendingBodyLimit }
         options.injectConnectionLimit = injectConnectionLimit
+        if let injectIdleSeconds { options.injectIdleTimeout = .seconds(injectIdleSeconds) }
         let service = QueueService(configuration: config, paths: RuntimePaths(config), spool: spool, options: options)
         try service.start()
         self.service = service
@@ -532,6 +534,37 @@ func refusal(_ frame: Frame) throws -> String {
         try q.start()
         let many = try (0..<4).map { _ in try q.injector() }
         #expect(try q.sendAndAnswer(many[3]) == "accepted")
+    }
+
+    /// An inject connection idle between transactions is closed (EOF at
+    /// the client), after its HELLO or without one; inside a transaction
+    /// it is not: one that sent MAIL stays silent from before those two
+    /// connected until after they were closed, then goes on to ACCEPTED.
+    @Test func idleInjectConnectionsAreClosedBetweenTransactionsOnly() throws {
+        let q = try TestQueue()
+        q.stop()
+        q.injectIdleSeconds = 1
+        try q.start()
+        // Every wait bounded: a connection left open fails the test (a
+        // timeout), it does not hang it.
+        func connect(hello: Bool = true) throws -> StageConnection {
+            let c = try StageConnection.connect(path: q.config.injectSocket, timeout: 20)
+            if hello { _ = try c.clientHello(.inject) }
+            return c
+        }
+        let busy = try connect()
+        try busy.send(Frame(.mail, ["sender": .text("s@example.org"), "announce-id": .bool(true)]))
+        #expect(try busy.receive()?.type == .queueID)   // MAIL was read
+        let greeted = try connect()
+        let silent = try connect(hello: false)
+        #expect(try greeted.receive() == nil)
+        #expect(try silent.receive() == nil)
+        try busy.send(Frame(.rcpt, ["address": .text("a@localhost")]))
+        try busy.send(Frame(.body, ["data": .bytes(Array("Subject: slow\r\n\r\nhello\r\n".utf8))]))
+        try busy.send(Frame(.end))
+        #expect(try refusal(try #require(try busy.receive())) == "accepted")
+        // Its answer sent, it is idle too.
+        #expect(try busy.receive() == nil)
     }
 
     @Test func refusals() throws {

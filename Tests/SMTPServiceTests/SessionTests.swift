@@ -157,6 +157,42 @@ import Testing
         #expect(h.logs.contains("sending the message again under a new ID") == reserveIDs)
     }
 
+    /// A connection idle in the pool for injectPoolIdle is closed (before
+    /// the queue's own idle timeout, PROTOCOL.md 4.2), and the next
+    /// message goes on a new one.
+    @Test func anIdlePooledConnectionIsLetGo() throws {
+        let h = try Harness { $0.timeouts.injectPoolIdle = 1 }
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        _ = try sendMessages(c, count: 1)
+        #expect(becomesTrue { h.queue.closedIdle == 1 })
+        _ = try sendMessages(c, count: 1)
+        #expect(c.command("QUIT")?.code == 221)
+        #expect(h.queue.connections == 2)
+        #expect(h.queue.accepted.count == 2)
+    }
+
+    /// The real queue, its idle timeout (1 s) shorter than the pool's
+    /// (60 s, the default): it closes the pooled connection, which the
+    /// pool drops, and the next message goes on a new one. (A MAIL that
+    /// crosses the close is retried on a new connection:
+    /// aPooledConnectionTheQueueDroppedIsReplacedWithoutLoss.)
+    @Test func aPooledConnectionTheQueueClosedWhenIdleCostsNoMessage() throws {
+        let q = try RealQueue(injectIdleTimeout: .seconds(1))
+        defer { q.stop() }
+        let h = try Harness(injectPath: q.injectSocket)
+        defer { h.stop() }
+        let c = try h.client()
+        _ = try greet(c)
+        _ = try sendMessages(c, count: 1)
+        #expect(q.logs.eventually("closed: idle for 1 s"))
+        _ = try sendMessages(c, count: 1)
+        #expect(c.command("QUIT")?.code == 221)
+        #expect(q.service.statistics().injected == 2)
+        #expect(h.logs.all.filter { $0.contains("queue inject failed") }.isEmpty)
+    }
+
     @Test func aQueueWithoutReservationsIsAskedForEachID() throws {
         let q = try FakeQueue()
         q.refuseReservations = true

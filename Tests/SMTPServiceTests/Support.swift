@@ -77,6 +77,8 @@ final class FakeQueue: Sendable {
         var mails = 0
         var aborted = 0
         var incomplete = 0
+        /// Connections the client closed between transactions.
+        var closedIdle = 0
         var protocolErrors: [String] = []
         var nextID = 0x10000
         var stopped = false
@@ -104,6 +106,7 @@ final class FakeQueue: Sendable {
     var connections: Int { state.withLock { $0.connections } }
     var mails: Int { state.withLock { $0.mails } }
     var aborted: Int { state.withLock { $0.aborted } }
+    var closedIdle: Int { state.withLock { $0.closedIdle } }
     var protocolErrors: [String] { state.withLock { $0.protocolErrors } }
 
     func stop() {
@@ -162,7 +165,7 @@ final class FakeQueue: Sendable {
             while true {
                 while mail != nil && self.stallBodies { usleep(5_000) }
                 guard let f = try c.receive() else {
-                    if mail != nil { state.withLock { $0.incomplete += 1 } }
+                    state.withLock { if mail != nil { $0.incomplete += 1 } else { $0.closedIdle += 1 } }
                     return
                 }
                 switch f.type {
@@ -236,12 +239,19 @@ final class LogCapture: Sendable {
     /// Whether a line containing `text` appears (within 10 s: lines such as
     /// "disconnect from" are written after the client already saw EOF).
     func eventually(_ text: String) -> Bool {
-        for _ in 0..<1000 {
-            if contains(text) { return true }
-            usleep(10_000)
-        }
-        return false
+        becomesTrue { contains(text) }
     }
+}
+
+/// Whether `condition` becomes true, looked at every 10 ms for 10 s at
+/// most: for what a peer does after the client saw its effect, or on its
+/// own (the bound only keeps a broken build from hanging).
+func becomesTrue(_ condition: () -> Bool) -> Bool {
+    for _ in 0..<1000 {
+        if condition() { return true }
+        usleep(10_000)
+    }
+    return false
 }
 
 struct CapturingLogHandler: LogHandler {

@@ -327,6 +327,33 @@ enum ConfigPathProbe {
     }
 }
 
+/// raiseDescriptorLimit in a child process: the child lowers its soft
+/// limit first (the test process's may already be its hard limit, and
+/// lowering it here would starve the tests running beside this one).
+@Suite struct DescriptorLimitTests {
+    @Test func softLimitIsRaisedToTheHardLimit() throws {
+        let child = try runTestInChild("descriptorLimitChild", environment: ["SEALPOST_TEST_DESCRIPTOR_LIMIT=1"])
+        #expect(child.signal == 0, "child killed by signal \(child.signal)")
+        #expect(child.exit == 0, "child check \(child.exit) failed (see descriptorLimitChild): \(child.stderr)")
+    }
+
+    @Test func descriptorLimitChild() {
+        guard getenv("SEALPOST_TEST_DESCRIPTOR_LIMIT") != nil else { return }   // only in the child
+        var limit = rlimit()
+        guard getrlimit(StageRuntime.resourceNoFile, &limit) == 0 else { _exit(10) }
+        let hard = UInt64(limit.rlim_max)
+        guard hard > 64 else { _exit(0) }   // nothing to raise to
+        limit.rlim_cur = 64
+        guard setrlimit(StageRuntime.resourceNoFile, &limit) == 0 else { _exit(11) }
+        guard StageRuntime.raiseDescriptorLimit() == .raised(from: 64, to: hard) else { _exit(12) }
+        guard getrlimit(StageRuntime.resourceNoFile, &limit) == 0 else { _exit(13) }
+        guard UInt64(limit.rlim_cur) == hard, UInt64(limit.rlim_max) == hard else { _exit(14) }
+        // At the hard limit already, it has nothing to do.
+        guard StageRuntime.raiseDescriptorLimit() == .unchanged(limit: hard) else { _exit(15) }
+        _exit(0)
+    }
+}
+
 /// The child of heldLinesWaitForTheirFlushExceptErrorsAndExit: markers
 /// go straight to fd 2, beside the held lines.
 private func heldLinesChild() -> Never {

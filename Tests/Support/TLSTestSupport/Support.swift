@@ -138,6 +138,7 @@ public func shell(_ command: String, in dir: String) throws -> String {
 /// Certificates and keys made at test time:
 /// - ca: test CA (P-256); leafEC / leafRSA: mx.example.test + example.test, signed by ca;
 /// - other: other.example.test (P-256), signed by ca;
+/// - leafIP: mx.example.test and the addresses 192.0.2.1 and 2001:db8::1 (P-256), signed by ca;
 /// - selfSigned: CN wrong.name (P-256), self-signed (for DANE-EE);
 /// - rogueCA / rogueLeaf: an untrusted CA and its leaf for mx.example.test.
 public final class TestPKI: Sendable {
@@ -157,7 +158,7 @@ public final class TestPKI: Sendable {
                       + "-addext basicConstraints=critical,CA:true -addext keyUsage=critical,keyCertSign,cRLSign 2>&1", in: dir)
         }
         func leaf(_ name: String, _ cn: String, _ sans: [String], key: String, ca: String) throws {
-            let ext = "subjectAltName=" + sans.map { "DNS:\($0)" }.joined(separator: ",")
+            let ext = "subjectAltName=" + sans.map { $0.hasPrefix("IP:") ? $0 : "DNS:\($0)" }.joined(separator: ",")
             try ext.write(toFile: "\(dir)/\(name).ext", atomically: true, encoding: .utf8)
             try shell("openssl req \(key) -nodes -keyout \(name).key -out \(name).csr -subj '/CN=\(cn)' 2>&1 && "
                       + "openssl x509 -req -in \(name).csr -CA \(ca).pem -CAkey \(ca).key -CAcreateserial "
@@ -168,6 +169,7 @@ public final class TestPKI: Sendable {
         try leaf("leaf-ec", "mx.example.test", ["mx.example.test", "example.test"], key: ec, ca: "ca")
         try leaf("leaf-rsa", "mx.example.test", ["mx.example.test", "example.test"], key: "-newkey rsa:2048", ca: "ca")
         try leaf("other", "other.example.test", ["other.example.test"], key: ec, ca: "ca")
+        try leaf("leaf-ip", "mx.example.test", ["mx.example.test", "IP:192.0.2.1", "IP:2001:db8::1"], key: ec, ca: "ca")
         try leaf("rogue-leaf", "mx.example.test", ["mx.example.test"], key: ec, ca: "rogue")
         try shell("openssl req -x509 \(ec) -nodes -keyout self.key -out self.pem -days 30 -subj '/CN=wrong.name' 2>&1", in: dir)
         // Signed by the CA, its name only in the CN (no subjectAltName).
