@@ -34,6 +34,9 @@ public enum RemoteDeliveryService {
         s.maxJobs = remote.maxJobs
         s.connectTimeout = remote.connectTimeout
         s.connectionCacheTime = remote.connectionCacheTime
+        s.connectionReuseLimit = remote.connectionReuseLimit
+        s.mxAddressLimit = remote.mxAddressLimit
+        s.mxSessionLimit = remote.mxSessionLimit
         s.sourceIPv4 = remote.sourceAddress
         s.sourceIPv6 = remote.sourceAddressIPv6
         switch remote.eightBitWithout8BITMIME {

@@ -61,6 +61,15 @@ public struct RemoteDeliverySettings: Sendable, Equatable {
     /// How long an idle connection is kept for the next job to the same
     /// destination; 0 closes it at once.
     public var connectionCacheTime = 2
+    /// Messages sent over one connection before it is closed (Postfix's
+    /// smtp_connection_reuse_count_limit is unlimited; 100 bounds the
+    /// damage of a session that goes bad).
+    public var connectionReuseLimit = 100
+    /// Addresses tried per job, and sessions per job that reached a
+    /// transaction (Postfix's smtp_mx_address_limit and
+    /// smtp_mx_session_limit); 0: no limit.
+    public var mxAddressLimit = 5
+    public var mxSessionLimit = 2
     /// Local addresses outgoing connections bind to (nil: the kernel's choice).
     public var sourceAddress: String?
     public var sourceAddressIPv6: String?
@@ -82,7 +91,8 @@ extension ConfigParser {
     static let dnsKeys = ["forwarders", "trust_anchor_files", "timeout", "insecure_domains",
                           "resolve_reserved_zones", "stub_zones"]
     static let remoteKeys = ["destination_concurrency_limit", "max_jobs", "connect_timeout",
-                             "connection_cache_time", "source_address", "source_address_ipv6",
+                             "connection_cache_time", "connection_reuse_limit", "mx_address_limit", "mx_session_limit",
+                             "source_address", "source_address_ipv6",
                              "address_preference", "helo_name", "transport_table", "eight_bit_without_8bitmime"]
 
     /// [dns] and [remote]; runs after [sealpost] (helo_name defaults to the
@@ -168,6 +178,22 @@ extension ConfigParser {
         try remote.duration("connection_cache_time", into: &settings.connectionCacheTime)
         if settings.connectionCacheTime > 300 {
             throw remote.error("connection_cache_time", "must be at most 300 seconds")
+        }
+        if let limit = try remote.integer("connection_reuse_limit") {
+            guard (1...100_000).contains(limit) else {
+                throw remote.error("connection_reuse_limit", "must be from 1 to 100000")
+            }
+            settings.connectionReuseLimit = limit
+        }
+        // RFC 5321 section 5.1 asks a client to try at least two.
+        let hostLimit = "must be 0 (no limit) or from 2 to 100"
+        if let limit = try remote.integer("mx_address_limit") {
+            guard limit == 0 || (2...100).contains(limit) else { throw remote.error("mx_address_limit", hostLimit) }
+            settings.mxAddressLimit = limit
+        }
+        if let limit = try remote.integer("mx_session_limit") {
+            guard limit == 0 || (2...100).contains(limit) else { throw remote.error("mx_session_limit", hostLimit) }
+            settings.mxSessionLimit = limit
         }
         if let address = try remote.string("source_address"), !address.isEmpty {
             guard ConfigValues.isIPv4(address) else {

@@ -56,6 +56,9 @@ import Testing
             max_jobs = 256
             connect_timeout = 7
             connection_cache_time = "0s"
+            connection_reuse_limit = 7
+            mx_address_limit = 0
+            mx_session_limit = 3
             source_address = "127.0.0.5"
             source_address_ipv6 = "::1"
             address_preference = "ipv4"
@@ -75,6 +78,9 @@ import Testing
         #expect(config.remote.maxJobs == 256)
         #expect(config.remote.connectTimeout == 7)
         #expect(config.remote.connectionCacheTime == 0)
+        #expect(config.remote.connectionReuseLimit == 7)
+        #expect(config.remote.mxAddressLimit == 0)
+        #expect(config.remote.mxSessionLimit == 3)
         #expect(config.remote.sourceAddress == "127.0.0.5")
         #expect(config.remote.sourceAddressIPv6 == "::1")
         #expect(config.remote.addressPreference == .ipv4)
@@ -134,6 +140,10 @@ import Testing
                     "not an IPv6 address: \"127.0.0.1\"")
         expectError("[remote]\naddress_preference = \"IPv6\"\n", line: 2, key: "remote.address_preference",
                     "expected \"ipv6\", \"ipv4\" or \"any\", found \"IPv6\"")
+        expectError("[remote]\nmx_session_limit = 1\n", line: 2, key: "remote.mx_session_limit",
+                    "must be 0 (no limit) or from 2 to 100")
+        expectError("[remote]\nconnection_reuse_limit = 0\n", line: 2, key: "remote.connection_reuse_limit",
+                    "must be from 1 to 100000")
         expectError("[remote]\neight_bit_without_8bitmime = \"Convert\"\n", line: 2, key: "remote.eight_bit_without_8bitmime",
                     "expected \"convert\", \"send\" or \"bounce\", found \"Convert\"")
         expectError("[remote]\neight_bit_without_8bitmime = true\n", line: 2, key: "remote.eight_bit_without_8bitmime",
@@ -142,7 +152,7 @@ import Testing
                     "not a host name: \"bad_name\"")
         expectError("[remote]\ntransport_table = \"\"\n", line: 2, key: "remote.transport_table", "must not be empty")
         expectError("[remote]\nmax_job = 1\n", line: 2, key: "remote.max_job",
-                    "unknown key (known in [remote]: destination_concurrency_limit, max_jobs, connect_timeout, connection_cache_time, source_address, source_address_ipv6, address_preference, helo_name, transport_table, eight_bit_without_8bitmime)")
+                    "unknown key (known in [remote]: destination_concurrency_limit, max_jobs, connect_timeout, connection_cache_time, connection_reuse_limit, mx_address_limit, mx_session_limit, source_address, source_address_ipv6, address_preference, helo_name, transport_table, eight_bit_without_8bitmime)")
     }
 
     @Test func nameServerSyntax() {
