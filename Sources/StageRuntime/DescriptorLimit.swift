@@ -62,9 +62,10 @@ public enum DescriptorLimitChange: Sendable, Equatable, CustomStringConvertible 
 
 extension StageRuntime {
     /// Raises the soft RLIMIT_NOFILE to the hard limit (see the top of this
-    /// file for why, and why no stage needs to stay below FD_SETSIZE). Call
-    /// early in main, after `bootstrap`: a failure is logged as a warning
-    /// (the stage runs on with the limit it has); success logs nothing.
+    /// file for why, and why no stage needs to stay below FD_SETSIZE).
+    /// `bootstrap` calls it, after setting up logging: a failure is logged
+    /// as a warning (the stage runs on with the limit it has); success logs
+    /// nothing.
     @discardableResult
     public static func raiseDescriptorLimit() -> DescriptorLimitChange {
         let change = raiseSoftDescriptorLimit()

@@ -1,6 +1,6 @@
 // StageRuntime: what every stage's main does first.
 //
-//   let config = StageRuntime.bootstrap(stage: "queue")   // logging, SIGPIPE, config
+//   let config = StageRuntime.bootstrap(stage: "queue")   // logging, SIGPIPE, descriptor limit, config
 //   ... open what needs privileges (sockets, files) ...
 //   let paths: RuntimePaths
 //   do { paths = try StageRuntime.dropPrivileges(config, chroot: true) }
@@ -24,6 +24,9 @@ public enum StageRuntime {
         setUpLogging(stage: stage)
         // A peer that goes away must be an EPIPE error, not a dead process.
         signal(SIGPIPE, SIG_IGN)
+        // A descriptor per session or connection: past 1024 under load
+        // (DescriptorLimit.swift).
+        raiseDescriptorLimit()
         let path = SealpostConfiguration.locate()
         do {
             return try SealpostConfiguration.load(path: path)

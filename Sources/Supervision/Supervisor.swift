@@ -385,8 +385,7 @@ public final class Supervisor {
                 // one stopped listening (see renewDead).
                 for line in try listening.bindAll() { note(line) }
                 let renewed = listening.renewDead()
-                for line in renewed.notes { note("warning: \(line)") }
-                for line in renewed.failures { note("warning: \(line)") }
+                for line in renewed.notes + renewed.failures { note("warning: \(line)") }
                 environment += listening.environment
                 passing = listening.descriptors
                 pidVariable = "LISTEN_PID"

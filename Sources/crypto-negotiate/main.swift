@@ -75,9 +75,6 @@ import SealpostConfig
 import StageRuntime
 
 let config = StageRuntime.bootstrap(stage: "crypto-negotiate")
-// Soft RLIMIT_NOFILE up to the hard limit: a descriptor per session or
-// connection, past 1024 under load (Sources/StageRuntime/DescriptorLimit.swift).
-StageRuntime.raiseDescriptorLimit()
 let tlsConfig = TLSConfiguration(config.tls)
 
 // Keys and CA bundles are read here, before the privileges go.

@@ -113,9 +113,6 @@ import SealpostConfig
 import StageRuntime
 
 let config = StageRuntime.bootstrap(stage: "local-deliver")
-// Soft RLIMIT_NOFILE up to the hard limit: a descriptor per session or
-// connection, past 1024 under load (Sources/StageRuntime/DescriptorLimit.swift).
-StageRuntime.raiseDescriptorLimit()
 let logger = Logger(label: "local-deliver")
 
 // Files and directories are created 0600/0700; make sure nothing widens them.

@@ -88,9 +88,6 @@ import Spool
 import StageRuntime
 
 let config = StageRuntime.bootstrap(stage: "queue")
-// Soft RLIMIT_NOFILE up to the hard limit: a descriptor per session or
-// connection, past 1024 under load (Sources/StageRuntime/DescriptorLimit.swift).
-StageRuntime.raiseDescriptorLimit()
 
 // The stages that face the network and are no delivery stage may not take
 // jobs (message bodies, decrypted) from the deliver socket, though their

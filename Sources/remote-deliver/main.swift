@@ -119,9 +119,6 @@ import SealpostConfig
 import StageRuntime
 
 let config = StageRuntime.bootstrap(stage: "remote-deliver")
-// Soft RLIMIT_NOFILE up to the hard limit: a descriptor per session or
-// connection, past 1024 under load (Sources/StageRuntime/DescriptorLimit.swift).
-StageRuntime.raiseDescriptorLimit()
 let logger = Logger(label: "remote-deliver")
 
 let settings: RemoteSettings

@@ -162,9 +162,6 @@ import Glibc
 #endif
 
 let config = StageRuntime.bootstrap(stage: "smtp-listen")
-// Soft RLIMIT_NOFILE up to the hard limit: a descriptor per session or
-// connection, past 1024 under load (Sources/StageRuntime/DescriptorLimit.swift).
-StageRuntime.raiseDescriptorLimit()
 if CommandLine.arguments.count > 1 {
     StageRuntime.fatal("usage: smtp-listen (takes no arguments; see SEALPOST_CONFIG)", exit: .usage)
 }
