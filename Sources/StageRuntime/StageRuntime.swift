@@ -31,8 +31,21 @@ public enum StageRuntime {
         do {
             return try SealpostConfiguration.load(path: path)
         } catch {
+            if getenv("SEALPOST_RELOAD") != nil { notReloaded(error.description) }
             fatal(error.description, exit: .config)
         }
+    }
+
+    /// A new instance started to replace a running one (local-deliver's
+    /// reload, Pipeline/PROTOCOL.md section 7) cannot read the
+    /// configuration: the running one goes on with the one it has, so this
+    /// is a warning, not a fatal error, and the exit status (78) tells the
+    /// supervisor not to stop the old instance.
+    static func notReloaded(_ reason: String) -> Never {
+        StageLogHandler.writeLine(StageLogHandler.format(
+            stage: stageName, pid: getpid(), level: .warning,
+            message: "configuration not reloaded: \(reason) (the running \(stageName) keeps the one it has)"), urgent: true)
+        exit(ExitCode.config.rawValue)
     }
 
     /// Bootstraps swift-log with `StageLogHandler` for `stage`; only the

@@ -77,9 +77,10 @@
 //      local-deliver[4211]: reloaded (SIGHUP): 4 workers, 35 local users,
 //      12 aliases, domains localhost
 //      and the supervisor stops the old one (SIGTERM, above). When the
-//      aliases file does not load, the new one logs one warning and exits
-//      78 without writing; the old one was never told to stop and goes on
-//      with the tables it has:
+//      aliases file or the configuration does not load, the new one logs
+//      one warning ("aliases not reloaded: ...", "configuration not
+//      reloaded: ...") and exits 78 without writing; the old one was never
+//      told to stop and goes on with the tables it has:
 //      local-deliver[4230]: warning: aliases not reloaded:
 //      /etc/sealpost/aliases:7: alias loop: a -> b -> a (the running
 //      local-deliver keeps the tables it has)
@@ -98,8 +99,8 @@
 //
 // EXIT STATUS
 //      0 after SIGTERM, once the deliveries in progress are done. At start:
-//      78 (EX_CONFIG) for an unreadable configuration, a malformed aliases
-//      file (a warning rather than a fatal error when reloading) or a bad
+//      78 (EX_CONFIG) for an unreadable configuration or a malformed
+//      aliases file (a warning rather than a fatal error when reloading), a bad
 //      SEALPOST_LOCAL_CONCURRENCY, SEALPOST_RELOAD or SEALPOST_READY_FD; 67
 //      (EX_NOUSER), 77 (EX_NOPERM) or 71 (EX_OSERR) when privileges cannot
 //      be dropped.

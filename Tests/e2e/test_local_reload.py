@@ -5,8 +5,8 @@ then chroots into the data directory and runs as its own user: it cannot
 read them again. A reload (SIGHUP to the supervisor, or the supervisor
 seeing the files change) starts a new local-deliver that loads everything
 as a first start does; the old one stops once the new one is ready. A new
-one that cannot load its aliases logs one warning and exits, and the old
-one goes on with the last table that loaded."""
+one that cannot load its aliases or its configuration logs one warning
+and exits, and the old one goes on with the last tables that loaded."""
 
 import os
 import re
@@ -88,6 +88,24 @@ def test_sighup_reloads_the_aliases_and_a_malformed_file_keeps_the_last_good_tab
                       re.compile(rf"stage local-deliver \(pid {second}\), replaced by a reload, exited with status 0"))
         send(pipe, 4)
         delivered_to(pipe, "alpha", 4)
+        third = pipe.running_pid("local-deliver")
+
+        # A configuration file that does not parse: the new instance says
+        # so in a warning (not a fatal error: nothing stops), and the
+        # running one goes on.
+        good = pipe.config.read_text()
+        pipe.config.write_text(good + "\n[queue\n")
+        text = pipe.log_with(re.compile(rf"local-deliver\[\d+\]: warning: configuration not reloaded: .*"
+                                        rf"\(the running local-deliver keeps the one it has\)"),
+                             re.compile(rf"local-deliver not reloaded: the new instance \(pid \d+\) exited with status 78; "
+                                        rf"pid {third} goes on"))
+        assert not re.search(r"local-deliver\[\d+\]: fatal:", text)
+        assert pipe.stage_pid("local-deliver") == third and alive(third)
+        pipe.config.write_text(good)
+        pipe.log_with(re.compile(rf"local-deliver\[\d+\]: reloaded \(changed: {re.escape(str(pipe.config))}\): "),
+                      re.compile(rf"stage local-deliver \(pid {third}\), replaced by a reload, exited with status 0"))
+        send(pipe, 5)
+        delivered_to(pipe, "alpha", 5)
         # Nothing was lost or delivered twice on the way.
-        assert sequences_delivered(pipe, "alpha") == {1: 1, 4: 1}
+        assert sequences_delivered(pipe, "alpha") == {1: 1, 4: 1, 5: 1}
         assert sequences_delivered(pipe, "beta") == {2: 1, 3: 1}
