@@ -266,6 +266,10 @@ public struct TransportTable: Sendable {
             throw fail("next hop \"\(s)\": an IPv6 address must be in brackets: \"[2001:db8::1]:25\"")
         }
         let host = String(parts[0]).lowercased()
+        if isIPv4(host) {
+            // Without brackets the host's MX records would be looked up.
+            throw fail("next hop \"\(s)\": an IP address goes in brackets: \"\(transport):[\(host)]\(parts.count == 2 ? ":\(parts[1])" : "")\"")
+        }
         guard isDomainName(host) else { throw fail("next hop \"\(s)\": \"\(host)\" is not a domain name") }
         let port = parts.count == 2 ? try parsePort(String(parts[1]), s, fail) : 25
         return .mailExchangers(host, port: port)
@@ -278,16 +282,20 @@ public struct TransportTable: Sendable {
         return n
     }
 
-    /// LDH labels of 1-63 bytes, at most 253 in all (RFC 1035, RFC 1123).
+    /// LDH labels of 1-63 bytes, at most 253 in all (RFC 1035, RFC 1123),
+    /// the last one not all digits: no top-level domain is (RFC 3696
+    /// section 2), which tells a name from a dotted IPv4 address ("192.0.2.1"
+    /// would otherwise pass, and be looked up as a name or sent as SNI).
     static func isDomainName(_ s: String) -> Bool {
         let u = Array(s.utf8)
         guard !u.isEmpty, u.count <= 253 else { return false }
-        for label in u.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false) {
+        let labels = u.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
+        for label in labels {
             guard (1...63).contains(label.count), label.first != UInt8(ascii: "-"), label.last != UInt8(ascii: "-"),
                   label.allSatisfy({ (48...57).contains($0) || (97...122).contains($0) || (65...90).contains($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") })
             else { return false }
         }
-        return true
+        return !labels.last!.allSatisfy { (48...57).contains($0) }
     }
 
     static func isIPv4(_ s: String) -> Bool {

@@ -3,6 +3,7 @@
 
 import Testing
 import SMTP
+import StageProtocol
 @testable import RemoteDelivery
 #if canImport(Glibc)
 import Glibc
@@ -83,6 +84,15 @@ private func parseError(_ text: String) -> String? {
         #expect(parseError("example.com  smtp:2001:db8::1")?.contains("must be in brackets") == true)
         #expect(parseError("exa mple.com") != nil)
         #expect(parseError("ex!ample.com  local")?.contains("is not a domain name") == true)
+        // A dotted IPv4 address is not a name: not as a key, and as a next
+        // hop only in brackets (bare, it would get an MX lookup).
+        #expect(parseError("192.0.2.1  local")?.contains("is not a domain name") == true)
+        #expect(parseError("example.com  smtp:192.0.2.1:2525")
+                == "Config/transport:1: next hop \"smtp:192.0.2.1:2525\": an IP address goes in brackets: \"smtp:[192.0.2.1]:2525\"")
+        #expect(parseError("example.com  relay:10.1.2.3")?.hasSuffix("an IP address goes in brackets: \"relay:[10.1.2.3]\"") == true)
+        #expect(parseError("example.com  smtp:mx.123") != nil)
+        #expect(parseError("example.com  smtp:123.example") == nil)
+        #expect(parseError("example.com  smtp:[mx1.example]") == nil)
         #expect(parseError("example.com  smtp: tls=sometimes")?.contains("tls=sometimes: expected one of none, may, encrypt") == true)
         #expect(parseError("example.com  local tls=may") == "Config/transport:1: options make no sense with \"local\"")
         #expect(parseError("example.com  smtp:\nEXAMPLE.com local") == "Config/transport:2: \"example.com\" already has an entry (Config/transport:1)")
@@ -191,5 +201,20 @@ private func parseError(_ text: String) -> String? {
         let tempHost = await failure(mx, hosts: ["mx.x.test": .temporaryFailure("timeout")])
         #expect(tempHost?.permanent == false)
         #expect(tempHost?.status == EnhancedStatus(4, 4, 3))
+    }
+}
+
+@Suite struct NegotiateFrameServerNameTests {
+    /// SNI carries host names only (RFC 6066 section 3): a next hop given
+    /// as an IP address ("smtp:[192.0.2.1]") asks crypto-negotiate for no
+    /// server-name at all.
+    @Test func onlyHostNamesGoOutAsServerName() {
+        func serverName(_ host: String) -> AttributeValue? {
+            let request = TLSClientRequest(serverName: host, peer: "\(host)[192.0.2.1]:25", verification: TLSVerification())
+            return CryptoNegotiateHandOff.negotiateFrame(session: 1, request: request, caBundle: nil)["server-name"]
+        }
+        #expect(serverName("mx1.example.net") == .text("mx1.example.net"))
+        #expect(serverName("192.0.2.1") == nil)
+        #expect(serverName("2001:db8::1") == nil)
     }
 }
