@@ -24,7 +24,15 @@ final class Committer: @unchecked Sendable {
     /// last urgent submission.
     let activeWindow: UInt64
     /// The share of the submitters active lately a delayed batch waits for.
-    static let siblingShare = 0.4
+    /// 0.6 rather than 0.4 since 2026-12-01: at 20 sessions 1.024x msg/s
+    /// over 12 rounds with 4.6% less CPU per message (README, "Speed").
+    static let siblingShare = 0.6
+
+    /// How many urgent submissions a delayed batch waits for with `active`
+    /// submitters active lately.
+    static func gatherTarget(active: Int) -> Int {
+        Int((Double(active) * siblingShare).rounded(.up))
+    }
 
     /// How long a `.deferred` submission may wait for a commit that
     /// happens anyway (see SpoolUrgency).
@@ -176,7 +184,7 @@ final class Committer: @unchecked Sendable {
     /// for commit_siblings. A batch about to be committed while more than
     /// two submitters were active lately (an urgent submission in the last
     /// `activeWindow`, and not gone since, see `submitterLeft`) waits up to
-    /// `commitDelay` until 40% of them have joined it. Under load from many
+    /// `commitDelay` until 60% of them have joined it. Under load from many
     /// sessions each commit (two syncs and a dozen page writes) then
     /// carries twice as many messages, and the CPU the commits no longer
     /// take is worth more than the wait, which no client notices. A lone
@@ -187,7 +195,7 @@ final class Committer: @unchecked Sendable {
         guard commitDelay > 0, !stopping, urgentPending > 0, lastSubmission.count > 2 else { return }
         let now = DispatchTime.now().uptimeNanoseconds
         lastSubmission = lastSubmission.filter { now &- $0.value < activeWindow }
-        let target = Int((Double(lastSubmission.count) * Self.siblingShare).rounded(.up))
+        let target = Self.gatherTarget(active: lastSubmission.count)
         guard urgentPending < target else { return }
         statsLock.lock()
         stats.delayedCommits += 1

@@ -23,7 +23,7 @@
 // a nested transaction per submission, so that it fails alone. Under load
 // from many submitters (inject connections, named in `submit`), a batch
 // first waits up to `commitDelay` (3 ms by default, [queue] commit_delay)
-// for 40% of those active in the last 50 ms to join it, as PostgreSQL's
+// for 60% of those active in the last 50 ms to join it, as PostgreSQL's
 // commit_delay waits for commit_siblings: more messages per commit for a
 // wait no client notices; a lone submitter, or two taking turns, never
 // waits. A submission marked `.deferred` (the removal of a delivered

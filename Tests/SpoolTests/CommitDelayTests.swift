@@ -66,6 +66,12 @@ import Testing
         #expect(spool.statistics.commits == commits + 1, "the two messages in one commit")
     }
 
+    /// What a delayed batch waits for: 60% of the submitters active lately,
+    /// rounded up, so three active wait for a second message.
+    @Test func theTargetIsSixtyPercentOfTheActiveSubmitters() {
+        #expect([3, 4, 5, 10, 20, 50].map { Committer.gatherTarget(active: $0) } == [2, 3, 3, 6, 12, 30])
+    }
+
     @Test func aLoneSubmitterNeverWaits() throws {
         let dir = TemporaryDirectory()
         // A delay that a wait would make the test run into (and fail).
