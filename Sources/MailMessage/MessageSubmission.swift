@@ -106,9 +106,19 @@ public struct MessageSubmission: Sendable {
         }
     }
 
-    /// True when the envelope needs SMTPUTF8 (non-ASCII in an address).
+    /// The header section as given holds bytes above 127: UTF-8 header
+    /// fields (RFC 6532). Known once `isHeaderComplete`.
+    public private(set) var headerHasEightBit = false
+
+    /// True when the message needs SMTPUTF8: non-ASCII in an address, or
+    /// in the header section (RFC 6532: such a message is message/global,
+    /// which only an SMTPUTF8 transaction may carry, RFC 6531 section 3.1).
+    /// smtp-listen refuses 8-bit header fields without SMTPUTF8; here the
+    /// flag is set instead, as Postfix's sendmail does
+    /// (smtputf8_autodetect_classes), so that remote-deliver never hands
+    /// such a header to a server without SMTPUTF8. Complete with the header.
     public var needsSMTPUTF8: Bool {
-        ([sender] + recipients).contains { $0.utf8.contains { $0 >= 0x80 } }
+        headerHasEightBit || ([sender] + recipients).contains { $0.utf8.contains { $0 >= 0x80 } }
     }
 
     // MARK: input
@@ -188,6 +198,7 @@ public struct MessageSubmission: Sendable {
 
     private mutating func completeHeader(headerEnd: Int, bodyStart: Int) throws(SubmissionError) {
         var (block, _, _) = HeaderBlock.parse(headerBuffer[0..<headerEnd])
+        headerHasEightBit = headerBuffer[0..<headerEnd].contains { $0 >= 0x80 }
 
         if options.extractRecipients {
             recipients = try extractRecipients(block)

@@ -14,7 +14,9 @@
 //      when they are missing; Bcc: is removed. With -t the recipients come
 //      from To:, Cc: and Bcc: (Resent-* when present), minus those named on
 //      the command line. The envelope sender is -f/-r, "" or "<>" for the
-//      null sender, else LOGIN@hostname. Command-line parsing and header
+//      null sender, else LOGIN@hostname. A message with UTF-8 in an address
+//      or in its header section (RFC 6532) is marked for SMTPUTF8, so that
+//      it never goes to a server without it. Command-line parsing and header
 //      completion live in MailMessage (SendmailOptions, MessageSubmission).
 //
 //      The header section is read first (bounded to 1 MiB); the rest is

@@ -237,6 +237,16 @@ import Testing
         #expect(s.needsSMTPUTF8)
         let (t, _) = try submit(["a@example.org"], "")
         #expect(!t.needsSMTPUTF8)
+        // UTF-8 in a header field (RFC 6532), ASCII addresses: SMTPUTF8 too.
+        let (u, _) = try submit(["a@example.org"], "Subject: Gr\u{fc}\u{df}e\n\nHello.\n")
+        #expect(u.headerHasEightBit && u.needsSMTPUTF8)
+        // In the body only: not a header matter (8BITMIME's, -B).
+        let (v, _) = try submit(["a@example.org"], "Subject: plain\n\nGr\u{fc}\u{df}e.\n")
+        #expect(!v.headerHasEightBit && !v.needsSMTPUTF8)
+        // A header that ends at the first line that is not a field: what
+        // follows is body, whatever its bytes.
+        let (w, _) = try submit(["a@example.org"], "Subject: plain\nno field here \u{fc}\n")
+        #expect(!w.needsSMTPUTF8)
     }
 }
 

@@ -539,6 +539,26 @@ def test_8bit_mime_converted_for_a_server_without_8bitmime(remote, workdir, clea
     assert line.endswith(", notes=(8-bit content converted to quoted-printable for a host without 8BITMIME)"), line
 
 
+def test_a_utf8_header_from_sendmail_goes_only_to_an_smtputf8_server(remote, workdir, cleanup):
+    """RFC 6532 header fields from queue-inject (a UTF-8 Subject, ASCII
+    addresses) make the message one for SMTPUTF8 (RFC 6531 section 3.1),
+    as Postfix's sendmail does: a server that does not offer SMTPUTF8 never
+    gets it (no MAIL is sent at all), and the sender learns why (5.6.7)."""
+    port = mtapeers.free_port_on(MX1)
+    sink = RawSink(MX1, port).start()   # 8BITMIME, no SMTPUTF8
+    cleanup(sink)
+    pipe = remote(f"ascii.test smtp:[{MX1}]:{port}\n")
+    sender = f"{local_user()}@localhost"
+    message = f"From: <{sender}>\nTo: <plain@ascii.test>\nSubject: Grüße aus Köln\n\nHello.\n".encode()
+    result = pipe.queue_inject("-f", sender, "plain@ascii.test", message=message)
+    assert result.returncode == 0, result.stderr
+    [bounced] = wait_for_status(pipe, "plain@ascii.test", "bounced")
+    assert bounced["dsn"] == "5.6.7" and "requires SMTPUTF8" in bounced["text"], bounced
+    assert sink.transactions == []
+    wait_until(lambda: bounces(pipe), 60, "the bounce in the sender's Maildir")
+    assert b"SMTPUTF8" in bounces(pipe)[0]
+
+
 # Load: smtp-source -> smtp-listen -> queue -> remote-deliver -> smtp-sink --
 
 def test_relay_load_every_message_delivered(remote, workdir, cleanup):
