@@ -9,6 +9,12 @@
 // crypto-negotiate, which will pass descriptors) can be described the same
 // way and decoded by the same decoder.
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// One attribute a frame type defines.
 public struct AttributeRule: Sendable {
     public var name: String
@@ -365,9 +371,18 @@ extension Checks {
     /// A reference name for certificate checks: a host name, or one with a
     /// leading dot for "any name under it" (OpenSSL's X509_check_host;
     /// Postfix's "secure" level matches the next-hop domain and
-    /// ".domain").
+    /// ".domain"), or the IPv6 address of a next hop given as one
+    /// ("smtp:[2001:db8::1] tls=verify"), which the TLS module matches
+    /// against the certificate's iPAddress names. (A dotted IPv4 address
+    /// already passes as a host name, and is matched as an address too.)
     static func isMatchName(_ s: Substring) -> Bool {
-        isHostName(s.hasPrefix(".") ? s.dropFirst() : s)
+        isHostName(s.hasPrefix(".") ? s.dropFirst() : s) || isIPv6Address(s)
+    }
+
+    static func isIPv6Address(_ s: Substring) -> Bool {
+        guard s.utf8.count <= 45, s.contains(":") else { return false }
+        var address = in6_addr()
+        return inet_pton(AF_INET6, String(s), &address) == 1
     }
 
     static let hostName: @Sendable (AttributeValue) -> String? = { value in
@@ -411,7 +426,7 @@ extension Standard {
                 R("role", .text, required: true, check: Checks.oneOf(["server", "client"])),
                 R("server-name", .text, check: Checks.hostName),
                 R("policy", .text, check: Checks.oneOf(["none", "pkix", "dane", "pin"])),
-                R("match-names", .text, check: Checks.list("host names (a leading dot: any name under it)", Checks.isMatchName)),
+                R("match-names", .text, check: Checks.list("host names (a leading dot: any name under it) or IP addresses", Checks.isMatchName)),
                 R("tlsa", .bytes, check: Checks.tlsaRecords),
                 R("pins", .text, check: Checks.list("SPKI SHA-256 digests (64 lower-case hex digits)", Checks.isSHA256Hex)),
                 R("ca", .text, check: Checks.nonEmptyText),

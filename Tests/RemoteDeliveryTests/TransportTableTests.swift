@@ -217,4 +217,21 @@ private func parseError(_ text: String) -> String? {
         #expect(serverName("192.0.2.1") == nil)
         #expect(serverName("2001:db8::1") == nil)
     }
+
+    /// tls=verify to a next hop given as an address: the address is the
+    /// name to match (an iPAddress name of the certificate), and the frame
+    /// carrying it is one crypto-negotiate accepts.
+    @Test func anAddressNextHopIsTheNameToVerify() throws {
+        for address in ["192.0.2.1", "2001:db8::1"] {
+            let candidate = DeliveryCandidate(host: address, address: address, port: 25)
+            let security = DestinationSecurity(requirement: .verify, source: "transport table")
+            let verification = StaticDestinationPolicy().verification(for: candidate, domain: "example.org", security: security)
+            let request = TLSClientRequest(serverName: address, peer: "[\(address)]:25", verification: verification)
+            var frame = CryptoNegotiateHandOff.negotiateFrame(session: 1, request: request, caBundle: nil)
+            #expect(frame["match-names"] == .text(address))
+            frame.set("socket", .fd(0))   // as the hand-off fills it in
+            // What crypto-negotiate's decoder checks (PROTOCOL.md 4.5).
+            #expect(throws: Never.self) { try ProtocolSchema.standard(.tls).validate(frame, direction: .clientToServer) }
+        }
+    }
 }

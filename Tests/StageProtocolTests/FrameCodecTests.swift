@@ -521,6 +521,22 @@ enum Conversations {
             #expect(throws: ProtocolError.self) { try schema.validate(negotiate(bad), direction: .clientToServer) }
         }
     }
+
+    /// A next hop given as an address ("smtp:[2001:db8::1] tls=verify") is
+    /// its own reference identity, matched against iPAddress names.
+    @Test func matchNamesMayBeAnAddress() {
+        let schema = ProtocolSchema.standard(.tls)
+        func negotiate(_ names: String) -> Frame {
+            Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("client"),
+                               "policy": .text("pkix"), "match-names": .text(names)])
+        }
+        for good in ["2001:db8::1", "192.0.2.1", "::1", "2001:db8::1,mx.example.org"] {
+            #expect(throws: Never.self) { try schema.validate(negotiate(good), direction: .clientToServer) }
+        }
+        for bad in ["2001:db8::zz", ".2001:db8::1", "[2001:db8::1]", "2001:db8::1%eth0", ":"] {
+            #expect(throws: ProtocolError.self) { try schema.validate(negotiate(bad), direction: .clientToServer) }
+        }
+    }
 }
 
 @Suite struct EncoderChecks {
