@@ -106,8 +106,8 @@ public struct MessageSubmission: Sendable {
         }
     }
 
-    /// The header section as given holds bytes above 127: UTF-8 header
-    /// fields (RFC 6532). Known once `isHeaderComplete`.
+    /// The completed header section (Bcc removed) holds bytes above 127:
+    /// UTF-8 header fields (RFC 6532). Known once `isHeaderComplete`.
     public private(set) var headerHasEightBit = false
 
     /// True when the message needs SMTPUTF8: non-ASCII in an address, or
@@ -198,7 +198,6 @@ public struct MessageSubmission: Sendable {
 
     private mutating func completeHeader(headerEnd: Int, bodyStart: Int) throws(SubmissionError) {
         var (block, _, _) = HeaderBlock.parse(headerBuffer[0..<headerEnd])
-        headerHasEightBit = headerBuffer[0..<headerEnd].contains { $0 >= 0x80 }
 
         if options.extractRecipients {
             recipients = try extractRecipients(block)
@@ -231,7 +230,11 @@ public struct MessageSubmission: Sendable {
         }
         block.prepend("Received", "by \(MessageID.domainPart(context.hostname)) (Sealpost queue-inject, from userid \(context.uid)); \(date)")
 
-        output.append(contentsOf: block.serialized())
+        let header = block.serialized()
+        // The header that leaves: a UTF-8 name in a Bcc field, removed
+        // above, asks for nothing.
+        headerHasEightBit = header.contains { $0 >= 0x80 }
+        output.append(contentsOf: header)
         output.append(contentsOf: [13, 10])
         output.append(contentsOf: headerBuffer[bodyStart...])
         headerBuffer = []

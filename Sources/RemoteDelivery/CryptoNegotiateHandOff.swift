@@ -50,7 +50,12 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
             ("handshake-timeout", .uint(UInt64(max(1, min(3600, request.handshakeTimeout))))),
             ("peer", AttributeValue.sanitizedText(request.peer)),
         ]
-        if TransportTable.isDomainName(request.serverName) { attributes.append(("server-name", .text(request.serverName))) }
+        // A host name, or an IPv4 next hop's address: the TLS module sends
+        // only names as SNI, and checks the reported PKIX result against
+        // either (PROTOCOL.md 4.5). An IPv6 address goes in match-names.
+        if TransportTable.isDomainName(request.serverName) || TransportTable.isIPv4(request.serverName) {
+            attributes.append(("server-name", .text(request.serverName)))
+        }
         let v = request.verification
         switch v.method {
         case .none:

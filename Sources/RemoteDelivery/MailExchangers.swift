@@ -155,7 +155,8 @@ public enum RoutePlanner {
         let inner = String(domain.dropFirst().dropLast())
         if TransportTable.isIPv4(inner) { return .host(inner, port: 25) }
         if inner.lowercased().hasPrefix("ipv6:"), TransportTable.isIPv6(String(inner.dropFirst(5))) {
-            return .host(String(inner.dropFirst(5)), port: 25)
+            let address = String(inner.dropFirst(5))
+            return .host(TransportTable.unmappedIPv4(address) ?? address, port: 25)
         }
         return .mailExchangers(domain, port: 25)
     }

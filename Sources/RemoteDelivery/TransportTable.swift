@@ -259,7 +259,7 @@ public struct TransportTable: Sendable {
             guard isIPv4(host) || isIPv6(host) || isDomainName(host) else {
                 throw fail("next hop \"\(s)\": \"\(host)\" is neither an IP address nor a host name")
             }
-            return .host(host, port: port)
+            return .host(unmappedIPv4(host) ?? host, port: port)
         }
         let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
         guard parts.count <= 2 else {
@@ -268,7 +268,8 @@ public struct TransportTable: Sendable {
         let host = String(parts[0]).lowercased()
         if isIPv4(host) {
             // Without brackets the host's MX records would be looked up.
-            throw fail("next hop \"\(s)\": an IP address goes in brackets: \"\(transport):[\(host)]\(parts.count == 2 ? ":\(parts[1])" : "")\"")
+            let port = parts.count == 2 && !parts[1].isEmpty ? ":\(parts[1])" : ""
+            throw fail("next hop \"\(s)\": an IP address goes in brackets: \"\(transport):[\(host)]\(port)\"")
         }
         guard isDomainName(host) else { throw fail("next hop \"\(s)\": \"\(host)\" is not a domain name") }
         let port = parts.count == 2 ? try parsePort(String(parts[1]), s, fail) : 25
@@ -301,6 +302,18 @@ public struct TransportTable: Sendable {
     static func isIPv4(_ s: String) -> Bool {
         var a = in_addr()
         return inet_pton(AF_INET, s, &a) == 1
+    }
+
+    /// "::ffff:192.0.2.1" -> "192.0.2.1": an IPv4-mapped IPv6 address is
+    /// the IPv4 host, connected to as such and matched against a
+    /// certificate's IPv4 address (OpenSSL compares the 16-byte form with
+    /// a 4-byte iPAddress name as different). nil for anything else.
+    static func unmappedIPv4(_ s: String) -> String? {
+        var a = in6_addr()
+        guard s.contains(":"), inet_pton(AF_INET6, s, &a) == 1 else { return nil }
+        let bytes = withUnsafeBytes(of: a) { Array($0) }
+        guard bytes[0..<10].allSatisfy({ $0 == 0 }), bytes[10] == 0xFF, bytes[11] == 0xFF else { return nil }
+        return bytes[12...].map(String.init).joined(separator: ".")
     }
 
     static func isIPv6(_ s: String) -> Bool {

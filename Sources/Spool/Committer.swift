@@ -186,7 +186,7 @@ final class Committer: @unchecked Sendable {
     /// `activeWindow`, and not gone since, see `submitterLeft`) waits up to
     /// `commitDelay` until 60% of them have joined it. Under load from many
     /// sessions each commit (two syncs and a dozen page writes) then
-    /// carries twice as many messages, and the CPU the commits no longer
+    /// carries several times as many messages, and the CPU the commits no longer
     /// take is worth more than the wait, which no client notices. A lone
     /// submitter, or two taking turns, never waits: each one's next
     /// submission needs the answer to this one. Called with `condition`

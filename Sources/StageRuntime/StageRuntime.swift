@@ -37,7 +37,9 @@ public enum StageRuntime {
     }
 
     /// A new instance started to replace a running one (local-deliver's
-    /// reload, Pipeline/PROTOCOL.md section 7) cannot read the
+    /// reload, Pipeline/PROTOCOL.md section 7; the supervisor sets
+    /// SEALPOST_RELOAD for that alone and removes it from every other
+    /// stage's environment, Supervision/Process.swift) cannot read the
     /// configuration: the running one goes on with the one it has, so this
     /// is a warning, not a fatal error, and the exit status (78) tells the
     /// supervisor not to stop the old instance.

@@ -247,6 +247,9 @@ import Testing
         // follows is body, whatever its bytes.
         let (w, _) = try submit(["a@example.org"], "Subject: plain\nno field here \u{fc}\n")
         #expect(!w.needsSMTPUTF8)
+        // Only in a Bcc field, which never leaves: nothing to ask for.
+        let (x, _) = try submit(["a@example.org"], "Subject: plain\nBcc: J\u{fc}rgen <j@example.org>\n\nHello.\n")
+        #expect(!x.headerHasEightBit && !x.needsSMTPUTF8)
     }
 }
 

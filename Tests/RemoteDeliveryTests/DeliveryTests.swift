@@ -384,6 +384,7 @@ private func mxTable(_ domain: String, port: Int) -> TransportTable {
     @Test func addressLiteralsAreNextHops() {
         #expect(RoutePlanner.defaultHop(for: "[192.0.2.1]") == .host("192.0.2.1", port: 25))
         #expect(RoutePlanner.defaultHop(for: "[IPv6:2001:db8::1]") == .host("2001:db8::1", port: 25))
+        #expect(RoutePlanner.defaultHop(for: "[IPv6:::FFFF:192.0.2.9]") == .host("192.0.2.9", port: 25))
         #expect(RoutePlanner.defaultHop(for: "example.org") == .mailExchangers("example.org", port: 25))
         #expect(RoutePlanner.defaultHop(for: "[not an address]") == .mailExchangers("[not an address]", port: 25))
     }

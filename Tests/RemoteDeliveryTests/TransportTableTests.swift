@@ -35,13 +35,14 @@ private func parseError(_ text: String) -> String? {
             .example.com       smtp:mail.example.com
             lab.test           smtp:[127.0.0.1]:2525    # trailing comment
             v6.test            smtp:[ipv6:2001:db8::1]
+            mapped.test        smtp:[IPv6:::ffff:192.0.2.7]:2525
             named.test         smtp:[smart.example.net]
             port.test          smtp:mx.port.test:2526
             secure.example     smtp: tls=verify
             Internal.TEST      local
             *                  relay:[smarthost.example.net]:587
             """, credentials: ["relay.auth": creds])
-        #expect(t.entries.count == 9)
+        #expect(t.entries.count == 10)
         let e = try #require(t.lookup("example.com"))
         #expect(e.nextHop == .host("192.0.2.10", port: 587))
         #expect(e.credentials == creds)
@@ -50,6 +51,9 @@ private func parseError(_ text: String) -> String? {
         #expect(t.lookup("a.b.example.com")?.nextHop == .mailExchangers("mail.example.com", port: 25))
         #expect(t.lookup("lab.test")?.nextHop == .host("127.0.0.1", port: 2525))
         #expect(t.lookup("v6.test")?.nextHop == .host("2001:db8::1", port: 25))
+        // An IPv4-mapped address is the IPv4 host (its certificate names
+        // 192.0.2.7, which OpenSSL would not match with the mapped form).
+        #expect(t.lookup("mapped.test")?.nextHop == .host("192.0.2.7", port: 2525))
         #expect(t.lookup("named.test")?.nextHop == .host("smart.example.net", port: 25))
         #expect(t.lookup("port.test")?.nextHop == .mailExchangers("mx.port.test", port: 2526))
         let s = try #require(t.lookup("secure.example"))
@@ -90,6 +94,7 @@ private func parseError(_ text: String) -> String? {
         #expect(parseError("example.com  smtp:192.0.2.1:2525")
                 == "Config/transport:1: next hop \"smtp:192.0.2.1:2525\": an IP address goes in brackets: \"smtp:[192.0.2.1]:2525\"")
         #expect(parseError("example.com  relay:10.1.2.3")?.hasSuffix("an IP address goes in brackets: \"relay:[10.1.2.3]\"") == true)
+        #expect(parseError("example.com  smtp:10.1.2.3:")?.hasSuffix("an IP address goes in brackets: \"smtp:[10.1.2.3]\"") == true)
         #expect(parseError("example.com  smtp:mx.123") != nil)
         #expect(parseError("example.com  smtp:123.example") == nil)
         #expect(parseError("example.com  smtp:[mx1.example]") == nil)
@@ -205,17 +210,18 @@ private func parseError(_ text: String) -> String? {
 }
 
 @Suite struct NegotiateFrameServerNameTests {
-    /// SNI carries host names only (RFC 6066 section 3): a next hop given
-    /// as an IP address ("smtp:[192.0.2.1]") asks crypto-negotiate for no
-    /// server-name at all.
-    @Test func onlyHostNamesGoOutAsServerName() {
+    /// server-name is a host name, or an IPv4 next hop's address: the TLS
+    /// module sends no address as SNI (RFC 6066 section 3) but checks the
+    /// reported PKIX result against it. Never a string that is neither.
+    @Test func serverNameIsAHostNameOrAnIPv4Address() {
         func serverName(_ host: String) -> AttributeValue? {
             let request = TLSClientRequest(serverName: host, peer: "\(host)[192.0.2.1]:25", verification: TLSVerification())
             return CryptoNegotiateHandOff.negotiateFrame(session: 1, request: request, caBundle: nil)["server-name"]
         }
         #expect(serverName("mx1.example.net") == .text("mx1.example.net"))
-        #expect(serverName("192.0.2.1") == nil)
+        #expect(serverName("192.0.2.1") == .text("192.0.2.1"))
         #expect(serverName("2001:db8::1") == nil)
+        #expect(serverName("mx.123") == nil)
     }
 
     /// tls=verify to a next hop given as an address: the address is the
