@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -213,6 +214,76 @@ def test_opportunistic_tls_to_an_older_mx(remote, workdir, cleanup):
     assert re.search(r"crypto-negotiate\[\d+\]: .*ciphers=strict, handshake failed", pipe.log_text())
     assert len(peer.messages()) == 1
     assert not [line for line in log_lines(pipe, "strict@required.test") if line["status"] == "sent"]
+
+
+# PKIX verification of a next hop given as an address ----------------------
+
+def make_ca_and_leaf(directory, sans):
+    """A test CA and a leaf it signed for the subjectAltNames `sans`
+    ("IP:127.0.0.21,IP:::1"); returns (ca.pem, leaf.pem, leaf.key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    leaf, key, request = directory / "leaf.pem", directory / "leaf.key", directory / "leaf.csr"
+    extensions = directory / "leaf.ext"
+    extensions.write_text(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    for command in (
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=Sealpost verify test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(key), "-out", str(request), "-subj", "/CN=by-address.test"],
+        ["openssl", "x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+         "-out", str(leaf), "-days", "2", "-extfile", str(extensions)],
+    ):
+        subprocess.run(command, check=True, capture_output=True)
+    return ca, leaf, key
+
+
+def test_tls_verify_to_an_address_next_hop(dns, workdir, cleanup):
+    """tls=verify with a next hop given as an address, IPv4 and IPv6: the
+    address is the reference identity, matched against the certificate's
+    iPAddress names (no SNI is sent for it, RFC 6066 section 3). A host
+    whose certificate names another address is never sent the message."""
+    certs = workdir / "by-address"
+    ca, leaf, key = make_ca_and_leaf(certs, f"IP:{MX1},IP:::1")
+    v4 = mtapeers.free_port_on(MX1, MX2)
+    try:
+        peer = AiosmtpdPeer(MX1, v4, workdir / "peer-v4", cert=leaf, key=key)
+        wrong = AiosmtpdPeer(MX2, v4, workdir / "peer-wrong", cert=leaf, key=key)
+        v6_peer = None
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+            v6 = probe.getsockname()[1]
+        v6_peer = AiosmtpdPeer("::1", v6, workdir / "peer-v6", cert=leaf, key=key)
+    except Unavailable as error:
+        unavailable(error)
+    except OSError as error:
+        pytest.skip(f"no IPv6 loopback: {error}")
+    for p in (peer, wrong, v6_peer):
+        cleanup(p)
+        p.start()
+    # crypto-negotiate's client role trusts the test CA (the "default" bundle).
+    pipe = RemotePipeline(workdir, dns, f"v4.test smtp:[{MX1}]:{v4} tls=verify\n"
+                                       f"v6.test smtp:[ipv6:::1]:{v6} tls=verify\n"
+                                       f"wrong.test smtp:[{MX2}]:{v4} tls=verify\n",
+                          config={"ca_file": f'"{ca}"'})
+    pipe.start()
+    try:
+        inject(pipe, "four@v4.test", "verify v4")
+        inject(pipe, "six@v6.test", "verify v6")
+        inject(pipe, "other@wrong.test", "verify, wrong address")
+        [four] = wait_for_status(pipe, "four@v4.test", "sent")
+        [six] = wait_for_status(pipe, "six@v6.test", "sent")
+        for line in (four, six):
+            assert line["tls"].endswith("authenticated (pkix)"), line
+        assert b"X-Peer-TLS: yes\r\n" in peer.messages()[0].read_bytes()
+        assert b"X-Peer-Rcpt-To: six@v6.test\r\n" in v6_peer.messages()[0].read_bytes()
+        [deferred] = wait_for_status(pipe, "other@wrong.test", "deferred")
+        assert deferred["dsn"].startswith("4."), deferred
+        assert re.search(r"crypto-negotiate\[\d+\]: .*IP address mismatch", pipe.log_text()), pipe.log_tail(30)
+        assert wrong.messages() == []
+    finally:
+        assert pipe.stop() == 0
 
 
 # MX fail-over ----------------------------------------------------------------
