@@ -243,9 +243,12 @@ def test_tls_verify_to_an_address_next_hop(dns, workdir, cleanup):
     """tls=verify with a next hop given as an address, IPv4 and IPv6: the
     address is the reference identity, matched against the certificate's
     iPAddress names (no SNI is sent for it, RFC 6066 section 3). A host
-    whose certificate names another address is never sent the message."""
+    whose certificate names another address is never sent the message.
+    By name too: tls=verify to [mx1.dane.test] matches that name, and
+    tls=secure to dane.test (its MX hosts from the signed zone) matches
+    the next-hop domain or a name under it (Postfix's "secure")."""
     certs = workdir / "by-address"
-    ca, leaf, key = make_ca_and_leaf(certs, f"IP:{MX1},IP:::1")
+    ca, leaf, key = make_ca_and_leaf(certs, f"IP:{MX1},IP:::1,DNS:mx1.dane.test")
     v4 = mtapeers.free_port_on(MX1, MX2)
     try:
         peer = AiosmtpdPeer(MX1, v4, workdir / "peer-v4", cert=leaf, key=key)
@@ -265,16 +268,23 @@ def test_tls_verify_to_an_address_next_hop(dns, workdir, cleanup):
     # crypto-negotiate's client role trusts the test CA (the "default" bundle).
     pipe = RemotePipeline(workdir, dns, f"v4.test smtp:[{MX1}]:{v4} tls=verify\n"
                                        f"v6.test smtp:[ipv6:::1]:{v6} tls=verify\n"
-                                       f"wrong.test smtp:[{MX2}]:{v4} tls=verify\n",
+                                       f"wrong.test smtp:[{MX2}]:{v4} tls=verify\n"
+                                       f"name.test smtp:[mx1.dane.test]:{v4} tls=verify\n"
+                                       f"dane.test smtp:dane.test:{v4} tls=secure\n",
                           config={"ca_file": f'"{ca}"'})
     pipe.start()
     try:
         inject(pipe, "four@v4.test", "verify v4")
         inject(pipe, "six@v6.test", "verify v6")
         inject(pipe, "other@wrong.test", "verify, wrong address")
+        inject(pipe, "named@name.test", "verify by name")
+        inject(pipe, "secure@dane.test", "secure")
         [four] = wait_for_status(pipe, "four@v4.test", "sent")
         [six] = wait_for_status(pipe, "six@v6.test", "sent")
-        for line in (four, six):
+        [named] = wait_for_status(pipe, "named@name.test", "sent")
+        [secure] = wait_for_status(pipe, "secure@dane.test", "sent")
+        assert secure["relay"] == f"mx1.dane.test[{MX1}]:{v4}", secure
+        for line in (four, six, named, secure):
             assert line["tls"].endswith("authenticated (pkix)"), line
         assert b"X-Peer-TLS: yes\r\n" in peer.messages()[0].read_bytes()
         assert b"X-Peer-Rcpt-To: six@v6.test\r\n" in v6_peer.messages()[0].read_bytes()
