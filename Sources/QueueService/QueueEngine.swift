@@ -502,8 +502,13 @@ final class QueueEngine: @unchecked Sendable {
         let interval = options.maintenanceInterval(config.queue)
         nextMaintenance = t + interval
         let unserved = Set(stagelessSince.compactMap { transport, since in t >= since + interval ? transport : nil })
-        for env in scheduler.envelopes where !env.held {
-            let id = env.queueID
+        // By queue ID (the order of arrival, nearly): sorting the IDs is
+        // cheap, where `scheduler.envelopes` copied every envelope into an
+        // array and sorted the copies, half of this walk's time, which
+        // holds the event loop (0.3 s every minute with 100,000 messages
+        // waiting).
+        for id in scheduler.queueIDs {
+            guard let env = scheduler.envelope(id), !env.held else { continue }
             let inFlight = scheduler.inFlight(id)
             var changed = false
             if policy.isExpired(arrival: env.arrival, kind: env.kind, now: t) {
