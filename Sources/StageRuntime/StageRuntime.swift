@@ -44,10 +44,8 @@ public enum StageRuntime {
     /// is a warning, not a fatal error, and the exit status (78) tells the
     /// supervisor not to stop the old instance.
     static func notReloaded(_ reason: String) -> Never {
-        StageLogHandler.writeLine(StageLogHandler.format(
-            stage: stageName, pid: getpid(), level: .warning,
-            message: "configuration not reloaded: \(reason) (the running \(stageName) keeps the one it has)"), urgent: true)
-        exit(ExitCode.config.rawValue)
+        logAndExit(.warning, "configuration not reloaded: \(reason) (the running \(stageName) keeps the one it has)",
+                   exit: .config)
     }
 
     /// Bootstraps swift-log with `StageLogHandler` for `stage`; only the
@@ -83,8 +81,13 @@ public enum StageRuntime {
     }
 
     public static func fatal(_ message: String, exit code: ExitCode) -> Never {
-        StageLogHandler.writeLine(StageLogHandler.format(stage: stageName, pid: getpid(),
-                                                         level: .critical, message: message), urgent: true)
+        logAndExit(.critical, message, exit: code)
+    }
+
+    /// Writes the line itself (before or without `bootstrap`), then exits.
+    private static func logAndExit(_ level: Logger.Level, _ message: String, exit code: ExitCode) -> Never {
+        StageLogHandler.writeLine(StageLogHandler.format(stage: stageName, pid: getpid(), level: level, message: message),
+                                  urgent: true)
         exit(code.rawValue)
     }
 

@@ -255,3 +255,36 @@ private struct HandOffAgent {
         await group.shutdown()
     }
 }
+
+@Suite struct NegotiateFrameServerNameTests {
+    /// server-name is a host name, or an IPv4 next hop's address: the TLS
+    /// module sends no address as SNI (RFC 6066 section 3) but checks the
+    /// reported PKIX result against it. Never a string that is neither.
+    @Test func serverNameIsAHostNameOrAnIPv4Address() {
+        func serverName(_ host: String) -> AttributeValue? {
+            let request = TLSClientRequest(serverName: host, peer: "\(host)[192.0.2.1]:25", verification: TLSVerification())
+            return CryptoNegotiateHandOff.negotiateFrame(session: 1, request: request, caBundle: nil)["server-name"]
+        }
+        #expect(serverName("mx1.example.net") == .text("mx1.example.net"))
+        #expect(serverName("192.0.2.1") == .text("192.0.2.1"))
+        #expect(serverName("2001:db8::1") == nil)
+        #expect(serverName("mx.123") == nil)
+    }
+
+    /// tls=verify to a next hop given as an address: the address is the
+    /// name to match (an iPAddress name of the certificate), and the frame
+    /// carrying it is one crypto-negotiate accepts.
+    @Test func anAddressNextHopIsTheNameToVerify() throws {
+        for address in ["192.0.2.1", "2001:db8::1"] {
+            let candidate = DeliveryCandidate(host: address, address: address, port: 25)
+            let security = DestinationSecurity(requirement: .verify, source: "transport table")
+            let verification = StaticDestinationPolicy().verification(for: candidate, domain: "example.org", security: security)
+            let request = TLSClientRequest(serverName: address, peer: "[\(address)]:25", verification: verification)
+            var frame = CryptoNegotiateHandOff.negotiateFrame(session: 1, request: request, caBundle: nil)
+            #expect(frame["match-names"] == .text(address))
+            frame.set("socket", .fd(0))   // as the hand-off fills it in
+            // What crypto-negotiate's decoder checks (PROTOCOL.md 4.5).
+            #expect(throws: Never.self) { try ProtocolSchema.standard(.tls).validate(frame, direction: .clientToServer) }
+        }
+    }
+}

@@ -508,17 +508,19 @@ enum Conversations {
         #expect(throws: Never.self) { try schema.validate(Frame(.mail, ["sender": .text("")]), direction: .clientToServer) }
     }
 
+    /// A client NEGOTIATE for PKIX with these match-names.
+    static func negotiate(_ names: String) -> Frame {
+        Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("client"),
+                           "policy": .text("pkix"), "match-names": .text(names)])
+    }
+
     /// remote-deliver's "secure" level names the next-hop domain and, with
     /// a leading dot, any name under it; an empty name stays refused.
     @Test func matchNamesMayNameADomainsSubdomains() {
         let schema = ProtocolSchema.standard(.tls)
-        func negotiate(_ names: String) -> Frame {
-            Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("client"),
-                               "policy": .text("pkix"), "match-names": .text(names)])
-        }
-        #expect(throws: Never.self) { try schema.validate(negotiate("example.org,.example.org"), direction: .clientToServer) }
+        #expect(throws: Never.self) { try schema.validate(Self.negotiate("example.org,.example.org"), direction: .clientToServer) }
         for bad in ["example.org,", ".", "..example.org", "example..org"] {
-            #expect(throws: ProtocolError.self) { try schema.validate(negotiate(bad), direction: .clientToServer) }
+            #expect(throws: ProtocolError.self) { try schema.validate(Self.negotiate(bad), direction: .clientToServer) }
         }
     }
 
@@ -526,15 +528,11 @@ enum Conversations {
     /// its own reference identity, matched against iPAddress names.
     @Test func matchNamesMayBeAnAddress() {
         let schema = ProtocolSchema.standard(.tls)
-        func negotiate(_ names: String) -> Frame {
-            Frame(.negotiate, ["session": .uint(1), "socket": .fd(0), "role": .text("client"),
-                               "policy": .text("pkix"), "match-names": .text(names)])
-        }
         for good in ["2001:db8::1", "192.0.2.1", "::1", "2001:db8::1,mx.example.org"] {
-            #expect(throws: Never.self) { try schema.validate(negotiate(good), direction: .clientToServer) }
+            #expect(throws: Never.self) { try schema.validate(Self.negotiate(good), direction: .clientToServer) }
         }
         for bad in ["2001:db8::zz", ".2001:db8::1", "[2001:db8::1]", "2001:db8::1%eth0", ":"] {
-            #expect(throws: ProtocolError.self) { try schema.validate(negotiate(bad), direction: .clientToServer) }
+            #expect(throws: ProtocolError.self) { try schema.validate(Self.negotiate(bad), direction: .clientToServer) }
         }
     }
 }

@@ -218,25 +218,24 @@ def test_opportunistic_tls_to_an_older_mx(remote, workdir, cleanup):
 
 # PKIX verification of a next hop given as an address ----------------------
 
-def make_ca_and_leaf(directory, sans):
-    """A test CA and a leaf it signed for the subjectAltNames `sans`
+def issue_leaf(dns, directory, sans):
+    """A leaf signed by the DNS test bed's CA (certs/ca.pem, which also
+    backs mx2's DANE-TA record) for the subjectAltNames `sans`
     ("IP:127.0.0.21,IP:::1"); returns (ca.pem, leaf.pem, leaf.key)."""
+    certs = pathlib.Path(dns.directory) / "certs"
     directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = directory / "ca.pem", directory / "ca.key"
     leaf, key, request = directory / "leaf.pem", directory / "leaf.key", directory / "leaf.csr"
     extensions = directory / "leaf.ext"
     extensions.write_text(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
     for command in (
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=Sealpost verify test CA",
-         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
         ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
          "-keyout", str(key), "-out", str(request), "-subj", "/CN=by-address.test"],
-        ["openssl", "x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-         "-out", str(leaf), "-days", "2", "-extfile", str(extensions)],
+        ["openssl", "x509", "-req", "-in", str(request), "-CA", str(certs / "ca.pem"), "-CAkey", str(certs / "ca.key"),
+         "-CAserial", str(directory / "ca.srl"), "-CAcreateserial", "-out", str(leaf), "-days", "2",
+         "-extfile", str(extensions)],
     ):
         subprocess.run(command, check=True, capture_output=True)
-    return ca, leaf, key
+    return certs / "ca.pem", leaf, key
 
 
 def test_tls_verify_to_an_address_next_hop(dns, workdir, cleanup):
@@ -248,7 +247,7 @@ def test_tls_verify_to_an_address_next_hop(dns, workdir, cleanup):
     tls=secure to dane.test (its MX hosts from the signed zone) matches
     the next-hop domain or a name under it (Postfix's "secure")."""
     certs = workdir / "by-address"
-    ca, leaf, key = make_ca_and_leaf(certs, f"IP:{MX1},IP:::1,DNS:mx1.dane.test")
+    ca, leaf, key = issue_leaf(dns, certs, f"IP:{MX1},IP:::1,DNS:mx1.dane.test")
     v4 = mtapeers.free_port_on(MX1, MX2)
     try:
         peer = AiosmtpdPeer(MX1, v4, workdir / "peer-v4", cert=leaf, key=key)
