@@ -310,10 +310,16 @@ final class Committer: @unchecked Sendable {
         var journaled: [Submission] = []
         var others: [Submission] = []
         var inserts: [(envelope: EnvelopeRecord, body: SealedBody)] = []
+        // A record holds at most a quarter of the journal (see
+        // appendToJournal): the inserts beyond go the direct way.
+        let limit = (journal?.capacity ?? 0) / 4
+        var estimate = Journal.payloadSize([])
         for submission in batch {
-            if let insert = submission.journalable {
+            if let insert = submission.journalable,
+               Journal.recordSize(payloadSize: estimate + Journal.payloadSize([insert]) - Journal.payloadSize([])) <= limit {
                 journaled.append(submission)
                 inserts.append(insert)
+                estimate += Journal.payloadSize([insert]) - Journal.payloadSize([])
             } else {
                 others.append(submission)
             }
