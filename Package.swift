@@ -104,7 +104,7 @@ let package = Package(
 
         // Stages: thin mains.
         .executableTarget(name: "queue", dependencies: [
-            "QueueService", "StageRuntime", "SealpostConfig", .product(name: "Logging", package: "swift-log"),
+            "QueueService", "StageRuntime", "SealpostConfig",
         ]),
         // Run once per message (it is also `sendmail`): start-up is most of
         // its cost. In release builds the Swift runtime and Foundation (which

@@ -372,33 +372,21 @@ final class InjectHandler: ChannelInboundHandler {
         let accepted = env
         let (recipientCount, size) = (t.recipientCount, t.size)
         submitted = true
-        // Everything happens once the message is durable (with the
-        // spool's journal, before it is in LMDB; the spool reads it from
-        // memory until then): the answer, the log lines, the schedule.
-        // The completion then only matters when it fails.
-        let answered = NIOLoopBoundBox(false, eventLoop: engine.loop)
-        engine.spool.submit([.insert(env, sealed)], submitter: submitter, durable: {
+        engine.spool.submit([.insert(env, sealed)], submitter: submitter) { result in
             engine.loop.execute {
-                answered.value = true
-                // Two to four lines at once (client, message-id, queue
-                // active, maybe a deferral): one write to the log pipe.
-                StageLogHandler.batchingLines {
-                    engine.logger.info("\(accepted.queueID): \(client) from=<\(accepted.sender)>")
-                    if let messageID {
-                        engine.logger.info("\(accepted.queueID): message-id=\(messageID)")
+                switch result {
+                case .success:
+                    // Two to four lines at once (client, message-id, queue
+                    // active, maybe a deferral): one write to the log pipe.
+                    StageLogHandler.batchingLines {
+                        engine.logger.info("\(accepted.queueID): \(client) from=<\(accepted.sender)>")
+                        if let messageID {
+                            engine.logger.info("\(accepted.queueID): message-id=\(messageID)")
+                        }
+                        engine.accepted(accepted)
                     }
-                    engine.accepted(accepted)
-                }
-                bound.value.reply(Frame(.accepted, ["queue-id": .text(accepted.queueID.rawValue)]), slot: slot)
-            }
-        }) { result in
-            guard case .failure(let error) = result else { return }
-            engine.loop.execute {
-                if answered.value {
-                    // Durable in the journal, where it stays until the
-                    // queue starts again and applies it.
-                    engine.logger.critical("\(accepted.queueID): accepted into the spool's journal, but LMDB cannot take it now: \(error); the next start of the queue applies it")
-                } else {
+                    bound.value.reply(Frame(.accepted, ["queue-id": .text(accepted.queueID.rawValue)]), slot: slot)
+                case .failure(let error):
                     engine.logger.warning("\(accepted.queueID): cannot queue the message: \(error)")
                     bound.value.refuse(sender: accepted.sender, recipients: recipientCount, size: size, .spool(error), slot: slot)
                 }

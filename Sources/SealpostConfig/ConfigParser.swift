@@ -18,7 +18,7 @@ struct ConfigParser {
         "sealpost": ["data_directory", "hostname", "postmaster"],
         "queue": ["maximal_queue_lifetime", "bounce_queue_lifetime", "minimal_backoff_time",
                   "maximal_backoff_time", "queue_run_delay", "delay_warning_time",
-                  "message_size_limit", "recipient_limit", "map_size", "map_size_limit", "commit_delay", "journal_size"],
+                  "message_size_limit", "recipient_limit", "map_size", "map_size_limit", "commit_delay"],
         "local": ["domains", "accounts", "users", "mailbox", "aliases"],
         "smtp": ["listen", "submission", "smtps", "relay_domains", "trusted_networks", "command_line_limit",
                  "text_line_limit", "error_limit", "client_connection_limit", "command_timeout",
@@ -117,7 +117,6 @@ struct ConfigParser {
         try queue.size("map_size", into: &settings.mapSize)
         try queue.size("map_size_limit", into: &settings.mapSizeLimit)
         try queue.milliseconds("commit_delay", into: &settings.commitDelayMilliseconds)
-        try queue.size("journal_size", into: &settings.journalSize)
         // Cross-key rules: a zero backoff or run delay would spin the queue.
         if settings.minimalBackoffTime < 1 { throw queue.error("minimal_backoff_time", "must be at least 1 second") }
         // A pair in conflict is blamed on a key that is written in the file.
@@ -141,9 +140,6 @@ struct ConfigParser {
         // tenth of a second it only slows every reply.
         if settings.commitDelayMilliseconds > QueueSettings.maximumCommitDelayMilliseconds {
             throw queue.error("commit_delay", "must be at most \(QueueSettings.maximumCommitDelayMilliseconds)ms")
-        }
-        if settings.journalSize != 0 && !(QueueSettings.journalSizeRange ~= settings.journalSize) {
-            throw queue.error("journal_size", "must be 0 (no journal) or from 1MiB to 1GiB")
         }
         configuration.queue = settings
 

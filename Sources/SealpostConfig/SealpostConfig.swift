@@ -146,9 +146,6 @@ public struct QueueSettings: Sendable, Equatable {
     /// Group commit under load (Spool's commitDelay); 0: none.
     public var commitDelayMilliseconds: Int
     public static let maximumCommitDelayMilliseconds = 100
-    /// The spool's journal (Spool's journalSize); 0: none.
-    public var journalSize: Int
-    public static let journalSizeRange = (1 << 20)...(1 << 30)
 
     /// The defaults of the shipped file (Postfix's).
     public init() {
@@ -163,7 +160,6 @@ public struct QueueSettings: Sendable, Equatable {
         mapSize = 256 << 20
         mapSizeLimit = 16 << 30
         commitDelayMilliseconds = 3
-        journalSize = 16 << 20
     }
 }
 

@@ -55,21 +55,6 @@ public enum Sodium {
         return a.withUnsafeBytes { pa in b.withUnsafeBytes { pb in sodium_memcmp(pa.baseAddress!, pb.baseAddress!, a.count) == 0 } }
     }
 
-    /// BLAKE2b (crypto_generichash, unkeyed) of `bytes`, `length` bytes
-    /// long (16 to 64): a checksum that finds torn and stale records in a
-    /// file only this program writes, not a MAC.
-    public static func blake2b(_ bytes: UnsafeRawBufferPointer, length: Int = 32) -> [UInt8] {
-        initialize()
-        precondition((Int(crypto_generichash_BYTES_MIN)...Int(crypto_generichash_BYTES_MAX)).contains(length))
-        var digest = [UInt8](repeating: 0, count: length)
-        let rc = digest.withUnsafeMutableBytes { d in
-            crypto_generichash(d.baseAddress!.assumingMemoryBound(to: UInt8.self), length,
-                               bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), UInt64(bytes.count), nil, 0)
-        }
-        precondition(rc == 0, "crypto_generichash failed")
-        return digest
-    }
-
     /// The libsodium version string ("1.0.18").
     public static var version: String { String(cString: sodium_version_string()) }
 }

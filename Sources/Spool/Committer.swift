@@ -14,26 +14,7 @@ final class Committer: @unchecked Sendable {
     struct Submission {
         let operations: [SpoolOperation]
         let urgency: SpoolUrgency
-        /// Called once the submission is durable: after its journal record
-        /// (before it is in LMDB), or just before `completion` reports
-        /// success. Nil for submitters that wait for `completion` alone.
-        let durable: (@Sendable () -> Void)?
         let completion: @Sendable (Result<Void, SpoolError>) -> Void
-
-        /// The message, when the submission is one urgent insert: what the
-        /// journal carries.
-        var journalable: (envelope: EnvelopeRecord, body: SealedBody)? {
-            guard urgency == .now, operations.count == 1, case .insert(let envelope, let body) = operations[0] else { return nil }
-            return (envelope, body)
-        }
-    }
-
-    /// A submission handed to the applier thread, with the sequence of its
-    /// journal record when it has one.
-    private struct Work {
-        let submission: Submission
-        let sequence: UInt64?
-        let bytes: Int
     }
 
     /// How long an urgent batch may wait for the submitters active lately
@@ -80,37 +61,6 @@ final class Committer: @unchecked Sendable {
     private var running = false
     private var thread: pthread_t?
 
-    // The journal and its applier thread (Journal.swift): with a journal,
-    // the committer thread appends urgent inserts to it, answers them, and
-    // hands every submission to the applier, the one thread that writes
-    // LMDB. `applierQueue`, `retrying`, `retryAt`, `appliedSequence`,
-    // `unappliedBytes`, `drainRequested`, `applierStopping`, `applierRunning`
-    // and `applierThread` are guarded by `applierCondition`.
-    private let journal: Journal?
-    private let applyDelay: TimeInterval
-    private let warn: (@Sendable (String) -> Void)?
-    private let applierCondition = NSCondition()
-    private var applierQueue: [Work] = []
-    /// Journaled submissions LMDB had no room for: tried again at `retryAt`.
-    private var retrying: [Work] = []
-    private var retryAt: Date?
-    /// Every record up to this one is in LMDB and committed.
-    private var appliedSequence: UInt64 = 0
-    /// Payload bytes journaled and not yet applied.
-    private var unappliedBytes = 0
-    private var drainRequested = false
-    private var applierStopping = false
-    private var applierRunning = false
-    private var applierThread: pthread_t?
-    /// The applier waits for this many submissions, up to `applyDelay`,
-    /// when none of those waiting needs an answer.
-    static let applyBatch = 64
-
-    /// Journaled messages not yet in LMDB, for the readers in between
-    /// (Spool.readBody, Spool.envelope): a message answered is readable.
-    private let unappliedLock = NSLock()
-    private var unapplied: [QueueID: (envelope: EnvelopeRecord, body: SealedBody)] = [:]
-
     private let statsLock = NSLock()
     private var stats = SpoolStatistics()
 
@@ -120,12 +70,7 @@ final class Committer: @unchecked Sendable {
 
     init(environment: Environment, databases: SpoolDatabases, readLock: ReadWriteLock, mapSizeLimit: Int,
          deferral: TimeInterval = 0.5, commitDelay: TimeInterval = 0, siblingWindow: TimeInterval = 0.05,
-         highestID: UInt64 = 0, journal: Journal? = nil, appliedSequence: UInt64 = 0,
-         applyDelay: TimeInterval = 0.02, warn: (@Sendable (String) -> Void)? = nil) {
-        self.journal = journal
-        self.appliedSequence = appliedSequence
-        self.applyDelay = applyDelay
-        self.warn = warn
+         highestID: UInt64 = 0) {
         self.deferral = deferral
         self.commitDelay = commitDelay
         self.activeWindow = UInt64(max(0, siblingWindow) * 1e9)
@@ -146,21 +91,12 @@ final class Committer: @unchecked Sendable {
         condition.lock()
         running = true
         condition.unlock()
-        if journal != nil {
-            applierCondition.lock()
-            applierRunning = true
-            applierCondition.unlock()
-            let applier = Thread { [self] in applierRun() }
-            applier.name = "spool-applier"
-            applier.start()
-        }
         let thread = Thread { [self] in run() }
         thread.name = "spool-committer"
         thread.start()
     }
 
     func submit(_ operations: [SpoolOperation], urgency: SpoolUrgency = .now, submitter: Int? = nil,
-                durable: (@Sendable () -> Void)? = nil,
                 completion: @escaping @Sendable (Result<Void, SpoolError>) -> Void) {
         condition.lock()
         guard running, !stopping else {
@@ -168,7 +104,7 @@ final class Committer: @unchecked Sendable {
             completion(.failure(.io("spool closed")))
             return
         }
-        pending.append(Submission(operations: operations, urgency: urgency, durable: durable, completion: completion))
+        pending.append(Submission(operations: operations, urgency: urgency, completion: completion))
         switch urgency {
         case .now:
             urgentPending += 1
@@ -191,33 +127,20 @@ final class Committer: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Run by the committer thread as it exits, after the applier: the
-    /// closing of the environment when `stop()` could not wait (guarded by
-    /// `condition`).
-    private var closeAtExit: (() -> Void)?
-
-    /// Lets the threads finish what is queued, then waits for them to exit;
-    /// true once they have. Called on the committer or the applier thread
-    /// (a completion that releases the last reference to the Spool), it
-    /// only asks them to stop (waiting there would wait forever), runs
-    /// `atExit` on the committer thread as it exits (when the other thread
-    /// no longer uses LMDB either), and returns false.
-    @discardableResult
-    func stop(atExit: (() -> Void)? = nil) -> Bool {
-        applierCondition.lock()
-        let onApplier = applierThread.map { pthread_equal($0, pthread_self()) != 0 } ?? false
-        applierCondition.unlock()
+    /// Lets the thread finish what is queued, then waits for it to exit.
+    /// Called on the committer thread itself (a completion that releases the
+    /// last reference to the Spool), it only asks the thread to stop: waiting
+    /// there would wait forever.
+    func stop() {
         condition.lock()
         stopping = true
         condition.broadcast()
-        if onApplier || thread.map({ pthread_equal($0, pthread_self()) != 0 }) == true {
-            if running { closeAtExit = atExit } else { atExit?() }
+        if let thread, pthread_equal(thread, pthread_self()) != 0 {
             condition.unlock()
-            return false
+            return
         }
         while running { condition.wait() }
         condition.unlock()
-        return true
     }
 
     private func run() {
@@ -237,18 +160,9 @@ final class Committer: @unchecked Sendable {
             }
             gatherSiblings()
             if pending.isEmpty {
-                if journal != nil {
-                    // Unlocked: the applier's completions may submit.
-                    condition.unlock()
-                    stopApplier()
-                    condition.lock()
-                }
-                let close = closeAtExit
-                closeAtExit = nil
                 running = false
                 condition.broadcast()
                 condition.unlock()
-                close?()
                 return
             }
             let batch = pending
@@ -257,14 +171,8 @@ final class Committer: @unchecked Sendable {
             deferredSince = nil
             condition.unlock()
 
-            if journal != nil {
-                handOver(batch)
-                continue
-            }
-
             let (results, committed) = process(batch)
             for (submission, result) in zip(batch, results) {
-                if case .success = result { submission.durable?() }
                 submission.completion(result)
             }
             // After the completions: the batch's answers do not wait for it.
@@ -298,186 +206,6 @@ final class Committer: @unchecked Sendable {
         wakeAtUrgent = 1
     }
 
-    // MARK: The journal
-
-    /// With a journal (committer thread): appends the batch's urgent
-    /// inserts as one record and answers them as durable, then hands the
-    /// whole batch to the applier. Inserts the journal cannot take (no
-    /// room now, a message too big for it, LMDB near its limit or stuck, a
-    /// failed write) go to the applier like any other submission, and are
-    /// answered after its synced commit.
-    private func handOver(_ batch: [Submission]) {
-        var journaled: [Submission] = []
-        var others: [Submission] = []
-        var inserts: [(envelope: EnvelopeRecord, body: SealedBody)] = []
-        // A record holds at most a quarter of the journal (see
-        // appendToJournal): the inserts beyond go the direct way.
-        let limit = (journal?.capacity ?? 0) / 4
-        var estimate = Journal.payloadSize([])
-        for submission in batch {
-            if let insert = submission.journalable,
-               Journal.recordSize(payloadSize: estimate + Journal.payloadSize([insert]) - Journal.payloadSize([])) <= limit {
-                journaled.append(submission)
-                inserts.append(insert)
-                estimate += Journal.payloadSize([insert]) - Journal.payloadSize([])
-            } else {
-                others.append(submission)
-            }
-        }
-        var work: [Work] = []
-        if !inserts.isEmpty, let (sequence, bytes) = appendToJournal(inserts) {
-            unappliedLock.lock()
-            for insert in inserts { unapplied[insert.envelope.queueID] = insert }
-            unappliedLock.unlock()
-            for submission in journaled { submission.durable?() }
-            work = journaled.map { Work(submission: $0, sequence: sequence, bytes: bytes / journaled.count) }
-        } else {
-            others = batch
-        }
-        work += others.map { Work(submission: $0, sequence: nil, bytes: 0) }
-        applierCondition.lock()
-        applierQueue += work
-        unappliedBytes += work.reduce(0) { $0 + $1.bytes }
-        applierCondition.signal()
-        applierCondition.unlock()
-    }
-
-    /// Appends one record; its sequence and payload size, or nil when the
-    /// journal does not take these messages.
-    private func appendToJournal(_ inserts: [(envelope: EnvelopeRecord, body: SealedBody)]) -> (UInt64, Int)? {
-        guard let journal else { return nil }
-        let estimate = Journal.payloadSize(inserts)
-        // A record of more than a quarter of the journal would make the
-        // journal rewind too often: such messages take the direct way.
-        guard Journal.recordSize(payloadSize: estimate) <= journal.capacity / 4 else { return nil }
-        applierCondition.lock()
-        let stuck = !retrying.isEmpty
-        let unapplied = unappliedBytes
-        let allApplied = appliedSequence >= journal.lastSequence
-        if !journal.fits(payloadSize: estimate), !allApplied { drainRequested = true; applierCondition.signal() }
-        applierCondition.unlock()
-        // What the journal acknowledges must find room in LMDB later:
-        // near the map's limit, the direct way answers "full" instead.
-        guard !stuck else { return nil }
-        // Under the read lock: the applier's grow() remaps the map.
-        readLock.lockShared()
-        let used = environment.isClosed ? mapSizeLimit : environment.usedSize
-        readLock.unlock()
-        guard used + 2 * (unapplied + estimate) + (1 << 20) <= mapSizeLimit else { return nil }
-        if !journal.fits(payloadSize: estimate) {
-            guard allApplied else { return nil }
-            journal.rewind()
-            statsLock.lock()
-            stats.journalRewinds += 1
-            statsLock.unlock()
-        }
-        let payload = Journal.payload(inserts)
-        guard journal.fits(payloadSize: payload.count) else { return nil }
-        do {
-            let sequence = try journal.append(payload)
-            statsLock.lock()
-            stats.journalRecords += 1
-            stats.journaledSubmissions += UInt64(inserts.count)
-            statsLock.unlock()
-            return (sequence, payload.count)
-        } catch {
-            warn?("\(journal.path): cannot append (\(error)): messages are committed to LMDB directly")
-            return nil
-        }
-    }
-
-    /// The applier thread: applies what the committer hands over, in
-    /// order, in one LMDB transaction per round (committed with LMDB's
-    /// full sync). When every submission waiting is journaled (answered
-    /// already), a round first waits up to `applyDelay` for `applyBatch`
-    /// of them: fewer, larger commits, off the path of any reply.
-    private func applierRun() {
-        applierCondition.lock()
-        applierThread = pthread_self()
-        while true {
-            while applierQueue.isEmpty && retrying.isEmpty && !applierStopping { applierCondition.wait() }
-            if applierQueue.isEmpty && (retrying.isEmpty || applierStopping) { break }
-            if let retryAt {
-                while !applierStopping && Date() < retryAt { _ = applierCondition.wait(until: retryAt) }
-            }
-            if !applierStopping && !drainRequested && retrying.isEmpty && applierQueue.allSatisfy({ $0.sequence != nil }) {
-                let deadline = Date().addingTimeInterval(applyDelay)
-                while !applierStopping && !drainRequested && applierQueue.count < Self.applyBatch
-                        && applierQueue.allSatisfy({ $0.sequence != nil }) && applierCondition.wait(until: deadline) {}
-            }
-            let work = retrying + applierQueue
-            retrying = []
-            applierQueue = []
-            retryAt = nil
-            drainRequested = false
-            applierCondition.unlock()
-
-            let (results, committed) = process(work.map(\.submission), sequences: work.map(\.sequence))
-            var answers: [(Work, Result<Void, SpoolError>)] = []
-            var again: [Work] = []
-            for (item, result) in zip(work, results) {
-                // A journaled message was answered: whatever LMDB says, it
-                // waits in the journal (which cannot start over meanwhile)
-                // and is tried again, never dropped.
-                if item.sequence != nil, case .failure = result {
-                    again.append(item)
-                } else {
-                    answers.append((item, result))
-                }
-            }
-            if !again.isEmpty {
-                let reason = results.lazy.compactMap { result -> SpoolError? in
-                    if case .failure(let error) = result { return error } else { return nil }
-                }.first.map { "\($0)" } ?? "unknown"
-                warn?("\(again.count) journaled messages cannot enter LMDB (\(reason)); they stay in the journal, tried again every second")
-            }
-            // In LMDB now (or failed for good): read from there.
-            unappliedLock.lock()
-            for (item, _) in answers where item.sequence != nil {
-                if case .insert(let envelope, _) = item.submission.operations[0] { unapplied[envelope.queueID] = nil }
-            }
-            unappliedLock.unlock()
-            applierCondition.lock()
-            if committed { appliedSequence = max(appliedSequence, lastAppliedThrough) }
-            unappliedBytes -= work.reduce(0) { $0 + $1.bytes } - again.reduce(0) { $0 + $1.bytes }
-            retrying = again
-            if !again.isEmpty { retryAt = Date().addingTimeInterval(1) }
-            applierCondition.unlock()
-            for (item, result) in answers {
-                if item.sequence == nil, case .success = result { item.submission.durable?() }
-                item.submission.completion(result)
-            }
-            if committed { keepZeroedAhead() }
-            applierCondition.lock()
-        }
-        // Stopping with messages LMDB had no room for: they stay in the
-        // journal and are applied at the next open.
-        let left = retrying
-        retrying = []
-        applierRunning = false
-        applierCondition.broadcast()
-        applierCondition.unlock()
-        for item in left {
-            item.submission.completion(.failure(.io("spool closed; the message stays in the journal")))
-        }
-    }
-
-    /// The journaled message `id` while it is not in LMDB yet.
-    func unappliedInsert(_ id: QueueID) -> (envelope: EnvelopeRecord, body: SealedBody)? {
-        unappliedLock.lock()
-        defer { unappliedLock.unlock() }
-        return unapplied[id]
-    }
-
-    /// Lets the applier finish what it was handed, then waits for it.
-    private func stopApplier() {
-        applierCondition.lock()
-        applierStopping = true
-        applierCondition.broadcast()
-        while applierRunning { applierCondition.wait() }
-        applierCondition.unlock()
-    }
-
     // MARK: Applying a batch
 
     private enum Attempt {
@@ -498,10 +226,10 @@ final class Committer: @unchecked Sendable {
     }
 
     /// The batch's results, and whether a transaction was committed.
-    private func process(_ batch: [Submission], sequences: [UInt64?] = []) -> ([Result<Void, SpoolError>], committed: Bool) {
+    private func process(_ batch: [Submission]) -> ([Result<Void, SpoolError>], committed: Bool) {
         var pass = Pass.direct
         while true {
-            switch attempt(batch, pass, sequences: sequences) {
+            switch attempt(batch, pass) {
             case .isolateFailures:
                 pass = .isolated(atLimit: false)
                 statsLock.lock()
@@ -631,7 +359,7 @@ final class Committer: @unchecked Sendable {
     /// half-dozen B-tree pages. In an isolated pass each submission gets a
     /// nested transaction, so that one that fails (validation, or no room at
     /// the map's limit) fails alone and the others are committed.
-    private func attempt(_ batch: [Submission], _ pass: Pass, sequences: [UInt64?] = []) -> Attempt {
+    private func attempt(_ batch: [Submission], _ pass: Pass) -> Attempt {
         let atLimit = pass == .isolated(atLimit: true)
         let txn: WriteTransaction
         do { txn = try environment.beginWrite() } catch { return .failed(classify(error)) }
@@ -641,17 +369,7 @@ final class Committer: @unchecked Sendable {
         var succeeded = 0
         var totals = (operations: UInt64(0), messages: UInt64(0))
         var highest = highestID
-        for (index, submission) in batch.enumerated() {
-            // A journaled message that is in LMDB already (applied by a
-            // commit whose record could not count as applied) is done.
-            if index < sequences.count, sequences[index] != nil, case .insert(let envelope, _) = submission.operations[0] {
-                let present: Bool
-                do { present = try txn.get(databases.envelopes, envelope.queueID.key) != nil } catch { return .failed(classify(error)) }
-                if present {
-                    results.append(.success(()))
-                    continue
-                }
-            }
+        for submission in batch {
             if case .isolated = pass {
                 // A nested transaction per submission: all of its operations or none.
                 let child: WriteTransaction
@@ -690,20 +408,7 @@ final class Committer: @unchecked Sendable {
             try addToCounter(txn, "messages", totals.messages)
             // On the meta page the counters dirty anyway: no extra write.
             if highest > highestID { try txn.put(databases.meta, Array(Self.highestIDName.utf8), bigEndian(highest)) }
-            // Journal records applied: through the highest one of the
-            // batch, or below the first whose message failed (the replay
-            // at the next open then tries it again).
-            var through: UInt64 = 0
-            if let newest = sequences.compactMap({ $0 }).max() {
-                let firstFailed = zip(results, sequences).compactMap { result, sequence -> UInt64? in
-                    if case .failure = result { return sequence } else { return nil }
-                }.min()
-                through = firstFailed.map { $0 - 1 } ?? newest
-                let stored = try Self.metaNumber(txn, databases, Self.journalAppliedName) ?? 0
-                if through > stored { try txn.put(databases.meta, Array(Self.journalAppliedName.utf8), bigEndian(through)) }
-            }
             try txn.commit()
-            lastAppliedThrough = through
         } catch {
             if (error as? LMDBError)?.isMapFull == true, !atLimit { return .mapFull }
             if let e = error as? LMDBError, e.code == EIO, diskIsFull(needing: batchBytes(batch)) {
@@ -718,73 +423,6 @@ final class Committer: @unchecked Sendable {
     }
 
     static let highestIDName = "highest-id"
-    /// meta "journal-applied": every journal record up to it is in LMDB.
-    static let journalAppliedName = "journal-applied"
-    /// The journal records the last commit applied (see `attempt`).
-    private var lastAppliedThrough: UInt64 = 0
-
-    /// Applies the journal records above meta "journal-applied" to LMDB
-    /// in one transaction (committed with LMDB's full sync), at open,
-    /// before anything else writes; the map grows as needed. A message
-    /// already in LMDB (applied by a commit that could not count its record
-    /// as applied) is skipped. A record LMDB refuses for another reason than
-    /// room (it does not decode, or a message in it fails) is copied to
-    /// `journal-rejected-SEQUENCE` beside the journal, as Postfix moves a
-    /// queue file it cannot read to its corrupt directory, and reported.
-    /// Returns the messages inserted and the sequence the journal's next
-    /// record must follow.
-    static func replay(_ journal: Journal, _ environment: Environment, _ dbs: SpoolDatabases, mapSizeLimit: Int,
-                       warn: (@Sendable (String) -> Void)?) throws -> (messages: Int, last: UInt64) {
-        let applied = try environment.read { txn throws in try metaNumber(txn, dbs, journalAppliedName) ?? 0 }
-        let records = try journal.records(after: applied)
-        journal.continueAfter(applied)
-        guard let last = records.last?.sequence else { return (0, journal.lastSequence) }
-        while true {
-            var messages = 0
-            var rejected: [UInt64: String] = [:]
-            do {
-                try environment.write { txn throws in
-                    var highest = try metaNumber(txn, dbs, highestIDName) ?? 0
-                    for record in records {
-                        let inserts: [(envelope: EnvelopeRecord, body: SealedBody)]
-                        do { inserts = try Journal.inserts(record.payload) } catch {
-                            rejected[record.sequence] = "\(error)"
-                            continue
-                        }
-                        for (envelope, body) in inserts {
-                            highest = max(highest, envelope.queueID.value)
-                            if try txn.get(dbs.envelopes, envelope.queueID.key) != nil { continue }
-                            let child = try txn.beginChild()
-                            do {
-                                try apply(.insert(envelope, body), child, dbs)
-                                try child.commit()
-                                messages += 1
-                            } catch {
-                                child.abort()
-                                if let e = error as? LMDBError, e.isMapFull || e.isNoSpace || e.code == EDQUOT { throw e }
-                                rejected[record.sequence, default: ""] += "\(envelope.queueID): \(error); "
-                            }
-                        }
-                    }
-                    try txn.put(dbs.meta, Array(highestIDName.utf8), bigEndian(highest))
-                    try txn.put(dbs.meta, Array(journalAppliedName.utf8), bigEndian(last))
-                    let total = try metaNumber(txn, dbs, "messages") ?? 0
-                    try txn.put(dbs.meta, Array("messages".utf8), bigEndian(total &+ UInt64(messages)))
-                    // Kept before the commit that counts them as applied.
-                    for (sequence, reason) in rejected.sorted(by: { $0.key < $1.key }) {
-                        let payload = records.first { $0.sequence == sequence }!.payload
-                        let path = try journal.keepRejected(sequence: sequence, payload: payload)
-                        warn?("journal record \(sequence) cannot enter LMDB (\(reason)): kept in \(path)")
-                    }
-                }
-                return (messages, journal.lastSequence)
-            } catch let e as LMDBError where e.isMapFull {
-                let size = environment.mapSize
-                guard size < mapSizeLimit else { throw SpoolError.full }
-                try environment.setMapSize(size > mapSizeLimit / 2 ? mapSizeLimit : size * 2)
-            }
-        }
-    }
 
     /// meta "highest-id": 0 when missing (a spool from before it).
     static func highestID(_ txn: Transaction, _ dbs: SpoolDatabases) throws -> UInt64 {
@@ -832,10 +470,7 @@ final class Committer: @unchecked Sendable {
     }
 
     private func apply(_ operation: SpoolOperation, _ txn: WriteTransaction) throws {
-        try Self.apply(operation, txn, databases)
-    }
-
-    static func apply(_ operation: SpoolOperation, _ txn: WriteTransaction, _ dbs: SpoolDatabases) throws {
+        let dbs = databases
         switch operation {
         case .insert(let envelope, let body):
             let id = envelope.queueID

@@ -14,23 +14,7 @@
 //              u64 running totals since the spool was created;
 //              "highest-id" -> u64, the highest queue ID ever committed
 //              (so IDs are not reused after its message is gone)
-//              "journal-applied" -> u64, every journal record up to this
-//              sequence is in LMDB (Journal.swift)
 //   schedule, security, sts-cache, tlsrpt, receipts: reserved for later stages
-//
-// With a journal (SpoolOptions.journalSize > 0; the queue's default), an
-// urgent submission that inserts one message is durable once the
-// committer thread has appended its batch to the journal, a write-ahead
-// log beside data.mdb (one O_DSYNC write): `durable` is called then, and
-// the client can have its answer. A second thread, the applier, is then
-// the only one that writes LMDB: it applies everything the committer hands
-// over, journaled or not, in order, in transactions committed with LMDB's
-// full sync, and calls the completions. A journaled message whose
-// transaction fails for want of room waits (retried every second) rather
-// than fail after its answer; the journal never starts over before
-// everything in it is committed, and at open the records LMDB does not
-// hold yet are applied before anything else. The description below is of
-// the committer thread, which without a journal also writes LMDB itself.
 //
 // Writes go through one committer thread (group commit): `submit` queues a
 // list of operations; the thread takes every submission waiting, applies
@@ -82,24 +66,13 @@ public struct SpoolOptions: Sendable {
     /// active (tests lengthen it, so that what waits does not depend on
     /// the machine's speed).
     var siblingWindow = 0.05
-    /// Capacity of the journal in bytes (Journal.swift); 0: no journal,
-    /// every acceptance waits for its LMDB commit.
-    public var journalSize: Int
-    /// How long the applier may wait for more journaled messages to apply
-    /// in one LMDB commit (see Committer).
-    var applyDelay = 0.02
-    /// Where the spool reports what an administrator should see (a journal
-    /// it cannot write, messages waiting in it for room in LMDB).
-    public var warn: (@Sendable (String) -> Void)?
 
     public init(mapSize: Int = 256 << 20, mapSizeLimit: Int = 16 << 30, deferral: Double = 0.5,
-                commitDelay: Double = 0.003, journalSize: Int = 0, warn: (@Sendable (String) -> Void)? = nil) {
+                commitDelay: Double = 0.003) {
         self.mapSize = mapSize
         self.mapSizeLimit = mapSizeLimit
         self.deferral = deferral
         self.commitDelay = commitDelay
-        self.journalSize = journalSize
-        self.warn = warn
     }
 }
 
@@ -172,11 +145,6 @@ public struct SpoolStatistics: Sendable, Equatable {
     /// Batches applied a second time, with a nested transaction per
     /// submission, because one of their submissions failed.
     public var isolatedBatches: UInt64 = 0
-    /// Records appended to the journal, and the submissions they carried.
-    public var journalRecords: UInt64 = 0
-    public var journaledSubmissions: UInt64 = 0
-    /// Times the journal went back to its start.
-    public var journalRewinds: UInt64 = 0
 }
 
 /// What one submission may do. Insert stores an envelope and its encrypted
@@ -350,24 +318,11 @@ public final class Spool: @unchecked Sendable {
         self.environment = environment
         let databases: SpoolDatabases
         var lastID: UInt64 = 0
-        var journal: Journal?
-        var journalApplied: UInt64 = 0
         do {
             databases = try environment.write { txn throws in
                 let dbs = try SpoolDatabases(txn)
                 try Self.checkMeta(txn, dbs, masterKey: masterKey)
                 return dbs
-            }
-            // Before the IDs: the messages of the journal count among them.
-            // A journal left by an earlier run is applied even when the
-            // configuration no longer asks for one.
-            if options.journalSize > 0 || access(directory + "/" + Journal.fileName, F_OK) == 0 {
-                let opened = try Journal(directory: directory, capacity: max(options.journalSize, Journal.minimumCapacity))
-                (replayedFromJournal, journalApplied) = try Committer.replay(opened, environment, databases,
-                                                                             mapSizeLimit: max(options.mapSizeLimit, options.mapSize),
-                                                                             warn: options.warn)
-                opened.rewind()
-                if options.journalSize > 0 { journal = opened }
             }
             // IDs continue above the highest one ever committed, so a
             // restart within the same second (or after a clock step back)
@@ -395,8 +350,7 @@ public final class Spool: @unchecked Sendable {
                               mapSizeLimit: max(options.mapSizeLimit, options.mapSize),
                               deferral: max(0, options.deferral),
                               commitDelay: max(0, options.commitDelay), siblingWindow: options.siblingWindow,
-                              highestID: lastID, journal: journal, appliedSequence: journalApplied,
-                              applyDelay: max(0, options.applyDelay), warn: options.warn)
+                              highestID: lastID)
         committer.start()
     }
 
@@ -431,28 +385,14 @@ public final class Spool: @unchecked Sendable {
     /// Stops the committer after the submissions already queued, and closes
     /// the environment. Later calls fail with `.io("spool closed")`.
     public func close() {
-        // From a completion (the last reference released on the committer
-        // or the applier thread) the threads cannot be waited for: the
-        // committer thread closes the environment as it exits instead.
-        let (readLock, environment, lockDescriptor) = (self.readLock, self.environment, self.lockDescriptor)
-        var closeNow = false
-        let closeLater: @Sendable () -> Void = {
-            readLock.lockExclusive()
-            environment.close()
-            closeDescriptor(lockDescriptor)   // releases the flock
-            readLock.unlock()
-        }
-        readLock.lockShared()
-        let first = !closed
-        readLock.unlock()
-        let stopped = first ? committer.stop(atExit: closeLater) : committer.stop()
+        committer.stop()
         readLock.lockExclusive()
+        defer { readLock.unlock() }
         if !closed {
             closed = true
-            closeNow = stopped
+            environment.close()
+            closeDescriptor(lockDescriptor)   // releases the flock
         }
-        readLock.unlock()
-        if closeNow { closeLater() }
     }
 
     // MARK: Queue IDs
@@ -474,9 +414,6 @@ public final class Spool: @unchecked Sendable {
 
     // MARK: Writing
 
-    /// Messages found in the journal at open (after a crash) and applied.
-    public private(set) var replayedFromJournal = 0
-
     public func makeBodyWriter() throws -> BodyWriter {
         BodyWriter(masterKey: masterKey)
     }
@@ -491,20 +428,9 @@ public final class Spool: @unchecked Sendable {
     /// `submitter` names who submits (an inject connection): a batch that
     /// many submitters are likely to join soon waits for them, up to
     /// `commitDelay`, so that one commit carries their messages together.
-    ///
-    /// `durable`, when given, is called (on the committer or the applier thread) as soon as
-    /// the submission survives a crash, which with a journal is before
-    /// it is in LMDB: the moment to answer a client, but not to read the
-    /// message back, which waits for `completion`. A journaled message
-    /// is never lost after `durable`: if LMDB has no room for it, it waits
-    /// in the journal (and `completion` with it); if the process stops
-    /// first, the next open applies it. Without a journal, or for what the
-    /// journal does not take, `durable` comes just before a successful
-    /// `completion`.
     public func submit(_ operations: [SpoolOperation], urgency: SpoolUrgency = .now, submitter: Int? = nil,
-                       durable: (@Sendable () -> Void)? = nil,
                        completion: @escaping @Sendable (Result<Void, SpoolError>) -> Void) {
-        committer.submit(operations, urgency: urgency, submitter: submitter, durable: durable, completion: completion)
+        committer.submit(operations, urgency: urgency, submitter: submitter, completion: completion)
     }
 
     /// `submitter` will submit no more: batches stop waiting for it.
@@ -543,12 +469,8 @@ public final class Spool: @unchecked Sendable {
         }
     }
 
-    /// (A journaled message not in LMDB yet is read from memory.)
     public func envelope(_ id: QueueID) throws -> EnvelopeRecord? {
-        // The map first: the applier removes a message from it only after
-        // LMDB has it.
-        if let pending = committer.unappliedInsert(id) { return pending.envelope }
-        return try readTransaction { txn in
+        try readTransaction { txn in
             guard let bytes = try txn.get(databases.envelopes, id.key) else { return nil }
             return try EnvelopeRecord(decoding: bytes)
         }
@@ -597,33 +519,11 @@ public final class Spool: @unchecked Sendable {
     /// consumer never pins old pages nor blocks a map resize; a message
     /// deleted meanwhile ends the read with an error.
     public func readBody(_ id: QueueID, _ chunk: ([UInt8]) throws -> Void) throws {
-        // A journaled message not in LMDB yet: its sealed chunks are in memory.
-        if let body = committer.unappliedInsert(id)?.body {
-            let record = KeyRecord(wrappedKey: body.wrappedKey, header: body.header,
-                                   chunkCount: UInt32(body.chunks.count), size: body.size)
-            try decrypt(id, record, ciphertext: { body.chunks[Int($0)] }, chunk)
-            return
-        }
         guard let keyBytes = try readTransaction({ try $0.get(databases.keys, id.key) }) else {
             throw SpoolError.noSuchMessage
         }
         let record: KeyRecord
         do { record = try KeyRecord(decoding: keyBytes) } catch { throw SpoolError.corrupt("\(id): \(error)") }
-        try decrypt(id, record, ciphertext: { number in
-            guard let ciphertext = try readTransaction({ try $0.get(databases.bodies, chunkKey(id, number)) }) else {
-                throw SpoolError.corrupt("\(id): body chunk \(number) of \(record.chunkCount) missing")
-            }
-            return ciphertext
-        }, chunk)
-        if try readTransaction({ try $0.get(databases.bodies, chunkKey(id, record.chunkCount)) }) != nil {
-            throw SpoolError.corrupt("\(id): body chunk after the final one")
-        }
-    }
-
-    /// Decrypts the chunks of the body `record` describes, checking their
-    /// order, the final tag and the size.
-    private func decrypt(_ id: QueueID, _ record: KeyRecord, ciphertext: (UInt32) throws -> [UInt8],
-                         _ chunk: ([UInt8]) throws -> Void) throws {
         let stream: SecretStreamPull
         do {
             let key = try SecretBox.openKey(record.wrappedKey, under: masterKey)
@@ -633,7 +533,9 @@ public final class Spool: @unchecked Sendable {
         }
         var total: UInt64 = 0
         for number in 0..<record.chunkCount {
-            let ciphertext = try ciphertext(number)
+            guard let ciphertext = try readTransaction({ try $0.get(databases.bodies, chunkKey(id, number)) }) else {
+                throw SpoolError.corrupt("\(id): body chunk \(number) of \(record.chunkCount) missing")
+            }
             let plaintext: [UInt8], isFinal: Bool
             do {
                 (plaintext, isFinal) = try stream.pull(ciphertext)
@@ -648,6 +550,9 @@ public final class Spool: @unchecked Sendable {
         }
         do { try stream.finish() } catch { throw SpoolError.corrupt("\(id): body: \(error)") }
         guard total == record.size else { throw SpoolError.corrupt("\(id): body has \(total) bytes, key record says \(record.size)") }
+        if try readTransaction({ try $0.get(databases.bodies, chunkKey(id, record.chunkCount)) }) != nil {
+            throw SpoolError.corrupt("\(id): body chunk after the final one")
+        }
     }
 
     public var statistics: SpoolStatistics {

@@ -12,14 +12,11 @@
 //      wrapped by the master key data/queue/spool.key, mode 0600).
 //
 //      It accepts mail over the inject socket and answers ACCEPTED only
-//      once the message is durable: appended with sync to the spool's
-//      journal (data/queue/journal, journal_size, 16 MiB by default), or,
-//      without one, committed with sync to LMDB; injections that arrive
-//      together share one append or commit (group commit; under load from
-//      many connections it waits up to commit_delay, 3 ms by default, for
-//      more of them, see Sources/Spool/Spool.swift and Journal.swift).
-//      Journaled messages reach LMDB moments later, many per commit; at
-//      start the queue applies any the journal still holds (after a crash). It schedules every recipient that is
+//      after the transaction holding the message has been committed with
+//      sync; injections that arrive together share one commit (group
+//      commit; under load from many connections a commit waits up to
+//      commit_delay, 3 ms by default, for more of them, see
+//      Sources/Spool/Spool.swift). It schedules every recipient that is
 //      neither sent nor bounced: recipients of local domains go to a
 //      connected local-deliver stage, the others, grouped per destination
 //      domain, to remote-deliver.
@@ -85,7 +82,6 @@
 import Glibc
 #endif
 import Dispatch
-import Logging
 import QueueService
 import SealpostConfig
 import Spool
@@ -122,19 +118,13 @@ umask(0o077)
 mkdir(paths.runtimeDirectory, 0o755)
 mkdir(paths.spoolDirectory, 0o700)
 
-let spoolLogger = Logger(label: "queue")
 let spool: Spool
 do {
     spool = try Spool(directory: paths.spoolDirectory,
                       options: SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit,
-                                            commitDelay: Double(config.queue.commitDelayMilliseconds) / 1000,
-                                            journalSize: config.queue.journalSize,
-                                            warn: { spoolLogger.warning("\($0)") }))
+                                            commitDelay: Double(config.queue.commitDelayMilliseconds) / 1000))
 } catch {
     StageRuntime.fatal("cannot open the spool \(paths.spoolDirectory): \(error)", exit: .osErr)
-}
-if spool.replayedFromJournal > 0 {
-    spoolLogger.warning("spool: \(spool.replayedFromJournal) messages applied from the journal (the queue had stopped before they reached LMDB)")
 }
 
 let service = QueueService(configuration: config, paths: paths, spool: spool, options: options)

@@ -49,16 +49,6 @@ import Testing
         expectError("[queue]\ncommit_delay = \"1\"\n", line: 2, key: "queue.commit_delay",
                     "not a duration in ms or s: \"1\"")
     }
-
-    @Test func journalSizeInTheFile() throws {
-        #expect(try load("[queue]\njournal_size = 0\n").queue.journalSize == 0)
-        #expect(try load("[queue]\njournal_size = \"1MiB\"\n").queue.journalSize == 1 << 20)
-        #expect(try load("[queue]\njournal_size = \"1GiB\"\n").queue.journalSize == 1 << 30)
-        expectError("[queue]\njournal_size = \"512KiB\"\n", line: 2, key: "queue.journal_size",
-                    "must be 0 (no journal) or from 1MiB to 1GiB")
-        expectError("[queue]\njournal_size = \"2GiB\"\n", line: 2, key: "queue.journal_size",
-                    "must be 0 (no journal) or from 1MiB to 1GiB")
-    }
 }
 
 @Suite struct SizeTests {

@@ -18,7 +18,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import smtplib
 import subprocess
 
@@ -146,58 +145,38 @@ def test_a_full_mailbox_disk_defers_and_delivers_each_message_once_when_there_is
 FIU_RUN = shutil.which("fiu-run") or "/usr/bin/fiu-run"
 FIU_CTRL = shutil.which("fiu-ctrl") or "/usr/bin/fiu-ctrl"
 FDATASYNC = "posix/io/sync/fdatasync"
-PWRITE = "posix/io/rw/pwrite"
 
 
-FIU_USER = "nobody"
-
-
-def fiu_pipeline(workdir, stages_text, config_overrides=None):
-    """A pipeline run as FIU_USER whose queue runs under fiu-run (its
-    control FIFOs under workdir/fiu), and a function that injects message
-    number N with queue-inject as that user. Skips where it cannot run."""
+def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir):
+    """The queue runs under libfiu's fiu-run; fiu-ctrl makes every
+    fdatasync(2) fail (EIO and the other errors POSIX allows), then stops.
+    The pipeline runs as "nobody": a chrooted queue could not reopen
+    fiu-run's control FIFOs, which live outside its root."""
     if not IS_ROOT:
         pytest.skip("needs root: runs the pipeline as nobody")
     if not (os.access(FIU_RUN, os.X_OK) and os.access(FIU_CTRL, os.X_OK)):
         pytest.skip("libfiu's fiu-run is missing (Debian: fiu-utils, which Pipeline/test installs)")
-    entry = pwd.getpwnam(FIU_USER)
-    if subprocess.run(as_user(FIU_USER, ["test", "-x", executable("queue")])).returncode != 0:
-        pytest.skip(f"{executable('queue')} is not readable by {FIU_USER}")
+    require_build("queue", "local-deliver", "queue-inject", "smtp-listen")
+    user = "nobody"
+    entry = pwd.getpwnam(user)
+    if subprocess.run(as_user(user, ["test", "-x", executable("queue")])).returncode != 0:
+        pytest.skip(f"{executable('queue')} is not readable by {user}")
     os.chown(workdir, entry.pw_uid, entry.pw_gid)
     control = workdir / "fiu"
     stages = "\n".join(f"queue {FIU_RUN} -x -f {control} {executable('queue')}" if line.split()[:1] == ["queue"] else line
-                       for line in stages_text.splitlines())
-    pipe = Pipeline(workdir, stages=stages, run_as=FIU_USER, config_overrides=config_overrides)
+                       for line in (CHECKOUT / "Pipeline" / "stages").read_text().splitlines())
+    pipe = Pipeline(workdir, stages=stages, run_as=user)
     for path in workdir.iterdir():
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def inject(sequence):
-        return subprocess.run(as_user(FIU_USER, [executable("queue-inject"), "-f", "sender@localhost", f"{FIU_USER}@localhost"]),
-                              input=make_message(sequence, FIU_USER), env=pipe.env(), capture_output=True, timeout=120)
-    return pipe, control, inject
-
-
-@pytest.mark.parametrize("journal", ["16MiB", "0"])
-def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir, journal):
-    """The queue runs under libfiu's fiu-run; fiu-ctrl makes every
-    fdatasync(2) fail (EIO and the other errors POSIX allows), then stops.
-    With the spool's journal, whose append is an O_DSYNC pwrite(2), every
-    pwrite fails too: a journal that cannot be written sends the message
-    to LMDB directly (still durable: a 250 would be right), so only both
-    failing make a 451. The pipeline runs as "nobody": a chrooted queue
-    could not reopen fiu-run's control FIFOs, which live outside its
-    root."""
-    require_build("queue", "local-deliver", "queue-inject", "smtp-listen")
-    user = FIU_USER
-    pipe, control, inject = fiu_pipeline(workdir, (CHECKOUT / "Pipeline" / "stages").read_text(),
-                                         {"journal_size": f'"{journal}"' if journal != "0" else "0"})
-    failing = [FDATASYNC] + ([PWRITE] if journal != "0" else [])
+        return subprocess.run(as_user(user, [executable("queue-inject"), "-f", "sender@localhost", f"{user}@localhost"]),
+                              input=make_message(sequence, user), env=pipe.env(), capture_output=True, timeout=120)
 
     def fail_syncs(command):
-        for name in failing:
-            result = subprocess.run([FIU_CTRL, "-f", str(control), "-c", f"{command} name={name}",
-                                     str(pipe.running_pid("queue"))], capture_output=True, text=True, timeout=60)
-            assert result.returncode == 0, result.stderr
+        result = subprocess.run([FIU_CTRL, "-f", str(control), "-c", f"{command} name={FDATASYNC}",
+                                 str(pipe.running_pid("queue"))], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
 
     with running(pipe):
         assert inject(0).returncode == 0
@@ -211,12 +190,6 @@ def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir, j
                 client.sendmail("sender@localhost", [f"{user}@localhost"], make_message(4, user))
             assert refused.value.smtp_code == 451 and refused.value.smtp_error.startswith(b"4.3.0"), refused.value
         pipe.log_with("cannot queue the message: spool I/O error: mdb_txn_commit")
-        if journal != "0":
-            # Either a journal append failed, or the applier's commit of
-            # message 0 (answered from the journal a moment before the
-            # failures began) did, and it waits in the journal.
-            pipe.log_with(re.compile(r"/journal: cannot append \(spool I/O error:|"
-                                     r"journaled messages cannot enter LMDB \(spool I/O error: mdb_txn_commit"))
         fail_syncs("disable")
         # The same process, no restart: the disk syncs, mail is taken again.
         assert pipe.status()["queue"][3] == 0, pipe.status()
@@ -248,48 +221,19 @@ def threads(pid):
     return set(map(int, os.listdir(f"/proc/{pid}/task")))
 
 
-def journal_descriptors(pid):
-    """The queue's descriptors of the spool's journal."""
-    found = set()
-    for entry in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            if os.readlink(f"/proc/{pid}/fd/{entry}").endswith("/journal"):
-                found.add(int(entry))
-    return found
-
-
-def test_the_250_follows_the_queue_s_journal_append(pipeline):
+def test_the_250_follows_the_queue_s_completed_sync(pipeline):
     """strace of both processes in one output, in the order the kernel saw
     the calls: the message reaches the queue (smtp-listen's write to the
-    inject socket), the queue's O_DSYNC pwrite of the journal record that
-    holds it returns, then the queue writes ACCEPTED, and only then does
-    smtp-listen write the 250 (the default configuration: with the
-    spool's journal)."""
-    check_the_250_follows_the_sync(pipeline, journal=True)
-
-
-def test_without_the_journal_the_250_follows_the_queue_s_completed_lmdb_commit(workdir):
-    """The same with journal_size = 0: the queue's fdatasync returns 0 and
-    its O_DSYNC meta page write (LMDB's commit) returns before ACCEPTED."""
-    require_build("queue", "local-deliver", "queue-inject")
-    pipe = Pipeline(workdir, config_overrides={"journal_size": "0"}).start()
-    try:
-        check_the_250_follows_the_sync(pipe, journal=False)
-    finally:
-        assert pipe.stop() == 0, pipe.supervisor_output()
-
-
-def check_the_250_follows_the_sync(pipeline, journal):
+    inject socket), the queue's fdatasync returns 0 and its O_DSYNC meta
+    page write returns, then the queue writes ACCEPTED, and only then does
+    smtp-listen write the 250."""
     if not os.access(STRACE, os.X_OK):
         pytest.skip("strace is missing (Pipeline/test installs it)")
     require_build("smtp-listen")
     queue, listen = pipeline.running_pid("queue"), pipeline.running_pid("smtp-listen")
     queue_threads, listen_threads = threads(queue), threads(listen)
     meta = o_dsync_descriptors(queue)
-    assert meta, "the queue holds no O_DSYNC descriptor (LMDB's meta page, the journal)"
-    journal_files = journal_descriptors(queue)
-    assert bool(journal_files) == journal, f"journal descriptors: {journal_files}"
-    assert journal_files <= meta, "the journal is not opened with O_DSYNC"
+    assert meta, "the queue holds no O_DSYNC descriptor (LMDB's meta page)"
     output, messages = pipeline.directory / "strace.out", pipeline.directory / "strace.err"
     with open(messages, "wb") as errors:
         # -s 4096: smtp-listen sends the whole small message to the queue
@@ -338,13 +282,6 @@ def check_the_250_follows_the_sync(pipeline, journal):
                     return descriptor is None or int(start.group(1)) in descriptor
         return False
 
-    def unfinished(index):
-        """The "unfinished" line of a resumed call (where its arguments are)."""
-        for earlier in range(index - 1, -1, -1):
-            if thread(lines[earlier]) == thread(lines[index]) and "<unfinished ...>" in lines[earlier]:
-                return lines[earlier]
-        return ""
-
     sent = next(i for i, line in enumerate(lines) if thread(line) in listen_threads and marker in line)
     reply = next(i for i, line in enumerate(lines)
                  if i > sent and thread(line) in listen_threads and "250 2.0.0 Ok: queued as" in line)
@@ -354,14 +291,8 @@ def check_the_250_follows_the_sync(pipeline, journal):
                     if sent < i < reply and thread(line) in queue_threads
                     and re.search(r"\\0\\25\\10queue-id\\2\\0\\0\\0\\f" + queue_id, line))
     between = "\n".join(line[:100] for line in lines[sent:reply + 1])
-    if journal:
-        # The record carries the envelope, queue ID included, in the clear.
-        assert any(completed(i, queue_threads, "pwrite64", journal_files) and queue_id in lines[i]
-                   or completed(i, queue_threads, "pwrite64", journal_files) and queue_id in unfinished(i)
-                   for i in range(sent, accepted)), between
-    else:
-        assert any(completed(i, queue_threads, "fdatasync") for i in range(sent, accepted)), between
-        assert any(completed(i, queue_threads, "pwrite64", meta) for i in range(sent, accepted)), between
+    assert any(completed(i, queue_threads, "fdatasync") for i in range(sent, accepted)), between
+    assert any(completed(i, queue_threads, "pwrite64", meta) for i in range(sent, accepted)), between
 
 
 def test_a_full_log_disk_does_not_stop_the_mail(workdir):
@@ -407,37 +338,3 @@ def test_a_full_log_disk_does_not_stop_the_mail(workdir):
             else:
                 # Each other line whole: one stamp at its start, none inside.
                 assert stamp.match(line) and not stamp.search(line, 1), line
-
-
-def test_a_message_the_journal_took_and_lmdb_did_not_survives_kill_minus_nine(workdir):
-    """The queue under fiu-run, every fdatasync(2) failing: the journal's
-    O_DSYNC append still succeeds, so message 0 gets its 0 (250), but the
-    applier's LMDB commit fails and the message waits in the journal.
-    Message 1 then takes the direct way (a journal that waits is not used)
-    and gets 75 (451). The queue is killed with SIGKILL; the supervisor
-    starts a new one (without failures), which applies message 0 from the
-    journal: it is in the queue, once. No local-deliver: a delivery before
-    the kill (from memory) would be repeated after it, as after any crash
-    between a delivery and its removal."""
-    require_build("queue", "queue-inject", "sealpost")
-    pipe, control, inject = fiu_pipeline(workdir, stages_without("local-deliver", "remote-deliver"))
-
-    with running(pipe):
-        first = pipe.running_pid("queue")
-        result = subprocess.run([FIU_CTRL, "-f", str(control), "-c", f"enable name={FDATASYNC}", str(first)],
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        assert inject(0).returncode == 0
-        pipe.log_with("1 journaled messages cannot enter LMDB (spool I/O error: mdb_txn_commit")
-        result = inject(1)
-        assert result.returncode == 75 and b"451 4.3.0" in result.stderr, result
-        os.kill(first, signal.SIGKILL)
-        wait_until(lambda: pipe.stage_pid("queue") not in (None, first), 60, "a new queue")
-        pipe.log_with("spool: 1 messages applied from the journal")
-        listing = wait_until(lambda: (r := pipe.sealpost("queue", "list")).returncode == 0 and r.stdout, 60, "the queue list")
-        ids = re.findall(r"(?m)^([0-9A-F]{12})\b", listing)
-        assert len(ids) == 1, listing
-        # The new queue uses the journal again, and applies what it takes.
-        assert inject(2).returncode == 0
-        wait_until(lambda: len(re.findall(r"(?m)^[0-9A-F]{12}\b", pipe.sealpost("queue", "list").stdout)) == 2,
-                   60, "messages 0 and 2 in the queue")
