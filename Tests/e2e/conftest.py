@@ -83,11 +83,21 @@ def local_user():
     return pwd.getpwuid(os.geteuid()).pw_name if IS_ROOT else getpass.getuser()
 
 
+_ports_handed_out = set()
+
+
 def free_tcp_port():
-    """A loopback TCP port free at this moment."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback TCP port free at this moment, and not handed out before
+    by this process: the kernel may give a port that was just probed and
+    closed to the next probe (two listeners of one configuration then
+    got the same port, and smtp-listen refused it)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
 
 
 def make_config(directory, data_directory, overrides=None):
