@@ -154,8 +154,8 @@ public enum RoutePlanner {
         guard domain.hasPrefix("["), domain.hasSuffix("]") else { return .mailExchangers(domain, port: 25) }
         let inner = String(domain.dropFirst().dropLast())
         if TransportTable.isIPv4(inner) { return .host(inner, port: 25) }
-        if inner.lowercased().hasPrefix("ipv6:"), TransportTable.isIPv6(String(inner.dropFirst(5))) {
-            let address = String(inner.dropFirst(5))
+        let address = String(inner.dropFirst(5))
+        if inner.lowercased().hasPrefix("ipv6:"), TransportTable.isIPv6(address) {
             return .host(TransportTable.unmappedIPv4(address) ?? address, port: 25)
         }
         return .mailExchangers(domain, port: 25)

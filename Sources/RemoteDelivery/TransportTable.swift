@@ -39,6 +39,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import DNS
 import SealpostConfig
 import SMTP
 
@@ -300,8 +301,7 @@ public struct TransportTable: Sendable {
     }
 
     static func isIPv4(_ s: String) -> Bool {
-        var a = in_addr()
-        return inet_pton(AF_INET, s, &a) == 1
+        if case .v4 = IPAddress(text: s) { true } else { false }
     }
 
     /// "::ffff:192.0.2.1" -> "192.0.2.1": an IPv4-mapped IPv6 address is
@@ -309,16 +309,13 @@ public struct TransportTable: Sendable {
     /// certificate's IPv4 address (OpenSSL compares the 16-byte form with
     /// a 4-byte iPAddress name as different). nil for anything else.
     static func unmappedIPv4(_ s: String) -> String? {
-        var a = in6_addr()
-        guard s.contains(":"), inet_pton(AF_INET6, s, &a) == 1 else { return nil }
-        let bytes = withUnsafeBytes(of: a) { Array($0) }
-        guard bytes[0..<10].allSatisfy({ $0 == 0 }), bytes[10] == 0xFF, bytes[11] == 0xFF else { return nil }
-        return bytes[12...].map(String.init).joined(separator: ".")
+        guard case .v6(let address) = IPAddress(text: s), address.bytes[0..<10].allSatisfy({ $0 == 0 }),
+              address.bytes[10] == 0xFF, address.bytes[11] == 0xFF else { return nil }
+        return IPv4Address(bytes: Array(address.bytes[12...]))?.description
     }
 
     static func isIPv6(_ s: String) -> Bool {
-        var a = in6_addr()
-        return inet_pton(AF_INET6, s, &a) == 1
+        if case .v6 = IPAddress(text: s) { true } else { false }
     }
 
     /// An auth= file: one line "username:password" (comments and blank
