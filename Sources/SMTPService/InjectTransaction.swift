@@ -118,7 +118,11 @@ final class InjectTransaction {
     private var ended = false
     /// Whether `body` was given any of the client's bytes (see `flush`).
     private var bodyWritten = false
-    private var timer: Scheduled<Void>?
+    /// When the queue's awaited answer is overdue (`replyTimeout`); nil
+    /// while none is awaited. The session's SessionClock checks it
+    /// (`clockTicked`), or `ownTimer` once the session has ended.
+    private var answerDeadline: NIODeadline?
+    private var ownTimer: LoopTimer?
     /// Called when `isWritable` may have changed (connected, failed,
     /// channel writability changed).
     var writabilityChanged: (() -> Void)?
@@ -204,8 +208,6 @@ final class InjectTransaction {
         self.announced = announced
         envelopeFrames.append(Self.mailFrame(envelope, clientName: clientName))
         for r in envelope.recipients { envelopeFrames.append(Self.rcptFrame(r)) }
-        // The connection, both HELLOs and the ID are timed together.
-        armTimer()
         if let (channel, handler) = pool?.take() {
             reused = true
             self.channel = channel
@@ -216,8 +218,16 @@ final class InjectTransaction {
             // the session flushes after each read of client input (the
             // body follows the 354 this transaction starts with), and END
             // flushes.
-            if !sendEnvelope(on: channel) || !channel.isWritable { channel.flush() }
+            if !sendEnvelope(on: channel) {
+                // The ID is asked for: its answer is timed.
+                armTimer()
+                channel.flush()
+            } else if !channel.isWritable {
+                channel.flush()
+            }
         } else {
+            // The connection, both HELLOs and the ID are timed together.
+            armTimer()
             connect()
         }
     }
@@ -303,8 +313,7 @@ final class InjectTransaction {
     private func idAnnounced(_ id: String, flush: Bool = true) {
         guard let channel else { return }
         queueID = id
-        timer?.cancel()
-        timer = nil
+        stopTimer()
         announced?(id)
         if let prefix { for frame in Self.bodyFrames(prefix(id)) { send(frame, on: channel) } }
         let frames = held
@@ -389,7 +398,7 @@ final class InjectTransaction {
     func abort() {
         guard outcome == nil else { return }
         outcome = .unavailable(reason: "aborted")
-        timer?.cancel()
+        stopTimer()
         // ABORT only where MAIL went out (after the HELLOs); otherwise
         // closing the connection is all the queue needs to forget it.
         if let channel, helloReceived, failure == nil, !ended {
@@ -403,10 +412,22 @@ final class InjectTransaction {
     }
 
     private func armTimer() {
-        guard timer == nil else { return }
-        timer = eventLoop.assumeIsolated().scheduleTask(in: replyTimeout) {
-            self.fail("no answer from the queue within \(self.replyTimeout.nanoseconds / 1_000_000_000) s", retry: false)
-        }
+        guard answerDeadline == nil else { return }
+        let deadline = NIODeadline.now() + replyTimeout
+        answerDeadline = deadline
+        ownTimer?.arm(at: deadline, on: eventLoop)
+    }
+
+    private func stopTimer() {
+        answerDeadline = nil
+        ownTimer?.cancel()
+    }
+
+    /// The time, from the session's clock (or `ownTimer`).
+    func clockTicked(now: NIODeadline) {
+        guard let deadline = answerDeadline, deadline <= now else { return }
+        answerDeadline = nil
+        fail("no answer from the queue within \(replyTimeout.nanoseconds / 1_000_000_000) s", retry: false)
     }
 
     // MARK: - Events from the inject channel
@@ -479,6 +500,10 @@ final class InjectTransaction {
     /// The SMTP client left while the queue's answer was due.
     func clientLeft() {
         clientGone = true
+        // The session's clock no longer ticks this transaction.
+        let timer = LoopTimer { [weak self] in self?.clockTicked(now: .now()) }
+        ownTimer = timer
+        if let answerDeadline { timer.arm(at: answerDeadline, on: eventLoop) }
     }
 
     func channelClosed() {
@@ -532,7 +557,7 @@ final class InjectTransaction {
     private func finish(_ result: InjectOutcome) {
         guard outcome == nil else { return }
         outcome = result
-        timer?.cancel()
+        stopTimer()
         replay = nil
         prefix = nil
         announced = nil

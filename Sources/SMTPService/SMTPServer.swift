@@ -78,6 +78,8 @@ final class SMTPServerCore: Sendable {
 
     /// Idle inject connections per event loop (InjectPool.swift).
     let injectPools: InjectPools
+    /// The sessions' timeouts per event loop (SessionClock.swift).
+    let sessionClocks = SessionClocks()
 
     init(settings: SMTPServiceSettings, logger: Logger, handoff: TLSHandoff? = nil) {
         self.settings = settings

@@ -2,7 +2,7 @@
 // pure state machine `SMTPServerSession` (module SMTP), whose actions this
 // handler performs: replies, the message stream into the queue
 // (`InjectTransaction`), log lines, closing. No thread per session: every
-// session of an event loop shares its thread, and waits are timers.
+// session of an event loop shares its thread, and waits are deadlines.
 //
 // Back-pressure: this handler sits at the head of the pipeline's outbound
 // side and swallows `read()` requests while it does not want input: the
@@ -22,7 +22,9 @@
 // Timeouts (RFC 5321 4.5.3.2): a command is awaited for `timeouts.command`
 // (5 min), message data for `timeouts.dataBlock` (3 min); while the queue
 // decides, the client is not timed (the inject transaction has its own
-// timeout). A timeout ends the session with 421 4.4.2.
+// timeout). A timeout ends the session with 421 4.4.2. The deadlines are
+// stored values that the event loop's SessionClock checks once a second,
+// not a timer per session (see SessionClock.swift).
 //
 // AUTH: the password check (Argon2id, slow by design) runs on the server's
 // verification thread pool, never on the event loop; the session buffers
@@ -65,11 +67,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var readPending = false
     private var inputClosed = false
     private var closing = false
-    /// The session's one timeout task (see armTimer): it fires at
-    /// `timerFiresAt`, and then times the session out only if `deadline`
-    /// has passed.
-    private var timer: Scheduled<Void>?
-    private var timerFiresAt: NIODeadline?
+    /// The event loop's SessionClock, once this session has joined it:
+    /// it times out `deadline` and the inject transaction's wait.
+    private var clock: SessionClock?
+    var clockSlot: Int?
     /// When the wait for the client ends (a command, or the next block of
     /// message data); nil while nothing is awaited from the client.
     private var deadline: NIODeadline?
@@ -91,14 +92,14 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var tlsAtStart: TLSEstablished?
     /// STARTTLS: waiting for crypto-negotiate.
     private var handingOff = false
-    private var handoffTimer: Scheduled<Void>?
+    private var handoffTimer: LoopTimer?
     /// The TCP channel is being closed after a successful hand-off.
     private var handedOff = false
     /// The next channelActive is that of the plaintext channel.
     private var resuming: Channel?
     /// Waiting for the client's verified name (before the greeting).
     private var lookingUp = false
-    private var lookupTimer: Scheduled<Void>?
+    private var lookupTimer: LoopTimer?
     private var lookup: ClientNames.Lookup?
 
     init(server: SMTPServerCore, kind: ListenerKind, tcp: Bool = false, peer: String? = nil,
@@ -176,9 +177,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         lookingUp = true
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
-        lookupTimer = loop.assumeIsolated().scheduleTask(in: names.lookupTimeout) {
-            bound.value.lookedUp(nil)
-        }
+        let timer = LoopTimer { [weak self] in self?.lookedUp(nil) }
+        lookupTimer = timer
+        timer.arm(in: names.lookupTimeout, on: loop)
         lookup = names.lookup(clientAddress) { name in
             loop.execute { bound.value.lookedUp(name) }
         }
@@ -266,6 +267,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             // reports a failed handshake, which is then ignored.
             handingOff = false
             handoffTimer?.cancel()
+            handoffTimer = nil
         }
         cancelTimer()
         if lookingUp {
@@ -487,9 +489,11 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             case .success(let fd): copy = fd
             case .failure(let failure): return handler.handoffDone(.failure(failure))
             }
-            handler.handoffTimer = loop.assumeIsolated().scheduleTask(in: .seconds(handler.server.settings.tlsHandoffTimeout)) {
-                bound.value.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "no answer from crypto-negotiate")))
+            let timer = LoopTimer { [weak handler] in
+                handler?.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "no answer from crypto-negotiate")))
             }
+            handler.handoffTimer = timer
+            timer.arm(in: .seconds(handler.server.settings.tlsHandoffTimeout), on: loop)
             handoff.negotiate(socket: copy, peer: handler.client) { result in
                 loop.execute {
                     let handler = bound.value
@@ -569,6 +573,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         let warnings = server.logger
         transaction.warn = { text in warnings.warning("\(text)") }
         inject = transaction
+        joinClock(on: context.eventLoop)
         // The queue announces the ID the message will be queued under before
         // the first body byte: it goes into the Received header ("id ...")
         // and into the "ID: client=" line, as Postfix's smtpd logs it when
@@ -669,11 +674,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
 
     /// Sets the deadline of what the session now waits for (RFC 5321
     /// 4.5.3.2), or clears it while nothing is awaited from the client.
-    /// It runs after every batch of input, so it reschedules only when the
-    /// deadline comes earlier than the task fires (at DATA: the data block
-    /// timeout is the shorter one); a later deadline is left to the task,
-    /// which re-arms itself when it fires early. An NIO task scheduled and
-    /// cancelled per command cost smtp-listen 3% of its CPU.
+    /// It runs after every batch of input; the event loop's SessionClock
+    /// checks the deadline (no timer is armed or cancelled per command).
     private func armTimer() {
         guard let context, session?.isClosed == false, !closing, !waitingForQueue, !handingOff else {
             deadline = nil
@@ -681,42 +683,36 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         }
         let timeouts = server.settings.timeouts
         let seconds = session?.readsMessageData == true ? timeouts.dataBlock : timeouts.command
-        let next = NIODeadline.now() + .seconds(seconds)
-        deadline = next
-        if let firesAt = timerFiresAt, firesAt <= next { return }
-        timer?.cancel()
-        schedule(at: next, on: context.eventLoop)
+        deadline = NIODeadline.now() + .seconds(seconds)
+        joinClock(on: context.eventLoop)
     }
 
-    private func schedule(at when: NIODeadline, on loop: EventLoop) {
-        timerFiresAt = when
-        timer = loop.assumeIsolated().scheduleTask(deadline: when) { [weak self] in
-            self?.timerFired()
-        }
+    private func joinClock(on loop: EventLoop) {
+        guard clockSlot == nil else { return }
+        if clock == nil { clock = server.sessionClocks.clock(for: loop) }
+        clock!.add(self)
     }
 
-    private func timerFired() {
-        timer = nil
-        timerFiresAt = nil
-        guard let deadline, let context else { return }
-        if deadline > .now() {
-            schedule(at: deadline, on: context.eventLoop)
-            return
-        }
-        self.deadline = nil
-        timedOut()
-    }
-
+    /// The session has ended (or waits for crypto-negotiate): nothing is
+    /// timed any more.
     private func cancelTimer() {
-        timer?.cancel()
-        timer = nil
-        timerFiresAt = nil
         deadline = nil
+        clock?.remove(self)
     }
 
     private func timedOut() {
         guard session?.isClosed == false, !waitingForQueue, !handingOff else { return }
         server.logger.info("\(SessionLog.timeout(after: lastCommand, client: client))")
         perform(session!.shutdown(SMTPReply(421, "4.4.2", "\(server.settings.hostname) Error: timeout exceeded")))
+    }
+}
+
+extension SMTPSessionHandler: SessionClockMember {
+    func clockTicked(now: NIODeadline) {
+        if let deadline, deadline <= now, context != nil {
+            self.deadline = nil
+            timedOut()
+        }
+        inject?.clockTicked(now: now)
     }
 }

@@ -248,15 +248,25 @@ import Testing
         // answering. Nobody would see a replay's outcome: there is none.
         q.hangUpDelayMicroseconds = 300_000
         q.answer = .hangUp
-        #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
-        #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
-        #expect(c.command("DATA")?.code == 354)
-        c.send("Subject: 1\r\n\r\nHello.\r\n.\r\n")
-        c.reset()
+        sendAMessageAndLeave(c)
         #expect(h.logs.eventually("queue inject failed for unknown[127.0.0.1]: queue closed the inject connection"), "\(h.logs.all)")
         #expect(h.queue.connections == 1)
         #expect(h.queue.accepted.count == 1)
         #expect(!h.logs.contains("sending the message again"))
+    }
+
+    /// The queue's reply timeout is the session's SessionClock's while the
+    /// client is there; a client that leaves takes its session (and the
+    /// clock's ticks) with it, and the wait is still bounded: by the
+    /// transaction's own timer, not by the queue closing much later.
+    @Test func theQueueReplyTimeoutOutlivesAClientThatLeft() throws {
+        let (q, h, c) = try sessionWithAPooledConnection { $0.timeouts.queueReply = 1 }
+        defer { h.stop() }
+        q.hangUpDelayMicroseconds = 8_000_000
+        q.answer = .hangUp
+        sendAMessageAndLeave(c)
+        #expect(h.logs.eventually("queue inject failed for unknown[127.0.0.1]: no answer from the queue within 1 s"), "\(h.logs.all)")
+        #expect(!h.logs.contains("queue closed the inject connection"))
     }
 
     /// The envelope waits at DATA for the first body bytes (one write to
@@ -523,6 +533,15 @@ import Testing
 
 /// `count` messages from alice to bob ("Subject: 0", "Subject: 1", ...),
 /// each expected to get 250; returns the queue IDs of the 250 replies.
+/// A message, whole, then a reset before the reply to its end.
+func sendAMessageAndLeave(_ c: SMTPTestClient) {
+    #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
+    #expect(c.command("RCPT TO:<bob@example.test>")?.code == 250)
+    #expect(c.command("DATA")?.code == 354)
+    c.send("Subject: 1\r\n\r\nHello.\r\n.\r\n")
+    c.reset()
+}
+
 func sendMessages(_ c: SMTPTestClient, count: Int) throws -> [String] {
     var ids: [String] = []
     for i in 0..<count {
