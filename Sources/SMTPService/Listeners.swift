@@ -30,6 +30,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import DNS
 import NIOCore
 import StageRuntime
 
@@ -186,15 +187,16 @@ public enum SocketActivation {
     /// The bytes of a numeric IPv4 or IPv6 address (an IPv4-mapped IPv6
     /// address as its IPv4 bytes), nil for a host name.
     static func numericAddress(_ host: String) -> [UInt8]? {
-        var v4 = in_addr()
-        if inet_pton(AF_INET, host, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
-        var v6 = in6_addr()
-        if inet_pton(AF_INET6, host, &v6) == 1 {
-            let bytes = withUnsafeBytes(of: &v6) { Array($0) }
+        switch IPAddress(text: host) {
+        case .v4(let v4)?:
+            return v4.bytes
+        case .v6(let v6)?:
+            let bytes = v6.bytes
             if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xff && bytes[11] == 0xff { return Array(bytes[12...]) }
             return bytes
+        case nil:
+            return nil
         }
-        return nil
     }
 
     /// Reads and removes LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES from the

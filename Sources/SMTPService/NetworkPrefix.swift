@@ -1,13 +1,9 @@
 // Address prefixes for trusted networks ("192.0.2.0/24", "2001:db8::/32",
-// "127.0.0.1"), parsed with inet_pton. IPv4 addresses are kept as
+// "127.0.0.1"), parsed as DNS's IPAddress. IPv4 addresses are kept as
 // IPv4-mapped IPv6 (::ffff:a.b.c.d), so an IPv4 client that reaches a dual
 // stack listener as ::ffff:192.0.2.1 matches 192.0.2.0/24.
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
+import DNS
 
 public struct NetworkPrefix: Sendable, Hashable, CustomStringConvertible {
     /// 16 bytes, IPv4 mapped into ::ffff:0:0/96.
@@ -56,16 +52,11 @@ public struct NetworkPrefix: Sendable, Hashable, CustomStringConvertible {
     /// 16 bytes (IPv4 mapped) and whether it was written as IPv4.
     static func parseAddress(_ text: String) -> ([UInt8], Bool)? {
         guard !text.isEmpty, text.utf8.count < 64 else { return nil }
-        var v4 = in_addr()
-        if inet_pton(AF_INET, text, &v4) == 1 {
-            let b = withUnsafeBytes(of: v4) { Array($0) }
-            return ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF] + b, true)
+        switch IPAddress(text: text) {
+        case .v4(let v4)?: return ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF] + v4.bytes, true)
+        case .v6(let v6)?: return (v6.bytes, false)
+        case nil: return nil
         }
-        var v6 = in6_addr()
-        if inet_pton(AF_INET6, text, &v6) == 1 {
-            return (withUnsafeBytes(of: v6) { Array($0) }, false)
-        }
-        return nil
     }
 
     static func masked(_ bytes: [UInt8], _ bits: Int) -> [UInt8] {
@@ -83,8 +74,7 @@ public struct NetworkPrefix: Sendable, Hashable, CustomStringConvertible {
         let lower = text.lowercased()
         if lower.hasPrefix("::ffff:"), !lower.dropFirst(7).contains(":") {
             let rest = String(text.dropFirst(7))
-            var v4 = in_addr()
-            if inet_pton(AF_INET, rest, &v4) == 1 { return rest }
+            if case .v4? = IPAddress(text: rest) { return rest }
         }
         return text
     }
