@@ -14,6 +14,8 @@ import Musl
 extension IPAddress {
     /// "192.0.2.1" or "2001:db8::1" (inet_pton's forms); nil for anything else.
     public init?(text: String) {
+        // inet_pton reads a C string: a NUL would end the text early.
+        guard !text.utf8.contains(0) else { return nil }
         if text.utf8.contains(UInt8(ascii: ":")) {
             var v6 = [UInt8](repeating: 0, count: 16)
             guard inet_pton(AF_INET6, text, &v6) == 1, let address = IPv6Address(bytes: v6) else { return nil }

@@ -115,6 +115,70 @@ enum ConfigPath {
             }
             throw ConfigError(file: path, line: line, message: "not valid UTF-8")
         }
+        if let line = nulEscapeLine(bytes) {
+            throw ConfigError(file: path, line: line,
+                              message: "a string contains \\u0000 (NUL), which would cut it short")
+        }
         return text
+    }
+
+    /// The line of the first `\u0000` or `\U00000000` escape in a basic
+    /// string ("..." or """..."""), if any: TOMLKit hands strings over as
+    /// C strings, so such a value would silently end at the NUL (for
+    /// example "127.0.0.1\u0000/8" read as "127.0.0.1"). A lexer just
+    /// strong enough for that: comments, the four kinds of strings, their
+    /// escapes; the rest of the syntax is TOMLKit's to check.
+    static func nulEscapeLine(_ bytes: [UInt8]) -> Int? {
+        let quote = UInt8(ascii: "\""), apostrophe = UInt8(ascii: "'"), backslash = UInt8(ascii: "\\")
+        let newline = UInt8(ascii: "\n")
+        func starts(_ pattern: String, at i: Int) -> Bool {
+            var j = i
+            for p in pattern.utf8 {
+                guard j < bytes.count, bytes[j] == p else { return false }
+                j += 1
+            }
+            return true
+        }
+        /// Past the closing delimiter, if there is one: a multi-line
+        /// string's may follow one or two quotes of its content.
+        func close(_ delimiter: String, at i: inout Int) {
+            guard starts(delimiter, at: i) else { return }
+            i += delimiter.utf8.count
+            if delimiter.utf8.count == 3 {
+                let q = delimiter.utf8.first!
+                var extra = 0
+                while extra < 2, i < bytes.count, bytes[i] == q { i += 1; extra += 1 }
+            }
+        }
+        var line = 1
+        var i = 0
+        while i < bytes.count {
+            let b = bytes[i]
+            if b == newline { line += 1; i += 1; continue }
+            if b == UInt8(ascii: "#") {
+                while i < bytes.count, bytes[i] != newline { i += 1 }
+                continue
+            }
+            if b == quote || b == apostrophe {
+                // Escapes exist only in basic strings ("), not in literal ones (').
+                let escapes = b == quote
+                let one = escapes ? "\"" : "'"
+                let delimiter = starts(one + one + one, at: i) ? one + one + one : one
+                i += delimiter.utf8.count
+                while i < bytes.count, !starts(delimiter, at: i), delimiter.utf8.count == 3 || bytes[i] != newline {
+                    if bytes[i] == newline { line += 1 }
+                    if escapes, bytes[i] == backslash {
+                        if starts("\\u0000", at: i) || starts("\\U00000000", at: i) { return line }
+                        i += 1   // the escaped character (a backslash or quote too)
+                        if i < bytes.count, bytes[i] == newline { line += 1 }
+                    }
+                    i += 1
+                }
+                close(delimiter, at: &i)
+                continue
+            }
+            i += 1
+        }
+        return nil
     }
 }

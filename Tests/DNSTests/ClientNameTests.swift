@@ -22,6 +22,18 @@ import DNS
         #expect(Resolver.reverseName(of: text) == nil)
     }
 
+    /// IPAddress(text:), which smtp-listen's trusted networks and
+    /// listeners parse with too: the family, the bytes, and what is not an
+    /// address (reverseName above refuses the same texts through it).
+    @Test func addressTexts() {
+        #expect(IPAddress(text: "192.0.2.1") == .v4(IPv4Address(bytes: [192, 0, 2, 1])!))
+        #expect(IPAddress(text: "::ffff:192.0.2.1") == .v6(IPv6Address(bytes: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1])!))
+        #expect(IPAddress(text: "2001:DB8::1")?.description == "2001:db8::1")
+        for text in ["", " 192.0.2.1", "192.0.2.1:25", "192.0.2.1\0", "2001:db8::1::2", "ｆｅ８０::1", "0x7f.1"] {
+            #expect(IPAddress(text: text) == nil, "\(text)")
+        }
+    }
+
     @Test(arguments: [("127.0.0.1", "localhost"), ("::1", "localhost"),
                       ("127.0.0.5", nil), ("10.1.2.3", nil), ("not an address", nil)] as [(String, String?)])
     func verifiedNames(_ address: String, _ expected: String?) throws {

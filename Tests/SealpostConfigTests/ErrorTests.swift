@@ -211,6 +211,31 @@ import Testing
         }
     }
 
+    /// TOMLKit hands strings over as C strings: "127.0.0.1\u0000/8" would
+    /// be read as "127.0.0.1". The escape is refused in every kind of basic
+    /// string and key; the same text in a comment or a literal string
+    /// (where it is not an escape) is not.
+    @Test(arguments: [
+        (#"[smtp]\#ntrusted_networks = ["127.0.0.1\u0000/8"]\#n"#, 2),
+        (#"[smtp]\#n\#nrelay_domains = ["a.example", "b\U00000000.example"]\#n"#, 3),
+        (#"hostname = """\#nmx\\\#nx\u0000"""\#n"#, 3),
+        (#"[smtp]\#n"a\u0000b" = 1\#n"#, 2),
+    ] as [(String, Int)])
+    func nulEscapeIsRefusedWithItsLine(text: String, line: Int) {
+        let directory = TemporaryDirectory()
+        let file = directory.write("sealpost.toml", text)
+        #expect(throws: ConfigError(file: file, line: line, message: "a string contains \\u0000 (NUL), which would cut it short")) {
+            try SealpostConfiguration.load(path: file)
+        }
+    }
+
+    @Test func nulEscapeTextOutsideBasicStringsIsNoEscape() {
+        #expect(ConfigPath.nulEscapeLine(Array(#"# a comment about "\u0000"\#nhostname = 'mx\u0000'\#n"#.utf8)) == nil)
+        #expect(ConfigPath.nulEscapeLine(Array(#"hostname = '''\#n\u0000'''\#nx = "\\u0000""#.utf8)) == nil)
+        #expect(ConfigPath.nulEscapeLine(Array(#"a = "q\"\u0000""#.utf8)) == 1)
+        #expect(ConfigPath.nulEscapeLine(Array(#"a = """x""""\#nb = "\u0000""#.utf8)) == 2)
+    }
+
     @Test func nulByteIsRefusedWithItsLine() {
         let directory = TemporaryDirectory()
         let file = directory.write("sealpost.toml", "[queue]\n\nmap_size = \"1\u{0}\"\n")
