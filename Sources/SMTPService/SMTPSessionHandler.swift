@@ -74,6 +74,12 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// When the wait for the client ends (a command, or the next block of
     /// message data); nil while nothing is awaited from the client.
     private var deadline: NIODeadline?
+    /// When the output being written must have reached the client: the
+    /// last reply of a closing session, the 220 to STARTTLS. Writes are
+    /// timed as reads are (as Postfix's smtpd_timeout): a client that stops
+    /// reading, its window at zero, would otherwise hold the session for as
+    /// long as it likes. The clock then closes the connection.
+    private var writeDeadline: NIODeadline?
     private var lastCommand = "CONNECT"
     private var out: ByteBuffer?
     /// Where the last reply in `out` begins (to take back a 220 to STARTTLS).
@@ -425,6 +431,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         }
         out = nil
         if closing {
+            armWriteDeadline(context: context)
             let corked = holdLastReplyForFIN(context: context)
             let done = written ?? context.eventLoop.makePromise()
             done.futureResult.assumeIsolated().whenComplete { _ in
@@ -458,9 +465,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     // MARK: - STARTTLS
 
     /// Once the 220 is on the wire, a duplicate of the TCP descriptor goes
-    /// to crypto-negotiate. No timer runs meanwhile (a 421 written now would
-    /// land in the handshake); crypto-negotiate has its handshake timeout,
-    /// and `tlsHandoffTimeout` bounds the wait for its answer.
+    /// to crypto-negotiate. The client is not timed meanwhile (a 421
+    /// written now would land in the handshake); the 220 must be written
+    /// within the write deadline, crypto-negotiate has its handshake
+    /// timeout, and `tlsHandoffTimeout` bounds the wait for its answer.
     ///
     /// Reading stops before the 220 goes out: NIO may hold a read requested
     /// while an earlier command waited (a pipelined STARTTLS behind a
@@ -468,15 +476,17 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// which belongs to crypto-negotiate. A failed hand-off closes the
     /// session, so reading never starts again on this channel.
     private func handOff(context: ChannelHandlerContext) {
-        cancelTimer()
+        deadline = nil
         handingOff = true
         _ = try? context.channel.syncOptions?.setOption(.autoRead, value: false)
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
         let written = loop.makePromise(of: Void.self)
+        armWriteDeadline(context: context)
         flushOutput(context: context, written: written)
         written.futureResult.assumeIsolated().whenComplete { result in
             let handler = bound.value
+            handler.writeDeadline = nil
             guard handler.handingOff else { return }
             guard case .success = result, handler.onTCP, let context = handler.context,
                   let handoff = handler.server.handoff else {
@@ -687,16 +697,21 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         joinClock(on: context.eventLoop)
     }
 
+    private func armWriteDeadline(context: ChannelHandlerContext) {
+        writeDeadline = NIODeadline.now() + .seconds(server.settings.timeouts.command)
+        joinClock(on: context.eventLoop)
+    }
+
     private func joinClock(on loop: EventLoop) {
         guard clockSlot == nil else { return }
         if clock == nil { clock = server.sessionClocks.clock(for: loop) }
         clock!.add(self)
     }
 
-    /// The session has ended (or waits for crypto-negotiate): nothing is
-    /// timed any more.
+    /// The session has ended: nothing is timed any more.
     private func cancelTimer() {
         deadline = nil
+        writeDeadline = nil
         clock?.remove(self)
     }
 
@@ -712,6 +727,11 @@ extension SMTPSessionHandler: SessionClockMember {
         if let deadline, deadline <= now, context != nil {
             self.deadline = nil
             timedOut()
+        }
+        if let writeDeadline, writeDeadline <= now, let context {
+            self.writeDeadline = nil
+            server.logger.info("\(SessionLog.writeTimeout(after: lastCommand, client: client))")
+            context.close(promise: nil)
         }
         inject?.clockTicked(now: now)
     }

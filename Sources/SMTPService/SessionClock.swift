@@ -38,7 +38,10 @@ final class SessionClock: @unchecked Sendable {
         self.eventLoop = eventLoop
     }
 
-    var memberCount: Int { members.count }
+    var memberCount: Int {
+        eventLoop.preconditionInEventLoop()
+        return members.count
+    }
 
     func add(_ member: SessionClockMember) {
         eventLoop.preconditionInEventLoop()
@@ -68,7 +71,8 @@ final class SessionClock: @unchecked Sendable {
         for member in members where member.clockSlot != nil {
             member.clockTicked(now: now)
         }
-        if !members.isEmpty { ticker.arm(in: Self.resolution, on: eventLoop) }
+        // A member that joined meanwhile armed it already.
+        if !members.isEmpty, !ticker.isArmed { ticker.arm(in: Self.resolution, on: eventLoop) }
     }
 }
 

@@ -49,6 +49,12 @@ enum SessionLog {
         "timeout after \(after) from \(client)"
     }
 
+    /// The client did not take the session's last reply (or the 220 to
+    /// STARTTLS) in time: it stopped reading.
+    static func writeTimeout(after: String, client: String) -> String {
+        "timeout writing to \(client) after \(after)"
+    }
+
     static func tooManyConnections(_ count: Int, client: String, service: ListenerKind) -> String {
         "Connection concurrency limit exceeded: \(count) from \(client) for service \(service.rawValue)"
     }

@@ -210,10 +210,28 @@ import Testing
         #expect(h.logs.eventually("timeout after EHLO from unknown[127.0.0.1]"))
     }
 
+    /// A client that pipelines commands but never reads their replies
+    /// fills the socket buffers both ways: the session stops reading it,
+    /// times out, and its 421 cannot be written either. The write is timed
+    /// too (as Postfix's smtpd_timeout times writes): the session is
+    /// closed, instead of being held for as long as the client likes.
+    @Test func aClientThatStopsReadingIsClosedWhenItsRepliesStayUnwritten() throws {
+        let h = try Harness { $0.timeouts.command = 1 }
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        let noops = Array(String(repeating: "NOOP\r\n", count: 2_000_000).utf8)
+        let sent = c.sendUntilBlocked(noops, patienceMilliseconds: 2000)
+        #expect(sent < noops.count, "the session never stopped reading: nothing was left unwritten")
+        #expect(h.logs.eventually("timeout after NOOP from unknown[127.0.0.1]"), "\(h.logs.all)")
+        #expect(h.logs.eventually("timeout writing to unknown[127.0.0.1] after NOOP"), "\(h.logs.all)")
+        #expect(h.logs.eventually("disconnect from unknown[127.0.0.1]"), "\(h.logs.all)")
+    }
+
     /// The timeout counts from the last command, not from the first: a
     /// client that talks more slowly than the timeout in total, but never
-    /// pauses longer, keeps its session (the timer task, set for the first
-    /// deadline, re-arms itself for the later one).
+    /// pauses longer, keeps its session (each command moves the deadline
+    /// that the event loop's SessionClock checks).
     @Test func eachCommandRestartsTheTimeout() throws {
         let h = try Harness { $0.timeouts.command = 2 }
         defer { h.stop() }
@@ -229,8 +247,8 @@ import Testing
         #expect(h.logs.eventually("timeout after NOOP from unknown[127.0.0.1]"))
     }
 
-    /// The data timeout is shorter than the command timeout: it must not
-    /// wait for the command timeout's task (the client's read gives up
+    /// The data timeout is shorter than the command timeout: the session
+    /// must not wait for the command timeout (the client's read gives up
     /// after 30 s, the command timeout is 120 s).
     @Test func silenceAfterDATATimesOutWithTheDataTimeout() throws {
         let h = try Harness {

@@ -531,8 +531,6 @@ import Testing
     }
 }
 
-/// `count` messages from alice to bob ("Subject: 0", "Subject: 1", ...),
-/// each expected to get 250; returns the queue IDs of the 250 replies.
 /// A message, whole, then a reset before the reply to its end.
 func sendAMessageAndLeave(_ c: SMTPTestClient) {
     #expect(c.command("MAIL FROM:<alice@example.org>")?.code == 250)
@@ -542,6 +540,8 @@ func sendAMessageAndLeave(_ c: SMTPTestClient) {
     c.reset()
 }
 
+/// `count` messages from alice to bob ("Subject: 0", "Subject: 1", ...),
+/// each expected to get 250; returns the queue IDs of the 250 replies.
 func sendMessages(_ c: SMTPTestClient, count: Int) throws -> [String] {
     var ids: [String] = []
     for i in 0..<count {
