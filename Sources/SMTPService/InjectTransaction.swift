@@ -402,7 +402,20 @@ final class InjectTransaction {
         // ABORT only where MAIL went out (after the HELLOs); otherwise
         // closing the connection is all the queue needs to forget it.
         if let channel, helloReceived, failure == nil, !ended {
-            channel.writeAndFlush(Frame(.abort)).assumeIsolated().whenComplete { _ in channel.close(promise: nil) }
+            // The queue may have stopped reading (often why the message
+            // stalled): the wait for the ABORT to go out is bounded by the
+            // reply timeout, and then the connection is closed anyway,
+            // which the queue takes as an ABORT too.
+            let warn = self.warn, id = queueID ?? "(no queue ID yet)", seconds = replyTimeout.nanoseconds / 1_000_000_000
+            let closer = LoopTimer {
+                warn?("\(id): the queue did not take the ABORT within \(seconds) s; inject connection closed")
+                channel.close(promise: nil)
+            }
+            closer.arm(in: replyTimeout, on: eventLoop)
+            channel.writeAndFlush(Frame(.abort)).assumeIsolated().whenComplete { _ in
+                closer.cancel()
+                channel.close(promise: nil)
+            }
         } else {
             channel?.close(promise: nil)
         }

@@ -314,7 +314,17 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var wantsInput: Bool {
         guard session?.wantsInput == true, !closing else { return false }
         if let inject, inMessage, !inject.isWritable { return false }
+        // Replies the client does not read stay in memory: past NIO's
+        // high-water mark (64 KiB) no more input is read (each command
+        // could add a reply) until the client has taken them. A client
+        // that never does times out, and its 421 is timed as a write.
+        if let context, !context.channel.isWritable { return false }
         return true
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { resumeReadingIfWanted() }
+        context.fireChannelWritabilityChanged()
     }
 
     private func resumeReadingIfWanted() {

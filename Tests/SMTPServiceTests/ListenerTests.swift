@@ -245,4 +245,26 @@ import Testing
         #expect(m.body.count > message.count)
         #expect(Array(m.body.suffix(message.count)) == message)
     }
+
+    /// A client that leaves while the stalled queue holds its message:
+    /// the ABORT cannot go out behind the unread body, and the inject
+    /// connection must not wait for it forever.
+    @Test func anAbortTheStalledQueueDoesNotTakeIsGivenUpOn() throws {
+        let q = try FakeQueue()
+        let h = try Harness(queue: q) {
+            $0.limits.messageSize = 64 << 20
+            $0.timeouts.queueReply = 1
+        }
+        defer { h.stop() }
+        q.stallBodies = true
+        defer { q.stallBodies = false }
+        let c = try h.client()
+        try greet(c)
+        openData(c)
+        let message = Array(String(repeating: String(repeating: "b", count: 998) + "\r\n", count: 16 << 10).utf8)
+        let sent = c.sendUntilBlocked(message, patienceMilliseconds: 2000)
+        #expect(sent < message.count, "the queue took it all: nothing stalled")
+        c.reset()
+        #expect(h.logs.eventually("the queue did not take the ABORT within 1 s; inject connection closed"), "\(h.logs.all)")
+    }
 }

@@ -211,17 +211,20 @@ import Testing
     }
 
     /// A client that pipelines commands but never reads their replies
-    /// fills the socket buffers both ways: the session stops reading it,
-    /// times out, and its 421 cannot be written either. The write is timed
-    /// too (as Postfix's smtpd_timeout times writes): the session is
-    /// closed, instead of being held for as long as the client likes.
+    /// fills the socket buffers both ways, and then smtp-listen's own
+    /// output buffer: past its high-water mark the session stops reading
+    /// (or the replies would pile up in memory without bound; the client
+    /// stays blocked for the whole patience), times out, and its 421
+    /// cannot be written either. The write is timed too (as Postfix's
+    /// smtpd_timeout times writes): the session is closed, instead of
+    /// being held for as long as the client likes.
     @Test func aClientThatStopsReadingIsClosedWhenItsRepliesStayUnwritten() throws {
         let h = try Harness { $0.timeouts.command = 1 }
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
         let noops = Array(String(repeating: "NOOP\r\n", count: 2_000_000).utf8)
-        let sent = c.sendUntilBlocked(noops, patienceMilliseconds: 2000)
+        let sent = c.sendUntilBlocked(noops, patienceMilliseconds: 5000)
         #expect(sent < noops.count, "the session never stopped reading: nothing was left unwritten")
         #expect(h.logs.eventually("timeout after NOOP from unknown[127.0.0.1]"), "\(h.logs.all)")
         #expect(h.logs.eventually("timeout writing to unknown[127.0.0.1] after NOOP"), "\(h.logs.all)")
