@@ -37,6 +37,7 @@ public enum SMTPFuzz {
             policy.textLineLimit = 20
             policy.messageChunkSize = 7
             policy.maxPendingInput = 32
+            policy.maxJunkCommands = 2
         }
         policy.maxErrors = flags & 32 != 0 ? 3 : 50
         policy.relay = RelayPolicy(localDomains: ["example.org"], relayDomains: ["relay.example"])

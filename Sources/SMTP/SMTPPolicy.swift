@@ -37,6 +37,11 @@ public struct SMTPServerPolicy: Sendable {
     public var maxMessageSize: UInt64 = 10_240_000
     /// Error replies tolerated before 421 4.7.0 and disconnect.
     public var maxErrors = 10
+    /// NOOP, RSET, VRFY and HELP commands a session may send before each
+    /// further one counts as an error (Postfix's smtpd_junk_command_limit);
+    /// the count starts again after each message queued. With `maxErrors`
+    /// it bounds how long a client can keep a session busy without mail.
+    public var maxJunkCommands = 100
     /// Extensions that may be advertised (further gated by state).
     public var extensions: SMTPExtensions = .all
     /// Submission port (587/465): MAIL requires authentication.

@@ -36,6 +36,9 @@ public struct SMTPServerSession: Sendable {
     public private(set) var extended = false
     /// Error replies so far (the session closes at `policy.maxErrors`).
     public private(set) var errorCount = 0
+    /// NOOP, RSET, VRFY and HELP since the session began or since the last
+    /// message was queued (see `SMTPServerPolicy.maxJunkCommands`).
+    private var junkCommands = 0
 
     enum AuthStep: Sendable, Equatable {
         case plain
@@ -182,6 +185,7 @@ public struct SMTPServerSession: Sendable {
         let command = transaction?.mode == .bdat ? "BDAT" : "DATA"
         transaction = nil
         phase = .command
+        junkCommands = 0
         respond(command, SMTPReply(250, "2.0.0", "Ok: queued as \(queueID)"))
         return resume()
     }
@@ -441,15 +445,25 @@ public struct SMTPServerSession: Sendable {
             output.append(.log(.rejected(command: command, reply: reply, detail: detail ?? envelopeDetail())))
         }
         output.append(.reply(reply))
-        if reply.code >= 400 && countsAsError {
-            errorCount += 1
-            if errorCount >= policy.maxErrors, phase != .closed {
-                let r = SMTPReply(421, "4.7.0", "\(policy.hostname) Error: too many errors")
-                output.append(.log(.rejected(command: "SESSION", reply: r, detail: "")))
-                output.append(.reply(r))
-                close()
-            }
+        if reply.code >= 400 && countsAsError { countError() }
+    }
+
+    private mutating func countError() {
+        errorCount += 1
+        if errorCount >= policy.maxErrors, phase != .closed {
+            let r = SMTPReply(421, "4.7.0", "\(policy.hostname) Error: too many errors")
+            output.append(.log(.rejected(command: "SESSION", reply: r, detail: "")))
+            output.append(.reply(r))
+            close()
         }
+    }
+
+    /// A reply to NOOP, RSET, VRFY or HELP: past the junk command limit
+    /// each counts as an error too, whatever its reply.
+    private mutating func respondToJunk(_ command: String, _ reply: SMTPReply) {
+        respond(command, reply)
+        junkCommands += 1
+        if junkCommands > policy.maxJunkCommands, reply.code < 400 { countError() }
     }
 
     private mutating func intermediate(_ code: Int, _ text: String) {
@@ -576,18 +590,18 @@ public struct SMTPServerSession: Sendable {
         case "RSET":
             guard isBlank(arg) else { return respond("RSET", SMTPReply(501, "5.5.4", "Syntax: RSET")) }
             resetTransaction()
-            respond("RSET", SMTPReply(250, "2.0.0", "Ok"))
+            respondToJunk("RSET", SMTPReply(250, "2.0.0", "Ok"))
         case "NOOP":
-            respond("NOOP", SMTPReply(250, "2.0.0", "Ok"))
+            respondToJunk("NOOP", SMTPReply(250, "2.0.0", "Ok"))
         case "QUIT":
             guard isBlank(arg) else { return respond("QUIT", SMTPReply(501, "5.5.4", "Syntax: QUIT")) }
             respond("QUIT", SMTPReply(221, "2.0.0", "Bye"))
             close()
         case "VRFY":
             guard !isBlank(arg) else { return respond("VRFY", SMTPReply(501, "5.5.4", "Syntax: VRFY address")) }
-            respond("VRFY", SMTPReply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"))
+            respondToJunk("VRFY", SMTPReply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"))
         case "HELP":
-            respond("HELP", SMTPReply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"))
+            respondToJunk("HELP", SMTPReply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"))
         case "STARTTLS": startTLS(arg)
         case "AUTH": auth(arg)
         case "EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML":

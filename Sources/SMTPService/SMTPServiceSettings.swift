@@ -30,6 +30,9 @@ public struct SMTPLimits: Sendable, Hashable {
     /// Error replies before 421 4.7.0 and disconnect (Postfix's
     /// smtpd_hard_error_limit is 20).
     public var errors = 20
+    /// NOOP, RSET, VRFY and HELP before each further one counts as an
+    /// error (Postfix's smtpd_junk_command_limit is 100).
+    public var junkCommands = 100
     /// Simultaneous sessions from one client address (Postfix's
     /// smtpd_client_connection_count_limit is 50); more get 421 4.7.0.
     /// Trusted networks are exempt.
@@ -132,6 +135,7 @@ public struct SMTPServiceSettings: Sendable {
         limits.commandLine = smtp.commandLineLimit
         limits.textLine = smtp.textLineLimit
         limits.errors = smtp.errorLimit
+        limits.junkCommands = smtp.junkCommandLimit
         limits.sessionsPerClient = smtp.clientConnectionLimit == 0 ? Int.max : smtp.clientConnectionLimit
         timeouts.command = Int64(smtp.commandTimeout)
         timeouts.dataBlock = Int64(smtp.dataTimeout)
@@ -174,6 +178,7 @@ public struct SMTPServiceSettings: Sendable {
         p.maxRecipients = limits.recipients
         p.maxMessageSize = limits.messageSize
         p.maxErrors = limits.errors
+        p.maxJunkCommands = limits.junkCommands
         p.relay = RelayPolicy(localDomains: Set(localDomains), relayDomains: Set(relayDomains))
         // STARTTLS is offered per session while crypto-negotiate is
         // reachable (the session handler sets tlsAvailable). AUTH is

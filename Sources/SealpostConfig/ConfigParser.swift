@@ -21,7 +21,7 @@ struct ConfigParser {
                   "message_size_limit", "recipient_limit", "map_size", "map_size_limit", "commit_delay"],
         "local": ["domains", "accounts", "users", "mailbox", "aliases"],
         "smtp": ["listen", "submission", "smtps", "relay_domains", "trusted_networks", "command_line_limit",
-                 "text_line_limit", "error_limit", "client_connection_limit", "command_timeout",
+                 "text_line_limit", "error_limit", "junk_command_limit", "client_connection_limit", "command_timeout",
                  "data_timeout", "auth_users", "sender_login_match", "event_loops", "client_name_lookup"],
         "tls": ConfigParser.tlsKeys,
         "dns": dnsKeys,

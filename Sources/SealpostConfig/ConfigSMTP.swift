@@ -6,7 +6,8 @@
 // - command_line_limit >= 512 and text_line_limit >= 1000: RFC 5321
 //   4.5.3.1.4 / 4.5.3.1.6 make these the minimum a server must accept;
 //   at most 64 KiB, far beyond any real client.
-// - error_limit >= 1; client_connection_limit >= 0 (0: no limit).
+// - error_limit >= 1; client_connection_limit >= 0 (0: no limit);
+//   junk_command_limit >= 0 (0: every NOOP, RSET, VRFY, HELP is an error).
 // - event_loops 0...256 (0: half the cores); more threads than that only
 //   contend for the cores.
 // - command_timeout, data_timeout >= 1 s; RFC 5321 4.5.3.2.7 asks for at
@@ -50,6 +51,7 @@ extension ConfigParser {
         try smtp.bounded("command_line_limit", 512...65536, into: &settings.commandLineLimit)
         try smtp.bounded("text_line_limit", 1000...65536, into: &settings.textLineLimit)
         try smtp.bounded("error_limit", 1...1000, into: &settings.errorLimit)
+        try smtp.bounded("junk_command_limit", 0...1_000_000, into: &settings.junkCommandLimit)
         try smtp.bounded("client_connection_limit", 0...100_000, into: &settings.clientConnectionLimit)
         try smtp.bounded("event_loops", 0...256, into: &settings.eventLoops)
         try smtp.duration("command_timeout", into: &settings.commandTimeout)

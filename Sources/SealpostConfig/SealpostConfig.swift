@@ -208,6 +208,9 @@ public struct SMTPSettings: Sendable, Equatable {
     public var textLineLimit: Int
     /// Error replies before 421 and disconnect.
     public var errorLimit: Int
+    /// NOOP, RSET, VRFY and HELP before each further one counts as an
+    /// error (per message queued).
+    public var junkCommandLimit: Int
     /// Simultaneous sessions per client address; 0: no limit.
     public var clientConnectionLimit: Int
     /// Seconds.
@@ -245,6 +248,7 @@ public struct SMTPSettings: Sendable, Equatable {
         commandLineLimit = 512
         textLineLimit = 1000
         errorLimit = 20
+        junkCommandLimit = 100
         clientConnectionLimit = 50
         commandTimeout = 300
         dataTimeout = 180

@@ -207,6 +207,7 @@ import Testing
         #expect(smtp.maxMessageSize == 5000)
         #expect(smtp.maxRecipients == 7)
         #expect(smtp.maxErrors == 20)
+        #expect(smtp.maxJunkCommands == 100)
         #expect(smtp.commandLineLimit == 512)
         #expect(smtp.textLineLimit == 1000)
         #expect(smtp.relay.isLocal("example.test"))

@@ -223,11 +223,13 @@ import Testing
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
-        let noops = Array(String(repeating: "NOOP\r\n", count: 2_000_000).utf8)
-        let sent = c.sendUntilBlocked(noops, patienceMilliseconds: 5000)
-        #expect(sent < noops.count, "the session never stopped reading: nothing was left unwritten")
-        #expect(h.logs.eventually("timeout after NOOP from unknown[127.0.0.1]"), "\(h.logs.all)")
-        #expect(h.logs.eventually("timeout writing to unknown[127.0.0.1] after NOOP"), "\(h.logs.all)")
+        // EHLO: not a junk command (NOOP would meet the junk command
+        // limit first), and its reply is ten times its size.
+        let ehlos = Array(String(repeating: "EHLO client.example\r\n", count: 500_000).utf8)
+        let sent = c.sendUntilBlocked(ehlos, patienceMilliseconds: 5000)
+        #expect(sent < ehlos.count, "the session never stopped reading: nothing was left unwritten")
+        #expect(h.logs.eventually("timeout after EHLO from unknown[127.0.0.1]"), "\(h.logs.all)")
+        #expect(h.logs.eventually("timeout writing to unknown[127.0.0.1] after EHLO"), "\(h.logs.all)")
         #expect(h.logs.eventually("disconnect from unknown[127.0.0.1]"), "\(h.logs.all)")
     }
 

@@ -205,6 +205,36 @@ QUIT\r
         #expect(d.session.isClosed)
         #expect(d.session.receive(Array("NOOP\r\n".utf8)).isEmpty)
     }
+
+    /// Past the junk command limit each NOOP, RSET, VRFY or HELP counts as
+    /// an error (its own reply unchanged), so a client that never sends
+    /// mail is let go at the error limit; a queued message starts the
+    /// count again (Postfix's smtpd_junk_command_limit).
+    @Test func junkCommandsPastTheLimitCountAsErrors() {
+        var d = Driver(policy {
+            $0.maxErrors = 3
+            $0.maxJunkCommands = 4
+        })
+        d.send("NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n")
+        #expect(d.session.errorCount == 0)
+        d.send("NOOP\r\nNOOP\r\n")
+        #expect(d.session.errorCount == 2)
+        #expect(!d.session.isClosed)
+        d.send("HELP\r\nNOOP\r\n")
+        #expect(d.codes.suffix(3) == ["250 2.0.0", "214 2.0.0", "421 4.7.0"])
+        #expect(d.session.isClosed)
+    }
+
+    @Test func aQueuedMessageStartsTheJunkCountAgain() {
+        var d = Driver(policy { $0.maxJunkCommands = 2 })
+        d.send("EHLO c.example\r\nNOOP\r\nNOOP\r\n")
+        d.send("MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+        #expect(d.replies.last?.hasPrefix("250 2.0.0 Ok: queued as QID1") == true, "\(d.replies)")
+        d.send("NOOP\r\nRSET\r\n")
+        #expect(d.session.errorCount == 0)
+        d.send("NOOP\r\n")
+        #expect(d.session.errorCount == 1)
+    }
 }
 
 @Suite struct Parameters {

@@ -12,6 +12,7 @@ import Testing
             command_line_limit = 2048
             text_line_limit = 2000
             error_limit = 5
+            junk_command_limit = 0
             client_connection_limit = 0
             command_timeout = "2m"
             data_timeout = 60
@@ -26,6 +27,7 @@ import Testing
         #expect(smtp.commandLineLimit == 2048)
         #expect(smtp.textLineLimit == 2000)
         #expect(smtp.errorLimit == 5)
+        #expect(smtp.junkCommandLimit == 0)
         #expect(smtp.clientConnectionLimit == 0)
         #expect(smtp.commandTimeout == 120)
         #expect(smtp.dataTimeout == 60)
@@ -34,6 +36,7 @@ import Testing
         #expect(smtp.eventLoops == 3 && smtp.eventLoopThreads(cores: 8) == 3)
         let automatic = try load("[smtp]\n").smtp
         #expect(automatic.eventLoops == 0)
+        #expect(automatic.junkCommandLimit == 100)
         #expect(automatic.clientNameLookup && !smtp.clientNameLookup)
         #expect(automatic.eventLoopThreads(cores: 1) == 1)
         #expect(automatic.eventLoopThreads(cores: 2) == 1)
@@ -59,6 +62,8 @@ import Testing
         expectError("[smtp]\ntext_line_limit = 999\n", line: 2, key: "smtp.text_line_limit",
                     "must be between 1000 and 65536: 999")
         expectError("[smtp]\nerror_limit = 0\n", line: 2, key: "smtp.error_limit", "must be between 1 and 1000: 0")
+        expectError("[smtp]\njunk_command_limit = -1\n", line: 2, key: "smtp.junk_command_limit",
+                    "must be between 0 and 1000000: -1")
         expectError("[smtp]\nclient_name_lookup = 1\n", line: 2, key: "smtp.client_name_lookup",
                     "expected a boolean (true or false), found an integer")
         expectError("[smtp]\nevent_loops = 300\n", line: 2, key: "smtp.event_loops", "must be between 0 and 256: 300")
