@@ -19,6 +19,7 @@
 
 import StageRuntime
 import Logging
+import DNS
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -119,9 +120,10 @@ final class SMTPServerCore: Sendable {
     /// relay or load generator may open as many sessions as it needs.
     func register(address: String, channel: Channel) -> Admission {
         let exempt = settings.isTrusted(address)
+        let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
         return state.withLockedValue { s in
-            let n = s.perClient[address, default: 0] + 1
-            s.perClient[address] = n
+            let n = s.perClient[client, default: 0] + 1
+            s.perClient[client] = n
             s.channels[ObjectIdentifier(channel)] = channel
             if s.stopping { return .stopping }
             return exempt || n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n)
@@ -130,7 +132,7 @@ final class SMTPServerCore: Sendable {
 
     func unregister(address: String, channel: Channel) {
         let waiting = state.withLockedValue { s -> [EventLoopPromise<Void>] in
-            Self.uncount(address, in: &s)
+            Self.uncount(Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength), in: &s)
             s.channels[ObjectIdentifier(channel)] = nil
             guard s.channels.isEmpty else { return [] }
             defer { s.noSessions = [] }
@@ -158,9 +160,21 @@ final class SMTPServerCore: Sendable {
 
     var isStopping: Bool { state.withLockedValue { $0.stopping } }
 
-    private static func uncount(_ address: String, in s: inout State) {
-        let n = s.perClient[address, default: 1] - 1
-        s.perClient[address] = n > 0 ? n : nil
+    private static func uncount(_ client: String, in s: inout State) {
+        let n = s.perClient[client, default: 1] - 1
+        s.perClient[client] = n > 0 ? n : nil
+    }
+
+    /// What the sessions-per-client limit counts: an IPv4 address, or an
+    /// IPv6 address's first `ipv6PrefixLength` bits (a /64 is one network,
+    /// and its owner can use every address in it). As "2001:db8::/64"
+    /// (masked, RFC 5952 text); anything else (no address) as it is.
+    static func countedClient(_ address: String, ipv6PrefixLength: Int) -> String {
+        guard ipv6PrefixLength < 128, address.utf8.contains(UInt8(ascii: ":")),
+              case .v6(let v6)? = IPAddress(text: address) else { return address }
+        let masked = NetworkPrefix.masked(v6.bytes, ipv6PrefixLength)
+        guard let prefix = IPv6Address(bytes: masked) else { return address }
+        return "\(prefix)/\(ipv6PrefixLength)"
     }
 
     var sessionCount: Int { state.withLockedValue { $0.channels.count } }

@@ -37,6 +37,9 @@ public struct SMTPLimits: Sendable, Hashable {
     /// smtpd_client_connection_count_limit is 50); more get 421 4.7.0.
     /// Trusted networks are exempt.
     public var sessionsPerClient = 50
+    /// IPv6 clients are counted per network of this prefix length (128:
+    /// per address).
+    public var ipv6PrefixLength = 64
 
     public init() {}
 }
@@ -137,6 +140,7 @@ public struct SMTPServiceSettings: Sendable {
         limits.errors = smtp.errorLimit
         limits.junkCommands = smtp.junkCommandLimit
         limits.sessionsPerClient = smtp.clientConnectionLimit == 0 ? Int.max : smtp.clientConnectionLimit
+        limits.ipv6PrefixLength = smtp.clientIPv6PrefixLength
         timeouts.command = Int64(smtp.commandTimeout)
         timeouts.dataBlock = Int64(smtp.dataTimeout)
         senderLoginMatch = smtp.senderLoginMatch

@@ -157,7 +157,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             let reply: SMTPReply
             if case .tooMany(let count) = admission {
                 server.logger.warning("\(SessionLog.tooManyConnections(count, client: client, service: kind))")
-                reply = SMTPReply(421, "4.7.0", "\(settings.hostname) Error: too many connections from \(clientAddress)")
+                let counted = SMTPServerCore.countedClient(clientAddress, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
+                reply = SMTPReply(421, "4.7.0", "\(settings.hostname) Error: too many connections from \(counted)")
             } else {
                 reply = shuttingDown
             }

@@ -7,7 +7,8 @@
 //   4.5.3.1.4 / 4.5.3.1.6 make these the minimum a server must accept;
 //   at most 64 KiB, far beyond any real client.
 // - error_limit >= 1; client_connection_limit >= 0 (0: no limit);
-//   junk_command_limit >= 0 (0: every NOOP, RSET, VRFY, HELP is an error).
+//   junk_command_limit >= 0 (0: every NOOP, RSET, VRFY, HELP is an error);
+//   client_ipv6_prefix_length 16...128 (shorter would lump providers together).
 // - event_loops 0...256 (0: half the cores); more threads than that only
 //   contend for the cores.
 // - command_timeout, data_timeout >= 1 s; RFC 5321 4.5.3.2.7 asks for at
@@ -53,6 +54,7 @@ extension ConfigParser {
         try smtp.bounded("error_limit", 1...1000, into: &settings.errorLimit)
         try smtp.bounded("junk_command_limit", 0...1_000_000, into: &settings.junkCommandLimit)
         try smtp.bounded("client_connection_limit", 0...100_000, into: &settings.clientConnectionLimit)
+        try smtp.bounded("client_ipv6_prefix_length", 16...128, into: &settings.clientIPv6PrefixLength)
         try smtp.bounded("event_loops", 0...256, into: &settings.eventLoops)
         try smtp.duration("command_timeout", into: &settings.commandTimeout)
         if settings.commandTimeout < 1 { throw smtp.error("command_timeout", "must be at least 1 second") }

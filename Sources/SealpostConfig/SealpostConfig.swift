@@ -213,6 +213,8 @@ public struct SMTPSettings: Sendable, Equatable {
     public var junkCommandLimit: Int
     /// Simultaneous sessions per client address; 0: no limit.
     public var clientConnectionLimit: Int
+    /// IPv6 clients count per network of this prefix length (128: per address).
+    public var clientIPv6PrefixLength: Int
     /// Seconds.
     public var commandTimeout: Int
     /// Seconds.
@@ -250,6 +252,7 @@ public struct SMTPSettings: Sendable, Equatable {
         errorLimit = 20
         junkCommandLimit = 100
         clientConnectionLimit = 50
+        clientIPv6PrefixLength = 64
         commandTimeout = 300
         dataTimeout = 180
         authUsersFile = ""

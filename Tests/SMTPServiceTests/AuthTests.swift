@@ -194,6 +194,7 @@ func b64(_ text: String) -> String { Base64.encode(Array(text.utf8)) }
             text_line_limit = 2000
             error_limit = 7
             junk_command_limit = 12
+            client_ipv6_prefix_length = 48
             client_connection_limit = 0
             command_timeout = "60s"
             data_timeout = "2m"
@@ -210,6 +211,7 @@ func b64(_ text: String) -> String { Base64.encode(Array(text.utf8)) }
         let p = s.policy(for: .submission, client: "127.0.0.1")
         #expect(p.commandLineLimit == 1024 && p.textLineLimit == 2000 && p.maxErrors == 7)
         #expect(s.limits.junkCommands == 12 && p.maxJunkCommands == 12)
+        #expect(s.limits.ipv6PrefixLength == 48)
         #expect(p.relay.isRelayDomain("a.example.net") && !p.relay.isRelayDomain("example.net"))
         #expect(config.smtp.authUsersFile == "/etc/sealpost/users")
     }

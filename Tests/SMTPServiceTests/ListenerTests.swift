@@ -182,6 +182,19 @@ import Testing
         #expect(NetworkPrefix.canonicalClientAddress("2001:db8::1") == "2001:db8::1")
         #expect(NetworkPrefix.canonicalClientAddress("::ffff:1:2") == "::ffff:1:2")
     }
+
+    /// The sessions-per-client limit counts IPv6 clients per network: every
+    /// address of a /64 is the same client (its owner has them all).
+    @Test func ipv6ClientsAreCountedPerNetwork() {
+        let counted = { (address: String, length: Int) in SMTPServerCore.countedClient(address, ipv6PrefixLength: length) }
+        #expect(counted("2001:db8:1:2:aaaa::1", 64) == "2001:db8:1:2::/64")
+        #expect(counted("2001:DB8:1:2:ffff:ffff:ffff:ffff", 64) == "2001:db8:1:2::/64")
+        #expect(counted("2001:db8:1:3::1", 64) == "2001:db8:1:3::/64")
+        #expect(counted("2001:db8:1:2:aaaa::1", 48) == "2001:db8:1::/48")
+        #expect(counted("2001:db8:1:2:aaaa::1", 128) == "2001:db8:1:2:aaaa::1")
+        #expect(counted("192.0.2.1", 64) == "192.0.2.1")
+        #expect(counted("unknown", 64) == "unknown")
+    }
 }
 
 @Suite struct LogLines {

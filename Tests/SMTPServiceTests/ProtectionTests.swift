@@ -193,6 +193,27 @@ import Testing
         #expect(fourth.reply()?.code == 220)
     }
 
+    /// IPv6 clients count per /64 (client_ipv6_prefix_length): the 421
+    /// names the network, and a session's end frees its network's slot.
+    @Test func ipv6SessionsAreCountedPerNetwork() throws {
+        let h = try Harness(host: "::1") {
+            $0.limits.sessionsPerClient = 2
+            $0.trustedNetworks = []
+        }
+        defer { h.stop() }
+        let a = try SMTPTestClient(ipv6Port: h.port), b = try SMTPTestClient(ipv6Port: h.port)
+        #expect(a.reply()?.code == 220)
+        #expect(b.reply()?.code == 220)
+        let third = try SMTPTestClient(ipv6Port: h.port)
+        let r = try #require(third.reply())
+        #expect(r.last == "421 4.7.0 mx.example.test Error: too many connections from ::/64")
+        #expect(h.logs.contains("warning: Connection concurrency limit exceeded: 3 from unknown[::1] for service smtp"))
+        #expect(a.command("QUIT")?.code == 221)
+        #expect(h.logs.eventually("disconnect from unknown[::1] quit=1 commands=1"))
+        let fourth = try SMTPTestClient(ipv6Port: h.port)
+        #expect(fourth.reply()?.code == 220)
+    }
+
     @Test func trustedClientsAreExemptFromTheSessionLimit() throws {
         let h = try Harness { $0.limits.sessionsPerClient = 1 }
         defer { h.stop() }

@@ -13,6 +13,7 @@ import Testing
             text_line_limit = 2000
             error_limit = 5
             junk_command_limit = 0
+            client_ipv6_prefix_length = 56
             client_connection_limit = 0
             command_timeout = "2m"
             data_timeout = 60
@@ -28,6 +29,7 @@ import Testing
         #expect(smtp.textLineLimit == 2000)
         #expect(smtp.errorLimit == 5)
         #expect(smtp.junkCommandLimit == 0)
+        #expect(smtp.clientIPv6PrefixLength == 56)
         #expect(smtp.clientConnectionLimit == 0)
         #expect(smtp.commandTimeout == 120)
         #expect(smtp.dataTimeout == 60)
@@ -37,6 +39,7 @@ import Testing
         let automatic = try load("[smtp]\n").smtp
         #expect(automatic.eventLoops == 0)
         #expect(automatic.junkCommandLimit == 100)
+        #expect(automatic.clientIPv6PrefixLength == 64)
         #expect(automatic.clientNameLookup && !smtp.clientNameLookup)
         #expect(automatic.eventLoopThreads(cores: 1) == 1)
         #expect(automatic.eventLoopThreads(cores: 2) == 1)
@@ -64,6 +67,8 @@ import Testing
         expectError("[smtp]\nerror_limit = 0\n", line: 2, key: "smtp.error_limit", "must be between 1 and 1000: 0")
         expectError("[smtp]\njunk_command_limit = -1\n", line: 2, key: "smtp.junk_command_limit",
                     "must be between 0 and 1000000: -1")
+        expectError("[smtp]\nclient_ipv6_prefix_length = 8\n", line: 2, key: "smtp.client_ipv6_prefix_length",
+                    "must be between 16 and 128: 8")
         expectError("[smtp]\nclient_name_lookup = 1\n", line: 2, key: "smtp.client_name_lookup",
                     "expected a boolean (true or false), found an integer")
         expectError("[smtp]\nevent_loops = 300\n", line: 2, key: "smtp.event_loops", "must be between 0 and 256: 300")
