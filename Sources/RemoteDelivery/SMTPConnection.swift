@@ -450,7 +450,10 @@ final class SMTPConnection: @unchecked Sendable {
                         self.channel = channel
                         step(session.tlsEstablished(r))
                     case .failure(let error):
-                        Glibc.close(s.plaintext)
+                        // Not closed here: NIO closed it with the channel it
+                        // made (a close now could hit a number reused by
+                        // another thread); only a channel it could not make
+                        // at all, from an invalid descriptor, leaves it.
                         step(session.tlsFailed("cannot use the plaintext socket from crypto-negotiate: \(error)"))
                     }
                 }
