@@ -18,8 +18,6 @@ import NIOCore
 final class LoopTimer: NIOScheduledCallbackHandler {
     private let action: () -> Void
     private var scheduled: NIOScheduledCallback?
-    /// When the armed timer fires; nil when not armed.
-    private(set) var firesAt: NIODeadline?
 
     /// `action` runs when the timer fires (never after `cancel`).
     init(_ action: @escaping () -> Void) {
@@ -33,7 +31,6 @@ final class LoopTimer: NIOScheduledCallbackHandler {
         cancel()
         guard let callback = try? loop.assumeIsolated().scheduleCallback(at: deadline, handler: self) else { return }
         scheduled = callback
-        firesAt = deadline
     }
 
     func arm(in amount: TimeAmount, on loop: EventLoop) {
@@ -43,14 +40,12 @@ final class LoopTimer: NIOScheduledCallbackHandler {
     func cancel() {
         scheduled?.cancel()
         scheduled = nil
-        firesAt = nil
     }
 
     var isArmed: Bool { scheduled != nil }
 
     func handleScheduledCallback(eventLoop: some EventLoop) {
         scheduled = nil
-        firesAt = nil
         action()
     }
 }

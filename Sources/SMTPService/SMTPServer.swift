@@ -17,9 +17,9 @@
 // in one go, on one thread. Its TCP descriptor, which STARTTLS (or port
 // 465) hands to crypto-negotiate (TLSHandoff), comes from NIO's channel.
 
+import DNS
 import StageRuntime
 import Logging
-import DNS
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -108,8 +108,9 @@ final class SMTPServerCore: Sendable {
 
     enum Admission: Equatable {
         case admitted
-        /// The client would have this many sessions, over the limit.
-        case tooMany(Int)
+        /// The client (`countedClient`: an IPv6 client's network) would
+        /// have this many sessions, over the limit.
+        case tooMany(Int, client: String)
         case stopping
     }
 
@@ -126,7 +127,7 @@ final class SMTPServerCore: Sendable {
             s.perClient[client] = n
             s.channels[ObjectIdentifier(channel)] = channel
             if s.stopping { return .stopping }
-            return exempt || n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n)
+            return exempt || n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n, client: client)
         }
     }
 

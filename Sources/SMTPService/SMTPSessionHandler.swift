@@ -155,9 +155,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         registered = true
         if admission != .admitted {
             let reply: SMTPReply
-            if case .tooMany(let count) = admission {
+            if case .tooMany(let count, let counted) = admission {
                 server.logger.warning("\(SessionLog.tooManyConnections(count, client: client, service: kind))")
-                let counted = SMTPServerCore.countedClient(clientAddress, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
                 reply = SMTPReply(421, "4.7.0", "\(settings.hostname) Error: too many connections from \(counted)")
             } else {
                 reply = shuttingDown
