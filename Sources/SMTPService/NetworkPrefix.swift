@@ -45,8 +45,14 @@ public struct NetworkPrefix: Sendable, Hashable, CustomStringConvertible {
 
     /// Whether the numeric address `text` lies in this prefix.
     public func contains(_ text: String) -> Bool {
-        guard let (bytes, _) = NetworkPrefix.parseAddress(text) else { return false }
-        return NetworkPrefix.masked(bytes, length) == address
+        Self.anyContains([self], text)
+    }
+
+    /// Whether the numeric address `text` lies in any of `prefixes`; the
+    /// text is parsed once (a session's trust check runs per connection).
+    public static func anyContains(_ prefixes: [NetworkPrefix], _ text: String) -> Bool {
+        guard let (bytes, _) = parseAddress(text) else { return false }
+        return prefixes.contains { masked(bytes, $0.length) == $0.address }
     }
 
     /// 16 bytes (IPv4 mapped) and whether it was written as IPv4.

@@ -116,11 +116,11 @@ final class SMTPServerCore: Sendable {
 
     /// Counts a new session and says whether it may proceed. Every call is
     /// balanced by `unregister`, admitted or not.
-    /// Trusted clients are exempt from the limit (as Postfix exempts
+    /// Trusted clients (`trusted`: the caller's `settings.isTrusted`, which
+    /// it needs anyway) are exempt from the limit (as Postfix exempts
     /// $mynetworks with smtpd_client_event_limit_exceptions): a local
     /// relay or load generator may open as many sessions as it needs.
-    func register(address: String, channel: Channel) -> Admission {
-        let exempt = settings.isTrusted(address)
+    func register(address: String, trusted exempt: Bool, channel: Channel) -> Admission {
         let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
         return state.withLockedValue { s in
             let n = s.perClient[client, default: 0] + 1

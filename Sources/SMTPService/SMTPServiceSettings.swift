@@ -167,7 +167,7 @@ public struct SMTPServiceSettings: Sendable {
 
     /// 127.0.0.0/8 or ::1 (also as ::ffff:127.x.y.z).
     static func isLoopback(_ address: String) -> Bool {
-        loopback.contains { $0.contains(address) }
+        NetworkPrefix.anyContains(loopback, address)
     }
 
     private static let loopback = [NetworkPrefix("127.0.0.0/8")!, NetworkPrefix("::1/128")!]
@@ -196,6 +196,6 @@ public struct SMTPServiceSettings: Sendable {
     }
 
     func isTrusted(_ address: String) -> Bool {
-        trustedNetworks.contains { $0.contains(address) }
+        NetworkPrefix.anyContains(trustedNetworks, address)
     }
 }

@@ -150,7 +150,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         let settings = server.settings
         let raw = peer ?? context.channel.remoteAddress?.ipAddress ?? "unknown"
         clientAddress = NetworkPrefix.canonicalClientAddress(raw)
-        let admission = server.register(address: clientAddress, channel: context.channel)
+        let trusted = settings.isTrusted(clientAddress)
+        let admission = server.register(address: clientAddress, trusted: trusted, channel: context.channel)
         client = SessionLog.client(name: clientName, address: clientAddress)
         registered = true
         if admission != .admitted {
@@ -172,7 +173,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         // STARTTLS only on a TCP channel, and only while crypto-negotiate
         // is there to take it (otherwise the verb is not even advertised).
         policy.tlsAvailable = onTCP && server.handoff?.isAvailable == true
-        let info = SMTPClientInfo(address: clientAddress, hostname: nil, isTrusted: settings.isTrusted(clientAddress),
+        let info = SMTPClientInfo(address: clientAddress, hostname: nil, isTrusted: trusted,
                                   tlsActive: tlsAtStart != nil)
         // The session exists from here, in its greeting delay: what the
         // client sends before the greeting makes it an early talker.
