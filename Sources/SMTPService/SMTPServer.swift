@@ -111,6 +111,8 @@ final class SMTPServerCore: Sendable {
         /// The client (`countedClient`: an IPv6 client's network) would
         /// have this many sessions, over the limit.
         case tooMany(Int, client: String)
+        /// The server holds `limits.sessions` sessions already.
+        case full(Int)
         case stopping
     }
 
@@ -120,6 +122,9 @@ final class SMTPServerCore: Sendable {
     /// it needs anyway) are exempt from the limit (as Postfix exempts
     /// $mynetworks with smtpd_client_event_limit_exceptions): a local
     /// relay or load generator may open as many sessions as it needs.
+    /// The limit of sessions in all applies to every client: it bounds
+    /// what the process holds (sessions being refused count too, until
+    /// they are closed: they hold a descriptor).
     func register(address: String, trusted exempt: Bool, channel: Channel) -> Admission {
         let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
         return state.withLockedValue { s in
@@ -127,6 +132,7 @@ final class SMTPServerCore: Sendable {
             s.perClient[client] = n
             s.channels[ObjectIdentifier(channel)] = channel
             if s.stopping { return .stopping }
+            if s.channels.count > settings.limits.sessions { return .full(settings.limits.sessions) }
             return exempt || n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n, client: client)
         }
     }

@@ -40,8 +40,33 @@ public struct SMTPLimits: Sendable, Hashable {
     /// IPv6 clients are counted per network of this prefix length (128:
     /// per address).
     public var ipv6PrefixLength = 64
+    /// Simultaneous sessions in all; more get 421 4.3.2, trusted clients
+    /// too (it bounds what the process holds). Int.max: no limit. Set from
+    /// `[smtp] session_limit` by `sessionLimit(configured:descriptorLimit:)`.
+    public var sessions = 10_000
 
     public init() {}
+
+    /// Descriptors one session may hold: its connection, and while it
+    /// queues a message a connection to the queue (at most one).
+    static let descriptorsPerSession = 2
+    /// Descriptors left for the rest: the listeners, the idle inject
+    /// connections of the pools (32 per event loop), the resolver's
+    /// sockets, crypto-negotiate's control connection, the log.
+    static let reservedDescriptors = 256
+
+    /// The session limit for `session_limit` under a soft descriptor
+    /// limit (nil: none known): at most what the descriptors carry, so
+    /// that a flood of connections meets a 421 rather than EMFILE, which
+    /// would also fail the sessions under way the moment they need a
+    /// connection to the queue. At least 1. `configured` 0: no limit at
+    /// all (accepting then pauses while descriptors run out).
+    public static func sessionLimit(configured: Int, descriptorLimit: UInt64?) -> Int {
+        guard configured > 0 else { return Int.max }
+        guard let descriptorLimit, descriptorLimit < UInt64(Int.max) else { return configured }
+        let usable = max(0, Int(descriptorLimit) - reservedDescriptors) / descriptorsPerSession
+        return max(1, min(configured, usable))
+    }
 }
 
 /// Timeouts in seconds (RFC 5321 section 4.5.3.2). The RFC's client-side
@@ -141,6 +166,7 @@ public struct SMTPServiceSettings: Sendable {
         limits.junkCommands = smtp.junkCommandLimit
         limits.sessionsPerClient = smtp.clientConnectionLimit == 0 ? Int.max : smtp.clientConnectionLimit
         limits.ipv6PrefixLength = smtp.clientIPv6PrefixLength
+        limits.sessions = SMTPLimits.sessionLimit(configured: smtp.sessionLimit, descriptorLimit: nil)
         timeouts.command = Int64(smtp.commandTimeout)
         timeouts.dataBlock = Int64(smtp.dataTimeout)
         senderLoginMatch = smtp.senderLoginMatch

@@ -159,6 +159,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             if case .tooMany(let count, let counted) = admission {
                 server.logger.warning("\(SessionLog.tooManyConnections(count, client: client, service: kind))")
                 reply = SMTPReply(421, "4.7.0", "\(settings.hostname) Error: too many connections from \(counted)")
+            } else if case .full(let limit) = admission {
+                server.logger.warning("\(SessionLog.tooManySessions(limit, client: client, service: kind))")
+                reply = SMTPReply(421, "4.3.2", "\(settings.hostname) Error: too many sessions, try again later")
             } else {
                 reply = shuttingDown
             }

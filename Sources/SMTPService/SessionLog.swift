@@ -59,6 +59,10 @@ enum SessionLog {
         "Connection concurrency limit exceeded: \(count) from \(client) for service \(service.rawValue)"
     }
 
+    static func tooManySessions(_ limit: Int, client: String, service: ListenerKind) -> String {
+        "Session limit \(limit) reached: refused \(client) for service \(service.rawValue)"
+    }
+
     /// Log text from the network: printable ASCII only, bounded.
     static func printable(_ text: String) -> String {
         String(String.UnicodeScalarView(text.unicodeScalars.prefix(200).map { (0x20...0x7E).contains($0.value) ? $0 : "?" }))

@@ -22,7 +22,7 @@ struct ConfigParser {
         "local": ["domains", "accounts", "users", "mailbox", "aliases"],
         "smtp": ["listen", "submission", "smtps", "relay_domains", "trusted_networks", "command_line_limit",
                  "text_line_limit", "error_limit", "junk_command_limit", "client_connection_limit",
-                 "client_ipv6_prefix_length", "command_timeout",
+                 "client_ipv6_prefix_length", "session_limit", "command_timeout",
                  "data_timeout", "auth_users", "sender_login_match", "event_loops", "client_name_lookup"],
         "tls": ConfigParser.tlsKeys,
         "dns": dnsKeys,

@@ -8,7 +8,8 @@
 //   at most 64 KiB, far beyond any real client.
 // - error_limit >= 1; client_connection_limit >= 0 (0: no limit);
 //   junk_command_limit >= 0 (0: every NOOP, RSET, VRFY, HELP is an error);
-//   client_ipv6_prefix_length 16...128 (shorter would lump providers together).
+//   client_ipv6_prefix_length 16...128 (shorter would lump providers together);
+//   session_limit 0...1,000,000 (0: no limit).
 // - event_loops 0...256 (0: half the cores); more threads than that only
 //   contend for the cores.
 // - command_timeout, data_timeout >= 1 s; RFC 5321 4.5.3.2.7 asks for at
@@ -55,6 +56,7 @@ extension ConfigParser {
         try smtp.bounded("junk_command_limit", 0...1_000_000, into: &settings.junkCommandLimit)
         try smtp.bounded("client_connection_limit", 0...100_000, into: &settings.clientConnectionLimit)
         try smtp.bounded("client_ipv6_prefix_length", 16...128, into: &settings.clientIPv6PrefixLength)
+        try smtp.bounded("session_limit", 0...1_000_000, into: &settings.sessionLimit)
         try smtp.bounded("event_loops", 0...256, into: &settings.eventLoops)
         try smtp.duration("command_timeout", into: &settings.commandTimeout)
         if settings.commandTimeout < 1 { throw smtp.error("command_timeout", "must be at least 1 second") }

@@ -215,6 +215,8 @@ public struct SMTPSettings: Sendable, Equatable {
     public var clientConnectionLimit: Int
     /// IPv6 clients count per network of this prefix length (128: per address).
     public var clientIPv6PrefixLength: Int
+    /// Simultaneous sessions in all (smtp-listen); 0: no limit.
+    public var sessionLimit: Int
     /// Seconds.
     public var commandTimeout: Int
     /// Seconds.
@@ -253,6 +255,7 @@ public struct SMTPSettings: Sendable, Equatable {
         junkCommandLimit = 100
         clientConnectionLimit = 50
         clientIPv6PrefixLength = 64
+        sessionLimit = 10_000
         commandTimeout = 300
         dataTimeout = 180
         authUsersFile = ""

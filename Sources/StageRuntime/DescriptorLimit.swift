@@ -87,6 +87,14 @@ extension StageRuntime {
         return .raised(from: soft, to: hard)
     }
 
+    /// The soft RLIMIT_NOFILE now; nil when unlimited (RLIM_INFINITY, all
+    /// ones, which Swift cannot import as a literal) or unknown.
+    public static func descriptorLimit() -> UInt64? {
+        var limit = rlimit()
+        guard getrlimit(resourceNoFile, &limit) == 0, limit.rlim_cur != rlim_t.max else { return nil }
+        return UInt64(limit.rlim_cur)
+    }
+
     /// RLIMIT_NOFILE as getrlimit takes it: an enum (__rlimit_resource) in
     /// glibc, an Int32 on Darwin.
     #if canImport(Glibc)

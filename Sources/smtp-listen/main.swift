@@ -131,7 +131,11 @@
 //      From [smtp]: command_line_limit (512 octets), text_line_limit
 //      (1000), error_limit (20, then 421), client_connection_limit (50
 //      sessions per client address, trusted networks exempt),
-//      command_timeout (5 min), data_timeout (3 min); from [queue]:
+//      session_limit (10,000 sessions in all, every client: 421 4.3.2
+//      past it; lowered at start, with a warning, to what the descriptor
+//      limit carries at two descriptors per session beyond 256 kept for
+//      the rest; 0: no limit, accepting pauses while descriptors run
+//      out), command_timeout (5 min), data_timeout (3 min); from [queue]:
 //      recipient_limit, message_size_limit. The queue's answer is awaited
 //      5 min (SMTPServiceSettings.swift).
 //
@@ -236,6 +240,13 @@ if lstat(usersFile, &usersInfo) != 0 && errno == ENOENT {
 }
 var settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
                                    tlsSocket: paths.runtimeDirectory + "/tls", authenticator: authenticator)
+// session_limit, lowered to what the descriptor limit (raised to the hard
+// one by bootstrap) carries.
+let descriptors = StageRuntime.descriptorLimit()
+settings.limits.sessions = SMTPLimits.sessionLimit(configured: config.smtp.sessionLimit, descriptorLimit: descriptors)
+if config.smtp.sessionLimit > 0, settings.limits.sessions < config.smtp.sessionLimit {
+    logger.warning("session_limit \(config.smtp.sessionLimit) lowered to \(settings.limits.sessions): the descriptor limit is \(descriptors ?? 0) (two per session beyond 256)")
+}
 // Client names (CLIENT NAMES above): libunbound is set up now, before the
 // chroot, with the [dns] forwarders and no DNSSEC (a PTR answer is only
 // trusted once the forward lookup confirms it).

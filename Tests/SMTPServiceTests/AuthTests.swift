@@ -196,6 +196,7 @@ func b64(_ text: String) -> String { Base64.encode(Array(text.utf8)) }
             junk_command_limit = 12
             client_ipv6_prefix_length = 48
             client_connection_limit = 0
+            session_limit = 300
             command_timeout = "60s"
             data_timeout = "2m"
             sender_login_match = false
@@ -212,6 +213,7 @@ func b64(_ text: String) -> String { Base64.encode(Array(text.utf8)) }
         #expect(p.commandLineLimit == 1024 && p.textLineLimit == 2000 && p.maxErrors == 7)
         #expect(s.limits.junkCommands == 12 && p.maxJunkCommands == 12)
         #expect(s.limits.ipv6PrefixLength == 48)
+        #expect(s.limits.sessions == 300)
         #expect(p.relay.isRelayDomain("a.example.net") && !p.relay.isRelayDomain("example.net"))
         #expect(config.smtp.authUsersFile == "/etc/sealpost/users")
     }

@@ -221,6 +221,37 @@ import Testing
         for c in clients { #expect(c.reply()?.code == 220) }
     }
 
+    /// session_limit bounds the sessions of the process, trusted clients'
+    /// too (the harness's 127.0.0.1 is trusted): the third gets 421 4.3.2
+    /// and is closed, and a session that ends frees its place.
+    @Test func theSessionLimitAppliesToEveryClient() throws {
+        let h = try Harness { $0.limits.sessions = 2 }
+        defer { h.stop() }
+        let a = try h.client(), b = try h.client()
+        #expect(a.reply()?.code == 220)
+        #expect(b.reply()?.code == 220)
+        let third = try h.client()
+        #expect(third.readToEOF().map(\.last) == ["421 4.3.2 mx.example.test Error: too many sessions, try again later"])
+        #expect(h.logs.contains("warning: Session limit 2 reached: refused unknown[127.0.0.1] for service smtp"))
+        #expect(b.command("QUIT")?.code == 221)
+        #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] quit=1 commands=1"))
+        let fourth = try h.client()
+        #expect(fourth.reply()?.code == 220)
+        #expect(a.command("QUIT")?.code == 221)
+    }
+
+    @Test func theSessionLimitFollowsTheDescriptorLimit() {
+        // Two descriptors per session beyond 256 kept for the rest.
+        #expect(SMTPLimits.sessionLimit(configured: 10_000, descriptorLimit: 1_048_576) == 10_000)
+        #expect(SMTPLimits.sessionLimit(configured: 10_000, descriptorLimit: 1024) == 384)
+        // 0: no limit; EMFILE then pauses accepting.
+        #expect(SMTPLimits.sessionLimit(configured: 0, descriptorLimit: 65_536) == Int.max)
+        #expect(SMTPLimits.sessionLimit(configured: 0, descriptorLimit: nil) == Int.max)
+        #expect(SMTPLimits.sessionLimit(configured: 50, descriptorLimit: nil) == 50)
+        // A limit below the reserve still lets one session in.
+        #expect(SMTPLimits.sessionLimit(configured: 10_000, descriptorLimit: 100) == 1)
+    }
+
     @Test func silentClientTimesOutWith421() throws {
         let h = try Harness { $0.timeouts.command = 1 }
         defer { h.stop() }

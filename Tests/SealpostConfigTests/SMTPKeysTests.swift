@@ -15,6 +15,7 @@ import Testing
             junk_command_limit = 0
             client_ipv6_prefix_length = 56
             client_connection_limit = 0
+            session_limit = 0
             command_timeout = "2m"
             data_timeout = 60
             auth_users = "../private/users"
@@ -31,6 +32,7 @@ import Testing
         #expect(smtp.junkCommandLimit == 0)
         #expect(smtp.clientIPv6PrefixLength == 56)
         #expect(smtp.clientConnectionLimit == 0)
+        #expect(smtp.sessionLimit == 0)
         #expect(smtp.commandTimeout == 120)
         #expect(smtp.dataTimeout == 60)
         #expect(smtp.authUsersFile == directory.path + "/private/users")
@@ -40,6 +42,7 @@ import Testing
         #expect(automatic.eventLoops == 0)
         #expect(automatic.junkCommandLimit == 100)
         #expect(automatic.clientIPv6PrefixLength == 64)
+        #expect(automatic.sessionLimit == 10_000)
         #expect(automatic.clientNameLookup && !smtp.clientNameLookup)
         #expect(automatic.eventLoopThreads(cores: 1) == 1)
         #expect(automatic.eventLoopThreads(cores: 2) == 1)
@@ -69,6 +72,8 @@ import Testing
                     "must be between 0 and 1000000: -1")
         expectError("[smtp]\nclient_ipv6_prefix_length = 8\n", line: 2, key: "smtp.client_ipv6_prefix_length",
                     "must be between 16 and 128: 8")
+        expectError("[smtp]\nsession_limit = 1000001\n", line: 2, key: "smtp.session_limit",
+                    "must be between 0 and 1000000: 1000001")
         expectError("[smtp]\nclient_name_lookup = 1\n", line: 2, key: "smtp.client_name_lookup",
                     "expected a boolean (true or false), found an integer")
         expectError("[smtp]\nevent_loops = 300\n", line: 2, key: "smtp.event_loops", "must be between 0 and 256: 300")

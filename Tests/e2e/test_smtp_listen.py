@@ -154,11 +154,12 @@ class QueueStandIn:
 class Listener:
     """smtp-listen with its own configuration and data directory."""
 
-    def __init__(self, directory, inherited_socket=None, fdnames=None, wait=True, descriptors=None):
+    def __init__(self, directory, inherited_socket=None, fdnames=None, wait=True, descriptors=None, smtp=""):
         """With `inherited_socket` (a listening socket), smtp-listen is
         socket-activated with it as descriptor 3, named `fdnames` (default
         smtp-PORT), and the configuration lists it as the only listener.
-        `descriptors`: its limit of open files (RLIMIT_NOFILE)."""
+        `descriptors`: its limit of open files (RLIMIT_NOFILE). `smtp`:
+        more [smtp] keys."""
         self.directory = pathlib.Path(directory)
         self.data = self.directory / "data"
         (self.data / "run").mkdir(parents=True)
@@ -178,7 +179,7 @@ class Listener:
             'hostname = "mx.e2e.test"\n'
             "[local]\n"
             'domains = ["localhost", "e2e.test"]\n'
-            "[smtp]\n" + listeners +
+            "[smtp]\n" + listeners + smtp +
             # No crypto-negotiate runs beside this smtp-listen: without
             # certificates it does not wait for one (tls_start_wait) at start.
             "[tls]\ncertificates = []\n")
@@ -307,7 +308,9 @@ def test_connections_wait_while_descriptors_run_out(workdir):
     connections wait in the backlog until sessions end; then they are
     served, none is dropped."""
     require_build("smtp-listen")
-    instance = Listener(workdir, descriptors=64)
+    # No session limit: by default it would be lowered to what 64
+    # descriptors carry (test_the_session_limit_follows_the_descriptors).
+    instance = Listener(workdir, descriptors=64, smtp="session_limit = 0\n")
     try:
         held = []
         def greeted(connection):
@@ -350,6 +353,41 @@ def test_connections_wait_while_descriptors_run_out(workdir):
             connection.close()
         log = instance.log_text()
         assert re.search(r"warning: smtp listener on 127\.0\.0\.1:\d+: accept: Too many open files", log), log
+    finally:
+        for connection in held:
+            connection.close()
+        code = instance.stop()
+    assert code == 0, instance.log_text()
+
+
+def test_the_session_limit_follows_the_descriptors(workdir):
+    """With 600 descriptors, the default session_limit (10,000) becomes
+    172 (two per session beyond 256), said at start; the 173rd session
+    gets 421 4.3.2, before any descriptor ran out."""
+    require_build("smtp-listen")
+    instance = Listener(workdir, descriptors=600)
+    held = []
+    try:
+        log = instance.log_text()
+        assert "warning: session_limit 10000 lowered to 172: the descriptor limit is 600" in log, log
+        for number in range(172):
+            connection = socket.create_connection(("127.0.0.1", instance.port), timeout=60)
+            held.append(connection)
+            assert connection.recv(512).startswith(b"220 "), number
+        refused = socket.create_connection(("127.0.0.1", instance.port), timeout=60)
+        reply = refused.recv(512)
+        assert reply == b"421 4.3.2 mx.e2e.test Error: too many sessions, try again later\r\n", reply
+        assert refused.recv(512) == b""
+        refused.close()
+        # A session that ends makes room.
+        held.pop().sendall(b"QUIT\r\n")
+        wait_until(lambda: instance.log_text().count("disconnect from") >= 1, 30, "the QUIT's disconnect")
+        again = socket.create_connection(("127.0.0.1", instance.port), timeout=60)
+        held.append(again)
+        assert again.recv(512).startswith(b"220 ")
+        log = instance.log_text()
+        assert re.search(r"warning: Session limit 172 reached: refused \S+\[127\.0\.0\.1\] for service smtp", log), log
+        assert "Too many open files" not in log, log
     finally:
         for connection in held:
             connection.close()
