@@ -221,6 +221,9 @@ public final class SMTPServer: Sendable {
     /// Whether a shutdown has begun to stop the sessions.
     var isStopping: Bool { core.isStopping }
 
+    /// The connection to crypto-negotiate (for tests).
+    var tlsHandoff: TLSHandoff? { core.handoff }
+
     /// Told when a listener stops taking connections while the server is
     /// not stopping (NIO closes a server channel on an accept error it
     /// cannot wait out, or could not register it): smtp-listen exits then,
@@ -456,7 +459,17 @@ public final class SMTPServer: Sendable {
             }
             let core = self.core
             let loop = context.eventLoop
-            handoff.negotiate(socket: copy, peer: peer) { result in
+            // crypto-negotiate's handshake timeout answers every request; if
+            // it stops answering, the request is given up after the hand-off
+            // timeout (as a STARTTLS session does), not kept until the
+            // control connection drops. Set below, before the task can run.
+            let request = NIOLoopBoundBox(UInt64(0), eventLoop: loop)
+            let expiry = loop.scheduleTask(in: .seconds(core.settings.tlsHandoffTimeout)) {
+                handoff.abandon(request.value)
+                core.logger.info("TLS handshake failed on smtps with \(peer): no answer from crypto-negotiate")
+            }
+            request.value = handoff.negotiate(socket: copy, peer: peer) { result in
+                expiry.cancel()
                 switch result {
                 case .success(let established):
                     SMTPServer.adoptPlaintext(established, kind: .smtps, peer: address ?? "unknown", core: core, loop: loop)

@@ -513,12 +513,17 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             case .success(let fd): copy = fd
             case .failure(let failure): return handler.handoffDone(.failure(failure))
             }
+            // The request number is set below, before the timer can fire.
+            var request: UInt64 = 0
             let timer = LoopTimer { [weak handler] in
+                // Its completion holds this handler: crypto-negotiate's
+                // answer is no longer awaited.
+                handoff.abandon(request)
                 handler?.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "no answer from crypto-negotiate")))
             }
             handler.handoffTimer = timer
             timer.arm(in: .seconds(handler.server.settings.tlsHandoffTimeout), on: loop)
-            handoff.negotiate(socket: copy, peer: handler.client) { result in
+            request = handoff.negotiate(socket: copy, peer: handler.client) { result in
                 loop.execute {
                     let handler = bound.value
                     if !handler.handingOff, case .success(let established) = result {

@@ -74,6 +74,8 @@ public final class TLSHandoff: Sendable {
     public typealias Completion = @Sendable (Result<TLSEstablished, TLSHandoffFailure>) -> Void
 
     private struct Request {
+        /// The NEGOTIATE's session number, given by `negotiate`.
+        var session: UInt64
         var socket: Int32
         var peer: String
         var completion: Completion
@@ -150,14 +152,18 @@ public final class TLSHandoff: Sendable {
     static let unavailable = TLSHandoffFailure(status: "4.7.0", text: "TLS not available: crypto-negotiate is not running")
 
     /// Hands `socket` (ours no longer, whatever happens) to crypto-negotiate
-    /// for a server-role handshake. Never blocks.
-    public func negotiate(socket: Int32, peer: String, completion: @escaping Completion) {
-        let request = Request(socket: socket, peer: peer, completion: completion)
+    /// for a server-role handshake. Never blocks. Returns the request's
+    /// number, for `abandon`.
+    @discardableResult
+    public func negotiate(socket: Int32, peer: String, completion: @escaping Completion) -> UInt64 {
         enum Route { case unavailable, writer, now }
-        let route = state.withLockedValue { s -> Route in
-            guard s.available, !s.stopped else { return .unavailable }
-            return s.writerActive ? .writer : .now
+        let (route, session) = state.withLockedValue { s -> (Route, UInt64) in
+            let session = s.nextSession
+            s.nextSession += 1
+            guard s.available, !s.stopped else { return (.unavailable, session) }
+            return (s.writerActive ? .writer : .now, session)
         }
+        let request = Request(session: session, socket: socket, peer: peer, completion: completion)
         switch route {
         case .unavailable:
             close(socket)
@@ -167,7 +173,30 @@ public final class TLSHandoff: Sendable {
         case .now, .writer:
             queueForWriter(request)
         }
+        return session
     }
+
+    /// The caller no longer waits for request `session` (its own deadline
+    /// passed): the completion is dropped without being called, and an
+    /// answer that still comes finds nothing (its plaintext socket is
+    /// closed). crypto-negotiate's handshake timeout normally answers every
+    /// request; one that keeps the connection but stops answering would
+    /// otherwise keep each completion, and the session it holds, until the
+    /// connection drops. A request the writer has taken but not yet sent
+    /// is not found: that takes a writer blocked on a peer that does not
+    /// read, whose send timeout shuts the connection down, which fails
+    /// every request then.
+    public func abandon(_ session: UInt64) {
+        let unsent = state.withLockedValue { s -> Int32? in
+            if s.pending.removeValue(forKey: session) != nil { return nil }
+            guard let index = s.queue.firstIndex(where: { $0.session == session }) else { return nil }
+            return s.queue.remove(at: index).socket
+        }
+        if let unsent { close(unsent) }
+    }
+
+    /// Requests sent and not yet answered (for tests).
+    var pendingCount: Int { state.withLockedValue { $0.pending.count } }
 
     private func queueForWriter(_ request: Request) {
         let queued = state.withLockedValue { s -> Bool in
@@ -196,16 +225,14 @@ public final class TLSHandoff: Sendable {
         return FrameEncoder.encode(frame)
     }
 
-    /// Registers a session for `request`; nil (nothing registered) when the
-    /// connection is down or, with `unlessWriterActive`, the writer owns
+    /// Registers `request` (its completion, under its session number); nil
+    /// (nothing registered) when the connection is down or, with `unlessWriterActive`, the writer owns
     /// the stream.
     private func register(_ request: Request, unlessWriterActive: Bool) -> (fd: Int32, session: UInt64)? {
         state.withLockedValue { s -> (Int32, UInt64)? in
             guard s.available, s.connection >= 0, !(unlessWriterActive && s.writerActive) else { return nil }
-            let session = s.nextSession
-            s.nextSession += 1
-            s.pending[session] = request.completion
-            return (s.connection, session)
+            s.pending[request.session] = request.completion
+            return (s.connection, request.session)
         }
     }
 

@@ -277,6 +277,8 @@ final class Harness: Sendable {
     let logs = LogCapture()
     let port: Int
     let submissionPort: Int
+    /// With a crypto-negotiate socket (`tlsSocket`) only.
+    let smtpsPort: Int?
 
     /// `configure` adjusts the settings (limits, trusted networks...).
     init(queue: FakeQueue? = nil, injectPath: String? = nil, host: String = "127.0.0.1",
@@ -290,12 +292,17 @@ final class Harness: Sendable {
         let capture = logs
         let logger = Logger(label: "smtp-listen") { _ in CapturingLogHandler(capture: capture) }
         server = SMTPServer(settings: settings, group: group, logger: logger)
-        let bound = try server.open([
+        var specs = [
             ListenerSpec(kind: .smtp, source: .bind(ListenAddress(host: host, port: 0))),
             ListenerSpec(kind: .submission, source: .bind(ListenAddress(host: host, port: 0))),
-        ]).wait()
+        ]
+        if settings.tlsSocket != nil {
+            specs.append(ListenerSpec(kind: .smtps, source: .bind(ListenAddress(host: host, port: 0))))
+        }
+        let bound = try server.open(specs).wait()
         port = try #require(bound.first { $0.kind == .smtp }?.address?.port)
         submissionPort = try #require(bound.first { $0.kind == .submission }?.address?.port)
+        smtpsPort = bound.first { $0.kind == .smtps }?.address?.port
         server.startAccepting()
     }
 

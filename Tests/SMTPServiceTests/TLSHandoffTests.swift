@@ -12,12 +12,16 @@ import Synchronization
 import Testing
 
 /// A Harness whose crypto-negotiate is the test (`peer`, past its HELLO).
-private func withCryptoNegotiatePeer(_ tag: String, _ body: (Harness, StageConnection) throws -> Void) throws {
+private func withCryptoNegotiatePeer(_ tag: String, configure: (inout SMTPServiceSettings) -> Void = { _ in },
+                                      _ body: (Harness, StageConnection) throws -> Void) throws {
     let path = NSTemporaryDirectory() + "handoff-\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
     let listener = sealpost_unix_listen(path, 8)
     try #require(listener >= 0)
     defer { close(listener); unlink(path) }
-    let h = try Harness { $0.tlsSocket = path }
+    let h = try Harness {
+        $0.tlsSocket = path
+        configure(&$0)
+    }
     defer { h.stop() }
     let peer = StageConnection(adopting: accept(listener, nil, nil), protocol: .tls, direction: .clientToServer)
     defer { peer.close() }
@@ -158,6 +162,60 @@ private func withCryptoNegotiatePeer(_ tag: String, _ body: (Harness, StageConne
             try peer.send(Frame(.failed, ["session": .uint(try negotiate.uint("session")), "status": .text("4.7.5"),
                                           "text": .text("test handshake failure")]))
             #expect(h.queue.accepted.count == 1)
+        }
+    }
+
+    /// A crypto-negotiate that takes requests but never answers: after the
+    /// hand-off timeout the STARTTLS session ends, and so does its request
+    /// (its completion holds the session): none stays pending until the
+    /// control connection drops. An answer that comes after all finds
+    /// nothing, and its plaintext socket is closed, not served. The same
+    /// for a connection to the smtps port.
+    @Test func anUnansweredHandOffIsGivenUp() throws {
+        try withCryptoNegotiatePeer("unanswered", configure: { $0.tlsHandoffTimeout = 1 }) { h, peer in
+            let handoff = try #require(h.server.tlsHandoff)
+            let c = try h.client()
+            #expect(c.reply()?.code == 220)
+            c.send("EHLO client.example.org\r\n")
+            #expect(c.reply()?.code == 250)
+            c.send("STARTTLS\r\n")
+            #expect(c.reply()?.code == 220)
+            let negotiate = try #require(try peer.receive())
+            #expect(negotiate.type == .negotiate)
+            close(try negotiate.fd("socket"))
+            #expect(handoff.pendingCount == 1)
+            _ = c.readToEOF()
+            #expect(h.logs.eventually("no answer from crypto-negotiate"))
+            #expect(handoff.pendingCount == 0)
+
+            let smtps = try h.client(port: try #require(h.smtpsPort))
+            let second = try #require(try peer.receive())
+            #expect(second.type == .negotiate)
+            close(try second.fd("socket"))
+            #expect(handoff.pendingCount == 1)
+            var waited = 0
+            while handoff.pendingCount > 0 && waited < 1000 {
+                usleep(10_000)
+                waited += 1
+            }
+            #expect(handoff.pendingCount == 0)
+            #expect(h.logs.eventually("TLS handshake failed on smtps with [127.0.0.1]: no answer from crypto-negotiate"))
+            _ = smtps
+
+            // The late answer to the first: its plaintext socket is closed.
+            var pair: [Int32] = [0, 0]
+            try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+            let tlsSide = pair[0]
+            defer { close(tlsSide) }
+            try peer.send(Frame(.negotiated, ["session": .uint(try negotiate.uint("session")), "plaintext": .fd(pair[1]),
+                                              "protocol": .text("TLSv1.3"), "cipher": .text("TLS_AES_128_GCM_SHA256"),
+                                              "authentication": .text("encrypted")]))
+            close(pair[1])
+            var tv = timeval(tv_sec: 30, tv_usec: 0)
+            setsockopt(tlsSide, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            var chunk = [UInt8](repeating: 0, count: 512)
+            let n = chunk.withUnsafeMutableBytes { recv(tlsSide, $0.baseAddress, $0.count, 0) }
+            #expect(n == 0, "the late plaintext socket was served: \(String(decoding: chunk.prefix(max(n, 0)), as: UTF8.self))")
         }
     }
 
