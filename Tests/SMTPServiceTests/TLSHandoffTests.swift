@@ -30,6 +30,22 @@ private func withCryptoNegotiatePeer(_ tag: String, configure: (inout SMTPServic
     try body(h, peer)
 }
 
+/// Answers `negotiate` as crypto-negotiate does after a handshake: a
+/// NEGOTIATED with one end of a socket pair as the plaintext socket.
+/// Returns the other end (crypto-negotiate's side), with a receive
+/// timeout against a hung test.
+private func answerNegotiated(_ negotiate: Frame, on peer: StageConnection) throws -> Int32 {
+    var pair: [Int32] = [0, 0]
+    try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+    try peer.send(Frame(.negotiated, ["session": .uint(try negotiate.uint("session")), "plaintext": .fd(pair[1]),
+                                      "protocol": .text("TLSv1.3"), "cipher": .text("TLS_AES_128_GCM_SHA256"),
+                                      "authentication": .text("encrypted")]))
+    close(pair[1])
+    var tv = timeval(tv_sec: 30, tv_usec: 0)
+    setsockopt(pair[0], SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    return pair[0]
+}
+
 @Suite struct TLSHandoffTests {
     @Test func backlogThroughTheWriterKeepsFramesWhole() throws {
         let path = NSTemporaryDirectory() + "handoff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
@@ -203,16 +219,8 @@ private func withCryptoNegotiatePeer(_ tag: String, configure: (inout SMTPServic
             _ = smtps
 
             // The late answer to the first: its plaintext socket is closed.
-            var pair: [Int32] = [0, 0]
-            try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
-            let tlsSide = pair[0]
+            let tlsSide = try answerNegotiated(negotiate, on: peer)
             defer { close(tlsSide) }
-            try peer.send(Frame(.negotiated, ["session": .uint(try negotiate.uint("session")), "plaintext": .fd(pair[1]),
-                                              "protocol": .text("TLSv1.3"), "cipher": .text("TLS_AES_128_GCM_SHA256"),
-                                              "authentication": .text("encrypted")]))
-            close(pair[1])
-            var tv = timeval(tv_sec: 30, tv_usec: 0)
-            setsockopt(tlsSide, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             var chunk = [UInt8](repeating: 0, count: 512)
             let n = chunk.withUnsafeMutableBytes { recv(tlsSide, $0.baseAddress, $0.count, 0) }
             #expect(n == 0, "the late plaintext socket was served: \(String(decoding: chunk.prefix(max(n, 0)), as: UTF8.self))")
@@ -250,16 +258,8 @@ private func withCryptoNegotiatePeer(_ tag: String, configure: (inout SMTPServic
             try #require(h.server.isStopping)
             usleep(100_000)
 
-            var pair: [Int32] = [0, 0]
-            try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
-            let tlsSide = pair[0]
+            let tlsSide = try answerNegotiated(negotiate, on: peer)
             defer { close(tlsSide) }
-            try peer.send(Frame(.negotiated, ["session": .uint(try negotiate.uint("session")), "plaintext": .fd(pair[1]),
-                                              "protocol": .text("TLSv1.3"), "cipher": .text("TLS_AES_128_GCM_SHA256"),
-                                              "authentication": .text("encrypted")]))
-            close(pair[1])
-            var tv = timeval(tv_sec: 30, tv_usec: 0)
-            setsockopt(tlsSide, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             var received: [UInt8] = []
             var chunk = [UInt8](repeating: 0, count: 512)
             while true {
