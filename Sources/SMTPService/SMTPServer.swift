@@ -66,6 +66,10 @@ final class SMTPServerCore: Sendable {
     struct State {
         var perClient: [String: Int] = [:]
         var channels: [ObjectIdentifier: Channel] = [:]
+        /// smtps connections with crypto-negotiate (see `beginHandshake`),
+        /// per counted client and in all.
+        var handshakes: [String: Int] = [:]
+        var handshakeCount = 0
         var stopping = false
         /// Told once no session is left (see `whenNoSessions`).
         var noSessions: [EventLoopPromise<Void>] = []
@@ -132,10 +136,50 @@ final class SMTPServerCore: Sendable {
             s.perClient[client] = n
             s.channels[ObjectIdentifier(channel)] = channel
             if s.stopping { return .stopping }
-            if s.channels.count > settings.limits.sessions { return .full(settings.limits.sessions) }
-            return exempt || n <= settings.limits.sessionsPerClient ? .admitted : .tooMany(n, client: client)
+            return admission(in: s, client: client, exempt: exempt, sessions: n + s.handshakes[client, default: 0])
         }
     }
+
+    /// Whether a session (or handshake) just counted in `s` may proceed,
+    /// its client having `sessions` (handshakes included).
+    private func admission(in s: State, client: String, exempt: Bool, sessions: Int) -> Admission {
+        if s.channels.count + s.handshakeCount > settings.limits.sessions { return .full(settings.limits.sessions) }
+        return exempt || sessions <= settings.limits.sessionsPerClient ? .admitted : .tooMany(sessions, client: client)
+    }
+
+    /// A connection to an smtps listener, about to be handed to
+    /// crypto-negotiate: its session is registered only once the plaintext
+    /// socket comes back, so until then (`endHandshake`) the handshake
+    /// counts, for its client and in all, and is refused past the limits
+    /// as a session would be. Not admitted: nothing is counted.
+    func beginHandshake(address: String, trusted exempt: Bool) -> Admission {
+        let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
+        return state.withLockedValue { s in
+            if s.stopping { return .stopping }
+            s.handshakes[client, default: 0] += 1
+            s.handshakeCount += 1
+            let sessions = s.perClient[client, default: 0] + s.handshakes[client, default: 0]
+            let admission = admission(in: s, client: client, exempt: exempt, sessions: sessions)
+            if admission != .admitted { Self.endHandshake(client, in: &s) }
+            return admission
+        }
+    }
+
+    /// The handshake `beginHandshake` admitted has ended (answered or
+    /// given up).
+    func endHandshake(address: String) {
+        let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
+        state.withLockedValue { Self.endHandshake(client, in: &$0) }
+    }
+
+    private static func endHandshake(_ client: String, in s: inout State) {
+        let n = s.handshakes[client, default: 1] - 1
+        s.handshakes[client] = n > 0 ? n : nil
+        s.handshakeCount = max(0, s.handshakeCount - 1)
+    }
+
+    /// smtps handshakes in progress (for tests).
+    var handshakeCount: Int { state.withLockedValue { $0.handshakeCount } }
 
     func unregister(address: String, channel: Channel) {
         let waiting = state.withLockedValue { s -> [EventLoopPromise<Void>] in
@@ -223,6 +267,8 @@ public final class SMTPServer: Sendable {
 
     /// The connection to crypto-negotiate (for tests).
     var tlsHandoff: TLSHandoff? { core.handoff }
+    /// smtps handshakes counted (for tests).
+    var handshakeCount: Int { core.handshakeCount }
 
     /// Told when a listener stops taking connections while the server is
     /// not stopping (NIO closes a server channel on an accept error it
@@ -443,9 +489,23 @@ public final class SMTPServer: Sendable {
         func channelActive(context: ChannelHandlerContext) {
             let address = context.channel.remoteAddress?.ipAddress.map(NetworkPrefix.canonicalClientAddress)
             let peer = address.map { "[\($0)]" } ?? "unknown"
+            let counted = address ?? "unknown"
             defer { context.close(promise: nil) }
             guard let handoff = core.handoff, handoff.isAvailable else {
                 core.logger.warning("smtps connection from \(peer) refused: crypto-negotiate is not available")
+                return
+            }
+            // No reply is possible before TLS: a refused connection is closed.
+            switch core.beginHandshake(address: counted, trusted: core.settings.isTrusted(counted)) {
+            case .admitted:
+                break
+            case .tooMany(let count, _):
+                core.logger.warning("\(SessionLog.tooManyConnections(count, client: "unknown\(peer)", service: .smtps))")
+                return
+            case .full(let limit):
+                core.logger.warning("\(SessionLog.tooManySessions(limit, client: "unknown\(peer)", service: .smtps))")
+                return
+            case .stopping:
                 return
             }
             // crypto-negotiate gets a copy: closing this channel then
@@ -454,6 +514,7 @@ public final class SMTPServer: Sendable {
             switch SMTPServer.duplicateDescriptor(of: context.pipeline.syncOperations) {
             case .success(let fd): copy = fd
             case .failure(let failure):
+                core.endHandshake(address: counted)
                 core.logger.warning("smtps connection from \(peer) refused: \(failure.text)")
                 return
             }
@@ -465,11 +526,14 @@ public final class SMTPServer: Sendable {
             // control connection drops. Set below, before the task can run.
             let request = NIOLoopBoundBox(UInt64(0), eventLoop: loop)
             let expiry = loop.scheduleTask(in: .seconds(core.settings.tlsHandoffTimeout)) {
-                handoff.abandon(request.value)
+                // Else the answer came meanwhile: its completion counts down.
+                guard handoff.abandon(request.value) else { return }
+                core.endHandshake(address: counted)
                 core.logger.info("TLS handshake failed on smtps with \(peer): no answer from crypto-negotiate")
             }
             request.value = handoff.negotiate(socket: copy, peer: peer) { result in
                 expiry.cancel()
+                core.endHandshake(address: counted)
                 switch result {
                 case .success(let established):
                     SMTPServer.adoptPlaintext(established, kind: .smtps, peer: address ?? "unknown", core: core, loop: loop)

@@ -185,14 +185,21 @@ public final class TLSHandoff: Sendable {
     /// connection drops. A request the writer has taken but not yet sent
     /// is not found: that takes a writer blocked on a peer that does not
     /// read, whose send timeout shuts the connection down, which fails
-    /// every request then.
-    public func abandon(_ session: UInt64) {
-        let unsent = state.withLockedValue { s -> Int32? in
-            if s.pending.removeValue(forKey: session) != nil { return nil }
-            guard let index = s.queue.firstIndex(where: { $0.session == session }) else { return nil }
-            return s.queue.remove(at: index).socket
+    /// every request then. True: the completion was dropped; false: it
+    /// has run, runs, or will run.
+    @discardableResult
+    public func abandon(_ session: UInt64) -> Bool {
+        enum Found { case pending, unsent(Int32), nothing }
+        let found = state.withLockedValue { s -> Found in
+            if s.pending.removeValue(forKey: session) != nil { return .pending }
+            guard let index = s.queue.firstIndex(where: { $0.session == session }) else { return .nothing }
+            return .unsent(s.queue.remove(at: index).socket)
         }
-        if let unsent { close(unsent) }
+        switch found {
+        case .pending: return true
+        case .unsent(let socket): close(socket); return true
+        case .nothing: return false
+        }
     }
 
     /// Requests sent and not yet answered (for tests).

@@ -135,7 +135,10 @@
 //      past it; lowered at start, with a warning, to what the descriptor
 //      limit carries at two descriptors per session beyond 256 kept for
 //      the rest; 0: no limit, accepting pauses while descriptors run
-//      out), command_timeout (5 min), data_timeout (3 min); from [queue]:
+//      out); an smtps connection counts against both from its accept, while
+//      crypto-negotiate has it (past them it is closed: no reply is possible
+//      before TLS), and is given up if no answer comes within the hand-off
+//      timeout ([tls] handshake_timeout + 10 s), command_timeout (5 min), data_timeout (3 min); from [queue]:
 //      recipient_limit, message_size_limit. The queue's answer is awaited
 //      5 min (SMTPServiceSettings.swift).
 //

@@ -216,6 +216,7 @@ private func answerNegotiated(_ negotiate: Frame, on peer: StageConnection) thro
             }
             #expect(handoff.pendingCount == 0)
             #expect(h.logs.eventually("TLS handshake failed on smtps with [127.0.0.1]: no answer from crypto-negotiate"))
+            #expect(h.server.handshakeCount == 0)
             _ = smtps
 
             // The late answer to the first: its plaintext socket is closed.
@@ -224,6 +225,68 @@ private func answerNegotiated(_ negotiate: Frame, on peer: StageConnection) thro
             var chunk = [UInt8](repeating: 0, count: 512)
             let n = chunk.withUnsafeMutableBytes { recv(tlsSide, $0.baseAddress, $0.count, 0) }
             #expect(n == 0, "the late plaintext socket was served: \(String(decoding: chunk.prefix(max(n, 0)), as: UTF8.self))")
+        }
+    }
+
+    /// An smtps connection is a session only once crypto-negotiate returns
+    /// its plaintext socket; until then its handshake counts against
+    /// session_limit and client_connection_limit all the same. Past them
+    /// an smtps connection is closed (no reply is possible before TLS).
+    @Test func smtpsHandshakesCountAgainstTheSessionLimits() throws {
+        try withCryptoNegotiatePeer("limits", configure: {
+            $0.limits.sessionsPerClient = 2
+            $0.trustedNetworks = []
+        }) { h, peer in
+            let port = try #require(h.smtpsPort)
+            let plain = try h.client()
+            #expect(plain.reply()?.code == 220)
+            let tls = try h.client(port: port)
+            let negotiate = try #require(try peer.receive())
+            #expect(negotiate.type == .negotiate)
+            close(try negotiate.fd("socket"))
+            #expect(h.server.handshakeCount == 1)
+            // The client's third: over client_connection_limit (2), on
+            // either port.
+            let third = try h.client()
+            #expect(third.readToEOF().map(\.last) == ["421 4.7.0 mx.example.test Error: too many connections from 127.0.0.1"])
+            let thirdTLS = try h.client(port: port)
+            #expect(thirdTLS.readToEOF().isEmpty && thirdTLS.eof)
+            #expect(h.logs.eventually("warning: Connection concurrency limit exceeded: 3 from unknown[127.0.0.1] for service smtps"))
+            #expect(h.server.handshakeCount == 1)
+            _ = tls
+
+            // The handshake fails: it no longer counts.
+            try peer.send(Frame(.failed, ["session": .uint(try negotiate.uint("session")), "status": .text("4.7.5"),
+                                          "text": .text("test handshake failure")]))
+            var waited = 0
+            while h.server.handshakeCount > 0 && waited < 1000 {
+                usleep(10_000)
+                waited += 1
+            }
+            #expect(h.server.handshakeCount == 0)
+            let again = try h.client()
+            #expect(again.reply()?.code == 220)
+            #expect(plain.command("QUIT")?.code == 221)
+            #expect(again.command("QUIT")?.code == 221)
+        }
+        // session_limit (every client, trusted ones too).
+        try withCryptoNegotiatePeer("full", configure: { $0.limits.sessions = 2 }) { h, peer in
+            let port = try #require(h.smtpsPort)
+            let plain = try h.client()
+            #expect(plain.reply()?.code == 220)
+            let tls = try h.client(port: port)
+            let negotiate = try #require(try peer.receive())
+            close(try negotiate.fd("socket"))
+            let third = try h.client()
+            #expect(third.readToEOF().map(\.last) == ["421 4.3.2 mx.example.test Error: too many sessions, try again later"])
+            let thirdTLS = try h.client(port: port)
+            #expect(thirdTLS.readToEOF().isEmpty && thirdTLS.eof)
+            #expect(h.logs.eventually("warning: Session limit 2 reached: refused unknown[127.0.0.1] for service smtps"))
+            #expect(h.server.handshakeCount == 1)
+            _ = tls
+            try peer.send(Frame(.failed, ["session": .uint(try negotiate.uint("session")), "status": .text("4.7.5"),
+                                          "text": .text("test handshake failure")]))
+            #expect(plain.command("QUIT")?.code == 221)
         }
     }
 
