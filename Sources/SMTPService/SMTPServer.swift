@@ -129,9 +129,13 @@ final class SMTPServerCore: Sendable {
     /// The limit of sessions in all applies to every client: it bounds
     /// what the process holds (sessions being refused count too, until
     /// they are closed: they hold a descriptor).
-    func register(address: String, trusted exempt: Bool, channel: Channel) -> Admission {
+    /// `fromHandshake`: the session of an smtps handshake that
+    /// `beginHandshake` counted, which becomes the session's count here, in
+    /// the same step (no other connection can take its place meanwhile).
+    func register(address: String, trusted exempt: Bool, channel: Channel, fromHandshake: Bool = false) -> Admission {
         let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
         return state.withLockedValue { s in
+            if fromHandshake { Self.endHandshake(client, in: &s) }
             let n = s.perClient[client, default: 0] + 1
             s.perClient[client] = n
             s.channels[ObjectIdentifier(channel)] = channel
@@ -165,15 +169,16 @@ final class SMTPServerCore: Sendable {
         }
     }
 
-    /// The handshake `beginHandshake` admitted has ended (answered or
-    /// given up).
+    /// The handshake `beginHandshake` admitted has ended without a session
+    /// (failed, given up, or its plaintext socket could not be adopted).
     func endHandshake(address: String) {
         let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
         state.withLockedValue { Self.endHandshake(client, in: &$0) }
     }
 
     private static func endHandshake(_ client: String, in s: inout State) {
-        let n = s.handshakes[client, default: 1] - 1
+        let n = s.handshakes[client, default: 0] - 1
+        assert(n >= 0 && s.handshakeCount > 0, "a handshake of \(client) uncounted twice")
         s.handshakes[client] = n > 0 ? n : nil
         s.handshakeCount = max(0, s.handshakeCount - 1)
     }
@@ -533,11 +538,12 @@ public final class SMTPServer: Sendable {
             }
             request.value = handoff.negotiate(socket: copy, peer: peer) { result in
                 expiry.cancel()
-                core.endHandshake(address: counted)
                 switch result {
                 case .success(let established):
-                    SMTPServer.adoptPlaintext(established, kind: .smtps, peer: address ?? "unknown", core: core, loop: loop)
+                    // The handshake's count becomes the session's (register).
+                    SMTPServer.adoptPlaintext(established, kind: .smtps, peer: counted, core: core, loop: loop)
                 case .failure(let failure):
+                    core.endHandshake(address: counted)
                     core.logger.info("TLS handshake failed on smtps with \(peer): \(failure.text)")
                 }
             }
@@ -586,7 +592,9 @@ public final class SMTPServer: Sendable {
     }
 
     /// Runs an SMTP session on a plaintext socket from crypto-negotiate
-    /// (implicit TLS): the session starts with TLS active.
+    /// (implicit TLS): the session starts with TLS active. `peer`: the
+    /// client's address, as its handshake was counted (the count ends
+    /// here if the socket cannot be adopted).
     static func adoptPlaintext(_ established: TLSEstablished, kind: ListenerKind, peer: String,
                                core: SMTPServerCore, loop: EventLoop) {
         ClientBootstrap(group: loop)
@@ -599,6 +607,7 @@ public final class SMTPServer: Sendable {
             }
             .withConnectedSocket(established.plaintext)
             .whenFailure { error in
+                core.endHandshake(address: peer)
                 core.logger.warning("\(kind.rawValue) plaintext socket from crypto-negotiate: \(error)")
             }
     }

@@ -99,6 +99,8 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// STARTTLS: waiting for crypto-negotiate.
     private var handingOff = false
     private var handoffTimer: LoopTimer?
+    /// TLSHandoff's number for the request under way.
+    private var handoffRequest: UInt64?
     /// The TCP channel is being closed after a successful hand-off.
     private var handedOff = false
     /// The next channelActive is that of the plaintext channel.
@@ -151,7 +153,10 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         let raw = peer ?? context.channel.remoteAddress?.ipAddress ?? "unknown"
         clientAddress = NetworkPrefix.canonicalClientAddress(raw)
         let trusted = settings.isTrusted(clientAddress)
-        let admission = server.register(address: clientAddress, trusted: trusted, channel: context.channel)
+        // A session with TLS from the start comes from an smtps handshake,
+        // counted since its accept (SMTPServerCore.beginHandshake).
+        let admission = server.register(address: clientAddress, trusted: trusted, channel: context.channel,
+                                        fromHandshake: tlsAtStart != nil)
         client = SessionLog.client(name: clientName, address: clientAddress)
         registered = true
         if admission != .admitted {
@@ -273,11 +278,14 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             return
         }
         if handingOff {
-            // The client went away during the hand-off; crypto-negotiate
-            // reports a failed handshake, which is then ignored.
+            // The client went away during the hand-off (or a stop closed
+            // the session): crypto-negotiate's answer is not waited for,
+            // which frees this handler even if none comes.
             handingOff = false
             handoffTimer?.cancel()
             handoffTimer = nil
+            if let request = handoffRequest { server.handoff?.abandon(request) }
+            handoffRequest = nil
         }
         cancelTimer()
         if lookingUp {
@@ -513,17 +521,17 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             case .success(let fd): copy = fd
             case .failure(let failure): return handler.handoffDone(.failure(failure))
             }
-            // The request number is set below, before the timer can fire.
-            var request: UInt64 = 0
             let timer = LoopTimer { [weak handler] in
+                guard let handler else { return }
                 // Its completion holds this handler: crypto-negotiate's
                 // answer is no longer awaited.
-                handoff.abandon(request)
-                handler?.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "no answer from crypto-negotiate")))
+                if let request = handler.handoffRequest { handoff.abandon(request) }
+                handler.handoffDone(.failure(TLSHandoffFailure(status: "4.4.2", text: "no answer from crypto-negotiate")))
             }
             handler.handoffTimer = timer
             timer.arm(in: .seconds(handler.server.settings.tlsHandoffTimeout), on: loop)
-            request = handoff.negotiate(socket: copy, peer: handler.client) { result in
+            // Set before the timer can fire (it runs on this loop).
+            handler.handoffRequest = handoff.negotiate(socket: copy, peer: handler.client) { result in
                 loop.execute {
                     let handler = bound.value
                     if !handler.handingOff, case .success(let established) = result {
@@ -541,6 +549,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         handingOff = false
         handoffTimer?.cancel()
         handoffTimer = nil
+        handoffRequest = nil
         guard let context, var session else {
             if case .success(let established) = result { _ = closeFileDescriptor(established.plaintext) }
             return

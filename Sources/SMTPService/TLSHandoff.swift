@@ -93,6 +93,10 @@ public final class TLSHandoff: Sendable {
         /// out from an event loop; the writer sends it before anything else.
         var partial: [UInt8] = []
         var pending: [UInt64: Completion] = [:]
+        /// Requests the writer has taken from `queue` and not yet
+        /// registered (or failed), and those of them `abandon` gave up.
+        var writing: Set<UInt64> = []
+        var abandoned: Set<UInt64> = []
         var nextSession: UInt64 = 1
         var warnedUnavailable = false
     }
@@ -122,15 +126,22 @@ public final class TLSHandoff: Sendable {
 
     /// Stops both threads (pending requests fail); for tests.
     public func stop() {
-        let pending = state.withLockedValue { s -> [Completion] in
+        let (pending, unsent) = state.withLockedValue { s -> ([Completion], [Request]) in
             s.stopped = true
             s.available = false
             if s.connection >= 0 { _ = shutdown(s.connection, Int32(SHUT_RDWR)) }
-            return Array(s.pending.values) + s.queue.map(\.completion)
+            // Taken here, so that neither the reader (which sees the
+            // shutdown) nor `abandon` finds them again.
+            defer {
+                s.pending = [:]
+                s.queue = []
+            }
+            return (Array(s.pending.values), s.queue)
         }
         work.lock()
         work.unlock(withValue: 1)
-        for completion in pending { completion(.failure(Self.unavailable)) }
+        for request in unsent { close(request.socket) }
+        for completion in pending + unsent.map(\.completion) { completion(.failure(Self.unavailable)) }
     }
 
     /// The control connection is up: STARTTLS may be offered.
@@ -182,18 +193,21 @@ public final class TLSHandoff: Sendable {
     /// closed). crypto-negotiate's handshake timeout normally answers every
     /// request; one that keeps the connection but stops answering would
     /// otherwise keep each completion, and the session it holds, until the
-    /// connection drops. A request the writer has taken but not yet sent
-    /// is not found: that takes a writer blocked on a peer that does not
-    /// read, whose send timeout shuts the connection down, which fails
-    /// every request then. True: the completion was dropped; false: it
-    /// has run, runs, or will run.
+    /// connection drops. True: the completion was dropped (it will not
+    /// run); false: it has run, or is running.
     @discardableResult
     public func abandon(_ session: UInt64) -> Bool {
         enum Found { case pending, unsent(Int32), nothing }
         let found = state.withLockedValue { s -> Found in
             if s.pending.removeValue(forKey: session) != nil { return .pending }
-            guard let index = s.queue.firstIndex(where: { $0.session == session }) else { return .nothing }
-            return .unsent(s.queue.remove(at: index).socket)
+            if let index = s.queue.firstIndex(where: { $0.session == session }) {
+                return .unsent(s.queue.remove(at: index).socket)
+            }
+            // In the writer's hands: it sends the request, but keeps no
+            // completion and calls none (`register`, `send`).
+            guard s.writing.contains(session) else { return .nothing }
+            s.abandoned.insert(session)
+            return .pending
         }
         switch found {
         case .pending: return true
@@ -238,7 +252,8 @@ public final class TLSHandoff: Sendable {
     private func register(_ request: Request, unlessWriterActive: Bool) -> (fd: Int32, session: UInt64)? {
         state.withLockedValue { s -> (Int32, UInt64)? in
             guard s.available, s.connection >= 0, !(unlessWriterActive && s.writerActive) else { return nil }
-            s.pending[request.session] = request.completion
+            s.writing.remove(request.session)
+            if s.abandoned.remove(request.session) == nil { s.pending[request.session] = request.completion }
             return (s.connection, request.session)
         }
     }
@@ -309,6 +324,7 @@ public final class TLSHandoff: Sendable {
             work.lock(whenValue: 1)
             let (requests, stopped) = state.withLockedValue { s -> ([Request], Bool) in
                 defer { s.queue = [] }
+                if !s.stopped { s.writing.formUnion(s.queue.map(\.session)) }
                 return (s.queue, s.stopped)
             }
             work.unlock(withValue: 0)
@@ -372,7 +388,14 @@ public final class TLSHandoff: Sendable {
             session = registered
             failure = writeAll(fd, frame(request, session: registered), fds: [request.socket])
         }
-        guard let session else { return request.completion(.failure(Self.unavailable)) }
+        guard let session else {
+            let abandoned = state.withLockedValue { s in
+                s.writing.remove(request.session)
+                return s.abandoned.remove(request.session) != nil
+            }
+            if !abandoned { request.completion(.failure(Self.unavailable)) }
+            return
+        }
         if failure != 0, let completion = state.withLockedValue({ $0.pending.removeValue(forKey: session) }) {
             completion(.failure(Self.unreachable(failure)))
         }
