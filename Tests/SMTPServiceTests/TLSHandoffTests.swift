@@ -46,6 +46,21 @@ private func answerNegotiated(_ negotiate: Frame, on peer: StageConnection) thro
     return pair[0]
 }
 
+/// A session that says STARTTLS, up to crypto-negotiate's NEGOTIATE (its
+/// copy of the client's socket closed): the client, and the frame.
+private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTestClient, Frame) {
+    let c = try h.client()
+    #expect(c.reply()?.code == 220)
+    c.send("EHLO client.example.org\r\n")
+    #expect(c.reply()?.code == 250)
+    c.send("STARTTLS\r\n")
+    #expect(c.reply()?.code == 220)
+    let negotiate = try #require(try peer.receive())
+    #expect(negotiate.type == .negotiate)
+    close(try negotiate.fd("socket"))
+    return (c, negotiate)
+}
+
 @Suite struct TLSHandoffTests {
     @Test func backlogThroughTheWriterKeepsFramesWhole() throws {
         let path = NSTemporaryDirectory() + "handoff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
@@ -190,15 +205,7 @@ private func answerNegotiated(_ negotiate: Frame, on peer: StageConnection) thro
     @Test func anUnansweredHandOffIsGivenUp() throws {
         try withCryptoNegotiatePeer("unanswered", configure: { $0.tlsHandoffTimeout = 2 }) { h, peer in
             let handoff = try #require(h.server.tlsHandoff)
-            let c = try h.client()
-            #expect(c.reply()?.code == 220)
-            c.send("EHLO client.example.org\r\n")
-            #expect(c.reply()?.code == 250)
-            c.send("STARTTLS\r\n")
-            #expect(c.reply()?.code == 220)
-            let negotiate = try #require(try peer.receive())
-            #expect(negotiate.type == .negotiate)
-            close(try negotiate.fd("socket"))
+            let (c, negotiate) = try startTLS(h, peer)
             #expect(handoff.pendingCount == 1)
             _ = c.readToEOF()
             #expect(h.logs.eventually("no answer from crypto-negotiate"))
@@ -308,14 +315,7 @@ private func answerNegotiated(_ negotiate: Frame, on peer: StageConnection) thro
     @Test func requestsEndOnceWhenTheClientLeavesOrTheHandOffStops() throws {
         try withCryptoNegotiatePeer("leaves") { h, peer in
             let handoff = try #require(h.server.tlsHandoff)
-            let c = try h.client()
-            #expect(c.reply()?.code == 220)
-            c.send("EHLO client.example.org\r\n")
-            #expect(c.reply()?.code == 250)
-            c.send("STARTTLS\r\n")
-            #expect(c.reply()?.code == 220)
-            let negotiate = try #require(try peer.receive())
-            close(try negotiate.fd("socket"))
+            let (c, negotiate) = try startTLS(h, peer)
             #expect(handoff.pendingCount == 1)
             c.reset()
             var waited = 0
@@ -345,15 +345,7 @@ private func answerNegotiated(_ negotiate: Frame, on peer: StageConnection) thro
     /// wait for it rather than for the closed TCP channel.
     @Test func stopDuringTheHandOffEndsTheSessionInTLS() throws {
         try withCryptoNegotiatePeer("stop") { h, peer in
-            let c = try h.client()
-            #expect(c.reply()?.code == 220)
-            c.send("EHLO client.example.org\r\n")
-            #expect(c.reply()?.code == 250)
-            c.send("STARTTLS\r\n")
-            #expect(c.reply()?.code == 220)
-            let negotiate = try #require(try peer.receive())
-            #expect(negotiate.type == .negotiate)
-            close(try negotiate.fd("socket"))
+            let (c, negotiate) = try startTLS(h, peer)
 
             let stopped = Mutex(false)
             let stopper = Thread {
