@@ -71,7 +71,7 @@ let package = Package(
         .target(name: "Accounts", dependencies: ["Sodium", "SealpostConfig"]),
         .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol", "CSystemShims"]),
         .target(name: "QueueService", dependencies: [
-            "Spool", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig",
+            "Spool", "CSystemShims", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),

@@ -38,7 +38,10 @@
 //      Recipients still deferred after delay_warning_time get one delay
 //      notice (NOTIFY absent or with DELAY).
 //
-//      After a restart the schedule is rebuilt from the spool.
+//      After a restart the schedule is rebuilt from the spool. The sockets
+//      listen before that (it takes seconds with a large spool): a stage
+//      that connects meanwhile waits in the backlog, and is served once
+//      the schedule is loaded.
 //
 // SOCKETS (under data/run, stale socket files are removed at start; as
 //      root, the supervisor gives data/run to the queue's user, mode 0755,

@@ -18,6 +18,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 
@@ -338,3 +339,44 @@ def test_a_full_log_disk_does_not_stop_the_mail(workdir):
             else:
                 # Each other line whole: one stamp at its start, none inside.
                 assert stamp.match(line) and not stamp.search(line, 1), line
+
+
+def test_a_restarted_queue_listens_before_it_reads_the_spool(pipeline):
+    """Reading the spool takes seconds when it is large (the schedule of
+    every message is loaded), and smtp-listen, whose pooled connections
+    broke, connects again at once: the queue listens on its sockets first,
+    so those connections wait in the backlog for the load instead of being
+    refused (their clients would get 451). strace -f of the supervisor
+    follows the queue it starts after a kill: the new queue's three
+    listen(2) calls come before its "spool: ..." line (the end of the
+    load)."""
+    if not os.access(STRACE, os.X_OK):
+        pytest.skip("strace is missing (Pipeline/test installs it)")
+    supervisor = pipeline.process.pid
+    old = pipeline.running_pid("queue")
+    output, messages = pipeline.directory / "strace.out", pipeline.directory / "strace.err"
+    with open(messages, "wb") as errors:
+        tracer = subprocess.Popen([STRACE, "-f", "-s", "200", "-o", str(output), "-e", "trace=listen,write",
+                                   "-p", str(supervisor)], stderr=errors)
+    try:
+        wait_until(lambda: f"Process {supervisor} attached" in messages.read_text() or tracer.poll() is not None,
+                   30, "strace to attach")
+        if tracer.poll() is not None:
+            if "Operation not permitted" in messages.read_text():
+                pytest.skip(f"strace may not attach here: {messages.read_text().strip()}")
+            raise AssertionError(messages.read_text())
+        os.kill(old, signal.SIGKILL)
+        new = wait_until(lambda: (p := pipeline.stage_pid("queue")) and p != old and p, 30,
+                         "the queue to be restarted")
+        wait_until(lambda: f"queue[{new}]: spool: " in output.read_text(errors="replace"), 60,
+                   "the new queue to read the spool")
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+    queue_threads = {str(tid) for tid in threads(new)}
+    lines = [line for line in output.read_text(errors="replace").splitlines() if line.split(None, 1)[0] in queue_threads]
+    listens = [i for i, line in enumerate(lines) if re.search(r"\blisten\(\d+, 256\)", line)]
+    loaded = next(i for i, line in enumerate(lines) if f"queue[{new}]: spool: " in line)
+    assert len(listens) == 3 and max(listens) < loaded, "\n".join(line[:120] for line in lines)
+    pipeline.wait_for_queue()
+    assert pipeline.queue_inject(f"{local_user()}@localhost").returncode == 0
