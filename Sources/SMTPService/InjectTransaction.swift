@@ -41,7 +41,8 @@
 // Outcomes: ACCEPTED -> 250 with the queue ID; REFUSED -> the queue's own
 // reply; anything else (no socket, connection lost, ERROR, a protocol
 // violation, no answer within the timeout) -> 451 4.3.0. Never 250 without
-// ACCEPTED.
+// ACCEPTED. A refused connection (a queue restarting) is tried again for
+// `queueAway` first (`connectsAgain`).
 
 import NIOCore
 import NIOPosix
@@ -129,11 +130,20 @@ final class InjectTransaction {
 
     static let software = "sealpost-smtp-listen 1"
 
-    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount, pool: InjectPool? = nil,
-         queue: QueueCapabilities = QueueCapabilities()) {
+    /// See SMTPTimeouts.queueAway: refused connections are tried again
+    /// every `reconnectInterval` until `queueAway` after the first.
+    private let queueAway: TimeAmount
+    static let reconnectInterval = TimeAmount.milliseconds(200)
+    /// When the first refused connection of this transaction was.
+    private var refusedSince: NIODeadline?
+    private var reconnectTimer: LoopTimer?
+
+    init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount, queueAway: TimeAmount = .zero,
+         pool: InjectPool? = nil, queue: QueueCapabilities = QueueCapabilities()) {
         self.eventLoop = eventLoop
         self.socketPath = socketPath
         self.replyTimeout = replyTimeout
+        self.queueAway = queueAway
         self.pool = pool
         self.queue = queue
     }
@@ -279,11 +289,32 @@ final class InjectTransaction {
         connect.assumeIsolated().whenComplete { result in
             switch result {
             case .success(let channel):
+                self.refusedSince = nil
                 self.connected(channel)
             case .failure(let error):
+                if self.connectsAgain(after: error) { return }
                 self.fail("connect to \(self.socketPath): \(Self.describe(error))")
             }
         }
+    }
+
+    /// After a refused connection (the queue restarting: ECONNREFUSED on a
+    /// stale socket, ENOENT before the new one exists), another attempt
+    /// shortly, while `queueAway` has not run out; the reply timer runs on.
+    private func connectsAgain(after error: Error) -> Bool {
+        guard failure == nil, outcome == nil, let code = (error as? IOError)?.errnoCode,
+              code == ECONNREFUSED || code == ENOENT else { return false }
+        let now = NIODeadline.now()
+        let since = refusedSince ?? now
+        refusedSince = since
+        guard now + Self.reconnectInterval <= since + queueAway else { return false }
+        let timer = reconnectTimer ?? LoopTimer { [weak self] in
+            guard let self, self.failure == nil, self.outcome == nil, self.channel == nil else { return }
+            self.connect()
+        }
+        reconnectTimer = timer
+        timer.arm(in: Self.reconnectInterval, on: eventLoop)
+        return true
     }
 
     private func connected(_ channel: Channel) {

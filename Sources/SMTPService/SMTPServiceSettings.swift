@@ -92,6 +92,13 @@ public struct SMTPTimeouts: Sendable, Hashable {
     /// fresh connection, but a message of more than 64 KiB under a
     /// reserved ID would get 451).
     public var injectPoolIdle: Int64 = 60
+    /// How long a message's transaction keeps trying to reach a queue whose
+    /// socket refuses connections (or is missing) before its 451: a queue
+    /// that restarts is back within seconds (the supervisor starts it again
+    /// after 1 s, then it reloads the spool with its sockets listening),
+    /// and a 451 would send the client away for its retry interval, often
+    /// 15-30 minutes. 0: no second attempt.
+    public var queueAway: Int64 = 10
 
     public init() {}
 }

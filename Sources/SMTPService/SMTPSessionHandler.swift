@@ -605,6 +605,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         let settings = server.settings
         let transaction = InjectTransaction(eventLoop: context.eventLoop, socketPath: settings.injectSocket,
                                             replyTimeout: .seconds(settings.timeouts.queueReply),
+                                            queueAway: .seconds(settings.timeouts.queueAway),
                                             pool: server.injectPools.pool(for: context.eventLoop),
                                             queue: server.injectPools.queueCapabilities)
         transaction.writabilityChanged = { [weak self] in self?.resumeReadingIfWanted() }

@@ -110,10 +110,14 @@
 //      address, name, HELO, protocol, SIZE, RET, ENVID, SMTPUTF8, BODY,
 //      REQUIRETLS), one RCPT per recipient (NOTIFY, ORCPT), BODY frames of
 //      at most 64 KiB (the first holds the Received: header smtp-listen
-//      adds), END; the queue answers ACCEPTED or REFUSED. A connection
-//      whose transaction ended cleanly is kept for the next one of its
-//      event loop (at most 32 per loop, each closed after 60 s idle: the
-//      queue closes them after 300 s).
+//      adds), END; the queue answers ACCEPTED or REFUSED. A queue that
+//      refuses the connection (restarting: its socket missing or not
+//      listening) is tried again every 200 ms for up to 10 s before the
+//      client gets 451, which would send it away for its retry interval
+//      (often 15-30 minutes). A connection whose transaction ended
+//      cleanly is kept for the next one of its event loop (at most 32 per
+//      loop, each closed after 60 s idle: the queue closes them after
+//      300 s).
 //
 // PRIVILEGES
 //      Started as root, smtp-listen opens its listeners, then chroots into

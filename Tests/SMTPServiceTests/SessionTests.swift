@@ -456,7 +456,10 @@ import Testing
 
 @Suite struct QueueOutcomes {
     @Test func queueUnreachableGives451AndTheSessionGoesOn() throws {
-        let h = try Harness(injectPath: NSTemporaryDirectory() + "no-such-dir-\(getpid())/inject")
+        // One second of attempts (timeouts.queueAway), then the 451.
+        let h = try Harness(injectPath: NSTemporaryDirectory() + "no-such-dir-\(getpid())/inject") {
+            $0.timeouts.queueAway = 1
+        }
         defer { h.stop() }
         let c = try h.client()
         try greet(c)
@@ -466,6 +469,29 @@ import Testing
         #expect(c.command("RSET")?.code == 250)
         #expect(c.command("QUIT")?.code == 221)
         #expect(h.logs.contains("NOQUEUE: reject: DATA from unknown[127.0.0.1]: 451 4.3.0 Queue unavailable, try again later; from=<a@example.org> proto=ESMTP helo=<client.example.org>"))
+    }
+
+    /// A queue that restarts is away for a moment: its socket missing
+    /// (ENOENT), or refusing (ECONNREFUSED) while nobody listens on it.
+    /// The transaction tries again (for timeouts.queueAway, 10 s by
+    /// default) rather than answer 451 at once, and the message goes to the
+    /// queue once it is back.
+    @Test func aQueueBackWithinTheWaitTakesTheMessage() throws {
+        let h = try Harness()
+        defer { h.stop() }
+        let c = try h.client()
+        try greet(c)
+        let aside = h.queue.path + ".restarting"
+        try #require(rename(h.queue.path, aside) == 0)
+        // The transaction's connection, made at DATA, is refused.
+        openData(c)
+        c.send("Subject: x\r\n\r\nbody\r\n.\r\n")
+        #expect(h.queue.connections == 0)
+        try #require(rename(aside, h.queue.path) == 0)
+        let r = try #require(c.reply())
+        #expect(r.code == 250, "\(r)")
+        #expect(h.queue.accepted.count == 1)
+        #expect(c.command("QUIT")?.code == 221)
     }
 
     @Test func refused452IsPassedOn() throws {
