@@ -122,6 +122,20 @@ int sealpost_unix_connect_timeout(const char *path, int timeout_ms) {
     return fd;
 }
 
+int sealpost_unix_bind(const char *path) {
+    struct sockaddr_un sun;
+    if (fill_sockaddr(&sun, path) < 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
 int sealpost_unix_listen(const char *path, int backlog) {
     struct sockaddr_un sun;
     if (fill_sockaddr(&sun, path) < 0) return -1;

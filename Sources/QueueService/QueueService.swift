@@ -113,16 +113,21 @@ public final class QueueService: @unchecked Sendable {
     /// backlog for it rather than being refused (its clients would get 451).
     public func start() throws {
         let engine = self.engine
-        let inject = try listen(paths.injectSocket, mode: 0o666, group: nil)
-        let deliver = try listen(paths.deliverSocket, mode: 0o660, group: groupOf(paths.runtimeDirectory))
-        let control = try listen(paths.controlSocket, mode: 0o600, group: nil)
+        // Until `serve` gives each to NIO, the descriptors are ours to close.
+        var listening: [Int32] = []
+        var served = 0
+        defer { for fd in listening.dropFirst(served) { close(fd) } }
+        listening.append(try listen(paths.injectSocket, mode: 0o666, group: nil))
+        listening.append(try listen(paths.deliverSocket, mode: 0o660, group: groupOf(paths.runtimeDirectory)))
+        listening.append(try listen(paths.controlSocket, mode: 0o600, group: nil))
+        let (inject, deliver, control) = (listening[0], listening[1], listening[2])
         do {
             try engine.loop.submit { try engine.load() }.wait()
         } catch {
-            for fd in [inject, deliver, control] { close(fd) }
             throw QueueServiceError(message: "cannot read the spool: \(error)", exitCode: .osErr)
         }
         let children = self.children
+        served = 1
         try serve(inject, paths.injectSocket) { channel in
             children.add(channel, inject: true)
             return channel.pipeline.eventLoop.makeCompletedFuture {
@@ -133,6 +138,7 @@ public final class QueueService: @unchecked Sendable {
                 ])
             }
         }
+        served = 2
         try serve(deliver, paths.deliverSocket) { channel in
             children.add(channel)
             return channel.pipeline.eventLoop.makeCompletedFuture {
@@ -143,6 +149,7 @@ public final class QueueService: @unchecked Sendable {
                 ])
             }
         }
+        served = 3
         try serve(control, paths.controlSocket) { channel in
             children.add(channel)
             return channel.pipeline.eventLoop.makeCompletedFuture {
@@ -171,12 +178,18 @@ public final class QueueService: @unchecked Sendable {
         return stat(directory, &st) == 0 ? st.st_gid : nil
     }
 
-    /// A listening socket at `path` (backlog 256), with `mode` and `group`:
-    /// inject 0666 (any local program may submit mail: the queue decides);
-    /// deliver 0660 with the group of the runtime directory ("sealpost" in
-    /// an installation), since the delivery stages run as their own users,
-    /// members of it; control 0600 (the queue's user, and root). A stale
-    /// socket file is replaced; any other file there is an error.
+    /// Connections that may wait for the queue (while it loads the spool,
+    /// and under load).
+    static let backlog: Int32 = 256
+
+    /// A listening socket at `path`, with `mode` and `group`: inject 0666
+    /// (any local program may submit mail: the queue decides); deliver
+    /// 0660 with the group of the runtime directory ("sealpost" in an
+    /// installation), since the delivery stages run as their own users,
+    /// members of it; control 0600 (the queue's user, and root). It listens
+    /// only once its mode is set: before, a connection is refused (which
+    /// smtp-listen tries again), not denied. A stale socket file is
+    /// replaced; any other file there is an error.
     private func listen(_ path: String, mode: mode_t, group: gid_t?) throws -> Int32 {
         var st = stat()
         if lstat(path, &st) == 0 {
@@ -186,18 +199,18 @@ public final class QueueService: @unchecked Sendable {
             }
             unlink(path)
         }
-        let fd = sealpost_unix_listen(path, 256)
+        let fd = sealpost_unix_bind(path)
         guard fd >= 0 else {
-            throw QueueServiceError(message: "cannot listen on \(path): \(String(cString: strerror(errno)))",
+            throw QueueServiceError(message: "cannot bind \(path): \(String(cString: strerror(errno)))",
                                     exitCode: .canTCreat)
         }
         if let group, chown(path, uid_t.max, group) != 0 {
             engine.logger.warning("cannot give \(path) to group \(group): \(String(cString: strerror(errno)))")
         }
-        if chmod(path, mode) != 0 {
-            let reason = String(cString: strerror(errno))
+        if chmod(path, mode) != 0 || Glibc.listen(fd, Self.backlog) != 0 {
+            let reason = "\(path): \(String(cString: strerror(errno)))"
             close(fd)
-            throw QueueServiceError(message: "cannot chmod \(path): \(reason)", exitCode: .canTCreat)
+            throw QueueServiceError(message: "cannot listen on \(reason)", exitCode: .canTCreat)
         }
         return fd
     }
@@ -207,6 +220,14 @@ public final class QueueService: @unchecked Sendable {
                        initializer: @escaping @Sendable (Channel) -> EventLoopFuture<Void>) throws {
         do {
             let channel = try ServerBootstrap(group: self.group)
+                .serverChannelInitializer { channel in
+                    // NIO listens again, with a backlog of 128, on a socket
+                    // it adopts: the queue's own stays.
+                    channel.eventLoop.makeCompletedFuture {
+                        _ = try channel.pipeline.syncOperations.withUnsafeTransportIfAvailable(
+                            of: NIOBSDSocket.Handle.self) { Glibc.listen($0, Self.backlog) }
+                    }
+                }
                 .childChannelInitializer(initializer)
                 .withBoundSocket(fd)
                 .wait()

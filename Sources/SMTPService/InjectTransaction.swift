@@ -299,17 +299,22 @@ final class InjectTransaction {
     }
 
     /// After a refused connection (the queue restarting: ECONNREFUSED on a
-    /// stale socket, ENOENT before the new one exists), another attempt
-    /// shortly, while `queueAway` has not run out; the reply timer runs on.
+    /// stale socket, ENOENT before the new one exists; EAGAIN when its
+    /// backlog is full, as when many sessions wait for it to load the
+    /// spool), another attempt shortly, while `queueAway` has not run out;
+    /// the reply timer runs on. Not for a client that has left: nothing
+    /// reached the queue, and the client, which saw no 250, sends the
+    /// message again anyway.
     private func connectsAgain(after error: Error) -> Bool {
-        guard failure == nil, outcome == nil, let code = (error as? IOError)?.errnoCode,
-              code == ECONNREFUSED || code == ENOENT else { return false }
+        guard failure == nil, outcome == nil, !clientGone, let code = (error as? IOError)?.errnoCode,
+              code == ECONNREFUSED || code == ENOENT || code == EAGAIN else { return false }
         let now = NIODeadline.now()
         let since = refusedSince ?? now
         refusedSince = since
         guard now + Self.reconnectInterval <= since + queueAway else { return false }
         let timer = reconnectTimer ?? LoopTimer { [weak self] in
             guard let self, self.failure == nil, self.outcome == nil, self.channel == nil else { return }
+            if self.clientGone { return self.fail("connect to \(self.socketPath): refused, and the client left") }
             self.connect()
         }
         reconnectTimer = timer

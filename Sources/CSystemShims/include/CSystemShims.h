@@ -51,6 +51,10 @@ int sealpost_unix_connect_timeout(const char *path, int timeout_ms);
 /// must not exist), or -1 with errno.
 int sealpost_unix_listen(const char *path, int backlog);
 
+/// The same, bound but not yet listening (the caller sets the file's mode
+/// first: until listen(2), connections are refused rather than denied).
+int sealpost_unix_bind(const char *path);
+
 /// accept4(2) with SOCK_CLOEXEC, retried on EINTR.
 int sealpost_accept_cloexec(int sock);
 
