@@ -137,11 +137,8 @@ int sealpost_unix_bind(const char *path) {
 }
 
 int sealpost_unix_listen(const char *path, int backlog) {
-    struct sockaddr_un sun;
-    if (fill_sockaddr(&sun, path) < 0) return -1;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0 || listen(fd, backlog) < 0) {
+    int fd = sealpost_unix_bind(path);
+    if (fd >= 0 && listen(fd, backlog) < 0) {
         int saved = errno;
         close(fd);
         errno = saved;

@@ -49,11 +49,11 @@ public struct SMTPLimits: Sendable, Hashable {
 
     /// Descriptors one session may hold: its connection, and while it
     /// queues a message a connection to the queue (at most one).
-    static let descriptorsPerSession = 2
+    public static let descriptorsPerSession = 2
     /// Descriptors left for the rest: the listeners, the idle inject
     /// connections of the pools (32 per event loop), the resolver's
     /// sockets, crypto-negotiate's control connection, the log.
-    static let reservedDescriptors = 256
+    public static let reservedDescriptors = 256
 
     /// The session limit for `session_limit` under a soft descriptor
     /// limit (nil: none known): at most what the descriptors carry, so
@@ -153,11 +153,13 @@ public struct SMTPServiceSettings: Sendable {
 
     /// From the configuration; `injectSocket` as returned by
     /// `StageRuntime.dropPrivileges` (rebased when chrooted).
+    /// `descriptorLimit`: the process's soft RLIMIT_NOFILE, which lowers
+    /// `session_limit` to what it carries (nil: not known).
     /// `tlsSocket`: crypto-negotiate's socket as usable after the chroot;
     /// ignored when the configuration has no certificate. `authenticator`:
     /// the password file, loaded before the chroot (nil: no AUTH).
     public init(config: SealpostConfiguration, injectSocket: String, tlsSocket: String? = nil,
-                authenticator: Authenticator? = nil) {
+                authenticator: Authenticator? = nil, descriptorLimit: UInt64? = nil) {
         self.init(hostname: config.hostname, injectSocket: injectSocket, localDomains: config.local.domains)
         limits.recipients = config.queue.recipientLimit
         limits.messageSize = UInt64(max(0, config.queue.messageSizeLimit))
@@ -173,7 +175,7 @@ public struct SMTPServiceSettings: Sendable {
         limits.junkCommands = smtp.junkCommandLimit
         limits.sessionsPerClient = smtp.clientConnectionLimit == 0 ? Int.max : smtp.clientConnectionLimit
         limits.ipv6PrefixLength = smtp.clientIPv6PrefixLength
-        limits.sessions = SMTPLimits.sessionLimit(configured: smtp.sessionLimit, descriptorLimit: nil)
+        limits.sessions = SMTPLimits.sessionLimit(configured: smtp.sessionLimit, descriptorLimit: descriptorLimit)
         timeouts.command = Int64(smtp.commandTimeout)
         timeouts.dataBlock = Int64(smtp.dataTimeout)
         senderLoginMatch = smtp.senderLoginMatch

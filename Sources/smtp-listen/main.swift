@@ -245,14 +245,14 @@ if lstat(usersFile, &usersInfo) != 0 && errno == ENOENT {
         StageRuntime.fatal("\(error)", exit: .config)
     }
 }
-var settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
-                                   tlsSocket: paths.runtimeDirectory + "/tls", authenticator: authenticator)
-// session_limit, lowered to what the descriptor limit (raised to the hard
+// session_limit is lowered to what the descriptor limit (raised to the hard
 // one by bootstrap) carries.
 let descriptors = StageRuntime.descriptorLimit()
-settings.limits.sessions = SMTPLimits.sessionLimit(configured: config.smtp.sessionLimit, descriptorLimit: descriptors)
+var settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
+                                   tlsSocket: paths.runtimeDirectory + "/tls", authenticator: authenticator,
+                                   descriptorLimit: descriptors)
 if config.smtp.sessionLimit > 0, settings.limits.sessions < config.smtp.sessionLimit {
-    logger.warning("session_limit \(config.smtp.sessionLimit) lowered to \(settings.limits.sessions): the descriptor limit is \(descriptors ?? 0) (two per session beyond 256)")
+    logger.warning("session_limit \(config.smtp.sessionLimit) lowered to \(settings.limits.sessions): the descriptor limit is \(descriptors ?? 0) (\(SMTPLimits.descriptorsPerSession) per session beyond \(SMTPLimits.reservedDescriptors))")
 }
 // Client names (CLIENT NAMES above): libunbound is set up now, before the
 // chroot, with the [dns] forwarders and no DNSSEC (a PTR answer is only

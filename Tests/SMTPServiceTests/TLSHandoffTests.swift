@@ -75,11 +75,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
         let hello = try #require(try peer.receive())
         #expect(hello.type == .hello)
         try peer.send(Frame(.hello, ["protocol": .text("tls"), "version": .uint(1)]))
-        var waited = 0
-        while !handoff.isAvailable && waited < 1000 {
-            usleep(10_000)
-            waited += 1
-        }
+        _ = becomesTrue { handoff.isAvailable }
         try #require(handoff.isAvailable)
 
         // Far more than a Unix socket buffer holds (about 240 frames with a
@@ -116,11 +112,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
         for session in sessions {
             try peer.send(Frame(.failed, ["session": .uint(session), "status": .text("4.7.5"), "text": .text("test handshake failure")]))
         }
-        waited = 0
-        while outcomes.withLock({ $0.count }) < count && waited < 1000 {
-            usleep(10_000)
-            waited += 1
-        }
+        _ = becomesTrue { outcomes.withLock { $0.count } >= count }
         let seen = outcomes.withLock { $0 }
         #expect(seen.count == count)
         #expect(seen.allSatisfy { $0 == "4.7.5" }, "\(Set(seen))")
@@ -167,11 +159,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
             c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<u@example.test>\r\nBDAT \(content.utf8.count) LAST\r\n\(content)STARTTLS\r\n")
             #expect(c.reply()?.code == 250)
             #expect(c.reply()?.code == 250)
-            var waited = 0
-            while h.queue.mails == 0 && waited < 1000 {
-                usleep(10_000)
-                waited += 1
-            }
+            _ = becomesTrue { h.queue.mails > 0 }
             try #require(h.queue.mails == 1)
             h.queue.stallBodies = false
             #expect(c.reply()?.code == 250)
@@ -216,11 +204,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
             #expect(second.type == .negotiate)
             close(try second.fd("socket"))
             #expect(handoff.pendingCount == 1)
-            var waited = 0
-            while handoff.pendingCount > 0 && waited < 1000 {
-                usleep(10_000)
-                waited += 1
-            }
+            _ = becomesTrue { handoff.pendingCount == 0 }
             #expect(handoff.pendingCount == 0)
             #expect(h.logs.eventually("TLS handshake failed on smtps with [127.0.0.1]: no answer from crypto-negotiate"))
             #expect(h.server.handshakeCount == 0)
@@ -267,11 +251,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
             // The handshake fails: it no longer counts.
             try peer.send(Frame(.failed, ["session": .uint(try negotiate.uint("session")), "status": .text("4.7.5"),
                                           "text": .text("test handshake failure")]))
-            var waited = 0
-            while h.server.handshakeCount > 0 && waited < 1000 {
-                usleep(10_000)
-                waited += 1
-            }
+            _ = becomesTrue { h.server.handshakeCount == 0 }
             #expect(h.server.handshakeCount == 0)
             let again = try h.client()
             #expect(again.reply()?.code == 220)
@@ -318,11 +298,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
             let (c, negotiate) = try startTLS(h, peer)
             #expect(handoff.pendingCount == 1)
             c.reset()
-            var waited = 0
-            while handoff.pendingCount > 0 && waited < 1000 {
-                usleep(10_000)
-                waited += 1
-            }
+            _ = becomesTrue { handoff.pendingCount == 0 }
             #expect(handoff.pendingCount == 0)
 
             let port = try #require(h.smtpsPort)
@@ -354,11 +330,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
             }
             stopper.start()
             // The stop's event reaches the session while it hands off.
-            var waited = 0
-            while !h.server.isStopping && waited < 1000 {
-                usleep(10_000)
-                waited += 1
-            }
+            _ = becomesTrue { h.server.isStopping }
             try #require(h.server.isStopping)
             usleep(100_000)
 
@@ -372,11 +344,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
                 received += chunk[0..<n]
             }
             #expect(String(decoding: received, as: UTF8.self) == "421 4.3.2 mx.example.test Service shutting down\r\n")
-            waited = 0
-            while !stopped.withLock({ $0 }) && waited < 1000 {
-                usleep(10_000)
-                waited += 1
-            }
+            _ = becomesTrue { stopped.withLock { $0 } }
             #expect(stopped.withLock { $0 })
         }
     }
