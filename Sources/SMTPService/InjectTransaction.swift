@@ -293,7 +293,7 @@ final class InjectTransaction {
                 self.connected(channel)
             case .failure(let error):
                 if self.connectsAgain(after: error) { return }
-                self.fail("connect to \(self.socketPath): \(Self.describe(error))")
+                self.fail("connect to \(self.socketPath): \(Self.describe(error))\(self.refusedFor)")
             }
         }
     }
@@ -320,6 +320,15 @@ final class InjectTransaction {
         reconnectTimer = timer
         timer.arm(in: Self.reconnectInterval, on: eventLoop)
         return true
+    }
+
+    /// For the log line of the 451: how long the queue was tried again
+    /// (`queue_restart_wait`), when it was.
+    private var refusedFor: String {
+        guard refusedSince != nil, queueAway > .zero else { return "" }
+        let milliseconds = queueAway.nanoseconds / 1_000_000
+        let text = milliseconds % 1000 == 0 ? "\(milliseconds / 1000) s" : "\(milliseconds) ms"
+        return " (tried again for \(text))"
     }
 
     private func connected(_ channel: Channel) {

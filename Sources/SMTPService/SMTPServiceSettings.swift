@@ -78,8 +78,9 @@ public struct SMTPTimeouts: Sendable, Hashable {
     /// Waiting for the next piece of message data (the client's data block
     /// timeout is 3 minutes: a client that is silent longer is gone).
     public var dataBlock: Int64 = 180
-    /// Waiting for the queue's answer to END. The client waits 10 minutes
-    /// for the reply to the final dot (4.5.3.2.6): answer 451 well before.
+    /// Waiting for the queue's answer to END (`smtp.queue_reply_timeout`).
+    /// The client waits 10 minutes for the reply to the final dot
+    /// (4.5.3.2.6): answer 451 well before.
     public var queueReply: Int64 = 300
     /// Milliseconds before a 535 (failed AUTH) is sent, on top of the
     /// password check itself, as Postfix's smtpd_error_sleep_time slows
@@ -97,7 +98,7 @@ public struct SMTPTimeouts: Sendable, Hashable {
     /// that restarts is back within seconds (the supervisor starts it again
     /// after 1 s, then it reloads the spool with its sockets listening),
     /// and a 451 would send the client away for its retry interval, often
-    /// 15-30 minutes. 0: no second attempt.
+    /// 15-30 minutes. 0: no second attempt. `smtp.queue_restart_wait`.
     public var queueAway: Int64 = 10
 
     public init() {}
@@ -178,6 +179,8 @@ public struct SMTPServiceSettings: Sendable {
         limits.sessions = SMTPLimits.sessionLimit(configured: smtp.sessionLimit, descriptorLimit: descriptorLimit)
         timeouts.command = Int64(smtp.commandTimeout)
         timeouts.dataBlock = Int64(smtp.dataTimeout)
+        timeouts.queueReply = Int64(smtp.queueReplyTimeout)
+        timeouts.queueAway = Int64(smtp.queueRestartWait)
         senderLoginMatch = smtp.senderLoginMatch
         self.authenticator = authenticator
     }

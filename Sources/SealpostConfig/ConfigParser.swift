@@ -23,7 +23,7 @@ struct ConfigParser {
         "smtp": ["listen", "submission", "smtps", "relay_domains", "trusted_networks", "command_line_limit",
                  "text_line_limit", "error_limit", "junk_command_limit", "client_connection_limit",
                  "client_ipv6_prefix_length", "session_limit", "command_timeout",
-                 "data_timeout", "auth_users", "sender_login_match", "event_loops", "client_name_lookup"],
+                 "data_timeout", "queue_reply_timeout", "queue_restart_wait", "auth_users", "sender_login_match", "event_loops", "client_name_lookup"],
         "tls": ConfigParser.tlsKeys,
         "dns": dnsKeys,
         "remote": remoteKeys,

@@ -15,6 +15,10 @@
 // - command_timeout, data_timeout >= 1 s; RFC 5321 4.5.3.2.7 asks for at
 //   least 5 minutes for commands, but a test bed or a busy server may
 //   choose less, so only zero (which would spin) is refused.
+// - queue_reply_timeout 1 s to 9 min: the client waits 10 minutes for the
+//   reply to its final dot (RFC 5321 4.5.3.2.6), so a 451 must come before;
+//   queue_restart_wait 0 to 5 min and shorter than queue_reply_timeout,
+//   which runs on while the queue is tried again.
 // - trusted_networks: "address/length" or a bare address, host bits zero
 //   ("10.1.2.3/8" is refused as a probable typo).
 // - relay_domains: domain names; a leading "." matches subdomains only.
@@ -62,6 +66,19 @@ extension ConfigParser {
         if settings.commandTimeout < 1 { throw smtp.error("command_timeout", "must be at least 1 second") }
         try smtp.duration("data_timeout", into: &settings.dataTimeout)
         if settings.dataTimeout < 1 { throw smtp.error("data_timeout", "must be at least 1 second") }
+        try smtp.duration("queue_reply_timeout", into: &settings.queueReplyTimeout)
+        guard (1...540).contains(settings.queueReplyTimeout) else {
+            throw smtp.error("queue_reply_timeout",
+                             "must be between 1 second and 9 minutes (the client waits 10 minutes for the reply): \(settings.queueReplyTimeout)s")
+        }
+        try smtp.duration("queue_restart_wait", into: &settings.queueRestartWait)
+        guard settings.queueRestartWait <= 300 else {
+            throw smtp.error("queue_restart_wait", "must be at most 5 minutes: \(settings.queueRestartWait)s")
+        }
+        guard settings.queueRestartWait == 0 || settings.queueRestartWait < settings.queueReplyTimeout else {
+            throw smtp.error("queue_restart_wait",
+                             "must be shorter than queue_reply_timeout (\(settings.queueReplyTimeout)s), which bounds it: \(settings.queueRestartWait)s")
+        }
         if let users = try smtp.string("auth_users") {
             guard !users.isEmpty else { throw smtp.error("auth_users", "must not be empty") }
             settings.authUsersFile = ConfigPath.resolve(users, relativeTo: directory)

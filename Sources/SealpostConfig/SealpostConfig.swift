@@ -221,6 +221,12 @@ public struct SMTPSettings: Sendable, Equatable {
     public var commandTimeout: Int
     /// Seconds.
     public var dataTimeout: Int
+    /// Seconds a message's end of data waits for the queue's answer
+    /// before 451 4.3.0.
+    public var queueReplyTimeout: Int
+    /// Seconds a message keeps trying to reach a queue that refuses
+    /// connections (restarting) before 451 4.3.0; 0: no second attempt.
+    public var queueRestartWait: Int
     /// The SMTP AUTH password file, absolute; empty until a configuration
     /// file gives it a directory (default "users" beside the file).
     public var authUsersFile: String
@@ -258,6 +264,8 @@ public struct SMTPSettings: Sendable, Equatable {
         sessionLimit = 10_000
         commandTimeout = 300
         dataTimeout = 180
+        queueReplyTimeout = 300
+        queueRestartWait = 10
         authUsersFile = ""
         senderLoginMatch = true
         eventLoops = 0

@@ -199,6 +199,8 @@ func b64(_ text: String) -> String { Base64.encode(Array(text.utf8)) }
             session_limit = 300
             command_timeout = "60s"
             data_timeout = "2m"
+            queue_reply_timeout = "90s"
+            queue_restart_wait = 0
             sender_login_match = false
             """, file: "/etc/sealpost/sealpost.toml")
         let s = SMTPServiceSettings(config: config, injectSocket: "/run/inject", authenticator: testAuthenticator())
@@ -208,6 +210,7 @@ func b64(_ text: String) -> String { Base64.encode(Array(text.utf8)) }
         #expect(s.limits.commandLine == 1024 && s.limits.textLine == 2000 && s.limits.errors == 7)
         #expect(s.limits.sessionsPerClient == Int.max)
         #expect(s.timeouts.command == 60 && s.timeouts.dataBlock == 120)
+        #expect(s.timeouts.queueReply == 90 && s.timeouts.queueAway == 0)
         #expect(!s.senderLoginMatch)
         let p = s.policy(for: .submission, client: "127.0.0.1")
         #expect(p.commandLineLimit == 1024 && p.textLineLimit == 2000 && p.maxErrors == 7)

@@ -469,6 +469,8 @@ import Testing
         #expect(c.command("RSET")?.code == 250)
         #expect(c.command("QUIT")?.code == 221)
         #expect(h.logs.contains("NOQUEUE: reject: DATA from unknown[127.0.0.1]: 451 4.3.0 Queue unavailable, try again later; from=<a@example.org> proto=ESMTP helo=<client.example.org>"))
+        #expect(h.logs.all.contains { $0.contains("queue inject failed for unknown[127.0.0.1]: connect to ") && $0.hasSuffix(" (tried again for 1 s)") },
+                "\(h.logs.all)")
     }
 
     /// A queue that restarts is away for a moment: its socket missing

@@ -18,6 +18,8 @@ import Testing
             session_limit = 0
             command_timeout = "2m"
             data_timeout = 60
+            queue_reply_timeout = "2m"
+            queue_restart_wait = "30s"
             auth_users = "../private/users"
             sender_login_match = false
             event_loops = 3
@@ -35,6 +37,7 @@ import Testing
         #expect(smtp.sessionLimit == 0)
         #expect(smtp.commandTimeout == 120)
         #expect(smtp.dataTimeout == 60)
+        #expect(smtp.queueReplyTimeout == 120 && smtp.queueRestartWait == 30)
         #expect(smtp.authUsersFile == directory.path + "/private/users")
         #expect(!smtp.senderLoginMatch)
         #expect(smtp.eventLoops == 3 && smtp.eventLoopThreads(cores: 8) == 3)
@@ -43,6 +46,8 @@ import Testing
         #expect(automatic.junkCommandLimit == 100)
         #expect(automatic.clientIPv6PrefixLength == 64)
         #expect(automatic.sessionLimit == 10_000)
+        #expect(automatic.queueReplyTimeout == 300 && automatic.queueRestartWait == 10)
+        #expect(try load("[smtp]\nqueue_restart_wait = 0\n").smtp.queueRestartWait == 0)
         #expect(automatic.clientNameLookup && !smtp.clientNameLookup)
         #expect(automatic.eventLoopThreads(cores: 1) == 1)
         #expect(automatic.eventLoopThreads(cores: 2) == 1)
@@ -79,6 +84,16 @@ import Testing
         expectError("[smtp]\nevent_loops = 300\n", line: 2, key: "smtp.event_loops", "must be between 0 and 256: 300")
         expectError("[smtp]\ncommand_timeout = \"0s\"\n", line: 2, key: "smtp.command_timeout", "must be at least 1 second")
         expectError("[smtp]\ndata_timeout = \"3x\"\n", line: 2, key: "smtp.data_timeout", "not a duration: \"3x\"")
+        expectError("[smtp]\nqueue_reply_timeout = \"10m\"\n", line: 2, key: "smtp.queue_reply_timeout",
+                    "must be between 1 second and 9 minutes (the client waits 10 minutes for the reply): 600s")
+        expectError("[smtp]\nqueue_reply_timeout = 0\n", line: 2, key: "smtp.queue_reply_timeout",
+                    "must be between 1 second and 9 minutes (the client waits 10 minutes for the reply): 0s")
+        expectError("[smtp]\nqueue_restart_wait = \"6m\"\n", line: 2, key: "smtp.queue_restart_wait",
+                    "must be at most 5 minutes: 360s")
+        expectError("[smtp]\nqueue_reply_timeout = \"30s\"\nqueue_restart_wait = \"30s\"\n", line: 3,
+                    key: "smtp.queue_restart_wait", "must be shorter than queue_reply_timeout (30s), which bounds it: 30s")
+        expectError("[smtp]\nqueue_restart_wait = -1\n", line: 2, key: "smtp.queue_restart_wait",
+                    "must not be negative: -1")
         expectError("[smtp]\nauth_users = \"\"\n", line: 2, key: "smtp.auth_users", "must not be empty")
         expectError("[smtp]\nsender_login_match = \"yes\"\n", line: 2, key: "smtp.sender_login_match",
                     "expected a boolean (true or false), found a string")

@@ -395,18 +395,27 @@ def test_the_session_limit_follows_the_descriptors(workdir):
     assert code == 0, instance.log_text()
 
 
-def test_queue_refusal_and_absence_reach_the_client(listener):
-    listener.queue.refusal = (452, "4.3.1", "Insufficient system storage")
-    with smtplib.SMTP("127.0.0.1", listener.port, timeout=60) as client:
-        with pytest.raises(smtplib.SMTPDataError) as refused:
-            client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: x\r\n\r\nx\r\n")
-        assert refused.value.smtp_code == 452
-        # The queue goes away: 451, never 250.
-        listener.queue.go_away()
-        with pytest.raises(smtplib.SMTPDataError) as unavailable:
-            client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: y\r\n\r\ny\r\n")
-        assert unavailable.value.smtp_code == 451
-    assert listener.queue.messages == []
+def test_queue_refusal_and_absence_reach_the_client(workdir):
+    require_build("smtp-listen")
+    # The queue is tried again for queue_restart_wait (10 s by default).
+    listener = Listener(workdir, smtp='queue_restart_wait = "1s"\n')
+    try:
+        listener.queue.refusal = (452, "4.3.1", "Insufficient system storage")
+        with smtplib.SMTP("127.0.0.1", listener.port, timeout=60) as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: x\r\n\r\nx\r\n")
+            assert refused.value.smtp_code == 452
+            # The queue goes away: 451, never 250.
+            listener.queue.go_away()
+            with pytest.raises(smtplib.SMTPDataError) as unavailable:
+                client.sendmail("a@example.org", ["b@e2e.test"], b"Subject: y\r\n\r\ny\r\n")
+            assert unavailable.value.smtp_code == 451
+        assert listener.queue.messages == []
+        assert re.search(r"queue inject failed for \S+\[127\.0\.0\.1\]: connect to \S+: .* \(tried again for 1 s\)",
+                         listener.log_text()), listener.log_text()
+    finally:
+        assert listener.stop() == 0, listener.log_text()
+        assert listener.queue.errors == []
 
 
 def test_submission_port_requires_authentication(listener):
