@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+import stageproto
+
 CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
 BUILD = pathlib.Path(os.environ.get("SEALPOST_BUILD", CHECKOUT / ".build" / "release"))
 IS_ROOT = os.geteuid() == 0
@@ -196,21 +198,20 @@ class Pipeline:
         return self
 
     def accepting(self):
+        """Whether the queue serves its inject socket: it answers a HELLO.
+        A connection alone is not enough: the queue listens before it loads
+        the spool and serves only after the load."""
         if self.process.poll() is not None:
             raise AssertionError(f"supervise exited with {self.process.returncode}:\n{self.supervisor_output()}")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.settimeout(2)
-            s.connect(self.inject_socket)
+            stageproto.Connection(str(self.inject_socket), "inject", timeout=2).close()
             return True
-        except OSError:
+        except (OSError, stageproto.ProtocolError):
             return False
-        finally:
-            s.close()
 
     def wait_for_queue(self, timeout=60):
         try:
-            wait_until(self.accepting, timeout, f"{self.inject_socket} to accept connections")
+            wait_until(self.accepting, timeout, f"{self.inject_socket} to answer a HELLO")
         except AssertionError as error:
             raise AssertionError(f"{error}\nlog:\n{self.log_tail()}") from None
 
