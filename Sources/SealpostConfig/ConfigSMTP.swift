@@ -76,6 +76,12 @@ extension ConfigParser {
             throw smtp.error("queue_restart_wait", "must be at most 5 minutes: \(settings.queueRestartWait)s")
         }
         guard settings.queueRestartWait == 0 || settings.queueRestartWait < settings.queueReplyTimeout else {
+            // Blame the key the file sets: a short queue_reply_timeout alone
+            // collides with the default wait.
+            guard smtp.contains("queue_restart_wait") else {
+                throw smtp.error("queue_reply_timeout",
+                                 "must be longer than queue_restart_wait (\(settings.queueRestartWait)s by default; set it lower): \(settings.queueReplyTimeout)s")
+            }
             throw smtp.error("queue_restart_wait",
                              "must be shorter than queue_reply_timeout (\(settings.queueReplyTimeout)s), which bounds it: \(settings.queueRestartWait)s")
         }
