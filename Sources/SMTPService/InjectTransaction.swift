@@ -136,6 +136,8 @@ final class InjectTransaction {
     static let reconnectInterval = TimeAmount.milliseconds(200)
     /// When the first refused connection of this transaction was.
     private var refusedSince: NIODeadline?
+    /// The queue refused until `queueAway` ran out (see `refusedFor`).
+    private var waitRanOut = false
     private var reconnectTimer: LoopTimer?
 
     init(eventLoop: EventLoop, socketPath: String, replyTimeout: TimeAmount, queueAway: TimeAmount = .zero,
@@ -311,7 +313,10 @@ final class InjectTransaction {
         let now = NIODeadline.now()
         let since = refusedSince ?? now
         refusedSince = since
-        guard now + Self.reconnectInterval <= since + queueAway else { return false }
+        guard now + Self.reconnectInterval <= since + queueAway else {
+            waitRanOut = queueAway > .zero
+            return false
+        }
         let timer = reconnectTimer ?? LoopTimer { [weak self] in
             guard let self, self.failure == nil, self.outcome == nil, self.channel == nil else { return }
             if self.clientGone { return self.fail("connect to \(self.socketPath): refused, and the client left") }
@@ -323,9 +328,9 @@ final class InjectTransaction {
     }
 
     /// For the log line of the 451: how long the queue was tried again
-    /// (`queue_restart_wait`), when it was.
+    /// (`queue_restart_wait`), when that wait is what ended the attempts.
     private var refusedFor: String {
-        guard refusedSince != nil, queueAway > .zero else { return "" }
+        guard waitRanOut else { return "" }
         let milliseconds = queueAway.nanoseconds / 1_000_000
         let text = milliseconds % 1000 == 0 ? "\(milliseconds / 1000) s" : "\(milliseconds) ms"
         return " (tried again for \(text))"

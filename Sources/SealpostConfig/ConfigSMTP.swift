@@ -80,7 +80,7 @@ extension ConfigParser {
             // collides with the default wait.
             guard smtp.contains("queue_restart_wait") else {
                 throw smtp.error("queue_reply_timeout",
-                                 "must be longer than queue_restart_wait (\(settings.queueRestartWait)s by default; set it lower): \(settings.queueReplyTimeout)s")
+                                 "must be longer than queue_restart_wait (\(settings.queueRestartWait)s by default; or set queue_restart_wait lower): \(settings.queueReplyTimeout)s")
             }
             throw smtp.error("queue_restart_wait",
                              "must be shorter than queue_reply_timeout (\(settings.queueReplyTimeout)s), which bounds it: \(settings.queueRestartWait)s")

@@ -143,8 +143,9 @@
 //      crypto-negotiate has it (past them it is closed: no reply is possible
 //      before TLS), and is given up if no answer comes within the hand-off
 //      timeout ([tls] handshake_timeout + 10 s), command_timeout (5 min), data_timeout (3 min); from [queue]:
-//      recipient_limit, message_size_limit. The queue's answer is awaited
-//      5 min (SMTPServiceSettings.swift).
+//      recipient_limit, message_size_limit; queue_reply_timeout (5 min:
+//      how long an answer from the queue is awaited) and queue_restart_wait
+//      (10 s: how long a queue that refuses connections is tried again).
 //
 // SIGNALS
 //      SIGTERM, SIGINT: stop listening, let sessions finish a message in

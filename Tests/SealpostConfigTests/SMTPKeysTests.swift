@@ -93,7 +93,7 @@ import Testing
         expectError("[smtp]\nqueue_reply_timeout = \"30s\"\nqueue_restart_wait = \"30s\"\n", line: 3,
                     key: "smtp.queue_restart_wait", "must be shorter than queue_reply_timeout (30s), which bounds it: 30s")
         expectError("[smtp]\nqueue_reply_timeout = \"5s\"\n", line: 2, key: "smtp.queue_reply_timeout",
-                    "must be longer than queue_restart_wait (10s by default; set it lower): 5s")
+                    "must be longer than queue_restart_wait (10s by default; or set queue_restart_wait lower): 5s")
         expectError("[smtp]\nqueue_restart_wait = -1\n", line: 2, key: "smtp.queue_restart_wait",
                     "must not be negative: -1")
         expectError("[smtp]\nauth_users = \"\"\n", line: 2, key: "smtp.auth_users", "must not be empty")

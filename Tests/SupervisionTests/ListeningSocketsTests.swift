@@ -61,15 +61,16 @@ import StageRuntime
         #expect(connects(port))
         // Tests run in parallel, so the number may already name another
         // descriptor; the dead socket is gone if the number no longer names
-        // that socket (socket inodes are not reused while one is open).
+        // that socket (device and inode: socket inodes are not reused while
+        // one is open).
         #expect(Self.inode(of: first) != firstInode, "the dead socket is closed")
     }
 
-    /// The inode behind a descriptor, nil if the descriptor is not open.
-    static func inode(of descriptor: Int32) -> UInt? {
+    /// The device and inode behind a descriptor, nil if it is not open.
+    static func inode(of descriptor: Int32) -> [UInt]? {
         var status = stat()
         guard fstat(descriptor, &status) == 0 else { return nil }
-        return UInt(status.st_ino)
+        return [UInt(status.st_dev), UInt(status.st_ino)]
     }
 
     @Test func aSocketThatCannotBeBoundAgainIsKeptAndReported() throws {

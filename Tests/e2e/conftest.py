@@ -206,7 +206,7 @@ class Pipeline:
         try:
             stageproto.Connection(str(self.inject_socket), "inject", timeout=2).close()
             return True
-        except (OSError, stageproto.ProtocolError):
+        except (OSError, ValueError, stageproto.ProtocolError):
             return False
 
     def wait_for_queue(self, timeout=60):

@@ -83,10 +83,14 @@ class Connection:
             self.sock.close()
             raise
         self.buffer = b""
-        self.send(HELLO, [("protocol", protocol), ("version", 1), ("software", "sealpost-e2e 1")])
-        frame_type, attributes = self.receive()
-        if frame_type != HELLO or attributes.get("protocol") != protocol:
-            raise ProtocolError(f"bad HELLO answer: {frame_type} {attributes}")
+        try:
+            self.send(HELLO, [("protocol", protocol), ("version", 1), ("software", "sealpost-e2e 1")])
+            frame_type, attributes = self.receive()
+            if frame_type != HELLO or attributes.get("protocol") != protocol:
+                raise ProtocolError(f"bad HELLO answer: {frame_type} {attributes}")
+        except BaseException:
+            self.sock.close()
+            raise
 
     def send(self, frame_type, attributes=()):
         self.sock.sendall(encode(frame_type, attributes))
