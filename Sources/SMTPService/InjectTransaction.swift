@@ -330,10 +330,8 @@ final class InjectTransaction {
     /// For the log line of the 451: how long the queue was tried again
     /// (`queue_restart_wait`), when that wait is what ended the attempts.
     private var refusedFor: String {
-        guard waitRanOut else { return "" }
-        let milliseconds = queueAway.nanoseconds / 1_000_000
-        let text = milliseconds % 1000 == 0 ? "\(milliseconds / 1000) s" : "\(milliseconds) ms"
-        return " (tried again for \(text))"
+        // Whole seconds: the setting is.
+        waitRanOut ? " (tried again for \(queueAway.nanoseconds / 1_000_000_000) s)" : ""
     }
 
     private func connected(_ channel: Channel) {

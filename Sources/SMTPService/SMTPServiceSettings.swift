@@ -78,9 +78,10 @@ public struct SMTPTimeouts: Sendable, Hashable {
     /// Waiting for the next piece of message data (the client's data block
     /// timeout is 3 minutes: a client that is silent longer is gone).
     public var dataBlock: Int64 = 180
-    /// Waiting for the queue's answer to END (`smtp.queue_reply_timeout`).
-    /// The client waits 10 minutes for the reply to the final dot
-    /// (4.5.3.2.6): answer 451 well before.
+    /// Waiting for an answer from the queue: the message's ID at DATA, the
+    /// answer to END (`smtp.queue_reply_timeout`). The client waits 10
+    /// minutes for the reply to the final dot (4.5.3.2.6): answer 451 well
+    /// before.
     public var queueReply: Int64 = 300
     /// Milliseconds before a 535 (failed AUTH) is sent, on top of the
     /// password check itself, as Postfix's smtpd_error_sleep_time slows

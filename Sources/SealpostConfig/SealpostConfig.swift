@@ -221,8 +221,8 @@ public struct SMTPSettings: Sendable, Equatable {
     public var commandTimeout: Int
     /// Seconds.
     public var dataTimeout: Int
-    /// Seconds a message's end of data waits for the queue's answer
-    /// before 451 4.3.0.
+    /// Seconds smtp-listen waits for an answer from the queue (the
+    /// message's ID at DATA, the answer to its end) before 451 4.3.0.
     public var queueReplyTimeout: Int
     /// Seconds a message keeps trying to reach a queue that refuses
     /// connections (restarting) before 451 4.3.0; 0: no second attempt.

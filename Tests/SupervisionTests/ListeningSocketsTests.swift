@@ -41,7 +41,7 @@ import StageRuntime
         defer { sockets.closeAll() }
         _ = try sockets.bindAll()
         let first = try #require(sockets.descriptors.first)
-        let firstInode = try #require(Self.inode(of: first))
+        let firstIdentity = try #require(Self.identity(of: first))
         // Nothing to renew while it listens.
         let quiet = sockets.renewDead()
         #expect(quiet.notes.isEmpty && quiet.failures.isEmpty)
@@ -63,11 +63,11 @@ import StageRuntime
         // descriptor; the dead socket is gone if the number no longer names
         // that socket (device and inode: socket inodes are not reused while
         // one is open).
-        #expect(Self.inode(of: first) != firstInode, "the dead socket is closed")
+        #expect(Self.identity(of: first) != firstIdentity, "the dead socket is closed")
     }
 
     /// The device and inode behind a descriptor, nil if it is not open.
-    static func inode(of descriptor: Int32) -> [UInt]? {
+    static func identity(of descriptor: Int32) -> [UInt]? {
         var status = stat()
         guard fstat(descriptor, &status) == 0 else { return nil }
         return [UInt(status.st_dev), UInt(status.st_ino)]
