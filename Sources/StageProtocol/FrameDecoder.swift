@@ -289,14 +289,32 @@ public struct FrameDecoder: Sendable {
         if bytes.count > WireLimits.maxText {
             return "text value of \(bytes.count) bytes exceeds the limit of \(WireLimits.maxText)"
         }
+        // Every text attribute of every frame, both ways, passes here: over
+        // contiguous bytes (a native String's, a slice of the receive
+        // buffer) the scan is a loop over a pointer, where a String's
+        // UTF8View steps an index through the string's representation.
+        if let scanned = bytes.withContiguousStorageIfAvailable(firstForbidden) { return scanned }
         for b in bytes {
-            switch b {
-            case 0: return "text contains NUL"
-            case 0x0D: return "text contains CR"
-            case 0x0A: return "text contains LF"
-            default: continue
-            }
+            if let problem = forbidden(b) { return problem }
         }
         return nil
+    }
+
+    /// The problem of the first forbidden byte, or nil.
+    private static func firstForbidden(_ bytes: UnsafeBufferPointer<UInt8>) -> String? {
+        for b in bytes where b <= 0x0D {
+            if let problem = forbidden(b) { return problem }
+        }
+        return nil
+    }
+
+    @inline(__always)
+    private static func forbidden(_ b: UInt8) -> String? {
+        switch b {
+        case 0: return "text contains NUL"
+        case 0x0D: return "text contains CR"
+        case 0x0A: return "text contains LF"
+        default: return nil
+        }
     }
 }

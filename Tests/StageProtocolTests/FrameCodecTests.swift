@@ -346,6 +346,24 @@ enum Conversations {
         expectRejected(Raw.frame(16, [Raw.text("sender", "a\u{0}b")]), "MAIL: attribute \"sender\": text contains NUL")
     }
 
+    /// The scan over contiguous bytes (a native string, an array slice) and
+    /// the one over other collections find the same first forbidden byte,
+    /// wherever it is, also past the bytes above 0x0D that the fast loop skips.
+    @Test func forbiddenTextBytesInEveryKindOfCollection() {
+        let cases: [(String, String?)] = [
+            ("", nil), ("plain text \u{7F} \u{E9}t\u{E9}", nil), ("\u{0B}\u{0C}\t", nil),
+            ("\r", "text contains CR"), ("ab\n", "text contains LF"), ("\u{0}", "text contains NUL"),
+            (String(repeating: "x", count: 300) + "\r\n", "text contains CR"),
+            ("a\nb\u{0}", "text contains LF"),
+        ]
+        for (text, problem) in cases {
+            let bytes = Array(text.utf8)
+            #expect(FrameDecoder.textProblem(text.utf8) == problem, "\(bytes)")
+            #expect(FrameDecoder.textProblem(bytes[...]) == problem, "\(bytes)")
+            #expect(FrameDecoder.textProblem(bytes.lazy.map { $0 }) == problem, "\(bytes)")
+        }
+    }
+
     @Test func duplicateName() {
         expectRejected(Raw.frame(16, [sender, Raw.text("helo", "x"), sender]), "MAIL: attribute \"sender\" appears twice")
     }
