@@ -135,6 +135,23 @@ public struct HeaderBlock: Sendable, Equatable {
     /// ASCII characters other than ':' (RFC 5322 ftext), optionally followed
     /// by white space before the colon (the obsolete syntax of section 4.5).
     public static func classify(line: ArraySlice<UInt8>, afterField: Bool) -> LineKind {
+        switch shape(of: line, afterField: afterField) {
+        case .empty: return .empty
+        case .continuation: return .continuation
+        case .other: return .other
+        case .field(let name): return .field(name: String(decoding: name, as: UTF8.self))
+        }
+    }
+
+    /// `classify` without making the name a String.
+    private enum LineShape {
+        case empty
+        case field(ArraySlice<UInt8>)
+        case continuation
+        case other
+    }
+
+    private static func shape(of line: ArraySlice<UInt8>, afterField: Bool) -> LineShape {
         var content = line
         while let last = content.last, last == 10 || last == 13 { content = content.dropLast() }
         if content.isEmpty { return .empty }
@@ -146,7 +163,38 @@ public struct HeaderBlock: Sendable, Equatable {
         if nameEnd == content.startIndex || nameEnd - content.startIndex > 998 { return .other }
         while i < content.endIndex, content[i] == 32 || content[i] == 9 { i += 1 }
         guard i < content.endIndex, content[i] == 58 else { return .other }
-        return .field(name: String(decoding: content[content.startIndex..<nameEnd], as: UTF8.self))
+        return .field(content[content.startIndex..<nameEnd])
+    }
+
+    /// The unfolded value of the first field named `name` (ASCII, any case)
+    /// in the header section at the start of `bytes`: what
+    /// `parse(bytes).block.first(name)?.value` gives, in the same one pass
+    /// but without building a field for every line (the queue looks up the
+    /// Message-ID of every message it accepts).
+    public static func firstValue(_ name: String, in bytes: ArraySlice<UInt8>) -> String? {
+        var found: Range<Int>?
+        var afterField = false
+        var pos = bytes.startIndex
+        while pos < bytes.endIndex {
+            let lineEnd = nextLineEnd(bytes, from: pos)
+            switch shape(of: bytes[pos..<lineEnd], afterField: afterField) {
+            case .empty, .other:
+                pos = bytes.endIndex
+                continue
+            case .continuation:
+                if let start = found?.lowerBound { found = start..<lineEnd }
+            case .field(let fieldName):
+                if let found { return value(of: bytes[found]) }
+                if equalsIgnoringCase(fieldName, name.utf8) { found = pos..<lineEnd }
+                afterField = true
+            }
+            pos = lineEnd
+        }
+        return found.map { value(of: bytes[$0]) }
+    }
+
+    private static func value(of field: ArraySlice<UInt8>) -> String {
+        HeaderField(name: "", raw: Array(field)).value
     }
 
     /// Removes line ends that precede white space, then any remaining line
@@ -162,7 +210,10 @@ public struct HeaderBlock: Sendable, Equatable {
     }
 
     static func equalsIgnoringCase(_ a: String, _ b: String) -> Bool {
-        let x = a.utf8, y = b.utf8
+        equalsIgnoringCase(a.utf8, b.utf8)
+    }
+
+    static func equalsIgnoringCase<X: Collection<UInt8>, Y: Collection<UInt8>>(_ x: X, _ y: Y) -> Bool {
         guard x.count == y.count else { return false }
         for (p, q) in zip(x, y) where p != q {
             let lp = (p >= 65 && p <= 90) ? p + 32 : p

@@ -357,7 +357,7 @@ final class InjectHandler: ChannelInboundHandler {
         env.arrival = arrival
         env.size = UInt64(t.size)
         for i in env.recipients.indices { env.recipients[i].nextAttempt = arrival }
-        let messageID = HeaderBlock.parse(t.head).block.first("Message-ID")?.value
+        let messageID = HeaderBlock.firstValue("Message-ID", in: t.head[...])
         // The client's address and name are the injecting peer's claim, and
         // the inject socket is open to every local user: unless the peer is
         // smtp-listen (known by its uid when the stages run as their own

@@ -107,4 +107,37 @@ func text(_ b: [UInt8]) -> String { String(decoding: b, as: UTF8.self) }
             _ = b.serialized()
         }
     }
+
+    /// firstValue gives what the full parse gives, on chosen cases and on
+    /// random ones (from bytes that make fields, folds, blanks and ends).
+    @Test func firstValueAgreesWithTheFullParse() {
+        func same(_ m: [UInt8], _ name: String, sourceLocation: SourceLocation = #_sourceLocation) {
+            #expect(HeaderBlock.firstValue(name, in: m[...]) == HeaderBlock.parse(m).block.first(name)?.value,
+                    "\(text(m).debugDescription) \(name)", sourceLocation: sourceLocation)
+        }
+        let cases = [
+            "Message-ID: <a@example.org>\r\n\r\nbody",
+            "Subject: x\r\nmessage-id:\r\n <folded@example.org>\r\n\tmore\r\nTo: y\r\n\r\n",
+            "Subject: x\r\nMESSAGE-ID : <obsolete@example.org>\r\n",
+            "Message-ID: <first@example.org>\r\nMessage-ID: <second@example.org>\r\n\r\n",
+            "Subject: x\r\nnot a header line\r\nMessage-ID: <body@example.org>\r\n",
+            "Subject: x\r\n\r\nMessage-ID: <body@example.org>\r\n",
+            " Message-ID: <continuation-first@example.org>\r\n",
+            "Message-ID: <no-line-end@example.org>",
+            "Message-IDX: <other@example.org>\r\nMessage-I: <short@example.org>\r\n",
+            "Message-ID: <lf@example.org>\n more\nTo: y\n\n",
+            "",
+        ]
+        for m in cases {
+            same(bytes(m), "Message-ID")
+            same(bytes(m), "To")
+        }
+        var g = SystemRandomNumberGenerator()
+        let pieces = ["M: ", "m :", "To: ", "\r\n", "\n", "\r", " ", "\t", "x", ":", "\u{0}", "\u{e9}"].map(bytes)
+        for _ in 0..<2000 {
+            let m = (0..<Int.random(in: 0..<24, using: &g)).flatMap { _ in pieces.randomElement(using: &g)! }
+            same(m, "M")
+            same(m, "to")
+        }
+    }
 }
