@@ -339,6 +339,8 @@ public final class Resolver: @unchecked Sendable {
             }
         }
         let address = String(parts[0])
+        // inet_pton reads a C string: a NUL would end the text early.
+        guard !address.utf8.contains(0) else { throw .configuration("\(what) \(text.debugDescription): not an IP address") }
         var v4 = in_addr()
         var v6 = in6_addr()
         if inet_pton(AF_INET, address, &v4) == 1 {

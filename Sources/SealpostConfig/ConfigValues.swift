@@ -148,12 +148,16 @@ public enum ConfigValues {
         return nil
     }
 
+    // inet_pton reads C strings: a NUL would end the text early (the
+    // file's reader refuses \u0000 already; these stay right on their own).
     static func isIPv4(_ text: String) -> Bool {
+        guard !text.utf8.contains(0) else { return false }
         var address = in_addr()
         return inet_pton(AF_INET, text, &address) == 1
     }
 
     static func isIPv6(_ text: String) -> Bool {
+        guard !text.utf8.contains(0) else { return false }
         var address = in6_addr()
         return inet_pton(AF_INET6, text, &address) == 1
     }

@@ -65,6 +65,19 @@ public final class TLSConnection {
         if ciphers == .opportunistic && policy != .none {
             throw TLSError(.configuration, "the opportunistic cipher list is only for handshakes that do not authenticate the peer")
         }
+        // OpenSSL takes the names as C strings: one with a NUL byte would
+        // be sent (SNI) and matched against the certificate only up to the
+        // NUL ("mx.example.org\0.evil.example" as "mx.example.org").
+        // Nothing upstream passes one (DNS names come escaped, frames and
+        // the configuration refuse NUL), and here it stays so.
+        var names = serverName.map { [$0] } ?? []
+        switch policy {
+        case .pkix(let reference), .dane(_, let reference): names += reference
+        case .none, .pin: break
+        }
+        if let bad = names.first(where: { $0.utf8.contains(0) }) {
+            throw TLSError(.configuration, "a server or reference name holds a NUL byte: \(bad.debugDescription)")
+        }
         ERR_clear_error()
         guard let ssl = SSL_new(context.handle(ciphers).ctx) else {
             throw TLSError.openSSL(.configuration, "SSL_new")
@@ -128,6 +141,8 @@ public final class TLSConnection {
 
     /// An IPv4 or IPv6 address in text form (inet_pton's: no brackets).
     static func isAddressLiteral(_ name: String) -> Bool {
+        // inet_pton reads a C string: a NUL would end the text early.
+        guard !name.utf8.contains(0) else { return false }
         var v4 = in_addr(), v6 = in6_addr()
         return inet_pton(AF_INET, name, &v4) == 1 || inet_pton(AF_INET6, name, &v6) == 1
     }

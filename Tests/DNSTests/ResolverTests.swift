@@ -164,6 +164,10 @@ struct ResolverTests {
     @Test func badConfigurationIsRefused() {
         #expect(throws: DNSError.self) { try Resolver(ResolverConfiguration(forwarders: ["mx.example"])) }
         #expect(throws: DNSError.self) { try Resolver(ResolverConfiguration(forwarders: ["127.0.0.1@99999"])) }
+        // inet_pton would read "127.0.0.1" (a loopback forwarder) and stop at the NUL.
+        #expect(throws: DNSError.configuration("forwarder \"127.0.0.1\\0.example\": not an IP address")) {
+            try Resolver(ResolverConfiguration(forwarders: ["127.0.0.1\u{0}.example"]))
+        }
         #expect(throws: DNSError.self) {
             try Resolver(ResolverConfiguration(trustAnchorFiles: ["/nonexistent/anchor.key"]))
         }

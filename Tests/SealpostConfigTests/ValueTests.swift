@@ -260,3 +260,14 @@ import Testing
         #expect(SealpostConfiguration.locate() == equivalent)
     }
 }
+
+/// inet_pton reads C strings: an address with a NUL byte is no address
+/// (it would have been read up to the NUL).
+@Suite struct AddressTextTests {
+    @Test func aNULByteMakesNoAddress() {
+        #expect(ConfigValues.isIPv4("127.0.0.1"))
+        #expect(!ConfigValues.isIPv4("127.0.0.1\u{0}/8"))
+        #expect(ConfigValues.isIPv6("::1"))
+        #expect(!ConfigValues.isIPv6("::1\u{0}x"))
+    }
+}

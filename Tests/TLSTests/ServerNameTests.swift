@@ -80,4 +80,23 @@ import Testing
         #expect(e.kind == .configuration)
         #expect(e.message.contains("DANE needs a host name"))
     }
+
+    /// OpenSSL reads names as C strings: a NUL would cut the name the
+    /// certificate is checked against (and the SNI) short, so a name with
+    /// one is refused before the handshake, in every policy, and is never
+    /// taken for an address literal.
+    @Test func aNameWithANULByteIsRefused() throws {
+        let record = TLSARecord(usage: 3, selector: 1, matchingType: 1, data: [UInt8](repeating: 1, count: 32))
+        let cut = "mx.example.test\u{0}.evil.example"
+        for (serverName, policy) in [(cut, VerificationPolicy.none), (cut, .pkix(names: ["mx.example.test"])),
+                                     ("mx.example.test", .pkix(names: [cut])), (cut, .pin(spkiSHA256: [])),
+                                     ("mx.example.test", .dane(records: [record], names: ["mx.example.test", cut]))] {
+            let (client, _) = try Self.handshake(serverName: serverName, policy: policy)
+            let e = try #require(client.failure, "\(policy)")
+            #expect(e.kind == .configuration)
+            #expect(e.message.contains("holds a NUL byte"), "\(e.message)")
+        }
+        #expect(!TLSConnection.isAddressLiteral("192.0.2.1\u{0}.evil.example"))
+        #expect(TLSConnection.isAddressLiteral("192.0.2.1"))
+    }
 }
