@@ -129,6 +129,8 @@ extension ConfigValues {
             body = body[..<slash]
         }
         if body.hasPrefix("["), body.hasSuffix("]") { body = body.dropFirst().dropLast() }
+        // inet_pton reads a C string: "127.0.0.1\0/8" would be 127.0.0.1.
+        guard !body.utf8.contains(0) else { return "not an IP address or network (address/length)" }
         var bytes: [UInt8]
         var v4 = in_addr()
         var v6 = in6_addr()

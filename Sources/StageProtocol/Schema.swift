@@ -380,7 +380,8 @@ extension Checks {
     }
 
     static func isIPv6Address(_ s: Substring) -> Bool {
-        guard s.utf8.count <= 45, s.contains(":") else { return false }
+        // inet_pton reads a C string: a NUL would end the text early.
+        guard s.utf8.count <= 45, s.contains(":"), !s.utf8.contains(0) else { return false }
         var address = in6_addr()
         return inet_pton(AF_INET6, String(s), &address) == 1
     }

@@ -269,5 +269,8 @@ import Testing
         #expect(!ConfigValues.isIPv4("127.0.0.1\u{0}/8"))
         #expect(ConfigValues.isIPv6("::1"))
         #expect(!ConfigValues.isIPv6("::1\u{0}x"))
+        #expect(ConfigValues.networkError("127.0.0.0/8") == nil)
+        #expect(ConfigValues.networkError("127.0.0.0\u{0}/8") == "not an IP address or network (address/length)")
+        #expect(ConfigValues.networkError("[::1\u{0}]") == "not an IP address or network (address/length)")
     }
 }

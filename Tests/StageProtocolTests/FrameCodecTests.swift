@@ -552,6 +552,10 @@ enum Conversations {
         for bad in ["2001:db8::zz", ".2001:db8::1", "[2001:db8::1]", "2001:db8::1%eth0", ":"] {
             #expect(throws: ProtocolError.self) { try schema.validate(Self.negotiate(bad), direction: .clientToServer) }
         }
+        // Framing refuses a NUL in text before the schema looks; on its own
+        // the address check does not read one as the end of the text.
+        #expect(Checks.isIPv6Address("2001:db8::1"))
+        #expect(!Checks.isIPv6Address("2001:db8::1\u{0}.example"))
     }
 }
 
