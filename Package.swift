@@ -16,15 +16,18 @@ import PackageDescription
 // instructions) go straight to it instead of through the PLT, and the
 // runtime's protocol-conformance lookups (every dynamic cast, NIOAny's
 // among them) search the conformances of one image instead of fifteen:
-// bench/smtp --sink hold, against the same build linked dynamically,
-// 1.101x and 1.132x messages per second with 12% and 11% less CPU per
-// message (medians of 6 interleaved rounds each). Only the link changes,
-// so the objects stay shared with the debug tests. The objects were
-// compiled against the dynamic Foundation, whose autolink entries name
-// only libFoundation: its static archive's own dependencies are listed here
-// (those of Swift 6.3's toolchain). Each stage then carries its own copy of
-// the runtime (the binaries take 60-100 MB each, the processes share those
-// pages no more: PSS of supervise, queue and smtp-listen +10 MB).
+// bench/smtp --sink hold, against the same code linked dynamically, 1.112x
+// messages per second with 16% less CPU per message (median of 6
+// interleaved rounds; SwiftPM's --static-swift-stdlib gave 1.101x and
+// 1.132x). Only the link changes: the objects are compiled as for a
+// dynamic link, against the dynamic Foundation, whose autolink entries
+// name only libFoundation, so its static archive's own dependencies are
+// listed here (those of Swift 6.3's toolchain). Each stage then carries its
+// own copy of the runtime (binaries of 76-96 MB with debug information) and
+// the processes share those pages no more: the default pipeline's six
+// processes, RSS 144.7 -> 111.0 MiB, PSS 56.6 -> 91.6 MiB. The runtime
+// looks for its crash backtracer next to libswiftCore.so: Pipeline/start
+// names the toolchain's (SWIFT_BACKTRACE) for the stages.
 let staticSwiftRuntime: [LinkerSetting] = [
     .unsafeFlags([
         "-static-stdlib",

@@ -31,6 +31,25 @@ MSG
     exit 1
 }
 
+# Crash backtraces for the stages. The Swift runtime looks for its
+# backtracer (swift-backtrace) next to libswiftCore.so; the stages link the
+# runtime statically (Package.swift), so it would find none and a crashing
+# stage would die without a word. Unless SWIFT_BACKTRACE is set already,
+# name the toolchain's backtracer (its static build, which needs no Swift
+# library); the supervisor passes SWIFT_BACKTRACE* on to every stage.
+find_backtracer() {
+    [ -z "${SWIFT_BACKTRACE:-}" ] || return 0
+    swift_path=$(command -v swift) || return 0
+    libexec="$(dirname "$(dirname "$(readlink -f "$swift_path")")")/libexec/swift/linux"
+    for backtracer in "$libexec/swift-backtrace-static" "$libexec/swift-backtrace"; do
+        if [ -x "$backtracer" ]; then
+            SWIFT_BACKTRACE="swift-backtrace=$backtracer"
+            export SWIFT_BACKTRACE
+            return 0
+        fi
+    done
+}
+
 # The packages of "$@" that are not installed.
 missing_packages() {
     missing=""
