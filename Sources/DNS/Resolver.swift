@@ -338,20 +338,12 @@ public final class Resolver: @unchecked Sendable {
                 throw .configuration("\(what) \"\(text)\": bad port")
             }
         }
-        let address = String(parts[0])
-        // inet_pton reads a C string: a NUL would end the text early.
-        guard !address.utf8.contains(0) else { throw .configuration("\(what) \(text.debugDescription): not an IP address") }
-        var v4 = in_addr()
-        var v6 = in6_addr()
-        if inet_pton(AF_INET, address, &v4) == 1 {
-            return withUnsafeBytes(of: &v4) { $0[0] } == 127
+        // Quoted as a Swift literal: the text may hold what a log line must not.
+        switch IPAddress(text: String(parts[0])) {
+        case .v4(let address): return address.bytes[0] == 127
+        case .v6(let address): return address.bytes == [UInt8](repeating: 0, count: 15) + [1]
+        case nil: throw .configuration("\(what) \(text.debugDescription): not an IP address")
         }
-        if inet_pton(AF_INET6, address, &v6) == 1 {
-            return withUnsafeBytes(of: &v6) { bytes in
-                bytes.prefix(15).allSatisfy { $0 == 0 } && bytes[15] == 1
-            }
-        }
-        throw .configuration("\(what) \"\(text)\": not an IP address")
     }
 
     // MARK: Event-loop API

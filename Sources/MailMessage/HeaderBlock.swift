@@ -19,15 +19,10 @@ public struct HeaderField: Sendable, Equatable {
     /// The value: everything after the colon, unfolded (line ends before
     /// white space removed, RFC 5322 section 2.2.3), leading and trailing
     /// white space trimmed. Bytes that are not UTF-8 become U+FFFD.
-    public var value: String {
-        String(decoding: HeaderBlock.unfold(valueBytes), as: UTF8.self)
-    }
+    public var value: String { HeaderBlock.value(ofField: raw[...]) }
 
     /// The raw bytes after the colon, still folded.
-    public var valueBytes: ArraySlice<UInt8> {
-        guard let colon = raw.firstIndex(of: UInt8(ascii: ":")) else { return raw[raw.endIndex...] }
-        return raw[(colon + 1)...]
-    }
+    public var valueBytes: ArraySlice<UInt8> { HeaderBlock.valueBytes(ofField: raw[...]) }
 
     /// Case-insensitive (ASCII) comparison of the field name.
     public func hasName(_ other: String) -> Bool {
@@ -76,31 +71,59 @@ public struct HeaderBlock: Sendable, Equatable {
     /// the end.
     public static func parse(_ bytes: ArraySlice<UInt8>) -> (block: HeaderBlock, termination: Termination, bodyOffset: Int) {
         var fields: [HeaderField] = []
-        var current: [UInt8]? = nil
-        var currentName = ""
+        // The visitor never stops the walk: it always has an end.
+        let (termination, bodyOffset) = walkFields(bytes) { name, lines in
+            fields.append(HeaderField(name: String(decoding: name, as: UTF8.self), raw: Array(bytes[lines])))
+            return true
+        }!
+        return (HeaderBlock(fields: fields), termination, bodyOffset)
+    }
+
+    /// The unfolded value of the first field named `name` (ASCII, any case)
+    /// in the header section at the start of `bytes`: what
+    /// `parse(bytes).block.first(name)?.value` gives, without building a
+    /// field for every line (the queue looks up the Message-ID of every
+    /// message it accepts).
+    public static func firstValue(_ name: String, in bytes: ArraySlice<UInt8>) -> String? {
+        var value: String?
+        _ = walkFields(bytes) { fieldName, lines in
+            guard equalsIgnoringCase(fieldName, name.utf8) else { return true }
+            value = Self.value(ofField: bytes[lines])
+            return false
+        }
+        return value
+    }
+
+    /// The one pass over the header section at the start of `bytes`:
+    /// `visit` gets each field's name and its lines (continuations
+    /// included, line ends too) until it returns false. Returns how the
+    /// section ended and the offset (from `bytes.startIndex`) where the
+    /// body starts; nil when `visit` stopped the walk first.
+    private static func walkFields(_ bytes: ArraySlice<UInt8>,
+                                   _ visit: (_ name: ArraySlice<UInt8>, _ lines: Range<Int>) -> Bool)
+        -> (termination: Termination, bodyOffset: Int)? {
+        var current: (name: ArraySlice<UInt8>, start: Int)?
         var pos = bytes.startIndex
-        let end = bytes.endIndex
-        while pos < end {
+        while pos < bytes.endIndex {
             let lineEnd = nextLineEnd(bytes, from: pos)
-            let line = bytes[pos..<lineEnd]
-            switch classify(line: line, afterField: current != nil) {
-            case .empty:
-                if let c = current { fields.append(HeaderField(name: currentName, raw: c)) }
-                return (HeaderBlock(fields: fields), .emptyLine, lineEnd - bytes.startIndex)
-            case .other:
-                if let c = current { fields.append(HeaderField(name: currentName, raw: c)) }
-                return (HeaderBlock(fields: fields), .nonHeaderLine, pos - bytes.startIndex)
-            case .continuation:
-                current!.append(contentsOf: line)
-            case .field(let name):
-                if let c = current { fields.append(HeaderField(name: currentName, raw: c)) }
-                current = Array(line)
-                currentName = name
+            let kind = shape(of: bytes[pos..<lineEnd], afterField: current != nil)
+            if case .continuation = kind {
+                pos = lineEnd
+                continue
+            }
+            // Any other line ends the field before it.
+            if let field = current, !visit(field.name, field.start..<pos) { return nil }
+            current = nil
+            switch kind {
+            case .empty: return (.emptyLine, lineEnd - bytes.startIndex)
+            case .other: return (.nonHeaderLine, pos - bytes.startIndex)
+            case .field(let name): current = (name, pos)
+            case .continuation: break
             }
             pos = lineEnd
         }
-        if let c = current { fields.append(HeaderField(name: currentName, raw: c)) }
-        return (HeaderBlock(fields: fields), .endOfData, bytes.count)
+        if let field = current, !visit(field.name, field.start..<pos) { return nil }
+        return (.endOfData, bytes.count)
     }
 
     public static func parse(_ bytes: [UInt8]) -> (block: HeaderBlock, termination: Termination, bodyOffset: Int) {
@@ -166,35 +189,16 @@ public struct HeaderBlock: Sendable, Equatable {
         return .field(content[content.startIndex..<nameEnd])
     }
 
-    /// The unfolded value of the first field named `name` (ASCII, any case)
-    /// in the header section at the start of `bytes`: what
-    /// `parse(bytes).block.first(name)?.value` gives, in the same one pass
-    /// but without building a field for every line (the queue looks up the
-    /// Message-ID of every message it accepts).
-    public static func firstValue(_ name: String, in bytes: ArraySlice<UInt8>) -> String? {
-        var found: Range<Int>?
-        var afterField = false
-        var pos = bytes.startIndex
-        while pos < bytes.endIndex {
-            let lineEnd = nextLineEnd(bytes, from: pos)
-            switch shape(of: bytes[pos..<lineEnd], afterField: afterField) {
-            case .empty, .other:
-                pos = bytes.endIndex
-                continue
-            case .continuation:
-                if let start = found?.lowerBound { found = start..<lineEnd }
-            case .field(let fieldName):
-                if let found { return value(of: bytes[found]) }
-                if equalsIgnoringCase(fieldName, name.utf8) { found = pos..<lineEnd }
-                afterField = true
-            }
-            pos = lineEnd
-        }
-        return found.map { value(of: bytes[$0]) }
+    /// A field's raw bytes (name, colon, value, line ends): the bytes after
+    /// the colon, still folded.
+    static func valueBytes(ofField raw: ArraySlice<UInt8>) -> ArraySlice<UInt8> {
+        guard let colon = raw.firstIndex(of: UInt8(ascii: ":")) else { return raw[raw.endIndex...] }
+        return raw[(colon + 1)...]
     }
 
-    private static func value(of field: ArraySlice<UInt8>) -> String {
-        HeaderField(name: "", raw: Array(field)).value
+    /// A field's raw bytes: its value unfolded (see HeaderField.value).
+    static func value(ofField raw: ArraySlice<UInt8>) -> String {
+        String(decoding: unfold(valueBytes(ofField: raw)), as: UTF8.self)
     }
 
     /// Removes line ends that precede white space, then any remaining line

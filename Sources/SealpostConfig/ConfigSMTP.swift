@@ -129,18 +129,7 @@ extension ConfigValues {
             body = body[..<slash]
         }
         if body.hasPrefix("["), body.hasSuffix("]") { body = body.dropFirst().dropLast() }
-        // inet_pton reads a C string: "127.0.0.1\0/8" would be 127.0.0.1.
-        guard !body.utf8.contains(0) else { return "not an IP address or network (address/length)" }
-        var bytes: [UInt8]
-        var v4 = in_addr()
-        var v6 = in6_addr()
-        if inet_pton(AF_INET, String(body), &v4) == 1 {
-            bytes = withUnsafeBytes(of: v4) { Array($0) }
-        } else if inet_pton(AF_INET6, String(body), &v6) == 1 {
-            bytes = withUnsafeBytes(of: v6) { Array($0) }
-        } else {
-            return "not an IP address or network (address/length)"
-        }
+        guard let bytes = addressBytes(String(body)) else { return "not an IP address or network (address/length)" }
         let maximum = bytes.count * 8
         let n = length ?? maximum
         guard n <= maximum else { return "prefix length \(n) exceeds \(maximum)" }

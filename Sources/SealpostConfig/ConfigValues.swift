@@ -148,18 +148,21 @@ public enum ConfigValues {
         return nil
     }
 
-    // inet_pton reads C strings: a NUL would end the text early (the
-    // file's reader refuses \u0000 already; these stay right on their own).
-    static func isIPv4(_ text: String) -> Bool {
-        guard !text.utf8.contains(0) else { return false }
-        var address = in_addr()
-        return inet_pton(AF_INET, text, &address) == 1
-    }
+    static func isIPv4(_ text: String) -> Bool { addressBytes(text)?.count == 4 }
 
-    static func isIPv6(_ text: String) -> Bool {
-        guard !text.utf8.contains(0) else { return false }
-        var address = in6_addr()
-        return inet_pton(AF_INET6, text, &address) == 1
+    static func isIPv6(_ text: String) -> Bool { addressBytes(text)?.count == 16 }
+
+    /// The 4 or 16 bytes of an IPv4 or IPv6 address in text form
+    /// (inet_pton's: no brackets), or nil. inet_pton reads a C string, so
+    /// text with a NUL is no address (it would be read up to the NUL; the
+    /// file's reader refuses \u0000 already, this stays right on its own).
+    static func addressBytes(_ text: String) -> [UInt8]? {
+        guard !text.utf8.contains(0) else { return nil }
+        var v4 = in_addr()
+        if inet_pton(AF_INET, text, &v4) == 1 { return withUnsafeBytes(of: v4) { Array($0) } }
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, text, &v6) == 1 { return withUnsafeBytes(of: v6) { Array($0) } }
+        return nil
     }
 
     private static func isLetterOrDigit(_ byte: UInt8) -> Bool {

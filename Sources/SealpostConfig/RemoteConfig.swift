@@ -272,7 +272,7 @@ extension ConfigValues {
                   let number = Int(port), (1...65535).contains(number)
             else { return "not a port (1-65535) after \"@\"" }
         }
-        guard isIPv4(String(address)) || isIPv6(String(address)) else {
+        guard addressBytes(String(address)) != nil else {
             return "expected an IP address, optionally @PORT"
         }
         return nil

@@ -132,6 +132,13 @@ func text(_ b: [UInt8]) -> String { String(decoding: b, as: UTF8.self) }
             same(bytes(m), "Message-ID")
             same(bytes(m), "To")
         }
+        // The two share their walk over the lines: some values spelled out.
+        let expected: [String?] = ["<a@example.org>", "<folded@example.org>\tmore", "<obsolete@example.org>",
+                                   "<first@example.org>", nil, nil, nil, "<no-line-end@example.org>", nil,
+                                   "<lf@example.org> more", nil]
+        for (m, value) in zip(cases, expected) {
+            #expect(HeaderBlock.firstValue("message-id", in: bytes(m)[...]) == value, "\(m.debugDescription)")
+        }
         var g = SystemRandomNumberGenerator()
         let pieces = ["M: ", "m :", "To: ", "\r\n", "\n", "\r", " ", "\t", "x", ":", "\u{0}", "\u{e9}"].map(bytes)
         for _ in 0..<2000 {
