@@ -185,7 +185,7 @@ public enum SMTPPathParser {
         guard localLength <= maxLocalPart else { throw SMTPAddressError("local part longer than 64 octets") }
         guard i - bytes.startIndex <= maxPath else { throw SMTPAddressError("path longer than 256 octets") }
 
-        guard let localText = String(validating: local, as: UTF8.self) else {
+        guard let localText = String(validatingUTF8Bytes: local[...]) else {
             throw SMTPAddressError("invalid UTF-8 in local part")
         }
         let mailbox = SMTPMailbox(localPart: localText, domain: domain.text, domainKind: domain.kind,
@@ -244,8 +244,9 @@ public enum SMTPPathParser {
             break
         }
         guard i - start <= maxDomain else { throw SMTPAddressError("domain longer than 255 octets") }
-        let raw = Array(bytes[start..<i])
-        guard let text = String(validating: raw, as: UTF8.self) else { throw SMTPAddressError("invalid UTF-8 in domain") }
+        guard let text = String(validatingUTF8Bytes: bytes[start..<i]) else {
+            throw SMTPAddressError("invalid UTF-8 in domain")
+        }
         return ((text, .name), i)
     }
 

@@ -604,18 +604,18 @@ public struct SMTPServerSession: Sendable {
         case "RSET":
             guard isBlank(arg) else { return respond("RSET", SMTPReply(501, "5.5.4", "Syntax: RSET")) }
             resetTransaction()
-            respondToJunk("RSET", SMTPReply(250, "2.0.0", "Ok"))
+            respondToJunk("RSET", .ok)
         case "NOOP":
-            respondToJunk("NOOP", SMTPReply(250, "2.0.0", "Ok"))
+            respondToJunk("NOOP", .ok)
         case "QUIT":
             guard isBlank(arg) else { return respond("QUIT", SMTPReply(501, "5.5.4", "Syntax: QUIT")) }
-            respond("QUIT", SMTPReply(221, "2.0.0", "Bye"))
+            respond("QUIT", .bye)
             close()
         case "VRFY":
             guard !isBlank(arg) else { return respond("VRFY", SMTPReply(501, "5.5.4", "Syntax: VRFY address")) }
-            respondToJunk("VRFY", SMTPReply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"))
+            respondToJunk("VRFY", .cannotVerify)
         case "HELP":
-            respondToJunk("HELP", SMTPReply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"))
+            respondToJunk("HELP", .help)
         case "STARTTLS": startTLS(arg)
         case "AUTH": auth(arg)
         case "EXPN", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML":
@@ -723,7 +723,7 @@ public struct SMTPServerSession: Sendable {
         // RFC 4954 section 5: an AUTH= from an unauthenticated client is not trusted.
         if authenticatedUser == nil { params.auth = nil }
         transaction = Transaction(sender: path, parameters: params)
-        respond("MAIL", SMTPReply(250, "2.1.0", "Ok"))
+        respond("MAIL", .senderOk)
     }
 
     private mutating func rcpt(_ arg: ArraySlice<UInt8>) {
@@ -758,7 +758,7 @@ public struct SMTPServerSession: Sendable {
         let decision = policy.relay.decide(path, clientTrusted: client.isTrusted, authenticated: authenticatedUser != nil)
         if case .denied(let reply) = decision { return respond("RCPT", reply, detail: envelopeDetail(recipient: path)) }
         transaction!.recipients.append(SMTPRecipient(path: path, parameters: params, relay: decision))
-        respond("RCPT", SMTPReply(250, "2.1.5", "Ok"))
+        respond("RCPT", .recipientOk)
     }
 
     private mutating func data(_ arg: ArraySlice<UInt8>) {
@@ -766,7 +766,7 @@ public struct SMTPServerSession: Sendable {
         guard let t = transaction else { return respond("DATA", SMTPReply(503, "5.5.1", "Need MAIL command")) }
         guard t.mode == nil else { return respond("DATA", SMTPReply(503, "5.5.1", "DATA not allowed after BDAT")) }
         guard !t.recipients.isEmpty else { return respond("DATA", SMTPReply(554, "5.5.1", "No valid recipients")) }
-        intermediate(354, "End data with <CR><LF>.<CR><LF>")
+        output.append(.reply(.startData))
         transaction!.dot = DotDecoder(checker: makeChecker())
         beginMessage(.data)
         phase = .data
@@ -814,7 +814,7 @@ public struct SMTPServerSession: Sendable {
         guard transaction == nil else {
             return respond("STARTTLS", SMTPReply(503, "5.5.1", "MAIL transaction in progress"))
         }
-        respond("STARTTLS", SMTPReply(220, "2.0.0", "Ready to start TLS"))
+        respond("STARTTLS", .readyForTLS)
         guard phase != .closed else { return }
         output.append(.startTLS)
         phase = .tlsHandshake
@@ -911,4 +911,19 @@ public struct SMTPServerSession: Sendable {
         output.append(.authenticate(credentials))
         phase = .waitingForAuth(user: credentials.username, mechanism: credentials.mechanism.rawValue)
     }
+}
+
+/// The replies that never vary, made once: a reply checks its text and
+/// parses its status code when it is made, and MAIL, RCPT, DATA and QUIT
+/// answer with these in every session.
+extension SMTPReply {
+    static let ok = SMTPReply(250, "2.0.0", "Ok")
+    static let bye = SMTPReply(221, "2.0.0", "Bye")
+    static let senderOk = SMTPReply(250, "2.1.0", "Ok")
+    static let recipientOk = SMTPReply(250, "2.1.5", "Ok")
+    static let startData = SMTPReply(354, nil, "End data with <CR><LF>.<CR><LF>")
+    static let readyForTLS = SMTPReply(220, "2.0.0", "Ready to start TLS")
+    static let cannotVerify = SMTPReply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+    static let help = SMTPReply(214, "2.0.0",
+                                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
 }

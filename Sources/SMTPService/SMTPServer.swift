@@ -435,7 +435,10 @@ public final class SMTPServer: Sendable {
                     // more is read here; what follows belongs to
                     // crypto-negotiate. On 465 nothing is read at all.
                     try options.setOption(.maxMessagesPerRead, value: 1)
-                    try options.setOption(.autoRead, value: kind != .smtps)
+                    // NIO reads by itself unless told not to (autoRead is on
+                    // by default): only 465 turns it off. Each option set
+                    // costs a chain of dynamic casts in NIO, per connection.
+                    if kind == .smtps { try options.setOption(.autoRead, value: false) }
                     let operations = channel.pipeline.syncOperations
                     if kind == .smtps {
                         try operations.addHandler(ImplicitTLSHandoff(core: core))

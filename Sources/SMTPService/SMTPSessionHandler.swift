@@ -352,7 +352,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         for action in actions {
             switch action {
             case .reply(let reply):
-                var buffer = out ?? context.channel.allocator.buffer(capacity: 256)
+                // Taken out of `out` so that the buffer stays uniquely referenced
+                // (writing to a shared one would copy it).
+                var buffer = out.take() ?? context.channel.allocator.buffer(capacity: 256)
                 lastReplyStart = buffer.writerIndex
                 buffer.writeBytes(reply.rendered)
                 out = buffer

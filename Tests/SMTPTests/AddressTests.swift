@@ -100,6 +100,36 @@ func invalidPath(_ c: AddressCase) {
     #expect(throws: SMTPAddressError.self) { try SMTPPathParser.parse(ArraySlice(domain), kind: .forwardPath) }
 }
 
+/// The parser's UTF-8 check (String(validatingUTF8Bytes:), a fast path for
+/// ASCII) answers as the standard library's String(validating:as:) does,
+/// for chosen byte strings and random ones, on slices that do not start at 0.
+@Test func utf8CheckAgreesWithTheStandardLibrary() {
+    var cases: [[UInt8]] = [[], Array("user".utf8), Array("jörg".utf8), Array("日本".utf8), Array("😀".utf8),
+                            [0x80], [0xFF], [0xC3], [0xC3, 0x28], [0xC0, 0xAF], [0xE0, 0x80, 0xAF],
+                            [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80], [0x61, 0xF0, 0x9F, 0x98], [0x00, 0x7F]]
+    var random = SplitMix(state: 0x5EA1_9057)
+    let valid = ["é", "ß", "€", "日", "😀"].map { Array($0.utf8) }
+    for _ in 0..<5000 {
+        var bytes: [UInt8] = []
+        for _ in 0..<Int.random(in: 0...10, using: &random) {
+            switch Int.random(in: 0..<4, using: &random) {
+            case 0, 1: bytes.append(UInt8.random(in: 0...0x7F, using: &random))
+            case 2: bytes.append(UInt8.random(in: 0x80...0xFF, using: &random))
+            default: bytes += valid.randomElement(using: &random)!
+            }
+        }
+        cases.append(bytes)
+    }
+    var invalid = 0
+    for bytes in cases {
+        let padded = [UInt8(ascii: "<")] + bytes
+        let expected = String(validating: bytes, as: UTF8.self)
+        if expected == nil { invalid += 1 }
+        #expect(String(validatingUTF8Bytes: padded[1...]) == expected, "\(bytes)")
+    }
+    #expect(invalid > 1000 && invalid < cases.count - 1000, "both kinds among the cases")
+}
+
 @Test func nonASCIIIsReported() throws {
     let (path, _) = try SMTPPathParser.parse(ArraySlice(Array("<jörg@example.org>".utf8)), kind: .forwardPath)
     #expect(!path.isASCII)

@@ -627,3 +627,38 @@ enum Conversations {
         #expect(problem(Frame(.mail, attributes: [("send_er", .text("a"))]))?.contains("outside [a-z0-9-]") == true)
     }
 }
+
+/// The decoder's UTF-8 check (String(validatingUTF8Bytes:), a fast path for
+/// ASCII) answers as the standard library's String(validating:as:) does,
+/// for chosen byte strings and random ones, on slices that do not start at 0.
+@Test func utf8CheckAgreesWithTheStandardLibrary() {
+    var cases: [[UInt8]] = [[], Array("sender".utf8), Array("jörg@example.org".utf8), Array("😀".utf8),
+                            [0x80], [0xFF], [0xC3], [0xC3, 0x28], [0xC0, 0xAF], [0xED, 0xA0, 0x80],
+                            [0xF4, 0x90, 0x80, 0x80], [0x61, 0xF0, 0x9F, 0x98]]
+    // A fixed sequence (an LCG), so that a failure repeats.
+    var state: UInt64 = 0x5EA1_9057
+    func next(_ bound: Int) -> Int {
+        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        return Int(state >> 33) % bound
+    }
+    let valid = ["é", "ß", "€", "日", "😀"].map { Array($0.utf8) }
+    for _ in 0..<5000 {
+        var bytes: [UInt8] = []
+        for _ in 0..<next(11) {
+            switch next(4) {
+            case 0, 1: bytes.append(UInt8(next(0x80)))
+            case 2: bytes.append(UInt8(0x80 + next(0x80)))
+            default: bytes += valid[next(valid.count)]
+            }
+        }
+        cases.append(bytes)
+    }
+    var invalid = 0
+    for bytes in cases {
+        let padded = [UInt8(0x20)] + bytes
+        let expected = String(validating: bytes, as: UTF8.self)
+        if expected == nil { invalid += 1 }
+        #expect(String(validatingUTF8Bytes: padded[1...]) == expected, "\(bytes)")
+    }
+    #expect(invalid > 1000 && invalid < cases.count - 1000, "both kinds among the cases")
+}
