@@ -182,7 +182,10 @@ public enum ReceivedHeader {
     /// The recipient re-parsed as a path, so that only a valid mailbox lands
     /// between the brackets; non-ASCII only for SMTPUTF8 messages.
     static func pathText(_ address: String, utf8: Bool) -> String? {
-        let bytes = Array(("<" + address + ">").utf8)
+        var bytes: [UInt8] = [UInt8(ascii: "<")]
+        bytes.reserveCapacity(address.utf8.count + 2)
+        bytes.append(contentsOf: address.utf8)
+        bytes.append(UInt8(ascii: ">"))
         guard utf8 || bytes.allSatisfy({ $0 < 0x80 }),
               let (path, end) = try? SMTPPathParser.parse(ArraySlice(bytes), kind: .forwardPath),
               end == bytes.count else { return nil }

@@ -292,14 +292,23 @@ public enum SMTPPathParser {
 
     /// IPv4-address-literal = Snum 3("." Snum), Snum = 1*3DIGIT, 0-255.
     static func isIPv4(_ bytes: [UInt8]) -> Bool {
-        let parts = bytes.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
-        guard parts.count == 4 else { return false }
-        for part in parts {
-            guard (1...3).contains(part.count), part.allSatisfy(isASCIIDigit) else { return false }
-            let value = part.reduce(0) { $0 * 10 + Int($1 - 48) }
-            guard value <= 255 else { return false }
+        // One pass, no parts array: the Received header checks the
+        // client's address with it for every message.
+        var dots = 0, digits = 0, value = 0
+        for byte in bytes {
+            if byte == UInt8(ascii: ".") {
+                guard digits > 0, dots < 3 else { return false }
+                dots += 1
+                digits = 0
+                value = 0
+            } else {
+                guard isASCIIDigit(byte), digits < 3 else { return false }
+                value = value * 10 + Int(byte - UInt8(ascii: "0"))
+                digits += 1
+                guard value <= 255 else { return false }
+            }
         }
-        return true
+        return dots == 3 && digits > 0
     }
 
     /// IPv6 text form (RFC 4291 section 2.2): eight groups of 1-4 hex digits,

@@ -130,6 +130,41 @@ func invalidPath(_ c: AddressCase) {
     #expect(invalid > 1000 && invalid < cases.count - 1000, "both kinds among the cases")
 }
 
+/// isIPv4, one pass since the Received header runs it for every message,
+/// answers as the split-based check it replaced, for chosen strings,
+/// dotted groups of 0-4 digits, and random strings of digits and dots.
+@Test func ipv4CheckAgreesWithTheSplitForm() {
+    func reference(_ bytes: [UInt8]) -> Bool {
+        let parts = bytes.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
+        guard parts.count == 4 else { return false }
+        for part in parts {
+            guard (1...3).contains(part.count), part.allSatisfy({ (48...57).contains($0) }) else { return false }
+            guard part.reduce(0, { $0 * 10 + Int($1 - 48) }) <= 255 else { return false }
+        }
+        return true
+    }
+    var cases = ["127.0.0.1", "0.0.0.0", "255.255.255.255", "256.1.1.1", "1.2.3", "1.2.3.4.5", "01.02.003.4",
+                 "1..2.3", ".1.2.3", "1.2.3.", "1.2.3.4a", "", "1234.1.1.1", "0001.1.1.1", "1.2.3.04", "1.2.3.999"]
+        .map { Array($0.utf8) }
+    var random = SplitMix(state: 0x1F4)
+    let digits = Array("0123456789".utf8)
+    let alphabet = digits + Array(".:a ".utf8)
+    for _ in 0..<10_000 {
+        let groups = (0..<Int.random(in: 3...5, using: &random)).map { _ in
+            (0..<Int.random(in: 0...4, using: &random)).map { _ in digits.randomElement(using: &random)! }
+        }
+        cases.append(Array(groups.joined(separator: [UInt8(ascii: ".")])))
+        cases.append((0..<Int.random(in: 0...16, using: &random)).map { _ in alphabet.randomElement(using: &random)! })
+    }
+    var valid = 0
+    for bytes in cases {
+        let expected = reference(bytes)
+        if expected { valid += 1 }
+        #expect(SMTPPathParser.isIPv4(bytes) == expected, "\(String(decoding: bytes, as: UTF8.self))")
+    }
+    #expect(valid > 100 && valid < cases.count - 100, "both kinds among the cases")
+}
+
 @Test func nonASCIIIsReported() throws {
     let (path, _) = try SMTPPathParser.parse(ArraySlice(Array("<jörg@example.org>".utf8)), kind: .forwardPath)
     #expect(!path.isASCII)
