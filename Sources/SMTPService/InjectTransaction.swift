@@ -170,20 +170,30 @@ final class InjectTransaction {
 
     /// MAIL without `queue-id` or `announce-id` (set as it goes out).
     static func mailFrame(_ e: SMTPEnvelope, clientName: String) -> Frame {
-        var f = Frame(.mail, ["sender": .text(e.sender.address)])
+        // Each name appended once, in this order, into room made for all
+        // of them (and the queue-id or announce-id that sendEnvelope adds):
+        // Frame.set would look for the name among those before it first.
+        var attributes: [(name: String, value: AttributeValue)] = []
+        attributes.reserveCapacity(13)
+        func add(_ name: String, _ value: AttributeValue?) {
+            if let value { attributes.append((name: name, value: value)) }
+        }
         let p = e.parameters
-        f.set("ret", p.ret.map { .text($0.rawValue) })
-        f.set("envid", p.envid.map { AttributeValue.sanitizedText($0) })
-        if p.requireTLS { f.set("requiretls", .bool(true)) }
-        if p.smtputf8 { f.set("smtputf8", .bool(true)) }
-        f.set("body-type", p.body.map { .text($0.rawValue) })
-        f.set("client-address", .text(e.client.address))
-        f.set("client-name", AttributeValue.sanitizedText(clientName))
-        if !e.helo.isEmpty { f.set("helo", AttributeValue.sanitizedText(e.helo)) }
-        f.set("protocol", .text(e.protocolName))
-        f.set("auth-user", e.authenticatedUser.map { AttributeValue.sanitizedText($0) })
-        f.set("size", p.size.map { .uint($0) })
-        return f
+        add("sender", .text(e.sender.address))
+        add("ret", p.ret.map { .text($0.rawValue) })
+        add("envid", p.envid.map { AttributeValue.sanitizedText($0) })
+        if p.requireTLS { add("requiretls", .bool(true)) }
+        if p.smtputf8 { add("smtputf8", .bool(true)) }
+        add("body-type", p.body.map { .text($0.rawValue) })
+        add("client-address", .text(e.client.address))
+        add("client-name", AttributeValue.sanitizedText(clientName))
+        if !e.helo.isEmpty { add("helo", AttributeValue.sanitizedText(e.helo)) }
+        add("protocol", .text(e.protocolName))
+        add("auth-user", e.authenticatedUser.map { AttributeValue.sanitizedText($0) })
+        add("size", p.size.map { .uint($0) })
+        var frame = Frame(.mail)
+        frame.attributes = attributes
+        return frame
     }
 
     static func rcptFrame(_ r: SMTPRecipient) -> Frame {
