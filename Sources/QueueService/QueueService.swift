@@ -133,7 +133,9 @@ public final class QueueService: @unchecked Sendable {
             return channel.pipeline.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandlers([
                     ByteToMessageHandler(FrameDecoderHandler(protocol: .inject, direction: .clientToServer)),
-                    MessageToByteHandler(FrameEncoderHandler(protocol: .inject, direction: .serverToClient)),
+                    // The answers of a flush in one send(2) when the socket
+                    // takes them (one per message under load), NIO otherwise.
+                    CoalescingFrameEncoder(protocol: .inject, direction: .serverToClient),
                     InjectHandler(engine: engine),
                 ])
             }

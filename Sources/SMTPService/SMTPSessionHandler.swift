@@ -37,6 +37,7 @@ import MailMessage
 import NIOCore
 import NIOPosix
 import SMTP
+import StageProtocolNIO
 
 #if canImport(Glibc)
 import Glibc
@@ -124,7 +125,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        socketDescriptor = nil   // after STARTTLS: another channel, another socket
+        writer.reset()   // after STARTTLS: another channel, another socket
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -460,7 +461,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             // close with the client's input unread resets the
             // connection, and a reset throws away what is still
             // corked (the 221, or a 250 for a queued message).
-            if sendDirectly(&buffer, context: context) {
+            if writer.send(&buffer, context: context) {
                 written?.succeed()
                 if corked { context.close(mode: .output, promise: nil) }
                 context.close(promise: nil)
@@ -472,83 +473,19 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
                 if corked { context.close(mode: .output, promise: nil) }
                 context.close(promise: nil)
             }
-            writeThroughNIO(buffer, context: context, promise: done)
+            writer.writeThroughNIO(buffer, context: context, promise: done)
             return
         }
-        if sendDirectly(&buffer, context: context) {
+        if writer.send(&buffer, context: context) {
             written?.succeed()
             return
         }
-        writeThroughNIO(buffer, context: context, promise: written)
+        writer.writeThroughNIO(buffer, context: context, promise: written)
     }
 
-    /// Replies handed to NIO and not yet written (or failed). While there
-    /// are any, later replies go to NIO too, behind them.
-    private var writesInNIO = 0
-
-    /// The channel's socket, looked up at the first reply; .some(nil) for
-    /// a channel without one (tests' embedded channels): replies then go
-    /// through NIO.
-    private var socketDescriptor: NIOBSDSocket.Handle??
-
-    /// The socket of the channel. NIO's accessor for it
-    /// (`withUnsafeTransportIfAvailable`) casts the channel's core to a
-    /// constrained existential, which the runtime checks anew at every
-    /// call: 16,000 instructions, as much as two replies through NIO. A
-    /// NIOPosix socket channel is its own core, and a cast to the plain
-    /// protocol is a cached conformance lookup; a channel that is not
-    /// (another NIO, another transport) gets the accessor.
-    private static func socket(of context: ChannelHandlerContext) -> NIOBSDSocket.Handle? {
-        if let core = context.channel as? any NIOTransportAccessibleChannelCore,
-           let descriptor = transport(of: core) {
-            return descriptor
-        }
-        return try? context.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) { $0 }
-    }
-
-    private static func transport<Core: NIOTransportAccessibleChannelCore>(of core: Core) -> NIOBSDSocket.Handle? {
-        (try? core.withUnsafeTransport { $0 }) as? NIOBSDSocket.Handle
-    }
-
-    /// Sends what `buffer` holds with send(2) on the channel's own socket,
-    /// when NIO holds nothing unwritten for it, and takes what went out of
-    /// `buffer`; true when all of it did. A reply is a few dozen bytes that
-    /// the socket takes at once nearly always, and NIO's write path (the
-    /// pipeline's outbound handlers, its pending-writes queue, a write
-    /// promise, its writability accounting) cost about 8,000 instructions
-    /// a reply, seven replies a message; this costs a system call. When
-    /// the socket takes less (a client that does not read, its window
-    /// full) or fails, NIO gets the rest and does as it always did:
-    /// buffers it, waits for the socket, stops the reading past its
-    /// high-water mark, closes on an error; the write deadline times it.
-    ///
-    /// The descriptor is used only while the channel is active: NIO closes
-    /// it in the same step (on this event loop, with no handler called in
-    /// between) that makes the channel inactive, so a number the kernel may
-    /// since have given to another file is never written to.
-    private func sendDirectly(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) -> Bool {
-        guard writesInNIO == 0, buffer.readableBytes > 0, context.channel.isActive else { return false }
-        if socketDescriptor == nil { socketDescriptor = .some(Self.socket(of: context)) }
-        guard case .some(.some(let descriptor)) = socketDescriptor else { return false }
-        let sent = buffer.withUnsafeReadableBytes { bytes in
-            Glibc.send(descriptor, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL))
-        }
-        guard sent > 0 else { return false }
-        buffer.moveReaderIndex(forwardBy: sent)
-        return buffer.readableBytes == 0
-    }
-
-    /// NIO's write of what `sendDirectly` could not send.
-    private func writeThroughNIO(_ buffer: ByteBuffer, context: ChannelHandlerContext,
-                                 promise: EventLoopPromise<Void>?) {
-        writesInNIO += 1
-        let done = promise ?? context.eventLoop.makePromise()
-        // Added before anyone else's callback: NIO completes writes in
-        // order, so when the count is back at 0 nothing of ours waits in
-        // NIO and the next reply may go directly.
-        done.futureResult.assumeIsolated().whenComplete { [self] _ in writesInNIO -= 1 }
-        context.writeAndFlush(wrapOutboundOut(buffer), promise: done)
-    }
+    /// Replies go out with send(2) while the socket takes them at once
+    /// (see DirectSocketWriter), through NIO otherwise.
+    private let writer = DirectSocketWriter()
 
     /// The last reply and the FIN in one segment instead of two: with
     /// TCP_CORK the kernel keeps the reply until the shutdown that follows

@@ -121,6 +121,10 @@ public final class CoalescingFrameEncoder: ChannelOutboundHandler {
     /// writes cascade from it).
     private var pendingPromise: EventLoopPromise<Void>?
     private var failure: Error?
+    /// The encoded frames go out with send(2) while the socket takes them
+    /// (see DirectSocketWriter): this handler must be the channel's only
+    /// writer.
+    private let writer = DirectSocketWriter()
 
     /// As `FrameEncoderHandler.init`.
     public init(protocol: ProtocolName? = nil, direction: Direction = .serverToClient) {
@@ -174,7 +178,13 @@ public final class CoalescingFrameEncoder: ChannelOutboundHandler {
         pending.removeAll(keepingCapacity: pending.count <= 16 * 1024)
         let promise = pendingPromise
         pendingPromise = nil
-        context.write(wrapOutboundOut(buffer), promise: promise)
+        if writer.send(&buffer, context: context) {
+            promise?.succeed()
+            return
+        }
+        // The flush that follows a push (or the next one, after a push at
+        // the threshold) puts it on the wire.
+        writer.writeThroughNIO(buffer, context: context, promise: promise, flush: false)
     }
 
     private func drop(_ error: Error) {

@@ -240,8 +240,8 @@ def test_the_250_follows_the_queue_s_completed_sync(pipeline):
         # -s 4096: smtp-listen sends the whole small message to the queue
         # in one buffer (envelope, Received header, body, END), and the
         # marker below must be within what strace shows of it. sendto:
-        # smtp-listen sends its replies with send(2) while the socket
-        # takes them at once.
+        # smtp-listen sends its replies and inject frames with send(2)
+        # while the socket takes them at once (DirectSocketWriter).
         tracer = subprocess.Popen([STRACE, "-f", "-s", "4096", "-o", str(output),
                                    "-e", "trace=fdatasync,pwrite64,write,writev,sendmsg,sendto",
                                    "-p", str(queue), "-p", str(listen)], stderr=errors)
