@@ -45,12 +45,19 @@ public final class DirectSocketWriter {
         guard writesInNIO == 0, buffer.readableBytes > 0, context.channel.isActive else { return false }
         if descriptor == nil { descriptor = .some(Self.socket(of: context)) }
         guard case .some(.some(let socket)) = descriptor else { return false }
+        #if canImport(Glibc)
         let sent = buffer.withUnsafeReadableBytes { bytes in
             Glibc.send(socket, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL))
         }
         guard sent > 0 else { return false }
         buffer.moveReaderIndex(forwardBy: sent)
         return buffer.readableBytes == 0
+        #else
+        // No MSG_NOSIGNAL elsewhere (Darwin has SO_NOSIGPIPE, which NIO
+        // sets): NIO writes everything there.
+        _ = socket
+        return false
+        #endif
     }
 
     /// Hands `buffer` to NIO (written and flushed from `context` on), and
@@ -59,9 +66,11 @@ public final class DirectSocketWriter {
                                 promise: EventLoopPromise<Void>?, flush: Bool = true) {
         writesInNIO += 1
         let done = promise ?? context.eventLoop.makePromise()
-        // Added before any callback of the caller's: NIO completes writes
-        // in order, so once the count is back at 0 NIO holds nothing of
-        // ours and the next write may go directly.
+        // NIO completes writes in order, and a write it holds bytes of has
+        // not completed: once the count is back at 0 NIO holds nothing of
+        // ours and the next write may go directly. (A callback the caller
+        // added to `promise` before this one sees the count still up: it
+        // would only send more through NIO, never out of order.)
         done.futureResult.assumeIsolated().whenComplete { [self] _ in writesInNIO -= 1 }
         if flush {
             context.writeAndFlush(NIOAny(buffer), promise: done)

@@ -182,8 +182,9 @@ public final class CoalescingFrameEncoder: ChannelOutboundHandler {
             promise?.succeed()
             return
         }
-        // The flush that follows a push (or the next one, after a push at
-        // the threshold) puts it on the wire.
+        // What the socket did not take waits in NIO for the flush that
+        // follows (a push at the threshold, from `write`: for the next
+        // flush, as everything pushed there did before the direct send).
         writer.writeThroughNIO(buffer, context: context, promise: promise, flush: false)
     }
 
