@@ -17,6 +17,8 @@ extension String {
     /// metadata lookups and a transcoding loop, about 900 instructions a
     /// call, a dozen calls per message in smtp-listen); all-ASCII bytes,
     /// nearly every address and domain, take the specialized decoding.
+    /// (StageProtocol has the same few lines: each module is compiled on
+    /// its own for the fuzzers, fuzz/build, so neither can lend it.)
     init?(validatingUTF8Bytes bytes: ArraySlice<UInt8>) {
         if bytes.allSatisfy({ $0 < 0x80 }) {
             self = String(decoding: bytes, as: UTF8.self)

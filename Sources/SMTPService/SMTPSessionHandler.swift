@@ -455,32 +455,28 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             written?.succeed()
             return
         }
-        if closing {
-            let corked = holdLastReplyForFIN(context: context)
-            // The FIN first, which sends the corked reply with it: a
-            // close with the client's input unread resets the
-            // connection, and a reset throws away what is still
-            // corked (the 221, or a 250 for a queued message).
-            if writer.send(&buffer, context: context) {
-                written?.succeed()
-                if corked { context.close(mode: .output, promise: nil) }
-                context.close(promise: nil)
-                return
-            }
-            armWriteDeadline(context: context)
-            let done = written ?? context.eventLoop.makePromise()
-            done.futureResult.assumeIsolated().whenComplete { _ in
-                if corked { context.close(mode: .output, promise: nil) }
-                context.close(promise: nil)
-            }
-            writer.writeThroughNIO(buffer, context: context, promise: done)
+        guard closing else {
+            writer.write(buffer, context: context, promise: written)
             return
+        }
+        let corked = holdLastReplyForFIN(context: context)
+        // The FIN first, which sends the corked reply with it: a close
+        // with the client's input unread resets the connection, and a
+        // reset throws away what is still corked (the 221, or a 250 for a
+        // queued message).
+        let close = {
+            if corked { context.close(mode: .output, promise: nil) }
+            context.close(promise: nil)
         }
         if writer.send(&buffer, context: context) {
             written?.succeed()
-            return
+            return close()
         }
-        writer.writeThroughNIO(buffer, context: context, promise: written)
+        // NIO takes the rest: timed, and the close waits for it.
+        armWriteDeadline(context: context)
+        let done = written ?? context.eventLoop.makePromise()
+        done.futureResult.assumeIsolated().whenComplete { _ in close() }
+        writer.writeThroughNIO(buffer, context: context, promise: done)
     }
 
     /// Replies go out with send(2) while the socket takes them at once

@@ -326,7 +326,8 @@ extension String {
     /// metadata lookups and a transcoding loop, about 900 instructions a
     /// call, for every text attribute of every frame); all-ASCII text, as
     /// nearly every attribute is, takes the specialized decoding. (The SMTP
-    /// module has its own copy: neither module depends on the other.)
+    /// module has the same few lines: each module is compiled on its own
+    /// for the fuzzers, fuzz/build, so neither can lend it.)
     init?(validatingUTF8Bytes bytes: ArraySlice<UInt8>) {
         if bytes.allSatisfy({ $0 < 0x80 }) {
             self = String(decoding: bytes, as: UTF8.self)

@@ -27,25 +27,42 @@ public final class DirectSocketWriter {
     /// then goes through NIO.
     private var descriptor: NIOBSDSocket.Handle??
     /// Writes handed to NIO and not completed yet (written or failed).
-    public private(set) var writesInNIO = 0
+    private var writesInNIO = 0
 
     public init() {}
 
     /// Forgets the socket: the owner moved to another channel.
     public func reset() { descriptor = nil }
 
+    /// Writes `buffer`: sent at once when the socket takes all of it,
+    /// else what is left through NIO (flushed when `flush`). `promise`
+    /// completes when it is all written. True when it went at once.
+    @discardableResult
+    public func write(_ buffer: ByteBuffer, context: ChannelHandlerContext,
+                      promise: EventLoopPromise<Void>?, flush: Bool = true) -> Bool {
+        var buffer = buffer
+        if send(&buffer, context: context) {
+            promise?.succeed()
+            return true
+        }
+        writeThroughNIO(buffer, context: context, promise: promise, flush: flush)
+        return false
+    }
+
     /// Sends what `buffer` holds when NIO holds nothing of this channel's,
-    /// and takes what went out of `buffer`; true when all of it did.
+    /// and takes what went out of `buffer`; true when all of it did. (For
+    /// an owner that does something else when NIO has to take the rest;
+    /// `write` otherwise.)
     ///
     /// The descriptor is used only while the channel is active: NIO closes
     /// it in the same step (on this event loop, with no handler called in
     /// between) that makes the channel inactive, so a number the kernel may
     /// since have given to another file is never written to.
     public func send(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) -> Bool {
+        #if canImport(Glibc)
         guard writesInNIO == 0, buffer.readableBytes > 0, context.channel.isActive else { return false }
         if descriptor == nil { descriptor = .some(Self.socket(of: context)) }
         guard case .some(.some(let socket)) = descriptor else { return false }
-        #if canImport(Glibc)
         let sent = buffer.withUnsafeReadableBytes { bytes in
             Glibc.send(socket, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL))
         }
@@ -55,7 +72,6 @@ public final class DirectSocketWriter {
         #else
         // No MSG_NOSIGNAL elsewhere (Darwin has SO_NOSIGPIPE, which NIO
         // sets): NIO writes everything there.
-        _ = socket
         return false
         #endif
     }

@@ -178,14 +178,10 @@ public final class CoalescingFrameEncoder: ChannelOutboundHandler {
         pending.removeAll(keepingCapacity: pending.count <= 16 * 1024)
         let promise = pendingPromise
         pendingPromise = nil
-        if writer.send(&buffer, context: context) {
-            promise?.succeed()
-            return
-        }
-        // What the socket did not take waits in NIO for the flush that
+        // What the socket does not take waits in NIO for the flush that
         // follows (a push at the threshold, from `write`: for the next
         // flush, as everything pushed there did before the direct send).
-        writer.writeThroughNIO(buffer, context: context, promise: promise, flush: false)
+        writer.write(buffer, context: context, promise: promise, flush: false)
     }
 
     private func drop(_ error: Error) {
