@@ -377,15 +377,25 @@ def test_a_restarted_queue_listens_before_it_reads_the_spool(pipeline):
         tracer.wait(timeout=30)
     queue_threads = {str(tid) for tid in threads(new)}
     lines = [line for line in output.read_text(errors="replace").splitlines() if line.split(None, 1)[0] in queue_threads]
-    listens = [i for i, line in enumerate(lines) if re.search(r"\blisten\(\d+, 256\)", line)]
+    # Each listen(2) in the order the calls returned: strace splits a call
+    # that another thread's line interrupts into "listen(10, 256
+    # <unfinished ...>" and "<... listen resumed>) = 0".
+    listens, started = [], {}
+    for i, line in enumerate(lines):
+        tid = line.split(None, 1)[0]
+        if found := re.search(r"\blisten\((\d+), (\d+)", line):
+            if "<unfinished" in line:
+                started[tid] = found.groups()
+            else:
+                listens.append((i, *found.groups()))
+        elif "<... listen resumed>" in line and tid in started:
+            listens.append((i, *started.pop(tid)))
     loaded = next(i for i, line in enumerate(lines) if f"queue[{new}]: spool: " in line)
-    assert len([i for i in listens if i < loaded]) == 3, "\n".join(line[:120] for line in lines)
+    assert len([i for i, _, backlog in listens if i < loaded and backlog == "256"]) == 3, \
+        "\n".join(line[:120] for line in lines)
     # Once NIO has a socket it listens again, with 128: the queue's 256
     # must be the last word on each.
-    last = {}
-    for line in lines:
-        if found := re.search(r"\blisten\((\d+), (\d+)\)", line):
-            last[found.group(1)] = found.group(2)
+    last = {fd: backlog for _, fd, backlog in listens}
     assert list(last.values()) == ["256"] * 3, "\n".join(line[:120] for line in lines)
     pipeline.wait_for_queue()
     assert pipeline.queue_inject(f"{local_user()}@localhost").returncode == 0
