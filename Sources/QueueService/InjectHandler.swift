@@ -356,6 +356,7 @@ final class InjectHandler: ChannelInboundHandler {
         var env = t.envelope
         env.arrival = arrival
         env.size = UInt64(t.size)
+        env.held = engine.config.queue.holdIncoming
         for i in env.recipients.indices { env.recipients[i].nextAttempt = arrival }
         let messageID = HeaderBlock.firstValue("Message-ID", in: t.head[...])
         // The client's address and name are the injecting peer's claim, and

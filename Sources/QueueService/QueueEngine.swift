@@ -173,6 +173,10 @@ final class QueueEngine: @unchecked Sendable {
         injected += 1
         scheduler.insert(env, now: now)
         logQueued(env)
+        if env.held {
+            logger.info("\(env.queueID): hold: on arrival ([queue] hold_incoming)")
+            return
+        }
         dispatch()
     }
 

@@ -18,7 +18,8 @@ struct ConfigParser {
         "sealpost": ["data_directory", "hostname", "postmaster"],
         "queue": ["maximal_queue_lifetime", "bounce_queue_lifetime", "minimal_backoff_time",
                   "maximal_backoff_time", "queue_run_delay", "delay_warning_time",
-                  "message_size_limit", "recipient_limit", "map_size", "map_size_limit", "commit_delay"],
+                  "message_size_limit", "recipient_limit", "map_size", "map_size_limit", "commit_delay",
+                  "hold_incoming"],
         "local": ["domains", "accounts", "users", "mailbox", "aliases"],
         "smtp": ["listen", "submission", "smtps", "relay_domains", "trusted_networks", "command_line_limit",
                  "text_line_limit", "error_limit", "junk_command_limit", "client_connection_limit",
@@ -119,6 +120,7 @@ struct ConfigParser {
         try queue.size("map_size", into: &settings.mapSize)
         try queue.size("map_size_limit", into: &settings.mapSizeLimit)
         try queue.milliseconds("commit_delay", into: &settings.commitDelayMilliseconds)
+        if let hold = try queue.boolean("hold_incoming") { settings.holdIncoming = hold }
         // Cross-key rules: a zero backoff or run delay would spin the queue.
         if settings.minimalBackoffTime < 1 { throw queue.error("minimal_backoff_time", "must be at least 1 second") }
         // A pair in conflict is blamed on a key that is written in the file.
@@ -331,6 +333,12 @@ struct Section {
         guard let value = value(key) else { return nil }
         guard let int = value.int else { throw wrongType(key, "an integer", value) }
         return int
+    }
+
+    func boolean(_ key: String) throws(ConfigError) -> Bool? {
+        guard let value = value(key) else { return nil }
+        guard let bool = value.bool else { throw wrongType(key, "a boolean (true or false)", value) }
+        return bool
     }
 
     func strings(_ key: String) throws(ConfigError) -> [String]? {

@@ -146,6 +146,10 @@ public struct QueueSettings: Sendable, Equatable {
     /// Group commit under load (Spool's commitDelay); 0: none.
     public var commitDelayMilliseconds: Int
     public static let maximumCommitDelayMilliseconds = 100
+    /// Every message the queue takes goes on hold, as `sealpost queue hold`
+    /// puts one (the flag is in its committed record); none is delivered
+    /// until released.
+    public var holdIncoming: Bool
 
     /// The defaults of the shipped file (Postfix's).
     public init() {
@@ -160,6 +164,7 @@ public struct QueueSettings: Sendable, Equatable {
         mapSize = 256 << 20
         mapSizeLimit = 16 << 30
         commitDelayMilliseconds = 3
+        holdIncoming = false
     }
 }
 

@@ -788,6 +788,32 @@ func refusal(_ frame: Frame) throws -> String {
         stage3.close()
     }
 
+    /// [queue] hold_incoming: each message is committed held (so it stays
+    /// held across a restart) and none goes to a stage until released.
+    @Test func heldOnArrivalUntilReleased() throws {
+        let q = try TestQueue { $0.queue.holdIncoming = true }
+        let a = try q.inject(to: ["alice@localhost"])
+        let b = try q.inject(to: ["bob@localhost"])
+        q.stop()
+        try q.start()
+        let listed = try q.control("list").messages
+        #expect(listed.count == 2 && listed.allSatisfy(\.held))
+        let stage = try q.deliverer()
+        // Both are due; a, the older, would go first were it not held.
+        #expect(try q.control("release", b).ok)
+        let first = try TestQueue.receiveJob(stage)
+        #expect(first.queueID == b)
+        try TestQueue.report(stage, first, "sent", dsn: "2.0.0", text: "ok")
+        _ = try q.eventually("b delivered") { $0.messages.map(\.id) == [a] }
+        #expect(try q.control("list").messages.first?.held == true)
+        #expect(try q.control("release", a).ok)
+        let second = try TestQueue.receiveJob(stage)
+        #expect(second.queueID == a)
+        try TestQueue.report(stage, second, "sent", dsn: "2.0.0", text: "ok")
+        _ = try q.eventually("all delivered") { $0.messages.isEmpty }
+        stage.close()
+    }
+
     @Test func holdReleaseFlushDelete() throws {
         let q = try TestQueue()
         let a = try q.inject(to: ["alice@localhost"])

@@ -46,7 +46,7 @@ import Testing
     @Test func unknownKeyInASection() {
         expectError("[sealpost]\nhostname = \"a.example\"\n\n[queue]\nhostname = \"b\"\n",
                     line: 5, key: "queue.hostname",
-                    "unknown key (known in [queue]: maximal_queue_lifetime, bounce_queue_lifetime, minimal_backoff_time, maximal_backoff_time, queue_run_delay, delay_warning_time, message_size_limit, recipient_limit, map_size, map_size_limit, commit_delay)")
+                    "unknown key (known in [queue]: maximal_queue_lifetime, bounce_queue_lifetime, minimal_backoff_time, maximal_backoff_time, queue_run_delay, delay_warning_time, message_size_limit, recipient_limit, map_size, map_size_limit, commit_delay, hold_incoming)")
     }
 
     @Test func unknownSection() {

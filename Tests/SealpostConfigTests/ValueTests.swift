@@ -41,6 +41,13 @@ import Testing
         #expect(ConfigValues.parseMilliseconds(text) == nil)
     }
 
+    @Test func holdIncomingInTheFile() throws {
+        #expect(try load("[queue]\n").queue.holdIncoming == false)
+        #expect(try load("[queue]\nhold_incoming = true\n").queue.holdIncoming == true)
+        expectError("[queue]\nhold_incoming = \"yes\"\n", line: 2, key: "queue.hold_incoming",
+                    "expected a boolean (true or false), found a string")
+    }
+
     @Test func commitDelayInTheFile() throws {
         #expect(try load("[queue]\ncommit_delay = \"0ms\"\n").queue.commitDelayMilliseconds == 0)
         #expect(try load("[queue]\ncommit_delay = \"100ms\"\n").queue.commitDelayMilliseconds == 100)
