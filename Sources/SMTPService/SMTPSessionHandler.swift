@@ -85,6 +85,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     private var out: ByteBuffer?
     /// Where the last reply in `out` begins (to take back a 220 to STARTTLS).
     private var lastReplyStart = 0
+    /// Replies go out with send(2) while the socket takes them at once
+    /// (see DirectSocketWriter), through NIO otherwise.
+    private let writer = DirectSocketWriter()
     private var shutdownRequested = false
 
     /// The channel is the client's TCP connection (whose descriptor goes to
@@ -478,10 +481,6 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         done.futureResult.assumeIsolated().whenComplete { _ in close() }
         writer.writeThroughNIO(buffer, context: context, promise: done)
     }
-
-    /// Replies go out with send(2) while the socket takes them at once
-    /// (see DirectSocketWriter), through NIO otherwise.
-    private let writer = DirectSocketWriter()
 
     /// The last reply and the FIN in one segment instead of two: with
     /// TCP_CORK the kernel keeps the reply until the shutdown that follows

@@ -146,9 +146,10 @@ public struct QueueSettings: Sendable, Equatable {
     /// Group commit under load (Spool's commitDelay); 0: none.
     public var commitDelayMilliseconds: Int
     public static let maximumCommitDelayMilliseconds = 100
-    /// Every message the queue takes goes on hold, as `sealpost queue hold`
-    /// puts one (the flag is in its committed record); none is delivered
-    /// until released.
+    /// Every message injected (by smtp-listen or queue-inject) goes on
+    /// hold, as `sealpost queue hold` puts one (the flag is in its
+    /// committed record); none is delivered until released. The queue's
+    /// own notices to senders are not held.
     public var holdIncoming: Bool
 
     /// The defaults of the shipped file (Postfix's).

@@ -14,7 +14,9 @@
 // their order.
 //
 // The owner must be the channel's only writer (a handler that writes only
-// through this), on the channel's event loop.
+// through this) and its outbound handler nearest the socket (nothing
+// between them would see the bytes sent directly), on the channel's event
+// loop.
 
 #if canImport(Glibc)
 import Glibc
