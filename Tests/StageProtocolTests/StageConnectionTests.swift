@@ -214,6 +214,23 @@ func readSome(_ fd: Int32) -> String {
         try server.join()
     }
 
+    /// A server that refuses at accept writes its ERROR and closes before
+    /// the client's HELLO is written: the HELLO meets a closed socket
+    /// (EPIPE), and the client still reports the server's reason.
+    @Test func clientHelloRefusedBeforeItIsSent() throws {
+        let (a, b) = try socketPair()
+        let server = StageConnection(adopting: b, protocol: .inject, direction: .clientToServer)
+        try server.send(Frame(.error, ["status": .text("4.3.2"), "text": .text("too many inject connections")]))
+        server.close()
+        let client = StageConnection(adopting: a, protocol: .inject, direction: .serverToClient)
+        #expect(throws: PeerError(status: "4.3.2", text: "too many inject connections")) { try client.clientHello(.inject) }
+        // Closed without a word: the send's own error.
+        let (c, d) = try socketPair()
+        _ = Glibc.close(d)
+        let silent = StageConnection(adopting: c, protocol: .inject, direction: .serverToClient)
+        #expect(throws: StageIOError("send", code: EPIPE)) { try silent.clientHello(.inject) }
+    }
+
     @Test func clientHelloWithAnotherVersion() throws {
         let (a, b) = try socketPair()
         let server = PeerThread {
