@@ -212,6 +212,15 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
         greet(name: name)
     }
 
+    /// A session that ends before its name was known: the lookup stops and
+    /// the connect line is written (the first line of every session, as
+    /// "unknown").
+    private func connectLineWithoutName() {
+        guard lookingUp else { return }
+        stopLookingUp()
+        server.logger.info("\(SessionLog.connect(client))")
+    }
+
     /// No answer is wanted any more: the lookup's timer and an answer still
     /// to come are cancelled (after `lookup.cancel()` none can arrive).
     private func stopLookingUp() {
@@ -293,12 +302,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             handoffRequest = nil
         }
         cancelTimer()
-        if lookingUp {
-            // Gone before its name was known: the connect line still comes
-            // first, as for every session.
-            stopLookingUp()
-            server.logger.info("\(SessionLog.connect(client))")
-        }
+        connectLineWithoutName()
         if session?.isClosed == false {
             server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))")
             perform(self.session!.disconnected())
@@ -682,6 +686,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// The client half-closed, or the session must end now.
     private func endSession(lost: Bool) {
         guard let context, session != nil else { return }
+        // A client that half-closes in the greeting delay ends here, before
+        // channelInactive: its connect line must come before the "lost".
+        connectLineWithoutName()
         if !session!.isClosed {
             if lost { server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))") }
             perform(session!.disconnected())

@@ -89,6 +89,27 @@ import Testing
         #expect(ran)
     }
 
+    /// A client that leaves during the lookup (a half-close: smtp-listen
+    /// allows those, so the session ends on the EOF, before its channel
+    /// closes) gets the lines of every session, in their order: connect,
+    /// lost connection, disconnect. The "lost" line used to come first.
+    @Test func aClientGoneDuringTheLookupIsLoggedInOrder() throws {
+        let forwarder = try SilentForwarder()
+        let h = try Harness { $0.clientNames = try! Self.names(forwarder: forwarder, lookupTimeout: .seconds(60)) }
+        defer { h.stop() }
+        let gone = try h.client()
+        gone.shutdownWrite()
+        #expect(gone.readToEOF().isEmpty)
+        #expect(h.logs.eventually("disconnect from unknown[127.0.0.1] commands=0"))
+        let lines = h.logs.all
+        let connect = lines.firstIndex { $0.contains("connect from unknown[127.0.0.1]") && !$0.contains("disconnect") }
+        let lost = lines.firstIndex { $0.contains("lost connection after CONNECT from unknown[127.0.0.1]") }
+        let disconnect = lines.firstIndex { $0.contains("disconnect from unknown[127.0.0.1]") }
+        #expect(connect != nil && lost != nil && disconnect != nil)
+        if let connect, let lost, let disconnect { #expect(connect < lost && lost < disconnect, "\(lines)") }
+        #expect(lines.filter { $0.contains("connect from unknown[127.0.0.1]") && !$0.contains("disconnect") }.count == 1)
+    }
+
     /// The greeting waits for the name; a client that talks meanwhile is an
     /// early talker (554), and when the lookup runs out the session goes on
     /// as "unknown".
