@@ -25,7 +25,7 @@ final class Committer: @unchecked Sendable {
     let activeWindow: UInt64
     /// The share of the submitters active lately a delayed batch waits for.
     /// 0.6 rather than 0.4 since 2026-12-01: at 20 sessions 1.024x msg/s
-    /// over 12 rounds with 4.6% less CPU per message (README, "Speed").
+    /// over 12 rounds with 4.6% less CPU per message (bench/HISTORY.md).
     static let siblingShare = 0.6
 
     /// How many urgent submissions a delayed batch waits for with `active`
