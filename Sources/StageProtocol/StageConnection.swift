@@ -275,6 +275,7 @@ public final class StageConnection {
             throw ProtocolError("HELLO: this connection speaks \(current.name), not \(`protocol`.rawValue)")
         }
         decoder.expect(protocol: `protocol`)
+        var refusal: Frame?
         do {
             try send(Frame(.hello, attributes: [("protocol", .text(`protocol`.rawValue)), ("version", .uint(1))] + extra))
         } catch let failed as StageIOError where failed.code == EPIPE || failed.code == ECONNRESET {
@@ -282,13 +283,10 @@ public final class StageConnection {
             // writes its ERROR and closes, possibly before our HELLO
             // arrives: its reason is still ours to read, and says more
             // than "Broken pipe".
-            if let said = try? receive(), said.type == .error,
-               let status = try? said.text("status"), let text = try? said.text("text") {
-                throw PeerError(status: status, text: text)
-            }
-            throw failed
+            guard let said = try? receive(), said.type == .error else { throw failed }
+            refusal = said
         }
-        guard let reply = try receive() else {
+        guard let reply = try refusal ?? receive() else {
             throw ProtocolError("HELLO: the server closed the connection before answering")
         }
         if reply.type == .error {

@@ -118,6 +118,9 @@ def make_config(directory, data_directory, overrides=None):
     settings.update(overrides or {})
     for key, value in settings.items():
         text, count = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {value}", text)
+        if count == 0:
+            # A setting the shipped file shows commented out ("# key = ...").
+            text, count = re.subn(rf"(?m)^# {key}\s*=.*$", f"{key} = {value}", text)
         assert count == 1, f"{key} not found in Config/sealpost.toml"
     path = pathlib.Path(directory) / "sealpost.toml"
     path.write_text(text)
@@ -127,6 +130,16 @@ def make_config(directory, data_directory, overrides=None):
     else:
         (pathlib.Path(directory) / "aliases").write_text("")
     return path
+
+
+def drop_server_certificates(path):
+    """Removes the [[tls.certificates]] tables of a configuration made by
+    make_config, for a pipeline without crypto-negotiate (the benches):
+    with certificates, smtp-listen would wait for it at start and keep
+    trying to reach it."""
+    path = pathlib.Path(path)
+    text = re.sub(r"(?ms)^\[\[tls\.certificates\]\].*?(?=^\[)", "", path.read_text())
+    path.write_text(text.replace("\n[tls]\n", "\n[tls]\ncertificates = []\n", 1))
 
 
 class Pipeline:
