@@ -13,6 +13,7 @@
 
 #if canImport(Glibc)
 import StageRuntime
+import StageProtocol
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
@@ -51,6 +52,21 @@ public enum LocalDeliveryService {
         let aliases = try AliasTable.load(path: config.local.aliasesFile, localDomains: domains)
         return RecipientResolver(users: users(config.local), aliases: aliases, localDomains: domains,
                                  defaultDomain: config.local.domains.first)
+    }
+
+    /// Writes the local recipient table for smtp-listen
+    /// (`LocalRecipientTable.relativePath` under the data directory, after
+    /// the chroot `paths.dataDirectory`). A failure is only a warning:
+    /// delivery goes on, and smtp-listen keeps the table it has (or, with
+    /// none, accepts every local part as before).
+    public static func publishRecipientTable(_ resolver: RecipientResolver, dataDirectory: String, log: DeliveryLog) {
+        let path = dataDirectory.hasSuffix("/") ? dataDirectory + LocalRecipientTable.relativePath
+            : dataDirectory + "/" + LocalRecipientTable.relativePath
+        do {
+            try resolver.recipientTable.write(to: path)
+        } catch {
+            log.warning("local recipient table not written: \(error) (smtp-listen goes on with the table it has)")
+        }
     }
 
     /// A DeliveryLog writing through swift-log (the stage's log handler adds

@@ -11,6 +11,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import StageProtocol
 
 public struct LocalUsers: Sendable, Equatable {
     /// lower-cased name -> canonical spelling
@@ -29,6 +30,9 @@ public struct LocalUsers: Sendable, Equatable {
     }
 
     public var count: Int { names.count }
+
+    /// The names, lower-cased.
+    public var lowercasedNames: Dictionary<String, String>.Keys { names.keys }
 
     /// Every account name in the system's user database (getpwent: files,
     /// and whatever else nsswitch.conf names). Call before chroot.
@@ -104,6 +108,12 @@ public struct RecipientResolver: Sendable {
         self.aliases = aliases
         self.localDomains = Set(localDomains.map { $0.lowercased() })
         self.defaultDomain = (defaultDomain ?? localDomains.sorted().first ?? "localhost").lowercased()
+    }
+
+    /// What smtp-listen may accept at RCPT: every local user and every
+    /// alias (a name `resolve` knows at its first step).
+    public var recipientTable: LocalRecipientTable {
+        LocalRecipientTable(names: Array(users.lowercasedNames) + Array(aliases.entries.keys))
     }
 
     /// Case-insensitive; a trailing dot (an absolute name) is ignored.

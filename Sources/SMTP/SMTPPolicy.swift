@@ -59,6 +59,12 @@ public struct SMTPServerPolicy: Sendable {
     /// (RFC 6532 header fields need SMTPUTF8 transport).
     public var reject8BitHeaders = true
     public var relay = RelayPolicy()
+    /// Whether a local part of a local domain names a mailbox or an alias
+    /// (smtp-listen's view of local-deliver's table); false refuses RCPT
+    /// with 550 5.1.1, as Postfix's local_recipient_maps. Called with the
+    /// local part as it goes to the queue (quoted when it is not a
+    /// dot-string). nil: every local part is accepted.
+    public var isKnownLocalPart: (@Sendable (_ localPart: String) -> Bool)?
     /// Input buffered while a queue or authentication decision is pending;
     /// above this `wantsInput` turns false, above four times this the session
     /// gives up on the connection after the pending reply.
@@ -122,6 +128,11 @@ public struct RelayPolicy: Sendable, Hashable {
 
     public static let relayDenied = SMTPReply(554, "5.7.1", "Relay access denied")
     public static let routingDenied = SMTPReply(554, "5.7.1", "Sender-specified routing not permitted")
+
+    /// Postfix's wording, which administrators grep for.
+    public static func unknownLocalRecipient(_ path: SMTPPath) -> SMTPReply {
+        SMTPReply(550, "5.1.1", "\(path): Recipient address rejected: User unknown in local recipient table")
+    }
 
     public func isLocal(_ domain: String) -> Bool { localDomains.contains(domain.lowercased()) }
 

@@ -757,6 +757,10 @@ public struct SMTPServerSession: Sendable {
         }
         let decision = policy.relay.decide(path, clientTrusted: client.isTrusted, authenticated: authenticatedUser != nil)
         if case .denied(let reply) = decision { return respond("RCPT", reply, detail: envelopeDetail(recipient: path)) }
+        if case .local = decision, let known = policy.isKnownLocalPart, case .mailbox(let mailbox) = path.target,
+           !known(SMTPMailbox.canonicalLocalPart(mailbox.localPart)) {
+            return respond("RCPT", RelayPolicy.unknownLocalRecipient(path), detail: envelopeDetail(recipient: path))
+        }
         transaction!.recipients.append(SMTPRecipient(path: path, parameters: params, relay: decision))
         respond("RCPT", .recipientOk)
     }

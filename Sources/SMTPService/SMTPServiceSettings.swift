@@ -146,6 +146,9 @@ public struct SMTPServiceSettings: Sendable {
     /// Verified client names (reverse DNS, forward-confirmed); nil: every
     /// client is "unknown" (`smtp.client_name_lookup = false`, tests).
     public var clientNames: ClientNames?
+    /// The local parts RCPT accepts in the local domains
+    /// (`smtp.reject_unknown_local_recipients`); nil: all of them.
+    public var localRecipients: LocalRecipients?
 
     public init(hostname: String, injectSocket: String, localDomains: [String] = ["localhost"]) {
         self.hostname = hostname
@@ -223,6 +226,9 @@ public struct SMTPServiceSettings: Sendable {
         p.maxErrors = limits.errors
         p.maxJunkCommands = limits.junkCommands
         p.relay = RelayPolicy(localDomains: Set(localDomains), relayDomains: Set(relayDomains))
+        if let localRecipients {
+            p.isKnownLocalPart = { localRecipients.accepts($0) }
+        }
         // STARTTLS is offered per session while crypto-negotiate is
         // reachable (the session handler sets tlsAvailable). AUTH is
         // decided per client in `policy(for:client:)`; without it a

@@ -25,7 +25,7 @@ struct ConfigParser {
                  "text_line_limit", "error_limit", "junk_command_limit", "client_connection_limit",
                  "client_ipv6_prefix_length", "session_limit", "command_timeout", "data_timeout",
                  "queue_reply_timeout", "queue_restart_wait", "auth_users", "sender_login_match", "event_loops",
-                 "client_name_lookup"],
+                 "client_name_lookup", "reject_unknown_local_recipients"],
         "tls": ConfigParser.tlsKeys,
         "dns": dnsKeys,
         "remote": remoteKeys,

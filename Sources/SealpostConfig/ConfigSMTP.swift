@@ -90,7 +90,8 @@ extension ConfigParser {
             settings.authUsersFile = ConfigPath.resolve(users, relativeTo: directory)
         }
         for (key, path) in [("sender_login_match", \SMTPSettings.senderLoginMatch),
-                            ("client_name_lookup", \SMTPSettings.clientNameLookup)] {
+                            ("client_name_lookup", \SMTPSettings.clientNameLookup),
+                            ("reject_unknown_local_recipients", \SMTPSettings.rejectUnknownLocalRecipients)] {
             guard let value = smtp.value(ofKey: key) else { continue }
             guard let flag = value.bool else {
                 throw smtp.error(key, "expected a boolean (true or false), found \(Self.describe(value.type))")

@@ -244,6 +244,10 @@ public struct SMTPSettings: Sendable, Equatable {
     /// Look up each client's verified name (reverse DNS, confirmed by a
     /// forward lookup), as Postfix's smtpd_peername_lookup.
     public var clientNameLookup: Bool
+    /// Refuse RCPT for a local part of a local domain that is neither a
+    /// local user nor an alias (550 5.1.1, Postfix's local_recipient_maps),
+    /// by the table local-deliver writes.
+    public var rejectUnknownLocalRecipients: Bool
 
     /// The threads smtp-listen runs: `eventLoops`, or when that is 0, half
     /// the cores (at least one). smtp-listen shares the machine with
@@ -276,5 +280,6 @@ public struct SMTPSettings: Sendable, Equatable {
         senderLoginMatch = true
         eventLoops = 0
         clientNameLookup = true
+        rejectUnknownLocalRecipients = true
     }
 }

@@ -5,6 +5,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import StageProtocol
 
 public struct SetupError: Error, CustomStringConvertible {
     public var message: String
@@ -38,8 +39,8 @@ public enum Setup {
     /// The directories under the data directory, with owner and mode. As
     /// root: data 0755 root, run/ the queue's user, group sealpost, 0755,
     /// queue/ the queue's user 0700, mail/ local-deliver's user 0700, log/
-    /// root 0750 (LogSink creates the log file 0640); existing ones are put
-    /// right. Not root: the same directories and modes, owned by the
+    /// root 0750 (LogSink creates the log file 0640), local/ local-deliver's
+    /// user 0755; existing ones are put right. Not root: the same directories and modes, owned by the
     /// invoking user.
     ///
     /// Why run/ belongs to the queue: the queue binds its sockets there
@@ -78,6 +79,15 @@ public enum Setup {
         if let mail = layout.mailDirectory {
             let mailOwner = try user("local-deliver")
             try ensure(mail, mode: 0o700, owner: asRoot ? mailOwner : nil)
+        }
+        // local/: the local recipient table, written by local-deliver alone
+        // and read by smtp-listen. Without a local-deliver stage nothing
+        // writes it: a table left by an earlier pipeline would refuse
+        // recipients that the program delivering now may know.
+        if names.contains("local-deliver") {
+            try ensure(layout.localDirectory, mode: 0o755, owner: asRoot ? try user("local-deliver") : nil)
+        } else if unlink(layout.localRecipientTable) != 0 && errno != ENOENT {
+            throw SetupError(message: "\(SystemError("unlink", path: layout.localRecipientTable))")
         }
         if names.contains("crypto-negotiate") {
             try ensureTLSDirectory(layout.tlsDirectory, owner: asRoot ? try user("crypto-negotiate") : nil)
@@ -172,6 +182,10 @@ public struct DirectoryLayout: Sendable, Equatable {
     }
 
     public var logFile: String { joinPath(logDirectory, "sealpost.log") }
+    /// local-deliver's directory for what it publishes to the other
+    /// stages: the local recipient table.
+    public var localDirectory: String { joinPath(dataDirectory, "local") }
+    public var localRecipientTable: String { joinPath(dataDirectory, LocalRecipientTable.relativePath) }
     /// Certificates and keys for crypto-negotiate (self-signed by default).
     public var tlsDirectory: String { joinPath(dataDirectory, "tls") }
     /// The supervisor's own files, in a directory of root's when it runs as

@@ -30,6 +30,14 @@
 //      (5.4.6); an unknown user is bounced (5.1.1); a failed write (full
 //      disk, quota, I/O error) is deferred (4.x.x) and retried by the queue.
 //
+// FILES
+//      local/recipients   the local recipient table (Pipeline/PROTOCOL.md
+//                    section 8): every local user and alias name, written
+//                    at each start (and so at each reload) once the tables
+//                    loaded and before reporting ready, for smtp-listen,
+//                    which refuses other local parts at RCPT (550 5.1.1).
+//                    A failure to write it is a warning; delivery goes on.
+//
 // SOCKETS
 //      run/deliver   client, protocol `deliver`, transport `local`
 //                    (Pipeline/PROTOCOL.md section 4.3): one connection per
@@ -52,8 +60,8 @@
 //      Started as root by the supervisor, it reads the account database and
 //      the aliases file, then chroots into the data directory and runs as
 //      its own user (SEALPOST_USER), which owns the mailboxes (mail/ under
-//      the data directory must be writable by it). It never runs programs
-//      and never writes outside the mailboxes. Started as another user, it
+//      the data directory must be writable by it) and local/. It never
+//      runs programs and never writes outside the mailboxes and local/. Started as another user, it
 //      runs as that user without chroot.
 //
 // SIGNALS
@@ -160,6 +168,9 @@ let workers = (1...concurrency).map {
                    maximumMessageSize: config.queue.messageSizeLimit + 1_048_576, name: "worker \($0)")
 }
 let signals = LocalDeliveryService.drainOnSIGTERM(workers, log: log)
+// Before the ready byte: once the supervisor retires the instance this one
+// replaces, smtp-listen finds the new tables.
+LocalDeliveryService.publishRecipientTable(resolver, dataDirectory: paths.dataDirectory, log: log)
 if let reload {
     do {
         try reload.reportReady()

@@ -54,6 +54,19 @@
 //      TTL. Nothing is decided on the name. With the name cached (or no
 //      lookup), the 220 goes out as the connection is accepted.
 //
+// RECIPIENTS
+//      With smtp.reject_unknown_local_recipients (the default), RCPT to a
+//      local domain whose local part is neither a local user nor an alias
+//      gets "550 5.1.1 <x@host>: Recipient address rejected: User unknown
+//      in local recipient table" (user+ext counts as user; postmaster is
+//      always accepted). The names come from local/recipients under the
+//      data directory, which local-deliver writes at each start and reload
+//      (Pipeline/PROTOCOL.md section 8); smtp-listen looks at it at start
+//      and then once a second, and loads a new one (logged: "local
+//      recipient table loaded: N names from PATH"). Without the file every
+//      local part is accepted; one that does not load leaves the table in
+//      use (a warning says why).
+//
 // DESCRIPTORS
 //      Listening sockets are either inherited or bound here:
 //      - socket activation (the systemd convention, sd_listen_fds(3)):
@@ -166,6 +179,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import SMTPService
+import StageProtocol
 import SealpostConfig
 import StageRuntime
 
@@ -268,6 +282,15 @@ if config.smtp.clientNameLookup {
     }
 }
 
+// Unknown local recipients (RECIPIENTS above): local-deliver's table, read
+// after the chroot.
+if config.smtp.rejectUnknownLocalRecipients {
+    let path = paths.dataDirectory.hasSuffix("/") ? paths.dataDirectory + LocalRecipientTable.relativePath
+        : paths.dataDirectory + "/" + LocalRecipientTable.relativePath
+    settings.localRecipients = LocalRecipients(path: path, info: { logger.info("\($0)") },
+                                               warning: { logger.warning("\($0)") })
+}
+
 let group = MultiThreadedEventLoopGroup(numberOfThreads: config.smtp.eventLoopThreads(cores: System.coreCount))
 // The lines of a tick (connects, queue IDs and disconnects of all the
 // sessions it served) go out in one write, not one each.
@@ -296,6 +319,7 @@ do {
     StageRuntime.fatal("\(error)", exit: .noPerm)
 }
 
+settings.localRecipients?.watch()
 server.startAccepting()
 
 var received: Int32 = 0

@@ -57,8 +57,11 @@
 //     "sealpost-NAME" per stage when missing, the directories DATA (0755
 //     root), DATA/run (sealpost-queue:sealpost 0755: only the queue and
 //     root create sockets there), DATA/queue (sealpost-queue 0700),
-//     DATA/mail (sealpost-local-deliver 0700), DATA/log (0750 root: the
-//     log names every address, no stage may read it),
+//     DATA/mail (sealpost-local-deliver 0700), DATA/local
+//     (sealpost-local-deliver 0755: the local recipient table it writes
+//     for smtp-listen; without a local-deliver stage a table left there
+//     is removed), DATA/log (0750 root: the log names every address, no
+//     stage may read it),
 //     and starts the stages as root: each drops to its own user (and
 //     chroots) itself, after the setup only root can do. Not root, it
 //     creates the same directories owned by the invoking user. It parses

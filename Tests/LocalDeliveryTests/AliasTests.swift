@@ -143,6 +143,20 @@ private func parseError(_ text: String) -> AliasError? {
                                      aliases: aliases, localDomains: ["localhost", "example.org"])
     }
 
+    @Test func theRecipientTableHoldsTheUsersAndTheAliases() throws {
+        let table = resolver.recipientTable
+        #expect(table.names == ["root", "alice", "bob", "carol", "postmaster", "staff", "team", "owner-list+x", "selfloop", "ghost"])
+        // Whatever resolves is accepted at RCPT; an unknown name is not.
+        for local in ["alice", "BOB", "alice+lists", "staff+x", "owner-list+x", "team", "postmaster", "root+x"] {
+            #expect(!(try resolver.resolve("\(local)@localhost")).isEmpty)
+            #expect(table.accepts(localPart: local), "\(local)")
+        }
+        for local in ["dave", "+alice", "owner-list", "nobody"] {
+            #expect(throws: DeliveryError.self) { try resolver.resolve("\(local)@localhost") }
+            #expect(!table.accepts(localPart: local), "\(local)")
+        }
+    }
+
     @Test func user() throws {
         #expect(try resolver.resolve("alice@localhost") == [.mailbox(user: "alice", address: "alice@localhost")])
         // Case-insensitive lookups; the mailbox keeps the account's spelling.

@@ -183,3 +183,49 @@ let authPolicy = policy { $0.auth = .always }
         #expect(t.codes.last == "250 2.1.5")
     }
 }
+
+/// Unknown local recipients (Postfix's local_recipient_maps): the session
+/// asks `isKnownLocalPart` for recipients in local domains only.
+@Suite struct UnknownLocalRecipients {
+    static let known: Set<String> = ["bob", "\"john doe\"", "list"]
+    let table = policy { $0.isKnownLocalPart = { UnknownLocalRecipients.known.contains($0) } }
+
+    @Test func anUnknownLocalPartIsRefusedWith550() {
+        var d = Driver(table)
+        d.send("EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<nobody-here@example.org>\r\nRCPT TO:<bob@example.org>\r\n")
+        #expect(d.codes.suffix(2) == ["550 5.1.1", "250 2.1.5"])
+        #expect(d.replies.contains("550 5.1.1 <nobody-here@example.org>: Recipient address rejected: User unknown in local recipient table\r\n"))
+        #expect(d.logs.contains { if case .rejected(command: "RCPT", _, let detail) = $0 { return detail.contains("to=<nobody-here@example.org>") } else { return false } })
+        d.send("DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+        #expect(d.envelopes.count == 1)
+        #expect(d.envelopes[0].recipients.map(\.address) == ["bob@example.org"])
+    }
+
+    @Test func theLocalPartIsAskedAsItGoesToTheQueue() {
+        // Quoted when it is not a dot-string, as local-deliver will see it.
+        var d = Driver(table)
+        d.send("EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<\"john doe\"@example.org>\r\nRCPT TO:<\"bob\"@example.org>\r\n")
+        #expect(d.codes.suffix(2) == ["250 2.1.5", "250 2.1.5"])
+    }
+
+    @Test func otherDomainsAndPostmasterAreNotAsked() {
+        var d = Driver(table, client: loopback)
+        d.send("EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<anyone@elsewhere.example>\r\nRCPT TO:<anyone@relay.example>\r\nRCPT TO:<postmaster>\r\n")
+        #expect(d.codes.suffix(3) == ["250 2.1.5", "250 2.1.5", "250 2.1.5"])
+    }
+
+    @Test func withoutATableEveryLocalPartIsAccepted() {
+        var d = Driver()
+        d.send("EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<nobody-here@example.org>\r\n")
+        #expect(d.codes.last == "250 2.1.5")
+    }
+
+    @Test func refusalsCountAsErrors() {
+        var d = Driver(policy {
+            $0.isKnownLocalPart = { _ in false }
+            $0.maxErrors = 2
+        })
+        d.send("EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\n")
+        #expect(d.codes.suffix(3) == ["550 5.1.1", "550 5.1.1", "421 4.7.0"])
+    }
+}

@@ -15,6 +15,7 @@ import pwd
 import re
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import tempfile
@@ -70,6 +71,17 @@ def wait_until(predicate, timeout, what, interval=0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def connect_smtp(port):
+    """An smtplib client of smtp-listen on loopback `port` (EHLO name
+    client.e2e.test), once it accepts connections."""
+    def attempt():
+        try:
+            return smtplib.SMTP("127.0.0.1", port, local_hostname="client.e2e.test", timeout=60)
+        except OSError:
+            return None
+    return wait_until(attempt, 60, f"smtp-listen on port {port}")
 
 
 def as_user(user, command, groups="clear"):

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import Pipeline, executable, local_user, parse_message, port_of, require_build, wait_until
+from conftest import Pipeline, connect_smtp, executable, local_user, parse_message, port_of, require_build, wait_until
 
 PASSWORD = "correct horse battery"
 
@@ -23,14 +23,6 @@ def add_user(pipe, name, password, *extra):
     return subprocess.run([executable("sealpost"), "user", "add", *extra, name], input=password + "\n",
                           env=pipe.env(), capture_output=True, text=True, timeout=60)
 
-
-def connect(port):
-    def attempt():
-        try:
-            return smtplib.SMTP("127.0.0.1", port, local_hostname="client.e2e.test", timeout=60)
-        except OSError:
-            return None
-    return wait_until(attempt, 60, f"smtp-listen on port {port}")
 
 
 def login(client, mechanism, user="alice", password=PASSWORD):
@@ -150,7 +142,7 @@ def test_plain_and_login_relay_and_local_delivery(auth_pipeline):
     pipe = auth_pipeline
     submission = port_of(pipe, "submission")
     user = local_user()
-    with connect(submission) as client:
+    with connect_smtp(submission) as client:
         code, _ = login(client, "PLAIN")
         assert code == 235
         # Relaying to a remote domain is allowed once authenticated.
@@ -163,7 +155,7 @@ def test_plain_and_login_relay_and_local_delivery(auth_pipeline):
     received = message.get_all("Received")
     assert any("with ESMTPA" in value for value in received), received
 
-    with connect(submission) as client:
+    with connect_smtp(submission) as client:
         code, _ = login(client, "LOGIN")
         assert code == 235
         code, _ = client.mail("alice@localhost")
@@ -178,7 +170,7 @@ def test_plain_and_login_relay_and_local_delivery(auth_pipeline):
 def test_wrong_password_and_unknown_user_get_535(auth_pipeline):
     submission = port_of(auth_pipeline, "submission")
     for user, password in (("alice", "wrong"), ("mallory", PASSWORD)):
-        with connect(submission) as client:
+        with connect_smtp(submission) as client:
             with pytest.raises(smtplib.SMTPAuthenticationError) as failure:
                 login(client, "PLAIN", user, password)
             assert failure.value.smtp_code == 535
@@ -189,14 +181,14 @@ def test_wrong_password_and_unknown_user_get_535(auth_pipeline):
 
 def test_without_authentication_relay_is_refused(auth_pipeline):
     pipe = auth_pipeline
-    with connect(port_of(pipe, "listen")) as client:
+    with connect_smtp(port_of(pipe, "listen")) as client:
         client.ehlo()
         assert "auth" not in client.esmtp_features   # AUTH only on submission
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
             client.sendmail("x@remote.example", ["someone@remote.example"], b"Subject: relay\r\n\r\nno\r\n")
         code, text = refused.value.recipients["someone@remote.example"]
         assert (code, text) == (554, b"5.7.1 Relay access denied")
-    with connect(port_of(pipe, "submission")) as client:
+    with connect_smtp(port_of(pipe, "submission")) as client:
         client.ehlo()
         assert "PLAIN" in client.esmtp_features["auth"]
         code, text = client.mail("alice@localhost")
@@ -204,7 +196,7 @@ def test_without_authentication_relay_is_refused(auth_pipeline):
 
 
 def test_sender_must_belong_to_the_user(auth_pipeline):
-    with connect(port_of(auth_pipeline, "submission")) as client:
+    with connect_smtp(port_of(auth_pipeline, "submission")) as client:
         login(client, "PLAIN")
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
             client.sendmail("bob@localhost", ["someone@remote.example"], b"Subject: forged\r\n\r\nno\r\n")

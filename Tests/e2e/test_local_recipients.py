@@ -1,0 +1,103 @@
+"""Unknown local recipients are refused at RCPT, not bounced later.
+
+local-deliver, which alone reads the accounts and the aliases file, writes
+the local recipient table (local/recipients under the data directory) when
+it starts and at each reload; smtp-listen, chrooted into the same data
+directory as another user, reads it and refuses a local part that is
+neither a user nor an alias with Postfix's 550 5.1.1. A message to an
+unknown user from the network used to be accepted and bounced, most often
+to a forged sender (backscatter)."""
+
+import os
+import pwd
+import re
+import signal
+import stat
+
+from conftest import IS_ROOT, Pipeline, connect_smtp, free_tcp_port, require_build, running, wait_until
+
+STAGES = "queue queue\nsmtp-listen smtp-listen\nlocal-deliver local-deliver\n"
+
+
+
+def rcpt_replies(port, recipients):
+    with connect_smtp(port) as client:
+        client.ehlo()
+        assert client.mail("sender@example.org")[0] == 250
+        return {r: client.rcpt(r) for r in recipients}
+
+
+def test_unknown_local_recipients_get_550_and_a_reload_brings_new_aliases(workdir):
+    require_build("queue", "smtp-listen", "local-deliver")
+    port = free_tcp_port()
+    pipe = Pipeline(workdir, stages=STAGES, config_overrides={
+        "listen": f'["127.0.0.1:{port}"]', "accounts": '"listed"', "users": '["alpha"]'})
+    aliases = workdir / "aliases"
+    aliases.write_text("team: alpha\n")
+    with running(pipe):
+        # "alpha", "team" and nothing else: "postmaster" is always accepted.
+        pipe.log_with(re.compile(r"smtp-listen\[\d+\]: local recipient table loaded: 2 names from \S*local/recipients"))
+        table = pipe.data / "local" / "recipients"
+        assert table.read_text() == "sealpost-local-recipients 1\nalpha\nteam\n"
+        info = os.stat(table)
+        assert stat.S_IMODE(info.st_mode) == 0o644
+        if IS_ROOT:
+            # Written by local-deliver's user, read by smtp-listen's.
+            assert pwd.getpwuid(info.st_uid).pw_name == "sealpost-local-deliver"
+            assert pwd.getpwuid(os.stat(table.parent).st_uid).pw_name == "sealpost-local-deliver"
+
+        replies = rcpt_replies(port, ["nobody-e2e@localhost", "ALPHA+news@localhost", "team@localhost",
+                                      "postmaster@localhost", "someone@remote.example"])
+        assert replies["nobody-e2e@localhost"] == (
+            550, b"5.1.1 <nobody-e2e@localhost>: Recipient address rejected: User unknown in local recipient table")
+        assert replies["ALPHA+news@localhost"][0] == 250
+        assert replies["team@localhost"][0] == 250
+        assert replies["postmaster@localhost"][0] == 250
+        # Not a local domain: relay control decides (the client is trusted).
+        assert replies["someone@remote.example"][0] == 250
+        pipe.log_with(re.compile(r"smtp-listen\[\d+\]: NOQUEUE: reject: RCPT from \S+\[127\.0\.0\.1\]: 550 5\.1\.1 "
+                                 r"<nobody-e2e@localhost>: Recipient address rejected: User unknown in local recipient "
+                                 r"table; from=<sender@example\.org> to=<nobody-e2e@localhost>"))
+
+        # A message with one known and one unknown recipient goes to the
+        # known one only, and nothing bounces.
+        with connect_smtp(port) as client:
+            refused = client.sendmail("sender@example.org", ["alpha@localhost", "nobody-e2e@localhost"],
+                                      b"Subject: half known\r\n\r\nhi\r\n")
+        assert refused == {"nobody-e2e@localhost": (550, b"5.1.1 <nobody-e2e@localhost>: Recipient address rejected: "
+                                                         b"User unknown in local recipient table")}
+        wait_until(lambda: pipe.delivered("alpha"), 60, "the message in alpha's Maildir")
+
+        # A new alias, a reload: the new local-deliver writes the table and
+        # smtp-listen, which cannot read the aliases file, takes it.
+        aliases.write_text("team: alpha\nsales: alpha\n")
+        os.kill(pipe.process.pid, signal.SIGHUP)
+        pipe.log_with(re.compile(r"local-deliver\[\d+\]: reloaded \(SIGHUP\)"),
+                      re.compile(r"smtp-listen\[\d+\]: local recipient table loaded: 3 names"), timeout=60)
+        assert rcpt_replies(port, ["sales@localhost"])["sales@localhost"][0] == 250
+        assert "status=bounced" not in pipe.log_text()
+
+
+def test_without_local_deliver_a_table_left_behind_is_removed_and_every_local_part_accepted(workdir):
+    require_build("queue", "smtp-listen")
+    port = free_tcp_port()
+    pipe = Pipeline(workdir, stages="queue queue\nsmtp-listen smtp-listen\n",
+                    config_overrides={"listen": f'["127.0.0.1:{port}"]'})
+    (pipe.data / "local").mkdir(parents=True)
+    (pipe.data / "local" / "recipients").write_text("sealpost-local-recipients 1\nalpha\n")
+    with running(pipe):
+        pipe.log_with(re.compile(r"smtp-listen\[\d+\]: no local recipient table at \S+ yet"))
+        assert not (pipe.data / "local" / "recipients").exists()
+        assert rcpt_replies(port, ["nobody-e2e@localhost"])["nobody-e2e@localhost"][0] == 250
+
+
+def test_the_check_can_be_turned_off(workdir):
+    require_build("queue", "smtp-listen", "local-deliver")
+    port = free_tcp_port()
+    pipe = Pipeline(workdir, stages=STAGES, config_overrides={
+        "listen": f'["127.0.0.1:{port}"]', "accounts": '"listed"', "users": '["alpha"]',
+        "reject_unknown_local_recipients": "false"})
+    with running(pipe):
+        wait_until(lambda: (pipe.data / "local" / "recipients").exists(), 60, "local-deliver's table")
+        assert rcpt_replies(port, ["nobody-e2e@localhost"])["nobody-e2e@localhost"][0] == 250
+        assert "local recipient table" not in pipe.log_text()
