@@ -13,13 +13,13 @@
 
 #if canImport(Glibc)
 import StageRuntime
-import StageProtocol
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
 import Logging
 import SealpostConfig
+import StageProtocol
 
 public enum LocalDeliveryService {
     /// Workers (connections to the queue, each with one job at a time) when

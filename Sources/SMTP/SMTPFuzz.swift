@@ -41,6 +41,8 @@ public enum SMTPFuzz {
         }
         policy.maxErrors = flags & 32 != 0 ? 3 : 50
         policy.relay = RelayPolicy(localDomains: ["example.org"], relayDomains: ["relay.example"])
+        // The unknown-recipient refusal (no seed sends to such a name).
+        policy.isKnownLocalPart = { !$0.lowercased().hasPrefix("unknown") }
         let client = SMTPClientInfo(address: "192.0.2.1", isTrusted: flags & 64 != 0)
         var session = SMTPServerSession(policy: policy, client: client)
         var checker = InvariantChecker(maxMessageSize: policy.maxMessageSize)
