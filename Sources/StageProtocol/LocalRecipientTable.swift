@@ -133,7 +133,9 @@ public struct LocalRecipientTable: Sendable, Equatable {
 
     /// The table at `path`; nil when there is no file.
     public static func read(from path: String) throws(LocalRecipientTableError) -> LocalRecipientTable? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        // O_NONBLOCK: a FIFO put in its place (the directory is another
+        // stage's) must not hang the reader; fstat then refuses it.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         if fd < 0 {
             if errno == ENOENT { return nil }
             throw .init("cannot open \(path): \(String(cString: strerror(errno)))")

@@ -100,5 +100,8 @@ import Testing
         #expect(unlink(path) == 0 && mkdir(path, 0o755) == 0)
         #expect { try LocalRecipientTable.read(from: path) } throws: { "\($0)".contains("not a regular file") }
         #expect(throws: LocalRecipientTableError.self) { try LocalRecipientTable(names: ["x"]).write(to: path) }
+        // A FIFO in its place is refused at once, not waited on.
+        #expect(rmdir(path) == 0 && mkfifo(path, 0o644) == 0)
+        #expect { try LocalRecipientTable.read(from: path) } throws: { "\($0)".contains("not a regular file") }
     }
 }
