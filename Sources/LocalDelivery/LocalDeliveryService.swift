@@ -54,6 +54,19 @@ public enum LocalDeliveryService {
                                  defaultDomain: config.local.domains.first)
     }
 
+    /// A warning for the log when mail to postmaster, which smtp-listen
+    /// always accepts (RFC 5321 section 4.5.1), would bounce: no alias or
+    /// user of that name, and no root to fall back to.
+    public static func postmasterWarning(_ resolver: RecipientResolver, aliasesFile: String) -> String? {
+        do {
+            _ = try resolver.resolve("postmaster")
+            return nil
+        } catch {
+            return "mail to postmaster is accepted but cannot be delivered (\(error.text)):"
+                + " add a line \"postmaster: USER\" to \(aliasesFile)"
+        }
+    }
+
     /// Writes the local recipient table for smtp-listen
     /// (`LocalRecipientTable.relativePath` under the data directory, after
     /// the chroot `paths.dataDirectory`). A failure is only a warning:

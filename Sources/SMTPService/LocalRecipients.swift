@@ -79,7 +79,13 @@ public final class LocalRecipients: Sendable {
                 // Gone between the stat and the open: the next look decides.
                 return
             }
-            state.withLockedValue { $0.table = table; $0.identity = current; $0.looked = true }
+            // The old table is freed after the lock, not under it: a large
+            // one takes a while, and sessions' RCPTs wait for the lock.
+            let old = state.withLockedValue { state -> LocalRecipientTable? in
+                defer { state.table = table; state.identity = current; state.looked = true }
+                return state.table
+            }
+            withExtendedLifetime(old) {}
             info("local recipient table loaded: \(table.count) names from \(path)")
         } catch {
             // Not tried again until the file changes.

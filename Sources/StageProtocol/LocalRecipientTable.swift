@@ -21,7 +21,9 @@ public struct LocalRecipientTable: Sendable, Equatable {
     public static let header = "sealpost-local-recipients 1"
     /// Where the table lives, relative to the data directory.
     public static let relativePath = "local/recipients"
-    public static let maximumFileSize = 64 << 20
+    /// About a million names: more than any account database a host
+    /// enumerates, and a bound on what the reader allocates.
+    public static let maximumFileSize = 16 << 20
     /// Longer than any local part SMTP carries (RFC 5321: 64 octets), for
     /// alias names; a longer name could never be looked up.
     public static let maximumNameLength = 1024
@@ -105,11 +107,15 @@ public struct LocalRecipientTable: Sendable, Equatable {
     /// again at each start of local-deliver.
     public func write(to path: String) throws(LocalRecipientTableError) {
         let temporary = path + ".new"
+        let bytes = encoded()
+        guard bytes.count <= Self.maximumFileSize else {
+            // Written, smtp-listen would refuse it whole.
+            throw .init("\(count) names take \(bytes.count) bytes, more than the \(Self.maximumFileSize) a reader takes")
+        }
         unlink(temporary)   // left by a writer that died; we own the directory
         let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o644)
         guard fd >= 0 else { throw .init("cannot create \(temporary): \(String(cString: strerror(errno)))") }
         var failure: String?
-        let bytes = encoded()
         var offset = 0
         if fchmod(fd, 0o644) != 0 { failure = "cannot set the mode of \(temporary): \(String(cString: strerror(errno)))" }
         while failure == nil && offset < bytes.count {

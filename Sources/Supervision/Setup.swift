@@ -52,8 +52,11 @@ public enum Setup {
     /// (run/inject, and smtp-listen's mail would go to it). The group
     /// (sealpost, which every stage's user is in) is what the queue gives
     /// its deliver socket and crypto-negotiate its socket.
+    /// Returns warnings for the log.
+    @discardableResult
     public static func ensureDirectories(_ layout: DirectoryLayout, stages: [StageDefinition],
-                                         asRoot: Bool) throws(SetupError) {
+                                         asRoot: Bool) throws(SetupError) -> [String] {
+        var warnings: [String] = []
         let names = Set(stages.map(\.name))
         func user(_ stage: String) throws(SetupError) -> (uid_t, gid_t) {
             guard asRoot, names.contains(stage) else { return (0, 0) }
@@ -81,20 +84,26 @@ public enum Setup {
             try ensure(mail, mode: 0o700, owner: asRoot ? mailOwner : nil)
         }
         // local/: the local recipient table, written by local-deliver alone
-        // and read by smtp-listen. Without a local-deliver stage nothing
-        // writes it: a table left by an earlier pipeline would refuse
-        // recipients that the program delivering now may know.
-        // Whatever stops the unlink (the name made a directory by that
-        // stage's user) does not stop the pipeline: smtp-listen loads only
-        // a regular file.
+        // and read by smtp-listen. Each start begins without one: a table
+        // of an earlier run would refuse at RCPT a user or alias added
+        // since (a permanent 550) until local-deliver, which may be slow
+        // to start or not start at all, writes the new one; without a
+        // table smtp-listen accepts every local part meanwhile. Without a
+        // local-deliver stage nothing writes it again.
         if names.contains("local-deliver") {
             try ensure(layout.localDirectory, mode: 0o755, owner: asRoot ? try user("local-deliver") : nil)
-        } else {
-            unlink(layout.localRecipientTable)
+        }
+        for path in [layout.localRecipientTable, layout.localRecipientTable + ".new"] {
+            guard unlink(path) != 0 else { continue }
+            let error = errno
+            if error == ENOENT { continue }
+            warnings.append("warning: cannot remove \(path) left by an earlier run: \(String(cString: strerror(error)))"
+                            + " (smtp-listen uses it until local-deliver writes a new one)")
         }
         if names.contains("crypto-negotiate") {
             try ensureTLSDirectory(layout.tlsDirectory, owner: asRoot ? try user("crypto-negotiate") : nil)
         }
+        return warnings
     }
 
     /// tls/ (the self-signed certificates Pipeline/start creates): the

@@ -171,6 +171,9 @@ let signals = LocalDeliveryService.drainOnSIGTERM(workers, log: log)
 // Before the ready byte: once the supervisor retires the instance this one
 // replaces, smtp-listen finds the new tables.
 LocalDeliveryService.publishRecipientTable(resolver, dataDirectory: paths.dataDirectory, log: log)
+if let warning = LocalDeliveryService.postmasterWarning(resolver, aliasesFile: config.local.aliasesFile) {
+    log.warning(warning)
+}
 if let reload {
     do {
         try reload.reportReady()

@@ -59,8 +59,8 @@
 //     root create sockets there), DATA/queue (sealpost-queue 0700),
 //     DATA/mail (sealpost-local-deliver 0700), DATA/local
 //     (sealpost-local-deliver 0755: the local recipient table it writes
-//     for smtp-listen; without a local-deliver stage a table left there
-//     is removed), DATA/log (0750 root: the log names every address, no
+//     for smtp-listen; a table left there by an earlier run is removed,
+//     and local-deliver writes a new one), DATA/log (0750 root: the log names every address, no
 //     stage may read it),
 //     and starts the stages as root: each drops to its own user (and
 //     chroots) itself, after the setup only root can do. Not root, it
@@ -236,7 +236,7 @@ let log = LogSink(path: layout.logFile, hostname: configuration.hostname, echo: 
 var created: [String] = []
 do {
     if asRoot { created = try Setup.ensureUsers(for: stages) }
-    try Setup.ensureDirectories(layout, stages: stages, asRoot: asRoot)
+    created += try Setup.ensureDirectories(layout, stages: stages, asRoot: asRoot)
     try log.open()
 } catch {
     fail("\(error)", .osErr)

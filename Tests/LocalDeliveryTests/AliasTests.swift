@@ -157,6 +157,16 @@ private func parseError(_ text: String) -> AliasError? {
         }
     }
 
+    @Test func aPostmasterWithoutMailboxIsWarnedAbout() throws {
+        #expect(LocalDeliveryService.postmasterWarning(resolver, aliasesFile: "/etc/aliases") == nil)
+        let bare = RecipientResolver(users: LocalUsers(names: ["alice"]), aliases: AliasTable(), localDomains: ["localhost"])
+        #expect(LocalDeliveryService.postmasterWarning(bare, aliasesFile: "/etc/aliases")
+                == "mail to postmaster is accepted but cannot be delivered (unknown user: \"postmaster\"): add a line \"postmaster: USER\" to /etc/aliases")
+        // root stands in for a missing postmaster.
+        let root = RecipientResolver(users: LocalUsers(names: ["root"]), aliases: AliasTable(), localDomains: ["localhost"])
+        #expect(LocalDeliveryService.postmasterWarning(root, aliasesFile: "/etc/aliases") == nil)
+    }
+
     @Test func user() throws {
         #expect(try resolver.resolve("alice@localhost") == [.mailbox(user: "alice", address: "alice@localhost")])
         // Case-insensitive lookups; the mailbox keeps the account's spelling.

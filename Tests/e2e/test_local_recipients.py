@@ -78,7 +78,27 @@ def test_unknown_local_recipients_get_550_and_a_reload_brings_new_aliases(workdi
         assert "status=bounced" not in pipe.log_text()
 
 
-def test_without_local_deliver_a_table_left_behind_is_removed_and_every_local_part_accepted(workdir):
+def test_a_table_left_by_an_earlier_run_is_never_used(workdir):
+    """A user added while Sealpost was stopped must not get a 550 from the
+    last run's table: the supervisor removes it at start, and smtp-listen
+    accepts every local part until local-deliver writes the new one. Here
+    local-deliver cannot start at all (its aliases file is malformed), so
+    the old table would be used for as long as that lasts."""
+    require_build("queue", "smtp-listen", "local-deliver")
+    port = free_tcp_port()
+    pipe = Pipeline(workdir, stages=STAGES, config_overrides={
+        "listen": f'["127.0.0.1:{port}"]', "accounts": '"listed"', "users": '["alpha", "beta"]'})
+    (workdir / "aliases").write_text("broken line without a colon\n")
+    (pipe.data / "local").mkdir(parents=True)
+    (pipe.data / "local" / "recipients").write_text("sealpost-local-recipients 1\nalpha\n")
+    with running(pipe):
+        pipe.log_with(re.compile(r"smtp-listen\[\d+\]: no local recipient table at \S+ yet"),
+                      re.compile(r"stage local-deliver \(pid \d+\) exited with status 78"))
+        assert not (pipe.data / "local" / "recipients").exists()
+        assert rcpt_replies(port, ["beta@localhost"])["beta@localhost"][0] == 250
+
+
+def test_without_local_deliver_every_local_part_is_accepted(workdir):
     require_build("queue", "smtp-listen")
     port = free_tcp_port()
     pipe = Pipeline(workdir, stages="queue queue\nsmtp-listen smtp-listen\n",
