@@ -59,9 +59,6 @@ public final class LocalRecipients: Sendable {
         return table.accepts(localPart: localPart)
     }
 
-    /// The table in use (nil: none yet).
-    public var table: LocalRecipientTable? { state.withLockedValue { $0.table } }
-
     /// Loads the file if it changed since the last look.
     public func refresh() {
         let current = FileIdentity(path: path)
