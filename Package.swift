@@ -151,7 +151,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], linkerSettings: staticSwiftRuntime),
         .executableTarget(name: "smtp-listen", dependencies: [
-            "SMTPService", "DNS", "StageProtocol", "StageRuntime", "SealpostConfig",
+            "SMTPService", "DNS", "StageRuntime", "SealpostConfig",
         ], linkerSettings: staticSwiftRuntime),
         .executableTarget(name: "crypto-negotiate", dependencies: [
             "CryptoNegotiation", "StageRuntime", "SealpostConfig",

@@ -67,14 +67,11 @@ public enum LocalDeliveryService {
         }
     }
 
-    /// Writes the local recipient table for smtp-listen
-    /// (`LocalRecipientTable.relativePath` under the data directory, after
-    /// the chroot `paths.dataDirectory`). A failure is only a warning:
+    /// Writes the local recipient table for smtp-listen at `path`
+    /// (`RuntimePaths.localRecipientTable`). A failure is only a warning:
     /// delivery goes on, and smtp-listen keeps the table it has (or, with
     /// none, accepts every local part as before).
-    public static func publishRecipientTable(_ resolver: RecipientResolver, dataDirectory: String, log: DeliveryLog) {
-        let path = dataDirectory.hasSuffix("/") ? dataDirectory + LocalRecipientTable.relativePath
-            : dataDirectory + "/" + LocalRecipientTable.relativePath
+    public static func publishRecipientTable(_ resolver: RecipientResolver, path: String, log: DeliveryLog) {
         do {
             try resolver.recipientTable.write(to: path)
         } catch {

@@ -43,6 +43,9 @@ public struct SealpostConfiguration: Sendable {
     public var spoolDirectory: String
     /// data/log
     public var logDirectory: String
+    /// data/local/recipients: the local recipient table local-deliver
+    /// writes for smtp-listen (PROTOCOL.md section 8)
+    public var localRecipientTable: String
     /// data/run/tls: crypto-negotiate's socket (PROTOCOL.md section 4.5)
     public var tlsSocket: String { ConfigPath.join(runtimeDirectory, "tls") }
     /// data/tls: where Pipeline/start puts the self-signed certificates
@@ -71,6 +74,7 @@ public struct SealpostConfiguration: Sendable {
         self.controlSocket = ""
         self.spoolDirectory = ""
         self.logDirectory = ""
+        self.localRecipientTable = ""
         self.tls = TLSSettings(tlsDirectory: ConfigPath.join(dataDirectory, "tls"))
         deriveDataPaths()
     }
@@ -84,6 +88,7 @@ public struct SealpostConfiguration: Sendable {
         controlSocket = ConfigPath.join(runtimeDirectory, "control")
         spoolDirectory = ConfigPath.join(dataDirectory, "queue")
         logDirectory = ConfigPath.join(dataDirectory, "log")
+        localRecipientTable = ConfigPath.join(ConfigPath.join(dataDirectory, "local"), "recipients")
     }
 
     /// Reads and validates the configuration file at `path`. Errors name

@@ -19,8 +19,6 @@ import Glibc
 public struct LocalRecipientTable: Sendable, Equatable {
     /// The first line of the file: the format and its version.
     public static let header = "sealpost-local-recipients 1"
-    /// Where the table lives, relative to the data directory.
-    public static let relativePath = "local/recipients"
     /// About a million names: more than any account database a host
     /// enumerates, and a bound on what the reader allocates.
     public static let maximumFileSize = 16 << 20

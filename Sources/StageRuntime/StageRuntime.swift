@@ -233,7 +233,7 @@ public struct PrivilegeError: Error, CustomStringConvertible {
 /// the same rebased to "/" when the stage chrooted into the data directory.
 public struct RuntimePaths: Sendable, Equatable {
     public var dataDirectory, runtimeDirectory, injectSocket,
-               deliverSocket, controlSocket, spoolDirectory: String
+               deliverSocket, controlSocket, spoolDirectory, localRecipientTable: String
 
     public init(_ config: SealpostConfiguration) {
         dataDirectory = config.dataDirectory
@@ -242,6 +242,7 @@ public struct RuntimePaths: Sendable, Equatable {
         deliverSocket = config.deliverSocket
         controlSocket = config.controlSocket
         spoolDirectory = config.spoolDirectory
+        localRecipientTable = config.localRecipientTable
     }
 
     /// The same paths with the data directory replaced by `root`.
@@ -259,6 +260,7 @@ public struct RuntimePaths: Sendable, Equatable {
         copy.deliverSocket = rebase(deliverSocket)
         copy.controlSocket = rebase(controlSocket)
         copy.spoolDirectory = rebase(spoolDirectory)
+        copy.localRecipientTable = rebase(localRecipientTable)
         return copy
     }
 

@@ -5,7 +5,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import StageProtocol
 
 public struct SetupError: Error, CustomStringConvertible {
     public var message: String
@@ -93,12 +92,9 @@ public enum Setup {
         if names.contains("local-deliver") {
             try ensure(layout.localDirectory, mode: 0o755, owner: asRoot ? try user("local-deliver") : nil)
         }
-        for path in [layout.localRecipientTable, layout.localRecipientTable + ".new"] {
-            guard unlink(path) != 0 else { continue }
-            let error = errno
-            if error == ENOENT { continue }
-            warnings.append("warning: cannot remove \(path) left by an earlier run: \(String(cString: strerror(error)))"
-                            + " (smtp-listen uses it until local-deliver writes a new one)")
+        if unlink(layout.localRecipientTable) != 0, case let error = errno, error != ENOENT {
+            warnings.append("warning: cannot remove \(layout.localRecipientTable) left by an earlier run: "
+                            + "\(String(cString: strerror(error))) (smtp-listen uses it until local-deliver writes a new one)")
         }
         if names.contains("crypto-negotiate") {
             try ensureTLSDirectory(layout.tlsDirectory, owner: asRoot ? try user("crypto-negotiate") : nil)
@@ -178,6 +174,8 @@ public struct DirectoryLayout: Sendable, Equatable {
     public var runtimeDirectory: String
     public var spoolDirectory: String
     public var logDirectory: String
+    /// The local recipient table local-deliver writes for smtp-listen.
+    public var localRecipientTable: String
     /// The directory that holds the users' mailboxes (the mailbox template up
     /// to "{user}"), nil when the template starts with "{user}" or is
     /// absolute (mailboxes outside the data directory, such as
@@ -185,19 +183,21 @@ public struct DirectoryLayout: Sendable, Equatable {
     public var mailDirectory: String?
 
     public init(dataDirectory: String, runtimeDirectory: String, spoolDirectory: String,
-                logDirectory: String, mailboxTemplate: String) {
+                logDirectory: String, localRecipientTable: String, mailboxTemplate: String) {
         self.dataDirectory = dataDirectory
         self.runtimeDirectory = runtimeDirectory
         self.spoolDirectory = spoolDirectory
         self.logDirectory = logDirectory
+        self.localRecipientTable = localRecipientTable
         self.mailDirectory = DirectoryLayout.mailDirectory(dataDirectory: dataDirectory, template: mailboxTemplate)
     }
 
     public var logFile: String { joinPath(logDirectory, "sealpost.log") }
     /// local-deliver's directory for what it publishes to the other
-    /// stages: the local recipient table.
-    public var localDirectory: String { joinPath(dataDirectory, "local") }
-    public var localRecipientTable: String { joinPath(dataDirectory, LocalRecipientTable.relativePath) }
+    /// stages: the one that holds the local recipient table.
+    public var localDirectory: String {
+        String(localRecipientTable[..<(localRecipientTable.lastIndex(of: "/") ?? localRecipientTable.startIndex)])
+    }
     /// Certificates and keys for crypto-negotiate (self-signed by default).
     public var tlsDirectory: String { joinPath(dataDirectory, "tls") }
     /// The supervisor's own files, in a directory of root's when it runs as

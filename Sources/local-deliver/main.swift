@@ -170,7 +170,7 @@ let workers = (1...concurrency).map {
 let signals = LocalDeliveryService.drainOnSIGTERM(workers, log: log)
 // Before the ready byte: once the supervisor retires the instance this one
 // replaces, smtp-listen finds the new tables.
-LocalDeliveryService.publishRecipientTable(resolver, dataDirectory: paths.dataDirectory, log: log)
+LocalDeliveryService.publishRecipientTable(resolver, path: paths.localRecipientTable, log: log)
 if let warning = LocalDeliveryService.postmasterWarning(resolver, aliasesFile: config.local.aliasesFile) {
     log.warning(warning)
 }

@@ -179,7 +179,6 @@ import Logging
 import NIOCore
 import NIOPosix
 import SMTPService
-import StageProtocol
 import SealpostConfig
 import StageRuntime
 
@@ -285,9 +284,7 @@ if config.smtp.clientNameLookup {
 // Unknown local recipients (RECIPIENTS above): local-deliver's table, read
 // after the chroot.
 if config.smtp.rejectUnknownLocalRecipients {
-    let path = paths.dataDirectory.hasSuffix("/") ? paths.dataDirectory + LocalRecipientTable.relativePath
-        : paths.dataDirectory + "/" + LocalRecipientTable.relativePath
-    settings.localRecipients = LocalRecipients(path: path, info: { logger.info("\($0)") },
+    settings.localRecipients = LocalRecipients(path: paths.localRecipientTable, info: { logger.info("\($0)") },
                                                warning: { logger.warning("\($0)") })
 }
 

@@ -189,6 +189,7 @@ let layout = DirectoryLayout(dataDirectory: configuration.dataDirectory,
                              runtimeDirectory: configuration.runtimeDirectory,
                              spoolDirectory: configuration.spoolDirectory,
                              logDirectory: configuration.logDirectory,
+                             localRecipientTable: configuration.localRecipientTable,
                              mailboxTemplate: configuration.local.mailbox)
 
 if printPaths {

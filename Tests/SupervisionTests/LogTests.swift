@@ -64,7 +64,8 @@ import Testing
 @Suite struct LayoutTests {
     @Test func mailDirectoryIsTheTemplateUpToTheUser() {
         let layout = DirectoryLayout(dataDirectory: "/d", runtimeDirectory: "/d/run", spoolDirectory: "/d/queue",
-                                     logDirectory: "/d/log", mailboxTemplate: "mail/{user}/Maildir")
+                                     logDirectory: "/d/log", localRecipientTable: "/d/local/recipients",
+                                     mailboxTemplate: "mail/{user}/Maildir")
         #expect(layout.mailDirectory == "/d/mail")
         #expect(layout.pidFile == "/d/supervise/supervise.pid")
         #expect(DirectoryLayout.mailDirectory(dataDirectory: "/d", template: "{user}/Maildir") == nil)
