@@ -5,8 +5,9 @@
 // Reloading: a chrooted, unprivileged instance can read neither the aliases
 // file nor the account database again, so it never reloads itself. The
 // supervisor starts a new instance instead (SEALPOST_RELOAD), which loads
-// everything as a first start does and then reports on SEALPOST_READY_FD;
-// only then does the supervisor stop the old one (SIGTERM: it finishes the
+// everything as a first start does and then reports on SEALPOST_READY_FD (as
+// every instance the supervisor starts does); only then does the supervisor
+// stop the old one (SIGTERM: it finishes the
 // deliveries in progress). A new instance that cannot load its tables logs
 // why, as a warning, and exits: the old instance never stopped, so mail goes
 // on with the last tables that loaded.
@@ -125,45 +126,60 @@ public enum LocalDeliveryService {
     }
 }
 
-/// This instance replaces a running one to reload its tables: started by
-/// the supervisor with SEALPOST_RELOAD (the reason, for the log) and
-/// SEALPOST_READY_FD (a pipe to the supervisor, Pipeline/PROTOCOL.md
-/// section 7).
-public struct ReloadRequest: Sendable, Equatable {
-    public var reason: String
-    public var readyDescriptor: Int32
+/// SEALPOST_READY_FD: a pipe to the supervisor (Pipeline/PROTOCOL.md
+/// section 7) on which this instance reports that it loaded its tables,
+/// published the local recipient table and dropped its privileges. At a
+/// reload the supervisor then stops the instance this one replaces; at its
+/// own start it then starts smtp-listen.
+public struct ReadyPipe: Sendable, Equatable {
+    public var descriptor: Int32
 
-    public init(reason: String, readyDescriptor: Int32) {
-        self.reason = reason
-        self.readyDescriptor = readyDescriptor
+    public init(descriptor: Int32) { self.descriptor = descriptor }
+
+    /// From the environment's SEALPOST_READY_FD; nil when not set. It must
+    /// name an inherited pipe.
+    public static func from(_ value: String?) throws(LocalSetupError) -> ReadyPipe? {
+        guard let value else { return nil }
+        guard let fd = StageRuntime.inheritedDescriptor(value, type: S_IFIFO) else {
+            throw LocalSetupError("SEALPOST_READY_FD=\(value) is not an inherited pipe")
+        }
+        return ReadyPipe(descriptor: fd)
     }
 
-    /// From the environment's SEALPOST_RELOAD and SEALPOST_READY_FD; nil for
-    /// an ordinary start (neither set). The descriptor must be an inherited
-    /// pipe.
-    public static func from(reload: String?, readyFD: String?) throws(LocalSetupError) -> ReloadRequest? {
-        guard reload != nil || readyFD != nil else { return nil }
-        guard let reload, let readyFD else {
-            throw LocalSetupError("SEALPOST_RELOAD and SEALPOST_READY_FD go together")
-        }
-        guard let fd = StageRuntime.inheritedDescriptor(readyFD, type: S_IFIFO) else {
-            throw LocalSetupError("SEALPOST_READY_FD=\(readyFD) is not an inherited pipe")
-        }
-        return ReloadRequest(reason: reload.isEmpty ? "reload" : reload, readyDescriptor: fd)
-    }
-
-    /// Tells the supervisor that this instance loaded its tables and dropped
-    /// its privileges: it stops the instance this one replaces. One byte,
-    /// then the pipe is closed.
-    public func reportReady() throws(LocalSetupError) {
+    /// One byte, then the pipe is closed.
+    public func report() throws(LocalSetupError) {
         var byte: UInt8 = 0x2E
         var n: Int
-        repeat { n = write(readyDescriptor, &byte, 1) } while n < 0 && errno == EINTR
+        repeat { n = write(descriptor, &byte, 1) } while n < 0 && errno == EINTR
         let failure = n == 1 ? nil : String(cString: strerror(errno))
-        close(readyDescriptor)
+        close(descriptor)
         if let failure {
             throw LocalSetupError("SEALPOST_READY_FD: \(failure)")
         }
+    }
+}
+
+/// This instance replaces a running one to reload its tables: started by
+/// the supervisor with SEALPOST_RELOAD (the reason, for the log) and a
+/// ready pipe, which the running one waits for.
+public struct ReloadRequest: Sendable, Equatable {
+    public var reason: String
+    public var ready: ReadyPipe
+
+    public init(reason: String, ready: ReadyPipe) {
+        self.reason = reason
+        self.ready = ready
+    }
+
+    /// From the environment's SEALPOST_RELOAD and the ready pipe; nil for
+    /// an ordinary start (no SEALPOST_RELOAD). A reload without a ready
+    /// pipe is an error: nothing would tell the supervisor.
+    public static func from(reload: String?, ready: ReadyPipe?) throws(LocalSetupError) -> ReloadRequest? {
+        guard let reload else { return nil }
+        guard let ready else {
+            throw LocalSetupError("SEALPOST_RELOAD needs SEALPOST_READY_FD")
+        }
+        return ReloadRequest(reason: reload.isEmpty ? "reload" : reload, ready: ready)
     }
 }
 

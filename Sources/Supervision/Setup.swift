@@ -86,8 +86,9 @@ public enum Setup {
         // and read by smtp-listen. Each start begins without one: a table
         // of an earlier run would refuse at RCPT a user or alias added
         // since (a permanent 550) until local-deliver, which may be slow
-        // to start or not start at all, writes the new one; without a
-        // table smtp-listen accepts every local part meanwhile. Without a
+        // to start or not start at all, writes the new one. smtp-listen's
+        // first start waits for that (Supervisor's listenerStartWait);
+        // without a table it accepts every local part. Without a
         // local-deliver stage nothing writes it again.
         if names.contains("local-deliver") {
             try ensure(layout.localDirectory, mode: 0o755, owner: asRoot ? try user("local-deliver") : nil)

@@ -43,6 +43,13 @@ public struct SupervisorSettings: Sendable {
     public var reloadFiles: [String] = []
     public var reloadCheckInterval: Double = 5
     public var reloadReadyTimeout: Double = 60
+    /// At the supervisor's start, how long the first start of
+    /// `listenerStage` waits for the first instance of `reloadStage` to
+    /// report ready on its SEALPOST_READY_FD (local-deliver writes the local
+    /// recipient table first, so smtp-listen has it from its first RCPT);
+    /// 0: the listener starts with the others. Every instance of the
+    /// reload stage gets a ready pipe, not only replacements.
+    public var listenerStartWait: Double = 0
 
     public init(configFile: String, hostname: String, layout: DirectoryLayout,
                 stages: [StageDefinition], foreground: Bool) {
@@ -56,7 +63,7 @@ public struct SupervisorSettings: Sendable {
 
 /// One stage and its life so far.
 final class StageSlot {
-    enum State: String { case running, restarting, stopped }
+    enum State: String { case running, restarting, stopped, waiting }
 
     let definition: StageDefinition
     var state: State = .stopped
@@ -68,6 +75,12 @@ final class StageSlot {
     var backoff = Backoff()
     /// Our end of the stage's certificate channel, -1 when none.
     var certificateChannel: Int32 = -1
+    /// Our end of this instance's ready pipe (SEALPOST_READY_FD; the reload
+    /// stage), -1 once it reported ready, closed it or died.
+    var ready: Int32 = -1
+    /// Waiting (the listener stage, at the supervisor's start): until when
+    /// (monotonic).
+    var waitUntil: Double = 0
     /// A new instance started to replace this one (a reload), until it
     /// reports ready (it becomes `pid`) or exits.
     var replacement: Replacement?
@@ -159,11 +172,20 @@ public final class Supervisor {
         if settings.certificates.count > ProtocolSchema.maximumCertificatePairs {
             note("warning: more than \(ProtocolSchema.maximumCertificatePairs) certificate pairs: \(settings.certificateStage) can reload them only where it can reopen the files (not chrooted)")
         }
-        for slot in slots { start(slot) }
+        // The listener first waits, where it waits, so that the reload
+        // stage's start (even one that fails at once) can release it.
+        let waiting = listenerWaits ? slots.first { $0.definition.name == settings.listenerStage } : nil
+        if let waiting {
+            waiting.state = .waiting
+            waiting.waitUntil = monotonicNow() + settings.listenerStartWait
+            note("stage \(waiting.definition.name) starts once \(settings.reloadStage) reported ready (it writes the local recipient table first), within \(Int(settings.listenerStartWait)) s")
+        }
+        for slot in slots where slot !== waiting { start(slot) }
         writeStatus()
 
         while !stopping {
             pollOnce(timeout: nextTimeout())
+            startWaitingListener(reason: nil)
             startDueStages()
             checkCertificates()
             checkReloads()
@@ -180,6 +202,9 @@ public final class Supervisor {
         var earliest: Double? = nil
         for slot in slots where slot.state == .restarting {
             earliest = min(earliest ?? slot.restartAt, slot.restartAt)
+        }
+        for slot in slots where slot.state == .waiting {
+            earliest = min(earliest ?? slot.waitUntil, slot.waitUntil)
         }
         if let watcher = certificateWatcher, slots.contains(where: { $0.certificateChannel >= 0 }) {
             earliest = min(earliest ?? watcher.nextCheck, watcher.nextCheck)
@@ -199,8 +224,11 @@ public final class Supervisor {
     private func pollOnce(timeout: Int32) {
         var fds = [pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)]
         for pipe in pipes { fds.append(pollfd(fd: pipe.fd, events: Int16(POLLIN), revents: 0)) }
+        let outputs = pipes.count   // drain() below removes the pipes that ended
         let awaited = slots.filter { ($0.replacement?.ready ?? -1) >= 0 }
         for slot in awaited { fds.append(pollfd(fd: slot.replacement!.ready, events: Int16(POLLIN), revents: 0)) }
+        let starting = slots.filter { $0.ready >= 0 }
+        for slot in starting { fds.append(pollfd(fd: slot.ready, events: Int16(POLLIN), revents: 0)) }
         var ready = poll(&fds, nfds_t(fds.count), timeout)
         if ready < 0 {
             if errno == EINTR { return }
@@ -229,10 +257,15 @@ public final class Supervisor {
         let readyPipes = zip(fds.dropFirst(), pipes).filter { $0.0.revents != 0 }.map(\.1)
         for pipe in readyPipes { drain(pipe) }
         log.flush()
-        for (slot, fd) in zip(awaited, fds.suffix(awaited.count)) where fd.revents != 0 {
+        for (slot, fd) in zip(awaited, fds.dropFirst(1 + outputs)) where fd.revents != 0 {
             replacementReported(slot)
         }
         if fds[0].revents != 0 { handleSignals() }
+        // After the signals: a stage that died is reaped first, and told
+        // apart from one that closed its pipe.
+        for (slot, fd) in zip(starting, fds.suffix(starting.count)) where fd.revents != 0 {
+            startReported(slot)
+        }
     }
 
     private func handleSignals() {
@@ -346,6 +379,52 @@ public final class Supervisor {
             note("warning: stage \(name) (pid \(pid)) \(how); restarting in \(delay) s")
         }
         writeStatus()
+        if slot.ready >= 0 {
+            close(slot.ready)
+            slot.ready = -1
+            if name == settings.reloadStage {
+                startWaitingListener(reason: "\(name) (pid \(pid)) exited before it reported ready")
+            }
+        }
+    }
+
+    /// Whether the listener's first start waits for the reload stage.
+    private var listenerWaits: Bool {
+        settings.listenerStartWait > 0
+            && settings.stages.contains { $0.name == settings.listenerStage }
+            && settings.stages.contains { $0.name == settings.reloadStage }
+    }
+
+    /// Starts the listener stage if it waits and `reason` (why it waits no
+    /// longer) is given or its time is up. Called after every poll.
+    private func startWaitingListener(reason: String?) {
+        guard !stopping, let slot = slots.first(where: { $0.definition.name == settings.listenerStage }),
+              slot.state == .waiting else { return }
+        let why: String
+        if let reason {
+            why = reason
+        } else if monotonicNow() >= slot.waitUntil {
+            why = "warning: \(settings.reloadStage) did not report ready within \(Int(settings.listenerStartWait)) s"
+        } else {
+            return
+        }
+        note("\(why); starting stage \(slot.definition.name)")
+        start(slot)
+        writeStatus()
+    }
+
+    /// A first start's ready pipe is readable: a byte (ready), or its end
+    /// (the instance is exiting, or does not report: a program that took
+    /// the stage's place).
+    private func startReported(_ slot: StageSlot) {
+        guard slot.ready >= 0 else { return }
+        var byte: UInt8 = 0
+        let n = read(slot.ready, &byte, 1)
+        if n < 0 && (errno == EINTR || errno == EAGAIN) { return }
+        close(slot.ready)
+        slot.ready = -1
+        startWaitingListener(reason: "\(slot.definition.name) (pid \(slot.pid)) "
+                             + (n == 1 ? "reported ready" : "closed its ready pipe without reporting ready"))
     }
 
     private func startDueStages() {
@@ -368,7 +447,14 @@ public final class Supervisor {
         var pidVariable: String? = nil
         var channel: [Int32] = [-1, -1]
         defer { if channel[1] >= 0 { close(channel[1]) } }   // the child's end: its copy is at 3
+        var ready: [Int32] = [-1, -1]
+        defer { if ready[1] >= 0 { close(ready[1]) } }       // the same
         do {
+            if definition.name == settings.reloadStage {
+                guard sealpost_spawn_pipe(&ready, 1) == 0 else { throw SystemError("pipe") }
+                environment.append("SEALPOST_READY_FD=3")
+                passing = [ready[1]]
+            }
             if definition.name == settings.certificateStage, certificateWatcher != nil {
                 // A fresh channel per instance: nothing sent to a dead one
                 // (descriptors of files since replaced) reaches the next.
@@ -395,6 +481,7 @@ public final class Supervisor {
                 slot.certificateChannel = channel[0]
                 certificateWatcher?.started(now: monotonicNow())
             }
+            slot.ready = ready[0]
             if definition.name == settings.reloadStage { reloadWatch?.started(now: monotonicNow()) }
             slot.pid = pid
             slot.state = .running
@@ -403,8 +490,12 @@ public final class Supervisor {
             note("started stage \(definition.name) (pid \(pid)): \(([definition.executable] + definition.arguments).joined(separator: " "))")
         } catch {
             if channel[0] >= 0 { close(channel[0]) }
+            if ready[0] >= 0 { close(ready[0]) }
             note("warning: stage \(definition.name): \(error)")
             scheduleRetry(slot)
+            if definition.name == settings.reloadStage {
+                startWaitingListener(reason: "\(definition.name) did not start")
+            }
         }
     }
 

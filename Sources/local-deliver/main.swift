@@ -50,9 +50,16 @@
 // ENVIRONMENT
 //      SEALPOST_CONFIG              the configuration file
 //      SEALPOST_USER                the account to run as (when started as root)
+//      SEALPOST_READY_FD            a pipe to report ready on, one byte
+//                                   once the tables loaded, the recipient
+//                                   table was written and the privileges
+//                                   dropped; set by the supervisor at every
+//                                   start, which starts smtp-listen only
+//                                   then (up to 10 s) and stops a replaced
+//                                   instance only then (RELOADING)
 //      SEALPOST_RELOAD              set by the supervisor for an instance
-//                                   that replaces a running one (RELOADING)
-//      SEALPOST_READY_FD            with it: the pipe to report ready on
+//                                   that replaces a running one (RELOADING);
+//                                   needs SEALPOST_READY_FD
 //      SEALPOST_LOCAL_CONCURRENCY   workers, 1..64 (default 4): deliveries
 //                                   that run at once, so that fsyncs overlap
 //
@@ -128,11 +135,12 @@ let logger = Logger(label: "local-deliver")
 umask(0o077)
 
 let concurrency: Int
+let ready: ReadyPipe?
 let reload: ReloadRequest?
 do {
     concurrency = try LocalDeliveryService.concurrency(environment: getenv("SEALPOST_LOCAL_CONCURRENCY").map { String(cString: $0) })
-    reload = try ReloadRequest.from(reload: getenv("SEALPOST_RELOAD").map { String(cString: $0) },
-                                    readyFD: getenv("SEALPOST_READY_FD").map { String(cString: $0) })
+    ready = try ReadyPipe.from(getenv("SEALPOST_READY_FD").map { String(cString: $0) })
+    reload = try ReloadRequest.from(reload: getenv("SEALPOST_RELOAD").map { String(cString: $0) }, ready: ready)
 } catch {
     StageRuntime.fatal(error.description, exit: .config)
 }
@@ -168,15 +176,15 @@ let workers = (1...concurrency).map {
                    maximumMessageSize: config.queue.messageSizeLimit + 1_048_576, name: "worker \($0)")
 }
 let signals = LocalDeliveryService.drainOnSIGTERM(workers, log: log)
-// Before the ready byte: once the supervisor retires the instance this one
-// replaces, smtp-listen finds the new tables.
+// Before the ready byte: once the supervisor starts smtp-listen, or retires
+// the instance this one replaces, smtp-listen finds the new tables.
 LocalDeliveryService.publishRecipientTable(resolver, path: paths.localRecipientTable, log: log)
 if let warning = LocalDeliveryService.postmasterWarning(resolver, aliasesFile: config.local.aliasesFile) {
     log.warning(warning)
 }
-if let reload {
+if let ready {
     do {
-        try reload.reportReady()
+        try ready.report()
     } catch {
         StageRuntime.fatal(error.description, exit: .osErr)
     }

@@ -38,6 +38,15 @@
 //     port 25 needs no privilege in smtp-listen); an address it cannot
 //     bind counts as a failed start of smtp-listen (retried with backoff).
 //
+//     local-deliver gets a ready pipe at every start: its write end as
+//     descriptor 3, SEALPOST_READY_FD=3 (Pipeline/PROTOCOL.md section 7).
+//     When the stages file has both local-deliver and smtp-listen and
+//     [smtp] reject_unknown_local_recipients is on, smtp-listen's first
+//     start waits (state "waiting") until local-deliver reported ready,
+//     having written the local recipient table, or exited, or 10 s passed:
+//     no RCPT is ever answered without the table local-deliver loads (the
+//     kernel holds the connections of those moments in the backlog).
+//
 //     crypto-negotiate gets the certificate channel: a SOCK_SEQPACKET
 //     socketpair end as descriptor 3 (SEALPOST_CERTIFICATE_FD=3), a new
 //     one per instance. Chrooted, crypto-negotiate cannot reopen its
@@ -71,7 +80,7 @@
 //     DATA/supervise/supervise.pid     its pid, while it runs (a directory
 //                                      of root's: no stage can touch it)
 //     DATA/supervise/supervise.status  one line per stage: name, state (running,
-//                                 restarting, stopped), pid, since (Unix
+//                                 restarting, stopped, waiting), pid, since (Unix
 //                                 time), restarts; read by Pipeline/status
 //     DATA/log/sealpost.log       the log
 //
@@ -246,6 +255,7 @@ var settings = SupervisorSettings(configFile: configuration.file, hostname: conf
                                   layout: layout, stages: stages, foreground: foreground)
 settings.listeners = ListenerDefinition.served(by: configuration)
 settings.certificates = configuration.tls.certificates
+if configuration.smtp.rejectUnknownLocalRecipients { settings.listenerStartWait = 10 }
 // What local-deliver reads at start: a change to any of them reloads it.
 // The system's account database is watched where it is a file; other
 // sources (NSS: LDAP, sssd) change unseen, and SIGHUP reloads them.

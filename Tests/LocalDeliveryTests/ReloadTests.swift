@@ -1,8 +1,10 @@
-// A local-deliver started by the supervisor to replace the running one (a
-// reload, SEALPOST_RELOAD and SEALPOST_READY_FD): the real executable, in a
-// child process, with real files. It reports ready only when its tables
-// loaded; a malformed aliases file is one warning line and an exit, and no
-// ready report (so the supervisor keeps the running instance).
+// A local-deliver started by the supervisor, at a first start
+// (SEALPOST_READY_FD) and to replace the running one (a reload,
+// SEALPOST_RELOAD too): the real executable, in a child process, with real
+// files. It reports ready only when its tables loaded and its recipient
+// table is written; a malformed aliases file at a reload is one warning
+// line and an exit, and no ready report (so the supervisor keeps the
+// running instance).
 
 import Testing
 import SealpostConfig
@@ -130,17 +132,41 @@ private func readyReport(_ fd: Int32) throws -> UInt8? {
         #expect(stderr.contains(#/local-deliver\[\d+\]: stopping: finishing the deliveries in progress\n/#))
     }
 
-    @Test func theReloadVariablesGoTogetherAndNameAPipe() throws {
-        #expect(try ReloadRequest.from(reload: nil, readyFD: nil) == nil)
-        #expect(throws: LocalSetupError.self) { try ReloadRequest.from(reload: "SIGHUP", readyFD: nil) }
-        #expect(throws: LocalSetupError.self) { try ReloadRequest.from(reload: "SIGHUP", readyFD: "1") }   // not a pipe
-        #expect(throws: LocalSetupError.self) { try ReloadRequest.from(reload: "SIGHUP", readyFD: "x") }
+    @Test func aFirstStartReportsReadyOnceTheRecipientTableIsWritten() throws {
+        let environment = try environment().filter { !$0.hasPrefix("SEALPOST_RELOAD=") }
+        try dir.write("aliases", "info: alice\n")
+        // local/ is the stage's (the supervisor creates it so).
+        try #require(mkdir(dir.file("data/local"), 0o755) == 0)
+        if geteuid() == 0, let nobody = getpwnam("nobody") {
+            try #require(chown(dir.file("data/local"), nobody.pointee.pw_uid, nobody.pointee.pw_gid) == 0)
+        }
+        var table = ""
+        let (exit, stderr) = try runLocalDeliver(environment: environment) { pid, ready in
+            try #require(try readyReport(ready) != nil, "no ready report")
+            table = readText(dir.file("data/local/recipients"))
+            kill(pid, SIGTERM)
+        }
+        #expect(exit == 0, "\(stderr)")
+        #expect(table == "sealpost-local-recipients 1\nalice\nbob\ninfo\n", "the table precedes the report")
+        #expect(stderr.contains(#/local-deliver\[\d+\]: starting: 2 workers, 2 local users, 1 aliases, domains localhost\n/#))
+    }
+
+    @Test func theReadyPipeMustBeAnInheritedPipeAndAReloadNeedsIt() throws {
+        #expect(try ReadyPipe.from(nil) == nil)
+        #expect(throws: LocalSetupError.self) { try ReadyPipe.from("1") }   // not a pipe
+        #expect(throws: LocalSetupError.self) { try ReadyPipe.from("x") }
+        #expect(try ReloadRequest.from(reload: nil, ready: nil) == nil)
+        #expect(throws: LocalSetupError.self) { try ReloadRequest.from(reload: "SIGHUP", ready: nil) }
         var ends: [Int32] = [-1, -1]
         try #require(pipe(&ends) == 0)
         defer { close(ends[0]) }
-        let request = try #require(try ReloadRequest.from(reload: "changed: /etc/aliases", readyFD: String(ends[1])))
+        let ready = try #require(try ReadyPipe.from(String(ends[1])))
+        // A first start: a ready pipe, no reload.
+        #expect(try ReloadRequest.from(reload: nil, ready: ready) == nil)
+        let request = try #require(try ReloadRequest.from(reload: "changed: /etc/aliases", ready: ready))
         #expect(request.reason == "changed: /etc/aliases")
-        try request.reportReady()
+        #expect(try ReloadRequest.from(reload: "", ready: ready)?.reason == "reload")
+        try request.ready.report()
         var buffer = [UInt8](repeating: 0, count: 4)
         #expect(read(ends[0], &buffer, 4) == 1)
         #expect(read(ends[0], &buffer, 4) == 0, "the ready pipe is closed after the report")

@@ -35,6 +35,13 @@ def test_unknown_local_recipients_get_550_and_a_reload_brings_new_aliases(workdi
     aliases = workdir / "aliases"
     aliases.write_text("team: alpha\n")
     with running(pipe):
+        # At once: smtp-listen starts only once local-deliver has written
+        # the table, so not even the first RCPT goes without it.
+        assert rcpt_replies(port, ["nobody-e2e@localhost"])["nobody-e2e@localhost"][0] == 550
+        log = pipe.log_with(re.compile(r"local-deliver \(pid \d+\) reported ready; starting stage smtp-listen"))
+        assert "stage smtp-listen starts once local-deliver reported ready" in log
+        assert log.index("reported ready; starting stage smtp-listen") < log.index("started stage smtp-listen")
+        assert "no local recipient table" not in log
         # "alpha", "team" and nothing else: "postmaster" is always accepted.
         pipe.log_with(re.compile(r"smtp-listen\[\d+\]: local recipient table loaded: 2 names from \S*local/recipients"))
         table = pipe.data / "local" / "recipients"
@@ -80,10 +87,11 @@ def test_unknown_local_recipients_get_550_and_a_reload_brings_new_aliases(workdi
 
 def test_a_table_left_by_an_earlier_run_is_never_used(workdir):
     """A user added while Sealpost was stopped must not get a 550 from the
-    last run's table: the supervisor removes it at start, and smtp-listen
-    accepts every local part until local-deliver writes the new one. Here
+    last run's table: the supervisor removes it at start. Here
     local-deliver cannot start at all (its aliases file is malformed), so
-    the old table would be used for as long as that lasts."""
+    the old table would be used for as long as that lasts; smtp-listen
+    starts at local-deliver's exit, without a table, and accepts every
+    local part."""
     require_build("queue", "smtp-listen", "local-deliver")
     port = free_tcp_port()
     pipe = Pipeline(workdir, stages=STAGES, config_overrides={
@@ -93,7 +101,10 @@ def test_a_table_left_by_an_earlier_run_is_never_used(workdir):
     (pipe.data / "local" / "recipients").write_text("sealpost-local-recipients 1\nalpha\n")
     with running(pipe):
         pipe.log_with(re.compile(r"smtp-listen\[\d+\]: no local recipient table at \S+ yet"),
-                      re.compile(r"stage local-deliver \(pid \d+\) exited with status 78"))
+                      re.compile(r"stage local-deliver \(pid \d+\) exited with status 78"),
+                      # It does not wait for a local-deliver that is not coming.
+                      re.compile(r"local-deliver \(pid \d+\) (exited before it|closed its ready pipe without) "
+                                 r"report(ed|ing) ready; starting stage smtp-listen"))
         assert not (pipe.data / "local" / "recipients").exists()
         assert rcpt_replies(port, ["beta@localhost"])["beta@localhost"][0] == 250
 
@@ -121,3 +132,21 @@ def test_the_check_can_be_turned_off(workdir):
         wait_until(lambda: (pipe.data / "local" / "recipients").exists(), 60, "local-deliver's table")
         assert rcpt_replies(port, ["nobody-e2e@localhost"])["nobody-e2e@localhost"][0] == 250
         assert "local recipient table" not in pipe.log_text()
+
+
+def test_a_local_delivery_program_that_never_reports_ready_delays_smtp_listen_ten_seconds(workdir):
+    """A program in local-deliver's place that ignores SEALPOST_READY_FD
+    (here sleep(1), which neither reports nor exits) holds smtp-listen's
+    first start for 10 s, no longer; connections of those seconds wait in
+    the backlog and are then served."""
+    require_build("queue", "smtp-listen")
+    port = free_tcp_port()
+    pipe = Pipeline(workdir, stages="queue queue\nsmtp-listen smtp-listen\nlocal-deliver /bin/sleep 600\n",
+                    config_overrides={"listen": f'["127.0.0.1:{port}"]'})
+    with running(pipe):
+        assert rcpt_replies(port, ["nobody-e2e@localhost"])["nobody-e2e@localhost"][0] == 250
+        warning = "warning: local-deliver did not report ready within 10 s; starting stage smtp-listen"
+        log = pipe.log_with(warning, "no local recipient table")
+        assert log.index("stage smtp-listen starts once local-deliver reported ready") < log.index(warning)
+        assert log.index(warning) < log.index("started stage smtp-listen")
+        assert pipe.status()["smtp-listen"][0] == "running"
