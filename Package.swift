@@ -77,11 +77,14 @@ let package = Package(
         // Wrappers, one per C library.
         .target(name: "LMDB", dependencies: ["CLMDB"]),
         .target(name: "Sodium", dependencies: ["CSodium"]),
-        .target(name: "TLS", dependencies: ["COpenSSL", "CSystemShims"]),
+        .target(name: "TLS", dependencies: ["COpenSSL", "CSystemShims", "FileAccess"]),
         .target(name: "DNS", dependencies: ["CUnbound", "SealpostConfig"]),
 
+        // Reading a small file whole, replacing one atomically.
+        .target(name: "FileAccess"),
+
         // Libraries holding the logic.
-        .target(name: "StageProtocol", dependencies: ["CSystemShims"]),
+        .target(name: "StageProtocol", dependencies: ["CSystemShims", "FileAccess"]),
         // The NIO codec apart, so that the blocking clients (queue-inject,
         // run once per message) do not link NIOCore.
         .target(name: "StageProtocolNIO", dependencies: [
@@ -89,6 +92,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
         ]),
         .target(name: "SealpostConfig", dependencies: [
+            "FileAccess",
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
         .target(name: "StageRuntime", dependencies: [
@@ -98,8 +102,8 @@ let package = Package(
         .target(name: "MailMessage"),
         .target(name: "SMTP"),
         // The SMTP AUTH password file and sender ownership (smtp-listen, sealpost user).
-        .target(name: "Accounts", dependencies: ["Sodium", "SealpostConfig"]),
-        .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol", "CSystemShims"]),
+        .target(name: "Accounts", dependencies: ["Sodium", "SealpostConfig", "FileAccess"]),
+        .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol", "CSystemShims", "FileAccess"]),
         .target(name: "QueueService", dependencies: [
             "Spool", "CSystemShims", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig",
             .product(name: "NIOCore", package: "swift-nio"),
@@ -107,7 +111,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "LocalDelivery", dependencies: [
-            "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig",
+            "StageProtocol", "StageRuntime", "MailMessage", "SealpostConfig", "FileAccess",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "SMTPService", dependencies: [
@@ -118,7 +122,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "RemoteDelivery", dependencies: [
-            "SMTP", "DNS", "MailMessage", "StageProtocol", "StageProtocolNIO", "StageRuntime", "SealpostConfig",
+            "SMTP", "DNS", "MailMessage", "StageProtocol", "StageProtocolNIO", "StageRuntime", "SealpostConfig", "FileAccess",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
@@ -129,7 +133,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "Supervision", dependencies: [
-            "CSystemShims", "CSystemSpawn", "StageRuntime", "SealpostConfig", "StageProtocol",
+            "CSystemShims", "CSystemSpawn", "StageRuntime", "SealpostConfig", "StageProtocol", "FileAccess",
         ]),
 
         // Stages: thin mains.
@@ -174,6 +178,7 @@ let package = Package(
         .testTarget(name: "QueueServiceTests", dependencies: ["QueueService", "Spool", "LMDB"]),
         .testTarget(name: "LocalDeliveryTests", dependencies: ["LocalDelivery", "StageProtocol", "SealpostConfig", "CSystemShims"]),
         .testTarget(name: "SMTPTests", dependencies: ["SMTP"]),
+        .testTarget(name: "FileAccessTests", dependencies: ["FileAccess"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "Sodium"]),
         // QueueService and Spool: the real queue, for its idle timeout on
         // smtp-listen's pooled inject connections.
@@ -190,7 +195,7 @@ let package = Package(
         ]),
         .testTarget(name: "DNSTests", dependencies: ["DNS", "DNSTestbed"]),
         .testTarget(name: "PipelineTests", dependencies: ["StageProtocol"], exclude: ["Fixtures"]),
-        .testTarget(name: "SupervisionTests", dependencies: ["Supervision", "SealpostConfig", "StageProtocol", "CSystemShims"]),
+        .testTarget(name: "SupervisionTests", dependencies: ["Supervision", "SealpostConfig", "StageProtocol", "CSystemShims", "FileAccess"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS", "TLSTestSupport", "CSystemShims"]),
         .testTarget(name: "CryptoNegotiationTests", dependencies: [
             "CryptoNegotiation", "TLS", "TLSTestSupport", "StageProtocol", "CSystemShims",

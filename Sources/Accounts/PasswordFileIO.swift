@@ -10,6 +10,7 @@
 // fsync'd so the rename survives a crash. A reader therefore sees the old
 // file or the new one, never a mix.
 
+import FileAccess
 import SealpostConfig
 
 #if canImport(Glibc)
@@ -25,12 +26,13 @@ extension PasswordFile {
     /// and (when running as root) one not owned by root: each would let
     /// someone else read the hashes or add an account.
     public static func load(path: String, requirePrivate: Bool = true) throws(PasswordFileError) -> PasswordFile {
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard fd >= 0 else { throw PasswordFileError(file: path, message: "cannot open: \(Self.errorText(errno))") }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw PasswordFileError(file: path, message: "cannot stat: \(Self.errorText(errno))") }
-        guard (info.st_mode & S_IFMT) == S_IFREG else { throw PasswordFileError(file: path, message: "not a regular file") }
+        let bytes: [UInt8]
+        let info: stat
+        do {
+            (bytes, info) = try WholeFile.read(path, maximumSize: maximumFileSize, options: .noFollow)
+        } catch {
+            throw PasswordFileError(file: path, message: error.withoutPath)
+        }
         if requirePrivate {
             let mode = info.st_mode & 0o7777
             if mode & 0o007 != 0 {
@@ -42,20 +44,6 @@ extension PasswordFile {
             let euid = geteuid()
             if info.st_uid != 0 && info.st_uid != euid {
                 throw PasswordFileError(file: path, message: "owned by uid \(info.st_uid), expected root\(euid == 0 ? "" : " or uid \(euid)")")
-            }
-        }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw PasswordFileError(file: path, message: "cannot read: \(Self.errorText(errno))")
-            }
-            if n == 0 { break }
-            bytes.append(contentsOf: chunk[..<n])
-            guard bytes.count <= maximumFileSize else {
-                throw PasswordFileError(file: path, message: "larger than \(maximumFileSize) bytes")
             }
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
@@ -112,15 +100,9 @@ extension PasswordFile {
             guard fchmod(fd, mode) == 0 else {
                 throw PasswordFileError(file: temporary, message: "cannot set mode: \(Self.errorText(errno))")
             }
-            let bytes = Array(render().utf8)
-            var offset = 0
-            while offset < bytes.count {
-                let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw PasswordFileError(file: temporary, message: "cannot write: \(Self.errorText(errno))")
-                }
-                offset += n
+            let code = WholeFile.writeAll(fd, Array(render().utf8))
+            guard code == 0 else {
+                throw PasswordFileError(file: temporary, message: "cannot write: \(Self.errorText(code))")
             }
             guard fsync(fd) == 0 else { throw PasswordFileError(file: temporary, message: "cannot fsync: \(Self.errorText(errno))") }
         }
@@ -128,18 +110,9 @@ extension PasswordFile {
             throw PasswordFileError(file: path, message: "cannot rename \(temporary) over it: \(Self.errorText(errno))")
         }
         done = true
-        let directory = Self.directory(of: path)
-        let dfd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dfd >= 0 {
-            _ = fsync(dfd)
-            close(dfd)
-        }
-    }
-
-    static func directory(of path: String) -> String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        let head = String(path[..<slash])
-        return head.isEmpty ? "/" : head
+        // Best effort: the new file is in place; only its surviving a crash
+        // at this instant is in doubt.
+        try? WholeFile.syncDirectory(WholeFile.directory(of: path))
     }
 
     static func errorText(_ code: Int32) -> String { String(cString: strerror(code)) }

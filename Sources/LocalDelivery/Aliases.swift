@@ -22,6 +22,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import FileAccess
 import SealpostConfig
 
 public enum AliasTarget: Hashable, Sendable, CustomStringConvertible {
@@ -52,6 +53,9 @@ public struct AliasTable: Sendable, Equatable {
     /// How deep aliases may refer to aliases. Deep enough for any sane
     /// setup, shallow enough to stop a runaway expansion quickly.
     public static let maximumDepth = 20
+    /// Far beyond any aliases file (Postfix's own are a few MiB at most);
+    /// a bound on what is read at each start.
+    public static let maximumFileSize = 64 << 20
 
     public private(set) var entries: [String: Entry] = [:]
     /// Where the table came from ("" for a table built in code).
@@ -72,10 +76,10 @@ public struct AliasTable: Sendable, Equatable {
     public static func load(path: String, localDomains: Set<String>) throws(AliasError) -> AliasTable {
         let bytes: [UInt8]
         do {
-            guard let b = try readFile(path) else { return AliasTable() }
-            bytes = b
+            guard let file = try WholeFile.readIfPresent(path, maximumSize: maximumFileSize) else { return AliasTable() }
+            bytes = file.bytes
         } catch {
-            throw AliasError(file: path, line: nil, message: "cannot read: \(String(cString: strerror(error.code)))")
+            throw AliasError(file: path, line: nil, message: error.withoutPath)
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw AliasError(file: path, line: nil, message: "not valid UTF-8")
@@ -258,29 +262,4 @@ public struct AliasTable: Sendable, Equatable {
         memo[name] = result
         return result
     }
-}
-
-struct ReadError: Error { var code: Int32 }
-
-/// The whole file, or nil if it does not exist.
-func readFile(_ path: String) throws(ReadError) -> [UInt8]? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    if fd < 0 {
-        let e = errno
-        if e == ENOENT { return nil }
-        throw ReadError(code: e)
-    }
-    defer { close(fd) }
-    var out: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-        if n < 0 {
-            if errno == EINTR { continue }
-            throw ReadError(code: errno)
-        }
-        if n == 0 { break }
-        out.append(contentsOf: buffer[0..<n])
-    }
-    return out
 }

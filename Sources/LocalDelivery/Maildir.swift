@@ -26,6 +26,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import FileAccess
 import Synchronization
 
 /// Generates Maildir unique names, `SECONDS.M<usec>P<pid>Q<counter>.<host>`:
@@ -225,32 +226,16 @@ public struct Maildir: Sendable {
     }
 
     static func writeAll(fd: Int32, path: String, _ bytes: [UInt8]) throws(DeliveryError) {
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { raw in
-                write(fd, raw.baseAddress! + offset, raw.count - offset)
-            }
-            if n < 0 {
-                let e = errno
-                if e == EINTR { continue }
-                throw .system("write", path: path, errno: e)
-            }
-            if n == 0 { throw .system("write", path: path, errno: EIO) }
-            offset += n
-        }
+        let code = WholeFile.writeAll(fd, bytes)
+        if code != 0 { throw .system("write", path: path, errno: code) }
     }
 
     static func syncDirectory(_ path: String) throws(DeliveryError) {
-        let dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dfd < 0 { throw .system("open", path: path, errno: errno) }
-        defer { close(dfd) }
-        if fsync(dfd) != 0 {
-            let e = errno
-            // Some file systems cannot fsync a directory; the link is then as
-            // durable as that file system makes it.
-            if e != EINVAL && e != EROFS {
-                throw .system("fsync", path: path, errno: e)
-            }
+        do {
+            try WholeFile.syncDirectory(path)
+        } catch {
+            guard case .system(let code) = error.reason else { return }
+            throw .system(error.step == "sync" ? "fsync" : error.step, path: path, errno: code)
         }
     }
 

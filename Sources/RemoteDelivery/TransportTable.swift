@@ -40,6 +40,7 @@ import Glibc
 import Darwin
 #endif
 import DNS
+import FileAccess
 import SealpostConfig
 import SMTP
 
@@ -121,6 +122,8 @@ public struct TransportEntry: Sendable, Hashable {
 }
 
 public struct TransportTable: Sendable {
+    /// A bound on what is read: a transport table is a few KiB.
+    public static let maximumFileSize = 16 << 20
     public private(set) var entries: [String: TransportEntry] = [:]
 
     public init(entries: [TransportEntry] = []) {
@@ -144,23 +147,12 @@ public struct TransportTable: Sendable {
 
     /// Loads `path`; a missing file is an empty table (nothing configured).
     public static func load(path: String) throws(TransportTableError) -> TransportTable {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        if fd < 0 {
-            if errno == ENOENT { return TransportTable() }
-            throw TransportTableError(file: path, line: nil, message: String(cString: strerror(errno)))
-        }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw TransportTableError(file: path, line: nil, message: String(cString: strerror(errno)))
-            }
-            if n == 0 { break }
-            bytes += buffer[0..<n]
-            if bytes.count > 16 << 20 { throw TransportTableError(file: path, line: nil, message: "larger than 16 MiB") }
+        let bytes: [UInt8]
+        do {
+            guard let file = try WholeFile.readIfPresent(path, maximumSize: maximumFileSize) else { return TransportTable() }
+            bytes = file.bytes
+        } catch {
+            throw TransportTableError(file: path, line: nil, message: error.withoutPath)
         }
         let directory = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         return try parse(bytes, file: path) { (name: String) throws(TransportTableError) -> SMTPClientCredentials in
@@ -321,21 +313,15 @@ public struct TransportTable: Sendable {
     /// An auth= file: one line "username:password" (comments and blank
     /// lines allowed). The file should be readable by the stage alone.
     public static func readCredentials(_ path: String) throws(TransportTableError) -> SMTPClientCredentials {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw TransportTableError(file: path, line: nil, message: String(cString: strerror(errno))) }
-        defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 4097)
-        var total = 0
-        while total < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + total, $0.count - total) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            total += n
+        let bytes: [UInt8]
+        do {
+            bytes = try WholeFile.read(path, maximumSize: 4096).bytes
+        } catch {
+            throw TransportTableError(file: path, line: nil, message: error.withoutPath)
         }
-        guard total < 4097 else { throw TransportTableError(file: path, line: nil, message: "larger than 4 KiB") }
         var found: SMTPClientCredentials?
         var number = 0
-        for raw in bytes[0..<total].split(separator: 0x0A, omittingEmptySubsequences: false) {
+        for raw in bytes.split(separator: 0x0A, omittingEmptySubsequences: false) {
             number += 1
             var line = Array(raw)
             if line.last == 0x0D { line.removeLast() }

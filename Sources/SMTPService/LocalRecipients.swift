@@ -24,6 +24,10 @@ public final class LocalRecipients: Sendable {
         init?(path: String) {
             var info = stat()
             guard stat(path, &info) == 0 else { return nil }
+            self.init(info)
+        }
+
+        init(_ info: stat) {
             device = UInt64(info.st_dev)
             inode = UInt64(info.st_ino)
             size = Int64(info.st_size)
@@ -72,14 +76,17 @@ public final class LocalRecipients: Sendable {
             return
         }
         do {
-            guard let table = try LocalRecipientTable.read(from: path) else {
+            guard let (table, status) = try LocalRecipientTable.readWithStatus(from: path) else {
                 // Gone between the stat and the open: the next look decides.
                 return
             }
+            // The identity of the file read (replaced since the stat, it
+            // is the newer one), so the next look does not load it again.
+            let loaded = FileIdentity(status)
             // The old table is freed after the lock, not under it: a large
             // one takes a while, and sessions' RCPTs wait for the lock.
             let old = state.withLockedValue { state -> LocalRecipientTable? in
-                defer { state.table = table; state.identity = current; state.looked = true }
+                defer { state.table = table; state.identity = loaded; state.looked = true }
                 return state.table
             }
             withExtendedLifetime(old) {}

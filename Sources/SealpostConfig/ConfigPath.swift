@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import FileAccess
 
 /// Path and file helpers on plain POSIX calls (no Foundation: the stages
 /// may run chrooted, and the rules here must be obvious).
@@ -69,38 +70,14 @@ enum ConfigPath {
         return name.isEmpty ? "localhost" : name
     }
 
-    static func errorText(_ code: Int32) -> String {
-        String(cString: strerror(code))
-    }
-
     /// The whole file as UTF-8 text; refuses directories, devices, huge
     /// files, invalid UTF-8 and NUL bytes (TOMLKit reads a C string).
     static func readText(_ path: String) throws(ConfigError) -> String {
-        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-        guard descriptor >= 0 else {
-            throw ConfigError(file: path, message: "cannot open: \(errorText(errno))")
-        }
-        defer { close(descriptor) }
-        var info = stat()
-        guard fstat(descriptor, &info) == 0 else {
-            throw ConfigError(file: path, message: "cannot stat: \(errorText(errno))")
-        }
-        guard (info.st_mode & S_IFMT) == S_IFREG else {
-            throw ConfigError(file: path, message: "not a regular file")
-        }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
-            if count < 0 {
-                if errno == EINTR { continue }
-                throw ConfigError(file: path, message: "cannot read: \(errorText(errno))")
-            }
-            if count == 0 { break }
-            bytes.append(contentsOf: chunk[..<count])
-            guard bytes.count <= maximumFileSize else {
-                throw ConfigError(file: path, message: "larger than \(maximumFileSize) bytes")
-            }
+        let bytes: [UInt8]
+        do {
+            bytes = try WholeFile.read(path, maximumSize: maximumFileSize).bytes
+        } catch {
+            throw ConfigError(file: path, message: error.withoutPath)
         }
         if let nul = bytes.firstIndex(of: 0) {
             let line = bytes[..<nul].reduce(1) { $1 == UInt8(ascii: "\n") ? $0 + 1 : $0 }

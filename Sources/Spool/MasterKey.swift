@@ -3,6 +3,7 @@
 // wrapped (crypto_secretbox) under it, so the LMDB files alone reveal no
 // message body.
 
+import FileAccess
 import Sodium
 #if canImport(Glibc)
 import Glibc
@@ -81,10 +82,11 @@ func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
 
 /// fsync on a directory makes the creation (or removal) of its entries durable.
 func syncDirectory(_ path: String) throws(SpoolError) {
-    let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-    guard fd >= 0 else { throw .io("\(path): open: \(errnoText(errno))") }
-    defer { close(fd) }
-    guard fsync(fd) == 0 else { throw .io("\(path): fsync: \(errnoText(errno))") }
+    do {
+        try WholeFile.syncDirectory(path)
+    } catch {
+        throw .io(error.description)
+    }
 }
 
 /// close(2), reachable from types that have their own `close()`.

@@ -10,11 +10,8 @@
 // Pipeline/PROTOCOL.md section 8. A table comes from another process, so
 // it is decoded as strictly as a frame: the exact header, names in
 // strictly ascending byte order (no duplicates), lower-case, valid UTF-8,
-// no control characters, each line ended by LF, a size limit.
-
-#if canImport(Glibc)
-import Glibc
-#endif
+// no control characters, each line ended by LF, a size limit. Reading and
+// writing the file: LocalRecipientTableFile.swift.
 
 public struct LocalRecipientTable: Sendable, Equatable {
     /// The first line of the file: the format and its version.
@@ -96,78 +93,6 @@ public struct LocalRecipientTable: Sendable, Equatable {
             line += 1
         }
         self.names = names
-    }
-
-    /// Replaces the table at `path`: a new file written beside it
-    /// (`path` + ".new") and renamed over it, so that a reader sees the old
-    /// table or the new one, never a part. Mode 0644 whatever the umask:
-    /// smtp-listen runs as another user. Not synced: the table is written
-    /// again at each start of local-deliver.
-    public func write(to path: String) throws(LocalRecipientTableError) {
-        let temporary = path + ".new"
-        let bytes = encoded()
-        guard bytes.count <= Self.maximumFileSize else {
-            // Written, smtp-listen would refuse it whole.
-            throw .init("\(count) names take \(bytes.count) bytes, more than the \(Self.maximumFileSize) a reader takes")
-        }
-        unlink(temporary)   // left by a writer that died; we own the directory
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o644)
-        guard fd >= 0 else { throw .init("cannot create \(temporary): \(String(cString: strerror(errno)))") }
-        var failure: String?
-        var offset = 0
-        if fchmod(fd, 0o644) != 0 { failure = "cannot set the mode of \(temporary): \(String(cString: strerror(errno)))" }
-        while failure == nil && offset < bytes.count {
-            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                failure = "cannot write \(temporary): \(String(cString: strerror(errno)))"
-            } else {
-                offset += n
-            }
-        }
-        if close(fd) != 0 && failure == nil { failure = "cannot write \(temporary): \(String(cString: strerror(errno)))" }
-        if failure == nil && rename(temporary, path) != 0 {
-            failure = "cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))"
-        }
-        if let failure {
-            unlink(temporary)
-            throw .init(failure)
-        }
-    }
-
-    /// The table at `path`; nil when there is no file.
-    public static func read(from path: String) throws(LocalRecipientTableError) -> LocalRecipientTable? {
-        // O_NONBLOCK: a FIFO put in its place (the directory is another
-        // stage's) must not hang the reader; fstat then refuses it.
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-        if fd < 0 {
-            if errno == ENOENT { return nil }
-            throw .init("cannot open \(path): \(String(cString: strerror(errno)))")
-        }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw .init("cannot stat \(path): \(String(cString: strerror(errno)))") }
-        guard (info.st_mode & S_IFMT) == S_IFREG else { throw .init("\(path): not a regular file") }
-        guard info.st_size <= maximumFileSize else {
-            throw .init("\(path): larger than \(maximumFileSize) bytes (\(info.st_size))")
-        }
-        var bytes = [UInt8](repeating: 0, count: Int(info.st_size) + 1)
-        var count = 0
-        while count < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + count, $0.count - count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw .init("cannot read \(path): \(String(cString: strerror(errno)))")
-            }
-            if n == 0 { break }
-            count += n
-        }
-        bytes.removeLast(bytes.count - count)
-        do {
-            return try LocalRecipientTable(decoding: bytes)
-        } catch {
-            throw .init("\(path): \(error.reason)")
-        }
     }
 
     static func isValidName(_ name: String) -> Bool {

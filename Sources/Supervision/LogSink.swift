@@ -14,6 +14,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import FileAccess
 
 public final class LogSink {
     public let path: String
@@ -72,7 +73,7 @@ public final class LogSink {
     /// to standard error.
     public func write(_ line: String) {
         guard fd >= 0 else {
-            writeAll(2, Array("\(line)\n".utf8))
+            _ = WholeFile.writeAll(2, Array("\(line)\n".utf8))
             return
         }
         addStamped(line)
@@ -102,7 +103,7 @@ public final class LogSink {
         guard !pending.isEmpty || (evenIfNone && lostLines > 0) else { return }
         defer { pending.removeAll(keepingCapacity: true) }
         guard fd >= 0 else {
-            writeAll(2, pending)
+            _ = WholeFile.writeAll(2, pending)
             return
         }
         // The ending of a line cut short, then the notice: neither is one
@@ -127,11 +128,11 @@ public final class LogSink {
             if lostLines == 0 && lost > 0 { lostSince = time(nil) }
             lostLines += lost
             lostReason = String(cString: strerror(error))
-            if !echo { writeAll(2, Array(unwritten)) }
+            if !echo { _ = WholeFile.writeAll(2, Array(unwritten)) }
         } else {
             lostLines = 0
         }
-        if echo { writeAll(1, pending) }
+        if echo { _ = WholeFile.writeAll(1, pending) }
     }
 
     private func lostNotice() -> String {

@@ -11,6 +11,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import FileAccess
 import SealpostConfig
 
 public struct StageDefinition: Sendable, Equatable {
@@ -88,7 +89,7 @@ public enum StagesFile {
         do {
             text = try readWholeFile(path)
         } catch {
-            throw StagesFileError(file: path, line: nil, message: "cannot read: \(error)")
+            throw StagesFileError(file: path, line: nil, message: error.withoutPath)
         }
         let stages = try parse(text, file: path, binDirectory: binDirectory)
         for stage in stages where access(stage.executable, X_OK) != 0 {
@@ -146,22 +147,8 @@ struct SystemError: Error, CustomStringConvertible {
     }
 }
 
-/// Reads a whole (small) file; refuses anything over 1 MiB.
-func readWholeFile(_ path: String) throws -> String {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw SystemError("open", path: path) }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 {
-            if errno == EINTR { continue }
-            throw SystemError("read", path: path)
-        }
-        if n == 0 { break }
-        bytes.append(contentsOf: buffer[0..<n])
-        if bytes.count > 1 << 20 { throw SystemError("read", path: path, code: EFBIG) }
-    }
-    return String(decoding: bytes, as: UTF8.self)
+/// A whole small file (a stages file, /proc/PID/status) as text; refuses
+/// anything over 1 MiB.
+func readWholeFile(_ path: String) throws(FileError) -> String {
+    String(decoding: try WholeFile.read(path, maximumSize: 1 << 20).bytes, as: UTF8.self)
 }

@@ -9,6 +9,7 @@ import Glibc
 #endif
 import CSystemShims
 import CSystemSpawn
+import FileAccess
 import SealpostConfig
 import StageProtocol
 import StageRuntime
@@ -749,14 +750,8 @@ func isBlank(_ line: [UInt8]) -> Bool {
 }
 
 /// Writes `path` through a temporary file and rename(2); mode 0644.
-func writeFileAtomically(_ path: String, _ text: String) throws {
-    let temporary = path + ".tmp"
-    let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o644)
-    guard fd >= 0 else { throw SystemError("open", path: temporary) }
-    let ok = writeAll(fd, Array(text.utf8))
-    close(fd)
-    guard ok else { throw SystemError("write", path: temporary) }
-    guard rename(temporary, path) == 0 else { throw SystemError("rename", path: path) }
+func writeFileAtomically(_ path: String, _ text: String) throws(FileError) {
+    try WholeFile.replace(path, with: Array(text.utf8), mode: 0o644, temporary: path + ".tmp")
 }
 
 /// The pid in a pid file when that process is alive and is a supervisor.

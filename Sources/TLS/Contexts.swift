@@ -6,6 +6,7 @@
 import Glibc
 #endif
 import COpenSSL
+import FileAccess
 
 /// An owned SSL_CTX.
 final class ContextHandle {
@@ -201,37 +202,29 @@ public enum PEMFile {
     public static let maximumSize = 1 << 20
 
     public static func read(path: String, what: String) throws(TLSError) -> [UInt8] {
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY)
-        guard fd >= 0 else { throw TLSError(.configuration, "\(what) \(path): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        return try read(fd: fd, what: "\(what) \(path)")
+        let bytes: [UInt8]
+        do {
+            bytes = try WholeFile.read(path, maximumSize: maximumSize).bytes
+        } catch {
+            throw TLSError(.configuration, "\(what) \(path): \(error.withoutPath)")
+        }
+        return try nonEmpty(bytes, what: "\(what) \(path)")
     }
 
     /// The whole content of a regular file open on `fd`, from offset 0
     /// (pread: the offset may be shared with the process that opened it).
     /// Does not close `fd`.
     public static func read(fd: Int32, what: String) throws(TLSError) -> [UInt8] {
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw TLSError(.configuration, "\(what): \(String(cString: strerror(errno)))") }
-        guard (info.st_mode & S_IFMT) == S_IFREG else { throw TLSError(.configuration, "\(what): not a regular file") }
-        guard info.st_size <= maximumSize else { throw TLSError(.configuration, "\(what): larger than \(maximumSize) bytes") }
-        var bytes = [UInt8](repeating: 0, count: Int(info.st_size) + 1)
-        var filled = 0
-        while true {
-            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + filled, $0.count - filled, off_t(filled)) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw TLSError(.configuration, "\(what): \(String(cString: strerror(errno)))")
-            }
-            if n == 0 { break }
-            filled += n
-            if filled == bytes.count {
-                // Grew while being read: read on, within the bound.
-                guard bytes.count <= maximumSize else { throw TLSError(.configuration, "\(what): larger than \(maximumSize) bytes") }
-                bytes += [UInt8](repeating: 0, count: 4096)
-            }
+        let bytes: [UInt8]
+        do {
+            bytes = try WholeFile.read(descriptor: fd, path: what, maximumSize: maximumSize).bytes
+        } catch {
+            throw TLSError(.configuration, "\(what): \(error.withoutPath)")
         }
-        bytes.removeSubrange(filled...)
+        return try nonEmpty(bytes, what: what)
+    }
+
+    private static func nonEmpty(_ bytes: [UInt8], what: String) throws(TLSError) -> [UInt8] {
         guard !bytes.isEmpty else { throw TLSError(.configuration, "\(what): empty file") }
         return bytes
     }

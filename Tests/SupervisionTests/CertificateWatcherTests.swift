@@ -2,6 +2,7 @@
 // what one CERTIFICATES record holds.
 
 import CSystemShims
+import FileAccess
 import Glibc
 import StageProtocol
 import SealpostConfig
@@ -22,12 +23,7 @@ import Testing
         func path(_ name: String) -> String { dir + "/" + name }
         func write(_ name: String, _ text: String) throws {
             // As an editor or certbot does: a new file renamed over the old.
-            let temporary = path(name + ".new")
-            let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-            guard fd >= 0 else { throw SystemError("open", path: temporary) }
-            _ = writeAll(fd, Array(text.utf8))
-            close(fd)
-            guard rename(temporary, path(name)) == 0 else { throw SystemError("rename", path: name) }
+            try WholeFile.replace(path(name), with: Array(text.utf8), mode: 0o600, temporary: path(name + ".new"))
         }
     }
 

@@ -62,12 +62,12 @@ import Testing
         }
     }
 
-    @Test func loadChecksThatExecutablesRun() {
-        do {
-            _ = try StagesFile.load(path: "/dev/null", binDirectory: "/b")
-            Issue.record("no error")
-        } catch {
-            #expect(error.description == "/dev/null: no stage defined")
+    @Test func loadNamesTheFileAndWhyItCannotBeRead() {
+        #expect(throws: StagesFileError(file: "/dev/null", line: nil, message: "not a regular file")) {
+            try StagesFile.load(path: "/dev/null", binDirectory: "/b")
+        }
+        #expect(throws: StagesFileError(file: "/nonexistent/stages", line: nil, message: "cannot open: No such file or directory")) {
+            try StagesFile.load(path: "/nonexistent/stages", binDirectory: "/b")
         }
     }
 }
