@@ -61,8 +61,10 @@ public final class Authenticator: Sendable {
     public func owns(user: String, sender: String) -> Bool {
         if sender.isEmpty { return true }
         let address = sender.lowercased()
-        guard let at = address.lastIndex(of: "@") else { return false }
-        let domain = address[address.index(after: at)...]
+        // The last "@" byte, as the queue splits it (MailMessage's
+        // EnvelopeAddress; this module does not link it).
+        guard let at = address.utf8.lastIndex(of: UInt8(ascii: "@")) else { return false }
+        let domain = address[address.utf8.index(after: at)...]
         return senders(of: user).contains { owned in
             owned.hasPrefix("@") ? owned.dropFirst() == domain : owned == address
         }

@@ -70,6 +70,9 @@ public enum WholeFile {
         /// Refuse a symbolic link as the last component (O_NOFOLLOW): for
         /// files in a directory another user may write.
         public static let noFollow = Options(rawValue: 1)
+        /// Also read a character device, bounded as a file is: /dev/null
+        /// as an empty file, the way an administrator turns a table off.
+        public static let characterDevices = Options(rawValue: 2)
     }
 
     /// The content of the regular file at `path`, at most `maximumSize`
@@ -82,7 +85,7 @@ public enum WholeFile {
         let fd = open(path, flags)
         guard fd >= 0 else { throw .system("open", path) }
         defer { close(fd) }
-        return try read(descriptor: fd, path: path, maximumSize: maximumSize)
+        return try read(descriptor: fd, path: path, maximumSize: maximumSize, options: options)
     }
 
     /// `read`, or nil when the file does not exist.
@@ -97,13 +100,16 @@ public enum WholeFile {
 
     /// The whole content of the regular file open on `descriptor`, from
     /// offset 0 (pread: the offset may be shared with whoever opened it),
-    /// at most `maximumSize` bytes; `path` names it in errors. Does not
-    /// close `descriptor`.
-    public static func read(descriptor fd: Int32, path: String,
-                            maximumSize: Int) throws(FileError) -> (bytes: [UInt8], status: stat) {
+    /// at most `maximumSize` bytes; `path` names it in errors. Of the
+    /// options, only `.characterDevices` applies. Does not close
+    /// `descriptor`.
+    public static func read(descriptor fd: Int32, path: String, maximumSize: Int,
+                            options: Options = []) throws(FileError) -> (bytes: [UInt8], status: stat) {
+        precondition(maximumSize < Int.max, "a bound, one byte more than which is read")
         var status = stat()
         guard fstat(fd, &status) == 0 else { throw .system("stat", path) }
-        guard (status.st_mode & S_IFMT) == S_IFREG else {
+        let type = status.st_mode & S_IFMT
+        guard type == S_IFREG || (type == S_IFCHR && options.contains(.characterDevices)) else {
             throw FileError(step: "stat", path: path, reason: .notRegularFile)
         }
         guard status.st_size <= maximumSize else {

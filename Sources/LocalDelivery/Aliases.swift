@@ -23,6 +23,7 @@ import Glibc
 import Darwin
 #endif
 import FileAccess
+import MailMessage
 import SealpostConfig
 
 public enum AliasTarget: Hashable, Sendable, CustomStringConvertible {
@@ -76,7 +77,7 @@ public struct AliasTable: Sendable, Equatable {
     public static func load(path: String, localDomains: Set<String>) throws(AliasError) -> AliasTable {
         let bytes: [UInt8]
         do {
-            guard let file = try WholeFile.readIfPresent(path, maximumSize: maximumFileSize) else { return AliasTable() }
+            guard let file = try WholeFile.readIfPresent(path, maximumSize: maximumFileSize, options: .characterDevices) else { return AliasTable() }
             bytes = file.bytes
         } catch {
             throw AliasError(file: path, line: nil, message: error.withoutPath)
@@ -199,13 +200,13 @@ public struct AliasTable: Sendable, Equatable {
                 throw fail("invalid character \"\(ch)\" in target \(raw)")
             }
         }
-        guard let at = token.lastIndex(of: "@") else {
+        guard let (localPart, domainPart) = EnvelopeAddress.split(token) else {
             if token.isEmpty { throw fail("empty target") }
             return .name(token.lowercased())
         }
-        let local = String(token[..<at])
-        let domain = String(token[token.index(after: at)...])
-        if local.isEmpty || domain.isEmpty || local.contains("@") {
+        let local = String(localPart)
+        let domain = String(domainPart)
+        if local.isEmpty || domain.isEmpty || local.utf8.contains(UInt8(ascii: "@")) {
             throw fail("malformed address target \(raw): expected user@domain")
         }
         if domain.hasPrefix(".") || domain.hasSuffix(".") || domain.contains("..") {

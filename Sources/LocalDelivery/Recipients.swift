@@ -11,6 +11,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import MailMessage
 import StageProtocol
 
 public struct LocalUsers: Sendable, Equatable {
@@ -127,9 +128,9 @@ public struct RecipientResolver: Sendable {
     public func resolve(_ address: String) throws(DeliveryError) -> [Destination] {
         let local: String
         let domain: String
-        if let at = address.lastIndex(of: "@") {
-            local = String(address[..<at])
-            domain = String(address[address.index(after: at)...]).lowercased()
+        if let (localPart, domainPart) = EnvelopeAddress.split(address) {
+            local = String(localPart)
+            domain = domainPart.lowercased()
             guard isLocal(domain: domain) else {
                 throw DeliveryError(status: "5.1.2", text: "domain \"\(domain)\" is not a local domain")
             }

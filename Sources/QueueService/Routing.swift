@@ -1,6 +1,7 @@
 // Which delivery stage handles a recipient, and how recipients are grouped
 // into jobs.
 
+import MailMessage
 import Spool
 
 /// The delivery transports of PROTOCOL.md 4.3 (`transport` of a deliver HELLO).
@@ -29,16 +30,10 @@ public struct Router: Sendable {
     /// `LocalSettings.isLocal(domain:)` in the service).
     public init(isLocal: @escaping @Sendable (String) -> Bool) { self.isLocal = isLocal }
 
-    /// The domain of an address: what follows the last "@", lower-cased;
-    /// nil for a bare local part such as "postmaster".
+    /// The domain of an address: what follows the last "@" byte,
+    /// lower-cased; nil for a bare local part such as "postmaster".
     public static func domain(of address: String) -> String? {
-        // Searched for as a byte, not as a Character: this runs for every
-        // recipient each time it is routed, and a Character search walks
-        // grapheme clusters (a "@" followed by a combining mark, which no
-        // valid domain starts with, now counts as the "@" it is).
-        guard let at = address.utf8.lastIndex(of: UInt8(ascii: "@")) else { return nil }
-        let domain = address[address.utf8.index(after: at)...]
-        return domain.isEmpty ? nil : domain.lowercased()
+        EnvelopeAddress.domain(of: address)
     }
 
     /// A bare local part (no domain) is local: it can only mean a user here.

@@ -37,6 +37,7 @@ import Darwin
 import DNS
 import NIOCore
 import NIOPosix
+import MailMessage
 import SMTP
 import StageProtocol
 
@@ -107,8 +108,7 @@ extension DeliveryJob {
     /// The destination domain: `nexthop`, else the first recipient's domain.
     public var destination: String {
         if let nexthop, !nexthop.isEmpty { return nexthop.lowercased() }
-        let a = recipients.first?.address ?? ""
-        return a.lastIndex(of: "@").map { String(a[a.index(after: $0)...]).lowercased() } ?? ""
+        return EnvelopeAddress.split(recipients.first?.address ?? "")?.domain.lowercased() ?? ""
     }
 }
 

@@ -149,7 +149,7 @@ public struct TransportTable: Sendable {
     public static func load(path: String) throws(TransportTableError) -> TransportTable {
         let bytes: [UInt8]
         do {
-            guard let file = try WholeFile.readIfPresent(path, maximumSize: maximumFileSize) else { return TransportTable() }
+            guard let file = try WholeFile.readIfPresent(path, maximumSize: maximumFileSize, options: .characterDevices) else { return TransportTable() }
             bytes = file.bytes
         } catch {
             throw TransportTableError(file: path, line: nil, message: error.withoutPath)

@@ -158,7 +158,12 @@ public struct RelayPolicy: Sendable, Hashable {
         let local = isLocal(mailbox.normalizedDomain)
         let relay = !local && isRelayDomain(mailbox.normalizedDomain)
         if !privileged {
-            let routing = mailbox.localPart.contains { $0 == "%" || $0 == "!" || $0 == "@" }
+            // Bytes, not Characters: a "%" or "@" followed by a combining
+            // mark is one Character, and still the byte another MTA would
+            // route by.
+            let routing = mailbox.localPart.utf8.contains {
+                $0 == UInt8(ascii: "%") || $0 == UInt8(ascii: "!") || $0 == UInt8(ascii: "@")
+            }
             if routing { return .denied(Self.routingDenied) }
             if !path.sourceRoute.isEmpty && !local { return .denied(Self.routingDenied) }
         }

@@ -87,7 +87,7 @@ public enum StagesFile {
     public static func load(path: String, binDirectory: String) throws(StagesFileError) -> [StageDefinition] {
         let text: String
         do {
-            text = try readWholeFile(path)
+            text = try readWholeFile(path, options: .characterDevices)
         } catch {
             throw StagesFileError(file: path, line: nil, message: error.withoutPath)
         }
@@ -149,6 +149,6 @@ struct SystemError: Error, CustomStringConvertible {
 
 /// A whole small file (a stages file, /proc/PID/status) as text; refuses
 /// anything over 1 MiB.
-func readWholeFile(_ path: String) throws(FileError) -> String {
-    String(decoding: try WholeFile.read(path, maximumSize: 1 << 20).bytes, as: UTF8.self)
+func readWholeFile(_ path: String, options: WholeFile.Options = []) throws(FileError) -> String {
+    String(decoding: try WholeFile.read(path, maximumSize: 1 << 20, options: options).bytes, as: UTF8.self)
 }

@@ -177,6 +177,10 @@ public final class Supervisor {
         // stage's start (even one that fails at once) can release it.
         let waiting = listenerWaits ? slots.first { $0.definition.name == settings.listenerStage } : nil
         if let waiting {
+            // Bound now, so that the kernel queues the connections of the
+            // wait in the backlog instead of refusing them; a failure is
+            // left to the listener's start, which retries.
+            if let notes = try? listening.bindAll() { for line in notes { note(line) } }
             waiting.state = .waiting
             waiting.waitUntil = monotonicNow() + settings.listenerStartWait
             note("stage \(waiting.definition.name) starts once \(settings.reloadStage) reported ready (it writes the local recipient table first), within \(Int(settings.listenerStartWait)) s")
@@ -381,10 +385,13 @@ public final class Supervisor {
         }
         writeStatus()
         if slot.ready >= 0 {
+            // Reaped before its pipe was read: the byte may be there.
+            var byte: UInt8 = 0
+            let reported = read(slot.ready, &byte, 1) == 1
             close(slot.ready)
             slot.ready = -1
             if name == settings.reloadStage {
-                startWaitingListener(reason: "\(name) (pid \(pid)) exited before it reported ready")
+                startWaitingListener(reason: "\(name) (pid \(pid)) " + (reported ? "reported ready" : "exited before it reported ready"))
             }
         }
     }
@@ -593,6 +600,10 @@ public final class Supervisor {
         slot.since = time(nil)
         note("reloaded stage \(slot.definition.name): pid \(replacement.pid) replaces pid \(old), which finishes its work and stops")
         writeStatus()
+        // A reload before the first instance reported: the new one's report
+        // counts (its table is written). The first one's pipe stays open
+        // until it ends (closed, its byte would meet EPIPE).
+        startWaitingListener(reason: "\(slot.definition.name) (pid \(replacement.pid)) reported ready")
     }
 
     private func replacementExited(_ slot: StageSlot, status: Int32) {

@@ -43,9 +43,10 @@
 //     When the stages file has both local-deliver and smtp-listen and
 //     [smtp] reject_unknown_local_recipients is on, smtp-listen's first
 //     start waits (state "waiting") until local-deliver reported ready,
-//     having written the local recipient table, or exited, or 10 s passed:
-//     no RCPT is ever answered without the table local-deliver loads (the
-//     kernel holds the connections of those moments in the backlog).
+//     having written the local recipient table, or exited, or 10 s passed,
+//     so that its first RCPT already has the table. The sockets are bound
+//     before the wait: the kernel holds the connections of those moments
+//     in the backlog.
 //
 //     crypto-negotiate gets the certificate channel: a SOCK_SEQPACKET
 //     socketpair end as descriptor 3 (SEALPOST_CERTIFICATE_FD=3), a new

@@ -95,6 +95,18 @@ final class Scratch {
             try WholeFile.read(scratch.path, maximumSize: 10)
         }
         #expect(FileError(step: "stat", path: "/x", reason: .notRegularFile).description == "/x: not a regular file")
+        // A character device only when asked: /dev/null is then empty, and
+        // /dev/zero as large as the bound allows.
+        #expect(throws: FileError(step: "stat", path: "/dev/null", reason: .notRegularFile)) {
+            try WholeFile.read("/dev/null", maximumSize: 10)
+        }
+        #expect(try WholeFile.read("/dev/null", maximumSize: 10, options: .characterDevices).bytes == [])
+        #expect(throws: FileError(step: "read", path: "/dev/zero", reason: .tooLarge(limit: 10_000))) {
+            try WholeFile.read("/dev/zero", maximumSize: 10_000, options: .characterDevices)
+        }
+        #expect(throws: FileError(step: "stat", path: scratch.file("fifo"), reason: .notRegularFile)) {
+            try WholeFile.read(scratch.file("fifo"), maximumSize: 10, options: .characterDevices)
+        }
     }
 
     @Test func refusesALinkWithNoFollow() throws {

@@ -195,6 +195,15 @@ private func parseError(_ text: String) -> AliasError? {
         ])
     }
 
+    @Test func anAtSignFollowedByACombiningMarkStillSplitsTheAddress() throws {
+        // One Character "@\u{301}", the byte "@" all the same: the domain is
+        // "\u{301}localhost", not a local one (before, the whole address was
+        // taken for a local part of the default domain).
+        #expect(throws: DeliveryError(status: "5.1.2", text: "domain \"\u{301}localhost\" is not a local domain")) {
+            try resolver.resolve("alice@\u{301}localhost")
+        }
+    }
+
     @Test func remoteForwardTarget() throws {
         #expect(try resolver.resolve("root@example.org").contains(.forward(address: "ops@remote.test")))
     }

@@ -30,3 +30,15 @@ import SealpostConfig
         #expect(defaults.mxAddressLimit == 5 && defaults.mxSessionLimit == 2)
     }
 }
+
+/// Where a job goes: its nexthop, else its first recipient's domain, split
+/// at the last "@" byte as the queue routes it.
+@Suite struct JobDestinationTests {
+    @Test func theNexthopElseTheFirstRecipientsDomain() {
+        #expect(makeJob(to: ["a@Remote.TEST", "b@other.test"]).destination == "remote.test")
+        #expect(makeJob(to: ["a@remote.test"], nexthop: "Relay.TEST").destination == "relay.test")
+        // "@\u{301}" is one Character: a Character search found no domain.
+        #expect(makeJob(to: ["a@\u{301}evil.example"]).destination == "\u{301}evil.example")
+        #expect(makeJob(to: ["postmaster"]).destination == "")
+    }
+}

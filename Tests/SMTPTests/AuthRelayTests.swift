@@ -156,6 +156,11 @@ let authPolicy = policy { $0.auth = .always }
         ("<\"bob@elsewhere.example\"@example.org>", .denied(RelayPolicy.routingDenied)),
         ("<bob%x@relay.example>", .denied(RelayPolicy.routingDenied)),
         ("<@example.org:bob@elsewhere.example>", .denied(RelayPolicy.routingDenied)),
+        // Each followed by a combining acute accent: one Character with it,
+        // still the byte.
+        ("<bob%\u{301}elsewhere.example@example.org>", .denied(RelayPolicy.routingDenied)),
+        ("<elsewhere.example!\u{301}bob@example.org>", .denied(RelayPolicy.routingDenied)),
+        ("<\"bob@\u{301}elsewhere.example\"@example.org>", .denied(RelayPolicy.routingDenied)),
     ])
     func untrusted(_ address: String, _ expected: RelayDecision) throws {
         #expect(try decide(address) == expected)

@@ -63,8 +63,12 @@ import Testing
     }
 
     @Test func loadNamesTheFileAndWhyItCannotBeRead() {
-        #expect(throws: StagesFileError(file: "/dev/null", line: nil, message: "not a regular file")) {
+        // /dev/null reads as an empty file.
+        #expect(throws: StagesFileError(file: "/dev/null", line: nil, message: "no stage defined")) {
             try StagesFile.load(path: "/dev/null", binDirectory: "/b")
+        }
+        #expect(throws: StagesFileError(file: "/tmp", line: nil, message: "not a regular file")) {
+            try StagesFile.load(path: "/tmp", binDirectory: "/b")
         }
         #expect(throws: StagesFileError(file: "/nonexistent/stages", line: nil, message: "cannot open: No such file or directory")) {
             try StagesFile.load(path: "/nonexistent/stages", binDirectory: "/b")

@@ -12,6 +12,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import stat
 
 from conftest import IS_ROOT, Pipeline, connect_smtp, free_tcp_port, require_build, running, wait_until
@@ -144,9 +145,15 @@ def test_a_local_delivery_program_that_never_reports_ready_delays_smtp_listen_te
     pipe = Pipeline(workdir, stages="queue queue\nsmtp-listen smtp-listen\nlocal-deliver /bin/sleep 600\n",
                     config_overrides={"listen": f'["127.0.0.1:{port}"]'})
     with running(pipe):
+        # One connection, not retried: the port is bound before the wait,
+        # so it waits in the backlog (refused, it would raise) and gets
+        # its greeting once smtp-listen runs.
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+            assert raw.recv(512).startswith(b"220 ")
         assert rcpt_replies(port, ["nobody-e2e@localhost"])["nobody-e2e@localhost"][0] == 250
         warning = "warning: local-deliver did not report ready within 10 s; starting stage smtp-listen"
         log = pipe.log_with(warning, "no local recipient table")
+        assert log.index(f"bound smtp-{port} for smtp on 127.0.0.1:{port}") < log.index(warning)
         assert log.index("stage smtp-listen starts once local-deliver reported ready") < log.index(warning)
         assert log.index(warning) < log.index("started stage smtp-listen")
         assert pipe.status()["smtp-listen"][0] == "running"
