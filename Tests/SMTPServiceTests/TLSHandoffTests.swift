@@ -199,7 +199,8 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
             #expect(h.logs.eventually("no answer from crypto-negotiate"))
             #expect(handoff.pendingCount == 0)
 
-            let smtps = try h.client(port: try #require(h.smtpsPort))
+            let port: Int = try #require(h.smtpsPort)
+            let smtps = try h.client(port: port)
             let second = try #require(try peer.receive())
             #expect(second.type == .negotiate)
             close(try second.fd("socket"))
@@ -300,7 +301,7 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
     @Test func requestsEndOnceWhenTheClientLeavesOrTheHandOffStops() throws {
         try withCryptoNegotiatePeer("leaves") { h, peer in
             let handoff = try #require(h.server.tlsHandoff)
-            let (c, negotiate) = try startTLS(h, peer)
+            let (c, _) = try startTLS(h, peer)
             #expect(handoff.pendingCount == 1)
             c.reset()
             _ = becomesTrue { handoff.pendingCount == 0 }
@@ -327,6 +328,8 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
     @Test func stopDuringTheHandOffEndsTheSessionInTLS() throws {
         try withCryptoNegotiatePeer("stop") { h, peer in
             let (c, negotiate) = try startTLS(h, peer)
+            // The client stays connected throughout (nothing else uses it).
+            defer { withExtendedLifetime(c) {} }
 
             let stopped = Mutex(false)
             let stopper = Thread {
