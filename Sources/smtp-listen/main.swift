@@ -61,7 +61,8 @@
 //      in local recipient table" (user+ext counts as user; postmaster is
 //      always accepted). The names come from local/recipients under the
 //      data directory, which local-deliver writes at each start and reload
-//      (Pipeline/PROTOCOL.md section 8); smtp-listen looks at it at start
+//      (Pipeline/PROTOCOL.md section 8; the supervisor starts smtp-listen
+//      once local-deliver has, section 7); smtp-listen looks at it at start
 //      and then once a second, and loads a new one (logged: "local
 //      recipient table loaded: N names from PATH"). Without the file every
 //      local part is accepted; one that does not load leaves the table in
