@@ -180,7 +180,11 @@ public final class Supervisor {
             // Bound now, so that the kernel queues the connections of the
             // wait in the backlog instead of refusing them; a failure is
             // left to the listener's start, which retries.
-            if let notes = try? listening.bindAll() { for line in notes { note(line) } }
+            do {
+                for line in try listening.bindAll() { note(line) }
+            } catch {
+                note("warning: \(error) (\(waiting.definition.name)'s start tries again)")
+            }
             waiting.state = .waiting
             waiting.waitUntil = monotonicNow() + settings.listenerStartWait
             note("stage \(waiting.definition.name) starts once \(settings.reloadStage) reported ready (it writes the local recipient table first), within \(Int(settings.listenerStartWait)) s")
@@ -391,7 +395,7 @@ public final class Supervisor {
             close(slot.ready)
             slot.ready = -1
             if name == settings.reloadStage {
-                startWaitingListener(reason: "\(name) (pid \(pid)) " + (reported ? "reported ready" : "exited before it reported ready"))
+                startWaitingListener(reason: "\(name) (pid \(pid)) " + (reported ? "reported ready before it exited" : "exited before it reported ready"))
             }
         }
     }

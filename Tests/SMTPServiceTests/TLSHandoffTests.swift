@@ -254,6 +254,8 @@ private func startTLS(_ h: Harness, _ peer: StageConnection) throws -> (SMTPTest
                                           "text": .text("test handshake failure")]))
             _ = becomesTrue { h.server.handshakeCount == 0 }
             #expect(h.server.handshakeCount == 0)
+            // And the refused third is uncounted (see below).
+            #expect(becomesTrue { h.server.sessionCount == 1 })
             let again = try h.client()
             #expect(again.reply()?.code == 220)
             #expect(plain.command("QUIT")?.code == 221)
