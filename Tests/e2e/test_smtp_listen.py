@@ -27,16 +27,11 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, Pipeline, executable, local_user, parse_message, require_build, wait_until
+from conftest import (IS_ROOT, Pipeline, executable, free_tcp_port as free_port, local_user, parse_message,
+                      require_build, wait_until)
 from mtapeers import wait_for_listener
 from stageproto import (ABORT, ACCEPTED, BODY, END, HELLO, MAIL, MAX_FRAME, QUEUE_ID, RCPT, REFUSED,
                         decode_attributes, encode)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class QueueStandIn:

@@ -32,16 +32,10 @@ import time
 
 import pytest
 
-from conftest import (IS_ROOT, Pipeline, local_user, make_message, parse_message, require_build,
-                      sequences_delivered, wait_until)
+from conftest import (IS_ROOT, Pipeline, free_tcp_port as free_port, local_user, make_message, parse_message,
+                      require_build, sequences_delivered, wait_until)
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raise_open_files(needed):
