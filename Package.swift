@@ -102,7 +102,7 @@ let package = Package(
         .target(name: "MailMessage"),
         .target(name: "SMTP"),
         // The SMTP AUTH password file and sender ownership (smtp-listen, sealpost user).
-        .target(name: "Accounts", dependencies: ["Sodium", "SealpostConfig", "FileAccess"]),
+        .target(name: "Accounts", dependencies: ["Sodium", "SealpostConfig", "FileAccess", "MailMessage"]),
         .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol", "CSystemShims", "FileAccess"]),
         .target(name: "QueueService", dependencies: [
             "Spool", "CSystemShims", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig",

@@ -8,6 +8,7 @@
 // costs the same as a wrong password (a hash is checked all the same), so
 // the reply time does not tell which names exist.
 
+import MailMessage
 import Sodium
 
 public final class Authenticator: Sendable {
@@ -61,10 +62,7 @@ public final class Authenticator: Sendable {
     public func owns(user: String, sender: String) -> Bool {
         if sender.isEmpty { return true }
         let address = sender.lowercased()
-        // The last "@" byte, as the queue splits it (MailMessage's
-        // EnvelopeAddress; this module does not link it).
-        guard let at = address.utf8.lastIndex(of: UInt8(ascii: "@")) else { return false }
-        let domain = address[address.utf8.index(after: at)...]
+        guard let domain = EnvelopeAddress.split(address)?.domain else { return false }
         return senders(of: user).contains { owned in
             owned.hasPrefix("@") ? owned.dropFirst() == domain : owned == address
         }

@@ -18,6 +18,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import FileAccess
 import Logging
 import SealpostConfig
 import StageProtocol
@@ -148,13 +149,10 @@ public struct ReadyPipe: Sendable, Equatable {
 
     /// One byte, then the pipe is closed.
     public func report() throws(LocalSetupError) {
-        var byte: UInt8 = 0x2E
-        var n: Int
-        repeat { n = write(descriptor, &byte, 1) } while n < 0 && errno == EINTR
-        let failure = n == 1 ? nil : String(cString: strerror(errno))
+        let code = WholeFile.writeAll(descriptor, [0x2E])
         close(descriptor)
-        if let failure {
-            throw LocalSetupError("SEALPOST_READY_FD: \(failure)")
+        if code != 0 {
+            throw LocalSetupError("SEALPOST_READY_FD: \(String(cString: strerror(code)))")
         }
     }
 }

@@ -390,10 +390,11 @@ public final class Supervisor {
         writeStatus()
         if slot.ready >= 0 {
             // Reaped before its pipe was read: the byte may be there.
-            var byte: UInt8 = 0
-            let reported = read(slot.ready, &byte, 1) == 1
-            close(slot.ready)
-            slot.ready = -1
+            let reported = takeReadyReport(&slot.ready) == true
+            if slot.ready >= 0 {   // nothing there, and a writer left (a child of its)
+                close(slot.ready)
+                slot.ready = -1
+            }
             if name == settings.reloadStage {
                 startWaitingListener(reason: "\(name) (pid \(pid)) " + (reported ? "reported ready before it exited" : "exited before it reported ready"))
             }
@@ -429,14 +430,9 @@ public final class Supervisor {
     /// (the instance is exiting, or does not report: a program that took
     /// the stage's place).
     private func startReported(_ slot: StageSlot) {
-        guard slot.ready >= 0 else { return }
-        var byte: UInt8 = 0
-        let n = read(slot.ready, &byte, 1)
-        if n < 0 && (errno == EINTR || errno == EAGAIN) { return }
-        close(slot.ready)
-        slot.ready = -1
+        guard let reported = takeReadyReport(&slot.ready) else { return }
         startWaitingListener(reason: "\(slot.definition.name) (pid \(slot.pid)) "
-                             + (n == 1 ? "reported ready" : "closed its ready pipe without reporting ready"))
+                             + (reported ? "reported ready" : "closed its ready pipe without reporting ready"))
     }
 
     private func startDueStages() {
@@ -584,14 +580,9 @@ public final class Supervisor {
     /// The replacement's ready pipe is readable: a byte (ready), or its end
     /// (it is exiting without being ready; `replacementExited` follows).
     private func replacementReported(_ slot: StageSlot) {
-        guard var replacement = slot.replacement, replacement.ready >= 0 else { return }
-        var byte: UInt8 = 0
-        let n = read(replacement.ready, &byte, 1)
-        if n < 0 && (errno == EINTR || errno == EAGAIN) { return }
-        close(replacement.ready)
-        replacement.ready = -1
+        guard var replacement = slot.replacement, let reported = takeReadyReport(&replacement.ready) else { return }
         slot.replacement = replacement
-        guard n == 1, !stopping else { return }
+        guard reported, !stopping else { return }
         slot.replacement = nil
         let old = slot.pid
         if slot.state == .running && old > 0 {
@@ -758,6 +749,19 @@ func handlesSignal(pid: pid_t, _ signal: Int32) -> Bool {
         }
     }
     return false
+}
+
+/// Reads a ready pipe (non-blocking) and closes it, setting `fd` to -1:
+/// true for the ready byte, false for the pipe's end (or an error); nil,
+/// and the pipe left open, when nothing is there yet or `fd` is closed.
+func takeReadyReport(_ fd: inout Int32) -> Bool? {
+    guard fd >= 0 else { return nil }
+    var byte: UInt8 = 0
+    let n = read(fd, &byte, 1)
+    if n < 0 && (errno == EINTR || errno == EAGAIN) { return nil }
+    close(fd)
+    fd = -1
+    return n == 1
 }
 
 func isBlank(_ line: [UInt8]) -> Bool {
