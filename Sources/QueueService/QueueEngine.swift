@@ -391,7 +391,8 @@ final class QueueEngine: @unchecked Sendable {
         forgetSuspensions(id)
         var operations: [SpoolOperation] = []
         var built: (EnvelopeRecord, MessageKind)?
-        if let plan = NoticePlanner.completionNotice(for: env, router: router, postmaster: config.postmaster) {
+        if let plan = NoticePlanner.completionNotice(for: env, router: router, postmaster: config.postmaster,
+                                                     doubleBounceSender: config.doubleBounceSender) {
             do {
                 let (n, body) = try buildNotice(plan, original: env, now: now)
                 operations.append(.insert(n, body))
@@ -402,7 +403,7 @@ final class QueueEngine: @unchecked Sendable {
                 completion?.value(.failure(.io("cannot create the delivery status notification: \(error)")))
                 return
             }
-        } else if env.kind == .doubleBounce && env.recipients.contains(where: { $0.state == .bounced }) {
+        } else if NoticePlanner.isDiscardedNotice(env, doubleBounceSender: config.doubleBounceSender) {
             logger.warning("\(id): undeliverable postmaster notification discarded")
         }
         operations.append(.delete(id))
@@ -437,7 +438,8 @@ final class QueueEngine: @unchecked Sendable {
     }
 
     /// Builds the RFC 3464 notice of `plan` about `original` as a new
-    /// message from `<>`, sealed for the spool.
+    /// message from `<>` (a double bounce: from the double-bounce sender),
+    /// sealed for the spool.
     func buildNotice(_ plan: NoticePlan, original: EnvelopeRecord, now t: UInt64) throws -> (EnvelopeRecord, SealedBody) {
         var body: [UInt8] = []
         do {
@@ -473,7 +475,8 @@ final class QueueEngine: @unchecked Sendable {
         let writer = try spool.makeBodyWriter()
         try writer.append(message)
         let sealed = try writer.finish()
-        let env = EnvelopeRecord(queueID: spool.newQueueID(), sender: "", arrival: t, size: UInt64(message.count),
+        let sender = plan.kind == .doubleBounce ? config.doubleBounceSender : ""
+        let env = EnvelopeRecord(queueID: spool.newQueueID(), sender: sender, arrival: t, size: UInt64(message.count),
                                  ret: nil, envid: nil, requireTLS: false, smtputf8: original.smtputf8,
                                  bodyType: nil, clientAddress: nil, clientName: nil, helo: nil,
                                  protocolName: "local", authUser: nil, peerUID: nil, held: false,
@@ -535,7 +538,8 @@ final class QueueEngine: @unchecked Sendable {
                 continue
             }
             if let current = scheduler.envelope(id),
-               let plan = NoticePlanner.delayNotice(for: current, now: t, policy: policy, inFlight: inFlight) {
+               let plan = NoticePlanner.delayNotice(for: current, now: t, policy: policy,
+                                                       doubleBounceSender: config.doubleBounceSender, inFlight: inFlight) {
                 sendDelayNotice(plan, for: id)
                 continue
             }

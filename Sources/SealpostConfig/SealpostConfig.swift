@@ -22,6 +22,12 @@ public struct SealpostConfiguration: Sendable {
     public var hostname: String
     /// An RFC 5321 address, domain lower-cased.
     public var postmaster: String
+    /// The envelope sender of the queue's notices to the postmaster (double
+    /// bounces), as Postfix's double_bounce_sender: a notice from it that
+    /// cannot be delivered is discarded, not reported again, so a double
+    /// bounce that an alias forwarded on (keeping its sender) ends where
+    /// it fails instead of coming back as another one.
+    public var doubleBounceSender: String { "double-bounce@\(hostname)" }
     public var queue: QueueSettings
     public var local: LocalSettings
     public var smtp: SMTPSettings

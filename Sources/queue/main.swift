@@ -34,7 +34,11 @@
 //      is queued: failures (NOTIFY absent or with FAILURE) and local
 //      deliveries with NOTIFY=SUCCESS to the sender; nothing is ever sent to
 //      the null sender; an undeliverable notice goes to the postmaster as a
-//      double bounce; an undeliverable double bounce is logged and dropped.
+//      double bounce, sent from double-bounce@HOSTNAME (Postfix's
+//      double_bounce_sender); an undeliverable double bounce, or anything
+//      else from that sender (a double bounce an alias forwarded), is
+//      logged and dropped, so that a postmaster alias pointing at a failing
+//      address cannot loop.
 //      Recipients still deferred after delay_warning_time get one delay
 //      notice (NOTIFY absent or with DELAY).
 //

@@ -21,6 +21,7 @@ private func take(_ s: inout Scheduler, _ t: Transport, _ now: UInt64) throws ->
     return try #require(job)
 }
 
+private let doubleBounceSender = "double-bounce@mx.example.test"
 private let router = Router(isLocal: { $0 == "localhost" || $0 == "example.test" })
 
 @Suite struct RetryPolicyTests {
@@ -291,7 +292,7 @@ private let router = Router(isLocal: { $0 == "localhost" || $0 == "example.test"
 
     @Test func failuresGoToTheSender() throws {
         let e = final(envelope(1, ["a@localhost", "b@example.net", "c@localhost"]), [.bounced, .sent, .bounced])
-        let plan = try #require(NoticePlanner.completionNotice(for: e, router: router, postmaster: postmaster))
+        let plan = try #require(NoticePlanner.completionNotice(for: e, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender))
         #expect(plan.kind == .bounce && plan.recipient == "a@example.org" && plan.returnFullMessage)
         #expect(plan.entries == [NoticeEntry(index: 0, action: .failed), NoticeEntry(index: 2, action: .failed)])
     }
@@ -300,30 +301,39 @@ private let router = Router(isLocal: { $0 == "localhost" || $0 == "example.test"
         var e = final(envelope(1, ["a@localhost", "b@localhost"]), [.bounced, .bounced])
         e.recipients[0].notify = "NEVER"
         e.ret = "HDRS"
-        let plan = try #require(NoticePlanner.completionNotice(for: e, router: router, postmaster: postmaster))
+        let plan = try #require(NoticePlanner.completionNotice(for: e, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender))
         #expect(plan.entries == [NoticeEntry(index: 1, action: .failed)] && !plan.returnFullMessage)
         e.recipients[1].notify = "SUCCESS"
-        #expect(NoticePlanner.completionNotice(for: e, router: router, postmaster: postmaster) == nil)
+        #expect(NoticePlanner.completionNotice(for: e, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender) == nil)
     }
 
     @Test func successOnlyForLocalDeliveries() throws {
         let e = final(envelope(1, ["a@localhost", "b@example.net"], notify: "SUCCESS,FAILURE"), [.sent, .sent])
-        let plan = try #require(NoticePlanner.completionNotice(for: e, router: router, postmaster: postmaster))
+        let plan = try #require(NoticePlanner.completionNotice(for: e, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender))
         #expect(plan.entries == [NoticeEntry(index: 0, action: .delivered)])
         let quiet = final(envelope(1, ["a@localhost"]), [.sent])
-        #expect(NoticePlanner.completionNotice(for: quiet, router: router, postmaster: postmaster) == nil)
+        #expect(NoticePlanner.completionNotice(for: quiet, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender) == nil)
     }
 
     @Test func neverToTheNullSender() throws {
         let bounce = final(envelope(1, sender: "", kind: .bounce, ["a@example.org"]), [.bounced])
-        let plan = try #require(NoticePlanner.completionNotice(for: bounce, router: router, postmaster: postmaster))
+        let plan = try #require(NoticePlanner.completionNotice(for: bounce, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender))
         #expect(plan.kind == .doubleBounce && plan.recipient == postmaster)
         let nullSender = final(envelope(1, sender: "", ["a@localhost"]), [.bounced])
-        #expect(NoticePlanner.completionNotice(for: nullSender, router: router, postmaster: postmaster)?.kind == .doubleBounce)
+        #expect(NoticePlanner.completionNotice(for: nullSender, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender)?.kind == .doubleBounce)
         let double = final(envelope(1, sender: "", kind: .doubleBounce, [postmaster]), [.bounced])
-        #expect(NoticePlanner.completionNotice(for: double, router: router, postmaster: postmaster) == nil)
+        #expect(NoticePlanner.completionNotice(for: double, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender) == nil)
+        // A double bounce that an alias forwarded comes back as a normal
+        // message from the double-bounce sender: its failure is dropped too,
+        // or a postmaster alias to a failing address would loop for ever.
+        let forwarded = final(envelope(1, sender: "double-bounce@MX.Example.Test", ["admin@example.net"]), [.bounced])
+        #expect(NoticePlanner.completionNotice(for: forwarded, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender) == nil)
+        #expect(NoticePlanner.isDiscardedNotice(forwarded, doubleBounceSender: doubleBounceSender))
+        #expect(NoticePlanner.isDiscardedNotice(double, doubleBounceSender: doubleBounceSender))
+        let otherLocalPart = final(envelope(1, sender: "Double-Bounce@mx.example.test", ["admin@example.net"]), [.bounced])
+        #expect(NoticePlanner.completionNotice(for: otherLocalPart, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender)?.recipient == "Double-Bounce@mx.example.test")
         let delivered = final(envelope(1, sender: "", kind: .bounce, ["a@example.org"]), [.sent])
-        #expect(NoticePlanner.completionNotice(for: delivered, router: router, postmaster: postmaster) == nil)
+        #expect(NoticePlanner.completionNotice(for: delivered, router: router, postmaster: postmaster, doubleBounceSender: doubleBounceSender) == nil)
     }
 
     @Test func delayNoticeOncePerRecipient() throws {
@@ -333,11 +343,13 @@ private let router = Router(isLocal: { $0 == "localhost" || $0 == "example.test"
         e.recipients[1].state = .deferred; e.recipients[1].notify = "FAILURE"
         e.recipients[2].state = .sent
         e.recipients[3].state = .deferred; e.recipients[3].delayNotified = true
-        #expect(NoticePlanner.delayNotice(for: e, now: 14399, policy: policy) == nil)
-        let plan = try #require(NoticePlanner.delayNotice(for: e, now: 14400, policy: policy))
+        #expect(NoticePlanner.delayNotice(for: e, now: 14399, policy: policy, doubleBounceSender: doubleBounceSender) == nil)
+        let plan = try #require(NoticePlanner.delayNotice(for: e, now: 14400, policy: policy, doubleBounceSender: doubleBounceSender))
         #expect(plan.entries == [NoticeEntry(index: 0, action: .delayed)] && !plan.returnFullMessage)
-        #expect(NoticePlanner.delayNotice(for: e, now: 14400, policy: policy, inFlight: [0]) == nil)
+        #expect(NoticePlanner.delayNotice(for: e, now: 14400, policy: policy, doubleBounceSender: doubleBounceSender, inFlight: [0]) == nil)
+        e.sender = "double-bounce@mx.example.test"
+        #expect(NoticePlanner.delayNotice(for: e, now: 14400, policy: policy, doubleBounceSender: doubleBounceSender) == nil)
         e.sender = ""
-        #expect(NoticePlanner.delayNotice(for: e, now: 14400, policy: policy) == nil)
+        #expect(NoticePlanner.delayNotice(for: e, now: 14400, policy: policy, doubleBounceSender: doubleBounceSender) == nil)
     }
 }

@@ -632,11 +632,31 @@ func refusal(_ frame: Frame) throws -> String {
         try TestQueue.report(remote, bjob, "bounced", dsn: "5.1.2", text: "host not found")
         let double = try q.eventually("double bounce") { l in l.messages.count == 1 && l.messages[0].id != bounce.id }
         #expect(double.messages.first?.rcpts.map(\.address) == ["postmaster@localhost"])
+        // From the double-bounce sender, as Postfix's postmaster notices.
+        #expect(double.messages.first?.sender == "double-bounce@mx.example.test")
         // The double bounce itself fails: logged and dropped, nothing more.
         let djob = try TestQueue.receiveJob(stage)
+        #expect(djob.sender == "double-bounce@mx.example.test")
         try TestQueue.report(stage, djob, "bounced", dsn: "5.1.1", text: "unknown user")
         _ = try q.eventually("double bounce discarded") { $0.messages.isEmpty }
         stage.close(); remote.close()
+    }
+
+    @Test func aForwardedDoubleBounceThatFailsIsDroppedNotReportedAgain() throws {
+        // local-deliver forwards the postmaster's mail by an alias, keeping
+        // the envelope sender: the double bounce comes back to the queue
+        // as a normal message from the double-bounce sender. Its failure
+        // must end there: another double bounce would be forwarded again,
+        // fail again, and so on for ever.
+        let q = try TestQueue()
+        let copy = try q.inject(from: "double-bounce@mx.example.test", to: ["admin@example.net"])
+        let remote = try q.deliverer("remote")
+        let job = try TestQueue.receiveJob(remote)
+        #expect(job.queueID == copy)
+        try TestQueue.report(remote, job, "bounced", dsn: "5.1.1", text: "550 5.1.1 no such user")
+        _ = try q.eventually("the copy removed, no notice") { $0.messages.isEmpty }
+        #expect(try q.control("list").messages.isEmpty)
+        remote.close()
     }
 
     @Test func notifyNeverMeansNoBounce() throws {
