@@ -75,12 +75,26 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
         return Frame(.negotiate, attributes: attributes)
     }
 
+    /// The `authentication` values of NEGOTIATED (PROTOCOL.md 4.5) that
+    /// answer a request with this verification method.
+    static func allowedAuthentication(for method: TLSVerification.Method) -> Set<String> {
+        switch method {
+        case .none: return ["encrypted"]
+        case .pkix: return ["pkix"]
+        case .dane: return ["dane-ee", "dane-ta"]
+        case .pin: return ["pin"]
+        }
+    }
+
     static func blockingNegotiate(path: String, socket: Int32, request: TLSClientRequest,
                                   caBundle: String?) -> Result<TLSClientHandOffResult, TLSHandOffError> {
         var owned: Int32? = socket
         defer { if let fd = owned { close(fd) } }
         do {
-            let connection = try StageConnection.connect(path: path)
+            // Bounded: crypto-negotiate answers within the handshake's own
+            // timeout; a wedged one must not hold this thread and the TCP
+            // socket for ever.
+            let connection = try StageConnection.connect(path: path, timeout: Double(request.handshakeTimeout) + 30)
             defer { connection.close() }
             _ = try connection.clientHello(.tls, extra: [("software", .text(QueueClient.software))])
             var frame = negotiateFrame(session: 1, request: request, caBundle: caBundle)
@@ -99,6 +113,13 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
                         return .failure(TLSHandOffError("NEGOTIATED without a plaintext socket"))
                     }
                     let authentication = try answer.text("authentication")
+                    // Only what the request allows: any program may serve
+                    // this socket, and its word decides REQUIRETLS and the
+                    // levels that require an authenticated peer.
+                    guard Self.allowedAuthentication(for: request.verification.method).contains(authentication) else {
+                        close(plaintext)
+                        return .failure(TLSHandOffError("crypto-negotiate reported authentication \"\(authentication)\" for a \(request.verification.method.rawValue) request"))
+                    }
                     let report = SMTPClientTLSReport(protocolVersion: try answer.text("protocol"), cipher: try answer.text("cipher"),
                                                      peerAuthenticated: authentication != "encrypted")
                     return .success(TLSClientHandOffResult(plaintext: plaintext, report: report, authentication: authentication))

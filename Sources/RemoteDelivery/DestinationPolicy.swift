@@ -52,7 +52,8 @@ public protocol DestinationPolicy: Sendable {
     /// hosts and addresses. `entry`: the transport-table entry, if any.
     func security(domain: String, route: DeliveryRoute, entry: TransportEntry?) async -> DestinationSecurity
     /// The verification for one candidate host (PKIX names depend on the
-    /// MX host name; DANE TLSA records on the host too).
+    /// MX host name; DANE TLSA records on the host too). `domain`: the next
+    /// hop's name (the transport table's relay host, else the destination).
     func verification(for candidate: DeliveryCandidate, domain: String, security: DestinationSecurity) -> TLSVerification
 }
 

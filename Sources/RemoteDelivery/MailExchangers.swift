@@ -110,13 +110,20 @@ public struct DeliveryCandidate: Sendable, Hashable, CustomStringConvertible {
     public var preference: Int?
     /// The MX answer and the address answer were both DNSSEC-secure.
     public var secure: Bool
+    /// The MX answer that named this host (or said there was none, for a
+    /// domain's own address) was DNSSEC-secure: the host is the domain's,
+    /// not one an attacker on the path made up (what REQUIRETLS needs,
+    /// RFC 8689 section 4.2.1). False for a next hop given as a host.
+    public var mxSecure: Bool
 
-    public init(host: String, address: String, port: Int, preference: Int? = nil, secure: Bool = false) {
+    public init(host: String, address: String, port: Int, preference: Int? = nil, secure: Bool = false,
+                mxSecure: Bool = false) {
         self.host = host
         self.address = address
         self.port = port
         self.preference = preference
         self.secure = secure
+        self.mxSecure = mxSecure
     }
 
     /// "mx.example.net[192.0.2.1]:25", as Postfix writes it.
@@ -266,7 +273,8 @@ public enum RoutePlanner {
                 case .addresses(let list, let s):
                     for a in order(list, preference: preference) {
                         candidates.append(DeliveryCandidate(host: mx.host, address: a, port: port,
-                                                            preference: mx.preference, secure: secure && s))
+                                                            preference: mx.preference, secure: secure && s,
+                                                            mxSecure: secure))
                     }
                     if list.isEmpty { permanent = permanent ?? "MX host \(mx.host) has no address" }
                 case .noSuchHost(let why):

@@ -6,8 +6,10 @@
 // JOB-DONE when it is done.
 //
 // The queue may restart at any time: the client reconnects with a pause
-// growing from 0.1 s to 5 s. Results of jobs received on a connection that
-// has closed are dropped: the queue already took those jobs back.
+// growing from 0.1 s to 5 s. Jobs received on a connection that has closed
+// are given up: no further host is tried for them and no transaction sends
+// its end of data (the queue already took those jobs back and will hand
+// them out again); their results are dropped.
 
 import NIOCore
 import NIOPosix
@@ -113,6 +115,9 @@ public final class QueueClient: @unchecked Sendable {
 
     func closed(generation: Int) {
         guard generation == self.generation else { return }
+        // At once, not at the reconnection: the jobs of this connection
+        // are abandoned from now on.
+        self.generation += 1
         channel = nil
         if !stopped {
             if helloReceived { agent.log.info("queue closed the connection; reconnecting") }
@@ -155,7 +160,10 @@ public final class QueueClient: @unchecked Sendable {
         case .jobEnd:
             guard let job = try assembling.add(frame) else { throw ProtocolError("JOB-END did not end a job") }
             jobsInFlight += 1
-            agent.deliver(job) { [self] results in
+            // Once this connection is gone the queue has taken the job
+            // back (it retries the recipients of a lost job at once): go no
+            // further with it.
+            agent.deliver(job, abandoned: { [self] in self.generation != generation }) { [self] results in
                 if eventLoop.inEventLoop {
                     report(job: job.job, results, generation: generation)
                 } else {

@@ -193,15 +193,22 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     }
 
     /// Delivers `job`; `completion` gets one result per recipient, on the
-    /// agent's event loop.
-    public func deliver(_ job: DeliveryJob, completion: @escaping @Sendable ([RemoteResult]) -> Void) {
+    /// agent's event loop. `abandoned` (asked on the event loop) turns true
+    /// when the results can no longer reach the queue, which then has taken
+    /// the job back and will hand it out again: from then on no host is
+    /// tried and no end of data sent, so that the message does not go out
+    /// twice (only a transaction past its end of data, whose reply could
+    /// not be reported, can still be repeated).
+    public func deliver(_ job: DeliveryJob, abandoned: @escaping @Sendable () -> Bool = { false },
+                        completion: @escaping @Sendable ([RemoteResult]) -> Void) {
         eventLoop.execute { [self] in
             // An internationalized domain (SMTPUTF8) is looked up, matched
             // in the transport table and named in policies by its A-labels.
             let domain = IDNA.asciiDomain(job.destination) ?? job.destination
             let entry = transports.lookup(domain)
             let hop = entry?.nextHop ?? RoutePlanner.defaultHop(for: domain)
-            let state = JobState(job: job, domain: domain, entry: entry, hop: hop, started: clock(), completion: completion)
+            let state = JobState(job: job, domain: domain, entry: entry, hop: hop, started: clock(),
+                                 abandoned: abandoned, completion: completion)
             if job.oversized {
                 state.decideAll(RemoteResult(index: 0, status: .bounced, dsn: "5.3.4",
                                              text: "message larger than remote-deliver's limit of \(settings.maximumMessageSize) bytes"))
@@ -262,7 +269,10 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
 
     private func start(_ state: JobState, key: String) {
         state.key = key
-        if let connection = takeIdle(key) {
+        if state.abandoned() { return giveUp(state) }
+        // A REQUIRETLS message takes no cached connection: it was opened
+        // for another job, perhaps without the verification this one needs.
+        if !state.job.requireTLS, let connection = takeIdle(key) {
             state.addressesTried += 1
             attempt(state, on: connection, security: state.security)
             return
@@ -314,6 +324,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
     /// Tries the next address, or finishes the job.
     private func next(_ state: JobState) {
         guard !state.pending.isEmpty else { return finish(state, releasing: state.key) }
+        if state.abandoned() { return giveUp(state) }
         // The clear-text retry is the address just tried, not another one.
         let retry = state.candidates.first?.1 == true
         guard retry || state.mayTryAnotherAddress(addressLimit: settings.mxAddressLimit, sessionLimit: settings.mxSessionLimit) else {
@@ -327,7 +338,26 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         state.keptLines = []
         let (candidate, plaintext) = state.candidates.removeFirst()
         let security = state.security ?? DestinationSecurity(requirement: .may, source: "default")
-        let verification = policy.verification(for: candidate, domain: state.domain, security: security)
+        var verification = policy.verification(for: candidate, domain: state.nexthopName, security: security)
+        if state.job.requireTLS {
+            // RFC 8689 section 4.2.1: the MX host from a DNSSEC-validated
+            // lookup (MTA-STS, the other way, is not implemented), and the
+            // server authenticated by PKIX (or DANE) whatever the level;
+            // SMTPClientSession then insists on an authenticated peer that
+            // offers REQUIRETLS. A host that cannot qualify is a
+            // host-specific 5.7.30: another may.
+            if case .mailExchangers = state.hop, !candidate.mxSecure {
+                for index in state.pending {
+                    state.hold(RemoteResult(index: index, status: .bounced, dsn: "5.7.30",
+                                            text: "REQUIRETLS: MX host \(candidate.host) of \(state.nexthopName) was not found by a DNSSEC-validated lookup",
+                                            relay: candidate.description))
+                }
+                return next(state)
+            }
+            if verification.method == .none {
+                verification = TLSVerification(method: .pkix, matchNames: [candidate.host])
+            }
+        }
         if security.requirement == .daneOnly && verification.method != .dane {
             state.failed(AttemptFailure(status: EnhancedStatus(4, 7, 5),
                                         text: "TLS is required (dane-only, \(security.source)), but \(candidate.host) has no DNSSEC-validated TLSA records",
@@ -336,7 +366,9 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
             return next(state)
         }
         var clientPolicy = SMTPClientPolicy(hostname: settings.hostname)
-        clientPolicy.tls = security.requirement.clientMode
+        // REQUIRETLS: TLS or nothing (but where the administrator said
+        // tls=none: then the session refuses the message, 5.7.30).
+        clientPolicy.tls = state.job.requireTLS && security.requirement != .none ? .required : security.requirement.clientMode
         clientPolicy.eightBitWithout8BITMIME = settings.eightBitWithout8BITMIME
         let handOff = tlsHandOff.flatMap { $0.isAvailable ? $0 : nil }
         if handOff != nil { handOffMissingSince = nil }
@@ -373,7 +405,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
         let (connection, future) = SMTPConnection.open(on: eventLoop, candidate: candidate, cacheKey: state.key ?? "",
                                                        policy: clientPolicy, message: state.message(), body: state.job.body,
                                                        options: options, handOff: handOff, tlsRequest: request,
-                                                       taskExecutor: taskExecutor)
+                                                       taskExecutor: taskExecutor, abandoned: state.abandoned)
         future.whenSuccess { [self] outcome in
             apply(outcome, connection: connection, to: state, plaintext: plaintext, cached: false)
             next(state)
@@ -395,7 +427,7 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
 
     /// A transaction on a cached connection (then the route, if needed).
     private func attempt(_ state: JobState, on connection: SMTPConnection, security: DestinationSecurity?) {
-        connection.send(state.message(), body: state.job.body).whenSuccess { [self] outcome in
+        connection.send(state.message(), body: state.job.body, abandoned: state.abandoned).whenSuccess { [self] outcome in
             apply(outcome, connection: connection, to: state, plaintext: false, cached: true)
             next(state)
         }
@@ -448,6 +480,16 @@ public final class RemoteDeliveryAgent: @unchecked Sendable {
                 connection.quit()
             }
         }
+    }
+
+    /// The job's owner is gone (see `deliver`): its pending recipients
+    /// end deferred here, for the log; the queue retries them.
+    private func giveUp(_ state: JobState) {
+        state.keptLines = []
+        state.held = [:]
+        state.decidePending(RemoteResult(index: 0, status: .deferred, dsn: "4.3.0",
+                                         text: "not delivered: the queue's connection closed, and the queue took the job back"))
+        finish(state, releasing: state.key)
     }
 
     private func finish(_ state: JobState, releasing key: String?) {
@@ -552,6 +594,8 @@ final class JobState: @unchecked Sendable {
     let hop: NextHop
     let started: Double
     let completion: @Sendable ([RemoteResult]) -> Void
+    /// True once the job's owner (the queue connection it came on) is gone.
+    let abandoned: @Sendable () -> Bool
     var key: String?
     var resolved = false
     var security: DestinationSecurity?
@@ -576,13 +620,25 @@ final class JobState: @unchecked Sendable {
     var keptLines: [String] = []
 
     init(job: DeliveryJob, domain: String, entry: TransportEntry?, hop: NextHop, started: Double,
-         completion: @escaping @Sendable ([RemoteResult]) -> Void) {
+         abandoned: @escaping @Sendable () -> Bool, completion: @escaping @Sendable ([RemoteResult]) -> Void) {
         self.job = job
+        self.abandoned = abandoned
         self.domain = domain
         self.entry = entry
         self.hop = hop
         self.started = started
         self.completion = completion
+    }
+
+    /// The name of the next hop: the transport table's host when it names
+    /// one (a relay, a smarthost), else the destination domain. What "secure"
+    /// matches certificates against, as Postfix's nexthop and .nexthop.
+    var nexthopName: String {
+        switch hop {
+        case .host(let host, _): return host
+        case .mailExchangers(let domain, _): return domain
+        case .local: return domain
+        }
     }
 
     /// Recipients without a result, in job order.

@@ -76,6 +76,11 @@ final class SMTPConnection: @unchecked Sendable {
     /// from an older channel are ignored.
     private var generation = 0
     private var body: [[UInt8]] = []
+    /// Whether the current transaction's job has been given up (the queue
+    /// connection it came on closed): asked before the message content
+    /// goes out, so that the end of data is not sent for a job the queue
+    /// has already taken back and will hand out again.
+    private var abandoned: (() -> Bool)?
     private var outcome = TransactionOutcome()
     private var promise: EventLoopPromise<TransactionOutcome>?
     private var timer: Scheduled<Void>?
@@ -114,7 +119,8 @@ final class SMTPConnection: @unchecked Sendable {
     static func open(on eventLoop: EventLoop, candidate: DeliveryCandidate, cacheKey: String, policy: SMTPClientPolicy,
                      message: SMTPClientMessage, body: [[UInt8]], options: ConnectionOptions,
                      handOff: (any TLSClientHandOff)?, tlsRequest: TLSClientRequest,
-                     taskExecutor: EventLoopTaskExecutor) -> (SMTPConnection, EventLoopFuture<TransactionOutcome>) {
+                     taskExecutor: EventLoopTaskExecutor,
+                     abandoned: (() -> Bool)? = nil) -> (SMTPConnection, EventLoopFuture<TransactionOutcome>) {
         eventLoop.preconditionInEventLoop()
         let connection = SMTPConnection(eventLoop: eventLoop, candidate: candidate, cacheKey: cacheKey, policy: policy,
                                         message: message, options: options, handOff: handOff, tlsRequest: tlsRequest,
@@ -122,17 +128,20 @@ final class SMTPConnection: @unchecked Sendable {
         let promise = eventLoop.makePromise(of: TransactionOutcome.self)
         connection.promise = promise
         connection.body = body
+        connection.abandoned = abandoned
         connection.connect()
         return (connection, promise.futureResult)
     }
 
     /// Another message on this idle connection.
-    func send(_ message: SMTPClientMessage, body: [[UInt8]]) -> EventLoopFuture<TransactionOutcome> {
+    func send(_ message: SMTPClientMessage, body: [[UInt8]],
+              abandoned: (() -> Bool)? = nil) -> EventLoopFuture<TransactionOutcome> {
         eventLoop.preconditionInEventLoop()
         precondition(isIdle && promise == nil, "send on a busy connection")
         let promise = eventLoop.makePromise(of: TransactionOutcome.self)
         self.promise = promise
         self.body = body
+        self.abandoned = abandoned
         step(session.nextMessage(message))
         return promise.futureResult
     }
@@ -218,7 +227,11 @@ final class SMTPConnection: @unchecked Sendable {
 
     func received(_ bytes: ByteBufferView, generation: Int) {
         guard generation == self.generation, !closed else { return }
-        step(session.receive(bytes))
+        let replies = session.repliesReceived
+        run(session.receive(bytes))
+        // Part of a reply does not renew its timeout: the phase's timer is
+        // a deadline for the whole reply (see repliesReceived).
+        if session.repliesReceived != replies || timer == nil { rearm() }
     }
 
     func channelClosed(generation: Int) {
@@ -250,6 +263,11 @@ final class SMTPConnection: @unchecked Sendable {
             case .downgradeBody:
                 run(downgradeBody())
             case .sendBody:
+                if abandoned?() == true {
+                    body = []
+                    run(session.abandon("not sent: the queue's connection closed, and the queue took the job back"))
+                    continue
+                }
                 let chunks = body
                 body = []
                 countingBodyWrites = true
@@ -328,20 +346,36 @@ final class SMTPConnection: @unchecked Sendable {
         let result = outcome
         outcome = TransactionOutcome()
         body = []
+        abandoned = nil
         promise.succeed(result)
     }
 
-    /// Closes after what was written (QUIT) has gone out.
+    /// Closes after what was written (QUIT) has gone out, or after
+    /// `closeGrace` seconds when it does not go out: a peer that stopped
+    /// reading (a zero window, answered probes) would otherwise keep the
+    /// socket and the unsent body buffered here for as long as it likes.
     private func closeChannel() {
         flush()
         let channel = self.channel
         self.channel = nil
         generation += 1
         if let channel {
-            (lastWrite ?? channel.eventLoop.makeSucceededVoidFuture()).whenComplete { _ in channel.close(promise: nil) }
+            let grace = channel.eventLoop.scheduleTask(in: .seconds(Int64(Self.closeGrace))) {
+                channel.close(promise: nil)
+            }
+            (lastWrite ?? channel.eventLoop.makeSucceededVoidFuture()).whenComplete { _ in
+                grace.cancel()
+                channel.close(promise: nil)
+            }
         }
         markClosed()
     }
+
+    /// How long a closing connection may take to hand its last writes to
+    /// the kernel. They normally complete at once (a write completes when
+    /// the socket buffer takes it, not when the peer acknowledges it).
+    static let closeGrace = 10
+
 
     private func markClosed() {
         guard !closed else { return }

@@ -53,6 +53,12 @@ public struct SMTPClientSession: Sendable {
     public private(set) var message: SMTPClientMessage
     /// Messages begun on this connection (connection reuse counter).
     public private(set) var messageCount = 0
+    /// Whole replies read from the server so far. The I/O layer renews a
+    /// reply's timeout only when this moves: RFC 5321's timeouts (4.5.3.2)
+    /// bound the wait for a reply, and a reply that arrives a byte every
+    /// few minutes must not hold the connection (and a delivery slot) for
+    /// months.
+    public private(set) var repliesReceived = 0
 
     private enum State: Equatable {
         case greeting, ehlo, helo, startTLS, tlsHandshake, auth, transaction, body, ready, quit, closed
@@ -184,6 +190,7 @@ public struct SMTPClientSession: Sendable {
                 break
             }
             guard let reply else { break }
+            repliesReceived += 1
             handle(reply)
         }
         // Replies after the last one expected (e.g. after the final reply
@@ -320,26 +327,33 @@ public struct SMTPClientSession: Sendable {
 
     /// The server closed the connection (or a read failed).
     public mutating func connectionLost() -> [SMTPClientAction] {
-        actions = []
-        switch state {
-        case .closed: return []
-        case .quit, .ready: close()
-        default:
-            let p = phase
-            sessionFailed(.connectionLost, EnhancedStatus(4, 4, 2), "lost connection \(Self.during(p))", phase: p, quit: false)
-        }
-        return take()
+        end(.connectionLost, EnhancedStatus(4, 4, 2)) { "lost connection \(Self.during($0))" }
+    }
+
+    /// The I/O layer gives the message up (`reason` says why): a failure,
+    /// then the connection closes without QUIT, so that a server already
+    /// reading the message content sees no end of data and discards it.
+    public mutating func abandon(_ reason: String) -> [SMTPClientAction] {
+        end(.abandoned, EnhancedStatus(4, 3, 0)) { "\(reason) \(Self.during($0))" }
     }
 
     /// The I/O layer's timer for the current phase expired.
     public mutating func timedOut() -> [SMTPClientAction] {
+        end(.timeout, EnhancedStatus(4, 4, 2)) { "conversation timed out \(Self.during($0))" }
+    }
+
+    /// The conversation ends from the I/O side: nothing to do once closed;
+    /// an idle connection (or one saying QUIT) just closes; otherwise a
+    /// failure of the phase reached, without QUIT.
+    private mutating func end(_ kind: SMTPClientFailure.Kind, _ status: EnhancedStatus,
+                              _ text: (SMTPClientPhase) -> String) -> [SMTPClientAction] {
         actions = []
         switch state {
         case .closed: return []
         case .quit, .ready: close()
         default:
             let p = phase
-            sessionFailed(.timeout, EnhancedStatus(4, 4, 2), "conversation timed out \(Self.during(p))", phase: p, quit: false)
+            sessionFailed(kind, status, text(p), phase: p, quit: false)
         }
         return take()
     }

@@ -340,6 +340,10 @@ public struct SMTPClientFailure: Error, Sendable, Hashable, CustomStringConverti
         case serviceClosing
         case connectionLost
         case timeout
+        /// The I/O layer gave the transaction up before the end of data
+        /// (the job's owner is gone): the connection closes without the
+        /// final dot, so the server discards the message.
+        case abandoned
         /// Malformed or unexpected input: the conversation is out of sync.
         case protocolError
     }

@@ -43,13 +43,25 @@
 //      up to 10 s for it; missing for longer, opportunistic TLS falls back
 //      to clear text and levels that require TLS defer (4.7.4/4.7.5), with
 //      no more waiting until it is back. A failed handshake under "may" is
-//      retried once in clear text (RFC 7435).
+//      retried once in clear text (RFC 7435). "secure" matches the
+//      certificate against the next hop (the transport table's host, else
+//      the domain) and its subdomains, as Postfix. A REQUIRETLS message
+//      (RFC 8689 4.2.1) goes only to an MX host from a DNSSEC-validated
+//      answer (else a host-specific 5.7.30) and over TLS with the server
+//      authenticated by PKIX at least, whatever the level (but "none",
+//      where the session refuses it), never on a cached connection.
+//      crypto-negotiate's answer must name the authentication asked for.
+//      An RFC 5321 timeout bounds the whole reply (bytes of it dribbling
+//      in do not renew it); a closing connection whose last writes do
+//      not go out is closed after 10 s anyway.
 //
 // SOCKETS
 //      run/deliver   client, protocol `deliver`, transport `remote`
 //                    (Pipeline/PROTOCOL.md section 4.3), max-jobs
 //                    remote.max_jobs (100). The queue may restart at
 //                    any time: the stage reconnects with a pause growing from 0.1 s to 5 s.
+//                    The jobs of a connection that closed are given up (no
+//                    further host, no end of data): the queue took them back.
 //      run/tls       client, protocol `tls` (section 4.5), one short
 //                    connection per STARTTLS: the TCP socket goes to
 //                    crypto-negotiate, a plaintext socket comes back. Used

@@ -245,6 +245,47 @@ private func mxTable(_ domain: String, port: Int) -> TransportTable {
         #expect(sink.messages.first.map { $0.raw.count } ?? 0 > 60_000_000)
     }
 
+    /// A server that sends its reply a byte at a time, each well within
+    /// the (here 2 s) timeout, does not renew it: the timeout bounds the
+    /// whole reply. Renewed by every byte, this greeting would have
+    /// completed after some 25 s and the message gone through.
+    @Test func aReplyDrippedByteByByteTimesOut() async throws {
+        var script = SinkScript()
+        script.greeting = "220 " + String(repeating: "x", count: 46)
+        script.greetingDrip = 500_000
+        let sink = try TestSink(script: script)
+        defer { sink.stop() }
+        let f = AgentFixture(transports: hostTable("dest.test", sink)) { $0.maximumPhaseTimeout = 2 }
+        let results = await f.deliver(makeJob(to: ["a@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+        #expect(results.first?.status == .deferred, "\(String(describing: results.first))")
+        #expect(results.first?.text.contains("timed out") == true, "\(String(describing: results.first))")
+        #expect(sink.messages.isEmpty)
+    }
+
+    /// REQUIRETLS (RFC 8689 section 4.2.1): an MX host from an answer
+    /// that was not DNSSEC-validated could be an attacker's, whatever
+    /// certificate it shows; not tried. A host-specific 5.7.30 (another
+    /// MX may qualify), so a bounce when none does.
+    @Test func requireTLSNeedsADNSSECValidatedMX() async throws {
+        let sink = try TestSink()
+        defer { sink.stop() }
+        let resolver = StaticMailExchangerResolver(
+            mx: ["dest.test": .exchangers([MailExchanger(preference: 10, host: "mx.dest.test")], secure: false)],
+            hosts: ["mx.dest.test": .addresses(["127.0.0.1"], secure: true)])
+        let f = AgentFixture(resolver: resolver, transports: mxTable("dest.test", port: sink.port))
+        var job = makeJob(to: ["a@dest.test", "b@dest.test"], nexthop: "dest.test")
+        job.requireTLS = true
+        let results = await f.deliver(job)
+        // The same message without REQUIRETLS goes out (the route works).
+        let plain = await f.deliver(makeJob(2, to: ["c@dest.test"], nexthop: "dest.test"))
+        await f.shutdown()
+        #expect(results.map(\.status) == [.bounced, .bounced], "\(results)")
+        #expect(results.allSatisfy { $0.dsn == "5.7.30" && $0.text.contains("not found by a DNSSEC-validated lookup") })
+        #expect(plain.first?.status == .sent)
+        #expect(sink.messages.count == 1 && sink.messages.first?.rcptTo == ["c@dest.test"])
+    }
+
     @Test func nullMXBouncesAtOnce() async throws {
         let f = AgentFixture(resolver: StaticMailExchangerResolver(mx: ["null.test": .nullMX]))
         let results = await f.deliver(makeJob(to: ["a@null.test"], nexthop: "null.test"))

@@ -120,6 +120,49 @@ private func receiveUntilDone(_ c: StageConnection) throws -> (results: [UInt64:
         #expect(sink.commands.contains { $0.hasPrefix("MAIL FROM:<s@origin.test>") && $0.contains("BODY=8BITMIME") })
     }
 
+    /// The queue goes away while a job's transaction is under way: it has
+    /// taken the job back and will hand it out again, so the message must
+    /// not go out now. The transaction stops before the end of data (the
+    /// sink gets MAIL, RCPT and DATA, then the connection closes without
+    /// the final dot; the sink keeps no message).
+    @Test func aJobWhoseQueueConnectionClosedSendsNoEndOfData() async throws {
+        var script = SinkScript()
+        script.greetingDrip = 100_000   // the greeting takes about 2 s
+        let sink = try TestSink(script: script)
+        defer { sink.stop() }
+        let queue = try FakeQueue()
+        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.1", port: sink.port))])
+        let f = AgentFixture(transports: table)
+        let client = QueueClient(socketPath: queue.path, agent: f.agent)
+        client.start()
+        try await onThread {
+            let c = try queue.accept()
+            guard let hello = try c.receive(), hello.type == .hello else { throw SinkError("no HELLO") }
+            try c.send(Frame(.hello, ["protocol": .text("deliver"), "version": .uint(1)]))
+            try sendJob(c, job: 1, recipients: ["a@dest.test"], body: ["Subject: x\r\n\r\nbody\r\n"], nexthop: "dest.test")
+            // The sink is still greeting: the transaction has begun.
+            while sink.connections == 0 { usleep(10_000) }
+            c.close()   // a queue restart
+        }
+        // Until the job's result is logged (bounded: the phase timeouts
+        // are capped at 30 s). Not until the sink sees the connection
+        // close: this test process starts DNS servers for other tests, and
+        // NIO's sockets are not close-on-exec, so a server started
+        // meanwhile can hold the client's socket open. An end of data, had
+        // it been sent, reached the sink before its reply, and so before
+        // the result.
+        let line = "0A1B2C3D4E5F: to=<a@dest.test>"
+        for _ in 0..<12_000 where !f.logs.all.contains(where: { $0.hasPrefix(line) }) {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        try await client.stop().get()
+        await f.shutdown()
+        #expect(sink.commands.contains("DATA"), "\(sink.commands)")
+        #expect(sink.messages.isEmpty)
+        #expect(f.logs.all.contains { $0.hasPrefix(line) && $0.contains("status=deferred (not delivered: the queue's connection closed") },
+                "\(f.logs.all)")
+    }
+
     @Test func reconnectsAfterTheQueueGoesAway() async throws {
         let queue = try FakeQueue()
         let f = AgentFixture()

@@ -39,6 +39,9 @@ struct SinkScript: Sendable {
     /// many bytes, each after this pause (0: at once), with a small
     /// receive buffer (set on the listening socket).
     var dataReadPause: (bytes: Int, microseconds: UInt32)?
+    /// A tarpit: the greeting goes out a byte at a time, this many
+    /// microseconds apart (until the client hangs up).
+    var greetingDrip: UInt32?
     /// STARTTLS support: offered in EHLO, and after "220" the socket goes
     /// to this function, which returns the plaintext socket (or -1).
     var startTLS: (@Sendable (Int32) -> Int32)?
@@ -141,7 +144,15 @@ final class TestSink: Sendable {
                 if !fill() { return nil }
             }
         }
-        send(script.greeting)
+        if let pause = script.greetingDrip {
+            for byte in Array((script.greeting + "\r\n").utf8) {
+                usleep(pause)
+                var b = byte
+                guard Glibc.send(c, &b, 1, Int32(MSG_NOSIGNAL)) == 1 else { return }
+            }
+        } else {
+            send(script.greeting)
+        }
         guard script.greeting.hasPrefix("220") else { return }
         var from = ""
         var to: [String] = []

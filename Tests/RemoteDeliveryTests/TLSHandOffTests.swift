@@ -88,16 +88,7 @@ import Synchronization
         script.startTLS = { tls.serverHandOff($0) }
         let sink = try TestSink(address: "127.0.0.7", script: script)
         defer { sink.stop() }
-        let resolver = StaticMailExchangerResolver(
-            mx: ["dest.test": .exchangers([MailExchanger(preference: 10, host: "mx.dest.test")], secure: false)],
-            hosts: ["mx.dest.test": .addresses(["127.0.0.7"], secure: false)])
-        let logs = LogRecorder()
-        let group = MultiThreadedEventLoopGroupHolder()
-        var settings = RemoteSettings(hostname: "client.test")
-        settings.maximumPhaseTimeout = 30
-        let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings,
-                                        transports: TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .mailExchangers("dest.test", port: sink.port))]),
-                                        resolver: resolver, tlsHandOff: CryptoNegotiateHandOff(socketPath: tls.socketPath), log: logs.log)
+        let (agent, group, logs) = mxAgent(sink: sink, tls: tls, host: "mx.dest.test", dnssec: false)
         let results = await withCheckedContinuation { c in agent.deliver(makeJob(to: ["b@dest.test"], nexthop: "dest.test")) { c.resume(returning: $0) } }
         try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
         await group.shutdown()
@@ -115,6 +106,49 @@ import Synchronization
         #expect(commands.prefix(4) == ["EHLO client.test", "STARTTLS", "(TLS)", "EHLO client.test"])
         #expect(sink.messages.count == 1)
         #expect(logs.all.contains { $0.hasSuffix("tls=\(proto) \(cipher) unauthenticated") })
+    }
+
+    /// REQUIRETLS to a destination at the default level ("may", which
+    /// verifies nothing): the MX host, from a DNSSEC-validated answer, is
+    /// still authenticated by PKIX (RFC 8689 section 4.2.1). Its
+    /// certificate names it and is trusted (the service's ca_file): the
+    /// message goes, REQUIRETLS on MAIL. Named otherwise: not delivered,
+    /// not retried in clear text, deferred. Without the verification
+    /// both handshakes would have been unauthenticated and the message
+    /// refused by the session (5.7.30, "host was not authenticated").
+    @Test(arguments: [("mx.dest.test", true), ("other.dest.test", false)])
+    func requireTLSAuthenticatesTheMXAtTheDefaultLevel(host: String, named: Bool) async throws {
+        let tls = try TLSService()
+        defer { tls.stop() }
+        var script = SinkScript()
+        script.startTLS = { tls.serverHandOff($0) }
+        script.ehlo = ["250-sink.test", "250-PIPELINING", "250-REQUIRETLS", "250 8BITMIME"]
+        let sink = try TestSink(address: "127.0.0.7", script: script)
+        defer { sink.stop() }
+        let (agent, group, _) = mxAgent(sink: sink, tls: tls, host: host, dnssec: true)
+        var job = makeJob(to: ["b@dest.test"], nexthop: "dest.test")
+        job.requireTLS = true
+        let results = await withCheckedContinuation { c in agent.deliver(job) { c.resume(returning: $0) } }
+        try? await agent.eventLoop.submit { agent.closeIdleConnections() }.get()
+        await group.shutdown()
+
+        let r = try #require(results.first)
+        #expect(sink.connections == 1)
+        if named {
+            #expect(r.status == .sent, "\(r)")
+            guard case .authenticated(_, _, let method) = r.tls else {
+                Issue.record("expected an authenticated TLS session, got \(r.tls)")
+                return
+            }
+            #expect(method == "pkix")
+            #expect(sink.commands.contains { $0.hasPrefix("MAIL FROM:<sender@origin.test>") && $0.hasSuffix(" REQUIRETLS") })
+            #expect(sink.messages.count == 1)
+        } else {
+            #expect(r.status == .deferred, "\(r)")
+            #expect(r.dsn.hasPrefix("4."), "\(r)")
+            #expect(sink.messages.isEmpty)
+            #expect(!sink.commands.contains { $0.hasPrefix("MAIL") })
+        }
     }
 
     @Test func failedHandshakeIsRetriedInClearText() async throws {
@@ -225,6 +259,23 @@ import Synchronization
         #expect(!sink.commands.contains("STARTTLS"))
         #expect(f.logs.all.filter { $0.contains("crypto-negotiate is not available") }.count == 1)
     }
+}
+
+/// An agent that finds `sink` at 127.0.0.7 as dest.test's MX host `host`
+/// (from DNSSEC-validated answers when `dnssec`), handing STARTTLS to `tls`.
+private func mxAgent(sink: TestSink, tls: TLSService, host: String,
+                     dnssec: Bool) -> (RemoteDeliveryAgent, MultiThreadedEventLoopGroupHolder, LogRecorder) {
+    let resolver = StaticMailExchangerResolver(
+        mx: ["dest.test": .exchangers([MailExchanger(preference: 10, host: host)], secure: dnssec)],
+        hosts: [host: .addresses(["127.0.0.7"], secure: dnssec)])
+    let logs = LogRecorder()
+    let group = MultiThreadedEventLoopGroupHolder()
+    var settings = RemoteSettings(hostname: "client.test")
+    settings.maximumPhaseTimeout = 30
+    let agent = RemoteDeliveryAgent(eventLoop: group.loop, settings: settings,
+                                    transports: TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .mailExchangers("dest.test", port: sink.port))]),
+                                    resolver: resolver, tlsHandOff: CryptoNegotiateHandOff(socketPath: tls.socketPath), log: logs.log)
+    return (agent, group, logs)
 }
 
 /// An agent that sends everything for dest.test to `sink`, handing
