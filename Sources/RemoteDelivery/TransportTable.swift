@@ -29,6 +29,12 @@
 //   - auth=FILE: AUTH PLAIN credentials (one line "username:password",
 //     the first colon separates them); relative to the table's directory.
 //     Read when the table is loaded (before the stage drops privileges).
+//     Without tls=, auth= means tls=verify: the password goes only over
+//     TLS to a server whose certificate (from a trusted CA) names the next
+//     hop, never to whoever answers in between, as OpenSMTPD's relay with
+//     auth verifies by default. tls=encrypt sends it to any TLS server (a
+//     smarthost with a self-signed certificate), tls=none in clear text to
+//     a loopback next hop only (a local TLS tunnel).
 //   - tls=none|may|encrypt|dane|dane-only|verify|secure: the TLS
 //     requirement for the destination (DestinationPolicy's static input).
 //
@@ -213,6 +219,9 @@ public struct TransportTable: Sendable {
             if entry.nextHop == .local && (entry.credentials != nil || entry.tls != nil) {
                 throw fail("options make no sense with \"local\"")
             }
+            // A password goes only to the server named, unless the entry
+            // says otherwise (see the header).
+            if entry.credentials != nil && entry.tls == nil { entry.tls = .verify }
             table.entries[key] = entry
         }
         return table

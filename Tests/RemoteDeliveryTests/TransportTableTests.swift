@@ -125,6 +125,12 @@ private func parseError(_ text: String) -> String? {
         #expect(c.username == "user@example.net")
         #expect(c.password == "pa ss:word")
         #expect(c.description == "PLAIN user=user@example.net")
+        // A password goes to a verified server unless the entry says
+        // otherwise.
+        #expect(t.lookup("any.test")?.tls == .verify)
+        write("transport", "*  relay:[127.0.0.1]:2587  auth=relay.auth tls=encrypt\n")
+        #expect(try TransportTable.load(path: dir + "/transport").lookup("any.test")?.tls == .encrypt)
+        write("transport", "*  relay:[127.0.0.1]:2587  auth=relay.auth\n")
 
         // Missing file: no table.
         #expect(try TransportTable.load(path: dir + "/absent").isEmpty)
