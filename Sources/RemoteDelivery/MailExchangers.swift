@@ -194,6 +194,9 @@ public enum RoutePlanner {
     /// `isSelf`: whether an address and port reach this host's own SMTP
     /// listener (see SelfRecognition), the other way to tell an MX host is
     /// this one; a next hop that is this host is a loop as well.
+    /// The most MX hosts of a domain looked up (in order of preference).
+    public static let exchangerLimit = 20
+
     public static func route(_ hop: NextHop, resolver: any MailExchangerResolver,
                              preference: AddressPreference,
                              myHostnames: Set<String> = [],
@@ -244,18 +247,23 @@ public enum RoutePlanner {
                 exchangers = order(list, using: &rng)
                 secure = s
             }
+            // This host among the MX hosts by name: only the hosts preferred
+            // over it matter (below, by address too). Of those, only the
+            // first `exchangerLimit`: each is a lookup, and a domain may list
+            // thousands (a job would wait for them all, the resolver make
+            // them all); at most a few addresses are tried anyway.
+            let mine = Set(myHostnames.map { DNSName.trimmed($0.lowercased()) })
+            let oursByName = exchangers.filter { mine.contains(DNSName.trimmed($0.host.lowercased())) }.map(\.preference).min()
+            exchangers = Array(exchangers.prefix(exchangerLimit))
             var lookups: [AddressLookupResult] = []
             for mx in exchangers {
                 if let known = mx.addresses { lookups.append(known) } else { lookups.append(await resolver.addresses(of: mx.host)) }
             }
-            // This host among the MX hosts, by name or by an address its
-            // listener answers on: only the hosts preferred over it.
-            let mine = Set(myHostnames.map { DNSName.trimmed($0.lowercased()) })
-            let ours = zip(exchangers, lookups).filter { mx, lookup in
-                if mine.contains(DNSName.trimmed(mx.host.lowercased())) { return true }
+            // By address: an address its listener answers on.
+            let ours = ([oursByName] + zip(exchangers, lookups).filter { mx, lookup in
                 if case .addresses(let list, _) = lookup { return list.contains { isSelf($0, port) } }
                 return false
-            }.map(\.0.preference).min()
+            }.map { Optional($0.0.preference) }).compactMap { $0 }.min()
             if let ours {
                 let kept = zip(exchangers, lookups).filter { $0.0.preference < ours }
                 exchangers = kept.map(\.0)

@@ -3,6 +3,7 @@
 // quoted, bytes on the wire, connection reuse, DNS outcomes.
 
 import StageProtocol
+import Synchronization
 import Testing
 import SMTP
 @testable import RemoteDelivery
@@ -384,6 +385,29 @@ private func mxTable(_ domain: String, port: Int) -> TransportTable {
         let all = try await RoutePlanner.route(.mailExchangers("b.test", port: 25), resolver: resolver, preference: .any,
                                                myHostnames: ["other.test"]).get()
         #expect(all.candidates.map(\.host) == ["mx1.b.test", "client.test", "mx3.b.test"])
+    }
+
+    /// A domain with a thousand MX hosts: only the 20 most preferred are
+    /// looked up (each lookup could take the resolver's timeout); this
+    /// host's own entry far down the list (by name) leaves them all.
+    @Test func onlyTheMostPreferredMXHostsAreLookedUp() async throws {
+        final class Counting: MailExchangerResolver, @unchecked Sendable {
+            let lookups = Mutex(0)
+            func mailExchangers(of domain: String) async -> MXLookupResult {
+                var list = (0..<1000).map { MailExchanger(preference: 10 + $0, host: "mx\($0).many.test") }
+                list.append(MailExchanger(preference: 5000, host: "client.test"))
+                return .exchangers(list.reversed(), secure: false)
+            }
+            func addresses(of host: String) async -> AddressLookupResult {
+                lookups.withLock { $0 += 1 }
+                return .addresses(["192.0.2.\(host.count)"], secure: false)
+            }
+        }
+        let resolver = Counting()
+        let route = try await RoutePlanner.route(.mailExchangers("many.test", port: 25), resolver: resolver, preference: .any,
+                                                 myHostnames: ["client.test"]).get()
+        #expect(resolver.lookups.withLock { $0 } == RoutePlanner.exchangerLimit)
+        #expect(route.candidates.map(\.host) == (0..<RoutePlanner.exchangerLimit).map { "mx\($0).many.test" })
     }
 
     /// This host is also recognized by where its listener answers (a
