@@ -254,10 +254,12 @@ final class InjectHandler: ChannelInboundHandler {
             let data = try frame.bytes("data")
             appendBody(data)
         case .end:
-            guard var t = transaction else { throw ProtocolError("END without MAIL") }
+            guard let t = transaction else { throw ProtocolError("END without MAIL") }
             transaction = nil
-            // The chunks go to the committer now, and are gone in a moment.
-            releaseBody(&t)
+            // The body stays counted until its commit is done: a client
+            // that sends message after message without reading the answers
+            // would otherwise pile sealed bodies up in the committer's
+            // queue, past PendingBodies' bound, while the disk lags.
             finish(t)
         case .abort:
             guard transaction != nil else { throw ProtocolError("ABORT without MAIL") }
@@ -340,6 +342,7 @@ final class InjectHandler: ChannelInboundHandler {
             t.refusal = Refusal(code: 554, status: "5.5.1", text: "no valid recipients")
         }
         if let refusal = t.refusal {
+            releaseBody(&t)
             refuse(t, refusal, slot: slot)
             return
         }
@@ -349,9 +352,11 @@ final class InjectHandler: ChannelInboundHandler {
             sealed = try t.writer!.finish()
         } catch {
             engine.logger.warning("\(t.envelope.queueID): cannot seal the message body: \(error)")
+            releaseBody(&t)
             refuse(t, (error as? SpoolError).map(Refusal.spool) ?? Refusal(code: 451, status: "4.3.0", text: "queue file write error"), slot: slot)
             return
         }
+        let (reserved, reservedPeer) = (t.reserved, t.reservedPeer)
         let arrival = engine.now
         var env = t.envelope
         env.arrival = arrival
@@ -375,6 +380,7 @@ final class InjectHandler: ChannelInboundHandler {
         submitted = true
         engine.spool.submit([.insert(env, sealed)], submitter: submitter) { result in
             engine.loop.execute {
+                engine.pendingBodies.release(reserved, peer: reservedPeer)
                 switch result {
                 case .success:
                     // Two to four lines at once (client, message-id, queue
