@@ -74,6 +74,9 @@ final class QueueEngine: @unchecked Sendable {
     /// expired message returns to its sender without an attempt. Any other
     /// recipient expires only when an attempt fails (RecipientUpdate).
     private var stagelessSince: [Transport: UInt64] = [:]
+    /// Jobs that ended while the deletion of their message was being
+    /// committed: applied if that commit fails and the message stays.
+    private var endedWhileDeleting: [QueueID: [OutstandingJob]] = [:]
     private var nextMaintenance: UInt64 = 0
     private var stopping = false
 
@@ -300,7 +303,12 @@ final class QueueEngine: @unchecked Sendable {
     func jobDone(_ job: OutstandingJob) {
         loop.preconditionInEventLoop()
         let id = job.plan.queueID
-        guard scheduler.envelope(id) != nil else { return }   // deleted meanwhile
+        guard scheduler.envelope(id) != nil else {
+            // Deleted meanwhile; while that deletion is being committed
+            // the job is kept, in case the commit fails (see delete).
+            endedWhileDeleting[id]?.append(job)
+            return
+        }
         let t = now
         var losses: [Int: Int] = [:]
         for i in job.plan.recipients {
@@ -623,6 +631,7 @@ final class QueueEngine: @unchecked Sendable {
         let loop = self.loop
         let done = NIOLoopBound(done, eventLoop: loop)
         if bounce {
+            let original = scheduler.envelope(id)
             scheduler.modify(id) { env in
                 for i in env.recipients.indices where !env.recipients[i].state.isFinal {
                     env.recipients[i].state = .bounced
@@ -638,23 +647,35 @@ final class QueueEngine: @unchecked Sendable {
                     logger.info("\(id): to=<\(r.address)>, relay=none, delay=\(delay(env, now)), dsn=5.0.0, status=bounced (deleted by the administrator)")
                 }
             }
-            finalize(id, reason: "deleted by administrator") { done.value($0) }
+            finalize(id, reason: "deleted by administrator") { [self] result in
+                // Not committed: the message stays as it was (and as the
+                // spool has it), not bounced by the next maintenance pass.
+                if case .failure = result, let original, scheduler.envelope(id) != nil {
+                    logger.warning("\(id): not deleted; its recipients are as they were")
+                    scheduler.insert(original, now: now)
+                }
+                done.value(result)
+            }
             return
         }
         guard let entry = scheduler.takeEntry(id) else { return done.value(.failure(.noSuchMessage)) }
         forgetSuspensions(id)
+        endedWhileDeleting[id] = []
         spool.submit([.delete(id)]) { [self] result in
             loop.execute { [self] in
+                let ended = endedWhileDeleting.removeValue(forKey: id) ?? []
                 switch result {
                 case .success:
                     logger.info("\(id): removed (deleted by administrator)")
                 case .failure(let error):
                     // Still in the spool: it stays in the queue, as a failed
                     // removal after delivery does (finalize), with its jobs
-                    // still in flight (a result that came meanwhile was
-                    // dropped: that recipient is tried again).
+                    // still in flight; those that ended meanwhile are
+                    // applied now (their recipients would otherwise stay
+                    // "in flight" for good, and a delivery be forgotten).
                     logger.warning("\(id): cannot delete the message: \(error); it stays in the queue")
                     scheduler.restore(entry, now: now)
+                    for job in ended { jobDone(job) }
                 }
                 done.value(result)
             }

@@ -909,6 +909,14 @@ func refusal(_ frame: Frame) throws -> String {
         #expect(try q.control("list").messages.map(\.id) == [a])
         let deleteAgain = try q.control("delete", a)
         #expect(!deleteAgain.ok && !deleteAgain.text.contains("no such message"))
+        // With bounce too: the recipients stay as they were, not bounced
+        // (the next maintenance pass would have finalized the message and
+        // sent the notice for a deletion that never happened).
+        let bounced = try q.control("delete", a, bounce: true)
+        #expect(!bounced.ok)
+        let after = try q.control("list").messages
+        #expect(after.map(\.id) == [a])
+        #expect(after.first?.rcpts.allSatisfy { $0.state != "bounced" } == true, "\(after)")
     }
 
     /// postsuper's ALL: one request for every message, answered once all
