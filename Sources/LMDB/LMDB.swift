@@ -399,6 +399,10 @@ public final class ReadTransaction: Transaction {
 /// MDB_NOSYNC); anything else discards them.
 public final class WriteTransaction: Transaction {
     private let parent: WriteTransaction?
+    /// The active nested transaction: mdb_txn_abort of this one frees it
+    /// too, so this one's abort ends it first (its handle must not be
+    /// aborted again later, by it or its deinit).
+    private weak var child: WriteTransaction?
 
     fileprivate init(environment: Environment, parent: WriteTransaction?) throws(LMDBError) {
         self.parent = parent
@@ -407,6 +411,7 @@ public final class WriteTransaction: Transaction {
         }
         try super.init(environment: environment, parent: parent, flags: 0)
         parent?.hasChild = true
+        parent?.child = self
     }
 
     deinit {
@@ -422,6 +427,7 @@ public final class WriteTransaction: Transaction {
     }
 
     public override func abort() {
+        child?.abort()
         super.abort()
         parent?.hasChild = false
     }

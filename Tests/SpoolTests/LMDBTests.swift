@@ -174,6 +174,32 @@ import Testing
         }
     }
 
+    /// mdb_txn_abort of a parent frees its active child too: the child is
+    /// ended with it, and its own abort (or deinit) later does nothing,
+    /// instead of aborting freed memory. Also when the body of a write
+    /// throws with a child open.
+    @Test func abortingAParentEndsItsChild() throws {
+        struct Thrown: Error {}
+        let dir = TemporaryDirectory()
+        let env = try open(dir)
+        let db = try env.write { txn throws in try txn.openDatabase("t", create: true) }
+        var escaped: WriteTransaction?
+        #expect(throws: Thrown.self) {
+            try env.write { txn throws in
+                let child = try txn.beginChild()
+                try child.put(db, bytes("k"), bytes("v"))
+                escaped = child
+                throw Thrown()
+            }
+        }
+        #expect(escaped?.isActive == false)
+        escaped?.abort()
+        escaped = nil
+        try env.read { txn throws in #expect(try txn.entries(db).isEmpty) }
+        try env.write { txn throws in try txn.put(db, bytes("after"), bytes("1")) }
+        try env.read { txn throws in #expect(try txn.entries(db).map(\.key) == [bytes("after")]) }
+    }
+
     @Test func readTransactionOnAnotherThread() throws {
         // MDB_NOTLS: a read transaction begun here may be used and ended elsewhere.
         let dir = TemporaryDirectory()
