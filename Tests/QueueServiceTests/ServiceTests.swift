@@ -659,6 +659,51 @@ func refusal(_ frame: Frame) throws -> String {
         remote.close()
     }
 
+    /// A delivery stage that breaks the deliver protocol (PROTOCOL.md 4.3)
+    /// gets ERROR and is cut off, and the recipients of its job without a
+    /// valid RESULT come back for the next stage: a "sent" with a 5.x.x
+    /// code, a second RESULT for one recipient (the first, well-formed,
+    /// counts: that delivery happened), a RESULT for a recipient not in
+    /// the job or for a job it does not have.
+    @Test(arguments: ["status mismatch", "second result", "unknown index", "unknown job"])
+    func aStageThatBreaksTheProtocolIsCutOffAndItsJobComesBack(_ breach: String) throws {
+        let q = try TestQueue()
+        let id = try q.inject(to: ["alice@localhost", "bob@localhost"])
+        let stage = try q.deliverer()
+        let job = try TestQueue.receiveJob(stage)
+        func result(_ index: UInt64, _ status: String, _ dsn: String, job number: UInt64 = job.number) -> Frame {
+            Frame(.result, ["job": .uint(number), "index": .uint(index), "status": .text(status),
+                            "dsn": .text(dsn), "text": .text("x")])
+        }
+        switch breach {
+        case "status mismatch":
+            try stage.send(result(0, "sent", "5.1.1"))
+        case "second result":
+            try stage.send(result(0, "sent", "2.0.0"))
+            try stage.send(result(0, "bounced", "5.1.1"))
+        case "unknown index":
+            try stage.send(result(7, "sent", "2.0.0"))
+        default:
+            try stage.send(result(0, "sent", "2.0.0", job: job.number + 1))
+        }
+        let error = try #require(try stage.receive())
+        #expect(error.type == .error, "\(error)")
+        #expect(try stage.receive() == nil)   // closed
+        stage.close()
+        // The breach itself was not applied: the recipients wait for the
+        // next stage (not sent, not bounced), which gets them.
+        let firstCounted = breach == "second result"
+        let listing = try q.control("list")
+        #expect(listing.messages.map(\.id) == [id])
+        #expect(listing.messages.first?.rcpts.map { $0.state == "sent" } == [firstCounted, false], "\(listing)")
+        #expect(listing.messages.first?.rcpts.allSatisfy { $0.state != "bounced" } == true, "\(listing)")
+        let next = try q.deliverer()
+        let again = try TestQueue.receiveJob(next)
+        #expect(again.queueID == id)
+        #expect(again.recipients.map(\.address) == (firstCounted ? ["bob@localhost"] : ["alice@localhost", "bob@localhost"]))
+        next.close()
+    }
+
     @Test func notifyNeverMeansNoBounce() throws {
         let q = try TestQueue()
         try q.inject(to: ["nobody@localhost"], notify: "NEVER")
