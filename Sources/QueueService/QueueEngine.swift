@@ -579,6 +579,10 @@ final class QueueEngine: @unchecked Sendable {
                 case .failure(let error):
                     logger.warning("\(id): cannot queue the delay notification: \(error); will try again")
                     scheduler.modify(id) { env in for i in indexes where i < env.recipients.count { env.recipients[i].delayNotified = false } }
+                    // Another write of the message meanwhile (a job's
+                    // results) may have carried the flag to the spool: write
+                    // it back, or after a restart no notice would come.
+                    if let current = scheduler.envelope(id) { persist(current) }
                 }
             }
         }
@@ -609,7 +613,12 @@ final class QueueEngine: @unchecked Sendable {
                     logger.info("\(id): \(held ? "hold: by administrator" : "released from hold")")
                     if !held { dispatch() }
                 case .failure:
-                    if scheduler.envelope(id)?.held == held { scheduler.setHeld(id, before, now: now) }
+                    if scheduler.envelope(id)?.held == held {
+                        scheduler.setHeld(id, before, now: now)
+                        // As for a delay notice's flag: another write may
+                        // have carried this one to the spool meanwhile.
+                        if let current = scheduler.envelope(id) { persist(current) }
+                    }
                 }
                 done.value(result)
             }
