@@ -241,6 +241,12 @@ public struct AliasTable: Sendable, Equatable {
             throw AliasError(file: file, line: entries[cycle.first!]?.line,
                              message: "alias loop: " + cycle.joined(separator: " -> "))
         }
+        // Before going deeper, not after: a chain of thousands of aliases
+        // must end in this error, not in a stack overflow.
+        if let top = visiting.first, visiting.count >= AliasTable.maximumDepth {
+            throw AliasError(file: file, line: entries[top]?.line,
+                             message: "aliases nested deeper than \(AliasTable.maximumDepth) levels below \"\(top)\"")
+        }
         visiting.append(name)
         var below = 0
         for target in entry.targets {

@@ -95,7 +95,13 @@ public final class LocalDeliveryAgent: Sendable {
         let original = recipient.address
         let destinations: [Destination]
         do throws(DeliveryError) {
-            destinations = try resolver.resolve(original)
+            let resolved = try resolver.resolution(original)
+            destinations = resolved.destinations
+            // The administrator's to fix (a member whose account is gone):
+            // the other members get their copies.
+            for member in resolved.skipped {
+                log.warning("\(job.queueID): to=<\(original)>: alias member left out, not a local user, an alias or an address: \(member)")
+            }
             if seen.contains(original.lowercased()) {
                 throw DeliveryError.mailLoop(original)
             }

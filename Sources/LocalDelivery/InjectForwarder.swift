@@ -23,8 +23,10 @@ public struct InjectForwarder: MessageForwarder {
         } catch let error as DeliveryError {
             throw error
         } catch let error as PeerError {
-            throw DeliveryError(status: error.status.hasPrefix("5") ? error.status : "4.3.0",
-                                text: "cannot forward to \(address): the queue said: \(error.text)")
+            // ERROR is the queue refusing the conversation (a protocol or
+            // version mismatch, its limits): local software's fault, never
+            // the recipient's, so the mail waits. Only REFUSED bounces.
+            throw DeliveryError(status: "4.3.0", text: "cannot forward to \(address): the queue said: \(error.status) \(error.text)")
         } catch {
             throw DeliveryError(status: "4.3.0", text: "cannot forward to \(address): \(error)")
         }

@@ -242,7 +242,9 @@ public struct Maildir: Sendable {
     /// Creates one directory (mode 0700) unless it exists. A new directory
     /// is made durable at once (its parent is fsync'ed): otherwise the first
     /// message delivered into a new Maildir could vanish with its directory
-    /// in a crash after success was reported.
+    /// in a crash after success was reported. One that exists has its parent
+    /// fsync'ed too: another worker may have just made it and not yet synced
+    /// (this runs once per Maildir and process: `prepared`).
     static func makeDirectory(_ path: String) throws(DeliveryError) {
         if mkdir(path, 0o700) == 0 {
             try syncDirectory(parent(of: path))
@@ -251,7 +253,10 @@ public struct Maildir: Sendable {
         let e = errno
         if e == EEXIST {
             var st = stat()
-            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR { return }
+            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR {
+                try syncDirectory(parent(of: path))
+                return
+            }
             throw .system("create directory", path: path, errno: ENOTDIR)
         }
         throw .system("create directory", path: path, errno: e)

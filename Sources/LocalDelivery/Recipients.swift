@@ -21,7 +21,11 @@ public struct LocalUsers: Sendable, Equatable {
     public init<S: Sequence>(names list: S) where S.Element == String {
         for name in list where LocalUsers.isUsableName(name) {
             let key = name.lowercased()
-            if names[key] == nil { names[key] = name }
+            // Lookups fold case, so two accounts "Alice" and "alice" share
+            // a key: the lower-case spelling gets the mail (as Postfix,
+            // whose local(8) looks the folded name up in passwd), whatever
+            // order the user database lists them in.
+            if names[key] == nil || name == key { names[key] = name }
         }
     }
 
@@ -124,8 +128,28 @@ public struct RecipientResolver: Sendable {
         return localDomains.contains(name)
     }
 
+    /// The most destinations one recipient may expand to, and the most
+    /// names looked at on the way (Postfix's expansion_limit is 1000).
+    public static let destinationLimit = 1000
+    public static let stepLimit = 10_000
+
     /// The destinations of `address`, in order, without duplicates.
     public func resolve(_ address: String) throws(DeliveryError) -> [Destination] {
+        try resolution(address).destinations
+    }
+
+    /// What `address` expands to.
+    public struct Resolution: Sendable, Equatable {
+        public var destinations: [Destination] = []
+        /// Members of aliases that are neither a local user, an alias nor
+        /// an address ("staff -> carol"): left out, as Postfix bounces only
+        /// the member, not the whole alias. When nothing else is left the
+        /// recipient is unknown.
+        public var skipped: [String] = []
+    }
+
+    /// The destinations of `address` and the alias members left out.
+    public func resolution(_ address: String) throws(DeliveryError) -> Resolution {
         let local: String
         let domain: String
         if let (localPart, domainPart) = EnvelopeAddress.split(address) {
@@ -139,17 +163,36 @@ public struct RecipientResolver: Sendable {
             domain = defaultDomain
         }
         guard !local.isEmpty else { throw .unknownUser(local) }
-        var out: [Destination] = []
-        try expand(local, domain: domain, chain: [], into: &out)
-        return out
+        var state = Expansion(origin: address)
+        try expand(local, domain: domain, chain: [], into: &state)
+        if state.result.destinations.isEmpty, let member = state.firstUnknown {
+            throw .unknownUser(member)
+        }
+        return state.result
+    }
+
+    /// One `resolution` in progress.
+    private struct Expansion {
+        let origin: String
+        var result = Resolution()
+        var identities: Set<String> = []
+        /// Aliases already expanded for this recipient: an alias reached
+        /// again by another path adds nothing new (and expanding it again
+        /// made overlapping nested aliases exponential).
+        var expanded: Set<String> = []
+        var steps = 0
+        /// The first member left out (the error when nothing is left).
+        var firstUnknown: String?
     }
 
     private func expand(_ name: String, domain: String, chain: [String],
-                        into out: inout [Destination]) throws(DeliveryError) {
+                        into state: inout Expansion) throws(DeliveryError) {
         if chain.count > maximumDepth {
             throw DeliveryError(status: "5.4.6", text: "alias expansion deeper than \(maximumDepth) levels: "
                                 + (chain.prefix(4) + ["..."]).joined(separator: " -> "))
         }
+        state.steps += 1
+        if state.steps > Self.stepLimit { throw Self.tooLarge(state.origin) }
         let key = name.lowercased()
         let address = "\(key)@\(domain)"
 
@@ -167,22 +210,30 @@ public struct RecipientResolver: Sendable {
                     let cycle = chain.drop(while: { $0 != candidate }) + [candidate]
                     throw DeliveryError(status: "5.4.6", text: "alias loop: " + cycle.joined(separator: " -> "))
                 }
+                guard state.expanded.insert(candidate).inserted else { return }
                 for target in targets {
+                    let next: String, nextDomain: String
                     switch target {
-                    case .name(let next):
-                        try expand(next, domain: domain, chain: chain + [candidate], into: &out)
+                    case .name(let n):
+                        (next, nextDomain) = (n, domain)
                     case .address(let l, let d):
-                        if isLocal(domain: d) {
-                            try expand(l, domain: d, chain: chain + [candidate], into: &out)
-                        } else {
-                            append(.forward(address: "\(l)@\(d)"), to: &out)
+                        guard isLocal(domain: d) else {
+                            try append(.forward(address: "\(l)@\(d)"), to: &state)
+                            continue
                         }
+                        (next, nextDomain) = (l, d)
+                    }
+                    do throws(DeliveryError) {
+                        try expand(next, domain: nextDomain, chain: chain + [candidate], into: &state)
+                    } catch where error == .unknownUser(next) {
+                        state.result.skipped.append((chain + [candidate, next]).joined(separator: " -> "))
+                        if state.firstUnknown == nil { state.firstUnknown = next }
                     }
                 }
                 return
             }
             if let user = users.lookup(candidate) {
-                append(.mailbox(user: user, address: address), to: &out)
+                try append(.mailbox(user: user, address: address), to: &state)
                 return
             }
         }
@@ -190,7 +241,7 @@ public struct RecipientResolver: Sendable {
         // postmaster. Without an alias or a user of that name, it goes to root.
         if key == "postmaster" && !chain.contains("root") {
             if aliases.targets(of: "root") != nil || users.lookup("root") != nil {
-                try expand("root", domain: domain, chain: chain + ["postmaster"], into: &out)
+                try expand("root", domain: domain, chain: chain + ["postmaster"], into: &state)
                 return
             }
         }
@@ -199,9 +250,16 @@ public struct RecipientResolver: Sendable {
 
     /// Adds a destination unless an equal one is there already; one mailbox
     /// gets one copy, however many addresses lead to it.
-    private func append(_ destination: Destination, to out: inout [Destination]) {
-        if !out.contains(where: { $0.identity == destination.identity }) {
-            out.append(destination)
-        }
+    private func append(_ destination: Destination, to state: inout Expansion) throws(DeliveryError) {
+        guard state.identities.insert(destination.identity).inserted else { return }
+        guard state.result.destinations.count < Self.destinationLimit else { throw Self.tooLarge(state.origin) }
+        state.result.destinations.append(destination)
+    }
+
+    /// An alias too large to deliver: the administrator's to fix, so the
+    /// mail waits (4.3.0, as Postfix for a configuration error) rather
+    /// than bounce.
+    private static func tooLarge(_ origin: String) -> DeliveryError {
+        DeliveryError(status: "4.3.0", text: "alias expansion of \(origin) exceeds \(destinationLimit) destinations or \(stepLimit) steps")
     }
 }

@@ -266,3 +266,71 @@ private func parseError(_ text: String) -> AliasError? {
         #expect(users.count == 1)
     }
 }
+
+/// What a review found: an alias with one stale member, aliases reached by
+/// many paths, huge aliases, long chains, accounts differing in case.
+@Suite struct AliasExpansionBoundsTests {
+    private func resolver(_ aliases: String, users: [String] = ["alice", "bob"]) throws -> RecipientResolver {
+        RecipientResolver(users: LocalUsers(names: users), aliases: try parse(aliases), localDomains: domains)
+    }
+
+    /// carol's account is gone: alice and bob still get theirs (Postfix
+    /// bounces only the member); with nobody left, the recipient is unknown.
+    @Test func anUnknownMemberIsLeftOutNotTheWholeAlias() throws {
+        let r = try resolver("staff: alice, carol, team\nteam: bob, dave\ngone: carol, dave\n")
+        let staff = try r.resolution("staff@localhost")
+        #expect(staff.destinations == [.mailbox(user: "alice", address: "alice@localhost"),
+                                       .mailbox(user: "bob", address: "bob@localhost")])
+        #expect(staff.skipped == ["staff -> carol", "staff -> team -> dave"])
+        #expect(throws: DeliveryError.unknownUser("carol")) { try r.resolve("gone@localhost") }
+        #expect(throws: DeliveryError.unknownUser("zed")) { try r.resolve("zed@localhost") }
+    }
+
+    /// Sixteen levels of aliases, each naming the four of the next: 4^15
+    /// paths to the last level, which was expanded once per path. Each
+    /// alias is expanded once now; the mailboxes come once each.
+    @Test func anAliasReachedByManyPathsIsExpandedOnce() throws {
+        var lines: [String] = []
+        for level in 0..<15 {
+            for i in 0..<4 {
+                lines.append("l\(level)x\(i): " + (0..<4).map { "l\(level + 1)x\($0)" }.joined(separator: ", "))
+            }
+        }
+        for i in 0..<4 { lines.append("l15x\(i): alice, bob") }
+        let r = try resolver(lines.joined(separator: "\n") + "\n")
+        #expect(try r.resolve("l0x0@localhost") == [.mailbox(user: "alice", address: "alice@localhost"),
+                                                   .mailbox(user: "bob", address: "bob@localhost")])
+    }
+
+    /// More than 1000 destinations: the administrator's to fix, so the mail
+    /// waits (4.3.0) rather than bounce; 1000 go.
+    @Test func anAliasPastTheDestinationLimitDefers() throws {
+        let users = (0...RecipientResolver.destinationLimit).map { "u\($0)" }
+        let all = "all: " + users.joined(separator: ", ") + "\n"
+        let most = "most: " + users.dropLast().joined(separator: ", ") + "\n"
+        let r = try resolver(all + most, users: users)
+        #expect(try r.resolve("most@localhost").count == RecipientResolver.destinationLimit)
+        #expect {
+            try r.resolve("all@localhost")
+        } throws: { error in
+            (error as? DeliveryError).map { $0.isTemporary && $0.text.contains("exceeds 1000 destinations") } == true
+        }
+    }
+
+    /// A chain of 20,000 aliases: the loader's depth error, naming where the
+    /// chain starts, not a stack overflow.
+    @Test func aVeryLongChainIsADepthErrorNotACrash() throws {
+        let n = 20_000
+        let text = (0..<n).map { "a\($0): a\($0 + 1)" }.joined(separator: "\n") + "\na\(n): alice\n"
+        let error = try #require(parseError(text))
+        #expect(error.message.contains("nested deeper than \(AliasTable.maximumDepth) levels"), "\(error)")
+    }
+
+    /// Lookups fold case; of two accounts differing only in case, the
+    /// lower-case one gets the mail, whichever the user database lists first.
+    @Test func ofTwoAccountsDifferingInCaseTheLowerCaseOneGetsTheMail() {
+        #expect(LocalUsers(names: ["Alice", "alice"]).lookup("ALICE") == "alice")
+        #expect(LocalUsers(names: ["alice", "Alice"]).lookup("Alice") == "alice")
+        #expect(LocalUsers(names: ["Carol"]).lookup("carol") == "Carol")
+    }
+}
