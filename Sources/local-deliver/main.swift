@@ -18,7 +18,11 @@
 //      and chains deeper than 20 are errors, found when the file is loaded);
 //      an alias target outside the local domains is forwarded: a new message
 //      is injected into the queue. Command ("|cmd"), file ("/path") and
-//      ":include:" targets are refused when the file is loaded.
+//      ":include:" targets are refused when the file is loaded. A member
+//      that is neither a user, an alias nor an address is left out with a
+//      warning (the others get their copies); each alias is expanded once
+//      per recipient, and past 1000 destinations the mail waits (4.3.0).
+//      Of two accounts differing only in case, the lower-case one is meant.
 //
 //      Delivery follows the Maildir specification: the message (CRLF line
 //      ends converted to LF, "Return-Path:" and "Delivered-To:" prepended)
