@@ -29,11 +29,12 @@ enum SessionLog {
     }
 
     /// A refusal. `detail` is the SMTP layer's "from=<a> to=<b> helo=<h>":
-    /// proto= goes before helo= as in Postfix.
+    /// proto= goes before helo= as in Postfix: the last "helo=", the
+    /// session's own (a quoted local part may hold spaces and "helo=").
     static func reject(command: String, client: String, reply: SMTPReply, detail: String,
                        protocolName: String, queueID: String? = nil) -> String {
         var parts = detail.split(separator: " ").map(String.init)
-        let heloIndex = parts.firstIndex { $0.hasPrefix("helo=") }
+        let heloIndex = parts.lastIndex { $0.hasPrefix("helo=") }
         let proto = "proto=\(protocolName)"
         if let heloIndex { parts.insert(proto, at: heloIndex) } else if !parts.isEmpty || command != "CONNECT" { parts.append(proto) }
         var line = "\(queueID ?? "NOQUEUE"): reject: \(command) from \(client): \(reply)"

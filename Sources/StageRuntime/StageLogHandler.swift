@@ -139,19 +139,32 @@ public struct StageLogHandler: LogHandler {
     static func appendEscaped(_ text: String, to line: inout [UInt8]) {
         var text = text
         text.withUTF8 { bytes in
-            // The common case: nothing to escape, one bulk copy.
-            guard bytes.contains(where: { $0 < 0x20 || $0 == 0x7F }) else {
+            // The common case: nothing to escape, one bulk copy. 0xC2 and
+            // 0xE2 lead the UTF-8 of the C1 controls (NEL among them) and of
+            // U+2028/U+2029: line breaks to some readers of the log
+            // (Python's splitlines, some viewers), so a client's SMTPUTF8
+            // address could start a forged line there.
+            guard bytes.contains(where: { $0 < 0x20 || $0 == 0x7F || $0 == 0xC2 || $0 == 0xE2 }) else {
                 line.append(contentsOf: bytes)
                 return
             }
-            for byte in bytes {
+            var i = 0
+            while i < bytes.count {
+                let byte = bytes[i]
                 switch byte {
                 case 0x0A: line.append(contentsOf: "\\n".utf8)
                 case 0x0D: line.append(contentsOf: "\\r".utf8)
                 case 0x09: line.append(contentsOf: "\\t".utf8)
                 case 0..<0x20, 0x7F: line.append(contentsOf: "\\u{\(String(byte, radix: 16))}".utf8)
+                case 0xC2 where i + 1 < bytes.count && (0x80...0x9F).contains(bytes[i + 1]):
+                    line.append(contentsOf: "\\u{\(String(bytes[i + 1], radix: 16))}".utf8)
+                    i += 1
+                case 0xE2 where i + 2 < bytes.count && bytes[i + 1] == 0x80 && (bytes[i + 2] == 0xA8 || bytes[i + 2] == 0xA9):
+                    line.append(contentsOf: (bytes[i + 2] == 0xA8 ? "\\u{2028}" : "\\u{2029}").utf8)
+                    i += 2
                 default: line.append(byte)
                 }
+                i += 1
             }
         }
     }

@@ -205,6 +205,11 @@ import Testing
         let connect = SessionLog.reject(command: "CONNECT", client: "unknown[1.2.3.4]",
                                         reply: SMTPReply(554, "5.5.0", "x"), detail: "", protocolName: "SMTP")
         #expect(connect == "NOQUEUE: reject: CONNECT from unknown[1.2.3.4]: 554 5.5.0 x")
+        // A quoted local part holding " helo=": proto= still goes before the
+        // session's own helo=, the last one.
+        let forged = SessionLog.reject(command: "RCPT", client: "unknown[1.2.3.4]", reply: SMTPReply(554, "5.7.1", "Relay access denied"),
+                                       detail: "from=<\"x helo=<evil>\"@b> to=<x@y> helo=<h>", protocolName: "ESMTP")
+        #expect(forged.hasSuffix("; from=<\"x helo=<evil>\"@b> to=<x@y> proto=ESMTP helo=<h>"))
     }
 
     @Test func queuedLineNamesTheSASLUser() {

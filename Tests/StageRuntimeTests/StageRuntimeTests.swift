@@ -40,6 +40,16 @@ import SealpostConfig
         #expect(line.utf8.filter { $0 == UInt8(ascii: "\n") }.count == 1)
     }
 
+    /// NEL, the other C1 controls and U+2028/U+2029 are line breaks to some
+    /// readers of a log (Python's splitlines): escaped like the C0 ones,
+    /// while other UTF-8 (an SMTPUTF8 address, é, €) stays as it is.
+    @Test func unicodeLineSeparatorsCannotSplitLines() {
+        let line = StageLogHandler.format(stage: "smtp-listen", pid: 3, level: .info,
+                                          message: "from=<\"x\u{85}y\u{2028}z\u{2029}\u{9b}\"@b.example> é€ \u{2027}")
+        #expect(line == "smtp-listen[3]: from=<\"x\\u{85}y\\u{2028}z\\u{2029}\\u{9b}\"@b.example> é€ \u{2027}\n")
+        #expect(line.split(whereSeparator: \.isNewline).count == 1)
+    }
+
     @Test func longLinesAreCutToPipeBufOnACharacterBoundary() {
         let message = String(repeating: "é", count: 5000)   // 2 bytes each
         let line = StageLogHandler.format(stage: "queue", pid: 12, level: .info, message: message)
