@@ -458,7 +458,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
     /// which is every reply but the 220 to STARTTLS and the last.
     private func flushOutput(context: ChannelHandlerContext, written: EventLoopPromise<Void>? = nil) {
         guard var buffer = out.take() else {
-            if closing { context.close(promise: nil) }
+            if closing { closeWhenWritten(context: context) }
             written?.succeed()
             return
         }
@@ -693,7 +693,15 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             if lost { server.logger.info("\(SessionLog.lostConnection(after: lastCommand, client: client))") }
             perform(session!.disconnected())
         }
-        context.close(promise: nil)
+        closeWhenWritten(context: context)
+    }
+
+    /// Closes once NIO has written the replies it holds (a client that
+    /// half-closed still reads: the last may be a 250 for a queued
+    /// message), within the write deadline.
+    private func closeWhenWritten(context: ChannelHandlerContext) {
+        if writer.holdsWritesInNIO { armWriteDeadline(context: context) }
+        writer.closeWhenWritten(context: context)
     }
 
     private func log(_ event: SMTPEvent) {

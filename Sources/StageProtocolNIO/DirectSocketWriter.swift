@@ -97,6 +97,24 @@ public final class DirectSocketWriter {
         }
     }
 
+    /// Whether NIO still holds bytes written through it.
+    public var holdsWritesInNIO: Bool { writesInNIO > 0 }
+
+    /// Closes the channel once NIO has written what it holds of ours (at
+    /// once when it holds nothing): a close discards NIO's pending writes,
+    /// and among them may be a reply the peer must get (the 250 for a
+    /// queued message). NIO completes writes in order, so an empty one
+    /// completes after them. Bounding the wait is the owner's business.
+    public func closeWhenWritten(context: ChannelHandlerContext) {
+        guard writesInNIO > 0 else {
+            context.close(promise: nil)
+            return
+        }
+        let done = context.eventLoop.makePromise(of: Void.self)
+        done.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        writeThroughNIO(context.channel.allocator.buffer(capacity: 0), context: context, promise: done)
+    }
+
     /// The channel's socket. NIO's accessor for it
     /// (`withUnsafeTransportIfAvailable`) casts the channel's core to a
     /// constrained existential, which the runtime checks anew at every
