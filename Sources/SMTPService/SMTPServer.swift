@@ -36,7 +36,8 @@ final class SMTPServerCore: Sendable {
     private let listenerPolicies: [ListenerKind: SMTPServerPolicy]
     let logger: Logger
     private let state = NIOLockedValueBox(State())
-    private let pendingAuthentications = NIOLockedValueBox(0)
+    /// Password checks waiting or running: in all, and per counted client.
+    private let pendingAuthentications = NIOLockedValueBox((total: 0, perClient: [String: Int]()))
 
     /// Where AUTH password checks run (Argon2id takes tens of milliseconds
     /// and 64 MiB each: never on an event loop). One pool per process,
@@ -49,18 +50,31 @@ final class SMTPServerCore: Sendable {
         return pool
     }()
 
-    /// Reserves a place for a password check; false when
-    /// `maxPendingAuthentications` are already waiting or running.
-    func beginAuthentication() -> Bool {
-        pendingAuthentications.withLockedValue { n in
-            guard n < settings.maxPendingAuthentications else { return false }
-            n += 1
+    /// Reserves a place for a password check of the client at `address`;
+    /// false when `maxPendingAuthentications` are already waiting or
+    /// running, or an eighth of them (at least one) for this client (its
+    /// address, or its IPv6 prefix, as the session limit counts it): a
+    /// few addresses guessing passwords must not take every place from
+    /// the users who submit mail.
+    func beginAuthentication(address: String) -> Bool {
+        let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
+        let share = max(1, settings.maxPendingAuthentications / 8)
+        return pendingAuthentications.withLockedValue { p in
+            let mine = p.perClient[client, default: 0]
+            guard p.total < settings.maxPendingAuthentications, mine < share else { return false }
+            p.total += 1
+            p.perClient[client] = mine + 1
             return true
         }
     }
 
-    func endAuthentication() {
-        pendingAuthentications.withLockedValue { $0 -= 1 }
+    func endAuthentication(address: String) {
+        let client = Self.countedClient(address, ipv6PrefixLength: settings.limits.ipv6PrefixLength)
+        pendingAuthentications.withLockedValue { p in
+            p.total -= 1
+            let left = p.perClient[client, default: 1] - 1
+            p.perClient[client] = left > 0 ? left : nil
+        }
     }
 
     struct State {

@@ -418,8 +418,9 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
             perform(session!.authResult(.temporaryFailure))
             return
         }
-        guard server.beginAuthentication() else {
-            server.logger.warning("\(client): SASL \(credentials.mechanism.rawValue) authentication deferred: \(server.settings.maxPendingAuthentications) password checks already pending")
+        let address = clientAddress
+        guard server.beginAuthentication(address: address) else {
+            server.logger.warning("\(client): SASL \(credentials.mechanism.rawValue) authentication deferred: too many password checks pending (\(server.settings.maxPendingAuthentications) in all, an eighth of them per client)")
             perform(session!.authResult(.temporaryFailure))
             return
         }
@@ -428,7 +429,7 @@ final class SMTPSessionHandler: ChannelDuplexHandler {
                                  authorizationIdentity: credentials.authorizationIdentity)
         }
         check.assumeIsolated().whenComplete { [weak self] result in
-            server.endAuthentication()
+            server.endAuthentication(address: address)
             guard let self else { return }
             switch result {
             case .success(true):

@@ -3,6 +3,7 @@
 
 import Accounts
 import Foundation
+import Logging
 import SMTP
 @testable import SMTPService
 import SealpostConfig
@@ -154,6 +155,27 @@ func b64(_ text: String) -> String { Base64.encode(Array(text.utf8)) }
         try greet(c)
         #expect(c.command("AUTH PLAIN \(plain("alice", "s3cret pass"))")?.last == "454 4.7.0 Temporary authentication failure")
         #expect(h.logs.all.contains { $0.contains("authentication deferred") })
+    }
+
+    /// One client (an address, or an IPv6 prefix) may hold an eighth of the
+    /// password checks: a few addresses guessing passwords cannot keep
+    /// every place from the users who submit mail.
+    @Test func oneClientHoldsOnlyAShareOfThePasswordChecks() {
+        var settings = SMTPServiceSettings(hostname: "mx.example.test", injectSocket: "/nonexistent")
+        settings.maxPendingAuthentications = 32
+        let core = SMTPServerCore(settings: settings, logger: Logger(label: "t"))
+        #expect((0..<4).allSatisfy { _ in core.beginAuthentication(address: "192.0.2.7") })
+        #expect(!core.beginAuthentication(address: "192.0.2.7"))
+        // IPv6: one prefix (a /64 by default) is one client.
+        #expect((1...4).allSatisfy { core.beginAuthentication(address: "2001:db8::\($0)") })
+        #expect(!core.beginAuthentication(address: "2001:db8::ffff"))
+        #expect(core.beginAuthentication(address: "2001:db8:0:1::1"))
+        #expect(core.beginAuthentication(address: "192.0.2.8"))
+        core.endAuthentication(address: "192.0.2.7")
+        #expect(core.beginAuthentication(address: "192.0.2.7"))
+        // The total still bounds everyone.
+        for i in 0..<64 { _ = core.beginAuthentication(address: "198.51.100.\(i)") }
+        #expect(!core.beginAuthentication(address: "203.0.113.1"))
     }
 
     @Test func pipelinedCommandsWaitForTheCheck() throws {
