@@ -258,6 +258,13 @@ struct ConfigParser {
         if template.replacing("{user}", with: "").contains(where: { $0 == "{" || $0 == "}" }) {
             return "unknown placeholder (only {user} is known)"
         }
+        // The data directory holds the pipeline's own directories (queue,
+        // run, local, log, tls): a user of such a name must not get a
+        // Maildir among them, and local-deliver, run as root, cannot
+        // create directories in the data directory itself.
+        if parts.first?.contains("{user}") == true {
+            return "must start with a directory of its own (such as \"mail/\"), not with {user}"
+        }
         if template.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) {
             return "contains a control character"
         }

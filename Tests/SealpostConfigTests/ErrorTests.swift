@@ -138,6 +138,8 @@ import Testing
                     "must be relative to the data directory: \"/var/mail/{user}\"")
         expectError("[local]\nmailbox = \"../{user}\"\n", line: 2, key: "local.mailbox",
                     "must not contain \".\", \"..\" or empty components: \"../{user}\"")
+        expectError("[local]\nmailbox = \"{user}/Maildir\"\n", line: 2, key: "local.mailbox",
+                    "must start with a directory of its own (such as \"mail/\"), not with {user}: \"{user}/Maildir\"")
         expectError("[local]\nmailbox = \"mail/{domain}/{user}\"\n", line: 2, key: "local.mailbox",
                     "unknown placeholder (only {user} is known): \"mail/{domain}/{user}\"")
         expectError("[local]\naliases = \"\"\n", line: 2, key: "local.aliases", "must not be empty")
