@@ -30,8 +30,10 @@ public struct RecipientResult: Sendable, Equatable {
 
 /// Re-injects a copy of a message for a non-local alias target. The real one
 /// speaks `inject` to the queue (InjectForwarder); returns the new queue id.
+/// `recipient`: the job's recipient whose alias named `address`.
 public protocol MessageForwarder: Sendable {
-    func forward(_ job: DeliveryJob, to address: String, prepending header: [UInt8]) throws(DeliveryError) -> String
+    func forward(_ job: DeliveryJob, to address: String, for recipient: DeliveryJob.Recipient,
+                 prepending header: [UInt8]) throws(DeliveryError) -> String
 }
 
 /// Where log lines go: lines are "QUEUEID: key=value, ..." without the
@@ -137,7 +139,7 @@ public final class LocalDeliveryAgent: Sendable {
                 outcome = previous
                 duplicate = true
             } else {
-                outcome = perform(destination, recipient: original, job: job)
+                outcome = perform(destination, recipient: recipient, job: job)
                 done[destination.identity] = outcome
             }
             switch outcome {
@@ -179,7 +181,7 @@ public final class LocalDeliveryAgent: Sendable {
     }
 
     /// Delivers one copy; the success value is the log text.
-    private func perform(_ destination: Destination, recipient: String, job: DeliveryJob) -> Result<String, DeliveryError> {
+    private func perform(_ destination: Destination, recipient: DeliveryJob.Recipient, job: DeliveryJob) -> Result<String, DeliveryError> {
         switch destination {
         case .mailbox(let user, let address):
             var header = Array("Return-Path: <\(job.sender)>\n".utf8)
@@ -196,9 +198,9 @@ public final class LocalDeliveryAgent: Sendable {
             }
             // The forwarded copy carries our Delivered-To for the address
             // that was expanded: if it comes back here, that is a loop.
-            let header = Array("Delivered-To: \(recipient.lowercased())\r\n".utf8)
+            let header = Array("Delivered-To: \(recipient.address.lowercased())\r\n".utf8)
             do {
-                let queueID = try forwarder.forward(job, to: address, prepending: header)
+                let queueID = try forwarder.forward(job, to: address, for: recipient, prepending: header)
                 return .success("forwarded as \(queueID)")
             } catch {
                 return .failure(error)

@@ -15,11 +15,12 @@ public struct InjectForwarder: MessageForwarder {
 
     /// Injects `header` + the job's body (CRLF, as received) from the job's
     /// sender to `address`, keeping the envelope options that must survive
-    /// forwarding (REQUIRETLS above all, RFC 8689 section 5). Returns the
-    /// new message's queue id.
-    public func forward(_ job: DeliveryJob, to address: String, prepending header: [UInt8]) throws(DeliveryError) -> String {
+    /// forwarding (REQUIRETLS above all, RFC 8689 section 5) and the
+    /// recipient's NOTIFY and ORCPT. Returns the new message's queue id.
+    public func forward(_ job: DeliveryJob, to address: String, for recipient: DeliveryJob.Recipient,
+                        prepending header: [UInt8]) throws(DeliveryError) -> String {
         do {
-            return try inject(job, to: address, header: header)
+            return try inject(job, to: address, for: recipient, header: header)
         } catch let error as DeliveryError {
             throw error
         } catch let error as PeerError {
@@ -32,7 +33,8 @@ public struct InjectForwarder: MessageForwarder {
         }
     }
 
-    private func inject(_ job: DeliveryJob, to address: String, header: [UInt8]) throws -> String {
+    private func inject(_ job: DeliveryJob, to address: String, for recipient: DeliveryJob.Recipient,
+                        header: [UInt8]) throws -> String {
         let connection = try StageConnection.connect(path: socketPath)
         defer { connection.close() }
         try connection.clientHello(.inject, extra: [("software", .text(DeliveryWorker.software))])
@@ -44,7 +46,14 @@ public struct InjectForwarder: MessageForwarder {
         if job.smtputf8 { mail.set("smtputf8", .bool(true)) }
         mail.set("body-type", job.bodyType.map { .text($0) })
         try connection.send(mail)
-        try connection.send(Frame(.rcpt, ["address": .text(address)]))
+        // The sender's DSN request follows the message (RFC 3461 6.2.7:
+        // an alias is relayed on): NOTIFY as asked (NEVER stays never), and
+        // the original recipient, so that a notice from further on names
+        // the address the sender used.
+        var rcpt = Frame(.rcpt, ["address": .text(address)])
+        rcpt.set("notify", recipient.notify.map { .text($0) })
+        rcpt.set("orcpt", .text(recipient.orcpt ?? "rfc822;" + recipient.address))
+        try connection.send(rcpt)
         if !header.isEmpty {
             try connection.send(Frame(.body, ["data": .bytes(header)]))
         }

@@ -21,7 +21,8 @@ final class RecordingForwarder: MessageForwarder {
     let failure: DeliveryError?
     init(failure: DeliveryError? = nil) { self.failure = failure }
 
-    func forward(_ job: DeliveryJob, to address: String, prepending header: [UInt8]) throws(DeliveryError) -> String {
+    func forward(_ job: DeliveryJob, to address: String, for recipient: DeliveryJob.Recipient,
+                 prepending header: [UInt8]) throws(DeliveryError) -> String {
         if let failure { throw failure }
         let message = header + job.body.flatMap { $0 }
         forwarded.withLock { $0.append(Forwarded(sender: job.sender, address: address, message: message)) }

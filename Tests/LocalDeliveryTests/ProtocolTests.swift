@@ -67,14 +67,16 @@ private func serverHello(_ connection: StageConnection) throws -> Frame {
 }
 
 private func sendJob(_ c: StageConnection, job: UInt64, recipients: [String], body: [String],
-                     extra: [(String, AttributeValue)] = []) throws {
+                     extra: [(String, AttributeValue)] = [], notify: [String: String] = [:]) throws {
     try c.send(Frame(.job, attributes: [
         ("job", .uint(job)), ("queue-id", .text("4F3A2B1C5D6E")), ("sender", .text("s@example.net")),
         ("arrival", .uint(UInt64(time(nil)))), ("size", .uint(UInt64(body.joined().utf8.count))),
         ("attempt", .uint(1)),
     ] + extra))
     for (i, r) in recipients.enumerated() {
-        try c.send(Frame(.jobRcpt, ["index": .uint(UInt64(i)), "address": .text(r)]))
+        var rcpt = Frame(.jobRcpt, ["index": .uint(UInt64(i)), "address": .text(r)])
+        rcpt.set("notify", notify[r].map { .text($0) })
+        try c.send(rcpt)
     }
     for piece in body {
         try c.send(Frame(.body, ["data": .bytes(Array(piece.utf8))]))
@@ -148,7 +150,7 @@ private func receiveResults(_ c: StageConnection, count: Int) throws -> (results
 
         try sendJob(c, job: 7, recipients: ["Alice+tag@localhost", "zed@localhost", "fwd@localhost"],
                     body: ["Subject: t\r", "\nX-Other: y\r\n\r\nline one\r", "\nline two\r\n"],
-                    extra: [("requiretls", .bool(true))])
+                    extra: [("requiretls", .bool(true))], notify: ["fwd@localhost": "NEVER"])
         let (results, done) = try receiveResults(c, count: 3)
         #expect(done == 7)
         #expect(try results[0]?.text("status") == "sent")
@@ -173,6 +175,10 @@ private func receiveResults(_ c: StageConnection, count: Int) throws -> (results
         #expect(try frames[0].text("sender") == "s@example.net")
         #expect(try frames[0].bool("requiretls", default: false))
         #expect(try frames[1].text("address") == "carol@remote.test")
+        // The sender's NOTIFY=NEVER holds for the forwarded copy, whose
+        // notices would name the address the sender used.
+        #expect(try frames[1].optionalText("notify") == "NEVER")
+        #expect(try frames[1].optionalText("orcpt") == "rfc822;fwd@localhost")
         let forwarded = try frames.filter { $0.type == .body }.flatMap { try $0.bytes("data") }
         #expect(String(decoding: forwarded, as: UTF8.self)
                 == "Delivered-To: fwd@localhost\r\nSubject: t\r\nX-Other: y\r\n\r\nline one\r\nline two\r\n")
@@ -295,7 +301,8 @@ private func receiveResults(_ c: StageConnection, count: Int) throws -> (results
 final class HeldForwarder: MessageForwarder {
     let entered = DispatchSemaphore(value: 0)
     let release = DispatchSemaphore(value: 0)
-    func forward(_ job: DeliveryJob, to address: String, prepending header: [UInt8]) throws(DeliveryError) -> String {
+    func forward(_ job: DeliveryJob, to address: String, for recipient: DeliveryJob.Recipient,
+                 prepending header: [UInt8]) throws(DeliveryError) -> String {
         entered.signal()
         release.wait()
         return "0A1B2C3D4E5F"
