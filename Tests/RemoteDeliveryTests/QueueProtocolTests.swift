@@ -66,17 +66,24 @@ private func receiveUntilDone(_ c: StageConnection) throws -> (results: [UInt64:
     }
 }
 
+/// A fake queue, and a started QueueClient whose agent sends dest.test's
+/// mail to `sink`.
+private func startClient(deliveringTo sink: TestSink) throws -> (FakeQueue, AgentFixture, QueueClient) {
+    let queue = try FakeQueue()
+    let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.1", port: sink.port))])
+    let f = AgentFixture(transports: table)
+    let client = QueueClient(socketPath: queue.path, agent: f.agent)
+    client.start()
+    return (queue, f, client)
+}
+
 @Suite struct QueueProtocolTests {
     @Test func jobsInResultsOut() async throws {
         var script = SinkScript()
         script.rcpt = { $0.hasPrefix("unknown") ? "550 5.1.1 <\($0)>: User unknown" : "250 2.1.5 Ok" }
         let sink = try TestSink(script: script)
         defer { sink.stop() }
-        let queue = try FakeQueue()
-        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.1", port: sink.port))])
-        let f = AgentFixture(transports: table)
-        let client = QueueClient(socketPath: queue.path, agent: f.agent)
-        client.start()
+        let (queue, f, client) = try startClient(deliveringTo: sink)
 
         let (hello, first, second) = try await onThread { () throws -> (Frame, (results: [UInt64: Frame], done: UInt64), (results: [UInt64: Frame], done: UInt64)) in
             let c = try queue.accept()
@@ -130,11 +137,7 @@ private func receiveUntilDone(_ c: StageConnection) throws -> (results: [UInt64:
         script.greetingDrip = 100_000   // the greeting takes about 2 s
         let sink = try TestSink(script: script)
         defer { sink.stop() }
-        let queue = try FakeQueue()
-        let table = TransportTable(entries: [TransportEntry(key: "dest.test", nextHop: .host("127.0.0.1", port: sink.port))])
-        let f = AgentFixture(transports: table)
-        let client = QueueClient(socketPath: queue.path, agent: f.agent)
-        client.start()
+        let (queue, f, client) = try startClient(deliveringTo: sink)
         try await onThread {
             let c = try queue.accept()
             guard let hello = try c.receive(), hello.type == .hello else { throw SinkError("no HELLO") }
