@@ -40,10 +40,12 @@ public enum LocalDeliveryService {
 
     /// The local users of `settings`: the system's accounts plus the listed
     /// users (`accounts = "system"`), or the listed users alone. Call before
-    /// chroot.
-    public static func users(_ settings: LocalSettings, systemAccounts: () -> [String] = LocalUsers.systemAccountNames) -> LocalUsers {
+    /// chroot. An error reading the system's accounts is an error: a list
+    /// cut short would bounce mail to the accounts it missed.
+    public static func users(_ settings: LocalSettings,
+                             systemAccounts: () throws(TableFileError) -> [String] = LocalUsers.systemAccountNames) throws(TableFileError) -> LocalUsers {
         switch settings.accounts {
-        case .system: return LocalUsers(names: systemAccounts() + settings.users)
+        case .system: return LocalUsers(names: try systemAccounts() + settings.users)
         case .listed: return LocalUsers(names: settings.users)
         }
     }
@@ -52,7 +54,7 @@ public enum LocalDeliveryService {
     public static func makeResolver(_ config: SealpostConfiguration) throws(AliasError) -> RecipientResolver {
         let domains = Set(config.local.domains.map { $0.lowercased() })
         let aliases = try AliasTable.load(path: config.local.aliasesFile, localDomains: domains)
-        return RecipientResolver(users: users(config.local), aliases: aliases, localDomains: domains,
+        return RecipientResolver(users: try users(config.local), aliases: aliases, localDomains: domains,
                                  defaultDomain: config.local.domains.first)
     }
 

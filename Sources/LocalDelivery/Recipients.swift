@@ -12,6 +12,7 @@ import Glibc
 import Darwin
 #endif
 import MailMessage
+import SealpostConfig
 import StageProtocol
 
 public struct LocalUsers: Sendable, Equatable {
@@ -39,18 +40,40 @@ public struct LocalUsers: Sendable, Equatable {
     /// The names, lower-cased.
     public var lowercasedNames: Dictionary<String, String>.Keys { names.keys }
 
-    /// Every account name in the system's user database (getpwent: files,
+    /// Every account name in the system's user database (getpwent_r: files,
     /// and whatever else nsswitch.conf names). Call before chroot.
-    public static func systemAccountNames() -> [String] {
+    ///
+    /// getpwent_r, not getpwent: getpwent answers NULL both at the end of
+    /// the list and on an error (an LDAP or sssd backend that fails half
+    /// way), and a list cut short would bounce mail to every account it
+    /// missed. getpwent_r tells the two apart (ENOENT is the end).
+    public static func systemAccountNames() throws(TableFileError) -> [String] {
         var out: [String] = []
+        var buffer = [CChar](repeating: 0, count: 4096)
         setpwent()
-        while let entry = getpwent() {
-            if let name = entry.pointee.pw_name {
-                out.append(String(cString: name))
+        defer { endpwent() }
+        while true {
+            var entry = passwd()
+            var result: UnsafeMutablePointer<passwd>? = nil
+            let status = buffer.withUnsafeMutableBufferPointer {
+                getpwent_r(&entry, $0.baseAddress!, $0.count, &result)
             }
+            if status == 0, result != nil {
+                if let name = entry.pw_name { out.append(String(cString: name)) }
+                continue
+            }
+            if status == ENOENT || (status == 0 && result == nil) { return out }
+            // ERANGE: the entry did not fit; glibc hands the same entry
+            // again with a larger buffer. Anything larger than 1 MiB is
+            // not an account.
+            if status == ERANGE, buffer.count < 1 << 20 {
+                buffer = [CChar](repeating: 0, count: buffer.count * 4)
+                continue
+            }
+            throw TableFileError(file: "the system's user database (getpwent)", line: nil,
+                                 message: "reading the account list failed after \(out.count) accounts: "
+                                     + String(cString: strerror(status)))
         }
-        endpwent()
-        return out
     }
 
     /// A user name becomes a directory name in the mailbox path: refuse

@@ -95,6 +95,33 @@ public struct DeliveryStatusNotification: Sendable {
         }
     }
 
+    /// The returned original as part 3 carries it: the whole message when
+    /// `returnsFullMessage`, else its header section, with the encoding it
+    /// needs. The notice goes out through SMTP DATA, which carries 8-bit
+    /// lines (with 8BITMIME, or converted to 7 bit for a host without it)
+    /// but never binary (a bare CR or LF, NUL, a line over 998 octets: RFC
+    /// 3030's BINARYMIME, which Sealpost does not use): a binary original
+    /// is returned as its header section, and a binary header section not
+    /// at all. nil: nothing is returned.
+    var returnedPart: (bytes: [UInt8], full: Bool, encoding: TransferEncoding)? {
+        if returnsFullMessage {
+            let whole = DeliveryStatusNotification.withFinalLineEnd(originalMessage)
+            let encoding = TransferEncoding.of(whole)
+            if encoding != .binary { return (whole, true, encoding) }
+        }
+        let (block, _, _) = HeaderBlock.parse(originalMessage)
+        let header = block.serialized()
+        let encoding = TransferEncoding.of(header)
+        if encoding != .binary { return (header, false, encoding) }
+        return nil
+    }
+
+    /// The BODY= type (RFC 6152) the notice needs: "8BITMIME" when the
+    /// returned original holds 8-bit bytes, else nil (7 bit).
+    public var bodyType: String? {
+        returnedPart?.encoding == .eightBit ? "8BITMIME" : nil
+    }
+
     /// The complete notification message.
     public func build(unixTime: Int? = nil, messageID: String? = nil, boundary: String? = nil) -> [UInt8] {
         var rng = SystemRandomNumberGenerator()
@@ -102,16 +129,9 @@ public struct DeliveryStatusNotification: Sendable {
         let host = MessageID.domainPart(reportingMTA)
         let mid = messageID ?? MessageID.generate(hostname: host, unixTime: now, using: &rng)
 
-        // The returned original: whole, or its header section.
-        let returned: [UInt8]
-        let full = returnsFullMessage
-        if full {
-            returned = DeliveryStatusNotification.withFinalLineEnd(originalMessage)
-        } else {
-            let (block, _, _) = HeaderBlock.parse(originalMessage)
-            returned = block.serialized()
-        }
-        let encoding = TransferEncoding.of(returned)
+        let part = returnedPart
+        let returned = part?.bytes ?? []
+        let encoding = part?.encoding ?? .sevenBit
 
         var sep = boundary ?? DeliveryStatusNotification.newBoundary(host: host, using: &rng)
         while DeliveryStatusNotification.occurs(Array(("--" + sep).utf8), in: returned) {
@@ -139,7 +159,7 @@ public struct DeliveryStatusNotification: Sendable {
         line("Content-Description: Notification")
         line("Content-Type: text/plain; charset=us-ascii")
         line("")
-        for l in humanText(full: full) { line(l) }
+        for l in humanText(returned: part.map { $0.full }) { line(l) }
         line("")
 
         // Part 2: for machines.
@@ -168,25 +188,34 @@ public struct DeliveryStatusNotification: Sendable {
         }
         line("")
 
-        // Part 3: the original.
-        line("--\(sep)")
-        if full {
-            line("Content-Description: Undelivered Message")
-            line("Content-Type: message/rfc822")
+        // Part 3: the original, unless not even its header section is
+        // fit for mail (see returnedPart).
+        var bytes: [UInt8]
+        if let part {
+            line("--\(sep)")
+            if part.full {
+                line("Content-Description: Undelivered Message")
+                line("Content-Type: message/rfc822")
+            } else {
+                line("Content-Description: Message Headers")
+                line("Content-Type: text/rfc822-headers")
+            }
+            if encoding != .sevenBit { line("Content-Transfer-Encoding: \(encoding.rawValue)") }
+            line("")
+            bytes = Array(out.utf8)
+            bytes.append(contentsOf: returned)
         } else {
-            line("Content-Description: Message Headers")
-            line("Content-Type: text/rfc822-headers")
+            bytes = Array(out.utf8)
+            bytes.removeLast(2)   // the part before ends at the close delimiter
         }
-        if encoding != .sevenBit { line("Content-Transfer-Encoding: \(encoding.rawValue)") }
-        line("")
-        var bytes = Array(out.utf8)
-        bytes.append(contentsOf: returned)
         // The CRLF before a boundary belongs to the boundary (RFC 2046).
         bytes.append(contentsOf: Array("\r\n--\(sep)--\r\n".utf8))
         return bytes
     }
 
-    func humanText(full: Bool) -> [String] {
+    /// `returned`: whether the whole message (true) or its header section
+    /// (false) is returned, nil for nothing.
+    func humanText(returned: Bool?) -> [String] {
         var t: [String] = []
         t.append("This is the mail system at host \(MessageID.domainPart(reportingMTA)).")
         t.append("")
@@ -204,8 +233,16 @@ public struct DeliveryStatusNotification: Sendable {
             t.append("you asked for a notice of successful delivery.")
         }
         t.append("")
-        t.append("If you need help, forward this notice to your postmaster, including")
-        t.append(full ? "the returned message." : "the returned message headers.")
+        switch returned {
+        case true?:
+            t.append("If you need help, forward this notice to your postmaster, including")
+            t.append("the returned message.")
+        case false?:
+            t.append("If you need help, forward this notice to your postmaster, including")
+            t.append("the returned message headers.")
+        case nil:
+            t.append("If you need help, forward this notice to your postmaster.")
+        }
         t.append("")
         for r in recipients {
             var what = "<\(DeliveryStatusNotification.ascii(r.address))>: "

@@ -65,6 +65,8 @@ final class InjectHandler: ChannelInboundHandler {
         /// Body bytes counted in the engine's PendingBodies, and for whom.
         var reserved = 0
         var reservedPeer: UInt32?
+        /// An 8-bit byte arrived in a body whose MAIL named no body type.
+        var undeclaredEightBit = false
     }
 
     /// How much of a message is kept to find its Message-ID.
@@ -286,6 +288,9 @@ final class InjectHandler: ChannelInboundHandler {
         guard var t = transaction else { return }
         transaction = nil   // no copy-on-write of the writer reference dance
         t.size += data.count
+        if t.envelope.bodyType == nil, !t.undeclaredEightBit, EightBit.occurs(in: data) {
+            t.undeclaredEightBit = true
+        }
         if t.head.count < Self.headLimit { t.head += data.prefix(Self.headLimit - t.head.count) }
         if t.refusal == nil {
             if t.size > engine.config.queue.acceptedSizeLimit {
@@ -362,6 +367,12 @@ final class InjectHandler: ChannelInboundHandler {
         env.arrival = arrival
         env.size = UInt64(t.size)
         env.held = engine.config.queue.holdIncoming
+        // No body type named (sendmail without -B, most often; an SMTP
+        // client sending 8-bit without BODY=8BITMIME, against RFC 6152) but
+        // 8-bit bytes came: stored as 8BITMIME, so that remote-deliver
+        // declares it, or converts it for a host without 8BITMIME, rather
+        // than send 8-bit bytes as 7 bit.
+        if t.undeclaredEightBit { env.bodyType = "8BITMIME" }
         for i in env.recipients.indices { env.recipients[i].nextAttempt = arrival }
         let messageID = HeaderBlock.firstValue("Message-ID", in: t.head[...])
         // The client's address and name are the injecting peer's claim, and

@@ -486,7 +486,7 @@ final class QueueEngine: @unchecked Sendable {
         let sender = plan.kind == .doubleBounce ? config.doubleBounceSender : ""
         let env = EnvelopeRecord(queueID: spool.newQueueID(), sender: sender, arrival: t, size: UInt64(message.count),
                                  ret: nil, envid: nil, requireTLS: false, smtputf8: original.smtputf8,
-                                 bodyType: nil, clientAddress: nil, clientName: nil, helo: nil,
+                                 bodyType: dsn.bodyType, clientAddress: nil, clientName: nil, helo: nil,
                                  protocolName: "local", authUser: nil, peerUID: nil, held: false,
                                  kind: plan.kind,
                                  recipients: [RecipientRecord(address: plan.recipient, notify: nil, orcpt: nil,

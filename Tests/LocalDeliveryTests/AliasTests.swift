@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import LocalDelivery
 
@@ -260,8 +261,16 @@ private func parseError(_ text: String) -> AliasError? {
         #expect(try r.resolve("both@localhost") == [.mailbox(user: "alice", address: "alice@localhost")])
     }
 
-    @Test func systemAccountsIncludeRoot() {
-        #expect(LocalUsers.systemAccountNames().contains("root"))
+    @Test func systemAccountsIncludeRoot() throws {
+        let names = try LocalUsers.systemAccountNames()
+        #expect(names.contains("root"))
+        // Every account of /etc/passwd (nsswitch.conf's "files"), to the
+        // last: the loop stops at the end, not before.
+        if let passwd = try? String(contentsOfFile: "/etc/passwd", encoding: .utf8) {
+            let listed = passwd.split(separator: "\n").compactMap { $0.split(separator: ":").first.map(String.init) }
+                .filter { !$0.hasPrefix("+") && !$0.hasPrefix("-") && !$0.hasPrefix("#") }
+            #expect(Set(listed).isSubset(of: Set(names)), "\(Set(listed).subtracting(names))")
+        }
         let users = LocalUsers(names: ["ok", "../evil", ".hidden", "a/b", ""])
         #expect(users.count == 1)
     }

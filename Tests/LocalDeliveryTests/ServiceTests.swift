@@ -12,20 +12,37 @@ import SealpostConfig
         }
     }
 
-    @Test func systemAccountsOrTheListOnly() {
+    @Test func systemAccountsOrTheListOnly() throws {
         var settings = LocalSettings()
         settings.users = ["Virtual"]
         settings.accounts = .system
-        let system = LocalDeliveryService.users(settings, systemAccounts: { ["root", "daemon"] })
+        let system = try LocalDeliveryService.users(settings, systemAccounts: { ["root", "daemon"] })
         #expect(system.lookup("ROOT") == "root")
         #expect(system.lookup("virtual") == "Virtual")
         settings.accounts = .listed
-        let listed = LocalDeliveryService.users(settings, systemAccounts: { ["root"] })
+        let listed = try LocalDeliveryService.users(settings, systemAccounts: { ["root"] })
         #expect(listed.lookup("root") == nil)
         #expect(listed.lookup("virtual") == "Virtual")
         // The real account database is read when asked.
         settings.accounts = .system
-        #expect(LocalDeliveryService.users(settings).lookup("root") == "root")
+        #expect(try LocalDeliveryService.users(settings).lookup("root") == "root")
+    }
+
+    /// A user database that fails half way (an LDAP backend going away) is
+    /// an error, not a shorter list: mail to the missing accounts would
+    /// bounce. With accounts = "listed" the database is not read at all.
+    @Test func aFailingAccountDatabaseIsAnError() throws {
+        let failure = TableFileError(file: "the system's user database (getpwent)", line: nil,
+                                     message: "reading the account list failed after 2 accounts: Input/output error")
+        var settings = LocalSettings()
+        settings.accounts = .system
+        #expect(throws: failure) {
+            try LocalDeliveryService.users(settings, systemAccounts: { () throws(TableFileError) -> [String] in throw failure })
+        }
+        settings.accounts = .listed
+        settings.users = ["alice"]
+        let listed = try LocalDeliveryService.users(settings, systemAccounts: { () throws(TableFileError) -> [String] in throw failure })
+        #expect(listed.lookup("alice") == "alice")
     }
 
     @Test func resolverFromAConfigurationFile() throws {

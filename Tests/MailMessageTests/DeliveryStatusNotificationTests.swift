@@ -118,9 +118,34 @@ import Foundation
         let m = String(decoding: failure(original: orig).build(boundary: "B"), as: UTF8.self)
         #expect(m.contains("\r\nContent-Transfer-Encoding: 8bit\r\n\r\nThis is a MIME"))
         #expect(m.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: caf\u{e9}"))
+        // The queue stores the notice with BODY=8BITMIME, so that
+        // remote-deliver declares it or converts it to 7 bit.
+        #expect(failure(original: orig).bodyType == "8BITMIME")
+        #expect(failure().bodyType == nil)
+    }
 
-        let nul = failure(original: Array("Subject: x\r\n\r\na\0b\r\n".utf8)).build(boundary: "B")
-        #expect(String(decoding: nul, as: UTF8.self).contains("Content-Transfer-Encoding: binary"))
+    /// A notice goes out through DATA, which cannot carry binary: an
+    /// original with NUL, a bare LF or a line over 998 octets in its body is
+    /// returned as its header section; with such a header section, not at
+    /// all. Never labelled binary.
+    @Test func binaryOriginalIsReturnedAsItsHeaderSectionOrNotAtAll() {
+        let long = String(repeating: "x", count: 999)
+        for body in ["a\0b\r\n", "a\nb\r\n", long + "\r\n"] {
+            let orig = Array("Subject: caf\u{e9}\r\n\r\n\(body)".utf8)
+            let notice = failure(original: orig)
+            let m = String(decoding: notice.build(boundary: "B"), as: UTF8.self)
+            #expect(!m.contains("binary"))
+            #expect(m.contains("Content-Type: text/rfc822-headers\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: caf\u{e9}\r\n"))
+            #expect(!m.contains("message/rfc822") && m.contains("including\r\nthe returned message headers."))
+            #expect(notice.bodyType == "8BITMIME")
+        }
+        let header = failure(original: Array("Subject: \(long)\r\n\r\nbody\r\n".utf8))
+        let m = String(decoding: header.build(boundary: "B"), as: UTF8.self)
+        #expect(!m.contains("binary") && !m.contains("message/rfc822") && !m.contains("text/rfc822-headers") && !m.contains(long))
+        #expect(m.contains("forward this notice to your postmaster.\r\n"))
+        #expect(m.hasSuffix("\r\n\r\n--B--\r\n"), "\(m)")
+        #expect(m.components(separatedBy: "--B").count == 4)   // two delimiters and the close one
+        #expect(header.bodyType == nil)
     }
 
     @Test func boundaryNeverOccursInOriginal() {

@@ -30,6 +30,7 @@ struct Received {
     var nexthop: String?
     var recipients: [(index: UInt64, address: String)]
     var body: [UInt8]
+    var bodyType: String? = nil
 }
 
 struct Listing {
@@ -122,9 +123,10 @@ final class TestQueue {
     }
 
     func sendMessage(_ c: StageConnection, from sender: String, to rcpts: [String], notify: String? = nil,
-                     body: String = "Subject: test\r\n\r\nhello\r\n", ret: String? = nil) throws {
+                     body: String = "Subject: test\r\n\r\nhello\r\n", ret: String? = nil, bodyType: String? = nil) throws {
         var mail = Frame(.mail, ["sender": .text(sender)])
         mail.set("ret", ret.map { .text($0) })
+        mail.set("body-type", bodyType.map { .text($0) })
         try c.send(mail)
         for r in rcpts {
             var rcpt = Frame(.rcpt, ["address": .text(r)])
@@ -150,10 +152,10 @@ final class TestQueue {
     /// Injects one message; returns its queue ID (throws on REFUSED).
     @discardableResult
     func inject(from sender: String = "sender@example.org", to rcpts: [String], notify: String? = nil,
-                body: String = "Subject: test\r\n\r\nhello\r\n", ret: String? = nil) throws -> String {
+                body: String = "Subject: test\r\n\r\nhello\r\n", ret: String? = nil, bodyType: String? = nil) throws -> String {
         let c = try injector()
         defer { c.close() }
-        try sendMessage(c, from: sender, to: rcpts, notify: notify, body: body, ret: ret)
+        try sendMessage(c, from: sender, to: rcpts, notify: notify, body: body, ret: ret, bodyType: bodyType)
         let reply = try #require(try c.receive())
         guard reply.type == .accepted else { throw PeerError(status: try reply.text("status"), text: try reply.text("text")) }
         return try reply.text("queue-id")
@@ -170,7 +172,8 @@ final class TestQueue {
         #expect(job.type == .job)
         var received = Received(number: try job.uint("job"), queueID: try job.text("queue-id"),
                                 sender: try job.text("sender"), attempt: try job.uint("attempt"),
-                                nexthop: try job.optionalText("nexthop"), recipients: [], body: [])
+                                nexthop: try job.optionalText("nexthop"), recipients: [], body: [],
+                                bodyType: try job.optionalText("body-type"))
         while let frame = try c.receive() {
             switch frame.type {
             case .jobRcpt: received.recipients.append((try frame.uint("index"), try frame.text("address")))
@@ -640,6 +643,40 @@ func refusal(_ frame: Frame) throws -> String {
         try TestQueue.report(stage, djob, "bounced", dsn: "5.1.1", text: "unknown user")
         _ = try q.eventually("double bounce discarded") { $0.messages.isEmpty }
         stage.close(); remote.close()
+    }
+
+    /// sendmail without -B names no body type; 8-bit bytes in such a body
+    /// make it 8BITMIME in the queue (so remote-deliver declares it, or
+    /// converts it for a host without 8BITMIME). A declared type stays as
+    /// declared, a 7-bit body stays without one; a bounce that returns
+    /// 8-bit bytes is 8BITMIME too.
+    @Test func undeclaredEightBitBodiesAreStoredAs8BITMIME() throws {
+        let q = try TestQueue()
+        let stage = try q.deliverer()
+        // The 8-bit byte in the second BODY frame, past the first 64 KiB.
+        let late = "Subject: x\r\n\r\n" + String(repeating: "a", count: 70_000) + "\r\nGr\u{fc}\u{df}e\r\n"
+        for (body, declared, stored) in [
+            ("Subject: caf\u{e9}\r\n\r\nhello\r\n", nil, "8BITMIME"),
+            (late, nil, "8BITMIME"),
+            ("Subject: x\r\n\r\nhello\r\n", nil, nil),
+            ("Subject: x\r\n\r\nGr\u{fc}\u{df}e\r\n", "7BIT", "7BIT"),
+            ("Subject: x\r\n\r\nhello\r\n", "8BITMIME", "8BITMIME"),
+        ] as [(String, String?, String?)] {
+            let id = try q.inject(to: ["alice@localhost"], body: body, bodyType: declared)
+            let job = try TestQueue.receiveJob(stage)
+            #expect(job.queueID == id && job.bodyType == stored, "\(declared ?? "none") -> \(job.bodyType ?? "none")")
+            try TestQueue.report(stage, job, "sent", dsn: "2.0.0", text: "delivered")
+        }
+        // The bounce of an 8-bit message returns it, and says so.
+        _ = try q.eventually("all delivered") { $0.messages.isEmpty }
+        try q.inject(from: "sender@localhost", to: ["nobody@localhost"], body: "Subject: caf\u{e9}\r\n\r\nx\r\n")
+        let job = try TestQueue.receiveJob(stage)
+        try TestQueue.report(stage, job, "bounced", dsn: "5.1.1", text: "unknown user")
+        let bounce = try TestQueue.receiveJob(stage)
+        #expect(bounce.sender == "" && bounce.bodyType == "8BITMIME")
+        #expect(String(decoding: bounce.body, as: UTF8.self).contains("Content-Transfer-Encoding: 8bit"))
+        try TestQueue.report(stage, bounce, "sent", dsn: "2.0.0", text: "delivered")
+        stage.close()
     }
 
     @Test func aForwardedDoubleBounceThatFailsIsDroppedNotReportedAgain() throws {
