@@ -47,6 +47,17 @@ public struct MailExchanger: Sendable, Equatable, CustomStringConvertible {
     public var host: String
     public var ipv4: AddressLookup
     public var ipv6: AddressLookup
+    /// False for a host past `addressLookupLimit` in the preference order:
+    /// its addresses were not looked up (ipv4 and ipv6 are then empty and
+    /// say so); a caller that needs them looks them up itself.
+    public var addressesLookedUp = true
+
+    /// How many MX hosts, in preference order, get their A and AAAA
+    /// lookups. A domain may publish thousands of MX records: looking them
+    /// all up would make this host send thousands of queries (to names
+    /// the domain chose) per delivery attempt and wait for them all, while
+    /// an SMTP client tries only a few addresses anyway.
+    public static let addressLookupLimit = 20
 
     /// IPv6 first (RFC 6724 default preference), then IPv4.
     public var addresses: [IPAddress] { ipv6.addresses + ipv4.addresses }
@@ -144,6 +155,8 @@ private final class MXJob: @unchecked Sendable {
         var ipv4: [String: AddressLookup] = [:]
         var ipv6: [String: AddressLookup] = [:]
         var outstanding = 0
+        /// The first hosts, whose addresses are looked up.
+        var lookedUp = 0
     }
     private let state = Mutex(State())
 
@@ -231,13 +244,15 @@ private final class MXJob: @unchecked Sendable {
             }
         }
 
+        let looked = hosts.prefix(MailExchanger.addressLookupLimit)
         state.withLock { state in
             state.mxStatus = answer.status
             state.implicit = !answer.haveData
             state.hosts = hosts
-            state.outstanding = hosts.count * 2
+            state.lookedUp = looked.count
+            state.outstanding = looked.count * 2
         }
-        for (_, host) in hosts {
+        for (_, host) in looked {
             for type in [RRType.a, .aaaa] {
                 do {
                     try resolver.query(host, type, timeout: remaining) { [self] result in
@@ -299,16 +314,25 @@ private final class MXJob: @unchecked Sendable {
     private func conclude(_ state: State) {
         let missing = AddressLookup(addresses: [], status: .indeterminate,
                                     failure: "no answer", temporaryFailure: true)
-        let exchangers = state.hosts.map { entry in
-            MailExchanger(preference: entry.preference, host: entry.host,
-                          ipv4: state.ipv4[entry.host] ?? missing,
-                          ipv6: state.ipv6[entry.host] ?? missing)
+        let notLookedUp = AddressLookup(addresses: [], status: .indeterminate,
+                                        failure: "not looked up (past the first \(MailExchanger.addressLookupLimit) MX hosts)")
+        let exchangers = state.hosts.enumerated().map { index, entry in
+            guard index < state.lookedUp else {
+                var exchanger = MailExchanger(preference: entry.preference, host: entry.host,
+                                              ipv4: notLookedUp, ipv6: notLookedUp)
+                exchanger.addressesLookedUp = false
+                return exchanger
+            }
+            return MailExchanger(preference: entry.preference, host: entry.host,
+                                 ipv4: state.ipv4[entry.host] ?? missing,
+                                 ipv6: state.ipv6[entry.host] ?? missing)
         }
         let reachable = exchangers.filter { !$0.addresses.isEmpty }
         guard !reachable.isEmpty else {
-            let lookups = exchangers.flatMap { [$0.ipv4, $0.ipv6] }
+            let looked = exchangers.prefix(state.lookedUp)
+            let lookups = looked.flatMap { [$0.ipv4, $0.ipv6] }
             let temporary = lookups.contains { $0.temporaryFailure }
-            let details = exchangers.map { exchanger in
+            let details = looked.map { exchanger in
                 let why = [exchanger.ipv4.failure.map { "A: \($0)" },
                            exchanger.ipv6.failure.map { "AAAA: \($0)" }].compactMap { $0 }
                 return exchanger.host + (why.isEmpty ? ": no address records" : ": " + why.joined(separator: "; "))

@@ -40,9 +40,7 @@ public final class ResolverThread: Sendable {
             return nil
         }, box.toOpaque())
         guard code == 0 else {
-            box.release()
-            close(fds[0])
-            close(fds[1])
+            box.release()   // the pipe closes in deinit, which a throw after full initialization runs
             throw .configuration("pthread_create: \(String(cString: strerror(code)))")
         }
         thread.withLock { $0 = handle }
@@ -56,6 +54,12 @@ public final class ResolverThread: Sendable {
         if let handle = thread.withLock({ $0 }) {
             if pthread_equal(handle, pthread_self()) == 0 { pthread_join(handle, nil) } else { pthread_detach(handle) }
         }
+        // The pipe stays open until deinit: another thread may still be
+        // starting a lookup and wake() it, and a descriptor number closed
+        // here could by then name another file.
+    }
+
+    deinit {
         close(wakeRead)
         close(wakeWrite)
     }

@@ -112,7 +112,16 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
                     guard case .fd(let plaintext)? = answer["plaintext"] else {
                         return .failure(TLSHandOffError("NEGOTIATED without a plaintext socket"))
                     }
-                    let authentication = try answer.text("authentication")
+                    // From here the plaintext socket is this function's
+                    // to close, on every way out but success.
+                    let fields: (authentication: String, protocolVersion: String, cipher: String)
+                    do {
+                        fields = (try answer.text("authentication"), try answer.text("protocol"), try answer.text("cipher"))
+                    } catch {
+                        close(plaintext)
+                        return .failure(TLSHandOffError("crypto-negotiate at \(path): NEGOTIATED: \(error)"))
+                    }
+                    let authentication = fields.authentication
                     // Only what the request allows: any program may serve
                     // this socket, and its word decides REQUIRETLS and the
                     // levels that require an authenticated peer.
@@ -120,7 +129,7 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
                         close(plaintext)
                         return .failure(TLSHandOffError("crypto-negotiate reported authentication \"\(authentication)\" for a \(request.verification.method.rawValue) request"))
                     }
-                    let report = SMTPClientTLSReport(protocolVersion: try answer.text("protocol"), cipher: try answer.text("cipher"),
+                    let report = SMTPClientTLSReport(protocolVersion: fields.protocolVersion, cipher: fields.cipher,
                                                      peerAuthenticated: authentication != "encrypted")
                     return .success(TLSClientHandOffResult(plaintext: plaintext, report: report, authentication: authentication))
                 case .failed:

@@ -63,6 +63,17 @@ public enum AddressLookupResult: Sendable, Hashable {
     case addresses([String], secure: Bool)
     case noSuchHost(String)
     case temporaryFailure(String)
+
+    /// IPv4-mapped IPv6 addresses (an AAAA record "::ffff:127.0.0.1") as
+    /// the IPv4 addresses they reach, once each: the self-recognition
+    /// compares addresses as text, and a connection to the mapped form
+    /// reaches the IPv4 listener (on Linux) all the same.
+    var unmappingIPv4: AddressLookupResult {
+        guard case .addresses(let list, let secure) = self else { return self }
+        var seen = Set<String>()
+        let unmapped = list.map { TransportTable.unmappedIPv4($0) ?? $0 }.filter { seen.insert($0).inserted }
+        return .addresses(unmapped, secure: secure)
+    }
 }
 
 /// DNS for remote delivery. The DNS module's libunbound resolver conforms
@@ -207,7 +218,7 @@ public enum RoutePlanner {
             return .failure(RoutingFailure(permanent: false, status: EnhancedStatus(4, 3, 5),
                                            text: "mail for a local transport was given to remote-deliver (transport table and queue routing disagree)"))
         case .host(let host, let port):
-            switch await resolver.addresses(of: host) {
+            switch await resolver.addresses(of: host).unmappingIPv4 {
             case .addresses(let list, _) where list.contains(where: { isSelf($0, port) }):
                 return .failure(RoutingFailure(permanent: true, status: EnhancedStatus(5, 4, 6),
                                                text: "mail for [\(host)]:\(port) loops back to myself"))
@@ -257,7 +268,8 @@ public enum RoutePlanner {
             exchangers = Array(exchangers.prefix(exchangerLimit))
             var lookups: [AddressLookupResult] = []
             for mx in exchangers {
-                if let known = mx.addresses { lookups.append(known) } else { lookups.append(await resolver.addresses(of: mx.host)) }
+                let lookup = if let known = mx.addresses { known } else { await resolver.addresses(of: mx.host) }
+                lookups.append(lookup.unmappingIPv4)
             }
             // By address: an address its listener answers on.
             let ours = ([oursByName] + zip(exchangers, lookups).filter { mx, lookup in

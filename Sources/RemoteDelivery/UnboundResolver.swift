@@ -41,6 +41,11 @@ public struct UnboundMailExchangerResolver: MailExchangerResolver {
             return .failure(RoutingFailure(permanent: true, status: status, text: reason))
         case .exchangers(let list, let mxStatus, _):
             return .exchangers(list.map { mx in
+                // Past the resolver's lookup limit: the planner looks the
+                // host up itself if it gets that far.
+                guard mx.addressesLookedUp else {
+                    return RemoteDelivery.MailExchanger(preference: Int(mx.preference), host: mx.host)
+                }
                 let addresses = mx.addresses.map(\.description)
                 let lookup: AddressLookupResult
                 if !addresses.isEmpty {

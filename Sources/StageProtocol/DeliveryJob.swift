@@ -7,6 +7,9 @@
 
 /// A job as the queue sent it.
 public struct DeliveryJob: Sendable {
+    /// The largest JOB-RCPT index a job may carry (PROTOCOL.md 4.3).
+    public static let maximumRecipientIndex: UInt64 = UInt64(Int32.max)
+
     public struct Recipient: Sendable, Equatable {
         public var index: UInt64
         public var address: String
@@ -103,6 +106,11 @@ public struct DeliveryJobAssembler: Sendable {
         case .jobRcpt:
             guard !inBody else { throw ProtocolError("JOB-RCPT after BODY in job \(current.job)") }
             let index = try frame.uint("index")
+            // An index names a recipient of one message: far below this,
+            // and a delivery stage may hold it in an Int or an Int32.
+            guard index <= DeliveryJob.maximumRecipientIndex else {
+                throw ProtocolError("JOB-RCPT: index \(index) over \(DeliveryJob.maximumRecipientIndex) in job \(current.job)")
+            }
             guard indexes.insert(index).inserted else {
                 throw ProtocolError("JOB-RCPT: index \(index) twice in job \(current.job)")
             }

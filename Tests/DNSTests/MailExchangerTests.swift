@@ -57,6 +57,23 @@ struct MailExchangerTests {
         #expect(exchangers.first?.addresses.map(\.description) == ["127.0.0.21"])
     }
 
+    /// A domain with more MX hosts than `addressLookupLimit`: all are
+    /// listed, in preference order, and only the first ones were looked
+    /// up (the rest would be thousands of queries for a hostile domain).
+    @Test func onlyTheFirstMXHostsAreLookedUp() throws {
+        guard case .exchangers(let exchangers, let status, _) = try resolve("many.dane.test") else {
+            Issue.record("no exchangers")
+            return
+        }
+        #expect(status == .secure)
+        #expect(exchangers.count == 25)
+        let limit = MailExchanger.addressLookupLimit
+        #expect(exchangers.prefix(limit).allSatisfy { $0.addressesLookedUp && $0.addresses.count == 1 && $0.addressesSecure })
+        #expect(exchangers.dropFirst(limit).allSatisfy { !$0.addressesLookedUp && $0.addresses.isEmpty })
+        #expect(exchangers.dropFirst(limit).first?.ipv4.failure?.contains("not looked up") == true)
+        #expect(Set(exchangers.map(\.host)).count == 25)
+    }
+
     @Test func nxdomainIsPermanent() throws {
         guard case .failure(let failure) = try resolve("no-such-domain.dane.test") else {
             Issue.record("expected a failure")

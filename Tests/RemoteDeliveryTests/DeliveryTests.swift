@@ -441,6 +441,23 @@ private func mxTable(_ domain: String, port: Int) -> TransportTable {
             return
         }
         #expect(literal.permanent && literal.status == EnhancedStatus(5, 4, 6))
+        // An AAAA record holding an IPv4-mapped address of ours
+        // ("::ffff:192.0.2.2") reaches the IPv4 listener all the same.
+        let mapped = StaticMailExchangerResolver(mx: [
+            "mapped.test": .exchangers([MailExchanger(preference: 10, host: "mx1.b.test"),
+                                        MailExchanger(preference: 20, host: "sneaky.b.test")], secure: false),
+            "sneaky.test": .exchangers([MailExchanger(preference: 10, host: "sneaky.b.test")], secure: false),
+        ], hosts: ["mx1.b.test": .addresses(["::ffff:192.0.2.1"], secure: false),
+                   "sneaky.b.test": .addresses(["::ffff:c000:202"], secure: false)])
+        let kept = try await RoutePlanner.route(.mailExchangers("mapped.test", port: 25), resolver: mapped, preference: .any,
+                                                isSelf: ours.isSelf).get()
+        #expect(kept.candidates.map(\.host) == ["mx1.b.test"] && kept.candidates.map(\.address) == ["192.0.2.1"])
+        guard case .failure(let mappedLoop) = await RoutePlanner.route(.mailExchangers("sneaky.test", port: 25), resolver: mapped,
+                                                                       preference: .any, isSelf: ours.isSelf) else {
+            Issue.record("sneaky.test: routed to itself through an IPv4-mapped address")
+            return
+        }
+        #expect(mappedLoop.status == EnhancedStatus(5, 4, 6))
         #expect(SelfRecognition.Endpoint("[2001:db8::1]:587") == SelfRecognition.Endpoint(host: "2001:db8::1", port: 587))
     }
 

@@ -35,6 +35,7 @@ import Testing
         #expect(job.attempt == 2 && job.size == 12 && job.arrival == 1_700_000_000)
         #expect(job.nexthop == "relay.example.net" && job.requireTLS && !job.smtputf8)
         #expect(job.recipients.map(\.index) == [0, 3])
+        #expect(try Self.feed([Self.job, Self.rcpt(DeliveryJob.maximumRecipientIndex), Self.end]).get().count == 1)
         #expect(job.recipients[0].notify == "FAILURE")
         #expect(job.body.map { String(decoding: $0, as: UTF8.self) } == ["Subject: x\r\n", "\r\nhi\r\n"])
         #expect(!job.oversized)
@@ -55,6 +56,8 @@ import Testing
         ([job, body("x")], "BODY before any JOB-RCPT in job 7"),
         ([job, rcpt(0), body("x"), rcpt(1)], "JOB-RCPT after BODY in job 7"),
         ([job, rcpt(1), rcpt(1)], "JOB-RCPT: index 1 twice in job 7"),
+        // A stage keeps an index in an Int: 2^63 would trap there.
+        ([job, rcpt(1 << 63)], "JOB-RCPT: index 9223372036854775808 over 2147483647 in job 7"),
         ([job, end], "job 7 has no JOB-RCPT"),
         ([job, rcpt(0), Frame(.jobEnd, ["job": .uint(8)])], "JOB-END for job 8 inside job 7"),
         ([job, Frame(.jobDone, ["job": .uint(7)])], "JOB-DONE inside job 7"),

@@ -101,6 +101,11 @@ _mta-sts    TXT   "v=STSv1; " "id=20240501T000000;"
 mta-sts     A     127.0.0.25
 _smtp._tls  TXT   "v=TLSRPTv1; rua=mailto:tlsrpt@dane.test"
 ZONE
+# A domain with more MX hosts than a resolution looks up (25 > 20), each
+# with an address.
+for i in $(seq 1 25); do
+    printf 'many        MX    10 m%d.many\nm%d.many      A     127.0.1.%d\n' "$i" "$i" "$i"
+done >> "$z/dane.test.zone"
 if [ -f "$dir/extra-dane.test.zone" ]; then cat "$dir/extra-dane.test.zone" >> "$z/dane.test.zone"; fi
 
 cat > "$z/insecure.test.zone" <<ZONE
