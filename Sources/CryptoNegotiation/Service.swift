@@ -79,6 +79,7 @@ public final class NegotiationService: @unchecked Sendable {
         let handler = ListenerHandler(service: self, fd: fd)
         listener = handler
         try loop.register(fd, handler, writable: false)
+        loop.every(1) { [weak handler] in handler?.retryIfPaused() }
     }
 
     /// Runs the loop on the calling thread until `stop()`.
@@ -208,16 +209,31 @@ final class ListenerHandler: EventHandler {
         self.fd = fd
     }
 
+    /// accept(2) failed for want of descriptors or memory: the listener is
+    /// edge-triggered, so the connections left in the backlog raise no new
+    /// event; the loop's ticker tries again (retryIfPaused).
+    private var paused = false
+
+    func retryIfPaused() {
+        if paused { ready(fd: fd, events: 0) }
+    }
+
     func ready(fd: Int32, events: UInt32) {
         while true {
             let c = sealpost_accept_cloexec(self.fd)
             if c < 0 {
-                if errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNABORTED {
-                    service.logger.warning("accept: \(String(cString: strerror(errno)))")
+                let e = errno
+                if e == ECONNABORTED || e == EINTR { continue }
+                if e == EAGAIN || e == EWOULDBLOCK { return }
+                if !paused {
+                    // Once per episode, not once a second.
+                    service.logger.warning("accept: \(String(cString: strerror(e))); trying again every second")
                 }
-                if errno == ECONNABORTED { continue }
+                paused = true
                 return
             }
+            if paused { service.logger.info("accept: accepting again") }
+            paused = false
             setNonBlocking(c)
             let connection = ControlConnection(service: self.service, listener: self, fd: c)
             connections[c] = connection
@@ -246,6 +262,9 @@ final class ControlConnection: EventHandler {
     private var closeAfterFlush = false
     private static let schema = ProtocolSchema.standard(.tls)
     private static let maximumPendingDescriptors = 32
+    /// Answers queued for a client that does not read them, at most,
+    /// before its requests are read no further.
+    static let maximumQueuedFrames = 64
     /// The sessions of this client that have not ended (their numbers must
     /// stay unique while they run: the answers are matched by them).
     private var sessions = Set<UInt64>()
@@ -265,13 +284,19 @@ final class ControlConnection: EventHandler {
         flush()
         guard !closed, !closeAfterFlush else { return }
         while !closed && !closeAfterFlush {
+            // A client that sends NEGOTIATEs without reading the answers:
+            // each queued NEGOTIATED holds a plaintext descriptor until it
+            // is sent. Reading waits until the answers go out; flush() hit
+            // EAGAIN (or output would be empty), so writability is watched
+            // and brings this handler back, edge-triggered input and all.
+            if output.count >= Self.maximumQueuedFrames {
+                service.loop.watchWritable(fd)
+                return
+            }
             let (n, fds, truncated) = receiveWithDescriptors(fd, into: &buffer)
             if n < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK {
-                    service.loop.watchWritable(fd)
-                    return
-                }
+                if errno == EAGAIN || errno == EWOULDBLOCK { return }
                 shut()
                 return
             }

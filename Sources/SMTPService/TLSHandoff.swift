@@ -261,7 +261,7 @@ public final class TLSHandoff: Sendable {
     /// The event loop's own send. False: nothing was sent and the request
     /// is still the caller's (the writer must take it).
     private func sendNow(_ request: Request) -> Bool {
-        enum Outcome { case writer, sent, partial, failed(Int32) }
+        enum Outcome { case writer, sent, partial, failed(Int32), answered }
         var outcome = Outcome.writer
         var session: UInt64 = 0
         sendLock.withLock {
@@ -288,8 +288,13 @@ public final class TLSHandoff: Sendable {
                 outcome = .partial
             } else {
                 let e = errno
-                _ = state.withLockedValue { $0.pending.removeValue(forKey: session) }
-                if e == EAGAIN || e == EWOULDBLOCK {
+                // The reader may have taken every pending request meanwhile
+                // (crypto-negotiate gone: it answers them 4.4.2); this one's
+                // completion is then called already, and must not be again.
+                let stillOurs = state.withLockedValue { $0.pending.removeValue(forKey: session) } != nil
+                if !stillOurs {
+                    outcome = .answered
+                } else if e == EAGAIN || e == EWOULDBLOCK {
                     outcome = .writer
                 } else {
                     // A broken connection: the reader sees the shutdown and reconnects.
@@ -309,6 +314,8 @@ public final class TLSHandoff: Sendable {
         case .failed(let e):
             close(request.socket)
             request.completion(.failure(Self.unreachable(e)))
+        case .answered:
+            close(request.socket)
         }
         return true
     }
