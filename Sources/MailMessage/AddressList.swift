@@ -36,19 +36,23 @@ public enum AddressList {
     /// Splits "local@domain" at the last "@" outside quotes (nil domain for
     /// an unqualified address).
     public static func split(_ address: String) -> (local: String, domain: String?) {
+        // By bytes, as EnvelopeAddress splits: a combining mark after '@'
+        // or '"' makes one Character of the two, which a Character scan
+        // would not see as the separator or the quote.
         var inQuote = false, escaped = false
         var at: String.Index? = nil
-        var i = address.startIndex
-        while i < address.endIndex {
-            let c = address[i]
+        let bytes = address.utf8
+        var i = bytes.startIndex
+        while i < bytes.endIndex {
+            let c = bytes[i]
             if escaped { escaped = false }
-            else if c == "\\" && inQuote { escaped = true }
-            else if c == "\"" { inQuote.toggle() }
-            else if c == "@" && !inQuote { at = i }
-            i = address.index(after: i)
+            else if c == UInt8(ascii: "\\") && inQuote { escaped = true }
+            else if c == UInt8(ascii: "\"") { inQuote.toggle() }
+            else if c == UInt8(ascii: "@") && !inQuote { at = i }
+            i = bytes.index(after: i)
         }
         guard let at else { return (address, nil) }
-        return (String(address[..<at]), String(address[address.index(after: at)...]))
+        return (String(Substring(bytes[..<at])), String(Substring(bytes[bytes.index(after: at)...])))
     }
 }
 

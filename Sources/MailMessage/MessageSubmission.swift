@@ -208,6 +208,9 @@ public struct MessageSubmission: Sendable {
             recipients = commandLineRecipients
         }
 
+        // Decided before the Bcc fields go: a message re-sent to
+        // Resent-Bcc alone is re-sent all the same.
+        let resent = block.fields.contains { $0.name.lowercased().hasPrefix("resent-") }
         block.removeAll("Bcc")
         block.removeAll("Resent-Bcc")
         let date = RFC5322Date.format(unixTime: context.unixTime)
@@ -219,7 +222,6 @@ public struct MessageSubmission: Sendable {
             block.append(name, value())
             addedFields.append(name)
         }
-        let resent = block.fields.contains { $0.name.lowercased().hasPrefix("resent-") }
         for prefix in resent ? ["", "Resent-"] : [""] {
             addIfMissing(prefix + "From") { fromValue() }
             addIfMissing(prefix + "Date") { date }

@@ -95,6 +95,9 @@ public struct SendmailOptions: Sendable, Equatable {
                     let items = v.split(separator: ",").map { $0.trimmingSpaces() }
                     let valid = items == ["NEVER"] || (!items.isEmpty && items.allSatisfy { ["SUCCESS", "FAILURE", "DELAY"].contains($0) })
                     guard valid else { throw usage("-N: expected NEVER or a list of SUCCESS, FAILURE, DELAY, not \"\(v)\"") }
+                    // RFC 3461 4.1: each keyword once (the queue refuses
+                    // NOTIFY=SUCCESS,SUCCESS as any SMTP server would).
+                    guard Set(items).count == items.count else { throw usage("-N: \"\(v)\" names a keyword twice") }
                     o.notify = items.joined(separator: ",")
                 case "R":
                     let v = try argument().uppercased()

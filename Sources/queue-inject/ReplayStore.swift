@@ -15,7 +15,9 @@ final class ReplayStore {
     private var fileSize = 0
     /// False once a spill to disk failed: a retry is then impossible.
     private(set) var isComplete = true
-    var count: Int { memory.count + fileSize }
+    /// Every byte appended, kept or not: the size limit counts them all,
+    /// also after a failed spill has dropped what was kept.
+    private(set) var count = 0
 
     init(memoryLimit: Int = 1_048_576) {
         self.memoryLimit = memoryLimit
@@ -24,6 +26,11 @@ final class ReplayStore {
     deinit { if fd >= 0 { close(fd) } }
 
     func append(_ bytes: [UInt8]) {
+        count += bytes.count
+        store(bytes)
+    }
+
+    private func store(_ bytes: [UInt8]) {
         guard isComplete, !bytes.isEmpty else { return }
         if fd < 0 && memory.count + bytes.count <= memoryLimit {
             memory.append(contentsOf: bytes)
@@ -76,7 +83,7 @@ final class ReplayStore {
         // Nobody else needs a name for it; the file disappears with us.
         template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
         fd = f
-        append(memory)   // keep the order: what was in memory goes first
+        store(memory)   // keep the order: what was in memory goes first
         memory = []
         return isComplete
     }

@@ -58,8 +58,10 @@
 //      0 the queue accepted the message. 64 (EX_USAGE) bad command line, no
 //      recipients. 65 (EX_DATAERR) bad address syntax, message too large
 //      (found while reading: it stops there), a header section over 1 MiB,
-//      more recipients than the queue takes in one message.
-//      67 (EX_NOUSER) no account for the invoking uid. 69 (EX_UNAVAILABLE)
+//      more recipients than the queue takes in one message, an envelope
+//      value the inject protocol refuses (checked before connecting).
+//      67 (EX_NOUSER) no account for the invoking uid (or, without a passwd
+//      entry, a LOGNAME that is not a plain user name). 69 (EX_UNAVAILABLE)
 //      permanently refused. 74 (EX_IOERR) reading stdin failed.
 //      75 (EX_TEMPFAIL) temporarily refused, or the queue not reachable:
 //      try again later. 78 (EX_CONFIG) configuration error.
@@ -131,8 +133,16 @@ if let pw = getpwuid(uid) {
     let g = String(cString: pw.pointee.pw_gecos)
     gecos = g.isEmpty ? nil : g
 } else if let env = getenv("LOGNAME") ?? getenv("USER") {
-    // A container user without a passwd entry: the environment's word.
+    // A container user without a passwd entry: the environment's word,
+    // which becomes the sender's local part and the From: address: only a
+    // plain user name (POSIX portable characters) will do.
     loginName = String(cString: env)
+    let portable = loginName.utf8.allSatisfy { b in
+        (b >= 0x61 && b <= 0x7A) || (b >= 0x41 && b <= 0x5A) || (b >= 0x30 && b <= 0x39) || b == 0x2E || b == 0x5F || b == 0x2D
+    }
+    guard portable, loginName.utf8.count <= 64, !loginName.hasPrefix("-"), !loginName.hasPrefix(".") else {
+        die(.noUser, "user ID \(uid) has no passwd entry and LOGNAME/USER \"\(loginName.unicodeScalars.map { $0.isASCII && $0.value >= 32 && $0.value < 127 ? String($0) : "?" }.joined())\" is not a plain user name")
+    }
 }
 if loginName.isEmpty { die(.noUser, "no login name for user ID \(uid)") }
 
@@ -172,6 +182,31 @@ struct Transient: Error, CustomStringConvertible {
     var description: String { reason }
 }
 
+/// MAIL and RCPT, checked against the protocol's schema before the first
+/// attempt: a value the queue would refuse (a control character, a
+/// parameter too long) is this command's error, not a reason to try again.
+let envelope: [Frame] = {
+    var mail = Frame(.mail, ["sender": .text(submission.sender), "protocol": .text("local"),
+                             "client-name": .text(loginName)])
+    mail.set("ret", options.ret.map { .text($0) })
+    mail.set("envid", options.envid.map { .text($0) })
+    mail.set("body-type", options.bodyType.map { .text($0) })
+    if submission.needsSMTPUTF8 { mail.set("smtputf8", .bool(true)) }
+    var frames = [mail]
+    for r in submission.recipients {
+        var rcpt = Frame(.rcpt, ["address": .text(r)])
+        rcpt.set("notify", options.notify.map { .text($0) })
+        frames.append(rcpt)
+    }
+    return frames
+}()
+do {
+    let schema = ProtocolSchema.standard(.inject)
+    for frame in envelope { try schema.validate(frame, direction: .clientToServer) }
+} catch {
+    die(.dataErr, "the envelope cannot be submitted: \(error.message)")
+}
+
 func sendBody(_ connection: StageConnection, _ bytes: ArraySlice<UInt8>) throws {
     var i = bytes.startIndex
     while i < bytes.endIndex {
@@ -193,18 +228,7 @@ func attempt() throws -> Outcome {
     do {
         try connection.clientHello(.inject, extra: [("software", .text("sealpost-queue-inject 0.1"))])
 
-        var mail = Frame(.mail, ["sender": .text(submission.sender), "protocol": .text("local"),
-                                 "client-name": .text(loginName)])
-        mail.set("ret", options.ret.map { .text($0) })
-        mail.set("envid", options.envid.map { .text($0) })
-        mail.set("body-type", options.bodyType.map { .text($0) })
-        if submission.needsSMTPUTF8 { mail.set("smtputf8", .bool(true)) }
-        try connection.send(mail)
-        for r in submission.recipients {
-            var rcpt = Frame(.rcpt, ["address": .text(r)])
-            rcpt.set("notify", options.notify.map { .text($0) })
-            try connection.send(rcpt)
-        }
+        for frame in envelope { try connection.send(frame) }
 
         // What was read before (on an earlier attempt too), then the rest of stdin.
         try store.replay(chunk: chunkSize) { try sendBody(connection, $0) }

@@ -84,6 +84,11 @@ import Testing
         #expect(AddressList.split("\"x@y\"@b").local == "\"x@y\"")
         #expect(AddressList.split("\"x@y\"@b").domain == "b")
         #expect(AddressList.split("root").domain == nil)
+        // A combining mark after '@' or '"' is one Character with it, not
+        // one byte: the split is by bytes, as the queue's.
+        #expect(AddressList.split("a@\u{301}x").local == "a")
+        #expect(AddressList.split("a@\u{301}x").domain == "\u{301}x")
+        #expect(AddressList.split("\"\u{301}x@y\"@b").domain == "b")
     }
 
     @Test func randomInputNeverTraps() {

@@ -37,6 +37,7 @@ import Testing
         (["-t", "-Z"], "unknown option -Z"),
         (["-f"], "requires an argument"),
         (["-N", "sometimes", "a"], "-N"),
+        (["-N", "success,Success", "a"], "names a keyword twice"),
         (["-R", "most", "a"], "-R"),
     ])
     func usageErrors(args: [String], message: String) {
@@ -150,6 +151,10 @@ import Testing
         #expect(out.contains("\r\nResent-Message-ID: <"))
         let (_, plain) = try submit(["-t"], "To: a@example.org\n\nbody\n")
         #expect(!plain.contains("Resent-"))
+        // Re-sent to Resent-Bcc alone: still re-sent, though that field goes.
+        let (bccOnly, quiet) = try submit(["-t"], "To: old@example.org\nResent-Bcc: hidden@example.org\n\nbody\n")
+        #expect(bccOnly.recipients == ["hidden@example.org"] && !quiet.contains("hidden"))
+        #expect(quiet.contains("\r\nResent-From: ") && quiet.contains("\r\nResent-Message-ID: <"))
     }
 
     @Test func bccRemovedEvenWithoutDashT() throws {

@@ -1,10 +1,12 @@
 """Mail through the whole pipeline: queue-inject -> queue -> local-deliver -> Maildir."""
 
+import pwd
 import shutil
+import subprocess
 
 import pytest
 
-from conftest import CHECKOUT, Pipeline, local_user, parse_message, require_build, wait_until
+from conftest import CHECKOUT, IS_ROOT, Pipeline, executable, local_user, parse_message, require_build, wait_until
 
 
 def test_first_message_lands_in_the_maildir_with_trace_headers(pipeline):
@@ -64,3 +66,41 @@ def test_local_deliver_swapped_for_a_python_program(workdir):
         pipeline.log_with("local-deliver[")
     finally:
         assert pipeline.stop() == 0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="running as a uid without a passwd entry needs root")
+def test_a_uid_without_passwd_entry_sends_as_its_plain_logname(pipeline):
+    """A container user without a passwd entry: queue-inject takes LOGNAME
+    as the sender's local part, but only a plain user name: anything else
+    is EX_NOUSER before the queue is asked, not a malformed envelope
+    retried for half a minute. A duplicate -N keyword is a usage error."""
+    ghost = 54321
+    try:
+        pwd.getpwuid(ghost)
+        pytest.skip(f"uid {ghost} has a passwd entry here")
+    except KeyError:
+        pass
+    if subprocess.run(["setpriv", f"--reuid={ghost}", f"--regid={ghost}", "--clear-groups", "--",
+                       "test", "-x", executable("queue-inject")]).returncode != 0:
+        pytest.skip(f"{executable('queue-inject')} is not executable by uid {ghost}")
+    user = local_user()
+
+    def inject(logname, *arguments):
+        command = ["setpriv", f"--reuid={ghost}", f"--regid={ghost}", "--clear-groups", "--",
+                   executable("queue-inject"), *arguments, f"{user}@localhost"]
+        return subprocess.run(command, input=b"Subject: ghost\n\nbody\n", env=pipeline.env(LOGNAME=logname),
+                              capture_output=True, timeout=120)
+
+    for bad in ["two words", "a\tb", "<x>", "-flag", "x" * 65]:
+        result = inject(bad)
+        assert result.returncode == 67, (bad, result.stderr.decode())
+        assert b"not a plain user name" in result.stderr
+    result = inject("ghost", "-N", "success,success")
+    assert result.returncode == 64 and b"names a keyword twice" in result.stderr, result.stderr.decode()
+    result = inject("ghost")
+    assert result.returncode == 0, result.stderr.decode()
+    files = wait_until(lambda: pipeline.delivered(user), 60, "the ghost's message")
+    message = parse_message(files[0])
+    assert message["Subject"] == "ghost"
+    assert message["From"].startswith("ghost@") or "<ghost@" in message["From"], message["From"]
+    assert message["Return-Path"].startswith("<ghost@"), message["Return-Path"]
