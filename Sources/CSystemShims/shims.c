@@ -155,6 +155,15 @@ int sealpost_accept_cloexec(int sock) {
     return fd;
 }
 
+int sealpost_peer_uid(int sock, unsigned int *uid) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -1;
+    if (len != sizeof cred) { errno = EINVAL; return -1; }
+    *uid = cred.uid;
+    return 0;
+}
+
 int sealpost_socketpair_cloexec(int fds[2]) {
     return socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds);
 }

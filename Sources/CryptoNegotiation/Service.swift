@@ -181,6 +181,11 @@ public final class NegotiationService: @unchecked Sendable {
     /// One info line in the stage's log.
     public func log(_ message: String) { logger.info("\(message)") }
 
+    /// The uids that may connect (checked with SO_PEERCRED at accept); nil:
+    /// anyone the socket's mode lets in (one user runs every stage). Set
+    /// before `run()`.
+    public var allowedPeerUIDs: Set<UInt32>? = nil
+
     /// Sessions in handshake or relaying (loop thread).
     public var activeSessions: Int { engine.activeSessions }
 }
@@ -234,6 +239,18 @@ final class ListenerHandler: EventHandler {
             }
             if paused { service.logger.info("accept: accepting again") }
             paused = false
+            // The socket's group is every stage's (run/'s); only the stages
+            // that do TLS may have handshakes made with the server's key.
+            if let allowed = service.allowedPeerUIDs {
+                var uid: UInt32 = 0
+                let known = sealpost_peer_uid(c, &uid) == 0
+                guard known, allowed.contains(uid) else {
+                    let who = known ? "uid \(uid)" : "an unknown uid"
+                    service.logger.warning("refused a connection from \(who): only smtp-listen, remote-deliver and root may use crypto-negotiate")
+                    close(c)
+                    continue
+                }
+            }
             setNonBlocking(c)
             let connection = ControlConnection(service: self.service, listener: self, fd: c)
             connections[c] = connection

@@ -33,7 +33,9 @@
 //
 // PRIVILEGES
 //     Reads every certificate, key and CA bundle first and (as root) creates
-//     run/tls (root, group of run/, 0660), then chroots into empty/ under
+//     run/tls (root, group of run/, 0660; as the group is every stage's,
+//     connections from any uid but smtp-listen's, remote-deliver's and
+//     root's are refused at accept, SO_PEERCRED), then chroots into empty/ under
 //     the data directory (root's, 0755, empty: EmptyRoot) and becomes
 //     SEALPOST_USER: afterwards it cannot reopen any file, and owns and may
 //     write nothing in its file system: new certificates reach it only
@@ -107,6 +109,13 @@ do {
     StageRuntime.fatal("\(error)", exit: .osErr)
 }
 if asRoot {
+    // Every stage's user is in run/'s group, so the socket's mode cannot
+    // keep the queue or local-deliver out: the uids are checked at accept.
+    var allowed: Set<UInt32> = [0]
+    for stage in ["smtp-listen", "remote-deliver"] {
+        if let entry = getpwnam("sealpost-\(stage)") { allowed.insert(entry.pointee.pw_uid) }
+    }
+    service.allowedPeerUIDs = allowed
     var run = stat()
     guard stat(config.runtimeDirectory, &run) == 0, chown(socketPath, 0, run.st_gid) == 0 else {
         StageRuntime.fatal("chown \(socketPath): \(String(cString: strerror(errno)))", exit: .osErr)

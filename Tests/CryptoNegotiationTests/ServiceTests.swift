@@ -178,6 +178,32 @@ final class ReloadableService {
         #expect(read(accepted, &b, 1) == 0)
     }
 
+    /// As root, only the uids of smtp-listen, remote-deliver and root may
+    /// connect (the socket's group is every stage's): anyone else is closed
+    /// at once, before any frame, and the service goes on.
+    @Test func onlyAllowedUIDsMayConnect() throws {
+        let pki = try TestPKI.get()
+        let config = try tlsConfiguration(tlsConfigText(pki), file: pki.path("sealpost.toml"))
+        for (allowed, admitted) in [([getuid() &+ 1], false), ([0, getuid()], true)] as [(Set<UInt32>, Bool)] {
+            let service = try NegotiationService(configuration: config)
+            let path = pki.path("tls-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock")
+            try service.listen(path: path)
+            service.allowedPeerUIDs = allowed
+            let done = DispatchSemaphore(value: 0)
+            Thread.detachNewThread { service.run(); done.signal() }
+            defer { service.stop(); done.wait(); unlink(path) }
+            for _ in 0..<2 {   // the listener goes on after a refusal
+                let c = try StageConnection.connect(path: path, timeout: 15)
+                defer { c.close() }
+                if admitted {
+                    #expect(try c.clientHello(.tls).text("protocol") == "tls")
+                } else {
+                    #expect(throws: (any Error).self) { try c.clientHello(.tls) }
+                }
+            }
+        }
+    }
+
     @Test func reloadServesNewCertificatesAndKeepsSessions() throws {
         let running = try ReloadableService()
         defer { withExtendedLifetime(running) {} }   // the service runs until the test ends

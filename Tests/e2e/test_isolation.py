@@ -184,6 +184,48 @@ def test_keys_belong_to_crypto_negotiate_only(tls_pipeline):
     assert open_as(owner.pw_uid, owner.pw_gid, [], keys[0]) == 0
 
 
+def tls_hello_as(uid, gid, path):
+    """Connects to crypto-negotiate's socket with these credentials (and
+    the gid as the stages have it) and sends HELLO: 0 when HELLO came
+    back, 1 when the connection was closed without an answer."""
+    import socket as socketlib
+    from stageproto import HELLO, encode
+    pid = os.fork()
+    if pid == 0:
+        code = 255
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as c:
+                c.settimeout(15)
+                c.connect(str(path))
+                try:
+                    c.sendall(encode(HELLO, [("protocol", "tls"), ("version", 1)]))
+                    answer = c.recv(6)
+                except OSError:
+                    answer = b""
+                code = 0 if len(answer) == 6 and answer[4:6] == HELLO.to_bytes(2, "big") else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 1), f"the child failed ({code})"
+    return code
+
+
+def test_only_the_tls_stages_may_use_crypto_negotiate(tls_pipeline):
+    """run/tls is in the group every stage shares, so its mode cannot keep
+    the queue or local-deliver from having handshakes made with the
+    server's key: crypto-negotiate checks the peer's uid (SO_PEERCRED)."""
+    path = tls_pipeline.data / "run" / "tls"
+    for name in stage_names():
+        entry = pwd.getpwnam(f"sealpost-{name}")
+        expected = 0 if name in ("smtp-listen", "remote-deliver") else 1
+        assert tls_hello_as(entry.pw_uid, entry.pw_gid, path) == expected, name
+    tls_pipeline.log_with("crypto-negotiate", "refused a connection from uid")
+
+
 # crypto-negotiate's confinement ----------------------------------------------------
 
 def writable_or_owned(root, uid, gids):

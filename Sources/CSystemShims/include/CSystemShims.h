@@ -58,6 +58,10 @@ int sealpost_unix_bind(const char *path);
 /// accept4(2) with SOCK_CLOEXEC, retried on EINTR.
 int sealpost_accept_cloexec(int sock);
 
+/// The uid of the process at the other end of Unix socket `sock`
+/// (SO_PEERCRED: as it was at connect(2)); 0 or -1 with errno.
+int sealpost_peer_uid(int sock, unsigned int *uid);
+
 /// socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC); 0 or -1 with errno.
 int sealpost_socketpair_cloexec(int fds[2]);
 
