@@ -101,6 +101,9 @@ let package = Package(
         ]),
         .target(name: "MailMessage"),
         .target(name: "SMTP"),
+        // The inject frames of an SMTP message, and `sendmail -bs` on
+        // them: shared by smtp-listen and queue-inject, without NIO.
+        .target(name: "SMTPInjection", dependencies: ["SMTP", "StageProtocol", "MailMessage", "SealpostConfig"]),
         // The SMTP AUTH password file and sender ownership (smtp-listen, sealpost user).
         .target(name: "Accounts", dependencies: ["Sodium", "SealpostConfig", "FileAccess", "MailMessage"]),
         .target(name: "Spool", dependencies: ["LMDB", "Sodium", "StageProtocol", "CSystemShims", "FileAccess"]),
@@ -115,7 +118,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "SMTPService", dependencies: [
-            "SMTP", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims", "Accounts", "DNS",
+            "SMTP", "SMTPInjection", "StageProtocol", "StageProtocolNIO", "StageRuntime", "MailMessage", "SealpostConfig", "CSystemShims", "Accounts", "DNS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -141,7 +144,7 @@ let package = Package(
             "QueueService", "StageRuntime", "SealpostConfig",
         ], linkerSettings: staticSwiftRuntime),
         .executableTarget(name: "queue-inject", dependencies: [
-            "StageProtocol", "MailMessage", "SealpostConfig",
+            "StageProtocol", "MailMessage", "SealpostConfig", "SMTPInjection",
         ], linkerSettings: staticSwiftRuntime),
         .executableTarget(name: "local-deliver", dependencies: [
             "LocalDelivery", "StageRuntime", "SealpostConfig",
@@ -183,7 +186,7 @@ let package = Package(
         // QueueService and Spool: the real queue, for its idle timeout on
         // smtp-listen's pooled inject connections.
         .testTarget(name: "SMTPServiceTests", dependencies: [
-            "SMTPService", "SMTP", "StageProtocol", "CSystemShims", "Accounts", "Sodium", "DNS", "QueueService", "Spool",
+            "SMTPService", "SMTP", "SMTPInjection", "StageProtocol", "CSystemShims", "Accounts", "Sodium", "DNS", "QueueService", "Spool",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOPosix", package: "swift-nio"),

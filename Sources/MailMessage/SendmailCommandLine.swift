@@ -3,6 +3,7 @@
 //   queue-inject [-t] [-i|-oi] [-f SENDER|-fSENDER|-r SENDER] [-F NAME]
 //                [-N DSN] [-R RET] [-V ENVID] [-B TYPE] [-C FILE] [-bm]
 //                [-oXXX] [-v] [-U] [--] [RECIPIENT...]
+//   queue-inject -bs [-C FILE]   (an SMTP session on stdin and stdout)
 //
 // Options are parsed as getopt(3) does (clusters such as "-ti", attached or
 // separate arguments), and, like GNU getopt, may follow recipients until
@@ -50,6 +51,9 @@ public struct SendmailOptions: Sendable, Equatable {
     public var recipients: [String] = []
     /// Options accepted but without effect, for a note on stderr.
     public var ignored: [String] = []
+    /// -bs: an SMTP session on standard input and output instead of one
+    /// message; the envelope comes from MAIL and RCPT.
+    public var standaloneSMTP = false
 
     public init() {}
 
@@ -129,10 +133,10 @@ public struct SendmailOptions: Sendable, Equatable {
                     switch mode {
                     case "m": break
                     case "p": throw usage("-bp (mailq) is not supported; use sealpost queue list")
-                    case "s": throw usage("-bs (SMTP on stdin) is not supported; use the SMTP listener")
+                    case "s": o.standaloneSMTP = true
                     case "i": throw usage("-bi (newaliases) is not supported; local-deliver reads the aliases file (and the accounts) when it starts: after a change, stop its process and the supervisor starts it again")
                     case "d", "D": throw usage("-b\(mode) (daemon mode) is not supported; use Pipeline/start")
-                    default: throw usage("-b\(mode) is not supported; only -bm (read a message from stdin)")
+                    default: throw usage("-b\(mode) is not supported; only -bm (read a message from stdin) and -bs (SMTP on stdin)")
                     }
                 case "q":
                     throw usage("-q is not supported; use sealpost queue flush")
@@ -142,6 +146,13 @@ public struct SendmailOptions: Sendable, Equatable {
                     throw usage("unknown option -\(flag)")
                 }
             }
+        }
+        if o.standaloneSMTP {
+            // Postfix ignores the envelope options with -bs (MAIL and RCPT
+            // give the envelope); a recipient or -t, though, means a
+            // caller that expects the other mode.
+            if !o.recipients.isEmpty { throw usage("-bs takes no recipients: they come from RCPT TO") }
+            if o.extractRecipients { throw usage("-bs and -t do not go together: the recipients come from RCPT TO") }
         }
         return o
     }

@@ -47,6 +47,7 @@
 import NIOCore
 import NIOPosix
 import SMTP
+import SMTPInjection
 import StageProtocol
 import StageProtocolNIO
 import Synchronization
@@ -168,53 +169,6 @@ final class InjectTransaction {
 
     // MARK: - Frames
 
-    /// MAIL without `queue-id` or `announce-id` (set as it goes out).
-    static func mailFrame(_ e: SMTPEnvelope, clientName: String) -> Frame {
-        // Each name appended once, in this order, into room made for all
-        // of them (and the queue-id or announce-id that sendEnvelope adds):
-        // Frame.set would look for the name among those before it first.
-        var attributes: [(name: String, value: AttributeValue)] = []
-        attributes.reserveCapacity(13)
-        func add(_ name: String, _ value: AttributeValue?) {
-            if let value { attributes.append((name: name, value: value)) }
-        }
-        let p = e.parameters
-        add("sender", .text(e.sender.address))
-        add("ret", p.ret.map { .text($0.rawValue) })
-        add("envid", p.envid.map { AttributeValue.sanitizedText($0) })
-        if p.requireTLS { add("requiretls", .bool(true)) }
-        if p.smtputf8 { add("smtputf8", .bool(true)) }
-        add("body-type", p.body.map { .text($0.rawValue) })
-        add("client-address", .text(e.client.address))
-        add("client-name", AttributeValue.sanitizedText(clientName))
-        if !e.helo.isEmpty { add("helo", AttributeValue.sanitizedText(e.helo)) }
-        add("protocol", .text(e.protocolName))
-        add("auth-user", e.authenticatedUser.map { AttributeValue.sanitizedText($0) })
-        add("size", p.size.map { .uint($0) })
-        var frame = Frame(.mail)
-        frame.attributes = attributes
-        return frame
-    }
-
-    static func rcptFrame(_ r: SMTPRecipient) -> Frame {
-        var f = Frame(.rcpt, ["address": .text(r.address)])
-        f.set("notify", r.parameters.notify.map { .text($0.description) })
-        f.set("orcpt", r.parameters.orcpt.map { AttributeValue.sanitizedText($0.description) })
-        return f
-    }
-
-    /// BODY frames of at most 64 KiB (the protocol's limit for bytes).
-    static func bodyFrames(_ bytes: [UInt8]) -> [Frame] {
-        var frames: [Frame] = []
-        var start = 0
-        while start < bytes.count {
-            let end = min(bytes.count, start + WireLimits.maxBytes)
-            frames.append(Frame(.body, ["data": .bytes(Array(bytes[start..<end]))]))
-            start = end
-        }
-        return frames
-    }
-
     /// A frame of this sort can only fail to encode through a bug in the
     /// SMTP layer's guarantees (e.g. a CR in a path); the write then fails
     /// and the message is refused with 451, never half-injected.
@@ -228,8 +182,8 @@ final class InjectTransaction {
                announced: @escaping (String) -> Void) {
         self.prefix = prefix
         self.announced = announced
-        envelopeFrames.append(Self.mailFrame(envelope, clientName: clientName))
-        for r in envelope.recipients { envelopeFrames.append(Self.rcptFrame(r)) }
+        envelopeFrames.append(InjectFrames.mail(envelope, clientName: clientName))
+        for r in envelope.recipients { envelopeFrames.append(InjectFrames.rcpt(r)) }
         if let (channel, handler) = pool?.take() {
             reused = true
             self.channel = channel
@@ -373,7 +327,7 @@ final class InjectTransaction {
         queueID = id
         stopTimer()
         announced?(id)
-        if let prefix { for frame in Self.bodyFrames(prefix(id)) { send(frame, on: channel) } }
+        if let prefix { for frame in InjectFrames.body(prefix(id)) { send(frame, on: channel) } }
         let frames = held
         held = []
         heldBytes = 0
@@ -420,7 +374,7 @@ final class InjectTransaction {
     func body(_ bytes: [UInt8]) {
         guard failure == nil, outcome == nil, !ended else { return }
         bodyWritten = true
-        for frame in Self.bodyFrames(bytes) { write(frame) }
+        for frame in InjectFrames.body(bytes) { write(frame) }
     }
 
     /// Flushes what `body` wrote (once per batch of client input). Until
@@ -529,7 +483,7 @@ final class InjectTransaction {
             finish(.accepted(queueID: id))
         case .refused:
             guard helloReceived, ended else { return fail("unexpected REFUSED from the queue") }
-            finish(.refused(Self.reply(fromRefused: frame)))
+            finish(.refused(InjectFrames.reply(fromRefused: frame)))
         case .error:
             let status = (try? frame.text("status")) ?? "?"
             let text = (try? frame.text("text")) ?? "?"
@@ -545,17 +499,6 @@ final class InjectTransaction {
         default:
             fail("unexpected \(frame.type.name) from the queue")
         }
-    }
-
-    /// The queue's REFUSED as an SMTP reply; a malformed one (a code that is
-    /// not 4xx/5xx, a status that does not parse or does not match the
-    /// code's class) becomes 451 4.3.0: never a success, never garbage.
-    static func reply(fromRefused frame: Frame) -> SMTPReply {
-        guard let code = try? frame.uint("code"), (400...599).contains(code),
-              let statusText = try? frame.text("status"), let status = EnhancedStatus(parsing: statusText),
-              status.codeClass == Int(code / 100), let text = try? frame.text("text")
-        else { return SMTPReply(451, "4.3.0", "Queue refused the message") }
-        return SMTPReply(Int(code), status, text.isEmpty ? "Refused" : text)
     }
 
     func channelWritabilityChanged() {

@@ -5,6 +5,7 @@
 //      queue-inject [-t] [-i|-oi] [-f sender] [-F full-name] [-N dsn]
 //                   [-R ret] [-V envid] [-B 7BIT|8BITMIME] [-C config]
 //                   [-bm] [-oX...] [--] [recipient ...]
+//      queue-inject -bs [-C config]
 //
 // DESCRIPTION
 //      Reads one message from standard input and hands it to the Sealpost
@@ -22,9 +23,19 @@
 //      The header section is read first (bounded to 1 MiB); the rest is
 //      streamed to the queue in BODY frames of at most 64 KiB as it is read.
 //
+//      -bs: an SMTP session (RFC 5321, the extensions smtp-listen offers
+//      but STARTTLS and AUTH) on standard input and output, for programs
+//      that submit mail that way (Symfony Mailer's and Laravel's sendmail
+//      transport by default). The invoking user may send anywhere; each
+//      message gets smtp-listen's Received field ("from HELO (localhost
+//      [127.0.0.1])", as Postfix's stand-alone smtpd names the client) and
+//      nothing else is added; the 250 with the queue ID comes after the
+//      queue's commit; the queue away: 451 4.3.0 for that message, and no
+//      retry (the SMTP client's business). SMTPInjection.StandaloneSMTP.
+//
 // DESCRIPTORS
-//      0: the message. 2: errors and notes ("queue-inject: ..."). Nothing is
-//      written to standard output.
+//      0: the message (-bs: the SMTP commands). 1: nothing (-bs: the SMTP
+//      replies). 2: errors and notes ("queue-inject: ...").
 //
 // SOCKET AND PROTOCOL
 //      The configuration's inject socket (data/run/inject), protocol
@@ -65,11 +76,14 @@
 //      permanently refused. 74 (EX_IOERR) reading stdin failed.
 //      75 (EX_TEMPFAIL) temporarily refused, or the queue not reachable:
 //      try again later. 78 (EX_CONFIG) configuration error.
+//      -bs: 0 once the session ended (QUIT or end of input), whatever the
+//      replies said; 74 (EX_IOERR) when the replies could not be written.
 
 #if canImport(Glibc)
 import Glibc
 #endif
 import MailMessage
+import SMTPInjection
 import SealpostConfig
 import StageProtocol
 
@@ -123,6 +137,13 @@ do {
     config = try SealpostConfiguration.load(path: configPath)
 } catch {
     die(.config, "fatal: \(error)")
+}
+
+if options.standaloneSMTP {
+    let session = StandaloneSMTP(policy: StandaloneSMTP.policy(config), injectSocket: config.injectSocket,
+                                 timeout: InjectionPolicy.timeout(environment: getenv("SEALPOST_INJECT_TIMEOUT").map { String(cString: $0) }))
+    guard session.run(input: 0, output: 1) else { die(.ioErr, "cannot write the SMTP replies to standard output") }
+    exit(SysExit.ok.rawValue)
 }
 
 let uid = getuid()

@@ -27,11 +27,20 @@ import Testing
         #expect(!o.ignoreDots)
     }
 
+    /// Symfony Mailer's and Laravel's default: "sendmail -bs" (-i too).
+    @Test func standaloneSMTPMode() throws {
+        let o = try SendmailOptions.parse(["-bs", "-i"])
+        #expect(o.standaloneSMTP && o.recipients.isEmpty)
+        #expect(try !SendmailOptions.parse(["-t"]).standaloneSMTP)
+    }
+
     @Test(arguments: [
         (["-bp"], "sealpost queue list"),
         (["-q"], "sealpost queue flush"),
         (["-q30m"], "sealpost queue flush"),
-        (["-bs"], "not supported"),
+        (["-bs", "a@example.org"], "-bs takes no recipients"),
+        (["-bs", "-t"], "-bs and -t do not go together"),
+        (["-bz"], "only -bm (read a message from stdin) and -bs"),
         (["-bi"], "not supported"),
         (["-x", "a"], "unknown option -x"),
         (["-t", "-Z"], "unknown option -Z"),

@@ -3,6 +3,7 @@
 
 import Foundation
 import SMTP
+import SMTPInjection
 @testable import SMTPService
 import StageProtocol
 import Testing
@@ -539,10 +540,10 @@ import Testing
             Frame(.refused, ["code": .uint(999), "status": .text("4.3.1"), "text": .text("bad code")]),
         ]
         for f in cases {
-            #expect(InjectTransaction.reply(fromRefused: f) == SMTPReply(451, "4.3.0", "Queue refused the message"))
+            #expect(InjectFrames.reply(fromRefused: f) == SMTPReply(451, "4.3.0", "Queue refused the message"))
         }
         let good = Frame(.refused, ["code": .uint(452), "status": .text("4.3.1"), "text": .text("full")])
-        #expect(InjectTransaction.reply(fromRefused: good) == SMTPReply(452, "4.3.1", "full"))
+        #expect(InjectFrames.reply(fromRefused: good) == SMTPReply(452, "4.3.1", "full"))
     }
 
     @Test func clientVanishingMidMessageQueuesNothing() throws {

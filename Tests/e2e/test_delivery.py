@@ -1,6 +1,8 @@
 """Mail through the whole pipeline: queue-inject -> queue -> local-deliver -> Maildir."""
 
+import os
 import pwd
+import re
 import shutil
 import subprocess
 
@@ -104,3 +106,37 @@ def test_a_uid_without_passwd_entry_sends_as_its_plain_logname(pipeline):
     assert message["Subject"] == "ghost"
     assert message["From"].startswith("ghost@") or "<ghost@" in message["From"], message["From"]
     assert message["Return-Path"].startswith("<ghost@"), message["Return-Path"]
+
+
+def test_sendmail_bs_with_swaks(pipeline):
+    """`sendmail -bs` (Symfony Mailer's and Laravel's default transport):
+    swaks speaks SMTP to queue-inject over a pipe, pipelining, a dot-stuffed
+    line, a second message in the same session; both reach the Maildir
+    with smtp-listen's kind of Received field, and the 250 names the queue
+    ID the queue logged."""
+    if not shutil.which("swaks"):
+        pytest.skip("swaks is not installed")
+    user = local_user()
+    command = f"{executable('queue-inject')} -bs -i"
+    first = subprocess.run(["swaks", "--pipe", command, "--pipeline", "--from", "app@localhost",
+                            "--to", f"{user}@localhost", "--helo", "app.example", "--header", "Subject: via -bs",
+                            "--body", "first line\n.leading dot\nlast line"],
+                           env=pipeline.env(), capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    queued = re.search(r"<-\s+250 2\.0\.0 Ok: queued as ([0-9A-F]+)", first.stdout)
+    assert queued, first.stdout
+    assert "STARTTLS" not in first.stdout and "AUTH" not in first.stdout
+    files = wait_until(lambda: pipeline.delivered(user), 60, "the -bs message in the Maildir")
+    message = parse_message(files[0])
+    assert message["Subject"] == "via -bs"
+    received = " ".join(message.get_all("Received")[0].split())
+    assert received.startswith("from app.example (localhost [127.0.0.1]) by "), received
+    assert f"id {queued.group(1)}" in received, received
+    assert ".leading dot" in message.get_content()
+    pipeline.log_with(f"{queued.group(1)}: client=localhost[127.0.0.1] uid={os.geteuid()}")
+    # The null sender (a bounce an application sends), another session.
+    second = subprocess.run(["swaks", "--pipe", command, "--from", "<>", "--to", f"{user}@localhost",
+                             "--header", "Subject: null sender"],
+                            env=pipeline.env(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    wait_until(lambda: len(pipeline.delivered(user)) == 2, 60, "the second -bs message")

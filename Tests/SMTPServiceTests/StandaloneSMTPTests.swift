@@ -1,0 +1,97 @@
+// `sendmail -bs` (queue-inject's stand-alone SMTP session) against the
+// real queue: messages committed before their 250, the Received field with
+// the queue ID, the queue away answered 451 and the session going on.
+
+import Foundation
+import SMTP
+import SMTPInjection
+import StageProtocol
+import Testing
+
+@Suite struct StandaloneSMTPTests {
+    /// Runs a session fed `input` (all of it, then end of input); returns
+    /// what it wrote and the accepted queue IDs. Both sides fit in a pipe's
+    /// buffer (64 KiB): written before, read after, no threads.
+    func session(_ input: String, injectSocket: String, hostname: String = "mx.example.test") -> (String, [String]) {
+        var toSession: [Int32] = [-1, -1], fromSession: [Int32] = [-1, -1]
+        guard pipe(&toSession) == 0, pipe(&fromSession) == 0 else {
+            Issue.record("pipe: \(errno)")
+            return ("", [])
+        }
+        let bytes = Array(input.utf8)
+        #expect(bytes.withUnsafeBytes { write(toSession[1], $0.baseAddress!, $0.count) } == bytes.count)
+        close(toSession[1])
+        var policy = SMTPServerPolicy(hostname: hostname)
+        policy.relay = RelayPolicy(localDomains: ["example.test"], relayDomains: [])
+        let smtp = StandaloneSMTP(policy: policy, injectSocket: injectSocket, timeout: 15)
+        #expect(smtp.run(input: toSession[0], output: fromSession[1]))
+        close(fromSession[1])
+        close(toSession[0])
+        var output: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while case let n = read(fromSession[0], &buffer, buffer.count), n > 0 { output += buffer[0..<n] }
+        close(fromSession[0])
+        return (String(decoding: output, as: UTF8.self), smtp.accepted)
+    }
+
+    @Test func messagesAreQueuedBeforeTheir250() throws {
+        let q = try RealQueue(injectIdleTimeout: .seconds(30))
+        defer { q.stop() }
+        let (replies, ids) = session("""
+            EHLO app.example\r
+            MAIL FROM:<www-data@example.test>\r
+            RCPT TO:<someone@elsewhere.example>\r
+            DATA\r
+            Subject: one\r
+            \r
+            ..leading dot\r
+            .\r
+            MAIL FROM:<www-data@example.test>\r
+            RCPT TO:<alice@example.test> NOTIFY=SUCCESS,FAILURE\r
+            BDAT 20 LAST\r
+            Subject: two\r\n\r\nhi\r\n\
+            QUIT\r\n
+            """, injectSocket: q.injectSocket)
+        #expect(ids.count == 2, "\(replies)")
+        let lines = replies.split(separator: "\r\n").map(String.init)
+        #expect(lines.first == "220 mx.example.test ESMTP Sealpost")
+        #expect(lines.contains { $0.hasPrefix("250-PIPELINING") })
+        #expect(!lines.contains { $0.contains("STARTTLS") || $0.contains("AUTH") })
+        for id in ids { #expect(lines.contains("250 2.0.0 Ok: queued as \(id)"), "\(lines)") }
+        #expect(lines.last == "221 2.0.0 Bye")
+        // Relaying for the local user, recorded as from localhost, by uid.
+        // (No uid= here: the test queue knows no smtp-listen uid to tell apart.)
+        #expect(q.logs.eventually("\(ids.first ?? "?"): client=localhost[127.0.0.1]"))
+    }
+
+    @Test func theQueueAwayIs451AndTheSessionGoesOn() throws {
+        let (replies, ids) = session("""
+            HELO app.example\r
+            MAIL FROM:<a@example.test>\r
+            RCPT TO:<b@example.test>\r
+            DATA\r
+            Subject: x\r
+            \r
+            body\r
+            .\r
+            NOOP\r
+            QUIT\r\n
+            """, injectSocket: NSTemporaryDirectory() + "no-queue-\(getpid())/inject")
+        #expect(ids.isEmpty)
+        let lines = replies.split(separator: "\r\n").map(String.init)
+        #expect(lines.contains { $0.hasPrefix("451 4.3.0") }, "\(lines)")
+        #expect(lines.suffix(2) == ["250 2.0.0 Ok", "221 2.0.0 Bye"], "\(lines)")
+    }
+
+    /// End of input without QUIT ends the session; a message cut off in
+    /// its data is not queued.
+    @Test func endOfInputInTheDataQueuesNothing() throws {
+        let q = try RealQueue(injectIdleTimeout: .seconds(30))
+        defer { q.stop() }
+        let (replies, ids) = session("EHLO a\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nSubject: cut\r\n",
+                                     injectSocket: q.injectSocket)
+        #expect(ids.isEmpty)
+        #expect(replies.contains("354 "))
+        #expect(!replies.contains("queued as"))
+    }
+}
