@@ -67,7 +67,10 @@ extension PasswordFile {
 
     /// Replaces the file at `path` with `render()`, atomically (see the
     /// header). `newFileMode` applies only when no file exists yet.
-    public func write(path: String, newFileMode: mode_t = 0o600) throws(PasswordFileError) {
+    /// `holdingLock`: the caller holds the lock that serializes changes
+    /// (the CLI's PATH.lock), so a PATH.tmp found is one a crash left, and
+    /// is removed rather than blocking every change until someone does.
+    public func write(path: String, newFileMode: mode_t = 0o600, holdingLock: Bool = false) throws(PasswordFileError) {
         let temporary = path + ".tmp"
         var old = stat()
         let exists = stat(path, &old) == 0
@@ -76,7 +79,10 @@ extension PasswordFile {
         }
         // Never widen access: others get nothing, whatever the old mode was.
         let mode = exists ? (old.st_mode & 0o7770 & ~0o020) : newFileMode
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
+        var fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
+        if fd < 0 && errno == EEXIST && holdingLock && unlink(temporary) == 0 {
+            fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
+        }
         guard fd >= 0 else {
             if errno == EEXIST {
                 throw PasswordFileError(file: temporary, message: "exists: another change to \(path) is in progress (remove \(temporary) if none is)")
@@ -91,9 +97,12 @@ extension PasswordFile {
             defer { close(fd) }
             if exists {
                 // Keep the owner and group an administrator chose (e.g.
-                // root:sealpost 0640); as non-root fchown to our own uid works.
-                if fchown(fd, old.st_uid, old.st_gid) != 0 && geteuid() == 0 {
-                    throw PasswordFileError(file: temporary, message: "cannot set owner: \(Self.errorText(errno))")
+                // root:sealpost 0640); as non-root fchown to our own uid and
+                // one of our groups works. A file that could not keep them
+                // would be refused by smtp-listen at its next start (it
+                // checks the owner): no SMTP at all, for a "success" here.
+                if fchown(fd, old.st_uid, old.st_gid) != 0 {
+                    throw PasswordFileError(file: path, message: "cannot keep its owner \(old.st_uid):\(old.st_gid): \(Self.errorText(errno)) (run this as root or as that user)")
                 }
             }
             // The umask may have narrowed the mode given to open.

@@ -88,9 +88,13 @@ struct ConfigParser {
             configuration.dataDirectory = ConfigPath.resolve(path, relativeTo: directory)
         }
         configuration.deriveDataPaths()
-        if configuration.injectSocket.utf8.count > Self.maximumSocketPath {
+        // The longest of the sockets under run/ (deliver and control are a
+        // byte longer than inject).
+        let longest = [configuration.injectSocket, configuration.deliverSocket, configuration.controlSocket, configuration.tlsSocket]
+            .max { $0.utf8.count < $1.utf8.count }!
+        if longest.utf8.count > Self.maximumSocketPath {
             throw sealpost.error("data_directory",
-                                 "too long: the socket \(configuration.injectSocket) exceeds \(Self.maximumSocketPath) bytes, the limit of a Unix socket path")
+                                 "too long: the socket \(longest) exceeds \(Self.maximumSocketPath) bytes, the limit of a Unix socket path")
         }
         if let hostname = try sealpost.string("hostname"), !hostname.isEmpty {
             let name = hostname.lowercased()
@@ -264,6 +268,13 @@ struct ConfigParser {
         // create directories in the data directory itself.
         if parts.first?.contains("{user}") == true {
             return "must start with a directory of its own (such as \"mail/\"), not with {user}"
+        }
+        // Nor with one of those directories: the supervisor gives the mail
+        // directory (the first component) to local-deliver's user, 0700,
+        // which would take the spool from the queue, the sockets from the
+        // stages, or the log (and its name) from root.
+        if let first = parts.first, SealpostConfiguration.dataLayoutNames.contains(String(first)) {
+            return "must not start with \"\(first)/\", a directory of the pipeline's own (\(SealpostConfiguration.dataLayoutNames.sorted().joined(separator: ", "))): use a directory such as \"mail/\""
         }
         if template.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) {
             return "contains a control character"

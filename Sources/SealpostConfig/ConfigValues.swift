@@ -138,8 +138,11 @@ public enum ConfigValues {
             if host.isEmpty { return "missing host (use 0.0.0.0 or [::] for every address)" }
             if host.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }) {
                 guard isIPv4(String(host)) else { return "not an IPv4 address: \"\(host)\"" }
-            } else if !isValidDomain(host.lowercased()) {
-                return "not a host name: \"\(host)\""
+            } else {
+                // A name resolves to any number of addresses (localhost to
+                // ::1 and 127.0.0.1), and one socket binds one of them: the
+                // others would be left without a listener, unnoticed.
+                return "not an IP address: \"\(host)\" (a name may stand for several addresses; list each, e.g. \"127.0.0.1:\(port)\" and \"[::1]:\(port)\")"
             }
         }
         guard !port.isEmpty, port.count <= 5, port.allSatisfy({ $0.isASCII && $0.isNumber }),

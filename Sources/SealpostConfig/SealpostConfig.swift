@@ -87,6 +87,11 @@ public struct SealpostConfiguration: Sendable {
 
     /// Recomputes the derived paths from `dataDirectory`; call after
     /// changing it.
+    /// The directories the pipeline keeps in the data directory (run/,
+    /// queue/, log/, local/, tls/, supervise/, and crypto-negotiate's
+    /// empty/ root): no mailbox may be made among them.
+    public static let dataLayoutNames: Set<String> = ["run", "queue", "log", "local", "tls", "supervise", "empty"]
+
     public mutating func deriveDataPaths() {
         runtimeDirectory = ConfigPath.join(dataDirectory, "run")
         injectSocket = ConfigPath.join(runtimeDirectory, "inject")

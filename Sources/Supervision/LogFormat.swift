@@ -24,8 +24,11 @@ public enum LogFormat {
 
     /// A line a stage wrote, made safe and attributed: control bytes (other
     /// than TAB) become "?", a trailing CR goes, invalid UTF-8 is replaced,
-    /// and a line that does not already start with "name[pid]: " gets
-    /// "stage[pid]: " in front, so every line says where it came from.
+    /// and a line that does not already start with "stage[pid]: " (its own
+    /// name) gets "stage[pid]: " in front, so every line says where it came
+    /// from: a line in another program's name ("queue[1]: ...", from a
+    /// stage that faces the network) keeps the name of the stage that
+    /// wrote it in front.
     public static func stageLine(_ bytes: [UInt8], stage: String, pid: Int32) -> String {
         var cleaned = bytes
         if cleaned.last == UInt8(ascii: "\r") { cleaned.removeLast() }
@@ -33,7 +36,9 @@ public enum LogFormat {
             cleaned[index] = UInt8(ascii: "?")
         }
         let text = String(decoding: cleaned, as: UTF8.self)
-        return hasProgramPrefix(cleaned) ? text : "\(stage)[\(pid)]: \(text)"
+        let own = cleaned.starts(with: stage.utf8) && cleaned.count > stage.utf8.count
+            && cleaned[stage.utf8.count] == UInt8(ascii: "[")
+        return own && hasProgramPrefix(cleaned) ? text : "\(stage)[\(pid)]: \(text)"
     }
 
     /// Whether the line starts with "program[digits]: ".

@@ -24,6 +24,10 @@ public struct SupervisorSettings: Sendable {
     public var foreground: Bool
     /// How long a stage may take to exit after SIGTERM before SIGKILL.
     public var stopTimeout: Double = 10
+    /// The same for the listener stage: smtp-listen lets sessions finish a
+    /// message in progress for up to 30 s (then 421), which a SIGKILL at
+    /// 10 s would cut off with a reset. Pipeline/stop allows for it.
+    public var listenerStopTimeout: Double = 35
     /// smtp-listen's listening sockets, which the supervisor binds and
     /// passes to the stage named `listenerStage` (socket activation).
     public var listeners: [ListenerDefinition] = []
@@ -218,7 +222,12 @@ public final class Supervisor {
         if let watcher = certificateWatcher, slots.contains(where: { $0.certificateChannel >= 0 }) {
             earliest = min(earliest ?? watcher.nextCheck, watcher.nextCheck)
         }
-        if let watch = reloadWatch, slots.contains(where: { $0.definition.name == settings.reloadStage && $0.state == .running }) {
+        // Not while a replacement is pending: checkReloads does not look at
+        // the files then (nor move nextCheck on), and a check time in the
+        // past would make every poll return at once until the new instance
+        // reports or is killed (a busy core for up to reloadReadyTimeout).
+        if let watch = reloadWatch,
+           slots.contains(where: { $0.definition.name == settings.reloadStage && $0.state == .running && $0.replacement == nil }) {
             earliest = min(earliest ?? watch.nextCheck, watch.nextCheck)
         }
         for slot in slots {
@@ -672,10 +681,11 @@ public final class Supervisor {
             }
             let name = slot.definition.name
             let pid = slot.pid
+            let timeout = name == settings.listenerStage ? settings.listenerStopTimeout : settings.stopTimeout
             if slot.state == .running { kill(pid, SIGTERM) }
-            if !wait(for: slot, seconds: settings.stopTimeout) {
+            if !wait(for: slot, seconds: timeout) {
                 let all = (slot.state == .running ? [pid] : []) + others
-                note("warning: stage \(name) (pid \(all.map(String.init).joined(separator: ", "))) did not stop within \(Int(settings.stopTimeout)) s; killing it")
+                note("warning: stage \(name) (pid \(all.map(String.init).joined(separator: ", "))) did not stop within \(Int(timeout)) s; killing it")
                 for target in all {
                     kill(-target, SIGKILL)
                     kill(target, SIGKILL)

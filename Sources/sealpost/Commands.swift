@@ -191,23 +191,27 @@ enum Input {
     /// after it is consumed (a password prompt's input, or the IDs of `-`);
     /// nil at end of input before any byte.
     static func line(fd: Int32) -> String? {
+        lineBytes(fd: fd).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// The same line as bytes (CR of a CRLF removed), for input that must
+    /// be valid UTF-8 rather than repaired (a password).
+    static func lineBytes(fd: Int32) -> [UInt8]? {
         var bytes: [UInt8] = []
         var byte: UInt8 = 0
         while true {
             let n = Glibc.read(fd, &byte, 1)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
-            if byte == 10 { return decode(bytes) }
+            if byte == 10 { return withoutCR(bytes) }
             bytes.append(byte)
             if bytes.count > 4096 { break }
         }
-        return bytes.isEmpty ? nil : decode(bytes)
+        return bytes.isEmpty ? nil : withoutCR(bytes)
     }
 
-    private static func decode(_ bytes: [UInt8]) -> String {
-        var line = bytes
-        if line.last == 13 { line.removeLast() }
-        return String(decoding: line, as: UTF8.self)
+    private static func withoutCR(_ bytes: [UInt8]) -> [UInt8] {
+        bytes.last == 13 ? Array(bytes.dropLast()) : bytes
     }
 }
 

@@ -203,7 +203,7 @@ struct UserCommand: ParsableCommand {
 
     static func save(_ file: PasswordFile, path: String) throws(AdminFailure) {
         do {
-            try file.write(path: path)
+            try file.write(path: path, holdingLock: changeLock >= 0)
         } catch {
             throw AdminFailure(message: error.description, exitCode: SysExit.canTCreat)
         }
@@ -224,10 +224,10 @@ enum PasswordInput {
                 guard again == password else { throw AdminFailure(message: "the passwords differ; nothing changed", exitCode: SysExit.usage) }
             }
         } else {
-            guard let line = Input.line(fd: 0) else {
+            guard let line = Input.lineBytes(fd: 0) else {
                 throw AdminFailure(message: "no password on standard input (one line expected)", exitCode: SysExit.usage)
             }
-            password = line
+            password = try utf8(line)
         }
         try check(password)
         return password
@@ -268,10 +268,20 @@ enum PasswordInput {
             // Never ask for a password the terminal would show.
             throw AdminFailure(message: "cannot turn off the terminal's echo: \(String(cString: strerror(errno)))", exitCode: SysExit.ioErr)
         }
-        guard let line = Input.line(fd: 0) else {
+        guard let line = Input.lineBytes(fd: 0) else {
             throw AdminFailure(message: "no password given", exitCode: SysExit.usage)
         }
-        return line
+        return try utf8(line)
+    }
+
+    /// SMTP AUTH carries UTF-8 (RFC 4954, and the server refuses anything
+    /// else): a password in another encoding (Latin-1 from a script) would
+    /// be stored as something no client can send.
+    private static func utf8(_ bytes: [UInt8]) throws(AdminFailure) -> String {
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw AdminFailure(message: "the password is not valid UTF-8 (SMTP AUTH carries UTF-8); nothing changed", exitCode: SysExit.dataErr)
+        }
+        return text
     }
 }
 

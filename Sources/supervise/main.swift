@@ -80,6 +80,9 @@
 // FILES
 //     DATA/supervise/supervise.pid     its pid, while it runs (a directory
 //                                      of root's: no stage can touch it)
+//     DATA/supervise/supervise.lock    flock(2)ed while it runs: a second
+//                                      supervisor for the data directory
+//                                      exits 75 ("already running")
 //     DATA/supervise/supervise.status  one line per stage: name, state (running,
 //                                 restarting, stopped, waiting), pid, since (Unix
 //                                 time), restarts; read by Pipeline/status
@@ -87,7 +90,8 @@
 //
 // SIGNALS
 //     SIGTERM, SIGINT: stop the stages in reverse order of the stages file
-//     (SIGTERM, then SIGKILL after 10 s), remove the pid file, exit 0.
+//     (SIGTERM, then SIGKILL after 10 s, 35 s for smtp-listen, which lets
+//     a message in progress finish), remove the pid file, exit 0.
 //     SIGHUP: reopen the log file, send SIGHUP to every stage that handles
 //     it (caught, ignored or blocked, by /proc/PID/status: for the others
 //     it would be fatal, and a log rotation must not restart the pipeline),
@@ -251,6 +255,18 @@ do {
     try log.open()
 } catch {
     fail("\(error)", .osErr)
+}
+// One supervisor per data directory, decided by a lock held for the
+// process's life (the pid file check above leaves a window between two
+// starts; the second would overwrite the pid file, and Pipeline/stop would
+// stop only one of them). Before the log's first line and the stages.
+let instanceLock = open(layout.superviseDirectory + "/supervise.lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+guard instanceLock >= 0 else {
+    fail("cannot open \(layout.superviseDirectory)/supervise.lock: \(String(cString: strerror(errno)))", .osErr)
+}
+guard flock(instanceLock, LOCK_EX | LOCK_NB) == 0 else {
+    let other = runningSupervisor(pidFile: layout.pidFile).map { " (pid \($0))" } ?? ""
+    fail("already running\(other) for \(configuration.dataDirectory)", .tempFail)
 }
 var settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
                                   layout: layout, stages: stages, foreground: foreground)

@@ -166,6 +166,10 @@ final class Scratch {
         file.set(PasswordEntry(name: "alice", hash: aliceHash))
         #expect(throws: PasswordFileError.self) { try file.write(path: path) }
         #expect(access(path, F_OK) != 0)
+        // Under the CLI's lock a PATH.tmp can only be what a crash left.
+        try file.write(path: path, holdingLock: true)
+        #expect(try PasswordFile.load(path: path) == file)
+        #expect(access(path + ".tmp", F_OK) != 0)
     }
 
     @Test func loadErrors() throws {

@@ -140,6 +140,10 @@ import Testing
                     "must not contain \".\", \"..\" or empty components: \"../{user}\"")
         expectError("[local]\nmailbox = \"{user}/Maildir\"\n", line: 2, key: "local.mailbox",
                     "must start with a directory of its own (such as \"mail/\"), not with {user}: \"{user}/Maildir\"")
+        for own in ["queue", "run", "log", "local", "tls", "supervise", "empty"] {
+            expectError("[local]\nmailbox = \"\(own)/{user}/Maildir\"\n", line: 2, key: "local.mailbox",
+                        "must not start with \"\(own)/\", a directory of the pipeline's own (empty, local, log, queue, run, supervise, tls): use a directory such as \"mail/\": \"\(own)/{user}/Maildir\"")
+        }
         expectError("[local]\nmailbox = \"mail/{domain}/{user}\"\n", line: 2, key: "local.mailbox",
                     "unknown placeholder (only {user} is known): \"mail/{domain}/{user}\"")
         expectError("[local]\naliases = \"\"\n", line: 2, key: "local.aliases", "must not be empty")

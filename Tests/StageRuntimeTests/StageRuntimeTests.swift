@@ -419,7 +419,7 @@ enum SealpostConfigProbe {
             data_directory = "/srv/sealpost"
             [smtp]
             listen = ["0.0.0.0:25", "[::]:25"]
-            submission = ["mail.example.org:587"]
+            submission = ["192.0.2.1:587"]
             smtps = ["127.0.0.1:465"]
             [[tls.certificates]]
             cert = "/etc/ssl/mx.crt"
@@ -427,8 +427,8 @@ enum SealpostConfigProbe {
             """, file: "/etc/sealpost/sealpost.toml")
         let served = ListenerDefinition.served(by: config)
         #expect(served.map(\.socketName) == ["smtp-25", "smtp-25", "submission-587", "smtps-465"])
-        #expect(served.map(\.host) == ["0.0.0.0", "::", "mail.example.org", "127.0.0.1"])
-        #expect(served.map(\.address) == ["0.0.0.0:25", "[::]:25", "mail.example.org:587", "127.0.0.1:465"])
+        #expect(served.map(\.host) == ["0.0.0.0", "::", "192.0.2.1", "127.0.0.1"])
+        #expect(served.map(\.address) == ["0.0.0.0:25", "[::]:25", "192.0.2.1:587", "127.0.0.1:465"])
     }
 
     @Test func noSMTPSWithoutACertificate() throws {

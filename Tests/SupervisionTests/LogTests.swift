@@ -33,6 +33,11 @@ import Testing
         #expect(LogFormat.stageLine(Array("Traceback (most recent call last):".utf8), stage: "local-deliver", pid: 9)
             == "local-deliver[9]: Traceback (most recent call last):")
         #expect(LogFormat.stageLine(Array("x[12] no colon".utf8), stage: "s", pid: 1) == "s[1]: x[12] no colon")
+        // Another program's name is no disguise: the writer's goes in front.
+        #expect(LogFormat.stageLine(Array("queue[812]: 0A1B: removed".utf8), stage: "smtp-listen", pid: 7)
+            == "smtp-listen[7]: queue[812]: 0A1B: removed")
+        #expect(LogFormat.stageLine(Array("queue-inject[5]: x".utf8), stage: "queue", pid: 7)
+            == "queue[7]: queue-inject[5]: x")
     }
 
     @Test func neutralisesControlBytes() {

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import Pipeline, connect_smtp, executable, local_user, parse_message, port_of, require_build, wait_until
+from conftest import IS_ROOT, Pipeline, connect_smtp, executable, local_user, parse_message, port_of, require_build, wait_until
 
 PASSWORD = "correct horse battery"
 
@@ -70,6 +70,37 @@ def test_user_commands_write_a_private_file(workdir):
     assert pipe.sealpost("user", "delete", "bob").returncode == 0
     assert pipe.sealpost("user", "delete", "bob").returncode == 67
     assert [l.split(":")[0] for l in users.read_text().splitlines()] == ["alice"]
+
+
+def test_user_commands_refuse_what_no_client_could_use(workdir):
+    """A password that is not UTF-8 (Latin-1 from a script) would match
+    nothing an SMTP client can send: refused. A users.tmp a crash left is
+    replaced under the lock, not a reason to refuse every change. As root:
+    a users file whose owner the command cannot keep (another user who may
+    write the directory) stays as it is, since smtp-listen would refuse a
+    file of the wrong owner at its next start."""
+    require_build("sealpost")
+    pipe = Pipeline(workdir)
+    users = workdir / "users"
+    latin1 = subprocess.run([executable("sealpost"), "user", "add", "alice"], input=b"p\xe4ssword\n",
+                            env=pipe.env(), capture_output=True, timeout=60)
+    assert latin1.returncode == 65 and b"not valid UTF-8" in latin1.stderr, latin1.stderr
+    assert not users.exists()
+    (workdir / "users.tmp").write_text("left by a crash\n")
+    assert add_user(pipe, "alice", PASSWORD).returncode == 0
+    assert not (workdir / "users.tmp").exists()
+    if not IS_ROOT:
+        return
+    before = users.read_bytes()
+    os.chown(users, 0, 65534)
+    os.chmod(users, 0o640)
+    os.chmod(workdir, 0o777)
+    (workdir / "users.lock").unlink()
+    changed = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                              executable("sealpost"), "user", "passwd", "alice"], input="other\n",
+                             env=pipe.env(), capture_output=True, text=True, timeout=60)
+    assert changed.returncode != 0 and "cannot keep its owner 0:65534" in changed.stderr, changed.stderr
+    assert users.read_bytes() == before and os.stat(users).st_uid == 0
 
 
 def test_user_changes_take_turns(workdir):

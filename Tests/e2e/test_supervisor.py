@@ -518,3 +518,20 @@ def test_a_restart_with_a_backlog_does_not_report_every_message_suspended(workdi
         files = wait_until(lambda: (f := pipe.delivered(user)) and len(f) == 3 and f, 60, "the backlog delivered")
         assert len(files) == 3
         assert "temporarily suspended" not in pipe.log_text()
+
+
+def test_one_supervisor_per_data_directory_even_without_its_pid_file(pipeline):
+    """The pid file check leaves a window between two starts; the lock on
+    supervise/supervise.lock does not: with the pid file gone (as between
+    the check and the write of a second start), a second supervisor for
+    the same data directory exits 75 and starts nothing."""
+    pid_file = pipeline.data / "supervise" / "supervise.pid"
+    assert pid_file.exists()
+    pid_file.unlink()
+    second = subprocess.run([executable("supervise"), "--foreground", "--stages", str(pipeline.stages_file)],
+                            env=pipeline.env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert second.returncode == 75, second
+    assert "already running" in second.stderr + second.stdout, second
+    # The first one goes on, with its stages.
+    assert pipeline.process.poll() is None
+    assert pipeline.accepting()
