@@ -22,10 +22,16 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
     public let socketPath: String
     /// The CA bundle name in crypto-negotiate's configuration, for "pkix".
     public let caBundle: String?
+    /// The uids crypto-negotiate may listen as (root, which creates the
+    /// socket, and its own user); nil: not checked. run/ is the queue's:
+    /// a socket put in crypto-negotiate's place would otherwise be told
+    /// every TLS session, and believed about how the peer was authenticated.
+    public let serverUIDs: Set<UInt32>?
 
-    public init(socketPath: String, caBundle: String? = nil) {
+    public init(socketPath: String, caBundle: String? = nil, serverUIDs: Set<UInt32>? = nil) {
         self.socketPath = socketPath
         self.caBundle = caBundle
+        self.serverUIDs = serverUIDs
     }
 
     /// run/tls exists (crypto-negotiate is running, or was).
@@ -35,10 +41,11 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
     }
 
     public func negotiate(socket: Int32, request: TLSClientRequest) async -> Result<TLSClientHandOffResult, TLSHandOffError> {
-        let path = socketPath, ca = caBundle
+        let path = socketPath, ca = caBundle, uids = serverUIDs
         return await withCheckedContinuation { continuation in
             StageRuntime.detachThread {
-                continuation.resume(returning: Self.blockingNegotiate(path: path, socket: socket, request: request, caBundle: ca))
+                continuation.resume(returning: Self.blockingNegotiate(path: path, socket: socket, request: request, caBundle: ca,
+                                                                      serverUIDs: uids))
             }
         }
     }
@@ -87,7 +94,7 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
     }
 
     static func blockingNegotiate(path: String, socket: Int32, request: TLSClientRequest,
-                                  caBundle: String?) -> Result<TLSClientHandOffResult, TLSHandOffError> {
+                                  caBundle: String?, serverUIDs: Set<UInt32>? = nil) -> Result<TLSClientHandOffResult, TLSHandOffError> {
         var owned: Int32? = socket
         defer { if let fd = owned { close(fd) } }
         do {
@@ -96,6 +103,7 @@ public struct CryptoNegotiateHandOff: TLSClientHandOff {
             // socket for ever.
             let connection = try StageConnection.connect(path: path, timeout: Double(request.handshakeTimeout) + 30)
             defer { connection.close() }
+            try connection.requireServer(uids: serverUIDs, name: "crypto-negotiate")
             _ = try connection.clientHello(.tls, extra: [("software", .text(QueueClient.software))])
             var frame = negotiateFrame(session: 1, request: request, caBundle: caBundle)
             frame.set("socket", .fd(socket))

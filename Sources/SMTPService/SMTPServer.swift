@@ -297,7 +297,7 @@ public final class SMTPServer: Sendable {
 
     public init(settings: SMTPServiceSettings, group: EventLoopGroup, logger: Logger,
                 listenerLost: (@Sendable (String) -> Void)? = nil) {
-        let handoff = settings.tlsSocket.map { TLSHandoff(socketPath: $0, logger: logger) }
+        let handoff = settings.tlsSocket.map { TLSHandoff(socketPath: $0, logger: logger, serverUIDs: settings.tlsServerUIDs) }
         self.core = SMTPServerCore(settings: settings, logger: logger, handoff: handoff)
         self.group = group
         self.listenerLost = listenerLost

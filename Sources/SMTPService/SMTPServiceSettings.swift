@@ -134,6 +134,11 @@ public struct SMTPServiceSettings: Sendable {
     /// crypto-negotiate's socket (a path usable after the chroot); nil: no
     /// TLS (no certificate configured): neither STARTTLS nor port 465.
     public var tlsSocket: String?
+    /// The uids crypto-negotiate may listen as (root and its own user, as
+    /// looked up before the chroot); nil: not checked (one user runs every
+    /// stage). run/ is the queue's: a socket put in crypto-negotiate's
+    /// place would otherwise be handed every STARTTLS session.
+    public var tlsServerUIDs: Set<UInt32>?
     /// How long a session waits for crypto-negotiate's answer to a
     /// NEGOTIATE before it gives up (its handshake timeout, plus a margin).
     public var tlsHandoffTimeout: Int64 = 70

@@ -112,7 +112,12 @@ public final class TLSHandoff: Sendable {
     /// 1: the writer has work (or must stop).
     private let work = ConditionLock(value: 0)
 
-    public init(socketPath: String, logger: Logger, retryInterval: Int32 = 1) {
+    /// The uids crypto-negotiate may listen as (see
+    /// StageConnection.requireServer); nil: not checked.
+    private let serverUIDs: Set<UInt32>?
+
+    public init(socketPath: String, logger: Logger, retryInterval: Int32 = 1, serverUIDs: Set<UInt32>? = nil) {
+        self.serverUIDs = serverUIDs
         self.socketPath = socketPath
         self.logger = logger
         self.retryInterval = retryInterval
@@ -421,6 +426,7 @@ public final class TLSHandoff: Sendable {
             let connection: StageConnection
             do {
                 connection = try StageConnection.connect(path: socketPath)
+                try connection.requireServer(uids: serverUIDs, name: "crypto-negotiate")
                 try connection.clientHello(.tls, extra: [("software", .text("sealpost-smtp-listen 0.1"))])
             } catch {
                 if !connectedOnce { startingFailures += 1 }

@@ -86,6 +86,23 @@ public final class StageConnection {
         return connection
     }
 
+    /// Throws unless the process that listens on the other end did so as
+    /// one of `uids` (SO_PEERCRED gives the server's credentials as they
+    /// were at its listen(2)). For a client that hands secrets (sockets to
+    /// encrypt, and trust in what comes back) to a socket in a directory
+    /// other stages' users may write: a socket someone put in the server's
+    /// place is refused. nil: no check (one user runs every stage).
+    public func requireServer(uids: Set<UInt32>?, name: String) throws {
+        guard let uids else { return }
+        var uid: UInt32 = 0
+        guard sealpost_peer_uid(fileDescriptor, &uid) == 0 else {
+            throw StageIOError("SO_PEERCRED on the connection to \(name)", code: errno)
+        }
+        guard uids.contains(uid) else {
+            throw ProtocolError("\(name) listens as uid \(uid), not as \(uids.sorted().map(String.init).joined(separator: " or ")): refused")
+        }
+    }
+
     /// Takes ownership of a connected socket. `direction`: of the frames
     /// *received* (a server adopting an accepted socket: `.clientToServer`).
     public convenience init(adopting fd: Int32, protocol: ProtocolName, direction: Direction) {

@@ -153,6 +153,13 @@ do {
 // nothing later, but threads are better started while all is visible).
 let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 
+// Who may listen on run/tls: root (crypto-negotiate creates the socket
+// before it drops privileges) or crypto-negotiate's user; looked up while
+// /etc/passwd is in reach. Run by one user: no check.
+let tlsServerUIDs: Set<UInt32>? = geteuid() == 0
+    ? Set([0] + [getpwnam("sealpost-crypto-negotiate")].compactMap { $0?.pointee.pw_uid })
+    : nil
+
 let paths: RuntimePaths
 do {
     // The chroot is the runtime directory, not the data directory: the
@@ -169,7 +176,7 @@ do {
 let agent = RemoteDeliveryAgent(
     eventLoop: group.next(), settings: settings, transports: transports,
     resolver: resolver, policy: StaticDestinationPolicy(),
-    tlsHandOff: CryptoNegotiateHandOff(socketPath: paths.runtimeDirectory + "/tls"),
+    tlsHandOff: CryptoNegotiateHandOff(socketPath: paths.runtimeDirectory + "/tls", serverUIDs: tlsServerUIDs),
     log: RemoteDeliveryLog(info: { logger.info("\($0)") }, warning: { logger.warning("\($0)") }))
 let client = QueueClient(socketPath: paths.deliverSocket, agent: agent)
 logger.info("starting: max-jobs=\(settings.maxJobs), destination concurrency \(settings.destinationConcurrencyLimit), \(transports.entries.count) transport table entries, helo=\(settings.hostname)")

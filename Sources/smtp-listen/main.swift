@@ -266,6 +266,12 @@ let descriptors = StageRuntime.descriptorLimit()
 var settings = SMTPServiceSettings(config: config, injectSocket: paths.injectSocket,
                                    tlsSocket: paths.runtimeDirectory + "/tls", authenticator: authenticator,
                                    descriptorLimit: descriptors)
+// Who may listen on run/tls (a directory of the queue's user): root, which
+// creates the socket, or crypto-negotiate's user; looked up while
+// /etc/passwd is in reach. Run by one user: no check.
+if geteuid() == 0 {
+    settings.tlsServerUIDs = Set([0] + [getpwnam("sealpost-crypto-negotiate")].compactMap { $0?.pointee.pw_uid })
+}
 if config.smtp.sessionLimit > 0, settings.limits.sessions < config.smtp.sessionLimit {
     logger.warning("session_limit \(config.smtp.sessionLimit) lowered to \(settings.limits.sessions): the descriptor limit is \(descriptors ?? 0) (\(SMTPLimits.descriptorsPerSession) per session beyond \(SMTPLimits.reservedDescriptors))")
 }

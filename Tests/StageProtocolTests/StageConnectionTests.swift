@@ -313,6 +313,15 @@ func readSome(_ fd: Int32) -> String {
         try client.send(Frame(.request, ["verb": .text("stats")]))
         #expect(try client.receive() == Frame(.done, ["ok": .bool(true), "text": .text("verb stats")]))
         #expect(try server.join() == "control")
+        // The listener's uid (SO_PEERCRED), for a client that must know who
+        // serves the socket: the connection is made before any frame.
+        let checked = try StageConnection.connect(path: path)
+        try checked.requireServer(uids: [getuid()], name: "the test listener")
+        try checked.requireServer(uids: nil, name: "the test listener")
+        #expect(throws: ProtocolError("the test listener listens as uid \(getuid()), not as \(getuid() &+ 1): refused")) {
+            try checked.requireServer(uids: [getuid() &+ 1], name: "the test listener")
+        }
+        checked.close()
         let long = "/" + String(repeating: "x", count: 200)
         #expect(throws: StageIOError("connect to \(long)", code: ENAMETOOLONG)) { try StageConnection.connect(path: long) }
         #expect(StageIOError("connect to /x", code: ENOENT).description == "connect to /x: No such file or directory")
