@@ -44,9 +44,12 @@ public struct LocalUsers: Sendable, Equatable {
     /// and whatever else nsswitch.conf names). Call before chroot.
     ///
     /// getpwent_r, not getpwent: getpwent answers NULL both at the end of
-    /// the list and on an error (an LDAP or sssd backend that fails half
-    /// way), and a list cut short would bounce mail to every account it
-    /// missed. getpwent_r tells the two apart (ENOENT is the end).
+    /// the list and on an error, and a list cut short would bounce mail to
+    /// every account it missed; getpwent_r returns the error number of a
+    /// failure glibc reports (a source that says "try again", memory).
+    /// Not every failure shows, though: glibc passes over a source that
+    /// reports itself unavailable (NSS_STATUS_UNAVAIL: sssd or nslcd not
+    /// answering) and ends the list as if that source had no accounts.
     public static func systemAccountNames() throws(TableFileError) -> [String] {
         var out: [String] = []
         var buffer = [CChar](repeating: 0, count: 4096)

@@ -58,26 +58,56 @@ public final class StandaloneSMTP {
     /// Messages the queue accepted in this session.
     public private(set) var accepted: [String] = []
 
+    private let hostname: String
+    private let commandTimeout: Int32
+    private let dataTimeout: Int32
+
     /// `timeout`: the longest wait for the queue in one step (connect, an
-    /// answer), seconds.
-    public init(policy: SMTPServerPolicy, injectSocket: String, timeout: Double) {
+    /// answer), seconds. `commandTimeout`, `dataTimeout`: how long the
+    /// client may be silent awaiting a command, and inside message data
+    /// (RFC 5321 4.5.3.2, smtp.command_timeout and data_timeout); then 421
+    /// 4.4.2, and a message in progress is dropped, its queue connection
+    /// (and the queue's memory for it) with it.
+    public init(policy: SMTPServerPolicy, injectSocket: String, timeout: Double,
+                commandTimeout: Int = 300, dataTimeout: Int = 600) {
         session = SMTPServerSession(policy: policy, client: Self.client)
         self.injectSocket = injectSocket
         self.timeout = timeout
+        hostname = policy.hostname
+        self.commandTimeout = Int32(clamping: max(1, commandTimeout) * 1000)
+        self.dataTimeout = Int32(clamping: max(1, dataTimeout) * 1000)
         receivedBy = ReceivedHeader.By(hostname: policy.hostname, softwareName: policy.softwareName)
     }
 
-    /// Runs the session to its end (QUIT, end of input, or a closing
-    /// error). False when the replies could not be written (the client
-    /// went away): what it was told before stands.
+    /// Runs the session to its end (QUIT, end of input, a timeout, or a
+    /// closing error). False when the input could not be read or the
+    /// replies could not be written: what the client was told before
+    /// stands, and a message in progress is dropped.
     public func run(input: Int32, output out: Int32) -> Bool {
         perform(session.start())
         var buffer = [UInt8](repeating: 0, count: 65_536)
+        var healthy = true
         while !closed {
-            guard flush(out) else { return false }
+            guard flush(out) else { healthy = false; break }
+            var ready = pollfd(fd: input, events: Int16(POLLIN), revents: 0)
+            let waited = poll(&ready, 1, session.readsMessageData ? dataTimeout : commandTimeout)
+            if waited < 0 {
+                if errno == EINTR { continue }
+                healthy = false
+                perform(session.disconnected())
+                break
+            }
+            if waited == 0 {
+                perform(session.shutdown(SMTPReply(421, "4.4.2", "\(hostname) Error: timeout exceeded")))
+                break
+            }
             let n = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
             if n < 0 {
-                if errno == EINTR { continue }
+                // A non-blocking descriptor inherited: poll said readable,
+                // so EAGAIN is a spurious wake-up.
+                if errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK { continue }
+                healthy = false
+                perform(session.disconnected())
                 break
             }
             if n == 0 {
@@ -88,7 +118,7 @@ public final class StandaloneSMTP {
         }
         message?.abandon()
         message = nil
-        return flush(out)
+        return flush(out) && healthy
     }
 
     private func flush(_ fd: Int32) -> Bool {

@@ -139,6 +139,15 @@ public enum Setup {
         }
     }
 
+    /// The data directory and supervise/ alone, root's when run as root (as
+    /// ensureDirectories makes them): where the supervisor takes its
+    /// instance lock before it changes anything else.
+    public static func ensureSuperviseDirectory(_ layout: DirectoryLayout, asRoot: Bool) throws(SetupError) {
+        try makeParents(of: layout.dataDirectory)
+        try ensure(layout.dataDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
+        try ensure(layout.superviseDirectory, mode: 0o755, owner: asRoot ? (0, 0) : nil)
+    }
+
     private static func makeParents(of path: String) throws(SetupError) {
         var prefix = ""
         let components = path.split(separator: "/")

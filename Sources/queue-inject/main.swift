@@ -76,8 +76,10 @@
 //      permanently refused. 74 (EX_IOERR) reading stdin failed.
 //      75 (EX_TEMPFAIL) temporarily refused, or the queue not reachable:
 //      try again later. 78 (EX_CONFIG) configuration error.
-//      -bs: 0 once the session ended (QUIT or end of input), whatever the
-//      replies said; 74 (EX_IOERR) when the replies could not be written.
+//      -bs: 0 once the session ended (QUIT, end of input, or the client
+//      silent past smtp.command_timeout or data_timeout: 421), whatever
+//      the replies said; 74 (EX_IOERR) when the input could not be read or
+//      the replies could not be written.
 
 #if canImport(Glibc)
 import Glibc
@@ -141,8 +143,9 @@ do {
 
 if options.standaloneSMTP {
     let session = StandaloneSMTP(policy: StandaloneSMTP.policy(config), injectSocket: config.injectSocket,
-                                 timeout: InjectionPolicy.timeout(environment: getenv("SEALPOST_INJECT_TIMEOUT").map { String(cString: $0) }))
-    guard session.run(input: 0, output: 1) else { die(.ioErr, "cannot write the SMTP replies to standard output") }
+                                 timeout: InjectionPolicy.timeout(environment: getenv("SEALPOST_INJECT_TIMEOUT").map { String(cString: $0) }),
+                                 commandTimeout: config.smtp.commandTimeout, dataTimeout: config.smtp.dataTimeout)
+    guard session.run(input: 0, output: 1) else { die(.ioErr, "the SMTP session on standard input and output failed (a read or write error)") }
     exit(SysExit.ok.rawValue)
 }
 

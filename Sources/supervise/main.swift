@@ -247,6 +247,29 @@ umask(0o022)
 if let pid = runningSupervisor(pidFile: layout.pidFile) {
     fail("already running (pid \(pid)) for \(configuration.dataDirectory)", .tempFail)
 }
+// One supervisor per data directory, decided by a lock held for the
+// process's life (the pid file check above leaves a window between two
+// starts; the second would overwrite the pid file, and Pipeline/stop would
+// stop only one of them). Taken before anything else changes: a second
+// start must not touch the users, the directories (local/recipients is
+// removed at each start) or the log of the one running.
+do {
+    try Setup.ensureSuperviseDirectory(layout, asRoot: asRoot)
+} catch {
+    fail("\(error)", .osErr)
+}
+let instanceLock = open(layout.superviseDirectory + "/supervise.lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+guard instanceLock >= 0 else {
+    fail("cannot open \(layout.superviseDirectory)/supervise.lock: \(String(cString: strerror(errno)))", .osErr)
+}
+while flock(instanceLock, LOCK_EX | LOCK_NB) != 0 {
+    if errno == EINTR { continue }
+    guard errno == EWOULDBLOCK else {
+        fail("cannot lock \(layout.superviseDirectory)/supervise.lock: \(String(cString: strerror(errno)))", .osErr)
+    }
+    let other = runningSupervisor(pidFile: layout.pidFile).map { " (pid \($0))" } ?? ""
+    fail("already running\(other) for \(configuration.dataDirectory)", .tempFail)
+}
 let log = LogSink(path: layout.logFile, hostname: configuration.hostname, echo: foreground)
 var created: [String] = []
 do {
@@ -255,18 +278,6 @@ do {
     try log.open()
 } catch {
     fail("\(error)", .osErr)
-}
-// One supervisor per data directory, decided by a lock held for the
-// process's life (the pid file check above leaves a window between two
-// starts; the second would overwrite the pid file, and Pipeline/stop would
-// stop only one of them). Before the log's first line and the stages.
-let instanceLock = open(layout.superviseDirectory + "/supervise.lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
-guard instanceLock >= 0 else {
-    fail("cannot open \(layout.superviseDirectory)/supervise.lock: \(String(cString: strerror(errno)))", .osErr)
-}
-guard flock(instanceLock, LOCK_EX | LOCK_NB) == 0 else {
-    let other = runningSupervisor(pidFile: layout.pidFile).map { " (pid \($0))" } ?? ""
-    fail("already running\(other) for \(configuration.dataDirectory)", .tempFail)
 }
 var settings = SupervisorSettings(configFile: configuration.file, hostname: configuration.hostname,
                                   layout: layout, stages: stages, foreground: foreground)

@@ -12,7 +12,8 @@ import Testing
     /// Runs a session fed `input` (all of it, then end of input); returns
     /// what it wrote and the accepted queue IDs. Both sides fit in a pipe's
     /// buffer (64 KiB): written before, read after, no threads.
-    func session(_ input: String, injectSocket: String, hostname: String = "mx.example.test") -> (String, [String]) {
+    func session(_ input: String, injectSocket: String, hostname: String = "mx.example.test",
+                 keepInputOpen: Bool = false, commandTimeout: Int = 300) -> (String, [String]) {
         var toSession: [Int32] = [-1, -1], fromSession: [Int32] = [-1, -1]
         guard pipe(&toSession) == 0, pipe(&fromSession) == 0 else {
             Issue.record("pipe: \(errno)")
@@ -20,10 +21,11 @@ import Testing
         }
         let bytes = Array(input.utf8)
         #expect(bytes.withUnsafeBytes { write(toSession[1], $0.baseAddress!, $0.count) } == bytes.count)
-        close(toSession[1])
+        if !keepInputOpen { close(toSession[1]) }
+        defer { if keepInputOpen { close(toSession[1]) } }
         var policy = SMTPServerPolicy(hostname: hostname)
         policy.relay = RelayPolicy(localDomains: ["example.test"], relayDomains: [])
-        let smtp = StandaloneSMTP(policy: policy, injectSocket: injectSocket, timeout: 15)
+        let smtp = StandaloneSMTP(policy: policy, injectSocket: injectSocket, timeout: 15, commandTimeout: commandTimeout)
         #expect(smtp.run(input: toSession[0], output: fromSession[1]))
         close(fromSession[1])
         close(toSession[0])
@@ -81,6 +83,15 @@ import Testing
         let lines = replies.split(separator: "\r\n").map(String.init)
         #expect(lines.contains { $0.hasPrefix("451 4.3.0") }, "\(lines)")
         #expect(lines.suffix(2) == ["250 2.0.0 Ok", "221 2.0.0 Bye"], "\(lines)")
+    }
+
+    /// A client that goes silent (its end of the pipe still open) gets 421
+    /// 4.4.2 after smtp.command_timeout, and the session ends: it does not
+    /// hold the process (and a message's queue connection) for ever.
+    @Test func aSilentClientTimesOut() throws {
+        let (replies, ids) = session("EHLO a\r\n", injectSocket: "/nonexistent/inject", keepInputOpen: true, commandTimeout: 1)
+        #expect(ids.isEmpty)
+        #expect(replies.hasSuffix("421 4.4.2 mx.example.test Error: timeout exceeded\r\n"), "\(replies)")
     }
 
     /// End of input without QUIT ends the session; a message cut off in

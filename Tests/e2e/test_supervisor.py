@@ -527,11 +527,15 @@ def test_one_supervisor_per_data_directory_even_without_its_pid_file(pipeline):
     the same data directory exits 75 and starts nothing."""
     pid_file = pipeline.data / "supervise" / "supervise.pid"
     assert pid_file.exists()
+    table = pipeline.data / "local" / "recipients"
+    wait_until(table.exists, 60, "local-deliver's recipient table")
     pid_file.unlink()
     second = subprocess.run([executable("supervise"), "--foreground", "--stages", str(pipeline.stages_file)],
                             env=pipeline.env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert second.returncode == 75, second
     assert "already running" in second.stderr + second.stdout, second
-    # The first one goes on, with its stages.
+    # It changed nothing first (each start removes local/recipients, which
+    # the running local-deliver wrote), and the first one goes on.
+    assert table.exists()
     assert pipeline.process.poll() is None
     assert pipeline.accepting()
