@@ -42,19 +42,90 @@ public enum LocalDeliveryService {
     /// users (`accounts = "system"`), or the listed users alone. Call before
     /// chroot. An error reading the system's accounts is an error: a list
     /// cut short would bounce mail to the accounts it missed.
+    ///
+    /// A list cut short without an error is checked against `previous`, the
+    /// table the last instance published: glibc ends the enumeration quietly
+    /// when a source is unavailable (sssd or nslcd not answering), and the
+    /// accounts of that source would then be refused at RCPT and bounced.
+    /// Each name of the last table that neither the list nor `otherNames`
+    /// (the aliases) has is looked up by name: an account found stays (a
+    /// source that answers by name but does not enumerate), one that no
+    /// source has is gone, and one a source could not answer for is kept as
+    /// it was, with a warning, until a later start can tell. After
+    /// `unavailableLimit` such answers in a row the source is taken as down
+    /// and the rest are kept without asking (a down directory can take
+    /// seconds per question).
     public static func users(_ settings: LocalSettings,
-                             systemAccounts: () throws(TableFileError) -> [String] = LocalUsers.systemAccountNames) throws(TableFileError) -> LocalUsers {
+                             previous: LocalRecipientTable? = nil,
+                             otherNames: Set<String> = [],
+                             log: DeliveryLog = .discard,
+                             systemAccounts: () throws(TableFileError) -> [String] = LocalUsers.systemAccountNames,
+                             lookUpAccount: (String) -> AccountLookup = LocalUsers.lookUpAccount) throws(TableFileError) -> LocalUsers {
         switch settings.accounts {
-        case .system: return LocalUsers(names: try systemAccounts() + settings.users)
-        case .listed: return LocalUsers(names: settings.users)
+        case .listed:
+            return LocalUsers(names: settings.users)
+        case .system:
+            var names = try systemAccounts() + settings.users
+            guard let previous else { return LocalUsers(names: names) }
+            let listed = Set(LocalUsers(names: names).lowercasedNames).union(otherNames)
+            var kept: [String] = []
+            var gone: [String] = []
+            var reason: String?
+            var unavailableInARow = 0
+            for name in previous.names.subtracting(listed).sorted() {
+                let answer: AccountLookup = unavailableInARow >= unavailableLimit
+                    ? .unavailable(reason ?? "unavailable") : lookUpAccount(name)
+                switch answer {
+                case .found(let canonical):
+                    names.append(canonical)
+                    unavailableInARow = 0
+                case .notFound:
+                    gone.append(name)
+                    unavailableInARow = 0
+                case .unavailable(let why):
+                    names.append(name)
+                    kept.append(name)
+                    reason = reason ?? why
+                    unavailableInARow += 1
+                }
+            }
+            if !gone.isEmpty {
+                log.info("accounts gone since the last recipient table: \(summary(gone))")
+            }
+            if !kept.isEmpty {
+                log.warning("the user database no longer lists \(kept.count) account(s) of the last recipient table"
+                    + " and cannot say whether they exist (getpwnam: \(reason ?? "unavailable")): kept until it can:"
+                    + " \(summary(kept))")
+            }
+            return LocalUsers(names: names)
         }
     }
 
-    /// Users and aliases as the configuration names them. Call before chroot.
-    public static func makeResolver(_ config: SealpostConfiguration) throws(AliasError) -> RecipientResolver {
+    /// Lookups answered "unavailable" in a row after which the rest are not
+    /// asked (LocalDeliveryService.users).
+    public static let unavailableLimit = 3
+
+    private static func summary(_ names: [String]) -> String {
+        let shown = names.prefix(10).joined(separator: ", ")
+        return names.count > 10 ? shown + " and \(names.count - 10) more" : shown
+    }
+
+    /// Users and aliases as the configuration names them, the users checked
+    /// against the last published table (`users`). Call before chroot.
+    public static func makeResolver(_ config: SealpostConfiguration, log: DeliveryLog = .discard) throws(AliasError) -> RecipientResolver {
         let domains = Set(config.local.domains.map { $0.lowercased() })
         let aliases = try AliasTable.load(path: config.local.aliasesFile, localDomains: domains)
-        return RecipientResolver(users: try users(config.local), aliases: aliases, localDomains: domains,
+        var previous: LocalRecipientTable?
+        if config.local.accounts == .system {
+            do {
+                previous = try LocalRecipientTable.read(from: config.localRecipientTable)
+            } catch {
+                log.warning("the last local recipient table is not readable (\(error)): accounts are not checked against it")
+            }
+        }
+        let users = try users(config.local, previous: previous,
+                              otherNames: Set(aliases.entries.keys.map { $0.lowercased() }), log: log)
+        return RecipientResolver(users: users, aliases: aliases, localDomains: domains,
                                  defaultDomain: config.local.domains.first)
     }
 

@@ -49,7 +49,9 @@ public struct LocalUsers: Sendable, Equatable {
     /// failure glibc reports (a source that says "try again", memory).
     /// Not every failure shows, though: glibc passes over a source that
     /// reports itself unavailable (NSS_STATUS_UNAVAIL: sssd or nslcd not
-    /// answering) and ends the list as if that source had no accounts.
+    /// answering) and ends the list as if that source had no accounts:
+    /// LocalDeliveryService.users looks up by name each account of the last
+    /// published table that the list left out (lookUpAccount).
     public static func systemAccountNames() throws(TableFileError) -> [String] {
         var out: [String] = []
         var buffer = [CChar](repeating: 0, count: 4096)
@@ -79,12 +81,46 @@ public struct LocalUsers: Sendable, Equatable {
         }
     }
 
+    /// What the user database says of one account name: getpwnam_r, which
+    /// in glibc answers 0 both for an account and for no such account in
+    /// any source, and an error number when a source could not answer
+    /// (unavailable, "try again"): the case the enumeration cannot see.
+    public static func lookUpAccount(_ name: String) -> AccountLookup {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        while true {
+            var entry = passwd()
+            var result: UnsafeMutablePointer<passwd>? = nil
+            let status = buffer.withUnsafeMutableBufferPointer {
+                getpwnam_r(name, &entry, $0.baseAddress!, $0.count, &result)
+            }
+            if status == 0 {
+                guard result != nil, let canonical = entry.pw_name else { return .notFound }
+                return .found(String(cString: canonical))
+            }
+            if status == ERANGE, buffer.count < 1 << 20 {
+                buffer = [CChar](repeating: 0, count: buffer.count * 4)
+                continue
+            }
+            return .unavailable(String(cString: strerror(status)))
+        }
+    }
+
     /// A user name becomes a directory name in the mailbox path: refuse
     /// anything that could climb out of it or confuse it.
     static func isUsableName(_ name: String) -> Bool {
         !name.isEmpty && !name.hasPrefix(".") && !name.contains("/")
             && !name.contains("\0") && !name.contains("{") && !name.contains("}")
     }
+}
+
+/// One answer of the user database for one name (LocalUsers.lookUpAccount).
+public enum AccountLookup: Equatable, Sendable {
+    /// The account, with its name as the database spells it.
+    case found(String)
+    /// No source has such an account.
+    case notFound
+    /// A source could not answer: the reason.
+    case unavailable(String)
 }
 
 /// Where one recipient's copy goes after alias expansion.

@@ -41,6 +41,13 @@
 //                    loaded and before reporting ready, for smtp-listen,
 //                    which refuses other local parts at RCPT (550 5.1.1).
 //                    A failure to write it is a warning; delivery goes on.
+//                    Read back at the next start (before the chroot, by
+//                    the strict decoder of section 8): a name it holds that
+//                    the account enumeration no longer lists is looked up
+//                    by name (getpwnam), since glibc ends an enumeration
+//                    quietly when a source such as sssd is unavailable;
+//                    one no source has is dropped, one a source could not
+//                    answer for is kept, with a warning naming it.
 //
 // SOCKETS
 //      run/deliver   client, protocol `deliver`, transport `local`
@@ -150,9 +157,10 @@ do {
 }
 
 // Everything from outside the chroot is read now.
+let log = LocalDeliveryService.log(logger)
 let resolver: RecipientResolver
 do {
-    resolver = try LocalDeliveryService.makeResolver(config)
+    resolver = try LocalDeliveryService.makeResolver(config, log: log)
 } catch {
     guard reload != nil else { StageRuntime.fatal(error.description, exit: .config) }
     // A reload: the instance this one was to replace runs on, with the
@@ -171,7 +179,6 @@ do {
     StageRuntime.fatal("\(error)", exit: .osErr)
 }
 
-let log = LocalDeliveryService.log(logger)
 let agent = LocalDeliveryAgent(resolver: resolver, dataDirectory: paths.dataDirectory,
                                mailboxTemplate: config.local.mailbox, namer: namer,
                                forwarder: InjectForwarder(socketPath: paths.injectSocket), log: log)
