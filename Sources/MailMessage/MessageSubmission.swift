@@ -210,26 +210,14 @@ public struct MessageSubmission: Sendable {
 
         // Decided before the Bcc fields go: a message re-sent to
         // Resent-Bcc alone is re-sent all the same.
-        let resent = block.fields.contains { $0.name.lowercased().hasPrefix("resent-") }
+        let resent = OriginatorFields.isResent(block)
         block.removeAll("Bcc")
         block.removeAll("Resent-Bcc")
         let date = RFC5322Date.format(unixTime: context.unixTime)
         // The originator fields when missing, and for a message being
-        // re-sent (it has Resent- fields, RFC 5322 3.6.6) the resent ones
-        // too, as Postfix's cleanup adds them.
-        func addIfMissing(_ name: String, _ value: () -> String) {
-            guard !block.contains(name) else { return }
-            block.append(name, value())
-            addedFields.append(name)
-        }
-        for prefix in resent ? ["", "Resent-"] : [""] {
-            addIfMissing(prefix + "From") { fromValue() }
-            addIfMissing(prefix + "Date") { date }
-            addIfMissing(prefix + "Message-ID") {
-                var rng = SystemRandomNumberGenerator()
-                return MessageID.generate(hostname: context.hostname, unixTime: context.unixTime, using: &rng)
-            }
-        }
+        // re-sent the resent ones too, as Postfix's cleanup adds them.
+        addedFields += OriginatorFields.addMissing(to: &block, resent: resent, from: { fromValue() },
+                                                   hostname: context.hostname, unixTime: context.unixTime)
         block.prepend("Received", "by \(MessageID.domainPart(context.hostname)) (Sealpost queue-inject, from userid \(context.uid)); \(date)")
 
         let header = block.serialized()

@@ -10,7 +10,10 @@
 // stand-alone client; no STARTTLS, no AUTH. Each message goes to the
 // queue over its own inject connection (Pipeline/PROTOCOL.md section 4.2):
 // MAIL with announce-id, the RCPTs, the Received field with the announced
-// queue ID, the body as it comes, END; the 250 with the queue ID is
+// queue ID, the body as it comes (but for its header section, held until
+// its end is seen and completed as queue-inject completes a message it
+// reads: From, Date and Message-ID when missing, as Postfix's cleanup
+// adds them to mail submitted on the host), END; the 250 with the queue ID is
 // written only after the queue's ACCEPTED (its commit), as smtp-listen
 // does. The queue unreachable or failing: 451 4.3.0 to that message, and
 // the session goes on (the client may try again).
@@ -121,6 +124,18 @@ public final class StandaloneSMTP {
         return flush(out) && healthy
     }
 
+    /// A local submission's header completion (HeaderCompletion.swift):
+    /// From (the envelope sender, MAILER-DAEMON for the null sender, as
+    /// Postfix's cleanup writes it), Date and Message-ID when missing.
+    static func headerCompletion(sender: String, hostname: String,
+                                 unixTime: @escaping () -> Int = { Int(time(nil)) }) -> StreamingHeaderCompletion {
+        StreamingHeaderCompletion { block in
+            OriginatorFields.addMissing(to: &block, resent: OriginatorFields.isResent(block),
+                                        from: { sender.isEmpty ? "MAILER-DAEMON" : sender },
+                                        hostname: hostname, unixTime: unixTime())
+        }
+    }
+
     private func flush(_ fd: Int32) -> Bool {
         var offset = 0
         while offset < output.count {
@@ -146,7 +161,7 @@ public final class StandaloneSMTP {
                 message = QueueSubmission(envelope: envelope, socket: injectSocket, timeout: timeout,
                                           received: { [receivedBy] id in
                     ReceivedHeader.bytes(envelope: envelope, by: receivedBy, queueID: id, date: RFC5322Date.now())
-                })
+                }, header: Self.headerCompletion(sender: envelope.sender.address, hostname: hostname))
             case .messageData(let bytes):
                 message?.append(bytes)
             case .endMessage:
@@ -177,8 +192,11 @@ public final class StandaloneSMTP {
 final class QueueSubmission {
     private var connection: StageConnection?
     private var failed = false
+    private var header: StreamingHeaderCompletion
 
-    init(envelope: SMTPEnvelope, socket: String, timeout: Double, received: (String) -> [UInt8]) {
+    init(envelope: SMTPEnvelope, socket: String, timeout: Double, received: (String) -> [UInt8],
+         header: StreamingHeaderCompletion) {
+        self.header = header
         do {
             let c = try StageConnection.connect(path: socket, timeout: timeout)
             connection = c
@@ -204,7 +222,12 @@ final class QueueSubmission {
     }
 
     func append(_ bytes: [UInt8]) {
-        guard !failed, let c = connection else { return }
+        guard !failed else { return }
+        send(header.feed(bytes))
+    }
+
+    private func send(_ bytes: [UInt8]) {
+        guard !bytes.isEmpty, let c = connection else { return }
         do {
             for frame in InjectFrames.body(bytes) { try c.send(frame) }
         } catch {
@@ -216,6 +239,7 @@ final class QueueSubmission {
     enum Outcome { case success(String), failure(SMTPQueueFailure) }
 
     func end() -> Outcome {
+        if !failed { send(header.finish()) }
         guard !failed, let c = connection else { return .failure(.unavailable) }
         defer { fail() }
         do {

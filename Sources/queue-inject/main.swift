@@ -28,8 +28,10 @@
 //      that submit mail that way (Symfony Mailer's and Laravel's sendmail
 //      transport by default). The invoking user may send anywhere; each
 //      message gets smtp-listen's Received field ("from HELO (localhost
-//      [127.0.0.1])", as Postfix's stand-alone smtpd names the client) and
-//      nothing else is added; the 250 with the queue ID comes after the
+//      [127.0.0.1])", as Postfix's stand-alone smtpd names the client),
+//      and From: (the MAIL FROM address, MAILER-DAEMON for <>), Date: and
+//      Message-ID: when the header has none, as above; nothing is removed
+//      (Bcc: stays, as with SMTP); the 250 with the queue ID comes after the
 //      queue's commit; the queue away: 451 4.3.0 for that message, and no
 //      retry (the SMTP client's business). SMTPInjection.StandaloneSMTP.
 //

@@ -13,6 +13,7 @@ final class RealQueue {
     let service: QueueService
     let injectSocket: String
     let logs = LogCapture()
+    let spool: Spool
     private let directory: String
 
     init(injectIdleTimeout: TimeAmount) throws {
@@ -23,7 +24,7 @@ final class RealQueue {
         config.local.domains = ["example.test"]
         config.queue.mapSize = 8 << 20
         try FileManager.default.createDirectory(atPath: config.runtimeDirectory, withIntermediateDirectories: true)
-        let spool = try Spool(directory: config.spoolDirectory,
+        spool = try Spool(directory: config.spoolDirectory,
                               options: SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit))
         var options = QueueServiceOptions()
         options.injectIdleTimeout = injectIdleTimeout
@@ -33,6 +34,13 @@ final class RealQueue {
                                logger: Logger(label: "queue") { _ in CapturingLogHandler(capture: capture) })
         injectSocket = config.injectSocket
         try service.start()
+    }
+
+    /// A queued message's bytes as stored (Received field first).
+    func body(_ id: String) throws -> String {
+        var bytes: [UInt8] = []
+        try spool.readBody(QueueID(id)!) { bytes += $0 }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     func stop() {

@@ -66,6 +66,53 @@ import Testing
         #expect(q.logs.eventually("\(ids.first ?? "?"): client=localhost[127.0.0.1]"))
     }
 
+    /// A local submission's header gets From (the envelope sender, or
+    /// MAILER-DAEMON), Date and Message-ID when it lacks them, at the end
+    /// of the header section, as Postfix's cleanup adds them; fields the
+    /// client wrote stay as they are, Bcc too; a message without an empty
+    /// line after its header (BDAT content ending in a field) gets one.
+    @Test func missingOriginatorFieldsAreAdded() throws {
+        let q = try RealQueue(injectIdleTimeout: .seconds(30))
+        defer { q.stop() }
+        let (replies, ids) = session("""
+            EHLO app.example\r
+            MAIL FROM:<www-data@example.test>\r
+            RCPT TO:<alice@example.test>\r
+            DATA\r
+            Subject: bare\r
+            Bcc: hidden@example.test\r
+            \r
+            From: not a header, body text\r
+            .\r
+            MAIL FROM:<www-data@example.test>\r
+            RCPT TO:<alice@example.test>\r
+            DATA\r
+            From: App <app@example.test>\r
+            Date: Thu, 3 Dec 2026 08:00:00 +0000\r
+            Message-ID: <kept@example.test>\r
+            \r
+            complete\r
+            .\r
+            MAIL FROM:<>\r
+            RCPT TO:<alice@example.test>\r
+            BDAT 13 LAST\r
+            Subject: only
+            """ + "QUIT\r\n", injectSocket: q.injectSocket)
+        #expect(ids.count == 3, "\(replies)")
+        guard ids.count == 3 else { return }
+        let first = try q.body(ids[0])
+        let header = first.components(separatedBy: "\r\n\r\n")[0]
+        #expect(header.contains("\r\nSubject: bare\r\nBcc: hidden@example.test\r\nFrom: www-data@example.test\r\nDate: "), "\(first)")
+        #expect(header.contains("\r\nMessage-ID: <") && header.contains("@mx.example.test>"), "\(first)")
+        #expect(first.hasSuffix("\r\n\r\nFrom: not a header, body text\r\n"), "\(first)")
+        let second = try q.body(ids[1])
+        #expect(second.hasSuffix("\r\nFrom: App <app@example.test>\r\nDate: Thu, 3 Dec 2026 08:00:00 +0000\r\nMessage-ID: <kept@example.test>\r\n\r\ncomplete\r\n"),
+                "\(second)")
+        let third = try q.body(ids[2])
+        #expect(third.contains("\r\nSubject: only\r\nFrom: MAILER-DAEMON\r\nDate: "), "\(third)")
+        #expect(third.hasSuffix(">\r\n\r\n"), "\(third)")
+    }
+
     @Test func theQueueAwayIs451AndTheSessionGoesOn() throws {
         let (replies, ids) = session("""
             HELO app.example\r

@@ -140,3 +140,15 @@ def test_sendmail_bs_with_swaks(pipeline):
                             env=pipeline.env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stdout + second.stderr
     wait_until(lambda: len(pipeline.delivered(user)) == 2, 60, "the second -bs message")
+    # A message with no From, Date or Message-ID (swaks adds them unless
+    # given the data whole): the header gets them, as Postfix's does.
+    third = subprocess.run(["swaks", "--pipe", command, "--from", "app@localhost", "--to", f"{user}@localhost",
+                            "--data", "Subject: bare header\n\nno originator fields\n"],
+                           env=pipeline.env(), capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stdout + third.stderr
+    files = wait_until(lambda: [f for f in pipeline.delivered(user)
+                                if parse_message(f)["Subject"] == "bare header"], 60, "the third -bs message")
+    bare = parse_message(files[0])
+    assert bare["From"] == "app@localhost", bare.as_string()
+    assert bare["Date"] and bare["Message-ID"].endswith(">"), bare.as_string()
+    assert bare.get_content().strip() == "no originator fields"
