@@ -12,15 +12,19 @@ import os
 import pathlib
 import pwd
 import re
+import resource
 import shutil
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 
 import pytest
 
-from conftest import IS_ROOT, CHECKOUT, local_user, parse_message, port_of, require_build, wait_until
+import stageproto
+from conftest import (IS_ROOT, CHECKOUT, Pipeline, executable, local_user, parse_message, port_of, require_build,
+                      running, stages_without, wait_until)
 
 
 def client_context():
@@ -228,6 +232,67 @@ def test_no_starttls_when_crypto_negotiate_is_gone(tls_pipeline):
         client.ehlo("client.example")
         client.sendmail("sender@client.example", [f"{local_user()}@localhost"], b"Subject: again\r\n\r\nok\r\n")
     expect_tls_received(delivered_messages(tls_pipeline, 1)[0])
+
+
+def test_crypto_negotiate_accepts_again_after_running_out_of_descriptors(workdir):
+    """crypto-negotiate at its limit of open files (64, set by prlimit in
+    the stages file): clients of run/tls (root may be one) take its
+    descriptors until accept(2) fails with EMFILE and a connection stays in
+    the backlog, which an edge-triggered listener hears of no more; once
+    descriptors are free again the listener's one-second retry takes it
+    (its HELLO is answered) without another client having to come."""
+    require_build("crypto-negotiate")
+    prlimit = shutil.which("prlimit")
+    if not prlimit:
+        pytest.skip("prlimit (util-linux) is missing")
+    stages = stages_without("crypto-negotiate", "remote-deliver", "local-deliver") + \
+        f"\ncrypto-negotiate {prlimit} --nofile=64:64 -- {executable('crypto-negotiate')}\n"
+    tls_socket = None
+    clients = []
+
+    def hello():
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(tls_socket)
+        client.sendall(stageproto.encode(stageproto.HELLO, [("protocol", "tls"), ("version", 1),
+                                                            ("software", "sealpost-e2e 1")]))
+        clients.append(client)
+        return client
+
+    def answered(client, timeout):
+        client.settimeout(timeout)
+        answer = b""
+        try:
+            while len(answer) < 6:
+                chunk = client.recv(4096)
+                assert chunk, "crypto-negotiate closed the connection instead of answering HELLO"
+                answer += chunk
+        except socket.timeout:
+            return False
+        (frame_type,) = struct.unpack(">H", answer[4:6])
+        assert frame_type == stageproto.HELLO, answer
+        return True
+
+    with running(Pipeline(workdir, stages=stages)) as pipe:
+        pid = pipe.running_pid("crypto-negotiate")
+        tls_socket = str(pipe.data / "run" / "tls")
+        wait_until(lambda: os.path.exists(tls_socket), 30, "run/tls")
+        try:
+            # Each answered client holds one of its descriptors; 64 at most.
+            for _ in range(80):
+                if not answered(hello(), 5):
+                    break
+            else:
+                raise AssertionError("80 clients answered: the limit of 64 descriptors did not apply")
+            waiting = clients[-1]
+            pipe.log_with("crypto-negotiate[", "accept: Too many open files; trying again every second")
+            for client in clients[:8]:
+                client.close()
+            assert answered(waiting, 60), "the client left in the backlog was never accepted"
+            pipe.log_with("accept: accepting again")
+            assert pipe.stage_pid("crypto-negotiate") == pid
+        finally:
+            for client in clients:
+                client.close()
 
 
 POSTFIX_MAIN = """\
