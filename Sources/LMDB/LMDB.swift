@@ -46,6 +46,9 @@ public struct LMDBError: Error, Equatable, Sendable, CustomStringConvertible {
     public var isNotFound: Bool { code == MDB_NOTFOUND }
     /// MDB_NOOVERWRITE put on an existing key.
     public var isKeyExists: Bool { code == MDB_KEYEXIST }
+    /// LMDB gave up on the environment: a meta page it could not write
+    /// (MDB_FATAL_ERROR) leaves every later transaction failing so.
+    public var isPanic: Bool { code == MDB_PANIC }
     /// The data file is damaged or not an LMDB file.
     public var isCorrupted: Bool { code == MDB_CORRUPTED || code == MDB_INVALID || code == MDB_PAGE_NOTFOUND }
 

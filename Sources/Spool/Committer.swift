@@ -68,7 +68,10 @@ final class Committer: @unchecked Sendable {
     /// envelope of a spool from before that record). Committer thread only.
     private var highestID: UInt64
 
-    init(environment: Environment, databases: SpoolDatabases, readLock: ReadWriteLock, mapSizeLimit: Int,
+    private let health: EnvironmentHealth
+
+    init(environment: Environment, databases: SpoolDatabases, readLock: ReadWriteLock,
+         health: EnvironmentHealth = EnvironmentHealth(report: nil), mapSizeLimit: Int,
          deferral: TimeInterval = 0.5, commitDelay: TimeInterval = 0, siblingWindow: TimeInterval = 0.05,
          highestID: UInt64 = 0) {
         self.deferral = deferral
@@ -78,6 +81,7 @@ final class Committer: @unchecked Sendable {
         self.environment = environment
         self.databases = databases
         self.readLock = readLock
+        self.health = health
         self.mapSizeLimit = mapSizeLimit
     }
 
@@ -176,7 +180,11 @@ final class Committer: @unchecked Sendable {
                 submission.completion(result)
             }
             // After the completions: the batch's answers do not wait for it.
-            if committed { keepZeroedAhead() }
+            if committed {
+                keepZeroedAhead()
+            } else if health.failure == nil, results.contains(where: { if case .failure(.io) = $0 { true } else { false } }) {
+                checkEnvironment()
+            }
         }
     }
 
@@ -320,6 +328,19 @@ final class Committer: @unchecked Sendable {
         return [ext, xfs].contains(sealpost_fs_type(path))
     }
 
+    /// After a commit that failed for I/O: LMDB gives up on the environment
+    /// when it could not write the meta page (every later transaction then
+    /// fails with MDB_PANIC), and the queue must learn that now, not at the
+    /// next message (which would get a 451 of its own, as every one after).
+    private func checkEnvironment() {
+        do {
+            let probe = try environment.beginWrite()
+            probe.abort()
+        } catch {
+            if error.isPanic { health.fail("the last commit's meta page was not written (\(error))") }
+        }
+    }
+
     /// Doubles the map up to the limit; false when already at the limit.
     private func grow() -> Bool {
         let current = environment.mapSize
@@ -331,6 +352,10 @@ final class Committer: @unchecked Sendable {
         do {
             try environment.setMapSize(newSize)
         } catch {
+            // LMDB unmaps the old map before it maps the new one: when the
+            // mmap fails, no map is left, and the next transaction would
+            // dereference it. Setting the size again maps nothing either.
+            health.fail("the map could not grow to \(newSize) bytes: \(error)")
             return false
         }
         statsLock.lock()
@@ -361,8 +386,14 @@ final class Committer: @unchecked Sendable {
     /// the map's limit) fails alone and the others are committed.
     private func attempt(_ batch: [Submission], _ pass: Pass) -> Attempt {
         let atLimit = pass == .isolated(atLimit: true)
+        if let failure = health.failure { return .failed(.io(failure)) }
         let txn: WriteTransaction
-        do { txn = try environment.beginWrite() } catch { return .failed(classify(error)) }
+        do {
+            txn = try environment.beginWrite()
+        } catch {
+            if error.isPanic { health.fail("a write transaction found the environment unusable (\(error))") }
+            return .failed(classify(error))
+        }
         defer { txn.abort() }   // no-op after commit
 
         var results: [Result<Void, SpoolError>] = []
@@ -498,5 +529,35 @@ final class Committer: @unchecked Sendable {
             try txn.delete(dbs.keys, id.key)
             try txn.deleteRange(dbs.bodies, from: chunkKey(id, 0), to: id.key + [0xFF, 0xFF, 0xFF, 0xFF, 0xFF])
         }
+    }
+}
+
+/// Whether LMDB can still use the environment: not once it declared it
+/// unusable (MDB_PANIC, after a meta page write failed: the pages in memory
+/// and on disk may disagree) or lost its map in a failed resize. Reported
+/// once (SpoolOptions.environmentFailed); every later transaction of the
+/// spool fails with the reason instead of reaching LMDB.
+final class EnvironmentHealth: @unchecked Sendable {
+    private let lock = NSLock()
+    private var reason: String?
+    private let report: (@Sendable (String) -> Void)?
+
+    init(report: (@Sendable (String) -> Void)?) {
+        self.report = report
+    }
+
+    /// Why the environment is unusable, or nil.
+    var failure: String? {
+        lock.lock()
+        defer { lock.unlock() }
+        return reason.map { "spool unusable: " + $0 }
+    }
+
+    func fail(_ why: String) {
+        lock.lock()
+        let first = reason == nil
+        if first { reason = why }
+        lock.unlock()
+        if first { report?("spool unusable: " + why) }
     }
 }

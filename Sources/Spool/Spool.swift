@@ -66,6 +66,12 @@ public struct SpoolOptions: Sendable {
     /// active (tests lengthen it, so that what waits does not depend on
     /// the machine's speed).
     var siblingWindow = 0.05
+    /// Called once, from the thread that found it, when LMDB can no longer
+    /// use the environment (EnvironmentHealth): every later transaction
+    /// fails (or, after a failed resize, would crash), so the queue exits
+    /// and starts again from the last commit on disk. Nil: the spool only
+    /// fails every call from then on.
+    public var environmentFailed: (@Sendable (String) -> Void)?
 
     public init(mapSize: Int = 256 << 20, mapSizeLimit: Int = 16 << 30, deferral: Double = 0.5,
                 commitDelay: Double = 0.003) {
@@ -258,6 +264,7 @@ public final class Spool: @unchecked Sendable {
     private let masterKey: SecretKey
     private let databases: SpoolDatabases
     private let readLock: ReadWriteLock
+    private let health: EnvironmentHealth
     private let committer: Committer
     private let idLock = NSLock()
     private var lastID: UInt64 = 0
@@ -346,7 +353,8 @@ public final class Spool: @unchecked Sendable {
         self.lastID = lastID
         initialized = true
         readLock = ReadWriteLock()
-        committer = Committer(environment: environment, databases: databases, readLock: readLock,
+        health = EnvironmentHealth(report: options.environmentFailed)
+        committer = Committer(environment: environment, databases: databases, readLock: readLock, health: health,
                               mapSizeLimit: max(options.mapSizeLimit, options.mapSize),
                               deferral: max(0, options.deferral),
                               commitDelay: max(0, options.commitDelay), siblingWindow: options.siblingWindow,
@@ -458,6 +466,7 @@ public final class Spool: @unchecked Sendable {
         readLock.lockShared()
         defer { readLock.unlock() }
         guard !closed else { throw .io("spool closed") }
+        if let failure = health.failure { throw .io(failure) }
         do {
             return try environment.read { txn throws in try body(txn) }
         } catch let e as SpoolError {
@@ -465,6 +474,7 @@ public final class Spool: @unchecked Sendable {
         } catch let e as RecordDecodingError {
             throw .corrupt(e.description)
         } catch {
+            if let e = error as? LMDBError, e.isPanic { health.fail("a read found the environment unusable: \(e)") }
             throw .io("\(error)")
         }
     }

@@ -83,7 +83,11 @@
 //
 // EXIT STATUS
 //      0 clean stop; 78 configuration error; 73 a socket cannot be created;
-//      71 the spool cannot be opened or read; 77 privileges cannot be dropped.
+//      71 the spool cannot be opened or read; 77 privileges cannot be dropped;
+//      74 LMDB can no longer use the spool while running (a meta page it
+//      could not write, a map it could not grow): the supervisor starts the
+//      queue again, from the last commit on disk (every 250 was answered
+//      after its commit).
 
 #if canImport(Glibc)
 import Glibc
@@ -127,9 +131,12 @@ mkdir(paths.spoolDirectory, 0o700)
 
 let spool: Spool
 do {
-    spool = try Spool(directory: paths.spoolDirectory,
-                      options: SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit,
-                                            commitDelay: Double(config.queue.commitDelayMilliseconds) / 1000))
+    var spoolOptions = SpoolOptions(mapSize: config.queue.mapSize, mapSizeLimit: config.queue.mapSizeLimit,
+                                    commitDelay: Double(config.queue.commitDelayMilliseconds) / 1000)
+    spoolOptions.environmentFailed = { reason in
+        StageRuntime.fatal("\(reason): stopping, to start again from the last commit on disk", exit: .ioErr)
+    }
+    spool = try Spool(directory: paths.spoolDirectory, options: spoolOptions)
 } catch {
     StageRuntime.fatal("cannot open the spool \(paths.spoolDirectory): \(error)", exit: .osErr)
 }

@@ -200,6 +200,56 @@ def test_a_failing_fdatasync_gets_451_never_250_and_the_queue_goes_on(workdir):
         assert sequences_delivered(pipe, user) == {0: 1, 5: 1}
 
 
+def test_a_meta_page_write_that_fails_restarts_the_queue_from_the_last_commit(workdir):
+    """LMDB writes a commit's meta page last, with pwrite(2) on a descriptor
+    opened O_DSYNC; when that write fails it gives up on the environment
+    (every later transaction: MDB_PANIC). The queue then answers the
+    message 451 (never 250), exits 74 and is started again by the
+    supervisor, which reopens the spool at the last commit on disk: mail
+    is taken again, and what was accepted before is delivered once. Before,
+    the queue ran on refusing every message and delivering nothing. The
+    fault: meta_write_fault.c, preloaded into the queue (libfiu cannot
+    fail the meta page's pwrite alone: LMDB writes single data pages with
+    pwrite too)."""
+    compiler = shutil.which("cc") or shutil.which("clang")
+    if not compiler:
+        pytest.skip("no C compiler for the preloaded fault")
+    require_build("queue", "local-deliver", "queue-inject")
+    fault = workdir / "meta_write_fault.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(fault),
+                    str(CHECKOUT / "Tests" / "e2e" / "meta_write_fault.c"), "-ldl"], check=True)
+    os.chmod(fault, 0o755)
+    stages = "\n".join(f"queue /usr/bin/env LD_PRELOAD={fault} {executable('queue')}" if line.split()[:1] == ["queue"] else line
+                       for line in (CHECKOUT / "Pipeline" / "stages").read_text().splitlines()
+                       if line.split()[:1] != ["remote-deliver"])
+    pipe = Pipeline(workdir, stages=stages)
+    user = local_user()
+    trigger = pipe.data / "fail-meta-write"
+
+    def inject(sequence):
+        return pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost", message=make_message(sequence, user),
+                                 SEALPOST_INJECT_WAIT="0")
+
+    with running(pipe):
+        assert inject(0).returncode == 0
+        wait_until(lambda: sequences_delivered(pipe, user) == {0: 1}, 60, "the first message")
+        # Its removal committed (a removal may wait for the next commit, and
+        # one lost with it means a second delivery, by design).
+        pipe.log_with(re.compile(r"queue\[\d+\]: [0-9A-F]+: removed"))
+        first = pipe.running_pid("queue")
+        trigger.write_text(f"{first}\n")
+        os.chmod(trigger, 0o644)
+        failed = inject(1)
+        assert failed.returncode == 75, failed   # EX_TEMPFAIL: the sender keeps the message
+        assert b"250" not in failed.stderr, failed.stderr
+        pipe.log_with("spool unusable: the last commit's meta page was not written",
+                      "stopping, to start again from the last commit on disk")
+        wait_until(lambda: pipe.stage_pid("queue") not in (None, first), 60, "the supervisor to start the queue again")
+        wait_until(lambda: inject(2).returncode == 0, 60, "the new queue to take mail")
+        wait_until(lambda: 2 in sequences_delivered(pipe, user), 60, "the message after the restart")
+        assert sequences_delivered(pipe, user) == {0: 1, 2: 1}
+
+
 STRACE = shutil.which("strace") or "/usr/bin/strace"
 
 
