@@ -378,6 +378,7 @@ public struct SMTPServerSession: Sendable {
     static let lineTooLong = SMTPReply(500, "5.5.2", "Line too long")
     static let bareLineEnd = SMTPReply(500, "5.5.2", "Bare CR or LF in command line")
     static let nulInLine = SMTPReply(500, "5.5.2", "NUL in command line")
+    static let nulInArguments = SMTPReply(501, "5.5.4", "NUL in command arguments")
 
     /// The next CRLF-terminated line from `input[pos...]`, or nil when more
     /// input is needed (then an over-long partial line is dropped).
@@ -406,7 +407,15 @@ public struct SMTPServerSession: Sendable {
                         return .bad(Self.lineTooLong)
                     }
                     if bareCR { return .bad(Self.bareLineEnd) }
-                    if nul { return .bad(Self.nulInLine) }
+                    if nul {
+                        // In MAIL or RCPT the NUL is in an address or a
+                        // parameter (ENVID=, ORCPT=, AUTH=): a syntax error
+                        // in its arguments, 501, as the xtext forms get.
+                        if line.count >= 5, Self.verb(line.prefix(5)).map({ $0 != .auth }) == true {
+                            return .bad(Self.nulInArguments)
+                        }
+                        return .bad(Self.nulInLine)
+                    }
                     return .line(line)
                 }
                 bareCR = true
@@ -424,13 +433,37 @@ public struct SMTPServerSession: Sendable {
         return nil
     }
 
+    /// What the service extensions add to the limit of a MAIL command line
+    /// (RFC 5321 section 4.5.3.1.4 lets each extension raise it): SIZE 26
+    /// (RFC 1870 section 5), RET and ENVID 100 (RFC 3461 section 4), AUTH=
+    /// 500 (RFC 4954 section 5), SMTPUTF8 10 (RFC 6531 section 3.4),
+    /// BODY=8BITMIME 15 and REQUIRETLS 11, which their RFCs leave uncounted.
+    static let mailParameterAllowance = 26 + 100 + 500 + 10 + 15 + 11
+    /// And to a RCPT command line: NOTIFY and ORCPT 500 (RFC 3461 section 4).
+    static let rcptParameterAllowance = 500
+
     private func lineLimit(at pos: Int) -> Int {
         if case .authResponse = phase { return policy.authLineLimit }
         if input.count - pos >= 5 {
-            let p = input[pos..<(pos + 5)].map(asciiUpper)
-            if p == Array("AUTH ".utf8) { return max(policy.commandLineLimit, policy.authLineLimit) }
+            switch Self.verb(input[pos..<(pos + 5)]) {
+            case .auth: return max(policy.commandLineLimit, policy.authLineLimit)
+            case .mail: return policy.commandLineLimit + Self.mailParameterAllowance
+            case .rcpt: return policy.commandLineLimit + Self.rcptParameterAllowance
+            case nil: break
+            }
         }
         return policy.commandLineLimit
+    }
+
+    private enum LongVerb { case auth, mail, rcpt }
+
+    /// The verbs whose lines may be longer, by the line's first five bytes.
+    private static func verb(_ head: ArraySlice<UInt8>) -> LongVerb? {
+        let p = head.map(asciiUpper)
+        if p == Array("AUTH ".utf8) { return .auth }
+        if p == Array("MAIL ".utf8) { return .mail }
+        if p == Array("RCPT ".utf8) { return .rcpt }
+        return nil
     }
 
     private mutating func handle(_ line: LineResult) {
@@ -777,24 +810,25 @@ public struct SMTPServerSession: Sendable {
     }
 
     private mutating func bdat(_ arg: ArraySlice<UInt8>) {
-        // BDAT SP chunk-size [ SP end-marker ]
-        let words = trimmed(arg).split(separator: UInt8(ascii: " "), omittingEmptySubsequences: false)
-        guard (1...2).contains(words.count), let sizeWord = words.first, (1...20).contains(sizeWord.count),
-              sizeWord.allSatisfy(isASCIIDigit),
-              words.count == 1 || String(decoding: words[1].map(asciiUpper), as: UTF8.self) == "LAST"
-        else { return respond("BDAT", SMTPReply(501, "5.5.4", "Syntax: BDAT size [LAST]")) }
-        var size: UInt64 = 0
-        for d in sizeWord {
-            let (m, o1) = size.multipliedReportingOverflow(by: 10)
-            let (s, o2) = m.addingReportingOverflow(UInt64(d - 48))
-            guard !o1, !o2 else { return respond("BDAT", SMTPReply(501, "5.5.4", "Syntax: BDAT size [LAST]")) }
-            size = s
+        // BDAT SP chunk-size [ SP end-marker ]; runs of spaces pass.
+        let words = arg.split(separator: UInt8(ascii: " "))
+        guard let sizeWord = words.first, let size = Self.chunkSize(sizeWord) else {
+            // Without its size the chunk's end cannot be found: the bytes
+            // that follow would be read as commands, a way to have a second
+            // message (or anything) taken from inside the first one's data.
+            let reply = SMTPReply(421, "4.5.4", "\(policy.hostname) BDAT without a chunk size, closing connection")
+            counters.record("BDAT", success: false)
+            output.append(.log(.rejected(command: "BDAT", reply: reply, detail: envelopeDetail())))
+            output.append(.reply(reply))
+            return close()
         }
-        let last = words.count == 2
+        let last = words.count == 2 && String(decoding: words[1].map(asciiUpper), as: UTF8.self) == "LAST"
         // The chunk follows the command whatever the verdict: it is read
         // (and discarded when refused) so the command stream stays in sync.
         var disposition = ChunkDisposition.accept
-        if !offeredExtensions.contains(.chunking) {
+        if words.count > 2 || (words.count == 2 && !last) {
+            disposition = .discard(SMTPReply(501, "5.5.4", "Syntax: BDAT size [LAST]"))
+        } else if !offeredExtensions.contains(.chunking) {
             disposition = .discard(SMTPReply(503, "5.5.1", "CHUNKING not offered, send EHLO first"))
         } else if transaction == nil {
             disposition = .discard(SMTPReply(503, "5.5.1", "Need MAIL command"))
@@ -806,6 +840,19 @@ public struct SMTPServerSession: Sendable {
         }
         phase = .bdat(remaining: size, size: size, last: last, disposition: disposition)
         if size == 0 { finishChunk(size: 0, last: last, disposition: disposition) }
+    }
+
+    /// A BDAT chunk size: 1 to 20 digits that fit in 64 bits.
+    static func chunkSize(_ word: ArraySlice<UInt8>) -> UInt64? {
+        guard (1...20).contains(word.count), word.allSatisfy(isASCIIDigit) else { return nil }
+        var size: UInt64 = 0
+        for d in word {
+            let (m, o1) = size.multipliedReportingOverflow(by: 10)
+            let (s, o2) = m.addingReportingOverflow(UInt64(d - 48))
+            guard !o1, !o2 else { return nil }
+            size = s
+        }
+        return size
     }
 
     private mutating func startTLS(_ arg: ArraySlice<UInt8>) {

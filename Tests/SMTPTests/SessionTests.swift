@@ -164,6 +164,41 @@ QUIT\r
         #expect(d.replies[1].contains("NUL"))
     }
 
+    /// A NUL in a MAIL or RCPT line is in an address or a parameter
+    /// (ENVID=, ORCPT=): 501, as for the xtext forms; elsewhere 500.
+    @Test func nulInArgumentsIs501() {
+        var d = Driver()
+        d.send("EHLO c.example\r\nMAIL FROM:<a@example.net> ENVID=a\0b\r\nMAIL FROM:<a@example.net>\r\n"
+               + "RCPT TO:<b@example.org> ORCPT=rfc822;b\0@example.org\r\nNOOP\r\n")
+        #expect(d.codes.dropFirst(2) == ["501 5.5.4", "250 2.1.0", "501 5.5.4", "250 2.0.0"])
+    }
+
+    /// MAIL and RCPT lines may be longer by what their parameters add
+    /// (RFC 1870, 3461, 4954, 6531): a 256-octet path with NOTIFY and an
+    /// ORCPT of the same address is a valid RCPT of some 570 octets.
+    @Test func mailAndRcptLinesMayCarryTheirParameters() {
+        var d = Driver(policy { $0.auth = .always })
+        let local = String(repeating: "l", count: 64)
+        let domain = (0..<3).map { _ in String(repeating: "d", count: 50) }.joined(separator: ".") + ".sub.relay.example"
+        let address = local + "@" + domain
+        #expect(address.utf8.count == 235)   // a relay domain
+        let rcpt = "RCPT TO:<\(address)> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;\(address)\r\n"
+        #expect(rcpt.utf8.count > 512 && rcpt.utf8.count <= 1012)
+        let envid = String(repeating: "e", count: 100)
+        let xtext = address.replacingOccurrences(of: "@", with: "+40")
+        let mail = "MAIL FROM:<\(address)> SIZE=1000 RET=HDRS ENVID=\(envid) BODY=8BITMIME AUTH=\(xtext)\r\n"
+        #expect(mail.utf8.count > 512 && mail.utf8.count <= 512 + 662)
+        d.send("EHLO c.example\r\n" + mail + rcpt)
+        #expect(d.codes.dropFirst(2) == ["250 2.1.0", "250 2.1.5"], "\(d.replies)")
+        // The limits still hold: one octet more than the allowance is too long.
+        var e = Driver()
+        let head = "RCPT TO:<b@example.org> ORCPT=rfc822;"
+        let tooLong = head + String(repeating: "x", count: 1013 - 2 - head.utf8.count) + "\r\n"
+        #expect(tooLong.utf8.count == 1013)
+        e.send("EHLO c.example\r\nMAIL FROM:<a@example.net>\r\n" + tooLong + "NOOP\r\n")
+        #expect(e.codes.dropFirst(3) == ["500 5.5.2", "250 2.0.0"])
+    }
+
     @Test func lineLengthLimit() {
         var d = Driver()
         let ok = "NOOP " + String(repeating: "x", count: 505) + "\r\n"     // 512 octets
