@@ -350,28 +350,41 @@ public struct DeliveryStatusNotification: Sendable {
         return "\(type); \(value)"
     }
 
-    /// "d.d.d" with class 2, 4 or 5 matching the action; otherwise a generic code.
+    /// "d.d.d" with a class that fits the action (RFC 3464 2.3.3-2.3.4):
+    /// delayed takes 4, delivered, relayed and expanded take 2, failed 5
+    /// or 4 (given up after transient failures, as at expiry). A valid code
+    /// of the other class keeps its subject and detail (a delay after one
+    /// MX's 5.7.1 is 4.7.1: a parser would take a 5 for a bounce); an
+    /// invalid one becomes the generic code of the action.
     static func validStatus(_ s: String, action: Action) -> String {
         let parts = s.split(separator: ".", omittingEmptySubsequences: false)
         let ok = parts.count == 3 && ["2", "4", "5"].contains(parts[0])
             && parts[1].count >= 1 && parts[1].count <= 3 && parts[2].count >= 1 && parts[2].count <= 3
             && parts.allSatisfy { $0.allSatisfy { $0.isASCII && $0.isNumber } }
-        if ok { return s }
+        let classes: Set<Substring>
+        let generic: String
         switch action {
-        case .failed: return "5.0.0"
-        case .delayed: return "4.0.0"
-        default: return "2.0.0"
+        case .failed: (classes, generic) = (["5", "4"], "5.0.0")
+        case .delayed: (classes, generic) = (["4"], "4.0.0")
+        default: (classes, generic) = (["2"], "2.0.0")
         }
+        guard ok else { return generic }
+        if classes.contains(parts[0]) { return s }
+        return generic.prefix(1) + "." + parts[1] + "." + parts[2]
     }
 
     /// Folds a field at spaces so that no line exceeds 78 characters where
-    /// possible (and never 998).
+    /// possible (and never 998). A run of spaces at a fold point goes with
+    /// the fold, so that no continuation line is white space alone (RFC
+    /// 5322 section 3.2.2: a reader may take it for the empty line).
     static func fold(_ field: String) -> [String] {
         var lines: [String] = []
         var current = ""
         for word in field.split(separator: " ", omittingEmptySubsequences: false) {
-            if current.isEmpty { current = String(word); continue }
-            if current.count + 1 + word.count > 78 {
+            if current.isEmpty {
+                current = String(word)
+            } else if current.count + 1 + word.count > 78 {
+                if word.isEmpty { continue }
                 lines.append(current)
                 current = "\t" + word
             } else {
@@ -383,7 +396,7 @@ public struct DeliveryStatusNotification: Sendable {
                 current = "\t" + current[cut...]
             }
         }
-        if !current.isEmpty { lines.append(current) }
+        if !current.isEmpty, !current.allSatisfy({ $0 == "\t" || $0 == " " }) { lines.append(current) }
         return lines
     }
 

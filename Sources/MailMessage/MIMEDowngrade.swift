@@ -300,6 +300,10 @@ struct MIMEDowngradeConverter {
 
     typealias Failure = MIMEDowngrade.Failure
 
+    /// The next header written is an embedded message's that lacks
+    /// MIME-Version (entity).
+    private var addMIMEVersion = false
+
     mutating func remark(_ r: MIMEDowngrade.Remark) {
         if !remarks.contains(r) { remarks.append(r) }
     }
@@ -348,12 +352,18 @@ struct MIMEDowngradeConverter {
     }
 
     /// One entity (header and body) in `range`.
-    mutating func entity(_ range: Range<Int>, depth: Int, defaultType: (String, String)) throws(Failure) {
+    mutating func entity(_ range: Range<Int>, depth: Int, defaultType: (String, String),
+                         embeddedMessage: Bool = false) throws(Failure) {
         guard MIMEDowngrade.has8Bit(input[range]) else {
             output += input[range]
             return
         }
         let header = try parseHeader(range)
+        // An embedded message without MIME-Version is no MIME entity (RFC
+        // 2045 section 4): the Content-Transfer-Encoding its conversion gets
+        // would mean nothing to a strict reader without one.
+        addMIMEVersion = embeddedMessage && !header.block.contains("MIME-Version")
+        defer { addMIMEVersion = false }
         if MIMEDowngrade.has8Bit(input[range.lowerBound..<header.fieldsEnd]) { remark(.headerFields) }
         let label = MIMEEntityLabel(header: header.block, defaultType: defaultType)
         let body = header.bodyStart..<range.upperBound
@@ -402,7 +412,8 @@ struct MIMEDowngradeConverter {
     mutating func encapsulated(_ range: Range<Int>, header: ParsedHeader, label: MIMEEntityLabel, depth: Int) throws(Failure) {
         guard depth + 1 < limits.maximumDepth else { throw tooDeep() }
         writeHeader(header, encoding: label.relabeledSevenBit)
-        try entity(header.bodyStart..<range.upperBound, depth: depth + 1, defaultType: ("text", "plain"))
+        try entity(header.bodyStart..<range.upperBound, depth: depth + 1, defaultType: ("text", "plain"),
+                   embeddedMessage: true)
     }
 
     /// multipart/*: the preamble, each part between delimiter lines, the
@@ -475,7 +486,11 @@ struct MIMEDowngradeConverter {
             output += input[start..<header.bodyStart]
             return
         }
-        let field = Array("Content-Transfer-Encoding: \(encoding)\r\n".utf8)
+        var field = Array("Content-Transfer-Encoding: \(encoding)\r\n".utf8)
+        if addMIMEVersion {
+            field = Array("MIME-Version: 1.0\r\n".utf8) + field
+            addMIMEVersion = false
+        }
         var written = false
         for f in header.block.fields {
             if f.hasName("Content-Transfer-Encoding") {

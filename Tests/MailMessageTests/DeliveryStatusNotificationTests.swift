@@ -113,6 +113,34 @@ import Foundation
         #expect(String(decoding: ok.build(boundary: "B"), as: UTF8.self).contains("message/rfc822\r\n\r\n"))
     }
 
+    /// The Status class fits the Action (RFC 3464): a delay after one MX's
+    /// 5.7.1 reports 4.7.1, a success 2, a failure 5 or 4 (expiry).
+    @Test func statusClassFitsTheAction() {
+        typealias D = DeliveryStatusNotification
+        #expect(D.validStatus("5.7.1", action: .delayed) == "4.7.1")
+        #expect(D.validStatus("4.4.1", action: .delayed) == "4.4.1")
+        #expect(D.validStatus("4.4.7", action: .failed) == "4.4.7")
+        #expect(D.validStatus("5.1.1", action: .failed) == "5.1.1")
+        #expect(D.validStatus("2.0.0", action: .failed) == "5.0.0")
+        #expect(D.validStatus("4.2.0", action: .delivered) == "2.2.0")
+        #expect(D.validStatus("x.1.1", action: .delayed) == "4.0.0")
+        #expect(D.validStatus("5.1234.1", action: .failed) == "5.0.0")
+    }
+
+    /// No continuation line is white space alone, however the spaces fall;
+    /// no line is longer than 998 octets, the first word too.
+    @Test func foldingNeverMakesABlankOrOverlongLine() {
+        for field in ["Diagnostic-Code: smtp; " + String(repeating: "x", count: 53) + "   ",
+                      "Diagnostic-Code: smtp; " + String(repeating: "y", count: 54) + " " + String(repeating: " ", count: 9) + "z",
+                      String(repeating: "w", count: 2500),
+                      String(repeating: "a ", count: 300)] {
+            let lines = DeliveryStatusNotification.fold(field)
+            #expect(lines.allSatisfy { !$0.allSatisfy { $0 == " " || $0 == "\t" } }, "\(lines)")
+            #expect(lines.allSatisfy { $0.utf8.count <= 998 }, "\(lines.map(\.count))")
+            #expect(lines.joined().filter { $0 != " " && $0 != "\t" } == field.filter { $0 != " " })
+        }
+    }
+
     @Test func eightBitOriginalIsLabelled() {
         let orig = Array("Subject: caf\u{e9}\r\n\r\nGr\u{fc}\u{df}e\r\n".utf8)
         let m = String(decoding: failure(original: orig).build(boundary: "B"), as: UTF8.self)

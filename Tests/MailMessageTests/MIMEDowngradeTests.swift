@@ -247,6 +247,51 @@ import Testing
             """), as: UTF8.self))
     }
 
+    /// An embedded message without MIME-Version (a returned non-MIME
+    /// original, say) is no MIME entity: the Content-Transfer-Encoding its
+    /// conversion gets comes with a MIME-Version, or a strict reader shows
+    /// the encoded text. One that has it keeps its own.
+    @Test func anEmbeddedNonMIMEMessageGetsAMIMEVersion() throws {
+        let input = Self.crlf("""
+            MIME-Version: 1.0
+            Content-Type: multipart/report; boundary="B"
+
+            --B
+            Content-Type: message/rfc822
+
+            Subject: caf\u{e9}
+
+            Gr\u{fc}\u{df}e
+            --B
+            Content-Type: message/rfc822
+
+            MIME-Version: 1.0
+            Subject: x
+
+            \u{e9}
+            --B--
+            """)
+        let result = try MIMEDowngrade.convert(input)
+        let text = String(decoding: result.body, as: UTF8.self)
+        #expect(text.contains(String(decoding: Self.crlf("""
+            Content-Type: message/rfc822
+
+            Subject: caf\u{e9}
+            MIME-Version: 1.0
+            Content-Transfer-Encoding: quoted-printable
+
+            Gr=C3=BC=C3=9Fe
+            """), as: UTF8.self)), "\(text)")
+        #expect(text.contains(String(decoding: Self.crlf("""
+            MIME-Version: 1.0
+            Subject: x
+            Content-Transfer-Encoding: quoted-printable
+
+            =C3=A9
+            """), as: UTF8.self)), "\(text)")
+        #expect(text.components(separatedBy: "MIME-Version").count == 4)
+    }
+
     @Test func softBreaksAtSeventySixColumns() throws {
         let line = String(repeating: "é", count: 40)       // 80 bytes, 240 encoded
         let result = try MIMEDowngrade.convert(Self.crlf("MIME-Version: 1.0\nContent-Transfer-Encoding: 8bit\n\n\(line)\n"))
