@@ -282,9 +282,10 @@ public final class Spool: @unchecked Sendable {
     public init(directory: String, options: SpoolOptions) throws {
         self.directory = directory
         self.options = options
+        let parent = directory.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        let parentDirectory = parent.isEmpty ? (directory.hasPrefix("/") ? "/" : ".") : parent
         if mkdir(directory, 0o700) == 0 {
-            let parent = directory.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
-            try syncDirectory(parent.isEmpty ? (directory.hasPrefix("/") ? "/" : ".") : parent)
+            try syncDirectory(parentDirectory)
         } else if errno != EEXIST {
             throw SpoolError.io("\(directory): cannot create: \(errnoText(errno))")
         }
@@ -348,6 +349,18 @@ public final class Spool: @unchecked Sendable {
             if let e = error as? SpoolError { throw e }
             if let e = error as? LMDBError, e.isMapFull || e.isNoSpace { throw SpoolError.full }
             throw SpoolError.io("\(directory): \(error)")
+        }
+        if !dataExists {
+            // data.mdb's directory entry (and the spool directory's, which
+            // the queue may have made before): the first commit is durable
+            // only once they are. LMDB syncs the file, not the directory.
+            do {
+                try syncDirectory(directory)
+                try syncDirectory(parentDirectory)
+            } catch {
+                environment.close()
+                throw error
+            }
         }
         self.databases = databases
         self.lastID = lastID
@@ -482,8 +495,20 @@ public final class Spool: @unchecked Sendable {
     public func envelope(_ id: QueueID) throws -> EnvelopeRecord? {
         try readTransaction { txn in
             guard let bytes = try txn.get(databases.envelopes, id.key) else { return nil }
-            return try EnvelopeRecord(decoding: bytes)
+            return try Self.envelope(decoding: bytes, key: id.key[...])
         }
+    }
+
+    /// An envelope record, which must name the queue ID it is stored
+    /// under: one that names another (a bug, a damaged page) would be
+    /// scheduled, delivered and removed as that other message.
+    static func envelope(decoding bytes: some Collection<UInt8>, key: some Collection<UInt8>) throws -> EnvelopeRecord {
+        let envelope = try EnvelopeRecord(decoding: Array(bytes))
+        guard envelope.queueID.key.elementsEqual(key) else {
+            throw RecordDecodingError(record: "envelope",
+                                      reason: "stored under \(String(decoding: key, as: UTF8.self)) but names \(envelope.queueID.rawValue)")
+        }
+        return envelope
     }
 
     /// Every envelope, in queue ID order; throws on the first record that
@@ -511,7 +536,7 @@ public final class Spool: @unchecked Sendable {
             var damaged: [DamagedRecord] = []
             try txn.forEach(databases.envelopes) { key, value in
                 do {
-                    envelopes.append(try EnvelopeRecord(decoding: Array(value)))
+                    envelopes.append(try Self.envelope(decoding: value, key: key))
                 } catch {
                     // A key that is no queue ID is shown in hex.
                     let name = QueueID(rawValue: String(decoding: key, as: UTF8.self))?.rawValue

@@ -267,4 +267,37 @@ final class ResultCollector: @unchecked Sendable {
         #expect(damaged.map(\.key) == [ids[1].rawValue])
         #expect(throws: SpoolError.self) { try spool.allEnvelopes() }
     }
+
+    /// An envelope stored under one queue ID that names another is damaged
+    /// too: it would be scheduled, delivered and removed as the other.
+    @Test func anEnvelopeUnderAnotherIDIsDamaged() throws {
+        let dir = TemporaryDirectory()
+        var ids: [QueueID] = []
+        do {
+            let spool = try Spool(directory: dir.spool, options: smallOptions)
+            for _ in 0..<2 {
+                let id = spool.newQueueID()
+                try spool.submitAndWait([.insert(sampleEnvelope(id), try seal(spool, Array("body\r\n".utf8)))]).get()
+                ids.append(id)
+            }
+            spool.close()
+        }
+        do {
+            let env = try Environment(path: dir.spool, mapSize: 4 << 20, maxDatabases: 16)
+            try env.write { txn throws in
+                let envelopes = try txn.openDatabase("envelopes")
+                let first = try txn.get(envelopes, ids[0].key)!
+                try txn.put(envelopes, ids[1].key, first)
+            }
+            env.close()
+        }
+        let spool = try Spool(directory: dir.spool, options: smallOptions)
+        defer { spool.close() }
+        let (envelopes, damaged) = try spool.readableEnvelopes()
+        #expect(envelopes.map(\.queueID) == [ids[0]])
+        #expect(damaged.map(\.key) == [ids[1].rawValue])
+        #expect(damaged.first?.reason.contains("names \(ids[0].rawValue)") == true)
+        #expect(throws: SpoolError.self) { try spool.envelope(ids[1]) }
+        #expect(try spool.envelope(ids[0])?.queueID == ids[0])
+    }
 }
