@@ -90,6 +90,12 @@ public struct SMTPServerSession: Sendable {
     private var dataBuffer: [UInt8] = []
     private var spokeEarly = false
     private var discardingLongLine = false
+    /// How far `nextLine` scanned the partial line that starts `input`
+    /// when it last needed more input, and what it saw there: the next
+    /// read goes on from there instead of scanning the line again from its
+    /// start (a 12 KiB AUTH line sent a byte at a time cost a quadratic
+    /// scan). Only ever for the line at index 0, where `run` leaves it.
+    private var partialLine: (scanned: Int, bareCR: Bool, nul: Bool)?
     private var inputOverflow = false
 
     public init(policy: SMTPServerPolicy, client: SMTPClientInfo) {
@@ -244,6 +250,7 @@ public struct SMTPServerSession: Sendable {
         authenticatedUser = nil
         transaction = nil
         input.removeAll()
+        partialLine = nil
         discardingLongLine = false
         phase = .command
         return take()
@@ -362,8 +369,10 @@ public struct SMTPServerSession: Sendable {
             let left = input.count - pos
             if left > 0 { output.append(.log(.discardedAfterSTARTTLS(bytes: left))) }
             input.removeAll()
+            partialLine = nil
         case .closed:
             input.removeAll()
+            partialLine = nil
         default:
             input.removeFirst(pos)
         }
@@ -388,6 +397,10 @@ public struct SMTPServerSession: Sendable {
         var bareCR = false
         var nul = false
         let n = input.count
+        if pos == 0, let resume = partialLine, resume.scanned <= n {
+            (i, bareCR, nul) = resume
+        }
+        partialLine = nil
         while i < n {
             let b = input[i]
             if b == 10 {
@@ -429,6 +442,9 @@ public struct SMTPServerSession: Sendable {
             // may start the CRLF, and answer once the line ends.
             discardingLongLine = true
             pos = input[n - 1] == 13 ? n - 1 : n
+        } else {
+            // `run` moves the partial line to the start of `input`.
+            partialLine = (i - pos, bareCR, nul)
         }
         return nil
     }
@@ -531,6 +547,7 @@ public struct SMTPServerSession: Sendable {
         output.append(.close)
         phase = .closed
         input.removeAll()
+        partialLine = nil
     }
 
     private mutating func abortOpenMessage(_ reply: SMTPReply) {

@@ -224,6 +224,22 @@ QUIT\r
         #expect(d.codes == ["220", "500 5.5.2", "250 2.0.0"])
     }
 
+    /// A line that arrives a byte at a time is scanned once, from where
+    /// the last read left off: what the scan saw before (a NUL, a bare CR)
+    /// still counts at the line's end, and the answers are those of the
+    /// line sent whole.
+    @Test func aLineSentAByteAtATimeGetsTheSameAnswers() {
+        let input = "NO\0OP\r\nNOOP\rX\r\nEHLO c.example\r\nMAIL FROM:<a@example.net> ENVID=a\0b\r\n"
+            + "MAIL FROM:<a@example.net> ENVID=" + String(repeating: "e", count: 100) + "\r\n"
+            + "RCPT TO:<" + String(repeating: "r", count: 1100) + "@example.org>\r\nNOOP\r\n"
+        var whole = Driver()
+        whole.send(input)
+        var bytes = Driver()
+        bytes.sendByteByByte(Array(input.utf8))
+        #expect(bytes.codes == whole.codes)
+        #expect(whole.codes == ["220", "500 5.5.2", "500 5.5.2", "250", "501 5.5.4", "250 2.1.0", "500 5.5.2", "250 2.0.0"])
+    }
+
     @Test func crSplitAcrossReads() {
         var d = Driver()
         d.send("NOOP\r")
