@@ -92,25 +92,45 @@ public final class SecretKey: @unchecked Sendable {
     // @unchecked Sendable: the bytes are written only in init and read afterwards.
     public static let byteCount = 32
     private let storage: UnsafeMutableRawBufferPointer
+    /// In sodium_malloc's memory (see `init(bytes:guarded:)`).
+    private let guarded: Bool
 
     /// A fresh random key.
     public init() {
         Sodium.initialize()
         storage = .allocate(byteCount: Self.byteCount, alignment: 16)
+        guarded = false
         randombytes_buf(storage.baseAddress!, Self.byteCount)
     }
 
     /// A key from `bytes` (must be 32 bytes). The caller should zero its copy.
-    public init(bytes: some Collection<UInt8>) throws(SodiumError) {
+    /// `guarded`: for a key that lives as long as the process (the spool's
+    /// master key), sodium_malloc's memory: locked so that it never reaches
+    /// swap, left out of core dumps, between guard pages, then read-only.
+    /// Too dear (pages, system calls) for the key of each message.
+    public init(bytes: some Collection<UInt8>, guarded: Bool = false) throws(SodiumError) {
         guard bytes.count == Self.byteCount else { throw .invalidLength("key of \(bytes.count) bytes, need \(Self.byteCount)") }
         Sodium.initialize()
-        storage = .allocate(byteCount: Self.byteCount, alignment: 16)
-        _ = storage.initializeMemory(as: UInt8.self, from: bytes)
+        if guarded, let memory = sodium_malloc(Self.byteCount) {
+            storage = UnsafeMutableRawBufferPointer(start: memory, count: Self.byteCount)
+            _ = storage.initializeMemory(as: UInt8.self, from: bytes)
+            _ = sodium_mprotect_readonly(memory)
+            self.guarded = true
+        } else {
+            storage = .allocate(byteCount: Self.byteCount, alignment: 16)
+            _ = storage.initializeMemory(as: UInt8.self, from: bytes)
+            self.guarded = false
+        }
     }
 
     deinit {
-        sodium_memzero(storage.baseAddress!, storage.count)
-        storage.deallocate()
+        if guarded {
+            // sodium_free zeroes the memory first (writable again).
+            sodium_free(storage.baseAddress!)
+        } else {
+            sodium_memzero(storage.baseAddress!, storage.count)
+            storage.deallocate()
+        }
     }
 
     /// Lends the key bytes; do not let them escape `body`.

@@ -47,7 +47,7 @@ enum MasterKey {
         defer { Sodium.memzero(&bytes) }
         let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
         guard n == SecretKey.byteCount else { throw .io("\(path): short read (\(n))") }
-        do { return try SecretKey(bytes: bytes) } catch { throw .corrupt("\(path): \(error)") }
+        do { return try SecretKey(bytes: bytes, guarded: true) } catch { throw .corrupt("\(path): \(error)") }
     }
 
     /// Creates the key file atomically: written and synced under a temporary
@@ -74,7 +74,12 @@ enum MasterKey {
         unlink(temporary)
         ok = true
         try syncDirectory(directory)
-        return key
+        // Kept as a loaded key is: in guarded memory.
+        do {
+            return try key.withUnsafeBytes { bytes throws(SodiumError) in try SecretKey(bytes: bytes, guarded: true) }
+        } catch {
+            throw .corrupt("\(path): \(error)")
+        }
     }
 }
 

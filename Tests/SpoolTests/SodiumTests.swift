@@ -25,6 +25,18 @@ import Testing
         let unwrapped = try SecretBox.openKey(wrapped, under: key)
         #expect(unwrapped.withUnsafeBytes { Array($0) } == inner.withUnsafeBytes { Array($0) })
         #expect(throws: SodiumError.self) { try SecretKey(bytes: [1, 2, 3]) }
+
+        // A guarded key (the master key's sodium_malloc memory, read-only)
+        // works as any other and is freed cleanly.
+        let bytes = (0..<32).map { UInt8($0) }
+        do {
+            let guarded = try SecretKey(bytes: bytes, guarded: true)
+            #expect(guarded.withUnsafeBytes { Array($0) } == bytes)
+            let sealed = SecretBox.seal(key: inner, under: guarded)
+            #expect(try SecretBox.openKey(sealed, under: try SecretKey(bytes: bytes)).withUnsafeBytes { Array($0) }
+                    == inner.withUnsafeBytes { Array($0) })
+        }
+        #expect(throws: SodiumError.self) { try SecretKey(bytes: [1, 2, 3], guarded: true) }
     }
 
     private func encrypt(_ chunks: [[UInt8]], key: SecretKey) throws -> (header: [UInt8], chunks: [[UInt8]]) {
