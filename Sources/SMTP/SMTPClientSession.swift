@@ -727,7 +727,15 @@ public struct SMTPClientSession: Sendable {
         if capabilities.extensions.contains(.dsn) {
             if let notify = r.notify, !notify.description.isEmpty { s += " NOTIFY=\(notify)" }
             if let orcpt = r.orcpt, Self.validAddressType(orcpt.addressType), !orcpt.address.isEmpty {
-                s += " ORCPT=\(orcpt.addressType);\(XText.encode(Array(orcpt.address.utf8)))"
+                if orcpt.address.utf8.allSatisfy({ $0 < 0x80 }) {
+                    s += " ORCPT=\(orcpt.addressType);\(XText.encode(Array(orcpt.address.utf8)))"
+                } else {
+                    // xtext carries octets of an ASCII address: a UTF-8
+                    // one in it decodes to 8-bit bytes, which a server
+                    // (Sealpost's among them) refuses with 501, and the
+                    // recipient with it. RFC 6533 section 3: type utf-8.
+                    s += " ORCPT=utf-8;\(Self.utf8AddressXText(orcpt.address))"
+                }
             }
         }
         return Array((s + "\r\n").utf8)
@@ -833,6 +841,21 @@ public struct SMTPClientSession: Sendable {
         let u = address.utf8
         if u.isEmpty { return allowEmpty }
         return u.count <= 1000 && !u.contains { $0 < 0x20 || $0 == 0x7F || $0 == UInt8(ascii: "<") || $0 == UInt8(ascii: ">") }
+    }
+
+    /// RFC 6533's utf-8-addr-xtext: printable ASCII but the plus sign,
+    /// the equals sign and the backslash as it is, every other character as
+    /// \x{HEX}, its code point.
+    static func utf8AddressXText(_ address: String) -> String {
+        var out = ""
+        for u in address.unicodeScalars {
+            if (0x21...0x7E).contains(u.value) && u != "+" && u != "=" && u != "\\" {
+                out.unicodeScalars.append(u)
+            } else {
+                out += "\\x{" + String(u.value, radix: 16, uppercase: true) + "}"
+            }
+        }
+        return out
     }
 
     /// ORCPT addr-type is an atom (RFC 3461 4.2); anything else is dropped.

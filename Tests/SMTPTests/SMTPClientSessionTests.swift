@@ -564,6 +564,15 @@ import Testing
         #expect(run.commands.contains("RCPT TO:<bob@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob+2Bx+3Dy@example.net"))
         #expect(run.results[7]?.status == .sent)
 
+        // A UTF-8 original recipient (a forwarded copy of mail to a UTF-8
+        // alias) goes as RFC 6533's utf-8 type, ASCII on the wire.
+        let utf8 = SMTPClientMessage(
+            sender: "", recipients: [SMTPClientRecipient(index: 1, address: "bob@example.net",
+                                                         orcpt: DSNOriginalRecipient(addressType: "rfc822", address: "\u{7528}+=\\@example.net"))],
+            size: 42, bodyType: .sevenBit)
+        let u = drive(clientPolicy(.none), utf8, peer: Peer())
+        #expect(u.commands.contains("RCPT TO:<bob@example.net> ORCPT=utf-8;\\x{7528}\\x{2B}\\x{3D}\\x{5C}@example.net"), "\(u.commands)")
+
         var plain = Peer()
         plain.ehlo = ["mx.example.net"]
         let without = drive(clientPolicy(.none), m, peer: plain)
