@@ -8,10 +8,15 @@
 //   part 2: message/delivery-status, per-message then per-recipient fields
 //   part 3: message/rfc822 (the whole original) or text/rfc822-headers
 //
-// The machine-readable part is kept ASCII (message/delivery-status is
-// 7-bit; RFC 6533's global form is not used): any other byte in a
-// diagnostic becomes "?". The returned original keeps its bytes untouched
-// and the parts are labelled 8bit (or binary) when it needs that.
+// The machine-readable part is ASCII (message/delivery-status is 7-bit):
+// any other byte in a diagnostic becomes "?". When an address in the
+// notice is not ASCII (a recipient, its ORCPT, the sender) or the returned
+// header section holds UTF-8 fields, the notice takes RFC 6533's global
+// form instead, which keeps them: part 2 message/global-delivery-status
+// with utf-8 address types, part 3 message/global or
+// message/global-headers (RFC 6532 section 3.7), part 1 in UTF-8. The
+// returned original keeps its bytes untouched and the parts are labelled
+// 8bit when they need that.
 
 public struct DeliveryStatusNotification: Sendable {
     public enum Kind: Sendable, Equatable {
@@ -117,9 +122,27 @@ public struct DeliveryStatusNotification: Sendable {
     }
 
     /// The BODY= type (RFC 6152) the notice needs: "8BITMIME" when the
-    /// returned original holds 8-bit bytes, else nil (7 bit).
+    /// returned original or an address it reports holds 8-bit bytes, else
+    /// nil (7 bit).
     public var bodyType: String? {
-        returnedPart?.encoding == .eightBit ? "8BITMIME" : nil
+        returnedPart?.encoding == .eightBit || hasInternationalAddress ? "8BITMIME" : nil
+    }
+
+    /// An address the notice reports (a recipient, an ORCPT, the sender)
+    /// that is not ASCII.
+    var hasInternationalAddress: Bool {
+        func international(_ s: String?) -> Bool { s?.utf8.contains { $0 >= 0x80 } ?? false }
+        return international(sender) || recipients.contains { international($0.address) || international($0.orcpt) }
+    }
+
+    /// Whether the notice takes RFC 6533's global form (see the top of
+    /// this file): an international address, or UTF-8 header fields in the
+    /// returned original.
+    public var isGlobal: Bool {
+        if hasInternationalAddress { return true }
+        guard let part = returnedPart, part.encoding == .eightBit else { return false }
+        let (block, _, _) = HeaderBlock.parse(part.bytes)
+        return block.serialized().contains { $0 >= 0x80 }
     }
 
     /// The complete notification message.
@@ -131,7 +154,11 @@ public struct DeliveryStatusNotification: Sendable {
 
         let part = returnedPart
         let returned = part?.bytes ?? []
-        let encoding = part?.encoding ?? .sevenBit
+        let global = isGlobal
+        // 8bit for the whole when a part holds 8-bit bytes: the returned
+        // original, or (global) the addresses in parts 1 and 2.
+        let encoding: TransferEncoding = part?.encoding == .eightBit || hasInternationalAddress ? .eightBit : .sevenBit
+        let address: (String) -> String = { global ? DeliveryStatusNotification.unicode($0) : DeliveryStatusNotification.ascii($0) }
 
         var sep = boundary ?? DeliveryStatusNotification.newBoundary(host: host, using: &rng)
         while DeliveryStatusNotification.occurs(Array(("--" + sep).utf8), in: returned) {
@@ -141,7 +168,7 @@ public struct DeliveryStatusNotification: Sendable {
         var out = ""
         func line(_ s: String) { out += s; out += "\r\n" }
         line("From: MAILER-DAEMON@\(host) (Mail Delivery System)")
-        line("To: " + (sender.isEmpty ? "undisclosed-recipients:;" : DeliveryStatusNotification.ascii(sender)))
+        line("To: " + (sender.isEmpty ? "undisclosed-recipients:;" : address(sender)))
         line("Subject: \(subject)")
         line("Date: \(RFC5322Date.format(unixTime: now))")
         line("Message-ID: \(mid)")
@@ -157,23 +184,29 @@ public struct DeliveryStatusNotification: Sendable {
         // Part 1: for humans.
         line("--\(sep)")
         line("Content-Description: Notification")
-        line("Content-Type: text/plain; charset=us-ascii")
+        line("Content-Type: text/plain; charset=\(global ? "utf-8" : "us-ascii")")
+        if hasInternationalAddress { line("Content-Transfer-Encoding: 8bit") }
         line("")
-        for l in humanText(returned: part.map { $0.full }) { line(l) }
+        for l in humanText(returned: part.map { $0.full }, address: address) { line(l) }
         line("")
 
         // Part 2: for machines.
         line("--\(sep)")
         line("Content-Description: Delivery report")
-        line("Content-Type: message/delivery-status")
+        line("Content-Type: message/\(global ? "global-delivery-status" : "delivery-status")")
+        if hasInternationalAddress { line("Content-Transfer-Encoding: 8bit") }
         line("")
         line("Reporting-MTA: dns; \(host)")
         if let envid, !envid.isEmpty { line("Original-Envelope-Id: \(DeliveryStatusNotification.ascii(envid))") }
         line("Arrival-Date: \(RFC5322Date.format(unixTime: arrival))")
         for r in recipients {
             line("")
-            if let o = r.orcpt, !o.isEmpty { line("Original-Recipient: \(DeliveryStatusNotification.typed(o))") }
-            line("Final-Recipient: rfc822; \(DeliveryStatusNotification.ascii(r.address))")
+            if let o = r.orcpt, !o.isEmpty {
+                line("Original-Recipient: \(global ? DeliveryStatusNotification.typedGlobal(o) : DeliveryStatusNotification.typed(o))")
+            }
+            // RFC 6533 section 3: an address that is not ASCII is of type utf-8.
+            let international = r.address.utf8.contains { $0 >= 0x80 }
+            line("Final-Recipient: \(global && international ? "utf-8" : "rfc822"); \(address(r.address))")
             line("Action: \(r.action.rawValue)")
             line("Status: \(DeliveryStatusNotification.validStatus(r.status, action: r.action))")
             if let m = r.remoteMTA, !m.isEmpty { line("Remote-MTA: dns; \(DeliveryStatusNotification.ascii(m))") }
@@ -195,12 +228,12 @@ public struct DeliveryStatusNotification: Sendable {
             line("--\(sep)")
             if part.full {
                 line("Content-Description: Undelivered Message")
-                line("Content-Type: message/rfc822")
+                line("Content-Type: message/\(global ? "global" : "rfc822")")
             } else {
                 line("Content-Description: Message Headers")
-                line("Content-Type: text/rfc822-headers")
+                line("Content-Type: \(global ? "message/global-headers" : "text/rfc822-headers")")
             }
-            if encoding != .sevenBit { line("Content-Transfer-Encoding: \(encoding.rawValue)") }
+            if part.encoding != .sevenBit { line("Content-Transfer-Encoding: \(part.encoding.rawValue)") }
             line("")
             bytes = Array(out.utf8)
             bytes.append(contentsOf: returned)
@@ -215,7 +248,7 @@ public struct DeliveryStatusNotification: Sendable {
 
     /// `returned`: whether the whole message (true) or its header section
     /// (false) is returned, nil for nothing.
-    func humanText(returned: Bool?) -> [String] {
+    func humanText(returned: Bool?, address: (String) -> String = DeliveryStatusNotification.ascii) -> [String] {
         var t: [String] = []
         t.append("This is the mail system at host \(MessageID.domainPart(reportingMTA)).")
         t.append("")
@@ -245,7 +278,7 @@ public struct DeliveryStatusNotification: Sendable {
         }
         t.append("")
         for r in recipients {
-            var what = "<\(DeliveryStatusNotification.ascii(r.address))>: "
+            var what = "<\(address(r.address))>: "
             switch r.action {
             case .failed: what += "delivery failed"
             case .delayed: what += "delivery delayed"
@@ -339,6 +372,27 @@ public struct DeliveryStatusNotification: Sendable {
         let isReply = u.count >= 3 && u[0] >= 50 && u[0] <= 53 && u[1] >= 48 && u[1] <= 57 && u[2] >= 48 && u[2] <= 57
             && (u.count == 3 || u[3] == 32 || u[3] == 45)
         return isReply ? "smtp" : "X-Sealpost"
+    }
+
+    /// `s` with what a header field cannot carry made "?" (controls, C1
+    /// controls, DEL; a tab a space), its UTF-8 kept: for the global form.
+    static func unicode(_ s: String) -> String {
+        var out = ""
+        out.unicodeScalars.reserveCapacity(s.unicodeScalars.count)
+        for u in s.unicodeScalars {
+            if u == "\t" { out += " " } else if u.value < 32 || (0x7F...0x9F).contains(u.value) { out += "?" } else { out.unicodeScalars.append(u) }
+        }
+        return out
+    }
+
+    /// `typed` for the global form: a value that is not ASCII keeps its
+    /// UTF-8 as type utf-8 (RFC 6533 section 3), whatever type it came with.
+    static func typedGlobal(_ orcpt: String) -> String {
+        let clean = unicode(orcpt)
+        let semi = clean.firstIndex(of: ";")
+        let type = semi.map { clean[..<$0].trimmingSpaces() } ?? "rfc822"
+        let value = semi.map { clean[clean.index(after: $0)...].trimmingSpaces() } ?? clean[...].trimmingSpaces()
+        return value.utf8.contains { $0 >= 0x80 } ? "utf-8; \(value)" : "\(type); \(value)"
     }
 
     /// "rfc822;a@b" -> "rfc822; a@b"; a value without a type is rfc822.

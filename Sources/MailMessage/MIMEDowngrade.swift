@@ -377,6 +377,10 @@ struct MIMEDowngradeConverter {
         case ("message", "rfc822") where label.isIdentityEncoding,
              ("message", "global") where label.isIdentityEncoding:
             try encapsulated(range, header: header, label: label, depth: depth)
+        case ("message", "global-delivery-status"), ("message", "global-headers"),
+             ("message", "global-disposition-notification"):
+            // RFC 6533 section 6: these may be encoded as text is.
+            try leaf(range, header: header, label: label)
         case ("message", _), ("multipart", _):
             remark(.unconvertedPart("\(label.type)/\(label.subtype) \(label.encodingName)"))
             output += input[range]
@@ -390,7 +394,7 @@ struct MIMEDowngradeConverter {
         switch label.encoding {
         case .sevenBit, .eightBit:
             writeHeader(header, encoding: "quoted-printable")
-            let mode: QuotedPrintableEncoder.Mode = label.type == "text" ? .text : .binary
+            let mode: QuotedPrintableEncoder.Mode = label.type == "text" || label.type == "message" ? .text : .binary
             QuotedPrintableEncoder.encode(input[header.bodyStart..<range.upperBound], mode: mode, into: &output)
             convertedParts += 1
         case .binary:

@@ -485,7 +485,14 @@ final class QueueEngine: @unchecked Sendable {
         let sealed = try writer.finish()
         let sender = plan.kind == .doubleBounce ? config.doubleBounceSender : ""
         let env = EnvelopeRecord(queueID: spool.newQueueID(), sender: sender, arrival: t, size: UInt64(message.count),
-                                 ret: nil, envid: nil, requireTLS: false, smtputf8: original.smtputf8,
+                                 ret: nil, envid: nil, requireTLS: false,
+                                 // Only a notice to an address that is not
+                                 // ASCII needs SMTPUTF8: the rest of an
+                                 // international original goes in the
+                                 // global form's parts, which 8BITMIME (or
+                                 // the 7-bit downgrade) carries, so that a
+                                 // host without SMTPUTF8 still gets it.
+                                 smtputf8: plan.recipient.utf8.contains { $0 >= 0x80 },
                                  bodyType: dsn.bodyType, clientAddress: nil, clientName: nil, helo: nil,
                                  protocolName: "local", authUser: nil, peerUID: nil, held: false,
                                  kind: plan.kind,

@@ -113,6 +113,41 @@ import Foundation
         #expect(String(decoding: ok.build(boundary: "B"), as: UTF8.self).contains("message/rfc822\r\n\r\n"))
     }
 
+    /// A notice about an SMTPUTF8 message (RFC 6533): the recipient's
+    /// address stays whole (utf-8 type in message/global-delivery-status,
+    /// in UTF-8 in part 1), the original with UTF-8 fields is
+    /// message/global, the parts are 8bit; an ASCII notice stays as it was.
+    @Test func internationalAddressesTakeTheGlobalForm() {
+        let orig = Array("To: \u{7528}\u{6237}@example.org\r\nSubject: x\r\n\r\nhi\r\n".utf8)
+        let notice = DeliveryStatusNotification(
+            kind: .failure, reportingMTA: "mx.example.org", sender: "alice@example.net", arrival: 1795965223,
+            recipients: [.init(address: "\u{7528}\u{6237}@example.org", orcpt: "rfc822;\u{7528}\u{6237}@example.org",
+                               action: .failed, status: "5.1.1", diagnostic: "550 5.1.1 unknown \u{7528}")],
+            originalMessage: orig)
+        #expect(notice.isGlobal && notice.bodyType == "8BITMIME")
+        let m = String(decoding: notice.build(boundary: "B"), as: UTF8.self)
+        #expect(m.contains("Content-Type: message/global-delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n"), "\(m)")
+        #expect(m.contains("\r\nOriginal-Recipient: utf-8; \u{7528}\u{6237}@example.org\r\nFinal-Recipient: utf-8; \u{7528}\u{6237}@example.org\r\n"), "\(m)")
+        #expect(m.contains("Diagnostic-Code: smtp; 550 5.1.1 unknown ?\r\n"))
+        #expect(m.contains("Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"))
+        #expect(m.contains("<\u{7528}\u{6237}@example.org>: delivery failed"))
+        #expect(m.contains("Content-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n\r\nTo: \u{7528}\u{6237}@example.org\r\n"))
+        #expect(m.contains("To: alice@example.net\r\n"))
+        // Headers only: message/global-headers.
+        var headers = notice
+        headers.ret = "HDRS"
+        #expect(String(decoding: headers.build(boundary: "B"), as: UTF8.self).contains("Content-Type: message/global-headers\r\n"))
+        // The 7-bit downgrade encodes the global parts as text.
+        let converted = try? MIMEDowngrade.convert(notice.build(boundary: "B"))
+        #expect(converted.map { $0.body.allSatisfy { $0 < 0x80 } || String(decoding: $0.body, as: UTF8.self).contains("To: \u{7528}") } == true)
+        #expect(converted.map { String(decoding: $0.body, as: UTF8.self).contains("Final-Recipient: utf-8; =E7=94=A8=E6=88=B7@example.org") } == true)
+        // All ASCII: the classic form.
+        let plain = failure()
+        #expect(!plain.isGlobal)
+        let p = String(decoding: plain.build(boundary: "B"), as: UTF8.self)
+        #expect(p.contains("Content-Type: message/delivery-status\r\n\r\n") && p.contains("charset=us-ascii\r\n\r\n"))
+    }
+
     /// The Status class fits the Action (RFC 3464): a delay after one MX's
     /// 5.7.1 reports 4.7.1, a success 2, a failure 5 or 4 (expiry).
     @Test func statusClassFitsTheAction() {
@@ -142,10 +177,14 @@ import Foundation
     }
 
     @Test func eightBitOriginalIsLabelled() {
-        let orig = Array("Subject: caf\u{e9}\r\n\r\nGr\u{fc}\u{df}e\r\n".utf8)
+        let orig = Array("Subject: cafe\r\n\r\nGr\u{fc}\u{df}e\r\n".utf8)
         let m = String(decoding: failure(original: orig).build(boundary: "B"), as: UTF8.self)
         #expect(m.contains("\r\nContent-Transfer-Encoding: 8bit\r\n\r\nThis is a MIME"))
-        #expect(m.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: caf\u{e9}"))
+        #expect(m.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: cafe"))
+        // UTF-8 header fields make the original message/global (RFC 6532 3.7).
+        let utf8 = Array("Subject: caf\u{e9}\r\n\r\nGr\u{fc}\u{df}e\r\n".utf8)
+        let g = String(decoding: failure(original: utf8).build(boundary: "B"), as: UTF8.self)
+        #expect(g.contains("Content-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: caf\u{e9}"))
         // The queue stores the notice with BODY=8BITMIME, so that
         // remote-deliver declares it or converts it to 7 bit.
         #expect(failure(original: orig).bodyType == "8BITMIME")
@@ -163,7 +202,7 @@ import Foundation
             let notice = failure(original: orig)
             let m = String(decoding: notice.build(boundary: "B"), as: UTF8.self)
             #expect(!m.contains("binary"))
-            #expect(m.contains("Content-Type: text/rfc822-headers\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: caf\u{e9}\r\n"))
+            #expect(m.contains("Content-Type: message/global-headers\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSubject: caf\u{e9}\r\n"))
             #expect(!m.contains("message/rfc822") && m.contains("including\r\nthe returned message headers."))
             #expect(notice.bodyType == "8BITMIME")
         }
@@ -197,7 +236,7 @@ import Foundation
     /// Python's email package reads the notice as multipart/report with a
     /// delivery-status part holding one block per recipient.
     @Test func pythonEmailPackageParsesIt() throws {
-        let orig = Array("Subject: caf\u{e9}\r\nFrom: a@example.net\r\n\r\nGr\u{fc}\u{df}e\r\n".utf8)
+        let orig = Array("Subject: cafe\r\nFrom: a@example.net\r\n\r\nGr\u{fc}\u{df}e\r\n".utf8)
         let m = failure(original: orig).build()
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("dsn-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)

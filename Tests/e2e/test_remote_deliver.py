@@ -644,6 +644,31 @@ def test_a_utf8_header_from_sendmail_goes_only_to_an_smtputf8_server(remote, wor
     assert b"SMTPUTF8" in bounces(pipe)[0]
 
 
+def test_the_bounce_of_an_smtputf8_message_reaches_a_sender_without_smtputf8(remote, workdir, cleanup):
+    """An SMTPUTF8 message bounces (5.6.7, as above) to a sender whose
+    server offers 8BITMIME but not SMTPUTF8: the notice, in RFC 6533's
+    global form (message/global-delivery-status, the original as
+    message/global), needs no SMTPUTF8 itself and is delivered there,
+    instead of being refused in turn and ending as a double bounce."""
+    port = mtapeers.free_port_on(MX1)
+    sink = RawSink(MX1, port).start()   # 8BITMIME, no SMTPUTF8
+    cleanup(sink)
+    pipe = remote(f"ascii.test smtp:[{MX1}]:{port}\n")
+    sender = "writer@ascii.test"
+    message = f"From: <{sender}>\nTo: <plain@ascii.test>\nSubject: Grüße aus Köln\n\nHello.\n".encode()
+    result = pipe.queue_inject("-f", sender, "plain@ascii.test", message=message)
+    assert result.returncode == 0, result.stderr
+    [bounced] = wait_for_status(pipe, "plain@ascii.test", "bounced")
+    assert bounced["dsn"] == "5.6.7", bounced
+    [notice] = wait_until(lambda: sink.transactions, 60, "the notice at the sender's server")
+    assert notice["mail"].upper().startswith(b"MAIL FROM:<>") and b"SMTPUTF8" not in notice["mail"].upper(), notice["mail"]
+    assert notice["rcpt"] == [b"RCPT TO:<writer@ascii.test>"], notice["rcpt"]
+    data = notice["data"]
+    assert b"Content-Type: message/global-delivery-status\r\n" in data, data
+    assert b"Final-Recipient: rfc822; plain@ascii.test\r\n" in data and b"Status: 5.6.7\r\n" in data, data
+    assert b"Content-Type: message/global\r\n" in data and "Subject: Grüße aus Köln".encode() in data, data
+
+
 # Load: smtp-source -> smtp-listen -> queue -> remote-deliver -> smtp-sink --
 
 def test_relay_load_every_message_delivered(remote, workdir, cleanup):
