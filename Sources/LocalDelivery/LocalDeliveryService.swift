@@ -51,7 +51,9 @@ public enum LocalDeliveryService {
     /// (the aliases) has is looked up by name: an account found stays (a
     /// source that answers by name but does not enumerate), one that no
     /// source has is gone, and one a source could not answer for is kept as
-    /// it was, with a warning, until a later start can tell. After
+    /// it was, with a warning, until a later start can tell (an alias
+    /// removed meanwhile too: the table does not say which names were
+    /// aliases, and a wrong keep costs a mailbox, a wrong drop a bounce). After
     /// `unavailableLimit` such answers in a row the source is taken as down
     /// and the rest are kept without asking (a down directory can take
     /// seconds per question).
@@ -90,7 +92,7 @@ public enum LocalDeliveryService {
                 }
             }
             if !gone.isEmpty {
-                log.info("accounts gone since the last recipient table: \(summary(gone))")
+                log.info("names of the last recipient table that are neither accounts nor aliases now: \(summary(gone))")
             }
             if !kept.isEmpty {
                 log.warning("the user database no longer lists \(kept.count) account(s) of the last recipient table"

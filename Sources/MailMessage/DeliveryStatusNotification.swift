@@ -174,7 +174,8 @@ public struct DeliveryStatusNotification: Sendable {
         line("Message-ID: \(mid)")
         line("Auto-Submitted: auto-replied")
         line("MIME-Version: 1.0")
-        line("Content-Type: multipart/report; report-type=delivery-status;")
+        // RFC 6522 section 3: report-type names the second part's subtype.
+        line("Content-Type: multipart/report; report-type=\(global ? "global-delivery-status" : "delivery-status");")
         line("\tboundary=\"\(sep)\"")
         if encoding != .sevenBit { line("Content-Transfer-Encoding: \(encoding.rawValue)") }
         line("")

@@ -852,7 +852,8 @@ public struct SMTPClientSession: Sendable {
             if (0x21...0x7E).contains(u.value) && u != "+" && u != "=" && u != "\\" {
                 out.unicodeScalars.append(u)
             } else {
-                out += "\\x{" + String(u.value, radix: 16, uppercase: true) + "}"
+                let hex = String(u.value, radix: 16, uppercase: true)
+                out += "\\x{" + (hex.count < 2 ? "0" + hex : hex) + "}"   // HEXPOINT: 2 to 6 digits
             }
         }
         return out

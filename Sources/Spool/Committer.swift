@@ -182,7 +182,9 @@ final class Committer: @unchecked Sendable {
             // After the completions: the batch's answers do not wait for it.
             if committed {
                 keepZeroedAhead()
-            } else if health.failure == nil, results.contains(where: { if case .failure(.io) = $0 { true } else { false } }) {
+            } else if health.failure == nil, results.contains(where: { if case .failure = $0 { true } else { false } }) {
+                // Also after "full": a meta page write can fail with
+                // ENOSPC (a copy-on-write file system) and leave LMDB fatal.
                 checkEnvironment()
             }
         }
@@ -328,7 +330,7 @@ final class Committer: @unchecked Sendable {
         return [ext, xfs].contains(sealpost_fs_type(path))
     }
 
-    /// After a commit that failed for I/O: LMDB gives up on the environment
+    /// After a commit that failed: LMDB gives up on the environment
     /// when it could not write the meta page (every later transaction then
     /// fails with MDB_PANIC), and the queue must learn that now, not at the
     /// next message (which would get a 451 of its own, as every one after).

@@ -593,7 +593,8 @@ public final class Spool: @unchecked Sendable {
     public var statistics: SpoolStatistics {
         var s = committer.statistics
         readLock.lockShared()
-        s.mapSize = closed ? 0 : environment.mapSize
+        // mdb_env_info reads the meta pages: not after a resize that lost the map.
+        s.mapSize = closed || health.failure != nil ? 0 : environment.mapSize
         readLock.unlock()
         return s
     }

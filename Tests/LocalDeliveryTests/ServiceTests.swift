@@ -75,7 +75,7 @@ import StageProtocol
         #expect(users.lookup("bob") == nil && users.lookup("dave") == nil)
         for kept in ["carol", "erin", "frank", "gina"] { #expect(users.lookup(kept) == kept) }
         #expect(users.lookup("info") == nil)
-        #expect(infos.value == ["accounts gone since the last recipient table: bob, dave"])
+        #expect(infos.value == ["names of the last recipient table that are neither accounts nor aliases now: bob, dave"])
         #expect(warnings.value == ["the user database no longer lists 4 account(s) of the last recipient table"
             + " and cannot say whether they exist (getpwnam: Connection refused): kept until it can: carol, erin, frank, gina"])
 
@@ -127,7 +127,7 @@ import StageProtocol
         let resolver = try LocalDeliveryService.makeResolver(config, log: DeliveryLog(info: { infos.value.append($0) }, warning: { _ in }))
         #expect(resolver.users.lookup("root") == "root")
         #expect(resolver.users.lookup("no-such-account-sealpost-9q") == nil)
-        #expect(infos.value == ["accounts gone since the last recipient table: no-such-account-sealpost-9q"])
+        #expect(infos.value == ["names of the last recipient table that are neither accounts nor aliases now: no-such-account-sealpost-9q"])
     }
 
     @Test func resolverFromAConfigurationFile() throws {

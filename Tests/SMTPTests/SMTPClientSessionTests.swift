@@ -572,6 +572,7 @@ import Testing
             size: 42, bodyType: .sevenBit)
         let u = drive(clientPolicy(.none), utf8, peer: Peer())
         #expect(u.commands.contains("RCPT TO:<bob@example.net> ORCPT=utf-8;\\x{7528}\\x{2B}\\x{3D}\\x{5C}@example.net"), "\(u.commands)")
+        #expect(SMTPClientSession.utf8AddressXText("a\tb \u{1F600}") == "a\\x{09}b\\x{20}\\x{1F600}")   // HEXPOINT: 2 digits at least
 
         var plain = Peer()
         plain.ehlo = ["mx.example.net"]

@@ -1,10 +1,12 @@
 /* A fault for the end-to-end tests, preloaded into the queue
  * (LD_PRELOAD): pwrite(2) on a descriptor opened with O_DSYNC, which is
- * how LMDB writes a commit's meta page, fails with EIO while the file
- * "fail-meta-write" in the current directory (the queue's data
- * directory, before and after its chroot) holds this process's pid. Any
- * other write, and any other process, is left alone: a queue the
- * supervisor starts again has another pid. */
+ * how LMDB writes a commit's meta page, fails with EIO while the trigger
+ * file holds this process's pid. The trigger is $SEALPOST_FAULT_TRIGGER,
+ * else "fail-meta-write" in the current directory: the data directory of
+ * a queue started as root, which chroots there (the path is the same
+ * before and after), so that no absolute path is needed. Any other write,
+ * and any other process, is left alone: a queue the supervisor starts
+ * again has another pid. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -18,7 +20,8 @@ static int meta_write_fails(int fd) {
     if (flags < 0 || !(flags & O_DSYNC)) return 0;
     int saved = errno;
     char text[32] = {0};
-    int file = open("fail-meta-write", O_RDONLY | O_CLOEXEC);
+    const char *trigger = getenv("SEALPOST_FAULT_TRIGGER");
+    int file = open(trigger ? trigger : "fail-meta-write", O_RDONLY | O_CLOEXEC);
     if (file < 0) { errno = saved; return 0; }
     ssize_t n = read(file, text, sizeof text - 1);
     close(file);

@@ -219,12 +219,17 @@ def test_a_meta_page_write_that_fails_restarts_the_queue_from_the_last_commit(wo
     subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(fault),
                     str(CHECKOUT / "Tests" / "e2e" / "meta_write_fault.c"), "-ldl"], check=True)
     os.chmod(fault, 0o755)
-    stages = "\n".join(f"queue /usr/bin/env LD_PRELOAD={fault} {executable('queue')}" if line.split()[:1] == ["queue"] else line
+    # As root the queue runs chrooted in its data directory, where the
+    # fault finds "fail-meta-write" by a relative path; otherwise it is
+    # told the absolute one.
+    trigger = workdir / "data" / "fail-meta-write"
+    environment = f"LD_PRELOAD={fault}" + ("" if IS_ROOT else f" SEALPOST_FAULT_TRIGGER={trigger}")
+    stages = "\n".join(f"queue /usr/bin/env {environment} {executable('queue')}" if line.split()[:1] == ["queue"] else line
                        for line in (CHECKOUT / "Pipeline" / "stages").read_text().splitlines()
                        if line.split()[:1] != ["remote-deliver"])
     pipe = Pipeline(workdir, stages=stages)
+    assert pipe.data == trigger.parent
     user = local_user()
-    trigger = pipe.data / "fail-meta-write"
 
     def inject(sequence):
         return pipe.queue_inject("-f", "sender@localhost", f"{user}@localhost", message=make_message(sequence, user),
